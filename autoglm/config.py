@@ -1,0 +1,257 @@
+"""One typed config tree, loaded once: TOML file, then ``AUTOGLM_*`` environment, then ``--set`` flags.
+
+Every section forbids unknown keys, so a typo is an error that suggests the right name instead of a
+silently ignored setting. Stages receive the resolved :class:`Settings` and save it with their outputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from autoglm.errors import ConfigError
+
+ENV_PREFIX = "AUTOGLM_"
+ENV_DELIMITER = "__"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSettings(Section):
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run directory name")
+    root: Path = Field(Path("runs"), description="where run directories live")
+    cache_dir: Path = Field(Path(".cache/autoglm"), description="prepared task data")
+    seed: int = 1337
+    threads: int | None = Field(None, ge=1, description="intra-op threads for torch and ONNX Runtime")
+
+
+class TaskSettings(Section):
+    name: str = Field("digits", description="built-in task name or 'module:attr' of your own Task class")
+    data: str | None = Field(None, description="task data source, e.g. a UTF-8 text file for charlm")
+    model: dict[str, Any] = Field(default_factory=dict, description="architecture overrides")
+
+
+class TrainSettings(Section):
+    """The shared training loop: AdamW, linear warmup then cosine decay, accumulation, clipping."""
+
+    lr: float = Field(1e-3, gt=0)
+    min_lr_frac: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of lr")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    warmup_frac: float = Field(0.05, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off")
+    max_steps: int = Field(2000, ge=1)
+    time_budget_s: float | None = Field(None, gt=0, description="stop after this much training time")
+    eval_every: int = Field(100, ge=1)
+    eval_batches: int = Field(20, ge=1)
+
+
+class MeasureSettings(Section):
+    warmup: int = Field(5, ge=0)
+    repeats: int = Field(30, ge=3)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
+    energy: Literal["auto", "nvml", "rapl", "estimated"] = "auto"
+    watts_per_core: float = Field(10.0, gt=0, description="basis of estimated energy (CPU-seconds x W)")
+
+    @model_validator(mode="after")
+    def _positive_batches(self) -> MeasureSettings:
+        if any(b < 1 for b in self.batch_sizes):
+            raise ValueError("measure.batch_sizes must all be >= 1")
+        return self
+
+
+class TuneSettings(Section):
+    sampler: Literal["tpe", "nsga2", "random", "gp"] = "tpe"
+    n_trials: int = Field(20, ge=1)
+    timeout_s: float | None = Field(None, gt=0)
+    storage: str | None = Field(None, description="SQLAlchemy URL; default: a journal file in the run")
+    study_name: str = "autoglm"
+    objectives: list[Literal["metric", "latency", "energy"]] = Field(
+        default_factory=lambda: ["metric", "latency", "energy"], min_length=1
+    )
+    max_metric_loss: float = Field(0.01, ge=0, description="selection: allowed loss vs the best, relative")
+    latency_slo_ms: float | None = Field(None, gt=0, description="selection: p95 latency limit")
+    max_joules: float | None = Field(None, gt=0, description="selection: energy per inference limit")
+    weights: dict[Literal["metric", "latency", "energy"], float] = Field(
+        default_factory=lambda: {"metric": 1.0, "latency": 0.5, "energy": 0.5}
+    )
+
+
+class CompressSettings(Section):
+    variants: list[str] = Field(default_factory=lambda: ["fp32"], min_length=1)
+    parity_atol: float = Field(1e-4, gt=0, description="FP32 parity gate: max |onnx - torch|")
+
+
+class ServeSettings(Section):
+    host: str = "127.0.0.1"
+    gateway_port: int = Field(8080, ge=1, le=65535)
+    triton_http_port: int = Field(8000, ge=1, le=65535)
+    triton_grpc_port: int = Field(8001, ge=1, le=65535)
+    triton_metrics_port: int = Field(8002, ge=1, le=65535)
+    triton_url: str | None = Field(None, description="use an external Triton instead of starting one")
+
+
+class LoadtestSettings(Section):
+    users: int = Field(16, ge=1)
+    duration_s: float = Field(30, gt=0)
+    slo_p95_ms: float = Field(200, gt=0)
+    slo_error_rate: float = Field(0.01, ge=0, le=1)
+
+
+class DeploySettings(Section):
+    env: Literal["cpu", "gpu"] = "cpu"
+
+
+_config_file: ContextVar[Path | None] = ContextVar("autoglm_config_file", default=None)
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """The config file: the lowest-priority source (env and flags override it)."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused, __call__ does the work
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _config_file.get()
+        return read_config_file(path) if path else {}
+
+
+class Settings(BaseSettings):
+    """The whole resolved configuration of a run."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER, extra="forbid", validate_assignment=True
+    )
+
+    run: RunSettings = Field(default_factory=RunSettings)
+    task: TaskSettings = Field(default_factory=TaskSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    measure: MeasureSettings = Field(default_factory=MeasureSettings)
+    tune: TuneSettings = Field(default_factory=TuneSettings)
+    compress: CompressSettings = Field(default_factory=CompressSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    loadtest: LoadtestSettings = Field(default_factory=LoadtestSettings)
+    deploy: DeploySettings = Field(default_factory=DeploySettings)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _task_knows_its_model(self) -> Settings:
+        from autoglm.tasks import task_class  # torch-free import
+
+        task_class(self.task.name).check_model_args(self.task.model)
+        return self
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section as plain JSON data (what a stage's manifest records)."""
+        return self.model_dump(mode="json")[name]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True)
+
+    def save(self, path: Path) -> Path:
+        """Write the resolved config; it loads back with ``load_settings(path)``."""
+        from autoglm.artifacts import write_atomic
+
+        write_atomic(path, (self.to_json() + "\n").encode())
+        return path
+
+
+def read_config_file(path: Path | str) -> dict[str, Any]:
+    """Parse a TOML (or a saved JSON) config file into nested dicts."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: pass an existing file to --config")
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper() or 'TOML'}: {exc}") from exc
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["train.lr=3e-4", "task.name=charlm"]`` -> nested dict; values are TOML literals, else strings."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"flag '--set {pair}' is not of the form section.key=value (e.g. train.lr=3e-4)")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"flag '--set {pair}' conflicts with another --set for '{part}'")
+        node[parts[-1]] = value
+    return tree
+
+
+def load_settings(config: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Settings:
+    """Resolve the config: file, then environment, then ``--set`` overrides (highest)."""
+    _reject_unknown_env()
+    token = _config_file.set(Path(config) if config else None)
+    try:
+        return Settings(**parse_overrides(overrides))
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, config)) from None
+    finally:
+        _config_file.reset(token)
+
+
+def _reject_unknown_env() -> None:
+    """pydantic-settings ignores unknown top-level variables; a typo there would silently do nothing."""
+    sections = {name.upper() for name in Settings.model_fields}
+    for var in os.environ:
+        if var.startswith(ENV_PREFIX) and var[len(ENV_PREFIX):].split(ENV_DELIMITER)[0] not in sections:
+            raise ConfigError(f"unknown environment variable {var}: AUTOGLM_ variables are "
+                              f"AUTOGLM_<SECTION>__<KEY> with SECTION one of {sorted(sections)}")
+
+
+def _explain(exc: ValidationError, config: Path | str | None) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{loc}'{_suggest(err['loc'])}")
+            continue
+        got = f" (got {err['input']!r})" if not isinstance(err.get("input"), dict) else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        env = ENV_PREFIX + ENV_DELIMITER.join(str(p) for p in err["loc"]).upper()
+        fix = f"set {loc} in {config or 'the config file'}, {env}, or --set {loc}=..." if loc else ""
+        lines.append(f"  - {loc}: {msg}{got}; fix: {fix}" if loc else f"  - {msg}")
+    return "\n".join(lines)
+
+
+def _suggest(loc: tuple) -> str:
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        model = field.annotation
+    known = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    where = ".".join(str(p) for p in loc[:-1])
+    hint = f"; did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
+    return f"{hint} (known in {where or 'the top level'}: {', '.join(known)})"

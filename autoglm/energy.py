@@ -1,0 +1,270 @@
+"""Energy meters: a real counter where the host has one, else an estimate that says so.
+
+Three sources, tried in this order by ``energy_meter("auto")``:
+
+* NVML (``nvmlDeviceGetTotalEnergyConsumption``, mJ since driver load, Volta and newer): GPU board energy.
+* RAPL (``/sys/class/powercap/intel-rapl:N/energy_uj``): CPU package energy of the whole host, so other
+  tenants of a shared machine are counted too.
+* An estimate: CPU-seconds of this process (or of given pids, e.g. Triton and the gateway) times a
+  configured watts per core. Its ``method`` starts with ``"estimated"`` and it must never be compared with
+  a measured value: :func:`ensure_comparable` refuses such a mix.
+
+Every meter is a context manager (``with meter: ...`` then ``meter.reading``) or ``start()``/``stop()``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from autoglm.errors import AutoGLMError
+
+EnergyKind = Literal["auto", "nvml", "rapl", "estimated"]
+_FIX = 'set measure.energy = "estimated" to use CPU-seconds x measure.watts_per_core, labelled estimated'
+
+
+class MeterUnavailable(AutoGLMError):
+    """This host cannot provide the requested energy counter; the message says why."""
+
+
+@dataclass(frozen=True)
+class EnergyReading:
+    """Energy over one measured window; ``method`` tells where the number comes from."""
+
+    joules: float
+    seconds: float
+    method: str
+
+    @property
+    def measured(self) -> bool:
+        """True for a hardware counter, False for an estimate."""
+        return not self.method.startswith("estimated")
+
+    def per_item(self, n: int) -> float:
+        """Joules per item when ``n`` items were processed in the window."""
+        if n < 1:
+            raise ValueError(f"per_item needs n >= 1 items, got {n}")
+        return self.joules / n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"joules": self.joules, "seconds": self.seconds, "method": self.method, "measured": self.measured}
+
+
+class Meter:
+    """Base class: subclasses sample a cumulative counter and turn two samples into joules."""
+
+    method: str = ""
+    min_window_s: float = 0.0
+    """Shortest window that gives a meaningful figure (counter update period and resolution)."""
+
+    def __init__(self) -> None:
+        self.fallback_reason: str | None = None  # set by energy_meter("auto") when it skipped better meters
+        self._start: tuple[float, Any] | None = None
+        self._reading: EnergyReading | None = None
+
+    def _sample(self) -> Any:
+        raise NotImplementedError
+
+    def _joules(self, begin: Any, end: Any) -> float:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Open a window (a running window is restarted)."""
+        self._reading = None
+        self._start = (time.perf_counter(), self._sample())
+
+    def stop(self) -> EnergyReading:
+        """Close the window and return (and keep in ``reading``) its energy."""
+        if self._start is None:
+            raise RuntimeError(f"{type(self).__name__}.stop() called before start()")
+        end = self._sample()
+        t0, begin = self._start
+        self._start = None
+        self._reading = EnergyReading(self._joules(begin, end), time.perf_counter() - t0, self.method)
+        return self._reading
+
+    @property
+    def reading(self) -> EnergyReading:
+        """The last closed window."""
+        if self._reading is None:
+            raise RuntimeError(f"{type(self).__name__} has no reading yet: use it as `with meter:` or stop() it")
+        return self._reading
+
+    def __enter__(self) -> Meter:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(method={self.method!r})"
+
+
+class NvmlMeter(Meter):
+    """GPU energy from NVML's total-energy counter: one device, or the sum over all of them."""
+
+    method = "nvml"
+    min_window_s = 1.0  # the counter updates every few tens of ms
+
+    def __init__(self, device_index: int | None = None) -> None:
+        super().__init__()
+        try:
+            self._nvml = importlib.import_module("pynvml")
+        except ImportError as exc:
+            raise MeterUnavailable(f"pynvml is not importable ({exc}); pip install 'autoglm[gpu]'") from exc
+        self.device_index = device_index
+        self._sample()  # probe now so an unusable counter fails at construction, not mid-measurement
+
+    def _sample(self) -> float:
+        nvml = self._nvml
+        try:
+            nvml.nvmlInit()
+        except nvml.NVMLError as exc:
+            raise MeterUnavailable(f"NVML cannot start: {type(exc).__name__}: {exc}") from exc
+        try:
+            count = nvml.nvmlDeviceGetCount()
+            if count == 0:
+                raise MeterUnavailable("NVML sees no GPU")
+            if self.device_index is not None and not 0 <= self.device_index < count:
+                raise MeterUnavailable(f"GPU index {self.device_index} does not exist (NVML sees {count})")
+            indices = range(count) if self.device_index is None else [self.device_index]
+            handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
+            return sum(nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in handles) / 1e3  # mJ -> J
+        except nvml.NVMLError as exc:
+            raise MeterUnavailable(f"NVML energy counter unusable: {type(exc).__name__}: {exc}") from exc
+        finally:
+            try:
+                nvml.nvmlShutdown()  # reference-counted by NVML: balances the init above
+            except nvml.NVMLError:
+                pass
+
+    def _joules(self, begin: float, end: float) -> float:
+        return end - begin
+
+
+class RaplMeter(Meter):
+    """CPU package energy from the powercap sysfs tree (all ``intel-rapl:N`` packages summed)."""
+
+    method = "rapl"
+    min_window_s = 0.1  # updates about every ms; short windows are dominated by jitter
+
+    def __init__(self, root: Path | str = Path("/sys/class/powercap")) -> None:
+        super().__init__()
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise MeterUnavailable(f"no RAPL: {self.root} does not exist (not Intel/AMD, or a VM hides it)")
+        # Package domains only: subdomains (intel-rapl:0:0, core/uncore/dram) are already inside them.
+        self.domains = sorted(p for p in self.root.iterdir() if re.fullmatch(r"intel-rapl:\d+", p.name))
+        if not self.domains:
+            raise MeterUnavailable(f"no RAPL package domain (intel-rapl:N) under {self.root}")
+        try:
+            self._ranges = [int((d / "max_energy_range_uj").read_text()) for d in self.domains]
+            self._sample()
+        except PermissionError as exc:
+            raise MeterUnavailable(f"RAPL counters are readable by root only here: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            raise MeterUnavailable(f"RAPL counters unreadable: {exc}") from exc
+
+    def _sample(self) -> list[int]:
+        return [int((d / "energy_uj").read_text()) for d in self.domains]
+
+    def _joules(self, begin: list[int], end: list[int]) -> float:
+        # A counter that went down wrapped once at max_energy_range_uj (≈262 kJ: ~45 min at 100 W);
+        # windows longer than one wrap period would be undercounted.
+        total = sum(e - b if e >= b else e + rng - b for b, e, rng in zip(begin, end, self._ranges))
+        return total / 1e6
+
+
+class CpuEstimateMeter(Meter):
+    """Estimated energy: CPU-seconds (user+system) x ``watts_per_core``; labelled estimated."""
+
+    def __init__(self, watts_per_core: float, pids: Sequence[int] | None = None) -> None:
+        super().__init__()
+        if watts_per_core <= 0:
+            raise ValueError(f"watts_per_core must be > 0, got {watts_per_core}")
+        self.watts_per_core = watts_per_core
+        self.pids = list(pids) if pids else None
+        self.lost_pids: list[int] = []  # pids not running for the whole last window: their CPU time is missing
+        self.method = f"estimated:cpu-s×{watts_per_core:g}W"
+        if self.pids:
+            import psutil  # only needed for other processes
+
+            self._psutil = psutil
+            self._procs = {}
+            for pid in self.pids:
+                try:
+                    self._procs[pid] = psutil.Process(pid)
+                except psutil.NoSuchProcess:
+                    pass  # already gone: it uses no energy from now on
+            self.min_window_s = 0.2  # /proc reports CPU time in 10 ms ticks
+            if not self._procs:
+                raise MeterUnavailable(f"none of the processes {self.pids} is running")
+
+    def _sample(self) -> dict[int, float]:
+        if not self.pids:
+            # process_time has ns resolution; psutil's /proc reading has 10 ms ticks.
+            return {os.getpid(): time.process_time()}
+        seconds = {}
+        for pid, proc in self._procs.items():
+            try:
+                t = proc.cpu_times()
+                seconds[pid] = t.user + t.system
+            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
+                pass
+        return seconds
+
+    def _joules(self, begin: dict[int, float], end: dict[int, float]) -> float:
+        both = begin.keys() & end.keys()
+        self.lost_pids = sorted(set(self.pids or ()) - both)
+        cpu_s = sum(end[pid] - begin[pid] for pid in both)
+        return cpu_s * self.watts_per_core
+
+
+def energy_meter(kind: EnergyKind = "auto", watts_per_core: float = 10.0,
+                 pids: Sequence[int] | None = None) -> Meter:
+    """The meter for ``measure.energy``: "auto" tries NVML, then RAPL, then the CPU estimate.
+
+    With "auto", ``meter.fallback_reason`` records why each measured meter was skipped. An explicit
+    "nvml" or "rapl" that this host cannot provide raises MeterUnavailable naming the reason and the fix.
+    """
+    if kind == "estimated":
+        return CpuEstimateMeter(watts_per_core, pids)
+    makers = {"nvml": NvmlMeter, "rapl": RaplMeter}
+    if kind in makers:
+        try:
+            return makers[kind]()
+        except MeterUnavailable as exc:
+            raise MeterUnavailable(f'measure.energy = "{kind}" is unavailable on this host: {exc}; {_FIX}') from exc
+    if kind != "auto":
+        raise ValueError(f"unknown energy meter kind {kind!r}: use auto, nvml, rapl or estimated")
+    skipped = []
+    for name, make in makers.items():
+        try:
+            return make()
+        except MeterUnavailable as exc:
+            skipped.append(f"{name}: {exc}")
+    meter = CpuEstimateMeter(watts_per_core, pids)
+    meter.fallback_reason = "; ".join(skipped)
+    return meter
+
+
+def ensure_comparable(readings: Iterable[EnergyReading | Mapping[str, Any]]) -> str | None:
+    """Raise ValueError unless all readings share one method; return that method (None if empty).
+
+    Accepts readings or their ``to_dict()`` form (as stored in manifests). Never compare measured
+    with estimated energy, nor estimates made with different watts per core.
+    """
+    methods = {r.method if isinstance(r, EnergyReading) else str(r["method"]) for r in readings}
+    if len(methods) <= 1:
+        return next(iter(methods), None)
+    kinds = {m.startswith("estimated") for m in methods}
+    why = "measured and estimated energy are mixed" if len(kinds) == 2 else "energy comes from different methods"
+    raise ValueError(f"{why} ({', '.join(sorted(methods))}): never compare measured with estimated, "
+                     "nor figures from different meters; measure every candidate with one meter")

@@ -1,0 +1,186 @@
+"""The Task contract: what every workload (built-in or user's own) tells the pipeline.
+
+A task owns its data, its model family and its metric. Stages never look inside a model: they build it
+from ``model_args``, train it with the shared loop, and evaluate a *predictor* -- any callable taking a
+dict of numpy inputs and returning the primary output -- so torch, ONNX Runtime and a Triton client are
+scored by the same code. Importing this module must not import torch (the gateway uses tasks too).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+
+from autoglm.errors import ConfigError
+
+if TYPE_CHECKING:  # heavy imports only for type checkers
+    import torch
+
+    from autoglm.config import TrainSettings
+
+Inputs = Mapping[str, np.ndarray]
+Predictor = Callable[[Inputs], np.ndarray]
+"""batch of named numpy inputs -> primary output (e.g. logits), batch axis first."""
+EvalCallback = Callable[[int, float], bool]
+"""(step, validation metric) -> True to stop training now (early stopping)."""
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One tunable setting with its search range; ``default`` is what an untuned run uses."""
+
+    kind: Literal["int", "float", "categorical"]
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise ConfigError naming the allowed values if ``value`` is not one of them."""
+        if self.kind == "categorical":
+            ok = value in self.choices or (not self.choices and value is not None)
+            allowed = f"one of {list(self.choices)}"
+        elif self.kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            allowed = "a non-negative integer"
+        else:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+            allowed = "a non-negative number"
+        if not ok:
+            raise ConfigError(f"{name}={value!r} is invalid: use {allowed}")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output. ``shape`` excludes the batch axis; -1 marks a dynamic axis."""
+
+    name: str
+    dtype: str  # numpy dtype name, e.g. "float32", "int64"
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """Model I/O; axis 0 of every tensor is the dynamic batch axis."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass
+class TrainResult:
+    """What one training run did and reached; ``history`` holds (step, metric) at each evaluation."""
+
+    steps: int
+    samples: int  # examples (digits) or tokens (charlm) consumed
+    wall_s: float
+    cpu_s: float
+    metric: float
+    history: list[tuple[int, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+class Task(ABC):
+    """Base class of every task. Subclasses set the class attributes and implement the hooks."""
+
+    name: ClassVar[str]
+    metric: ClassVar[str]  # the metric tune optimizes, e.g. "accuracy" or "val_loss"
+    direction: ClassVar[Literal["maximize", "minimize"]]
+    model_space: ClassVar[dict[str, Knob]]  # architecture knobs (what build_model takes)
+    train_space: ClassVar[dict[str, Knob]]  # training knobs, named as TrainSettings fields
+
+    def __init__(self, data: str | None = None, cache_dir: Path | str = ".cache/autoglm", seed: int = 1337):
+        self.data_source = data
+        self.cache_dir = Path(cache_dir)
+        self.seed = seed
+
+    # ---- configuration -------------------------------------------------------------------------
+    @classmethod
+    def check_model_args(cls, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults merged with ``overrides``; unknown or impossible values raise ConfigError."""
+        unknown = sorted(set(overrides) - set(cls.model_space))
+        if unknown:
+            raise ConfigError(
+                f"unknown model setting(s) {unknown} for task '{cls.name}': known are {sorted(cls.model_space)}"
+            )
+        args = {k: knob.default for k, knob in cls.model_space.items()} | dict(overrides)
+        for key, value in args.items():
+            cls.model_space[key].check(f"task.model.{key}", value)
+        return args
+
+    # ---- data ------------------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self) -> None:
+        """Make the data ready (download-free; cached under cache_dir). Idempotent."""
+
+    @abstractmethod
+    def io_spec(self, model_args: Mapping[str, Any]) -> IOSpec:
+        """Input and output tensors of the model built from ``model_args``."""
+
+    @abstractmethod
+    def batches(self, split: Literal["train", "val", "test"], batch_size: int, n_batches: int,
+                seed: int = 0, model_args: Mapping[str, Any] | None = None,
+                ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """Deterministic (inputs, targets) batches of a split; the same seed gives the same batches.
+
+        ``train``: ``n_batches`` random batches drawn with ``seed``. ``val``/``test``: the split in a
+        fixed order, at most ``n_batches`` batches. ``model_args`` matter where the input shape depends
+        on the model (charlm's block_size); None means the task defaults.
+        """
+
+    def example_inputs(self, batch_size: int = 1, model_args: Mapping[str, Any] | None = None,
+                       ) -> dict[str, np.ndarray]:
+        """A real validation batch of inputs (for export, parity and timing)."""
+        inputs, _ = next(self.batches("val", batch_size, 1, seed=self.seed, model_args=model_args))
+        return inputs
+
+    def calibration_inputs(self, n_batches: int, batch_size: int = 16,
+                           model_args: Mapping[str, Any] | None = None) -> list[dict[str, np.ndarray]]:
+        """Training-split inputs for static INT8 calibration."""
+        batches = self.batches("train", batch_size, n_batches, seed=self.seed + 1, model_args=model_args)
+        return [x for x, _ in batches]
+
+    # ---- model -----------------------------------------------------------------------------------
+    @abstractmethod
+    def build_model(self, model_args: Mapping[str, Any]) -> torch.nn.Module:
+        """A fresh, seeded model. ``model_args`` is what check_model_args returned."""
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        """Training loss of one batch (scalar tensor)."""
+
+    @abstractmethod
+    def score(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+        """Metric sums of one batch, as ``{name: sum}`` plus ``"count"``; evaluate() averages them."""
+
+    def finish(self, totals: dict[str, float]) -> dict[str, float]:
+        """Turn averaged sums into the reported metrics (e.g. add perplexity); default: as is."""
+        return totals
+
+    # ---- training and evaluation (shared; override only for unusual tasks) -------------------------
+    def train(self, model: torch.nn.Module, settings: TrainSettings, on_eval: EvalCallback | None = None,
+              log_path: Path | None = None, progress: bool = False) -> TrainResult:
+        """Train with the shared loop (autoglm.tasks.training.fit)."""
+        from autoglm.tasks.training import fit
+
+        return fit(self, model, settings, on_eval=on_eval, log_path=log_path, progress=progress)
+
+    def evaluate(self, predict: Predictor, split: Literal["train", "val", "test"] = "val",
+                 n_batches: int = 20, batch_size: int = 64,
+                 model_args: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """The task's metrics for any predictor, on the same fixed batches every time."""
+        sums: dict[str, float] = {}
+        for inputs, targets in self.batches(split, batch_size, n_batches, seed=0, model_args=model_args):
+            for key, value in self.score(np.asarray(predict(inputs)), targets).items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        count = sums.pop("count", 0.0)
+        if count <= 0:
+            raise ConfigError(f"task '{self.name}' produced no '{split}' examples to evaluate")
+        return self.finish({k: v / count for k, v in sums.items()})

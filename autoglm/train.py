@@ -1,0 +1,72 @@
+"""``autoglm train``: train the configured task once with the configured (untuned) settings.
+
+This is the baseline every tuned model is compared against, and the quickest way to get a checkpoint
+that ``autoglm compress --checkpoint`` can take. Writes ``runs/<run>/train/``: ``model.pt`` (weights +
+model args), ``train.jsonl`` (the training log), ``config.json`` (resolved config) and the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from autoglm.artifacts import Manifest, RunDir, StageWriter
+from autoglm.cli import add_common_args, print_config, settings_from_args
+from autoglm.config import Settings
+
+STAGE = "train"
+
+
+def train_run(settings: Settings, force: bool = False, progress: bool = True) -> Manifest:
+    """Train, evaluate on val and test, save the checkpoint; skipped when already complete."""
+    from autoglm.measure import energy_meter, fixed_threads
+    from autoglm.tasks import get_task
+    from autoglm.tasks.checkpoint import save_checkpoint
+    from autoglm.tasks.predict import torch_predictor
+
+    run = RunDir(settings.run.root, settings.run.name)
+    config = {"task": settings.section("task"), "train": settings.section("train"), "seed": settings.run.seed}
+    writer = StageWriter(run, STAGE, config)
+    if writer.up_to_date() and not force:
+        print(f"train: up to date in {writer.dir} (use --force to redo)")
+        return run.manifest(STAGE)
+    writer.invalidate()
+
+    task = get_task(settings)
+    task.prepare()
+    model_args = task.check_model_args(settings.task.model)
+    meter = energy_meter(settings.measure.energy, settings.measure.watts_per_core)
+    with fixed_threads(settings.run.threads):
+        model = task.build_model(model_args)
+        with meter:
+            result = task.train(model, settings.train, log_path=writer.path("train.jsonl"), progress=progress)
+        predict = torch_predictor(model)
+        val = task.evaluate(predict, "val", n_batches=settings.train.eval_batches, model_args=model_args)
+        test = task.evaluate(predict, "test", n_batches=settings.train.eval_batches, model_args=model_args)
+
+    metrics = {f"val_{k}" if not k.startswith("val_") else k: v for k, v in val.items()}
+    metrics |= {f"test_{k.removeprefix('val_')}": v for k, v in test.items()}
+    metrics |= {"steps": result.steps, "samples": result.samples, "wall_s": result.wall_s,
+                "cpu_s": result.cpu_s, "stopped_early": result.stopped_early}
+    save_checkpoint(writer.path("model.pt"), task.name, model, metrics=metrics)
+    settings.save(writer.path("config.json"))
+    for rel in ("model.pt", "train.jsonl", "config.json"):
+        writer.add_output(rel)
+    writer.manifest.metrics = metrics
+    reading = meter.reading
+    writer.add_energy("training", reading.joules, reading.method)
+    manifest = writer.commit()
+    print(f"train: {task.name} {task.metric}={val[task.metric]:.4f} after {result.steps} steps "
+          f"({result.wall_s:.1f} s) -> {writer.dir}")
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = add_common_args(argparse.ArgumentParser(prog="autoglm train", description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args)
+    if args.dry_run:
+        print_config(settings)
+        return 0
+    train_run(settings, force=args.force)
+    return 0

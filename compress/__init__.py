@@ -1,0 +1,1 @@
+"""The compress stage (not built yet: `autoglm compress` says so and exits)."""

@@ -1,0 +1,1 @@
+"""The deploy stage (not built yet: `autoglm deploy` says so and exits)."""

@@ -1,0 +1,1 @@
+"""The loadtest stage (not built yet: `autoglm loadtest` says so and exits)."""

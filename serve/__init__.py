@@ -1,0 +1,1 @@
+"""The serve stage (not built yet: `autoglm serve` says so and exits)."""

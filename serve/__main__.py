@@ -1,0 +1,11 @@
+"""`python -m serve`: not built yet; exits with a clear message."""
+
+import sys
+
+from autoglm.cli import not_built, run_main
+
+BUILT = False
+main = not_built("serve")
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

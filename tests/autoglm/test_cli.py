@@ -1,0 +1,63 @@
+"""The umbrella CLI and the train command, as a user runs them."""
+
+import subprocess
+import sys
+
+import pytest
+
+from autoglm.artifacts import RunDir
+from autoglm.cli import cli
+
+
+def test_help_lists_commands(capsys):
+    assert cli(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("train", "status", "tune", "compress", "serve", "loadtest", "deploy", "bench"):
+        assert command in out
+
+
+def test_unknown_command_is_a_clear_error(capsys):
+    assert cli(["tunne"]) == 2
+    assert "unknown command 'tunne'" in capsys.readouterr().err
+
+
+def test_unbuilt_stage_says_so(capsys):
+    code = subprocess.run([sys.executable, "-m", "deploy"], capture_output=True, text=True)
+    assert code.returncode == 3
+    assert "not built yet" in code.stderr
+
+
+def test_bad_flag_value_prints_one_line_and_exits_2(capsys):
+    assert cli(["train", "--dry-run", "--set", "train.lr=-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid configuration") and "Traceback" not in err
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    assert cli(["config", "--set", "train.lr=0.0123", "--run", "x"]) == 0
+    out = capsys.readouterr().out
+    assert "0.0123" in out and '"x"' in out
+
+
+@pytest.mark.slow
+def test_train_writes_a_complete_run_then_skips_then_forces(tmp_path, capsys):
+    flags = ["--set", f"run.root='{tmp_path}'", "--set", f"run.cache_dir='{tmp_path / 'cache'}'",
+             "--set", "train.max_steps=60", "--set", "train.eval_every=30", "--run", "t"]
+    assert cli(["train", *flags]) == 0
+    run = RunDir(tmp_path, "t")
+    assert run.state("train") == "complete"
+    manifest = run.manifest("train")
+    assert set(manifest.outputs) == {"model.pt", "train.jsonl", "config.json"}
+    assert 0.0 <= manifest.metrics["val_accuracy"] <= 1.0
+    assert manifest.energy["training"]["method"]
+
+    first = run.manifest_path("train").stat().st_mtime_ns
+    assert cli(["train", *flags]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert run.manifest_path("train").stat().st_mtime_ns == first
+
+    assert cli(["train", *flags, "--force"]) == 0
+    assert run.manifest_path("train").stat().st_mtime_ns != first
+
+    assert cli(["status", "t", "--root", str(tmp_path)]) == 0
+    assert "complete" in capsys.readouterr().out

@@ -1,0 +1,110 @@
+"""Config: file < environment < flags, unknown keys and bad values rejected with the fix named."""
+
+import json
+
+import pytest
+
+from autoglm.config import Settings, load_settings, parse_overrides
+from autoglm.errors import ConfigError
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text('[train]\nlr = 0.002\nbatch_size = 16\n\n[task]\nname = "digits"\n')
+    return path
+
+
+def test_defaults_load_without_any_source():
+    settings = load_settings()
+    assert settings.task.name == "digits"
+    assert settings.serve.host == "127.0.0.1"
+
+
+def test_file_then_env_then_flags(config_file, monkeypatch):
+    assert load_settings(config_file).train.lr == 0.002
+
+    monkeypatch.setenv("AUTOGLM_TRAIN__LR", "0.005")
+    from_env = load_settings(config_file)
+    assert from_env.train.lr == 0.005
+    assert from_env.train.batch_size == 16  # the file still supplies what env does not
+
+    from_flag = load_settings(config_file, ["train.lr=0.1"])
+    assert from_flag.train.lr == 0.1
+
+
+def test_flag_values_are_toml_literals():
+    tree = parse_overrides(["train.max_steps=50", "task.model.bias=false", "run.name=exp-1",
+                            "measure.batch_sizes=[1, 8]"])
+    assert tree == {"train": {"max_steps": 50}, "task": {"model": {"bias": False}}, "run": {"name": "exp-1"},
+                    "measure": {"batch_sizes": [1, 8]}}
+
+
+def test_unknown_key_in_file_suggests_the_right_one(tmp_path):
+    path = tmp_path / "typo.toml"
+    path.write_text("[train]\nlearning_rate = 0.1\nlrr = 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert "unknown key 'train.lrr'" in str(err.value)
+    assert "did you mean 'train.lr'" in str(err.value)
+
+
+def test_unknown_env_variable_is_rejected(monkeypatch):
+    monkeypatch.setenv("AUTOGLM_TRAINING__LR", "0.1")
+    with pytest.raises(ConfigError, match="AUTOGLM_TRAINING__LR"):
+        load_settings()
+    monkeypatch.delenv("AUTOGLM_TRAINING__LR")
+    monkeypatch.setenv("AUTOGLM_TRAIN__LRR", "0.1")
+    with pytest.raises(ConfigError, match="unknown key 'train.lrr'"):
+        load_settings()
+
+
+def test_bad_value_names_every_way_to_fix_it():
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, ["train.warmup_frac=1.5"])
+    message = str(err.value)
+    assert "train.warmup_frac" in message and "1.5" in message
+    assert "AUTOGLM_TRAIN__WARMUP_FRAC" in message and "--set train.warmup_frac" in message
+
+
+def test_malformed_flag_and_missing_file():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_settings(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings("no/such/file.toml")
+
+
+def test_invalid_toml_is_a_config_error(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[train\nlr = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(path)
+
+
+def test_task_model_args_are_checked_by_the_task():
+    with pytest.raises(ConfigError, match="unknown model setting"):
+        load_settings(None, ["task.model.layers=3"])
+    with pytest.raises(ConfigError, match="unknown task"):
+        load_settings(None, ["task.name=nosuchtask"])
+
+
+def test_impossible_architecture_names_the_fix():
+    with pytest.raises(ConfigError, match="divisible"):
+        load_settings(None, ["task.name=charlm", "task.model.n_embd=96", "task.model.n_head=8"])
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    settings = load_settings(None, ["train.lr=0.0042", "task.name=charlm", "task.model.n_layer=2"])
+    path = settings.save(tmp_path / "config.json")
+    again = load_settings(path)
+    assert again == settings
+    assert json.loads(path.read_text())["train"]["lr"] == 0.0042
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
+    assert configs, "configs/ should hold the experiment files"
+    for path in configs:
+        assert isinstance(load_settings(path), Settings)

@@ -1,0 +1,1 @@
+"""The tune stage (not built yet: `autoglm tune` says so and exits)."""
