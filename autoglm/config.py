@@ -90,9 +90,67 @@ class TuneSettings(Section):
     )
 
 
+VARIANTS = ("fp32", "int8", "int8-dynamic", "int8-static", "pruned", "pruned-int8", "qat", "trt-fp16", "trt-int8")
+
+
+class QuantizeSettings(Section):
+    preset: str | None = Field(None, description="named recipe; None chooses by the graph's ops")
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_batches: int = Field(8, ge=0, description="batches of training inputs for static INT8")
+    per_channel: bool = True
+
+
+class PruneSettings(Section):
+    ratio: float = Field(0.5, gt=0, lt=1, description="fraction of prunable channels removed")
+    finetune_steps: int = Field(200, ge=0)
+    finetune_lr_frac: float = Field(0.3, gt=0, le=1, description="fine-tune lr as a fraction of train.lr")
+
+
+class QATSettings(Section):
+    steps: int = Field(200, ge=1)
+    lr_frac: float = Field(0.1, gt=0, le=1, description="QAT lr as a fraction of train.lr")
+
+
+class TritonModelSettings(Section):
+    """How each variant is served; loadtest sweeps these live."""
+
+    max_batch_size: int = Field(64, ge=1)
+    max_queue_delay_us: int = Field(0, ge=0, description="dynamic batching delay; 0 batches what is queued")
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+    max_queue_size: int = Field(256, ge=1, description="Triton rejects requests beyond this queue")
+    instances: int = Field(1, ge=1)
+    intra_op_threads: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _preferred_fit(self) -> TritonModelSettings:
+        too_big = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if too_big:
+            raise ValueError(f"preferred_batch_sizes {too_big} must be between 1 and max_batch_size="
+                             f"{self.max_batch_size}: lower them or raise max_batch_size")
+        return self
+
+
 class CompressSettings(Section):
-    variants: list[str] = Field(default_factory=lambda: ["fp32"], min_length=1)
-    parity_atol: float = Field(1e-4, gt=0, description="FP32 parity gate: max |onnx - torch|")
+    variants: list[str] = Field(default_factory=lambda: ["fp32", "int8", "pruned", "pruned-int8"], min_length=1)
+    checkpoint: str | None = Field(None, description="compress this checkpoint instead of tune's selection")
+    exporter: Literal["dynamo", "legacy"] = "dynamo"
+    parity_atol: float = Field(1e-4, gt=0, description="FP32 parity gate: |onnx - torch| <= atol + rtol|torch|")
+    parity_rtol: float = Field(1e-3, ge=0)
+    max_metric_loss: float = Field(0.01, ge=0, description="INT8/pruned gate: allowed relative metric loss")
+    quantize: QuantizeSettings = Field(default_factory=QuantizeSettings)
+    prune: PruneSettings = Field(default_factory=PruneSettings)
+    qat: QATSettings = Field(default_factory=QATSettings)
+    triton: TritonModelSettings = Field(default_factory=TritonModelSettings)
+
+    @model_validator(mode="after")
+    def _known_variants(self) -> CompressSettings:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
+        static = "int8-static" in self.variants or "static" in (self.quantize.preset or "")
+        if static and self.quantize.calibration_batches == 0:
+            raise ValueError("static INT8 needs calibration data: set compress.quantize.calibration_batches > 0")
+        return self
 
 
 class ServeSettings(Section):

@@ -14,6 +14,7 @@ Every meter is a context manager (``with meter: ...`` then ``meter.reading``) or
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -140,10 +141,8 @@ class NvmlMeter(Meter):
         except nvml.NVMLError as exc:
             raise MeterUnavailable(f"NVML energy counter unusable: {type(exc).__name__}: {exc}") from exc
         finally:
-            try:
+            with contextlib.suppress(nvml.NVMLError):
                 nvml.nvmlShutdown()  # reference-counted by NVML: balances the init above
-            except nvml.NVMLError:
-                pass
 
     def _joules(self, begin: float, end: float) -> float:
         return end - begin
@@ -178,7 +177,7 @@ class RaplMeter(Meter):
     def _joules(self, begin: list[int], end: list[int]) -> float:
         # A counter that went down wrapped once at max_energy_range_uj (≈262 kJ: ~45 min at 100 W);
         # windows longer than one wrap period would be undercounted.
-        total = sum(e - b if e >= b else e + rng - b for b, e, rng in zip(begin, end, self._ranges))
+        total = sum(e - b if e >= b else e + rng - b for b, e, rng in zip(begin, end, self._ranges, strict=True))
         return total / 1e6
 
 
@@ -199,10 +198,8 @@ class CpuEstimateMeter(Meter):
             self._psutil = psutil
             self._procs = {}
             for pid in self.pids:
-                try:
+                with contextlib.suppress(psutil.NoSuchProcess):  # already gone: no energy from now on
                     self._procs[pid] = psutil.Process(pid)
-                except psutil.NoSuchProcess:
-                    pass  # already gone: it uses no energy from now on
             self.min_window_s = 0.2  # /proc reports CPU time in 10 ms ticks
             if not self._procs:
                 raise MeterUnavailable(f"none of the processes {self.pids} is running")

@@ -8,6 +8,7 @@ a stage writes into its manifest. Energy meters live in :mod:`autoglm.energy` an
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -154,10 +155,7 @@ def profile(predict: Predictor, inputs_by_batch: Mapping[int, Inputs], settings:
             if batch_size_of(inputs) != batch:
                 raise ValueError(f"inputs for batch {batch} have {batch_size_of(inputs)} rows on axis 0")
             _check_counts(batch, settings.warmup, settings.repeats)
-
-            def call() -> None:
-                predict(inputs)
-
+            call = functools.partial(predict, inputs)
             for _ in range(settings.warmup):
                 call()
             calls = settings.repeats

@@ -44,7 +44,12 @@ class Knob:
 
     def check(self, name: str, value: Any) -> None:
         """Raise ConfigError naming the allowed values if ``value`` is not one of them."""
-        if self.kind == "categorical":
+        numeric_choices = self.choices and all(isinstance(c, int) and not isinstance(c, bool) for c in self.choices)
+        if self.kind == "categorical" and numeric_choices:
+            # the choices are a search range (e.g. widths), not the only valid sizes
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            allowed = f"a positive integer (searched: {list(self.choices)})"
+        elif self.kind == "categorical":
             ok = value in self.choices or (not self.choices and value is not None)
             allowed = f"one of {list(self.choices)}"
         elif self.kind == "int":
@@ -163,6 +168,13 @@ class Task(ABC):
     def finish(self, totals: dict[str, float]) -> dict[str, float]:
         """Turn averaged sums into the reported metrics (e.g. add perplexity); default: as is."""
         return totals
+
+    def prunable_layers(self, model: torch.nn.Module) -> list[torch.nn.Module] | None:
+        """Layers whose output channels structural pruning may remove; None: every layer but the output.
+
+        Override where shapes are tied, e.g. a transformer's residual width: charlm prunes MLP width only.
+        """
+        return None
 
     # ---- training and evaluation (shared; override only for unusual tasks) -------------------------
     def train(self, model: torch.nn.Module, settings: TrainSettings, on_eval: EvalCallback | None = None,

@@ -90,7 +90,7 @@ def test_task_model_args_are_checked_by_the_task():
 
 def test_impossible_architecture_names_the_fix():
     with pytest.raises(ConfigError, match="divisible"):
-        load_settings(None, ["task.name=charlm", "task.model.n_embd=96", "task.model.n_head=8"])
+        load_settings(None, ["task.name=charlm", "task.model.n_embd=100", "task.model.n_head=8"])
 
 
 def test_saved_config_loads_back_identically(tmp_path):

@@ -1,0 +1,264 @@
+"""Start and stop a local Triton server: the ``tritonserver`` binary bundled in ``nvidia-pytriton``.
+
+PyPI's ``nvidia-pytriton`` wheel carries a real Triton (2.51) with its python backend, which is what a
+pip-only host can serve with. Running it outside pytriton needs three things this module does:
+a backend directory holding the python backend's library, utils and the stub built for *this*
+Python; ``LD_LIBRARY_PATH`` with this interpreter's libpython first (else the stub loads the system's
+libpython against this stdlib) and the wheel's ``nvidia_pytriton.libs`` next (else the server never
+becomes ready); and this environment's ``bin`` first on ``PATH`` so the stub finds numpy/onnxruntime.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+from autoglm.errors import AutoGLMError, ConfigError, MissingExtraError
+
+INSTALL_HINT = "pip install nvidia-pytriton==0.7.0"
+_ERROR_LINE = re.compile(r"E\d{4} ")
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via an http_proxy
+_RUNNING: weakref.WeakSet[TritonServer] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where the bundled server and its python backend live."""
+
+    binary: Path
+    libs_dir: Path  # nvidia_pytriton.libs: the server's shared libraries
+    backend_lib: Path  # libtriton_python.so
+    backend_utils: Path  # triton_python_backend_utils.py
+    stub: Path  # triton_python_backend_stub built for this Python's major.minor
+
+
+def find_tritonserver() -> TritonInstall:
+    """Locate the tritonserver bundled in nvidia-pytriton; MissingExtraError naming the install otherwise."""
+    spec = importlib.util.find_spec("pytriton")  # locate without importing pytriton itself
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError(f"Triton is not installed: {INSTALL_HINT}")
+    root = Path(list(spec.submodule_search_locations)[0])
+    server = root / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    install = TritonInstall(
+        binary=server / "bin" / "tritonserver",
+        libs_dir=root.parent / "nvidia_pytriton.libs",
+        backend_lib=server / "backends" / "python" / "libtriton_python.so",
+        backend_utils=server / "backends" / "python" / "triton_python_backend_utils.py",
+        stub=server / "python_backend_stubs" / version / "triton_python_backend_stub",
+    )
+    if not install.stub.is_file():
+        have = sorted(p.name for p in (server / "python_backend_stubs").glob("*")) or ["none"]
+        raise MissingExtraError(f"the bundled Triton has no python-backend stub for Python {version} "
+                                f"(it has {', '.join(have)}): use one of those Pythons, or reinstall with "
+                                f"{INSTALL_HINT}")
+    for path in (install.binary, install.libs_dir, install.backend_lib, install.backend_utils):
+        if not path.exists():
+            raise MissingExtraError(f"{path} is missing from the nvidia-pytriton install: {INSTALL_HINT}")
+    return install
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now (another process may still take it before use; fine for tests)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _noise(line: str) -> bool:
+    """Tables ("|...|", "+---+") repeat our own flags; CUDA lines are harmless on a CPU host; "...] " heads a table."""
+    return not line.strip() or line.startswith(("|", "+")) or "cuda" in line.lower() or line.rstrip().endswith("]")
+
+
+def log_excerpt(path: Path, start: int = 0, errors: int = 8, tail: int = 12, width: int = 400) -> str:
+    """Triton's error lines, then its last meaningful lines, from byte ``start`` on (this run only)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            lines = fh.read().decode(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    lines = [ln for ln in lines if not _noise(ln)]
+    found = [ln for ln in lines if _ERROR_LINE.match(ln)][-errors:]  # "E1128 01:35:55.389 ..."
+    picked = found + (["..."] if found else []) + [ln for ln in lines[-tail:] if ln not in found]
+    return "\n".join(ln if len(ln) <= width else ln[:width] + " …" for ln in picked) or "(empty log)"
+
+
+class TritonServer:
+    """One ``tritonserver`` process serving ``repository``; use as a context manager.
+
+    ``model_control="explicit"`` loads ``load_models`` at start ("*" = all) and allows runtime
+    load/unload through the repository API; "none" loads everything, "poll" watches the repository.
+    On SIGTERM Triton waits up to ``exit_timeout_s`` for in-flight work *and open client connections*
+    (an idle keep-alive connection counts), so close clients before :meth:`stop`, whose own timeout
+    should exceed ``exit_timeout_s``.
+    """
+
+    def __init__(self, repository: Path | str, *, workdir: Path | str, host: str = "127.0.0.1",
+                 http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
+                 log_path: Path | str | None = None, model_control: str = "explicit",
+                 load_models: tuple[str, ...] = ("*",), exit_timeout_s: int = 10):
+        if model_control not in ("explicit", "none", "poll"):
+            raise ConfigError(f"model_control={model_control!r} is unknown: use 'explicit', 'none' or 'poll'")
+        if not isinstance(exit_timeout_s, int) or exit_timeout_s < 0:
+            raise ConfigError(f"exit_timeout_s={exit_timeout_s!r} must be a non-negative integer (seconds)")
+        if len({http_port, grpc_port, metrics_port}) != 3:
+            raise ConfigError(f"ports must differ: http={http_port} grpc={grpc_port} metrics={metrics_port}")
+        self.repository = Path(repository)
+        self.workdir = Path(workdir)
+        self.host = host
+        self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
+        self.log_path = Path(log_path) if log_path else self.workdir / "tritonserver.log"
+        self.model_control, self.load_models, self.exit_timeout_s = model_control, tuple(load_models), exit_timeout_s
+        # Unique per server: the python backend names its /dev/shm regions with it, so stop() can remove
+        # exactly this server's leftovers and two servers on one host never collide.
+        self.shm_prefix = f"autoglm_{os.getpid()}_{secrets.token_hex(4)}_"
+        self._proc: subprocess.Popen | None = None
+
+    # ---- addresses --------------------------------------------------------------------------------
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def http_url(self) -> str:
+        """``http://host:port`` of the KServe v2 HTTP endpoint."""
+        return f"http://{self._client_host}:{self.ports['http']}"
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port``, the form tritonclient.grpc expects."""
+        return f"{self._client_host}:{self.ports['grpc']}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The Prometheus endpoint."""
+        return f"http://{self._client_host}:{self.ports['metrics']}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while started, else None."""
+        return self._proc.pid if self._proc else None
+
+    def alive(self) -> bool:
+        """True while the server process runs (it may still be loading models)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def ready(self) -> bool:
+        """True when ``/v2/health/ready`` answers 200 (all models loaded)."""
+        try:
+            with _DIRECT.open(f"{self.http_url}/v2/health/ready", timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def _backend_dir(self, install: TritonInstall) -> Path:
+        backends = self.workdir / "backends"
+        target = backends / "python"
+        target.mkdir(parents=True, exist_ok=True)
+        for src in (install.backend_lib, install.backend_utils, install.stub):
+            dst = target / src.name
+            same = dst.exists() and (dst.stat().st_size, dst.stat().st_mtime_ns) == (
+                src.stat().st_size, src.stat().st_mtime_ns)
+            if not same:
+                shutil.copy2(src, dst)  # ≈3 MB; a copy stays intact if the package is upgraded meanwhile
+        return backends.absolute()
+
+    def environment(self, install: TritonInstall) -> dict[str, str]:
+        """The server's environment: this interpreter's libpython first, this environment's bin first."""
+        env = dict(os.environ)
+        libs = [sysconfig.get_config_var("LIBDIR") or "", str(install.libs_dir), env.get("LD_LIBRARY_PATH", "")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+        env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.prefix) / "bin"), env.get("PATH", "")) if p)
+        return env
+
+    def command(self, install: TritonInstall) -> list[str]:
+        """The tritonserver command line."""
+        cmd = [str(install.binary), f"--model-repository={self.repository.absolute()}",
+               f"--backend-directory={self._backend_dir(install)}",
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+               f"--http-address={self.host}", f"--http-port={self.ports['http']}",
+               f"--grpc-address={self.host}", f"--grpc-port={self.ports['grpc']}",
+               f"--metrics-address={self.host}", f"--metrics-port={self.ports['metrics']}",
+               "--allow-gpu-metrics=false", "--allow-cpu-metrics=true", "--metrics-config=summary_latencies=true",
+               f"--exit-timeout-secs={self.exit_timeout_s}", f"--model-control-mode={self.model_control}"]
+        if self.model_control == "explicit":
+            cmd += [f"--load-model={name}" for name in self.load_models]
+        return cmd
+
+    def start(self, timeout_s: float = 60) -> TritonServer:
+        """Start the server and wait until it is ready; AutoGLMError with its log tail otherwise."""
+        if self.alive():
+            return self
+        install = find_tritonserver()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd, env = self.command(install), self.environment(install)
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0  # the log is appended to
+        with open(self.log_path, "ab") as log:
+            # Own session: stop() can signal the server and its python-backend stubs as one group.
+            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          env=env, start_new_session=True)
+        _RUNNING.add(self)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self.stop()
+                raise AutoGLMError(f"tritonserver exited with code {code} before becoming ready "
+                                   f"(repository {self.repository}); its log {self.log_path} says:\n"
+                                   f"{log_excerpt(self.log_path, log_start)}")
+            if self.ready():
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise AutoGLMError(f"tritonserver was not ready after {timeout_s:g} s (repository {self.repository}); "
+                           f"raise the timeout or fix the models; its log {self.log_path} says:\n"
+                           f"{log_excerpt(self.log_path, log_start)}")
+
+    def stop(self, timeout_s: float = 15) -> None:
+        """SIGTERM (Triton drains and unloads), SIGKILL to the group after ``timeout_s``; clean /dev/shm."""
+        proc, self._proc = self._proc, None
+        _RUNNING.discard(self)
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:  # stubs left behind by a killed or crashed server share its process group
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Never leave a server running after the process that started it exits."""
+    for server in list(_RUNNING):
+        server.stop(timeout_s=5)

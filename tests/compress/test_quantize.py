@@ -1,0 +1,132 @@
+"""INT8 quantization: recipes refuse impossible settings, presets fit their graphs, quantized models keep metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from autoglm.errors import ConfigError
+from compress.export import export_onnx
+from compress.quantize import (
+    FP32_COMPUTE_OPS,
+    KNOBS,
+    PRESETS,
+    QuantRecipe,
+    choose_preset,
+    optimized_ops,
+    quantize,
+    recipe_for,
+)
+from tests.compress._trained import charlm, charlm_loss, digits, digits_metrics
+
+
+@pytest.fixture(scope="module")
+def digits_onnx(tmp_path_factory):
+    task, model = digits()
+    path = tmp_path_factory.mktemp("digits") / "fp32.onnx"
+    export_onnx(model, task, model.model_args, path, exporter="legacy")
+    return path
+
+
+@pytest.fixture(scope="module")
+def charlm_onnx(tmp_path_factory):
+    task, model = charlm()
+    path = tmp_path_factory.mktemp("charlm") / "fp32.onnx"
+    export_onnx(model, task, model.model_args, path, exporter="legacy")
+    return path
+
+
+# ---- recipes -------------------------------------------------------------------------------------------
+def test_presets_are_valid_and_say_why():
+    assert set(PRESETS) == {"cnn-int8-static", "transformer-int8-dynamic", "transformer-int8-static-matmul"}
+    for name, recipe in PRESETS.items():
+        assert recipe.name == name and len(recipe.why) > 20
+    assert PRESETS["cnn-int8-static"].mode == "static" and PRESETS["cnn-int8-static"].per_channel
+    assert PRESETS["transformer-int8-dynamic"].calibration is None
+    assert set(PRESETS["transformer-int8-static-matmul"].op_types) == {"MatMul", "Gemm"}
+
+
+@pytest.mark.parametrize(("kwargs", "fix"), [
+    ({"mode": "fast"}, "use one of"),
+    ({"mode": "dynamic", "calibration": "minmax"}, "remove it or set mode='static'"),
+    ({"mode": "static", "calibration": "kl"}, "use one of"),
+    ({"mode": "dynamic", "activation_type": "int8"}, "activation_type='uint8'"),
+    ({"mode": "static", "weight_type": "int4"}, "use one of"),
+    ({"mode": "static", "op_types": ()}, "non-empty tuple"),
+    ({"mode": "static", "op_types": "MatMul"}, "non-empty tuple"),
+])
+def test_recipe_refuses_impossible_settings_naming_the_fix(kwargs, fix):
+    with pytest.raises(ConfigError, match=fix):
+        QuantRecipe("r", **kwargs)
+
+
+def test_static_recipe_defaults_to_minmax_and_u8_activations():
+    recipe = QuantRecipe("r", "static", op_types=["MatMul"])
+    assert (recipe.calibration, recipe.activation_type, recipe.op_types) == ("minmax", "uint8", ("MatMul",))
+
+
+def test_knobs_cover_mode_calibration_and_per_channel():
+    assert KNOBS["mode"].choices == ("none", "dynamic", "static") and KNOBS["mode"].default == "none"
+    assert set(KNOBS["calibration"].choices) == {"minmax", "entropy", "percentile"}
+    assert set(KNOBS["per_channel"].choices) == {True, False}
+
+
+def test_choose_preset_by_graph_ops(digits_onnx, charlm_onnx):
+    assert choose_preset(digits_onnx) == "cnn-int8-static"
+    assert choose_preset(charlm_onnx) == "transformer-int8-dynamic"
+
+
+def test_recipe_for_knob_values(digits_onnx, charlm_onnx):
+    assert recipe_for(digits_onnx, "none") is None
+    cnn = recipe_for(digits_onnx, "static", calibration="entropy", per_channel=False)
+    assert (cnn.mode, cnn.calibration, cnn.per_channel, cnn.op_types) == ("static", "entropy", False, None)
+    assert recipe_for(digits_onnx, "dynamic").op_types == ("MatMul",)  # never ConvInteger
+    assert recipe_for(charlm_onnx, "static").op_types == ("MatMul", "Gemm")  # never all ops on an LM
+    with pytest.raises(ConfigError, match="'none', 'dynamic' or 'static'"):
+        recipe_for(digits_onnx, "int4")
+
+
+# ---- quantizing ----------------------------------------------------------------------------------------
+def test_static_without_calibration_names_the_setting(digits_onnx, tmp_path):
+    for empty in (None, []):
+        with pytest.raises(ConfigError, match=r"set compress\.quantize\.calibration_batches > 0"):
+            quantize(digits_onnx, tmp_path / "int8.onnx", "cnn-int8-static", calibration_inputs=empty)
+    assert not (tmp_path / "int8.onnx").exists()
+
+
+def test_missing_source_and_unknown_preset(digits_onnx, tmp_path):
+    with pytest.raises(ConfigError, match="export the model"):
+        quantize(tmp_path / "nope.onnx", tmp_path / "int8.onnx", "transformer-int8-dynamic")
+    with pytest.raises(ConfigError, match="cnn-int8-static"):
+        quantize(digits_onnx, tmp_path / "int8.onnx", "cnn-int4")
+
+
+def test_static_int8_digits_keeps_accuracy_on_int8_kernels(digits_onnx, tmp_path):
+    task, model = digits()
+    calibration = task.calibration_inputs(8, 16, model.model_args)
+    fp32 = digits_metrics(digits_onnx)["accuracy"]
+    for calibration_method in ("minmax", "percentile"):
+        recipe = dataclasses.replace(PRESETS["cnn-int8-static"], calibration=calibration_method)
+        dst = quantize(digits_onnx, tmp_path / f"{calibration_method}.onnx", recipe, calibration)
+        assert digits_metrics(dst)["accuracy"] >= fp32 - 0.01, calibration_method
+    ops = optimized_ops(dst)
+    assert ops["QLinearConv"] == 2 and ops["QGemm"] == 2
+    assert not set(ops) & FP32_COMPUTE_OPS
+
+
+def test_dynamic_int8_on_a_cnn_would_use_slow_conv_integer(digits_onnx, tmp_path):
+    """Why the CNN preset is static: dynamic quantization of Conv runs as ConvInteger."""
+    dst = quantize(digits_onnx, tmp_path / "dyn.onnx", QuantRecipe("all-dynamic", "dynamic"))
+    assert optimized_ops(dst)["ConvInteger"] == 2
+
+
+def test_charlm_dynamic_and_static_matmul_keep_val_loss(charlm_onnx, tmp_path):
+    task, model = charlm()
+    fp32 = charlm_loss(charlm_onnx)
+    dynamic = quantize(charlm_onnx, tmp_path / "dyn.onnx", "transformer-int8-dynamic")
+    assert charlm_loss(dynamic) == pytest.approx(fp32, rel=0.02)
+    assert optimized_ops(dynamic)["DynamicQuantizeMatMul"] > 0
+    calibration = task.calibration_inputs(4, 16, model.model_args)
+    static = quantize(charlm_onnx, tmp_path / "static.onnx", "transformer-int8-static-matmul", calibration)
+    assert charlm_loss(static) == pytest.approx(fp32, rel=0.02)
