@@ -11,6 +11,8 @@ ARGS    ?=
 comma   := ,
 STAMP   := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 AUTOGLM := $(BIN)/autoglm
+# OpenMP's default busy-waiting makes torch 2-10x slower on small shared machines (measured on 2 cores)
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv demo test train tune compress serve loadtest deploy bench status dashboard lock clean
 

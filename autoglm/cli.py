@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -92,6 +93,8 @@ def config_main(argv: Sequence[str] | None = None) -> int:
 def cli(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``autoglm`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # before torch loads: OpenMP busy-waiting costs 2-10x per step on small shared machines
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     commands = {**{k: v[1] for k, v in CORE.items()}, **{s: f"the {s} stage" for s in STAGES}}
     if not argv or argv[0] in ("-h", "--help"):
         width = max(map(len, commands))

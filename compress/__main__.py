@@ -1,11 +1,35 @@
-"""`python -m compress`: not built yet; exits with a clear message."""
+"""``python -m compress`` / ``autoglm compress``: build, check and publish the compressed variants."""
 
+from __future__ import annotations
+
+import argparse
 import sys
+from collections.abc import Sequence
 
-from autoglm.cli import not_built, run_main
+from autoglm.cli import add_common_args, print_config, run_main, settings_from_args
 
-BUILT = False
-main = not_built("compress")
+BUILT = True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = add_common_args(argparse.ArgumentParser(prog="autoglm compress", description=__doc__))
+    parser.add_argument("--variants", help="comma-separated, e.g. fp32,int8,pruned-int8 (sets compress.variants)")
+    parser.add_argument("--checkpoint", help="compress this model.pt instead of tune's selection")
+    args = parser.parse_args(argv)
+    if args.variants:
+        names = ", ".join(f'"{v.strip()}"' for v in args.variants.split(",") if v.strip())
+        args.overrides.append(f"compress.variants=[{names}]")
+    if args.checkpoint:
+        args.overrides.append(f"compress.checkpoint='{args.checkpoint}'")
+    settings = settings_from_args(args)
+    if args.dry_run:
+        print_config(settings)
+        return 0
+    from compress.stage import compress_run
+
+    compress_run(settings, force=args.force)
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

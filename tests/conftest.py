@@ -2,9 +2,11 @@
 
 import os
 
-import pytest
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see the Makefile
 
-from autoglm.config import load_settings
+import pytest  # noqa: E402
+
+from autoglm.config import load_settings  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

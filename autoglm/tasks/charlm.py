@@ -58,7 +58,7 @@ class CharLMTask(Task):
         """Defaults merged with ``overrides``; heads must split the embedding evenly."""
         n_embd = overrides.get("n_embd", cls.model_space["n_embd"].default)
         n_head = overrides.get("n_head", cls.model_space["n_head"].default)
-        # checked before the per-knob checks so an uneven pair gets this message, not a list of choices
+        # the per-knob checks accept any positive sizes (the choices are only what tuning searches)
         if isinstance(n_embd, int) and isinstance(n_head, int) and n_head > 0 and n_embd % n_head:
             heads = [h for h in cls.model_space["n_head"].choices if n_embd % h == 0]
             below = n_embd // n_head * n_head

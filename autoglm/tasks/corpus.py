@@ -122,8 +122,8 @@ def write_corpus(text: str, out_dir: Path, min_split_chars: int, source: str) ->
     n_val = int(len(text) * VAL_FRACTION)
     if n_val < min_split_chars:
         need = int(min_split_chars / VAL_FRACTION) + 1
-        raise DataError(f"{source} has {len(text):,} characters, too few for a 90/10 split of {min_split_chars}-"
-                        f"character validation windows: use a text of at least {need:,} characters")
+        raise DataError(f"{source} has {len(text):,} characters, too few: its 10% validation split needs "
+                        f"{min_split_chars} (two blocks); use a text of at least {need:,} characters")
     itos = sorted(set(text))
     if len(itos) > np.iinfo(np.uint16).max:
         raise DataError(f"{source} uses {len(itos):,} distinct characters, more than uint16 token ids hold: "

@@ -35,15 +35,17 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
+        self.n_embd = config.n_embd  # a Python int, so ONNX export keeps only B and T dynamic
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
+        b, t = x.shape[:2]
+        c, hs = self.n_embd, self.n_embd // self.n_head
         q, k, v = self.c_attn(x).split(c, dim=2)  # 3 x (B, T, C)
         # (B, T, C) -> (B, nh, T, hs)
-        q = q.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
-        k = k.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
-        v = v.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        q = q.view(b, t, self.n_head, hs).transpose(1, 2)
+        k = k.view(b, t, self.n_head, hs).transpose(1, 2)
+        v = v.view(b, t, self.n_head, hs).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=True)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(b, t, c)  # re-assemble heads: (B, T, C)

@@ -66,15 +66,19 @@ def test_qat_accuracy_at_least_ptq(qat_digits, ptq_digits):
 
 
 def test_qat_recovers_what_ptq_loses_on_a_coarse_grid(tmp_path):
-    """At 4-bit grids PTQ loses; QAT fine-tuning brings the loss back down (the ONNX agrees with torch)."""
+    """On a 2-bit grid PTQ collapses (about 50% accuracy); QAT brings it back (85-90%), and the ONNX agrees.
+
+    At INT8 digits PTQ loses nothing to recover, and at 3-4 bits the held-out differences are a few
+    images; 2 bits makes the effect of training through the quantizer unmistakable.
+    """
     task, model = digits()
-    ptq = prepare_qat(model, task, model.model_args, bits=4)
-    ptq_loss = digits_metrics(ptq)["loss"]
-    qmodel = prepare_qat(model, task, model.model_args, bits=4)
+    ptq = digits_metrics(prepare_qat(model, task, model.model_args, bits=2))
+    qmodel = prepare_qat(model, task, model.model_args, bits=2)
     qat_finetune(qmodel, task, DIGITS_TRAIN, 100)
-    assert digits_metrics(qmodel)["loss"] < ptq_loss
-    path = export_qat(qmodel, task, model.model_args, tmp_path / "qat4.onnx")
-    assert digits_metrics(path)["loss"] == pytest.approx(digits_metrics(qmodel)["loss"], rel=0.05)
+    trained = digits_metrics(qmodel)
+    assert trained["loss"] < 0.7 * ptq["loss"] and trained["accuracy"] > ptq["accuracy"] + 0.1
+    onnx_metrics = digits_metrics(export_qat(qmodel, task, model.model_args, tmp_path / "qat2.onnx"))
+    assert onnx_metrics["accuracy"] == pytest.approx(trained["accuracy"], abs=0.02)
 
 
 @pytest.mark.parametrize(("kwargs", "fix"), [({"bits": 9}, "2..8"), ({"calibration_batches": 0}, "> 0")])

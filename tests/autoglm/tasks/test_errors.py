@@ -66,7 +66,7 @@ def test_too_short_text_says_how_long_it_must_be(tmp_path):
     source = tmp_path / "short.txt"
     source.write_text("To be, or not to be.\n" * 10)
 
-    with pytest.raises(DataError, match=r"210 characters, too few .* at least 1,291 characters"):
+    with pytest.raises(DataError, match=r"210 characters, too few: .* at least 1,291 characters"):
         CharLMTask(data=str(source), cache_dir=tmp_path).prepare()
 
 

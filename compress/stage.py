@@ -1,0 +1,154 @@
+"""``autoglm compress``: the selected model -> ONNX variants -> a Triton model repository.
+
+Reads ``tune/selected.json`` (or ``train/model.pt``, or ``compress.checkpoint``), writes
+``runs/<run>/compress/`` (every variant, ``parity.json``, ``variants.json``, manifest) and
+``runs/<run>/repository/`` (``python/`` for the Triton bundled on pip-only hosts, ``native/`` for the
+NGC container; manifest). Nothing is published when the parity gate fails.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autoglm.artifacts import Manifest, RunDir, StageWriter, sha256_file, write_atomic
+from autoglm.config import Settings
+from autoglm.errors import AutoGLMError
+from compress.variants import Variant, build_variants
+
+
+@dataclass
+class Source:
+    checkpoint: Path
+    parent: str | None  # the stage whose manifest it comes from, for lineage
+    overrides: dict[str, Any]  # compression settings chosen by tune for this model
+
+
+def resolve_source(run: RunDir, settings: Settings) -> Source:
+    """What to compress: an explicit checkpoint, else tune's selection, else the trained baseline."""
+    if settings.compress.checkpoint:
+        path = Path(settings.compress.checkpoint)
+        if not path.is_file():
+            raise AutoGLMError(f"compress.checkpoint={path} does not exist: give a model.pt written by "
+                               "`autoglm train` or `autoglm tune`")
+        return Source(path, None, {})
+    selected = run.stage_dir("tune") / "selected.json"
+    if run.state("tune") == "complete" and selected.is_file():
+        choice = json.loads(selected.read_text())
+        return Source(run.stage_dir("tune") / choice["checkpoint"], "tune", choice.get("compress", {}))
+    if run.state("train") == "complete":
+        return Source(run.stage_dir("train") / "model.pt", "train", {})
+    raise AutoGLMError(f"nothing to compress in {run.path}: run `autoglm tune` or `autoglm train` first, "
+                       "or set compress.checkpoint=path/to/model.pt")
+
+
+def recommend(task, variants: list[Variant]) -> tuple[str, str]:
+    """The accepted variant with the lowest per-item latency at the largest measured batch."""
+    accepted = [v for v in variants if v.status == "ok"]
+    batch = max(accepted[0].profile)
+    best = min(accepted, key=lambda v: v.profile[batch]["per_item_ms"])
+    return best.name, (f"lowest per-item p50 latency at batch {batch} ({best.profile[batch]['per_item_ms']:.4f} ms)"
+                       f" among variants within compress.max_metric_loss of FP32 {task.metric}")
+
+
+def write_repository(run: RunDir, settings: Settings, task, model_args, variants: list[Variant],
+                     recommended: str) -> Manifest:
+    """One Triton model per accepted variant, in both flavours; its own manifest."""
+    from compress.repository import DynamicBatching, InstanceGroup, ModelConfig, write_model
+
+    t = settings.compress.triton
+    writer = StageWriter(run, "repository", {"triton": t.model_dump(mode="json")}, inputs=["compress"])
+    writer.invalidate()
+    io = task.io_spec(model_args)
+    batching = DynamicBatching(max_queue_delay_us=t.max_queue_delay_us,
+                               preferred_batch_sizes=tuple(t.preferred_batch_sizes), max_queue_size=t.max_queue_size)
+    models = {}
+    for variant in (v for v in variants if v.status == "ok"):
+        name = f"{task.name}-{variant.name}"
+        flavours = [("native", "tensorrt", "gpu")] if variant.path.suffix == ".plan" else [
+            ("python", "python", "cpu"), ("native", "onnxruntime", "cpu")]
+        for folder, flavour, kind in flavours:
+            cfg = ModelConfig(name=name, io=io, flavour=flavour, max_batch_size=t.max_batch_size,
+                              dynamic_batching=batching, instance_group=InstanceGroup(t.instances, kind),
+                              parameters={"intra_op_threads": str(t.intra_op_threads)},
+                              warmup_batch_sizes=(1,))
+            write_model(writer.dir / folder, cfg, variant.path)
+        models[variant.name] = name
+    for path in sorted(p for p in writer.dir.rglob("*") if p.is_file() and p.name != "manifest.json"):
+        writer.add_output(str(path.relative_to(writer.dir)))
+    writer.manifest.metrics = {"models": models, "recommended": models[recommended], "task": task.name,
+                               "model_args": model_args}
+    return writer.commit()
+
+
+def compress_run(settings: Settings, force: bool = False, progress: bool = True) -> Manifest:
+    """Run the stage; skipped when its manifest matches the same source and config."""
+    from autoglm.measure import fixed_threads
+    from autoglm.tasks import get_task
+    from autoglm.tasks.checkpoint import load_checkpoint
+
+    run = RunDir(settings.run.root, settings.run.name)
+    source = resolve_source(run, settings)
+    if source.overrides:
+        settings = settings.model_copy(update={"compress": settings.compress.model_copy(update=source.overrides)})
+    config = {"compress": settings.section("compress"), "measure": settings.section("measure"),
+              "task": settings.section("task"), "source": str(source.checkpoint),
+              "source_sha256": sha256_file(source.checkpoint)}
+    writer = StageWriter(run, "compress", config, inputs=[source.parent] if source.parent else [])
+    if writer.up_to_date() and not force and run.state("repository") == "complete":
+        print(f"compress: up to date in {writer.dir} (use --force to redo)")
+        return run.manifest("compress")
+    writer.invalidate()
+    run.manifest_path("repository").unlink(missing_ok=True)
+
+    task = get_task(settings)
+    task.prepare()
+    checkpoint = load_checkpoint(source.checkpoint)
+    model = checkpoint.build_model(task)
+    report = _printer(task) if progress else None
+    with fixed_threads(settings.run.threads):
+        variants = build_variants(task, model, checkpoint.model_args, settings, writer.dir, on_variant=report)
+    recommended, why = recommend(task, variants)
+    rows = [v.to_dict(writer.dir) for v in variants]
+    write_atomic(writer.dir / "variants.json", (json.dumps({"variants": rows, "recommended": recommended,
+                                                            "why": why}, indent=2) + "\n").encode())
+    settings.save(writer.path("config.json"))
+    for variant in variants:
+        if variant.path:
+            writer.add_output(variant.path.name)
+        for batch, p in variant.profile.items():
+            writer.add_energy(f"{variant.name}@batch{batch}", p["j_per_item"], p["energy_method"])
+    for rel in ("parity.json", "variants.json", "config.json"):
+        writer.add_output(rel)
+    writer.manifest.metrics = {"recommended": recommended, "why": why, "metric": task.metric,
+                               "variants": {v["name"]: _summary(v) for v in rows}}
+    manifest = writer.commit()
+    write_repository(run, settings, task, checkpoint.model_args, variants, recommended)
+    print(f"compress: {len([v for v in variants if v.status == 'ok'])} variants published; recommended "
+          f"{recommended} -> {run.stage_dir('repository')}")
+    return manifest
+
+
+def _summary(row: dict[str, Any]) -> dict[str, Any]:
+    out = {k: row[k] for k in ("status", "reason", "metric_loss", "size_bytes")} | row["metrics"]
+    for batch, p in row["profile"].items():
+        out[f"p50_ms@{batch}"] = p["p50_ms"]
+        out[f"j_per_item@{batch}"] = p["j_per_item"]
+    return out
+
+
+def _printer(task):
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(stderr=True)
+
+    def report(v: Variant) -> None:
+        timing = ", ".join(f"b{b} p50 {p['p50_ms']:.3f} ms" for b, p in v.profile.items())
+        value = v.metrics.get(task.metric)
+        shown = f"{task.metric}={value:.4f}" if value is not None else escape(v.reason)
+        console.print(f"  [bold]{v.name:<12}[/] {v.status:<9} {shown}  {timing}")
+
+    return report
