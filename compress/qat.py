@@ -1,13 +1,14 @@
 """Quantization-aware fine-tuning (QAT) exported as a QDQ ONNX model that ONNX Runtime runs on INT8 kernels.
 
-Every Conv/Linear is wrapped so the forward pass sees what INT8 inference will compute: weights
-fake-quantized per output channel (int8, symmetric), each layer's output -- after the ReLU that follows
-it, which ORT folds into the quantization -- fake-quantized per tensor (uint8, ranges observed as a
-moving average), and so are the model's float inputs. The task's own loss and training loop then
-adapt the weights to the rounding. The legacy exporter writes each fake-quant op as a
-QuantizeLinear/DequantizeLinear pair, which ORT fuses into QLinearConv / QGemm: the same layout as
-post-training static QDQ (:mod:`compress.quantize`), with ranges and weights that learned the grid.
-Built for Conv/Linear stacks such as the digits CNN; layers in ``nn.Sequential`` get their ReLU fused.
+Every Conv/Linear is wrapped so the forward pass computes what INT8 inference will: weights
+fake-quantized per output channel (int8, symmetric; 7-bit where the CPU lacks VNNI, as PTQ does),
+biases on the int32 grid ORT gives them (input scale x weight scale), and each layer's output -- after
+the ReLU that follows it, which ORT folds into the quantization -- fake-quantized per tensor (uint8,
+min/max ranges), as are the model's float inputs. The task's loss and training loop then adapt the
+weights to the rounding. The legacy exporter writes each fake-quant op as a QuantizeLinear /
+DequantizeLinear pair, which ORT fuses into QLinearConv / QGemm: the layout of post-training static
+QDQ (:mod:`compress.quantize`), with weights that learned the grid. Built for Conv/Linear stacks such
+as the digits CNN; a ReLU module right after a layer in an ``nn.Sequential`` is fused into it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["QAT_LR_FRAC", "QATModel", "export_qat", "prepare_qat", "qat", "qat_finetune"]
 
 W_QMIN, W_QMAX = -128, 127  # int8 weights, zero point 0: what ORT's INT8 kernels take
-A_QMIN, A_QMAX = 0, 255  # uint8 activations: ORT's advice for x86 with VNNI (as the PTQ presets)
+A_QMIN, A_QMAX = 0, 255  # uint8 activations, as the PTQ presets use
 BITS = range(2, 9)  # below 8 the grid is coarser inside the same int8 containers and INT8 kernels
 EMA = 0.05  # range moving-average weight per training step
 # The model is trained already: QAT nudges weights onto the grid. On digits at 4-bit grids 0.2 beat both
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 class ActFakeQuant(nn.Module):
-    """Per-tensor asymmetric uint8 fake quantization with a moving-average min/max range."""
+    """Per-tensor asymmetric uint8 fake quantization of activations with an observed min/max range."""
 
     def __init__(self, bits: int = 8) -> None:
         super().__init__()
@@ -74,30 +75,36 @@ class ActFakeQuant(nn.Module):
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, A_QMIN, A_QMAX)
 
 
-def fake_quant_weight(weight: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Per-output-channel symmetric fake quantization to ``bits`` (gradient passes straight through)."""
-    with torch.no_grad():
-        absmax = weight.detach().abs().flatten(1).amax(dim=1)  # (out_channels,)
-        scale = (absmax / (2 ** (bits - 1) - 1)).clamp_min(1e-8)  # |w| / scale <= 127 at 8 bits
-    zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(weight, scale, zero_point, 0, W_QMIN, W_QMAX)
-
-
 class QATLayer(nn.Module):
-    """One Conv/Linear (plus the ReLU after it, if any) computing with fake-quantized weights and output."""
+    """One Conv/Linear (plus the ReLU after it, if any) computing as its INT8 kernel will."""
 
-    def __init__(self, layer: nn.Module, relu: bool, bits: int = 8):
+    def __init__(self, layer: nn.Module, relu: bool, bits: int, weight_bits: int):
         super().__init__()
-        self.layer, self.bits = layer, bits
+        self.layer, self.weight_levels = layer, 2 ** (weight_bits - 1) - 1  # 127 at 8 bits, 63 at 7
         self.act = nn.ReLU() if relu else nn.Identity()
         self.out_fq = ActFakeQuant(bits)
+        self.input_fq: ActFakeQuant | None = None  # whose grid the input is on (set by _link_inputs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "input_fq":  # a reference, not a submodule: it belongs to the layer before
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = fake_quant_weight(self.layer.weight, self.bits)
+        weight, bias = self.layer.weight, self.layer.bias
+        with torch.no_grad():
+            absmax = weight.detach().abs().flatten(1).amax(dim=1)  # (out_channels,)
+            w_scale = (absmax / self.weight_levels).clamp_min(1e-8)
+        zeros = torch.zeros_like(w_scale, dtype=torch.int32)
+        weight = torch.fake_quantize_per_channel_affine(weight, w_scale, zeros, 0, W_QMIN, W_QMAX)
+        if bias is not None and self.input_fq is not None:  # ORT adds an int32 bias at scale s_in * s_w
+            b_scale = self.input_fq.qparams()[0] * w_scale
+            bias = bias + (torch.round(bias / b_scale) * b_scale - bias).detach()  # straight-through
         if isinstance(self.layer, nn.Linear):
-            y = F.linear(x, weight, self.layer.bias)
+            y = F.linear(x, weight, bias)
         else:
-            y = self.layer._conv_forward(x, weight, self.layer.bias)
+            y = self.layer._conv_forward(x, weight, bias)
         return self.out_fq(self.act(y))
 
 
@@ -119,7 +126,7 @@ class QATModel(nn.Module):
                 module.observing = how
 
 
-def _wrap(module: nn.Module, bits: int) -> int:
+def _wrap(module: nn.Module, bits: int, weight_bits: int) -> int:
     """Replace Conv/Linear children by QATLayers in place (fusing a following ReLU); returns how many."""
     count = 0
     children = list(module.named_children())
@@ -127,42 +134,82 @@ def _wrap(module: nn.Module, bits: int) -> int:
         if isinstance(child, LAYERS):
             nxt = children[i + 1][1] if i + 1 < len(children) else None
             relu = isinstance(module, nn.Sequential) and isinstance(nxt, nn.ReLU)
-            setattr(module, name, QATLayer(child, relu, bits))
+            setattr(module, name, QATLayer(child, relu, bits, weight_bits))
             if relu:  # the ReLU now lives inside the QATLayer, before its output quantization
                 setattr(module, children[i + 1][0], nn.Identity())
             count += 1
         elif not isinstance(child, QATLayer):
-            count += _wrap(child, bits)
+            count += _wrap(child, bits, weight_bits)
     return count
 
 
+def _link_inputs(qmodel: QATModel, args: tuple[torch.Tensor, ...]) -> None:
+    """Point each layer at the quantizer whose grid its input lies on (through pooling, flatten, ...).
+
+    Found by running one batch: the most recent fake-quant output before the layer whose scale
+    divides the layer's input exactly. A layer whose input is on no grid (a GELU or an add between)
+    keeps a float bias, as ORT will run it in FP32.
+    """
+    events: list[tuple[str, nn.Module, torch.Tensor]] = []
+    hooks = []
+    for module in qmodel.modules():
+        if isinstance(module, ActFakeQuant):
+            hooks.append(module.register_forward_hook(lambda m, _i, out: events.append(("fq", m, out))))
+        elif isinstance(module, QATLayer):
+            hooks.append(module.register_forward_pre_hook(lambda m, inp: events.append(("in", m, inp[0]))))
+    try:
+        with torch.no_grad():
+            qmodel(*args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for i, (kind, layer, x) in enumerate(events):
+        if kind != "in":
+            continue
+        for prev_kind, fq, _ in reversed(events[:i]):
+            if prev_kind != "fq":
+                continue
+            steps = x / fq.qparams()[0]
+            if torch.allclose(steps, steps.round(), atol=1e-3):
+                layer.input_fq = fq
+                break
+
+
 def prepare_qat(model: nn.Module, task: Task, model_args: Mapping[str, Any],
-                calibration_batches: int = CALIBRATION_BATCHES, bits: int = 8) -> QATModel:
-    """A fake-quantized copy of ``model`` with ranges initialised on the task's calibration batches.
+                calibration_batches: int = CALIBRATION_BATCHES, bits: int = 8,
+                reduce_range: bool | None = None) -> QATModel:
+    """A fake-quantized copy of ``model`` with ranges set on the task's calibration batches.
 
     Evaluated as is, it is post-training quantization in torch; :func:`qat_finetune` trains it.
     ``bits`` < 8 puts weights and activations on a coarser grid, still run by INT8 kernels.
+    ``reduce_range`` (weights on 7 bits) None: on unless this CPU has VNNI, like the PTQ recipes.
     """
+    from compress.quantize import cpu_has_vnni
+
     if bits not in BITS:
         raise ConfigError(f"compress.qat.bits={bits!r} is invalid: use {BITS.start}..{BITS.stop - 1} (8 for INT8)")
     if calibration_batches < 1:
         raise ConfigError("QAT needs calibration data to start its ranges: set calibration_batches > 0")
+    if reduce_range is None:
+        reduce_range = not cpu_has_vnni()
     spec = task.io_spec(model_args)
     qmodel = QATModel(copy.deepcopy(model), len(spec.inputs), bits)
-    if _wrap(qmodel.model, bits) == 0:
+    if _wrap(qmodel.model, bits, min(bits, 7) if reduce_range else bits) == 0:
         raise ConfigError(f"task '{task.name}': the model has no Conv or Linear layer, so QAT has nothing "
                           "to quantize; drop the qat variant")
     qmodel.model_args = dict(model_args)  # the training loop and evaluation read it
     qmodel.observe("minmax")  # the same statistic as ORT's MinMax calibration, on the same batches
     with torch.no_grad():
         for inputs in task.calibration_inputs(calibration_batches, 16, model_args):
+            args = tuple(torch.from_numpy(inputs[t.name]) for t in spec.inputs)
             qmodel.train()  # observers update in training mode ...
-            for m in qmodel.modules():
-                if isinstance(m, nn.Dropout):  # ... but calibration sees the inference-time network
-                    m.eval()
-            qmodel(*(torch.from_numpy(inputs[t.name]) for t in spec.inputs))
+            for module in qmodel.modules():
+                if isinstance(module, nn.Dropout):  # ... but calibration sees the inference-time network
+                    module.eval()
+            qmodel(*args)
     qmodel.observe(None)
     qmodel.eval()
+    _link_inputs(qmodel, args)
     return qmodel
 
 

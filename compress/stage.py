@@ -102,6 +102,8 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
         return run.manifest("compress")
     writer.invalidate()
     run.manifest_path("repository").unlink(missing_ok=True)
+    for stale in (*writer.dir.glob("*.onnx"), *writer.dir.glob("*.plan")):
+        stale.unlink()  # a redo must never pick up a model file from an earlier configuration
 
     task = get_task(settings)
     task.prepare()

@@ -63,13 +63,17 @@ class VariantBuilder:
         self.out.mkdir(parents=True, exist_ok=True)
         self.parity: list[ParityReport] = []
         self._pruned_model = None
+        self._exported: dict[str, Path] = {}  # FP32 graphs made by this builder (never stale files)
 
     # ---- the passes ------------------------------------------------------------------------------
     def _export(self, model, name: str) -> Path:
+        if name in self._exported:
+            return self._exported[name]
         path = self.out / f"{name}.onnx"
         exporter = export_onnx(model, self.task, self.model_args, path, exporter=self.cfg.exporter)
         self.parity.append(check_parity(self.task, model, path, self.model_args, variant=name, exporter=exporter,
                                         atol=self.cfg.parity_atol, rtol=self.cfg.parity_rtol))
+        self._exported[name] = path
         return path
 
     def _calibration(self):
@@ -108,16 +112,13 @@ class VariantBuilder:
         """Build one variant by name (see autoglm.config.VARIANTS)."""
         if name == "fp32":
             return Variant("fp32", self._export(self.model, "fp32"), {"pass": "export"})
-        fp32 = self.out / "fp32.onnx"
+        fp32 = self._export(self.model, "fp32")
         if name in ("int8", "int8-dynamic", "int8-static"):
             return self._quantize(fp32, name, {"int8": None}.get(name, name.removeprefix("int8-")))
         if name == "pruned":
             return Variant("pruned", self._export(self._pruned(), "pruned"), self._prune_recipe)
         if name == "pruned-int8":
-            src = self.out / "pruned.onnx"
-            if not src.is_file():
-                self._export(self._pruned(), "pruned")
-            variant = self._quantize(src, "pruned-int8", None)
+            variant = self._quantize(self._export(self._pruned(), "pruned"), "pruned-int8", None)
             variant.recipe = {**self._prune_recipe, "then": variant.recipe}
             return variant
         if name == "qat":
@@ -138,9 +139,9 @@ class VariantBuilder:
         if not ok:
             return Variant(name, None, {"pass": "tensorrt"}, status="skipped", reason=reason)
         precision = name.removeprefix("trt-")
-        src = self.out / ("fp32.onnx" if precision == "fp16" else "int8-static.onnx")
-        if not src.is_file():
-            self._quantize(self.out / "fp32.onnx", "int8-static", "static")
+        fp32 = self._export(self.model, "fp32")
+        # INT8 engines come from the static QDQ graph: explicit quantization, no TensorRT calibrator
+        src = fp32 if precision == "fp16" else self._quantize(fp32, "int8-static", "static").path
         plan = build_engine(src, self.out / f"{name}.plan", self.task.io_spec(self.model_args), precision,
                             max_batch=self.cfg.triton.max_batch_size)
         return Variant(name, plan, {"pass": "tensorrt", "precision": precision, "source": src.name})

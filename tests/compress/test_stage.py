@@ -1,0 +1,142 @@
+"""The compress stage end to end: every pass through one contract, the parity gate, publishing."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import compress.variants
+from autoglm.artifacts import RunDir
+from autoglm.config import VARIANTS
+from autoglm.errors import AutoGLMError
+from autoglm.train import train_run
+from compress import ParityError, build_variants
+from compress.stage import compress_run
+from tests.compress import _trained
+
+FAST = ["measure.repeats=5", "measure.warmup=1", "compress.prune.finetune_steps=60", "compress.qat.steps=60",
+        "compress.quantize.calibration_batches=4", "compress.exporter='legacy'", "compress.max_metric_loss=0.02"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run directory holding a quickly trained digits model (the train stage), shared by the tests."""
+    from autoglm.config import load_settings
+
+    root = tmp_path_factory.mktemp("runs")
+    settings = load_settings(None, [f"run.root='{root}'", f"run.cache_dir='{root / 'cache'}'", "run.name=r",
+                                    "train.lr=3e-3", "train.max_steps=250", "train.eval_every=250",
+                                    "train.batch_size=64", "train.weight_decay=0.01", *FAST])
+    train_run(settings, progress=False)
+    return settings
+
+
+@pytest.mark.parametrize("name", [v for v in VARIANTS if not v.startswith("trt-")])
+def test_every_pass_yields_a_loadable_model_within_its_tolerance(name, tmp_path, trained_run):
+    task, model = _trained.digits()
+    settings = trained_run.model_copy()
+    variants = build_variants(task, model, dict(model.model_args), settings, tmp_path, [name])
+    by_name = {v.name: v for v in variants}
+    variant = by_name[name]
+    assert variant.path.is_file() and variant.path.suffix == ".onnx"
+    assert variant.status == "ok", variant.reason  # within compress.max_metric_loss of torch FP32
+    assert variant.metrics["accuracy"] >= 0.95
+    assert set(variant.profile) == set(settings.measure.batch_sizes)
+    assert variant.profile[1]["energy_method"]
+    assert json.loads((tmp_path / "parity.json").read_text())[0]["passed"] is True
+
+
+@pytest.mark.parametrize("name", ["trt-fp16", "trt-int8"])
+def test_tensorrt_is_skipped_with_its_reason_where_absent(name, tmp_path, trained_run):
+    pytest.importorskip("onnxruntime")
+    from compress.tensorrt import tensorrt_status
+
+    available, reason = tensorrt_status()
+    if available:
+        pytest.skip("TensorRT is present: the GPU test suite builds real engines")
+    task, model = _trained.digits()
+    variant = build_variants(task, model, dict(model.model_args), trained_run, tmp_path, [name])[-1]
+    assert variant.status == "skipped" and variant.reason == reason and variant.path is None
+
+
+def test_stage_publishes_repository_then_skips_then_forces(trained_run):
+    settings = trained_run.model_copy(update={"compress": trained_run.compress.model_copy(
+        update={"variants": ["fp32", "int8", "pruned-int8", "trt-fp16"]})})
+    run = RunDir(settings.run.root, settings.run.name)
+
+    manifest = compress_run(settings, progress=False)
+
+    assert run.state("compress") == run.state("repository") == "complete"
+    table = json.loads((run.stage_dir("compress") / "variants.json").read_text())
+    status = {row["name"]: row["status"] for row in table["variants"]}
+    assert status == {"torch": "reference", "fp32": "ok", "int8": "ok", "pruned-int8": "ok", "trt-fp16": "skipped"}
+    assert manifest.inputs == {"train/manifest.json": manifest.inputs["train/manifest.json"]}
+    assert all(e["measured"] is False for e in manifest.energy.values())  # no NVML/RAPL here: labelled
+    repo = run.manifest("repository")
+    assert set(repo.metrics["models"]) == {"fp32", "int8", "pruned-int8"}
+    for flavour in ("python", "native"):
+        assert (run.stage_dir("repository") / flavour / "digits-int8" / "config.pbtxt").is_file()
+
+    before = run.manifest_path("compress").stat().st_mtime_ns
+    compress_run(settings, progress=False)
+    assert run.manifest_path("compress").stat().st_mtime_ns == before
+    compress_run(settings, force=True, progress=False)
+    assert run.manifest_path("compress").stat().st_mtime_ns != before
+
+
+def test_broken_export_is_caught_and_nothing_is_published(trained_run, monkeypatch, tmp_path):
+    real_export = compress.variants.export_onnx
+
+    def broken_export(model, task, model_args, path, exporter="dynamo"):
+        used = real_export(model, task, model_args, path, exporter)
+        graph = onnx.load(str(path))
+        weight = graph.graph.initializer[0]
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+        onnx.save(graph, str(path))
+        return used
+
+    monkeypatch.setattr(compress.variants, "export_onnx", broken_export)
+    settings = trained_run.model_copy(update={"run": trained_run.run.model_copy(update={"name": "broken"}),
+                                              "compress": trained_run.compress.model_copy(
+                                                  update={"checkpoint": str(_checkpoint(trained_run))})})
+    with pytest.raises(ParityError, match="parity gate failed for fp32"):
+        compress_run(settings, progress=False)
+    run = RunDir(settings.run.root, "broken")
+    assert run.state("compress") == "incomplete" and run.state("repository") == "missing"
+    assert json.loads((run.stage_dir("compress") / "parity.json").read_text())[0]["passed"] is False
+
+
+def test_missing_source_names_the_command(trained_run):
+    settings = trained_run.model_copy(update={"run": trained_run.run.model_copy(update={"name": "empty"})})
+    with pytest.raises(AutoGLMError, match="autoglm train"):
+        compress_run(settings, progress=False)
+
+
+@pytest.mark.integration
+def test_real_triton_serves_the_published_repository_like_onnx_runtime(trained_run, tmp_path):
+    httpclient = pytest.importorskip("tritonclient.http")
+    from autoglm.tasks import get_task
+    from autoglm.tasks.predict import onnx_predictor
+    from serve.triton import TritonServer, free_port
+
+    run = RunDir(trained_run.run.root, trained_run.run.name)
+    if run.state("repository") != "complete":
+        compress_run(trained_run, progress=False)
+    model_name = run.manifest("repository").metrics["models"]["fp32"]
+    images = get_task(trained_run).example_inputs(5)["image"]
+    expected = onnx_predictor(run.stage_dir("compress") / "fp32.onnx")({"image": images})
+    server = TritonServer(run.stage_dir("repository") / "python", workdir=tmp_path, http_port=free_port(),
+                          grpc_port=free_port(), metrics_port=free_port())
+    with server.start(timeout_s=90):
+        client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+        request = httpclient.InferInput("image", list(images.shape), "FP32")
+        request.set_data_from_numpy(images)
+        got = client.infer(model_name, [request]).as_numpy("logits")
+        client.close()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def _checkpoint(settings):
+    return RunDir(settings.run.root, settings.run.name).stage_dir("train") / "model.pt"
