@@ -9,7 +9,7 @@ NGC container; manifest). Nothing is published when the parity gate fails.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,10 @@ def write_repository(run: RunDir, settings: Settings, task, model_args, variants
                               warmup_batch_sizes=(1,))
             write_model(writer.dir / folder, cfg, variant.path)
         models[variant.name] = name
+    task_info = {"task": task.name, "metric": task.metric, "direction": task.direction, "model_args": model_args,
+                 "io": asdict(io), "metadata": task.serving_metadata(model_args), "models": models,
+                 "recommended": models[recommended]}
+    write_atomic(writer.dir / "task.json", (json.dumps(task_info, indent=2) + "\n").encode())
     for path in sorted(p for p in writer.dir.rglob("*") if p.is_file() and p.name != "manifest.json"):
         writer.add_output(str(path.relative_to(writer.dir)))
     writer.manifest.metrics = {"models": models, "recommended": models[recommended], "task": task.name,

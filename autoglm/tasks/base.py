@@ -169,6 +169,13 @@ class Task(ABC):
         """Turn averaged sums into the reported metrics (e.g. add perplexity); default: as is."""
         return totals
 
+    def serving_metadata(self, model_args: Mapping[str, Any]) -> dict[str, Any]:
+        """JSON-able facts a server needs to turn friendly requests into tensors (e.g. a vocabulary).
+
+        compress publishes it in the model repository's ``task.json``, so serving never needs the data.
+        """
+        return {}
+
     def prunable_layers(self, model: torch.nn.Module) -> list[torch.nn.Module] | None:
         """Layers whose output channels structural pruning may remove; None: every layer but the output.
 

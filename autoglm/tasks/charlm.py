@@ -178,6 +178,10 @@ class CharLMTask(Task):
         model.model_args = args  # carried by the model, so training, evaluation and checkpoints know it
         return model
 
+    def serving_metadata(self, model_args: Mapping[str, Any]) -> dict[str, Any]:
+        """The vocabulary (id -> character) and the context length the model was trained for."""
+        return {"itos": self.vocab, "block_size": self.check_model_args(model_args)["block_size"]}
+
     def prunable_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """Only the MLP's inner width: the residual width and attention heads are tied across layers."""
         return [block.mlp.c_fc for block in model.transformer.h]

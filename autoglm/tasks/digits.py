@@ -67,6 +67,10 @@ class DigitsTask(Task):
         return IOSpec(inputs=(TensorSpec("image", "float32", (1, 8, 8)),),
                       outputs=(TensorSpec("logits", "float32", (10,)),))
 
+    def serving_metadata(self, model_args: Mapping[str, Any]) -> dict[str, Any]:
+        """Raw 8x8 images hold 0..16 per pixel; the model takes them divided by 16."""
+        return {"pixel_max": 16.0, "classes": [str(c) for c in range(10)]}
+
     def batches(self, split: Literal["train", "val", "test"], batch_size: int, n_batches: int,
                 seed: int = 0, model_args: Mapping[str, Any] | None = None,
                 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:

@@ -115,6 +115,20 @@ def test_static_int8_digits_keeps_accuracy_on_int8_kernels(digits_onnx, tmp_path
     assert not set(ops) & FP32_COMPUTE_OPS
 
 
+def test_a_recipe_that_quantizes_nothing_is_refused(digits_onnx, tmp_path):
+    """An "INT8" file that is FP32 inside would mislead every comparison after it."""
+    with pytest.raises(ConfigError, match="quantized nothing.*cnn-int8-static"):
+        quantize(digits_onnx, tmp_path / "int8.onnx", QuantRecipe("attention-only", "dynamic", op_types=("Attention",)))
+    assert not (tmp_path / "int8.onnx").exists()
+
+
+def test_dynamic_on_a_cnn_quantizes_its_linear_layers_only(digits_onnx, tmp_path):
+    dst = quantize(digits_onnx, tmp_path / "dyn.onnx", recipe_for(digits_onnx, "dynamic"))
+    ops = optimized_ops(dst)
+    assert ops["DynamicQuantizeMatMul"] + ops["MatMulInteger"] == 2 and "ConvInteger" not in ops
+    assert digits_metrics(dst)["accuracy"] >= digits_metrics(digits_onnx)["accuracy"] - 0.01
+
+
 def test_dynamic_int8_on_a_cnn_would_use_slow_conv_integer(digits_onnx, tmp_path):
     """Why the CNN preset is static: dynamic quantization of Conv runs as ConvInteger."""
     dst = quantize(digits_onnx, tmp_path / "dyn.onnx", QuantRecipe("all-dynamic", "dynamic"))

@@ -76,6 +76,9 @@ def test_stage_publishes_repository_then_skips_then_forces(trained_run):
     assert all(e["measured"] is False for e in manifest.energy.values())  # no NVML/RAPL here: labelled
     repo = run.manifest("repository")
     assert set(repo.metrics["models"]) == {"fp32", "int8", "pruned-int8"}
+    task_info = json.loads((run.stage_dir("repository") / "task.json").read_text())
+    assert task_info["task"] == "digits" and task_info["metadata"]["pixel_max"] == 16.0
+    assert task_info["io"]["inputs"][0]["name"] == "image" and task_info["recommended"].startswith("digits-")
     for flavour in ("python", "native"):
         assert (run.stage_dir("repository") / flavour / "digits-int8" / "config.pbtxt").is_file()
 
