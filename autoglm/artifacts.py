@@ -31,6 +31,10 @@ LIBRARIES = ("torch", "numpy", "onnx", "onnxruntime", "optuna", "tritonclient", 
 StageState = Literal["complete", "stale", "tampered", "incomplete", "missing"]
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path | str) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``.
@@ -49,6 +53,7 @@ def atomic_output(path: Path | str) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts are read by servers and people
         os.replace(tmp_path, path)
         with contextlib.suppress(OSError):  # persist the rename itself
             dir_fd = os.open(path.parent, os.O_RDONLY)

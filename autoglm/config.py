@@ -73,15 +73,32 @@ class MeasureSettings(Section):
         return self
 
 
+class EarlyStopSettings(Section):
+    """Multi-objective successive halving: a trial stops at a rung when it falls outside the best
+    1/reduction_factor of that rung's population by Pareto rank over (metric, latency, energy)."""
+
+    enabled: bool = True
+    reduction_factor: int = Field(3, ge=2)
+    min_resource: int = Field(100, ge=1, description="training steps at the first rung")
+    warmup_trials: int = Field(4, ge=1, description="trials a rung must have seen before it stops any")
+
+
 class TuneSettings(Section):
     sampler: Literal["tpe", "nsga2", "random", "gp"] = "tpe"
     n_trials: int = Field(20, ge=1)
     timeout_s: float | None = Field(None, gt=0)
     storage: str | None = Field(None, description="SQLAlchemy URL; default: a journal file in the run")
     study_name: str = "autoglm"
+    search_space: str = Field("default", description="preset name (default, training, compression) or a TOML file")
+    space: dict[str, Any] = Field(default_factory=dict, description="per-knob overrides: a fixed value or "
+                                  "{low, high, log, choices}, keyed like 'train.lr' or 'model.n_layer'")
     objectives: list[Literal["metric", "latency", "energy"]] = Field(
         default_factory=lambda: ["metric", "latency", "energy"], min_length=1
     )
+    serving_batch: int = Field(32, ge=1, description="latency objective: p95 at this batch size")
+    probe_repeats: int = Field(10, ge=3, description="timed runs per latency/energy measurement in a trial")
+    early_stop: EarlyStopSettings = Field(default_factory=EarlyStopSettings)
+    heartbeat_s: int = Field(30, ge=1, description="RDB storages: trials silent this long x2 are retried")
     max_metric_loss: float = Field(0.01, ge=0, description="selection: allowed loss vs the best, relative")
     latency_slo_ms: float | None = Field(None, gt=0, description="selection: p95 latency limit")
     max_joules: float | None = Field(None, gt=0, description="selection: energy per inference limit")
@@ -89,11 +106,18 @@ class TuneSettings(Section):
         default_factory=lambda: {"metric": 1.0, "latency": 0.5, "energy": 0.5}
     )
 
+    @model_validator(mode="after")
+    def _distinct_objectives(self) -> TuneSettings:
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"tune.objectives {self.objectives} repeats an objective: list each once")
+        return self
+
 
 VARIANTS = ("fp32", "int8", "int8-dynamic", "int8-static", "pruned", "pruned-int8", "qat", "trt-fp16", "trt-int8")
 
 
 class QuantizeSettings(Section):
+    mode: Literal["auto", "dynamic", "static"] = Field("auto", description="int8/pruned-int8: auto = by the graph")
     preset: str | None = Field(None, description="named recipe; None chooses by the graph's ops")
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     calibration_batches: int = Field(8, ge=0, description="batches of training inputs for static INT8")

@@ -23,7 +23,6 @@ def compress_run(*args, **kwargs):
 def knobs() -> dict[str, dict]:
     """Every compression pass's searchable knobs, by pass: what tune adds to its search space."""
     from compress.prune import KNOBS as PRUNE
-    from compress.qat import KNOBS as QAT
     from compress.quantize import KNOBS as QUANTIZE
 
-    return {"quantize": QUANTIZE, "prune": PRUNE, "qat": QAT}
+    return {"quantize": QUANTIZE, "prune": PRUNE}

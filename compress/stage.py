@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from autoglm.artifacts import Manifest, RunDir, StageWriter, sha256_file, write_atomic
-from autoglm.config import Settings
+from autoglm.config import CompressSettings, Settings
 from autoglm.errors import AutoGLMError
 from compress.variants import Variant, build_variants
 
@@ -44,9 +44,14 @@ def resolve_source(run: RunDir, settings: Settings) -> Source:
                        "or set compress.checkpoint=path/to/model.pt")
 
 
-def recommend(task, variants: list[Variant]) -> tuple[str, str]:
-    """The accepted variant with the lowest per-item latency at the largest measured batch."""
+def recommend(task, variants: list[Variant], preferred: str | None = None) -> tuple[str, str]:
+    """Tune's selected variant when it passed the gates, else the fastest accepted one at the largest batch."""
     accepted = [v for v in variants if v.status == "ok"]
+    if not accepted:
+        raise AutoGLMError("every variant failed its metric gate (see variants.json): raise "
+                           "compress.max_metric_loss or add the fp32 variant")
+    if preferred in {v.name for v in accepted}:
+        return preferred, "selected by tune from the Pareto front (see tune/selected.json)"
     batch = max(accepted[0].profile)
     best = min(accepted, key=lambda v: v.profile[batch]["per_item_ms"])
     return best.name, (f"lowest per-item p50 latency at batch {batch} ({best.profile[batch]['per_item_ms']:.4f} ms)"
@@ -95,8 +100,10 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
 
     run = RunDir(settings.run.root, settings.run.name)
     source = resolve_source(run, settings)
-    if source.overrides:
-        settings = settings.model_copy(update={"compress": settings.compress.model_copy(update=source.overrides)})
+    if source.overrides:  # tune's choice: its variant first, with the compression settings it was tuned with
+        merged = _merge(settings.compress.model_dump(mode="json"), source.overrides)
+        merged["variants"] = list(dict.fromkeys([*source.overrides.get("variants", []), *settings.compress.variants]))
+        settings = settings.model_copy(update={"compress": CompressSettings.model_validate(merged)})
     config = {"compress": settings.section("compress"), "measure": settings.section("measure"),
               "task": settings.section("task"), "source": str(source.checkpoint),
               "source_sha256": sha256_file(source.checkpoint)}
@@ -116,7 +123,7 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
     report = _printer(task) if progress else None
     with fixed_threads(settings.run.threads):
         variants = build_variants(task, model, checkpoint.model_args, settings, writer.dir, on_variant=report)
-    recommended, why = recommend(task, variants)
+    recommended, why = recommend(task, variants, preferred=source.overrides.get("variants", [None])[0])
     rows = [v.to_dict(writer.dir) for v in variants]
     write_atomic(writer.dir / "variants.json", (json.dumps({"variants": rows, "recommended": recommended,
                                                             "why": why}, indent=2) + "\n").encode())
@@ -135,6 +142,13 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
     print(f"compress: {len([v for v in variants if v.status == 'ok'])} variants published; recommended "
           f"{recommended} -> {run.stage_dir('repository')}")
     return manifest
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _summary(row: dict[str, Any]) -> dict[str, Any]:

@@ -84,6 +84,7 @@ class VariantBuilder:
         from compress.quantize import PRESETS, choose_preset, quantize, recipe_for
 
         q = self.cfg.quantize
+        mode = mode or (None if q.mode == "auto" else q.mode)
         if mode is None and q.preset:
             recipe = PRESETS[q.preset]
         else:
@@ -157,8 +158,12 @@ class VariantBuilder:
         return onnx_predictor(variant.path, threads=self.settings.run.threads)
 
     def measure(self, variant: Variant, predict: Predictor, baseline: float | None) -> Variant:
-        from autoglm.measure import profile
+        """Score on validation data, then time; returns ``variant`` filled in."""
+        self.score(variant, predict, baseline)
+        return self.time(variant, predict)
 
+    def score(self, variant: Variant, predict: Predictor, baseline: float | None) -> Variant:
+        """The task metric on validation data; rejected when it loses more than compress.max_metric_loss."""
         n_batches = self.settings.train.eval_batches
         variant.metrics = self.task.evaluate(predict, "val", n_batches=n_batches, model_args=self.model_args)
         value = variant.metrics[self.task.metric]
@@ -169,9 +174,19 @@ class VariantBuilder:
                 variant.reason = (f"{self.task.metric} {value:.4f} is {variant.metric_loss:.2%} worse than FP32 "
                                   f"torch's {baseline:.4f} (limit compress.max_metric_loss="
                                   f"{self.cfg.max_metric_loss:g})")
+        return variant
+
+    def time(self, variant: Variant, predict: Predictor, batch_sizes: Sequence[int] | None = None,
+             repeats: int | None = None) -> Variant:
+        """Latency and energy per inference at each batch size (real validation inputs)."""
+        from autoglm.measure import profile
+
+        measure = self.settings.measure
+        if repeats is not None:
+            measure = measure.model_copy(update={"repeats": repeats, "warmup": min(measure.warmup, repeats)})
         inputs = {b: self.task.example_inputs(b, model_args=self.model_args)
-                  for b in self.settings.measure.batch_sizes}
-        variant.profile = profile(predict, inputs, self.settings.measure, threads=self.settings.run.threads)
+                  for b in (batch_sizes or measure.batch_sizes)}
+        variant.profile = profile(predict, inputs, measure, threads=self.settings.run.threads)
         return variant
 
 

@@ -1,11 +1,32 @@
-"""`python -m tune`: not built yet; exits with a clear message."""
+"""``python -m tune`` / ``autoglm tune``: run or resume the study, select the release point, report."""
 
+from __future__ import annotations
+
+import argparse
 import sys
+from collections.abc import Sequence
 
-from autoglm.cli import not_built, run_main
+from autoglm.cli import add_common_args, print_config, run_main, settings_from_args
 
-BUILT = False
-main = not_built("tune")
+BUILT = True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = add_common_args(argparse.ArgumentParser(prog="autoglm tune", description=__doc__))
+    parser.add_argument("--trials", type=int, help="total trials in the study (sets tune.n_trials)")
+    parser.add_argument("--storage", help="SQLAlchemy URL of a shared study (sets tune.storage)")
+    args = parser.parse_args(argv)
+    args.overrides += [f"tune.n_trials={args.trials}"] if args.trials else []
+    args.overrides += [f"tune.storage='{args.storage}'"] if args.storage else []
+    settings = settings_from_args(args)
+    if args.dry_run:
+        print_config(settings)
+        return 0
+    from tune.stage import tune_run
+
+    tune_run(settings, force=args.force)
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -1,0 +1,183 @@
+"""KServe v2 inference requests: validation against a model's config, and the binary tensor codec.
+
+Triton answers a malformed request with a 500 (bad JSON, data that does not match its shape), so the
+gateway checks every request against the model's own config before forwarding it, and answers a
+client's mistake with a 4xx that names the input and the fix. The binary extension carries a JSON
+header of ``Inference-Header-Content-Length`` bytes followed by the raw tensor bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+          "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+          "FP32": np.float32, "FP64": np.float64, "BYTES": None}
+DATATYPE = {np.dtype(v).name: k for k, v in DTYPES.items() if v is not None}
+
+
+class BadInput(Exception):
+    """A client's mistake; ``status`` and the message go back as JSON."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    name: str
+    datatype: str  # KServe name: FP32, INT64, ...
+    dims: tuple[int, ...]  # without the batch axis; -1 is dynamic
+
+    def check_shape(self, shape: list, batched: bool, max_batch: int) -> None:
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise BadInput(f"input '{self.name}': shape must be a list of non-negative integers, got {shape!r}")
+        body = shape[1:] if batched else shape
+        expected = ("[batch, " if batched else "[") + ", ".join("*" if d < 0 else str(d) for d in self.dims) + "]"
+        if batched and (not shape or not 1 <= shape[0] <= max_batch):
+            raise BadInput(f"input '{self.name}': shape {shape} needs a batch size between 1 and {max_batch} "
+                           f"first; expected {expected}")
+        if len(body) != len(self.dims) or any(d >= 0 and d != s for d, s in zip(self.dims, body)):
+            raise BadInput(f"input '{self.name}': shape {shape} does not match the model's {expected}")
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What a model accepts, from Triton's ``GET /v2/models/<m>/config``."""
+
+    name: str
+    max_batch_size: int
+    inputs: dict[str, TensorSig]
+    outputs: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelSignature:
+        def sig(t: dict) -> TensorSig:
+            return TensorSig(t["name"], t["data_type"].removeprefix("TYPE_").replace("STRING", "BYTES"),
+                             tuple(int(d) for d in t.get("dims", ())))
+
+        return cls(config["name"], int(config.get("max_batch_size", 0)),
+                   {t["name"]: sig(t) for t in config.get("input", [])},
+                   tuple(t["name"] for t in config.get("output", [])))
+
+
+def split_body(body: bytes, header_length: bytes | None) -> tuple[dict, memoryview]:
+    """(JSON header, binary part) of an infer request; BadInput for malformed JSON."""
+    if header_length is None:
+        json_part, binary = body, memoryview(b"")
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise BadInput(f"Inference-Header-Content-Length must be an integer, got {header_length[:20]!r}") from None
+        if not 0 < n <= len(body):
+            raise BadInput(f"Inference-Header-Content-Length {n} is outside the {len(body)}-byte body")
+        view = memoryview(body)
+        json_part, binary = view[:n], view[n:]
+    try:
+        header = orjson.loads(json_part)
+    except orjson.JSONDecodeError as exc:
+        raise BadInput(f"the request body is not valid JSON ({exc}); NaN and Infinity are not JSON") from None
+    if not isinstance(header, dict):
+        raise BadInput("the request body must be a JSON object with an 'inputs' list")
+    return header, binary
+
+
+def _check_json_data(spec: TensorSig, data, count: int) -> None:
+    try:
+        array = np.asarray(data)
+    except ValueError:
+        raise BadInput(f"input '{spec.name}': 'data' is a ragged nested list") from None
+    if array.size != count:
+        raise BadInput(f"input '{spec.name}': 'data' holds {array.size} values but shape needs {count}")
+    kind = array.dtype.kind
+    want = np.dtype(DTYPES[spec.datatype]).kind if DTYPES[spec.datatype] is not None else "U"
+    ok = {"f": "iuf", "i": "iu", "u": "iu", "b": "b", "U": "U"}.get(want, want)
+    if array.size and kind not in ok:
+        raise BadInput(f"input '{spec.name}': 'data' holds {array.dtype.name} values, not {spec.datatype}")
+
+
+def check_request(sig: ModelSignature, header: dict, binary: memoryview) -> int:
+    """Validate an infer request against ``sig``; returns its batch size (rows)."""
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadInput(f"'inputs' must be a non-empty list; model '{sig.name}' takes {sorted(sig.inputs)}")
+    batched = sig.max_batch_size > 0
+    offset, rows, seen = 0, None, set()
+    for item in inputs:
+        name = item.get("name") if isinstance(item, dict) else None
+        spec = sig.inputs.get(name)
+        if spec is None:
+            raise BadInput(f"unknown input {name!r}: model '{sig.name}' takes {sorted(sig.inputs)}")
+        if name in seen:
+            raise BadInput(f"input '{name}' is given twice")
+        seen.add(name)
+        if item.get("datatype") != spec.datatype:
+            raise BadInput(f"input '{name}': datatype {item.get('datatype')!r} should be {spec.datatype}")
+        shape = item.get("shape")
+        spec.check_shape(shape, batched, sig.max_batch_size)
+        if batched:
+            if rows is not None and shape[0] != rows:
+                raise BadInput(f"input '{name}' has batch {shape[0]}, other inputs have {rows}")
+            rows = shape[0]
+        count = math.prod(shape)
+        params = item.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            dtype = DTYPES[spec.datatype]
+            if dtype is not None and size != count * np.dtype(dtype).itemsize:
+                raise BadInput(f"input '{name}': binary_data_size {size} should be {count} x "
+                               f"{np.dtype(dtype).itemsize} bytes for shape {shape}")
+            chunk = binary[offset:offset + size]
+            offset += size
+            if len(chunk) != size:
+                raise BadInput(f"input '{name}': the body ends before its {size} binary bytes")
+            if dtype is not None and np.dtype(dtype).kind == "f" and not np.isfinite(np.frombuffer(chunk, dtype)).all():
+                raise BadInput(f"input '{name}' contains NaN or infinity")
+        elif "data" in item:
+            _check_json_data(spec, item["data"], count)
+        else:
+            raise BadInput(f"input '{name}' has neither 'data' nor binary_data_size (shared memory is not "
+                           f"available through the gateway)")
+    missing = set(sig.inputs) - seen
+    if missing:
+        raise BadInput(f"missing input(s) {sorted(missing)} for model '{sig.name}'")
+    if offset != len(binary):
+        raise BadInput(f"the body carries {len(binary)} binary bytes but the inputs declare {offset}")
+    for out in header.get("outputs") or ():
+        if not isinstance(out, dict) or out.get("name") not in sig.outputs:
+            raise BadInput(f"unknown output {out.get('name') if isinstance(out, dict) else out!r}: model "
+                           f"'{sig.name}' returns {list(sig.outputs)}")
+    return rows or 1
+
+
+def encode_request(inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> tuple[bytes, int]:
+    """A binary-extension infer request: (body, header length)."""
+    header = {"inputs": [{"name": name, "shape": list(a.shape), "datatype": DATATYPE[a.dtype.name],
+                          "parameters": {"binary_data_size": a.nbytes}} for name, a in inputs.items()],
+              "outputs": [{"name": name, "parameters": {"binary_data": True}} for name in outputs]}
+    head = orjson.dumps(header)
+    return b"".join([head, *(np.ascontiguousarray(a).tobytes() for a in inputs.values())]), len(head)
+
+
+def decode_response(body: bytes, header_length: bytes | None) -> dict[str, np.ndarray]:
+    """Output tensors of an infer response, binary or JSON."""
+    n = int(header_length) if header_length else len(body)
+    header = orjson.loads(memoryview(body)[:n])
+    out, offset = {}, n
+    for item in header["outputs"]:
+        dtype = DTYPES[item["datatype"]]
+        size = (item.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            out[item["name"]] = np.frombuffer(body, dtype, count=size // np.dtype(dtype).itemsize,
+                                              offset=offset).reshape(item["shape"])
+            offset += size
+        else:
+            out[item["name"]] = np.asarray(item["data"], dtype=dtype).reshape(item["shape"])
+    return out

@@ -1,0 +1,191 @@
+"""A lean HTTP/1.1 keep-alive connection pool to Triton: asyncio.Protocol + the httptools parser.
+
+General clients (aiohttp, tritonclient) cost 3-5x more CPU per request than the forwarding itself
+(request/response objects, header multidicts); on a 2-core host that CPU is taken from Triton. This
+pool does only what the gateway needs: one request at a time per connection, Content-Length bodies,
+no compression (Triton gzips replies when asked, so nothing asks), connections reused only after a
+complete response. A request that is cancelled or times out closes its connection: reusing it would
+hand the next request this request's late reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import NamedTuple
+
+import httptools
+
+
+class UpstreamError(Exception):
+    """Triton could not be asked or did not answer; ``status`` is what the gateway returns."""
+
+    status = 502
+
+
+class UpstreamUnavailable(UpstreamError):
+    """No connection (Triton down or restarting)."""
+
+    status = 503
+
+
+class UpstreamResponse(NamedTuple):
+    status: int
+    headers: dict[bytes, bytes]  # lower-case names
+    body: bytes
+
+
+class _ConnectionLost(Exception):
+    def __init__(self, got_bytes: bool):
+        super().__init__("connection lost")
+        self.got_bytes = got_bytes
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; at most one request in flight."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future | None = None
+        self.headers: dict[bytes, bytes] = {}
+        self.chunks: list[bytes] = []
+        self.got_bytes = False
+        self.reusable = False
+        self.closed = False
+        self.used = 0
+
+    # ---- protocol callbacks -----------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"Triton sent a malformed response: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self._fail(_ConnectionLost(self.got_bytes))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        self.reusable = self.parser.should_keep_alive()
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+            waiter.set_result(UpstreamResponse(self.parser.get_status_code(), self.headers, body))
+
+    # ---- use ---------------------------------------------------------------------------------------
+    def _fail(self, exc: Exception) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def roundtrip(self, data: bytes, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        self.headers, self.chunks, self.got_bytes, self.reusable = {}, [], False, False
+        self.used += 1
+        self.waiter = loop.create_future()
+        self.transport.write(data)
+        return self.waiter
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamPool:
+    """At most ``size`` connections to ``host:port``; idle ones are kept for reuse.
+
+    ``request`` raises :class:`UpstreamUnavailable` when no connection can be made (or one breaks
+    before any reply byte) and :class:`UpstreamError` for a broken reply. Time limits belong to the
+    caller (``asyncio.timeout``): cancellation closes the connection in use.
+    """
+
+    def __init__(self, host: str, port: int, *, size: int = 64, connect_timeout_s: float = 1.0):
+        self.host, self.port, self.size = host, port, size
+        self.connect_timeout_s = connect_timeout_s
+        self._host_header = f"{host}:{port}".encode()
+        self._idle: deque[_Connection] = deque()
+        self._slots = asyncio.Semaphore(size)
+        self._closed = False
+        self.opened = 0  # connections ever opened: reuse shows as opened << requests
+
+    @property
+    def idle(self) -> int:
+        """Connections open and waiting for a request."""
+        return len(self._idle)
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(_Connection, self.host, self.port)
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamUnavailable(f"Triton at {self.host}:{self.port} is unreachable "
+                                      f"({exc.__class__.__name__}: {exc})") from None
+        self.opened += 1
+        return conn
+
+    def _encode(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]] | tuple, body: bytes) -> bytes:
+        lines = [method, b" ", target, b" HTTP/1.1\r\nHost: ", self._host_header,
+                 b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
+        for name, value in headers:
+            lines += [name, b": ", value, b"\r\n"]
+        lines += [b"\r\n", body]
+        return b"".join(lines)
+
+    async def request(self, method: bytes, target: bytes, body: bytes = b"",
+                      headers: list[tuple[bytes, bytes]] | tuple = ()) -> UpstreamResponse:
+        """Send one request and return Triton's complete response."""
+        if self._closed:
+            raise UpstreamUnavailable("the gateway is shutting down")
+        data = self._encode(method, target, headers, body)
+        loop = asyncio.get_running_loop()
+        async with self._slots:
+            for attempt in (0, 1):
+                conn = None
+                while self._idle and conn is None:
+                    candidate = self._idle.pop()  # most recently used: least likely timed out by Triton
+                    conn = None if candidate.closed else candidate
+                fresh = conn is None
+                if fresh:
+                    conn = await self._connect()
+                try:
+                    response = await conn.roundtrip(data, loop)
+                except _ConnectionLost as lost:
+                    # A kept-alive connection that Triton closed (idle timeout, restart) fails before any
+                    # reply byte; one retry on a fresh connection is safe then. Anything else is reported.
+                    if not fresh and not lost.got_bytes and attempt == 0:
+                        continue
+                    raise UpstreamUnavailable(f"Triton at {self.host}:{self.port} closed the connection "
+                                              f"{'mid-reply' if lost.got_bytes else 'before replying'}") from None
+                except BaseException:  # cancelled, timed out, broken reply: never reuse this connection
+                    conn.close()
+                    raise
+                if conn.reusable and not conn.closed and not self._closed:
+                    self._idle.append(conn)
+                else:
+                    conn.close()
+                return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def get(self, target: str) -> UpstreamResponse:
+        """GET ``target`` (e.g. ``/v2/health/ready``)."""
+        return await self.request(b"GET", target.encode())
+
+    async def aclose(self) -> None:
+        """Close idle connections now; connections in use close when their request ends."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+        await asyncio.sleep(0)  # let transports run their close callbacks

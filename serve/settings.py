@@ -1,0 +1,127 @@
+"""The gateway's own settings: protection limits, API keys, upstream pool, task limits.
+
+These live here, not in ``autoglm.config.ServeSettings``, until the shared config grows a
+``serve.gateway`` section; :class:`GatewaySettings` is a plain pydantic model with the same
+habits (unknown keys refused, validated at construction, errors that name the fix).
+
+API keys are stored only as sha256 hex digests (:func:`hash_api_key`); a key file holds one
+``name:sha256`` per line. Binding beyond loopback without keys is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import secrets
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from autoglm.errors import ConfigError
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def hash_api_key(key: str) -> str:
+    """The sha256 hex digest stored in place of an API key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_api_key() -> str:
+    """A fresh random API key (shown once; store only its hash)."""
+    return "agk_" + secrets.token_urlsafe(24)
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses reachable only from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname: it may resolve to anything
+
+
+class ApiKey(BaseModel):
+    """One client's key, by name (used in logs and rate-limit buckets) and sha256 digest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    sha256: str = Field(description="hex sha256 of the key; see `python -m serve --new-api-key NAME`")
+
+    @model_validator(mode="after")
+    def _digest(self) -> ApiKey:
+        if not _HEX64.fullmatch(self.sha256):
+            raise ValueError(f"API key '{self.name}': sha256 must be 64 lowercase hex digits (store the hash, "
+                             f"never the key: `python -m serve --new-api-key {self.name}` prints both)")
+        return self
+
+
+def read_key_file(path: Path | str) -> list[ApiKey]:
+    """Parse a key file: ``name:sha256`` per line; blank lines and ``#`` comments ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"API key file {path} does not exist: create it with lines from "
+                          f"`python -m serve --new-api-key NAME`")
+    keys = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, digest = line.partition(":")
+        if not sep:
+            raise ConfigError(f"{path}:{number}: expected 'name:sha256', got {line[:40]!r}")
+        try:
+            keys.append(ApiKey(name=name.strip(), sha256=digest.strip().lower()))
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{number}: {exc}") from None
+    return keys
+
+
+class GatewaySettings(BaseModel):
+    """Everything one gateway worker needs. Per-worker limits: with N workers the totals are N×."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    host: str = Field("127.0.0.1", description="bind address; beyond loopback API keys are required")
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, description="uvicorn worker processes (a second one does not help on 2 cores)")
+    triton_url: str = Field("http://127.0.0.1:8000", description="Triton's HTTP endpoint (KServe v2)")
+    repository: Path | None = Field(None, description="repository stage directory holding task.json")
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    rate_limit_rps: float = Field(0, ge=0, description="per-key sustained requests/s; 0 turns it off")
+    rate_limit_burst: int = Field(50, ge=1, description="per-key bucket size")
+    max_body_bytes: int = Field(4 << 20, ge=1024)
+    request_timeout_s: float = Field(10.0, gt=0)
+    max_in_flight: int = Field(128, ge=1, description="requests admitted at once; beyond it: 503 + Retry-After")
+    upstream_connections: int | None = Field(None, ge=1, description="keep-alive pool size; None: max_in_flight")
+    connect_timeout_s: float = Field(1.0, gt=0)
+    retry_after_s: int = Field(1, ge=1)
+    max_new_tokens: int = Field(256, ge=1, description="upper bound of :generate's max_new_tokens")
+    max_score_chars: int = Field(16384, ge=2)
+    watts_per_core: float = Field(10.0, gt=0, description="basis of the estimated J/request metric")
+
+    @model_validator(mode="after")
+    def _keys_beyond_loopback(self) -> GatewaySettings:
+        if not is_loopback(self.host) and not self.api_keys:
+            raise ValueError(f"gateway host {self.host!r} is reachable beyond this machine, so API keys are "
+                             f"required: pass --api-keys-file (lines from `python -m serve --new-api-key NAME`) "
+                             f"or bind 127.0.0.1")
+        if not self.triton_url.startswith("http://"):
+            raise ValueError(f"triton_url={self.triton_url!r} must be http://host:port (Triton's HTTP endpoint)")
+        return self
+
+    @property
+    def pool_size(self) -> int:
+        """Upstream connections: peak in-flight by default, so no admitted request waits for one."""
+        return self.upstream_connections or self.max_in_flight
+
+    @property
+    def upstream_address(self) -> tuple[str, int]:
+        """(host, port) of ``triton_url``."""
+        hostport = self.triton_url.removeprefix("http://").split("/", 1)[0]
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"triton_url={self.triton_url!r} needs an explicit port, e.g. http://127.0.0.1:8000")
+        return host.strip("[]"), int(port)

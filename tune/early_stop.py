@@ -1,0 +1,102 @@
+"""Multi-objective early stopping: successive halving by Pareto rank.
+
+Optuna's pruners refuse multi-objective studies (``trial.report``/``should_prune`` raise there). Yet
+only the task metric evolves while a model trains: latency and energy follow from the architecture and
+the compression settings, and a trial measures them *before* training. So at each rung (``min_resource
+× reduction_factor^k`` steps) a trial records (intermediate metric, latency, energy) in the study's
+storage as a user attribute, and survives only if its Pareto front is among the fronts holding the best
+``1/reduction_factor`` of that rung's population. A non-dominated trial is therefore never stopped.
+Because the rung values live in the storage, the rule works across processes, hosts and restarts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+RUNG_ATTR = "rung_{}"
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """``a`` is no worse than ``b`` everywhere and better somewhere (all objectives minimized)."""
+    return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
+
+
+def pareto_fronts(points: Sequence[Sequence[float]]) -> list[list[int]]:
+    """Non-dominated sorting: indices of the first front, then of the next, ... (minimization)."""
+    remaining = set(range(len(points)))
+    fronts = []
+    while remaining:
+        front = [i for i in remaining if not any(dominates(points[j], points[i]) for j in remaining if j != i)]
+        fronts.append(sorted(front))
+        remaining -= set(front)
+    return fronts
+
+
+@dataclass(frozen=True)
+class ParetoHalving:
+    """The stopping rule; ``directions`` are per objective ("minimize"/"maximize")."""
+
+    directions: tuple[str, ...]
+    reduction_factor: int = 3
+    min_resource: int = 100
+    warmup_trials: int = 4
+
+    def rungs(self, max_steps: int) -> list[int]:
+        """Steps at which a trial of ``max_steps`` is judged (never at its very end: it finishes then)."""
+        steps, k = [], 0
+        while (step := self.min_resource * self.reduction_factor ** k) < max_steps:
+            steps.append(step)
+            k += 1
+        return steps
+
+    def _minimized(self, values: Sequence[float]) -> tuple[float, ...]:
+        return tuple(-v if d == "maximize" else v for v, d in zip(values, self.directions, strict=True))
+
+    def survives(self, own: Sequence[float], others: Sequence[Sequence[float]]) -> bool:
+        """Whether a trial with ``own`` values stays, given the other trials' values at the same rung."""
+        population = [self._minimized(own)] + [self._minimized(o) for o in others]
+        if len(population) < self.warmup_trials:
+            return True
+        keep = math.ceil(len(population) / self.reduction_factor)
+        kept = 0
+        for front in pareto_fronts(population):
+            if 0 in front:
+                return True
+            kept += len(front)
+            if kept >= keep:
+                return False
+        return False  # pragma: no cover - index 0 is in some front
+
+    def should_stop(self, study, trial, rung: int, values: Sequence[float]) -> bool:
+        """Record this trial's rung values in the storage and decide against every other trial's record."""
+        key = RUNG_ATTR.format(rung)
+        trial.set_user_attr(key, list(values))
+        others = [t.user_attrs[key] for t in study.get_trials(deepcopy=False)
+                  if t.number != trial.number and key in t.user_attrs]
+        return not self.survives(values, others)
+
+
+class RungCallback:
+    """The ``on_eval`` hook of the training loop: at rung steps, ask the rule whether to stop.
+
+    ``cost`` holds the trial's already-measured objectives other than the metric (latency, energy),
+    aligned with ``objectives``.
+    """
+
+    def __init__(self, rule: ParetoHalving, study, trial, objectives: Sequence[str], cost: dict[str, float],
+                 max_steps: int):
+        self.rule, self.study, self.trial = rule, study, trial
+        self.objectives, self.cost = list(objectives), cost
+        self.pending = rule.rungs(max_steps)
+        self.stopped_at: int | None = None
+
+    def __call__(self, step: int, metric: float) -> bool:
+        while self.pending and step >= self.pending[0]:
+            rung = self.pending.pop(0)
+            values = [metric if o == "metric" else self.cost[o] for o in self.objectives]
+            if self.rule.should_stop(self.study, self.trial, rung, values):
+                self.stopped_at = step
+                return True
+        return False

@@ -1,0 +1,167 @@
+"""One trial: measure cost -> train (early-stoppable) -> compress -> score -> objectives.
+
+Latency and energy depend on the architecture and the compression settings, not on the weights, so
+they are measured first, on the untrained model compressed the trial's way; that is what lets the
+early-stopping rule compare trials while they train. After training, the *compressed* trained model is
+scored on validation data and timed again; those figures are the trial's objectives. Trained
+checkpoints are cached by a hash of everything that shapes training, so trials that differ only in
+compression settings never retrain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from autoglm.artifacts import write_atomic
+from autoglm.config import Settings
+from autoglm.measure import energy_meter
+from autoglm.tasks import Task
+from compress.variants import Variant, VariantBuilder
+from tune.early_stop import ParetoHalving, RungCallback
+from tune.space import split_params, suggest, variant_for
+
+
+def trial_settings(settings: Settings, groups: dict[str, dict[str, Any]], variant: str) -> Settings:
+    """The run's settings with one trial's knobs applied (validated like any config)."""
+    quantize_mode = groups["quantize"].get("mode", "none")
+    compress = settings.compress.model_copy(update={
+        "variants": [variant],
+        "quantize": settings.compress.quantize.model_copy(
+            update={"mode": "auto" if quantize_mode == "none" else quantize_mode}),
+        "prune": settings.compress.prune.model_copy(update={k: v for k, v in groups["prune"].items()
+                                                             if k != "ratio" or v > 0}),
+    })
+    train = settings.train.model_copy(update=groups["train"])
+    # evaluate at least as often as the first rung, or early stopping never gets to look
+    train = train.model_copy(update={"eval_every": min(train.eval_every, settings.tune.early_stop.min_resource)})
+    task = settings.task.model_copy(update={"model": {**settings.task.model, **groups["model"]}})
+    return settings.model_copy(update={"compress": compress, "train": train, "task": task})
+
+
+def training_key(task: Task, settings: Settings, model_args: dict[str, Any]) -> str:
+    """Everything that shapes a trained model; equal keys share one checkpoint."""
+    shape = {"task": task.name, "data": settings.task.data, "model": model_args, "seed": settings.run.seed,
+             "train": settings.train.model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Objective:
+    """Callable given to ``study.optimize``; writes ``trials/<n>/`` and the checkpoint cache."""
+
+    def __init__(self, task: Task, settings: Settings, space: dict[str, Any], tune_dir: Path,
+                 directions: list[str]):
+        self.task, self.settings, self.space = task, settings, space
+        self.trials_dir, self.cache_dir = tune_dir / "trials", tune_dir / "cache"
+        es = settings.tune.early_stop
+        self.rule = ParetoHalving(tuple(directions), es.reduction_factor, es.min_resource,
+                                  es.warmup_trials) if es.enabled else None
+
+    def __call__(self, trial) -> tuple[float, ...]:
+        import optuna
+
+        started, cpu0 = time.time(), time.process_time()
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("started", psutil.Process().create_time())
+        groups = split_params(suggest(trial, self.space))
+        variant_name = variant_for(groups)
+        settings = trial_settings(self.settings, groups, variant_name)
+        model_args = self.task.check_model_args(settings.task.model)
+        out = self.trials_dir / f"{trial.number:04d}"
+        meter = energy_meter(settings.measure.energy, settings.measure.watts_per_core)
+        meter.start()
+        try:
+            cost = self._cost(settings, model_args, variant_name, out / "probe")
+            trial.set_user_attr("probe", cost)
+            model, result = self._train(trial, settings, model_args, cost, out)
+            if result is None:
+                raise optuna.TrialPruned(f"dominated at step {trial.user_attrs['stopped_at']}")
+            variant = self._compressed(settings, model, model_args, variant_name, out)
+        finally:
+            reading = meter.stop()
+            trial.set_user_attr("compute", {"wall_s": time.time() - started, "cpu_s": time.process_time() - cpu0,
+                                            "joules": reading.joules, "energy_method": reading.method})
+            shutil.rmtree(out / "probe", ignore_errors=True)
+        serving = variant.profile[settings.tune.serving_batch]
+        objectives = {"metric": variant.metrics[self.task.metric], "latency": serving["p95_ms"],
+                      "energy": serving["j_per_item"]}
+        trial.set_user_attr("variant", variant.to_dict(out))
+        trial.set_user_attr("compress", {"variants": [variant_name], "quantize": {"mode": settings.compress.quantize.mode},
+                                         "prune": settings.compress.prune.model_dump(mode="json")})
+        trial.set_user_attr("objectives", objectives)
+        write_atomic(out / "metrics.json", (json.dumps({"params": trial.params, "objectives": objectives,
+                                                       "variant": variant.to_dict(out), "model_args": model_args,
+                                                       "train": settings.section("train")}, indent=2) + "\n").encode())
+        return tuple(objectives[o] for o in settings.tune.objectives)
+
+    def _builder(self, settings: Settings, model, model_args, out: Path) -> VariantBuilder:
+        return VariantBuilder(self.task, model, model_args, settings, out)
+
+    def _cost(self, settings: Settings, model_args, variant_name: str, out: Path) -> dict[str, float]:
+        """Latency and energy of the untrained model, compressed the trial's way (pruned without fine-tune)."""
+        quick = settings.model_copy(update={"compress": settings.compress.model_copy(update={
+            "exporter": "legacy", "prune": settings.compress.prune.model_copy(update={"finetune_steps": 0})})})
+        builder = self._builder(quick, self.task.build_model(model_args), model_args, out)
+        variant = builder.build(variant_name)
+        builder.time(variant, builder.predictor(variant), [settings.tune.serving_batch], settings.tune.probe_repeats)
+        timing = variant.profile[settings.tune.serving_batch]
+        return {"latency": timing["p95_ms"], "energy": timing["j_per_item"]}
+
+    def _train(self, trial, settings: Settings, model_args, cost, out: Path):
+        """(model, TrainResult-as-dict) from the cache or from training; (None, None) when stopped early."""
+        from autoglm.tasks.checkpoint import load_checkpoint, save_checkpoint
+
+        key = training_key(self.task, settings, model_args)
+        cached, result_file = self.cache_dir / key / "model.pt", self.cache_dir / key / "result.json"
+        out.mkdir(parents=True, exist_ok=True)
+        trial.set_user_attr("training_key", key)
+        if cached.is_file() and result_file.is_file():
+            model = load_checkpoint(cached).build_model(self.task)
+            result = json.loads(result_file.read_text())
+            trial.set_user_attr("cache_hit", True)
+        else:
+            model = self.task.build_model(model_args)
+            hook = RungCallback(self.rule, self._study(trial), trial, settings.tune.objectives, cost,
+                                settings.train.max_steps) if self.rule else None
+            trained = self.task.train(model, settings.train, on_eval=hook, log_path=out / "train.jsonl")
+            trial.set_user_attr("history", trained.history)
+            if trained.stopped_early:
+                trial.set_user_attr("stopped_at", trained.steps)
+                trial.set_user_attr("steps", trained.steps)
+                return None, None
+            result = {"steps": trained.steps, "samples": trained.samples, "metric": trained.metric,
+                      "wall_s": trained.wall_s, "cpu_s": trained.cpu_s}
+            save_checkpoint(cached, self.task.name, model, metrics=result)
+            write_atomic(result_file, json.dumps(result).encode())
+        trial.set_user_attr("steps", result["steps"])
+        trial.set_user_attr("train_metric", result["metric"])
+        _link(cached, out / "model.pt")
+        return model, result
+
+    @staticmethod
+    def _study(trial):
+        return trial.study
+
+    def _compressed(self, settings: Settings, model, model_args, variant_name: str, out: Path) -> Variant:
+        builder = self._builder(settings, model, model_args, out / "compress")
+        variant = builder.build(variant_name)
+        builder.score(variant, builder.predictor(variant), baseline=None)
+        batches = sorted({1, settings.tune.serving_batch})
+        return builder.time(variant, builder.predictor(variant), batches, settings.tune.probe_repeats)
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)  # the cache and the trial share one file
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,139 @@
+"""``tune/report.html``: one self-contained, offline page about the study.
+
+Pareto front plots, hypervolume over trials, best metric against compute spent, the trial table and the
+selected point. Plots are matplotlib PNGs inlined as data URIs, so the file opens anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from autoglm.artifacts import write_atomic
+from tune.early_stop import pareto_fronts
+from tune.select import Point
+
+
+def _minimized(values: Sequence[float], dirs: Sequence[str]) -> np.ndarray:
+    return np.array([-v if d == "maximize" else v for v, d in zip(values, dirs, strict=True)], dtype=float)
+
+
+def hypervolume_history(study) -> list[tuple[int, float]]:
+    """(trial number, hypervolume of the front so far), objectives min-max normalized over the study and
+    measured against the reference point 1.1 in every objective (so later studies compare only to themselves)."""
+    from optuna._hypervolume import compute_hypervolume
+
+    dirs = [d.name.lower() for d in study.directions]
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if not done:
+        return []
+    pts = np.array([_minimized(t.values, dirs) for t in done])
+    low, high = pts.min(axis=0), pts.max(axis=0)
+    norm = (pts - low) / np.where(high > low, high - low, 1.0)
+    history = []
+    for i, trial in enumerate(done):
+        seen = norm[: i + 1]
+        front = seen[pareto_fronts(seen.tolist())[0]]
+        history.append((trial.number, float(compute_hypervolume(front, np.full(pts.shape[1], 1.1)))))
+    return history
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _plots(study, points: list[Point], chosen: Point, objectives: list[str], metric: str) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    plots = []
+    if len(objectives) >= 2 and done:
+        x_name, y_name = objectives[1], objectives[0]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        values = {o: [t.user_attrs["objectives"][o] for t in done] for o in objectives}
+        color = values.get("energy") if "energy" in objectives and x_name != "energy" else None
+        sc = ax.scatter(values[x_name], values[y_name], c=color, cmap="viridis", s=28, label="trials")
+        if color is not None:
+            fig.colorbar(sc, ax=ax, label="J / inference")
+        front = sorted(points, key=lambda p: p.objectives[x_name])
+        ax.plot([p.objectives[x_name] for p in front], [p.objectives[y_name] for p in front], "r.-",
+                label="Pareto front")
+        ax.plot(chosen.objectives[x_name], chosen.objectives[y_name], "k*", ms=16, label=f"selected #{chosen.trial}")
+        ax.set_xlabel(f"{x_name} ({'p95 ms' if x_name == 'latency' else 'J/inference'})")
+        ax.set_ylabel(metric if y_name == "metric" else y_name)
+        ax.legend()
+        plots.append(("Pareto front", _png(fig)))
+    history = hypervolume_history(study)
+    if history:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.plot([n for n, _ in history], [h for _, h in history], "o-")
+        ax.set_xlabel("trial")
+        ax.set_ylabel("hypervolume (normalized)")
+        plots.append(("Hypervolume over trials", _png(fig)))
+    finished = [t for t in study.get_trials(deepcopy=False) if "compute" in t.user_attrs]
+    scored = [t for t in finished if t.state.name == "COMPLETE"]
+    if scored:
+        sign = -1 if study.directions[0].name.lower() == "maximize" else 1
+        cpu, best, spent, current = [], [], 0.0, None
+        for t in finished:
+            spent += t.user_attrs["compute"]["cpu_s"]
+            if t.state.name == "COMPLETE":
+                value = t.user_attrs["objectives"]["metric"]
+                current = value if current is None or sign * value < sign * current else current
+            if current is not None:
+                cpu.append(spent)
+                best.append(current)
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.step(cpu, best, where="post")
+        ax.set_xlabel("CPU-seconds spent (all trials, stopped ones included)")
+        ax.set_ylabel(f"best {metric}")
+        plots.append(("Best metric against compute", _png(fig)))
+    return plots
+
+
+def _table(study, objectives: list[str], front: set[int]) -> str:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        obj = t.user_attrs.get("objectives", {})
+        compute = t.user_attrs.get("compute", {})
+        cells = [str(t.number) + (" ★" if t.number in front else ""), t.state.name.lower(),
+                 *[f"{obj[o]:.4g}" if o in obj else "" for o in objectives],
+                 str(t.user_attrs.get("steps", "")), f"{compute.get('cpu_s', 0):.1f}",
+                 html.escape(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in t.params.items()))]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = ["trial", "state", *objectives, "steps", "CPU-s", "parameters"]
+    return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>"
+
+
+def write_report(study, points: list[Point], chosen: Point, settings, task, path: Path) -> Path:
+    """Write the report; energy figures carry their method (measured or estimated)."""
+    objectives = list(settings.tune.objectives)
+    method = chosen.compute.get("energy_method", "")
+    plots = "".join(f"<h2>{title}</h2><img src='{src}' alt='{title}'>" for title, src in
+                    _plots(study, points, chosen, objectives, task.metric))
+    selected = "".join(f"<li>{html.escape(k)}: {v:.5g}</li>" for k, v in chosen.objectives.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>AutoGLM tune: {task.name}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}img{{max-width:100%}}</style></head><body>
+<h1>Tuning report: {task.name}</h1>
+<p>Study <code>{html.escape(settings.tune.study_name)}</code>, sampler {settings.tune.sampler}, objectives
+{", ".join(objectives)} ({task.metric} {task.direction}; latency = p95 ms at batch {settings.tune.serving_batch};
+energy = J/inference, <b>{html.escape(method or "n/a")}</b>{" (an estimate, not a measurement)"
+if method.startswith("estimated") else ""}).</p>
+<h2>Selected: trial {chosen.trial} ({html.escape(chosen.variant)})</h2><ul>{selected}</ul>
+{plots}<h2>Trials</h2>{_table(study, objectives, {p.trial for p in points})}</body></html>"""
+    return write_atomic(path, page.encode())

@@ -1,0 +1,126 @@
+"""The joint search space: the task's architecture and training knobs plus compress's pass knobs.
+
+Knobs are declared next to what they tune (``Task.model_space``/``train_space``, each compress pass's
+``KNOBS``); this module only gathers them under dotted names (``model.n_layer``, ``train.lr``,
+``quantize.mode``, ``prune.ratio``), applies a preset and the user's overrides, and samples them with
+Optuna. Presets:
+
+- ``default``: architecture + training + compression, the joint search AutoGLM is for;
+- ``training``: architecture + training only (compression off), the classic hyperparameter search;
+- ``compression``: compression settings for the task's default architecture and training.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from autoglm.errors import ConfigError
+from autoglm.tasks import Knob, Task
+
+PRESETS = ("default", "training", "compression")
+# the compression knobs searched by default: the mode of INT8 and the pruning ratio (the rest keep defaults)
+COMPRESSION_KNOBS = {"quantize": ("mode",), "prune": ("ratio",)}
+
+
+def _compress_knobs() -> dict[str, Knob]:
+    from compress import knobs
+
+    gathered = knobs()
+    return {f"{group}.{name}": gathered[group][name] for group, names in COMPRESSION_KNOBS.items() for name in names}
+
+
+def build_space(task: Task, preset: str | Mapping[str, Any] = "default",
+                overrides: Mapping[str, Any] | None = None) -> dict[str, Knob | Any]:
+    """Dotted name -> Knob (searched) or a plain value (fixed). ``preset`` may be a name, a TOML path or a dict."""
+    arch = {f"model.{k}": v for k, v in task.model_space.items()}
+    train = {f"train.{k}": v for k, v in task.train_space.items()}
+    if isinstance(preset, Mapping):
+        space, extra = {**arch, **train, **_compress_knobs()}, dict(preset)
+        space = {k: v for k, v in space.items() if k in extra} if extra.pop("only", False) else space
+        overrides = {**extra, **(overrides or {})}
+    elif isinstance(preset, str) and preset.endswith(".toml"):
+        path = Path(preset)
+        if not path.is_file():
+            raise ConfigError(f"tune.search_space={preset} does not exist: give a preset {list(PRESETS)} or a file")
+        return build_space(task, tomllib.loads(path.read_text()), overrides)
+    elif preset == "default":
+        space = {**arch, **train, **_compress_knobs()}
+    elif preset == "training":
+        space = {**arch, **train}
+    elif preset == "compression":
+        space = _compress_knobs()
+    else:
+        raise ConfigError(f"unknown search space preset '{preset}': use one of {list(PRESETS)} or a .toml file")
+    return apply_overrides(space, overrides or {})
+
+
+def apply_overrides(space: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A dict override changes a knob's range; a plain value fixes the knob (it is then not searched)."""
+    out = dict(space)
+    for name, value in overrides.items():
+        if name not in space:
+            raise ConfigError(f"tune.space: unknown knob '{name}'; known knobs are {sorted(space)}")
+        if isinstance(value, Mapping):
+            unknown = set(value) - {"low", "high", "log", "step", "choices"}
+            if unknown:
+                raise ConfigError(f"tune.space.{name}: unknown field(s) {sorted(unknown)}; use low, high, log, "
+                                  "step or choices")
+            knob = out[name] if isinstance(out[name], Knob) else Knob("float", out[name])
+            changes = dict(value)
+            if "choices" in changes:
+                changes = {"choices": tuple(changes["choices"]), "kind": "categorical"}
+            out[name] = _checked(name, replace(knob, **changes))
+        else:
+            out[name] = value
+    return out
+
+
+def _checked(name: str, knob: Knob) -> Knob:
+    if knob.kind == "categorical":
+        if not knob.choices:
+            raise ConfigError(f"tune.space.{name}: choices must not be empty")
+        return knob
+    if knob.low is None or knob.high is None or knob.low > knob.high:
+        raise ConfigError(f"tune.space.{name}: need low <= high (got low={knob.low}, high={knob.high})")
+    if knob.log and knob.low <= 0:
+        raise ConfigError(f"tune.space.{name}: a log range needs low > 0 (got {knob.low})")
+    return knob
+
+
+def suggest(trial, space: Mapping[str, Any]) -> dict[str, Any]:
+    """Sample every searched knob with Optuna's define-by-run API; fixed values pass through."""
+    params = {}
+    for name, knob in space.items():
+        if not isinstance(knob, Knob):
+            params[name] = knob
+        elif knob.kind == "categorical":
+            params[name] = trial.suggest_categorical(name, list(knob.choices))
+        elif knob.kind == "int":
+            params[name] = trial.suggest_int(name, int(knob.low), int(knob.high), log=knob.log,
+                                             step=int(knob.step or 1))
+        else:
+            params[name] = trial.suggest_float(name, knob.low, knob.high, log=knob.log,
+                                               step=None if knob.log else knob.step)
+    return params
+
+
+def split_params(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"model.n_layer": 2, "train.lr": 1e-3}`` -> ``{"model": {"n_layer": 2}, "train": {"lr": 1e-3}}``."""
+    groups: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "quantize": {}, "prune": {}}
+    for name, value in params.items():
+        group, _, key = name.partition(".")
+        groups.setdefault(group, {})[key] = value
+    return groups
+
+
+def variant_for(compress_params: Mapping[str, Mapping[str, Any]]) -> str:
+    """The compress variant a trial's knobs describe (see autoglm.config.VARIANTS)."""
+    mode = compress_params.get("quantize", {}).get("mode", "none")
+    pruned = compress_params.get("prune", {}).get("ratio", 0.0) > 0
+    if pruned:
+        return "pruned" if mode == "none" else "pruned-int8"
+    return {"none": "fp32", "dynamic": "int8-dynamic", "static": "int8-static"}[mode]

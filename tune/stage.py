@@ -1,0 +1,120 @@
+"""``autoglm tune``: run (or resume) the study, then select and report.
+
+Writes ``runs/<run>/tune/``: the study (a journal file unless ``tune.storage`` names a database),
+``trials/<n>/`` (checkpoint, training log, metrics), ``pareto.json``, ``selected.json``, ``report.html``
+and, last, the manifest with the study's compute totals. A killed run resumes where it stopped: every
+completed trial is in the storage, and a trial its dead worker left running is retried.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from autoglm.artifacts import Manifest, RunDir, StageWriter, write_atomic
+from autoglm.config import Settings
+from tune.select import pareto_points, select
+from tune.space import build_space
+from tune.storage import directions, open_study, recover_stale_trials
+
+FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+
+
+def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
+    """Create or resume the study and run trials until ``tune.n_trials`` have finished (or the timeout)."""
+    import optuna
+
+    from autoglm.measure import fixed_threads
+    from autoglm.tasks import get_task
+    from tune.objective import Objective
+
+    task = get_task(settings)
+    task.prepare()
+    space = build_space(task, settings.tune.search_space, settings.tune.space)
+    dirs = directions(settings, task.direction)
+    study = open_study(settings, tune_dir, task.direction)
+    recover_stale_trials(study)
+    done = sum(t.state.name in FINISHED for t in study.get_trials(deepcopy=False))
+    remaining = settings.tune.n_trials - done
+    if remaining > 0:
+        objective = Objective(task, settings, space, tune_dir, dirs)
+        with fixed_threads(settings.run.threads), _progress(progress, settings.tune.n_trials, done) as tick:
+            study.optimize(objective, n_trials=remaining, timeout=settings.tune.timeout_s, callbacks=[tick],
+                           catch=(Exception,), gc_after_trial=True)
+    return task, study
+
+
+def tune_run(settings: Settings, force: bool = False, progress: bool = True) -> Manifest:
+    """The stage: skipped when a complete manifest matches the same config."""
+    run = RunDir(settings.run.root, settings.run.name)
+    config = {k: settings.section(k) for k in ("task", "train", "tune", "compress", "measure")} | {
+        "seed": settings.run.seed}
+    writer = StageWriter(run, "tune", config)
+    if writer.up_to_date() and not force:
+        print(f"tune: up to date in {writer.dir} (use --force to redo)")
+        return run.manifest("tune")
+    writer.invalidate()
+    if force and not settings.tune.storage:
+        (writer.dir / "study.journal").unlink(missing_ok=True)
+
+    task, study = run_study(settings, writer.dir, progress)
+    points = pareto_points(study)
+    chosen, why = select(points, settings.tune, task.direction)
+    write_atomic(writer.dir / "pareto.json", _json({"objectives": settings.tune.objectives,
+                                                    "points": [p.to_dict() for p in points]}))
+    write_atomic(writer.dir / "selected.json", _json(chosen.to_dict() | {"why": why}))
+    from tune.report import write_report
+
+    write_report(study, points, chosen, settings, task, writer.dir / "report.html")
+    settings.save(writer.path("config.json"))
+    for rel in ("pareto.json", "selected.json", "report.html", "config.json", chosen.checkpoint):
+        writer.add_output(rel)
+    totals = study_totals(study)
+    writer.manifest.metrics = totals | {"selected_trial": chosen.trial} | {
+        f"selected_{k}": v for k, v in chosen.objectives.items()}
+    writer.add_energy("study", totals["joules"], totals["energy_method"])
+    manifest = writer.commit()
+    print(f"tune: {totals['complete']} complete, {totals['pruned']} stopped early, {totals['failed']} failed; "
+          f"selected trial {chosen.trial} {chosen.objectives} -> {writer.dir / 'selected.json'}")
+    return manifest
+
+
+def study_totals(study) -> dict[str, Any]:
+    """Honest compute accounting over every trial, stopped and failed ones included."""
+    trials = study.get_trials(deepcopy=False)
+    compute = [t.user_attrs.get("compute", {}) for t in trials]
+    methods = {c["energy_method"] for c in compute if "energy_method" in c}
+    return {"trials": len(trials), "complete": sum(t.state.name == "COMPLETE" for t in trials),
+            "pruned": sum(t.state.name == "PRUNED" for t in trials),
+            "failed": sum(t.state.name == "FAIL" for t in trials),
+            "wall_s": sum(c.get("wall_s", 0.0) for c in compute), "cpu_s": sum(c.get("cpu_s", 0.0) for c in compute),
+            "joules": sum(c.get("joules", 0.0) for c in compute),
+            "energy_method": methods.pop() if len(methods) == 1 else ("mixed" if methods else "none")}
+
+
+def _json(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, default=str) + "\n").encode()
+
+
+class _progress:
+    """A rich progress bar advanced by Optuna's trial callback (silent when not a terminal)."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        from rich.progress import Progress
+
+        self.bar = Progress(disable=not enabled)
+        self.task = self.bar.add_task("trials", total=total, completed=done)
+
+    def __enter__(self):
+        self.bar.start()
+        return self.tick
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+    def tick(self, study, trial) -> None:
+        self.bar.advance(self.task)
+        state = trial.state.name.lower()
+        values = ", ".join(f"{v:.4g}" for v in trial.values) if trial.values else trial.user_attrs.get("error", "")
+        self.bar.console.print(f"trial {trial.number}: {state} {values}")

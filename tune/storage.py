@@ -1,0 +1,106 @@
+"""Where the study lives and how it survives crashes.
+
+Embedded default: an Optuna journal file in the run directory (safe for several processes on one host).
+Any SQLAlchemy URL works too (PostgreSQL for many hosts); there, trials send heartbeats and a trial whose
+worker died is re-queued by ``RetryHeartbeatStaleTrialCallback``. Journal storages have no heartbeat, so
+a trial left RUNNING by a worker of *this* host that no longer exists is failed and re-queued on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import warnings
+from pathlib import Path
+
+import psutil
+
+from autoglm._lazy import require
+from autoglm.config import Settings
+from autoglm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+JOURNAL = "study.journal"
+
+
+def directions(settings: Settings, task_direction: str) -> list[str]:
+    return [task_direction if o == "metric" else "minimize" for o in settings.tune.objectives]
+
+
+def make_sampler(name: str, seed: int, n_objectives: int):
+    """TPE (multivariate, constant liar for parallel workers), NSGA-II, random or GP."""
+    optuna = require("optuna", None, "tuning")
+    samplers = optuna.samplers
+    if name == "tpe":
+        with warnings.catch_warnings():  # `group` is marked experimental; it is what makes multivariate TPE
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # work with conditional knobs
+            return samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
+                                       n_startup_trials=max(4, 2 * n_objectives))
+    if name == "nsga2":
+        return samplers.NSGAIISampler(seed=seed, population_size=8)
+    if name == "random":
+        return samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return samplers.GPSampler(seed=seed, n_startup_trials=4, warn_independent_sampling=False)
+    raise ConfigError(f"tune.sampler={name!r} is unknown: use tpe, nsga2, random or gp")
+
+
+def make_storage(settings: Settings, tune_dir: Path):
+    optuna = require("optuna", None, "tuning")
+    url = settings.tune.storage
+    if not url:
+        tune_dir.mkdir(parents=True, exist_ok=True)
+        backend = optuna.storages.journal.JournalFileBackend(str(tune_dir / JOURNAL))
+        return optuna.storages.JournalStorage(backend)
+    if "://" not in url:
+        raise ConfigError(f"tune.storage={url!r} is not a database URL: use e.g. "
+                          "postgresql://user:pass@host/db or sqlite:///study.db, or leave it unset for a journal file")
+    beat = settings.tune.heartbeat_s
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+    return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat,
+                                      heartbeat_stale_trial_callback=retry,
+                                      engine_kwargs={"pool_pre_ping": True})
+
+
+def open_study(settings: Settings, tune_dir: Path, task_direction: str):
+    """Create or resume (``load_if_exists``) the study; its objectives must match the config."""
+    optuna = require("optuna", None, "tuning")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    wanted = directions(settings, task_direction)
+    study = optuna.create_study(
+        storage=make_storage(settings, tune_dir), study_name=settings.tune.study_name, load_if_exists=True,
+        sampler=make_sampler(settings.tune.sampler, settings.run.seed, len(wanted)), directions=wanted)
+    have = [d.name.lower() for d in study.directions]
+    if have != wanted:
+        raise ConfigError(f"study '{settings.tune.study_name}' optimizes {have}, but tune.objectives "
+                          f"{settings.tune.objectives} means {wanted}: use another tune.study_name or --force")
+    with warnings.catch_warnings():  # experimental since 3.2, used by optuna-dashboard to label axes
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(settings.tune.objectives))
+    return study
+
+
+def recover_stale_trials(study) -> list[int]:
+    """Fail and re-queue RUNNING trials whose worker process on this host is gone (journal storages)."""
+    optuna = require("optuna", None, "tuning")
+    host = socket.gethostname()
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        pid = trial.user_attrs.get("pid")
+        if trial.user_attrs.get("host") != host or pid is None or _alive(pid, trial.user_attrs.get("started")):
+            continue
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        if not trial.user_attrs.get("retry_of"):
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+        recovered.append(trial.number)
+        log.warning("trial %d was left running by a dead worker (pid %s): failed and re-queued", trial.number, pid)
+    return recovered
+
+
+def _alive(pid: int, started: float | None) -> bool:
+    """A pid that exists *and* started when the trial's worker did (pids are reused)."""
+    try:
+        process = psutil.Process(pid)
+        return started is None or abs(process.create_time() - started) < 1.0
+    except psutil.Error:
+        return False
