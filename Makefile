@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The main job on the embedded defaults: every stage that exists, in order.
 demo: venv
-	$(AUTOGLM) train --config $(CONFIG) --run $(RUN) $(ARGS)
+	$(AUTOGLM) tune --config $(CONFIG) --run $(RUN) $(ARGS)
+	$(AUTOGLM) compress --config $(CONFIG) --run $(RUN) $(ARGS)
 	$(AUTOGLM) status $(RUN)
+	@echo "tuning report: runs/$(RUN)/tune/report.html"
 
 test: venv
 	$(BIN)/python -m pytest $(ARGS)
@@ -42,6 +44,10 @@ tune compress serve loadtest deploy: venv
 
 status: venv
 	$(AUTOGLM) status $(RUN)
+
+# Optuna's dashboard on the run's study (journal file, or tune.storage's database via STORAGE=...)
+dashboard: venv
+	$(BIN)/optuna-dashboard $(or $(STORAGE),runs/$(RUN)/tune/study.journal)
 
 bench: venv
 	$(BIN)/python -m bench $(ARGS)

@@ -29,7 +29,8 @@ __all__ = ["KNOBS", "count_params", "prune_and_finetune", "prune_model"]
 FINETUNE_LR_FRAC = 0.3  # fine-tuning repairs a trained model: a fraction of its lr, no warmup
 
 KNOBS: dict[str, Knob] = {
-    "ratio": Knob("float", 0.0, low=0.0, high=0.75),  # 0 = off; beyond 3/4 the models here collapse
+    # 0 = off (a step keeps 0 reachable: a continuous range never samples it); beyond 3/4 the models collapse
+    "ratio": Knob("float", 0.0, low=0.0, high=0.75, step=0.25),
     "finetune_steps": Knob("int", 200, low=50, high=1000, log=True),  # 50 steps already recover digits
 }
 

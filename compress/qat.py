@@ -83,13 +83,8 @@ class QATLayer(nn.Module):
         self.layer, self.weight_levels = layer, 2 ** (weight_bits - 1) - 1  # 127 at 8 bits, 63 at 7
         self.act = nn.ReLU() if relu else nn.Identity()
         self.out_fq = ActFakeQuant(bits)
-        self.input_fq: ActFakeQuant | None = None  # whose grid the input is on (set by _link_inputs)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "input_fq":  # a reference, not a submodule: it belongs to the layer before
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+        # whose grid the input is on (set by _link_inputs): a plain reference, not a submodule of this layer
+        self.__dict__["input_fq"] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.layer.weight, self.layer.bias
@@ -171,7 +166,7 @@ def _link_inputs(qmodel: QATModel, args: tuple[torch.Tensor, ...]) -> None:
                 continue
             steps = x / fq.qparams()[0]
             if torch.allclose(steps, steps.round(), atol=1e-3):
-                layer.input_fq = fq
+                layer.__dict__["input_fq"] = fq
                 break
 
 

@@ -35,7 +35,6 @@ QType = Literal["int8", "uint8"]
 MODES = ("static", "dynamic")
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 QTYPES = ("int8", "uint8")
-CALIBRATION_BATCHES = 8  # 8 x 16 training inputs: enough for MinMax ranges on these models
 ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 FP32_COMPUTE_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}  # what INT8 should replace
 
@@ -134,17 +133,14 @@ def choose_preset(onnx_path: Path | str) -> str:
 def cpu_has_vnni() -> bool:
     """Whether this CPU has an int8 dot-product instruction ORT uses (AVX512-VNNI, AVX-VNNI, AMX).
 
-    Non-x86 CPUs count as yes (ARM's int8 kernels do not saturate). Read from /proc/cpuinfo; elsewhere yes.
+    Non-x86 CPUs count as yes (ARM's int8 kernels do not saturate), and so does an unreadable cpuinfo.
     """
     import platform
 
-    if platform.machine().lower() not in {"x86_64", "amd64", "i386", "i686"}:
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine().lower() not in {"x86_64", "amd64"} or not cpuinfo.is_file():
         return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return True
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpuinfo.read_text().split()))
 
 
 KNOBS: dict[str, Knob] = {
@@ -204,10 +200,10 @@ class _Calibration:
 
 def _input_dtypes(onnx_path: Path) -> dict[str, np.dtype]:
     onnx = require("onnx", "cpu", "INT8 quantization")
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    initializers = {t.name for t in model.graph.initializer}
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
     return {i.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
-            for i in model.graph.input if i.name not in initializers}
+            for i in graph.input if i.name not in initializers}
 
 
 def _pre_process(src: Path, workdir: Path) -> Path:
@@ -254,40 +250,32 @@ def quantize(src: Path | str, dst: Path | str, recipe: QuantRecipe | str,
         with contextlib.redirect_stdout(io.StringIO()), _ort_logs_quiet():
             if recipe.mode == "dynamic":
                 # DefaultTensorType: type inference cannot see through contrib ops (Attention, GQA)
-                qz.quantize_dynamic(model_in, tmp, op_types_to_quantize=op_types or _dynamic_ops(),
+                # every op it knows but Attention, which would become a slower QAttention
+                every = sorted(set(qz.registry.IntegerOpsRegistry) - {"Attention"})
+                qz.quantize_dynamic(model_in, tmp, op_types_to_quantize=op_types or every,
                                     per_channel=recipe.per_channel, weight_type=qtype[recipe.weight_type],
-                                    reduce_range=reduce_range,
-                                    extra_options={"DefaultTensorType": 1})  # 1 = onnx.TensorProto.FLOAT
+                                    reduce_range=reduce_range, extra_options={"DefaultTensorType": 1})  # FLOAT
             else:
                 method = {"minmax": qz.CalibrationMethod.MinMax, "entropy": qz.CalibrationMethod.Entropy,
                           "percentile": qz.CalibrationMethod.Percentile}[recipe.calibration]
                 reader = _Calibration(calibration_inputs, _input_dtypes(model_in))
                 qz.quantize_static(model_in, tmp, reader, quant_format=qz.QuantFormat.QDQ,
                                    op_types_to_quantize=op_types, per_channel=recipe.per_channel,
-                                   reduce_range=reduce_range,
-                                   activation_type=qtype[recipe.activation_type],
+                                   reduce_range=reduce_range, activation_type=qtype[recipe.activation_type],
                                    weight_type=qtype[recipe.weight_type], calibrate_method=method)
-    quantized = sum(op in {"QuantizeLinear", "DynamicQuantizeLinear"} or "Integer" in op or op.startswith("QLinear")
-                    for op in _op_types(dst))
-    if not quantized:  # an "INT8" artifact that is FP32 inside would mislead every comparison
+    ops = _op_types(dst)
+    if not ops & {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}:
+        # an "INT8" artifact that is FP32 inside would mislead every comparison after it
         dst.unlink()
         raise ConfigError(f"recipe {recipe.name!r} quantized nothing in {src} (ops: {sorted(_op_types(src))}): "
                           f"use preset {choose_preset(src)!r}")
     return dst
 
 
-def _dynamic_ops() -> list[str]:
-    """Every op quantize_dynamic knows, minus Attention (QAttention is slower here)."""
-    from onnxruntime.quantization.registry import IntegerOpsRegistry
-
-    return sorted(set(IntegerOpsRegistry) - {"Attention"})
-
-
 @contextlib.contextmanager
 def _ort_logs_quiet() -> Iterator[None]:
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))  # the quantizer logs through the root logger
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(max(level, logging.ERROR))  # the quantizer logs its advice through the root logger
     try:
         yield
     finally:

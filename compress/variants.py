@@ -81,7 +81,7 @@ class VariantBuilder:
         return self.task.calibration_inputs(n, 16, model_args=self.model_args) if n else None
 
     def _quantize(self, src: Path, name: str, mode: str | None) -> Variant:
-        from compress.quantize import PRESETS, choose_preset, quantize, recipe_for
+        from compress.quantize import PRESETS, choose_preset, cpu_has_vnni, quantize, recipe_for
 
         q = self.cfg.quantize
         mode = mode or (None if q.mode == "auto" else q.mode)
@@ -92,9 +92,11 @@ class VariantBuilder:
             recipe = recipe_for(src, mode, q.calibration, q.per_channel)
         dst = quantize(src, self.out / f"{name}.onnx", recipe,
                        self._calibration() if recipe.mode == "static" else None)
+        # record what this machine decided: reduce_range None means "on unless the CPU has VNNI"
+        reduce_range = (not cpu_has_vnni()) if recipe.reduce_range is None else recipe.reduce_range
         return Variant(name, dst, {"pass": "quantize", "recipe": recipe.name, "mode": recipe.mode,
                                    "calibration": recipe.calibration, "per_channel": recipe.per_channel,
-                                   "op_types": recipe.op_types, "why": recipe.why})
+                                   "op_types": recipe.op_types, "reduce_range": reduce_range, "why": recipe.why})
 
     def _pruned(self):
         if self._pruned_model is None:

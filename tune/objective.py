@@ -35,6 +35,9 @@ def trial_settings(settings: Settings, groups: dict[str, dict[str, Any]], varian
     quantize_mode = groups["quantize"].get("mode", "none")
     compress = settings.compress.model_copy(update={
         "variants": [variant],
+        # trials only rank candidates: the TorchScript exporter is ~30x quicker here (both are parity-gated);
+        # the release export in the compress stage uses compress.exporter
+        "exporter": "legacy",
         "quantize": settings.compress.quantize.model_copy(
             update={"mode": "auto" if quantize_mode == "none" else quantize_mode}),
         "prune": settings.compress.prune.model_copy(update={k: v for k, v in groups["prune"].items()
@@ -109,7 +112,7 @@ class Objective:
     def _cost(self, settings: Settings, model_args, variant_name: str, out: Path) -> dict[str, float]:
         """Latency and energy of the untrained model, compressed the trial's way (pruned without fine-tune)."""
         quick = settings.model_copy(update={"compress": settings.compress.model_copy(update={
-            "exporter": "legacy", "prune": settings.compress.prune.model_copy(update={"finetune_steps": 0})})})
+            "prune": settings.compress.prune.model_copy(update={"finetune_steps": 0})})})
         builder = self._builder(quick, self.task.build_model(model_args), model_args, out)
         variant = builder.build(variant_name)
         builder.time(variant, builder.predictor(variant), [settings.tune.serving_batch], settings.tune.probe_repeats)

@@ -14,18 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from serve.gateway.errors import BadInput
+
 DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
           "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
           "FP32": np.float32, "FP64": np.float64, "BYTES": None}
 DATATYPE = {np.dtype(v).name: k for k, v in DTYPES.items() if v is not None}
-
-
-class BadInput(Exception):
-    """A client's mistake; ``status`` and the message go back as JSON."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

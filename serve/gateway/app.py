@@ -1,0 +1,166 @@
+"""The gateway app factory: FastAPI for docs, health, metadata and generation; bare ASGI for the hot routes.
+
+Layers, outermost first: FastAPI's error middleware → :class:`HotRoutes` (v2 infer, :predict; they
+never reach the layers below) → :class:`RouteMetrics` → :class:`BodyLimit` → FastAPI routing. The
+Triton pool and all per-worker state are created in ``lifespan``, once per worker process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import ORJSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+
+from serve.gateway.core import Gateway
+from serve.gateway.deps import gateway_of
+from serve.gateway.errors import Refused
+from serve.gateway.hot import HotRoutes
+from serve.gateway.routes import ops, tasks, v2
+from serve.gateway.tasks import PredictResponse
+from serve.settings import GatewaySettings
+
+SETTINGS_ENV = "SERVE_GATEWAY_SETTINGS"  # path of a JSON GatewaySettings, for uvicorn's worker processes
+
+
+class BodyLimit:
+    """Bounded request bodies for the FastAPI routes: Content-Length checked first, then bytes counted."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        gw = gateway_of(scope["app"])
+        limit, message = gw.settings.max_body_bytes, gw.guard.too_large()
+        try:
+            gw.guard.check_length(dict(scope["headers"]).get(b"content-length"))
+        except Refused as refused:
+            return await ORJSONResponse({"error": str(refused)}, status_code=refused.status)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            event = await receive()
+            seen += len(event.get("body", b""))
+            if seen > limit:  # an HTTPException passes through FastAPI's body parsing unchanged
+                raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, counted, send)
+
+
+class RouteMetrics:
+    """Requests, status and latency of the FastAPI routes, labelled by route template."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", "other")
+            gateway_of(scope["app"]).metrics.observe(label, status, time.perf_counter() - started)
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> ORJSONResponse:
+    return ORJSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _refused(request: Request, exc: Refused) -> ORJSONResponse:
+    if exc.shed:
+        gateway_of(request.app).metrics.shed_one(exc.shed)
+    return _error(exc.status, str(exc), {k.decode(): v.decode() for k, v in exc.headers})
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> ORJSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+                         for e in exc.errors())
+    status = 400 if any(e["type"] == "json_invalid" for e in exc.errors()) else 422
+    return _error(status, f"invalid request: {problems}")
+
+
+async def _http(request: Request, exc: HTTPException) -> ORJSONResponse:
+    return _error(exc.status_code, str(exc.detail), exc.headers)
+
+
+async def _timeout(request: Request, exc: TimeoutError) -> ORJSONResponse:
+    timeout = gateway_of(request.app).settings.request_timeout_s
+    return _error(504, f"no answer within the gateway's request timeout of {timeout:g} s")
+
+
+def _doc_routes() -> list[APIRoute]:
+    """The hot routes as FastAPI would declare them: documentation only (never mounted)."""
+    return [APIRoute("/v2/models/{model}/infer", v2.infer_doc, methods=["POST"], tags=["v2"],
+                     summary="Inference (JSON or binary tensors)", response_model=v2.InferResponse),
+            APIRoute("/v2/models/{model}/versions/{version}/infer", v2.infer_version_doc, methods=["POST"],
+                     tags=["v2"], summary="Inference on one model version", response_model=v2.InferResponse),
+            APIRoute("/v1/models/{model}:predict", tasks.predict_doc, methods=["POST"], tags=["tasks"],
+                     summary="Classify images (classification tasks)", response_model=PredictResponse)]
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """A gateway app for ``settings``; its Triton pool opens in lifespan (one per worker)."""
+    settings = settings or GatewaySettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.gateway = Gateway(settings)
+        try:
+            yield
+        finally:
+            await app.state.gateway.aclose()
+
+    # Our own Prometheus metrics count requests; FastAPI's OpenTelemetry probe costs ≈20 µs per request.
+    app = FastAPI(title="AutoGLM gateway", version="1", lifespan=lifespan,
+                  telemetry={"tracing": False, "metrics": False, "logs": False},
+                  description="KServe v2 passthrough to Triton, task endpoints, health and metrics. "
+                              "Errors are JSON: {\"error\": \"...\"}.")
+    app.state.settings = settings
+    for router in (v2.router, tasks.router, ops.router):
+        app.include_router(router)
+    app.add_exception_handler(Refused, _refused)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http)
+    app.add_exception_handler(TimeoutError, _timeout)
+    # add_middleware wraps what was added before: HotRoutes ends up outermost.
+    app.add_middleware(BodyLimit)
+    app.add_middleware(RouteMetrics)
+    app.add_middleware(HotRoutes)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                             routes=[*_doc_routes(), *app.routes])
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for worker processes: settings from the JSON file named by $SERVE_GATEWAY_SETTINGS."""
+    path = os.environ.get(SETTINGS_ENV)
+    if not path:
+        raise RuntimeError(f"{SETTINGS_ENV} is not set: start the gateway with `python -m serve`")
+    return create_app(GatewaySettings.model_validate_json(Path(path).read_text()))

@@ -1,0 +1,162 @@
+"""One gateway worker's state: settings, upstream pool, guard, metrics, model signatures, task catalog.
+
+Created in the app's lifespan (one per worker process) and reached through ``app.state.gateway``.
+Every call to Triton goes through :meth:`Gateway.call`, which turns transport failures and Triton's
+own statuses into the gateway's: Triton 4xx → same, 503 (queue full) → 503, other 5xx → 502,
+no connection → 503; the caller's ``asyncio.timeout`` gives 504.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from autoglm.errors import AutoGLMError
+from serve.gateway.errors import BadInput, Refused
+from serve.gateway.guard import Guard
+from serve.gateway.metrics import GatewayMetrics
+from serve.gateway.tensors import ModelSignature, decode_response, encode_request
+from serve.gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamUnavailable
+from serve.settings import GatewaySettings
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+JSON = (b"content-type", b"application/json")
+VERBS = {"classify": ("predict",), "language-model": ("generate", "score")}
+
+
+@dataclass(frozen=True)
+class TaskCatalog:
+    """``repository/task.json``: which task the models serve, their names, and request metadata."""
+
+    task: str
+    models: dict[str, str]  # variant -> Triton model name
+    recommended: str
+    metadata: dict
+    io: dict
+    kind: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        kind = "classify" if "classes" in self.metadata else "language-model" if "itos" in self.metadata else "v2"
+        object.__setattr__(self, "kind", kind)
+
+    @classmethod
+    def load(cls, repository: Path | str) -> TaskCatalog:
+        path = Path(repository) / "task.json"
+        try:
+            info = json.loads(path.read_text())
+            return cls(info["task"], dict(info["models"]), info["recommended"], info.get("metadata", {}), info["io"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise AutoGLMError(f"{path} is missing or incomplete ({exc}): re-run `autoglm compress`") from None
+
+    def resolve(self, name: str) -> str | None:
+        """Triton model for a task-endpoint name: the task (→ recommended), a variant, or a model name."""
+        if name == self.task:
+            return self.recommended
+        if name in self.models:
+            return self.models[name]
+        return name if name in self.models.values() else None
+
+    @property
+    def names(self) -> list[str]:
+        return sorted({self.task, *self.models, *self.models.values()})
+
+
+class Gateway:
+    """What every route of one worker shares."""
+
+    def __init__(self, settings: GatewaySettings, pool: UpstreamPool | None = None,
+                 catalog: TaskCatalog | None = None):
+        self.settings = settings
+        self.pool = pool or UpstreamPool(*settings.upstream_address, size=settings.pool_size,
+                                         connect_timeout_s=settings.connect_timeout_s)
+        self.catalog = catalog if catalog is not None else (
+            TaskCatalog.load(settings.repository) if settings.repository else None)
+        self.guard = Guard(settings)
+        self.metrics = GatewayMetrics(lambda: self.guard.in_flight, settings.watts_per_core)
+        self.signatures: dict[str, ModelSignature] = {}
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+    # ---- talking to Triton -------------------------------------------------------------------------
+    async def call(self, method: bytes, target: bytes, body: bytes = b"",
+                   headers: list[tuple[bytes, bytes]] | tuple = ()) -> UpstreamResponse:
+        """One request to Triton; transport failures become Refused(503/502)."""
+        try:
+            return await self.pool.request(method, target, body, headers)
+        except UpstreamUnavailable as exc:
+            self.metrics.triton_error("unavailable")
+            raise Refused(503, f"Triton is unavailable ({exc}); retry shortly",
+                          ((b"retry-after", str(self.settings.retry_after_s).encode()),)) from None
+        except UpstreamError as exc:
+            self.metrics.triton_error("bad_response")
+            raise Refused(502, f"Triton failed: {exc}") from None
+        except TimeoutError:
+            self.metrics.triton_error("timeout")
+            raise
+
+    def upstream_failure(self, response: UpstreamResponse) -> Refused | None:
+        """None for Triton's 2xx/4xx (passed through as is); Refused(503/502) for its 5xx."""
+        if response.status < 500:
+            return None
+        message = _triton_message(response.body)
+        if response.status == 503:  # Triton's queue is full (max_queue_size) or it is shutting down
+            self.metrics.triton_error("overloaded")
+            return Refused(503, f"Triton is overloaded: {message}",
+                           ((b"retry-after", str(self.settings.retry_after_s).encode()),))
+        self.metrics.triton_error("status_5xx")
+        return Refused(502, f"Triton failed ({response.status}): {message}")
+
+    async def signature(self, model: str) -> ModelSignature:
+        """The model's inputs and batch limit, from Triton's config (cached); 404 for an unknown model."""
+        sig = self.signatures.get(model)
+        if sig is not None:
+            return sig
+        if not MODEL_NAME.fullmatch(model):
+            raise BadInput(f"model name {model[:64]!r} is not valid: use letters, digits, '_', '.' and '-'", 404)
+        response = await self.call(b"GET", b"/v2/models/%s/config" % model.encode())
+        if response.status != 200:
+            failure = self.upstream_failure(response)
+            if failure:
+                raise failure
+            known = f"; task endpoints serve {self.catalog.names}" if self.catalog else ""
+            raise BadInput(f"unknown model '{model}' (Triton: {_triton_message(response.body)}){known}", 404)
+        sig = self.signatures[model] = ModelSignature.from_config(orjson.loads(response.body))
+        return sig
+
+    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Run ``model`` on named arrays through Triton's binary protocol; named output arrays back."""
+        body, header_length = encode_request(inputs, outputs)
+        response = await self.call(b"POST", b"/v2/models/%s/infer" % model.encode(), body,
+                                   [(b"Inference-Header-Content-Length", str(header_length).encode())])
+        if response.status != 200:
+            failure = self.upstream_failure(response)
+            raise failure or Refused(response.status, f"Triton refused the request: {_triton_message(response.body)}")
+        return decode_response(response.body, response.headers.get(b"inference-header-content-length"))
+
+    # ---- task endpoints ----------------------------------------------------------------------------
+    def task_model(self, name: str, verb: str) -> str:
+        """The Triton model behind ``/v1/models/<name>:<verb>``; 404 naming what exists otherwise."""
+        if self.catalog is None:
+            raise BadInput("task endpoints need the repository's task.json: start the gateway with "
+                           "`python -m serve --run <run>` (or set repository)", 404)
+        model = self.catalog.resolve(name)
+        if model is None:
+            raise BadInput(f"unknown model '{name}': task endpoints serve {self.catalog.names}", 404)
+        verbs = VERBS.get(self.catalog.kind, ())
+        if verb not in verbs:
+            offered = " and ".join(f":{v}" for v in verbs) or "only the v2 endpoints"
+            raise BadInput(f"model '{name}' ({self.catalog.task}) answers {offered}, not :{verb}", 404)
+        return model
+
+
+def _triton_message(body: bytes) -> str:
+    try:
+        return str(orjson.loads(body)["error"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return body[:200].decode(errors="replace") or "(empty reply)"

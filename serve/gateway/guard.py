@@ -1,0 +1,137 @@
+"""Admission control: API keys, per-key token buckets, bounded in-flight requests, bounded bodies.
+
+Everything here is plain code called from both the bare-ASGI hot routes and FastAPI dependencies.
+Overload is refused at once (503 + Retry-After) instead of queued: a queue in front of a saturated
+Triton only turns every request's latency into a timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from serve.gateway.errors import Refused
+from serve.settings import GatewaySettings
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: an API key's name, or ``anonymous`` where keys are optional."""
+
+    name: str
+
+
+ANONYMOUS = Caller("anonymous")
+
+
+class TokenBucket:
+    """``rate`` tokens/s up to ``burst``; ``take`` returns 0 when allowed, else seconds until it would be."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: int, now: float):
+        self.rate, self.burst, self.tokens, self.stamp = rate, float(burst), float(burst), now
+
+    def take(self, now: float) -> float:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+class Guard:
+    """The protection state of one gateway worker."""
+
+    def __init__(self, settings: GatewaySettings, clock: Callable[[], float] = time.monotonic):
+        self.settings, self.clock = settings, clock
+        self._keys = [(key.name, bytes.fromhex(key.sha256)) for key in settings.api_keys]
+        self._buckets: dict[str, TokenBucket] = {}
+        self.in_flight = 0
+        self._retry = ((b"retry-after", str(settings.retry_after_s).encode()),)
+
+    # ---- who ---------------------------------------------------------------------------------------
+    def authenticate(self, authorization: bytes | None) -> Caller:
+        """The caller of a request from its Authorization header; Refused(401) if a key is needed."""
+        if not self._keys:
+            return ANONYMOUS
+        challenge = ((b"www-authenticate", b'Bearer realm="autoglm"'),)
+        if not authorization or not authorization[:7].lower() == b"bearer ":
+            raise Refused(401, "missing API key: send 'Authorization: Bearer <key>'", challenge)
+        digest = hashlib.sha256(authorization[7:].strip()).digest()
+        found = None
+        for name, stored in self._keys:  # compare with every key: timing says nothing about which matched
+            if hmac.compare_digest(digest, stored):
+                found = name
+        if found is None:
+            raise Refused(401, "invalid API key", challenge)
+        return Caller(found)
+
+    def rate_limit(self, caller: Caller) -> None:
+        """Refused(429) with Retry-After when ``caller`` exceeds ``rate_limit_rps``."""
+        rate = self.settings.rate_limit_rps
+        if not rate:
+            return
+        now = self.clock()
+        bucket = self._buckets.get(caller.name)
+        if bucket is None:
+            bucket = self._buckets[caller.name] = TokenBucket(rate, self.settings.rate_limit_burst, now)
+        wait = bucket.take(now)
+        if wait:
+            raise Refused(429, f"rate limit of {rate:g} requests/s for '{caller.name}' exceeded",
+                          ((b"retry-after", str(max(1, math.ceil(wait))).encode()),), shed="rate_limit")
+
+    def check(self, authorization: bytes | None) -> Caller:
+        """Authenticate, then rate-limit."""
+        caller = self.authenticate(authorization)
+        self.rate_limit(caller)
+        return caller
+
+    # ---- how many ----------------------------------------------------------------------------------
+    def admit(self) -> None:
+        """Take an in-flight slot or Refused(503) with Retry-After; pair with :meth:`release`."""
+        if self.in_flight >= self.settings.max_in_flight:
+            raise Refused(503, f"the gateway is at its limit of {self.settings.max_in_flight} requests in "
+                               f"flight; retry later", self._retry, shed="in_flight")
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    # ---- how big -----------------------------------------------------------------------------------
+    def check_length(self, content_length: bytes | None) -> None:
+        """Refused(413) when a declared Content-Length is above ``max_body_bytes``."""
+        if content_length is not None:
+            try:
+                declared = int(content_length)
+            except ValueError:
+                raise Refused(400, "Content-Length is not a number") from None
+            if declared > self.settings.max_body_bytes:
+                raise Refused(413, self.too_large())
+
+    def too_large(self) -> str:
+        return (f"request body above the gateway's limit of {self.settings.max_body_bytes} bytes: send "
+                f"fewer items per request")
+
+
+async def read_body(receive, limit: int, message: str) -> bytes:
+    """The whole request body, counting bytes as they arrive; Refused(413) past ``limit``."""
+    chunks, size = [], 0
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            raise Refused(499, "client disconnected")
+        chunk = event.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise Refused(413, message)
+            chunks.append(chunk)
+        if not event.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -1,0 +1,36 @@
+"""Task endpoints: ``/v1/models/{model}:generate`` and ``:score`` (``:predict`` is a hot route)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+
+from serve.gateway import tasks
+from serve.gateway.deps import CallerDep, GatewayDep, Slot
+
+router = APIRouter(prefix="/v1/models", tags=["tasks"])
+
+
+@router.post("/{model}:generate", summary="Continue a prompt (language-model tasks)")
+async def generate(model: str, request: tasks.GenerateRequest, gw: GatewayDep, _: CallerDep,
+                   __: Slot) -> tasks.GenerateResponse:
+    """Each new character is one Triton request, so concurrent generations share dynamic batches."""
+    triton_model = gw.task_model(model, "generate")
+    async with asyncio.timeout(gw.settings.request_timeout_s):
+        return await tasks.generate(gw, triton_model, request)
+
+
+@router.post("/{model}:score", summary="Loss and perplexity of a text (language-model tasks)")
+async def score(model: str, request: tasks.ScoreRequest, gw: GatewayDep, _: CallerDep,
+                __: Slot) -> tasks.ScoreResponse:
+    triton_model = gw.task_model(model, "score")
+    async with asyncio.timeout(gw.settings.request_timeout_s):
+        return await tasks.score(gw, triton_model, request)
+
+
+async def predict_doc(model: str, request: tasks.PredictRequest, _: CallerDep) -> tasks.PredictResponse:
+    """Classify raw 8x8 digit images (pixels 0..16): the class label and its probabilities per image.
+
+    ``model`` is the task name (its recommended variant), a variant name, or a Triton model name."""
+    raise NotImplementedError  # pragma: no cover - served by serve.gateway.hot

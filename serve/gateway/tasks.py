@@ -1,0 +1,175 @@
+"""Task endpoints' logic: friendly JSON ↔ tensors, in numpy (the gateway never imports torch or onnx).
+
+* classify (digits): raw 8x8 images (0..pixel_max) → the model's (B,1,8,8)/pixel_max input →
+  logits (B,10) → softmax → class label and probabilities.
+* language model (charlm): each decoding step is one Triton request over the last block_size
+  characters, so concurrent generations meet in Triton's dynamic batches; sampling (temperature,
+  top-k, seeded) happens here. Scoring splits text into block_size windows, batched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve.gateway.core import Gateway
+from serve.gateway.errors import BadInput
+
+
+# ---- classify ------------------------------------------------------------------------------------
+class Prediction(BaseModel):
+    class_: str = Field(alias="class", description="the most likely class label")
+    probabilities: list[float] = Field(description="softmax over the classes, in label order")
+
+
+class PredictRequest(BaseModel):
+    """``images``: raw 8x8 digits, pixel values 0..16 (as in scikit-learn's load_digits)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"images": [[[0] * 8] * 8]}})
+    images: list[list[list[float]]] = Field(min_length=1)
+
+
+class PredictResponse(BaseModel):
+    model: str
+    predictions: list[Prediction]
+
+
+def images_tensor(images, metadata: dict, input_spec: dict, max_batch: int) -> np.ndarray:
+    """Validate raw images and scale them to the model's input: (N, *input shape) float32 / pixel_max."""
+    if not isinstance(images, list) or not images:
+        raise BadInput("'images' must be a non-empty list of images (lists of pixel rows)", 422)
+    if len(images) > max_batch:
+        raise BadInput(f"{len(images)} images in one request; the model takes at most {max_batch}: split it", 413)
+    shape = tuple(input_spec["shape"])
+    try:
+        x = np.asarray(images, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise BadInput(f"'images' must hold numbers only, each image {_plain(shape)} rows of pixels", 422) from None
+    if x.shape[1:] != shape and x.shape[1:] != _plain(shape):
+        raise BadInput(f"each image must be {'x'.join(map(str, _plain(shape)))} pixels; got shape "
+                       f"{list(x.shape[1:])}", 422)
+    pixel_max = float(metadata.get("pixel_max", 1.0))
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > pixel_max:
+        raise BadInput(f"pixel values must be finite and within 0..{pixel_max:g}", 422)
+    return (x / pixel_max).reshape((len(images), *shape))
+
+
+def _plain(shape: tuple) -> tuple:
+    """The image shape without leading channel axes of size 1: (1, 8, 8) -> (8, 8)."""
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def predictions(logits: np.ndarray, classes: list[str]) -> list[dict]:
+    probs = softmax(logits.astype(np.float32))
+    best = probs.argmax(axis=1)
+    return [{"class": classes[k], "probabilities": p} for k, p in zip(best.tolist(), probs)]
+
+
+# ---- language model ------------------------------------------------------------------------------
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    prompt: str = Field(min_length=1, description="text to continue; every character must be in the vocabulary")
+    max_new_tokens: int = Field(64, ge=1, description="characters to generate (bounded by the gateway's limit)")
+    temperature: float = Field(1.0, ge=0, le=100, description="0 picks the most likely character")
+    top_k: int | None = Field(None, ge=1, description="sample among the k most likely characters")
+    seed: int | None = Field(None, ge=0, description="fixes the sampling for reproducible text")
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    text: str = Field(description="the generated continuation (without the prompt)")
+    tokens: int = Field(description="characters generated")
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=2, description="text to score; every character must be in the vocabulary")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    loss: float = Field(description="mean cross-entropy per predicted character (nats)")
+    perplexity: float
+    tokens: int = Field(description="characters predicted (len(text) - 1)")
+
+
+def encode_text(text: str, itos: list[str]) -> np.ndarray:
+    stoi = {ch: i for i, ch in enumerate(itos)}
+    unknown = sorted({ch for ch in text if ch not in stoi})
+    if unknown:
+        raise BadInput(f"characters {''.join(unknown)!r} are not in the model's vocabulary of {len(itos)}", 422)
+    return np.fromiter((stoi[ch] for ch in text), dtype=np.int64, count=len(text))
+
+
+def sample_next(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
+    """One token id from the last position's logits (V,)."""
+    if temperature == 0:
+        return int(logits.argmax())
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = softmax(z)
+    return int(rng.choice(z.size, p=p))
+
+
+async def generate(gw: Gateway, model: str, req: GenerateRequest) -> GenerateResponse:
+    """Autoregressive decoding, one Triton request per new character."""
+    if req.max_new_tokens > gw.settings.max_new_tokens:
+        raise BadInput(f"max_new_tokens={req.max_new_tokens} is above this gateway's limit of "
+                       f"{gw.settings.max_new_tokens}", 422)
+    meta, spec = gw.catalog.metadata, gw.catalog.io
+    itos, block = meta["itos"], int(meta["block_size"])
+    ids = list(encode_text(req.prompt, itos))
+    rng = np.random.default_rng(req.seed)
+    name, out_name = spec["inputs"][0]["name"], spec["outputs"][0]["name"]
+    new = []
+    for _ in range(req.max_new_tokens):
+        context = np.asarray([ids[-block:]], dtype=np.int64)  # (1, T<=block)
+        logits = (await gw.infer(model, {name: context}, (out_name,)))[out_name]  # (1, T, V)
+        token = sample_next(logits[0, -1], req.temperature, req.top_k, rng)
+        ids.append(token)
+        new.append(itos[token])
+    return GenerateResponse(model=model, text="".join(new), tokens=len(new))
+
+
+def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Summed cross-entropy of logits (B,T,V) against targets (B,T)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return float(-np.take_along_axis(logp, targets[..., None], axis=-1).sum())
+
+
+async def score(gw: Gateway, model: str, req: ScoreRequest) -> ScoreResponse:
+    """Loss and perplexity of ``text``: every character after the first predicted from its window."""
+    if len(req.text) > gw.settings.max_score_chars:
+        raise BadInput(f"text of {len(req.text)} characters is above the limit of {gw.settings.max_score_chars}",
+                       413)
+    meta, spec = gw.catalog.metadata, gw.catalog.io
+    block = int(meta["block_size"])
+    ids = encode_text(req.text, meta["itos"])
+    x, y = ids[:-1], ids[1:]
+    name, out_name = spec["inputs"][0]["name"], spec["outputs"][0]["name"]
+    max_batch = max(1, (await gw.signature(model)).max_batch_size)
+    full = len(x) // block
+    batches = [(x[:full * block].reshape(full, block), y[:full * block].reshape(full, block))] if full else []
+    batches = [(bx[i:i + max_batch], by[i:i + max_batch]) for bx, by in batches for i in range(0, len(bx), max_batch)]
+    if len(x) % block:
+        batches.append((x[full * block:][None], y[full * block:][None]))
+    total = 0.0
+    for bx, by in batches:  # (B, T) windows, each predicted from its own context only
+        logits = (await gw.infer(model, {name: np.ascontiguousarray(bx)}, (out_name,)))[out_name]
+        total += cross_entropy_sum(logits, by)
+    loss = total / len(y)
+    return ScoreResponse(model=model, loss=loss, perplexity=math.exp(min(loss, 700)), tokens=len(y))
