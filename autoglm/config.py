@@ -159,6 +159,7 @@ class CompressSettings(Section):
     variants: list[str] = Field(default_factory=lambda: ["fp32", "int8", "pruned", "pruned-int8"], min_length=1)
     checkpoint: str | None = Field(None, description="compress this checkpoint instead of tune's selection")
     exporter: Literal["dynamo", "legacy"] = "dynamo"
+    simplify: bool = Field(True, description="onnxslim the export when it removes nodes (parity-checked after)")
     parity_atol: float = Field(1e-4, gt=0, description="FP32 parity gate: |onnx - torch| <= atol + rtol|torch|")
     parity_rtol: float = Field(1e-3, ge=0)
     max_metric_loss: float = Field(0.01, ge=0, description="INT8/pruned gate: allowed relative metric loss")

@@ -112,6 +112,31 @@ def _rename_dims(path: Path, axes: dict[str, dict[int, str]]) -> None:
     write_atomic(path, graph_model.SerializeToString())
 
 
+def simplify_onnx(path: Path | str) -> tuple[int, int]:
+    """Fold constants and fuse with onnxslim; the result is kept only if it has fewer nodes.
+
+    Returns (nodes before, nodes after). The parity gate runs on whatever is kept.
+    """
+    import onnx
+
+    from autoglm._lazy import require
+
+    onnxslim = require("onnxslim", None, "ONNX graph simplification")
+    model = onnx.load(str(path))
+    before = len(model.graph.node)
+    try:
+        with _quiet():
+            slim = onnxslim.slim(model)
+    except Exception as exc:  # a simplifier bug must not cost the export; the unsimplified graph is fine
+        logging.getLogger(__name__).warning("onnxslim failed on %s (%s); keeping the exported graph", path, exc)
+        return before, before
+    after = len(slim.graph.node)
+    if after < before:
+        write_atomic(path, slim.SerializeToString())
+        return before, after
+    return before, before
+
+
 def check_parity(task: Task, model, onnx_path: Path | str, model_args: Mapping[str, Any], *,
                  variant: str = "fp32", exporter: str = "", atol: float = 1e-4, rtol: float = 1e-3,
                  batch_sizes: tuple[int, ...] = (1, 7), n_batches: int = 2) -> ParityReport:

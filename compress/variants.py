@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from autoglm.config import Settings
 from autoglm.tasks import Predictor, Task
-from compress.export import ParityReport, check_parity, export_onnx, require_parity
+from compress.export import ParityReport, check_parity, export_onnx, require_parity, simplify_onnx
 
 log = logging.getLogger(__name__)
 Status = Literal["ok", "rejected", "skipped", "reference"]
@@ -64,6 +64,7 @@ class VariantBuilder:
         self.parity: list[ParityReport] = []
         self._pruned_model = None
         self._exported: dict[str, Path] = {}  # FP32 graphs made by this builder (never stale files)
+        self.nodes: dict[str, tuple[int, int]] = {}  # graph nodes before/after simplification
 
     # ---- the passes ------------------------------------------------------------------------------
     def _export(self, model, name: str) -> Path:
@@ -71,6 +72,8 @@ class VariantBuilder:
             return self._exported[name]
         path = self.out / f"{name}.onnx"
         exporter = export_onnx(model, self.task, self.model_args, path, exporter=self.cfg.exporter)
+        if self.cfg.simplify:
+            self.nodes[name] = simplify_onnx(path)
         self.parity.append(check_parity(self.task, model, path, self.model_args, variant=name, exporter=exporter,
                                         atol=self.cfg.parity_atol, rtol=self.cfg.parity_rtol))
         self._exported[name] = path
@@ -114,7 +117,9 @@ class VariantBuilder:
     def build(self, name: str) -> Variant:
         """Build one variant by name (see autoglm.config.VARIANTS)."""
         if name == "fp32":
-            return Variant("fp32", self._export(self.model, "fp32"), {"pass": "export"})
+            path = self._export(self.model, "fp32")
+            return Variant("fp32", path, {"pass": "export", "exporter": self.cfg.exporter,
+                                          "nodes": self.nodes.get("fp32")})
         fp32 = self._export(self.model, "fp32")
         if name in ("int8", "int8-dynamic", "int8-static"):
             return self._quantize(fp32, name, {"int8": None}.get(name, name.removeprefix("int8-")))

@@ -46,7 +46,12 @@ def build_space(task: Task, preset: str | Mapping[str, Any] = "default",
         path = Path(preset)
         if not path.is_file():
             raise ConfigError(f"tune.search_space={preset} does not exist: give a preset {list(PRESETS)} or a file")
-        return build_space(task, tomllib.loads(path.read_text()), overrides)
+        try:
+            table = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"tune.search_space={preset} is not valid TOML ({exc}): write one knob per line, "
+                              'e.g. "train.lr" = {low = 1e-4, high = 1e-2, log = true}') from None
+        return build_space(task, table, overrides)
     elif preset == "default":
         space = {**arch, **train, **_compress_knobs()}
     elif preset == "training":
@@ -74,9 +79,30 @@ def apply_overrides(space: dict[str, Any], overrides: Mapping[str, Any]) -> dict
             if "choices" in changes:
                 changes = {"choices": tuple(changes["choices"]), "kind": "categorical"}
             out[name] = _checked(name, replace(knob, **changes))
+            ends = out[name].choices if out[name].kind == "categorical" else (out[name].low, out[name].high)
         else:
-            out[name] = value
+            out[name], ends = value, (value,)
+        if isinstance(space[name], Knob):
+            for end in ends:
+                _check_value(name, space[name], end)
     return out
+
+
+def _check_value(name: str, knob: Knob, value: Any) -> None:
+    """A fixed value or a range end must be valid where it goes (a trial would otherwise run with it:
+    a batch size of 0 trains on empty batches)."""
+    knob.check(f"tune.space.{name}", value)
+    group, _, key = name.partition(".")
+    if group == "train":
+        from pydantic import ValidationError
+
+        from autoglm.config import TrainSettings
+
+        try:
+            TrainSettings.model_validate({key: value})
+        except ValidationError as exc:
+            raise ConfigError(f"tune.space.{name}={value!r} is invalid: {exc.errors()[0]['msg'].lower()} "
+                              f"(as train.{key})") from None
 
 
 def _checked(name: str, knob: Knob) -> Knob:

@@ -67,17 +67,29 @@ def open_study(settings: Settings, tune_dir: Path, task_direction: str):
     optuna = require("optuna", None, "tuning")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     wanted = directions(settings, task_direction)
+    storage = make_storage(settings, tune_dir)
+    # a resumed study must not replay its first trials: a sampler seeded as before draws the same
+    # parameters again, so the seed moves on by the number of trials already in the storage
+    seed = settings.run.seed + _n_trials(storage, settings.tune.study_name)
     study = optuna.create_study(
-        storage=make_storage(settings, tune_dir), study_name=settings.tune.study_name, load_if_exists=True,
-        sampler=make_sampler(settings.tune.sampler, settings.run.seed, len(wanted)), directions=wanted)
+        storage=storage, study_name=settings.tune.study_name, load_if_exists=True,
+        sampler=make_sampler(settings.tune.sampler, seed, len(wanted)), directions=wanted)
     have = [d.name.lower() for d in study.directions]
-    if have != wanted:
-        raise ConfigError(f"study '{settings.tune.study_name}' optimizes {have}, but tune.objectives "
+    names = study.metric_names
+    if have != wanted or (names is not None and names != list(settings.tune.objectives)):
+        raise ConfigError(f"study '{settings.tune.study_name}' optimizes {names or '?'} {have}, but tune.objectives "
                           f"{settings.tune.objectives} means {wanted}: use another tune.study_name or --force")
     with warnings.catch_warnings():  # experimental since 3.2, used by optuna-dashboard to label axes
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(settings.tune.objectives))
     return study
+
+
+def _n_trials(storage, study_name: str) -> int:
+    try:
+        return len(storage.get_all_trials(storage.get_study_id_from_name(study_name), deepcopy=False))
+    except KeyError:  # a new study
+        return 0
 
 
 def recover_stale_trials(study) -> list[int]:
@@ -90,7 +102,7 @@ def recover_stale_trials(study) -> list[int]:
         if trial.user_attrs.get("host") != host or pid is None or _alive(pid, trial.user_attrs.get("started")):
             continue
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        if not trial.user_attrs.get("retry_of"):
+        if "retry_of" not in trial.user_attrs:  # retry once; presence, as trial 0 is falsy
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
         recovered.append(trial.number)
         log.warning("trial %d was left running by a dead worker (pid %s): failed and re-queued", trial.number, pid)

@@ -1,7 +1,8 @@
 """The gateway app factory: FastAPI for docs, health, metadata and generation; bare ASGI for the hot routes.
 
-Layers, outermost first: FastAPI's error middleware → :class:`HotRoutes` (v2 infer, :predict; they
-never reach the layers below) → :class:`RouteMetrics` → :class:`BodyLimit` → FastAPI routing. The
+:class:`GatewayApp` answers the hot routes (v2 infer, :predict) itself, before any framework layer;
+everything else goes through FastAPI: its error middleware → :class:`RouteMetrics` →
+:class:`BodyLimit` → routing. The
 Triton pool and all per-worker state are created in ``lifespan``, once per worker process.
 """
 
@@ -22,7 +23,7 @@ from starlette.exceptions import HTTPException
 from serve.gateway.core import Gateway
 from serve.gateway.deps import gateway_of
 from serve.gateway.errors import Refused
-from serve.gateway.hot import HotRoutes
+from serve.gateway.hot import hot_route, serve_guarded
 from serve.gateway.routes import ops, tasks, v2
 from serve.gateway.tasks import PredictResponse
 from serve.settings import GatewaySettings
@@ -119,6 +120,16 @@ def _doc_routes() -> list[APIRoute]:
                      summary="Classify images (classification tasks)", response_model=PredictResponse)]
 
 
+class GatewayApp(FastAPI):
+    """FastAPI with the hot routes dispatched first, as bare ASGI (see :mod:`serve.gateway.hot`)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        hot = hot_route(scope)
+        if hot is None:
+            return await super().__call__(scope, receive, send)
+        await serve_guarded(gateway_of(self), scope, receive, send, *hot)
+
+
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """A gateway app for ``settings``; its Triton pool opens in lifespan (one per worker)."""
     settings = settings or GatewaySettings()
@@ -132,7 +143,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await app.state.gateway.aclose()
 
     # Our own Prometheus metrics count requests; FastAPI's OpenTelemetry probe costs ≈20 µs per request.
-    app = FastAPI(title="AutoGLM gateway", version="1", lifespan=lifespan,
+    app = GatewayApp(title="AutoGLM gateway", version="1", lifespan=lifespan,
                   telemetry={"tracing": False, "metrics": False, "logs": False},
                   description="KServe v2 passthrough to Triton, task endpoints, health and metrics. "
                               "Errors are JSON: {\"error\": \"...\"}.")
@@ -143,10 +154,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http)
     app.add_exception_handler(TimeoutError, _timeout)
-    # add_middleware wraps what was added before: HotRoutes ends up outermost.
     app.add_middleware(BodyLimit)
-    app.add_middleware(RouteMetrics)
-    app.add_middleware(HotRoutes)
+    app.add_middleware(RouteMetrics)  # added last: outermost, so it sees BodyLimit's 413s too
 
     def openapi() -> dict:
         if app.openapi_schema is None:

@@ -3,7 +3,7 @@
 Created in the app's lifespan (one per worker process) and reached through ``app.state.gateway``.
 Every call to Triton goes through :meth:`Gateway.call`, which turns transport failures and Triton's
 own statuses into the gateway's: Triton 4xx → same, 503 (queue full) → 503, other 5xx → 502,
-no connection → 503; the caller's ``asyncio.timeout`` gives 504.
+no connection → 503; no reply within ``request_timeout_s`` → TimeoutError (the routes answer 504).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Gateway:
                    headers: list[tuple[bytes, bytes]] | tuple = ()) -> UpstreamResponse:
         """One request to Triton; transport failures become Refused(503/502)."""
         try:
-            return await self.pool.request(method, target, body, headers)
+            return await self.pool.request(method, target, body, headers, self.settings.request_timeout_s)
         except UpstreamUnavailable as exc:
             self.metrics.triton_error("unavailable")
             raise Refused(503, f"Triton is unavailable ({exc}); retry shortly",

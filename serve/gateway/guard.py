@@ -7,6 +7,7 @@ Triton only turns every request's latency into a timeout.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import math
@@ -119,19 +120,29 @@ class Guard:
                 f"fewer items per request")
 
 
-async def read_body(receive, limit: int, message: str) -> bytes:
-    """The whole request body, counting bytes as they arrive; Refused(413) past ``limit``."""
-    chunks, size = [], 0
-    while True:
-        event = await receive()
-        if event["type"] == "http.disconnect":
-            raise Refused(499, "client disconnected")
-        chunk = event.get("body", b"")
-        if chunk:
+async def read_body(receive, limit: int, message: str, timeout_s: float) -> bytes:
+    """The whole request body, counting bytes as they arrive: Refused(413) past ``limit``.
+
+    A small body arrives in one event; only a body in several parts runs under ``timeout_s`` (a slow
+    sender must not hold an in-flight slot forever), which keeps the common case free of timers.
+    """
+    event = await receive()
+    if event["type"] == "http.disconnect":
+        raise Refused(499, "client disconnected")
+    body = event.get("body", b"")
+    if len(body) > limit:
+        raise Refused(413, message)
+    if not event.get("more_body", False):
+        return body
+    chunks, size = [body], len(body)
+    async with asyncio.timeout(timeout_s):
+        while event.get("more_body", False):
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                raise Refused(499, "client disconnected")
+            chunk = event.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise Refused(413, message)
             chunks.append(chunk)
-        if not event.get("more_body", False):
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)

@@ -3,20 +3,20 @@
 FastAPI's dependency and validation machinery costs ≈150-180 µs per request and Starlette's routing
 ≈90 µs more than bare ASGI (measured on this 2-core class of host, where Triton's own work is
 ≈420 µs); those microseconds come straight out of Triton's throughput. So these two routes are
-matched here by prefix and handled with plain functions; everything else (docs, health, metadata,
-generation) falls through to FastAPI. The same guard, limits and metrics apply to both paths, and
-tests still swap the :class:`Gateway` through ``app.dependency_overrides[get_gateway]``.
+matched by prefix before any framework layer and handled with plain functions; everything else (docs, health, metadata,
+generation) falls through to FastAPI (see ``GatewayApp.__call__``). The same guard, limits and
+metrics apply to both paths, and tests still swap the :class:`Gateway` through
+``app.dependency_overrides[get_gateway]``.
 """
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import time
 
 import orjson
 
 from serve.gateway.core import JSON, Gateway
-from serve.gateway.deps import gateway_of
 from serve.gateway.errors import BadInput, Refused, error_body
 from serve.gateway.guard import read_body
 from serve.gateway.tasks import images_tensor, predictions
@@ -24,6 +24,7 @@ from serve.gateway.tensors import check_request, split_body
 
 INFER = "/v2/models/{model}/infer"
 PREDICT = "/v1/models/{model}:predict"
+log = logging.getLogger("serve.gateway")
 
 
 async def respond(send, status: int, headers, body: bytes) -> None:
@@ -33,7 +34,7 @@ async def respond(send, status: int, headers, body: bytes) -> None:
 
 
 async def serve_guarded(gw: Gateway, scope, receive, send, route: str, handler) -> None:
-    """Auth, rate limit, body limit, in-flight bound and timeout around ``handler``; then metrics."""
+    """Auth, rate limit, body limit, in-flight bound and timeouts around ``handler``; then metrics."""
     started = time.perf_counter()
     headers = dict(scope["headers"])
     admitted = False
@@ -42,9 +43,8 @@ async def serve_guarded(gw: Gateway, scope, receive, send, route: str, handler) 
         gw.guard.check_length(headers.get(b"content-length"))
         gw.guard.admit()
         admitted = True
-        async with asyncio.timeout(gw.settings.request_timeout_s):
-            body = await read_body(receive, gw.settings.max_body_bytes, gw.guard.too_large())
-            status, out_headers, payload = await handler(gw, scope, headers, body)
+        body = await read_body(receive, gw.settings.max_body_bytes, gw.guard.too_large(), gw.settings.request_timeout_s)
+        status, out_headers, payload = await handler(gw, scope, headers, body)
     except Refused as refused:
         status, out_headers, payload = refused.status, (JSON, *refused.headers), error_body(str(refused))
         if refused.shed:
@@ -52,6 +52,9 @@ async def serve_guarded(gw: Gateway, scope, receive, send, route: str, handler) 
     except TimeoutError:
         status, out_headers = 504, (JSON,)
         payload = error_body(f"no answer within the gateway's request timeout of {gw.settings.request_timeout_s:g} s")
+    except Exception:  # a bug of ours, not the client's: logged, answered 500, the worker keeps serving
+        log.exception("%s failed", route)
+        status, out_headers, payload = 500, (JSON,), error_body("internal error in the gateway (logged)")
     finally:
         if admitted:
             gw.guard.release()
@@ -112,17 +115,12 @@ async def predict(gw: Gateway, scope, headers: dict, body: bytes):
     return 200, (JSON,), orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-class HotRoutes:
-    """Pure ASGI middleware: serves the hot routes itself, passes everything else on."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            path = scope["path"]
-            if path.startswith("/v2/models/") and path.endswith("/infer"):
-                return await serve_guarded(gateway_of(scope["app"]), scope, receive, send, INFER, infer_passthrough)
-            if path.startswith("/v1/models/") and path.endswith(":predict"):
-                return await serve_guarded(gateway_of(scope["app"]), scope, receive, send, PREDICT, predict)
-        await self.app(scope, receive, send)
+def hot_route(scope) -> tuple[str, object] | None:
+    """(route label, handler) when ``scope`` is a hot route, else None."""
+    if scope["type"] == "http" and scope["method"] == "POST":
+        path = scope["path"]
+        if path.startswith("/v2/models/") and path.endswith("/infer"):
+            return INFER, infer_passthrough
+        if path.startswith("/v1/models/") and path.endswith(":predict"):
+            return PREDICT, predict
+    return None

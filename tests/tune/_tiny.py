@@ -1,0 +1,41 @@
+"""Settings for studies small enough to test: a fixed tiny digits model, only three knobs searched.
+
+A trial then costs one to two CPU-seconds (the first one more: imports and ONNX Runtime warm-up).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from autoglm.config import Settings, load_settings
+
+# searched: train.lr, quantize.mode, prune.ratio; everything that makes training slow is pinned
+SPACE = ('{"model.channels" = 8, "model.hidden" = 32, "model.dropout" = 0.0, "train.max_steps" = 120, '
+         '"train.batch_size" = 32, "train.warmup_frac" = 0.0, "train.weight_decay" = 0.0}')
+FAST = [
+    f"tune.space={SPACE}", "compress.exporter='legacy'", "compress.prune.finetune_steps=20",
+    "compress.quantize.calibration_batches=2", "tune.probe_repeats=3", "measure.warmup=1",
+    "train.eval_batches=3", "train.eval_every=20", "tune.serving_batch=8",
+    "tune.early_stop.min_resource=20", "tune.early_stop.warmup_trials=2",
+]
+
+
+def overrides(root: Path, *extra: str, run: str = "t") -> list[str]:
+    """``--set`` values for a tiny digits study under ``root`` (runs and data cache both inside)."""
+    return [f"run.root='{root / 'runs'}'", f"run.cache_dir='{root / 'cache'}'", f"run.name='{run}'", *FAST,
+            *extra]
+
+
+def settings(root: Path, *extra: str, run: str = "t") -> Settings:
+    return load_settings(None, overrides(root, *extra, run=run))
+
+
+def journal_study(tune_dir: Path, name: str = "autoglm"):
+    """The study as another process sees it: loaded read-only from the run's journal file."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=name,
+                             storage=JournalStorage(JournalFileBackend(str(tune_dir / "study.journal"))))

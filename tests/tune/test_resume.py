@@ -1,0 +1,64 @@
+"""A tune worker killed (SIGKILL) in the middle of a trial, then resumed: nothing completed is lost."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from autoglm.artifacts import RunDir
+from tests.tune import _tiny
+from tune.stage import tune_run
+
+REPO = Path(__file__).resolve().parents[2]
+N_TRIALS = 4
+# long enough trials (a few seconds each) that the kill lands inside one
+SLOW = ["tune.early_stop.enabled=false", f"tune.n_trials={N_TRIALS}",
+        "tune.space=" + _tiny.SPACE.replace('"train.max_steps" = 120', '"train.max_steps" = 400')]
+
+
+def _wait_for_a_trial_in_flight(tune_dir: Path, worker: subprocess.Popen, patience_s: float = 300):
+    """Poll the journal, as another process would, until one trial is done and the next one is training."""
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            pytest.fail(f"the worker exited ({worker.returncode}) before a trial was in flight:\n"
+                        f"{worker.stderr.read()}")
+        if (tune_dir / "study.journal").is_file():
+            try:
+                trials = _tiny.journal_study(tune_dir).trials
+            except KeyError:  # the study is not created yet
+                trials = []
+            done = [t for t in trials if t.state.name == "COMPLETE"]
+            running = [t for t in trials if t.state.name == "RUNNING" and "probe" in t.user_attrs]
+            if done and running:
+                return {t.number: t.values for t in done}, running[0].number
+        time.sleep(0.2)
+    worker.kill()
+    pytest.fail("no trial was in flight in time")
+
+
+def test_a_killed_study_resumes_without_losing_completed_trials(tmp_path):
+    args = [f for o in _tiny.overrides(tmp_path, *SLOW, run="k") for f in ("--set", o)]
+    tune_dir = tmp_path / "runs" / "k" / "tune"
+    worker = subprocess.Popen([sys.executable, "-m", "tune", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    completed, killed = _wait_for_a_trial_in_flight(tune_dir, worker)
+
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()  # reaped: a zombie would still look alive to the stale-trial check
+    tune_run(_tiny.settings(tmp_path, *SLOW, run="k"), progress=False)
+
+    trials = {t.number: t for t in _tiny.journal_study(tune_dir).trials}
+    finished = [t for t in trials.values() if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
+    retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == killed]
+    assert {n: trials[n].values for n in completed} == completed
+    assert all(trials[n].state.name == "COMPLETE" for n in completed)
+    assert trials[killed].state.name == "FAIL"
+    assert len(retries) == 1 and retries[0].number > killed and retries[0].params == trials[killed].params
+    assert retries[0].state.name == "COMPLETE"
+    assert len(finished) == len(trials) == N_TRIALS + 1  # the study's n_trials, plus the retry's extra row
+    assert RunDir(tmp_path / "runs", "k").state("tune") == "complete"

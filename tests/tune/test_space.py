@@ -1,0 +1,107 @@
+"""The search space: presets, overrides from config, rejection of bad spaces, knobs -> compress variant."""
+
+import optuna
+import pytest
+
+from autoglm.cli import cli
+from autoglm.errors import ConfigError
+from autoglm.tasks import Knob
+from autoglm.tasks.charlm import CharLMTask
+from autoglm.tasks.digits import DigitsTask
+from tune.space import build_space, split_params, suggest, variant_for
+
+COMPRESSION = {"quantize.mode", "prune.ratio"}
+
+
+def test_presets_gather_the_tasks_knobs_and_the_compression_knobs():
+    task = DigitsTask()
+
+    joint, training, compression = (set(build_space(task, p)) for p in ("default", "training", "compression"))
+
+    arch_and_train = {f"model.{k}" for k in task.model_space} | {f"train.{k}" for k in task.train_space}
+    assert joint == arch_and_train | COMPRESSION
+    assert training == arch_and_train
+    assert compression == COMPRESSION
+
+
+def test_charlm_searches_architecture_and_training_knobs():
+    space = build_space(CharLMTask(), "training")
+
+    assert {"model.n_layer", "model.n_embd", "model.n_head", "model.dropout", "train.lr", "train.weight_decay",
+            "train.warmup_frac", "train.batch_size", "train.grad_accum", "train.max_steps"} <= set(space)
+    assert space["train.lr"].log
+
+
+def test_a_range_override_keeps_the_rest_of_the_knob():
+    space = build_space(DigitsTask(), "default", {"train.lr": {"low": 1e-3}})
+
+    assert space["train.lr"] == Knob("float", 3e-3, low=1e-3, high=1e-2, log=True)
+
+
+def test_choices_make_a_knob_categorical_and_a_plain_value_fixes_it():
+    space = build_space(DigitsTask(), "default", {"model.channels": {"choices": [8, 16]}, "train.max_steps": 50})
+    trial = optuna.create_study().ask()
+
+    params = suggest(trial, space)
+
+    assert space["model.channels"].kind == "categorical" and params["model.channels"] in (8, 16)
+    assert params["train.max_steps"] == 50 and "train.max_steps" not in trial.params  # fixed: not searched
+    assert split_params(params)["train"]["max_steps"] == 50
+
+
+def test_a_toml_file_can_name_only_the_knobs_to_search(tmp_path):
+    path = tmp_path / "space.toml"
+    path.write_text('only = true\n"train.lr" = {low = 1e-3, high = 5e-3, log = true}\n"prune.ratio" = 0.0\n')
+
+    space = build_space(DigitsTask(), str(path))
+
+    assert set(space) == {"train.lr", "prune.ratio"}
+    assert space["train.lr"].high == 5e-3 and space["prune.ratio"] == 0.0
+
+
+@pytest.mark.parametrize(("preset", "overrides", "message"), [
+    ("default", {"model.chanels": 8}, "unknown knob 'model.chanels'"),
+    ("default", {"train.lr": {"low": 1e-2, "high": 1e-3}}, "need low <= high"),
+    ("default", {"train.lr": {"low": 0.0}}, "a log range needs low > 0"),
+    ("default", {"train.lr": {"lo": 1e-3}}, "unknown field(s) ['lo']"),
+    ("default", {"train.batch_size": {"choices": []}}, "choices must not be empty"),
+    ("default", {"train.batch_size": 0}, "train.batch_size=0 is invalid"),
+    ("default", {"train.warmup_frac": {"low": 0.0, "high": 1.5}}, "train.warmup_frac=1.5 is invalid"),
+    ("default", {"quantize.mode": "fast"}, "use one of ['none', 'dynamic', 'static']"),
+    ("fastest", {}, "unknown search space preset 'fastest'"),
+    ("missing.toml", {}, "missing.toml does not exist"),
+])
+def test_a_bad_search_space_is_rejected_with_a_message_naming_the_fix(preset, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        build_space(DigitsTask(), preset, overrides)
+
+    assert message in str(error.value)
+
+
+def test_a_malformed_toml_space_is_a_config_error(tmp_path):
+    path = tmp_path / "space.toml"
+    path.write_text("train.lr = {low = \n")
+
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        build_space(DigitsTask(), str(path))
+
+
+def test_the_tune_command_refuses_a_bad_space_before_any_trial(tmp_path, capsys):
+    code = cli(["tune", "--run", "bad", "--set", f"run.root='{tmp_path}'",
+                "--set", 'tune.space={"model.chanels" = 8}'])
+
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown knob 'model.chanels'" in err and "Traceback" not in err
+    assert not (tmp_path / "bad" / "tune" / "trials").exists()
+
+
+@pytest.mark.parametrize(("mode", "ratio", "variant"), [
+    ("none", 0.0, "fp32"), ("dynamic", 0.0, "int8-dynamic"), ("static", 0.0, "int8-static"),
+    ("none", 0.5, "pruned"), ("dynamic", 0.25, "pruned-int8"), ("static", 0.5, "pruned-int8"),
+])
+def test_variant_for_maps_the_compression_knobs_to_a_compress_variant(mode, ratio, variant):
+    assert variant_for({"quantize": {"mode": mode}, "prune": {"ratio": ratio}}) == variant
+
+
+def test_variant_for_without_compression_knobs_is_fp32():
+    assert variant_for({"model": {"channels": 8}}) == "fp32"

@@ -1,0 +1,124 @@
+"""A tiny tune study on digits end to end, then compress consuming its selection."""
+
+import json
+
+import pytest
+
+from autoglm.artifacts import RunDir
+from autoglm.cli import cli
+from autoglm.tasks.checkpoint import load_checkpoint
+from autoglm.tasks.digits import DigitsTask
+from tests.tune import _tiny
+from tune.early_stop import pareto_fronts
+from tune.stage import tune_run
+
+N_TRIALS = 6
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    """(settings, tune dir, manifest) of one finished six-trial study, shared by the tests below."""
+    root = tmp_path_factory.mktemp("e2e")
+    settings = _tiny.settings(root, f"tune.n_trials={N_TRIALS}", run="e2e")
+    manifest = tune_run(settings, progress=False)
+    return settings, RunDir(settings.run.root, "e2e").stage_dir("tune"), manifest
+
+
+def _minimized(values):
+    return [-values[0], *values[1:]]  # accuracy is maximized
+
+
+def test_the_study_yields_its_pareto_front(study_run):
+    settings, tune_dir, _ = study_run
+    study = _tiny.journal_study(tune_dir)
+
+    pareto = json.loads((tune_dir / "pareto.json").read_text())
+
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    front = {complete[i].number for i in pareto_fronts([_minimized(t.values) for t in complete])[0]}
+    assert len(study.trials) == N_TRIALS and complete
+    assert pareto["objectives"] == ["metric", "latency", "energy"]
+    assert {p["trial"] for p in pareto["points"]} == front
+    for point in pareto["points"]:
+        assert (tune_dir / point["checkpoint"]).is_file()
+        assert json.loads((tune_dir / f"trials/{point['trial']:04d}/metrics.json").read_text())["objectives"] == \
+            point["objectives"]
+
+
+def test_the_selected_point_names_a_checkpoint_that_loads(study_run):
+    _, tune_dir, _ = study_run
+    pareto = json.loads((tune_dir / "pareto.json").read_text())
+
+    selected = json.loads((tune_dir / "selected.json").read_text())
+    model = load_checkpoint(tune_dir / selected["checkpoint"]).build_model(DigitsTask())
+
+    assert selected["trial"] in {p["trial"] for p in pareto["points"]}
+    assert model.model_args == {"channels": 8, "hidden": 32, "dropout": 0.0}
+    assert selected["variant"] == selected["compress"]["variants"][0]
+    assert selected["why"]["rule"] and selected["compute"]["cpu_s"] > 0
+
+
+def test_the_report_is_self_contained_with_plots_and_the_trial_table(study_run):
+    _, tune_dir, _ = study_run
+    selected = json.loads((tune_dir / "selected.json").read_text())
+
+    page = (tune_dir / "report.html").read_text()
+
+    assert page.count("<img src='data:image/png;base64,") == 3  # front, hypervolume, best metric vs compute
+    assert "http://" not in page and "https://" not in page  # opens offline
+    assert page.count("<tr>") == N_TRIALS + 1  # header + one row per trial
+    assert f"Selected: trial {selected['trial']}" in page
+
+
+def test_the_manifest_totals_the_compute_of_every_trial(study_run):
+    _, tune_dir, manifest = study_run
+    trials = _tiny.journal_study(tune_dir).trials
+
+    totals = manifest.metrics
+
+    assert totals["trials"] == N_TRIALS == totals["complete"] + totals["pruned"] + totals["failed"]
+    assert totals["cpu_s"] == pytest.approx(sum(t.user_attrs["compute"]["cpu_s"] for t in trials))
+    assert totals["joules"] > 0 and totals["energy_method"]
+    assert manifest.energy["study"]["method"] == totals["energy_method"]
+    assert {"pareto.json", "selected.json", "report.html"} <= set(manifest.outputs)
+
+
+def test_running_again_skips_the_finished_study(study_run, capsys):
+    settings, tune_dir, manifest = study_run
+
+    again = tune_run(settings, progress=False)
+
+    assert "up to date" in capsys.readouterr().out
+    assert again.created == manifest.created
+    assert len(_tiny.journal_study(tune_dir).trials) == N_TRIALS
+
+
+def test_compress_consumes_the_selection(study_run):
+    settings, tune_dir, _ = study_run
+    selected = json.loads((tune_dir / "selected.json").read_text())
+    flags = [f for o in _tiny.overrides(tune_dir.parents[2], "compress.variants=['fp32']", "measure.repeats=3",
+                                        "compress.max_metric_loss=1.0", run="e2e") for f in ("--set", o)]
+
+    code = cli(["compress", *flags])
+
+    run = RunDir(settings.run.root, "e2e")
+    manifest = run.manifest("compress")
+    assert code == 0
+    assert list(manifest.inputs) == ["tune/manifest.json"]
+    assert manifest.config["source"].endswith(selected["checkpoint"])
+    assert manifest.metrics["recommended"] == selected["variant"]
+
+
+def test_trials_that_differ_only_in_compression_share_one_trained_checkpoint(tmp_path):
+    # every training knob fixed: only quantize.mode and prune.ratio vary between trials
+    space = _tiny.SPACE.rstrip("}") + ', "train.lr" = 3e-3}'
+    settings = _tiny.settings(tmp_path, f"tune.space={space}", "tune.n_trials=3", "tune.early_stop.enabled=false")
+
+    tune_run(settings, progress=False)
+
+    tune_dir = RunDir(settings.run.root, "t").stage_dir("tune")
+    trials = _tiny.journal_study(tune_dir).trials
+    keys = {t.user_attrs["training_key"] for t in trials}
+    inodes = {(tune_dir / f"trials/{t.number:04d}/model.pt").stat().st_ino for t in trials}
+    assert len(keys) == 1 and len(inodes) == 1
+    assert [bool(t.user_attrs.get("cache_hit")) for t in trials] == [False, True, True]

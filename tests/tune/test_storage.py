@@ -1,0 +1,101 @@
+"""Where the study lives: journal file by default, any SQLAlchemy URL, heartbeats, resume and recovery."""
+
+import os
+import time
+
+import optuna
+import psutil
+import pytest
+
+from autoglm.errors import ConfigError
+from tests.tune import _tiny
+from tune.stage import tune_run
+from tune.storage import make_storage, open_study, recover_stale_trials
+
+
+def _values(trial):
+    x = trial.suggest_float("x", 0.0, 1.0)
+    return x, 1.0 - x, 0.5
+
+
+def test_a_sqlite_url_runs_the_study_in_a_database_with_heartbeats(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    settings = _tiny.settings(tmp_path, f"tune.storage='{url}'", "tune.n_trials=2", "tune.heartbeat_s=7")
+
+    tune_run(settings, progress=False)
+
+    storage = make_storage(settings, tmp_path)
+    study = optuna.load_study(study_name="autoglm", storage=url)
+    assert isinstance(storage, optuna.storages.RDBStorage)
+    assert storage.heartbeat_interval == 7 and storage.grace_period == 14
+    assert isinstance(storage.heartbeat_stale_trial_callback, optuna.storages.RetryHeartbeatStaleTrialCallback)
+    assert len(study.trials) == 2 and study.metric_names == ["metric", "latency", "energy"]
+    assert not (tmp_path / "runs" / "t" / "tune" / "study.journal").exists()
+
+
+def test_a_trial_whose_heartbeat_stopped_is_failed_and_retried(tmp_path):
+    settings = _tiny.settings(tmp_path, f"tune.storage='sqlite:///{tmp_path / 'hb.db'}'", "tune.heartbeat_s=1")
+    study = open_study(settings, tmp_path, "maximize")
+    dead = study.ask()
+    dead.suggest_float("x", 0.0, 1.0)
+    study._storage.record_heartbeat(dead._trial_id)  # its worker beat once, then died
+    time.sleep(3.5)  # past the grace period (2 x heartbeat_s; SQLite keeps whole seconds)
+
+    study.optimize(_values, n_trials=1)
+
+    trials = study.get_trials(deepcopy=False)
+    assert trials[0].state.name == "FAIL"
+    retry = trials[1]
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == 0
+    assert retry.params == trials[0].params and retry.state.name == "COMPLETE"
+
+
+def test_a_url_that_is_not_a_database_is_refused(tmp_path):
+    settings = _tiny.settings(tmp_path, "tune.storage='study.db'")
+
+    with pytest.raises(ConfigError, match="is not a database URL"):
+        make_storage(settings, tmp_path)
+
+
+@pytest.mark.parametrize("objectives", [["metric", "latency"], ["metric", "energy", "latency"]])
+def test_a_study_with_other_objectives_under_the_same_name_is_refused(tmp_path, objectives):
+    open_study(_tiny.settings(tmp_path), tmp_path, "maximize")  # metric, latency, energy
+    other = _tiny.settings(tmp_path, "tune.objectives=[" + ", ".join(f"'{o}'" for o in objectives) + "]")
+
+    with pytest.raises(ConfigError) as error:
+        open_study(other, tmp_path, "maximize")
+
+    assert "use another tune.study_name or --force" in str(error.value)
+
+
+def test_a_resumed_study_does_not_replay_the_first_trials_parameters(tmp_path):
+    settings = _tiny.settings(tmp_path, "tune.sampler='random'")
+    open_study(settings, tmp_path, "maximize").optimize(_values, n_trials=2)
+
+    resumed = open_study(settings, tmp_path, "maximize")
+    resumed.optimize(_values, n_trials=2)
+
+    xs = [t.params["x"] for t in resumed.trials]
+    assert len(set(xs)) == 4
+
+
+def test_running_trials_of_dead_workers_are_failed_and_requeued_once(tmp_path):
+    study = open_study(_tiny.settings(tmp_path), tmp_path, "maximize")
+    me, host = psutil.Process(), os.uname().nodename
+    dead = study.ask()  # same pid as ours, but not our start time: a dead worker whose pid was reused
+    dead.suggest_float("x", 0.0, 1.0)
+    dead.set_user_attr("host", host), dead.set_user_attr("pid", me.pid), dead.set_user_attr("started", 0.0)
+    alive = study.ask()
+    alive.set_user_attr("host", host), alive.set_user_attr("pid", me.pid)
+    alive.set_user_attr("started", me.create_time())
+
+    first = recover_stale_trials(study)
+    retry = study.ask()  # takes the re-queued trial, with the dead one's parameters
+    retried_x = retry.suggest_float("x", 0.0, 1.0)
+    retry.set_user_attr("pid", me.pid), retry.set_user_attr("started", 0.0), retry.set_user_attr("host", host)
+    second = recover_stale_trials(study)
+
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    assert first == [dead.number] and second == [retry.number]
+    assert retry.user_attrs["retry_of"] == dead.number and retried_x == dead.params["x"]
+    assert states == ["FAIL", "RUNNING", "FAIL"]  # the retry of a retry is not queued again
