@@ -40,6 +40,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides)
 
 
+def run_stage(args: argparse.Namespace, stage: Callable[..., object]) -> int:
+    """Resolve the config from parsed common flags, then print it (--dry-run) or run ``stage(settings, force=)``."""
+    settings = settings_from_args(args)
+    if args.dry_run:
+        print_config(settings)
+        return 0
+    stage(settings, force=args.force)
+    return 0
+
+
 def print_config(settings: Settings) -> None:
     from rich.console import Console
     from rich.syntax import Syntax

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Sequence
 
 from autoglm.artifacts import Manifest, RunDir, StageWriter
-from autoglm.cli import add_common_args, print_config, settings_from_args
+from autoglm.cli import add_common_args, run_stage
 from autoglm.config import Settings
 
 STAGE = "train"
@@ -63,10 +63,4 @@ def train_run(settings: Settings, force: bool = False, progress: bool = True) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = add_common_args(argparse.ArgumentParser(prog="autoglm train", description=__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    settings = settings_from_args(args)
-    if args.dry_run:
-        print_config(settings)
-        return 0
-    train_run(settings, force=args.force)
-    return 0
+    return run_stage(parser.parse_args(argv), train_run)

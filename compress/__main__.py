@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from autoglm.cli import add_common_args, print_config, run_main, settings_from_args
+from autoglm.cli import add_common_args, run_main, run_stage
 
 BUILT = True
 
@@ -21,14 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides.append(f"compress.variants=[{names}]")
     if args.checkpoint:
         args.overrides.append(f"compress.checkpoint='{args.checkpoint}'")
-    settings = settings_from_args(args)
-    if args.dry_run:
-        print_config(settings)
-        return 0
     from compress.stage import compress_run
 
-    compress_run(settings, force=args.force)
-    return 0
+    return run_stage(args, compress_run)
 
 
 if __name__ == "__main__":

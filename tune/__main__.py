@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from autoglm.cli import add_common_args, print_config, run_main, settings_from_args
+from autoglm.cli import add_common_args, run_main, run_stage
 
 BUILT = True
 
@@ -18,14 +18,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.overrides += [f"tune.n_trials={args.trials}"] if args.trials else []
     args.overrides += [f"tune.storage='{args.storage}'"] if args.storage else []
-    settings = settings_from_args(args)
-    if args.dry_run:
-        print_config(settings)
-        return 0
     from tune.stage import tune_run
 
-    tune_run(settings, force=args.force)
-    return 0
+    return run_stage(args, tune_run)
 
 
 if __name__ == "__main__":
