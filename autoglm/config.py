@@ -96,7 +96,7 @@ class TuneSettings(Section):
         default_factory=lambda: ["metric", "latency", "energy"], min_length=1
     )
     serving_batch: int = Field(32, ge=1, description="latency objective: p95 at this batch size")
-    probe_repeats: int = Field(10, ge=3, description="timed runs per latency/energy measurement in a trial")
+    probe_repeats: int = Field(30, ge=3, description="timed runs per latency/energy measurement in a trial")
     early_stop: EarlyStopSettings = Field(default_factory=EarlyStopSettings)
     heartbeat_s: int = Field(30, ge=1, description="RDB storages: trials silent this long x2 are retried")
     max_metric_loss: float = Field(0.01, ge=0, description="selection: allowed loss vs the best, relative")

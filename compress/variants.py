@@ -155,14 +155,15 @@ class VariantBuilder:
         return Variant(name, plan, {"pass": "tensorrt", "precision": precision, "source": src.name})
 
     # ---- evaluation --------------------------------------------------------------------------------
-    def predictor(self, variant: Variant) -> Predictor:
+    def predictor(self, variant: Variant, threads: int | None = None) -> Predictor:
+        """Run ``variant``; ``threads`` defaults to run.threads (None: ONNX Runtime's own choice)."""
         from autoglm.tasks.predict import onnx_predictor
 
         if variant.path and variant.path.suffix == ".plan":
             from compress.tensorrt import engine_predictor
 
             return engine_predictor(variant.path, self.task.io_spec(self.model_args))
-        return onnx_predictor(variant.path, threads=self.settings.run.threads)
+        return onnx_predictor(variant.path, threads=threads or self.settings.run.threads)
 
     def measure(self, variant: Variant, predict: Predictor, baseline: float | None) -> Variant:
         """Score on validation data, then time; returns ``variant`` filled in."""

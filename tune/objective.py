@@ -115,7 +115,8 @@ class Objective:
             "prune": settings.compress.prune.model_copy(update={"finetune_steps": 0})})})
         builder = self._builder(quick, self.task.build_model(model_args), model_args, out)
         variant = builder.build(variant_name)
-        builder.time(variant, builder.predictor(variant), [settings.tune.serving_batch], settings.tune.probe_repeats)
+        builder.time(variant, builder.predictor(variant, _serving_threads(settings)), [settings.tune.serving_batch],
+                     settings.tune.probe_repeats)
         timing = variant.profile[settings.tune.serving_batch]
         return {"latency": timing["p95_ms"], "energy": timing["j_per_item"]}
 
@@ -159,7 +160,13 @@ class Objective:
         variant = builder.build(variant_name)
         builder.score(variant, builder.predictor(variant), baseline=None)
         batches = sorted({1, settings.tune.serving_batch})
-        return builder.time(variant, builder.predictor(variant), batches, settings.tune.probe_repeats)
+        return builder.time(variant, builder.predictor(variant, _serving_threads(settings)), batches,
+                            settings.tune.probe_repeats)
+
+
+def _serving_threads(settings: Settings) -> int:
+    """Time trials the way Triton will run them: one ORT session per instance with these threads."""
+    return settings.compress.triton.intra_op_threads
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -61,7 +61,7 @@ def select(points: list[Point], settings: TuneSettings, metric_direction: str) -
         raise AutoGLMError("no Pareto-optimal trial meets the selection constraints "
                            f"({'; '.join(f'trial {k}: {v}' for k, v in rejected.items())}): relax "
                            "tune.max_metric_loss, tune.latency_slo_ms or tune.max_joules")
-    scores = _scores(candidates, settings.weights, sign)
+    scores = _scores(candidates, {k: w for k, w in settings.weights.items() if k in settings.objectives}, sign)
     chosen = min(candidates, key=lambda p: (scores[p.trial], p.trial))
     why = {"rule": "constraints, then the lowest weighted sum of min-max normalized objectives",
            "weights": settings.weights, "scores": scores, "rejected": rejected, "best_metric": best_metric}

@@ -22,9 +22,16 @@ def test_unknown_command_is_a_clear_error(capsys):
 
 
 def test_unbuilt_stage_says_so(capsys):
-    code = subprocess.run([sys.executable, "-m", "deploy"], capture_output=True, text=True)
-    assert code.returncode == 3
-    assert "not built yet" in code.stderr
+    from autoglm.cli import not_built
+
+    assert not_built("future")(None) == 3
+    assert "not built yet" in capsys.readouterr().err
+
+
+def test_stage_module_runs_as_python_dash_m():
+    done = subprocess.run([sys.executable, "-m", "compress", "--dry-run", "--set", "train.lr=0.5"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "0.5" in done.stdout
 
 
 def test_bad_flag_value_prints_one_line_and_exits_2(capsys):

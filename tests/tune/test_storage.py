@@ -1,6 +1,6 @@
 """Where the study lives: journal file by default, any SQLAlchemy URL, heartbeats, resume and recovery."""
 
-import os
+import socket
 import time
 
 import optuna
@@ -81,7 +81,7 @@ def test_a_resumed_study_does_not_replay_the_first_trials_parameters(tmp_path):
 
 def test_running_trials_of_dead_workers_are_failed_and_requeued_once(tmp_path):
     study = open_study(_tiny.settings(tmp_path), tmp_path, "maximize")
-    me, host = psutil.Process(), os.uname().nodename
+    me, host = psutil.Process(), socket.gethostname()
     dead = study.ask()  # same pid as ours, but not our start time: a dead worker whose pid was reused
     dead.suggest_float("x", 0.0, 1.0)
     dead.set_user_attr("host", host), dead.set_user_attr("pid", me.pid), dead.set_user_attr("started", 0.0)

@@ -1,0 +1,75 @@
+"""The Python API: AutoTuner builds the config, runs the study and returns the Pareto front."""
+
+import json
+import random
+
+import pytest
+
+from autoglm.errors import ConfigError
+from tests.tune import _tiny
+from tune import AutoTuner, Point
+from tune import _data_source
+
+
+def test_search_returns_the_pareto_front_as_points(tmp_path):
+    tuner = AutoTuner(task="digits", max_trials=3, run="api", search_space={"prune.ratio": 0.0},
+                      constraints={"max_metric_loss": 0.5}, overrides=_tiny.overrides(tmp_path, run="api"))
+
+    front = tuner.search()
+
+    tune_dir = tmp_path / "runs" / "api" / "tune"
+    selected = json.loads((tune_dir / "selected.json").read_text())
+    complete = {t.number for t in _tiny.journal_study(tune_dir).trials if t.state.name == "COMPLETE"}
+    assert front and all(isinstance(p, Point) for p in front)
+    assert {p.trial for p in front} <= complete and selected["trial"] in {p.trial for p in front}
+    assert all(p.params.get("prune.ratio") is None and not p.variant.startswith("pruned") for p in front)
+    assert tuner.settings.tune.max_metric_loss == 0.5
+
+
+def test_train_data_as_a_text_file_tunes_charlm_on_it(tmp_path):
+    words = "to be or not that is the question whether tis nobler in the mind to suffer".split()
+    rng = random.Random(0)
+    text = tmp_path / "tiny.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(300)))
+    tuner = AutoTuner(task="charlm", max_trials=1, run="lm",
+                      overrides=_tiny.overrides(tmp_path, "tune.serving_batch=4", "train.eval_batches=2", run="lm",
+                                                space=_tiny.CHARLM_SPACE))
+
+    front = tuner.search(train_data=text, objective="minimize_perplexity")
+
+    manifest = json.loads((tmp_path / "runs" / "lm" / "tune" / "manifest.json").read_text())
+    assert len(front) == 1 and front[0].objectives["metric"] > 0  # validation loss, nats per character
+    assert manifest["config"]["task"]["data"] == str(text)
+    assert len(list((tmp_path / "cache" / "charlm").iterdir())) == 1  # the text was prepared, not Shakespeare
+
+
+def test_a_text_file_is_the_data_source_as_is(tmp_path):
+    assert _data_source(tmp_path / "input.txt", None) == str(tmp_path / "input.txt")
+
+
+def test_nanogpt_bin_files_name_their_directory(tmp_path):
+    assert _data_source(tmp_path / "train.bin", tmp_path / "val.bin") == str(tmp_path)
+
+
+@pytest.mark.parametrize(("train", "val", "message"), [
+    ("train.bin", "elsewhere/val.bin", "must sit in one directory"),
+    ("train.bin", None, "must sit in one directory"),
+    ("input.txt", "val.txt", "validation_data is only for train.bin/val.bin pairs"),
+])
+def test_mismatched_data_files_are_refused(tmp_path, train, val, message):
+    with pytest.raises(ConfigError, match=message):
+        _data_source(tmp_path / train, tmp_path / val if val else None)
+
+
+def test_an_objective_the_task_cannot_optimize_is_refused_before_any_trial(tmp_path):
+    tuner = AutoTuner(task="digits", max_trials=1, overrides=_tiny.overrides(tmp_path))
+
+    with pytest.raises(ConfigError, match="objective='maximize_bleu'"):
+        tuner.search(objective="maximize_bleu")
+
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_constraints_are_refused():
+    with pytest.raises(ConfigError, match="unknown constraint"):
+        AutoTuner(constraints={"latency_ms": 5})

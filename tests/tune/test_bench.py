@@ -1,0 +1,49 @@
+"""The tuning benchmark's bookkeeping: compute to reach a target, and hypervolumes on one shared scale."""
+
+from pathlib import Path
+
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from bench.tune import Outcome, hypervolumes
+
+DIRS = ["maximize", "minimize", "minimize"]
+
+
+def trial(state, steps, cpu_s, values=None, **attrs):
+    return create_trial(state=state, values=values, params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)},
+                        user_attrs={"steps": steps, "compute": {"cpu_s": cpu_s, "joules": 10 * cpu_s,
+                                                                "energy_method": "estimated"}, **attrs})
+
+
+def outcome(method, trials, points=()):
+    return Outcome(method, trials, "maximize", Path("."), list(points))
+
+
+def test_compute_to_reach_counts_every_trial_up_to_the_first_good_enough_one():
+    trials = [trial(TrialState.PRUNED, 50, 1.0), trial(TrialState.COMPLETE, 200, 4.0, [0.90, 1.0, 1.0]),
+              trial(TrialState.COMPLETE, 300, 5.0, [0.99, 1.0, 1.0], cache_hit=True),
+              trial(TrialState.COMPLETE, 300, 5.0, [0.995, 1.0, 1.0])]
+
+    reached, missed = outcome("AutoGLM", trials).reach(0.95), outcome("AutoGLM", trials).reach(0.999)
+
+    assert reached == (250, pytest.approx(10.0))  # the cached trial trained nothing
+    assert missed is None
+
+
+def test_the_default_reaches_its_final_metric_at_its_first_evaluation_that_good():
+    run = trial(TrialState.COMPLETE, 600, 20.0, [0.99, 1.0, 1.0], history=[[200, 0.97], [400, 0.99], [600, 0.99]])
+
+    assert outcome("default", [run]).reach(0.99) == (400, pytest.approx(20.0))
+
+
+def test_hypervolumes_share_one_scale_and_rank_a_dominating_front_first():
+    better = outcome("AutoGLM", [], [(0.99, 1.0, 1e-4), (0.95, 0.2, 2e-5)])
+    worse = outcome("random search", [], [(0.97, 1.5, 2e-4)])
+    empty = outcome("TPE, no early stopping", [])
+
+    volumes = hypervolumes([better, worse, empty], DIRS)
+
+    assert 1.0 >= volumes["AutoGLM"] > volumes["random search"] > 0.0
+    assert volumes["TPE, no early stopping"] == 0.0
