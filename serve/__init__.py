@@ -1,1 +1,19 @@
-"""The serve stage (not built yet: `autoglm serve` says so and exits)."""
+"""The serve stage: a supervised Triton behind an async gateway, with autoscaling rules.
+
+    from serve import start_serving
+    with start_serving(settings) as serving:   # verified repository -> Triton -> gateway
+        print(serving.urls())
+
+``create_app(GatewaySettings(...))`` builds one gateway worker's ASGI app on its own.
+"""
+
+from serve.autoscale import Autoscaler, AutoscaleRules, RulesEngine, TritonActuator
+from serve.gateway import create_app
+from serve.runner import Serving, start_serving
+from serve.settings import GatewaySettings, ServeOptions, hash_api_key
+from serve.supervisor import GatewayProcess, Supervisor
+from serve.triton import TritonServer, free_port
+
+__all__ = ["AutoscaleRules", "Autoscaler", "GatewayProcess", "GatewaySettings", "RulesEngine", "ServeOptions",
+           "Serving", "Supervisor", "TritonActuator", "TritonServer", "create_app", "free_port", "hash_api_key",
+           "start_serving"]

@@ -1,11 +1,108 @@
-"""`python -m serve`: not built yet; exits with a clear message."""
+"""``python -m serve`` / ``autoglm serve --run R``: serve a run's model repository until signalled.
 
+Verifies the repository against its manifest, starts Triton (bundled, on 127.0.0.1; or uses
+``serve.triton_url``), loads the models, starts the gateway, prints the URLs, and on SIGINT/SIGTERM
+stops everything (gateway first, then Triton), leaving no process or shared memory behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
 import sys
+import threading
+from collections.abc import Sequence
 
-from autoglm.cli import not_built, run_main
+from pydantic import ValidationError
 
-BUILT = False
-main = not_built("serve")
+from autoglm.cli import add_common_args, print_config, run_main, settings_from_args
+from autoglm.config import parse_overrides
+from autoglm.errors import ConfigError
+
+BUILT = True
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = add_common_args(argparse.ArgumentParser(prog="autoglm serve", description=__doc__.splitlines()[0]))
+    parser.add_argument("-g", "--gateway", action="append", default=[], metavar="KEY=VALUE",
+                        help="gateway setting, e.g. -g max_in_flight=64 -g rate_limit_rps=50 (see serve.settings)")
+    parser.add_argument("--api-keys-file", help="file of 'name:sha256' lines; required beyond loopback")
+    parser.add_argument("--new-api-key", metavar="NAME", help="print a fresh API key and its key-file line, exit")
+    parser.add_argument("--workers", type=int, help="gateway worker processes (default 1)")
+    parser.add_argument("--models", help="comma-separated variants or model names to load (default: all)")
+    parser.add_argument("--flavour", choices=["python", "native"], default="python",
+                        help="repository flavour: python for the bundled Triton, native for the NGC container")
+    parser.add_argument("--autoscale", action="store_true", help="run the local autoscaler (default rules)")
+    parser.add_argument("-a", "--autoscale-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="autoscaling rule, e.g. -a max_instances=3 -a latency_ms=100 (implies --autoscale)")
+    parser.add_argument("--control-port", type=int, default=9090, help="supervisor/autoscaler metrics (0: off)")
+    return parser
+
+
+def _gateway_settings(args, settings):
+    from serve.settings import GatewaySettings, read_key_file
+
+    values = {"host": settings.serve.host, "port": settings.serve.gateway_port, **parse_overrides(args.gateway)}
+    if args.workers:
+        values["workers"] = args.workers
+    if args.api_keys_file:
+        values["api_keys"] = [k.model_dump() for k in read_key_file(args.api_keys_file)]
+    try:
+        return GatewaySettings(**values)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid gateway settings: {_problems(exc)}") from None
+
+
+def _problems(exc: ValidationError) -> str:
+    """pydantic's errors as one line each: ``key: message`` (the messages name the fix)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}"
+                     f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.new_api_key:
+        from serve.settings import hash_api_key, new_api_key
+
+        key = new_api_key()
+        print(f"API key for {args.new_api_key} (shown once; give it to the client):\n  {key}\n"
+              f"line for --api-keys-file:\n  {args.new_api_key}:{hash_api_key(key)}")
+        return 0
+    settings = settings_from_args(args)
+    gateway = _gateway_settings(args, settings)
+    if args.dry_run:
+        print_config(settings)
+        print(gateway.model_dump_json(indent=2, exclude={"api_keys"}))
+        return 0
+
+    from serve.autoscale import AutoscaleRules
+    from serve.runner import start_serving
+    from serve.settings import ServeOptions
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        rules = AutoscaleRules(**parse_overrides(args.autoscale_set)) if args.autoscale_set else None
+    except ValidationError as exc:
+        raise ConfigError(f"invalid autoscaling rules: {_problems(exc)}") from None
+    options = ServeOptions(flavour=args.flavour, models=[m for m in (args.models or "").split(",") if m],
+                           autoscale=args.autoscale, control_port=args.control_port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    serving = start_serving(settings, gateway, options, rules)
+    try:
+        width = max(map(len, serving.urls()))
+        lines = [f"  {name:<{width}}  {url}" for name, url in serving.urls().items()]
+        print(f"serving {', '.join(serving.models)} from {serving.run.path}\n" + "\n".join(lines) +
+              "\nCtrl-C or SIGTERM stops.", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        print("stopping: gateway, then Triton", flush=True)
+        serving.stop()
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -16,13 +16,12 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import ORJSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from serve.gateway.core import Gateway
 from serve.gateway.deps import gateway_of
-from serve.gateway.errors import Refused
+from serve.gateway.errors import JSONResponse, Refused
 from serve.gateway.hot import hot_route, serve_guarded
 from serve.gateway.routes import ops, tasks, v2
 from serve.gateway.tasks import PredictResponse
@@ -45,7 +44,7 @@ class BodyLimit:
         try:
             gw.guard.check_length(dict(scope["headers"]).get(b"content-length"))
         except Refused as refused:
-            return await ORJSONResponse({"error": str(refused)}, status_code=refused.status)(scope, receive, send)
+            return await JSONResponse({"error": str(refused)}, status_code=refused.status)(scope, receive, send)
         seen = 0
 
         async def counted():
@@ -84,28 +83,28 @@ class RouteMetrics:
             gateway_of(scope["app"]).metrics.observe(label, status, time.perf_counter() - started)
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> ORJSONResponse:
-    return ORJSONResponse({"error": message}, status_code=status, headers=headers)
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def _refused(request: Request, exc: Refused) -> ORJSONResponse:
+async def _refused(request: Request, exc: Refused) -> JSONResponse:
     if exc.shed:
         gateway_of(request.app).metrics.shed_one(exc.shed)
     return _error(exc.status, str(exc), {k.decode(): v.decode() for k, v in exc.headers})
 
 
-async def _invalid(request: Request, exc: RequestValidationError) -> ORJSONResponse:
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
                          for e in exc.errors())
     status = 400 if any(e["type"] == "json_invalid" for e in exc.errors()) else 422
     return _error(status, f"invalid request: {problems}")
 
 
-async def _http(request: Request, exc: HTTPException) -> ORJSONResponse:
+async def _http(request: Request, exc: HTTPException) -> JSONResponse:
     return _error(exc.status_code, str(exc.detail), exc.headers)
 
 
-async def _timeout(request: Request, exc: TimeoutError) -> ORJSONResponse:
+async def _timeout(request: Request, exc: TimeoutError) -> JSONResponse:
     timeout = gateway_of(request.app).settings.request_timeout_s
     return _error(504, f"no answer within the gateway's request timeout of {timeout:g} s")
 

@@ -32,7 +32,8 @@ def authorize(request: Request, gw: GatewayDep,
               _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
     """The API key's owner (401 without a valid key where keys are set), within its rate limit (429)."""
     header = request.headers.get("authorization")
-    return gw.guard.check(header.encode() if header is not None else None)
+    client = request.client.host if request.client else ""
+    return gw.guard.check(header.encode() if header is not None else None, client)
 
 
 CallerDep = Annotated[Caller, Depends(authorize)]

@@ -6,6 +6,7 @@ Errors use KServe's shape, ``{"error": "..."}``, which stock Triton clients disp
 from __future__ import annotations
 
 import orjson
+from starlette.responses import Response
 
 
 class Refused(Exception):
@@ -29,3 +30,12 @@ class BadInput(Refused):
 
 def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
+
+
+class JSONResponse(Response):
+    """A JSON response rendered with orjson (FastAPI deprecated its own ORJSONResponse)."""
+
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content)

@@ -55,6 +55,8 @@ class Guard:
         self._buckets: dict[str, TokenBucket] = {}
         self.in_flight = 0
         self._retry = ((b"retry-after", str(settings.retry_after_s).encode()),)
+        self._too_large = (f"request body above the gateway's limit of {settings.max_body_bytes} bytes: send "
+                           f"fewer items per request")
 
     # ---- who ---------------------------------------------------------------------------------------
     def authenticate(self, authorization: bytes | None) -> Caller:
@@ -73,24 +75,30 @@ class Guard:
             raise Refused(401, "invalid API key", challenge)
         return Caller(found)
 
-    def rate_limit(self, caller: Caller) -> None:
-        """Refused(429) with Retry-After when ``caller`` exceeds ``rate_limit_rps``."""
+    def rate_limit(self, caller: Caller, client: str = "") -> None:
+        """Refused(429) with Retry-After when ``caller`` exceeds ``rate_limit_rps``.
+
+        Buckets are per API key; without keys, per client address.
+        """
         rate = self.settings.rate_limit_rps
         if not rate:
             return
         now = self.clock()
-        bucket = self._buckets.get(caller.name)
+        key = caller.name if caller is not ANONYMOUS else f"{caller.name}@{client}"
+        bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[caller.name] = TokenBucket(rate, self.settings.rate_limit_burst, now)
+            if len(self._buckets) >= 10_000:  # many anonymous addresses: start over rather than grow forever
+                self._buckets.clear()
+            bucket = self._buckets[key] = TokenBucket(rate, self.settings.rate_limit_burst, now)
         wait = bucket.take(now)
         if wait:
-            raise Refused(429, f"rate limit of {rate:g} requests/s for '{caller.name}' exceeded",
+            raise Refused(429, f"rate limit of {rate:g} requests/s for '{key}' exceeded",
                           ((b"retry-after", str(max(1, math.ceil(wait))).encode()),), shed="rate_limit")
 
-    def check(self, authorization: bytes | None) -> Caller:
+    def check(self, authorization: bytes | None, client: str = "") -> Caller:
         """Authenticate, then rate-limit."""
         caller = self.authenticate(authorization)
-        self.rate_limit(caller)
+        self.rate_limit(caller, client)
         return caller
 
     # ---- how many ----------------------------------------------------------------------------------
@@ -116,8 +124,8 @@ class Guard:
                 raise Refused(413, self.too_large())
 
     def too_large(self) -> str:
-        return (f"request body above the gateway's limit of {self.settings.max_body_bytes} bytes: send "
-                f"fewer items per request")
+        """The 413 message."""
+        return self._too_large
 
 
 async def read_body(receive, limit: int, message: str, timeout_s: float) -> bytes:

@@ -3,10 +3,10 @@
 FastAPI's dependency and validation machinery costs ≈150-180 µs per request and Starlette's routing
 ≈90 µs more than bare ASGI (measured on this 2-core class of host, where Triton's own work is
 ≈420 µs); those microseconds come straight out of Triton's throughput. So these two routes are
-matched by prefix before any framework layer and handled with plain functions; everything else (docs, health, metadata,
-generation) falls through to FastAPI (see ``GatewayApp.__call__``). The same guard, limits and
-metrics apply to both paths, and tests still swap the :class:`Gateway` through
-``app.dependency_overrides[get_gateway]``.
+matched by prefix before any framework layer and handled with plain functions; everything else
+(docs, health, metadata, generation) falls through to FastAPI (see ``GatewayApp.__call__``). The
+same guard, limits and metrics apply to both paths, and tests still swap the :class:`Gateway`
+through ``app.dependency_overrides[get_gateway]``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from serve.gateway.core import JSON, Gateway
 from serve.gateway.errors import BadInput, Refused, error_body
 from serve.gateway.guard import read_body
 from serve.gateway.tasks import images_tensor, predictions
-from serve.gateway.tensors import check_request, split_body
+from serve.gateway.tensors import validate
 
 INFER = "/v2/models/{model}/infer"
 PREDICT = "/v1/models/{model}:predict"
@@ -39,7 +39,7 @@ async def serve_guarded(gw: Gateway, scope, receive, send, route: str, handler) 
     headers = dict(scope["headers"])
     admitted = False
     try:
-        gw.guard.check(headers.get(b"authorization"))
+        gw.guard.check(headers.get(b"authorization"), (scope.get("client") or ("",))[0])
         gw.guard.check_length(headers.get(b"content-length"))
         gw.guard.admit()
         admitted = True
@@ -77,8 +77,7 @@ async def infer_passthrough(gw: Gateway, scope, headers: dict, body: bytes):
         raise BadInput("compressed request bodies are not accepted: send the body uncompressed", 415)
     sig = await gw.signature(model)
     header_length = headers.get(b"inference-header-content-length")
-    request, binary = split_body(body, header_length)
-    gw.metrics.observe_rows(INFER, check_request(sig, request, binary))
+    gw.metrics.observe_rows(INFER, validate(sig, body, header_length))
     forward = [(b"Content-Type", headers.get(b"content-type", b"application/json"))]
     if header_length is not None:
         forward.append((b"Inference-Header-Content-Length", header_length))

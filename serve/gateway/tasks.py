@@ -9,13 +9,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import AsyncIterator
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.gateway.core import Gateway
-from serve.gateway.errors import BadInput
+from serve.gateway.errors import BadInput, Refused
 
 
 # ---- classify ------------------------------------------------------------------------------------
@@ -83,6 +86,7 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(1.0, ge=0, le=100, description="0 picks the most likely character")
     top_k: int | None = Field(None, ge=1, description="sample among the k most likely characters")
     seed: int | None = Field(None, ge=0, description="fixes the sampling for reproducible text")
+    stream: bool = Field(False, description="answer as Server-Sent Events, one per character, then a summary")
 
 
 class GenerateResponse(BaseModel):
@@ -123,24 +127,49 @@ def sample_next(logits: np.ndarray, temperature: float, top_k: int | None, rng: 
     return int(rng.choice(z.size, p=p))
 
 
-async def generate(gw: Gateway, model: str, req: GenerateRequest) -> GenerateResponse:
-    """Autoregressive decoding, one Triton request per new character."""
+def check_generate(gw: Gateway, req: GenerateRequest) -> np.ndarray:
+    """The prompt's token ids, after the checks that must fail before any answer starts (422)."""
     if req.max_new_tokens > gw.settings.max_new_tokens:
         raise BadInput(f"max_new_tokens={req.max_new_tokens} is above this gateway's limit of "
                        f"{gw.settings.max_new_tokens}", 422)
+    return encode_text(req.prompt, gw.catalog.metadata["itos"])
+
+
+async def decode(gw: Gateway, model: str, req: GenerateRequest, prompt_ids: np.ndarray) -> AsyncIterator[str]:
+    """Autoregressive decoding, one Triton request per new character; yields each character."""
     meta, spec = gw.catalog.metadata, gw.catalog.io
     itos, block = meta["itos"], int(meta["block_size"])
-    ids = list(encode_text(req.prompt, itos))
+    ids = list(prompt_ids)
     rng = np.random.default_rng(req.seed)
     name, out_name = spec["inputs"][0]["name"], spec["outputs"][0]["name"]
-    new = []
     for _ in range(req.max_new_tokens):
         context = np.asarray([ids[-block:]], dtype=np.int64)  # (1, T<=block)
         logits = (await gw.infer(model, {name: context}, (out_name,)))[out_name]  # (1, T, V)
         token = sample_next(logits[0, -1], req.temperature, req.top_k, rng)
         ids.append(token)
-        new.append(itos[token])
+        yield itos[token]
+
+
+async def generate(gw: Gateway, model: str, req: GenerateRequest) -> GenerateResponse:
+    """The whole continuation at once."""
+    new = [ch async for ch in decode(gw, model, req, check_generate(gw, req))]
     return GenerateResponse(model=model, text="".join(new), tokens=len(new))
+
+
+async def generate_events(gw: Gateway, model: str, req: GenerateRequest, prompt_ids: np.ndarray,
+                          deadline_s: float) -> AsyncIterator[bytes]:
+    """Server-Sent Events: ``{"token": c}`` per character, then ``{"text", "tokens"}`` (or ``{"error"}``)."""
+    new = []
+    try:
+        async with asyncio.timeout(deadline_s):
+            async for ch in decode(gw, model, req, prompt_ids):
+                new.append(ch)
+                yield b"data: " + orjson.dumps({"token": ch}) + b"\n\n"
+    except (Refused, TimeoutError) as exc:  # the status line is sent already: report in the stream
+        message = str(exc) or f"no answer within the request timeout of {deadline_s:g} s"
+        yield b"event: error\ndata: " + orjson.dumps({"error": message}) + b"\n\n"
+        return
+    yield b"data: " + orjson.dumps({"model": model, "text": "".join(new), "tokens": len(new)}) + b"\n\n"
 
 
 def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:

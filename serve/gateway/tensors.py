@@ -9,7 +9,8 @@ header of ``Inference-Header-Content-Length`` bytes followed by the raw tensor b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import orjson
@@ -41,14 +42,27 @@ class TensorSig:
             raise BadInput(f"input '{self.name}': shape {shape} does not match the model's {expected}")
 
 
+class Plan(NamedTuple):
+    """What validating a request header found: rows, binary bytes expected, float tensors to check."""
+
+    rows: int
+    binary_size: int
+    floats: tuple[tuple[str, int, int, str], ...]  # (name, offset, size, dtype) of each binary float input
+
+
 @dataclass(frozen=True)
 class ModelSignature:
-    """What a model accepts, from Triton's ``GET /v2/models/<m>/config``."""
+    """What a model accepts, from Triton's ``GET /v2/models/<m>/config``.
+
+    ``plans`` caches validated binary request headers: a client sends the same header bytes for the
+    same shapes, so only the tensor bytes (NaN/inf) are checked again.
+    """
 
     name: str
     max_batch_size: int
     inputs: dict[str, TensorSig]
     outputs: tuple[str, ...]
+    plans: dict[bytes, Plan] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, config: dict) -> ModelSignature:
@@ -61,17 +75,22 @@ class ModelSignature:
                    tuple(t["name"] for t in config.get("output", [])))
 
 
+def _header_length(value: bytes, body_size: int) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise BadInput(f"Inference-Header-Content-Length must be an integer, got {value[:20]!r}") from None
+    if not 0 < n <= body_size:
+        raise BadInput(f"Inference-Header-Content-Length {n} is outside the {body_size}-byte body")
+    return n
+
+
 def split_body(body: bytes, header_length: bytes | None) -> tuple[dict, memoryview]:
     """(JSON header, binary part) of an infer request; BadInput for malformed JSON."""
     if header_length is None:
         json_part, binary = body, memoryview(b"")
     else:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise BadInput(f"Inference-Header-Content-Length must be an integer, got {header_length[:20]!r}") from None
-        if not 0 < n <= len(body):
-            raise BadInput(f"Inference-Header-Content-Length {n} is outside the {len(body)}-byte body")
+        n = _header_length(header_length, len(body))
         view = memoryview(body)
         json_part, binary = view[:n], view[n:]
     try:
@@ -111,13 +130,13 @@ def _check_json_data(spec: TensorSig, data, count: int) -> None:
         raise BadInput(f"input '{spec.name}': 'data' holds {array.dtype.name} values, not {spec.datatype}")
 
 
-def check_request(sig: ModelSignature, header: dict, binary: memoryview) -> int:
-    """Validate an infer request against ``sig``; returns its batch size (rows)."""
+def check_request(sig: ModelSignature, header: dict, binary: memoryview) -> Plan:
+    """Validate an infer request's header (and inline data) against ``sig``."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise BadInput(f"'inputs' must be a non-empty list; model '{sig.name}' takes {sorted(sig.inputs)}")
     batched = sig.max_batch_size > 0
-    offset, rows, seen = 0, None, set()
+    offset, rows, seen, floats = 0, None, set(), []
     for item in inputs:
         name = item.get("name") if isinstance(item, dict) else None
         spec = sig.inputs.get(name)
@@ -142,12 +161,11 @@ def check_request(sig: ModelSignature, header: dict, binary: memoryview) -> int:
             if dtype is not None and size != count * np.dtype(dtype).itemsize:
                 raise BadInput(f"input '{name}': binary_data_size {size} should be {count} x "
                                f"{np.dtype(dtype).itemsize} bytes for shape {shape}")
-            chunk = binary[offset:offset + size]
+            if dtype is not None and np.dtype(dtype).kind == "f":
+                floats.append((name, offset, size, np.dtype(dtype).str))
             offset += size
-            if len(chunk) != size:
+            if offset > len(binary):
                 raise BadInput(f"input '{name}': the body ends before its {size} binary bytes")
-            if dtype is not None and np.dtype(dtype).kind == "f" and not _all_finite(np.frombuffer(chunk, dtype)):
-                raise BadInput(f"input '{name}' contains NaN or infinity")
         elif "data" in item:
             _check_json_data(spec, item["data"], count)
         else:
@@ -162,7 +180,34 @@ def check_request(sig: ModelSignature, header: dict, binary: memoryview) -> int:
         if not isinstance(out, dict) or out.get("name") not in sig.outputs:
             raise BadInput(f"unknown output {out.get('name') if isinstance(out, dict) else out!r}: model "
                            f"'{sig.name}' returns {list(sig.outputs)}")
-    return rows or 1
+    return Plan(rows or 1, offset, tuple(floats))
+
+
+def check_finite(plan: Plan, binary: memoryview) -> None:
+    """BadInput naming the first binary float input holding NaN or infinity."""
+    for name, offset, size, dtype in plan.floats:
+        if not _all_finite(np.frombuffer(binary[offset:offset + size], dtype)):
+            raise BadInput(f"input '{name}' contains NaN or infinity")
+
+
+def validate(sig: ModelSignature, body: bytes, header_length: bytes | None) -> int:
+    """Validate a whole infer request (JSON or binary) against ``sig``; returns its rows."""
+    if header_length is None:
+        header, binary = split_body(body, None)
+        return check_request(sig, header, binary).rows
+    n = _header_length(header_length, len(body))
+    head = body[:n]
+    plan = sig.plans.get(head)
+    if plan is None:
+        header, binary = split_body(body, header_length)
+        plan = check_request(sig, header, binary)
+        if len(sig.plans) < 256:  # bounded: a client varying its headers cannot grow it without limit
+            sig.plans[head] = plan
+    binary = memoryview(body)[n:]
+    if len(binary) != plan.binary_size:
+        raise BadInput(f"the body carries {len(binary)} binary bytes but the inputs declare {plan.binary_size}")
+    check_finite(plan, binary)
+    return plan.rows
 
 
 def encode_request(inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> tuple[bytes, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
 
 from serve.gateway import tasks
 from serve.gateway.deps import CallerDep, GatewayDep, Slot
@@ -12,11 +13,17 @@ from serve.gateway.deps import CallerDep, GatewayDep, Slot
 router = APIRouter(prefix="/v1/models", tags=["tasks"])
 
 
-@router.post("/{model}:generate", summary="Continue a prompt (language-model tasks)")
-async def generate(model: str, request: tasks.GenerateRequest, gw: GatewayDep, _: CallerDep,
-                   __: Slot) -> tasks.GenerateResponse:
+@router.post("/{model}:generate", summary="Continue a prompt (language-model tasks)",
+             response_model=tasks.GenerateResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "with stream=true: one event per character, then the summary"}})
+async def generate(model: str, request: tasks.GenerateRequest, gw: GatewayDep, _: CallerDep, __: Slot):
     """Each new character is one Triton request, so concurrent generations share dynamic batches."""
     triton_model = gw.task_model(model, "generate")
+    if request.stream:  # the in-flight slot is held until the stream ends
+        prompt_ids = tasks.check_generate(gw, request)
+        events = tasks.generate_events(gw, triton_model, request, prompt_ids, gw.settings.request_timeout_s)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
     async with asyncio.timeout(gw.settings.request_timeout_s):
         return await tasks.generate(gw, triton_model, request)
 

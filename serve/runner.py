@@ -1,0 +1,172 @@
+"""Bring the serving stack up for a run: verified repository → Triton → gateway → (autoscaler).
+
+:func:`start_serving` returns a :class:`Serving` handle (URLs, supervisor, autoscaler) and leaves
+everything running under supervision until :meth:`Serving.stop`; ``python -m serve`` wraps it with
+signal handling. Triton is the bundled server on 127.0.0.1 (it has no authentication of its own),
+or an external one given by ``serve.triton_url``.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from autoglm.artifacts import RunDir, verify_outputs
+from autoglm.config import Settings
+from autoglm.errors import AutoGLMError
+from serve.autoscale import Autoscaler, AutoscaleRules, GatewayLatency, TritonActuator, TritonMetrics
+from serve.gateway.core import TaskCatalog
+from serve.settings import GatewaySettings, ServeOptions
+from serve.supervisor import GatewayProcess, Supervisor
+from serve.triton import TritonServer
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclass
+class Serving:
+    """A running stack; :meth:`stop` shuts it down (gateway first, then Triton)."""
+
+    run: RunDir
+    catalog: TaskCatalog
+    models: list[str]
+    triton_url: str
+    triton_metrics_url: str
+    gateway: GatewayProcess
+    supervisor: Supervisor
+    triton: TritonServer | None = None
+    autoscaler: Autoscaler | None = None
+    control_url: str | None = None
+    _control_server: object = None
+
+    def urls(self) -> dict[str, str]:
+        out = {"gateway": self.gateway.url, "docs": f"{self.gateway.url}/docs",
+               "metrics": f"{self.gateway.url}/metrics", "triton": self.triton_url,
+               "triton_metrics": self.triton_metrics_url}
+        if self.control_url:
+            out["control_metrics"] = self.control_url
+        return out
+
+    def stop(self) -> None:
+        if self.autoscaler is not None:
+            self.autoscaler.stop()
+        if self._control_server is not None:
+            self._control_server.shutdown()
+            self._control_server.server_close()
+        self.supervisor.stop()
+
+    def __enter__(self) -> Serving:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def verified_repository(run: RunDir) -> Path:
+    """The repository stage directory, after checking every file against its manifest."""
+    manifest = run.manifest("repository")  # names `autoglm compress` when absent
+    verify_outputs(run.stage_dir("repository"), manifest)  # IntegrityError naming a changed file
+    return run.stage_dir("repository")
+
+
+def _model_names(catalog: TaskCatalog, wanted: list[str]) -> list[str]:
+    if not wanted:
+        return sorted(set(catalog.models.values()))
+    names = []
+    for name in wanted:
+        model = catalog.resolve(name)
+        if model is None:
+            raise AutoGLMError(f"model {name!r} is not in this run's repository: choose from {catalog.names}")
+        names.append(model)
+    return sorted(set(names))
+
+
+def _load_external(triton_url: str, models: list[str]) -> None:
+    """Ask an external Triton (explicit model control) to load the models it does not serve yet."""
+    for model in models:
+        try:
+            _DIRECT.open(f"{triton_url}/v2/models/{model}/ready", timeout=5).close()
+            continue  # already loaded (or the server loads everything itself)
+        except OSError:
+            pass
+        request = urllib.request.Request(f"{triton_url}/v2/repository/models/{model}/load", data=b"{}", method="POST")
+        try:
+            _DIRECT.open(request, timeout=120).close()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:200]
+            raise AutoGLMError(f"the Triton at {triton_url} cannot load {model}: {detail}; give it this run's "
+                               f"repository (the native/ flavour for the NGC container)") from None
+        except OSError as exc:
+            raise AutoGLMError(f"the Triton at {triton_url} is unreachable ({exc}): start it or fix "
+                               f"serve.triton_url") from None
+
+
+class _SupervisorCollector:
+    """Supervisor state as metrics on the control endpoint."""
+
+    def __init__(self, supervisor: Supervisor):
+        self.supervisor = supervisor
+
+    def collect(self):
+        up = GaugeMetricFamily("autoglm_serve_up", "1 while the process runs", labels=["process"])
+        restarts = CounterMetricFamily("autoglm_serve_restarts", "Restarts after a crash", labels=["process"])
+        for name, status in self.supervisor.status.items():
+            up.add_metric([name], 1.0 if status.state == "running" else 0.0)
+            restarts.add_metric([name], status.restarts)
+        yield up
+        yield restarts
+
+
+def start_serving(settings: Settings, gateway: GatewaySettings | None = None, options: ServeOptions | None = None,
+                  rules: AutoscaleRules | None = None) -> Serving:
+    """Verify the run's repository, start Triton (or use serve.triton_url) and the gateway, supervised."""
+    options = options or ServeOptions()
+    serve = settings.serve
+    run = RunDir(settings.run.root, settings.run.name)
+    repository = verified_repository(run)
+    catalog = TaskCatalog.load(repository)
+    models = _model_names(catalog, options.models)
+    workdir = run.stage_dir("serve")
+    processes: dict = {}
+    triton = None
+    if serve.triton_url:
+        triton_url = serve.triton_url.rstrip("/")
+        host = triton_url.removeprefix("http://").rsplit(":", 1)[0]
+        metrics_url = f"http://{host}:{serve.triton_metrics_port}/metrics"
+        _load_external(triton_url, models)
+    else:
+        flavour_dir = repository / options.flavour
+        triton = TritonServer(flavour_dir, workdir=workdir / "triton", host="127.0.0.1",
+                              http_port=serve.triton_http_port, grpc_port=serve.triton_grpc_port,
+                              metrics_port=serve.triton_metrics_port, load_models=tuple(models))
+        processes["triton"] = triton
+        triton_url, metrics_url = triton.http_url, triton.metrics_url
+    base = (gateway or GatewaySettings(host=serve.host, port=serve.gateway_port)).model_dump()
+    gateway_settings = GatewaySettings(**{**base, "triton_url": triton_url, "repository": repository})
+    gateway_process = GatewayProcess(gateway_settings, workdir)
+    processes["gateway"] = gateway_process
+    supervisor = Supervisor(processes, start_timeout_s=options.start_timeout_s).start()
+    serving = Serving(run, catalog, models, triton_url, metrics_url, gateway_process, supervisor, triton)
+    try:
+        registry = CollectorRegistry()
+        registry.register(_SupervisorCollector(supervisor))
+        if options.autoscale or rules is not None:
+            rules = rules or AutoscaleRules()
+            serving.autoscaler = Autoscaler(rules, catalog.recommended, TritonMetrics(metrics_url, catalog.recommended),
+                                            TritonActuator(triton_url), registry=registry,
+                                            gateway=GatewayLatency(f"{gateway_process.url}/metrics")).start()
+        if options.control_port:
+            server, _ = start_http_server(options.control_port, addr="127.0.0.1", registry=registry)
+            serving._control_server = server
+            serving.control_url = f"http://127.0.0.1:{options.control_port}/metrics"
+        (workdir / "serving.json").write_text(json.dumps({"urls": serving.urls(), "models": models}, indent=2))
+    except BaseException:
+        serving.stop()
+        raise
+    return serving

@@ -1,0 +1,104 @@
+"""A fake Triton behind the gateway's pool interface: canned configs, deterministic models, failure modes.
+
+digits: logits[k] = mean pixel * (k + 1), so brighter images pick class 9. charlm (vocabulary
+"abcd"): the next character after id i is id (i + 1) % 4 with overwhelming probability.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import orjson
+
+from serve.gateway.core import Gateway, TaskCatalog
+from serve.gateway.tensors import DTYPES, split_body
+from serve.gateway.upstream import UpstreamResponse, UpstreamUnavailable
+from serve.settings import GatewaySettings
+
+CLASSES = [str(i) for i in range(10)]
+VOCAB = list("abcd")
+CONFIGS = {
+    "digits-fp32": {"name": "digits-fp32", "max_batch_size": 8,
+                    "input": [{"name": "image", "data_type": "TYPE_FP32", "dims": [1, 8, 8]}],
+                    "output": [{"name": "logits", "data_type": "TYPE_FP32", "dims": [10]}]},
+    "charlm-fp32": {"name": "charlm-fp32", "max_batch_size": 8,
+                    "input": [{"name": "idx", "data_type": "TYPE_INT64", "dims": [-1]}],
+                    "output": [{"name": "logits", "data_type": "TYPE_FP32", "dims": [-1, 4]}]},
+}
+DIGITS = TaskCatalog("digits", {"fp32": "digits-fp32"}, "digits-fp32", {"pixel_max": 16.0, "classes": CLASSES},
+                     {"inputs": [{"name": "image", "dtype": "float32", "shape": [1, 8, 8]}],
+                      "outputs": [{"name": "logits", "dtype": "float32", "shape": [10]}]})
+CHARLM = TaskCatalog("charlm", {"fp32": "charlm-fp32"}, "charlm-fp32", {"itos": VOCAB, "block_size": 4},
+                     {"inputs": [{"name": "idx", "dtype": "int64", "shape": [-1]}],
+                      "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 4]}]})
+
+
+def _json(status: int, payload) -> UpstreamResponse:
+    return UpstreamResponse(status, {b"content-type": b"application/json"}, orjson.dumps(payload))
+
+
+def _model(name: str, x: np.ndarray) -> np.ndarray:
+    if name == "digits-fp32":
+        return (x.reshape(len(x), -1).mean(axis=1, keepdims=True) * np.arange(1, 11)).astype(np.float32)
+    return (np.eye(4, dtype=np.float32)[(x + 1) % 4] * 20.0).astype(np.float32)  # (B, T, 4)
+
+
+class FakeTriton:
+    """Stands in for :class:`serve.gateway.upstream.UpstreamPool`."""
+
+    def __init__(self):
+        self.down = False
+        self.fail_status: int | None = None  # answer infers with this status
+        self.hold: asyncio.Event | None = None  # infers wait for it
+        self.requests: list[tuple[bytes, bytes, bytes, dict]] = []
+
+    async def request(self, method: bytes, target: bytes, body: bytes = b"", headers=(), timeout_s: float = 30):
+        self.requests.append((method, target, body, dict(headers)))
+        if self.down:
+            raise UpstreamUnavailable("connection refused")
+        path = target.decode().split("?")[0]
+        parts = path.split("/")
+        if path in ("/v2", "/v2/health/live", "/v2/health/ready"):
+            return _json(200, {"name": "triton"}) if path == "/v2" else UpstreamResponse(200, {}, b"")
+        model = parts[3] if len(parts) > 3 else ""
+        if model not in CONFIGS:
+            return _json(404, {"error": f"Request for unknown model: '{model}' is not found"})
+        if path.endswith("/config"):
+            return _json(200, CONFIGS[model])
+        if path.endswith("/ready"):
+            return UpstreamResponse(200, {}, b"")
+        if path.endswith("/infer"):
+            if self.hold is not None:
+                await asyncio.wait_for(self.hold.wait(), timeout_s)
+            if self.fail_status:
+                return _json(self.fail_status, {"error": "backend exploded"})
+            return self._infer(model, body, dict(headers))
+        return _json(200, {"name": model})
+
+    def _infer(self, model: str, body: bytes, headers: dict) -> UpstreamResponse:
+        header, binary = split_body(body, headers.get(b"Inference-Header-Content-Length"))
+        item = header["inputs"][0]
+        dtype = DTYPES[item["datatype"]]
+        if "data" in item:
+            x = np.asarray(item["data"], dtype=dtype).reshape(item["shape"])
+        else:
+            x = np.frombuffer(binary, dtype).reshape(item["shape"])
+        y = _model(model, x)
+        binary_out = any((o.get("parameters") or {}).get("binary_data") for o in header.get("outputs") or [])
+        if not binary_out:
+            return _json(200, {"model_name": model, "outputs": [{"name": "logits", "datatype": "FP32",
+                                                                  "shape": list(y.shape), "data": y.ravel().tolist()}]})
+        head = orjson.dumps({"model_name": model, "outputs": [{"name": "logits", "datatype": "FP32",
+                                                                "shape": list(y.shape),
+                                                                "parameters": {"binary_data_size": y.nbytes}}]})
+        return UpstreamResponse(200, {b"content-type": b"application/octet-stream",
+                                      b"inference-header-content-length": str(len(head)).encode()}, head + y.tobytes())
+
+    async def aclose(self) -> None:
+        pass
+
+
+def fake_gateway(catalog: TaskCatalog | None = DIGITS, **settings) -> tuple[Gateway, FakeTriton]:
+    triton = FakeTriton()
+    return Gateway(GatewaySettings(**settings), pool=triton, catalog=catalog), triton
