@@ -14,7 +14,7 @@ AUTOGLM := $(BIN)/autoglm
 # OpenMP's default busy-waiting makes torch 2-10x slower on small shared machines (measured on 2 cores)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test train tune compress serve loadtest deploy bench status dashboard lock clean
+.PHONY: venv demo test train tune compress serve loadtest deploy bench status dashboard report-check lock clean
 
 venv: $(STAMP)
 
@@ -28,10 +28,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The main job on the embedded defaults: every stage that exists, in order.
 demo: venv
-	$(AUTOGLM) tune --config $(CONFIG) --run $(RUN) $(ARGS)
-	$(AUTOGLM) compress --config $(CONFIG) --run $(RUN) $(ARGS)
+	$(AUTOGLM) demo --config $(CONFIG) --run $(RUN) $(ARGS)
 	$(AUTOGLM) status $(RUN)
-	@echo "tuning report: runs/$(RUN)/tune/report.html"
 
 test: venv
 	$(BIN)/python -m pytest $(ARGS)
@@ -47,7 +45,11 @@ status: venv
 
 # Optuna's dashboard on the run's study (journal file, or tune.storage's database via STORAGE=...)
 dashboard: venv
-	$(BIN)/optuna-dashboard $(or $(STORAGE),runs/$(RUN)/tune/study.journal)
+	$(BIN)/optuna-dashboard $(if $(STORAGE),$(STORAGE),--storage-class JournalFileStorage runs/$(RUN)/tune/study.journal)
+
+# The release page renders in headless Chromium (Debian's chromium package): writes a screenshot.
+report-check: venv
+	$(BIN)/python -m loadtest.render_check runs/$(RUN)/report.html
 
 bench: venv
 	$(BIN)/python -m bench $(ARGS)

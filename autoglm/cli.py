@@ -21,6 +21,7 @@ CORE = {  # command -> ("module:function", help)
     "status": ("autoglm.status:main", "show each stage's state in a run directory"),
     "config": ("autoglm.cli:config_main", "print the resolved configuration"),
     "bench": ("bench.__main__:main", "run benchmarks and write bench/results/"),
+    "demo": ("autoglm.demo:main", "the whole release end to end: tune, compress, serve, request, loadtest, deploy"),
 }
 
 

@@ -99,6 +99,8 @@ class TuneSettings(Section):
     probe_repeats: int = Field(30, ge=3, description="timed runs per latency/energy measurement in a trial")
     early_stop: EarlyStopSettings = Field(default_factory=EarlyStopSettings)
     heartbeat_s: int = Field(30, ge=1, description="RDB storages: trials silent this long x2 are retried")
+    workers: int = Field(1, ge=1, description="processes sharing this study (an Indexed Job's parallelism)")
+    worker_index: int = Field(0, ge=0, description="this process's index among tune.workers, 0-based")
     max_metric_loss: float = Field(0.01, ge=0, description="selection: allowed loss vs the best, relative")
     latency_slo_ms: float | None = Field(None, gt=0, description="selection: p95 latency limit")
     max_joules: float | None = Field(None, gt=0, description="selection: energy per inference limit")
@@ -108,6 +110,8 @@ class TuneSettings(Section):
 
     @model_validator(mode="after")
     def _distinct_objectives(self) -> TuneSettings:
+        if self.worker_index >= self.workers:
+            raise ValueError(f"tune.worker_index={self.worker_index} must be below tune.workers={self.workers}")
         if len(set(self.objectives)) != len(self.objectives):
             raise ValueError(f"tune.objectives {self.objectives} repeats an objective: list each once")
         return self
@@ -142,7 +146,8 @@ class TritonModelSettings(Section):
     max_batch_size: int = Field(64, ge=1)
     max_queue_delay_us: int = Field(0, ge=0, description="dynamic batching delay; 0 batches what is queued")
     preferred_batch_sizes: list[int] = Field(default_factory=list)
-    max_queue_size: int = Field(256, ge=1, description="Triton rejects requests beyond this queue")
+    max_queue_size: int = Field(0, ge=0, description="Triton rejects requests beyond this queue; 0 = unbounded "
+                                "(Triton 2.51 stalls ~500 ms under any bound: the gateway bounds load instead)")
     instances: int = Field(1, ge=1)
     intra_op_threads: int = Field(1, ge=1)
 

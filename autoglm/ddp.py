@@ -141,13 +141,14 @@ def train_ddp(task: Task, model: torch.nn.Module, settings: TrainSettings, on_ev
                            "time_s": now - wall_start, "world_size": world})
                 window_samples, window_start = 0, now
             out_of_time = False
-            if settings.time_budget_s is not None:  # rank 0's clock decides, so no rank waits for a lost peer
+            if settings.time_budget_s is not None:
+                # rank 0's clock decides for all: a rank stopping alone would leave the others in an all-reduce
                 elapsed = time.perf_counter() - wall_start
                 out_of_time = bool(_agree([float(elapsed >= settings.time_budget_s)], device)[0])
-            if step % settings.eval_every == 0 or step == settings.max_steps or out_of_time:
-                if evaluate(step):
-                    stopped_early = True
-                    break
+            due = step % settings.eval_every == 0 or step == settings.max_steps or out_of_time
+            if due and evaluate(step):
+                stopped_early = True
+                break
             if out_of_time:
                 break
 

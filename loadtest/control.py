@@ -30,12 +30,15 @@ class ServingConfig:
     max_queue_delay_us: int | None = None
     preferred_batch_sizes: tuple[int, ...] | None = None
     instances: int | None = None
+    max_queue_size: int | None = None  # 0: Triton's default queue policy (unbounded, no timeout)
 
     def __post_init__(self) -> None:
         if self.max_queue_delay_us is not None and self.max_queue_delay_us < 0:
             raise AutoGLMError(f"max_queue_delay_us={self.max_queue_delay_us} must be >= 0 (µs; 0 = no waiting)")
         if self.instances is not None and self.instances < 1:
             raise AutoGLMError(f"instances={self.instances} must be >= 1")
+        if self.max_queue_size is not None and self.max_queue_size < 0:
+            raise AutoGLMError(f"max_queue_size={self.max_queue_size} must be >= 0 (0: unbounded)")
         if self.preferred_batch_sizes is not None:
             object.__setattr__(self, "preferred_batch_sizes", tuple(int(b) for b in self.preferred_batch_sizes))
 
@@ -48,6 +51,8 @@ class ServingConfig:
             parts.append(f"pref=[{','.join(map(str, self.preferred_batch_sizes))}]")
         if self.instances is not None:
             parts.append(f"x{self.instances}")
+        if self.max_queue_size is not None:
+            parts.append(f"queue={self.max_queue_size or 'unbounded'}")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,7 +65,7 @@ class ServingConfig:
 def override(base: dict[str, Any], cfg: ServingConfig) -> dict[str, Any]:
     """``base`` (a config from GET /v2/models/<m>/config) with ``cfg``'s knobs set; base is not modified."""
     out = copy.deepcopy(base)
-    if cfg.max_queue_delay_us is not None or cfg.preferred_batch_sizes is not None:
+    if any(v is not None for v in (cfg.max_queue_delay_us, cfg.preferred_batch_sizes, cfg.max_queue_size)):
         batching = out.get("dynamic_batching")
         if batching is None:
             raise AutoGLMError(f"model '{cfg.model}' has no dynamic batching in its config: enable it in the "
@@ -73,6 +78,13 @@ def override(base: dict[str, Any], cfg: ServingConfig) -> dict[str, Any]:
                 raise AutoGLMError(f"preferred batch sizes {too_big} are outside 1..max_batch_size="
                                    f"{out.get('max_batch_size')} of '{cfg.model}': drop them from the sweep")
             batching["preferred_batch_size"] = list(cfg.preferred_batch_sizes)
+        if cfg.max_queue_size is not None:
+            policy = batching.setdefault("default_queue_policy", {})
+            policy["max_queue_size"] = cfg.max_queue_size
+            if cfg.max_queue_size == 0:
+                # Triton 2.51: any non-default queue policy (a size bound or a timeout) makes the dynamic
+                # batcher stall ~500 ms at a time; 0 restores the default policy entirely.
+                policy["default_timeout_microseconds"] = 0
     if cfg.instances is not None:
         groups = out.get("instance_group") or [{"kind": "KIND_CPU"}]
         groups[0]["count"] = cfg.instances  # one group is what compress writes; extra groups stay as they are
@@ -132,19 +144,21 @@ class ModelControl:
         wanted = override(base, cfg)
         seconds = self.load(cfg.model, wanted)
         got = self.config(cfg.model)
-        mismatched = [k for k, v in _knobs(wanted).items() if _knobs(got)[k] != v]
+        mismatched = [k for k, v in serving_knobs(wanted).items() if serving_knobs(got)[k] != v]
         if mismatched:
             raise AutoGLMError(f"Triton accepted the config of '{cfg.model}' but reports different {mismatched}: "
-                               f"wanted {_knobs(wanted)}, got {_knobs(got)}; check Triton's log")
-        return {"applied": _knobs(got), "load_s": seconds}
+                               f"wanted {serving_knobs(wanted)}, got {serving_knobs(got)}; check Triton's log")
+        return {"applied": serving_knobs(got), "load_s": seconds}
 
 
-def _knobs(config: dict[str, Any]) -> dict[str, Any]:
+def serving_knobs(config: dict[str, Any]) -> dict[str, Any]:
+    """The swept knobs as Triton reports them in a config (HTTP JSON form)."""
     batching = config.get("dynamic_batching") or {}
     groups = config.get("instance_group") or [{}]
     return {"max_queue_delay_us": int(batching.get("max_queue_delay_microseconds", 0)),
             "preferred_batch_sizes": [int(b) for b in batching.get("preferred_batch_size", [])],
-            "instances": int(groups[0].get("count", 1))}
+            "instances": int(groups[0].get("count", 1)),
+            "max_queue_size": int((batching.get("default_queue_policy") or {}).get("max_queue_size", 0))}
 
 
 def _message(body: bytes) -> str:

@@ -74,6 +74,7 @@ class Objective:
         started, cpu0 = time.time(), time.process_time()
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("worker", self.settings.tune.worker_index)  # whose share of the study it counts in
         trial.set_user_attr("started", psutil.Process().create_time())
         groups = split_params(suggest(trial, self.space))
         variant_name = variant_for(groups)

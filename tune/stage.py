@@ -9,11 +9,12 @@ completed trial is in the storage, and a trial its dead worker left running is r
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from autoglm.artifacts import Manifest, RunDir, StageWriter, write_atomic
-from autoglm.config import Settings
+from autoglm.config import Settings, TuneSettings
 from tune.select import pareto_points, select
 from tune.space import build_space
 from tune.storage import directions, open_study, recover_stale_trials
@@ -35,8 +36,9 @@ def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
     dirs = directions(settings, task.direction)
     study = open_study(settings, tune_dir, task.direction)
     recover_stale_trials(study)
-    done = sum(t.state.name in FINISHED for t in study.get_trials(deepcopy=False))
-    remaining = settings.tune.n_trials - done
+    tune = settings.tune
+    done = finished_by(study.get_trials(deepcopy=False), None if tune.workers == 1 else tune.worker_index)
+    remaining = share(tune, tune.worker_index) - done
     if remaining > 0:
         objective = Objective(task, settings, space, tune_dir, dirs)
         with fixed_threads(settings.run.threads), _progress(progress, settings.tune.n_trials, done) as tick:
@@ -45,7 +47,25 @@ def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
     return task, study
 
 
-def tune_run(settings: Settings, force: bool = False, progress: bool = True) -> Manifest:
+def share(tune: TuneSettings, index: int) -> int:
+    """Worker ``index``'s part of ``tune.n_trials``: N workers started together make exactly n_trials."""
+    return tune.n_trials // tune.workers + (index < tune.n_trials % tune.workers)
+
+
+def finished_by(trials, index: int | None) -> int:
+    """Finished trials of worker ``index`` (None: of every worker)."""
+    return sum(t.state.name in FINISHED and (index is None or t.user_attrs.get("worker", 0) == index) for t in trials)
+
+
+def wait_for_workers(settings: Settings, study, poll_s: float = 5.0) -> None:
+    """Worker 0 selects once every worker finished its share (the others exit after theirs); a worker
+    that never comes back is bounded by the Job's activeDeadlineSeconds."""
+    tune = settings.tune
+    while any(finished_by(study.get_trials(deepcopy=False), i) < share(tune, i) for i in range(tune.workers)):
+        time.sleep(poll_s)
+
+
+def tune_run(settings: Settings, force: bool = False, progress: bool = True) -> Manifest | None:
     """The stage: skipped when a complete manifest matches the same config."""
     run = RunDir(settings.run.root, settings.run.name)
     config = {k: settings.section(k) for k in ("task", "train", "tune", "compress", "measure")} | {
@@ -59,6 +79,11 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True) -> 
         (writer.dir / "study.journal").unlink(missing_ok=True)
 
     task, study = run_study(settings, writer.dir, progress)
+    if settings.tune.workers > 1:  # one study, one selection: worker 0 makes it when all shares are done
+        if settings.tune.worker_index != 0:
+            print(f"tune: worker {settings.tune.worker_index} finished its share; worker 0 selects and reports")
+            return None
+        wait_for_workers(settings, study)
     points = pareto_points(study)
     chosen, why = select(points, settings.tune, task.direction)
     write_atomic(writer.dir / "pareto.json", _json({"objectives": settings.tune.objectives,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import psutil
 
 from autoglm._lazy import require
 from autoglm.config import Settings
-from autoglm.errors import ConfigError
+from autoglm.errors import ConfigError, MissingExtraError
 
 log = logging.getLogger(__name__)
 JOURNAL = "study.journal"
@@ -57,9 +58,24 @@ def make_storage(settings: Settings, tune_dir: Path):
                           "postgresql://user:pass@host/db or sqlite:///study.db, or leave it unset for a journal file")
     beat = settings.tune.heartbeat_s
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
-    return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat,
-                                      heartbeat_stale_trial_callback=retry,
-                                      engine_kwargs={"pool_pre_ping": True})
+    sqlalchemy_exc = require("sqlalchemy.exc", None, "database storages")
+    try:
+        for attempt in range(3):
+            try:
+                return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat,
+                                                  heartbeat_stale_trial_callback=retry,
+                                                  engine_kwargs={"pool_pre_ping": True})
+            except (sqlalchemy_exc.IntegrityError, sqlalchemy_exc.ProgrammingError):
+                # workers starting together on a fresh database race creating Optuna's tables and types:
+                # the loser's retry finds them made
+                if attempt == 2:
+                    raise
+                time.sleep(1 + attempt)
+    except ImportError as exc:  # SQLAlchemy >= 2.1 maps postgresql:// to psycopg 3, not psycopg2
+        where = url.split("@")[-1]  # never print a password
+        raise MissingExtraError(f"tune.storage=...@{where} needs a database driver ({exc.__cause__ or exc}): pip "
+                                "install psycopg2-binary and write postgresql+psycopg2://..., or pip install "
+                                "'psycopg[binary]' for postgresql://...") from None
 
 
 def open_study(settings: Settings, tune_dir: Path, task_direction: str):
@@ -70,7 +86,8 @@ def open_study(settings: Settings, tune_dir: Path, task_direction: str):
     storage = make_storage(settings, tune_dir)
     # a resumed study must not replay its first trials: a sampler seeded as before draws the same
     # parameters again, so the seed moves on by the number of trials already in the storage
-    seed = settings.run.seed + _n_trials(storage, settings.tune.study_name)
+    # workers started together must not draw the same points either: each gets its own stream
+    seed = settings.run.seed + _n_trials(storage, settings.tune.study_name) + 7919 * settings.tune.worker_index
     study = optuna.create_study(
         storage=storage, study_name=settings.tune.study_name, load_if_exists=True,
         sampler=make_sampler(settings.tune.sampler, seed, len(wanted)), directions=wanted)

@@ -1,0 +1,142 @@
+"""Kustomize trees for Kubernetes: ``base`` + the ``cpu``/``gpu`` overlay, monitoring, tune workers.
+
+:func:`serving_tree` and :func:`tune_tree` return ``{relative path: content}``; content is a list of
+objects (a multi-document YAML file), one object, or raw bytes. Layout under ``deploy/out/<env>/k8s``::
+
+    kustomization.yaml       everything below: `kubectl apply -k` this directory
+    base/                    Triton, gateway, Services, PDBs, NetworkPolicy, HPAs, task.json, gateway.json
+    overlays/<env>/          namespace, image tags of the release, resources for cpu or gpu nodes
+    monitoring/              prometheus-adapter rules (custom metrics for the HPA) + Prometheus scrape job
+    tune/                    only with --tune-workers: Indexed Job, PostgreSQL, the shared runs volume
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+from deploy import scaling
+from deploy.k8s import serving, tune
+from deploy.k8s.serving import Cluster
+from deploy.release import Images, Release
+
+ENVS = ("cpu", "gpu")
+Tree = dict[str, Any]
+
+# Per environment: what one Triton pod asks for. GPU nodes are tainted in most clusters, hence the toleration.
+TRITON_RESOURCES = {
+    "cpu": {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"cpu": "4", "memory": "4Gi"}},
+    "gpu": {"requests": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"},
+            "limits": {"memory": "8Gi", "nvidia.com/gpu": "1"}},
+}
+
+
+def _image_pins(images: Images, *placeholders: str) -> list[dict[str, str]]:
+    """kustomize ``images:`` entries pinning each placeholder image name to the release's tag."""
+    references = {"autoglm-gateway": images.gateway, "autoglm-models": images.models,
+                  serving.TRITON_IMAGE: images.triton, "autoglm-tune": images.tune}
+    pins = []
+    for placeholder in placeholders:
+        name, _, tag = references[placeholder].rpartition(":")
+        pins.append({"name": placeholder, "newName": name, "newTag": tag})
+    return pins
+
+
+def yaml_text(content: Any) -> str:
+    """One object or a list of objects as (multi-document) YAML, keys in the order written."""
+    docs = content if isinstance(content, list) else [content]
+    return yaml.safe_dump_all(docs, sort_keys=False, width=120)
+
+
+def _kustomization(**fields: Any) -> dict[str, Any]:
+    return {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", **fields}
+
+
+def triton_patch(env: str) -> dict[str, Any]:
+    """Strategic-merge patch of the Triton Deployment for ``env``."""
+    container = {"name": "triton", "resources": TRITON_RESOURCES[env]}
+    spec: dict[str, Any] = {"containers": [container]}
+    if env == "gpu":
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "autoglm-triton"},
+            "spec": {"template": {"spec": spec}}}
+
+
+def scrape_config(namespace: str) -> dict[str, Any]:
+    """A Prometheus ``scrape_configs`` job for the annotated pods, labelling series by namespace and pod
+    (the labels prometheus-adapter maps back to Kubernetes objects)."""
+    meta = "__meta_kubernetes_pod_"
+    return {"scrape_configs": [{
+        "job_name": "autoglm", "scrape_interval": "15s",
+        "kubernetes_sd_configs": [{"role": "pod", "namespaces": {"names": [namespace]}}],
+        "relabel_configs": [
+            {"source_labels": [f"{meta}annotation_prometheus_io_scrape"], "action": "keep", "regex": "true"},
+            {"source_labels": [f"{meta}annotation_prometheus_io_path"], "action": "replace",
+             "target_label": "__metrics_path__", "regex": "(.+)"},
+            {"source_labels": ["__address__", f"{meta}annotation_prometheus_io_port"], "action": "replace",
+             "regex": r"([^:]+)(?::\d+)?;(\d+)", "replacement": "$1:$2", "target_label": "__address__"},
+            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+            {"source_labels": [f"{meta}name"], "target_label": "pod"},
+            {"source_labels": [f"{meta}label_app_kubernetes_io_name"], "target_label": "component"}]}]}
+
+
+def serving_tree(release: Release, env: str, images: Images, rules, cluster: Cluster,
+                 gateway_json: bytes) -> Tree:
+    """The serving stack for ``env`` as a kustomize tree (see the module docstring)."""
+    base = [serving.triton_deployment(release), serving.gateway_deployment(), *serving.services(),
+            *serving.disruption_budgets(), serving.triton_network_policy(cluster),
+            *serving.autoscalers(release, rules)]
+    labels = {"app.kubernetes.io/instance": serving.label_value(release.run), "autoglm.dev/env": env}
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cluster.namespace}}
+    return {
+        "kustomization.yaml": _kustomization(resources=[f"overlays/{env}", "monitoring"]),
+        "base/kustomization.yaml": _kustomization(
+            resources=["serving.yaml"],
+            configMapGenerator=[{"name": "autoglm-task", "files": ["task.json"]}],
+            secretGenerator=[{"name": "autoglm-gateway", "files": ["gateway.json"]}]),
+        "base/serving.yaml": base,
+        "base/task.json": release.task_json,
+        "base/gateway.json": gateway_json,
+        f"overlays/{env}/kustomization.yaml": _kustomization(
+            namespace=cluster.namespace, resources=["../../base", "namespace.yaml"],
+            labels=[{"pairs": labels, "includeSelectors": False, "includeTemplates": True}],
+            images=_image_pins(images, "autoglm-gateway", "autoglm-models", serving.TRITON_IMAGE),
+            patches=[{"path": "triton.yaml"}]),
+        f"overlays/{env}/namespace.yaml": namespace,
+        f"overlays/{env}/triton.yaml": triton_patch(env),
+        "monitoring/kustomization.yaml": _kustomization(
+            namespace=cluster.monitoring_namespace,
+            # a fixed name: prometheus-adapter's own Deployment (not in this tree) mounts it
+            configMapGenerator=[{"name": "autoglm-adapter-rules", "files": ["config.yaml=adapter-rules.yaml"],
+                                 "options": {"disableNameSuffixHash": True}}]),
+        "monitoring/adapter-rules.yaml": scaling.adapter_config(),
+        "monitoring/prometheus-scrape.yaml": scrape_config(cluster.namespace),
+    }
+
+
+def tune_tree(release: Release, images: Images, cluster: Cluster, workers: int, n_trials: int,
+              in_cluster_db: bool) -> Tree:
+    """The tune workers' tree (``k8s/tune``): applied on its own, when a study should run."""
+    objects = [tune.runs_volume(), tune.tune_job(release.run, workers, n_trials, in_cluster_db)]
+    if in_cluster_db:
+        objects += tune.postgres()
+    config = json.dumps(tune.worker_config(release.run_config), indent=2, sort_keys=True).encode() + b"\n"
+    return {
+        "tune/kustomization.yaml": _kustomization(
+            namespace=cluster.namespace, resources=["tune.yaml"], images=_image_pins(images, "autoglm-tune"),
+            labels=[{"pairs": {"app.kubernetes.io/instance": serving.label_value(release.run)},
+                     "includeSelectors": False, "includeTemplates": True}],
+            configMapGenerator=[{"name": "autoglm-tune-config", "files": ["config.json"]}]),
+        "tune/tune.yaml": f"# {tune_comment(workers, n_trials)}\n# {tune.SECRET_HINT}\n{yaml_text(objects)}",
+        "tune/config.json": config,
+    }
+
+
+def tune_comment(workers: int, n_trials: int) -> str:
+    """How the trials split, for the rendered Job's header (honest about what tune supports today)."""
+    if tune.tune_supports_workers():
+        return f"{workers} workers share tune.n_trials={n_trials}: worker i runs its share of the study"
+    return (f"tune has no tune.workers yet: each of the {workers} workers runs tune.n_trials={n_trials} trials of its "
+            f"own, so the study gets {workers * n_trials}")

@@ -1,0 +1,141 @@
+"""What a run releases, read from its artifacts: models, version, image tags, capacity.
+
+Deploy never looks inside a model: it reads ``repository/task.json`` (task, models, recommended one),
+the repository manifest (its sha256 names the model image; the Triton settings the models run with),
+the native flavour's version directories, and, when ``autoglm loadtest`` completed, the capacity per
+model instance it measured within the SLO.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from autoglm.artifacts import RunDir, sha256_file, verify_outputs
+from autoglm.errors import AutoGLMError, IntegrityError
+
+TRITON_NGC_TAG = "24.10-py3"  # Triton 2.51, the server version bundled in nvidia-pytriton and tested here
+DEFAULT_CAPACITY_RPS = 50.0  # per model instance, when no loadtest measured one: deliberately low (scales out early)
+
+
+@dataclass(frozen=True)
+class Images:
+    """Container images of a release; kustomize's ``images:`` and compose use the same references."""
+
+    gateway: str
+    models: str  # the native repository baked into a data-only image, copied out by an initContainer
+    triton: str
+    tune: str
+
+    @classmethod
+    def for_release(cls, registry: str, autoglm_version: str, run: str, repository_sha: str) -> Images:
+        registry = registry.rstrip("/")
+        return cls(gateway=f"{registry}/autoglm-gateway:{autoglm_version}",
+                   models=f"{registry}/autoglm-models:{run}-{repository_sha[:12]}",
+                   triton=f"nvcr.io/nvidia/tritonserver:{TRITON_NGC_TAG}",
+                   tune=f"{registry}/autoglm-tune:{autoglm_version}")
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Requests per second one model instance serves within the SLO, and where the figure comes from."""
+
+    rps_per_instance: float
+    measured: bool
+    source: str  # a sentence for the rendered files: what measured it, or why the default is used
+
+    def per_pod(self, instances_per_pod: int) -> float:
+        return self.rps_per_instance * instances_per_pod
+
+
+@dataclass(frozen=True)
+class Release:
+    run: str
+    task: str
+    models: dict[str, str]  # variant -> Triton model name
+    recommended: str
+    version: int  # the model version directory every model serves
+    instances_per_pod: int  # instance_group.count each Triton pod starts with
+    repository_sha: str  # sha256 of the repository manifest
+    autoglm_version: str
+    task_json: bytes
+    capacity: Capacity
+    inputs: list[str] = field(default_factory=list)  # stages this render depends on
+    run_config: dict[str, Any] = field(default_factory=dict)  # the run's resolved config (for tune workers)
+
+    def images(self, registry: str) -> Images:
+        return Images.for_release(registry, self.autoglm_version, self.run, self.repository_sha)
+
+
+def read_release(run: RunDir) -> Release:
+    """The release of ``run``; AutoGLMError naming the stage to run when something is missing."""
+    state = run.state("repository")
+    if state != "complete":
+        hint = {"missing": "run `autoglm compress` first (it writes the model repository)",
+                "incomplete": "`autoglm compress` did not finish: run it again",
+                "stale": "compress changed after the repository was written: run `autoglm compress --force`",
+                "tampered": "a repository file changed after it was written: run `autoglm compress --force`"}[state]
+        raise AutoGLMError(f"the model repository of run '{run.name}' is {state} ({run.stage_dir('repository')}): "
+                           f"{hint}")
+    repo_dir, manifest = run.stage_dir("repository"), run.manifest("repository")
+    verify_outputs(repo_dir, manifest)
+    task_file = repo_dir / "task.json"
+    if not task_file.is_file():
+        raise AutoGLMError(f"{task_file} is missing (the repository predates task.json): re-run "
+                           "`autoglm compress --force`")
+    task_json = task_file.read_bytes()
+    info = json.loads(task_json)
+    models = dict(info["models"])
+    versions = {_native_version(repo_dir / "native", name) for name in models.values()}
+    if len(versions) != 1:
+        raise IntegrityError(f"the native models in {repo_dir / 'native'} serve different versions {sorted(versions)}:"
+                             " re-run `autoglm compress --force`")
+    inputs = ["repository"]
+    capacity = _capacity(run)
+    if capacity.measured:
+        inputs.append("loadtest")
+    return Release(run=run.name, task=info["task"], models=models, recommended=info["recommended"],
+                   version=versions.pop(), instances_per_pod=int(manifest.config["triton"]["instances"]),
+                   repository_sha=sha256_file(run.manifest_path("repository")),
+                   autoglm_version=manifest.libraries.get("autoglm", "0.0.0"), task_json=task_json,
+                   capacity=capacity, inputs=inputs, run_config=_run_config(run))
+
+
+def _native_version(native: Path, model: str) -> int:
+    model_dir = native / model
+    if not (model_dir / "config.pbtxt").is_file():
+        raise AutoGLMError(f"{model_dir} has no config.pbtxt: the NGC Triton serves the native flavour; re-run "
+                           "`autoglm compress --force` to write it")
+    versions = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise IntegrityError(f"{model_dir} has no version directory: re-run `autoglm compress --force`")
+    return versions[-1]
+
+
+def _capacity(run: RunDir) -> Capacity:
+    """Measured capacity when loadtest completed and found a config within the SLO, else the default."""
+    state = run.state("loadtest")
+    if state != "complete":
+        return Capacity(DEFAULT_CAPACITY_RPS, False,
+                        f"default {DEFAULT_CAPACITY_RPS:g} req/s per instance (loadtest is {state}: run `autoglm "
+                        "loadtest` to measure it)")
+    metrics = run.manifest("loadtest").metrics
+    value = metrics.get("capacity_per_instance_rps")
+    if not value:
+        return Capacity(DEFAULT_CAPACITY_RPS, False,
+                        f"default {DEFAULT_CAPACITY_RPS:g} req/s per instance (loadtest found no serving config "
+                        "within the SLO: see runs/<run>/loadtest/report.json)")
+    p95 = metrics.get("p95_ms")
+    at = f" at p95 {p95:.1f} ms" if isinstance(p95, int | float) else ""
+    return Capacity(float(value), True, f"measured by loadtest: {float(value):.1f} req/s per instance{at}")
+
+
+def _run_config(run: RunDir) -> dict[str, Any]:
+    """The run's resolved config as its stages saved it (tune's first: the study config)."""
+    for stage in ("tune", "compress"):
+        path = run.stage_dir(stage) / "config.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return {}

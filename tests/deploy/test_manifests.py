@@ -1,0 +1,208 @@
+"""Rendered manifests validate offline (Kubernetes schemas, kustomize, promtool) and say what the rules say."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autoglm.config import load_settings
+from deploy import DeployOptions, render_run
+from deploy.render import find_kubectl
+from deploy.scaling import hpa_behavior, hpa_limit
+from serve.autoscale import AutoscaleRules
+from serve.triton import free_port
+from tests.deploy.conftest import KEY_LINE, publish_repository
+
+K8S_VERSION = "1.32"  # the kubectl here; the bundled schemas of kubernetes-validate include it
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+kubectl = pytest.mark.skipif(find_kubectl()[0] is None, reason=f"kustomize not run: {find_kubectl()[1]}")
+
+
+@pytest.fixture(scope="module")
+def release_run(tmp_path_factory):
+    """A published run, rendered for gpu and cpu with tune workers and their in-cluster PostgreSQL."""
+    root = tmp_path_factory.mktemp("deploy")
+    rundir = publish_repository(root / "runs")
+    keys = root / "keys.txt"
+    keys.write_text(KEY_LINE)
+    settings = load_settings(None, [f"run.root='{root / 'runs'}'", "run.name='rel'"])
+    for env in ("cpu", "gpu"):
+        render_run(settings, DeployOptions(env=env, api_keys_file=keys, tune_workers=3))
+    return rundir
+
+
+@pytest.fixture(scope="module")
+def rendered(release_run):
+    return release_run.stage_dir("deploy") / "out"
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _objects(out: Path) -> list[tuple[str, dict]]:
+    """Every Kubernetes object of a render: the kustomize builds where kubectl exists, else the source files."""
+    files = [out / "rendered.yaml", out / "rendered-tune.yaml"]
+    if not all(f.is_file() for f in files):
+        files = [out / "k8s/base/serving.yaml", out / "k8s/tune/tune.yaml"]
+    return [(f.name, d) for f in files for d in _docs(f)]
+
+
+@pytest.mark.parametrize("env", ["cpu", "gpu"])
+def test_every_object_validates_against_the_kubernetes_schemas(rendered, env):
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (offline schemas)")
+    objects = _objects(rendered / env)
+    assert len(objects) >= 15
+    for _, obj in objects:
+        kv.validate(obj, K8S_VERSION, strict=True)  # strict: unknown fields are errors too
+    broken = copy.deepcopy(next(o for _, o in objects if o["kind"] == "HorizontalPodAutoscaler"))
+    broken["spec"]["behavior"]["scaleUp"]["policies"][0]["periodSecond"] = 30  # a typo must not pass
+    with pytest.raises(kv.ValidationError):
+        kv.validate(broken, K8S_VERSION, strict=True)
+
+
+@kubectl
+def test_kustomize_builds_serving_and_tune(rendered):
+    for directory in (rendered / "cpu/k8s", rendered / "cpu/k8s/tune", rendered / "gpu/k8s/overlays/gpu"):
+        proc = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    objects = dict(((o["kind"], o["metadata"]["name"]), o) for _, o in _objects(rendered / "gpu"))
+    triton = objects[("Deployment", "autoglm-triton")]["spec"]["template"]["spec"]
+    assert triton["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"  # the overlay applied
+    assert triton["containers"][0]["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    gateway = objects[("Deployment", "autoglm-gateway")]["spec"]["template"]["spec"]
+    secret = next(name for kind, name in objects if kind == "Secret")
+    assert gateway["volumes"][0]["secret"]["secretName"] == secret  # kustomize's hashed name, rewired
+    assert objects[("ConfigMap", "autoglm-adapter-rules")]["metadata"]["namespace"] == "monitoring"
+    assert all(o["metadata"].get("namespace") == "autoglm" for (k, _), o in objects.items()
+               if k not in ("Namespace",) and o["metadata"]["name"] != "autoglm-adapter-rules")
+
+
+def test_probes_hit_the_real_endpoints(rendered):
+    objects = {o["metadata"]["name"]: o for _, o in _objects(rendered / "cpu") if o["kind"] == "Deployment"}
+    triton = objects["autoglm-triton"]["spec"]["template"]["spec"]["containers"][0]
+    assert triton["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    assert {p["name"]: p["containerPort"] for p in triton["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    gateway = objects["autoglm-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz" and gateway["ports"][0]["containerPort"] == 8080
+    for deployment in objects.values():
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            assert container["securityContext"]["runAsNonRoot"] and "limits" in container["resources"]
+
+
+def test_triton_is_reachable_only_from_the_gateway_and_prometheus(rendered):
+    policy = next(o for _, o in _objects(rendered / "cpu") if o["kind"] == "NetworkPolicy"
+                  and o["metadata"]["name"] == "autoglm-triton")
+    rules = policy["spec"]["ingress"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    inference = next(r for r in rules if {p["port"] for p in r["ports"]} == {8000, 8001})
+    assert inference["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway",
+                                                                  "app.kubernetes.io/part-of": "autoglm"}}}]
+    metrics = next(r for r in rules if {p["port"] for p in r["ports"]} == {8002})
+    assert metrics["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert len(rules) == 2
+
+
+@pytest.mark.parametrize("rules", [
+    AutoscaleRules(),
+    AutoscaleRules(min_instances=1, max_instances=24),
+    AutoscaleRules(up_factor=2.0, down_factor=1.5, min_instances=2, max_instances=16, up_after_s=10, up_cooldown_s=20),
+], ids=["defaults", "up-to-24", "x2-div1.5"])
+def test_hpa_behavior_does_what_the_rules_do(rules):
+    behavior = hpa_behavior(rules)
+    for n in range(rules.min_instances, rules.max_instances):
+        assert min(rules.max_instances, hpa_limit(n, behavior["scaleUp"], up=True)) == rules.scaled_up(n), n
+    for n in range(rules.min_instances + 1, rules.max_instances + 1):
+        assert max(rules.min_instances, hpa_limit(n, behavior["scaleDown"], up=False)) == rules.scaled_down(n), n
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] == rules.up_after_s
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == rules.down_after_s
+    assert {p["periodSeconds"] for p in behavior["scaleUp"]["policies"]} == {max(rules.up_after_s, rules.up_cooldown_s)}
+
+
+def test_default_rules_render_as_documented(rendered):
+    hpa = next(o for _, o in _objects(rendered / "cpu") if o["kind"] == "HorizontalPodAutoscaler"
+               and o["metadata"]["name"] == "autoglm-triton")
+    spec, rules = hpa["spec"], AutoscaleRules()
+    up, down = spec["behavior"]["scaleUp"], spec["behavior"]["scaleDown"]
+    assert (up["stabilizationWindowSeconds"], up["policies"][0]) == (30, {"type": "Percent", "value": 50,
+                                                                          "periodSeconds": 60})
+    assert (down["stabilizationWindowSeconds"], down["policies"][0]) == (300, {"type": "Percent", "value": 16,
+                                                                               "periodSeconds": 300})
+    assert (spec["minReplicas"], spec["maxReplicas"]) == (rules.min_instances, rules.max_instances)
+    targets = {m["pods"]["metric"]["name"]: m["pods"]["target"]["averageValue"] for m in spec["metrics"]}
+    assert targets == {"autoglm_triton_request_latency_seconds": "200m", "autoglm_triton_request_p95_seconds": "200m",
+                       "autoglm_triton_requests_per_second": "66667m"}  # default 50 req/s x 2 instances / 1.5
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian: prometheus)")
+def test_compose_prometheus_config_passes_promtool(rendered):
+    proc = subprocess.run(["promtool", "check", "config", str(rendered / "cpu/compose/prometheus.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compose_file_structure(rendered):
+    compose = yaml.safe_load((rendered / "cpu/compose/docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"triton", "gateway", "prometheus", "grafana"}
+    assert "../../../../repository/native:/models:ro" in services["triton"]["volumes"]
+    assert "deploy" not in services["triton"]  # no GPU reservation in the cpu env
+    assert all(p.startswith("127.0.0.1:") for p in services["triton"]["ports"] + services["prometheus"]["ports"])
+    assert services["gateway"]["ports"] == ["8080:8080"] and services["grafana"]["profiles"] == ["dashboard"]
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):  # every file the stack mounts exists where the compose file says
+                assert (rendered / "cpu/compose" / source).resolve().exists(), source
+    dashboard = json.loads((rendered / "cpu/compose/grafana/autoglm.json").read_text())
+    assert dashboard["panels"] and all(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+
+
+def test_rendered_gateway_command_and_settings_start_the_real_gateway(rendered, release_run, tmp_path):
+    """The container's command line with the rendered settings: /healthz answers, /readyz says no Triton."""
+    deployment = next(o for _, o in _objects(rendered / "cpu") if o["kind"] == "Deployment"
+                      and o["metadata"]["name"] == "autoglm-gateway")
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    settings = json.loads((rendered / "cpu/k8s/base/gateway.json").read_text())
+    settings["repository"] = str(release_run.stage_dir("repository"))  # the ConfigMap's task.json, here
+    settings["triton_url"] = f"http://127.0.0.1:{free_port()}"  # nobody listens: not ready
+    path = tmp_path / "gateway.json"
+    path.write_text(json.dumps(settings))
+    port = free_port()
+    command = [sys.executable, "-m", *command]
+    command[command.index("--port") + 1], command[command.index("--host") + 1] = str(port), "127.0.0.1"
+    proc = subprocess.Popen(command, env={"SERVE_GATEWAY_SETTINGS": str(path), "PATH": ""},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
+    try:
+        assert _status(f"http://127.0.0.1:{port}/healthz", proc) == 200
+        assert _status(f"http://127.0.0.1:{port}/readyz", proc) == 503
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _status(url: str, proc: subprocess.Popen, timeout_s: float = 30) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the gateway exited: {proc.stdout.read().decode()[-2000:]}")
+        try:
+            with _DIRECT.open(url, timeout=2) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"no answer from {url} in {timeout_s} s")

@@ -1,0 +1,63 @@
+"""`python -m loadtest` flags -> options, validation that names the fix, and the stage's CLI contract."""
+
+import argparse
+
+import pytest
+
+import loadtest.__main__ as cli
+from autoglm.errors import ConfigError
+from loadtest.options import LoadtestOptions, SweepGrid
+from loadtest.runner import LoadSpec, locust_command
+
+
+def _options(*argv):
+    return cli.options_from_args(cli.parser().parse_args(list(argv)))
+
+
+def test_built_and_listed_by_the_umbrella_cli():
+    from autoglm.cli import available_commands
+
+    assert cli.BUILT is True and "loadtest" in available_commands()
+
+
+def test_sweep_flags_become_the_grid():
+    options = _options("--sweep", "--variants", "fp32,int8", "--delays", "0,2000", "--preferred", "none;8,16",
+                       "--instances", "1,2", "--queue-sizes", "none,0", "--concurrency", "1,16", "--window", "4")
+    assert options.sweep and options.grid == SweepGrid(
+        variants=["fp32", "int8"], max_queue_delay_us=[0, 2000], preferred_batch_sizes=[None, [8, 16]],
+        instances=[1, 2], max_queue_size=[None, 0], users=[1, 16], window_s=4)
+
+
+def test_bad_values_are_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="becomes \\[max_batch_size\\]"):
+        _options("--sweep", "--preferred", "none;")
+    with pytest.raises(ConfigError, match="drop --sweep or use --shape steady"):
+        _options("--sweep", "--shape", "spike")
+    with pytest.raises(argparse.ArgumentTypeError, match="comma-separated list of integers"):
+        cli._ints("0,fast")
+
+
+def test_dry_run_prints_config_and_options(capsys, tmp_path):
+    code = cli.main(["--dry-run", "--set", f"run.root='{tmp_path}'", "--users", "4", "--slo-p95-ms", "50"])
+    out = capsys.readouterr().out
+    assert code == 0 and '"slo_p95_ms": 50.0' in out and '"users": 4' in out and '"scenario": "task"' in out
+
+
+def test_default_urls_come_from_serve_settings(settings_in):
+    settings = settings_in("serve.gateway_port=9080", "serve.triton_http_port=9000", "serve.triton_metrics_port=9002")
+    assert LoadtestOptions().urls(settings) == ("http://127.0.0.1:9080", "http://127.0.0.1:9000",
+                                                "http://127.0.0.1:9002/metrics")
+    assert LoadtestOptions(target="http://gw:80/").host_for("task", settings) == "http://gw:80"
+    assert LoadtestOptions().host_for("triton", settings) == "http://127.0.0.1:9000"
+
+
+def test_locust_command_runs_the_scenario_file_and_the_shape(tmp_path):
+    spec = LoadSpec("v2", "http://127.0.0.1:8080", "m", users=8, duration_s=5, warmup_s=1, shape="step")
+    cmd = locust_command(spec, tmp_path / "p.json", tmp_path / "w.jsonl", tmp_path / "locust")
+    files = cmd[cmd.index("-f") + 1].split(",")
+    assert [f.rsplit("/", 1)[1] for f in files] == ["v2_infer.py", "shape_step.py"]
+    assert cmd[cmd.index("-t") + 1] == "6s"  # a shape has no separate ramp: warm-up + duration
+    steady = LoadSpec("task", "http://h:1", "m", users=8, duration_s=5, warmup_s=1)
+    assert steady.run_time_s == 7  # one second of ramp (all users within 1 s), warm-up, duration
+    with pytest.raises(Exception, match="scenario 'grpc' is unknown"):
+        LoadSpec("grpc", "http://h:1", "m", users=1, duration_s=1)

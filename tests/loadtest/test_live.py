@@ -1,0 +1,182 @@
+"""Against the real stack: a Triton started here (plus the gateway), locust headless, the SLO gate as an exit
+code, and a sweep that reconfigures the live Triton and sees the dynamic batcher respond."""
+
+import csv
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from autoglm.artifacts import RunDir
+from autoglm.errors import MissingExtraError
+from loadtest.control import ModelControl, serving_knobs
+from loadtest.options import LoadtestOptions, SweepGrid
+from loadtest.stage import loadtest_run
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")]
+
+TINY = ["train.max_steps=60", "train.eval_every=60", "train.batch_size=64", "train.eval_batches=2",
+        "task.model={channels=8, hidden=32, dropout=0.0}", "measure.repeats=3", "measure.warmup=1",
+        "measure.batch_sizes=[1]", "compress.exporter='legacy'", "compress.variants=['fp32','int8']",
+        "compress.max_metric_loss=1.0", "compress.quantize.calibration_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def release_run(tmp_path_factory):
+    """A run with a tiny digits model compressed into a Triton repository (fp32 and int8)."""
+    from autoglm.config import load_settings
+    from autoglm.train import train_run
+    from compress.stage import compress_run
+    from serve.triton import find_tritonserver
+
+    try:
+        find_tritonserver()
+    except MissingExtraError as exc:
+        pytest.skip(str(exc))
+    root = tmp_path_factory.mktemp("loadtest")
+    settings = load_settings(None, [f"run.root='{root / 'runs'}'", f"run.cache_dir='{root / 'cache'}'",
+                                    "run.name=rel", *TINY])
+    train_run(settings, progress=False)
+    compress_run(settings, progress=False)
+    return settings
+
+
+def _gateway(repository: Path, triton_url: str, workdir: Path):
+    """The gateway in its own uvicorn process, as ``autoglm serve`` runs it; (None, why) where it is not built."""
+    try:
+        from serve.settings import GatewaySettings
+        from serve.supervisor import GatewayProcess
+        from serve.triton import free_port
+    except ImportError as exc:
+        return None, f"serve's gateway process is not importable ({exc})"
+    settings = GatewaySettings(port=free_port(), triton_url=triton_url, repository=repository)
+    gateway = GatewayProcess(settings, workdir / "gateway").start(timeout_s=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # healthy is not ready: the models must answer too
+        try:
+            with urllib.request.urlopen(f"{gateway.url}/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    return gateway, gateway.url
+        except OSError:
+            time.sleep(0.2)
+    gateway.stop()
+    raise RuntimeError(f"the gateway never became ready: see {gateway.log_path}")
+
+
+@pytest.fixture(scope="module")
+def stack(release_run, tmp_path_factory):
+    """Triton serving the run's python-flavour repository, and the gateway in front when it exists."""
+    from serve.triton import TritonServer, free_port
+
+    run = RunDir(release_run.run.root, release_run.run.name)
+    work = tmp_path_factory.mktemp("stack")
+    triton = TritonServer(run.stage_dir("repository") / "python", workdir=work, http_port=free_port(),
+                          grpc_port=free_port(), metrics_port=free_port())
+    with triton.start(timeout_s=90):
+        gateway, gateway_url = _gateway(run.stage_dir("repository"), triton.http_url, work)
+        try:
+            yield {"triton": triton, "gateway_url": gateway_url if gateway else None,
+                   "no_gateway": None if gateway else gateway_url}
+        finally:
+            if gateway:
+                gateway.stop()  # before Triton: its shutdown waits for open client connections
+
+
+def _stubs(pid: int) -> list[int]:
+    import psutil
+
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+
+
+def _options(stack, **kwargs):
+    triton = stack["triton"]
+    return LoadtestOptions(target=stack["gateway_url"] or triton.http_url, triton_url=triton.http_url,
+                           metrics_url=triton.metrics_url, warmup_s=0.5, **kwargs)
+
+
+def _with(settings, **loadtest):
+    return settings.model_copy(update={"loadtest": settings.loadtest.model_copy(update=loadtest)})
+
+
+def test_ten_second_run_writes_csvs_report_and_release_page(release_run, stack):
+    scenario = "task" if stack["gateway_url"] else "triton"  # without a gateway: the same v2 protocol, direct
+    settings = _with(release_run, users=4, duration_s=10)
+
+    manifest, code = loadtest_run(settings, _options(stack, scenario=scenario, overhead=False), force=True)
+
+    run = RunDir(settings.run.root, settings.run.name)
+    out = run.stage_dir("loadtest")
+    report = json.loads((out / "report.json").read_text())
+    point = report["points"][0]
+    assert code == 0 and report["gate"]["passed"] and run.state("loadtest") == "complete"
+    assert point["scenario"] == scenario and point["window"]["requests"] > 0 and point["window"]["failures"] == 0
+    assert point["window"]["seconds"] == pytest.approx(10, abs=1.5)
+    with open(out / "points" / "p00" / "locust_stats.csv", newline="") as fh:
+        aggregated = list(csv.DictReader(fh))[-1]
+    assert aggregated["Name"] == "Aggregated" and int(aggregated["Request Count"]) > 0
+    assert int(aggregated["Failure Count"]) == 0
+    assert (out / "points.csv").read_text().count("\n") == 2 and (out / "tradeoff.png").stat().st_size > 10_000
+    energy = point["energy"]
+    assert energy["method"].startswith("estimated") or energy["measured"]  # labelled either way
+    assert energy["j_per_request"] > 0 and stack["triton"].pid in energy["pids"]
+    if stack["gateway_url"]:  # the gateway's CPU counts too: it is part of the service
+        assert set(energy["pids"]) - {stack["triton"].pid} - set(_stubs(stack["triton"].pid))
+    assert point["triton"]["valid"] and point["triton"]["requests"] > 0 and point["triton"]["mean_batch"] >= 1
+    assert manifest.metrics["capacity_rps"] > 0 and manifest.metrics["energy_method"] == energy["method"]
+    page = (run.path / "report.html").read_text()
+    assert "Serving: 1 operating point" in page and "Compression: 3 variants" in page
+
+
+def test_gateway_overhead_is_measured_against_triton_direct(release_run, stack):
+    if not stack["gateway_url"]:
+        pytest.skip(f"no gateway to measure: {stack['no_gateway']}")
+    settings = _with(release_run, users=4, duration_s=3)
+    _, code = loadtest_run(settings, _options(stack, scenario="v2"), force=True)
+    report = json.loads((RunDir(settings.run.root, "rel").stage_dir("loadtest") / "report.json").read_text())
+    overhead = report["overhead"]
+    assert code == 0 and overhead["gateway"]["requests"] > 0 and overhead["direct"]["requests"] > 0
+    assert overhead["gateway"]["failures"] == overhead["direct"]["failures"] == 0
+    assert overhead["throughput_ratio"] > 0 and "Triton-direct throughput" in overhead["summary"]
+
+
+def test_slo_gate_exits_non_zero_on_an_impossible_slo(release_run, stack):
+    triton = stack["triton"]
+    cmd = [sys.executable, "-m", "loadtest", "--run", "rel", "--set", f"run.root='{release_run.run.root}'",
+           "--set", f"run.cache_dir='{release_run.run.cache_dir}'", "--scenario", "triton", "--triton-url",
+           triton.http_url, "--metrics-url", triton.metrics_url, "--users", "2", "--duration", "2", "--warmup", "0",
+           "--slo-p95-ms", "0.001", "--no-overhead", "--force"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "SLO gate FAILED" in done.stdout and "> SLO 0.001 ms" in done.stdout
+    manifest = RunDir(release_run.run.root, "rel").manifest("loadtest")
+    assert manifest.metrics["gate_passed"] is False and "p95" in manifest.metrics["gate_reasons"][0]
+
+
+def test_sweep_reconfigures_live_triton_and_batches_follow_the_queue_delay(release_run, stack):
+    triton = stack["triton"]
+    model = json.loads((RunDir(release_run.run.root, "rel").stage_dir("repository") / "task.json").read_text())[
+        "recommended"]
+    control = ModelControl(triton.http_url)
+    before = serving_knobs(control.config(model))
+    started = triton.pid
+    # An unbounded queue: Triton 2.51 stalls for ~500 ms at a time under any queue bound (see control.py).
+    grid = SweepGrid(max_queue_delay_us=[0, 20000], instances=[1], max_queue_size=[0], users=[16], window_s=3)
+
+    manifest, code = loadtest_run(release_run, _options(stack, scenario="triton", sweep=True, grid=grid,
+                                                        overhead=False), force=True)
+
+    report = json.loads((RunDir(release_run.run.root, "rel").stage_dir("loadtest") / "report.json").read_text())
+    applied = [p["applied"]["applied"]["max_queue_delay_us"] for p in report["points"]]
+    batches = [p["triton"]["mean_batch"] for p in report["points"]]
+    print(f"\nmean batch at delay 0 / 20000 µs, 16 users: {batches[0]:.2f} / {batches[1]:.2f}")
+    assert code == 0 and applied == [0, 20000] and triton.pid == started  # live: the same server process
+    assert all(p["window"]["failures"] == 0 and p["triton"]["valid"] for p in report["points"])
+    assert batches[1] > 4 and batches[1] > 1.5 * batches[0]
+    assert serving_knobs(control.config(model)) == before  # the sweep put the model back as it found it
+    assert manifest.metrics["capacity_per_instance_rps"] > 0 and manifest.metrics["recommended"]["model"] == model
+    assert set(manifest.metrics["front"]) <= {"p00", "p01"} and manifest.metrics["front"]

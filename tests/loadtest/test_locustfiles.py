@@ -1,0 +1,89 @@
+"""The locustfiles in a real locust process against a stub HTTP server: load shapes, phases, the SLO gate.
+
+Locust runs as a subprocess (as in production): importing it here would patch pytest with gevent.
+"""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from loadtest.latency import Slo
+from loadtest.runner import LoadSpec, run_window
+
+
+class _Stub(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like Triton and the gateway
+    status = 200
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = b'{"outputs": []}'
+        self.send_response(self.server.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    server.daemon_threads = True
+    server.status = 200
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def payloads(tmp_path):
+    path = tmp_path / "payloads.json"
+    body = {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [0.5, 1.5]}]}
+    path.write_text(json.dumps({"scenarios": {"v2": [{"path": "/v2/models/{model}/infer", "body": body}]}}))
+    return path
+
+
+def test_step_shape_reports_one_phase_per_step(stub, payloads, tmp_path):
+    spec = LoadSpec("v2", f"http://127.0.0.1:{stub.server_port}", "m", users=4, duration_s=4, warmup_s=0,
+                    shape="step", shape_steps=2, slo=Slo(1000, 0.01))
+    result = run_window(spec, tmp_path / "step", payloads=payloads)
+    assert result["slo"]["passed"] and result["window"]["requests"] > 0 and result["window"]["failures"] == 0
+    assert [p["phase"] for p in result["phases"]] == ["users=2", "users=4"]
+    stats = (tmp_path / "step" / "locust_stats.csv").read_text()
+    assert "/v2/models/[model]/infer" in stats  # named by route, not by model
+    assert result["energy"] == {"unavailable": "no energy source configured"}
+
+
+def test_shapes_refuse_phases_shorter_than_the_shape_tick():
+    with pytest.raises(Exception, match="phases under 1 s"):
+        LoadSpec("v2", "http://h:1", "m", users=4, duration_s=3, shape="spike")
+    with pytest.raises(Exception, match="fewer steps"):
+        LoadSpec("v2", "http://h:1", "m", users=4, duration_s=3, shape="step", shape_steps=4)
+
+
+def test_failing_server_fails_the_gate_through_a_spike(stub, payloads, tmp_path):
+    stub.status = 500
+    spec = LoadSpec("triton", f"http://127.0.0.1:{stub.server_port}", "m", users=4, duration_s=6, warmup_s=0,
+                    shape="spike", slo=Slo(1000, 0.01))
+    result = run_window(spec, tmp_path / "spike", payloads=payloads)
+    assert result["slo"]["locust_exit_code"] == 1 and not result["slo"]["passed"]
+    assert result["window"]["error_rate"] == 1.0
+    assert any(reason.startswith("error rate 100.00%") for reason in result["slo"]["breaches"])
+    assert [p["phase"] for p in result["phases"]] == ["before", "spike", "after"]
+
+
+def test_the_locust_side_imports_nothing_of_the_pipeline():
+    import subprocess
+    import sys
+
+    code = ("import sys, loadtest.latency, loadtest.locustfiles; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'pydantic', 'autoglm'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
