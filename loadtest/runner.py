@@ -67,7 +67,11 @@ class LoadSpec:
 
 
 def locust_command(spec: LoadSpec, payloads: Path, window_file: Path, csv_prefix: Path) -> list[str]:
-    """The locust command line for ``spec`` (locustfiles by path: the scenario, then the shape if any)."""
+    """The locust command line for ``spec`` (locustfiles by path: the scenario, then the shape if any).
+
+    Paths are made absolute: locust runs in the point's own directory, not the caller's.
+    """
+    payloads, window_file, csv_prefix = payloads.resolve(), window_file.resolve(), csv_prefix.resolve()
     files = [str(DIRECTORY / SCENARIOS[spec.scenario])]
     if SHAPES[spec.shape]:
         files.append(str(DIRECTORY / SHAPES[spec.shape]))

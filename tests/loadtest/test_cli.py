@@ -1,6 +1,7 @@
 """`python -m loadtest` flags -> options, validation that names the fix, and the stage's CLI contract."""
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,12 @@ def test_locust_command_runs_the_scenario_file_and_the_shape(tmp_path):
     assert steady.run_time_s == 7  # one second of ramp (all users within 1 s), warm-up, duration
     with pytest.raises(Exception, match="scenario 'grpc' is unknown"):
         LoadSpec("grpc", "http://h:1", "m", users=1, duration_s=1)
+
+
+def test_locust_command_paths_are_absolute_because_locust_runs_in_the_point_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = LoadSpec("task", "http://127.0.0.1:8080", "m", users=1, duration_s=5, warmup_s=1)
+    cmd = locust_command(spec, Path("runs/r/loadtest/payloads.json"), Path("w.jsonl"), Path("points/p00/locust"))
+    for flag in ("--payloads", "--window-file", "--csv"):
+        value = cmd[cmd.index(flag) + 1]
+        assert Path(value).is_absolute() and value.startswith(str(tmp_path))
