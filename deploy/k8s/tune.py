@@ -46,7 +46,7 @@ def _env(name: str, value: str) -> dict[str, str]:
 def worker_config(run_config: dict[str, Any]) -> dict[str, Any]:
     """The run's resolved config with the paths and storage of a worker pod (the shared volume, the Secret)."""
     config = {k: dict(v) if isinstance(v, dict) else v for k, v in run_config.items()}
-    config["run"] = {**config.get("run", {}), "root": "/work/runs", "cache_dir": "/work/runs/.cache"}
+    config["run"] = {**config.get("run", {}), "root": "/srv/autoglm/runs", "cache_dir": "/srv/autoglm/runs/.cache"}
     config["tune"] = {**config.get("tune", {}), "storage": None}  # AUTOGLM_TUNE__STORAGE, from the Secret
     return config
 
@@ -70,10 +70,10 @@ def worker_command(run: str, n_trials: int) -> list[str]:
 def tune_job(run: str, workers: int, n_trials: int, in_cluster_db: bool) -> dict[str, Any]:
     """The Indexed Job: ``workers`` pods at once, each replaced on failure on its own (backoffLimitPerIndex)."""
     container = {
-        "name": "tune", "image": "autoglm-tune", "workingDir": "/work", "command": worker_command(run, n_trials),
+        "name": "tune", "image": "autoglm-tune", "workingDir": "/srv/autoglm", "command": worker_command(run, n_trials),
         "env": worker_env(workers),
         "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "8Gi"}},
-        "volumeMounts": [{"name": "runs", "mountPath": "/work/runs"},
+        "volumeMounts": [{"name": "runs", "mountPath": "/srv/autoglm/runs"},
                          {"name": "config", "mountPath": "/etc/autoglm/tune", "readOnly": True}],
         "securityContext": {"runAsNonRoot": True, "runAsUser": GATEWAY_UID, "allowPrivilegeEscalation": False,
                             "capabilities": {"drop": ["ALL"]}}}
