@@ -100,6 +100,8 @@ class TuneSettings(Section):
     early_stop: EarlyStopSettings = Field(default_factory=EarlyStopSettings)
     heartbeat_s: int = Field(30, ge=1, description="RDB storages: trials silent this long x2 are retried")
     workers: int = Field(1, ge=1, description="processes sharing this study (an Indexed Job's parallelism)")
+    ddp_procs: int = Field(1, ge=1, description="train each trial data-parallel on this many torchrun ranks "
+                           "(gloo on CPU, NCCL on GPU); early stopping then judges only finished trials")
     worker_index: int = Field(0, ge=0, description="this process's index among tune.workers, 0-based")
     max_metric_loss: float = Field(0.01, ge=0, description="selection: allowed loss vs the best, relative")
     latency_slo_ms: float | None = Field(None, gt=0, description="selection: p95 latency limit")

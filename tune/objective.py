@@ -23,6 +23,7 @@ import psutil
 
 from autoglm.artifacts import write_atomic
 from autoglm.config import Settings
+from autoglm.errors import AutoGLMError
 from autoglm.measure import energy_meter
 from autoglm.tasks import Task
 from compress.variants import Variant, VariantBuilder
@@ -133,6 +134,11 @@ class Objective:
             model = load_checkpoint(cached).build_model(self.task)
             result = json.loads(result_file.read_text())
             trial.set_user_attr("cache_hit", True)
+        elif settings.tune.ddp_procs > 1:
+            model, result = self._train_ddp(settings, out)
+            trial.set_user_attr("ddp_procs", settings.tune.ddp_procs)
+            _link(out / "ddp" / "model.pt", cached)
+            write_atomic(result_file, json.dumps(result).encode())
         else:
             model = self.task.build_model(model_args)
             hook = RungCallback(self.rule, self._study(trial), trial, settings.tune.objectives, cost,
@@ -151,6 +157,20 @@ class Objective:
         trial.set_user_attr("train_metric", result["metric"])
         _link(cached, out / "model.pt")
         return model, result
+
+    def _train_ddp(self, settings: Settings, out: Path):
+        """Train under torchrun (``autoglm.ddp``); rank 0 writes the checkpoint and result into out/ddp."""
+        from autoglm.ddp import RESULT, launch
+        from autoglm.tasks.checkpoint import load_checkpoint
+
+        config = settings.save(out / "trial_config.json")
+        done = launch(settings.tune.ddp_procs, ["--config", str(config), "--out", str(out / "ddp")])
+        if done.returncode != 0:
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
+            raise AutoGLMError(f"DDP training of this trial failed (exit {done.returncode}):\n{tail}")
+        summary = json.loads((out / "ddp" / RESULT).read_text())
+        result = {k: summary[k] for k in ("steps", "samples", "metric", "wall_s", "cpu_s")}
+        return load_checkpoint(out / "ddp" / "model.pt").build_model(self.task), result
 
     @staticmethod
     def _study(trial):
@@ -171,6 +191,7 @@ def _serving_threads(settings: Settings) -> int:
 
 
 def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
     dst.unlink(missing_ok=True)
     try:
         os.link(src, dst)  # the cache and the trial share one file
