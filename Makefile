@@ -14,7 +14,7 @@ AUTOGLM := $(BIN)/autoglm
 # OpenMP's default busy-waiting makes torch 2-10x slower on small shared machines (measured on 2 cores)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test train tune compress serve loadtest deploy bench status dashboard report-check lock clean
+.PHONY: venv demo test train tune compress serve loadtest deploy bench status dashboard report-check audit lock clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,11 @@ report-check: venv
 
 bench: venv
 	$(BIN)/python -m bench $(ARGS)
+
+# Known vulnerabilities in the pinned environment (needs pypi.org's JSON API or api.osv.dev).
+# --strict: a dependency that could not be checked fails the audit instead of passing silently.
+audit: venv
+	$(BIN)/pip-audit --strict --progress-spinner off --disable-pip --no-deps -r constraints.txt
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:

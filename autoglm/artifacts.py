@@ -112,13 +112,18 @@ class Manifest:
     def load(cls, path: Path) -> Manifest:
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise IntegrityError(f"manifest {path} is unreadable ({exc}); re-run the stage with --force") from exc
+        if not isinstance(data, dict):
+            raise IntegrityError(f"manifest {path} is not a JSON object; re-run the stage with --force")
         if data.get("schema_version") != SCHEMA_VERSION:
             raise IntegrityError(f"manifest {path} has schema {data.get('schema_version')}, expected "
                                  f"{SCHEMA_VERSION}; re-run the stage with --force")
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:  # a required field is missing
+            raise IntegrityError(f"manifest {path} is incomplete ({exc}); re-run the stage with --force") from None
 
 
 class RunDir:

@@ -47,7 +47,8 @@ def images_tensor(images, metadata: dict, input_spec: dict, max_batch: int) -> n
         raise BadInput(f"{len(images)} images in one request; the model takes at most {max_batch}: split it", 413)
     shape = tuple(input_spec["shape"])
     try:
-        x = np.asarray(images, dtype=np.float32)
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused just below
+            x = np.asarray(images, dtype=np.float32)
     except (ValueError, TypeError):
         raise BadInput(f"'images' must hold numbers only, each image {_plain(shape)} rows of pixels", 422) from None
     if x.shape[1:] != shape and x.shape[1:] != _plain(shape):
