@@ -162,6 +162,17 @@ class TritonModelSettings(Section):
         return self
 
 
+class GenerateSettings(Section):
+    """KV-cache generation for decoder tasks (charlm): decode graphs and the streaming Triton model."""
+
+    enabled: bool = Field(True, description="build prefill/step graphs and the <task>-generate model")
+    int8: bool = Field(True, description="try dynamic INT8 graphs; served when within max_metric_loss and faster")
+    max_sequences: int = Field(32, ge=1, description="sequences decoded together (cache slots); more wait")
+    max_waiting: int = Field(256, ge=0, description="requests waiting for a slot before new ones are refused")
+    max_new_tokens: int = Field(1024, ge=1, description="upper bound of one request's max_new_tokens")
+    intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads of the decode loop (0: all cores)")
+
+
 class CompressSettings(Section):
     variants: list[str] = Field(default_factory=lambda: ["fp32", "int8", "pruned", "pruned-int8"], min_length=1)
     checkpoint: str | None = Field(None, description="compress this checkpoint instead of tune's selection")
@@ -174,6 +185,7 @@ class CompressSettings(Section):
     prune: PruneSettings = Field(default_factory=PruneSettings)
     qat: QATSettings = Field(default_factory=QATSettings)
     triton: TritonModelSettings = Field(default_factory=TritonModelSettings)
+    generate: GenerateSettings = Field(default_factory=GenerateSettings)
 
     @model_validator(mode="after")
     def _known_variants(self) -> CompressSettings:

@@ -108,18 +108,27 @@ class ModelConfig:
     instance_group: InstanceGroup = field(default_factory=InstanceGroup)
     parameters: dict[str, str] = field(default_factory=dict)
     warmup_batch_sizes: tuple[int, ...] = (1,)
+    decoupled: bool = False  # the model answers a request with any number of responses (streaming)
+    optional_inputs: tuple[str, ...] = ()  # inputs a request may leave out
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "warmup_batch_sizes", tuple(self.warmup_batch_sizes))
+        object.__setattr__(self, "optional_inputs", tuple(self.optional_inputs))
         object.__setattr__(self, "parameters", {str(k): str(v) for k, v in self.parameters.items()})
         if not _NAME.fullmatch(self.name or "") or self.name.startswith("."):
             raise ConfigError(f"model name {self.name!r} is not a safe directory name: use only letters, digits, "
                               f"'_', '.' and '-', not starting with '.'")
         if self.flavour not in FLAVOURS:
             raise ConfigError(f"flavour {self.flavour!r} is unknown: use one of {list(FLAVOURS)}")
-        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+        if self.max_batch_size == 0 and (self.dynamic_batching is not None or self.warmup_batch_sizes):
+            raise ConfigError("max_batch_size=0 (the model batches by itself) takes no dynamic_batching and no "
+                              "warmup batches: drop them")
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 0:
             raise ConfigError(f"max_batch_size={self.max_batch_size!r} must be >= 1 (the batch axis is always "
-                              f"dynamic here)")
+                              f"dynamic here), or 0 for a model that batches by itself")
+        unknown = set(self.optional_inputs) - {s.name for s in self.io.inputs}
+        if unknown:
+            raise ConfigError(f"optional inputs {sorted(unknown)} are not inputs of model '{self.name}'")
         if self.dynamic_batching is not None:
             _positive_sizes("preferred batch size", self.dynamic_batching.preferred_batch_sizes, self.max_batch_size)
         _positive_sizes("warmup batch size", self.warmup_batch_sizes, self.max_batch_size)
@@ -183,6 +192,9 @@ def to_protobuf(cfg: ModelConfig) -> Any:
         msg.default_model_filename = cfg.model_file
     for spec in cfg.io.inputs:
         _add_tensor(msg.input.add(), spec, pb)
+        msg.input[-1].optional = spec.name in cfg.optional_inputs
+    if cfg.decoupled:
+        msg.model_transaction_policy.decoupled = True
     for spec in cfg.io.outputs:
         _add_tensor(msg.output.add(), spec, pb)
     if cfg.dynamic_batching is not None:
@@ -231,6 +243,25 @@ def parse_pbtxt(text: str) -> Any:
 def python_model_source() -> bytes:
     """The python-backend ``model.py`` (the :mod:`compress.triton_python_model` module, verbatim)."""
     return Path(__file__).with_name("triton_python_model.py").read_bytes()
+
+
+def write_files(repo_dir: Path | str, cfg: ModelConfig, files: dict[str, Path | bytes], version: int = 1) -> Path:
+    """Write ``files`` (name -> source file or content) into the version directory, then ``config.pbtxt``.
+
+    For models made of several files (the generation model: graphs, model.py and its helpers).
+    """
+    text = render_pbtxt(cfg)
+    model_dir = Path(repo_dir) / cfg.name
+    for name, source in files.items():
+        if isinstance(source, Path) and not source.is_file():
+            raise ConfigError(f"{source} does not exist: build it before writing model '{cfg.name}'")
+        with atomic_output(model_dir / str(version) / name) as tmp:
+            tmp.write_bytes(source) if isinstance(source, bytes) else shutil.copyfile(source, tmp)
+            tmp.chmod(0o644)
+    with atomic_output(model_dir / "config.pbtxt") as tmp:  # last: a config always has its files
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+    return model_dir
 
 
 def write_model(repo_dir: Path | str, cfg: ModelConfig, model_file: Path | str, version: int = 1) -> Path:

@@ -16,6 +16,7 @@ from typing import Any
 from autoglm.artifacts import Manifest, RunDir, StageWriter, sha256_file, write_atomic
 from autoglm.config import CompressSettings, Settings
 from autoglm.errors import AutoGLMError
+from autoglm.tasks import IOSpec, TensorSpec
 from compress.variants import Variant, build_variants
 
 
@@ -58,8 +59,37 @@ def recommend(task, variants: list[Variant], preferred: str | None = None) -> tu
                        f" among variants within compress.max_metric_loss of FP32 {task.metric}")
 
 
+GENERATE_IO = IOSpec(
+    inputs=(TensorSpec("input_ids", "int64", (-1,)), TensorSpec("max_new_tokens", "int32", (1,)),
+            TensorSpec("temperature", "float32", (1,)), TensorSpec("top_k", "int32", (1,)),
+            TensorSpec("top_p", "float32", (1,)), TensorSpec("seed", "int64", (1,)), TensorSpec("stop", "bytes", (-1,))),
+    outputs=(TensorSpec("token_id", "int64", (1,)), TensorSpec("text", "bytes", (1,)),
+             TensorSpec("finish_reason", "bytes", (1,))))
+
+
+def write_generate_model(repo: Path, settings: Settings, task, model_args, graphs) -> str:
+    """The decoupled generation model (KV-cache decode loop in Triton's python backend); its name."""
+    from compress.repository import InstanceGroup, ModelConfig, write_files
+
+    g = settings.compress.generate
+    here, name = Path(__file__).parent, f"{task.name}-generate"
+    cfg = ModelConfig(name=name, io=GENERATE_IO, flavour="python", max_batch_size=0, dynamic_batching=None,
+                      instance_group=InstanceGroup(1, "cpu"), warmup_batch_sizes=(), decoupled=True,
+                      optional_inputs=tuple(t.name for t in GENERATE_IO.inputs[1:]),
+                      parameters={"itos": json.dumps(task.serving_metadata(model_args)["itos"]),
+                                  "max_sequences": str(g.max_sequences), "max_waiting": str(g.max_waiting),
+                                  "max_new_tokens": str(g.max_new_tokens), "intra_op_threads": str(g.intra_op_threads)})
+    files = {"prefill.onnx": graphs.prefill, "step.onnx": graphs.step,
+             "model.py": (here / "triton_generate_model.py").read_bytes(),
+             "decode_engine.py": (here / "decode_engine.py").read_bytes(),
+             "sampling.py": (here.parent / "autoglm" / "sampling.py").read_bytes()}
+    for folder in ("python", "native"):  # the NGC container runs the python backend too
+        write_files(repo / folder, cfg, files)
+    return name
+
+
 def write_repository(run: RunDir, settings: Settings, task, model_args, variants: list[Variant],
-                     recommended: str) -> Manifest:
+                     recommended: str, graphs=None) -> Manifest:
     """One Triton model per accepted variant, in both flavours; its own manifest."""
     from compress.repository import DynamicBatching, InstanceGroup, ModelConfig, write_model
 
@@ -84,6 +114,8 @@ def write_repository(run: RunDir, settings: Settings, task, model_args, variants
     task_info = {"task": task.name, "metric": task.metric, "direction": task.direction, "model_args": model_args,
                  "io": asdict(io), "metadata": task.serving_metadata(model_args), "models": models,
                  "recommended": models[recommended]}
+    if graphs is not None:
+        task_info["generate"] = write_generate_model(writer.dir, settings, task, model_args, graphs)
     write_atomic(writer.dir / "task.json", (json.dumps(task_info, indent=2) + "\n").encode())
     for path in sorted(p for p in writer.dir.rglob("*") if p.is_file() and p.name != "manifest.json"):
         writer.add_output(str(path.relative_to(writer.dir)))
@@ -113,7 +145,7 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
         return run.manifest("compress")
     writer.invalidate()
     run.manifest_path("repository").unlink(missing_ok=True)
-    for stale in (*writer.dir.glob("*.onnx"), *writer.dir.glob("*.plan")):
+    for stale in (*writer.dir.glob("*.onnx"), *writer.dir.glob("*.plan"), *writer.dir.glob("decode/*/*.onnx")):
         stale.unlink()  # a redo must never pick up a model file from an earlier configuration
 
     task = get_task(settings)
@@ -123,6 +155,12 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
     report = _printer(task) if progress else None
     with fixed_threads(settings.run.threads):
         variants = build_variants(task, model, checkpoint.model_args, settings, writer.dir, on_variant=report)
+        graphs = None
+        if settings.compress.generate.enabled:  # KV-cache decode graphs, for decoder tasks only
+            from compress.decode import build_decode_graphs
+
+            graphs = build_decode_graphs(task, model, checkpoint.model_args, writer.dir / "decode",
+                                         settings.compress.max_metric_loss, int8=settings.compress.generate.int8)
     recommended, why = recommend(task, variants, preferred=source.overrides.get("variants", [None])[0])
     rows = [v.to_dict(writer.dir) for v in variants]
     write_atomic(writer.dir / "variants.json", (json.dumps({"variants": rows, "recommended": recommended,
@@ -135,10 +173,16 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
             writer.add_energy(f"{variant.name}@batch{batch}", p["j_per_item"], p["energy_method"])
     for rel in ("parity.json", "variants.json", "config.json"):
         writer.add_output(rel)
+    if graphs is not None:
+        for path in sorted((writer.dir / "decode").rglob("*")):
+            if path.is_file():
+                writer.add_output(str(path.relative_to(writer.dir)))
     writer.manifest.metrics = {"recommended": recommended, "why": why, "metric": task.metric,
                                "variants": {v["name"]: _summary(v) for v in rows}}
+    if graphs is not None:
+        writer.manifest.metrics["generate"] = {"precision": graphs.precision, "candidates": graphs.candidates}
     manifest = writer.commit()
-    write_repository(run, settings, task, checkpoint.model_args, variants, recommended)
+    write_repository(run, settings, task, checkpoint.model_args, variants, recommended, graphs)
     print(f"compress: {len([v for v in variants if v.status == 'ok'])} variants published; recommended "
           f"{recommended} -> {run.stage_dir('repository')}")
     return manifest

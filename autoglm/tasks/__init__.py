@@ -10,13 +10,15 @@ import importlib
 from typing import TYPE_CHECKING
 
 from autoglm.errors import ConfigError
-from autoglm.tasks.base import EvalCallback, Inputs, IOSpec, Knob, Predictor, Task, TensorSpec, TrainResult
+from autoglm.tasks.base import (DecoderLayer, DecoderWeights, EvalCallback, Inputs, IOSpec, Knob, Predictor, Task,
+                                TensorSpec, TrainResult)
 
 if TYPE_CHECKING:
     from autoglm.config import Settings
 
 __all__ = [
-    "EvalCallback", "IOSpec", "Inputs", "Knob", "Predictor", "Task", "TensorSpec", "TrainResult",
+    "DecoderLayer", "DecoderWeights", "EvalCallback", "IOSpec", "Inputs", "Knob", "Predictor", "Task", "TensorSpec",
+    "TrainResult",
     "BUILTIN", "get_task", "task_class",
 ]
 

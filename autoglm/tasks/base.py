@@ -79,6 +79,44 @@ class IOSpec:
     outputs: tuple[TensorSpec, ...]
 
 
+@dataclass(frozen=True)
+class DecoderLayer:
+    """One pre-LayerNorm transformer block as plain arrays; matrices are (in, out): ``y = x @ w + b``.
+
+    ``qkv`` packs queries, keys and values of every head along its output axis (q heads, then k, then v).
+    Biases are None where the model has none.
+    """
+
+    ln1: tuple[np.ndarray, np.ndarray | None]
+    qkv: tuple[np.ndarray, np.ndarray | None]
+    proj: tuple[np.ndarray, np.ndarray | None]
+    ln2: tuple[np.ndarray, np.ndarray | None]
+    fc: tuple[np.ndarray, np.ndarray | None]
+    fc_out: tuple[np.ndarray, np.ndarray | None]
+
+
+@dataclass(frozen=True)
+class DecoderWeights:
+    """A GPT-style decoder (learned positions, GELU MLP, causal multi-head attention) as numpy arrays.
+
+    What compress needs to build KV-cache decode graphs; a task offers it through
+    :meth:`Task.decoder_weights`. ``context`` is the number of positions the model was trained for.
+    """
+
+    n_head: int
+    context: int
+    token_embedding: np.ndarray  # (V, C)
+    position_embedding: np.ndarray  # (context, C)
+    layers: tuple[DecoderLayer, ...]
+    ln_f: tuple[np.ndarray, np.ndarray | None]
+    head: tuple[np.ndarray, np.ndarray | None]  # (C, V)
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def head_size(self) -> int:
+        return self.token_embedding.shape[1] // self.n_head
+
+
 @dataclass
 class TrainResult:
     """What one training run did and reached; ``history`` holds (step, metric) at each evaluation."""
@@ -180,6 +218,14 @@ class Task(ABC):
         """Layers whose output channels structural pruning may remove; None: every layer but the output.
 
         Override where shapes are tied, e.g. a transformer's residual width: charlm prunes MLP width only.
+        """
+        return None
+
+    def decoder_weights(self, model: torch.nn.Module) -> DecoderWeights | None:
+        """The model as a GPT-style decoder, for KV-cache generation graphs; None: not a decoder.
+
+        Language-model tasks whose model fits :class:`DecoderWeights` return it, and compress then
+        builds prefill/step graphs and a generation model for Triton.
         """
         return None
 

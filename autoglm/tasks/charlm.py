@@ -18,7 +18,7 @@ import numpy as np
 
 from autoglm.errors import ConfigError, DataError
 from autoglm.tasks import corpus
-from autoglm.tasks.base import IOSpec, Knob, Task, TensorSpec
+from autoglm.tasks.base import DecoderLayer, DecoderWeights, IOSpec, Knob, Task, TensorSpec
 
 if TYPE_CHECKING:
     import torch
@@ -185,6 +185,26 @@ class CharLMTask(Task):
     def prunable_layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """Only the MLP's inner width: the residual width and attention heads are tied across layers."""
         return [block.mlp.c_fc for block in model.transformer.h]
+
+    def decoder_weights(self, model: torch.nn.Module) -> DecoderWeights:
+        """The trained GPT's arrays; Linear weights are transposed to (in, out)."""
+        def arr(t):
+            return None if t is None else t.detach().float().cpu().numpy().copy()
+
+        def linear(m):
+            return arr(m.weight).T.copy(), arr(m.bias)
+
+        def norm(m):
+            return arr(m.weight), arr(m.bias)
+
+        t = model.transformer
+        layers = tuple(DecoderLayer(ln1=norm(b.ln_1), qkv=linear(b.attn.c_attn), proj=linear(b.attn.c_proj),
+                                    ln2=norm(b.ln_2), fc=linear(b.mlp.c_fc), fc_out=linear(b.mlp.c_proj))
+                       for b in t.h)
+        return DecoderWeights(n_head=model.config.n_head, context=model.config.block_size,
+                              token_embedding=arr(t.wte.weight), position_embedding=arr(t.wpe.weight),
+                              layers=layers, ln_f=norm(t.ln_f), head=linear(model.lm_head),
+                              layer_norm_eps=t.ln_f.eps)
 
     def loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
         from torch.nn import functional as F

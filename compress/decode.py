@@ -1,0 +1,265 @@
+"""KV-cache decode graphs for GPT-style tasks: prefill and step, attention as GroupQueryAttention.
+
+Exporting the training module would recompute the whole context for every new token. Instead the
+graphs are built from the task's :class:`~autoglm.tasks.DecoderWeights`, with attention as ONNX
+Runtime's ``com.microsoft.GroupQueryAttention`` (measured the fastest CPU attention for this model
+size; it keeps a KV cache, handles sequences of different lengths in one batch and can update the
+cache in place):
+
+* ``prefill.onnx``: a prompt (B, S) -> logits at every position (B, S, V) + present K/V (B, H, S, D);
+* ``step.onnx``: one token per sequence (B, 1) + past K/V (B, H, context, D), updated in place ->
+  logits (B, 1, V); ``query_seqlens`` 0 leaves a row idle.
+
+Gates: greedy tokens from the FP32 graphs must equal torch's greedy generation for the same prompts
+(:func:`check_greedy_parity`); INT8 graphs (dynamic, MatMul only) are judged by validation loss
+against ``compress.max_metric_loss``, computed through the prefill graph on the task's own batches.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autoglm._lazy import require
+from autoglm.errors import AutoGLMError
+from autoglm.tasks import DecoderWeights, Task
+
+OPSET = 17  # LayerNormalization
+
+
+class DecodeParityError(AutoGLMError):
+    """The decode graphs' greedy text differs from torch's: they are not published."""
+
+
+def build_graph(w: DecoderWeights, step: bool) -> Any:
+    """The prefill (``step=False``) or step graph of ``w`` as an ``onnx.ModelProto``."""
+    onnx = require("onnx", purpose="building decode graphs")
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    nodes, inits = [], []
+
+    def const(name: str, value: np.ndarray | None) -> str:
+        if value is None:
+            return ""
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(value, np.float32), name))
+        return name
+
+    def linear(x: str, wb: tuple, name: str) -> str:
+        nodes.append(helper.make_node("MatMul", [x, const(f"{name}.w", wb[0])], [f"{name}.mm"]))
+        if wb[1] is None:
+            return f"{name}.mm"
+        nodes.append(helper.make_node("Add", [f"{name}.mm", const(f"{name}.b", wb[1])], [f"{name}.out"]))
+        return f"{name}.out"
+
+    def norm(x: str, wb: tuple, name: str) -> str:
+        nodes.append(helper.make_node("LayerNormalization", [x, const(f"{name}.w", wb[0]), const(f"{name}.b", wb[1])],
+                                      [f"{name}.out"], axis=-1, epsilon=w.layer_norm_eps))
+        return f"{name}.out"
+
+    n_layer, heads, size = len(w.layers), w.n_head, w.head_size
+    vocab, width = w.token_embedding.shape
+    seq = 1 if step else "sequence"
+    cache = "context" if step else "past"
+    f32, i64, i32 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.INT32
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", seq]),
+              helper.make_tensor_value_info("position_ids", i64, ["batch", seq]),
+              helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
+              helper.make_tensor_value_info("total_sequence_length", i32, [])]
+    if step:
+        inputs.append(helper.make_tensor_value_info("query_seqlens", i32, ["batch"]))
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", seq, vocab])]
+
+    nodes.append(helper.make_node("Gather", [const("wte", w.token_embedding), "input_ids"], ["tok"]))
+    nodes.append(helper.make_node("Gather", [const("wpe", w.position_embedding), "position_ids"], ["pos"]))
+    nodes.append(helper.make_node("Add", ["tok", "pos"], ["x0"]))
+    x = "x0"
+    for i, layer in enumerate(w.layers):
+        p = f"h{i}"
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f32, ["batch", heads, cache, size]))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", f32,
+                                                         ["batch", heads, "present", size]))
+        qkv = linear(norm(x, layer.ln1, f"{p}.ln_1"), layer.qkv, f"{p}.attn.qkv")
+        gqa_in = [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length"]
+        if step:  # the optional inputs between are left empty
+            gqa_in += ["", "", "", "", "", "", "", "", "", "query_seqlens"]
+        nodes.append(helper.make_node("GroupQueryAttention", gqa_in,
+                                      [f"{p}.attn.y", f"present_key_{i}", f"present_value_{i}"],
+                                      domain="com.microsoft", num_heads=heads, kv_num_heads=heads))
+        nodes.append(helper.make_node("Add", [x, linear(f"{p}.attn.y", layer.proj, f"{p}.attn.proj")], [f"{p}.x1"]))
+        hidden = linear(norm(f"{p}.x1", layer.ln2, f"{p}.ln_2"), layer.fc, f"{p}.mlp.fc")
+        nodes.append(helper.make_node("Gelu", [hidden], [f"{p}.mlp.gelu"], domain="com.microsoft"))
+        nodes.append(helper.make_node("Add", [f"{p}.x1", linear(f"{p}.mlp.gelu", layer.fc_out, f"{p}.mlp.out")],
+                                      [f"{p}.x2"]))
+        x = f"{p}.x2"
+    head = linear(norm(x, w.ln_f, "ln_f"), w.head, "lm_head")
+    nodes.append(helper.make_node("Identity", [head], ["logits"]))
+    graph = helper.make_graph(nodes, "step" if step else "prefill", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="autoglm")
+    model.ir_version = 8
+    for key, value in {"context": w.context, "vocab_size": vocab, "n_layer": n_layer, "n_head": heads,
+                       "n_embd": width}.items():
+        model.metadata_props.add(key=key, value=str(value))
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_graphs(w: DecoderWeights, out_dir: Path) -> tuple[Path, Path]:
+    """``prefill.onnx`` and ``step.onnx`` (FP32) in ``out_dir``."""
+    onnx = require("onnx", purpose="building decode graphs")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / "prefill.onnx", out_dir / "step.onnx"
+    for path, step in zip(paths, (False, True)):
+        onnx.save(build_graph(w, step), str(path))
+    return paths
+
+
+def quantize_graphs(paths: tuple[Path, Path], out_dir: Path) -> tuple[Path, Path]:
+    """Dynamic INT8 of every MatMul (weights per tensor), attention and norms left in FP32."""
+    qz = require("onnxruntime.quantization", purpose="INT8 decode graphs")
+    out = out_dir / "prefill.onnx", out_dir / "step.onnx"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for src, dst in zip(paths, out):
+        # DefaultTensorType: the contrib ops' outputs have no type ORT's quantizer can infer
+        qz.quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=qz.QuantType.QInt8,
+                            extra_options={"DefaultTensorType": 1})
+    return out
+
+
+def torch_greedy(model, prompt: list[int], n_new: int) -> list[int]:
+    """nanoGPT's generation, greedy: the whole (cropped) context recomputed for every token."""
+    import torch
+
+    idx = torch.tensor([prompt], dtype=torch.long)
+    block = model.config.block_size
+    with torch.no_grad():
+        for _ in range(n_new):
+            logits = model(idx[:, -block:])[:, -1]
+            idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
+    return idx[0, len(prompt):].tolist()
+
+
+def prompts(task: Task, model_args: dict, n: int, length: int) -> list[list[int]]:
+    """``n`` validation prompts of ``length`` tokens (the task's own fixed batches)."""
+    inputs, _ = next(task.batches("val", n, 1, seed=0, model_args=model_args))
+    return [row[:length].tolist() for row in next(iter(inputs.values()))]
+
+
+def check_greedy_parity(model, engine, task: Task, model_args: dict, n_prompts: int = 3) -> dict[str, Any]:
+    """Greedy continuations from the graphs vs torch, within the context (where both are exact)."""
+    context = engine.context
+    length, n_new = max(1, context // 4), context - max(1, context // 4)
+    rows = []
+    for prompt in prompts(task, model_args, n_prompts, length):
+        want, got = torch_greedy(model, prompt, n_new), engine.generate(prompt, n_new)
+        first = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), None)
+        rows.append({"prompt_tokens": len(prompt), "new_tokens": n_new, "equal": want == got,
+                     "first_difference": first})
+    return {"passed": all(r["equal"] for r in rows), "prompts": rows}
+
+
+def graph_val_loss(prefill_path: Path, task: Task, model_args: dict, n_batches: int, batch_size: int = 16) -> float:
+    """The task's validation loss, predicted by the prefill graph on the task's fixed batches."""
+    ort = require("onnxruntime", purpose="scoring decode graphs")
+    from compress.decode_engine import session_options
+
+    session = ort.InferenceSession(str(prefill_path), session_options(), providers=["CPUExecutionProvider"])
+    n_layer = sum(1 for i in session.get_inputs() if i.name.startswith("past_key_"))
+    heads, size = session.get_inputs()[-1].shape[1], session.get_inputs()[-1].shape[3]
+
+    def predict(inputs: dict) -> np.ndarray:
+        ids = next(iter(inputs.values()))
+        b, t = ids.shape
+        feed = {"input_ids": ids.astype(np.int64), "position_ids": np.tile(np.arange(t, dtype=np.int64), (b, 1)),
+                "seqlens_k": np.full(b, t - 1, np.int32), "total_sequence_length": np.asarray(t, np.int32)}
+        empty = np.zeros((b, heads, 0, size), np.float32)
+        feed |= {f"past_{k}_{i}": empty for i in range(n_layer) for k in ("key", "value")}
+        return session.run(["logits"], feed)[0]
+
+    metrics = task.evaluate(predict, "val", n_batches=n_batches, batch_size=batch_size, model_args=model_args)
+    return float(metrics[task.metric])
+
+
+@dataclass
+class DecodeGraphs:
+    """What :func:`build_decode_graphs` made: the served pair, every candidate and the gate results."""
+
+    prefill: Path
+    step: Path
+    precision: str
+    parity: dict[str, Any]
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self, root: Path) -> dict[str, Any]:
+        return {"prefill": str(self.prefill.relative_to(root)), "step": str(self.step.relative_to(root)),
+                "precision": self.precision, "parity": self.parity, "candidates": self.candidates}
+
+
+def tokens_per_s(engine, prompt: list[int], n_new: int, repeats: int = 3) -> float:
+    """Batch-1 decode speed of ``engine`` (best of ``repeats``)."""
+    engine.generate(prompt, 4)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.generate(prompt, n_new)
+        best = min(best, time.perf_counter() - start)
+    return n_new / best
+
+
+def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_metric_loss: float = 0.01,
+                        eval_batches: int = 8, int8: bool = True) -> DecodeGraphs | None:
+    """Write FP32 (and INT8) decode graphs under ``out_dir``; None when the task has no decoder.
+
+    The FP32 pair must pass greedy parity (else :class:`DecodeParityError`, with ``decode.json``
+    written and nothing else kept). INT8 is served when it keeps the validation loss within
+    ``max_metric_loss`` (relative) and decodes faster; ``decode.json`` records every candidate.
+    """
+    from compress.decode_engine import DecodeEngine
+
+    weights = task.decoder_weights(model)
+    if weights is None:
+        return None
+    model.eval()
+    fp32 = write_graphs(weights, out_dir / "fp32")
+    engine = DecodeEngine(str(fp32[0]), str(fp32[1]), max_sequences=1)
+    parity = check_greedy_parity(model, engine, task, model_args)
+    if not parity["passed"]:
+        _write_report(out_dir, {"parity": parity, "published": False})
+        raise DecodeParityError(f"decode graphs' greedy tokens differ from torch ({parity['prompts']}); "
+                                f"see {out_dir / 'decode.json'}")
+    prompt = prompts(task, model_args, 1, max(1, weights.context // 2))[0]
+    base_loss = graph_val_loss(fp32[0], task, model_args, eval_batches)
+    candidates = [{"precision": "fp32", "val_metric": base_loss, "status": "ok",
+                   "tokens_per_s": tokens_per_s(engine, prompt, weights.context)}]
+    chosen = ("fp32", fp32)
+    if int8:
+        q = quantize_graphs(fp32, out_dir / "int8")
+        loss = graph_val_loss(q[0], task, model_args, eval_batches)
+        worse = (loss - base_loss if task.direction == "minimize" else base_loss - loss) / max(abs(base_loss), 1e-12)
+        row = {"precision": "int8", "val_metric": loss, "metric_loss": worse,
+               "tokens_per_s": tokens_per_s(DecodeEngine(str(q[0]), str(q[1]), max_sequences=1), prompt,
+                                            weights.context)}
+        row["status"] = "ok" if worse <= max_metric_loss else "rejected"
+        candidates.append(row)
+        if row["status"] == "ok" and row["tokens_per_s"] > candidates[0]["tokens_per_s"]:
+            chosen = ("int8", q)
+    graphs = DecodeGraphs(chosen[1][0], chosen[1][1], chosen[0], parity, candidates)
+    _write_report(out_dir, graphs.to_dict(out_dir) | {"published": True, "metric": task.metric,
+                                                      "context": weights.context})
+    return graphs
+
+
+def _write_report(out_dir: Path, report: dict[str, Any]) -> None:
+    from autoglm.artifacts import write_atomic
+
+    write_atomic(out_dir / "decode.json", (json.dumps(report, indent=2, default=_plain) + "\n").encode())
+
+
+def _plain(value: Any) -> Any:
+    return asdict(value) if hasattr(value, "__dataclass_fields__") else str(value)

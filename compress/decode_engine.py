@@ -1,0 +1,171 @@
+"""KV-cache decoding with ONNX Runtime: many sequences, one batched step (numpy + onnxruntime only).
+
+Runs the graphs :mod:`compress.decode` writes. This file is also copied next to the Triton generation
+model's ``model.py``, so it imports nothing from the project.
+
+The cache is one preallocated buffer per layer and K/V, ``(max_sequences, heads, context, head_size)``.
+Live sequences occupy slots ``0..n-1`` (a finished sequence's slot is refilled by the last one), so a
+step feeds the first ``n`` rows of every buffer to the step graph *in place*: GroupQueryAttention
+writes each new key/value into the same memory it reads the past from (past and present share the
+buffer), and no cache is ever copied between steps.
+
+Context: a model with learned positions knows ``context`` positions only. A sequence whose cache is
+full slides: it is re-encoded from its last ``context // 2`` tokens (one prefill), then steps on, so
+generation never stops and pays one prefill per ``context // 2`` tokens. Prompts longer than the
+context keep their last ``context`` tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+
+class Sequence:
+    """One live sequence: its slot in the cache buffers and every token id it has seen."""
+
+    __slots__ = ("slot", "ids", "length", "tag")
+
+    def __init__(self, ids, tag=None):
+        self.ids = list(ids)
+        self.slot = -1
+        self.length = 0  # tokens held in the cache
+        self.tag = tag  # whatever the caller attaches (a request, a sampler)
+
+
+def session_options(threads: int = 0):
+    """ONNX Runtime options for the decode graphs.
+
+    SkipLayerNormFusion is disabled: on these graphs (LayerNormalization without bias) it crashes the
+    process in ONNX Runtime 1.32, and where it works it is ~5x slower than plain LayerNormalization.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("optimization.disable_specified_optimizers", "SkipLayerNormFusion")
+    return options
+
+
+class DecodeEngine:
+    """Prefill and batched step over a fixed pool of ``max_sequences`` cache slots."""
+
+    def __init__(self, prefill_path: str, step_path: str, max_sequences: int = 32, threads: int = 0):
+        options = session_options(threads)
+        providers = ["CPUExecutionProvider"]
+        self.prefill = ort.InferenceSession(prefill_path, options, providers=providers)
+        self.step_session = ort.InferenceSession(step_path, options, providers=providers)
+        meta = self.prefill.get_modelmeta().custom_metadata_map
+        self.context = int(meta["context"])
+        self.vocab_size = int(meta["vocab_size"])
+        past = [i for i in self.step_session.get_inputs() if i.name.startswith("past_key_")]
+        self.n_layer = len(past)
+        _, self.n_head, _, self.head_size = past[0].shape
+        self.max_sequences = max_sequences
+        shape = (max_sequences, self.n_head, self.context, self.head_size)
+        self.keys = [np.zeros(shape, np.float32) for _ in range(self.n_layer)]
+        self.values = [np.zeros(shape, np.float32) for _ in range(self.n_layer)]
+        self.live: list[Sequence] = []  # slot order
+        self.keep = max(1, self.context // 2)
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_sequences - len(self.live)
+
+    # ---- sequences join and leave --------------------------------------------------------------
+    def start(self, prompt_ids, tag=None) -> tuple[Sequence, np.ndarray]:
+        """Encode a prompt into a free slot; the sequence and its next-token logits (V,)."""
+        if not self.free_slots:
+            raise RuntimeError(f"all {self.max_sequences} sequence slots are in use")
+        if len(prompt_ids) == 0:
+            raise ValueError("the prompt is empty")
+        seq = Sequence(prompt_ids, tag)
+        seq.slot = len(self.live)
+        self.live.append(seq)
+        return seq, self._encode(seq, seq.ids[-self.context:])
+
+    def release(self, seq: Sequence) -> None:
+        """Free the sequence's slot; the last live sequence moves into it (the cache stays compact)."""
+        if seq.slot < 0:
+            return
+        last = self.live.pop()
+        if last is not seq:
+            for buf in (*self.keys, *self.values):
+                buf[seq.slot] = buf[last.slot]
+            last.slot = seq.slot
+            self.live[seq.slot] = last
+        seq.slot = -1
+
+    def _encode(self, seq: Sequence, ids) -> np.ndarray:
+        """Prefill ``ids`` into the sequence's slot (positions 0..); last position's logits."""
+        n = len(ids)
+        empty = np.zeros((1, self.n_head, 0, self.head_size), np.float32)
+        feed = {"input_ids": np.asarray([ids], np.int64), "position_ids": np.arange(n, dtype=np.int64)[None],
+                "seqlens_k": np.asarray([n - 1], np.int32), "total_sequence_length": np.asarray(n, np.int32)}
+        for i in range(self.n_layer):
+            feed[f"past_key_{i}"] = feed[f"past_value_{i}"] = empty
+        out = self.prefill.run(None, feed)
+        for i in range(self.n_layer):
+            self.keys[i][seq.slot, :, :n] = out[1 + 2 * i][0]
+            self.values[i][seq.slot, :, :n] = out[2 + 2 * i][0]
+        seq.length = n
+        return out[0][0, -1]
+
+    # ---- one token for every live sequence -----------------------------------------------------
+    def step(self, tokens) -> np.ndarray:
+        """Append ``tokens[i]`` to live sequence ``i`` (slot order); next-token logits (n, V).
+
+        Sequences with a full cache slide (re-encoded from their last tokens); all others run as one
+        batch through the step graph, their caches updated in place.
+        """
+        n = len(self.live)
+        tokens = np.asarray(tokens, np.int64).reshape(n)
+        logits = np.empty((n, self.vocab_size), np.float32)
+        lengths = np.fromiter((s.length for s in self.live), np.int64, n)
+        sliding = lengths >= self.context
+        for seq, token in zip(self.live, tokens.tolist()):
+            seq.ids.append(token)
+        for i in np.flatnonzero(sliding):
+            seq = self.live[i]
+            logits[i] = self._encode(seq, seq.ids[-self.keep:])
+        if sliding.all():
+            return logits
+        stepping = ~sliding
+        # idle rows (sliding ones) take part with query_seqlens 0: their cache and outputs are left alone
+        feed = {"input_ids": tokens[:, None], "position_ids": np.where(stepping, lengths, 0)[:, None],
+                "seqlens_k": np.where(stepping, lengths, lengths - 1).astype(np.int32),
+                "total_sequence_length": np.asarray(self.context, np.int32),
+                "query_seqlens": stepping.astype(np.int32)}
+        binding = self.step_session.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        shape = [n, self.n_head, self.context, self.head_size]
+        for i in range(self.n_layer):
+            for kind, bufs in (("key", self.keys), ("value", self.values)):
+                ptr = bufs[i].ctypes.data  # rows 0..n-1 are contiguous: the first n slots
+                binding.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
+                binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
+        out = np.empty((n, 1, self.vocab_size), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        self.step_session.run_with_iobinding(binding)
+        logits[stepping] = out[stepping, 0]
+        for i in np.flatnonzero(stepping):
+            self.live[i].length += 1
+        return logits
+
+    def generate(self, prompt_ids, max_new_tokens: int, pick=None) -> list[int]:
+        """One sequence start to end (tests, parity gate, benchmarks); greedy unless ``pick`` is given."""
+        if self.live:
+            raise RuntimeError("generate() runs one sequence alone; use start/step/release for several")
+        pick = pick or (lambda z: int(z.argmax()))
+        seq, logits = self.start(prompt_ids)
+        out = []
+        try:
+            for k in range(max_new_tokens):
+                token = pick(logits)
+                out.append(token)
+                if k + 1 < max_new_tokens:
+                    logits = self.step([token])[0]
+        finally:
+            self.release(seq)
+        return out

@@ -1,0 +1,201 @@
+"""Triton python-backend generation model: KV-cache decoding with in-flight batching, streamed.
+
+Copied into the model repository as ``<model>/1/model.py`` with ``decode_engine.py``, ``sampling.py``
+and the ``prefill.onnx``/``step.onnx`` graphs next to it; it imports nothing from the project.
+
+The model is *decoupled* (``model_transaction_policy { decoupled: true }``): ``execute`` only queues
+requests and returns at once, and one scheduler thread runs the decode loop. Between two steps,
+waiting requests join (prefill into a free cache slot) and finished or cancelled sequences leave, so
+every step runs all live sequences as one batch -- in-flight batching. Each new token goes back as
+its own response (``token_id``, ``text``, ``finish_reason``); the last one carries the final flag.
+Measured against Triton's sequence batcher: its implicit state is dropped by this Triton build, and a
+request per token pays Triton's and the backend's per-request cost on every token.
+
+Config parameters: ``itos`` (JSON list: token id -> text), ``max_sequences`` (cache slots; more
+requests wait), ``max_waiting`` (beyond it requests are refused), ``max_new_tokens`` (limit per
+request), ``intra_op_threads``.
+"""
+
+import json
+import os
+import sys
+import threading
+from collections import deque
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode_engine.py, sampling.py
+from decode_engine import DecodeEngine  # noqa: E402
+from sampling import Sampler, StopMatcher  # noqa: E402
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _error(message, code_name="INVALID_ARG"):
+    code = getattr(pb_utils.TritonError, code_name, None)
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+class Job:
+    """One request's generation: its sender, sampler, stop matcher and progress."""
+
+    def __init__(self, sender, ids, max_new, sampler, stops):
+        self.sender, self.ids, self.max_new = sender, ids, max_new
+        self.sampler, self.stop = sampler, StopMatcher(stops)
+        self.produced = 0
+        self.next_token = None
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.model_name = config.get("name", "generate")
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        self.itos = json.loads(params["itos"])
+        self.max_new_tokens = int(params.get("max_new_tokens") or 256)
+        self.max_waiting = int(params.get("max_waiting") or 256)
+        version_dir = os.path.join(args["model_repository"], str(args["model_version"]))
+        self.engine = DecodeEngine(os.path.join(version_dir, "prefill.onnx"), os.path.join(version_dir, "step.onnx"),
+                                   max_sequences=int(params.get("max_sequences") or 32),
+                                   threads=int(params.get("intra_op_threads") or 0))
+        if self.engine.vocab_size != len(self.itos):
+            raise ValueError(f"the graphs have {self.engine.vocab_size} tokens but itos has {len(self.itos)}: "
+                             f"regenerate the repository with `autoglm compress --force`")
+        # The families must outlive their metrics (the backend refuses updates otherwise): keep them.
+        self.families = (
+            pb_utils.MetricFamily(name="autoglm_generate_sequences", kind=pb_utils.MetricFamily.GAUGE,
+                                  description="sequences being generated (live) or waiting for a slot"),
+            pb_utils.MetricFamily(name="autoglm_generate_tokens_total", description="tokens generated",
+                                  kind=pb_utils.MetricFamily.COUNTER))
+        self.live_gauge = self.families[0].Metric(labels={"model": self.model_name, "state": "live"})
+        self.waiting_gauge = self.families[0].Metric(labels={"model": self.model_name, "state": "waiting"})
+        self.tokens_counter = self.families[1].Metric(labels={"model": self.model_name})
+        self.waiting = deque()
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
+        self.thread.start()
+
+    # ---- requests in ------------------------------------------------------------------------------
+    def _scalar(self, request, name, dtype, default):
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            return default
+        array = tensor.as_numpy().reshape(-1)
+        if array.size != 1:
+            raise ValueError(f"'{name}' must be one value, got {array.size}")
+        return dtype(array[0])
+
+    def _job(self, request):
+        tensor = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        if tensor is None:
+            raise ValueError("input 'input_ids' is missing")
+        ids = tensor.as_numpy().reshape(-1).astype(np.int64)
+        if ids.size == 0:
+            raise ValueError("'input_ids' is empty: give at least one prompt token")
+        if ids.min() < 0 or ids.max() >= len(self.itos):
+            raise ValueError(f"token ids must be within 0..{len(self.itos) - 1}")
+        max_new = self._scalar(request, "max_new_tokens", int, 64)
+        if not 1 <= max_new <= self.max_new_tokens:
+            raise ValueError(f"max_new_tokens={max_new} must be within 1..{self.max_new_tokens}")
+        top_k = self._scalar(request, "top_k", int, 0)
+        top_p = self._scalar(request, "top_p", float, 1.0)
+        seed = self._scalar(request, "seed", int, -1)
+        sampler = Sampler(self._scalar(request, "temperature", float, 1.0), top_k or None,
+                          top_p if top_p < 1 else None, seed if seed >= 0 else None)
+        stop = pb_utils.get_input_tensor_by_name(request, "stop")
+        stops = [] if stop is None else [s.decode() if isinstance(s, bytes) else str(s)
+                                         for s in stop.as_numpy().reshape(-1)]
+        return Job(request.get_response_sender(), ids.tolist(), max_new, sampler, stops)
+
+    def execute(self, requests):
+        """Queue every request for the decode loop; answers go through each request's sender."""
+        for request in requests:
+            try:
+                job = self._job(request)
+            except ValueError as exc:
+                request.get_response_sender().send(
+                    pb_utils.InferenceResponse(output_tensors=[], error=_error(f"{self.model_name}: {exc}")),
+                    flags=FINAL)
+                continue
+            with self.wake:
+                if len(self.waiting) >= self.max_waiting:
+                    job.sender.send(pb_utils.InferenceResponse(output_tensors=[], error=_error(
+                        f"{self.model_name}: {self.max_waiting} requests are already waiting; retry later",
+                        "UNAVAILABLE")), flags=FINAL)
+                    continue
+                self.waiting.append(job)
+                self.waiting_gauge.set(len(self.waiting))
+                self.wake.notify()
+        return None
+
+    # ---- the decode loop --------------------------------------------------------------------------
+    def _loop(self):
+        engine = self.engine
+        while True:
+            with self.wake:
+                while not self.waiting and not engine.live and not self.stopping:
+                    self.wake.wait()
+                if self.stopping:
+                    break
+                joining = [self.waiting.popleft() for _ in range(min(engine.free_slots, len(self.waiting)))]
+                self.waiting_gauge.set(len(self.waiting))
+            try:
+                for job in joining:  # join between steps: prefill into a free slot
+                    if job.sender.is_cancelled():
+                        job.sender.send(flags=FINAL)
+                        continue
+                    seq, logits = engine.start(job.ids, tag=job)
+                    self._emit(seq, logits)
+                for seq in [s for s in engine.live if s.tag.sender.is_cancelled()]:
+                    self._finish(seq, None)  # the client went away: free its slot now
+                if engine.live:
+                    live = list(engine.live)
+                    logits = engine.step([s.tag.next_token for s in live])
+                    for seq, row in zip(live, logits):
+                        self._emit(seq, row)
+            except Exception as exc:  # never leave a client waiting: fail every live sequence
+                for seq in list(engine.live):
+                    seq.tag.sender.send(pb_utils.InferenceResponse(output_tensors=[], error=_error(
+                        f"{self.model_name}: generation failed: {exc}", "INTERNAL")), flags=FINAL)
+                    engine.release(seq)
+            finally:
+                self.live_gauge.set(len(engine.live))
+
+    def _emit(self, seq, logits):
+        """Sample the sequence's next token and send it; finish the sequence when it is done."""
+        job = seq.tag
+        token = job.sampler(logits)
+        job.produced += 1
+        self.tokens_counter.increment(1)
+        text, stopped = job.stop.push(self.itos[token])
+        reason = "stop" if stopped else "length" if job.produced >= job.max_new else ""
+        if reason == "length":
+            text += job.stop.flush()
+        response = self._response(token, text, reason)
+        if reason:
+            self._finish(seq, response)
+        else:
+            job.sender.send(response)
+            job.next_token = token
+
+    def _finish(self, seq, response):
+        if response is None:
+            seq.tag.sender.send(flags=FINAL)
+        else:
+            seq.tag.sender.send(response, flags=FINAL)
+        self.engine.release(seq)
+
+    @staticmethod
+    def _response(token, text, reason):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("token_id", np.asarray([token], np.int64)),
+            pb_utils.Tensor("text", np.asarray([text.encode()], np.object_)),
+            pb_utils.Tensor("finish_reason", np.asarray([reason.encode()], np.object_))])
+
+    def finalize(self):
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join(timeout=10)
