@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class TaskCatalog:
     recommended: str
     metadata: dict
     io: dict
+    generate: str | None = None  # the KV-cache generation model, where compress built one
     kind: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -49,7 +51,8 @@ class TaskCatalog:
         path = Path(repository) / "task.json"
         try:
             info = json.loads(path.read_text())
-            return cls(info["task"], dict(info["models"]), info["recommended"], info.get("metadata", {}), info["io"])
+            return cls(info["task"], dict(info["models"]), info["recommended"], info.get("metadata", {}), info["io"],
+                       info.get("generate"))
         except (OSError, ValueError, KeyError) as exc:
             raise AutoGLMError(f"{path} is missing or incomplete ({exc}): re-run `autoglm compress`") from None
 
@@ -59,11 +62,11 @@ class TaskCatalog:
             return self.recommended
         if name in self.models:
             return self.models[name]
-        return name if name in self.models.values() else None
+        return name if name in self.models.values() or (name and name == self.generate) else None
 
     @property
     def names(self) -> list[str]:
-        return sorted({self.task, *self.models, *self.models.values()})
+        return sorted({self.task, *self.models, *self.models.values(), *([self.generate] if self.generate else [])})
 
 
 class Gateway:
@@ -139,6 +142,46 @@ class Gateway:
             raise failure or Refused(response.status, f"Triton refused the request: {_triton_message(response.body)}")
         return decode_response(response.body, response.headers.get(b"inference-header-content-length"))
 
+    async def stream(self, model: str, payload: dict) -> AsyncIterator[dict]:
+        """Triton's ``generate_stream`` for ``model``: each Server-Sent Event's JSON, as it arrives.
+
+        Refused before the first event maps like :meth:`call` (Triton's 400 -> 422 naming the input;
+        a full model -> 503); an error event mid-stream raises Refused(502).
+        """
+        target = b"/v2/models/%s/generate_stream" % model.encode()
+        timeout = self.settings.request_timeout_s
+        try:
+            async with self.pool.stream(b"POST", target, orjson.dumps(payload), (JSON,), timeout) as reply:
+                pending = b""
+                async for chunk in reply.body(timeout):
+                    pending += chunk
+                    *events, pending = pending.split(b"\n\n")
+                    for event in events:
+                        data = b"".join(line[5:] for line in event.split(b"\n") if line.startswith(b"data:"))
+                        if not data:
+                            continue
+                        message = orjson.loads(data)
+                        if "error" in message:
+                            raise self._stream_failure(reply.status, str(message["error"]))
+                        yield message
+        except UpstreamUnavailable as exc:
+            self.metrics.triton_error("unavailable")
+            raise Refused(503, f"Triton is unavailable ({exc}); retry shortly",
+                          ((b"retry-after", str(self.settings.retry_after_s).encode()),)) from None
+        except UpstreamError as exc:
+            self.metrics.triton_error("bad_response")
+            raise Refused(502, f"Triton failed: {exc}") from None
+
+    def _stream_failure(self, status: int, message: str) -> Refused:
+        if "retry later" in message or status == 503:  # the generation model's waiting queue is full
+            self.metrics.triton_error("overloaded")
+            return Refused(503, f"Triton is overloaded: {message}",
+                           ((b"retry-after", str(self.settings.retry_after_s).encode()),))
+        if status == 400:
+            return BadInput(f"Triton refused the request: {message}", 422)
+        self.metrics.triton_error("status_5xx")
+        return Refused(502, f"generation failed: {message}")
+
     # ---- task endpoints ----------------------------------------------------------------------------
     def task_model(self, name: str, verb: str) -> str:
         """The Triton model behind ``/v1/models/<name>:<verb>``; 404 naming what exists otherwise."""
@@ -149,6 +192,8 @@ class Gateway:
         if model is None:
             raise BadInput(f"unknown model '{name}': task endpoints serve {self.catalog.names}", 404)
         verbs = VERBS.get(self.catalog.kind, ())
+        if model == self.catalog.generate:
+            verbs = ("generate",)
         if verb not in verbs:
             offered = " and ".join(f":{v}" for v in verbs) or "only the v2 endpoints"
             raise BadInput(f"model '{name}' ({self.catalog.task}) answers {offered}, not :{verb}", 404)

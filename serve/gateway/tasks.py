@@ -2,9 +2,10 @@
 
 * classify (digits): raw 8x8 images (0..pixel_max) → the model's (B,1,8,8)/pixel_max input →
   logits (B,10) → softmax → class label and probabilities.
-* language model (charlm): each decoding step is one Triton request over the last block_size
-  characters, so concurrent generations meet in Triton's dynamic batches; sampling (temperature,
-  top-k, seeded) happens here. Scoring splits text into block_size windows, batched.
+* language model (charlm): generation runs in Triton's KV-cache model (``<task>-generate``, streamed
+  token by token) when compress built one and the request names the task; a variant name (or a model
+  without decode graphs) recomputes the context per token here, one Triton request per token. Scoring
+  splits text into block_size windows, batched.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from autoglm.sampling import Sampler, StopMatcher
 from serve.gateway.core import Gateway
 from serve.gateway.errors import BadInput, Refused
 
@@ -86,14 +89,19 @@ class GenerateRequest(BaseModel):
     max_new_tokens: int = Field(64, ge=1, description="characters to generate (bounded by the gateway's limit)")
     temperature: float = Field(1.0, ge=0, le=100, description="0 picks the most likely character")
     top_k: int | None = Field(None, ge=1, description="sample among the k most likely characters")
-    seed: int | None = Field(None, ge=0, description="fixes the sampling for reproducible text")
+    top_p: float | None = Field(None, gt=0, le=1, description="sample among the most likely characters whose "
+                                "probabilities add up to top_p (nucleus sampling)")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the sampling for reproducible text")
+    stop: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=8, description="end the text before the first of these strings")
     stream: bool = Field(False, description="answer as Server-Sent Events, one per character, then a summary")
 
 
 class GenerateResponse(BaseModel):
     model: str
-    text: str = Field(description="the generated continuation (without the prompt)")
+    text: str = Field(description="the generated continuation (without the prompt, without a stop string)")
     tokens: int = Field(description="characters generated")
+    finish_reason: str = Field(description="'length' (max_new_tokens reached) or 'stop' (a stop string came)")
 
 
 class ScoreRequest(BaseModel):
@@ -116,61 +124,88 @@ def encode_text(text: str, itos: list[str]) -> np.ndarray:
     return np.fromiter((stoi[ch] for ch in text), dtype=np.int64, count=len(text))
 
 
-def sample_next(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> int:
-    """One token id from the last position's logits (V,)."""
-    if temperature == 0:
-        return int(logits.argmax())
-    z = logits.astype(np.float64) / temperature
-    if top_k is not None and top_k < z.size:
-        kth = np.partition(z, -top_k)[-top_k]
-        z = np.where(z < kth, -np.inf, z)
-    p = softmax(z)
-    return int(rng.choice(z.size, p=p))
-
-
 def check_generate(gw: Gateway, req: GenerateRequest) -> np.ndarray:
     """The prompt's token ids, after the checks that must fail before any answer starts (422)."""
     if req.max_new_tokens > gw.settings.max_new_tokens:
         raise BadInput(f"max_new_tokens={req.max_new_tokens} is above this gateway's limit of "
                        f"{gw.settings.max_new_tokens}", 422)
+    if len(req.prompt) > gw.settings.max_score_chars:
+        raise BadInput(f"prompt of {len(req.prompt)} characters is above the limit of {gw.settings.max_score_chars}"
+                       f" (the model keeps only its last context characters anyway)", 413)
     return encode_text(req.prompt, gw.catalog.metadata["itos"])
 
 
-async def decode(gw: Gateway, model: str, req: GenerateRequest, prompt_ids: np.ndarray) -> AsyncIterator[str]:
-    """Autoregressive decoding, one Triton request per new character; yields each character."""
+Piece = tuple[str, int, str]  # (text to show, tokens so far, finish reason or "")
+
+
+async def kv_decode(gw: Gateway, model: str, req: GenerateRequest, prompt_ids: np.ndarray) -> AsyncIterator[Piece]:
+    """Generation in Triton's KV-cache model: one streamed response per token, batched with others there."""
+    payload = {"input_ids": prompt_ids.tolist(), "max_new_tokens": req.max_new_tokens, "temperature": req.temperature,
+               "top_k": req.top_k or 0, "top_p": req.top_p or 1.0, "seed": -1 if req.seed is None else req.seed}
+    if req.stop:
+        payload["stop"] = req.stop
+    tokens = 0
+    async for event in gw.stream(model, payload):
+        tokens += int(event.get("token_id", -1)) >= 0
+        yield event.get("text", ""), tokens, event.get("finish_reason", "")
+
+
+async def recompute_decode(gw: Gateway, model: str, req: GenerateRequest,
+                           prompt_ids: np.ndarray) -> AsyncIterator[Piece]:
+    """Generation without a cache (models without decode graphs): one Triton request per token over the
+    last block_size characters, so concurrent generations meet in Triton's dynamic batches."""
     meta, spec = gw.catalog.metadata, gw.catalog.io
     itos, block = meta["itos"], int(meta["block_size"])
     ids = list(prompt_ids)
-    rng = np.random.default_rng(req.seed)
+    sampler, stops = Sampler(req.temperature, req.top_k, req.top_p, req.seed), StopMatcher(req.stop)
     name, out_name = spec["inputs"][0]["name"], spec["outputs"][0]["name"]
-    for _ in range(req.max_new_tokens):
+    for n in range(1, req.max_new_tokens + 1):
         context = np.asarray([ids[-block:]], dtype=np.int64)  # (1, T<=block)
         logits = (await gw.infer(model, {name: context}, (out_name,)))[out_name]  # (1, T, V)
-        token = sample_next(logits[0, -1], req.temperature, req.top_k, rng)
+        token = sampler(logits[0, -1])
         ids.append(token)
-        yield itos[token]
+        text, stopped = stops.push(itos[token])
+        if stopped:
+            yield text, n, "stop"
+            return
+        yield (text + stops.flush(), n, "length") if n == req.max_new_tokens else (text, n, "")
 
 
-async def generate(gw: Gateway, model: str, req: GenerateRequest) -> GenerateResponse:
+def decoder(gw: Gateway, name: str, model: str):
+    """The task's KV-cache model when asked by task name and compress built one, else recomputation."""
+    use_cache = gw.catalog.generate and (name == gw.catalog.task or model == gw.catalog.generate)
+    return (gw.catalog.generate, kv_decode) if use_cache else (model, recompute_decode)
+
+
+async def generate(gw: Gateway, name: str, model: str, req: GenerateRequest) -> GenerateResponse:
     """The whole continuation at once."""
-    new = [ch async for ch in decode(gw, model, req, check_generate(gw, req))]
-    return GenerateResponse(model=model, text="".join(new), tokens=len(new))
+    prompt_ids = check_generate(gw, req)
+    model, decode = decoder(gw, name, model)
+    text, tokens, reason = [], 0, ""
+    async for piece, tokens, reason in decode(gw, model, req, prompt_ids):
+        text.append(piece)
+    return GenerateResponse(model=model, text="".join(text), tokens=tokens, finish_reason=reason or "length")
 
 
-async def generate_events(gw: Gateway, model: str, req: GenerateRequest, prompt_ids: np.ndarray,
+async def generate_events(gw: Gateway, name: str, model: str, req: GenerateRequest, prompt_ids: np.ndarray,
                           deadline_s: float) -> AsyncIterator[bytes]:
-    """Server-Sent Events: ``{"token": c}`` per character, then ``{"text", "tokens"}`` (or ``{"error"}``)."""
-    new = []
+    """Server-Sent Events: ``{"token": text}`` per character, then ``{"text", "tokens", "finish_reason"}``
+    (or an ``error`` event). Leaving early (the client went away) closes the stream to Triton, which
+    frees the sequence there."""
+    model, decode = decoder(gw, name, model)
+    text, tokens, reason = [], 0, ""
     try:
         async with asyncio.timeout(deadline_s):
-            async for ch in decode(gw, model, req, prompt_ids):
-                new.append(ch)
-                yield b"data: " + orjson.dumps({"token": ch}) + b"\n\n"
+            async for piece, tokens, reason in decode(gw, model, req, prompt_ids):
+                if piece:
+                    text.append(piece)
+                    yield b"data: " + orjson.dumps({"token": piece}) + b"\n\n"
     except (Refused, TimeoutError) as exc:  # the status line is sent already: report in the stream
         message = str(exc) or f"no answer within the request timeout of {deadline_s:g} s"
         yield b"event: error\ndata: " + orjson.dumps({"error": message}) + b"\n\n"
         return
-    yield b"data: " + orjson.dumps({"model": model, "text": "".join(new), "tokens": len(new)}) + b"\n\n"
+    yield b"data: " + orjson.dumps({"model": model, "text": "".join(text), "tokens": tokens,
+                                    "finish_reason": reason or "length"}) + b"\n\n"
 
 
 def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:

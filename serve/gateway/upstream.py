@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import NamedTuple
 
 import httptools
@@ -107,6 +109,64 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+class UpstreamStream(asyncio.Protocol):
+    """One streamed reply (Server-Sent Events from ``generate_stream``) on a connection of its own.
+
+    The body arrives chunk by chunk (httptools undoes the chunked encoding); closing the connection
+    is how a client that went away cancels the generation in Triton.
+    """
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.head: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.chunks: asyncio.Queue = asyncio.Queue()
+        self.headers: dict[bytes, bytes] = {}
+        self.status = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._end(UpstreamError(f"Triton sent a malformed response: {exc}"))
+
+    def connection_lost(self, exc) -> None:
+        self._end(UpstreamUnavailable("Triton closed the connection mid-reply"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if not self.head.done():
+            self.head.set_result(self.status)
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.put_nowait(body)
+
+    def on_message_complete(self) -> None:
+        self.chunks.put_nowait(None)
+
+    def _end(self, exc: Exception) -> None:
+        if not self.head.done():
+            self.head.set_exception(exc)
+        self.chunks.put_nowait(exc)
+
+    async def body(self, idle_timeout_s: float) -> AsyncIterator[bytes]:
+        """The body's chunks as they come; TimeoutError when none comes within ``idle_timeout_s``."""
+        while True:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await self.chunks.get()
+            if chunk is None:
+                return
+            if isinstance(chunk, Exception):
+                raise chunk
+            yield chunk
+
+
 class UpstreamPool:
     """At most ``size`` connections to ``host:port``; idle ones are kept for reuse.
 
@@ -187,6 +247,32 @@ class UpstreamPool:
                     conn.close()
                 return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @asynccontextmanager
+    async def stream(self, method: bytes, target: bytes, body: bytes = b"",
+                     headers: list[tuple[bytes, bytes]] | tuple = (), timeout_s: float = 30.0,
+                     ) -> AsyncIterator[UpstreamStream]:
+        """A request whose reply is read as it streams; the connection is closed on exit, always.
+
+        Streams hold their connection for the whole generation, so they never take one from the
+        keep-alive pool (the gateway's in-flight bound limits them).
+        """
+        if self._closed:
+            raise UpstreamUnavailable("the gateway is shutting down")
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, conn = await loop.create_connection(UpstreamStream, self.host, self.port)
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamUnavailable(f"Triton at {self.host}:{self.port} is unreachable "
+                                      f"({exc.__class__.__name__}: {exc})") from None
+        try:
+            conn.transport.write(self._encode(method, target, headers, body))
+            async with asyncio.timeout(timeout_s):
+                await conn.head
+            yield conn
+        finally:
+            conn.transport.close()
 
     async def get(self, target: str, timeout_s: float = 30.0) -> UpstreamResponse:
         """GET ``target`` (e.g. ``/v2/health/ready``)."""

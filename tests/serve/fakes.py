@@ -7,10 +7,12 @@ digits: logits[k] = mean pixel * (k + 1), so brighter images pick class 9. charl
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 
 import numpy as np
 import orjson
 
+from autoglm.sampling import StopMatcher
 from serve.gateway.core import Gateway, TaskCatalog
 from serve.gateway.tensors import DTYPES, split_body
 from serve.gateway.upstream import UpstreamResponse, UpstreamUnavailable
@@ -33,6 +35,9 @@ CHARLM = TaskCatalog("charlm", {"fp32": "charlm-fp32"}, "charlm-fp32", {"itos": 
                      {"inputs": [{"name": "idx", "dtype": "int64", "shape": [-1]}],
                       "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 4]}]})
 
+CHARLM_KV = TaskCatalog("charlm", {"fp32": "charlm-fp32"}, "charlm-fp32", {"itos": VOCAB, "block_size": 4},
+                        CHARLM.io, generate="charlm-generate")
+
 
 def _json(status: int, payload) -> UpstreamResponse:
     return UpstreamResponse(status, {b"content-type": b"application/json"}, orjson.dumps(payload))
@@ -52,6 +57,9 @@ class FakeTriton:
         self.fail_status: int | None = None  # answer infers with this status
         self.hold: asyncio.Event | None = None  # infers wait for it
         self.requests: list[tuple[bytes, bytes, bytes, dict]] = []
+        self.token_delay_s = 0.0  # time the fake KV model takes per token
+        self.live = 0  # generations streaming now (the KV model's in-flight sequences)
+        self.stream_error: tuple[int, str] | None = None  # answer generate_stream with this status and error
 
     async def request(self, method: bytes, target: bytes, body: bytes = b"", headers=(), timeout_s: float = 30):
         self.requests.append((method, target, body, dict(headers)))
@@ -95,8 +103,44 @@ class FakeTriton:
         return UpstreamResponse(200, {b"content-type": b"application/octet-stream",
                                       b"inference-header-content-length": str(len(head)).encode()}, head + y.tobytes())
 
+    @asynccontextmanager
+    async def stream(self, method: bytes, target: bytes, body: bytes = b"", headers=(), timeout_s: float = 30):
+        """``generate_stream`` of a fake KV model: greedy next = (last + 1) % 4, honouring stop strings."""
+        self.requests.append((method, target, body, dict(headers)))
+        if self.down:
+            raise UpstreamUnavailable("connection refused")
+        reply = _FakeStream(self, orjson.loads(body))
+        self.live += 1
+        try:
+            yield reply
+        finally:
+            self.live -= 1  # the connection closes: Triton frees the sequence
+
     async def aclose(self) -> None:
         pass
+
+
+class _FakeStream:
+    def __init__(self, triton: FakeTriton, request: dict):
+        self.triton, self.request = triton, request
+        self.status = self.triton.stream_error[0] if self.triton.stream_error else 200
+
+    async def body(self, idle_timeout_s: float):
+        if self.triton.stream_error:
+            yield b"data: " + orjson.dumps({"error": self.triton.stream_error[1]}) + b"\n\n"
+            return
+        last, stops = self.request["input_ids"][-1], StopMatcher(self.request.get("stop", []))
+        for n in range(1, self.request["max_new_tokens"] + 1):
+            if self.triton.hold is not None:
+                await asyncio.wait_for(self.triton.hold.wait(), idle_timeout_s)
+            await asyncio.sleep(self.triton.token_delay_s)
+            last = (last + 1) % 4
+            text, stopped = stops.push(VOCAB[last])
+            reason = "stop" if stopped else "length" if n == self.request["max_new_tokens"] else ""
+            event = {"model_name": "charlm-generate", "token_id": last, "text": text, "finish_reason": reason}
+            yield b"data: " + orjson.dumps(event) + b"\n\n"  # one event per chunk, as Triton sends them
+            if reason:
+                return
 
 
 def fake_gateway(catalog: TaskCatalog | None = DIGITS, **settings) -> tuple[Gateway, FakeTriton]:

@@ -167,7 +167,8 @@ async def test_generate_decodes_greedily_and_reproducibly_with_a_seed():
                                                                   "temperature": 0})
         sampled = [await c.post("/v1/models/fp32:generate", json={"prompt": "a", "max_new_tokens": 8,
                                                                   "temperature": 5.0, "seed": 7}) for _ in range(2)]
-    assert greedy.status == 200 and greedy.json() == {"model": "charlm-fp32", "text": "cdabcd", "tokens": 6}
+    assert greedy.status == 200 and greedy.json() == {"model": "charlm-fp32", "text": "cdabcd", "tokens": 6,
+                                                   "finish_reason": "length"}
     infers = [t for _, t, _, _ in triton.requests if t.endswith(b"/infer")]
     assert len(infers) >= 6  # one Triton request per generated character
     assert sampled[0].json() == sampled[1].json() and sampled[0].json()["tokens"] == 8
@@ -245,5 +246,5 @@ async def test_generate_streams_server_sent_events_and_holds_its_slot_until_done
     assert reply.status == 200 and reply.headers["content-type"].startswith("text/event-stream")
     events = [orjson.loads(line[6:]) for line in reply.body.decode().split("\n\n") if line.startswith("data: ")]
     assert events == [{"token": "b"}, {"token": "c"}, {"token": "d"}, {"model": "charlm-fp32", "text": "bcd",
-                                                                      "tokens": 3}]
+                                                                      "tokens": 3, "finish_reason": "length"}]
     assert refused.status == 422 and gw.guard.in_flight == 0  # a bad prompt fails before the stream starts

@@ -18,14 +18,15 @@ router = APIRouter(prefix="/v1/models", tags=["tasks"])
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "with stream=true: one event per character, then the summary"}})
 async def generate(model: str, request: tasks.GenerateRequest, gw: GatewayDep, _: CallerDep, __: Slot):
-    """Each new character is one Triton request, so concurrent generations share dynamic batches."""
+    """Continue ``prompt``. Named by task, generation runs in Triton's KV-cache model, where the steps of all
+    live sequences share batches; named by variant, the context is recomputed for every character."""
     triton_model = gw.task_model(model, "generate")
     if request.stream:  # the in-flight slot is held until the stream ends
         prompt_ids = tasks.check_generate(gw, request)
-        events = tasks.generate_events(gw, triton_model, request, prompt_ids, gw.settings.request_timeout_s)
+        events = tasks.generate_events(gw, model, triton_model, request, prompt_ids, gw.settings.request_timeout_s)
         return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
     async with asyncio.timeout(gw.settings.request_timeout_s):
-        return await tasks.generate(gw, triton_model, request)
+        return await tasks.generate(gw, model, triton_model, request)
 
 
 @router.post("/{model}:score", summary="Loss and perplexity of a text (language-model tasks)")

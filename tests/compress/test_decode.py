@@ -1,0 +1,122 @@
+"""KV-cache decode graphs: greedy parity with torch, in-flight batching, sliding past the context, INT8
+judged by loss, and a broken graph refused."""
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from compress import decode
+from compress.decode_engine import DecodeEngine
+from tests.compress._trained import charlm
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    task, model = charlm()
+    out = tmp_path_factory.mktemp("decode")
+    return decode.write_graphs(task.decoder_weights(model), out / "fp32")
+
+
+def engine(graphs, slots=4) -> DecodeEngine:
+    return DecodeEngine(str(graphs[0]), str(graphs[1]), max_sequences=slots, threads=1)
+
+
+def test_greedy_tokens_equal_torch_for_the_same_prompts(graphs):
+    task, model = charlm()
+    report = decode.check_greedy_parity(model, engine(graphs), task, model.model_args, n_prompts=4)
+    assert report["passed"], report
+    assert all(r["new_tokens"] == 24 and r["prompt_tokens"] == 8 for r in report["prompts"])  # context 32
+
+
+def test_prefill_logits_equal_torch_at_every_position(graphs):
+    task, model = charlm()
+    inputs, _ = next(task.batches("val", 3, 1, seed=0, model_args=model.model_args))
+    ids = inputs["idx"]
+    want = model(torch.from_numpy(ids)).detach().numpy()
+    e = engine(graphs)
+    for row, expected in zip(ids, want):
+        seq, last = e.start(row.tolist())
+        np.testing.assert_allclose(last, expected[-1], atol=1e-4)
+        e.release(seq)
+
+
+def test_sequences_joining_and_leaving_between_steps_decode_as_if_alone(graphs):
+    task, model = charlm()
+    e = engine(graphs, slots=3)
+    prompts = decode.prompts(task, model.model_args, 3, 6)
+    alone = [e.generate(p, 20) for p in prompts]
+    out = {}
+    # A starts; B joins after 3 steps; C after 6; A leaves early (slot compaction moves C); all in one batch
+    live = {}
+    for step in range(30):
+        if step in (0, 3, 6):
+            k = (0, 3, 6).index(step)
+            seq, logits = e.start(prompts[k])
+            live[k], out[k] = seq, [int(logits.argmax())]
+        done = [k for k, s in live.items() if len(out[k]) == (8 if k == 0 else 20)]
+        for k in done:
+            e.release(live.pop(k))
+        if not live:
+            break
+        order = sorted(live, key=lambda k: live[k].slot)
+        assert [live[k].slot for k in order] == list(range(len(order)))  # the cache stays compact
+        logits = e.step([out[k][-1] for k in order])
+        for k in order:
+            out[k].append(int(logits[live[k].slot].argmax()))
+    assert out[0] == alone[0][:8] and out[1] == alone[1] and out[2] == alone[2]
+    assert e.free_slots == 3
+
+
+def test_generation_past_the_context_slides_and_continues(graphs):
+    task, model = charlm()
+    e = engine(graphs, slots=1)
+    prompt = decode.prompts(task, model.model_args, 1, 31)[0]
+    tokens = e.generate(prompt, 100)  # context 32: slides several times
+    assert len(tokens) == 100 and all(0 <= t < e.vocab_size for t in tokens)
+    # a full cache slides: the sequence goes on from its last context // 2 tokens, as a fresh prefill of them
+    e2 = engine(graphs, slots=1)
+    seq, _ = e2.start(prompt[:31])
+    e2.step([prompt[30]])  # position 31: the cache is now full (32)
+    logits = e2.step([7])[0]  # no position 32: slide
+    ids = prompt[:31] + [prompt[30], 7]
+    _, expected = engine(graphs, slots=1).start(ids[-16:])
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    assert seq.length == 16
+
+
+def test_int8_graphs_are_judged_by_validation_loss(graphs, tmp_path):
+    task, model = charlm()
+    q = decode.quantize_graphs(graphs, tmp_path / "int8")
+    base = decode.graph_val_loss(graphs[0], task, model.model_args, 4)
+    int8 = decode.graph_val_loss(q[0], task, model.model_args, 4)
+    torch_loss = task.evaluate(lambda x: model(torch.from_numpy(x["idx"])).detach().numpy(), "val", n_batches=4,
+                               batch_size=16, model_args=model.model_args)["val_loss"]
+    assert abs(base - torch_loss) < 1e-4  # the prefill graph is the model
+    assert abs(int8 - base) / base < 0.02
+    assert q[0].stat().st_size < graphs[0].stat().st_size
+
+
+def test_build_publishes_a_report_and_refuses_graphs_that_decode_differently(tmp_path, monkeypatch):
+    task, model = charlm()
+    built = decode.build_decode_graphs(task, model, model.model_args, tmp_path / "ok", eval_batches=2)
+    report = json.loads((tmp_path / "ok" / "decode.json").read_text())
+    assert report["published"] and report["parity"]["passed"] and built.precision in ("fp32", "int8")
+    assert {c["precision"] for c in report["candidates"]} == {"fp32", "int8"}
+
+    weights = task.decoder_weights(model)
+    broken = dataclasses.replace(weights, position_embedding=weights.position_embedding[::-1].copy())
+    monkeypatch.setattr(type(task), "decoder_weights", lambda self, m: broken)
+    with pytest.raises(decode.DecodeParityError, match="differ from torch"):
+        decode.build_decode_graphs(task, copy.deepcopy(model), model.model_args, tmp_path / "bad", eval_batches=2)
+    assert json.loads((tmp_path / "bad" / "decode.json").read_text())["published"] is False
+
+
+def test_tasks_without_a_decoder_get_no_graphs(tmp_path):
+    from tests.compress._trained import digits
+
+    task, model = digits()
+    assert decode.build_decode_graphs(task, model, {}, tmp_path) is None and not list(tmp_path.iterdir())
