@@ -131,7 +131,9 @@ class DecodeEngine:
         if sliding.all():
             return logits
         stepping = ~sliding
-        # idle rows (sliding ones) take part with query_seqlens 0: their cache and outputs are left alone
+        # Idle rows (the ones that just slid) take part with query_seqlens 0: their cache is left alone and
+        # their seqlens_k is what they hold now (length - 1); stepping rows append at position `length`.
+        lengths = np.fromiter((s.length for s in self.live), np.int64, n)
         feed = {"input_ids": tokens[:, None], "position_ids": np.where(stepping, lengths, 0)[:, None],
                 "seqlens_k": np.where(stepping, lengths, lengths - 1).astype(np.int32),
                 "total_sequence_length": np.asarray(self.context, np.int32),

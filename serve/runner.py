@@ -76,9 +76,11 @@ def verified_repository(run: RunDir) -> Path:
 
 
 def _model_names(catalog: TaskCatalog, wanted: list[str]) -> list[str]:
+    """Triton models to load: every variant by default; the task's name brings its generation model too."""
+    with_generate = [catalog.generate] if catalog.generate and (not wanted or catalog.task in wanted) else []
     if not wanted:
-        return sorted(set(catalog.models.values()))
-    names = []
+        return sorted({*catalog.models.values(), *with_generate})
+    names = list(with_generate)
     for name in wanted:
         model = catalog.resolve(name)
         if model is None:

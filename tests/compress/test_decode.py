@@ -71,6 +71,21 @@ def test_sequences_joining_and_leaving_between_steps_decode_as_if_alone(graphs):
     assert e.free_slots == 3
 
 
+def test_a_sequence_sliding_while_others_step_leaves_them_exact(graphs):
+    task, model = charlm()
+    e = engine(graphs, slots=2)
+    long, short = decode.prompts(task, model.model_args, 2, 31)
+    alone = e.generate(short[:5], 12)
+    a, logits_a = e.start(long)
+    b, logits_b = e.start(short[:5])
+    out_b = [int(logits_b.argmax())]
+    for k in range(11):  # a fills its cache at step 1 and slides at step 2, b steps on beside it
+        logits = e.step([int(logits_a.argmax()), out_b[-1]])
+        logits_a = logits[a.slot]
+        out_b.append(int(logits[b.slot].argmax()))
+    assert out_b == alone and a.length < 32
+
+
 def test_generation_past_the_context_slides_and_continues(graphs):
     task, model = charlm()
     e = engine(graphs, slots=1)

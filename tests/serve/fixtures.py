@@ -26,7 +26,7 @@ RECIPES = {
                "train.weight_decay=0.01", "train.eval_batches=2"],
     "charlm": ["task.name=charlm", "task.model={n_layer=1, n_head=2, n_embd=32, block_size=32}",
                "train.max_steps=100", "train.eval_every=100", "train.batch_size=16", "train.eval_batches=2",
-               "train.lr=3e-3"],
+               "train.lr=3e-3", "compress.generate.max_new_tokens=100000"],
 }
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
