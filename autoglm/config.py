@@ -98,6 +98,10 @@ class TuneSettings(Section):
     serving_batch: int = Field(32, ge=1, description="latency objective: p95 at this batch size")
     probe_repeats: int = Field(30, ge=3, description="timed runs per latency/energy measurement in a trial")
     early_stop: EarlyStopSettings = Field(default_factory=EarlyStopSettings)
+    warm_start: dict[str, Any] | None = Field(
+        None, description="first trial of a new study: the configured model and training values (clipped into "
+        "the searched ranges), compression knobs at their defaults, these knob values on top, e.g. "
+        "{'quantize.mode' = 'static'}; None: the sampler draws every trial")
     heartbeat_s: int = Field(30, ge=1, description="RDB storages: trials silent this long x2 are retried")
     workers: int = Field(1, ge=1, description="processes sharing this study (an Indexed Job's parallelism)")
     ddp_procs: int = Field(1, ge=1, description="train each trial data-parallel on this many torchrun ranks "

@@ -95,11 +95,13 @@ def _settings(setup: Setup, seed: int, workdir: Path, method: str) -> Settings:
         fixed = {f"model.{k}": v for k, v in cls.check_model_args(base.task.model).items()}
         fixed |= {f"train.{k}": getattr(base.train, k) for k in cls.train_space}
         fixed["train.max_steps"] = setup.default_steps
-        tune |= {"search_space": "training", "space": fixed, "early_stop": {**tune["early_stop"], "enabled": False}}
+        tune |= {"search_space": "training", "space": fixed, "early_stop": {**tune["early_stop"], "enabled": False},
+                 "warm_start": None}
     else:
         sampler, preset, early_stop = METHODS[method]
         tune |= {"sampler": sampler, "search_space": preset, "space": dict(setup.space),
-                 "early_stop": {**tune["early_stop"], "enabled": early_stop}}
+                 "early_stop": {**tune["early_stop"], "enabled": early_stop},
+                 "warm_start": tune["warm_start"] if method == "AutoGLM" else None}
     return base.model_copy(update={"tune": TuneSettings.model_validate(tune)})
 
 
@@ -108,13 +110,15 @@ def _search(settings: Settings, tune_dir: Path, budget_cpu_s: float, max_trials:
     from autoglm.measure import fixed_threads
     from autoglm.tasks import get_task
     from tune.objective import Objective
-    from tune.space import build_space
-    from tune.storage import directions, open_study
+    from tune.space import build_space, warm_start_params
+    from tune.storage import directions, open_study, warm_start
 
     task = get_task(settings)
     task.prepare()
     space = build_space(task, settings.tune.search_space, settings.tune.space)
     study = open_study(settings, tune_dir, task.direction)
+    if settings.tune.warm_start is not None:
+        warm_start(study, settings, warm_start_params(task, settings, space, settings.tune.warm_start))
     objective = Objective(task, settings, space, tune_dir, directions(settings, task.direction))
 
     def stop_when_spent(study, _trial) -> None:

@@ -134,6 +134,53 @@ def suggest(trial, space: Mapping[str, Any]) -> dict[str, Any]:
     return params
 
 
+def warm_start_params(task: Task, settings, space: Mapping[str, Any],
+                      extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The run's own configuration as a point of ``space``: the first trial a warm-started study runs.
+
+    Searched ``model.*``/``train.*`` knobs take the configured values (``task.model``, ``train``), the
+    compression knobs their defaults (off), ``extra`` overrides either (e.g. ``{"quantize.mode": "static"}``:
+    start from the compression a release would use); knobs this space does not search are skipped. Values
+    outside a searched range are clipped into it (a shipped 600-step schedule becomes the range's longest),
+    so the point is one the sampler could draw.
+    """
+    known = build_space(task, "default")
+    unknown = sorted(set(extra or {}) - set(known))
+    if unknown:
+        raise ConfigError(f"tune.warm_start: unknown knob(s) {unknown}; known knobs are {sorted(known)}")
+    model = task.check_model_args(settings.task.model)
+    params = {}
+    for name, knob in space.items():
+        if not isinstance(knob, Knob):
+            continue
+        group, _, key = name.partition(".")
+        if extra and name in extra:
+            value = extra[name]
+        elif group == "model":
+            value = model.get(key, knob.default)
+        elif group == "train":
+            value = getattr(settings.train, key, knob.default)
+        else:
+            value = knob.default
+        params[name] = _into(name, knob, value)
+    return params
+
+
+def _into(name: str, knob: Knob, value: Any) -> Any:
+    """``value`` moved into ``knob``'s range: clipped, on its step; numeric choices take the nearest."""
+    if knob.kind == "categorical":
+        if value in knob.choices:
+            return value
+        if isinstance(value, int | float) and all(isinstance(c, int | float) for c in knob.choices):
+            return min(knob.choices, key=lambda c: abs(c - value))
+        raise ConfigError(f"tune.warm_start: {name}={value!r} is not among the searched {list(knob.choices)}")
+    value = min(max(value, knob.low), knob.high)
+    if knob.step and not knob.log:
+        value = knob.low + round((value - knob.low) / knob.step) * knob.step
+        value = min(value, knob.high)
+    return int(round(value)) if knob.kind == "int" else float(value)
+
+
 def split_params(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``{"model.n_layer": 2, "train.lr": 1e-3}`` -> ``{"model": {"n_layer": 2}, "train": {"lr": 1e-3}}``."""
     groups: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "quantize": {}, "prune": {}}

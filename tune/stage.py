@@ -16,8 +16,8 @@ from typing import Any
 from autoglm.artifacts import Manifest, RunDir, StageWriter, write_atomic
 from autoglm.config import Settings, TuneSettings
 from tune.select import pareto_points, select
-from tune.space import build_space
-from tune.storage import directions, open_study, recover_stale_trials
+from tune.space import build_space, warm_start_params
+from tune.storage import directions, open_study, recover_stale_trials, warm_start
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -37,6 +37,8 @@ def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
     study = open_study(settings, tune_dir, task.direction)
     recover_stale_trials(study)
     tune = settings.tune
+    if tune.warm_start is not None:
+        warm_start(study, settings, warm_start_params(task, settings, space, tune.warm_start))
     done = finished_by(study.get_trials(deepcopy=False), None if tune.workers == 1 else tune.worker_index)
     remaining = share(tune, tune.worker_index) - done
     if remaining > 0:

@@ -102,6 +102,17 @@ def open_study(settings: Settings, tune_dir: Path, task_direction: str):
     return study
 
 
+def warm_start(study, settings: Settings, params: dict) -> bool:
+    """Queue ``params`` (see tune.space.warm_start_params) as a new study's first trial, once.
+
+    A resumed study has already run it, and of several workers only worker 0 queues it. The trial is
+    sampled, early-stopped and charged like any other; its ``warm_start`` attribute marks it."""
+    if settings.tune.warm_start is None or settings.tune.worker_index != 0 or study.get_trials(deepcopy=False):
+        return False
+    study.enqueue_trial(params, user_attrs={"warm_start": True})
+    return True
+
+
 def _n_trials(storage, study_name: str) -> int:
     try:
         return len(storage.get_all_trials(storage.get_study_id_from_name(study_name), deepcopy=False))

@@ -8,7 +8,7 @@ from autoglm.errors import ConfigError
 from autoglm.tasks import Knob
 from autoglm.tasks.charlm import CharLMTask
 from autoglm.tasks.digits import DigitsTask
-from tune.space import build_space, split_params, suggest, variant_for
+from tune.space import build_space, split_params, suggest, variant_for, warm_start_params
 
 COMPRESSION = {"quantize.mode", "prune.ratio"}
 
@@ -105,3 +105,36 @@ def test_variant_for_maps_the_compression_knobs_to_a_compress_variant(mode, rati
 
 def test_variant_for_without_compression_knobs_is_fp32():
     assert variant_for({"model": {"channels": 8}}) == "fp32"
+
+
+def _warm_start_settings(**train):
+    from autoglm.config import Settings
+
+    settings = Settings()
+    return settings.model_copy(update={"train": settings.train.model_copy(update=train)})
+
+
+def test_the_warm_start_is_the_configured_run_clipped_into_the_searched_ranges():
+    task = DigitsTask()
+    space = build_space(task, "default", {"train.max_steps": {"high": 400}, "model.dropout": 0.1})
+    settings = _warm_start_settings(lr=3e-3, batch_size=100, max_steps=600)
+
+    params = warm_start_params(task, settings, space, {"quantize.mode": "static"})
+
+    assert params["train.lr"] == 3e-3 and params["train.max_steps"] == 400  # clipped to the range's longest
+    assert params["train.batch_size"] == 128  # the nearest searched choice
+    assert params["model.channels"] == settings.task.model.get("channels", 32)
+    assert params["quantize.mode"] == "static" and params["prune.ratio"] == 0.0  # compression knobs: defaults
+    assert "model.dropout" not in params  # fixed knobs are not the sampler's to take
+    assert set(params) == {k for k, v in space.items() if isinstance(v, Knob)}
+
+
+def test_a_warm_start_skips_knobs_the_space_does_not_search_and_rejects_unknown_ones():
+    task = DigitsTask()
+    space = build_space(task, "training")
+
+    params = warm_start_params(task, _warm_start_settings(), space, {"quantize.mode": "static"})
+
+    assert "quantize.mode" not in params and "train.lr" in params
+    with pytest.raises(ConfigError, match=r"tune.warm_start: unknown knob\(s\) \['quantize.mod'\]"):
+        warm_start_params(task, _warm_start_settings(), space, {"quantize.mod": "static"})

@@ -99,3 +99,18 @@ def test_running_trials_of_dead_workers_are_failed_and_requeued_once(tmp_path):
     assert first == [dead.number] and second == [retry.number]
     assert retry.user_attrs["retry_of"] == dead.number and retried_x == dead.params["x"]
     assert states == ["FAIL", "RUNNING", "FAIL"]  # the retry of a retry is not queued again
+
+
+def test_a_warm_started_study_runs_the_configured_point_first_and_only_once(tmp_path):
+    settings = _tiny.settings(tmp_path, "tune.n_trials=1", "tune.warm_start={'quantize.mode' = 'static'}",
+                              "train.lr=2e-3")
+
+    tune_run(settings, progress=False)
+    tune_run(settings.model_copy(update={"tune": settings.tune.model_copy(update={"n_trials": 2})}),
+             force=False, progress=False)
+
+    study = _tiny.journal_study(tmp_path / "runs" / "t" / "tune")
+    first, second = study.trials
+    assert first.params == {"train.lr": 2e-3, "quantize.mode": "static", "prune.ratio": 0.0}
+    assert first.user_attrs["warm_start"] and "compute" in first.user_attrs  # charged like any trial
+    assert "warm_start" not in second.user_attrs  # a resumed study queues it no more
