@@ -85,6 +85,9 @@ class EarlyStopSettings(Section):
 
 class TuneSettings(Section):
     sampler: Literal["tpe", "nsga2", "random", "gp"] = "tpe"
+    startup_trials: int | None = Field(None, ge=1, description="tpe/gp: trials drawn at random before the model "
+                                       "takes over; None: max(4, 2 x objectives). Keep it a small part of the "
+                                       "trials a budget fits, or the sampler never models")
     n_trials: int = Field(20, ge=1)
     timeout_s: float | None = Field(None, gt=0)
     storage: str | None = Field(None, description="SQLAlchemy URL; default: a journal file in the run")
@@ -174,6 +177,8 @@ class GenerateSettings(Section):
     max_sequences: int = Field(32, ge=1, description="sequences decoded together (cache slots); more wait")
     max_waiting: int = Field(256, ge=0, description="requests waiting for a slot before new ones are refused")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound of one request's max_new_tokens")
+    stream_interval_ms: float = Field(10, ge=0, description="after the first token, send new tokens this often "
+                                      "(0: a response per token, which caps throughput at ~1 ms CPU per token)")
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads of the decode loop (0: all cores)")
 
 

@@ -67,6 +67,7 @@ class DecodeEngine:
         self.values = [np.zeros(shape, np.float32) for _ in range(self.n_layer)]
         self.live: list[Sequence] = []  # slot order
         self.keep = max(1, self.context // 2)
+        self._bindings: dict[int, tuple] = {}
 
     @property
     def free_slots(self) -> int:
@@ -134,26 +135,39 @@ class DecodeEngine:
         # Idle rows (the ones that just slid) take part with query_seqlens 0: their cache is left alone and
         # their seqlens_k is what they hold now (length - 1); stepping rows append at position `length`.
         lengths = np.fromiter((s.length for s in self.live), np.int64, n)
-        feed = {"input_ids": tokens[:, None], "position_ids": np.where(stepping, lengths, 0)[:, None],
-                "seqlens_k": np.where(stepping, lengths, lengths - 1).astype(np.int32),
-                "total_sequence_length": np.asarray(self.context, np.int32),
-                "query_seqlens": stepping.astype(np.int32)}
-        binding = self.step_session.io_binding()
-        for name, value in feed.items():
-            binding.bind_cpu_input(name, value)
-        shape = [n, self.n_head, self.context, self.head_size]
-        for i in range(self.n_layer):
-            for kind, bufs in (("key", self.keys), ("value", self.values)):
-                ptr = bufs[i].ctypes.data  # rows 0..n-1 are contiguous: the first n slots
-                binding.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
-                binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
-        out = np.empty((n, 1, self.vocab_size), np.float32)
-        binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        binding, feed, out = self._binding(n)
+        feed["input_ids"][:, 0] = tokens
+        feed["position_ids"][:, 0] = np.where(stepping, lengths, 0)
+        feed["seqlens_k"][:] = np.where(stepping, lengths, lengths - 1)
+        feed["query_seqlens"][:] = stepping
         self.step_session.run_with_iobinding(binding)
         logits[stepping] = out[stepping, 0]
         for i in np.flatnonzero(stepping):
             self.live[i].length += 1
         return logits
+
+    def _binding(self, n: int):
+        """The step's I/O binding for ``n`` live sequences, made once: inputs are preallocated arrays
+        filled in place, and past/present K/V are the first ``n`` rows of the cache buffers (contiguous)."""
+        if n in self._bindings:
+            return self._bindings[n]
+        ort_value = ort.OrtValue.ortvalue_from_numpy
+        feed = {"input_ids": np.zeros((n, 1), np.int64), "position_ids": np.zeros((n, 1), np.int64),
+                "seqlens_k": np.zeros(n, np.int32), "total_sequence_length": np.asarray(self.context, np.int32),
+                "query_seqlens": np.zeros(n, np.int32)}
+        binding = self.step_session.io_binding()
+        for name, value in feed.items():
+            binding.bind_ortvalue_input(name, ort_value(value))  # shares the array's memory
+        shape = [n, self.n_head, self.context, self.head_size]
+        for i in range(self.n_layer):
+            for kind, bufs in (("key", self.keys), ("value", self.values)):
+                ptr = bufs[i].ctypes.data
+                binding.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
+                binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
+        out = np.empty((n, 1, self.vocab_size), np.float32)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        self._bindings[n] = binding, feed, out
+        return self._bindings[n]
 
     def generate(self, prompt_ids, max_new_tokens: int, pick=None) -> list[int]:
         """One sequence start to end (tests, parity gate, benchmarks); greedy unless ``pick`` is given."""

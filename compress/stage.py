@@ -63,7 +63,7 @@ GENERATE_IO = IOSpec(
     inputs=(TensorSpec("input_ids", "int64", (-1,)), TensorSpec("max_new_tokens", "int32", (1,)),
             TensorSpec("temperature", "float32", (1,)), TensorSpec("top_k", "int32", (1,)),
             TensorSpec("top_p", "float32", (1,)), TensorSpec("seed", "int64", (1,)), TensorSpec("stop", "bytes", (-1,))),
-    outputs=(TensorSpec("token_id", "int64", (1,)), TensorSpec("text", "bytes", (1,)),
+    outputs=(TensorSpec("token_ids", "int64", (-1,)), TensorSpec("text", "bytes", (1,)),
              TensorSpec("finish_reason", "bytes", (1,))))
 
 
@@ -78,7 +78,8 @@ def write_generate_model(repo: Path, settings: Settings, task, model_args, graph
                       optional_inputs=tuple(t.name for t in GENERATE_IO.inputs[1:]),
                       parameters={"itos": json.dumps(task.serving_metadata(model_args)["itos"]),
                                   "max_sequences": str(g.max_sequences), "max_waiting": str(g.max_waiting),
-                                  "max_new_tokens": str(g.max_new_tokens), "intra_op_threads": str(g.intra_op_threads)})
+                                  "max_new_tokens": str(g.max_new_tokens), "intra_op_threads": str(g.intra_op_threads),
+                                  "stream_interval_ms": str(g.stream_interval_ms)})
     files = {"prefill.onnx": graphs.prefill, "step.onnx": graphs.step,
              "model.py": (here / "triton_generate_model.py").read_bytes(),
              "decode_engine.py": (here / "decode_engine.py").read_bytes(),

@@ -94,7 +94,7 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the sampling for reproducible text")
     stop: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=list, max_length=8, description="end the text before the first of these strings")
-    stream: bool = Field(False, description="answer as Server-Sent Events, one per character, then a summary")
+    stream: bool = Field(False, description="answer as Server-Sent Events: text deltas as they come, then a summary")
 
 
 class GenerateResponse(BaseModel):
@@ -145,8 +145,9 @@ async def kv_decode(gw: Gateway, model: str, req: GenerateRequest, prompt_ids: n
     if req.stop:
         payload["stop"] = req.stop
     tokens = 0
-    async for event in gw.stream(model, payload):
-        tokens += int(event.get("token_id", -1)) >= 0
+    async for event in gw.stream(model, payload):  # one event per Triton response: one or more tokens
+        ids = event.get("token_ids", [])
+        tokens += len(ids) if isinstance(ids, list) else 1  # Triton writes a one-element array as a scalar
         yield event.get("text", ""), tokens, event.get("finish_reason", "")
 
 
@@ -189,9 +190,10 @@ async def generate(gw: Gateway, name: str, model: str, req: GenerateRequest) -> 
 
 async def generate_events(gw: Gateway, name: str, model: str, req: GenerateRequest, prompt_ids: np.ndarray,
                           deadline_s: float) -> AsyncIterator[bytes]:
-    """Server-Sent Events: ``{"token": text}`` per character, then ``{"text", "tokens", "finish_reason"}``
-    (or an ``error`` event). Leaving early (the client went away) closes the stream to Triton, which
-    frees the sequence there."""
+    """Server-Sent Events: ``{"delta": new text, "tokens": generated so far}`` as text arrives (a delta holds
+    the tokens of one step, or of several when the model coalesces them), then the summary ``{"model",
+    "text", "tokens", "finish_reason"}`` (or an ``error`` event). A client that goes away closes the
+    stream to Triton, which frees the sequence there."""
     model, decode = decoder(gw, name, model)
     text, tokens, reason = [], 0, ""
     try:
@@ -199,7 +201,7 @@ async def generate_events(gw: Gateway, name: str, model: str, req: GenerateReque
             async for piece, tokens, reason in decode(gw, model, req, prompt_ids):
                 if piece:
                     text.append(piece)
-                    yield b"data: " + orjson.dumps({"token": piece}) + b"\n\n"
+                    yield b"data: " + orjson.dumps({"delta": piece, "tokens": tokens}) + b"\n\n"
     except (Refused, TimeoutError) as exc:  # the status line is sent already: report in the stream
         message = str(exc) or f"no answer within the request timeout of {deadline_s:g} s"
         yield b"event: error\ndata: " + orjson.dumps({"error": message}) + b"\n\n"

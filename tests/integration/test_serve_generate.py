@@ -69,8 +69,10 @@ def test_streaming_sends_tokens_in_order_then_the_summary(charlm):
                         orjson.dumps({"prompt": "a", "max_new_tokens": 20, "temperature": 0, "stream": True}))
     events = [json.loads(chunk[6:]) for chunk in body.decode().split("\n\n") if chunk.startswith("data: ")]
     _, whole = generate(serving, prompt="a", max_new_tokens=20, temperature=0)
-    assert status == 200 and len(events) == 21
-    assert "".join(e["token"] for e in events[:-1]) == whole["text"] == events[-1]["text"]
+    deltas = events[:-1]
+    assert status == 200 and deltas and all("delta" in e for e in deltas)
+    assert [e["tokens"] for e in deltas] == sorted({e["tokens"] for e in deltas})  # in order, never repeated
+    assert "".join(e["delta"] for e in deltas) == whole["text"] == events[-1]["text"]
     assert events[-1]["tokens"] == 20 and events[-1]["finish_reason"] == "length"
 
 
@@ -100,7 +102,7 @@ def test_a_client_that_goes_away_frees_its_sequence(charlm):
 
     before = tokens_total(serving)
     first, during = asyncio.run(leave_early())
-    assert first.startswith(b"data: {\"token\"") and during == 1
+    assert first.startswith(b"data: {\"delta\"") and during == 1
     assert wait_for_live(serving, 0) == 0  # the model saw the cancellation and freed the slot
     assert tokens_total(serving) - before < 50_000  # it stopped generating, it did not run to the end
 

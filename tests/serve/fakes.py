@@ -137,7 +137,7 @@ class _FakeStream:
             last = (last + 1) % 4
             text, stopped = stops.push(VOCAB[last])
             reason = "stop" if stopped else "length" if n == self.request["max_new_tokens"] else ""
-            event = {"model_name": "charlm-generate", "token_id": last, "text": text, "finish_reason": reason}
+            event = {"model_name": "charlm-generate", "token_ids": last, "text": text, "finish_reason": reason}
             yield b"data: " + orjson.dumps(event) + b"\n\n"  # one event per chunk, as Triton sends them
             if reason:
                 return

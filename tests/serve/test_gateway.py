@@ -245,6 +245,6 @@ async def test_generate_streams_server_sent_events_and_holds_its_slot_until_done
         refused = await c.post("/v1/models/charlm:generate", json={"prompt": "q", "stream": True})
     assert reply.status == 200 and reply.headers["content-type"].startswith("text/event-stream")
     events = [orjson.loads(line[6:]) for line in reply.body.decode().split("\n\n") if line.startswith("data: ")]
-    assert events == [{"token": "b"}, {"token": "c"}, {"token": "d"}, {"model": "charlm-fp32", "text": "bcd",
-                                                                      "tokens": 3, "finish_reason": "length"}]
+    assert events == [{"delta": "b", "tokens": 1}, {"delta": "c", "tokens": 2}, {"delta": "d", "tokens": 3},
+                      {"model": "charlm-fp32", "text": "bcd", "tokens": 3, "finish_reason": "length"}]
     assert refused.status == 422 and gw.guard.in_flight == 0  # a bad prompt fails before the stream starts

@@ -51,7 +51,7 @@ async def test_streaming_delivers_tokens_in_order_then_a_final_event():
     async with client(gw) as c:
         reply = await c.post("/v1/models/charlm:generate", json={"prompt": "d", "max_new_tokens": 5, "stream": True})
     assert reply.status == 200 and reply.headers["content-type"].startswith("text/event-stream")
-    assert events(reply) == [{"token": t} for t in "abcda"] + [
+    assert events(reply) == [{"delta": t, "tokens": n} for n, t in enumerate("abcda", 1)] + [
         {"model": "charlm-generate", "text": "abcda", "tokens": 5, "finish_reason": "length"}]
     assert triton.live == 0 and gw.guard.in_flight == 0
 
@@ -66,7 +66,7 @@ async def test_stop_strings_end_the_text_before_them_on_both_paths(catalog):
                                                                     "temperature": 0, "stop": ["da"], "stream": True})
     assert whole.json()["text"] == "bc" and whole.json()["finish_reason"] == "stop"
     assert whole.json()["tokens"] == 4  # b, c, d (held back: it may start "da"), a (completes the stop)
-    assert "".join(e.get("token", "") for e in events(streamed)) == "bc"  # the held-back 'd' is never sent
+    assert "".join(e.get("delta", "") for e in events(streamed)) == "bc"  # the held-back 'd' is never sent
     assert events(streamed)[-1]["finish_reason"] == "stop"
 
 

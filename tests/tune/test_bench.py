@@ -47,3 +47,16 @@ def test_hypervolumes_share_one_scale_and_rank_a_dominating_front_first():
 
     assert 1.0 >= volumes["AutoGLM"] > volumes["random search"] > 0.0
     assert volumes["TPE, no early stopping"] == 0.0
+
+
+def test_only_autoglm_is_warm_started_and_searches_compression_and_the_searches_share_one_space(tmp_path):
+    from bench.tune import METHODS, SETUPS, _settings
+
+    setup = SETUPS["digits"]
+    settings = {m: _settings(setup, 0, tmp_path, m).tune for m in ["default", *METHODS]}
+
+    assert settings["AutoGLM"].warm_start and settings["AutoGLM"].space == setup.space | setup.compression_space
+    for method in ("default", "random search", "TPE, no early stopping"):
+        assert settings[method].warm_start is None
+    assert settings["random search"].space == settings["TPE, no early stopping"].space == setup.space
+    assert settings["TPE, no early stopping"].startup_trials == settings["AutoGLM"].startup_trials

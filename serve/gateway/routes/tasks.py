@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/models", tags=["tasks"])
 @router.post("/{model}:generate", summary="Continue a prompt (language-model tasks)",
              response_model=tasks.GenerateResponse,
              responses={200: {"content": {"text/event-stream": {}},
-                              "description": "with stream=true: one event per character, then the summary"}})
+                              "description": "with stream=true: text deltas as generated, then the summary"}})
 async def generate(model: str, request: tasks.GenerateRequest, gw: GatewayDep, _: CallerDep, __: Slot):
     """Continue ``prompt``. Named by task, generation runs in Triton's KV-cache model, where the steps of all
     live sequences share batches; named by variant, the context is recomputed for every character."""
