@@ -28,21 +28,24 @@ def directions(settings: Settings, task_direction: str) -> list[str]:
     return [task_direction if o == "metric" else "minimize" for o in settings.tune.objectives]
 
 
-def make_sampler(name: str, seed: int, n_objectives: int):
-    """TPE (multivariate, constant liar for parallel workers), NSGA-II, random or GP."""
+def make_sampler(name: str, seed: int, n_objectives: int, startup_trials: int | None = None):
+    """TPE (multivariate, constant liar for parallel workers), NSGA-II, random or GP.
+
+    ``startup_trials``: random trials before TPE or GP models (None: max(4, 2 x objectives) for TPE, 4 for GP).
+    """
     optuna = require("optuna", None, "tuning")
     samplers = optuna.samplers
     if name == "tpe":
         with warnings.catch_warnings():  # `group` is marked experimental; it is what makes multivariate TPE
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # work with conditional knobs
             return samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
-                                       n_startup_trials=max(4, 2 * n_objectives))
+                                       n_startup_trials=startup_trials or max(4, 2 * n_objectives))
     if name == "nsga2":
         return samplers.NSGAIISampler(seed=seed, population_size=8)
     if name == "random":
         return samplers.RandomSampler(seed=seed)
     if name == "gp":
-        return samplers.GPSampler(seed=seed, n_startup_trials=4, warn_independent_sampling=False)
+        return samplers.GPSampler(seed=seed, n_startup_trials=startup_trials or 4, warn_independent_sampling=False)
     raise ConfigError(f"tune.sampler={name!r} is unknown: use tpe, nsga2, random or gp")
 
 
@@ -90,7 +93,8 @@ def open_study(settings: Settings, tune_dir: Path, task_direction: str):
     seed = settings.run.seed + _n_trials(storage, settings.tune.study_name) + 7919 * settings.tune.worker_index
     study = optuna.create_study(
         storage=storage, study_name=settings.tune.study_name, load_if_exists=True,
-        sampler=make_sampler(settings.tune.sampler, seed, len(wanted)), directions=wanted)
+        sampler=make_sampler(settings.tune.sampler, seed, len(wanted), settings.tune.startup_trials),
+        directions=wanted)
     have = [d.name.lower() for d in study.directions]
     names = study.metric_names
     if have != wanted or (names is not None and names != list(settings.tune.objectives)):
