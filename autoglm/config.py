@@ -179,6 +179,8 @@ class GenerateSettings(Section):
     max_new_tokens: int = Field(1024, ge=1, description="upper bound of one request's max_new_tokens")
     stream_interval_ms: float = Field(10, ge=0, description="after the first token, send new tokens this often "
                                       "(0: a response per token, which caps throughput at ~1 ms CPU per token)")
+    stream_responses_per_s: float = Field(500, ge=0, description="responses per second for all sequences "
+                                          "together: n live sequences each send every n/budget s (0: no budget)")
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads of the decode loop (0: all cores)")
 
 

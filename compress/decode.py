@@ -6,7 +6,8 @@ Runtime's ``com.microsoft.GroupQueryAttention`` (measured the fastest CPU attent
 size; it keeps a KV cache, handles sequences of different lengths in one batch and can update the
 cache in place):
 
-* ``prefill.onnx``: a prompt (B, S) -> logits at every position (B, S, V) + present K/V (B, H, S, D);
+* ``prefill.onnx``: prompts (B, S), right-padded to the longest (``query_seqlens`` holds each one's
+  length) -> logits at every position (B, S, V) + present K/V (B, H, S, D);
 * ``step.onnx``: one token per sequence (B, 1) + past K/V (B, H, context, D), updated in place ->
   logits (B, 1, V); ``query_seqlens`` 0 leaves a row idle.
 
@@ -69,8 +70,7 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
               helper.make_tensor_value_info("position_ids", i64, ["batch", seq]),
               helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
               helper.make_tensor_value_info("total_sequence_length", i32, [])]
-    if step:
-        inputs.append(helper.make_tensor_value_info("query_seqlens", i32, ["batch"]))
+    inputs.append(helper.make_tensor_value_info("query_seqlens", i32, ["batch"]))
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", seq, vocab])]
 
     nodes.append(helper.make_node("Gather", [const("wte", w.token_embedding), "input_ids"], ["tok"]))
@@ -85,8 +85,7 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
                                                          ["batch", heads, "present", size]))
         qkv = linear(norm(x, layer.ln1, f"{p}.ln_1"), layer.qkv, f"{p}.attn.qkv")
         gqa_in = [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length"]
-        if step:  # the optional inputs between are left empty
-            gqa_in += ["", "", "", "", "", "", "", "", "", "query_seqlens"]
+        gqa_in += ["", "", "", "", "", "", "", "", "", "query_seqlens"]  # the optional inputs between: empty
         nodes.append(helper.make_node("GroupQueryAttention", gqa_in,
                                       [f"{p}.attn.y", f"present_key_{i}", f"present_value_{i}"],
                                       domain="com.microsoft", num_heads=heads, kv_num_heads=heads))
@@ -177,8 +176,9 @@ def graph_val_loss(prefill_path: Path, task: Task, model_args: dict, n_batches: 
         ids = next(iter(inputs.values()))
         b, t = ids.shape
         feed = {"input_ids": ids.astype(np.int64), "position_ids": np.tile(np.arange(t, dtype=np.int64), (b, 1)),
-                "seqlens_k": np.full(b, t - 1, np.int32), "total_sequence_length": np.asarray(t, np.int32)}
-        empty = np.zeros((b, heads, 0, size), np.float32)
+                "seqlens_k": np.full(b, t - 1, np.int32), "total_sequence_length": np.asarray(t, np.int32),
+                "query_seqlens": np.full(b, t, np.int32)}
+        empty = np.zeros((b, heads, t, size), np.float32)
         feed |= {f"past_{k}_{i}": empty for i in range(n_layer) for k in ("key", "value")}
         return session.run(["logits"], feed)[0]
 

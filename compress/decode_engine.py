@@ -76,14 +76,24 @@ class DecodeEngine:
     # ---- sequences join and leave --------------------------------------------------------------
     def start(self, prompt_ids, tag=None) -> tuple[Sequence, np.ndarray]:
         """Encode a prompt into a free slot; the sequence and its next-token logits (V,)."""
-        if not self.free_slots:
-            raise RuntimeError(f"all {self.max_sequences} sequence slots are in use")
-        if len(prompt_ids) == 0:
-            raise ValueError("the prompt is empty")
-        seq = Sequence(prompt_ids, tag)
-        seq.slot = len(self.live)
-        self.live.append(seq)
-        return seq, self._encode(seq, seq.ids[-self.context:])
+        (seq, logits), = self.start_many([prompt_ids], [tag])
+        return seq, logits
+
+    def start_many(self, prompts, tags=None) -> list[tuple[Sequence, np.ndarray]]:
+        """Encode several prompts (any lengths) into free slots with one prefill; (sequence, logits) each."""
+        if len(prompts) > self.free_slots:
+            raise RuntimeError(f"{len(prompts)} new sequences but {self.free_slots} of {self.max_sequences} "
+                               f"slots are free")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("a prompt is empty")
+        seqs = []
+        for prompt, tag in zip(prompts, tags or [None] * len(prompts)):
+            seq = Sequence(prompt, tag)
+            seq.slot = len(self.live)
+            self.live.append(seq)
+            seqs.append(seq)
+        logits = self._encode_many(seqs, [s.ids[-self.context:] for s in seqs])
+        return list(zip(seqs, logits))
 
     def release(self, seq: Sequence) -> None:
         """Free the sequence's slot; the last live sequence moves into it (the cache stays compact)."""
@@ -97,20 +107,28 @@ class DecodeEngine:
             self.live[seq.slot] = last
         seq.slot = -1
 
-    def _encode(self, seq: Sequence, ids) -> np.ndarray:
-        """Prefill ``ids`` into the sequence's slot (positions 0..); last position's logits."""
-        n = len(ids)
-        empty = np.zeros((1, self.n_head, 0, self.head_size), np.float32)
-        feed = {"input_ids": np.asarray([ids], np.int64), "position_ids": np.arange(n, dtype=np.int64)[None],
-                "seqlens_k": np.asarray([n - 1], np.int32), "total_sequence_length": np.asarray(n, np.int32)}
+    def _encode_many(self, seqs: list[Sequence], rows: list) -> np.ndarray:
+        """Prefill ``rows`` (token lists) into the sequences' slots, positions 0.., as one right-padded
+        batch; each row's last logits (len(rows), V)."""
+        b, lengths = len(rows), np.fromiter(map(len, rows), np.int64, len(rows))
+        n = int(lengths.max())
+        ids = np.zeros((b, n), np.int64)
+        for j, row in enumerate(rows):
+            ids[j, :len(row)] = row
+        # past buffers hold nothing (every row starts at position 0) but give room for the padded chunk
+        empty = np.zeros((b, self.n_head, n, self.head_size), np.float32)
+        feed = {"input_ids": ids, "position_ids": np.tile(np.arange(n, dtype=np.int64), (b, 1)),
+                "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.asarray(n, np.int32),
+                "query_seqlens": lengths.astype(np.int32)}
         for i in range(self.n_layer):
             feed[f"past_key_{i}"] = feed[f"past_value_{i}"] = empty
         out = self.prefill.run(None, feed)
-        for i in range(self.n_layer):
-            self.keys[i][seq.slot, :, :n] = out[1 + 2 * i][0]
-            self.values[i][seq.slot, :, :n] = out[2 + 2 * i][0]
-        seq.length = n
-        return out[0][0, -1]
+        for j, (seq, length) in enumerate(zip(seqs, lengths.tolist())):
+            for i in range(self.n_layer):
+                self.keys[i][seq.slot, :, :length] = out[1 + 2 * i][j, :, :length]
+                self.values[i][seq.slot, :, :length] = out[2 + 2 * i][j, :, :length]
+            seq.length = length
+        return out[0][np.arange(b), lengths - 1]
 
     # ---- one token for every live sequence -----------------------------------------------------
     def step(self, tokens) -> np.ndarray:
@@ -126,9 +144,9 @@ class DecodeEngine:
         sliding = lengths >= self.context
         for seq, token in zip(self.live, tokens.tolist()):
             seq.ids.append(token)
-        for i in np.flatnonzero(sliding):
-            seq = self.live[i]
-            logits[i] = self._encode(seq, seq.ids[-self.keep:])
+        if sliding.any():  # every sliding sequence re-encodes `keep` tokens: one batch
+            rows = np.flatnonzero(sliding)
+            logits[rows] = self._encode_many([self.live[i] for i in rows], [self.live[i].ids[-self.keep:] for i in rows])
         if sliding.all():
             return logits
         stepping = ~sliding

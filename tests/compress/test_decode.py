@@ -135,3 +135,28 @@ def test_tasks_without_a_decoder_get_no_graphs(tmp_path):
 
     task, model = digits()
     assert decode.build_decode_graphs(task, model, {}, tmp_path) is None and not list(tmp_path.iterdir())
+
+
+def test_sequences_that_slide_in_the_same_step_are_encoded_together_exactly(graphs):
+    task, model = charlm()
+    e = engine(graphs, slots=2)
+    p, q = decode.prompts(task, model.model_args, 2, 32)
+    e.start(p)
+    e.start(q)
+    logits = e.step([3, 5])  # both caches are full: both slide in one batched prefill
+    for prompt, token, row in ((p, 3, logits[0]), (q, 5, logits[1])):
+        _, alone = engine(graphs, slots=1).start((prompt + [token])[-16:])
+        np.testing.assert_allclose(row, alone, atol=1e-5)
+    assert [s.length for s in e.live] == [16, 16]
+
+
+def test_prompts_of_different_lengths_join_in_one_padded_prefill(graphs):
+    task, model = charlm()
+    rows = [p[:n] for p, n in zip(decode.prompts(task, model.model_args, 3, 20), (5, 20, 11))]
+    together = engine(graphs, slots=3).start_many(rows)
+    for row, (seq, logits) in zip(rows, together):
+        want = model(torch.tensor([row])).detach().numpy()[0, -1]
+        np.testing.assert_allclose(logits, want, atol=1e-4)
+        assert seq.length == len(row)
+    with pytest.raises(RuntimeError, match="slots are free"):
+        engine(graphs, slots=1).start_many(rows[:2])
