@@ -63,7 +63,7 @@ class LoadtestOptions(BaseModel):
     target: str | None = Field(None, description="gateway base URL; default http://<serve.host>:<gateway_port>")
     triton_url: str | None = Field(None, description="Triton HTTP URL; default from serve settings")
     metrics_url: str | None = Field(None, description="Triton metrics URL; default from serve settings")
-    scenario: Literal["task", "v2", "triton"] = "task"
+    scenario: Literal["task", "v2", "triton", "generate"] = "task"
     shape: Literal["steady", "step", "spike"] = "steady"
     shape_steps: int = Field(4, ge=1, description="steps of the step shape (each one a reported phase)")
     spawn_rate: float | None = Field(None, gt=0, description="users started per second; default all in 1 s")
@@ -81,6 +81,9 @@ class LoadtestOptions(BaseModel):
 
     @model_validator(mode="after")
     def _shapes_are_single_windows(self) -> LoadtestOptions:
+        if self.sweep and self.scenario == "generate":
+            raise ValueError("the sweep tunes Triton's dynamic batching, which the generation model does not use "
+                             "(it batches its own steps): drop --sweep for --scenario generate")
         if self.sweep and self.shape != "steady":
             raise ValueError(f"the sweep measures steady windows; shape '{self.shape}' applies to a single run: "
                              "drop --sweep or use --shape steady")

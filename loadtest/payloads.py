@@ -72,12 +72,18 @@ def build_payloads(settings: Settings, task_info: dict[str, Any], samples: int =
     task.prepare()
     batches = task.batches("val", per_request, samples, seed=settings.run.seed, model_args=task_info["model_args"])
     scenarios: dict[str, list[dict]] = {"task": [], "v2": []}
+    if "itos" in task_info["metadata"]:  # language models: streaming generation too
+        scenarios["generate"] = []
     task_error = None
     for inputs, _targets in batches:
         scenarios["v2"].append({"path": INFER, "body": v2_body(inputs)})
         if task_error is None:
             try:
-                scenarios["task"].extend(task_requests(task_info, inputs, generate_tokens))
+                requests = task_requests(task_info, inputs, generate_tokens)
+                scenarios["task"].extend(requests)
+                if "generate" in scenarios:
+                    scenarios["generate"] += [{"path": r["path"], "body": {**r["body"], "stream": True}}
+                                              for r in requests if r["path"] == GENERATE]
             except AutoGLMError as exc:
                 task_error = str(exc)
     if not scenarios["v2"]:

@@ -183,7 +183,7 @@ def _joined(spec: LoadSpec, summary: dict, joined: dict[str, Any], exit_code: in
         "scenario": spec.scenario, "host": spec.host, "model": spec.model, "users": spec.users,
         "shape": spec.shape, "duration_s": spec.duration_s, "window": window, "phases": summary["phases"],
         "energy": energy, "triton": joined["triton"], "triton_unavailable": joined.get("triton_unavailable"),
-        "generator_saturated": summary.get("generator_saturated", False),
+        "generator_saturated": summary.get("generator_saturated", False), "stream": summary.get("stream") or {},
         "slo": {"p95_ms": spec.slo.p95_ms, "error_rate": spec.slo.error_rate, "breaches": summary["breaches"],
                 "passed": not summary["breaches"], "locust_exit_code": exit_code},
     }

@@ -35,7 +35,7 @@ def resolve_model(task_info: dict[str, Any], name: str | None) -> str:
         return task_info["recommended"]
     if name in models:
         return models[name]
-    if name in models.values():
+    if name in models.values() or name == task_info.get("generate"):
         return name
     raise AutoGLMError(f"model '{name}' is not in repository/task.json: choose a variant from {sorted(models)} "
                        f"or a Triton model from {sorted(models.values())}")
@@ -53,6 +53,9 @@ def _printer(progress: bool):
               f"{'meets the SLO' if r['passed'] else 'MISSES THE SLO'}"
               + (" (the load generator ran out of CPU: a client limit)" if r["generator_saturated"] else ""),
               flush=True)
+        for name, stats in (point.get("stream") or {}).items():
+            print(f"      {name}: p50 {stats['p50_ms'] or 0:.2f} ms, p95 {stats['p95_ms'] or 0:.2f} ms "
+                  f"({stats['requests']} samples)", flush=True)
     return show
 
 
@@ -116,6 +119,11 @@ def loadtest_run(settings: Settings, options: LoadtestOptions | None = None, for
     shutil.rmtree(writer.dir / "points", ignore_errors=True)  # a re-run must not list an older run's windows
     task_info = json.loads((run.stage_dir("repository") / "task.json").read_text())
     model = resolve_model(task_info, options.model)
+    if options.scenario == "generate" and options.model is None:
+        if "generate" not in task_info:
+            raise AutoGLMError("--scenario generate needs a language model with decode graphs (task.json has no "
+                               "'generate' model): compress a charlm run with compress.generate.enabled=true")
+        model = task_info["generate"]  # the KV-cache model streams; a variant name would recompute
     gateway_url, triton_url, metrics_url = options.urls(settings)
     slo = Slo(settings.loadtest.slo_p95_ms, settings.loadtest.slo_error_rate)
     payloads = write_payloads(writer.path("payloads.json"), build_payloads(
@@ -141,7 +149,7 @@ def loadtest_run(settings: Settings, options: LoadtestOptions | None = None, for
                    **run_window(spec, writer.dir / "points" / "p00", triton_model=model, **common)}]
         show(points[0])
     overhead = None
-    if options.overhead and options.scenario != "triton":
+    if options.overhead and options.scenario not in ("triton", "generate"):
         overhead = _measure_overhead(points, options, settings, model, control, common, writer.dir / "points", slo)
         if progress:
             print(f"  gateway overhead: {overhead['summary']}")

@@ -70,10 +70,36 @@ class Window:
         seconds = (self.closed or time.time()) - self.opened if self.opened else 0.0
         phases = [{"phase": label, **hist.summary(max(last - first, 1e-9))}
                   for label, (hist, first, last) in self.phases.items()]
-        return {"window": self.total.summary(seconds), "phases": phases}
+        return {"window": self.total.summary(seconds), "phases": phases, "stream": STREAM.summary(seconds)}
 
 
 WINDOW = Window()
+
+
+class StreamMetrics:
+    """Streaming generation's own latencies (time to first token, inter-token) in the measured window.
+
+    Also fired as locust request events of type ``SSE`` (so locust's stats and UI show them); the
+    window's request histogram and SLO gate count whole requests only."""
+
+    request_type = "SSE"
+
+    def __init__(self) -> None:
+        self.histograms: dict[str, LatencyHistogram] = {}
+
+    def record(self, environment, name: str, values_ms: list[float]) -> None:
+        opened = WINDOW.opened is not None and WINDOW.closed is None
+        for ms in values_ms:
+            environment.events.request.fire(request_type=self.request_type, name=name, response_time=ms,
+                                            response_length=0, exception=None, context={})
+            if opened:
+                self.histograms.setdefault(name, LatencyHistogram()).record(ms)
+
+    def summary(self, seconds: float) -> dict:
+        return {name: hist.summary(seconds) for name, hist in self.histograms.items()}
+
+
+STREAM = StreamMetrics()
 
 
 def set_phase(label: str) -> None:
@@ -117,8 +143,9 @@ def _spawned(user_count, **_kwargs) -> None:
 
 
 @events.request.add_listener
-def _request(response_time, exception, **_kwargs) -> None:
-    WINDOW.record(response_time, exception is not None)
+def _request(request_type, response_time, exception, **_kwargs) -> None:
+    if request_type != StreamMetrics.request_type:  # stream metrics have histograms of their own
+        WINDOW.record(response_time, exception is not None)
 
 
 @events.test_stopping.add_listener
@@ -158,5 +185,9 @@ class PayloadUser(FastHttpUser):
 
     @task
     def send(self) -> None:
-        path, name, body = self.rng.choice(self.requests)
+        self.request(*self.rng.choice(self.requests))
+
+    def request(self, path: str, name: str, body: bytes) -> None:
+        """One request; scenarios that read replies differently override this (not ``send``: locust would
+        run both tasks)."""
         self.client.post(path, data=body, headers=HEADERS, name=name)

@@ -87,3 +87,55 @@ def test_the_locust_side_imports_nothing_of_the_pipeline():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'pydantic', 'autoglm'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+class _SseStub(BaseHTTPRequestHandler):
+    """A streaming :generate: three deltas (1, 2 and 1 tokens) 20 ms apart, then the summary."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        import time
+
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        events = [{"delta": "a", "tokens": 1}, {"delta": "bc", "tokens": 3}, {"delta": "d", "tokens": 4},
+                  {"model": "m", "text": "abcd", "tokens": 4, "finish_reason": "length"}]
+        for event in events:
+            time.sleep(0.02)
+            data = b"data: " + json.dumps(event).encode() + b"\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_generate_scenario_reports_time_to_first_token_and_inter_token_latency(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SseStub)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    payloads = tmp_path / "payloads.json"
+    body = {"prompt": "ab", "max_new_tokens": 4, "stream": True}
+    payloads.write_text(json.dumps({"scenarios": {"generate": [{"path": "/v1/models/{model}:generate",
+                                                                "body": body}]}}))
+    try:
+        spec = LoadSpec("generate", f"http://127.0.0.1:{server.server_port}", "m", users=2, duration_s=3,
+                        warmup_s=0, slo=Slo(1000, 0.01))
+        result = run_window(spec, tmp_path / "generate", payloads=payloads)
+    finally:
+        server.shutdown()
+        server.server_close()
+    window, stream = result["window"], result["stream"]
+    assert result["slo"]["passed"] and window["requests"] > 0 and window["failures"] == 0
+    assert window["p50_ms"] >= 75  # the whole stream (four 20 ms waits), not the time to its headers
+    ttft, itl = stream["time to first token"], stream["inter-token"]
+    assert ttft["requests"] == window["requests"] and 15 <= ttft["p50_ms"] < 60
+    assert itl["requests"] == 3 * window["requests"]  # 4 tokens: 3 gaps, the 2-token delta counts twice
+    assert 5 <= itl["p50_ms"] < 30  # 20 ms for one token, 10 ms each for two
+    stats = (tmp_path / "generate" / "locust_stats.csv").read_text()
+    assert "time to first token" in stats and "inter-token" in stats
