@@ -42,8 +42,9 @@ def parser() -> argparse.ArgumentParser:
     target.add_argument("--model", help="variant or Triton model name (default: task.json's recommended)")
     target.add_argument("--pid", type=int, action="append", default=[], help="a serving process to meter (repeatable)")
     load = p.add_argument_group("load")
-    load.add_argument("--scenario", choices=["task", "v2", "triton"], default="task",
-                      help="task endpoints or v2 infer through the gateway, or v2 straight to Triton")
+    load.add_argument("--scenario", choices=["task", "v2", "triton", "generate"], default="task",
+                      help="task endpoints or v2 infer through the gateway, v2 straight to Triton, or streaming "
+                           ":generate (time to first token, inter-token latency)")
     load.add_argument("--shape", choices=["steady", "step", "spike"], default="steady",
                       help="steady: all users at once; step: --steps equal steps; spike: a quarter, all, a quarter")
     load.add_argument("--steps", type=int, default=4, help="steps of the step shape")
