@@ -54,6 +54,7 @@ def parser() -> argparse.ArgumentParser:
     load.add_argument("--warmup", type=float, default=1.0, help="seconds after spawning before measuring")
     load.add_argument("--samples", type=int, default=128, help="distinct validation requests")
     load.add_argument("--per-request", type=int, default=1, help="validation examples per request")
+    load.add_argument("--generate-tokens", type=int, default=8, help="max_new_tokens of :generate requests")
     load.add_argument("--no-overhead", action="store_true", help="skip the Triton-direct comparison")
     load.add_argument("--slo-p95-ms", type=float, help="sets loadtest.slo_p95_ms")
     load.add_argument("--slo-error-rate", type=float, help="sets loadtest.slo_error_rate")
@@ -88,6 +89,7 @@ def options_from_args(args: argparse.Namespace):
             target=args.target, triton_url=args.triton_url, metrics_url=args.metrics_url, scenario=args.scenario,
             shape=args.shape, shape_steps=args.steps, spawn_rate=args.spawn_rate, warmup_s=args.warmup,
             model=args.model, pids=args.pid, samples=args.samples, per_request=args.per_request,
+            generate_tokens=args.generate_tokens,
             overhead=not args.no_overhead, sweep=args.sweep, grid=SweepGrid(**grid),
             keep_recommended=args.keep_recommended)
     except ValidationError as exc:
