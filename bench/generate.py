@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import Table, ratio
+from bench.harness import Table, cpu_seconds, ratio
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is 2-10x slower here
 CONCURRENCY = (1, 8, 32)
@@ -100,21 +100,13 @@ def _load(url: str, bodies: list[dict], concurrency: int, duration_s: float, pid
     spec_file.write_text(json.dumps(spec))
     roots = [psutil.Process(pid) for pid in pids]
     procs = [q for root in roots for q in (root, *root.children(recursive=True))]
-    before = sum(map(_cpu, procs))
+    before = sum(map(cpu_seconds, procs))
     out = subprocess.run([sys.executable, "-m", "bench.generate", "load", str(spec_file)], capture_output=True,
                          text=True, timeout=duration_s * 6 + 120, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # the warm-up's tokens are not counted, so this over-charges each token slightly (conservative)
-    result["cpu_ms_per_token"] = (sum(map(_cpu, procs)) - before) / max(1, result["tokens"]) * 1e3
+    result["cpu_ms_per_token"] = (sum(map(cpu_seconds, procs)) - before) / max(1, result["tokens"]) * 1e3
     return result
-
-
-def _cpu(proc) -> float:
-    try:
-        t = proc.cpu_times()
-        return t.user + t.system
-    except Exception:  # a process that ended: its CPU is no longer readable
-        return 0.0
 
 
 # ---- in-process batch-1 references ------------------------------------------------------------------

@@ -68,6 +68,15 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def cpu_seconds(proc) -> float:
+    """User + system CPU-seconds of a psutil process; 0 for one that ended (no longer readable)."""
+    try:
+        t = proc.cpu_times()
+        return t.user + t.system
+    except Exception:
+        return 0.0
+
+
 def ratio(a: float, b: float) -> str:
     """``a / b`` as a speed-up style factor, e.g. ``"1.83×"``."""
     if b == 0:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from bench.harness import Table, ratio
+from bench.harness import Table, cpu_seconds, ratio
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is 2-10x slower here
 CONCURRENCY = (1, 8, 32)
@@ -73,21 +73,13 @@ def _load(url: str, body: Path, headers: dict, concurrency: int, duration_s: flo
     spec_file = body.with_suffix(".spec.json")
     spec_file.write_text(json.dumps(spec))
     trees = {name: [p := psutil.Process(pid), *p.children(recursive=True)] for name, pid in servers.items()}
-    before = {name: sum(map(_cpu, procs)) for name, procs in trees.items()}
+    before = {name: sum(map(cpu_seconds, procs)) for name, procs in trees.items()}
     out = subprocess.run([sys.executable, "-m", "bench.serve", "load", str(spec_file)], capture_output=True, text=True,
                          timeout=duration_s * 4 + 60, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     served = max(1, result["requests"] + result["warm_requests"])
-    result["cpu_us"] = {name: (sum(map(_cpu, procs)) - before[name]) / served * 1e6 for name, procs in trees.items()}
+    result["cpu_us"] = {name: (sum(map(cpu_seconds, procs)) - before[name]) / served * 1e6 for name, procs in trees.items()}
     return result
-
-
-def _cpu(proc) -> float:
-    try:
-        t = proc.cpu_times()
-        return t.user + t.system
-    except Exception:  # a process that ended: its CPU is no longer readable
-        return 0.0
 
 
 # ---- the naive server (`python -m bench.serve naive <checkpoint> <port>`) -------------------------------

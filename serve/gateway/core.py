@@ -92,13 +92,8 @@ class Gateway:
         """One request to Triton; transport failures become Refused(503/502)."""
         try:
             return await self.pool.request(method, target, body, headers, self.settings.request_timeout_s)
-        except UpstreamUnavailable as exc:
-            self.metrics.triton_error("unavailable")
-            raise Refused(503, f"Triton is unavailable ({exc}); retry shortly",
-                          ((b"retry-after", str(self.settings.retry_after_s).encode()),)) from None
         except UpstreamError as exc:
-            self.metrics.triton_error("bad_response")
-            raise Refused(502, f"Triton failed: {exc}") from None
+            raise self._transport_failure(exc) from None
         except TimeoutError:
             self.metrics.triton_error("timeout")
             raise
@@ -164,13 +159,17 @@ class Gateway:
                         if "error" in message:
                             raise self._stream_failure(reply.status, str(message["error"]))
                         yield message
-        except UpstreamUnavailable as exc:
-            self.metrics.triton_error("unavailable")
-            raise Refused(503, f"Triton is unavailable ({exc}); retry shortly",
-                          ((b"retry-after", str(self.settings.retry_after_s).encode()),)) from None
         except UpstreamError as exc:
-            self.metrics.triton_error("bad_response")
-            raise Refused(502, f"Triton failed: {exc}") from None
+            raise self._transport_failure(exc) from None
+
+    def _transport_failure(self, exc: UpstreamError) -> Refused:
+        """No connection -> 503 + Retry-After; a broken reply -> 502."""
+        if isinstance(exc, UpstreamUnavailable):
+            self.metrics.triton_error("unavailable")
+            return Refused(503, f"Triton is unavailable ({exc}); retry shortly",
+                           ((b"retry-after", str(self.settings.retry_after_s).encode()),))
+        self.metrics.triton_error("bad_response")
+        return Refused(502, f"Triton failed: {exc}")
 
     def _stream_failure(self, status: int, message: str) -> Refused:
         if "retry later" in message or status == 503:  # the generation model's waiting queue is full

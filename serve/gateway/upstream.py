@@ -190,11 +190,11 @@ class UpstreamPool:
         """Connections open and waiting for a request."""
         return len(self._idle)
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, protocol: type = _Connection):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(_Connection, self.host, self.port)
+                _, conn = await loop.create_connection(protocol, self.host, self.port)
         except (OSError, TimeoutError) as exc:
             raise UpstreamUnavailable(f"Triton at {self.host}:{self.port} is unreachable "
                                       f"({exc.__class__.__name__}: {exc})") from None
@@ -259,13 +259,7 @@ class UpstreamPool:
         """
         if self._closed:
             raise UpstreamUnavailable("the gateway is shutting down")
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(UpstreamStream, self.host, self.port)
-        except (OSError, TimeoutError) as exc:
-            raise UpstreamUnavailable(f"Triton at {self.host}:{self.port} is unreachable "
-                                      f"({exc.__class__.__name__}: {exc})") from None
+        conn = await self._connect(UpstreamStream)
         try:
             conn.transport.write(self._encode(method, target, headers, body))
             async with asyncio.timeout(timeout_s):

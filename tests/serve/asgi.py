@@ -81,3 +81,12 @@ class AsgiClient:
             body = orjson.dumps(json)
             headers = {"content-type": "application/json", **(headers or {})}
         return await self.request("POST", path, body if body is not None else b"", headers, content_length)
+
+
+def gateway_client(gw) -> AsgiClient:
+    """A client of a gateway app whose Gateway is ``gw`` (e.g. one built on the fake Triton)."""
+    from serve.gateway import create_app, get_gateway
+
+    app = create_app(gw.settings)
+    app.dependency_overrides[get_gateway] = lambda: gw
+    return AsgiClient(app)

@@ -9,24 +9,12 @@ import numpy as np
 import orjson
 import pytest
 
-from serve.gateway import create_app, get_gateway
-from tests.serve.asgi import AsgiClient
+from tests.serve.asgi import gateway_client as client
 from tests.serve.fakes import CHARLM, fake_gateway
 
 pytestmark = pytest.mark.anyio
 IMAGE = [[8.0] * 8 for _ in range(8)]
 BRIGHT = [[16.0] * 8 for _ in range(8)]
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-def client(gw) -> AsgiClient:
-    app = create_app(gw.settings)
-    app.dependency_overrides[get_gateway] = lambda: gw
-    return AsgiClient(app)
 
 
 def v2_json(x: np.ndarray, name="image", datatype="FP32") -> dict:

@@ -7,21 +7,10 @@ import orjson
 import pytest
 
 from serve.gateway import create_app, get_gateway
-from tests.serve.asgi import AsgiClient
+from tests.serve.asgi import AsgiClient, gateway_client as client
 from tests.serve.fakes import CHARLM, CHARLM_KV, fake_gateway
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-def client(gw) -> AsgiClient:
-    app = create_app(gw.settings)
-    app.dependency_overrides[get_gateway] = lambda: gw
-    return AsgiClient(app)
 
 
 def events(reply) -> list[dict]:

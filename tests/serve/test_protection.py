@@ -16,11 +16,6 @@ KEYS = [ApiKey(name="alice", sha256=hash_api_key("alice-key")), ApiKey(name="bob
 X = v2_json(np.zeros((1, 1, 8, 8), np.float32))
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def bearer(key: str) -> dict:
     return {"authorization": f"Bearer {key}"}
 

@@ -11,11 +11,6 @@ from serve.triton import free_port
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 class EchoServer:
     """Answers each request with its path; ``/slow/<s>`` waits s seconds; ``/close`` hangs up; ``/bad`` is garbage."""
 
