@@ -4,16 +4,18 @@ Copied into the model repository as ``<model>/1/model.py`` with ``decode_engine.
 and the ``prefill.onnx``/``step.onnx`` graphs next to it; it imports nothing from the project.
 
 The model is *decoupled* (``model_transaction_policy { decoupled: true }``): ``execute`` only queues
-requests and returns at once, and one scheduler thread runs the decode loop. Between two steps,
+requests and returns at once; one thread runs the decode loop and another, the outbox, does every
+round trip to the Triton process (sending responses, asking whether a client went away), so the loop
+only computes. Between two steps,
 waiting requests join (prefill into a free cache slot) and finished or cancelled sequences leave, so
 every step runs all live sequences as one batch -- in-flight batching. New tokens go back as responses
 (``token_ids``, ``text``, ``finish_reason``); the last one carries the final flag. The first token is
 sent at once (time to first token); later ones are coalesced: a sequence sends every
 ``stream_interval_ms`` (0: every token), and all sequences together at most ``stream_responses_per_s``
-(each of n live sequences then every n / budget seconds). A response costs Triton, its HTTP stream and
-the gateway ~0.3 ms of CPU, more than a batched decode step per token of a small model, so per-token
-responses would cap throughput, and a fixed interval would let their rate grow with concurrency
-(both measured).
+(each of n live sequences then every n / budget seconds), and only while the outbox keeps up. A
+response costs Triton, its HTTP stream and the gateway ~0.3 ms of CPU, more than a batched decode step
+per token of a small model, so per-token responses would cap throughput, and a fixed interval would
+let their rate grow with concurrency (both measured).
 Measured against Triton's sequence batcher: its implicit state is dropped by this Triton build, and a
 request per token pays Triton's and the backend's per-request cost on every token.
 
@@ -24,6 +26,7 @@ request), ``stream_interval_ms``, ``stream_responses_per_s``, ``intra_op_threads
 
 import json
 import os
+import queue
 import sys
 import threading
 import time
@@ -37,7 +40,6 @@ from decode_engine import DecodeEngine  # noqa: E402
 from sampling import Sampler, StopMatcher  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-CANCEL_CHECK_S = 0.05  # a client that went away frees its sequence within this (plus one step)
 
 
 def _error(message, code_name="INVALID_ARG"):
@@ -53,6 +55,7 @@ class Job:
         self.sampler, self.stop = sampler, StopMatcher(stops)
         self.produced = 0
         self.next_token = None
+        self.cancelled = False
         self.unsent_ids, self.unsent_text, self.sent_at = [], "", None
 
 
@@ -86,8 +89,11 @@ class TritonPythonModel:
         self.waiting = deque()
         self.wake = threading.Condition()
         self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
-        self.thread.start()
+        self.outbox = queue.SimpleQueue()  # (job, response or None, flags) for the outbox thread
+        self.threads = [threading.Thread(target=self._loop, name="decode-loop", daemon=True),
+                        threading.Thread(target=self._deliver, name="outbox", daemon=True)]
+        for thread in self.threads:
+            thread.start()
 
     # ---- requests in ------------------------------------------------------------------------------
     def _scalar(self, request, name, dtype, default):
@@ -145,7 +151,6 @@ class TritonPythonModel:
     # ---- the decode loop --------------------------------------------------------------------------
     def _loop(self):
         engine = self.engine
-        checked_at = 0.0
         while True:
             with self.wake:
                 while not self.waiting and not engine.live and not self.stopping:
@@ -156,20 +161,11 @@ class TritonPythonModel:
                 if joining:
                     self.waiting_gauge.set(len(self.waiting))
             try:
-                gone = {id(j) for j in joining if j.sender.is_cancelled()}  # left while waiting
-                for job in (j for j in joining if id(j) in gone):
-                    job.sender.send(flags=FINAL)
-                joining = [j for j in joining if id(j) not in gone]
                 if joining:  # join between steps: one prefill for every new sequence, into free slots
                     for seq, logits in engine.start_many([j.ids for j in joining], joining):
                         self._emit(seq, logits)
-                now = time.monotonic()
-                # is_cancelled() and metric updates are round trips to the Triton process (~0.1 ms each):
-                # check cancellations every CANCEL_CHECK_S, not every step, and count tokens once per step
-                if now - checked_at >= CANCEL_CHECK_S:
-                    checked_at = now
-                    for seq in [s for s in engine.live if s.tag.sender.is_cancelled()]:
-                        self._finish(seq, None)  # the client went away: free its slot now
+                for seq in [s for s in engine.live if s.tag.cancelled]:
+                    self._finish(seq, None)  # the client went away (seen by the outbox): free its slot
                 if engine.live:
                     live = list(engine.live)
                     logits = engine.step([s.tag.next_token for s in live])
@@ -177,11 +173,26 @@ class TritonPythonModel:
                         self._emit(seq, row)
             except Exception as exc:  # never leave a client waiting: fail every live sequence
                 for seq in list(engine.live):
-                    seq.tag.sender.send(pb_utils.InferenceResponse(output_tensors=[], error=_error(
-                        f"{self.model_name}: generation failed: {exc}", "INTERNAL")), flags=FINAL)
+                    self.outbox.put((seq.tag, pb_utils.InferenceResponse(output_tensors=[], error=_error(
+                        f"{self.model_name}: generation failed: {exc}", "INTERNAL")), FINAL))
                     engine.release(seq)
             finally:
                 self._update_metrics(len(engine.live))
+
+    def _deliver(self):
+        """The outbox thread: every send and cancellation check (round trips to the Triton process, ~0.1-0.4 ms
+        each) happens here, so the decode loop never waits on them. One thread keeps each request's order."""
+        while (item := self.outbox.get()) is not None:
+            job, response, flags = item
+            try:
+                if response is None:
+                    job.sender.send(flags=flags)
+                else:
+                    job.sender.send(response, flags=flags)
+                if not flags and job.sender.is_cancelled():
+                    job.cancelled = True  # the decode loop frees the slot at its next step
+            except Exception:  # the request is gone (e.g. its client closed the connection)
+                job.cancelled = True
 
     def _update_metrics(self, live):
         if live != self.live_reported:
@@ -192,7 +203,7 @@ class TritonPythonModel:
             self.unreported_tokens = 0
 
     def _emit(self, seq, logits):
-        """Sample the sequence's next token; send what is unsent when due; finish the sequence when done."""
+        """Sample the sequence's next token; queue what is unsent when due; finish the sequence when done."""
         job = seq.tag
         token = job.sampler(logits)
         job.produced += 1
@@ -203,23 +214,21 @@ class TritonPythonModel:
             text += job.stop.flush()
         job.unsent_ids.append(token)
         job.unsent_text += text
-        now = time.monotonic()
         if reason:
             self._finish(seq, self._response(job, reason))
             return
         job.next_token = token
+        now = time.monotonic()
         interval = self.interval_s
         if self.responses_per_s:
             interval = max(interval, len(self.engine.live) / self.responses_per_s)
-        if job.sent_at is None or now - job.sent_at >= interval:
-            job.sender.send(self._response(job, ""))
+        # due, and the outbox has caught up (else the tokens wait and go out together later)
+        if job.sent_at is None or (now - job.sent_at >= interval and self.outbox.qsize() < len(self.engine.live)):
+            self.outbox.put((job, self._response(job, ""), 0))
             job.sent_at = now
 
     def _finish(self, seq, response):
-        if response is None:
-            seq.tag.sender.send(flags=FINAL)
-        else:
-            seq.tag.sender.send(response, flags=FINAL)
+        self.outbox.put((seq.tag, response, FINAL))
         self.engine.release(seq)
 
     @staticmethod
@@ -236,4 +245,6 @@ class TritonPythonModel:
         with self.wake:
             self.stopping = True
             self.wake.notify()
-        self.thread.join(timeout=10)
+        self.threads[0].join(timeout=10)
+        self.outbox.put(None)  # after the loop's last responses
+        self.threads[1].join(timeout=10)
