@@ -14,8 +14,9 @@ from serve.gateway.guard import Caller
 _bearer = HTTPBearer(auto_error=False, description="an API key; optional when the gateway binds loopback only")
 
 
-def get_gateway(request: Request) -> Gateway:
-    """This worker's Gateway (created in the app's lifespan)."""
+async def get_gateway(request: Request) -> Gateway:
+    """This worker's Gateway (created in the app's lifespan). Dependencies here are ``async def``: FastAPI
+    would run plain ``def`` ones in its thread pool, a thread hop per request for work that never blocks."""
     return request.app.state.gateway
 
 
@@ -28,7 +29,7 @@ def gateway_of(app) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-def authorize(request: Request, gw: GatewayDep,
+async def authorize(request: Request, gw: GatewayDep,
               _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
     """The API key's owner (401 without a valid key where keys are set), within its rate limit (429)."""
     header = request.headers.get("authorization")
