@@ -44,6 +44,8 @@ def session_options(threads: int = 0):
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("optimization.disable_specified_optimizers", "SkipLayerNormFusion")
+    # Idle pool threads sleep instead of spinning: the host's cores are shared with Triton and the gateway.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
