@@ -162,15 +162,13 @@ class TritonPythonModel:
                     self.waiting_gauge.set(len(self.waiting))
             try:
                 if joining:  # join between steps: one prefill for every new sequence, into free slots
-                    for seq, logits in engine.start_many([j.ids for j in joining], joining):
-                        self._emit(seq, logits)
+                    started = engine.start_many([j.ids for j in joining], joining)
+                    self._emit_all([seq for seq, _ in started], np.stack([logits for _, logits in started]))
                 for seq in [s for s in engine.live if s.tag.cancelled]:
                     self._finish(seq, None)  # the client went away (seen by the outbox): free its slot
                 if engine.live:
                     live = list(engine.live)
-                    logits = engine.step([s.tag.next_token for s in live])
-                    for seq, row in zip(live, logits):
-                        self._emit(seq, row)
+                    self._emit_all(live, engine.step([s.tag.next_token for s in live]))
             except Exception as exc:  # never leave a client waiting: fail every live sequence
                 for seq in list(engine.live):
                     self.outbox.put((seq.tag, pb_utils.InferenceResponse(output_tensors=[], error=_error(
@@ -202,10 +200,22 @@ class TritonPythonModel:
             self.tokens_counter.increment(self.unreported_tokens)
             self.unreported_tokens = 0
 
-    def _emit(self, seq, logits):
-        """Sample the sequence's next token; queue what is unsent when due; finish the sequence when done."""
+    def _emit_all(self, seqs, logits):
+        """Each sequence's next token from its logits row (greedy ones in one argmax), then :meth:`_emit`."""
+        greedy = logits.argmax(axis=1).tolist()
+        now = time.monotonic()
+        interval = self.interval_s
+        if self.responses_per_s:
+            interval = max(interval, len(self.engine.live) / self.responses_per_s)
+        # sends are due only while the outbox keeps up (else the tokens wait and go out together later)
+        may_send = self.outbox.qsize() < len(self.engine.live)
+        for seq, row, best in zip(seqs, logits, greedy):
+            sampler = seq.tag.sampler
+            self._emit(seq, best if sampler.temperature == 0 else sampler(row), now, interval, may_send)
+
+    def _emit(self, seq, token, now, interval, may_send):
+        """Record the sequence's new token; queue what is unsent when due; finish the sequence when done."""
         job = seq.tag
-        token = job.sampler(logits)
         job.produced += 1
         self.unreported_tokens += 1
         text, stopped = job.stop.push(self.itos[token])
@@ -218,12 +228,7 @@ class TritonPythonModel:
             self._finish(seq, self._response(job, reason))
             return
         job.next_token = token
-        now = time.monotonic()
-        interval = self.interval_s
-        if self.responses_per_s:
-            interval = max(interval, len(self.engine.live) / self.responses_per_s)
-        # due, and the outbox has caught up (else the tokens wait and go out together later)
-        if job.sent_at is None or (now - job.sent_at >= interval and self.outbox.qsize() < len(self.engine.live)):
+        if job.sent_at is None or (may_send and now - job.sent_at >= interval):
             self.outbox.put((job, self._response(job, ""), 0))
             job.sent_at = now
 
