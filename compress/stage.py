@@ -185,8 +185,9 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
         writer.manifest.metrics["generate"] = {"precision": graphs.precision, "candidates": graphs.candidates}
     manifest = writer.commit()
     write_repository(run, settings, task, checkpoint.model_args, variants, recommended, graphs)
+    generation = f"; generation model {task.name}-generate ({graphs.precision} decode graphs)" if graphs else ""
     print(f"compress: {len([v for v in variants if v.status == 'ok'])} variants published; recommended "
-          f"{recommended} -> {run.stage_dir('repository')}")
+          f"{recommended}{generation} -> {run.stage_dir('repository')}")
     return manifest
 
 
