@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 
 class Sequence:
-    """One live sequence: its slot in the cache buffers and every token id it has seen."""
+    """One live sequence: its slot in the cache buffers and its latest token ids (at least the last context)."""
 
     __slots__ = ("slot", "ids", "length", "tag")
 
@@ -146,9 +146,12 @@ class DecodeEngine:
         sliding = lengths >= self.context
         for seq, token in zip(self.live, tokens.tolist()):
             seq.ids.append(token)
+            if len(seq.ids) > 2 * self.context:  # only the last context tokens can ever be re-encoded
+                del seq.ids[:-self.context]
         if sliding.any():  # every sliding sequence re-encodes `keep` tokens: one batch
             rows = np.flatnonzero(sliding)
-            logits[rows] = self._encode_many([self.live[i] for i in rows], [self.live[i].ids[-self.keep:] for i in rows])
+            slid = [self.live[i] for i in rows]
+            logits[rows] = self._encode_many(slid, [s.ids[-self.keep:] for s in slid])
         if sliding.all():
             return logits
         stepping = ~sliding

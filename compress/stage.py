@@ -62,7 +62,8 @@ def recommend(task, variants: list[Variant], preferred: str | None = None) -> tu
 GENERATE_IO = IOSpec(
     inputs=(TensorSpec("input_ids", "int64", (-1,)), TensorSpec("max_new_tokens", "int32", (1,)),
             TensorSpec("temperature", "float32", (1,)), TensorSpec("top_k", "int32", (1,)),
-            TensorSpec("top_p", "float32", (1,)), TensorSpec("seed", "int64", (1,)), TensorSpec("stop", "bytes", (-1,))),
+            TensorSpec("top_p", "float32", (1,)), TensorSpec("seed", "int64", (1,)),
+            TensorSpec("stop", "bytes", (-1,))),
     outputs=(TensorSpec("token_ids", "int64", (-1,)), TensorSpec("text", "bytes", (1,)),
              TensorSpec("finish_reason", "bytes", (1,))))
 
