@@ -3,7 +3,8 @@
 Scenarios: ``task_endpoint.py`` (the gateway's task endpoints), ``v2_infer.py`` (KServe v2 infer
 through the gateway), ``triton_direct.py`` (the same v2 requests straight to Triton, to measure the
 gateway's overhead), ``generate_stream.py`` (streaming generation: time to first token, inter-token).
-Shapes: steady (no shape file: ``--users`` from the start), ``shape_step.py``, ``shape_spike.py``. Nothing here is imported by the pipeline.
+Shapes: steady (no shape file: ``--users`` from the start), ``shape_step.py``, ``shape_spike.py``.
+Nothing here is imported by the pipeline.
 """
 
 from pathlib import Path
