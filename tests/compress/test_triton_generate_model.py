@@ -1,0 +1,166 @@
+"""The generation model's logic (decode loop, coalesced streaming, stop strings, cancellation, refusals),
+run outside Triton: its repository directory as compress writes it, with a stand-in for the python
+backend's ``triton_python_backend_utils``. tests/integration/test_serve_generate.py runs it in Triton."""
+
+import importlib.util
+import json
+import sys
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+from google.protobuf.json_format import MessageToDict
+
+from autoglm.config import load_settings
+from compress import decode
+from compress.repository import parse_pbtxt
+from compress.stage import write_generate_model
+from tests.compress._trained import charlm
+
+FINAL = 1
+
+
+class Tensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, np.asarray(array)
+
+    def as_numpy(self):
+        return self.array
+
+
+class Response:
+    def __init__(self, output_tensors=(), error=None):
+        self.outputs, self.error = {t.name: t.array for t in output_tensors}, error
+
+
+class Sender:
+    def __init__(self, cancel_after: int | None = None):
+        self.responses, self.finished = [], threading.Event()
+        self.cancel_after = cancel_after
+
+    def send(self, response=None, flags=0):
+        if response is not None:
+            self.responses.append(response)
+        if flags == FINAL:
+            self.finished.set()
+
+    def is_cancelled(self):
+        return self.cancel_after is not None and len(self.responses) >= self.cancel_after
+
+
+class Request:
+    def __init__(self, sender, **inputs):
+        self.sender, self.inputs = sender, {k: Tensor(k, v) for k, v in inputs.items()}
+
+    def get_response_sender(self):
+        return self.sender
+
+
+class Metric:
+    def __init__(self):
+        self.value = 0.0
+
+    def set(self, value):
+        self.value = value
+
+    def increment(self, value):
+        self.value += value
+
+
+def backend_utils() -> types.ModuleType:
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = FINAL
+    pb.Tensor, pb.InferenceResponse = Tensor, Response
+    pb.TritonError = type("TritonError", (Exception,), {})
+    pb.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
+    pb.MetricFamily = type("MetricFamily", (), {"GAUGE": 0, "COUNTER": 1, "__init__": lambda self, **kw: None,
+                                                "Metric": lambda self, labels: Metric()})
+    return pb
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    task, model = charlm()
+    graphs = decode.write_graphs(task.decoder_weights(model), tmp_path_factory.mktemp("graphs"))
+    repo = tmp_path_factory.mktemp("repo")
+    settings = load_settings(None, ["compress.generate.max_sequences=4", "compress.generate.max_waiting=1",
+                                    "compress.generate.max_new_tokens=64"])
+    name = write_generate_model(repo, settings, task, model.model_args,
+                                decode.DecodeGraphs(graphs[0], graphs[1], "fp32", {}))
+    return repo / "python" / name
+
+
+@pytest.fixture
+def generation(model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", backend_utils())
+    spec = importlib.util.spec_from_file_location("generate_model_under_test", model_dir / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = MessageToDict(parse_pbtxt((model_dir / "config.pbtxt").read_text()), preserving_proto_field_name=True)
+    m = module.TritonPythonModel()
+    m.initialize({"model_config": json.dumps(config), "model_repository": str(model_dir), "model_version": "1"})
+    yield m
+    m.finalize()
+
+
+def run(m, timeout=20, **inputs) -> Sender:
+    sender = Sender(inputs.pop("cancel_after", None))
+    m.execute([Request(sender, **inputs)])
+    assert sender.finished.wait(timeout), "the final flag never came"
+    return sender
+
+
+def text_of(sender):
+    return "".join(r.outputs["text"][0].decode() for r in sender.responses)
+
+
+def test_streams_the_greedy_text_first_token_at_once_and_ends_with_the_reason(generation):
+    task, model = charlm()
+    prompt = decode.prompts(task, model.model_args, 1, 8)[0]
+    sender = run(generation, input_ids=np.array(prompt), max_new_tokens=np.array([20], np.int32),
+                 temperature=np.array([0.0], np.float32))
+    want = decode.torch_greedy(model, prompt, 20)
+    ids = [i for r in sender.responses for i in r.outputs["token_ids"].tolist()]
+    assert ids == want and text_of(sender) == "".join(task.vocab[i] for i in want)
+    assert len(sender.responses[0].outputs["token_ids"]) == 1  # the first token goes out alone, at once
+    assert [r.outputs["finish_reason"][0] for r in sender.responses][-1] == b"length"
+    assert not any(r.outputs["finish_reason"][0] for r in sender.responses[:-1])
+
+
+def test_later_tokens_are_coalesced_by_the_stream_interval(generation):
+    generation.interval_s = 60.0  # nothing is due after the first token: the rest comes with the final flag
+    sender = run(generation, input_ids=np.array([1, 2, 3]), max_new_tokens=np.array([30], np.int32))
+    assert [len(r.outputs["token_ids"]) for r in sender.responses] == [1, 29]
+
+
+def test_a_stop_string_ends_the_text_before_it(generation):
+    free = text_of(run(generation, input_ids=np.array([1, 2, 3]), max_new_tokens=np.array([40], np.int32),
+                       temperature=np.array([0.0], np.float32)))
+    stop = free[10:12]
+    sender = run(generation, input_ids=np.array([1, 2, 3]), max_new_tokens=np.array([40], np.int32),
+                 temperature=np.array([0.0], np.float32), stop=np.array([stop.encode()], np.object_))
+    assert text_of(sender) == free[:free.index(stop)]
+    assert sender.responses[-1].outputs["finish_reason"][0] == b"stop"
+
+
+def test_a_cancelled_request_frees_its_slot(generation):
+    generation.interval_s = 0.0
+    sender = run(generation, input_ids=np.array([1, 2, 3]), max_new_tokens=np.array([64], np.int32),
+                 cancel_after=2)
+    deadline = time.monotonic() + 5
+    while generation.engine.live and time.monotonic() < deadline:
+        time.sleep(0.01)
+    produced = sum(len(r.outputs["token_ids"]) for r in sender.responses)
+    assert not generation.engine.live and produced < 64 and generation.live_gauge.value == 0
+
+
+@pytest.mark.parametrize(("inputs", "words"), [
+    ({"input_ids": np.array([], np.int64)}, "empty"),
+    ({"input_ids": np.array([1]), "max_new_tokens": np.array([65], np.int32)}, "within 1..64"),
+    ({"input_ids": np.array([999])}, "token ids"),
+])
+def test_bad_requests_are_refused_with_a_final_error(generation, inputs, words):
+    sender = run(generation, **inputs)
+    assert len(sender.responses) == 1 and words in str(sender.responses[0].error)
