@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autoglm.artifacts import write_atomic
 from autoglm.errors import ConfigError
 from autoglm.tasks.base import EvalCallback, Task, TrainResult
-from autoglm.tasks.predict import torch_predictor
-from autoglm.tasks.training import TRAIN_LOG_EVERY, _JsonLog, lr_at, make_optimizer
+from autoglm.tasks.training import OneProcess, fit
 
 if TYPE_CHECKING:
     import torch
@@ -55,14 +52,45 @@ def per_rank_batch(settings: TrainSettings, world: int) -> int:
     return settings.batch_size // world
 
 
-def _agree(values: list[float], device, src: int = 0) -> list[float]:
-    """Rank ``src``'s values on every rank (the decisions only rank 0 can make)."""
-    import torch
-    import torch.distributed as dist
+class ProcessGroup(OneProcess):
+    """:func:`fit`'s hooks for one rank of an initialized process group (see the module docstring)."""
 
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.broadcast(tensor, src)
-    return tensor.tolist()
+    def __init__(self, device):
+        import torch.distributed as dist
+
+        self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), device
+        self.log_fields = {"world_size": self.world}
+
+    def seed(self, task: Task) -> int:
+        return task.seed + self.rank  # dropout masks and data differ per rank
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def batch_size(self, settings: TrainSettings) -> int:
+        return per_rank_batch(settings, self.world)
+
+    def micro_batch(self, module, last: bool):
+        # gradients are averaged across ranks once per optimizer step, on the last micro-batch
+        return nullcontext() if last else module.no_sync()
+
+    def agree(self, values: list[float]) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.broadcast(tensor, 0)
+        return tensor.tolist()
+
+    def step_loss(self, loss: float) -> float:
+        import torch
+        import torch.distributed as dist
+
+        mean = torch.tensor([loss / self.world], dtype=torch.float64, device=self.device)
+        dist.all_reduce(mean)  # the global batch's loss, as a single process would log it
+        return mean.item()
 
 
 def train_ddp(task: Task, model: torch.nn.Module, settings: TrainSettings, on_eval: EvalCallback | None = None,
@@ -72,89 +100,9 @@ def train_ddp(task: Task, model: torch.nn.Module, settings: TrainSettings, on_ev
     ``model`` is the plain module on this rank's device (identical on every rank: DDP also broadcasts
     rank 0's weights). ``samples`` counts the global batch. ``on_eval`` runs on rank 0 only.
     """
-    import torch
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(task.seed + rank)  # dropout masks differ per rank, like their data
-    model_args = getattr(model, "model_args", None)
-    device = next(model.parameters()).device
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = make_optimizer(model, settings)
-    batches = task.batches("train", per_rank_batch(settings, world), settings.max_steps * settings.grad_accum,
-                           seed=task.seed + rank, model_args=model_args)
-    log = _JsonLog(log_path if rank == 0 else None)
-    history: list[tuple[int, float]] = []
-    was_training = model.training
-    samples = step = 0
-    stopped_early = False
-    window_samples, window_start = 0, time.perf_counter()
-    wall_start, cpu_start = time.perf_counter(), time.process_time()
-
-    def evaluate(at_step: int) -> bool:
-        """Rank 0 scores the val split; every rank learns the value and whether to stop."""
-        stop, value = 0.0, math.nan
-        if rank == 0:
-            metrics = task.evaluate(torch_predictor(model), "val", n_batches=settings.eval_batches,
-                                    model_args=model_args)
-            value = float(metrics[task.metric])
-            log.write({"event": "eval", "step": at_step, "metric": task.metric, "value": value,
-                       "metrics": metrics, "time_s": time.perf_counter() - wall_start, "world_size": world})
-            stop = float(bool(on_eval is not None and on_eval(at_step, value)))
-        stop, value = _agree([stop, value], device)
-        history.append((at_step, value))
-        return bool(stop)
-
-    with ExitStack() as stack:
-        stack.callback(log.close)
-        stack.callback(model.train, was_training)
-        ddp.train()
-        while step < settings.max_steps:
-            lr = lr_at(step, settings)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = 0.0
-            for micro in range(settings.grad_accum):
-                inputs, targets = next(batches)
-                feed = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
-                # gradients are averaged across ranks once per optimizer step, on the last micro-batch
-                sync = ddp.no_sync() if micro < settings.grad_accum - 1 else nullcontext()
-                with sync:
-                    loss = task.loss(ddp, feed, torch.from_numpy(targets).to(device)) / settings.grad_accum
-                    loss.backward()
-                step_loss += loss.item()
-                window_samples += targets.size * world
-                samples += targets.size * world
-            if settings.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % TRAIN_LOG_EVERY == 0:
-                mean_loss = torch.tensor([step_loss / world], dtype=torch.float64, device=device)
-                dist.all_reduce(mean_loss)  # the global batch's loss, as a single process would log it
-                now = time.perf_counter()
-                log.write({"event": "train", "step": step, "loss": mean_loss.item(), "lr": lr,
-                           "batch_size": settings.batch_size * settings.grad_accum,
-                           "samples_per_s": window_samples / max(now - window_start, 1e-9),
-                           "time_s": now - wall_start, "world_size": world})
-                window_samples, window_start = 0, now
-            out_of_time = False
-            if settings.time_budget_s is not None:
-                # rank 0's clock decides for all: a rank stopping alone would leave the others in an all-reduce
-                elapsed = time.perf_counter() - wall_start
-                out_of_time = bool(_agree([float(elapsed >= settings.time_budget_s)], device)[0])
-            due = step % settings.eval_every == 0 or step == settings.max_steps or out_of_time
-            if due and evaluate(step):
-                stopped_early = True
-                break
-            if out_of_time:
-                break
-
-    return TrainResult(steps=step, samples=samples, wall_s=time.perf_counter() - wall_start,
-                       cpu_s=time.process_time() - cpu_start, metric=history[-1][1] if history else math.nan,
-                       history=history, stopped_early=stopped_early)
+    replicas = ProcessGroup(next(model.parameters()).device)
+    return fit(task, model, settings, on_eval=on_eval, log_path=log_path if replicas.rank == 0 else None,
+               replicas=replicas)
 
 
 def run(settings: Settings, out_dir: Path | str) -> TrainResult:
