@@ -9,11 +9,11 @@ requests) are read at the end of the window.
 from __future__ import annotations
 
 import re
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
 from autoglm.errors import AutoGLMError
+from autoglm.local_http import DIRECT
 
 COUNTERS = {
     "success": "nv_inference_request_success",
@@ -29,7 +29,6 @@ COUNTERS = {
 GAUGES = {"pending": "nv_inference_pending_request_count", "cpu_utilization": "nv_cpu_utilization"}
 _LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+\d+)?$')
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via an http_proxy
 
 
 def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
@@ -76,7 +75,7 @@ class TritonSample:
 def scrape(metrics_url: str, model: str, timeout_s: float = 5.0) -> TritonSample:
     """Read ``metrics_url`` now; AutoGLMError naming the fix when Triton's metrics are unreachable."""
     try:
-        with _DIRECT.open(metrics_url, timeout=timeout_s) as resp:
+        with DIRECT.open(metrics_url, timeout=timeout_s) as resp:
             text = resp.read().decode("utf-8", errors="replace")
     except OSError as exc:
         raise AutoGLMError(f"cannot read Triton's metrics at {metrics_url} ({exc}): start Triton with metrics "

@@ -24,10 +24,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from autoglm.errors import AutoGLMError
+from autoglm.local_http import DIRECT
 from serve.signals import GatewayLatency, Sample, TritonMetrics
 
 log = logging.getLogger("serve.autoscale")
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class AutoscaleRules(BaseModel):
@@ -124,7 +124,7 @@ class TritonActuator:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(f"{self.url}{path}", data=data, method=method)
         try:
-            with _DIRECT.open(request, timeout=30) as resp:
+            with DIRECT.open(request, timeout=30) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             raise AutoGLMError(f"Triton refused {method} {path}: {exc.read().decode(errors='replace')[:300]}") from None

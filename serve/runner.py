@@ -20,13 +20,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from autoglm.artifacts import RunDir, verify_outputs
 from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
+from autoglm.local_http import DIRECT
 from serve.autoscale import Autoscaler, AutoscaleRules, GatewayLatency, TritonActuator, TritonMetrics
 from serve.gateway.core import TaskCatalog
 from serve.settings import GatewaySettings, ServeOptions
 from serve.supervisor import GatewayProcess, Supervisor
 from serve.triton import TritonServer
 
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclass
@@ -93,13 +93,13 @@ def _load_external(triton_url: str, models: list[str]) -> None:
     """Ask an external Triton (explicit model control) to load the models it does not serve yet."""
     for model in models:
         try:
-            _DIRECT.open(f"{triton_url}/v2/models/{model}/ready", timeout=5).close()
+            DIRECT.open(f"{triton_url}/v2/models/{model}/ready", timeout=5).close()
             continue  # already loaded (or the server loads everything itself)
         except OSError:
             pass
         request = urllib.request.Request(f"{triton_url}/v2/repository/models/{model}/load", data=b"{}", method="POST")
         try:
-            _DIRECT.open(request, timeout=120).close()
+            DIRECT.open(request, timeout=120).close()
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:200]
             raise AutoGLMError(f"the Triton at {triton_url} cannot load {model}: {detail}; give it this run's "

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+from autoglm.local_http import DIRECT
+
+
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class TritonMetrics:
         self._last: tuple[float, dict[str, float]] | None = None
 
     def fetch(self) -> str:
-        with _DIRECT.open(self.url, timeout=5) as resp:
+        with DIRECT.open(self.url, timeout=5) as resp:
             return resp.read().decode()
 
     def scrape(self) -> dict[str, float]:
@@ -86,7 +87,7 @@ class GatewayLatency:
         self._last: dict[float, float] | None = None
 
     def fetch(self) -> str:
-        with _DIRECT.open(self.url, timeout=5) as resp:
+        with DIRECT.open(self.url, timeout=5) as resp:
             return resp.read().decode()
 
     def p95_ms(self) -> float | None:

@@ -17,18 +17,17 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
 from autoglm.artifacts import write_atomic
 from autoglm.errors import AutoGLMError
+from autoglm.local_http import answers_ok, client_host
 from serve.settings import GatewaySettings
 from serve.triton import log_excerpt
 
 log = logging.getLogger("serve.supervisor")
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 State = Literal["stopped", "starting", "running", "restarting", "failed"]
 
 
@@ -49,8 +48,7 @@ class GatewayProcess:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "") else self.settings.host
-        return f"http://{host}:{self.settings.port}"
+        return f"http://{client_host(self.settings.host)}:{self.settings.port}"
 
     @property
     def pid(self) -> int | None:
@@ -60,11 +58,7 @@ class GatewayProcess:
         return self._proc is not None and self._proc.poll() is None
 
     def healthy(self) -> bool:
-        try:
-            with _DIRECT.open(f"{self.url}/healthz", timeout=1) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return answers_ok(f"{self.url}/healthz")
 
     def command(self) -> list[str]:
         s = self.settings

@@ -22,16 +22,15 @@ import subprocess
 import sys
 import sysconfig
 import time
-import urllib.request
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 from autoglm.errors import AutoGLMError, ConfigError, MissingExtraError
+from autoglm.local_http import answers_ok, client_host
 
 INSTALL_HINT = "pip install nvidia-pytriton==0.7.0"
 _ERROR_LINE = re.compile(r"E\d{4} ")
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via an http_proxy
 _RUNNING: weakref.WeakSet[TritonServer] = weakref.WeakSet()
 
 
@@ -132,7 +131,7 @@ class TritonServer:
     # ---- addresses --------------------------------------------------------------------------------
     @property
     def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return client_host(self.host)
 
     @property
     def http_url(self) -> str:
@@ -160,11 +159,7 @@ class TritonServer:
 
     def ready(self) -> bool:
         """True when ``/v2/health/ready`` answers 200 (all models loaded)."""
-        try:
-            with _DIRECT.open(f"{self.http_url}/v2/health/ready", timeout=1) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return answers_ok(f"{self.http_url}/v2/health/ready")
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def _backend_dir(self, install: TritonInstall) -> Path:

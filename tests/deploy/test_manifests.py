@@ -9,13 +9,13 @@ import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from autoglm.config import load_settings
+from autoglm.local_http import DIRECT
 from deploy import DeployOptions, render_run
 from deploy.render import find_kubectl
 from deploy.scaling import hpa_behavior, hpa_limit
@@ -24,7 +24,6 @@ from serve.triton import free_port
 from tests.deploy.conftest import KEY_LINE, publish_repository
 
 K8S_VERSION = "1.32"  # the kubectl here; the bundled schemas of kubernetes-validate include it
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
 kubectl = pytest.mark.skipif(find_kubectl()[0] is None, reason=f"kustomize not run: {find_kubectl()[1]}")
 
 
@@ -199,7 +198,7 @@ def _status(url: str, proc: subprocess.Popen, timeout_s: float = 30) -> int:
         if proc.poll() is not None:
             pytest.fail(f"the gateway exited: {proc.stdout.read().decode()[-2000:]}")
         try:
-            with _DIRECT.open(url, timeout=2) as resp:
+            with DIRECT.open(url, timeout=2) as resp:
                 return resp.status
         except urllib.error.HTTPError as exc:
             return exc.code

@@ -13,20 +13,19 @@ import shutil
 import subprocess
 import time
 import urllib.parse
-import urllib.request
 
 import numpy as np
 import pytest
 import yaml
 
 from autoglm.errors import MissingExtraError
+from autoglm.local_http import DIRECT
 from deploy import DeployOptions, render_run
 from deploy.scaling import SERIES
 from serve.triton import TritonServer, find_tritonserver, free_port
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")]
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 POD, NAMESPACE = "autoglm-triton-7d9f-abcde", "autoglm"
 
 
@@ -96,7 +95,7 @@ def prometheus(tmp_path_factory, triton):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                if _DIRECT.open(f"{url}/-/ready", timeout=1).status == 200:
+                if DIRECT.open(f"{url}/-/ready", timeout=1).status == 200:
                     break
             except OSError:
                 time.sleep(0.2)
@@ -109,7 +108,7 @@ def prometheus(tmp_path_factory, triton):
 
 
 def _api(url: str, path: str, **params: str):
-    with _DIRECT.open(f"{url}/api/v1/{path}?{urllib.parse.urlencode(params)}", timeout=10) as resp:
+    with DIRECT.open(f"{url}/api/v1/{path}?{urllib.parse.urlencode(params)}", timeout=10) as resp:
         body = json.loads(resp.read())
     assert body["status"] == "success", body
     data = body["data"]

@@ -17,6 +17,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from autoglm.local_http import DIRECT
+
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is 2-10x slower here
 
 FAST = ["compress.variants=['fp32']", "compress.exporter='legacy'", "measure.repeats=5", "measure.warmup=1",
@@ -28,7 +31,6 @@ RECIPES = {
                "train.max_steps=100", "train.eval_every=100", "train.batch_size=16", "train.eval_batches=2",
                "train.lr=3e-3", "compress.generate.max_new_tokens=100000"],
 }
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @functools.cache
@@ -64,7 +66,7 @@ def on_free_ports(settings, **serve):
 
 def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
     try:
-        with _DIRECT.open(url, timeout=timeout) as resp:
+        with DIRECT.open(url, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -73,7 +75,7 @@ def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
 def post(url: str, body: bytes, headers: dict | None = None, timeout: float = 10) -> tuple[int, bytes]:
     request = urllib.request.Request(url, data=body, headers={"content-type": "application/json", **(headers or {})})
     try:
-        with _DIRECT.open(request, timeout=timeout) as resp:
+        with DIRECT.open(request, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
