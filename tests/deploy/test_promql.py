@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import yaml
 
-from autoglm.errors import MissingExtraError
 from autoglm.local_http import DIRECT
 from deploy import DeployOptions, render_run
 from deploy.scaling import SERIES
-from serve.triton import TritonServer, find_tritonserver, free_port
+from serve.triton import TritonServer, free_port
+from tests.serve.fixtures import require_triton
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")]
@@ -39,10 +39,7 @@ def _meta(port: int, scrape: str, pod: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory):
     torch = pytest.importorskip("torch")
-    try:
-        find_tritonserver()
-    except MissingExtraError as exc:
-        pytest.skip(str(exc))
+    require_triton()
     from autoglm.tasks.base import IOSpec, TensorSpec
     from compress.repository import ModelConfig, write_model
 

@@ -10,8 +10,8 @@ import pytest
 
 from autoglm.artifacts import RunDir
 from serve.autoscale import Autoscaler, AutoscaleRules, TritonActuator, TritonMetrics
-from serve.triton import TritonServer, find_tritonserver, free_port
-from tests.serve.fixtures import published_run, wait_until
+from serve.triton import TritonServer, free_port
+from tests.serve.fixtures import published_run, require_triton, wait_until
 
 pytestmark = pytest.mark.integration
 RULES = AutoscaleRules(latency_ms=2.0, up_after_s=0.5, utilization_below=0.3, down_after_s=1.0, max_instances=2,
@@ -20,10 +20,7 @@ RULES = AutoscaleRules(latency_ms=2.0, up_after_s=0.5, utilization_below=0.3, do
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory):
-    try:
-        find_tritonserver()
-    except Exception as exc:  # MissingExtraError: no bundled Triton on this host
-        pytest.skip(str(exc))
+    require_triton()
     settings = published_run("digits")
     repository = RunDir(settings.run.root, settings.run.name).stage_dir("repository") / "python"
     server = TritonServer(repository, workdir=tmp_path_factory.mktemp("autoscale"), http_port=free_port(),

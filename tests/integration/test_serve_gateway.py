@@ -11,8 +11,7 @@ import pytest
 
 from autoglm.artifacts import RunDir
 from serve import GatewaySettings, ServeOptions, start_serving
-from serve.triton import find_tritonserver
-from tests.serve.fixtures import get, on_free_ports, post, published_run
+from tests.serve.fixtures import get, on_free_ports, post, published_run, require_triton
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")]
@@ -21,10 +20,7 @@ ort = pytest.importorskip("onnxruntime")
 
 
 def _stack(kind: str, **gateway):
-    try:
-        find_tritonserver()
-    except Exception as exc:  # MissingExtraError: no bundled Triton on this host
-        pytest.skip(str(exc))
+    require_triton()
     settings = on_free_ports(published_run(kind))
     return settings, start_serving(settings, GatewaySettings(port=settings.serve.gateway_port, **gateway),
                                    ServeOptions(control_port=0))

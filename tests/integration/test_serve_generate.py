@@ -15,8 +15,7 @@ from autoglm.tasks import get_task
 from autoglm.tasks.checkpoint import load_checkpoint
 from compress.decode import torch_greedy
 from serve import GatewaySettings, ServeOptions, start_serving
-from serve.triton import find_tritonserver
-from tests.serve.fixtures import get, on_free_ports, post, published_run
+from tests.serve.fixtures import get, on_free_ports, post, published_run, require_triton
 
 pytestmark = pytest.mark.integration
 aiohttp = pytest.importorskip("aiohttp")
@@ -24,10 +23,7 @@ aiohttp = pytest.importorskip("aiohttp")
 
 @pytest.fixture(scope="module")
 def charlm():
-    try:
-        find_tritonserver()
-    except Exception as exc:  # MissingExtraError: no bundled Triton on this host
-        pytest.skip(str(exc))
+    require_triton()
     settings = on_free_ports(published_run("charlm"))
     serving = start_serving(settings, GatewaySettings(port=settings.serve.gateway_port, max_new_tokens=50_000),
                             ServeOptions(control_port=0))

@@ -16,8 +16,7 @@ import pytest
 from autoglm.errors import IntegrityError
 from serve import GatewaySettings, ServeOptions, start_serving
 from serve.__main__ import main
-from serve.triton import find_tritonserver
-from tests.serve.fixtures import get, on_free_ports, post, published_run, wait_until
+from tests.serve.fixtures import get, on_free_ports, post, published_run, require_triton, wait_until
 
 pytestmark = pytest.mark.integration
 IMAGE = orjson.dumps({"images": [[[3.0] * 8] * 8]})
@@ -25,10 +24,7 @@ IMAGE = orjson.dumps({"images": [[[3.0] * 8] * 8]})
 
 @pytest.fixture(scope="module")
 def digits():
-    try:
-        find_tritonserver()
-    except Exception as exc:  # MissingExtraError: no bundled Triton on this host
-        pytest.skip(str(exc))
+    require_triton()
     return published_run("digits")
 
 

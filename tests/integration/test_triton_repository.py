@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autoglm.errors import MissingExtraError
 from autoglm.tasks.base import IOSpec, TensorSpec
 from compress.repository import DynamicBatching, ModelConfig, write_model
-from serve.triton import TritonServer, find_tritonserver, free_port
+from serve.triton import TritonServer, free_port
+from tests.serve.fixtures import require_triton
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")]
@@ -24,10 +24,7 @@ IO = IOSpec(inputs=(TensorSpec("image", "float32", (1, 8, 8)),), outputs=(Tensor
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory):
-    try:
-        find_tritonserver()
-    except MissingExtraError as exc:
-        pytest.skip(str(exc))
+    require_triton()
     root = tmp_path_factory.mktemp("triton")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()  # (B,1,8,8) -> (B,10)

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from autoglm.artifacts import RunDir
-from autoglm.errors import MissingExtraError
 from loadtest.control import ModelControl, serving_knobs
 from loadtest.options import LoadtestOptions, SweepGrid
 from loadtest.stage import loadtest_run
@@ -32,12 +31,9 @@ def release_run(tmp_path_factory):
     from autoglm.config import load_settings
     from autoglm.train import train_run
     from compress.stage import compress_run
-    from serve.triton import find_tritonserver
+    from tests.serve.fixtures import require_triton
 
-    try:
-        find_tritonserver()
-    except MissingExtraError as exc:
-        pytest.skip(str(exc))
+    require_triton()
     root = tmp_path_factory.mktemp("loadtest")
     settings = load_settings(None, [f"run.root='{root / 'runs'}'", f"run.cache_dir='{root / 'cache'}'",
                                     "run.name=rel", *TINY])

@@ -21,13 +21,9 @@ KEYS = [ApiKey(name="fuzz", sha256=hash_api_key(API_KEY))]
 def stack():
     """(settings, Serving) of a running digits stack; skipped where no Triton is installed."""
     from serve import ServeOptions, start_serving
-    from serve.triton import find_tritonserver
-    from tests.serve.fixtures import on_free_ports, published_run
+    from tests.serve.fixtures import on_free_ports, published_run, require_triton
 
-    try:
-        find_tritonserver()
-    except Exception as exc:  # MissingExtraError: no bundled Triton on this host
-        pytest.skip(str(exc))
+    require_triton()
     settings = on_free_ports(published_run("digits"))
     serving = start_serving(settings, GatewaySettings(port=settings.serve.gateway_port),
                             ServeOptions(control_port=0))

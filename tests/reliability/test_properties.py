@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import orjson
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 

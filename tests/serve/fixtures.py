@@ -55,6 +55,19 @@ def published_run(kind: str):
     return settings
 
 
+def require_triton():
+    """The bundled Triton install; the calling test or fixture is skipped, with the reason, where it is missing."""
+    import pytest
+
+    from autoglm.errors import MissingExtraError
+    from serve.triton import find_tritonserver
+
+    try:
+        return find_tritonserver()
+    except MissingExtraError as exc:
+        pytest.skip(str(exc))
+
+
 def on_free_ports(settings, **serve):
     """A copy of ``settings`` whose gateway and Triton use free ports (and ``serve`` overrides)."""
     from serve.triton import free_port

@@ -12,14 +12,12 @@ import pytest
 
 from autoglm.errors import AutoGLMError, ConfigError, MissingExtraError
 from serve.triton import TritonServer, find_tritonserver, free_port, log_excerpt
+from tests.serve.fixtures import require_triton
 
 
 @pytest.fixture(scope="module")
 def install():
-    try:
-        return find_tritonserver()
-    except MissingExtraError as exc:
-        pytest.skip(str(exc))
+    return require_triton()
 
 
 def _server(tmp_path, repository, **kwargs):

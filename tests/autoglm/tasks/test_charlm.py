@@ -138,7 +138,7 @@ def test_prunable_layers_are_the_mlp_inner_width(cache_dir):
 
 @pytest.mark.slow
 def test_small_gpt_reaches_val_loss_below_2_5_within_a_minute(trained_charlm):
-    task, model, result = trained_charlm.task, trained_charlm.model, trained_charlm.result
+    model, result = trained_charlm.model, trained_charlm.result
 
     tokens_per_s = result.samples / result.wall_s
     print(f"charlm: val_loss {result.metric:.4f} after {result.steps} steps, {result.wall_s:.1f} s wall, "
