@@ -16,7 +16,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from pathlib import Path
 
 from autoglm.artifacts import RunDir
 from autoglm.cli import add_common_args, settings_from_args

@@ -24,8 +24,6 @@ FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
 def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
     """Create or resume the study and run trials until ``tune.n_trials`` have finished (or the timeout)."""
-    import optuna
-
     from autoglm.measure import fixed_threads
     from autoglm.tasks import get_task
     from tune.objective import Objective
