@@ -92,7 +92,7 @@ def _tune_section(run: RunDir) -> str:
     selected = _read(run.stage_dir("tune") / "selected.json") or {}
     points = pareto["points"]
     methods = {p.get("compute", {}).get("energy_method") for p in points} - {None}
-    energy = energy_label(methods.pop()) if len(methods) == 1 else "mixed methods: do not compare"
+    energy = _shared_energy_label(methods)
     objectives = pareto.get("objectives", ["metric", "latency", "energy"])
     rows = [[p["trial"], *(p["objectives"].get(o) for o in objectives), p.get("variant")] for p in points]
     chosen = {i for i, p in enumerate(points) if p["trial"] == selected.get("trial")}
@@ -106,6 +106,11 @@ def _tune_section(run: RunDir) -> str:
             f"(highlighted): {html.escape(why)}. Full study: {link}.</p>")
 
 
+def _shared_energy_label(methods: set[str]) -> str:
+    """The label of the one energy method a table's figures share; a warning when they mix methods."""
+    return energy_label(next(iter(methods))) if len(methods) == 1 else "mixed methods: do not compare"
+
+
 def _compress_section(run: RunDir) -> str:
     table = _read(run.stage_dir("compress") / "variants.json")
     if not table:
@@ -113,7 +118,7 @@ def _compress_section(run: RunDir) -> str:
     variants = table["variants"]
     batches = sorted({int(b) for v in variants for b in v.get("profile", {})})
     methods = {p.get("energy_method") for v in variants for p in v.get("profile", {}).values()} - {None}
-    energy = energy_label(methods.pop()) if len(methods) == 1 else "mixed methods: do not compare"
+    energy = _shared_energy_label(methods)
     metric_names = sorted({k for v in variants for k in v.get("metrics", {})})
     headers = ["variant", "status", *metric_names, "metric loss", "size (KB)",
                *[f"p50 ms @{b}" for b in batches], *[f"J/item @{b} ({energy})" for b in batches], "reason"]
