@@ -203,12 +203,12 @@ def run(quick: bool) -> list[Table]:
     from autoglm.artifacts import RunDir
     from autoglm.tasks import get_task
     from compress.decode import prompts as val_prompts
-    from serve import GatewaySettings, ServeOptions, start_serving
+    from serve import GatewaySettings, ServeOptions, on_free_ports, start_serving
 
     duration = 4.0 if quick else 12.0
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-generate-") as tmp:
         workdir = Path(tmp)
-        settings = _on_free_ports(_prepare(workdir, quick))
+        settings = on_free_ports(_prepare(workdir, quick))
         run_dir = RunDir(settings.run.root, settings.run.name)
         task = get_task(settings)
         task.prepare()
@@ -230,13 +230,6 @@ def run(quick: bool) -> list[Table]:
             rounds = [{name: _load(url, bodies, 1, duration / 2, pids, workdir)["tokens_per_s"]
                        for name, url in targets.items()} for _ in range(3)]
     return _tables(results, rounds, local, duration)
-
-
-def _on_free_ports(settings):
-    from serve.triton import free_port
-
-    ports = {k: free_port() for k in ("gateway_port", "triton_http_port", "triton_grpc_port", "triton_metrics_port")}
-    return settings.model_copy(update={"serve": settings.serve.model_copy(update=ports)})
 
 
 def _tables(results: dict, rounds: list[dict], local: dict, duration: float) -> list[Table]:

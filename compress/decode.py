@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -242,8 +242,8 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
         return None
     model.eval()
     fp32 = write_graphs(weights, out_dir / "fp32")
-    engine = DecodeEngine(str(fp32[0]), str(fp32[1]), max_sequences=1)
-    parity = check_greedy_parity(model, engine, task, model_args)
+    engines = {"fp32": DecodeEngine(str(fp32[0]), str(fp32[1]), max_sequences=8, threads=1)}
+    parity = check_greedy_parity(model, engines["fp32"], task, model_args)
     if not parity["passed"]:
         _write_report(out_dir, {"parity": parity, "published": False})
         raise DecodeParityError(f"decode graphs' greedy tokens differ from torch ({parity['prompts']}); "
@@ -251,7 +251,6 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
     prompt = prompts(task, model_args, 1, max(1, weights.context // 2))[0]
     base_loss = graph_val_loss(fp32[0], task, model_args, eval_batches)
     candidates = [{"precision": "fp32", "val_metric": base_loss, "status": "ok"}]
-    engines = {"fp32": DecodeEngine(str(fp32[0]), str(fp32[1]), max_sequences=8, threads=1)}
     chosen = ("fp32", fp32)
     if int8:
         q = quantize_graphs(fp32, out_dir / "int8")
@@ -276,8 +275,5 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
 def _write_report(out_dir: Path, report: dict[str, Any]) -> None:
     from autoglm.artifacts import write_atomic
 
-    write_atomic(out_dir / "decode.json", (json.dumps(report, indent=2, default=_plain) + "\n").encode())
+    write_atomic(out_dir / "decode.json", (json.dumps(report, indent=2) + "\n").encode())
 
-
-def _plain(value: Any) -> Any:
-    return asdict(value) if hasattr(value, "__dataclass_fields__") else str(value)

@@ -192,19 +192,17 @@ class DecodeEngine:
         self._bindings[n] = binding, feed, out
         return self._bindings[n]
 
-    def generate(self, prompt_ids, max_new_tokens: int, pick=None) -> list[int]:
-        """One sequence start to end (tests, parity gate, benchmarks); greedy unless ``pick`` is given."""
+    def generate(self, prompt_ids, max_new_tokens: int) -> list[int]:
+        """One sequence's greedy continuation, start to end (tests, parity gate, benchmarks)."""
         if self.live:
             raise RuntimeError("generate() runs one sequence alone; use start/step/release for several")
-        pick = pick or (lambda z: int(z.argmax()))
         seq, logits = self.start(prompt_ids)
         out = []
         try:
             for k in range(max_new_tokens):
-                token = pick(logits)
-                out.append(token)
+                out.append(int(logits.argmax()))
                 if k + 1 < max_new_tokens:
-                    logits = self.step([token])[0]
+                    logits = self.step([out[-1]])[0]
         finally:
             self.release(seq)
         return out

@@ -9,11 +9,11 @@
 
 from serve.autoscale import Autoscaler, AutoscaleRules, RulesEngine, TritonActuator
 from serve.gateway import create_app
-from serve.runner import Serving, start_serving
+from serve.runner import Serving, on_free_ports, start_serving
 from serve.settings import GatewaySettings, ServeOptions, hash_api_key
 from serve.supervisor import GatewayProcess, Supervisor
 from serve.triton import TritonServer, free_port
 
 __all__ = ["AutoscaleRules", "Autoscaler", "GatewayProcess", "GatewaySettings", "RulesEngine", "ServeOptions",
            "Serving", "Supervisor", "TritonActuator", "TritonServer", "create_app", "free_port", "hash_api_key",
-           "start_serving"]
+           "on_free_ports", "start_serving"]

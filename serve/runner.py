@@ -25,7 +25,7 @@ from serve.autoscale import Autoscaler, AutoscaleRules, GatewayLatency, TritonAc
 from serve.gateway.core import TaskCatalog
 from serve.settings import GatewaySettings, ServeOptions
 from serve.supervisor import GatewayProcess, Supervisor
-from serve.triton import TritonServer
+from serve.triton import TritonServer, free_port
 
 
 
@@ -66,6 +66,14 @@ class Serving:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def on_free_ports(settings: Settings, **serve) -> Settings:
+    """A copy of ``settings`` whose gateway and Triton listen on free ports (and ``serve`` overrides):
+    for a stack beside another one (tests, benchmarks)."""
+    ports = {"gateway_port": free_port(), "triton_http_port": free_port(), "triton_grpc_port": free_port(),
+             "triton_metrics_port": free_port()}
+    return settings.model_copy(update={"serve": settings.serve.model_copy(update={**ports, **serve})})
 
 
 def verified_repository(run: RunDir) -> Path:

@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from autoglm.local_http import DIRECT
+from serve.runner import on_free_ports  # noqa: F401 - the tests import it from here
 
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is 2-10x slower here
@@ -66,15 +67,6 @@ def require_triton():
         return find_tritonserver()
     except MissingExtraError as exc:
         pytest.skip(str(exc))
-
-
-def on_free_ports(settings, **serve):
-    """A copy of ``settings`` whose gateway and Triton use free ports (and ``serve`` overrides)."""
-    from serve.triton import free_port
-
-    ports = {"gateway_port": free_port(), "triton_http_port": free_port(), "triton_grpc_port": free_port(),
-             "triton_metrics_port": free_port()}
-    return settings.model_copy(update={"serve": settings.serve.model_copy(update={**ports, **serve})})
 
 
 def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
