@@ -25,7 +25,7 @@ from autoglm.artifacts import write_atomic
 from autoglm.errors import AutoGLMError
 from autoglm.local_http import answers_ok, client_host
 from serve.settings import GatewaySettings
-from serve.triton import log_excerpt
+from serve.triton import ChildProcess, log_excerpt
 
 log = logging.getLogger("serve.supervisor")
 State = Literal["stopped", "starting", "running", "restarting", "failed"]
@@ -37,7 +37,7 @@ class Process(Protocol):
     def alive(self) -> bool: ...
 
 
-class GatewayProcess:
+class GatewayProcess(ChildProcess):
     """The gateway as ``uvicorn`` worker process(es), configured through a settings JSON file."""
 
     def __init__(self, settings: GatewaySettings, workdir: Path | str):
@@ -49,13 +49,6 @@ class GatewayProcess:
     @property
     def url(self) -> str:
         return f"http://{client_host(self.settings.host)}:{self.settings.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def healthy(self) -> bool:
         return answers_ok(f"{self.url}/healthz")

@@ -97,7 +97,22 @@ def log_excerpt(path: Path, start: int = 0, errors: int = 8, tail: int = 12, wid
     return "\n".join(ln if len(ln) <= width else ln[:width] + " …" for ln in picked) or "(empty log)"
 
 
-class TritonServer:
+class ChildProcess:
+    """A server process this one started (``_proc``, set by ``start``): its pid and whether it runs."""
+
+    _proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while started, else None."""
+        return self._proc.pid if self._proc else None
+
+    def alive(self) -> bool:
+        """True while the process runs (it may still be starting up)."""
+        return self._proc is not None and self._proc.poll() is None
+
+
+class TritonServer(ChildProcess):
     """One ``tritonserver`` process serving ``repository``; use as a context manager.
 
     ``model_control="explicit"`` loads ``load_models`` at start ("*" = all) and allows runtime
@@ -147,15 +162,6 @@ class TritonServer:
     def metrics_url(self) -> str:
         """The Prometheus endpoint."""
         return f"http://{self._client_host}:{self.ports['metrics']}/metrics"
-
-    @property
-    def pid(self) -> int | None:
-        """The server's process id while started, else None."""
-        return self._proc.pid if self._proc else None
-
-    def alive(self) -> bool:
-        """True while the server process runs (it may still be loading models)."""
-        return self._proc is not None and self._proc.poll() is None
 
     def ready(self) -> bool:
         """True when ``/v2/health/ready`` answers 200 (all models loaded)."""
