@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -92,20 +91,7 @@ class GatewayProcess(ChildProcess):
 
     def stop(self, timeout_s: float = 10) -> None:
         """SIGTERM (uvicorn finishes in-flight requests), then SIGKILL to its process group."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # worker processes of --workers N share the group
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
+        self._terminate(timeout_s)  # worker processes of --workers N share the group
 
 
 @dataclass

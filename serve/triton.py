@@ -111,6 +111,24 @@ class ChildProcess:
         """True while the process runs (it may still be starting up)."""
         return self._proc is not None and self._proc.poll() is None
 
+    def _terminate(self, timeout_s: float) -> None:
+        """SIGTERM, up to ``timeout_s`` to exit, then SIGKILL to the process group (its worker processes and
+        stubs share it, and outlive a killed parent otherwise). Forgets the process."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+
 
 class TritonServer(ChildProcess):
     """One ``tritonserver`` process serving ``repository``; use as a context manager.
@@ -234,20 +252,8 @@ class TritonServer(ChildProcess):
 
     def stop(self, timeout_s: float = 15) -> None:
         """SIGTERM (Triton drains and unloads), SIGKILL to the group after ``timeout_s``; clean /dev/shm."""
-        proc, self._proc = self._proc, None
         _RUNNING.discard(self)
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=timeout_s)
-                except subprocess.TimeoutExpired:
-                    pass
-            try:  # stubs left behind by a killed or crashed server share its process group
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
+        self._terminate(timeout_s)
         for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
             region.unlink(missing_ok=True)
 
