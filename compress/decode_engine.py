@@ -13,9 +13,19 @@ Context: a model with learned positions knows ``context`` positions only. A sequ
 full slides: it is re-encoded from its last ``context // 2`` tokens (one prefill), then steps on, so
 generation never stops and pays one prefill per ``context // 2`` tokens. Prompts longer than the
 context keep their last ``context`` tokens.
+
+Prefills (joins and slides) can run on a thread of their own (``prefill_thread=True``) while the step
+graph runs the other sequences: with many sequences, re-encoding is about half the work, and it would
+otherwise stall every sequence's next token. A sequence being encoded sits out of the steps (an idle
+row) until :meth:`DecodeEngine.advance` hands back its logits; its cache rows are written by the
+caller's thread between steps, so the two threads never touch the same memory.
 """
 
 from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
 
 import numpy as np
 import onnxruntime as ort
@@ -24,13 +34,14 @@ import onnxruntime as ort
 class Sequence:
     """One live sequence: its slot in the cache buffers and its latest token ids (at least the last context)."""
 
-    __slots__ = ("slot", "ids", "length", "tag")
+    __slots__ = ("slot", "ids", "length", "tag", "encoding")
 
     def __init__(self, ids, tag=None):
         self.ids = list(ids)
         self.slot = -1
         self.length = 0  # tokens held in the cache
         self.tag = tag  # whatever the caller attaches (a request, a sampler)
+        self.encoding = False  # a prefill for it is under way; it steps again once advance() returns it
 
 
 def session_options(threads: int = 0):
@@ -50,9 +61,14 @@ def session_options(threads: int = 0):
 
 
 class DecodeEngine:
-    """Prefill and batched step over a fixed pool of ``max_sequences`` cache slots."""
+    """Prefill and batched step over a fixed pool of ``max_sequences`` cache slots.
 
-    def __init__(self, prefill_path: str, step_path: str, max_sequences: int = 32, threads: int = 0):
+    Two ways to drive it: :meth:`submit` and :meth:`advance` (prefills may run in the background), or
+    the synchronous :meth:`start_many` / :meth:`step` / :meth:`generate`, which wait for every prefill.
+    """
+
+    def __init__(self, prefill_path: str, step_path: str, max_sequences: int = 32, threads: int = 0,
+                 prefill_thread: bool = False):
         options = session_options(threads)
         providers = ["CPUExecutionProvider"]
         self.prefill = ort.InferenceSession(prefill_path, options, providers=providers)
@@ -70,19 +86,20 @@ class DecodeEngine:
         self.live: list[Sequence] = []  # slot order
         self.keep = max(1, self.context // 2)
         self._bindings: dict[int, tuple] = {}
+        self._encoded: deque = deque()  # (sequence, length, K/V rows, logits, error) from finished prefills
+        self._done = threading.Condition()
+        self._encodes: queue.SimpleQueue | None = None
+        if prefill_thread:
+            self._encodes = queue.SimpleQueue()
+            threading.Thread(target=self._prefill_worker, name="prefill", daemon=True).start()
 
     @property
     def free_slots(self) -> int:
         return self.max_sequences - len(self.live)
 
     # ---- sequences join and leave --------------------------------------------------------------
-    def start(self, prompt_ids, tag=None) -> tuple[Sequence, np.ndarray]:
-        """Encode a prompt into a free slot; the sequence and its next-token logits (V,)."""
-        (seq, logits), = self.start_many([prompt_ids], [tag])
-        return seq, logits
-
-    def start_many(self, prompts, tags=None) -> list[tuple[Sequence, np.ndarray]]:
-        """Encode several prompts (any lengths) into free slots with one prefill; (sequence, logits) each."""
+    def submit(self, prompts, tags=None) -> list[Sequence]:
+        """Reserve free slots for prompts (any lengths) and encode them; :meth:`advance` returns their logits."""
         if len(prompts) > self.free_slots:
             raise RuntimeError(f"{len(prompts)} new sequences but {self.free_slots} of {self.max_sequences} "
                                f"slots are free")
@@ -94,11 +111,12 @@ class DecodeEngine:
             seq.slot = len(self.live)
             self.live.append(seq)
             seqs.append(seq)
-        logits = self._encode_many(seqs, [s.ids[-self.context:] for s in seqs])
-        return list(zip(seqs, logits))
+        self._encode([(s, s.ids[-self.context:]) for s in seqs], overlap=len(seqs) < len(self.live))
+        return seqs
 
     def release(self, seq: Sequence) -> None:
-        """Free the sequence's slot; the last live sequence moves into it (the cache stays compact)."""
+        """Free the sequence's slot; the last live sequence moves into it (the cache stays compact). A prefill
+        still under way for it is discarded when it finishes."""
         if seq.slot < 0:
             return
         last = self.live.pop()
@@ -109,65 +127,65 @@ class DecodeEngine:
             self.live[seq.slot] = last
         seq.slot = -1
 
-    def _encode_many(self, seqs: list[Sequence], rows: list) -> np.ndarray:
-        """Prefill ``rows`` (token lists) into the sequences' slots, positions 0.., as one right-padded
-        batch; each row's last logits (len(rows), V)."""
-        b, lengths = len(rows), np.fromiter(map(len, rows), np.int64, len(rows))
-        n = int(lengths.max())
-        ids = np.zeros((b, n), np.int64)
-        for j, row in enumerate(rows):
-            ids[j, :len(row)] = row
-        # past buffers hold nothing (every row starts at position 0) but give room for the padded chunk
-        empty = np.zeros((b, self.n_head, n, self.head_size), np.float32)
-        feed = {"input_ids": ids, "position_ids": np.tile(np.arange(n, dtype=np.int64), (b, 1)),
-                "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.asarray(n, np.int32),
-                "query_seqlens": lengths.astype(np.int32)}
-        for i in range(self.n_layer):
-            feed[f"past_key_{i}"] = feed[f"past_value_{i}"] = empty
-        out = self.prefill.run(None, feed)
-        for j, (seq, length) in enumerate(zip(seqs, lengths.tolist())):
-            for i in range(self.n_layer):
-                self.keys[i][seq.slot, :, :length] = out[1 + 2 * i][j, :, :length]
-                self.values[i][seq.slot, :, :length] = out[2 + 2 * i][j, :, :length]
-            seq.length = length
-        return out[0][np.arange(b), lengths - 1]
+    def close(self) -> None:
+        """Stop the prefill thread (if any)."""
+        if self._encodes is not None:
+            self._encodes.put(None)
 
-    # ---- one token for every live sequence -----------------------------------------------------
-    def step(self, tokens) -> np.ndarray:
-        """Append ``tokens[i]`` to live sequence ``i`` (slot order); next-token logits (n, V).
+    # ---- one round: prefills finished, one batched step --------------------------------------------
+    def advance(self, fed, wait: bool = False) -> list[tuple[Sequence, np.ndarray]]:
+        """Append each ``(sequence, token)`` of ``fed`` and run one round; ``(sequence, next-token logits)``
+        of every sequence that has logits now.
 
-        Sequences with a full cache slide (re-encoded from their last tokens); all others run as one
-        batch through the step graph, their caches updated in place.
+        Fed sequences with a full cache slide (re-encoded from their last tokens, perhaps in the
+        background); the others run as one batch through the step graph, their caches updated in place.
+        Finished prefills (joins and slides) are stored into their slots and returned too. Blocks for a
+        prefill only when nothing else could be returned, or for all of them with ``wait=True``.
         """
-        n = len(self.live)
-        tokens = np.asarray(tokens, np.int64).reshape(n)
-        logits = np.empty((n, self.vocab_size), np.float32)
-        lengths = np.fromiter((s.length for s in self.live), np.int64, n)
-        sliding = lengths >= self.context
-        for seq, token in zip(self.live, tokens.tolist()):
-            seq.ids.append(token)
+        stepping, sliding = [], []
+        for seq, token in fed:
+            seq.ids.append(int(token))
             if len(seq.ids) > 2 * self.context:  # only the last context tokens can ever be re-encoded
                 del seq.ids[:-self.context]
-        if sliding.any():  # every sliding sequence re-encodes `keep` tokens: one batch
-            rows = np.flatnonzero(sliding)
-            slid = [self.live[i] for i in rows]
-            logits[rows] = self._encode_many(slid, [s.ids[-self.keep:] for s in slid])
-        if sliding.all():
-            return logits
-        stepping = ~sliding
-        # Idle rows (the ones that just slid) take part with query_seqlens 0: their cache is left alone and
-        # their seqlens_k is what they hold now (length - 1); stepping rows append at position `length`.
-        lengths = np.fromiter((s.length for s in self.live), np.int64, n)
+            (sliding if seq.length >= self.context else stepping).append(seq)
+        if sliding:
+            self._encode([(s, s.ids[-self.keep:]) for s in sliding], overlap=bool(stepping))
+        results = self._store_encoded()
+        if stepping:
+            results += self._step(stepping)
+        while any(s.encoding for s in self.live) and (wait or not results):
+            with self._done:
+                self._done.wait_for(lambda: self._encoded)
+            results += self._store_encoded()
+        return results
+
+    def _step(self, stepping: list[Sequence]) -> list[tuple[Sequence, np.ndarray]]:
+        """One token for each of ``stepping`` through the step graph; every other live sequence takes part as
+        an idle row (query_seqlens 0; its seqlens_k must leave room for one more token)."""
+        live, n = self.live, len(self.live)
         binding, feed, out = self._binding(n)
-        feed["input_ids"][:, 0] = tokens
-        feed["position_ids"][:, 0] = np.where(stepping, lengths, 0)
-        feed["seqlens_k"][:] = np.where(stepping, lengths, lengths - 1)
-        feed["query_seqlens"][:] = stepping
+        lengths = np.fromiter((s.length for s in live), np.int64, n)
+        if len(stepping) == n:  # all of them (the usual case): whole rows, in slot order
+            stepping = live
+            feed["input_ids"][:, 0] = [s.ids[-1] for s in live]
+            feed["position_ids"][:, 0] = lengths
+            feed["seqlens_k"][:] = lengths
+            feed["query_seqlens"][:] = 1
+        else:
+            rows = np.fromiter((s.slot for s in stepping), np.int64, len(stepping))
+            for name in ("input_ids", "position_ids", "query_seqlens"):
+                feed[name][:] = 0
+            feed["input_ids"][rows, 0] = [s.ids[-1] for s in stepping]
+            feed["position_ids"][rows, 0] = lengths[rows]
+            # a full idle cache is never stepped again (its next token slides it), so it may claim to hold one
+            feed["seqlens_k"][:] = np.where(lengths < self.context, np.maximum(lengths - 1, 0), 0)
+            feed["seqlens_k"][rows] = lengths[rows]
+            feed["query_seqlens"][rows] = 1
         self.step_session.run_with_iobinding(binding)
-        logits[stepping] = out[stepping, 0]
-        for i in np.flatnonzero(stepping):
-            self.live[i].length += 1
-        return logits
+        logits = out[:, 0].copy()  # the bound buffer is overwritten by the next step
+        for seq in stepping:
+            seq.length += 1
+        return [(seq, logits[seq.slot]) for seq in stepping]
 
     def _binding(self, n: int):
         """The step's I/O binding for ``n`` live sequences, made once: inputs are preallocated arrays
@@ -191,6 +209,90 @@ class DecodeEngine:
         binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
         self._bindings[n] = binding, feed, out
         return self._bindings[n]
+
+    # ---- prefills: on the prefill thread, or at once on the caller's --------------------------------
+    def _encode(self, pending: list[tuple[Sequence, list]], overlap: bool) -> None:
+        """Encode on the prefill thread when other sequences could step meanwhile (``overlap``), else at once:
+        a hand-over between threads only costs latency when there is nothing to overlap."""
+        for seq, _ in pending:
+            seq.encoding = True
+            seq.length = 0  # an idle row until stored: what its cache held is about to be replaced
+        if self._encodes is None or not overlap:
+            self._run_prefill(pending)
+        else:
+            self._encodes.put(pending)
+
+    def _prefill_worker(self) -> None:
+        while (pending := self._encodes.get()) is not None:
+            while not self._encodes.empty():  # everything queued meanwhile runs as the same batch
+                more = self._encodes.get()
+                if more is None:
+                    return
+                pending += more
+            self._run_prefill(pending)
+
+    def _run_prefill(self, pending: list[tuple[Sequence, list]]) -> None:
+        """Encode the rows at positions 0.. as one right-padded batch; queue each sequence's K/V and last logits
+        (or the error) for the caller's thread to store."""
+        rows = [row for _, row in pending]
+        b, lengths = len(rows), np.fromiter(map(len, rows), np.int64, len(rows))
+        try:
+            n = int(lengths.max())
+            ids = np.zeros((b, n), np.int64)
+            for j, row in enumerate(rows):
+                ids[j, :len(row)] = row
+            # past buffers hold nothing (every row starts at position 0) but give room for the padded chunk
+            empty = np.zeros((b, self.n_head, n, self.head_size), np.float32)
+            feed = {"input_ids": ids, "position_ids": np.tile(np.arange(n, dtype=np.int64), (b, 1)),
+                    "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.asarray(n, np.int32),
+                    "query_seqlens": lengths.astype(np.int32)}
+            for i in range(self.n_layer):
+                feed[f"past_key_{i}"] = feed[f"past_value_{i}"] = empty
+            out = self.prefill.run(None, feed)
+            done = [(seq, length, [kv[j] for kv in out[1:]], out[0][j, length - 1], None)
+                    for j, ((seq, _), length) in enumerate(zip(pending, lengths.tolist()))]
+        except Exception as exc:  # noqa: BLE001 -- handed to the caller, raised from advance()
+            done = [(seq, 0, None, None, exc) for seq, _ in pending]
+        with self._done:
+            self._encoded.extend(done)
+            self._done.notify()
+
+    def _store_encoded(self) -> list[tuple[Sequence, np.ndarray]]:
+        """Copy finished prefills into their sequences' (current) slots; (sequence, logits) for each."""
+        results = []
+        while self._encoded:
+            seq, length, kv, logits, error = self._encoded.popleft()
+            seq.encoding = False
+            if error is not None:
+                raise RuntimeError(f"prefill failed: {error}") from error
+            if seq.slot < 0:  # released while it was being encoded
+                continue
+            if length < self.context:  # a full cache is not kept: the sequence's next token slides it
+                for i in range(self.n_layer):
+                    self.keys[i][seq.slot, :, :length] = kv[2 * i][:, :length]
+                    self.values[i][seq.slot, :, :length] = kv[2 * i + 1][:, :length]
+            seq.length = length
+            results.append((seq, logits))
+        return results
+
+    # ---- synchronous use: every prefill waited for ------------------------------------------------
+    def start(self, prompt_ids, tag=None) -> tuple[Sequence, np.ndarray]:
+        """Encode a prompt into a free slot; the sequence and its next-token logits (V,)."""
+        (seq, logits), = self.start_many([prompt_ids], [tag])
+        return seq, logits
+
+    def start_many(self, prompts, tags=None) -> list[tuple[Sequence, np.ndarray]]:
+        """Encode several prompts (any lengths) into free slots; (sequence, logits) each, in order."""
+        seqs = self.submit(prompts, tags)
+        logits = dict(self.advance([], wait=True))
+        return [(seq, logits[seq]) for seq in seqs]
+
+    def step(self, tokens) -> np.ndarray:
+        """Append ``tokens[i]`` to live sequence ``i`` (slot order) and wait for every next-token logits (n, V)."""
+        live = list(self.live)
+        tokens = np.asarray(tokens, np.int64).reshape(len(live)).tolist()
+        logits = dict(self.advance(list(zip(live, tokens)), wait=True))
+        return np.stack([logits[seq] for seq in live]) if live else np.empty((0, self.vocab_size), np.float32)
 
     def generate(self, prompt_ids, max_new_tokens: int) -> list[int]:
         """One sequence's greedy continuation, start to end (tests, parity gate, benchmarks)."""

@@ -8,7 +8,9 @@ requests and returns at once; one thread runs the decode loop and another, the o
 round trip to the Triton process (sending responses, asking whether a client went away), so the loop
 only computes. Between two steps,
 waiting requests join (prefill into a free cache slot) and finished or cancelled sequences leave, so
-every step runs all live sequences as one batch -- in-flight batching. New tokens go back as responses
+every step runs all live sequences as one batch -- in-flight batching. Prefills (joins, and slides past
+the context) run on the engine's own thread while the loop steps the other sequences: at high
+concurrency they are about half the work, and would otherwise hold up every sequence's next token. New tokens go back as responses
 (``token_ids``, ``text``, ``finish_reason``); the last one carries the final flag. The first token is
 sent at once (time to first token); later ones are coalesced: a sequence sends every
 ``stream_interval_ms`` (0: every token), and all sequences together at most ``stream_responses_per_s``
@@ -72,7 +74,7 @@ class TritonPythonModel:
         version_dir = os.path.join(args["model_repository"], str(args["model_version"]))
         self.engine = DecodeEngine(os.path.join(version_dir, "prefill.onnx"), os.path.join(version_dir, "step.onnx"),
                                    max_sequences=int(params.get("max_sequences") or 32),
-                                   threads=int(params.get("intra_op_threads") or 0))
+                                   threads=int(params.get("intra_op_threads") or 0), prefill_thread=True)
         if self.engine.vocab_size != len(self.itos):
             raise ValueError(f"the graphs have {self.engine.vocab_size} tokens but itos has {len(self.itos)}: "
                              f"regenerate the repository with `autoglm compress --force`")
@@ -161,14 +163,17 @@ class TritonPythonModel:
                 if joining:
                     self.waiting_gauge.set(len(self.waiting))
             try:
-                if joining:  # join between steps: one prefill for every new sequence, into free slots
-                    started = engine.start_many([j.ids for j in joining], joining)
-                    self._emit_all([seq for seq, _ in started], np.stack([logits for _, logits in started]))
+                if joining:  # join between steps: their prompts are encoded on the engine's prefill thread
+                    engine.submit([j.ids for j in joining], joining)
                 for seq in [s for s in engine.live if s.tag.cancelled]:
                     self._finish(seq, None)  # the client went away (seen by the outbox): free its slot
-                if engine.live:
-                    live = list(engine.live)
-                    self._emit_all(live, engine.step([s.tag.next_token for s in live]))
+                fed = [(s, s.tag.next_token) for s in engine.live if s.tag.next_token is not None]
+                for seq, _ in fed:
+                    seq.tag.next_token = None
+                # one batched step for the fed sequences; joins and slides come back when their prefill is done
+                ready = engine.advance(fed)
+                if ready:
+                    self._emit_all([seq for seq, _ in ready], np.stack([logits for _, logits in ready]))
             except Exception as exc:  # never leave a client waiting: fail every live sequence
                 for seq in list(engine.live):
                     self.outbox.put((seq.tag, pb_utils.InferenceResponse(output_tensors=[], error=_error(
@@ -253,3 +258,4 @@ class TritonPythonModel:
         self.threads[0].join(timeout=10)
         self.outbox.put(None)  # after the loop's last responses
         self.threads[1].join(timeout=10)
+        self.engine.close()

@@ -160,3 +160,56 @@ def test_prompts_of_different_lengths_join_in_one_padded_prefill(graphs):
         assert seq.length == len(row)
     with pytest.raises(RuntimeError, match="slots are free"):
         engine(graphs, slots=1).start_many(rows[:2])
+
+
+def drive(e: DecodeEngine, prompts: list[list[int]], n_new: int, joins: dict[int, int]) -> tuple[dict, int]:
+    """Decode ``prompts`` through submit/advance, prompt k joining at round joins[k]; each one's greedy tokens
+    and the number of rounds in which some sequence stepped while another's prefill was under way."""
+    out, fed, overlapped = {}, [], 0
+    for round_ in range(10_000):
+        for k in [k for k, at in joins.items() if at == round_]:
+            e.submit([prompts[k]], [k])
+            out[k] = []
+        stepped = {seq for seq, _ in fed}
+        ready = e.advance(fed)
+        overlapped += any(s in stepped for s, _ in ready) and any(s.encoding for s in e.live)
+        fed = []
+        for seq, logits in ready:
+            out[seq.tag].append(int(logits.argmax()))
+            if len(out[seq.tag]) == n_new:
+                e.release(seq)
+            else:
+                fed.append((seq, out[seq.tag][-1]))
+        if len(out) == len(prompts) and not e.live:
+            return out, overlapped
+    raise AssertionError("decoding did not finish")
+
+
+def test_prefills_on_their_own_thread_overlap_steps_and_every_sequence_decodes_as_if_alone(graphs):
+    task, model = charlm()
+    lengths = (31, 5, 32, 12, 40, 3)  # context 32: some prompts fill it at once, so their first token slides
+    prompts = [p[:n] for p, n in zip(decode.prompts(task, model.model_args, 6, 40), lengths)]
+    alone = [engine(graphs, slots=1).generate(p, 40) for p in prompts]
+    e = DecodeEngine(str(graphs[0]), str(graphs[1]), max_sequences=6, threads=1, prefill_thread=True)
+    try:
+        out, overlapped = drive(e, prompts, 40, {0: 0, 1: 0, 2: 3, 3: 7, 4: 8, 5: 20})
+    finally:
+        e.close()
+    assert [out[k] for k in range(6)] == alone  # FP32 graphs: exactly the same tokens
+    assert overlapped > 0 and e.free_slots == 6
+
+
+def test_a_sequence_released_while_it_is_encoded_is_dropped_and_a_failed_prefill_is_raised(graphs):
+    e = DecodeEngine(str(graphs[0]), str(graphs[1]), max_sequences=2, threads=1, prefill_thread=True)
+    try:
+        a, = e.submit([[1, 2, 3]])
+        assert [s for s, _ in e.advance([])] == [a]
+        b, = e.submit([[4, 5, 6]])  # a is live and ready: b is encoded in the background
+        e.release(b)
+        assert [s for s, _ in e.advance([(a, 7)], wait=True)] == [a] and e.live == [a]
+    finally:
+        e.close()
+    inline = engine(graphs, slots=2)
+    inline.submit([[e.vocab_size + 5]])  # not a token id: the prefill graph fails
+    with pytest.raises(RuntimeError, match="prefill failed"):
+        inline.advance([])
