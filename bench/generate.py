@@ -13,6 +13,9 @@ closed-loop aiohttp generator in its own process:
 * **recomputation**: ``/v1/models/fp32:generate`` -> one Triton request per token over the whole
   context (Triton's dynamic batcher batches concurrent requests).
 
+The KV-cache path is also measured at c = 1 and 32 on generations that fit the context (16-char prompt,
+48 new: no slides), which isolates what batching the steps gives.
+
 In-process batch-1 references in the same run: torch recomputing the context (nanoGPT's ``generate``),
 torch with a KV cache, and the decode graphs in ONNX Runtime without any serving. Time to first
 token (TTFT) and inter-token gaps are measured at the client; energy per token is the estimate
@@ -37,7 +40,10 @@ from bench.harness import Table, cpu_seconds, ratio
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is 2-10x slower here
 CONCURRENCY = (1, 8, 32)
 PROMPT_CHARS, NEW_TOKENS = 64, 64
+# the same served path on generations that fit the context (no slides): what step batching alone gives
+WITHIN_PROMPT, WITHIN_NEW = 16, 48
 KV, RECOMPUTE = "KV cache (charlm-generate)", "recompute (fp32, token per request)"
+WITHIN = f"KV cache, within the context ({WITHIN_PROMPT}-char prompt, {WITHIN_NEW} new)"
 WATTS_PER_CORE = 10.0
 
 
@@ -90,12 +96,13 @@ async def _closed_loop(spec: dict) -> dict:
             "itl_p95": float(np.percentile(gap_ms, 95)), "requests": requests, "errors": errors, "tokens": tokens}
 
 
-def _load(url: str, bodies: list[dict], concurrency: int, duration_s: float, pids: list[int], workdir: Path) -> dict:
+def _load(url: str, bodies: list[dict], concurrency: int, duration_s: float, pids: list[int], workdir: Path,
+          new_tokens: int = NEW_TOKENS) -> dict:
     """Run the generator in its own process; add the servers' CPU per generated token."""
     import psutil
 
     spec = {"url": url, "bodies": bodies, "concurrency": concurrency, "duration_s": duration_s,
-            "warmup_s": min(1.0, duration_s / 3), "new_tokens": NEW_TOKENS}
+            "warmup_s": min(1.0, duration_s / 3), "new_tokens": new_tokens}
     spec_file = workdir / "generate.spec.json"
     spec_file.write_text(json.dumps(spec))
     roots = [psutil.Process(pid) for pid in pids]
@@ -217,6 +224,7 @@ def run(quick: bool) -> list[Table]:
         itos = task.vocab
         bodies = [{"prompt": "".join(itos[i] for i in p), "max_new_tokens": NEW_TOKENS, "temperature": 0,
                    "stream": True} for p in prompts]
+        within = [{**b, "prompt": b["prompt"][-WITHIN_PROMPT:], "max_new_tokens": WITHIN_NEW} for b in bodies]
         local = _in_process(run_dir, task, prompts, 3 if quick else 10)
         serving = start_serving(settings, GatewaySettings(port=settings.serve.gateway_port, max_in_flight=256,
                                                           request_timeout_s=120), ServeOptions(control_port=0))
@@ -226,9 +234,15 @@ def run(quick: bool) -> list[Table]:
                        RECOMPUTE: f"{serving.gateway.url}/v1/models/fp32:generate"}
             results = {(name, c): _load(url, bodies, c, duration, pids, workdir)
                        for c in CONCURRENCY for name, url in targets.items()}
+            results.update({(WITHIN, c): _load(targets[KV], within, c, duration, pids, workdir, WITHIN_NEW)
+                            for c in (1, 32)})
             # the batch-1 goal again, alternating the two paths in short rounds (steadier on a shared host)
             rounds = [{name: _load(url, bodies, 1, duration / 2, pids, workdir)["tokens_per_s"]
                        for name, url in targets.items()} for _ in range(3)]
+            # and the concurrency goal: c = 1 and c = 32 of the KV-cache path, alternating
+            for rd in rounds:
+                rd.update({c: _load(targets[KV], bodies, c, duration / 2, pids, workdir)["tokens_per_s"]
+                           for c in (1, 32)})
     return _tables(results, rounds, local, duration)
 
 
@@ -236,7 +250,7 @@ def _tables(results: dict, rounds: list[dict], local: dict, duration: float) -> 
     rows = [[name, c, r["tokens_per_s"], r["ttft_p50"], r["ttft_p95"], r["itl_p50"], r["itl_p95"], r["requests"],
              r["errors"], r["cpu_ms_per_token"] * WATTS_PER_CORE] for (name, c), r in results.items()]
     served = Table(f"Streaming generation through the gateway ({PROMPT_CHARS}-char prompt, {NEW_TOKENS} new characters "
-                   f"per request, greedy)",
+                   f"per request unless the path says otherwise, greedy)",
                    ["path", "concurrency", "tokens/s (all clients)", "TTFT p50 ms", "TTFT p95 ms",
                     "inter-token p50 ms", "inter-token p95 ms", "requests", "errors", "est. mJ/token (cpu×10W)"],
                    rows, [f"{duration:g} s per cell after a warm-up; closed loop, each client streams one request "
@@ -255,18 +269,23 @@ def _tables(results: dict, rounds: list[dict], local: dict, duration: float) -> 
         return results[(name, c)]["tokens_per_s"]
 
     per_round = [rd[KV] / rd[RECOMPUTE] for rd in rounds]
+    batching = [rd[32] / rd[1] for rd in rounds]
     ratios = Table("Goals", ["comparison", "value", "goal"], [
         ["served KV cache / served recomputation, tokens/s @1",
          f"{np.median(per_round):.2f}× (rounds {', '.join(f'{v:.2f}' for v in per_round)})", "≥ 5×"],
         ["served KV cache @1 / torch recompute in-process", ratio(r(KV, 1), baseline), ""],
-        ["served KV cache: aggregate tokens/s @32 / @1", ratio(r(KV, 32), r(KV, 1)), "≥ 3×"],
+        ["served KV cache: aggregate tokens/s @32 / @1",
+         f"{np.median(batching):.2f}× (rounds {', '.join(f'{v:.2f}' for v in batching)})", "≥ 3×"],
         ["served KV cache: aggregate tokens/s @8 / @1", ratio(r(KV, 8), r(KV, 1)), ""],
+        ["the same within the context (no slides): aggregate tokens/s @32 / @1", ratio(r(WITHIN, 32), r(WITHIN, 1)),
+         ""],
         ["in-process ceiling: 32 sequences in one batch / one sequence", ratio(local[names[3]], local[names[2]]),
          "no serving, one thread"],
         ["served recomputation: aggregate tokens/s @32 / @1", ratio(r(RECOMPUTE, 32), r(RECOMPUTE, 1)), ""],
         ["TTFT p95 @32, KV cache / recomputation", ratio(results[(KV, 32)]["ttft_p95"],
                                                          results[(RECOMPUTE, 32)]["ttft_p95"]), "reported"],
-    ], ["the @1 goal: median of alternating short rounds of the two paths"])
+    ], ["both goals: medians of alternating short rounds (the two paths at c = 1; c = 1 and c = 32 of the KV "
+        "cache path), steadier on a shared host than the table's cells measured minutes apart"])
     return [served, reference, ratios]
 
 
