@@ -173,7 +173,9 @@ class GenerateSettings(Section):
     """KV-cache generation for decoder tasks (charlm): decode graphs and the streaming Triton model."""
 
     enabled: bool = Field(True, description="build prefill/step graphs and the <task>-generate model")
-    int8: bool = Field(True, description="try dynamic INT8 graphs; served when within max_metric_loss and faster")
+    int8: bool = Field(True, description="try dynamic INT8 graphs; served when within max_metric_loss and faster. "
+                      "Their activation scale is per batch, so a sequence's tokens can depend on what "
+                      "runs beside it; false: FP32, bit-reproducible under any concurrency")
     max_sequences: int = Field(32, ge=1, description="sequences decoded together (cache slots); more wait")
     max_waiting: int = Field(256, ge=0, description="requests waiting for a slot before new ones are refused")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound of one request's max_new_tokens")
