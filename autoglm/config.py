@@ -105,6 +105,9 @@ class TuneSettings(Section):
         None, description="first trial of a new study: the configured model and training values (clipped into "
         "the searched ranges), compression knobs at their defaults, these knob values on top, e.g. "
         "{'quantize.mode' = 'static'}; None: the sampler draws every trial")
+    compression_siblings: bool = Field(True, description="when a trial completes with the best metric so far, "
+                                       "queue its trained model under each searched quantization mode, pruning "
+                                       "off: cached checkpoints make these cost compression only")
     heartbeat_s: int = Field(30, ge=1, description="RDB storages: trials silent this long x2 are retried")
     workers: int = Field(1, ge=1, description="processes sharing this study (an Indexed Job's parallelism)")
     ddp_procs: int = Field(1, ge=1, description="train each trial data-parallel on this many torchrun ranks "

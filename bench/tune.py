@@ -123,6 +123,7 @@ def _search(settings: Settings, tune_dir: Path, budget_cpu_s: float, max_trials:
     from autoglm.measure import fixed_threads
     from autoglm.tasks import get_task
     from tune.objective import Objective
+    from tune.siblings import CompressionSiblings
     from tune.space import build_space, warm_start_params
     from tune.storage import directions, open_study, warm_start
 
@@ -138,9 +139,11 @@ def _search(settings: Settings, tune_dir: Path, budget_cpu_s: float, max_trials:
         if _cpu(study.get_trials(deepcopy=False)) >= budget_cpu_s:
             study.stop()
 
+    callbacks = [stop_when_spent]
+    if settings.tune.compression_siblings:
+        callbacks.append(CompressionSiblings(space, task.direction))
     with fixed_threads(settings.run.threads):
-        study.optimize(objective, n_trials=max_trials, callbacks=[stop_when_spent], catch=(Exception,),
-                       gc_after_trial=True)
+        study.optimize(objective, n_trials=max_trials, callbacks=callbacks, catch=(Exception,), gc_after_trial=True)
     return task, study.get_trials(deepcopy=False)
 
 

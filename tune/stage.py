@@ -16,6 +16,7 @@ from typing import Any
 from autoglm.artifacts import Manifest, RunDir, StageWriter, write_atomic
 from autoglm.config import Settings, TuneSettings
 from tune.select import pareto_points, select
+from tune.siblings import CompressionSiblings
 from tune.space import build_space, warm_start_params
 from tune.storage import directions, open_study, recover_stale_trials, warm_start
 
@@ -37,13 +38,18 @@ def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
     tune = settings.tune
     if tune.warm_start is not None:
         warm_start(study, settings, warm_start_params(task, settings, space, tune.warm_start))
-    done = finished_by(study.get_trials(deepcopy=False), None if tune.workers == 1 else tune.worker_index)
-    remaining = share(tune, tune.worker_index) - done
-    if remaining > 0:
+    mine = None if tune.workers == 1 else tune.worker_index
+
+    def room(study) -> int:  # trials this worker will still run
+        return share(tune, tune.worker_index) - finished_by(study.get_trials(deepcopy=False), mine)
+
+    done = share(tune, tune.worker_index) - room(study)
+    if room(study) > 0:
         objective = Objective(task, settings, space, tune_dir, dirs)
+        callbacks = [CompressionSiblings(space, task.direction, room)] if tune.compression_siblings else []
         with fixed_threads(settings.run.threads), _progress(progress, settings.tune.n_trials, done) as tick:
-            study.optimize(objective, n_trials=remaining, timeout=settings.tune.timeout_s, callbacks=[tick],
-                           catch=(Exception,), gc_after_trial=True)
+            study.optimize(objective, n_trials=room(study), timeout=settings.tune.timeout_s,
+                           callbacks=[tick, *callbacks], catch=(Exception,), gc_after_trial=True)
     return task, study
 
 

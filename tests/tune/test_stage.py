@@ -45,6 +45,23 @@ def test_the_study_yields_its_pareto_front(study_run):
             point["objectives"]
 
 
+def test_the_best_trials_compression_siblings_reuse_its_trained_checkpoint(study_run):
+    _, tune_dir, _ = study_run
+    trials = _tiny.journal_study(tune_dir).trials
+
+    siblings = [t for t in trials if "sibling_of" in t.user_attrs]
+
+    assert siblings  # the first trial is the best so far: its siblings run next
+    for sibling in siblings:
+        parent = trials[sibling.user_attrs["sibling_of"]]
+        assert sibling.user_attrs["cache_hit"] and sibling.user_attrs["training_key"] == parent.user_attrs[
+            "training_key"]
+        assert sibling.params["train.lr"] == parent.params["train.lr"] and sibling.params["prune.ratio"] == 0.0
+        assert sibling.params["quantize.mode"] != parent.params["quantize.mode"] or parent.params["prune.ratio"] > 0
+        # no retraining: a sibling costs compression, scoring and timing only
+        assert sibling.user_attrs["compute"]["cpu_s"] < parent.user_attrs["compute"]["cpu_s"]
+
+
 def test_the_selected_point_names_a_checkpoint_that_loads(study_run):
     _, tune_dir, _ = study_run
     pareto = json.loads((tune_dir / "pareto.json").read_text())

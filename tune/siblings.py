@@ -1,0 +1,59 @@
+"""Compression siblings: the best trained model served every searched way, for the cost of compressing it.
+
+Trained checkpoints are cached by everything that shapes training (:func:`tune.objective.training_key`),
+so a trial that repeats a finished trial's model and training knobs with other compression knobs never
+retrains: it costs an export, the compression, scoring and timing. When a trial completes with the best
+metric so far, its siblings are queued: the same trained model under each searched quantization mode with
+pruning off (pruning needs a fine-tune and costs metric). The front then holds the best trained model
+uncompressed (the top metric) and quantized (cheaper to serve) at a fraction of a trial's cost, instead of
+whichever one compression setting the sampler happened to draw for it. Siblings are sampled, charged and
+recorded like any trial; their ``sibling_of`` attribute names the trial they repeat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from autoglm.tasks import Knob
+
+MODE, RATIO = "quantize.mode", "prune.ratio"
+
+
+def sibling_params(params: Mapping[str, Any], space: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``params`` under every searched quantization mode with pruning off, except ``params`` itself."""
+    mode = space.get(MODE)
+    modes = list(mode.choices) if isinstance(mode, Knob) and mode.choices else [params.get(MODE)]
+    ratio = space.get(RATIO)
+    off = {RATIO: 0.0} if isinstance(ratio, Knob) and ratio.low is not None and ratio.low <= 0.0 else {}
+    siblings = []
+    for m in modes:
+        sibling = {**params, **off, **({MODE: m} if isinstance(mode, Knob) else {})}
+        if sibling != dict(params) and sibling not in siblings:
+            siblings.append(sibling)
+    return siblings
+
+
+class CompressionSiblings:
+    """``study.optimize`` callback: queue a new best trial's compression siblings (see the module)."""
+
+    def __init__(self, space: Mapping[str, Any], direction: str, room: Callable[[Any], int] | None = None):
+        """``room(study)``: trials the study will still run (None: no bound), so that none is left queued."""
+        self.space, self.maximize, self.room = space, direction == "maximize", room
+        self.searched = any(isinstance(space.get(k), Knob) for k in (MODE, RATIO))
+
+    def __call__(self, study, trial) -> None:
+        import optuna
+
+        complete = optuna.trial.TrialState.COMPLETE
+        if not self.searched or trial.state != complete or "sibling_of" in trial.user_attrs:
+            return
+        metrics = [t.values[0] for t in study.get_trials(deepcopy=False, states=(complete,))]
+        if trial.values[0] != (max if self.maximize else min)(metrics):
+            return
+        siblings = sibling_params(trial.params, self.space)
+        if self.room is not None:
+            queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+            siblings = siblings[:max(0, self.room(study) - queued)]
+        for params in siblings:
+            study.enqueue_trial(params, user_attrs={"sibling_of": trial.number}, skip_if_exists=True)
