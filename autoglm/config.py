@@ -214,6 +214,24 @@ class CompressSettings(Section):
         return self
 
 
+class GatewayLimits(Section):
+    """``serve.gateway``: the gateway's workers, keys and limits. Limits are per worker: N workers admit N×."""
+
+    workers: int = Field(1, ge=1, description="uvicorn worker processes (a second one does not help on 2 cores)")
+    api_keys_file: Path | None = Field(None, description="'name:sha256' lines (`python -m serve --new-api-key "
+                                       "NAME` prints one); required when serve.host is beyond loopback")
+    rate_limit_rps: float = Field(0, ge=0, description="per-key sustained requests/s; 0 turns it off")
+    rate_limit_burst: int = Field(50, ge=1, description="per-key bucket size")
+    max_body_bytes: int = Field(4 << 20, ge=1024)
+    request_timeout_s: float = Field(10.0, gt=0)
+    max_in_flight: int = Field(128, ge=1, description="requests admitted at once; beyond it: 503 + Retry-After")
+    upstream_connections: int | None = Field(None, ge=1, description="keep-alive pool size; None: max_in_flight")
+    connect_timeout_s: float = Field(1.0, gt=0)
+    retry_after_s: int = Field(1, ge=1)
+    max_new_tokens: int = Field(256, ge=1, description="upper bound of :generate's max_new_tokens")
+    max_score_chars: int = Field(16384, ge=2)
+
+
 class ServeSettings(Section):
     host: str = "127.0.0.1"
     gateway_port: int = Field(8080, ge=1, le=65535)
@@ -221,6 +239,7 @@ class ServeSettings(Section):
     triton_grpc_port: int = Field(8001, ge=1, le=65535)
     triton_metrics_port: int = Field(8002, ge=1, le=65535)
     triton_url: str | None = Field(None, description="use an external Triton instead of starting one")
+    gateway: GatewayLimits = Field(default_factory=GatewayLimits)
 
 
 class LoadtestSettings(Section):

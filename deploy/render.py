@@ -91,13 +91,15 @@ def api_keys(stage_dir: Path, supplied: Path | None) -> list[Any]:
     return keys
 
 
-def gateway_settings(keys: list[Any], triton_host: str) -> bytes:
-    """The gateway's settings JSON, validated by the gateway's own model."""
+def gateway_settings(settings: Settings, keys: list[Any], triton_host: str) -> bytes:
+    """The gateway's settings JSON: the run's ``serve.gateway`` limits, in-cluster addresses and ``keys``,
+    validated by the gateway's own model."""
     from serve.settings import GatewaySettings
 
-    settings = GatewaySettings(host="0.0.0.0", port=GATEWAY_PORT, triton_url=f"http://{triton_host}:{PORTS['http']}",
-                               repository=Path("/etc/autoglm/repository"), api_keys=keys)
-    return (settings.model_dump_json(indent=2) + "\n").encode()
+    gateway = GatewaySettings.from_settings(
+        settings, host="0.0.0.0", port=GATEWAY_PORT, triton_url=f"http://{triton_host}:{PORTS['http']}",
+        repository=Path("/etc/autoglm/repository"), api_keys=keys, api_keys_file=None)
+    return (gateway.model_dump_json(indent=2) + "\n").encode()
 
 
 def models_dockerfile(release: Release, env: str, images: Images) -> str:
@@ -162,6 +164,7 @@ def render_run(settings: Settings, options: DeployOptions, force: bool = False) 
     n_trials = options.tune_trials or int(release.run_config.get("tune", {}).get("n_trials", settings.tune.n_trials))
     supplied = options.api_keys_file.read_bytes() if options.api_keys_file else b""
     config = {"options": asdict(options) | {"api_keys_file": None}, "rules": rules.model_dump(mode="json"),
+              "gateway": settings.serve.gateway.model_dump(mode="json", exclude={"api_keys_file"}),
               "api_keys_sha256": hashlib.sha256(supplied).hexdigest(), "images": asdict(images),
               "tune_trials": n_trials if options.tune_workers else None}
     config = json.loads(json.dumps(config, default=str))  # as the manifest stores it, so up_to_date compares like
@@ -175,11 +178,12 @@ def render_run(settings: Settings, options: DeployOptions, force: bool = False) 
 
     head = header(release.run, options.env)
     keys = api_keys(writer.dir, options.api_keys_file)
-    tree = k8s.serving_tree(release, options.env, images, rules, cluster, gateway_settings(keys, "autoglm-triton"))
+    in_cluster = gateway_settings(settings, keys, "autoglm-triton")
+    tree = k8s.serving_tree(release, options.env, images, rules, cluster, in_cluster)
     if options.tune_workers:
         tree |= k8s.tune_tree(release, images, cluster, options.tune_workers, n_trials, not options.external_db)
     write_tree(out / "k8s", tree, head)
-    write_tree(out, compose_tree(release.run, options.env, images, gateway_settings(keys, "triton")), head)
+    write_tree(out, compose_tree(release.run, options.env, images, gateway_settings(settings, keys, "triton")), head)
     write_tree(out, {"images/models.Dockerfile": models_dockerfile(release, options.env, images)}, head)
     write_tree(out, {"README.md": _readme(release, options, images, n_trials)}, "")
 

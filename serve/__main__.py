@@ -8,6 +8,7 @@ stops everything (gateway first, then Triton), leaving no process or shared memo
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -26,10 +27,11 @@ BUILT = True
 def _parser() -> argparse.ArgumentParser:
     parser = add_common_args(argparse.ArgumentParser(prog="autoglm serve", description=__doc__.splitlines()[0]))
     parser.add_argument("-g", "--gateway", action="append", default=[], metavar="KEY=VALUE",
-                        help="gateway setting, e.g. -g max_in_flight=64 -g rate_limit_rps=50 (see serve.settings)")
-    parser.add_argument("--api-keys-file", help="file of 'name:sha256' lines; required beyond loopback")
+                        help="shorthand for --set serve.gateway.KEY=VALUE, e.g. -g max_in_flight=64")
+    parser.add_argument("--api-keys-file", help="serve.gateway.api_keys_file: 'name:sha256' lines; required "
+                        "beyond loopback")
     parser.add_argument("--new-api-key", metavar="NAME", help="print a fresh API key and its key-file line, exit")
-    parser.add_argument("--workers", type=int, help="gateway worker processes (default 1)")
+    parser.add_argument("--workers", type=int, help="serve.gateway.workers: gateway worker processes (default 1)")
     parser.add_argument("--models", help="comma-separated variants or model names to load (default: all)")
     parser.add_argument("--flavour", choices=["python", "native"], default="python",
                         help="repository flavour: python for the bundled Triton, native for the NGC container")
@@ -40,16 +42,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _gateway_settings(args, settings):
-    from serve.settings import GatewaySettings, read_key_file
-
-    values = {"host": settings.serve.host, "port": settings.serve.gateway_port, **parse_overrides(args.gateway)}
+def _gateway_overrides(args) -> list[str]:
+    """The gateway flags as ``--set`` overrides of ``serve.gateway``: the resolved config then holds them."""
+    flags = [f"serve.gateway.{pair}" for pair in args.gateway]
     if args.workers:
-        values["workers"] = args.workers
+        flags.append(f"serve.gateway.workers={args.workers}")
     if args.api_keys_file:
-        values["api_keys"] = [k.model_dump() for k in read_key_file(args.api_keys_file)]
+        flags.append(f"serve.gateway.api_keys_file={json.dumps(args.api_keys_file)}")
+    return flags
+
+
+def resolve(args: argparse.Namespace):
+    """(settings, gateway settings) from the parsed flags; the gateway flags become ``serve.gateway`` overrides."""
+    from serve.settings import GatewaySettings
+
+    args.overrides = [*args.overrides, *_gateway_overrides(args)]
+    settings = settings_from_args(args)
     try:
-        return GatewaySettings(**values)
+        return settings, GatewaySettings.from_settings(settings)
     except ValidationError as exc:
         raise ConfigError(f"invalid gateway settings: {_problems(exc)}") from None
 
@@ -69,8 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"API key for {args.new_api_key} (shown once; give it to the client):\n  {key}\n"
               f"line for --api-keys-file:\n  {args.new_api_key}:{hash_api_key(key)}")
         return 0
-    settings = settings_from_args(args)
-    gateway = _gateway_settings(args, settings)
+    settings, gateway = resolve(args)
     if args.dry_run:
         print_config(settings)
         print(gateway.model_dump_json(indent=2, exclude={"api_keys"}))

@@ -157,7 +157,7 @@ def start_serving(settings: Settings, gateway: GatewaySettings | None = None, op
                               metrics_port=serve.triton_metrics_port, load_models=tuple(models))
         processes["triton"] = triton
         triton_url, metrics_url = triton.http_url, triton.metrics_url
-    base = (gateway or GatewaySettings(host=serve.host, port=serve.gateway_port)).model_dump()
+    base = (gateway or GatewaySettings.from_settings(settings)).model_dump()
     gateway_settings = GatewaySettings(**{**base, "triton_url": triton_url, "repository": repository})
     gateway_process = GatewayProcess(gateway_settings, workdir)
     processes["gateway"] = gateway_process

@@ -1,8 +1,4 @@
-"""The gateway's own settings: protection limits, API keys, upstream pool, task limits.
-
-These live here, not in ``autoglm.config.ServeSettings``, until the shared config grows a
-``serve.gateway`` section; :class:`GatewaySettings` is a plain pydantic model with the same
-habits (unknown keys refused, validated at construction, errors that name the fix).
+"""The gateway's settings: ``serve.gateway`` from the shared config, plus where one worker listens and its keys.
 
 API keys are stored only as sha256 hex digests (:func:`hash_api_key`); a key file holds one
 ``name:sha256`` per line. Binding beyond loopback without keys is refused.
@@ -18,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from autoglm.config import GatewayLimits, Settings
 from autoglm.errors import ConfigError
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -79,35 +76,32 @@ def read_key_file(path: Path | str) -> list[ApiKey]:
     return keys
 
 
-class GatewaySettings(BaseModel):
-    """Everything one gateway worker needs. Per-worker limits: with N workers the totals are N×."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class GatewaySettings(GatewayLimits):
+    """Everything one gateway worker needs: the configured ``serve.gateway`` limits, where it listens, the
+    Triton it forwards to, and the API keys (:meth:`from_settings` builds it from the run's config)."""
 
     host: str = Field("127.0.0.1", description="bind address; beyond loopback API keys are required")
     port: int = Field(8080, ge=0, le=65535)
-    workers: int = Field(1, ge=1, description="uvicorn worker processes (a second one does not help on 2 cores)")
     triton_url: str = Field("http://127.0.0.1:8000", description="Triton's HTTP endpoint (KServe v2)")
     repository: Path | None = Field(None, description="repository stage directory holding task.json")
     api_keys: list[ApiKey] = Field(default_factory=list)
-    rate_limit_rps: float = Field(0, ge=0, description="per-key sustained requests/s; 0 turns it off")
-    rate_limit_burst: int = Field(50, ge=1, description="per-key bucket size")
-    max_body_bytes: int = Field(4 << 20, ge=1024)
-    request_timeout_s: float = Field(10.0, gt=0)
-    max_in_flight: int = Field(128, ge=1, description="requests admitted at once; beyond it: 503 + Retry-After")
-    upstream_connections: int | None = Field(None, ge=1, description="keep-alive pool size; None: max_in_flight")
-    connect_timeout_s: float = Field(1.0, gt=0)
-    retry_after_s: int = Field(1, ge=1)
-    max_new_tokens: int = Field(256, ge=1, description="upper bound of :generate's max_new_tokens")
-    max_score_chars: int = Field(16384, ge=2)
     watts_per_core: float = Field(10.0, gt=0, description="basis of the estimated J/request metric")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **values) -> GatewaySettings:
+        """``serve.host``, ``serve.gateway_port``, ``serve.gateway`` (keys read from its ``api_keys_file``) and
+        ``measure.watts_per_core``; ``values`` on top."""
+        limits = settings.serve.gateway
+        keys = read_key_file(limits.api_keys_file) if limits.api_keys_file else []
+        return cls(**{"host": settings.serve.host, "port": settings.serve.gateway_port, "api_keys": keys,
+                      "watts_per_core": settings.measure.watts_per_core, **limits.model_dump(), **values})
 
     @model_validator(mode="after")
     def _keys_beyond_loopback(self) -> GatewaySettings:
         if not is_loopback(self.host) and not self.api_keys:
             raise ValueError(f"gateway host {self.host!r} is reachable beyond this machine, so API keys are "
-                             f"required: pass --api-keys-file (lines from `python -m serve --new-api-key NAME`) "
-                             f"or bind 127.0.0.1")
+                             f"required: set serve.gateway.api_keys_file (--api-keys-file), lines from `python -m "
+                             f"serve --new-api-key NAME`, or bind 127.0.0.1")
         if not self.triton_url.startswith("http://"):
             raise ValueError(f"triton_url={self.triton_url!r} must be http://host:port (Triton's HTTP endpoint)")
         return self

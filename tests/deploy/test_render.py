@@ -77,6 +77,20 @@ def test_gateway_settings_hold_only_key_hashes(published, tmp_path):
     assert json.loads((out / "compose/gateway.json").read_text())["triton_url"] == "http://triton:8000"
 
 
+def test_the_rendered_gateway_has_the_runs_serve_gateway_limits_and_a_change_renders_again(published, capsys):
+    settings, rundir, keys = published
+    _render(published)
+    limited = settings.model_copy(deep=True)
+    limited.serve.gateway.max_in_flight = 48
+
+    render_run(limited, DeployOptions(api_keys_file=keys))
+
+    assert "up to date" not in capsys.readouterr().out
+    for path in ("k8s/base/gateway.json", "compose/gateway.json"):
+        rendered = json.loads((rundir.stage_dir("deploy") / "out/cpu" / path).read_text())
+        assert rendered["max_in_flight"] == 48 and rendered["api_keys_file"] is None
+
+
 def test_without_a_key_file_a_new_key_is_printed_once_and_only_its_hash_kept(published, capsys):
     settings, rundir, _ = published
     render_run(settings, DeployOptions())

@@ -1,5 +1,7 @@
 """Gateway settings refuse unsafe or impossible combinations with an error that names the fix."""
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -44,3 +46,42 @@ def test_upstream_address_and_pool_size():
         GatewaySettings(triton_url="grpc://x:1")
     with pytest.raises(ConfigError, match="explicit port"):
         GatewaySettings(triton_url="http://triton").upstream_address
+
+
+def test_the_gateway_comes_from_the_shared_config_file_then_environment_then_flags(tmp_path, monkeypatch):
+    from autoglm.config import load_settings
+
+    keys = tmp_path / "keys"
+    keys.write_text(f"ci:{hash_api_key('k')}\n")
+    config = tmp_path / "serve.toml"
+    config.write_text(f"[serve]\nhost = '0.0.0.0'\n[serve.gateway]\nmax_in_flight = 64\nrate_limit_rps = 5.0\n"
+                      f"api_keys_file = '{keys.as_posix()}'\n")
+    monkeypatch.setenv("AUTOGLM_SERVE__GATEWAY__RATE_LIMIT_RPS", "7")
+    settings = load_settings(config, ["serve.gateway.workers=2", "measure.watts_per_core=12"])
+
+    gateway = GatewaySettings.from_settings(settings, port=0)
+
+    assert (gateway.host, gateway.port, gateway.max_in_flight, gateway.rate_limit_rps, gateway.workers) == \
+        ("0.0.0.0", 0, 64, 7.0, 2)
+    assert [k.name for k in gateway.api_keys] == ["ci"] and gateway.watts_per_core == 12
+    assert json.loads(settings.to_json())["serve"]["gateway"]["max_in_flight"] == 64  # saved resolved with the run
+    with pytest.raises(ConfigError, match=r"serve\.gateway\.max_in_flight"):
+        load_settings(config, ["serve.gateway.max_in_flight=0"])
+
+
+def test_the_serve_flags_are_shorthands_of_serve_gateway(tmp_path):
+    from serve.__main__ import _parser, resolve
+
+    keys = tmp_path / "keys"
+    keys.write_text(f"ci:{hash_api_key('k')}\n")
+    args = _parser().parse_args(["-g", "max_in_flight=32", "--workers", "2", "--api-keys-file", str(keys),
+                                 "--set", "serve.host='0.0.0.0'"])
+
+    settings, gateway = resolve(args)
+
+    assert settings.serve.gateway.model_dump(include={"max_in_flight", "workers", "api_keys_file"}) == \
+        {"max_in_flight": 32, "workers": 2, "api_keys_file": keys}  # in the config saved with the run
+    assert (gateway.max_in_flight, gateway.workers, gateway.host, [k.name for k in gateway.api_keys]) == \
+        (32, 2, "0.0.0.0", ["ci"])
+    with pytest.raises(ConfigError, match="API keys are required"):
+        resolve(_parser().parse_args(["--set", "serve.host='0.0.0.0'"]))
