@@ -26,7 +26,7 @@ def _sweep(workdir: Path, quick: bool) -> dict:
     from autoglm.config import load_settings
     from autoglm.train import train_run
     from compress.stage import compress_run
-    from loadtest.options import LoadtestOptions, SweepGrid
+    from autoglm.config import SweepGrid
     from loadtest.stage import loadtest_run
     from serve.triton import TritonServer, free_port
 
@@ -40,9 +40,10 @@ def _sweep(workdir: Path, quick: bool) -> dict:
     grid = SweepGrid(max_queue_size=[256, 0], max_queue_delay_us=[0, 2000], instances=[1] if quick else [1, 2],
                      users=[1, 16], window_s=3 if quick else 6)
     with triton.start(timeout_s=90):
-        options = LoadtestOptions(triton_url=triton.http_url, metrics_url=triton.metrics_url, scenario="triton",
-                                  sweep=True, grid=grid, overhead=False)
-        loadtest_run(settings, options, force=True, progress=False)
+        sweep = settings.loadtest.model_copy(update={"triton_url": triton.http_url, "metrics_url": triton.metrics_url,
+                                                     "scenario": "triton", "sweep": True, "grid": grid,
+                                                     "overhead": False})
+        loadtest_run(settings.model_copy(update={"loadtest": sweep}), force=True, progress=False)
     return json.loads((workdir / "runs" / "bench" / "loadtest" / "report.json").read_text())
 
 

@@ -1,7 +1,7 @@
 """loadtest: locust load tests of the served models, the serving-config sweep and the release report.
 
-    from loadtest import LoadtestOptions, loadtest_run
-    manifest, exit_code = loadtest_run(settings, LoadtestOptions(sweep=True))   # 0: the SLO gate passed
+    from loadtest import loadtest_run
+    manifest, exit_code = loadtest_run(settings)   # settings.loadtest says what to run; 0: the SLO gate passed
 
 or ``autoglm loadtest --run R [--sweep]`` against the stack ``autoglm serve --run R`` started.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "LoadtestOptions": "loadtest.options", "SweepGrid": "loadtest.options",
     "LoadSpec": "loadtest.runner", "run_window": "loadtest.runner",
     "ServingConfig": "loadtest.control", "ModelControl": "loadtest.control",
     "pareto_front": "loadtest.front", "recommend": "loadtest.front",

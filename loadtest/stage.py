@@ -13,14 +13,13 @@ import shutil
 from typing import Any
 
 from autoglm.artifacts import Manifest, RunDir, StageWriter
-from autoglm.config import Settings
+from autoglm.config import LoadtestSettings, Settings
 from autoglm.energy import ensure_comparable
 from autoglm.errors import AutoGLMError
 from loadtest.control import ModelControl, ServingConfig, serving_knobs
 from loadtest.energy_join import EnergySource
 from loadtest.front import CONFIG_FIELDS, capacities, pareto_front, point_row, recommend
 from loadtest.latency import Slo
-from loadtest.options import LoadtestOptions
 from loadtest.payloads import build_payloads, write_payloads
 from loadtest.release import write_release_page
 from loadtest.report import energy_label, plot_tradeoff, write_points_csv, write_report_json
@@ -79,11 +78,11 @@ def _overhead(gateway: dict[str, Any], direct: dict[str, Any]) -> dict[str, Any]
             "summary": summary}
 
 
-def _measure_overhead(points, options: LoadtestOptions, settings: Settings, model: str, control: ModelControl,
+def _measure_overhead(points, options: LoadtestSettings, settings: Settings, model: str, control: ModelControl,
                       common: dict[str, Any], out_dir, slo: Slo) -> dict[str, Any]:
     """The same load through the gateway and straight to Triton, back to back at the model's current config
     (a sweep has restored it by now); a steady single run reuses its own window as the gateway side."""
-    gateway_url, triton_url, _ = options.urls(settings)
+    gateway_url, triton_url, _ = options.urls(settings.serve)
     users, config = settings.loadtest.users, _current(control, model)
     single = not options.sweep and options.shape == "steady"
     seconds = settings.loadtest.duration_s if single else options.grid.window_s
@@ -100,16 +99,16 @@ def _measure_overhead(points, options: LoadtestOptions, settings: Settings, mode
     return _overhead(windows["gateway"], windows["direct"])
 
 
-def loadtest_run(settings: Settings, options: LoadtestOptions | None = None, force: bool = False,
-                 progress: bool = True) -> tuple[Manifest, int]:
-    """Run the stage; returns (manifest, exit code of the SLO gate). Skipped when up to date unless ``force``."""
-    options = options or LoadtestOptions()
+def loadtest_run(settings: Settings, force: bool = False, progress: bool = True) -> tuple[Manifest, int]:
+    """Run the stage as ``settings.loadtest`` says; returns (manifest, exit code of the SLO gate). Skipped when up
+    to date unless ``force``."""
+    options = settings.loadtest
     run = RunDir(settings.run.root, settings.run.name)
     if run.state("repository") != "complete":
         raise AutoGLMError(f"no complete Triton repository in {run.path}: run `autoglm compress` first (it writes "
                            "repository/), then start the stack with `autoglm serve`")
-    config = {"loadtest": settings.section("loadtest"), "options": options.model_dump(mode="json"),
-              "serve": settings.section("serve"), "measure": settings.section("measure")}
+    config = {"loadtest": settings.section("loadtest"), "serve": settings.section("serve"),
+              "measure": settings.section("measure")}
     writer = StageWriter(run, "loadtest", config, inputs=["repository"])
     if writer.up_to_date() and not force:
         manifest = run.manifest("loadtest")
@@ -124,11 +123,11 @@ def loadtest_run(settings: Settings, options: LoadtestOptions | None = None, for
             raise AutoGLMError("--scenario generate needs a language model with decode graphs (task.json has no "
                                "'generate' model): compress a charlm run with compress.generate.enabled=true")
         model = task_info["generate"]  # the KV-cache model streams; a variant name would recompute
-    gateway_url, triton_url, metrics_url = options.urls(settings)
+    gateway_url, triton_url, metrics_url = options.urls(settings.serve)
     slo = Slo(settings.loadtest.slo_p95_ms, settings.loadtest.slo_error_rate)
     payloads = write_payloads(writer.path("payloads.json"), build_payloads(
         settings, task_info, options.samples, options.per_request, options.generate_tokens))
-    host = options.host_for(options.scenario, settings)
+    host = options.host_for(options.scenario, settings.serve)
     urls = (triton_url,) if options.scenario == "triton" else (gateway_url, triton_url)
     energy = EnergySource(settings.measure.energy, settings.measure.watts_per_core, urls=urls, pids=tuple(options.pids))
     control = ModelControl(triton_url)
@@ -156,7 +155,7 @@ def loadtest_run(settings: Settings, options: LoadtestOptions | None = None, for
     return _finish(run, writer, settings, options, task_info, points, overhead, slo, energy, progress)
 
 
-def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: LoadtestOptions, task_info: dict,
+def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: LoadtestSettings, task_info: dict,
             points: list[dict], overhead: dict | None, slo: Slo, energy: EnergySource,
             progress: bool) -> tuple[Manifest, int]:
     rows = [point_row(p) for p in points]
@@ -171,7 +170,7 @@ def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: Loadt
     else:
         reasons = points[0]["slo"]["breaches"]
     if options.sweep and recommended and options.keep_recommended:
-        control = ModelControl(options.urls(settings)[1])
+        control = ModelControl(options.urls(settings.serve)[1])
         chosen = ServingConfig(**recommended["config"])
         control.apply(chosen, control.config(chosen.model))
         if progress:

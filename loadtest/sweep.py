@@ -18,7 +18,7 @@ from autoglm.errors import AutoGLMError
 from loadtest.control import ModelControl, ServingConfig
 from loadtest.energy_join import EnergySource
 from loadtest.latency import Slo
-from loadtest.options import SweepGrid
+from autoglm.config import SweepGrid
 from loadtest.runner import LoadSpec, run_window
 
 

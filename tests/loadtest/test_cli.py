@@ -1,4 +1,5 @@
-"""`python -m loadtest` flags -> options, validation that names the fix, and the stage's CLI contract."""
+"""`python -m loadtest` flags -> the config's loadtest section, validation that names the fix, and the stage's CLI
+contract."""
 
 import argparse
 from pathlib import Path
@@ -7,12 +8,12 @@ import pytest
 
 import loadtest.__main__ as cli
 from autoglm.errors import ConfigError
-from loadtest.options import LoadtestOptions, SweepGrid
+from autoglm.config import LoadtestSettings, SweepGrid
 from loadtest.runner import LoadSpec, locust_command
 
 
-def _options(*argv):
-    return cli.options_from_args(cli.parser().parse_args(list(argv)))
+def _options(*argv) -> LoadtestSettings:
+    return cli.settings_with_flags(cli.parser().parse_args(list(argv))).loadtest
 
 
 def test_built_and_listed_by_the_umbrella_cli():
@@ -32,10 +33,20 @@ def test_sweep_flags_become_the_grid():
 def test_bad_values_are_refused_with_the_fix():
     with pytest.raises(ConfigError, match="becomes \\[max_batch_size\\]"):
         _options("--sweep", "--preferred", "none;")
-    with pytest.raises(ConfigError, match="drop --sweep or use --shape steady"):
+    with pytest.raises(ConfigError, match=r"drop --sweep \(loadtest.sweep\) or use --shape steady"):
         _options("--sweep", "--shape", "spike")
     with pytest.raises(argparse.ArgumentTypeError, match="comma-separated list of integers"):
         cli._ints("0,fast")
+
+
+def test_flags_override_the_config_file_and_the_rest_of_it_stands(tmp_path):
+    config = tmp_path / "lt.toml"
+    config.write_text("[loadtest]\nscenario = 'v2'\nsamples = 64\nusers = 8\n"
+                      "[loadtest.grid]\nmax_queue_size = ['none', 0]\nusers = [1, 8]\n")
+    options = _options("--config", str(config), "--users", "4", "--no-overhead")
+    assert (options.scenario, options.samples, options.users, options.overhead) == ("v2", 64, 4, False)
+    assert options.grid.max_queue_size == [None, 0] and options.grid.users == [1, 8]  # "none": TOML has no null
+    assert _options().overhead is True and _options().scenario == "task"
 
 
 def test_dry_run_prints_config_and_options(capsys, tmp_path):
@@ -46,10 +57,10 @@ def test_dry_run_prints_config_and_options(capsys, tmp_path):
 
 def test_default_urls_come_from_serve_settings(settings_in):
     settings = settings_in("serve.gateway_port=9080", "serve.triton_http_port=9000", "serve.triton_metrics_port=9002")
-    assert LoadtestOptions().urls(settings) == ("http://127.0.0.1:9080", "http://127.0.0.1:9000",
-                                                "http://127.0.0.1:9002/metrics")
-    assert LoadtestOptions(target="http://gw:80/").host_for("task", settings) == "http://gw:80"
-    assert LoadtestOptions().host_for("triton", settings) == "http://127.0.0.1:9000"
+    assert LoadtestSettings().urls(settings.serve) == ("http://127.0.0.1:9080", "http://127.0.0.1:9000",
+                                                       "http://127.0.0.1:9002/metrics")
+    assert LoadtestSettings(target="http://gw:80/").host_for("task", settings.serve) == "http://gw:80"
+    assert LoadtestSettings().host_for("triton", settings.serve) == "http://127.0.0.1:9000"
 
 
 def test_locust_command_runs_the_scenario_file_and_the_shape(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from autoglm.errors import AutoGLMError
 from loadtest.control import ModelControl, ServingConfig, override, serving_knobs
-from loadtest.options import SweepGrid
+from autoglm.config import SweepGrid
 from loadtest.sweep import serving_configs, sweep_models
 from serve.triton import free_port
 

@@ -13,7 +13,7 @@ import pytest
 
 from autoglm.artifacts import RunDir
 from loadtest.control import ModelControl, serving_knobs
-from loadtest.options import LoadtestOptions, SweepGrid
+from autoglm.config import SweepGrid
 from loadtest.stage import loadtest_run
 
 pytestmark = [pytest.mark.integration,
@@ -89,21 +89,20 @@ def _stubs(pid: int) -> list[int]:
     return [child.pid for child in psutil.Process(pid).children(recursive=True)]
 
 
-def _options(stack, **kwargs):
-    triton = stack["triton"]
-    return LoadtestOptions(target=stack["gateway_url"] or triton.http_url, triton_url=triton.http_url,
-                           metrics_url=triton.metrics_url, warmup_s=0.5, **kwargs)
-
-
-def _with(settings, **loadtest):
+def _with(settings, stack=None, **loadtest):
+    """``settings`` with these ``loadtest`` values (and, given the stack, its URLs)."""
+    if stack is not None:
+        triton = stack["triton"]
+        loadtest = {"target": stack["gateway_url"] or triton.http_url, "triton_url": triton.http_url,
+                    "metrics_url": triton.metrics_url, "warmup_s": 0.5, **loadtest}
     return settings.model_copy(update={"loadtest": settings.loadtest.model_copy(update=loadtest)})
 
 
 def test_ten_second_run_writes_csvs_report_and_release_page(release_run, stack):
     scenario = "task" if stack["gateway_url"] else "triton"  # without a gateway: the same v2 protocol, direct
-    settings = _with(release_run, users=4, duration_s=10)
+    settings = _with(release_run, stack, users=4, duration_s=10, scenario=scenario, overhead=False)
 
-    manifest, code = loadtest_run(settings, _options(stack, scenario=scenario, overhead=False), force=True)
+    manifest, code = loadtest_run(settings, force=True)
 
     run = RunDir(settings.run.root, settings.run.name)
     out = run.stage_dir("loadtest")
@@ -131,8 +130,8 @@ def test_ten_second_run_writes_csvs_report_and_release_page(release_run, stack):
 def test_gateway_overhead_is_measured_against_triton_direct(release_run, stack):
     if not stack["gateway_url"]:
         pytest.skip(f"no gateway to measure: {stack['no_gateway']}")
-    settings = _with(release_run, users=4, duration_s=3)
-    _, code = loadtest_run(settings, _options(stack, scenario="v2"), force=True)
+    settings = _with(release_run, stack, users=4, duration_s=3, scenario="v2")
+    _, code = loadtest_run(settings, force=True)
     report = json.loads((RunDir(settings.run.root, "rel").stage_dir("loadtest") / "report.json").read_text())
     overhead = report["overhead"]
     assert code == 0 and overhead["gateway"]["requests"] > 0 and overhead["direct"]["requests"] > 0
@@ -163,8 +162,8 @@ def test_sweep_reconfigures_live_triton_and_batches_follow_the_queue_delay(relea
     # An unbounded queue: Triton 2.51 stalls for ~500 ms at a time under any queue bound (see control.py).
     grid = SweepGrid(max_queue_delay_us=[0, 20000], instances=[1], max_queue_size=[0], users=[16], window_s=3)
 
-    manifest, code = loadtest_run(release_run, _options(stack, scenario="triton", sweep=True, grid=grid,
-                                                        overhead=False), force=True)
+    manifest, code = loadtest_run(_with(release_run, stack, scenario="triton", sweep=True, grid=grid, overhead=False),
+                                  force=True)
 
     report = json.loads((RunDir(release_run.run.root, "rel").stage_dir("loadtest") / "report.json").read_text())
     applied = [p["applied"]["applied"]["max_queue_delay_us"] for p in report["points"]]
