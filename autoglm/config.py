@@ -239,6 +239,12 @@ class ServeSettings(Section):
     triton_grpc_port: int = Field(8001, ge=1, le=65535)
     triton_metrics_port: int = Field(8002, ge=1, le=65535)
     triton_url: str | None = Field(None, description="use an external Triton instead of starting one")
+    flavour: Literal["python", "native"] = Field("python", description="repository flavour: python (the bundled "
+                                                 "Triton) or native (NVIDIA's container)")
+    models: list[str] = Field(default_factory=list, description="variants or model names to load; empty: all")
+    autoscale: bool = Field(False, description="run the local autoscaler on the recommended model")
+    control_port: int = Field(9090, ge=0, le=65535, description="supervisor/autoscaler metrics; 0 turns it off")
+    start_timeout_s: float = Field(90.0, gt=0)
     gateway: GatewayLimits = Field(default_factory=GatewayLimits)
 
 

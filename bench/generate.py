@@ -210,7 +210,7 @@ def run(quick: bool) -> list[Table]:
     from autoglm.artifacts import RunDir
     from autoglm.tasks import get_task
     from compress.decode import prompts as val_prompts
-    from serve import GatewaySettings, ServeOptions, on_free_ports, start_serving
+    from serve import GatewaySettings, on_free_ports, start_serving
 
     duration = 4.0 if quick else 12.0
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-generate-") as tmp:
@@ -227,7 +227,7 @@ def run(quick: bool) -> list[Table]:
         within = [{**b, "prompt": b["prompt"][-WITHIN_PROMPT:], "max_new_tokens": WITHIN_NEW} for b in bodies]
         local = _in_process(run_dir, task, prompts, 3 if quick else 10)
         serving = start_serving(settings, GatewaySettings(port=settings.serve.gateway_port, max_in_flight=256,
-                                                          request_timeout_s=120), ServeOptions(control_port=0))
+                                                          request_timeout_s=120))
         with serving:
             pids = [serving.triton.pid, serving.gateway.pid]
             targets = {KV: f"{serving.gateway.url}/v1/models/charlm:generate",

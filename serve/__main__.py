@@ -32,19 +32,28 @@ def _parser() -> argparse.ArgumentParser:
                         "beyond loopback")
     parser.add_argument("--new-api-key", metavar="NAME", help="print a fresh API key and its key-file line, exit")
     parser.add_argument("--workers", type=int, help="serve.gateway.workers: gateway worker processes (default 1)")
-    parser.add_argument("--models", help="comma-separated variants or model names to load (default: all)")
-    parser.add_argument("--flavour", choices=["python", "native"], default="python",
-                        help="repository flavour: python for the bundled Triton, native for the NGC container")
-    parser.add_argument("--autoscale", action="store_true", help="run the local autoscaler (default rules)")
+    parser.add_argument("--models", help="serve.models: comma-separated variants or model names (default: all)")
+    parser.add_argument("--flavour", choices=["python", "native"],
+                        help="serve.flavour: python for the bundled Triton, native for the NGC container")
+    parser.add_argument("--autoscale", action="store_true", help="serve.autoscale: run the local autoscaler")
     parser.add_argument("-a", "--autoscale-set", action="append", default=[], metavar="KEY=VALUE",
                         help="autoscaling rule, e.g. -a max_instances=3 -a latency_ms=100 (implies --autoscale)")
-    parser.add_argument("--control-port", type=int, default=9090, help="supervisor/autoscaler metrics (0: off)")
+    parser.add_argument("--control-port", type=int, help="serve.control_port: supervisor/autoscaler metrics "
+                        "(0: off)")
     return parser
 
 
-def _gateway_overrides(args) -> list[str]:
-    """The gateway flags as ``--set`` overrides of ``serve.gateway``: the resolved config then holds them."""
+def _serve_overrides(args) -> list[str]:
+    """The serving flags as ``--set`` overrides of ``serve``: the resolved config then holds them."""
     flags = [f"serve.gateway.{pair}" for pair in args.gateway]
+    if args.models:
+        flags.append(f"serve.models={json.dumps([m for m in args.models.split(',') if m])}")
+    if args.flavour:
+        flags.append(f"serve.flavour={json.dumps(args.flavour)}")
+    if args.autoscale or args.autoscale_set:
+        flags.append("serve.autoscale=true")
+    if args.control_port is not None:
+        flags.append(f"serve.control_port={args.control_port}")
     if args.workers:
         flags.append(f"serve.gateway.workers={args.workers}")
     if args.api_keys_file:
@@ -53,10 +62,10 @@ def _gateway_overrides(args) -> list[str]:
 
 
 def resolve(args: argparse.Namespace):
-    """(settings, gateway settings) from the parsed flags; the gateway flags become ``serve.gateway`` overrides."""
+    """(settings, gateway settings) from the parsed flags; the serving flags become ``serve`` overrides."""
     from serve.settings import GatewaySettings
 
-    args.overrides = [*args.overrides, *_gateway_overrides(args)]
+    args.overrides = [*args.overrides, *_serve_overrides(args)]
     settings = settings_from_args(args)
     try:
         return settings, GatewaySettings.from_settings(settings)
@@ -87,19 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from serve.autoscale import AutoscaleRules
     from serve.runner import start_serving
-    from serve.settings import ServeOptions
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     try:
         rules = AutoscaleRules(**parse_overrides(args.autoscale_set)) if args.autoscale_set else None
     except ValidationError as exc:
         raise ConfigError(f"invalid autoscaling rules: {_problems(exc)}") from None
-    options = ServeOptions(flavour=args.flavour, models=[m for m in (args.models or "").split(",") if m],
-                           autoscale=args.autoscale, control_port=args.control_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    serving = start_serving(settings, gateway, options, rules)
+    serving = start_serving(settings, gateway, rules)
     try:
         width = max(map(len, serving.urls()))
         lines = [f"  {name:<{width}}  {url}" for name, url in serving.urls().items()]

@@ -23,7 +23,7 @@ from autoglm.errors import AutoGLMError
 from autoglm.local_http import DIRECT
 from serve.autoscale import Autoscaler, AutoscaleRules, GatewayLatency, TritonActuator, TritonMetrics
 from serve.gateway.core import TaskCatalog
-from serve.settings import GatewaySettings, ServeOptions
+from serve.settings import GatewaySettings
 from serve.supervisor import GatewayProcess, Supervisor
 from serve.triton import TritonServer, free_port
 
@@ -69,10 +69,10 @@ class Serving:
 
 
 def on_free_ports(settings: Settings, **serve) -> Settings:
-    """A copy of ``settings`` whose gateway and Triton listen on free ports (and ``serve`` overrides):
-    for a stack beside another one (tests, benchmarks)."""
+    """A copy of ``settings`` whose gateway and Triton listen on free ports, without the control port (and
+    ``serve`` overrides): for a stack beside another one (tests, benchmarks)."""
     ports = {"gateway_port": free_port(), "triton_http_port": free_port(), "triton_grpc_port": free_port(),
-             "triton_metrics_port": free_port()}
+             "triton_metrics_port": free_port(), "control_port": 0}
     return settings.model_copy(update={"serve": settings.serve.model_copy(update={**ports, **serve})})
 
 
@@ -133,15 +133,14 @@ class _SupervisorCollector:
         yield restarts
 
 
-def start_serving(settings: Settings, gateway: GatewaySettings | None = None, options: ServeOptions | None = None,
+def start_serving(settings: Settings, gateway: GatewaySettings | None = None,
                   rules: AutoscaleRules | None = None) -> Serving:
     """Verify the run's repository, start Triton (or use serve.triton_url) and the gateway, supervised."""
-    options = options or ServeOptions()
     serve = settings.serve
     run = RunDir(settings.run.root, settings.run.name)
     repository = verified_repository(run)
     catalog = TaskCatalog.load(repository)
-    models = _model_names(catalog, options.models)
+    models = _model_names(catalog, serve.models)
     workdir = run.stage_dir("serve")
     processes: dict = {}
     triton = None
@@ -151,7 +150,7 @@ def start_serving(settings: Settings, gateway: GatewaySettings | None = None, op
         metrics_url = f"http://{host}:{serve.triton_metrics_port}/metrics"
         _load_external(triton_url, models)
     else:
-        flavour_dir = repository / options.flavour
+        flavour_dir = repository / serve.flavour
         triton = TritonServer(flavour_dir, workdir=workdir / "triton", host="127.0.0.1",
                               http_port=serve.triton_http_port, grpc_port=serve.triton_grpc_port,
                               metrics_port=serve.triton_metrics_port, load_models=tuple(models))
@@ -161,20 +160,20 @@ def start_serving(settings: Settings, gateway: GatewaySettings | None = None, op
     gateway_settings = GatewaySettings(**{**base, "triton_url": triton_url, "repository": repository})
     gateway_process = GatewayProcess(gateway_settings, workdir)
     processes["gateway"] = gateway_process
-    supervisor = Supervisor(processes, start_timeout_s=options.start_timeout_s).start()
+    supervisor = Supervisor(processes, start_timeout_s=serve.start_timeout_s).start()
     serving = Serving(run, catalog, models, triton_url, metrics_url, gateway_process, supervisor, triton)
     try:
         registry = CollectorRegistry()
         registry.register(_SupervisorCollector(supervisor))
-        if options.autoscale or rules is not None:
+        if serve.autoscale or rules is not None:
             rules = rules or AutoscaleRules()
             serving.autoscaler = Autoscaler(rules, catalog.recommended, TritonMetrics(metrics_url, catalog.recommended),
                                             TritonActuator(triton_url), registry=registry,
                                             gateway=GatewayLatency(f"{gateway_process.url}/metrics")).start()
-        if options.control_port:
-            server, _ = start_http_server(options.control_port, addr="127.0.0.1", registry=registry)
+        if serve.control_port:
+            server, _ = start_http_server(serve.control_port, addr="127.0.0.1", registry=registry)
             serving._control_server = server
-            serving.control_url = f"http://127.0.0.1:{options.control_port}/metrics"
+            serving.control_url = f"http://127.0.0.1:{serve.control_port}/metrics"
         (workdir / "serving.json").write_text(json.dumps({"urls": serving.urls(), "models": models}, indent=2))
     except BaseException:
         serving.stop()

@@ -119,16 +119,3 @@ class GatewaySettings(GatewayLimits):
         if not host or not port.isdigit():
             raise ConfigError(f"triton_url={self.triton_url!r} needs an explicit port, e.g. http://127.0.0.1:8000")
         return host.strip("[]"), int(port)
-
-
-class ServeOptions(BaseModel):
-    """How ``python -m serve`` runs the stack (beyond ``autoglm.config.ServeSettings``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    flavour: str = Field("python", pattern="^(python|native)$",
-                         description="repository flavour: python (bundled Triton) or native (NGC container)")
-    models: list[str] = Field(default_factory=list, description="variants or model names to load; empty: all")
-    autoscale: bool = Field(False, description="run the local autoscaler on the recommended model")
-    control_port: int = Field(9090, ge=0, le=65535, description="supervisor/autoscaler metrics; 0 turns it off")
-    start_timeout_s: float = Field(90.0, gt=0)

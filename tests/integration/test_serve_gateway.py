@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from autoglm.artifacts import RunDir
-from serve import GatewaySettings, ServeOptions, start_serving
+from serve import GatewaySettings, start_serving
 from tests.serve.fixtures import get, on_free_ports, post, published_run, require_triton
 
 pytestmark = [pytest.mark.integration,
@@ -22,8 +22,7 @@ ort = pytest.importorskip("onnxruntime")
 def _stack(kind: str, **gateway):
     require_triton()
     settings = on_free_ports(published_run(kind))
-    return settings, start_serving(settings, GatewaySettings(port=settings.serve.gateway_port, **gateway),
-                                   ServeOptions(control_port=0))
+    return settings, start_serving(settings, GatewaySettings(port=settings.serve.gateway_port, **gateway))
 
 
 @pytest.fixture(scope="module")

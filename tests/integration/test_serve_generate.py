@@ -14,7 +14,7 @@ from autoglm.artifacts import RunDir
 from autoglm.tasks import get_task
 from autoglm.tasks.checkpoint import load_checkpoint
 from compress.decode import torch_greedy
-from serve import GatewaySettings, ServeOptions, start_serving
+from serve import GatewaySettings, start_serving
 from tests.serve.fixtures import get, on_free_ports, post, published_run, require_triton
 
 pytestmark = pytest.mark.integration
@@ -25,8 +25,7 @@ aiohttp = pytest.importorskip("aiohttp")
 def charlm():
     require_triton()
     settings = on_free_ports(published_run("charlm"))
-    serving = start_serving(settings, GatewaySettings(port=settings.serve.gateway_port, max_new_tokens=50_000),
-                            ServeOptions(control_port=0))
+    serving = start_serving(settings, GatewaySettings(port=settings.serve.gateway_port, max_new_tokens=50_000))
     with serving:
         yield settings, serving
 

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from autoglm.errors import IntegrityError
-from serve import GatewaySettings, ServeOptions, start_serving
+from serve import GatewaySettings, start_serving
 from serve.__main__ import main
 from tests.serve.fixtures import get, on_free_ports, post, published_run, require_triton, wait_until
 
@@ -100,7 +100,7 @@ def test_beyond_loopback_without_keys_refuses_to_start(digits, capsys):
 
 def test_triton_killed_mid_traffic_is_503_then_restarted_and_traffic_recovers(digits):
     settings = on_free_ports(digits)
-    serving = start_serving(settings, GatewaySettings(port=settings.serve.gateway_port), ServeOptions(control_port=0))
+    serving = start_serving(settings, GatewaySettings(port=settings.serve.gateway_port))
     results: list[tuple[float, int]] = []
     stop = threading.Event()
 

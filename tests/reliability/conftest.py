@@ -20,13 +20,12 @@ KEYS = [ApiKey(name="fuzz", sha256=hash_api_key(API_KEY))]
 @pytest.fixture(scope="session")
 def stack():
     """(settings, Serving) of a running digits stack; skipped where no Triton is installed."""
-    from serve import ServeOptions, start_serving
+    from serve import start_serving
     from tests.serve.fixtures import on_free_ports, published_run, require_triton
 
     require_triton()
     settings = on_free_ports(published_run("digits"))
-    serving = start_serving(settings, GatewaySettings(port=settings.serve.gateway_port),
-                            ServeOptions(control_port=0))
+    serving = start_serving(settings, GatewaySettings(port=settings.serve.gateway_port))
     with serving:
         yield settings, serving
 

@@ -69,15 +69,19 @@ def test_the_gateway_comes_from_the_shared_config_file_then_environment_then_fla
         load_settings(config, ["serve.gateway.max_in_flight=0"])
 
 
-def test_the_serve_flags_are_shorthands_of_serve_gateway(tmp_path):
+def test_the_serve_flags_are_shorthands_of_the_serve_section(tmp_path):
     from serve.__main__ import _parser, resolve
 
     keys = tmp_path / "keys"
     keys.write_text(f"ci:{hash_api_key('k')}\n")
     args = _parser().parse_args(["-g", "max_in_flight=32", "--workers", "2", "--api-keys-file", str(keys),
-                                 "--set", "serve.host='0.0.0.0'"])
+                                 "--set", "serve.host='0.0.0.0'", "--models", "fp32,int8", "--flavour", "native",
+                                 "--control-port", "0", "-a", "max_instances=3"])
 
     settings, gateway = resolve(args)
+
+    assert (settings.serve.models, settings.serve.flavour, settings.serve.control_port, settings.serve.autoscale) == \
+        (["fp32", "int8"], "native", 0, True)  # -a implies --autoscale
 
     assert settings.serve.gateway.model_dump(include={"max_in_flight", "workers", "api_keys_file"}) == \
         {"max_in_flight": 32, "workers": 2, "api_keys_file": keys}  # in the config saved with the run
