@@ -345,7 +345,24 @@ class LoadtestSettings(Section):
 
 
 class DeploySettings(Section):
-    env: Literal["cpu", "gpu"] = "cpu"
+    """What ``autoglm deploy render`` renders: the environment, where images live, the cluster's namespaces,
+    the tune workers and the autoscaling rules."""
+
+    env: Literal["cpu", "gpu"] = Field("cpu", description="cpu or gpu (the gpu overlay asks for one GPU per pod)")
+    registry: str = Field("localhost:5000", description="where the gateway, model and tune images live")
+    namespace: str = Field("autoglm", description="Kubernetes namespace of the stack")
+    monitoring_namespace: str = Field("monitoring", description="namespace of Prometheus and prometheus-adapter")
+    tune_workers: int = Field(0, ge=0, description="tune workers sharing one PostgreSQL study (an Indexed Job); "
+                              "0 renders no tune/ tree")
+    tune_trials: int | None = Field(None, ge=1, description="trials in that study; None: the run's tune.n_trials")
+    external_db: bool = Field(False, description="the tune Secret's url points outside the cluster: no PostgreSQL "
+                              "StatefulSet")
+    api_keys_file: Path | None = Field(None, description="'name:sha256' lines for the gateway; None: the run's "
+                                       "earlier keys, else a new key printed once")
+    autoscale: dict[str, Any] = Field(default_factory=dict, description="autoscaling rule overrides, as "
+                                      "`autoglm serve -a KEY=VALUE` takes them, e.g. {max_instances = 8}")
+    kustomize: bool = Field(True, description="check the rendered trees with `kubectl kustomize` where kubectl "
+                            "exists")
 
 
 _config_file: ContextVar[Path | None] = ContextVar("autoglm_config_file", default=None)

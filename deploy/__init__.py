@@ -1,15 +1,15 @@
 """The deploy stage: a run's artifacts rendered for Kubernetes (kustomize) and docker-compose.
 
-    from deploy import DeployOptions, render_run
-    render_run(settings, DeployOptions(env="gpu", tune_workers=4))   # -> runs/<run>/deploy/out/gpu/
+    from deploy import render_run
+    render_run(settings)   # settings.deploy (env, tune workers, ...) -> runs/<run>/deploy/out/<env>/
 
 Reads the model repository (``repository/task.json`` and manifest) and, when complete, loadtest's
 measured capacity; renders the autoscaling rules of ``serve.autoscale`` as HPA behavior and targets.
 """
 
 from deploy.release import Capacity, Images, Release, read_release
-from deploy.render import DeployOptions, render_run
+from deploy.render import render_run
 from deploy.scaling import adapter_config, hpa_behavior, hpa_metrics
 
-__all__ = ["Capacity", "DeployOptions", "Images", "Release", "adapter_config", "hpa_behavior", "hpa_metrics",
+__all__ = ["Capacity", "Images", "Release", "adapter_config", "hpa_behavior", "hpa_metrics",
            "read_release", "render_run"]

@@ -16,7 +16,7 @@ import yaml
 
 from autoglm.config import load_settings
 from autoglm.local_http import DIRECT
-from deploy import DeployOptions, render_run
+from deploy import render_run
 from deploy.render import find_kubectl
 from deploy.scaling import hpa_behavior, hpa_limit
 from serve.autoscale import AutoscaleRules
@@ -34,9 +34,9 @@ def release_run(tmp_path_factory):
     rundir = publish_repository(root / "runs")
     keys = root / "keys.txt"
     keys.write_text(KEY_LINE)
-    settings = load_settings(None, [f"run.root='{root / 'runs'}'", "run.name='rel'"])
     for env in ("cpu", "gpu"):
-        render_run(settings, DeployOptions(env=env, api_keys_file=keys, tune_workers=3))
+        render_run(load_settings(None, [f"run.root='{root / 'runs'}'", "run.name='rel'", f"deploy.env='{env}'",
+                                        f"deploy.api_keys_file='{keys.as_posix()}'", "deploy.tune_workers=3"]))
     return rundir
 
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from autoglm.local_http import DIRECT
-from deploy import DeployOptions, render_run
+from deploy import render_run
 from deploy.scaling import SERIES
 from serve.triton import TritonServer, free_port
 from tests.serve.fixtures import require_triton
@@ -69,8 +69,8 @@ def prometheus(tmp_path_factory, triton):
     keys.write_text("ci:" + "cd" * 32 + "\n")
     from autoglm.config import load_settings
 
-    settings = load_settings(None, [f"run.root='{root / 'runs'}'", "run.name='rel'"])
-    render_run(settings, DeployOptions(api_keys_file=keys, kustomize=False))
+    render_run(load_settings(None, [f"run.root='{root / 'runs'}'", "run.name='rel'",
+                                    f"deploy.api_keys_file='{keys.as_posix()}'", "deploy.kustomize=false"]))
     monitoring = rundir.stage_dir("deploy") / "out/cpu/k8s/monitoring"
     job = yaml.safe_load((monitoring / "prometheus-scrape.yaml").read_text())["scrape_configs"][0]
     adapter = yaml.safe_load((monitoring / "adapter-rules.yaml").read_text())

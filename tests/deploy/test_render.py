@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from autoglm.artifacts import sha256_file
-from autoglm.config import load_settings
+from autoglm.config import DeploySettings, load_settings
 from autoglm.errors import AutoGLMError, ConfigError
-from deploy import DeployOptions, render_run
+from deploy import render_run
 from deploy.__main__ import main
 from deploy.render import find_kubectl
 from tests.deploy.conftest import complete_loadtest
@@ -23,10 +23,15 @@ def _docs(path):
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+def _deploying(settings, **deploy):
+    """``settings`` with these ``deploy`` values, validated as the config validates them."""
+    return settings.model_copy(update={"deploy": DeploySettings.model_validate(settings.deploy.model_dump() | deploy)})
+
+
 def _render(published, **options):
     settings, rundir, keys = published
     options.setdefault("api_keys_file", keys)
-    manifest = render_run(settings, DeployOptions(**options))
+    manifest = render_run(_deploying(settings, **options))
     return manifest, rundir.stage_dir("deploy") / "out" / options.get("env", "cpu")
 
 
@@ -83,7 +88,7 @@ def test_the_rendered_gateway_has_the_runs_serve_gateway_limits_and_a_change_ren
     limited = settings.model_copy(deep=True)
     limited.serve.gateway.max_in_flight = 48
 
-    render_run(limited, DeployOptions(api_keys_file=keys))
+    render_run(_deploying(limited, api_keys_file=keys))
 
     assert "up to date" not in capsys.readouterr().out
     for path in ("k8s/base/gateway.json", "compose/gateway.json"):
@@ -93,13 +98,13 @@ def test_the_rendered_gateway_has_the_runs_serve_gateway_limits_and_a_change_ren
 
 def test_without_a_key_file_a_new_key_is_printed_once_and_only_its_hash_kept(published, capsys):
     settings, rundir, _ = published
-    render_run(settings, DeployOptions())
+    render_run(settings)
     printed = capsys.readouterr().err
     key = printed.split("stored):")[1].split()[0]
     assert key.startswith("agk_")
     everything = b"".join(p.read_bytes() for p in rundir.stage_dir("deploy").rglob("*") if p.is_file())
     assert key.encode() not in everything
-    render_run(settings, DeployOptions(), force=True)  # the run keeps its key: nothing new printed
+    render_run(settings, force=True)  # the run keeps its key: nothing new printed
     assert "new API key" not in capsys.readouterr().err
 
 
@@ -127,7 +132,7 @@ def test_rerender_is_skipped_until_something_changes(published, capsys):
     first = published[1].manifest("deploy").created
     _render(published)
     assert "up to date" in capsys.readouterr().out and published[1].manifest("deploy").created == first
-    _render(published, autoscale=("max_instances=6",))
+    _render(published, autoscale={"max_instances": 6})
     assert published[1].manifest("deploy").created != first
 
 
@@ -152,23 +157,23 @@ def test_gpu_overlay_asks_for_a_gpu_and_compose_reserves_one(published):
 def test_missing_repository_names_the_stage_to_run(tmp_path):
     settings = load_settings(None, [f"run.root='{tmp_path}'", "run.name='empty'"])
     with pytest.raises(AutoGLMError, match="run `autoglm compress` first"):
-        render_run(settings, DeployOptions())
+        render_run(settings)
 
 
 def test_tampered_repository_is_refused(published):
     settings, rundir, keys = published
     (rundir.stage_dir("repository") / "task.json").write_text("{}")
     with pytest.raises(AutoGLMError, match="tampered.*compress --force"):
-        render_run(settings, DeployOptions(api_keys_file=keys))
+        render_run(_deploying(settings, api_keys_file=keys))
 
 
 def test_unknown_env_and_bad_options_name_the_fix(published):
-    with pytest.raises(ConfigError, match="--env cpu or --env gpu"):
-        DeployOptions(env="tpu")
-    with pytest.raises(ConfigError, match="tune-workers"):
-        DeployOptions(tune_workers=-1)
+    with pytest.raises(ConfigError, match=r"deploy\.env.*'cpu' or 'gpu'"):
+        load_settings(None, ["deploy.env='tpu'"])
+    with pytest.raises(ConfigError, match=r"deploy\.tune_workers"):
+        load_settings(None, ["deploy.tune_workers=-1"])
     with pytest.raises(ConfigError, match="invalid autoscaling rules"):
-        _render(published, autoscale=("min_instances=5",))
+        _render(published, autoscale={"min_instances": 5})
 
 
 def test_cli_render_and_plain_deploy_use_the_config_env(published, capsys):
@@ -182,13 +187,14 @@ def test_cli_render_and_plain_deploy_use_the_config_env(published, capsys):
         main(["publish", *common])
 
 
-def test_cli_errors_are_one_line_without_traceback(published, capsys):
+def test_cli_errors_name_the_setting_and_its_fix_without_traceback(published, capsys):
     from autoglm.cli import cli
 
     settings, _, keys = published
     code = cli(["deploy", "--run", "rel", "--set", f"run.root='{settings.run.root}'", "--env", "tpu"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: unknown deploy env 'tpu'") and "Traceback" not in err
+    assert code == 2 and err.startswith("error: invalid configuration") and "Traceback" not in err
+    assert "deploy.env: Input should be 'cpu' or 'gpu' (got 'tpu')" in err
 
 
 def test_key_file_is_validated(published, tmp_path):
