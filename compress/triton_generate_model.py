@@ -21,6 +21,9 @@ let their rate grow with concurrency (both measured).
 Measured against Triton's sequence batcher: its implicit state is dropped by this Triton build, and a
 request per token pays Triton's and the backend's per-request cost on every token.
 
+Metrics (Triton's ``/metrics``): ``autoglm_generate_sequences{state="live"|"waiting"}`` and
+``autoglm_generate_tokens_total``, updated at most every 0.1 s while busy and at once when idle.
+
 Config parameters: ``itos`` (JSON list: token id -> text), ``max_sequences`` (cache slots; more
 requests wait), ``max_waiting`` (beyond it requests are refused), ``max_new_tokens`` (limit per
 request), ``stream_interval_ms``, ``stream_responses_per_s``, ``intra_op_threads``.
@@ -42,6 +45,15 @@ from decode_engine import DecodeEngine  # noqa: E402
 from sampling import Sampler, StopMatcher  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+METRICS_INTERVAL_S = 0.1
+
+
+def _response(ids, text, reason):
+    """One streamed response: new token ids, their text and the finish reason ("" until the last)."""
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("token_ids", np.asarray(ids, np.int64)),
+        pb_utils.Tensor("text", np.asarray([text.encode()], np.object_)),
+        pb_utils.Tensor("finish_reason", np.asarray([reason.encode()], np.object_))])
 
 
 def _error(message, code_name="INVALID_ARG"):
@@ -87,7 +99,7 @@ class TritonPythonModel:
         self.live_gauge = self.families[0].Metric(labels={"model": self.model_name, "state": "live"})
         self.waiting_gauge = self.families[0].Metric(labels={"model": self.model_name, "state": "waiting"})
         self.tokens_counter = self.families[1].Metric(labels={"model": self.model_name})
-        self.live_reported, self.unreported_tokens = 0, 0
+        self.reported, self.metrics_at, self.unreported_tokens = (0, 0), 0.0, 0
         self.waiting = deque()
         self.wake = threading.Condition()
         self.stopping = False
@@ -146,7 +158,6 @@ class TritonPythonModel:
                         "UNAVAILABLE")), flags=FINAL)
                     continue
                 self.waiting.append(job)
-                self.waiting_gauge.set(len(self.waiting))
                 self.wake.notify()
         return None
 
@@ -160,8 +171,6 @@ class TritonPythonModel:
                 if self.stopping:
                     break
                 joining = [self.waiting.popleft() for _ in range(min(engine.free_slots, len(self.waiting)))]
-                if joining:
-                    self.waiting_gauge.set(len(self.waiting))
             try:
                 if joining:  # join between steps: their prompts are encoded on the engine's prefill thread
                     engine.submit([j.ids for j in joining], joining)
@@ -180,7 +189,7 @@ class TritonPythonModel:
                         f"{self.model_name}: generation failed: {exc}", "INTERNAL")), FINAL))
                     engine.release(seq)
             finally:
-                self._update_metrics(len(engine.live))
+                self._update_metrics(len(engine.live), len(self.waiting))
 
     def _deliver(self):
         """The outbox thread: every send and cancellation check (round trips to the Triton process, ~0.1-0.4 ms
@@ -190,18 +199,25 @@ class TritonPythonModel:
             try:
                 if response is None:
                     job.sender.send(flags=flags)
-                else:
-                    job.sender.send(response, flags=flags)
+                else:  # tokens (built into a response here, off the loop) or an error response
+                    job.sender.send(_response(*response) if isinstance(response, tuple) else response, flags=flags)
                 if not flags and job.sender.is_cancelled():
                     job.cancelled = True  # the decode loop frees the slot at its next step
             except Exception:  # the request is gone (e.g. its client closed the connection)
                 job.cancelled = True
 
-    def _update_metrics(self, live):
-        if live != self.live_reported:
+    def _update_metrics(self, live, waiting):
+        """Gauges and the token counter, at most every METRICS_INTERVAL_S while busy (each update is a round trip
+        to the Triton process), at once when the model goes idle."""
+        now = time.monotonic()
+        if live and now - self.metrics_at < METRICS_INTERVAL_S:
+            return
+        self.metrics_at = now
+        if (live, waiting) != self.reported:
             self.live_gauge.set(live)
-            self.live_reported = live
-        if self.unreported_tokens and (not live or self.unreported_tokens >= 256):
+            self.waiting_gauge.set(waiting)
+            self.reported = live, waiting
+        if self.unreported_tokens:
             self.tokens_counter.increment(self.unreported_tokens)
             self.unreported_tokens = 0
 
@@ -230,11 +246,11 @@ class TritonPythonModel:
         job.unsent_ids.append(token)
         job.unsent_text += text
         if reason:
-            self._finish(seq, self._response(job, reason))
+            self._finish(seq, self._unsent(job, reason))
             return
         job.next_token = token
         if job.sent_at is None or (may_send and now - job.sent_at >= interval):
-            self.outbox.put((job, self._response(job, ""), 0))
+            self.outbox.put((job, self._unsent(job, ""), 0))
             job.sent_at = now
 
     def _finish(self, seq, response):
@@ -242,14 +258,11 @@ class TritonPythonModel:
         self.engine.release(seq)
 
     @staticmethod
-    def _response(job, reason):
-        """The tokens not sent yet, their text (stop-string prefixes held back) and the finish reason."""
+    def _unsent(job, reason):
+        """(token ids not sent yet, their text -- stop-string prefixes held back --, the finish reason)."""
         ids, text = job.unsent_ids, job.unsent_text
         job.unsent_ids, job.unsent_text = [], ""
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("token_ids", np.asarray(ids, np.int64)),
-            pb_utils.Tensor("text", np.asarray([text.encode()], np.object_)),
-            pb_utils.Tensor("finish_reason", np.asarray([reason.encode()], np.object_))])
+        return ids, text, reason
 
     def finalize(self):
         with self.wake:
