@@ -192,10 +192,14 @@ class TritonPythonModel:
                 self._update_metrics(len(engine.live), len(self.waiting))
 
     def _deliver(self):
-        """The outbox thread: every send and cancellation check (round trips to the Triton process, ~0.1-0.4 ms
-        each) happens here, so the decode loop never waits on them. One thread keeps each request's order."""
+        """The outbox thread: every send, cancellation check and metric update (round trips to the Triton
+        process, ~0.1-0.4 ms each) happens here, so the decode loop never waits on them. One thread keeps each
+        request's order."""
         while (item := self.outbox.get()) is not None:
             job, response, flags = item
+            if job is None:  # metrics: (live, waiting, new tokens)
+                self._report(*response)
+                continue
             try:
                 if response is None:
                     job.sender.send(flags=flags)
@@ -207,19 +211,21 @@ class TritonPythonModel:
                 job.cancelled = True
 
     def _update_metrics(self, live, waiting):
-        """Gauges and the token counter, at most every METRICS_INTERVAL_S while busy (each update is a round trip
-        to the Triton process), at once when the model goes idle."""
+        """Queue the gauges and the token count for the outbox (each update is a round trip to the Triton
+        process), at most every METRICS_INTERVAL_S while busy, at once when the model goes idle."""
         now = time.monotonic()
-        if live and now - self.metrics_at < METRICS_INTERVAL_S:
+        if (live and now - self.metrics_at < METRICS_INTERVAL_S) or \
+                ((live, waiting) == self.reported and not self.unreported_tokens):
             return
-        self.metrics_at = now
-        if (live, waiting) != self.reported:
-            self.live_gauge.set(live)
-            self.waiting_gauge.set(waiting)
-            self.reported = live, waiting
-        if self.unreported_tokens:
-            self.tokens_counter.increment(self.unreported_tokens)
-            self.unreported_tokens = 0
+        self.metrics_at, self.reported = now, (live, waiting)
+        self.outbox.put((None, (live, waiting, self.unreported_tokens), 0))
+        self.unreported_tokens = 0
+
+    def _report(self, live, waiting, tokens):
+        self.live_gauge.set(live)
+        self.waiting_gauge.set(waiting)
+        if tokens:
+            self.tokens_counter.increment(tokens)
 
     def _emit_all(self, seqs, logits):
         """Each sequence's next token from its logits row (greedy ones in one argmax), then :meth:`_emit`."""
