@@ -7,13 +7,21 @@ the compression settings, and a trial measures them *before* training. So at eac
 storage as a user attribute, and survives only if its Pareto front is among the fronts holding the best
 ``1/reduction_factor`` of that rung's population. A non-dominated trial is therefore never stopped.
 Because the rung values live in the storage, the rule works across processes, hosts and restarts.
+
+The metric a trial is judged on is the one it will *serve*: training sees the uncompressed model, so at a
+rung the metric is shifted by the compression loss observed so far for the trial's compression settings
+(the mean served-minus-trained metric of completed trials compressed the same way; none yet: no shift).
+Otherwise a heavily pruned trial would pass every rung on its uncompressed metric and collapse only once
+compressed, its whole training spent.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 RUNG_ATTR = "rung_{}"
 
@@ -78,24 +86,41 @@ class ParetoHalving:
         return not self.survives(values, others)
 
 
+def compression_shift(study, compression: Mapping[str, Any], metric_index: int = 0) -> float:
+    """Mean (served metric - trained metric) of the completed trials whose compression parameters equal
+    ``compression``; 0.0 when there are none (or nothing is compressed)."""
+    import optuna
+
+    if not compression:
+        return 0.0
+    shifts = [t.values[metric_index] - t.user_attrs["train_metric"]
+              for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+              if "train_metric" in t.user_attrs and all(t.params.get(k) == v for k, v in compression.items())]
+    return statistics.fmean(shifts) if shifts else 0.0
+
+
 class RungCallback:
     """The ``on_eval`` hook of the training loop: at rung steps, ask the rule whether to stop.
 
     ``cost`` holds the trial's already-measured objectives other than the metric (latency, energy),
-    aligned with ``objectives``.
+    aligned with ``objectives``; ``compression`` the trial's compression parameters, whose observed loss
+    shifts the metric (see the module).
     """
 
     def __init__(self, rule: ParetoHalving, study, trial, objectives: Sequence[str], cost: dict[str, float],
-                 max_steps: int):
+                 max_steps: int, compression: Mapping[str, Any] | None = None):
         self.rule, self.study, self.trial = rule, study, trial
         self.objectives, self.cost = list(objectives), cost
+        self.compression = dict(compression or {})
         self.pending = rule.rungs(max_steps)
         self.stopped_at: int | None = None
 
     def __call__(self, step: int, metric: float) -> bool:
         while self.pending and step >= self.pending[0]:
             rung = self.pending.pop(0)
-            values = [metric if o == "metric" else self.cost[o] for o in self.objectives]
+            served = metric + (compression_shift(self.study, self.compression, self.objectives.index("metric"))
+                               if "metric" in self.objectives else 0.0)
+            values = [served if o == "metric" else self.cost[o] for o in self.objectives]
             if self.rule.should_stop(self.study, self.trial, rung, values):
                 self.stopped_at = step
                 return True

@@ -3,7 +3,7 @@
 import optuna
 import pytest
 
-from tune.early_stop import RUNG_ATTR, ParetoHalving, RungCallback, dominates, pareto_fronts
+from tune.early_stop import RUNG_ATTR, ParetoHalving, RungCallback, compression_shift, dominates, pareto_fronts
 
 # digits-like objectives: accuracy (higher is better), p95 latency and J/inference (lower is better)
 DIRS = ("maximize", "minimize", "minimize")
@@ -147,3 +147,33 @@ def test_rung_records_survive_a_restart_and_judge_a_new_worker(tmp_path):
     stop = rule(TWO).should_stop(reopened, newcomer, 10, [0.01, 1.0])
 
     assert stop
+
+
+def _finished(study, metric, train_metric, **params):
+    """A completed trial compressed with ``params``: it trained to ``train_metric`` and serves ``metric``."""
+    dists = {"prune.ratio": optuna.distributions.FloatDistribution(0.0, 0.75, step=0.25),
+             "quantize.mode": optuna.distributions.CategoricalDistribution(("none", "dynamic", "static"))}
+    study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
+                                              values=(metric, 1.0), user_attrs={"train_metric": train_metric}))
+
+
+def test_rungs_judge_the_metric_a_trial_will_serve_after_the_compression_loss_seen_so_far():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    _finished(study, 0.60, 0.96, **{"prune.ratio": 0.75, "quantize.mode": "static"})  # pruning hard costs 0.36
+    _finished(study, 0.54, 0.94, **{"prune.ratio": 0.75, "quantize.mode": "static"})  # and 0.40
+    _finished(study, 0.95, 0.96, **{"prune.ratio": 0.0, "quantize.mode": "static"})
+    assert compression_shift(study, {"prune.ratio": 0.75, "quantize.mode": "static"}) == pytest.approx(-0.38)
+    assert compression_shift(study, {"prune.ratio": 0.0, "quantize.mode": "dynamic"}) == 0.0  # never seen
+    assert compression_shift(study, {}) == 0.0
+
+    pruned, plain = study.ask(), study.ask()
+    hooks = {name: RungCallback(rule(TWO, warmup_trials=1), study, trial, ["metric", "latency"], {"latency": 1.0},
+                                max_steps=100, compression=compression)
+             for name, trial, compression in (("plain", plain, {"prune.ratio": 0.0, "quantize.mode": "static"}),
+                                              ("pruned", pruned, {"prune.ratio": 0.75, "quantize.mode": "static"}))}
+    assert hooks["plain"](10, 0.80) is False
+
+    stopped = hooks["pruned"](10, 0.90)  # ahead in training, but serves about 0.52: behind the other one
+
+    assert stopped and study.trials[pruned.number].user_attrs["rung_10"] == pytest.approx([0.52, 1.0])
+    assert study.trials[plain.number].user_attrs["rung_10"] == pytest.approx([0.79, 1.0])
