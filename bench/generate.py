@@ -239,10 +239,12 @@ def run(quick: bool) -> list[Table]:
             # the batch-1 goal again, alternating the two paths in short rounds (steadier on a shared host)
             rounds = [{name: _load(url, bodies, 1, duration / 2, pids, workdir)["tokens_per_s"]
                        for name, url in targets.items()} for _ in range(3)]
-            # and the concurrency goal: c = 1 and c = 32 of the KV-cache path, alternating
+            # and the concurrency goal: c = 1 and c = 32 of the KV-cache path, alternating (both workloads)
             for rd in rounds:
-                rd.update({c: _load(targets[KV], bodies, c, duration / 2, pids, workdir)["tokens_per_s"]
+                rd.update({(KV, c): _load(targets[KV], bodies, c, duration / 2, pids, workdir)["tokens_per_s"]
                            for c in (1, 32)})
+                rd.update({(WITHIN, c): _load(targets[KV], within, c, duration / 2, pids, workdir,
+                                              WITHIN_NEW)["tokens_per_s"] for c in (1, 32)})
     return _tables(results, rounds, local, duration)
 
 
@@ -269,23 +271,24 @@ def _tables(results: dict, rounds: list[dict], local: dict, duration: float) -> 
         return results[(name, c)]["tokens_per_s"]
 
     per_round = [rd[KV] / rd[RECOMPUTE] for rd in rounds]
-    batching = [rd[32] / rd[1] for rd in rounds]
+    def alternating(path):
+        per_round = [rd[(path, 32)] / rd[(path, 1)] for rd in rounds]
+        return f"{np.median(per_round):.2f}× (rounds {', '.join(f'{v:.2f}' for v in per_round)})"
+
     ratios = Table("Goals", ["comparison", "value", "goal"], [
         ["served KV cache / served recomputation, tokens/s @1",
          f"{np.median(per_round):.2f}× (rounds {', '.join(f'{v:.2f}' for v in per_round)})", "≥ 5×"],
         ["served KV cache @1 / torch recompute in-process", ratio(r(KV, 1), baseline), ""],
-        ["served KV cache: aggregate tokens/s @32 / @1",
-         f"{np.median(batching):.2f}× (rounds {', '.join(f'{v:.2f}' for v in batching)})", "≥ 3×"],
+        ["served KV cache: aggregate tokens/s @32 / @1", alternating(KV), "≥ 3×"],
         ["served KV cache: aggregate tokens/s @8 / @1", ratio(r(KV, 8), r(KV, 1)), ""],
-        ["the same within the context (no slides): aggregate tokens/s @32 / @1", ratio(r(WITHIN, 32), r(WITHIN, 1)),
-         ""],
+        ["the same within the context (no slides): aggregate tokens/s @32 / @1", alternating(WITHIN), "≥ 3×"],
         ["in-process ceiling: 32 sequences in one batch / one sequence", ratio(local[names[3]], local[names[2]]),
          "no serving, one thread"],
         ["served recomputation: aggregate tokens/s @32 / @1", ratio(r(RECOMPUTE, 32), r(RECOMPUTE, 1)), ""],
         ["TTFT p95 @32, KV cache / recomputation", ratio(results[(KV, 32)]["ttft_p95"],
                                                          results[(RECOMPUTE, 32)]["ttft_p95"]), "reported"],
-    ], ["both goals: medians of alternating short rounds (the two paths at c = 1; c = 1 and c = 32 of the KV "
-        "cache path), steadier on a shared host than the table's cells measured minutes apart"])
+    ], ["the goals: medians of alternating short rounds (the two paths at c = 1; c = 1 and c = 32 of the KV "
+        "cache path, on each workload), steadier on a shared host than the table's cells measured minutes apart"])
     return [served, reference, ratios]
 
 
