@@ -5,12 +5,12 @@ and the ``prefill.onnx``/``step.onnx`` graphs next to it; it imports nothing fro
 
 The model is *decoupled* (``model_transaction_policy { decoupled: true }``): ``execute`` only queues
 requests and returns at once; one thread runs the decode loop and another, the outbox, does every
-round trip to the Triton process (sending responses, asking whether a client went away), so the loop
-only computes. Between two steps,
-waiting requests join (prefill into a free cache slot) and finished or cancelled sequences leave, so
-every step runs all live sequences as one batch -- in-flight batching. Prefills (joins, and slides past
-the context) run on the engine's own thread while the loop steps the other sequences: at high
-concurrency they are about half the work, and would otherwise hold up every sequence's next token. New tokens go back as responses
+round trip to the Triton process (sending responses, asking whether a client went away, updating
+metrics), so the loop only computes. Between two steps, waiting requests join (prefill into a free
+cache slot) and finished or cancelled sequences leave, so every step runs all live sequences as one
+batch -- in-flight batching. Prefills (joins, and slides past the context) run on the engine's own
+thread while the loop steps the other sequences: at high concurrency they are about half the work,
+and would otherwise hold up every sequence's next token. New tokens go back as responses
 (``token_ids``, ``text``, ``finish_reason``); the last one carries the final flag. The first token is
 sent at once (time to first token); later ones are coalesced: a sequence sends every
 ``stream_interval_ms`` (0: every token), and all sequences together at most ``stream_responses_per_s``

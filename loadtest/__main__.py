@@ -55,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
     load.add_argument("--samples", type=int, help="distinct validation requests")
     load.add_argument("--per-request", type=int, help="validation examples per request")
     load.add_argument("--generate-tokens", type=int, help="max_new_tokens of :generate requests")
-    load.add_argument("--no-overhead", action="store_false", dest="overhead", default=None, help="skip the Triton-direct comparison")
+    load.add_argument("--no-overhead", action="store_false", dest="overhead", default=None,
+                      help="skip the Triton-direct comparison")
     load.add_argument("--slo-p95-ms", type=float, help="sets loadtest.slo_p95_ms")
     load.add_argument("--slo-error-rate", type=float, help="sets loadtest.slo_error_rate")
     sweep = p.add_argument_group("sweep (with --sweep)")
@@ -69,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
                        "unbounded; none: the model's own)")
     sweep.add_argument("--concurrency", type=_ints, help="client concurrencies, e.g. 1,8,32")
     sweep.add_argument("--window", type=float, help="measured seconds per operating point")
-    sweep.add_argument("--keep-recommended", action="store_true", default=None, help="leave Triton on the recommended config")
+    sweep.add_argument("--keep-recommended", action="store_true", default=None,
+                       help="leave Triton on the recommended config")
     return p
 
 
