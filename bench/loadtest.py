@@ -23,10 +23,9 @@ TINY = ["train.max_steps=60", "train.eval_every=60", "train.batch_size=64", "tra
 
 
 def _sweep(workdir: Path, quick: bool) -> dict:
-    from autoglm.config import load_settings
+    from autoglm.config import SweepGrid, load_settings
     from autoglm.train import train_run
     from compress.stage import compress_run
-    from autoglm.config import SweepGrid
     from loadtest.stage import loadtest_run
     from serve.triton import TritonServer, free_port
 

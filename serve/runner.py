@@ -28,7 +28,6 @@ from serve.supervisor import GatewayProcess, Supervisor
 from serve.triton import TritonServer, free_port
 
 
-
 @dataclass
 class Serving:
     """A running stack; :meth:`stop` shuts it down (gateway first, then Triton)."""

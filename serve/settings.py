@@ -89,11 +89,12 @@ class GatewaySettings(GatewayLimits):
 
     @classmethod
     def from_settings(cls, settings: Settings, **values) -> GatewaySettings:
-        """``serve.host``, ``serve.gateway_port``, ``serve.gateway`` (keys read from its ``api_keys_file``) and
-        ``measure.watts_per_core``; ``values`` on top."""
+        """``serve.host``, ``serve.gateway_port``, ``serve.gateway`` (keys read from its ``api_keys_file`` unless
+        ``values`` gives ``api_keys``) and ``measure.watts_per_core``; ``values`` on top."""
         limits = settings.serve.gateway
-        keys = read_key_file(limits.api_keys_file) if limits.api_keys_file else []
-        return cls(**{"host": settings.serve.host, "port": settings.serve.gateway_port, "api_keys": keys,
+        if "api_keys" not in values:
+            values["api_keys"] = read_key_file(limits.api_keys_file) if limits.api_keys_file else []
+        return cls(**{"host": settings.serve.host, "port": settings.serve.gateway_port,
                       "watts_per_core": settings.measure.watts_per_core, **limits.model_dump(), **values})
 
     @model_validator(mode="after")

@@ -16,8 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from autoglm.local_http import DIRECT
 
 
-
-
 @dataclass(frozen=True)
 class Sample:
     """One evaluation window: what the model saw since the previous sample."""

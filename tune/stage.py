@@ -43,12 +43,13 @@ def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
     def room(study) -> int:  # trials this worker will still run
         return share(tune, tune.worker_index) - finished_by(study.get_trials(deepcopy=False), mine)
 
-    done = share(tune, tune.worker_index) - room(study)
-    if room(study) > 0:
+    remaining = room(study)
+    if remaining > 0:
         objective = Objective(task, settings, space, tune_dir, dirs)
         callbacks = [CompressionSiblings(space, task.direction, room)] if tune.compression_siblings else []
+        done = share(tune, tune.worker_index) - remaining
         with fixed_threads(settings.run.threads), _progress(progress, settings.tune.n_trials, done) as tick:
-            study.optimize(objective, n_trials=room(study), timeout=settings.tune.timeout_s,
+            study.optimize(objective, n_trials=remaining, timeout=settings.tune.timeout_s,
                            callbacks=[tick, *callbacks], catch=(Exception,), gc_after_trial=True)
     return task, study
 
