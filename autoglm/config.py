@@ -187,6 +187,8 @@ class GenerateSettings(Section):
     stream_responses_per_s: float = Field(500, ge=0, description="responses per second for all sequences "
                                           "together: n live sequences each send every n/budget s (0: no budget)")
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads of the decode loop (0: all cores)")
+    prefill_chunk: int = Field(8, ge=1, description="sequences encoded per prefill batch; a larger group joining "
+                               "or sliding at once is split, so its first chunk steps while the rest is encoded")
 
 
 class CompressSettings(Section):

@@ -4,8 +4,8 @@ Runs the graphs :mod:`compress.decode` writes. This file is also copied next to 
 model's ``model.py``, so it imports nothing from the project.
 
 The cache is one preallocated buffer per layer and K/V, ``(max_sequences, heads, context, head_size)``.
-Live sequences occupy slots ``0..n-1`` (a finished sequence's slot is refilled by the last one), so a
-step feeds the first ``n`` rows of every buffer to the step graph *in place*: GroupQueryAttention
+Live sequences occupy slots ``0..n-1``, those ready to step first (a freed slot is refilled from the
+end), so a step feeds the first rows of every buffer to the step graph *in place*: GroupQueryAttention
 writes each new key/value into the same memory it reads the past from (past and present share the
 buffer), and no cache is ever copied between steps.
 
@@ -16,9 +16,13 @@ context keep their last ``context`` tokens.
 
 Prefills (joins and slides) can run on a thread of their own (``prefill_thread=True``) while the step
 graph runs the other sequences: with many sequences, re-encoding is about half the work, and it would
-otherwise stall every sequence's next token. A sequence being encoded sits out of the steps (an idle
-row) until :meth:`DecodeEngine.advance` hands back its logits; its cache rows are written by the
-caller's thread between steps, so the two threads never touch the same memory.
+otherwise stall every sequence's next token. Sequences being encoded keep the last slots, so a step
+runs only the rows that can step (no compute spent on waiting rows); their cache rows are written by
+the caller's thread between steps, so the two threads never touch the same memory. A group that
+joins or slides together while nothing else could step is split: its first ``prefill_chunk``
+sequences are encoded at once and step while the rest are encoded in the background. Otherwise
+identical requests (a benchmark's, a batch job's) would stay in lock-step -- all encoding, then all
+stepping -- and the two never overlap.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ class DecodeEngine:
     """
 
     def __init__(self, prefill_path: str, step_path: str, max_sequences: int = 32, threads: int = 0,
-                 prefill_thread: bool = False):
+                 prefill_thread: bool = False, prefill_chunk: int = 8):
         options = session_options(threads)
         providers = ["CPUExecutionProvider"]
         self.prefill = ort.InferenceSession(prefill_path, options, providers=providers)
@@ -83,7 +87,9 @@ class DecodeEngine:
         shape = (max_sequences, self.n_head, self.context, self.head_size)
         self.keys = [np.zeros(shape, np.float32) for _ in range(self.n_layer)]
         self.values = [np.zeros(shape, np.float32) for _ in range(self.n_layer)]
-        self.live: list[Sequence] = []  # slot order
+        self.live: list[Sequence] = []  # slot order: the ``ready`` ones that can step, then those being encoded
+        self.ready = 0
+        self.prefill_chunk = max(1, prefill_chunk)
         self.keep = max(1, self.context // 2)
         self._bindings: dict[int, tuple] = {}
         self._encoded: deque = deque()  # (sequence, length, K/V rows, logits, error) from finished prefills
@@ -111,21 +117,32 @@ class DecodeEngine:
             seq.slot = len(self.live)
             self.live.append(seq)
             seqs.append(seq)
-        self._encode([(s, s.ids[-self.context:]) for s in seqs], overlap=len(seqs) < len(self.live))
+        self._encode([(s, s.ids[-self.context:]) for s in seqs], overlap=self.ready > 0)
         return seqs
 
     def release(self, seq: Sequence) -> None:
-        """Free the sequence's slot; the last live sequence moves into it (the cache stays compact). A prefill
-        still under way for it is discarded when it finishes."""
+        """Free the sequence's slot; slots stay compact (ready ones first). A prefill still under way for it
+        is discarded when it finishes."""
         if seq.slot < 0:
             return
-        last = self.live.pop()
-        if last is not seq:
-            for buf in (*self.keys, *self.values):
-                buf[seq.slot] = buf[last.slot]
-            last.slot = seq.slot
-            self.live[seq.slot] = last
+        if seq.slot < self.ready:  # the last ready sequence takes its slot (one cache row copied)
+            self.ready -= 1
+            self._swap(self.live[self.ready], seq)
+        self._swap(self.live[-1], seq, copy=False)  # the last one (being encoded: its cache holds nothing yet)
+        self.live.pop()
         seq.slot = -1
+
+    def _swap(self, keep: Sequence, other: Sequence, copy: bool = True) -> None:
+        """Exchange two sequences' slots, moving only ``keep``'s cache rows (``other``'s are about to be
+        replaced)."""
+        if keep is other:
+            return
+        a, b = keep.slot, other.slot
+        if copy:
+            for buf in (*self.keys, *self.values):
+                buf[b] = buf[a]
+        keep.slot, other.slot = b, a
+        self.live[a], self.live[b] = other, keep
 
     def close(self) -> None:
         """Stop the prefill thread (if any)."""
@@ -144,16 +161,17 @@ class DecodeEngine:
         """
         stepping, sliding = [], []
         for seq, token in fed:
+            if seq.encoding or seq.slot < 0:
+                raise ValueError("a sequence was fed before advance() returned its logits, or after release()")
             seq.ids.append(int(token))
             if len(seq.ids) > 2 * self.context:  # only the last context tokens can ever be re-encoded
                 del seq.ids[:-self.context]
             (sliding if seq.length >= self.context else stepping).append(seq)
         if sliding:
             self._encode([(s, s.ids[-self.keep:]) for s in sliding], overlap=bool(stepping))
-        results = self._store_encoded()
-        if stepping:
-            results += self._step(stepping)
-        while any(s.encoding for s in self.live) and (wait or not results):
+        results = self._step(stepping) if stepping else []
+        results += self._store_encoded()  # after the step: what they store steps next round, with the rest
+        while self.ready < len(self.live) and (wait or not results):
             with self._done:
                 self._done.wait_for(lambda: self._encoded)
             results += self._store_encoded()
@@ -161,8 +179,10 @@ class DecodeEngine:
 
     def _step(self, stepping: list[Sequence]) -> list[tuple[Sequence, np.ndarray]]:
         """One token for each of ``stepping`` through the step graph; every other live sequence takes part as
-        an idle row (query_seqlens 0; its seqlens_k must leave room for one more token)."""
-        live, n = self.live, len(self.live)
+        an idle row (query_seqlens 0; its seqlens_k must leave room for one more token). Sequences being
+        encoded hold the slots past ``ready`` and are not part of the batch."""
+        n = self.ready
+        live = self.live[:n]
         binding, feed, out = self._binding(n)
         lengths = np.fromiter((s.length for s in live), np.int64, n)
         if len(stepping) == n:  # all of them (the usual case): whole rows, in slot order
@@ -213,23 +233,37 @@ class DecodeEngine:
     # ---- prefills: on the prefill thread, or at once on the caller's --------------------------------
     def _encode(self, pending: list[tuple[Sequence, list]], overlap: bool) -> None:
         """Encode on the prefill thread when other sequences could step meanwhile (``overlap``), else at once:
-        a hand-over between threads only costs latency when there is nothing to overlap."""
+        a hand-over between threads only costs latency when there is nothing to overlap. With a prefill
+        thread, a large group that nothing could overlap is split: the first chunk is encoded at once and
+        steps while the rest is encoded in the background."""
         for seq, _ in pending:
+            if seq.slot < self.ready:  # it was ready (a slide): the last ready sequence takes its slot
+                self.ready -= 1
+                self._swap(self.live[self.ready], seq)
             seq.encoding = True
-            seq.length = 0  # an idle row until stored: what its cache held is about to be replaced
-        if self._encodes is None or not overlap:
+            seq.length = 0  # what its cache held is about to be replaced
+        if self._encodes is None:
             self._run_prefill(pending)
-        else:
+            return
+        if not overlap:
+            self._run_prefill(pending[:self.prefill_chunk])
+            pending = pending[self.prefill_chunk:]
+        if pending:
             self._encodes.put(pending)
 
     def _prefill_worker(self) -> None:
-        while (pending := self._encodes.get()) is not None:
-            while not self._encodes.empty():  # everything queued meanwhile runs as the same batch
-                more = self._encodes.get()
+        """Encode what is queued, at most ``prefill_chunk`` sequences at a time: a prefill costs the same per
+        position from a few rows up, and smaller batches hand sequences back to the steps sooner."""
+        backlog: list = []
+        while True:
+            if not backlog or not self._encodes.empty():
+                more = self._encodes.get() if not backlog else self._encodes.get_nowait()
                 if more is None:
                     return
-                pending += more
-            self._run_prefill(pending)
+                backlog += more
+                continue
+            chunk, backlog = backlog[:self.prefill_chunk], backlog[self.prefill_chunk:]
+            self._run_prefill(chunk)
 
     def _run_prefill(self, pending: list[tuple[Sequence, list]]) -> None:
         """Encode the rows at positions 0.. as one right-padded batch; queue each sequence's K/V and last logits
@@ -267,6 +301,8 @@ class DecodeEngine:
                 raise RuntimeError(f"prefill failed: {error}") from error
             if seq.slot < 0:  # released while it was being encoded
                 continue
+            self._swap(seq, self.live[self.ready], copy=False)  # to the first slot past the ready ones
+            self.ready += 1
             if length < self.context:  # a full cache is not kept: the sequence's next token slides it
                 for i in range(self.n_layer):
                     self.keys[i][seq.slot, :, :length] = kv[2 * i][:, :length]

@@ -81,7 +81,8 @@ def write_generate_model(repo: Path, settings: Settings, task, model_args, graph
                                   "max_sequences": str(g.max_sequences), "max_waiting": str(g.max_waiting),
                                   "max_new_tokens": str(g.max_new_tokens), "intra_op_threads": str(g.intra_op_threads),
                                   "stream_interval_ms": str(g.stream_interval_ms),
-                                  "stream_responses_per_s": str(g.stream_responses_per_s)})
+                                  "stream_responses_per_s": str(g.stream_responses_per_s),
+                                  "prefill_chunk": str(g.prefill_chunk)})
     files = {"prefill.onnx": graphs.prefill, "step.onnx": graphs.step,
              "model.py": (here / "triton_generate_model.py").read_bytes(),
              "decode_engine.py": (here / "decode_engine.py").read_bytes(),

@@ -26,7 +26,7 @@ Metrics (Triton's ``/metrics``): ``autoglm_generate_sequences{state="live"|"wait
 
 Config parameters: ``itos`` (JSON list: token id -> text), ``max_sequences`` (cache slots; more
 requests wait), ``max_waiting`` (beyond it requests are refused), ``max_new_tokens`` (limit per
-request), ``stream_interval_ms``, ``stream_responses_per_s``, ``intra_op_threads``.
+request), ``stream_interval_ms``, ``stream_responses_per_s``, ``intra_op_threads``, ``prefill_chunk``.
 """
 
 import json
@@ -86,7 +86,8 @@ class TritonPythonModel:
         version_dir = os.path.join(args["model_repository"], str(args["model_version"]))
         self.engine = DecodeEngine(os.path.join(version_dir, "prefill.onnx"), os.path.join(version_dir, "step.onnx"),
                                    max_sequences=int(params.get("max_sequences") or 32),
-                                   threads=int(params.get("intra_op_threads") or 0), prefill_thread=True)
+                                   threads=int(params.get("intra_op_threads") or 0), prefill_thread=True,
+                                   prefill_chunk=int(params.get("prefill_chunk") or 8))
         if self.engine.vocab_size != len(self.itos):
             raise ValueError(f"the graphs have {self.engine.vocab_size} tokens but itos has {len(self.itos)}: "
                              f"regenerate the repository with `autoglm compress --force`")

@@ -162,6 +162,12 @@ def test_prompts_of_different_lengths_join_in_one_padded_prefill(graphs):
         engine(graphs, slots=1).start_many(rows[:2])
 
 
+def assert_compact(e: DecodeEngine) -> None:
+    """Slots 0..n-1 are taken in order, sequences that can step first, those being encoded last."""
+    assert [s.slot for s in e.live] == list(range(len(e.live)))
+    assert [s.encoding for s in e.live] == [False] * e.ready + [True] * (len(e.live) - e.ready)
+
+
 def drive(e: DecodeEngine, prompts: list[list[int]], n_new: int, joins: dict[int, int]) -> tuple[dict, int]:
     """Decode ``prompts`` through submit/advance, prompt k joining at round joins[k]; each one's greedy tokens
     and the number of rounds in which some sequence stepped while another's prefill was under way."""
@@ -172,6 +178,7 @@ def drive(e: DecodeEngine, prompts: list[list[int]], n_new: int, joins: dict[int
             out[k] = []
         stepped = {seq for seq, _ in fed}
         ready = e.advance(fed)
+        assert_compact(e)
         overlapped += any(s in stepped for s, _ in ready) and any(s.encoding for s in e.live)
         fed = []
         for seq, logits in ready:
@@ -197,6 +204,41 @@ def test_prefills_on_their_own_thread_overlap_steps_and_every_sequence_decodes_a
         e.close()
     assert [out[k] for k in range(6)] == alone  # FP32 graphs: exactly the same tokens
     assert overlapped > 0 and e.free_slots == 6
+
+
+def test_a_group_joining_at_once_is_split_so_its_first_chunk_steps_while_the_rest_is_encoded(graphs):
+    task, model = charlm()
+    prompts = [p[:n] for p, n in zip(decode.prompts(task, model.model_args, 7, 40), (20, 9, 31, 32, 14, 3, 25))]
+    alone = [engine(graphs, slots=1).generate(p, 30) for p in prompts]
+    e = DecodeEngine(str(graphs[0]), str(graphs[1]), max_sequences=7, threads=1, prefill_thread=True,
+                     prefill_chunk=2)
+    try:
+        first = e.submit(prompts[:2])
+        assert e.ready == 0 and [s.encoding for s in e.live] == [True, True]  # nothing could overlap: at once
+        e.advance([], wait=True)
+        assert e.ready == 2
+        group = e.submit(prompts[2:], [2, 3, 4, 5, 6])  # five join while two can step: all in the background
+        assert e.ready == 2 and all(s.encoding for s in group)
+        for seq, k in zip(first, (0, 1)):
+            seq.tag = k
+        e.release(first[1])  # the last ready one leaves: a sequence being encoded takes its slot
+        assert_compact(e)
+        e.release(first[0])
+        assert e.ready == 0 and len(e.live) == 5
+        assert_compact(e)
+        # all five were queued together and none can step: they come back in chunks of two, in order
+        back = [s.tag for s, _ in e.advance([])]
+        assert back in ([2, 3], [2, 3, 4, 5], [2, 3, 4, 5, 6])
+    finally:
+        e.close()
+    # and decoding a group that joins at once gives every sequence its solo tokens
+    e = DecodeEngine(str(graphs[0]), str(graphs[1]), max_sequences=7, threads=1, prefill_thread=True,
+                     prefill_chunk=2)
+    try:
+        out, overlapped = drive(e, prompts, 30, dict.fromkeys(range(7), 0))
+    finally:
+        e.close()
+    assert [out[k] for k in range(7)] == alone and overlapped > 0
 
 
 def test_a_sequence_released_while_it_is_encoded_is_dropped_and_a_failed_prefill_is_raised(graphs):
