@@ -95,9 +95,11 @@ class DecodeEngine:
         self._encoded: deque = deque()  # (sequence, length, K/V rows, logits, error) from finished prefills
         self._done = threading.Condition()
         self._encodes: queue.SimpleQueue | None = None
+        self._worker: threading.Thread | None = None
         if prefill_thread:
             self._encodes = queue.SimpleQueue()
-            threading.Thread(target=self._prefill_worker, name="prefill", daemon=True).start()
+            self._worker = threading.Thread(target=self._prefill_worker, name="prefill", daemon=True)
+            self._worker.start()
 
     @property
     def free_slots(self) -> int:
@@ -145,9 +147,10 @@ class DecodeEngine:
         self.live[a], self.live[b] = other, keep
 
     def close(self) -> None:
-        """Stop the prefill thread (if any)."""
-        if self._encodes is not None:
+        """Stop the prefill thread (if any), after the prefill under way."""
+        if self._worker is not None:
             self._encodes.put(None)
+            self._worker.join(timeout=10)
 
     # ---- one round: prefills finished, one batched step --------------------------------------------
     def advance(self, fed, wait: bool = False) -> list[tuple[Sequence, np.ndarray]]:
