@@ -245,6 +245,9 @@ class ServeSettings(Section):
                                                  "Triton) or native (NVIDIA's container)")
     models: list[str] = Field(default_factory=list, description="variants or model names to load; empty: all")
     autoscale: bool = Field(False, description="run the local autoscaler on the recommended model")
+    autoscale_rules: dict[str, Any] = Field(default_factory=dict, description="autoscaling rule overrides "
+                                            "(serve.autoscale.AutoscaleRules), e.g. {max_instances = 3}; "
+                                            "`autoglm serve -a KEY=VALUE` sets one")
     control_port: int = Field(9090, ge=0, le=65535, description="supervisor/autoscaler metrics; 0 turns it off")
     start_timeout_s: float = Field(90.0, gt=0)
     gateway: GatewayLimits = Field(default_factory=GatewayLimits)
@@ -361,8 +364,8 @@ class DeploySettings(Section):
                               "StatefulSet")
     api_keys_file: Path | None = Field(None, description="'name:sha256' lines for the gateway; None: the run's "
                                        "earlier keys, else a new key printed once")
-    autoscale: dict[str, Any] = Field(default_factory=dict, description="autoscaling rule overrides, as "
-                                      "`autoglm serve -a KEY=VALUE` takes them, e.g. {max_instances = 8}")
+    autoscale: dict[str, Any] = Field(default_factory=dict, description="autoscaling rule overrides on top of "
+                                      "serve.autoscale_rules, e.g. {max_instances = 8}")
     kustomize: bool = Field(True, description="check the rendered trees with `kubectl kustomize` where kubectl "
                             "exists")
 

@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-keys-file", help="deploy.api_keys_file: 'name:sha256' lines for the gateway "
                         "(default: the run's earlier keys, else a new key printed once)")
     parser.add_argument("-a", "--autoscale-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="deploy.autoscale.KEY: an autoscaling rule, as for `autoglm serve -a`")
+                        help="deploy.autoscale.KEY: an autoscaling rule for the cluster, over serve.autoscale_rules")
     parser.add_argument("--no-kustomize", action="store_true", help="deploy.kustomize = false")
     return parser
 

@@ -35,16 +35,6 @@ def header(run: str, env: str) -> str:
             f"# change the config or the run's artifacts and render again.\n")
 
 
-def autoscale_rules(overrides: dict[str, Any]):
-    """serve's AutoscaleRules with ``deploy.autoscale``'s overrides (the ones ``autoglm serve -a`` takes)."""
-    from serve.autoscale import AutoscaleRules
-
-    try:
-        return AutoscaleRules(**overrides)
-    except ValueError as exc:
-        raise ConfigError(f"invalid autoscaling rules: {exc}") from None
-
-
 def api_keys(stage_dir: Path, supplied: Path | None) -> list[Any]:
     """The gateway's API keys (hashes): a supplied key file, else the run's earlier ones, else a new key
     printed once. Only hashes are ever written."""
@@ -132,10 +122,13 @@ def kustomize(directory: Path, target: Path, head: str) -> str:
 
 def render_run(settings: Settings, force: bool = False) -> Manifest:
     """Render the run's deployment as ``settings.deploy`` says; skipped when nothing it depends on changed."""
+    from serve.autoscale import rules_from  # the rules the cluster's autoscaling renders are serve's
+
     options = settings.deploy
     run = RunDir(settings.run.root, settings.run.name)
     release = read_release(run)
-    rules = autoscale_rules(options.autoscale)
+    rules = rules_from(settings.serve.autoscale_rules, options.autoscale,
+                       key="serve.autoscale_rules + deploy.autoscale")
     images = release.images(options.registry)
     cluster = Cluster(namespace=options.namespace, monitoring_namespace=options.monitoring_namespace)
     n_trials = options.tune_trials or int(release.run_config.get("tune", {}).get("n_trials", settings.tune.n_trials))

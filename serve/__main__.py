@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from autoglm.cli import add_common_args, print_config, run_main, settings_from_args
-from autoglm.config import parse_overrides
 from autoglm.errors import ConfigError
 
 BUILT = True
@@ -37,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="serve.flavour: python for the bundled Triton, native for the NGC container")
     parser.add_argument("--autoscale", action="store_true", help="serve.autoscale: run the local autoscaler")
     parser.add_argument("-a", "--autoscale-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="autoscaling rule, e.g. -a max_instances=3 -a latency_ms=100 (implies --autoscale)")
+                        help="shorthand for --set serve.autoscale_rules.KEY=VALUE, e.g. -a max_instances=3 "
+                        "(implies --autoscale)")
     parser.add_argument("--control-port", type=int, help="serve.control_port: supervisor/autoscaler metrics "
                         "(0: off)")
     return parser
@@ -52,6 +52,7 @@ def _serve_overrides(args) -> list[str]:
         flags.append(f"serve.flavour={json.dumps(args.flavour)}")
     if args.autoscale or args.autoscale_set:
         flags.append("serve.autoscale=true")
+    flags += [f"serve.autoscale_rules.{pair}" for pair in args.autoscale_set]
     if args.control_port is not None:
         flags.append(f"serve.control_port={args.control_port}")
     if args.workers:
@@ -63,10 +64,12 @@ def _serve_overrides(args) -> list[str]:
 
 def resolve(args: argparse.Namespace):
     """(settings, gateway settings) from the parsed flags; the serving flags become ``serve`` overrides."""
+    from serve.autoscale import rules_from
     from serve.settings import GatewaySettings
 
     args.overrides = [*args.overrides, *_serve_overrides(args)]
     settings = settings_from_args(args)
+    rules_from(settings.serve.autoscale_rules)  # refused here, before anything starts
     try:
         return settings, GatewaySettings.from_settings(settings)
     except ValidationError as exc:
@@ -94,18 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(gateway.model_dump_json(indent=2, exclude={"api_keys"}))
         return 0
 
-    from serve.autoscale import AutoscaleRules
     from serve.runner import start_serving
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        rules = AutoscaleRules(**parse_overrides(args.autoscale_set)) if args.autoscale_set else None
-    except ValidationError as exc:
-        raise ConfigError(f"invalid autoscaling rules: {_problems(exc)}") from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    serving = start_serving(settings, gateway, rules)
+    serving = start_serving(settings, gateway)
     try:
         width = max(map(len, serving.urls()))
         lines = [f"  {name:<{width}}  {url}" for name, url in serving.urls().items()]

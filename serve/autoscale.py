@@ -19,9 +19,10 @@ import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from autoglm.errors import AutoGLMError
 from autoglm.local_http import DIRECT
@@ -57,6 +58,19 @@ class AutoscaleRules(BaseModel):
 
     def scaled_down(self, n: int) -> int:
         return max(self.min_instances, min(n - 1, math.floor(n / self.down_factor)))
+
+
+def rules_from(*layers: dict[str, Any], key: str = "serve.autoscale_rules") -> AutoscaleRules:
+    """:class:`AutoscaleRules` from override tables (later ones win); a :class:`ConfigError` naming ``key``."""
+    from autoglm.errors import ConfigError
+
+    overrides = {name: value for layer in layers for name, value in layer.items()}
+    try:
+        return AutoscaleRules(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'rules'}: {e['msg'].removeprefix('Value error, ')}"
+                             for e in exc.errors())
+        raise ConfigError(f"{key}: {problems}; fix: valid keys are {sorted(AutoscaleRules.model_fields)}") from None
 
 
 @dataclass(frozen=True)

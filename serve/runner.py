@@ -21,7 +21,7 @@ from autoglm.artifacts import RunDir, verify_outputs
 from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
 from autoglm.local_http import DIRECT
-from serve.autoscale import Autoscaler, AutoscaleRules, GatewayLatency, TritonActuator, TritonMetrics
+from serve.autoscale import Autoscaler, AutoscaleRules, GatewayLatency, TritonActuator, TritonMetrics, rules_from
 from serve.gateway.core import TaskCatalog
 from serve.settings import GatewaySettings
 from serve.supervisor import GatewayProcess, Supervisor
@@ -134,8 +134,11 @@ class _SupervisorCollector:
 
 def start_serving(settings: Settings, gateway: GatewaySettings | None = None,
                   rules: AutoscaleRules | None = None) -> Serving:
-    """Verify the run's repository, start Triton (or use serve.triton_url) and the gateway, supervised."""
+    """Verify the run's repository, start Triton (or use serve.triton_url) and the gateway, supervised; with
+    ``serve.autoscale`` (or ``rules``) the autoscaler too, by ``rules`` or else ``serve.autoscale_rules``."""
     serve = settings.serve
+    if serve.autoscale and rules is None:
+        rules = rules_from(serve.autoscale_rules)  # a bad rule is refused before anything starts
     run = RunDir(settings.run.root, settings.run.name)
     repository = verified_repository(run)
     catalog = TaskCatalog.load(repository)
@@ -164,8 +167,7 @@ def start_serving(settings: Settings, gateway: GatewaySettings | None = None,
     try:
         registry = CollectorRegistry()
         registry.register(_SupervisorCollector(supervisor))
-        if serve.autoscale or rules is not None:
-            rules = rules or AutoscaleRules()
+        if rules is not None:
             serving.autoscaler = Autoscaler(rules, catalog.recommended, TritonMetrics(metrics_url, catalog.recommended),
                                             TritonActuator(triton_url), registry=registry,
                                             gateway=GatewayLatency(f"{gateway_process.url}/metrics")).start()

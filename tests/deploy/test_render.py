@@ -172,8 +172,21 @@ def test_unknown_env_and_bad_options_name_the_fix(published):
         load_settings(None, ["deploy.env='tpu'"])
     with pytest.raises(ConfigError, match=r"deploy\.tune_workers"):
         load_settings(None, ["deploy.tune_workers=-1"])
-    with pytest.raises(ConfigError, match="invalid autoscaling rules"):
+    with pytest.raises(ConfigError, match=r"deploy\.autoscale: rules: min_instances=5 is above max_instances=4"):
         _render(published, autoscale={"min_instances": 5})
+    with pytest.raises(ConfigError, match=r"deploy\.autoscale: max_pods: .*fix: valid keys are \[.*'max_instances'"):
+        _render(published, autoscale={"max_pods": 5})
+
+
+def test_the_cluster_scales_by_serves_rules_under_deploys_overrides(published):
+    settings, rundir, keys = published
+    serving = settings.model_copy(update={"serve": settings.serve.model_copy(
+        update={"autoscale_rules": {"min_instances": 2, "max_instances": 5}})})
+    render_run(_deploying(serving, api_keys_file=keys, autoscale={"max_instances": 7}))
+    out = rundir.stage_dir("deploy") / "out" / "cpu"
+    scalers = {d["metadata"]["name"]: d["spec"] for d in _docs(out / "k8s/base/serving.yaml")
+               if d["kind"] == "HorizontalPodAutoscaler"}
+    assert {(s["minReplicas"], s["maxReplicas"]) for s in scalers.values()} >= {(2, 7)}
 
 
 def test_cli_render_and_plain_deploy_use_the_config_env(published, capsys):

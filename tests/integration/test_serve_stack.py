@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from autoglm.errors import IntegrityError
+from autoglm.errors import ConfigError, IntegrityError
 from serve import GatewaySettings, start_serving
 from serve.__main__ import main
 from tests.serve.fixtures import get, on_free_ports, post, published_run, require_triton, wait_until
@@ -88,6 +88,17 @@ def test_a_tampered_repository_is_refused_naming_the_file(digits, tmp_path):
     settings = digits.model_copy(update={"run": digits.run.model_copy(update={"root": root, "name": "copy"})})
     with pytest.raises(IntegrityError, match=r"digits-fp32/config.pbtxt was modified"):
         start_serving(settings)
+
+
+def test_the_autoscaler_runs_by_the_configured_rules_and_a_bad_rule_starts_nothing(digits):
+    def autoscaling(rules):
+        serve = digits.serve.model_copy(update={"autoscale": True, "autoscale_rules": rules})
+        return on_free_ports(digits.model_copy(update={"serve": serve}))
+
+    with pytest.raises(ConfigError, match=r"serve\.autoscale_rules: max_instances: .*greater than or equal to 1"):
+        start_serving(autoscaling({"max_instances": 0}))
+    with start_serving(autoscaling({"max_instances": 2, "interval_s": 60})) as serving:
+        assert (serving.autoscaler.rules.max_instances, serving.autoscaler.rules.interval_s) == (2, 60)
 
 
 def test_beyond_loopback_without_keys_refuses_to_start(digits, capsys):

@@ -82,6 +82,7 @@ def test_the_serve_flags_are_shorthands_of_the_serve_section(tmp_path):
 
     assert (settings.serve.models, settings.serve.flavour, settings.serve.control_port, settings.serve.autoscale) == \
         (["fp32", "int8"], "native", 0, True)  # -a implies --autoscale
+    assert json.loads(settings.to_json())["serve"]["autoscale_rules"] == {"max_instances": 3}  # saved resolved
 
     assert settings.serve.gateway.model_dump(include={"max_in_flight", "workers", "api_keys_file"}) == \
         {"max_in_flight": 32, "workers": 2, "api_keys_file": keys}  # in the config saved with the run
@@ -89,3 +90,5 @@ def test_the_serve_flags_are_shorthands_of_the_serve_section(tmp_path):
         (32, 2, "0.0.0.0", ["ci"])
     with pytest.raises(ConfigError, match="API keys are required"):
         resolve(_parser().parse_args(["--set", "serve.host='0.0.0.0'"]))
+    with pytest.raises(ConfigError, match=r"serve\.autoscale_rules: latency_ms: .*greater than 0"):
+        resolve(_parser().parse_args(["-a", "latency_ms=0"]))  # refused before anything starts
