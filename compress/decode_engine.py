@@ -299,9 +299,9 @@ class DecodeEngine:
         results = []
         while self._encoded:
             seq, length, kv, logits, error = self._encoded.popleft()
-            seq.encoding = False
-            if error is not None:
+            if error is not None:  # the sequence stays in the encoded part: the caller releases it
                 raise RuntimeError(f"prefill failed: {error}") from error
+            seq.encoding = False
             if seq.slot < 0:  # released while it was being encoded
                 continue
             self._swap(seq, self.live[self.ready], copy=False)  # to the first slot past the ready ones

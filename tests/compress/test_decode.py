@@ -252,6 +252,10 @@ def test_a_sequence_released_while_it_is_encoded_is_dropped_and_a_failed_prefill
     finally:
         e.close()
     inline = engine(graphs, slots=2)
-    inline.submit([[e.vocab_size + 5]])  # not a token id: the prefill graph fails
+    bad, = inline.submit([[e.vocab_size + 5]])  # not a token id: the prefill graph fails
     with pytest.raises(RuntimeError, match="prefill failed"):
         inline.advance([])
+    inline.release(bad)  # what the served model does with every live sequence after a failure
+    assert_compact(inline)
+    (good, logits), = inline.start_many([[1, 2, 3]])  # and the engine decodes on
+    assert inline.live == [good] and logits.shape == (e.vocab_size,)
