@@ -35,6 +35,14 @@ import numpy as np
 import onnxruntime as ort
 
 
+class PrefillError(RuntimeError):
+    """A prefill failed; ``sequence`` is the one whose logits will never come (release it)."""
+
+    def __init__(self, message: str, sequence: Sequence):
+        super().__init__(message)
+        self.sequence = sequence
+
+
 class Sequence:
     """One live sequence: its slot in the cache buffers and its latest token ids (at least the last context)."""
 
@@ -162,10 +170,11 @@ class DecodeEngine:
         Finished prefills (joins and slides) are stored into their slots and returned too. Blocks for a
         prefill only when nothing else could be returned, or for all of them with ``wait=True``.
         """
+        if any(seq.encoding or seq.slot < 0 for seq, _ in fed) or len({id(seq) for seq, _ in fed}) < len(fed):
+            raise ValueError("each sequence is fed once per round, after advance() returned its logits and "
+                             "before release()")
         stepping, sliding = [], []
         for seq, token in fed:
-            if seq.encoding or seq.slot < 0:
-                raise ValueError("a sequence was fed before advance() returned its logits, or after release()")
             seq.ids.append(int(token))
             if len(seq.ids) > 2 * self.context:  # only the last context tokens can ever be re-encoded
                 del seq.ids[:-self.context]
@@ -299,11 +308,11 @@ class DecodeEngine:
         results = []
         while self._encoded:
             seq, length, kv, logits, error = self._encoded.popleft()
-            if error is not None:  # the sequence stays in the encoded part: the caller releases it
-                raise RuntimeError(f"prefill failed: {error}") from error
-            seq.encoding = False
-            if seq.slot < 0:  # released while it was being encoded
+            if seq.slot < 0:  # released while it was being encoded (or after its prefill failed)
                 continue
+            if error is not None:  # it stays with those being encoded: the caller releases it
+                raise PrefillError(f"prefill failed: {error}", seq) from error
+            seq.encoding = False
             self._swap(seq, self.live[self.ready], copy=False)  # to the first slot past the ready ones
             self.ready += 1
             if length < self.context:  # a full cache is not kept: the sequence's next token slides it
@@ -323,11 +332,18 @@ class DecodeEngine:
     def start_many(self, prompts, tags=None) -> list[tuple[Sequence, np.ndarray]]:
         """Encode several prompts (any lengths) into free slots; (sequence, logits) each, in order."""
         seqs = self.submit(prompts, tags)
-        logits = dict(self.advance([], wait=True))
+        try:
+            logits = dict(self.advance([], wait=True))
+        except PrefillError:
+            for seq in seqs:  # none of them has logits: leave no slot taken
+                self.release(seq)
+            raise
         return [(seq, logits[seq]) for seq in seqs]
 
     def step(self, tokens) -> np.ndarray:
-        """Append ``tokens[i]`` to live sequence ``i`` (slot order) and wait for every next-token logits (n, V)."""
+        """Append ``tokens[i]`` to live sequence ``i`` (slot order) and wait for every next-token logits (n, V),
+        row ``i`` for that same sequence. A slide may reorder the slots: read :attr:`live` again before the next
+        call."""
         live = list(self.live)
         tokens = np.asarray(tokens, np.int64).reshape(len(live)).tolist()
         logits = dict(self.advance(list(zip(live, tokens)), wait=True))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from compress import decode
-from compress.decode_engine import DecodeEngine
+from compress.decode_engine import DecodeEngine, PrefillError
 from tests.compress._trained import charlm
 
 
@@ -80,10 +80,11 @@ def test_a_sequence_sliding_while_others_step_leaves_them_exact(graphs):
     b, logits_b = e.start(short[:5])
     out_b = [int(logits_b.argmax())]
     for k in range(11):  # a fills its cache at step 1 and slides at step 2, b steps on beside it
-        logits = e.step([int(logits_a.argmax()), out_b[-1]])
-        logits_a = logits[a.slot]
-        out_b.append(int(logits[b.slot].argmax()))
-    assert out_b == alone and a.length < 32
+        order = list(e.live)  # the slide moves a behind b: rows follow the order at the call
+        rows = dict(zip(order, e.step([int(logits_a.argmax()) if s is a else out_b[-1] for s in order])))
+        logits_a = rows[a]
+        out_b.append(int(rows[b].argmax()))
+    assert out_b == alone and a.length < 32 and e.live == [b, a]
 
 
 def test_generation_past_the_context_slides_and_continues(graphs):
@@ -206,6 +207,26 @@ def test_prefills_on_their_own_thread_overlap_steps_and_every_sequence_decodes_a
     assert overlapped > 0 and e.free_slots == 6
 
 
+def test_sequences_that_skip_rounds_sit_out_as_idle_rows_and_decode_as_if_alone(graphs):
+    task, model = charlm()
+    prompts = [p[:n] for p, n in zip(decode.prompts(task, model.model_args, 3, 32), (32, 7, 19))]
+    alone = [engine(graphs, slots=1).generate(p, 20) for p in prompts]
+    e = engine(graphs, slots=3)
+    started = e.start_many(prompts)  # the first prompt fills the context: its cache is full until it slides
+    out = {seq: [int(logits.argmax())] for seq, logits in started}
+    for round_ in range(60):
+        # each round one sequence (in turn) is not fed: it sits out as an idle row, its cache untouched
+        fed = [(seq, toks[-1]) for k, (seq, toks) in enumerate(out.items())
+               if k != round_ % 3 and len(toks) < 20]
+        for seq, logits in e.advance(fed, wait=True):
+            out[seq].append(int(logits.argmax()))
+        assert_compact(e)
+    assert [out[seq] for seq, _ in started] == alone  # FP32: exactly the solo tokens
+    with pytest.raises(ValueError, match="fed once per round"):
+        seq = started[1][0]
+        e.advance([(seq, 1), (seq, 2)])
+
+
 def test_a_group_joining_at_once_is_split_so_its_first_chunk_steps_while_the_rest_is_encoded(graphs):
     task, model = charlm()
     prompts = [p[:n] for p, n in zip(decode.prompts(task, model.model_args, 7, 40), (20, 9, 31, 32, 14, 3, 25))]
@@ -235,10 +256,10 @@ def test_a_group_joining_at_once_is_split_so_its_first_chunk_steps_while_the_res
     e = DecodeEngine(str(graphs[0]), str(graphs[1]), max_sequences=7, threads=1, prefill_thread=True,
                      prefill_chunk=2)
     try:
-        out, overlapped = drive(e, prompts, 30, dict.fromkeys(range(7), 0))
+        out, _ = drive(e, prompts, 30, dict.fromkeys(range(7), 0))
     finally:
         e.close()
-    assert [out[k] for k in range(7)] == alone and overlapped > 0
+    assert [out[k] for k in range(7)] == alone
 
 
 def test_a_sequence_released_while_it_is_encoded_is_dropped_and_a_failed_prefill_is_raised(graphs):
@@ -253,9 +274,13 @@ def test_a_sequence_released_while_it_is_encoded_is_dropped_and_a_failed_prefill
         e.close()
     inline = engine(graphs, slots=2)
     bad, = inline.submit([[e.vocab_size + 5]])  # not a token id: the prefill graph fails
-    with pytest.raises(RuntimeError, match="prefill failed"):
+    with pytest.raises(PrefillError, match="prefill failed") as failure:
         inline.advance([])
+    assert failure.value.sequence is bad
     inline.release(bad)  # what the served model does with every live sequence after a failure
     assert_compact(inline)
+    with pytest.raises(PrefillError):  # two failed prompts: their slots are freed, and no stale error remains
+        inline.start_many([[e.vocab_size + 5], [e.vocab_size + 6]])
+    assert inline.free_slots == 2
     (good, logits), = inline.start_many([[1, 2, 3]])  # and the engine decodes on
     assert inline.live == [good] and logits.shape == (e.vocab_size,)
