@@ -36,7 +36,7 @@ import onnxruntime as ort
 
 
 class PrefillError(RuntimeError):
-    """A prefill failed; ``sequence`` is the one whose logits will never come (release it)."""
+    """A prompt's prefill failed (raised by the synchronous API); ``sequence`` is the one it was for."""
 
     def __init__(self, message: str, sequence: Sequence):
         super().__init__(message)
@@ -101,6 +101,7 @@ class DecodeEngine:
         self.keep = max(1, self.context // 2)
         self._bindings: dict[int, tuple] = {}
         self._encoded: deque = deque()  # (sequence, length, K/V rows, logits, error) from finished prefills
+        self.failures: list[tuple[Sequence, BaseException]] = []  # failed prefills (released); the caller drains
         self._done = threading.Condition()
         self._encodes: queue.SimpleQueue | None = None
         self._worker: threading.Thread | None = None
@@ -168,7 +169,9 @@ class DecodeEngine:
         Fed sequences with a full cache slide (re-encoded from their last tokens, perhaps in the
         background); the others run as one batch through the step graph, their caches updated in place.
         Finished prefills (joins and slides) are stored into their slots and returned too. Blocks for a
-        prefill only when nothing else could be returned, or for all of them with ``wait=True``.
+        prefill only when nothing else could be returned, or for all of them with ``wait=True``. A sequence
+        whose prefill failed is released and listed in :attr:`failures` with its error, for the caller to
+        drain; the other sequences go on.
         """
         if any(seq.encoding or seq.slot < 0 for seq, _ in fed) or len({id(seq) for seq, _ in fed}) < len(fed):
             raise ValueError("each sequence is fed once per round, after advance() returned its logits and "
@@ -308,10 +311,12 @@ class DecodeEngine:
         results = []
         while self._encoded:
             seq, length, kv, logits, error = self._encoded.popleft()
-            if seq.slot < 0:  # released while it was being encoded (or after its prefill failed)
+            if seq.slot < 0:  # released while it was being encoded
                 continue
-            if error is not None:  # it stays with those being encoded: the caller releases it
-                raise PrefillError(f"prefill failed: {error}", seq) from error
+            if error is not None:  # no logits will ever come: free its slot, and tell the caller
+                self.release(seq)
+                self.failures.append((seq, error))
+                continue
             seq.encoding = False
             self._swap(seq, self.live[self.ready], copy=False)  # to the first slot past the ready ones
             self.ready += 1
@@ -332,12 +337,13 @@ class DecodeEngine:
     def start_many(self, prompts, tags=None) -> list[tuple[Sequence, np.ndarray]]:
         """Encode several prompts (any lengths) into free slots; (sequence, logits) each, in order."""
         seqs = self.submit(prompts, tags)
-        try:
-            logits = dict(self.advance([], wait=True))
-        except PrefillError:
-            for seq in seqs:  # none of them has logits: leave no slot taken
+        logits = dict(self.advance([], wait=True))
+        failed = [(seq, error) for seq, error in self.failures if seq in seqs]
+        if failed:
+            self.failures = [f for f in self.failures if f not in failed]
+            for seq in seqs:  # the prompts are refused together: leave no slot taken
                 self.release(seq)
-            raise
+            raise PrefillError(f"prefill failed: {failed[0][1]}", failed[0][0]) from failed[0][1]
         return [(seq, logits[seq]) for seq in seqs]
 
     def step(self, tokens) -> np.ndarray:

@@ -182,6 +182,10 @@ class TritonPythonModel:
                     seq.tag.next_token = None
                 # one batched step for the fed sequences; joins and slides come back when their prefill is done
                 ready = engine.advance(fed)
+                while engine.failures:  # a prefill that failed fails its own request only (already released)
+                    seq, error = engine.failures.pop()
+                    self.outbox.put((seq.tag, pb_utils.InferenceResponse(output_tensors=[], error=_error(
+                        f"{self.model_name}: generation failed: {error}", "INTERNAL")), FINAL))
                 if ready:
                     self._emit_all([seq for seq, _ in ready], np.stack([logits for _, logits in ready]))
             except Exception as exc:  # never leave a client waiting: fail every live sequence

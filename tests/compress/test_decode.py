@@ -274,13 +274,12 @@ def test_a_sequence_released_while_it_is_encoded_is_dropped_and_a_failed_prefill
         e.close()
     inline = engine(graphs, slots=2)
     bad, = inline.submit([[e.vocab_size + 5]])  # not a token id: the prefill graph fails
-    with pytest.raises(PrefillError, match="prefill failed") as failure:
-        inline.advance([])
-    assert failure.value.sequence is bad
-    inline.release(bad)  # what the served model does with every live sequence after a failure
-    assert_compact(inline)
-    with pytest.raises(PrefillError):  # two failed prompts: their slots are freed, and no stale error remains
-        inline.start_many([[e.vocab_size + 5], [e.vocab_size + 6]])
-    assert inline.free_slots == 2
+    assert inline.advance([]) == [] and bad.slot == -1 and inline.free_slots == 2  # released, and said so
+    (failed, error), = inline.failures
+    assert failed is bad and isinstance(error, Exception)
+    inline.failures.clear()
+    with pytest.raises(PrefillError, match="prefill failed"):  # the synchronous API raises, freeing every slot
+        inline.start_many([[1, 2], [e.vocab_size + 6]])  # (one padded batch: both prompts failed)
+    assert inline.free_slots == 2 and not inline.failures
     (good, logits), = inline.start_many([[1, 2, 3]])  # and the engine decodes on
     assert inline.live == [good] and logits.shape == (e.vocab_size,)

@@ -156,6 +156,30 @@ def test_a_cancelled_request_frees_its_slot(generation):
     assert not generation.engine.live and produced < 64 and generation.live_gauge.value == 0
 
 
+def test_a_failed_prefill_fails_its_own_request_and_the_others_go_on(generation, monkeypatch):
+    generation.interval_s = 0.0
+    poison = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9]
+    real = generation.engine.prefill
+
+    class Failing:  # the prefill graph fails on the poisoned prompt only
+        def run(self, names, feed):
+            if any(row[:len(poison)].tolist() == poison for row in feed["input_ids"]):
+                raise RuntimeError("out of memory")
+            return real.run(names, feed)
+
+    monkeypatch.setattr(generation.engine, "prefill", Failing())
+    good = Sender(None)
+    generation.execute([Request(good, input_ids=np.array([1, 2, 3]), max_new_tokens=np.array([64], np.int32))])
+    deadline = time.monotonic() + 10
+    while not good.responses and time.monotonic() < deadline:  # decoding: the next prefill overlaps its steps
+        time.sleep(0.005)
+    bad = run(generation, input_ids=np.array(poison), max_new_tokens=np.array([8], np.int32))
+    assert len(bad.responses) == 1 and "generation failed: out of memory" in str(bad.responses[0].error)
+    assert good.finished.wait(20)
+    assert sum(len(r.outputs["token_ids"]) for r in good.responses) == 64 and not good.responses[-1].error
+    assert not generation.engine.live
+
+
 @pytest.mark.parametrize(("inputs", "words"), [
     ({"input_ids": np.array([], np.int64)}, "empty"),
     ({"input_ids": np.array([1]), "max_new_tokens": np.array([65], np.int32)}, "within 1..64"),
