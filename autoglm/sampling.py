@@ -34,11 +34,13 @@ class Sampler:
         """One token id from the last position's logits (V,)."""
         if self.temperature == 0:
             return int(logits.argmax())
-        z = logits.astype(np.float64) / self.temperature
+        z = logits.astype(np.float64)
         if self.top_k is not None and self.top_k < z.size:
             kth = np.partition(z, -self.top_k)[-self.top_k]
             z = np.where(z < kth, -np.inf, z)
-        p = np.exp(z - z.max())
+        # shift before scaling: a tiny temperature then sends the others to -inf, never inf - inf = NaN
+        with np.errstate(over="ignore"):
+            p = np.exp((z - z.max()) / self.temperature)
         p /= p.sum()
         if self.top_p is not None and self.top_p < 1:
             order = np.argsort(-p)

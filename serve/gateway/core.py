@@ -140,13 +140,17 @@ class Gateway:
     async def stream(self, model: str, payload: dict) -> AsyncIterator[dict]:
         """Triton's ``generate_stream`` for ``model``: each Server-Sent Event's JSON, as it arrives.
 
-        Refused before the first event maps like :meth:`call` (Triton's 400 -> 422 naming the input;
-        a full model -> 503); an error event mid-stream raises Refused(502).
+        Refused before the first event maps like :meth:`call` (Triton's 400 -> 422 naming the input,
+        unless the model failed; a full model -> 503); an error event mid-stream raises Refused(502); a
+        reply that is not a well-formed event stream (a malformed event, one cut off) raises Refused(502).
         """
         target = b"/v2/models/%s/generate_stream" % model.encode()
         timeout = self.settings.request_timeout_s
         try:
             async with self.pool.stream(b"POST", target, orjson.dumps(payload), (JSON,), timeout) as reply:
+                if reply.status != 200:  # refused before any response: an error body (JSON, or one event)
+                    body = b"".join([chunk async for chunk in reply.body(timeout)])
+                    raise self._stream_failure(reply.status, _triton_message(body.strip().removeprefix(b"data:")))
                 pending = b""
                 async for chunk in reply.body(timeout):
                     pending += chunk
@@ -155,10 +159,17 @@ class Gateway:
                         data = b"".join(line[5:] for line in event.split(b"\n") if line.startswith(b"data:"))
                         if not data:
                             continue
-                        message = orjson.loads(data)
+                        try:
+                            message = orjson.loads(data)
+                        except orjson.JSONDecodeError:
+                            message = None
+                        if not isinstance(message, dict):
+                            raise UpstreamError(f"Triton sent a malformed event: {data[:120]!r}")
                         if "error" in message:
                             raise self._stream_failure(reply.status, str(message["error"]))
                         yield message
+                if pending.strip():
+                    raise UpstreamError("Triton's event stream ended inside an event")
         except UpstreamError as exc:
             raise self._transport_failure(exc) from None
 
@@ -176,8 +187,13 @@ class Gateway:
             self.metrics.triton_error("overloaded")
             return Refused(503, f"Triton is overloaded: {message}",
                            ((b"retry-after", str(self.settings.retry_after_s).encode()),))
-        if status == 400:
+        if "unknown model" in message or "not ready" in message:  # unloaded, or restarting: not the client's fault
+            self.metrics.triton_error("unavailable")
+            return Refused(503, f"the generation model is not available: {message}; retry shortly",
+                           ((b"retry-after", str(self.settings.retry_after_s).encode()),))
+        if status == 400 and "generation failed" not in message:  # the model's checks of the request
             return BadInput(f"Triton refused the request: {message}", 422)
+        # Triton answers 400 for any error in the first response: the model's own failures are 502 too
         self.metrics.triton_error("status_5xx")
         return Refused(502, f"generation failed: {message}")
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -22,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from autoglm.sampling import Sampler, StopMatcher
 from serve.gateway.core import Gateway
 from serve.gateway.errors import BadInput, Refused
+
+log = logging.getLogger("serve.gateway")
 
 
 # ---- classify ------------------------------------------------------------------------------------
@@ -88,7 +91,7 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, description="text to continue; every character must be in the vocabulary")
     max_new_tokens: int = Field(64, ge=1, description="characters to generate (bounded by the gateway's limit)")
     temperature: float = Field(1.0, ge=0, le=100, description="0 picks the most likely character")
-    top_k: int | None = Field(None, ge=1, description="sample among the k most likely characters")
+    top_k: int | None = Field(None, ge=1, le=2**31 - 1, description="sample among the k most likely characters")
     top_p: float | None = Field(None, gt=0, le=1, description="sample among the most likely characters whose "
                                 "probabilities add up to top_p (nucleus sampling)")
     seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the sampling for reproducible text")
@@ -185,7 +188,9 @@ async def generate(gw: Gateway, name: str, model: str, req: GenerateRequest) -> 
     text, tokens, reason = [], 0, ""
     async for piece, tokens, reason in decode(gw, model, req, prompt_ids):
         text.append(piece)
-    return GenerateResponse(model=model, text="".join(text), tokens=tokens, finish_reason=reason or "length")
+    if not reason:
+        raise Refused(502, "the generation ended without its final response (Triton stopped early)")
+    return GenerateResponse(model=model, text="".join(text), tokens=tokens, finish_reason=reason)
 
 
 async def generate_events(gw: Gateway, name: str, model: str, req: GenerateRequest, prompt_ids: np.ndarray,
@@ -196,18 +201,35 @@ async def generate_events(gw: Gateway, name: str, model: str, req: GenerateReque
     stream to Triton, which frees the sequence there."""
     model, decode = decoder(gw, name, model)
     text, tokens, reason = [], 0, ""
+    pieces = decode(gw, model, req, prompt_ids)
+    deadline = asyncio.get_running_loop().time() + deadline_s
     try:
-        async with asyncio.timeout(deadline_s):
-            async for piece, tokens, reason in decode(gw, model, req, prompt_ids):
-                if piece:
-                    text.append(piece)
-                    yield b"data: " + orjson.dumps({"delta": piece, "tokens": tokens}) + b"\n\n"
+        while True:
+            # the deadline bounds the generation, never a send: a slow reader is not a timeout of ours
+            async with asyncio.timeout_at(deadline):
+                try:
+                    piece, tokens, reason = await anext(pieces)
+                except StopAsyncIteration:
+                    break
+            if piece:
+                text.append(piece)
+                yield b"data: " + orjson.dumps({"delta": piece, "tokens": tokens}) + b"\n\n"
     except (Refused, TimeoutError) as exc:  # the status line is sent already: report in the stream
         message = str(exc) or f"no answer within the request timeout of {deadline_s:g} s"
         yield b"event: error\ndata: " + orjson.dumps({"error": message}) + b"\n\n"
         return
+    except Exception as exc:  # noqa: BLE001 -- a bug must still end the stream with an error event
+        log.exception("generation stream failed")
+        yield b"event: error\ndata: " + orjson.dumps({"error": f"generation failed: {exc}"}) + b"\n\n"
+        return
+    finally:
+        await pieces.aclose()  # closes the stream to Triton (which frees the sequence) on every exit
+    if not reason:
+        yield b"event: error\ndata: " + orjson.dumps({"error": "the generation ended without its final "
+                                                                 "response (Triton stopped early)"}) + b"\n\n"
+        return
     yield b"data: " + orjson.dumps({"model": model, "text": "".join(text), "tokens": tokens,
-                                    "finish_reason": reason or "length"}) + b"\n\n"
+                                    "finish_reason": reason}) + b"\n\n"
 
 
 def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:

@@ -34,6 +34,11 @@ def test_a_seed_reproduces_the_sequence_and_seeds_are_independent():
     assert first == [b(LOGITS) for _ in range(50)] != [c(LOGITS) for _ in range(50)]
 
 
+def test_a_tiny_temperature_is_greedy_not_nan():
+    assert {Sampler(temperature=1e-308, seed=k)(LOGITS) for k in range(20)} == {0}
+    assert Sampler(temperature=1e-308, top_k=2, seed=0)(LOGITS) == 0
+
+
 @pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_k": 0}, {"top_p": 0}, {"top_p": 1.5}])
 def test_bad_parameters_raise(kwargs):
     with pytest.raises(ValueError):

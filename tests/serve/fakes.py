@@ -60,6 +60,7 @@ class FakeTriton:
         self.token_delay_s = 0.0  # time the fake KV model takes per token
         self.live = 0  # generations streaming now (the KV model's in-flight sequences)
         self.stream_error: tuple[int, str] | None = None  # answer generate_stream with this status and error
+        self.stream_raw: tuple[int, bytes] | None = None  # or with this status and these bytes, verbatim
 
     async def request(self, method: bytes, target: bytes, body: bytes = b"", headers=(), timeout_s: float = 30):
         self.requests.append((method, target, body, dict(headers)))
@@ -124,8 +125,13 @@ class _FakeStream:
     def __init__(self, triton: FakeTriton, request: dict):
         self.triton, self.request = triton, request
         self.status = self.triton.stream_error[0] if self.triton.stream_error else 200
+        if self.triton.stream_raw:
+            self.status = self.triton.stream_raw[0]
 
     async def body(self, idle_timeout_s: float):
+        if self.triton.stream_raw:
+            yield self.triton.stream_raw[1]
+            return
         if self.triton.stream_error:
             yield b"data: " + orjson.dumps({"error": self.triton.stream_error[1]}) + b"\n\n"
             return

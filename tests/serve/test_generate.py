@@ -97,6 +97,7 @@ async def test_a_client_that_goes_away_closes_the_stream_to_triton():
     ({"prompt": "a", "stop": [""]}, "stop"),
     ({"prompt": "a", "stop": ["a"] * 9}, "stop"),
     ({"prompt": "a", "seed": -1}, "seed"),
+    ({"prompt": "a", "top_k": 2**31}, "top_k"),
     ({"prompt": "a", "max_new_tokens": 0}, "max_new_tokens"),
     ({"prompt": "a", "max_new_tokens": 257}, "limit of 256"),
 ])
@@ -111,7 +112,7 @@ async def test_bad_generation_parameters_are_refused_before_triton(payload, word
 @pytest.mark.parametrize(("status", "message", "expected"), [
     (400, "charlm-generate: 256 requests are already waiting; retry later", 503),
     (400, "charlm-generate: token ids must be within 0..3", 422),
-    (500, "charlm-generate: generation failed: boom", 502),
+    (400, "charlm-generate: generation failed: boom", 502),  # Triton says 400 for any first-response error
 ])
 async def test_triton_generation_errors_map_to_gateway_statuses(status, message, expected):
     gw, triton = fake_gateway(CHARLM_KV)
@@ -121,6 +122,26 @@ async def test_triton_generation_errors_map_to_gateway_statuses(status, message,
         streamed = await c.post("/v1/models/charlm:generate", json={"prompt": "a", "stream": True})
     assert reply.status == expected and message in reply.error
     assert streamed.status == 200 and b"event: error" in streamed.body and message.encode() in streamed.body
+
+
+@pytest.mark.parametrize(("status", "raw", "expected", "words"), [
+    (400, b'{"error":"charlm-generate: token ids must be within 0..3"}', 422, "token ids"),  # plain JSON body
+    (400, b'{"error":"Request for unknown model: \'charlm-generate\' is not found"}', 503, "unknown model"),
+    (200, b"data: {not json}\n\n", 502, "malformed event"),
+    (200, b"data: [1, 2]\n\n", 502, "malformed event"),
+    (200, b'data: {"token_ids": 1, "text": "b", "finish_reason": ""}\n\n', 502, "without its final response"),
+    (200, b'data: {"token_ids": 1, "text": "b", "finish_reason": "len', 502, "ended inside an event"),
+])
+async def test_a_reply_that_is_not_a_whole_event_stream_is_an_error_never_an_empty_success(status, raw, expected,
+                                                                                          words):
+    gw, triton = fake_gateway(CHARLM_KV)
+    triton.stream_raw = (status, raw)
+    async with client(gw) as c:
+        reply = await c.post("/v1/models/charlm:generate", json={"prompt": "a"})
+        streamed = await c.post("/v1/models/charlm:generate", json={"prompt": "a", "stream": True})
+    assert reply.status == expected and words in reply.error, reply.body
+    assert streamed.body.endswith(b"\n\n") and b"event: error" in streamed.body and words.encode() in streamed.body
+    assert b'"finish_reason"' not in streamed.body.split(b"event: error")[-1]
 
 
 async def test_the_generation_model_answers_only_generate():
