@@ -78,7 +78,8 @@ def _load(url: str, body: Path, headers: dict, concurrency: int, duration_s: flo
                          timeout=duration_s * 4 + 60, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     served = max(1, result["requests"] + result["warm_requests"])
-    result["cpu_us"] = {name: (sum(map(cpu_seconds, procs)) - before[name]) / served * 1e6 for name, procs in trees.items()}
+    result["cpu_us"] = {name: (sum(map(cpu_seconds, procs)) - before[name]) / served * 1e6
+                        for name, procs in trees.items()}
     return result
 
 

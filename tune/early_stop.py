@@ -60,7 +60,10 @@ class ParetoHalving:
         return steps
 
     def _minimized(self, values: Sequence[float]) -> tuple[float, ...]:
-        return tuple(-v if d == "maximize" else v for v, d in zip(values, self.directions, strict=True))
+        """Every objective minimized; a value that is not finite (a diverged loss: NaN) is the worst there is,
+        since NaN compares false both ways and would never be dominated."""
+        return tuple(math.inf if not math.isfinite(v) else -v if d == "maximize" else v
+                     for v, d in zip(values, self.directions, strict=True))
 
     def survives(self, own: Sequence[float], others: Sequence[Sequence[float]]) -> bool:
         """Whether a trial with ``own`` values stays, given the other trials' values at the same rung."""

@@ -52,9 +52,14 @@ def trial_settings(settings: Settings, groups: dict[str, dict[str, Any]], varian
 
 
 def training_key(task: Task, settings: Settings, model_args: dict[str, Any]) -> str:
-    """Everything that shapes a trained model; equal keys share one checkpoint."""
-    shape = {"task": task.name, "data": settings.task.data, "model": model_args, "seed": settings.run.seed,
-             "train": settings.train.model_dump(mode="json")}
+    """Everything that shapes a trained model; equal keys share one checkpoint. A data file counts by its size
+    and modification time too (a regenerated file retrains); DDP ranks sample with seeds of their own."""
+    data: Any = settings.task.data
+    if data and Path(data).is_file():
+        stat = Path(data).stat()
+        data = [data, stat.st_size, stat.st_mtime_ns]
+    shape = {"task": task.name, "data": data, "model": model_args, "seed": settings.run.seed,
+             "train": settings.train.model_dump(mode="json"), "ddp_procs": settings.tune.ddp_procs}
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -100,7 +105,8 @@ class Objective:
         objectives = {"metric": variant.metrics[self.task.metric], "latency": serving["p95_ms"],
                       "energy": serving["j_per_item"]}
         trial.set_user_attr("variant", variant.to_dict(out))
-        trial.set_user_attr("compress", {"variants": [variant_name], "quantize": {"mode": settings.compress.quantize.mode},
+        trial.set_user_attr("compress", {"variants": [variant_name],
+                                         "quantize": {"mode": settings.compress.quantize.mode},
                                          "prune": settings.compress.prune.model_dump(mode="json")})
         trial.set_user_attr("objectives", objectives)
         write_atomic(out / "metrics.json", (json.dumps({"params": trial.params, "objectives": objectives,

@@ -52,7 +52,8 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _plots(study, points: list[Point], chosen: Point, objectives: list[str], metric: str) -> list[tuple[str, str]]:
+def _plots(study, points: list[Point], chosen: Point, objectives: list[str], metric: str,
+           direction: str) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +87,7 @@ def _plots(study, points: list[Point], chosen: Point, objectives: list[str], met
     finished = [t for t in study.get_trials(deepcopy=False) if "compute" in t.user_attrs]
     scored = [t for t in finished if t.state.name == "COMPLETE"]
     if scored:
-        sign = -1 if study.directions[0].name.lower() == "maximize" else 1
+        sign = -1 if direction == "maximize" else 1  # the metric's own: it need not be the first objective
         cpu, best, spent, current = [], [], 0.0, None
         for t in finished:
             spent += t.user_attrs["compute"]["cpu_s"]
@@ -124,7 +125,7 @@ def write_report(study, points: list[Point], chosen: Point, settings, task, path
     objectives = list(settings.tune.objectives)
     method = chosen.compute.get("energy_method", "")
     plots = "".join(f"<h2>{title}</h2><img src='{src}' alt='{title}'>" for title, src in
-                    _plots(study, points, chosen, objectives, task.metric))
+                    _plots(study, points, chosen, objectives, task.metric, task.direction))
     selected = "".join(f"<li>{html.escape(k)}: {v:.5g}</li>" for k, v in chosen.objectives.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>AutoGLM tune: {task.name}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;font-size:13px}}

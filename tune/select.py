@@ -35,8 +35,8 @@ def pareto_points(study) -> list[Point]:
     points = []
     for t in study.best_trials:
         a = t.user_attrs
-        points.append(Point(t.number, dict(a["objectives"]), dict(t.params),
-                            f"trials/{t.number:04d}/model.pt", a["compress"], a["variant"]["name"], a.get("compute", {})))
+        points.append(Point(t.number, dict(a["objectives"]), dict(t.params), f"trials/{t.number:04d}/model.pt",
+                            a["compress"], a["variant"]["name"], a.get("compute", {})))
     return sorted(points, key=lambda p: p.trial)
 
 

@@ -48,8 +48,11 @@ class CompressionSiblings:
         complete = optuna.trial.TrialState.COMPLETE
         if not self.searched or trial.state != complete or "sibling_of" in trial.user_attrs:
             return
-        metrics = [t.values[0] for t in study.get_trials(deepcopy=False, states=(complete,))]
-        if trial.values[0] != (max if self.maximize else min)(metrics):
+        # the task's metric as recorded (it need not be an objective, nor the first one)
+        metrics = [t.user_attrs["objectives"]["metric"] for t in study.get_trials(deepcopy=False, states=(complete,))
+                   if "objectives" in t.user_attrs]
+        if not metrics or trial.user_attrs.get("objectives", {}).get("metric") != \
+                (max if self.maximize else min)(metrics):
             return
         siblings = sibling_params(trial.params, self.space)
         if self.room is not None:

@@ -76,6 +76,9 @@ def apply_overrides(space: dict[str, Any], overrides: Mapping[str, Any]) -> dict
                                   "step or choices")
             knob = out[name] if isinstance(out[name], Knob) else Knob("float", out[name])
             changes = dict(value)
+            if "choices" in changes and not isinstance(changes["choices"], list | tuple):
+                raise ConfigError(f"tune.space.{name}.choices must be a list, e.g. [64, 128] (got "
+                                  f"{changes['choices']!r})")
             if "choices" in changes:
                 changes = {"choices": tuple(changes["choices"]), "kind": "categorical"}
             out[name] = _checked(name, replace(knob, **changes))
@@ -93,6 +96,8 @@ def _check_value(name: str, knob: Knob, value: Any) -> None:
     a batch size of 0 trains on empty batches)."""
     knob.check(f"tune.space.{name}", value)
     group, _, key = name.partition(".")
+    if name == "prune.ratio" and not 0 <= value < 1:  # 0: pruning off (a trial may choose it)
+        raise ConfigError(f"tune.space.prune.ratio={value!r} is invalid: use 0 <= ratio < 1")
     if group == "train":
         from pydantic import ValidationError
 
@@ -105,11 +110,27 @@ def _check_value(name: str, knob: Knob, value: Any) -> None:
                               f"(as train.{key})") from None
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _checked(name: str, knob: Knob) -> Knob:
+    """A range Optuna can sample: numbers where numbers go, low <= high, a positive step, a boolean log."""
+    where = f"tune.space.{name}"
+    if not isinstance(knob.log, bool):
+        raise ConfigError(f"{where}: log must be true or false (got {knob.log!r})")
     if knob.kind == "categorical":
         if not knob.choices:
-            raise ConfigError(f"tune.space.{name}: choices must not be empty")
+            raise ConfigError(f"{where}: choices must not be empty")
         return knob
+    for field in ("low", "high"):
+        value = getattr(knob, field)
+        if value is not None and not _number(value):
+            raise ConfigError(f"{where}: {field} must be a number, not {value!r} (write 1e-4, not \"1e-4\")")
+    if knob.step is not None and (not _number(knob.step) or knob.step <= 0):
+        raise ConfigError(f"{where}: step must be a positive number (got {knob.step!r})")
+    if knob.kind == "int" and knob.log and knob.step not in (None, 1):
+        raise ConfigError(f"{where}: a log range of integers takes no step (got step={knob.step})")
     if knob.low is None or knob.high is None or knob.low > knob.high:
         raise ConfigError(f"tune.space.{name}: need low <= high (got low={knob.low}, high={knob.high})")
     if knob.log and knob.low <= 0:
@@ -174,6 +195,8 @@ def _into(name: str, knob: Knob, value: Any) -> Any:
         if isinstance(value, int | float) and all(isinstance(c, int | float) for c in knob.choices):
             return min(knob.choices, key=lambda c: abs(c - value))
         raise ConfigError(f"tune.warm_start: {name}={value!r} is not among the searched {list(knob.choices)}")
+    if not _number(value):
+        raise ConfigError(f"tune.warm_start: {name}={value!r} must be a number within {knob.low}..{knob.high}")
     value = min(max(value, knob.low), knob.high)
     if knob.step and not knob.log:
         value = knob.low + round((value - knob.low) / knob.step) * knob.step

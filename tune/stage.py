@@ -9,6 +9,7 @@ completed trial is in the storage, and a trial its dead worker left running is r
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tune.space import build_space, warm_start_params
 from tune.storage import directions, open_study, recover_stale_trials, warm_start
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+STOPPED_ATTR = "worker_{}_stopped"  # study attribute: that worker's optimize has returned
 
 
 def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
@@ -43,6 +45,9 @@ def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
     def room(study) -> int:  # trials this worker will still run
         return share(tune, tune.worker_index) - finished_by(study.get_trials(deepcopy=False), mine)
 
+    stopped = STOPPED_ATTR.format(tune.worker_index)
+    if tune.workers > 1:
+        study.set_user_attr(stopped, False)  # running (again): worker 0 waits for this share
     remaining = room(study)
     if remaining > 0:
         objective = Objective(task, settings, space, tune_dir, dirs)
@@ -51,6 +56,8 @@ def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
         with fixed_threads(settings.run.threads), _progress(progress, settings.tune.n_trials, done) as tick:
             study.optimize(objective, n_trials=remaining, timeout=settings.tune.timeout_s,
                            callbacks=[tick, *callbacks], catch=(Exception,), gc_after_trial=True)
+    if tune.workers > 1:
+        study.set_user_attr(stopped, True)  # its share may be unfinished (tune.timeout_s): worker 0 stops waiting
     return task, study
 
 
@@ -68,7 +75,12 @@ def wait_for_workers(settings: Settings, study, poll_s: float = 5.0) -> None:
     """Worker 0 selects once every worker finished its share (the others exit after theirs); a worker
     that never comes back is bounded by the Job's activeDeadlineSeconds."""
     tune = settings.tune
-    while any(finished_by(study.get_trials(deepcopy=False), i) < share(tune, i) for i in range(tune.workers)):
+
+    def busy(i: int) -> bool:
+        return not study.user_attrs.get(STOPPED_ATTR.format(i)) and \
+            finished_by(study.get_trials(deepcopy=False), i) < share(tune, i)
+
+    while any(busy(i) for i in range(tune.workers)):
         time.sleep(poll_s)
 
 
@@ -82,8 +94,11 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True) -> 
         print(f"tune: up to date in {writer.dir} (use --force to redo)")
         return run.manifest("tune")
     writer.invalidate()
-    if force and not settings.tune.storage:
+    if force and not settings.tune.storage and settings.tune.worker_index == 0:
+        # only worker 0 starts the study afresh: a later worker must not delete trials others already wrote
         (writer.dir / "study.journal").unlink(missing_ok=True)
+        for kept in ("cache", "trials"):  # --force redoes the training too, not only the search
+            shutil.rmtree(writer.dir / kept, ignore_errors=True)
 
     task, study = run_study(settings, writer.dir, progress)
     if settings.tune.workers > 1:  # one study, one selection: worker 0 makes it when all shares are done

@@ -133,7 +133,10 @@ def recover_stale_trials(study) -> list[int]:
         pid = trial.user_attrs.get("pid")
         if trial.user_attrs.get("host") != host or pid is None or _alive(pid, trial.user_attrs.get("started")):
             continue
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker (or a heartbeat) recovered it first
+            continue
         if "retry_of" not in trial.user_attrs:  # retry once; presence, as trial 0 is falsy
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
         recovered.append(trial.number)

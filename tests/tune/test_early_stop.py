@@ -37,6 +37,13 @@ def test_a_dominated_trial_is_stopped():
     assert not rule().survives((0.50, 3.0, 3.0), others)
 
 
+def test_a_diverged_trial_is_stopped_and_does_not_crowd_out_good_ones():
+    loss = ("minimize", "minimize", "minimize")
+    good = [(2.0 + i / 10, 1.0, 1.0) for i in range(8)]
+    assert not rule(loss).survives((float("nan"), 5.0, 5.0), good)  # NaN compared false both ways: never stopped
+    assert rule(loss).survives(good[0], [(float("nan"), 0.1, 0.1)] * 8 + good[1:])
+
+
 def test_a_non_dominated_trial_is_kept_however_many_trials_beat_it_elsewhere():
     # worst latency and energy of all, but the best accuracy: first Pareto front, so it must stay
     others = [(0.90 - i / 100, 1.0, 1.0) for i in range(20)]

@@ -20,16 +20,18 @@ def test_siblings_are_every_quantization_mode_with_pruning_off_except_the_trial_
                                              for m in ("none", "dynamic", "static")]
     assert [p["quantize.mode"] for p in sibling_params(plain, SPACE)] == ["dynamic", "static"]
     fixed_mode = {**SPACE, "quantize.mode": "dynamic"}  # not searched: only pruning is turned off
-    assert sibling_params({"train.lr": 3e-3, "prune.ratio": 0.5}, fixed_mode) == [{"train.lr": 3e-3, "prune.ratio": 0.0}]
+    assert sibling_params({"train.lr": 3e-3, "prune.ratio": 0.5}, fixed_mode) == \
+        [{"train.lr": 3e-3, "prune.ratio": 0.0}]
 
 
-def told(study, params, metric, **attrs):
+def told(study, params, metric, values=None, **attrs):
     """A finished trial with ``params``, added as another worker would have finished it."""
     dists = {"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
              "quantize.mode": optuna.distributions.CategoricalDistribution(SPACE["quantize.mode"].choices),
              "prune.ratio": optuna.distributions.FloatDistribution(0.0, 0.5, step=0.25)}
     study.add_trial(optuna.trial.create_trial(params=params, distributions={k: dists[k] for k in params},
-                                              values=(metric, 1.0, 1.0), user_attrs=attrs))
+                                              values=values or (metric, 1.0, 1.0),
+                                              user_attrs={"objectives": {"metric": metric, "latency": 1.0}, **attrs}))
     return study.trials[-1]
 
 
@@ -70,6 +72,18 @@ def test_a_minimized_metric_and_a_space_without_compression_knobs(study):
     assert len(waiting(study)) == 2
     CompressionSiblings({"train.lr": SPACE["train.lr"]}, "maximize")(study, first)
     assert len(waiting(study)) == 2
+
+
+def test_the_best_is_judged_by_the_task_metric_whatever_the_objectives_order():
+    study = optuna.create_study(directions=["minimize", "maximize"])  # tune.objectives = ["latency", "metric"]
+    callback = CompressionSiblings(SPACE, "maximize")
+    static = {"quantize.mode": "static", "prune.ratio": 0.0}
+    slow_best = told(study, {"train.lr": 3e-3, **static}, 0.95, values=(9.0, 0.95))
+    fast_worse = told(study, {"train.lr": 1e-3, **static}, 0.90, values=(1.0, 0.90))
+    callback(study, fast_worse)
+    assert not waiting(study)
+    callback(study, slow_best)
+    assert {params["train.lr"] for params, _ in waiting(study)} == {3e-3}
 
 
 def test_no_more_siblings_are_queued_than_the_study_will_still_run(study):

@@ -68,6 +68,11 @@ def test_a_toml_file_can_name_only_the_knobs_to_search(tmp_path):
     ("default", {"train.batch_size": 0}, "train.batch_size=0 is invalid"),
     ("default", {"train.warmup_frac": {"low": 0.0, "high": 1.5}}, "train.warmup_frac=1.5 is invalid"),
     ("default", {"quantize.mode": "fast"}, "use one of ['none', 'dynamic', 'static']"),
+    ("default", {"train.lr": {"low": "1e-4"}}, "low must be a number, not '1e-4'"),
+    ("default", {"train.batch_size": {"choices": 64}}, "choices must be a list"),
+    ("default", {"train.lr": {"log": "no"}}, "log must be true or false"),
+    ("default", {"train.warmup_frac": {"step": 0}}, "step must be a positive number"),
+    ("default", {"prune.ratio": {"high": 1.0}}, "prune.ratio=1.0 is invalid"),
     ("fastest", {}, "unknown search space preset 'fastest'"),
     ("missing.toml", {}, "missing.toml does not exist"),
 ])
@@ -138,3 +143,5 @@ def test_a_warm_start_skips_knobs_the_space_does_not_search_and_rejects_unknown_
     assert "quantize.mode" not in params and "train.lr" in params
     with pytest.raises(ConfigError, match=r"tune.warm_start: unknown knob\(s\) \['quantize.mod'\]"):
         warm_start_params(task, _warm_start_settings(), space, {"quantize.mod": "static"})
+    with pytest.raises(ConfigError, match=r"tune.warm_start: train.lr='1e-3' must be a number"):
+        warm_start_params(task, _warm_start_settings(), space, {"train.lr": "1e-3"})

@@ -126,6 +126,26 @@ def test_compress_consumes_the_selection(study_run):
     assert manifest.metrics["recommended"] == selected["variant"]
 
 
+def test_the_checkpoint_key_follows_the_data_file_and_the_ddp_ranks(tmp_path):
+    import os
+    from types import SimpleNamespace
+
+    from tune.objective import training_key
+
+    data = tmp_path / "train.txt"
+    data.write_text("to be or not to be\n")
+    task = SimpleNamespace(name="charlm")
+
+    def key(*extra):
+        return training_key(task, _tiny.settings(tmp_path, f"task.data='{data}'", *extra), {"n_layer": 2})
+
+    first = key()
+    assert key() == first and key("tune.ddp_procs=2") != first
+    data.write_text("that is the question\n")  # the file regenerated: the old checkpoints must not be reused
+    os.utime(data, ns=(1, 1))
+    assert key() != first
+
+
 def test_trials_that_differ_only_in_compression_share_one_trained_checkpoint(tmp_path):
     # every training knob fixed: only quantize.mode and prune.ratio vary between trials
     space = _tiny.SPACE.rstrip("}") + ', "train.lr" = 3e-3}'

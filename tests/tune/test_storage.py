@@ -1,6 +1,7 @@
 """Where the study lives: journal file by default, any SQLAlchemy URL, heartbeats, resume and recovery."""
 
 import socket
+import threading
 import time
 
 import optuna
@@ -99,6 +100,35 @@ def test_running_trials_of_dead_workers_are_failed_and_requeued_once(tmp_path):
     assert first == [dead.number] and second == [retry.number]
     assert retry.user_attrs["retry_of"] == dead.number and retried_x == dead.params["x"]
     assert states == ["FAIL", "RUNNING", "FAIL"]  # the retry of a retry is not queued again
+
+
+def test_two_workers_recovering_the_same_dead_trial_leave_one_retry_and_no_error(tmp_path):
+    settings = _tiny.settings(tmp_path)
+    first, second = open_study(settings, tmp_path, "maximize"), open_study(settings, tmp_path, "maximize")
+    dead = first.ask()
+    dead.suggest_float("x", 0.0, 1.0)
+    dead.set_user_attr("host", socket.gethostname()), dead.set_user_attr("pid", 2**22 + 7)  # no such process
+    stale_view = second.get_trials(deepcopy=False)  # the second worker saw it RUNNING too
+    assert recover_stale_trials(first) == [dead.number]
+    second.get_trials = lambda **kw: [t for t in stale_view if t.state.name == "RUNNING"]  # racing: stale read
+    assert recover_stale_trials(second) == []  # the trial is finished already: skipped, not a crash
+    assert [t.state.name for t in first.get_trials(deepcopy=False)] == ["FAIL", "WAITING"]
+
+
+def test_worker_zero_waits_for_the_other_shares_until_they_are_done_or_stopped(tmp_path):
+    from tune.stage import STOPPED_ATTR, wait_for_workers
+
+    settings = _tiny.settings(tmp_path, "tune.workers=2", "tune.n_trials=4")
+    study = open_study(settings, tmp_path, "maximize")
+    study.set_user_attr(STOPPED_ATTR.format(0), True)
+    study.set_user_attr(STOPPED_ATTR.format(1), False)  # worker 1 runs, none of its 2 trials finished yet
+    waiter = threading.Thread(target=wait_for_workers, args=(settings, study, 0.01))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()
+    study.set_user_attr(STOPPED_ATTR.format(1), True)  # it stopped early (tune.timeout_s): stop waiting
+    waiter.join(5)
+    assert not waiter.is_alive()
 
 
 def test_a_warm_started_study_runs_the_configured_point_first_and_only_once(tmp_path):
