@@ -9,13 +9,14 @@ NGC container; manifest). Nothing is published when the parity gate fails.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from autoglm.artifacts import Manifest, RunDir, StageWriter, sha256_file, write_atomic
 from autoglm.config import CompressSettings, Settings
-from autoglm.errors import AutoGLMError
+from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.tasks import IOSpec, TensorSpec
 from compress.variants import Variant, build_variants
 
@@ -100,6 +101,8 @@ def write_repository(run: RunDir, settings: Settings, task, model_args, variants
     t = settings.compress.triton
     writer = StageWriter(run, "repository", {"triton": t.model_dump(mode="json")}, inputs=["compress"])
     writer.invalidate()
+    for folder in ("python", "native"):  # models of an earlier run that are not published now must not load
+        shutil.rmtree(writer.dir / folder, ignore_errors=True)
     io = task.io_spec(model_args)
     batching = DynamicBatching(max_queue_delay_us=t.max_queue_delay_us,
                                preferred_batch_sizes=tuple(t.preferred_batch_sizes), max_queue_size=t.max_queue_size)
@@ -111,7 +114,7 @@ def write_repository(run: RunDir, settings: Settings, task, model_args, variants
         for folder, flavour, kind in flavours:
             cfg = ModelConfig(name=name, io=io, flavour=flavour, max_batch_size=t.max_batch_size,
                               dynamic_batching=batching, instance_group=InstanceGroup(t.instances, kind),
-                              parameters={"intra_op_threads": str(t.intra_op_threads)},
+                              parameters={} if flavour == "tensorrt" else {"intra_op_threads": str(t.intra_op_threads)},
                               warmup_batch_sizes=(1,))
             write_model(writer.dir / folder, cfg, variant.path)
         models[variant.name] = name
@@ -134,6 +137,12 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
     from autoglm.tasks import get_task
     from autoglm.tasks.checkpoint import load_checkpoint
 
+    from compress.quantize import PRESETS
+
+    preset = settings.compress.quantize.preset
+    if preset and preset not in PRESETS:  # refused before any export
+        raise ConfigError(f"compress.quantize.preset={preset!r} is unknown: use one of {sorted(PRESETS)}, or leave "
+                          "it unset to choose by the graph")
     run = RunDir(settings.run.root, settings.run.name)
     source = resolve_source(run, settings)
     if source.overrides:  # tune's choice: its variant first, with the compression settings it was tuned with
@@ -141,7 +150,8 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
         merged["variants"] = list(dict.fromkeys([*source.overrides.get("variants", []), *settings.compress.variants]))
         settings = settings.model_copy(update={"compress": CompressSettings.model_validate(merged)})
     config = {"compress": settings.section("compress"), "measure": settings.section("measure"),
-              "task": settings.section("task"), "source": str(source.checkpoint),
+              "task": settings.section("task"), "train": settings.section("train"),  # fine-tunes, gate batches
+              "threads": settings.run.threads, "source": str(source.checkpoint),
               "source_sha256": sha256_file(source.checkpoint)}
     writer = StageWriter(run, "compress", config, inputs=[source.parent] if source.parent else [])
     if writer.up_to_date() and not force and run.state("repository") == "complete":

@@ -177,7 +177,7 @@ class VariantBuilder:
         value = variant.metrics[self.task.metric]
         if baseline is not None:
             variant.metric_loss = relative_loss(self.task, value, baseline)
-            if variant.status == "ok" and variant.metric_loss > self.cfg.max_metric_loss:
+            if variant.status == "ok" and not variant.metric_loss <= self.cfg.max_metric_loss:  # NaN fails too
                 variant.status = "rejected"
                 variant.reason = (f"{self.task.metric} {value:.4f} is {variant.metric_loss:.2%} worse than FP32 "
                                   f"torch's {baseline:.4f} (limit compress.max_metric_loss="

@@ -222,5 +222,21 @@ def test_model_py_batches_requests_and_fails_only_the_bad_one(tmp_path, monkeypa
     assert "shape [2, 1, 8, 9]" in responses[1].error.message and responses[1].error.code == _Error.INVALID_ARG
     assert "dtype float64" in responses[3].error.message
     assert "missing" in responses[4].error.message
+
+    real = model.session
+
+    class Failing:  # ONNX Runtime refuses one request's values (say, an id beyond the vocabulary)
+        def run(self, names, feed):
+            if (feed["image"] == 999).any():
+                raise RuntimeError("indices element out of data bounds")
+            return real.run(names, feed)
+
+    model.session = Failing()
+    bad = good[1].copy()
+    bad[0, 0, 0, 0] = 999
+    fine, failed = model.execute([{"image": good[1]}, {"image": bad}])  # same shape: one batch, then alone
+    np.testing.assert_allclose(fine.outputs["logits"], good[1].reshape(1, 64) @ weight, atol=1e-5)
+    assert fine.error is None and "out of data bounds" in failed.error.message
+    model.session = real
     model.finalize()
     assert model.session is None

@@ -5,12 +5,13 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 import compress.variants
 from autoglm.artifacts import RunDir
 from autoglm.config import VARIANTS
-from autoglm.errors import AutoGLMError
+from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.train import train_run
 from compress import ParityError, build_variants
 from compress.stage import compress_run
@@ -87,6 +88,39 @@ def test_stage_publishes_repository_then_skips_then_forces(trained_run):
     assert run.manifest_path("compress").stat().st_mtime_ns == before
     compress_run(settings, force=True, progress=False)
     assert run.manifest_path("compress").stat().st_mtime_ns != before
+
+    # fewer variants: the models no longer published leave the repository (Triton loads every folder)
+    narrower = settings.model_copy(update={"compress": settings.compress.model_copy(update={"variants": ["fp32"]})})
+    compress_run(narrower, progress=False)
+    for flavour in ("python", "native"):
+        assert sorted(p.name for p in (run.stage_dir("repository") / flavour).iterdir()) == ["digits-fp32"]
+    # the train section shapes fine-tunes and the gate's batches: a change there is not "up to date"
+    before = run.manifest_path("compress").stat().st_mtime_ns
+    compress_run(narrower.model_copy(update={"train": narrower.train.model_copy(update={"eval_batches": 3})}),
+                 progress=False)
+    assert run.manifest_path("compress").stat().st_mtime_ns != before
+
+
+def test_an_unknown_preset_is_refused_before_any_export(trained_run):
+    quantize = trained_run.compress.quantize.model_copy(update={"preset": "fastest"})
+    settings = trained_run.model_copy(update={"run": trained_run.run.model_copy(update={"name": "preset"}),
+                                              "compress": trained_run.compress.model_copy(update={"quantize": quantize})})
+    with pytest.raises(ConfigError, match=r"compress.quantize.preset='fastest' is unknown: use one of \["):
+        compress_run(settings, progress=False)
+    assert RunDir(settings.run.root, "preset").state("compress") == "missing"
+
+
+def test_a_variant_whose_metric_is_nan_is_rejected(trained_run, tmp_path, monkeypatch):
+    task, model = _trained.digits()
+    real = task.evaluate
+
+    def evaluate(predict, *args, **kwargs):  # the ONNX variant's scores come out NaN (torch's are real)
+        metrics = real(predict, *args, **kwargs)
+        return metrics if isinstance(predict, torch.nn.Module) else dict(metrics, accuracy=float("nan"))
+
+    monkeypatch.setattr(task, "evaluate", evaluate)
+    variant = build_variants(task, model, dict(model.model_args), trained_run, tmp_path, ["fp32"])[-1]
+    assert variant.status == "rejected" and "nan" in variant.reason
 
 
 def test_broken_export_is_caught_and_nothing_is_published(trained_run, monkeypatch, tmp_path):
