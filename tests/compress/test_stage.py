@@ -103,8 +103,9 @@ def test_stage_publishes_repository_then_skips_then_forces(trained_run):
 
 def test_an_unknown_preset_is_refused_before_any_export(trained_run):
     quantize = trained_run.compress.quantize.model_copy(update={"preset": "fastest"})
+    compress = trained_run.compress.model_copy(update={"quantize": quantize})
     settings = trained_run.model_copy(update={"run": trained_run.run.model_copy(update={"name": "preset"}),
-                                              "compress": trained_run.compress.model_copy(update={"quantize": quantize})})
+                                              "compress": compress})
     with pytest.raises(ConfigError, match=r"compress.quantize.preset='fastest' is unknown: use one of \["):
         compress_run(settings, progress=False)
     assert RunDir(settings.run.root, "preset").state("compress") == "missing"
