@@ -93,7 +93,7 @@ def read_release(run: RunDir) -> Release:
         raise IntegrityError(f"the native models in {repo_dir / 'native'} serve different versions {sorted(versions)}:"
                              " re-run `autoglm compress --force`")
     inputs = ["repository"]
-    capacity = _capacity(run)
+    capacity = _capacity(run, info["recommended"], manifest.config["triton"])
     if capacity.measured:
         inputs.append("loadtest")
     return Release(run=run.name, task=info["task"], models=models, recommended=info["recommended"],
@@ -114,8 +114,9 @@ def _native_version(native: Path, model: str) -> int:
     return versions[-1]
 
 
-def _capacity(run: RunDir) -> Capacity:
-    """Measured capacity when loadtest completed and found a config within the SLO, else the default."""
+def _capacity(run: RunDir, model: str, triton: dict[str, Any]) -> Capacity:
+    """Measured capacity when loadtest completed and found a config within the SLO that is the one deployed
+    (``model`` with the repository's batching ``triton``), else the default, saying why."""
     state = run.state("loadtest")
     if state != "complete":
         return Capacity(DEFAULT_CAPACITY_RPS, False,
@@ -127,6 +128,16 @@ def _capacity(run: RunDir) -> Capacity:
         return Capacity(DEFAULT_CAPACITY_RPS, False,
                         f"default {DEFAULT_CAPACITY_RPS:g} req/s per instance (loadtest found no serving config "
                         "within the SLO: see runs/<run>/loadtest/report.json)")
+    measured_on = metrics.get("recommended") or {}
+    differs = {k: (measured_on[k], want) for k, want in (("model", model),
+                                                          ("max_queue_delay_us", triton.get("max_queue_delay_us")),
+                                                          ("preferred_batch_sizes", triton.get("preferred_batch_sizes")))
+               if measured_on.get(k) is not None and want is not None and measured_on[k] != want}
+    if differs:
+        what = ", ".join(f"{k} {got} (deployed: {want})" for k, (got, want) in differs.items())
+        return Capacity(DEFAULT_CAPACITY_RPS, False,
+                        f"default {DEFAULT_CAPACITY_RPS:g} req/s per instance (loadtest measured {float(value):.1f} "
+                        f"on another config: {what}; set compress.triton to it and re-run compress and loadtest)")
     p95 = metrics.get("p95_ms")
     at = f" at p95 {p95:.1f} ms" if isinstance(p95, int | float) else ""
     return Capacity(float(value), True, f"measured by loadtest: {float(value):.1f} req/s per instance{at}")

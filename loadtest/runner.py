@@ -129,10 +129,10 @@ def run_window(spec: LoadSpec, out_dir: Path, *, payloads: Path, metrics_url: st
                 for event in events:
                     marks[event["event"]] = event
                     if event["event"] == "open":
-                        before = _scrape(metrics_url, triton_model, joined)
                         meter = energy.meter() if energy else None
-                        if meter is not None:
+                        if meter is not None:  # first: the scrape below can take seconds
                             meter.start()
+                        before = _scrape(metrics_url, triton_model, joined)
                     elif event["event"] == "close" and "open" in marks:
                         joined["energy"] = _energy(meter, energy)
                         after = _scrape(metrics_url, triton_model, joined)
@@ -178,7 +178,10 @@ def _joined(spec: LoadSpec, summary: dict, joined: dict[str, Any], exit_code: in
     window = summary["window"]
     energy = joined["energy"] or {"unavailable": "the measured window never opened"}
     if "joules" in energy and window["requests"]:
-        energy["j_per_request"] = energy["joules"] / window["requests"]
+        # the meter's span is not exactly the window's: charge it the requests of its own span
+        rate, span = window.get("rps") or 0.0, energy.get("seconds") or 0.0
+        served = rate * span if rate > 0 and span > 0 else window["requests"]
+        energy["j_per_request"] = energy["joules"] / served
     return {
         "scenario": spec.scenario, "host": spec.host, "model": spec.model, "users": spec.users,
         "shape": spec.shape, "duration_s": spec.duration_s, "window": window, "phases": summary["phases"],

@@ -14,6 +14,7 @@ Heartbeats and the retry of trials whose worker died come with the RDB storage (
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from deploy.k8s.serving import GATEWAY_UID, meta, selector
@@ -44,11 +45,27 @@ def _env(name: str, value: str) -> dict[str, str]:
 
 
 def worker_config(run_config: dict[str, Any]) -> dict[str, Any]:
-    """The run's resolved config with the paths and storage of a worker pod (the shared volume, the Secret)."""
+    """The run's resolved config with the paths and storage of a worker pod (the shared volume, the Secret).
+
+    No path of the machine that rendered it goes in: a data file is read from the volume's ``data/``
+    (:func:`worker_data`), and files tune never reads (a checkpoint to compress, key files) are dropped."""
     config = {k: dict(v) if isinstance(v, dict) else v for k, v in run_config.items()}
     config["run"] = {**config.get("run", {}), "root": "/srv/autoglm/runs", "cache_dir": "/srv/autoglm/runs/.cache"}
     config["tune"] = {**config.get("tune", {}), "storage": None}  # AUTOGLM_TUNE__STORAGE, from the Secret
+    if config.get("task", {}).get("data"):
+        config["task"] = {**config["task"], "data": worker_data(config["task"]["data"])}
+    if "compress" in config:
+        config["compress"] = {**config["compress"], "checkpoint": None}
+    if "serve" in config:
+        config["serve"] = {**config["serve"], "gateway": {**config["serve"].get("gateway", {}), "api_keys_file": None}}
+    if "deploy" in config:
+        config["deploy"] = {**config["deploy"], "api_keys_file": None}
     return config
+
+
+def worker_data(path: str) -> str:
+    """Where a worker pod reads the run's data file: the shared volume's ``data/``, same file name."""
+    return f"/srv/autoglm/runs/data/{Path(path).name}"
 
 
 def worker_env(workers: int) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ class GenerateStreamUser(PayloadUser):
 
     def request(self, path: str, name: str, body: bytes) -> None:
         started = time.perf_counter()
-        last, tokens, first_ms, gaps, problem = started, 0, None, [], None
+        last, tokens, first_ms, gaps, problem, finished = started, 0, None, [], None, False
         with self.client.post(path, data=body, headers=HEADERS, name=name, stream=True,
                               catch_response=True) as response:
             if response.status_code != 200:
@@ -43,10 +43,12 @@ class GenerateStreamUser(PayloadUser):
                         gaps += [(now - last) * 1000 / new] * new
                     tokens, last = data["tokens"], now
                 elif "finish_reason" in data:
+                    finished = True
                     break
             response.request_meta["response_time"] = (time.perf_counter() - started) * 1000  # the whole stream
-            if problem or first_ms is None:
-                response.failure(problem or "the stream ended without a token")
+            if problem or first_ms is None or not finished:
+                response.failure(problem or ("the stream ended without a token" if first_ms is None else
+                                             "the stream ended without its final event (cut off)"))
                 return
         STREAM.record(self.environment, "time to first token", [first_ms])
         STREAM.record(self.environment, "inter-token", gaps)

@@ -46,9 +46,10 @@ def publish_repository(root: Path, run: str = "rel") -> RunDir:
     return rundir
 
 
-def complete_loadtest(rundir: RunDir, capacity: float | None) -> None:
+def complete_loadtest(rundir: RunDir, capacity: float | None, recommended: dict | None = None) -> None:
     writer = StageWriter(rundir, "loadtest", {"scenario": "steady"}, inputs=["repository"])
-    writer.manifest.metrics = {"capacity_per_instance_rps": capacity, "p95_ms": 41.5, "instances": 2}
+    writer.manifest.metrics = {"capacity_per_instance_rps": capacity, "p95_ms": 41.5, "instances": 2,
+                               "recommended": recommended}
     writer.commit()
 
 

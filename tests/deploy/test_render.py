@@ -119,6 +119,17 @@ def test_capacity_from_loadtest_sets_the_throughput_target(published):
     assert hpa["metadata"]["annotations"]["autoglm.dev/capacity-source"] == "measured"
 
 
+def test_a_capacity_measured_on_another_serving_config_is_not_used(published):
+    recommended = json.loads((published[1].stage_dir("repository") / "task.json").read_text())["recommended"]
+    complete_loadtest(published[1], capacity=120.0, recommended={"model": recommended, "max_queue_delay_us": 2000})
+    manifest, out = _render(published)  # the repository's models run with the queue delay compress wrote
+    assert not manifest.metrics["capacity_measured"]
+    assert "max_queue_delay_us 2000 (deployed: 0)" in manifest.metrics["capacity_source"]
+    assert "loadtest measured 120.0 on another config" in (out / "README.md").read_text()
+    complete_loadtest(published[1], capacity=120.0, recommended={"model": recommended, "max_queue_delay_us": 0})
+    assert _render(published)[0].metrics["capacity_measured"]  # the deployed config: used
+
+
 def test_default_capacity_is_said_in_the_rendered_file(published):
     complete_loadtest(published[1], capacity=None)  # loadtest found no config within the SLO
     manifest, out = _render(published)
@@ -176,6 +187,8 @@ def test_unknown_env_and_bad_options_name_the_fix(published):
         _render(published, autoscale={"min_instances": 5})
     with pytest.raises(ConfigError, match=r"deploy\.autoscale: max_pods: .*fix: valid keys are \[.*'max_instances'"):
         _render(published, autoscale={"max_pods": 5})
+    with pytest.raises(ConfigError, match=r"deploy\.api_keys_file=.*missing-keys does not exist"):
+        _render(published, api_keys_file=published[1].path / "missing-keys")
 
 
 def test_the_cluster_scales_by_serves_rules_under_deploys_overrides(published):
@@ -232,3 +245,14 @@ def test_run_without_kubectl_still_renders(published, monkeypatch):
     manifest, out = _render(published)
     assert manifest.metrics["kustomize"]["serving"].startswith("skipped: kubectl not found")
     assert not (out / "rendered.yaml").exists() and (out / "k8s/kustomization.yaml").is_file()
+
+
+def test_tune_workers_get_no_path_of_the_rendering_machine():
+    from deploy.k8s.tune import worker_config
+
+    run_config = load_settings(None, ["task.data='/home/me/corpus.txt'", "compress.checkpoint='/home/me/m.pt'",
+                                      "serve.gateway.api_keys_file='/home/me/keys'"]).model_dump(mode="json")
+    config = worker_config(run_config)
+    assert config["task"]["data"] == "/srv/autoglm/runs/data/corpus.txt"  # on the shared volume, same name
+    assert config["compress"]["checkpoint"] is None and config["serve"]["gateway"]["api_keys_file"] is None
+    assert "/home/me" not in json.dumps(config)

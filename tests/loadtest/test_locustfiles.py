@@ -93,6 +93,7 @@ class _SseStub(BaseHTTPRequestHandler):
     """A streaming :generate: three deltas (1, 2 and 1 tokens) 20 ms apart, then the summary."""
 
     protocol_version = "HTTP/1.1"
+    final = True  # False: the stream is cut off after its deltas (no summary, no error event)
 
     def setup(self):
         import socket
@@ -111,7 +112,7 @@ class _SseStub(BaseHTTPRequestHandler):
         self.end_headers()
         events = [{"delta": "a", "tokens": 1}, {"delta": "bc", "tokens": 3}, {"delta": "d", "tokens": 4},
                   {"model": "m", "text": "abcd", "tokens": 4, "finish_reason": "length"}]
-        for event in events:
+        for event in events if self.final else events[:-1]:
             time.sleep(0.02)
             data = b"data: " + json.dumps(event).encode() + b"\n\n"
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -122,8 +123,8 @@ class _SseStub(BaseHTTPRequestHandler):
         pass
 
 
-def test_generate_scenario_reports_time_to_first_token_and_inter_token_latency(tmp_path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SseStub)
+def _generate_window(tmp_path, handler):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     payloads = tmp_path / "payloads.json"
@@ -133,10 +134,14 @@ def test_generate_scenario_reports_time_to_first_token_and_inter_token_latency(t
     try:
         spec = LoadSpec("generate", f"http://127.0.0.1:{server.server_port}", "m", users=2, duration_s=3,
                         warmup_s=0, slo=Slo(1000, 0.01))
-        result = run_window(spec, tmp_path / "generate", payloads=payloads)
+        return run_window(spec, tmp_path / "generate", payloads=payloads)
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_generate_scenario_reports_time_to_first_token_and_inter_token_latency(tmp_path):
+    result = _generate_window(tmp_path, _SseStub)
     window, stream = result["window"], result["stream"]
     assert result["slo"]["passed"] and window["requests"] > 0 and window["failures"] == 0
     assert window["p50_ms"] >= 75  # the whole stream (four 20 ms waits), not the time to its headers
@@ -147,3 +152,13 @@ def test_generate_scenario_reports_time_to_first_token_and_inter_token_latency(t
     assert 5 <= itl["p50_ms"] < ttft["p50_ms"]  # 20 ms for one token, 10 ms each for two
     stats = (tmp_path / "generate" / "locust_stats.csv").read_text()
     assert "time to first token" in stats and "inter-token" in stats
+
+
+class _CutStub(_SseStub):
+    final = False
+
+
+def test_a_stream_cut_off_before_its_final_event_is_a_failure(tmp_path):
+    result = _generate_window(tmp_path, _CutStub)
+    window = result["window"]
+    assert window["requests"] > 0 and window["failures"] == window["requests"] and not result["slo"]["passed"]
