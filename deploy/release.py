@@ -129,9 +129,9 @@ def _capacity(run: RunDir, model: str, triton: dict[str, Any]) -> Capacity:
                         f"default {DEFAULT_CAPACITY_RPS:g} req/s per instance (loadtest found no serving config "
                         "within the SLO: see runs/<run>/loadtest/report.json)")
     measured_on = metrics.get("recommended") or {}
-    differs = {k: (measured_on[k], want) for k, want in (("model", model),
-                                                          ("max_queue_delay_us", triton.get("max_queue_delay_us")),
-                                                          ("preferred_batch_sizes", triton.get("preferred_batch_sizes")))
+    deployed = {"model": model, "max_queue_delay_us": triton.get("max_queue_delay_us"),
+                "preferred_batch_sizes": triton.get("preferred_batch_sizes")}
+    differs = {k: (measured_on[k], want) for k, want in deployed.items()
                if measured_on.get(k) is not None and want is not None and measured_on[k] != want}
     if differs:
         what = ", ".join(f"{k} {got} (deployed: {want})" for k, (got, want) in differs.items())
