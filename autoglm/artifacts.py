@@ -219,3 +219,13 @@ class StageWriter:
     def invalidate(self) -> None:
         """Remove the old manifest so a crash part-way leaves the stage 'incomplete', never stale-complete."""
         self.run.manifest_path(self.stage).unlink(missing_ok=True)
+
+
+def data_fingerprint(data: str | None) -> Any:
+    """What stands for a task's data source in an up-to-date check or a cache key: a file's or a directory's
+    files' sizes and modification times (a regenerated file counts as changed), else the source as given."""
+    if not data:
+        return data
+    path = Path(data).expanduser()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    return [data, *[[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]

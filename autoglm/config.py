@@ -6,16 +6,17 @@ silently ignored setting. Stages receive the resolved :class:`Settings` and save
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import json
 import os
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from autoglm.errors import ConfigError
 
@@ -24,7 +25,28 @@ ENV_DELIMITER = "__"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # a number given where text goes (`--run 2024`, `tune.study_name=1`) is that text
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+def _literal(value: str) -> Any:
+    """A TOML scalar (number, boolean) in a string -> that value; anything else stays the string."""
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+    return parsed if isinstance(parsed, int | float | bool) else value
+
+
+def _literal_leaves(value: Any) -> Any:
+    """Environment variables reach a table's leaves as strings (AUTOGLM_TASK__MODEL__N_LAYER=2 -> "2"): read
+    them as the TOML literals ``--set`` would."""
+    if isinstance(value, dict):
+        return {k: _literal_leaves(v) for k, v in value.items()}
+    return _literal(value) if isinstance(value, str) else value
+
+
+Table = Annotated[dict[str, Any], BeforeValidator(_literal_leaves)]  # a free-form table of the config
 
 
 class RunSettings(Section):
@@ -38,7 +60,7 @@ class RunSettings(Section):
 class TaskSettings(Section):
     name: str = Field("digits", description="built-in task name or 'module:attr' of your own Task class")
     data: str | None = Field(None, description="task data source, e.g. a UTF-8 text file for charlm")
-    model: dict[str, Any] = Field(default_factory=dict, description="architecture overrides")
+    model: Table = Field(default_factory=dict, description="architecture overrides")
 
 
 class TrainSettings(Section):
@@ -93,7 +115,7 @@ class TuneSettings(Section):
     storage: str | None = Field(None, description="SQLAlchemy URL; default: a journal file in the run")
     study_name: str = "autoglm"
     search_space: str = Field("default", description="preset name (default, training, compression) or a TOML file")
-    space: dict[str, Any] = Field(default_factory=dict, description="per-knob overrides: a fixed value or "
+    space: Table = Field(default_factory=dict, description="per-knob overrides: a fixed value or "
                                   "{low, high, log, choices}, keyed like 'train.lr' or 'model.n_layer'")
     objectives: list[Literal["metric", "latency", "energy"]] = Field(
         default_factory=lambda: ["metric", "latency", "energy"], min_length=1
@@ -101,7 +123,7 @@ class TuneSettings(Section):
     serving_batch: int = Field(32, ge=1, description="latency objective: p95 at this batch size")
     probe_repeats: int = Field(30, ge=3, description="timed runs per latency/energy measurement in a trial")
     early_stop: EarlyStopSettings = Field(default_factory=EarlyStopSettings)
-    warm_start: dict[str, Any] | None = Field(
+    warm_start: Table | None = Field(
         None, description="first trial of a new study: the configured model and training values (clipped into "
         "the searched ranges), compression knobs at their defaults, these knob values on top, e.g. "
         "{'quantize.mode' = 'static'}; None: the sampler draws every trial")
@@ -245,7 +267,7 @@ class ServeSettings(Section):
                                                  "Triton) or native (NVIDIA's container)")
     models: list[str] = Field(default_factory=list, description="variants or model names to load; empty: all")
     autoscale: bool = Field(False, description="run the local autoscaler on the recommended model")
-    autoscale_rules: dict[str, Any] = Field(default_factory=dict, description="autoscaling rule overrides "
+    autoscale_rules: Table = Field(default_factory=dict, description="autoscaling rule overrides "
                                             "(serve.autoscale.AutoscaleRules), e.g. {max_instances = 3}; "
                                             "`autoglm serve -a KEY=VALUE` sets one")
     control_port: int = Field(9090, ge=0, le=65535, description="supervisor/autoscaler metrics; 0 turns it off")
@@ -364,7 +386,7 @@ class DeploySettings(Section):
                               "StatefulSet")
     api_keys_file: Path | None = Field(None, description="'name:sha256' lines for the gateway; None: the run's "
                                        "earlier keys, else a new key printed once")
-    autoscale: dict[str, Any] = Field(default_factory=dict, description="autoscaling rule overrides on top of "
+    autoscale: Table = Field(default_factory=dict, description="autoscaling rule overrides on top of "
                                       "serve.autoscale_rules, e.g. {max_instances = 8}")
     kustomize: bool = Field(True, description="check the rendered trees with `kubectl kustomize` where kubectl "
                             "exists")
@@ -439,6 +461,8 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid {path.suffix[1:].upper() or 'TOML'}: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror}): check its permissions") from None
 
 
 def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -452,6 +476,8 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
         try:
             value = tomllib.loads(f"v = {raw.strip()}")["v"]
         except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        if isinstance(value, datetime.date | datetime.time):  # no setting is a date: `--run 2024-06-01` is a name
             value = raw.strip()
         node = tree
         for part in parts[:-1]:
@@ -470,6 +496,9 @@ def load_settings(config: Path | str | None = None, overrides: list[str] | tuple
         return Settings(**parse_overrides(overrides))
     except ValidationError as exc:
         raise ConfigError(_explain(exc, config)) from None
+    except SettingsError as exc:  # an environment variable that does not parse (a list not written as JSON)
+        raise ConfigError(f"{exc}; fix: write lists and tables in AUTOGLM_ variables as JSON, e.g. "
+                          "AUTOGLM_MEASURE__BATCH_SIZES='[1, 32]'") from None
     finally:
         _config_file.reset(token)
 

@@ -225,11 +225,13 @@ class CpuEstimateMeter(Meter):
 
 
 def energy_meter(kind: EnergyKind = "auto", watts_per_core: float = 10.0,
-                 pids: Sequence[int] | None = None) -> Meter:
+                 pids: Sequence[int] | None = None, device: Literal["cpu", "cuda", "any"] = "any") -> Meter:
     """The meter for ``measure.energy``: "auto" tries NVML, then RAPL, then the CPU estimate.
 
-    With "auto", ``meter.fallback_reason`` records why each measured meter was skipped. An explicit
-    "nvml" or "rapl" that this host cannot provide raises MeterUnavailable naming the reason and the fix.
+    ``device`` is where the measured work runs: for work on the CPU "auto" skips NVML (a GPU's board
+    energy, idle meanwhile, is not that work's energy). With "auto", ``meter.fallback_reason`` records why
+    each measured meter was skipped. An explicit "nvml" or "rapl" that this host cannot provide raises
+    MeterUnavailable naming the reason and the fix.
     """
     if kind == "estimated":
         return CpuEstimateMeter(watts_per_core, pids)
@@ -242,6 +244,9 @@ def energy_meter(kind: EnergyKind = "auto", watts_per_core: float = 10.0,
     if kind != "auto":
         raise ValueError(f"unknown energy meter kind {kind!r}: use auto, nvml, rapl or estimated")
     skipped = []
+    if device == "cpu":
+        makers.pop("nvml")
+        skipped.append("nvml: the work runs on the CPU")
     for name, make in makers.items():
         try:
             return make()

@@ -134,13 +134,14 @@ def fixed_threads(n: int | None) -> Iterator[None]:
 
 def profile(predict: Predictor, inputs_by_batch: Mapping[int, Inputs], settings: MeasureSettings,
             pids: Sequence[int] | None = None, *, threads: int | None = None,
-            meter: Meter | None = None) -> dict[int, dict[str, Any]]:
+            meter: Meter | None = None, device: str = "cpu") -> dict[int, dict[str, Any]]:
     """Latency and energy per inference of ``predict`` at each batch size in ``inputs_by_batch``.
 
     Energy is read over the timed repeats; when those are shorter than the meter's ``min_window_s``
     (NVML updates every few tens of ms) the predictor keeps running inside the window until it is long
     enough, and J/item divides by every item processed in it. ``meter`` defaults to
-    ``energy_meter(settings.energy, settings.watts_per_core, pids)``.
+    ``energy_meter(settings.energy, settings.watts_per_core, pids, device)``; ``device`` is where
+    ``predict`` runs ("cuda" for a TensorRT engine).
 
     Returns ``{batch: {**LatencyStats.to_dict(), "j_per_item", "energy_method", "energy_measured",
     "energy_window_s", "energy_items", "energy_fallback_reason"}}``.
@@ -148,7 +149,7 @@ def profile(predict: Predictor, inputs_by_batch: Mapping[int, Inputs], settings:
     if not inputs_by_batch:
         raise ValueError("inputs_by_batch is empty: give inputs for at least one batch size")
     if meter is None:
-        meter = energy_meter(settings.energy, settings.watts_per_core, pids)
+        meter = energy_meter(settings.energy, settings.watts_per_core, pids, device)  # type: ignore[arg-type]
     results: dict[int, dict[str, Any]] = {}
     with fixed_threads(threads):
         for batch, inputs in sorted(inputs_by_batch.items()):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from autoglm.artifacts import Manifest, RunDir, StageWriter
+from autoglm.artifacts import Manifest, RunDir, StageWriter, data_fingerprint
 from autoglm.cli import add_common_args, run_stage
 from autoglm.config import Settings
 
@@ -25,7 +25,8 @@ def train_run(settings: Settings, force: bool = False, progress: bool = True) ->
     from autoglm.tasks.predict import torch_predictor
 
     run = RunDir(settings.run.root, settings.run.name)
-    config = {"task": settings.section("task"), "train": settings.section("train"), "seed": settings.run.seed}
+    config = {"task": settings.section("task"), "train": settings.section("train"), "seed": settings.run.seed,
+              "data": data_fingerprint(settings.task.data)}  # an edited data file retrains
     writer = StageWriter(run, STAGE, config)
     if writer.up_to_date() and not force:
         print(f"train: up to date in {writer.dir} (use --force to redo)")
@@ -35,7 +36,7 @@ def train_run(settings: Settings, force: bool = False, progress: bool = True) ->
     task = get_task(settings)
     task.prepare()
     model_args = task.check_model_args(settings.task.model)
-    meter = energy_meter(settings.measure.energy, settings.measure.watts_per_core)
+    meter = energy_meter(settings.measure.energy, settings.measure.watts_per_core, device="cpu")  # trains on CPU
     with fixed_threads(settings.run.threads):
         model = task.build_model(model_args)
         with meter:

@@ -194,7 +194,8 @@ class VariantBuilder:
             measure = measure.model_copy(update={"repeats": repeats, "warmup": min(measure.warmup, repeats)})
         inputs = {b: self.task.example_inputs(b, model_args=self.model_args)
                   for b in (batch_sizes or measure.batch_sizes)}
-        variant.profile = profile(predict, inputs, measure, threads=self.settings.run.threads)
+        device = "cuda" if variant.path is not None and variant.path.suffix == ".plan" else "cpu"  # TensorRT: GPU
+        variant.profile = profile(predict, inputs, measure, threads=self.settings.run.threads, device=device)
         return variant
 
 

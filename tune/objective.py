@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from autoglm.artifacts import write_atomic
+from autoglm.artifacts import data_fingerprint, write_atomic
 from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
 from autoglm.measure import energy_meter
@@ -54,13 +54,19 @@ def trial_settings(settings: Settings, groups: dict[str, dict[str, Any]], varian
 def training_key(task: Task, settings: Settings, model_args: dict[str, Any]) -> str:
     """Everything that shapes a trained model; equal keys share one checkpoint. A data file counts by its size
     and modification time too (a regenerated file retrains); DDP ranks sample with seeds of their own."""
-    data: Any = settings.task.data
-    if data and Path(data).is_file():
-        stat = Path(data).stat()
-        data = [data, stat.st_size, stat.st_mtime_ns]
-    shape = {"task": task.name, "data": data, "model": model_args, "seed": settings.run.seed,
-             "train": settings.train.model_dump(mode="json"), "ddp_procs": settings.tune.ddp_procs}
+    shape = {"task": task.name, "data": data_fingerprint(settings.task.data), "model": model_args,
+             "seed": settings.run.seed, "train": settings.train.model_dump(mode="json"),
+             "ddp_procs": settings.tune.ddp_procs}
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _trial_device(settings: Settings) -> str:
+    """Where a trial's work runs: GPUs only when it trains with DDP on CUDA (autoglm.ddp picks NCCL there)."""
+    if settings.tune.ddp_procs > 1:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
 
 
 class Objective:
@@ -87,7 +93,7 @@ class Objective:
         settings = trial_settings(self.settings, groups, variant_name)
         model_args = self.task.check_model_args(settings.task.model)
         out = self.trials_dir / f"{trial.number:04d}"
-        meter = energy_meter(settings.measure.energy, settings.measure.watts_per_core)
+        meter = energy_meter(settings.measure.energy, settings.measure.watts_per_core, device=_trial_device(settings))
         meter.start()
         try:
             cost = self._cost(settings, model_args, variant_name, out / "probe")

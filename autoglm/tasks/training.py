@@ -29,13 +29,13 @@ def lr_at(step: int, settings: TrainSettings) -> float:
     """Learning rate of optimizer step ``step`` (0-based).
 
     Linear warmup over ``warmup_frac * max_steps`` steps reaching ``lr`` at the end of warmup, then a
-    cosine decay reaching ``lr * min_lr_frac`` at ``max_steps``.
+    cosine decay reaching ``lr * min_lr_frac`` at the last step taken (``max_steps - 1``).
     """
     warmup = int(settings.warmup_frac * settings.max_steps)
     if step < warmup:
         return settings.lr * (step + 1) / (warmup + 1)
     min_lr = settings.lr * settings.min_lr_frac
-    progress = min(1.0, (step - warmup) / max(1, settings.max_steps - warmup))
+    progress = min(1.0, (step - warmup) / max(1, settings.max_steps - 1 - warmup))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (settings.lr - min_lr)
 
 
@@ -52,13 +52,13 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
 
 
 class _JsonLog:
-    """Append-and-flush JSON lines, so a crash or a kill keeps everything logged so far."""
+    """One training's JSON lines, flushed as written, so a crash or a kill keeps everything logged so far."""
 
     def __init__(self, path: Path | str | None):
         self._fh = None
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            self._fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close(); one run per log
 
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is not None:

@@ -1,5 +1,6 @@
 """The umbrella CLI and the train command, as a user runs them."""
 
+import json
 import subprocess
 import sys
 
@@ -65,6 +66,8 @@ def test_train_writes_a_complete_run_then_skips_then_forces(tmp_path, capsys):
 
     assert cli(["train", *flags, "--force"]) == 0
     assert run.manifest_path("train").stat().st_mtime_ns != first
+    log = [json.loads(line) for line in (run.stage_dir("train") / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["event"] == "eval"] == [30, 60]  # --force replaced the log, not appended
 
     assert cli(["status", "t", "--root", str(tmp_path)]) == 0
     assert "complete" in capsys.readouterr().out

@@ -108,3 +108,19 @@ def test_shipped_configs_are_valid():
     assert configs, "configs/ should hold the experiment files"
     for path in configs:
         assert isinstance(load_settings(path), Settings)
+
+
+def test_a_number_or_a_date_given_as_text_is_that_text():
+    assert load_settings(None, ["run.name=2024"]).run.name == "2024"
+    assert load_settings(None, ["run.name=2024-06-01"]).run.name == "2024-06-01"
+    assert load_settings(None, ["tune.study_name=1"]).tune.study_name == "1"
+
+
+def test_environment_tables_get_typed_leaves_and_bad_lists_name_the_json_form(monkeypatch):
+    monkeypatch.setenv("AUTOGLM_TASK__NAME", "charlm")
+    monkeypatch.setenv("AUTOGLM_TASK__MODEL__N_LAYER", "2")  # as --set task.model.n_layer=2: an integer
+    assert load_settings().task.model == {"n_layer": 2}
+    monkeypatch.setenv("AUTOGLM_MEASURE__BATCH_SIZES", "1,4")
+    with pytest.raises(ConfigError, match=r"as JSON, e.g. AUTOGLM_MEASURE__BATCH_SIZES='\[1, 32\]'"):
+        load_settings()
+

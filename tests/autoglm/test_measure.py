@@ -288,6 +288,14 @@ def test_auto_prefers_a_working_counter(monkeypatch):
     assert isinstance(meter, NvmlMeter) and meter.fallback_reason is None
 
 
+def test_auto_does_not_charge_cpu_work_the_gpus_energy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml())
+    meter = energy_meter("auto", device="cpu")
+    assert not isinstance(meter, NvmlMeter)
+    assert isinstance(meter, RaplMeter) or "nvml: the work runs on the CPU" in meter.fallback_reason
+    assert isinstance(energy_meter("auto", device="cuda"), NvmlMeter)
+
+
 @pytest.mark.parametrize("kind", ["nvml", "rapl"])
 def test_explicit_unavailable_meter_names_the_fix(monkeypatch, tmp_path, kind):
     _no_counters(monkeypatch, tmp_path)

@@ -26,14 +26,14 @@ def digits(tmp_path):
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
-    settings = TrainSettings(lr=1e-3, min_lr_frac=0.1, warmup_frac=0.1, max_steps=100)
+    settings = TrainSettings(lr=1e-3, min_lr_frac=0.1, warmup_frac=0.1, max_steps=101)
 
-    lrs = [lr_at(step, settings) for step in range(101)]
+    lrs = [lr_at(step, settings) for step in range(101)]  # steps 0..100: the ones training takes
 
     assert lrs[0] == pytest.approx(1e-3 / 11)
     assert lrs[10] == pytest.approx(1e-3)  # end of warmup: the peak
     assert lrs[55] == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way through the decay
-    assert lrs[100] == pytest.approx(1e-4)
+    assert lrs[100] == pytest.approx(1e-4)  # the last step taken ends the decay
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
