@@ -262,7 +262,8 @@ class ServeSettings(Section):
     triton_http_port: int = Field(8000, ge=1, le=65535)
     triton_grpc_port: int = Field(8001, ge=1, le=65535)
     triton_metrics_port: int = Field(8002, ge=1, le=65535)
-    triton_url: str | None = Field(None, description="use an external Triton instead of starting one")
+    triton_url: str | None = Field(None, pattern=r"^http://[^/:\s]+:\d+/?$",
+                                   description="use an external Triton (http://host:port) instead of starting one")
     flavour: Literal["python", "native"] = Field("python", description="repository flavour: python (the bundled "
                                                  "Triton) or native (NVIDIA's container)")
     models: list[str] = Field(default_factory=list, description="variants or model names to load; empty: all")

@@ -12,6 +12,7 @@ a config override (≈0.2 s, no dropped requests).
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import math
@@ -207,8 +208,10 @@ class Autoscaler:
         while not self._stop.wait(self.rules.interval_s):
             try:
                 self.tick()
-            except (OSError, AutoGLMError, ValueError) as exc:  # Triton restarting: try again next tick
+            except (OSError, AutoGLMError, ValueError, http.client.HTTPException) as exc:  # Triton restarting
                 log.info("autoscale tick skipped: %s", exc)
+            except Exception:  # noqa: BLE001 -- a bug must not stop autoscaling for good
+                log.exception("autoscale tick failed")
 
     def start(self) -> Autoscaler:
         self._stop.clear()

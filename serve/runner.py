@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from autoglm.artifacts import RunDir, verify_outputs
 from autoglm.config import Settings
-from autoglm.errors import AutoGLMError
+from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.local_http import DIRECT
 from serve.autoscale import Autoscaler, AutoscaleRules, GatewayLatency, TritonActuator, TritonMetrics, rules_from
 from serve.gateway.core import TaskCatalog
@@ -132,6 +132,28 @@ class _SupervisorCollector:
         yield restarts
 
 
+def _check_ports_free(serve, gateway: GatewaySettings | None) -> None:
+    """Refuse ports something already holds (an earlier stack still running, Prometheus on 9090) before
+    anything starts: a new Triton would fail to bind while the old one answers its health checks."""
+    import socket
+
+    wanted = {"serve.gateway_port": (gateway.port if gateway else serve.gateway_port, serve.host),
+              "serve.control_port": (serve.control_port, "127.0.0.1")}
+    if not serve.triton_url:
+        wanted |= {f"serve.triton_{k}_port": (getattr(serve, f"triton_{k}_port"), "127.0.0.1")
+                   for k in ("http", "grpc", "metrics")}
+    for key, (port, host) in wanted.items():
+        if not port:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is free
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(f"{key}={port} is in use on {host} ({exc.strerror}): stop what holds it (an "
+                                  f"earlier `autoglm serve`?) or choose another port with --set {key}=...") from None
+
+
 def start_serving(settings: Settings, gateway: GatewaySettings | None = None,
                   rules: AutoscaleRules | None = None) -> Serving:
     """Verify the run's repository, start Triton (or use serve.triton_url) and the gateway, supervised; with
@@ -139,6 +161,7 @@ def start_serving(settings: Settings, gateway: GatewaySettings | None = None,
     serve = settings.serve
     if serve.autoscale and rules is None:
         rules = rules_from(serve.autoscale_rules)  # a bad rule is refused before anything starts
+    _check_ports_free(serve, gateway)
     run = RunDir(settings.run.root, settings.run.name)
     repository = verified_repository(run)
     catalog = TaskCatalog.load(repository)

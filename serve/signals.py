@@ -63,10 +63,11 @@ class TritonMetrics:
         requests = delta("nv_inference_request_success")
         if requests < 0:  # counters reset: Triton restarted
             return None
-        rows, execs = delta("nv_inference_count"), delta("nv_inference_exec_count")
+        execs = delta("nv_inference_exec_count")
         compute = sum(delta(f"nv_inference_compute_{p}_duration_us") for p in ("input", "infer", "output"))
-        # Every request of a batch is charged the batch's compute time: rescale to time per execution.
-        busy_us = compute * (execs / rows) if rows else 0.0
+        # Every request of a batch is charged the batch's compute time: rescale to time per execution
+        # (by requests per execution, not rows: a request of 16 images is still one request).
+        busy_us = compute * (execs / requests) if requests else 0.0
         utilization = min(1.0, busy_us / max(1e-9, (now - t0) * 1e6 * instances))
         avg = delta("nv_inference_request_duration_us") / requests / 1000 if requests else None
         p95 = cur.get("nv_inference_request_summary_us@0.95")
@@ -94,8 +95,9 @@ class GatewayLatency:
         for family in text_string_to_metric_families(self.fetch()):
             for s in family.samples:
                 route = s.labels.get("route", "")
+                # inference only: a :generate stream lasts seconds by design, a :score is a batch job
                 if s.name == "autoglm_gateway_request_seconds_bucket" and (
-                        route.startswith("/v1/models") or route.endswith("/infer")):
+                        route.endswith(":predict") or route.endswith("/infer")):
                     le = float(s.labels["le"])
                     cumulative[le] = cumulative.get(le, 0.0) + s.value
         last, self._last = self._last, cumulative

@@ -151,8 +151,8 @@ class Supervisor:
                         return
                     try:
                         proc.start(timeout_s=self.start_timeout_s)
-                    except AutoGLMError as exc:
-                        status.last_error = str(exc)
+                    except Exception as exc:  # noqa: BLE001 -- any failure (OSError from Popen too): retry later,
+                        status.last_error = str(exc)  # never let the watcher thread die
                         delays[name] = min(self.max_backoff_s, delays[name] * 2)
                         log.error("restarting %s failed (next try in %.1f s): %s", name, delays[name], exc)
                         continue

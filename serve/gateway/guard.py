@@ -129,11 +129,17 @@ class Guard:
 
 
 async def read_body(receive, limit: int, message: str, timeout_s: float) -> bytes:
-    """The whole request body, counting bytes as they arrive: Refused(413) past ``limit``.
+    """The whole request body, counting bytes as they arrive: Refused(413) past ``limit``, Refused(408)
+    when it has not all arrived within ``timeout_s`` (a stalled sender must not hold an in-flight slot:
+    the server's own receive() waits forever)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body(receive, limit, message)
+    except TimeoutError:
+        raise Refused(408, f"the request body did not arrive within {timeout_s:g} s") from None
 
-    A small body arrives in one event; only a body in several parts runs under ``timeout_s`` (a slow
-    sender must not hold an in-flight slot forever), which keeps the common case free of timers.
-    """
+
+async def _read_body(receive, limit: int, message: str) -> bytes:
     event = await receive()
     if event["type"] == "http.disconnect":
         raise Refused(499, "client disconnected")
@@ -143,14 +149,13 @@ async def read_body(receive, limit: int, message: str, timeout_s: float) -> byte
     if not event.get("more_body", False):
         return body
     chunks, size = [body], len(body)
-    async with asyncio.timeout(timeout_s):
-        while event.get("more_body", False):
-            event = await receive()
-            if event["type"] == "http.disconnect":
-                raise Refused(499, "client disconnected")
-            chunk = event.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise Refused(413, message)
-            chunks.append(chunk)
+    while event.get("more_body", False):
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            raise Refused(499, "client disconnected")
+        chunk = event.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, message)
+        chunks.append(chunk)
     return b"".join(chunks)

@@ -157,6 +157,8 @@ def check_request(sig: ModelSignature, header: dict, binary: memoryview) -> Plan
         params = item.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
+            if type(size) is not int or size < 0:  # noqa: E721 -- not a bool, not a float like 8.0
+                raise BadInput(f"input '{name}': binary_data_size must be a whole number of bytes (got {size!r})")
             dtype = DTYPES[spec.datatype]
             if dtype is not None and size != count * np.dtype(dtype).itemsize:
                 raise BadInput(f"input '{name}': binary_data_size {size} should be {count} x "

@@ -101,6 +101,19 @@ def test_the_autoscaler_runs_by_the_configured_rules_and_a_bad_rule_starts_nothi
         assert (serving.autoscaler.rules.max_instances, serving.autoscaler.rules.interval_s) == (2, 60)
 
 
+def test_a_port_already_in_use_is_refused_before_anything_starts(digits):
+    import socket
+
+    settings = on_free_ports(digits)
+    with socket.socket() as holder:  # say, Prometheus on the control port
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        serve = settings.serve.model_copy(update={"control_port": port})
+        with pytest.raises(ConfigError, match=rf"serve.control_port={port} is in use"):
+            start_serving(settings.model_copy(update={"serve": serve}))
+
+
 def test_beyond_loopback_without_keys_refuses_to_start(digits, capsys):
     from autoglm.cli import run_main
 

@@ -98,6 +98,17 @@ def test_triton_metrics_become_window_samples():
     assert sample.utilization == pytest.approx(0.05)
 
 
+def test_utilization_counts_requests_per_execution_not_rows():
+    clock = iter([0.0, 2.0])
+    metrics = TritonMetrics("http://unused/metrics", "m", clock=lambda: next(clock))
+    # 100 requests of 16 images each, one per execution: 2 s of compute in 2 s on one instance
+    texts = iter([TRITON_TEXT.format(n=0, rows=0, execs=0, dur=0, compute=0),
+                  TRITON_TEXT.format(n=100, rows=1600, execs=100, dur=2e6, compute=2e6)])
+    metrics.fetch = lambda: next(texts)
+    metrics.sample(instances=1)
+    assert metrics.sample(instances=1).utilization == pytest.approx(1.0)  # fully busy, not 1/16
+
+
 class FakeActuator(TritonActuator):
     def __init__(self, count):
         super().__init__("http://unused")
@@ -143,6 +154,7 @@ autoglm_gateway_request_seconds_bucket{{le="0.1",route="/v2/models/{{model}}/inf
 autoglm_gateway_request_seconds_bucket{{le="+Inf",route="/v2/models/{{model}}/infer"}} {c}
 autoglm_gateway_request_seconds_count{{route="/v2/models/{{model}}/infer"}} {c}
 autoglm_gateway_request_seconds_sum{{route="/v2/models/{{model}}/infer"}} 1.0
+autoglm_gateway_request_seconds_bucket{{le="+Inf",route="/v1/models/{{model}}:generate"}} {c}
 autoglm_gateway_request_seconds_bucket{{le="0.01",route="/metrics"}} 1000
 autoglm_gateway_request_seconds_bucket{{le="0.1",route="/metrics"}} 1000
 autoglm_gateway_request_seconds_bucket{{le="+Inf",route="/metrics"}} 1000
@@ -158,4 +170,4 @@ def test_gateway_p95_comes_from_histogram_deltas_of_inference_routes():
     gateway.fetch = lambda: next(texts)
     assert gateway.p95_ms() is None  # baseline
     assert gateway.p95_ms() == pytest.approx(10 + 90 * 0.95)  # all 100 new requests in (10 ms, 100 ms]
-    assert gateway.p95_ms() is None  # no requests in this window
+    assert gateway.p95_ms() is None  # no requests in this window  (streams of :generate, seconds long, never count)

@@ -113,6 +113,9 @@ async def test_v2_binary_body_is_checked_for_size_and_non_finite_values():
         wrong_size = await c.post("/v2/models/digits-fp32/infer", body=short[0], headers=short[1])
         truncated = await c.post("/v2/models/digits-fp32/infer", body=body[:-4], headers=headers)
         bad_json = await c.post("/v2/models/digits-fp32/infer", body=b'{"inputs": [NaN]}')
+        as_float = v2_binary(np.zeros((1, 1, 8, 8), np.float32), size=256.0)  # 256 bytes, but a float
+        float_size = await c.post("/v2/models/digits-fp32/infer", body=as_float[0], headers=as_float[1])
+    assert float_size.status == 400 and "whole number of bytes (got 256.0)" in float_size.error
     assert nan.status == 400 and "NaN or infinity" in nan.error
     assert wrong_size.status == 400 and "binary_data_size 100" in wrong_size.error
     assert truncated.status == 400 and "binary bytes" in truncated.error

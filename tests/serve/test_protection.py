@@ -115,6 +115,13 @@ async def test_slow_triton_is_a_504_within_the_request_timeout():
     assert gw.guard.in_flight == 0
 
 
+async def test_a_body_that_never_arrives_is_a_408_and_frees_its_slot():
+    gw, _ = fake_gateway(request_timeout_s=0.2, max_in_flight=1)
+    async with client(gw) as c:  # headers announce 100 bytes, then nothing comes
+        stalled = await c.post("/v2/models/digits-fp32/infer", body=[], headers={"content-length": "100"})
+    assert stalled.status == 408 and "did not arrive within 0.2 s" in stalled.error and gw.guard.in_flight == 0
+
+
 async def test_metrics_count_requests_by_route_and_status_with_latency_and_rows():
     gw, _ = fake_gateway()
     async with client(gw) as c:
