@@ -85,12 +85,17 @@ nv_inference_request_success{{model="other",version="1"}} 5
 """
 
 
-def test_triton_metrics_become_window_samples():
-    clock = iter([0.0, 2.0])
+def two_windows(first: dict, second: dict) -> TritonMetrics:
+    """Triton metrics scraped twice, 2 s apart, with these counter values."""
+    clock, texts = iter([0.0, 2.0]), iter([TRITON_TEXT.format(**first), TRITON_TEXT.format(**second)])
     metrics = TritonMetrics("http://unused/metrics", "m", clock=lambda: next(clock))
-    texts = iter([TRITON_TEXT.format(n=100, rows=100, execs=50, dur=1e6, compute=2e5),
-                  TRITON_TEXT.format(n=300, rows=300, execs=100, dur=5e6, compute=1.0e6)])
     metrics.fetch = lambda: next(texts)
+    return metrics
+
+
+def test_triton_metrics_become_window_samples():
+    metrics = two_windows(dict(n=100, rows=100, execs=50, dur=1e6, compute=2e5),
+                          dict(n=300, rows=300, execs=100, dur=5e6, compute=1.0e6))
     assert metrics.sample(instances=2) is None  # the first scrape only sets the baseline
     sample = metrics.sample(instances=2)
     assert sample.requests == 200 and sample.avg_latency_ms == pytest.approx(20.0) and sample.p95_latency_ms == 9.0
@@ -99,12 +104,9 @@ def test_triton_metrics_become_window_samples():
 
 
 def test_utilization_counts_requests_per_execution_not_rows():
-    clock = iter([0.0, 2.0])
-    metrics = TritonMetrics("http://unused/metrics", "m", clock=lambda: next(clock))
     # 100 requests of 16 images each, one per execution: 2 s of compute in 2 s on one instance
-    texts = iter([TRITON_TEXT.format(n=0, rows=0, execs=0, dur=0, compute=0),
-                  TRITON_TEXT.format(n=100, rows=1600, execs=100, dur=2e6, compute=2e6)])
-    metrics.fetch = lambda: next(texts)
+    metrics = two_windows(dict(n=0, rows=0, execs=0, dur=0, compute=0),
+                          dict(n=100, rows=1600, execs=100, dur=2e6, compute=2e6))
     metrics.sample(instances=1)
     assert metrics.sample(instances=1).utilization == pytest.approx(1.0)  # fully busy, not 1/16
 
