@@ -43,7 +43,7 @@ ROUNDS = 5  # alternating rounds behind each goal's median: single cells move by
 PROMPT_CHARS, NEW_TOKENS = 64, 64
 # the same served path on generations that fit the context (no slides): what step batching alone gives
 WITHIN_PROMPT, WITHIN_NEW = 16, 48
-KV, RECOMPUTE = "KV cache (charlm-generate)", "recompute (fp32, token per request)"
+KV, RECOMPUTE = "KV cache (charlm-generate)", "recompute (token per request, the KV cache's precision)"
 WITHIN = f"KV cache, within the context ({WITHIN_PROMPT}-char prompt, {WITHIN_NEW} new)"
 WATTS_PER_CORE = 10.0
 
@@ -52,12 +52,12 @@ WATTS_PER_CORE = 10.0
 async def _closed_loop(spec: dict) -> dict:
     import aiohttp
 
-    ttft, gaps, tokens, requests, errors = [], [], 0, 0, 0
+    ttft, gaps, tokens, requests, errors, warm_tokens = [], [], 0, 0, 0, 0
     bodies = [json.dumps(b).encode() for b in spec["bodies"]]
     connector = aiohttp.TCPConnector(limit=spec["concurrency"])
     async with aiohttp.ClientSession(connector=connector, skip_auto_headers=["Accept-Encoding"]) as session:
         async def client(k: int, until: float, record: bool):
-            nonlocal tokens, requests, errors
+            nonlocal tokens, requests, errors, warm_tokens
             n = k
             while time.perf_counter() < until:
                 body, n = bodies[n % len(bodies)], n + 1
@@ -70,20 +70,22 @@ async def _closed_loop(spec: dict) -> dict:
                         event = json.loads(line[6:])
                         now = time.perf_counter()
                         if "delta" in event:  # one or more new tokens
-                            got = event["tokens"]
+                            new, got = event["tokens"] - got, event["tokens"]
                             if first is None:
                                 first = now - started
-                            elif record:
-                                gaps.append(now - last)
+                            elif record and new > 0:  # per token: an event may carry several
+                                gaps.extend([(now - last) / new] * new)
                             last = now
                         elif "finish_reason" in event:
                             ok = r.status == 200 and event["tokens"] == spec["new_tokens"]
-                if record:
-                    requests += 1
-                    errors += not ok
-                    tokens += got
-                    if first is not None:
-                        ttft.append(first)
+                if not record:
+                    warm_tokens += got
+                    continue
+                requests += 1
+                errors += not ok
+                tokens += got
+                if first is not None:
+                    ttft.append(first)
 
         warm = time.perf_counter() + spec["warmup_s"]
         await asyncio.gather(*[client(k, warm, False) for k in range(spec["concurrency"])])
@@ -94,7 +96,8 @@ async def _closed_loop(spec: dict) -> dict:
     gap_ms = np.array(gaps or [np.nan]) * 1000
     return {"tokens_per_s": tokens / elapsed, "ttft_p50": float(np.percentile(ms, 50)),
             "ttft_p95": float(np.percentile(ms, 95)), "itl_p50": float(np.percentile(gap_ms, 50)),
-            "itl_p95": float(np.percentile(gap_ms, 95)), "requests": requests, "errors": errors, "tokens": tokens}
+            "itl_p95": float(np.percentile(gap_ms, 95)), "requests": requests, "errors": errors, "tokens": tokens,
+            "all_tokens": tokens + warm_tokens}
 
 
 def _load(url: str, bodies: list[dict], concurrency: int, duration_s: float, pids: list[int], workdir: Path,
@@ -112,8 +115,8 @@ def _load(url: str, bodies: list[dict], concurrency: int, duration_s: float, pid
     out = subprocess.run([sys.executable, "-m", "bench.generate", "load", str(spec_file)], capture_output=True,
                          text=True, timeout=duration_s * 6 + 120, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    # the warm-up's tokens are not counted, so this over-charges each token slightly (conservative)
-    result["cpu_ms_per_token"] = (sum(map(cpu_seconds, procs)) - before) / max(1, result["tokens"]) * 1e3
+    # the servers' CPU spans the warm-up too: charge it to every token generated, the warm-up's included
+    result["cpu_ms_per_token"] = (sum(map(cpu_seconds, procs)) - before) / max(1, result["all_tokens"]) * 1e3
     return result
 
 
@@ -232,7 +235,8 @@ def _prepare(workdir: Path, quick: bool):
     settings = load_settings(Path(__file__).resolve().parents[1] / "configs" / "charlm.toml", [
         f"run.root='{workdir}'", f"run.cache_dir='{workdir / 'cache'}'", "run.name=bench",
         f"train.max_steps={150 if quick else 600}", "train.eval_every=1000", "train.eval_batches=4",
-        "compress.variants=['fp32']", "compress.exporter='legacy'", "measure.repeats=5", "measure.batch_sizes=[1]",
+        "compress.variants=['fp32', 'int8']", "compress.exporter='legacy'", "measure.repeats=5",
+        "measure.batch_sizes=[1]",
         "compress.generate.max_sequences=32"])
     train_run(settings, progress=False)
     compress_run(settings, progress=False)
@@ -252,7 +256,11 @@ def run(quick: bool) -> list[Table]:
         run_dir = RunDir(settings.run.root, settings.run.name)
         task = get_task(settings)
         task.prepare()
-        model_args = json.loads((run_dir.stage_dir("repository") / "task.json").read_text())["model_args"]
+        task_info = json.loads((run_dir.stage_dir("repository") / "task.json").read_text())
+        model_args = task_info["model_args"]
+        # recomputation at the KV cache's precision, so the ratio is the cache's alone (not INT8's too)
+        precision = json.loads((run_dir.stage_dir("compress") / "decode" / "decode.json").read_text())["precision"]
+        recompute_variant = "int8" if precision == "int8" and "int8" in task_info["models"] else "fp32"
         prompts = val_prompts(task, model_args, 32, PROMPT_CHARS)
         itos = task.vocab
         bodies = [{"prompt": "".join(itos[i] for i in p), "max_new_tokens": NEW_TOKENS, "temperature": 0,
@@ -264,7 +272,7 @@ def run(quick: bool) -> list[Table]:
         with serving:
             pids = [serving.triton.pid, serving.gateway.pid]
             targets = {KV: f"{serving.gateway.url}/v1/models/charlm:generate",
-                       RECOMPUTE: f"{serving.gateway.url}/v1/models/fp32:generate"}
+                       RECOMPUTE: f"{serving.gateway.url}/v1/models/{recompute_variant}:generate"}
             results = {(name, c): _load(url, bodies, c, duration, pids, workdir)
                        for c in CONCURRENCY for name, url in targets.items()}
             results.update({(WITHIN, c): _load(targets[KV], within, c, duration, pids, workdir, WITHIN_NEW)
@@ -277,6 +285,7 @@ def run(quick: bool) -> list[Table]:
                 for path, load, new in ((KV, bodies, NEW_TOKENS), (WITHIN, within, WITHIN_NEW)):
                     rd.update({(path, c): _load(targets[KV], load, c, duration / 2, pids, workdir, new)["tokens_per_s"]
                                for c in (1, 32)})
+    local["_recompute"] = f"{recompute_variant} ({task_info['models'][recompute_variant]})"
     return _tables(results, rounds, local, duration)
 
 
@@ -289,6 +298,8 @@ def _tables(results: dict, rounds: list[dict], local: dict, duration: float) -> 
                     "inter-token p50 ms", "inter-token p95 ms", "requests", "errors", "est. mJ/token (cpu×10W)"],
                    rows, [f"{duration:g} s per cell after a warm-up; closed loop, each client streams one request "
                           f"at a time; the load generator shares the host's 2 cores",
+                          "inter-token: the gap between two events divided by the tokens the later one carries (the KV "
+                          "model coalesces tokens into events, recomputation sends one per token)",
                           "energy: CPU-seconds of Triton (with its python-backend stubs) and the gateway per "
                           "token × 10 W (an estimate: no RAPL or NVML here)"])
     names = [k for k in local if not k.startswith("_")]
@@ -297,7 +308,7 @@ def _tables(results: dict, rounds: list[dict], local: dict, duration: float) -> 
                       [[n, local[n], ratio(local[n], baseline)] for n in names],
                       [f"within the context (16-char prompt, 48 new), torch with KV cache generates the same greedy "
                        f"tokens as recomputation: {local['_torch_kv_equals_recompute']}",
-                       f"served decode graphs: {local['_precision']}"])
+                       f"served decode graphs: {local['_precision']}; served recomputation: {local['_recompute']}"])
 
     def r(name, c):
         return results[(name, c)]["tokens_per_s"]

@@ -26,8 +26,8 @@ Budget, in CPU-seconds: the default runs first, trained for ``Setup.default_step
 seed, so the default uses the whole budget by construction and every searching method gets the same B. Not
 ``tune.timeout_s``: wall time on a shared machine depends on the neighbours' load, while CPU-seconds charge a
 method only for its own work. Not a trial count: early stopping exists to make trials cheaper, so equal trials
-would not be equal compute. Trials start while a method has spent less than B; the last one may overrun, and
-the compute column shows what was really spent. A warm-up trial first absorbs one-time costs (imports, first
+would not be equal compute. Trials start while a method has spent less than B; the last one may overrun: it is
+charged (the compute column shows what was really spent) but its result is not counted. A warm-up trial first absorbs one-time costs (imports, first
 ONNX Runtime sessions), which would otherwise fall on seed 0's default.
 
 ``steps to reach`` / ``CPU-s to reach`` add up every trial (stopped ones included) until the first completed one
@@ -165,10 +165,24 @@ class Outcome:
     direction: str
     tune_dir: Path
     points: list[tuple[float, ...]] = field(default_factory=list)
+    budget: float | None = None  # CPU-seconds: a trial ending past it was charged but does not count
+
+    @property
+    def counted(self) -> list:
+        """The trials that ended within the budget, in the order they ran (all of them without one)."""
+        if self.budget is None:
+            return list(self.trials)
+        out, spent = [], 0.0
+        for t in self.trials:
+            spent += t.user_attrs.get("compute", {}).get("cpu_s", 0.0)
+            if spent > self.budget:
+                break
+            out.append(t)
+        return out
 
     @property
     def complete(self) -> list:
-        return [t for t in self.trials if t.state.name == "COMPLETE"]
+        return [t for t in self.counted if t.state.name == "COMPLETE"]
 
     def best(self) -> float:
         values = [t.values[0] for t in self.complete]
@@ -181,7 +195,7 @@ class Outcome:
             step = next((s for s, v in history if not _better(history[-1][1], v, self.direction)), None)
             return (step, _cpu(self.trials)) if step is not None else None
         steps = cpu = 0.0
-        for t in self.trials:
+        for t in self.counted:
             steps += 0 if t.user_attrs.get("cache_hit") else t.user_attrs.get("steps", 0)
             cpu += t.user_attrs.get("compute", {}).get("cpu_s", 0.0)
             if t.state.name == "COMPLETE" and not _better(target, t.values[0], self.direction):
@@ -225,7 +239,7 @@ def run_seed(setup: Setup, seed: int, workdir: Path, max_trials: int = MAX_TRIAL
     for method in METHODS:
         tune_dir = workdir / f"{seed}" / method
         outcomes.append(Outcome(method, _search(_settings(setup, seed, workdir, method), tune_dir, budget,
-                                                max_trials)[1], task.direction, tune_dir))
+                                                max_trials)[1], task.direction, tune_dir, budget=budget))
     retime(task, outcomes)
     return task, budget, outcomes
 
@@ -303,6 +317,8 @@ def compare(setup: Setup, seeds: tuple[int, ...], workdir: Path, max_trials: int
              f"ranges: {setup.compression_space or 'as declared by compress'}",
              "final val metric: the best completed trial's served model (AutoGLM: compressed) on validation data; "
              "'—': never reached; the means of the 'to reach' columns are over the seeds that reached it",
+             "equal budget: a method starts trials while it has spent less than B, and the one that ends past B "
+             "is charged (compute column) but not counted (final metric, reach, hypervolume)",
              "hypervolume over (metric, p50 latency at batch 32, J/inference) with latency and energy re-measured "
              "side by side after the searches (one thread, 3 interleaved rounds); energy is the estimate "
              "(CPU-seconds × W/core) where no NVML/RAPL counter exists, labelled as such",

@@ -32,6 +32,14 @@ def test_compute_to_reach_counts_every_trial_up_to_the_first_good_enough_one():
     assert missed is None
 
 
+def test_a_trial_that_ends_past_the_budget_is_charged_but_not_counted():
+    trials = [trial(TrialState.COMPLETE, 200, 4.0, [0.90, 1.0, 1.0]), trial(TrialState.COMPLETE, 300, 5.0,
+                                                                          [0.99, 1.0, 1.0])]
+    searched = Outcome("random search", trials, "maximize", Path("."), budget=8.0)  # the second ends at 9 CPU-s
+
+    assert searched.best() == 0.90 and searched.reach(0.95) is None and len(searched.trials) == 2
+
+
 def test_the_default_reaches_its_final_metric_at_its_first_evaluation_that_good():
     run = trial(TrialState.COMPLETE, 600, 20.0, [0.99, 1.0, 1.0], history=[[200, 0.97], [400, 0.99], [600, 0.99]])
 
