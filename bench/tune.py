@@ -27,8 +27,8 @@ seed, so the default uses the whole budget by construction and every searching m
 ``tune.timeout_s``: wall time on a shared machine depends on the neighbours' load, while CPU-seconds charge a
 method only for its own work. Not a trial count: early stopping exists to make trials cheaper, so equal trials
 would not be equal compute. Trials start while a method has spent less than B; the last one may overrun: it is
-charged (the compute column shows what was really spent) but its result is not counted. A warm-up trial first absorbs one-time costs (imports, first
-ONNX Runtime sessions), which would otherwise fall on seed 0's default.
+charged (the compute column shows what was really spent) but its result is not counted. A warm-up trial first
+absorbs one-time costs (imports, first ONNX Runtime sessions), which would otherwise fall on seed 0's default.
 
 ``steps to reach`` / ``CPU-s to reach`` add up every trial (stopped ones included) until the first completed one
 at least as good as the default's final metric; the default's own row gives its first evaluation as good as its
