@@ -227,5 +227,10 @@ def data_fingerprint(data: str | None) -> Any:
     if not data:
         return data
     path = Path(data).expanduser()
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+    else:
+        files = []
     return [data, *[[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]

@@ -29,21 +29,24 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
-def _literal(value: str) -> Any:
-    """A TOML scalar (number, boolean) in a string -> that value; anything else stays the string."""
+def toml_value(raw: str) -> Any:
+    """``raw`` read as a TOML literal (``3e-4``, ``true``, ``[1, 2]``, ``'text'``); what is not one stays the
+    (stripped) text, and so does a date: no setting is one (``--run 2024-06-01`` is a name)."""
     try:
-        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
-        return value
-    return parsed if isinstance(parsed, int | float | bool) else value
+        return raw.strip()
+    return raw.strip() if isinstance(value, datetime.date | datetime.time) else value
 
 
 def _literal_leaves(value: Any) -> Any:
     """Environment variables reach a table's leaves as strings (AUTOGLM_TASK__MODEL__N_LAYER=2 -> "2"): read
-    them as the TOML literals ``--set`` would."""
+    the numbers and booleans among them as ``--set`` would."""
     if isinstance(value, dict):
         return {k: _literal_leaves(v) for k, v in value.items()}
-    return _literal(value) if isinstance(value, str) else value
+    if isinstance(value, str) and isinstance(parsed := toml_value(value), int | float | bool):
+        return parsed
+    return value
 
 
 Table = Annotated[dict[str, Any], BeforeValidator(_literal_leaves)]  # a free-form table of the config
@@ -474,12 +477,7 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
         parts = key.strip().split(".")
         if not sep or not all(parts):
             raise ConfigError(f"flag '--set {pair}' is not of the form section.key=value (e.g. train.lr=3e-4)")
-        try:
-            value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()
-        if isinstance(value, datetime.date | datetime.time):  # no setting is a date: `--run 2024-06-01` is a name
-            value = raw.strip()
+        value = toml_value(raw)
         node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})

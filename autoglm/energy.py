@@ -27,6 +27,7 @@ from typing import Any, Literal
 from autoglm.errors import AutoGLMError
 
 EnergyKind = Literal["auto", "nvml", "rapl", "estimated"]
+Device = Literal["cpu", "cuda", "any"]  # where the measured work runs
 _FIX = 'set measure.energy = "estimated" to use CPU-seconds x measure.watts_per_core, labelled estimated'
 
 
@@ -225,7 +226,7 @@ class CpuEstimateMeter(Meter):
 
 
 def energy_meter(kind: EnergyKind = "auto", watts_per_core: float = 10.0,
-                 pids: Sequence[int] | None = None, device: Literal["cpu", "cuda", "any"] = "any") -> Meter:
+                 pids: Sequence[int] | None = None, device: Device = "any") -> Meter:
     """The meter for ``measure.energy``: "auto" tries NVML, then RAPL, then the CPU estimate.
 
     ``device`` is where the measured work runs: for work on the CPU "auto" skips NVML (a GPU's board

@@ -19,6 +19,7 @@ import numpy as np
 
 from autoglm.energy import (
     CpuEstimateMeter,
+    Device,
     EnergyReading,
     Meter,
     MeterUnavailable,
@@ -134,7 +135,7 @@ def fixed_threads(n: int | None) -> Iterator[None]:
 
 def profile(predict: Predictor, inputs_by_batch: Mapping[int, Inputs], settings: MeasureSettings,
             pids: Sequence[int] | None = None, *, threads: int | None = None,
-            meter: Meter | None = None, device: str = "cpu") -> dict[int, dict[str, Any]]:
+            meter: Meter | None = None, device: Device = "cpu") -> dict[int, dict[str, Any]]:
     """Latency and energy per inference of ``predict`` at each batch size in ``inputs_by_batch``.
 
     Energy is read over the timed repeats; when those are shorter than the meter's ``min_window_s``
@@ -149,7 +150,7 @@ def profile(predict: Predictor, inputs_by_batch: Mapping[int, Inputs], settings:
     if not inputs_by_batch:
         raise ValueError("inputs_by_batch is empty: give inputs for at least one batch size")
     if meter is None:
-        meter = energy_meter(settings.energy, settings.watts_per_core, pids, device)  # type: ignore[arg-type]
+        meter = energy_meter(settings.energy, settings.watts_per_core, pids, device)
     results: dict[int, dict[str, Any]] = {}
     with fixed_threads(threads):
         for batch, inputs in sorted(inputs_by_batch.items()):

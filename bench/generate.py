@@ -258,15 +258,15 @@ def run(quick: bool) -> list[Table]:
         task.prepare()
         task_info = json.loads((run_dir.stage_dir("repository") / "task.json").read_text())
         model_args = task_info["model_args"]
-        # recomputation at the KV cache's precision, so the ratio is the cache's alone (not INT8's too)
-        precision = json.loads((run_dir.stage_dir("compress") / "decode" / "decode.json").read_text())["precision"]
-        recompute_variant = "int8" if precision == "int8" and "int8" in task_info["models"] else "fp32"
         prompts = val_prompts(task, model_args, 32, PROMPT_CHARS)
         itos = task.vocab
         bodies = [{"prompt": "".join(itos[i] for i in p), "max_new_tokens": NEW_TOKENS, "temperature": 0,
                    "stream": True} for p in prompts]
         within = [{**b, "prompt": b["prompt"][-WITHIN_PROMPT:], "max_new_tokens": WITHIN_NEW} for b in bodies]
         local = _in_process(run_dir, task, prompts, 3 if quick else 10)
+        # recomputation at the KV cache's precision, so the ratio is the cache's alone (not INT8's too)
+        int8 = local["_precision"] == "int8" and "int8" in task_info["models"]
+        recompute_variant = "int8" if int8 else "fp32"
         serving = start_serving(settings, GatewaySettings(port=settings.serve.gateway_port, max_in_flight=256,
                                                           request_timeout_s=120))
         with serving:

@@ -121,34 +121,26 @@ def _settings(setup: Setup, seed: int, workdir: Path, method: str) -> Settings:
 def _search(settings: Settings, tune_dir: Path, budget_cpu_s: float, max_trials: int):
     """Trials until ``budget_cpu_s`` CPU-seconds are spent (tune's own Objective, storage and sampler)."""
     from autoglm.measure import fixed_threads
-    from autoglm.tasks import get_task
-    from tune.objective import Objective
-    from tune.siblings import CompressionSiblings
-    from tune.space import build_space, warm_start_params
-    from tune.storage import directions, open_study, warm_start
+    from tune.stage import open_search, sibling_callbacks
 
-    task = get_task(settings)
-    task.prepare()
-    space = build_space(task, settings.tune.search_space, settings.tune.space)
-    study = open_study(settings, tune_dir, task.direction)
-    if settings.tune.warm_start is not None:
-        warm_start(study, settings, warm_start_params(task, settings, space, settings.tune.warm_start))
-    objective = Objective(task, settings, space, tune_dir, directions(settings, task.direction))
+    task, space, study, objective = open_search(settings, tune_dir)
 
     def stop_when_spent(study, _trial) -> None:
         if _cpu(study.get_trials(deepcopy=False)) >= budget_cpu_s:
             study.stop()
 
-    callbacks = [stop_when_spent]
-    if settings.tune.compression_siblings:
-        callbacks.append(CompressionSiblings(space, task.direction))
+    callbacks = [stop_when_spent, *sibling_callbacks(settings, space, task)]
     with fixed_threads(settings.run.threads):
         study.optimize(objective, n_trials=max_trials, callbacks=callbacks, catch=(Exception,), gc_after_trial=True)
     return task, study.get_trials(deepcopy=False)
 
 
+def _cpu_of(trial) -> float:
+    return trial.user_attrs.get("compute", {}).get("cpu_s", 0.0)
+
+
 def _cpu(trials) -> float:
-    return sum(t.user_attrs.get("compute", {}).get("cpu_s", 0.0) for t in trials)
+    return sum(map(_cpu_of, trials))
 
 
 def _better(a: float, b: float, direction: str) -> bool:
@@ -174,7 +166,7 @@ class Outcome:
             return list(self.trials)
         out, spent = [], 0.0
         for t in self.trials:
-            spent += t.user_attrs.get("compute", {}).get("cpu_s", 0.0)
+            spent += _cpu_of(t)
             if spent > self.budget:
                 break
             out.append(t)
@@ -197,7 +189,7 @@ class Outcome:
         steps = cpu = 0.0
         for t in self.counted:
             steps += 0 if t.user_attrs.get("cache_hit") else t.user_attrs.get("steps", 0)
-            cpu += t.user_attrs.get("compute", {}).get("cpu_s", 0.0)
+            cpu += _cpu_of(t)
             if t.state.name == "COMPLETE" and not _better(target, t.values[0], self.direction):
                 return int(steps), cpu
         return None

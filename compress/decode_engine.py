@@ -271,12 +271,11 @@ class DecodeEngine:
         position from a few rows up, and smaller batches hand sequences back to the steps sooner."""
         backlog: list = []
         while True:
-            if not backlog or not self._encodes.empty():
-                more = self._encodes.get() if not backlog else self._encodes.get_nowait()
+            while not backlog or not self._encodes.empty():  # take all queued; wait only when there is nothing
+                more = self._encodes.get()
                 if more is None:
                     return
                 backlog += more
-                continue
             chunk, backlog = backlog[:self.prefill_chunk], backlog[self.prefill_chunk:]
             self._run_prefill(chunk)
 

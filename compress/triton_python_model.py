@@ -97,12 +97,9 @@ class TritonPythonModel:
             try:
                 results = self.session.run([n for n, _ in self.outputs], feed)
             except Exception as exc:  # an ORT failure answers these requests with the reason
-                if len(members) > 1:  # one bad request (e.g. an id beyond the vocabulary) must not fail the rest
-                    for i, arrays in members:
-                        responses[i] = self._run_alone(arrays)
-                    continue
-                responses[members[0][0]] = pb_utils.InferenceResponse(
-                    output_tensors=[], error=_error(f"{self.model_name}: inference failed: {exc}", "INTERNAL"))
+                # one bad request (e.g. an id beyond the vocabulary) must not fail the others batched with it
+                for i, arrays in members:
+                    responses[i] = self._run_alone(arrays) if len(members) > 1 else self._failed(exc)
                 continue
             bounds = np.cumsum(sizes)[:-1]
             split = [np.split(np.asarray(r, dtype=dt), bounds, axis=0) for r, (_, dt) in zip(results, self.outputs)]
@@ -112,14 +109,17 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
         return responses
 
+    def _failed(self, exc):
+        return pb_utils.InferenceResponse(
+            output_tensors=[], error=_error(f"{self.model_name}: inference failed: {exc}", "INTERNAL"))
+
     def _run_alone(self, arrays):
         """One request's response by itself (after its batch failed): its outputs, or its own error."""
         feed = {name: arrays[k] for k, (name, _, _) in enumerate(self.inputs) if name in self.feed_names}
         try:
             results = self.session.run([n for n, _ in self.outputs], feed)
         except Exception as exc:
-            return pb_utils.InferenceResponse(
-                output_tensors=[], error=_error(f"{self.model_name}: inference failed: {exc}", "INTERNAL"))
+            return self._failed(exc)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(name, np.ascontiguousarray(np.asarray(r, dtype=dt))) for r, (name, dt) in
             zip(results, self.outputs)])

@@ -65,7 +65,7 @@ def _serve_overrides(args) -> list[str]:
 def resolve(args: argparse.Namespace):
     """(settings, gateway settings) from the parsed flags; the serving flags become ``serve`` overrides."""
     from serve.autoscale import rules_from
-    from serve.settings import GatewaySettings
+    from serve.settings import GatewaySettings, validation_problems
 
     args.overrides = [*args.overrides, *_serve_overrides(args)]
     settings = settings_from_args(args)
@@ -73,13 +73,7 @@ def resolve(args: argparse.Namespace):
     try:
         return settings, GatewaySettings.from_settings(settings)
     except ValidationError as exc:
-        raise ConfigError(f"invalid gateway settings: {_problems(exc)}") from None
-
-
-def _problems(exc: ValidationError) -> str:
-    """pydantic's errors as one line each: ``key: message`` (the messages name the fix)."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) + ': ' if e['loc'] else ''}"
-                     f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        raise ConfigError(f"invalid gateway settings: {validation_problems(exc)}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

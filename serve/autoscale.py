@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from autoglm.errors import AutoGLMError
+from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.local_http import DIRECT
 from serve.signals import GatewayLatency, Sample, TritonMetrics
 
@@ -63,15 +63,13 @@ class AutoscaleRules(BaseModel):
 
 def rules_from(*layers: dict[str, Any], key: str = "serve.autoscale_rules") -> AutoscaleRules:
     """:class:`AutoscaleRules` from override tables (later ones win); a :class:`ConfigError` naming ``key``."""
-    from autoglm.errors import ConfigError
+    from serve.settings import validation_problems
 
-    overrides = {name: value for layer in layers for name, value in layer.items()}
     try:
-        return AutoscaleRules(**overrides)
+        return AutoscaleRules(**{name: value for layer in layers for name, value in layer.items()})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'rules'}: {e['msg'].removeprefix('Value error, ')}"
-                             for e in exc.errors())
-        raise ConfigError(f"{key}: {problems}; fix: valid keys are {sorted(AutoscaleRules.model_fields)}") from None
+        raise ConfigError(f"{key}: {validation_problems(exc, whole='rules')}; fix: valid keys are "
+                          f"{sorted(AutoscaleRules.model_fields)}") from None
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,7 @@ def _check_ports_free(serve, gateway: GatewaySettings | None) -> None:
     anything starts: a new Triton would fail to bind while the old one answers its health checks."""
     import socket
 
-    wanted = {"serve.gateway_port": (gateway.port if gateway else serve.gateway_port, serve.host),
+    wanted = {"serve.gateway_port": (gateway.port, gateway.host) if gateway else (serve.gateway_port, serve.host),
               "serve.control_port": (serve.control_port, "127.0.0.1")}
     if not serve.triton_url:
         wanted |= {f"serve.triton_{k}_port": (getattr(serve, f"triton_{k}_port"), "127.0.0.1")

@@ -132,9 +132,9 @@ def _checked(name: str, knob: Knob) -> Knob:
     if knob.kind == "int" and knob.log and knob.step not in (None, 1):
         raise ConfigError(f"{where}: a log range of integers takes no step (got step={knob.step})")
     if knob.low is None or knob.high is None or knob.low > knob.high:
-        raise ConfigError(f"tune.space.{name}: need low <= high (got low={knob.low}, high={knob.high})")
+        raise ConfigError(f"{where}: need low <= high (got low={knob.low}, high={knob.high})")
     if knob.log and knob.low <= 0:
-        raise ConfigError(f"tune.space.{name}: a log range needs low > 0 (got {knob.low})")
+        raise ConfigError(f"{where}: a log range needs low > 0 (got {knob.low})")
     return knob
 
 

@@ -25,21 +25,33 @@ FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 STOPPED_ATTR = "worker_{}_stopped"  # study attribute: that worker's optimize has returned
 
 
-def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
-    """Create or resume the study and run trials until ``tune.n_trials`` have finished (or the timeout)."""
-    from autoglm.measure import fixed_threads
+def open_search(settings: Settings, tune_dir: Path):
+    """(task, search space, study, objective): the task with its data ready, the study created or resumed (the
+    trials of dead workers re-queued, warm-started once) and the objective that runs its trials."""
     from autoglm.tasks import get_task
     from tune.objective import Objective
 
     task = get_task(settings)
     task.prepare()
     space = build_space(task, settings.tune.search_space, settings.tune.space)
-    dirs = directions(settings, task.direction)
     study = open_study(settings, tune_dir, task.direction)
     recover_stale_trials(study)
+    if settings.tune.warm_start is not None:
+        warm_start(study, settings, warm_start_params(task, settings, space, settings.tune.warm_start))
+    return task, space, study, Objective(task, settings, space, tune_dir, directions(settings, task.direction))
+
+
+def sibling_callbacks(settings: Settings, space, task, room=None) -> list:
+    """The compression-siblings callback when ``tune.compression_siblings`` is on (see tune.siblings)."""
+    return [CompressionSiblings(space, task.direction, room)] if settings.tune.compression_siblings else []
+
+
+def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
+    """Create or resume the study and run trials until ``tune.n_trials`` have finished (or the timeout)."""
+    from autoglm.measure import fixed_threads
+
+    task, space, study, objective = open_search(settings, tune_dir)
     tune = settings.tune
-    if tune.warm_start is not None:
-        warm_start(study, settings, warm_start_params(task, settings, space, tune.warm_start))
     mine = None if tune.workers == 1 else tune.worker_index
 
     def room(study) -> int:  # trials this worker will still run
@@ -50,8 +62,7 @@ def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
         study.set_user_attr(stopped, False)  # running (again): worker 0 waits for this share
     remaining = room(study)
     if remaining > 0:
-        objective = Objective(task, settings, space, tune_dir, dirs)
-        callbacks = [CompressionSiblings(space, task.direction, room)] if tune.compression_siblings else []
+        callbacks = sibling_callbacks(settings, space, task, room)
         done = share(tune, tune.worker_index) - remaining
         with fixed_threads(settings.run.threads), _progress(progress, settings.tune.n_trials, done) as tick:
             study.optimize(objective, n_trials=remaining, timeout=settings.tune.timeout_s,
