@@ -40,6 +40,17 @@ def test_a_trial_that_ends_past_the_budget_is_charged_but_not_counted():
     assert searched.best() == 0.90 and searched.reach(0.95) is None and len(searched.trials) == 2
 
 
+def test_the_found_configuration_alone_is_charged_its_own_trial_or_the_one_that_trained_its_model():
+    trials = [trial(TrialState.COMPLETE, 200, 4.0, [0.90, 1.0, 1.0], training_key="a"),
+              trial(TrialState.COMPLETE, 300, 7.0, [0.97, 1.0, 1.0], training_key="b"),
+              trial(TrialState.COMPLETE, 300, 1.0, [0.99, 1.0, 1.0], training_key="b", cache_hit=True)]
+    searched = outcome("AutoGLM", trials)
+
+    assert searched.own_cpu(0.95) == pytest.approx(7.0)
+    assert searched.own_cpu(0.98) == pytest.approx(7.0)  # a sibling reuses trial 1's model: trial 1 trained it
+    assert searched.own_cpu(0.999) is None and searched.reach(0.98) == (500, pytest.approx(12.0))
+
+
 def test_the_default_reaches_its_final_metric_at_its_first_evaluation_that_good():
     run = trial(TrialState.COMPLETE, 600, 20.0, [0.99, 1.0, 1.0], history=[[200, 0.97], [400, 0.99], [600, 0.99]])
 
@@ -68,3 +79,18 @@ def test_only_autoglm_is_warm_started_and_searches_compression_and_the_searches_
         assert settings[method].warm_start is None
     assert settings["random search"].space == settings["TPE, no early stopping"].space == setup.space
     assert settings["TPE, no early stopping"].startup_trials == settings["AutoGLM"].startup_trials
+
+
+def test_attainability_trains_the_default_and_each_probe_alone_and_says_which_reach_it(tmp_path):
+    from dataclasses import replace
+
+    from bench.tune import SETUPS, attainability
+
+    setup = replace(SETUPS["digits"], default_steps=60, probes=({"train.lr": 1e-9, "train.max_steps": 20},))
+    table = attainability(setup, 0, tmp_path)
+
+    (default, frozen) = table.rows
+    assert default[0] == "the default" and default[4] is True and default[3] == "100%"
+    assert frozen[0] == "train.lr=1e-09, train.max_steps=20"
+    assert frozen[1] < default[1] and frozen[4] is False  # a model that cannot learn never reaches it
+    assert frozen[5].startswith("20:")  # its validation history, step:value
