@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from autoglm.config import Settings, load_settings
 from autoglm.errors import AutoGLMError
@@ -58,13 +61,46 @@ def print_config(settings: Settings) -> None:
     Console().print(Syntax(settings.to_json(), "json", background_color="default"))
 
 
-def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Call a stage's ``main``; user errors print one clear line (no traceback) and exit 2."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised wherever the process is, like Ctrl-C: ``finally`` blocks and context managers
+    run, so child processes (locust, Triton, torchrun) are stopped rather than orphaned. A KeyboardInterrupt,
+    so Optuna records the trial it stops as failed, as it does for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def _termination_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` while the block runs (main thread only), then restore."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame) -> None:
+        raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return int(main(argv) or 0)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Call a stage's ``main``; user errors print one clear line (no traceback) and exit 2. SIGTERM and SIGHUP
+    stop it the way Ctrl-C does, cleanups included (exit 128 + the signal's number)."""
+    try:
+        with _termination_as_interrupt():
+            return int(main(argv) or 0)
     except AutoGLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"stopped by {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -35,6 +35,47 @@ def test_stage_module_runs_as_python_dash_m():
     assert done.returncode == 0 and "0.5" in done.stdout
 
 
+STAGE_WITH_A_CHILD = """
+import subprocess, sys, time
+from pathlib import Path
+from autoglm.cli import run_main
+
+def main(argv):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    Path(sys.argv[1]).write_text(str(child.pid))
+    try:
+        time.sleep(60)
+    finally:
+        child.kill()
+        child.wait()
+        Path(sys.argv[1] + ".cleaned").write_text("yes")
+
+sys.exit(run_main(main))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_a_stage_like_ctrl_c_so_it_stops_its_children(tmp_path, sig):
+    import os
+    import signal
+    import time
+
+    marker = tmp_path / "child.pid"
+    proc = subprocess.Popen([sys.executable, "-c", STAGE_WITH_A_CHILD, str(marker)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not marker.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(marker.read_text())
+
+    proc.send_signal(getattr(signal, sig))
+
+    assert proc.wait(timeout=30) == 128 + getattr(signal, sig)
+    assert f"stopped by {sig}" in proc.stderr.read()
+    assert (tmp_path / "child.pid.cleaned").read_text() == "yes"
+    with pytest.raises(ProcessLookupError):  # the stage's cleanup reaped it: no orphan left running
+        os.kill(child, 0)
+
+
 def test_bad_flag_value_prints_one_line_and_exits_2(capsys):
     assert cli(["train", "--dry-run", "--set", "train.lr=-1"]) == 2
     err = capsys.readouterr().err
