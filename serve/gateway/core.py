@@ -135,7 +135,11 @@ class Gateway:
         if response.status != 200:
             failure = self.upstream_failure(response)
             raise failure or Refused(response.status, f"Triton refused the request: {_triton_message(response.body)}")
-        return decode_response(response.body, response.headers.get(b"inference-header-content-length"))
+        try:
+            return decode_response(response.body, response.headers.get(b"inference-header-content-length"))
+        except Refused:
+            self.metrics.triton_error("bad_response")
+            raise
 
     async def stream(self, model: str, payload: dict) -> AsyncIterator[dict]:
         """Triton's ``generate_stream`` for ``model``: each Server-Sent Event's JSON, as it arrives.

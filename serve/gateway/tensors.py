@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import orjson
 
-from serve.gateway.errors import BadInput
+from serve.gateway.errors import BadInput, Refused
 
 DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
           "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
@@ -222,17 +222,28 @@ def encode_request(inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> t
 
 
 def decode_response(body: bytes, header_length: bytes | None) -> dict[str, np.ndarray]:
-    """Output tensors of an infer response, binary or JSON."""
-    n = int(header_length) if header_length else len(body)
-    header = orjson.loads(memoryview(body)[:n])
-    out, offset = {}, n
-    for item in header["outputs"]:
-        dtype = DTYPES[item["datatype"]]
-        size = (item.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            out[item["name"]] = np.frombuffer(body, dtype, count=size // np.dtype(dtype).itemsize,
-                                              offset=offset).reshape(item["shape"])
+    """Output tensors of an infer response, binary or JSON. A reply that cannot be read (a header length or
+    tensor size outside the body, a size that does not match the shape, bad JSON) is Triton's fault: 502."""
+    try:
+        n = int(header_length) if header_length else len(body)
+        if not 0 < n <= len(body):
+            raise ValueError(f"Inference-Header-Content-Length {n} is outside the {len(body)}-byte reply")
+        header = orjson.loads(memoryview(body)[:n])
+        out, offset = {}, n
+        for item in header["outputs"]:
+            name, dtype, shape = item["name"], DTYPES[item["datatype"]], [int(d) for d in item["shape"]]
+            if dtype is None:
+                raise ValueError(f"output '{name}' is BYTES, which the gateway does not decode")
+            size = (item.get("parameters") or {}).get("binary_data_size")
+            if size is None:
+                out[name] = np.asarray(item["data"], dtype=dtype).reshape(shape)
+                continue
+            count = math.prod(shape)
+            if size != count * np.dtype(dtype).itemsize or offset + size > len(body):
+                raise ValueError(f"output '{name}' declares {size} bytes for shape {shape} with "
+                                 f"{len(body) - offset} left in the reply")
+            out[name] = np.frombuffer(body, dtype, count=count, offset=offset).reshape(shape)
             offset += size
-        else:
-            out[item["name"]] = np.asarray(item["data"], dtype=dtype).reshape(item["shape"])
+    except (ValueError, TypeError, KeyError) as exc:  # orjson.JSONDecodeError is a ValueError
+        raise Refused(502, f"Triton's reply could not be read: {exc}") from None
     return out

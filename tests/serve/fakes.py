@@ -61,6 +61,7 @@ class FakeTriton:
         self.live = 0  # generations streaming now (the KV model's in-flight sequences)
         self.stream_error: tuple[int, str] | None = None  # answer generate_stream with this status and error
         self.stream_raw: tuple[int, bytes] | None = None  # or with this status and these bytes, verbatim
+        self.infer_raw: tuple[dict, bytes] | None = None  # answer infers 200 with these headers and bytes, verbatim
 
     async def request(self, method: bytes, target: bytes, body: bytes = b"", headers=(), timeout_s: float = 30):
         self.requests.append((method, target, body, dict(headers)))
@@ -82,6 +83,8 @@ class FakeTriton:
                 await asyncio.wait_for(self.hold.wait(), timeout_s)
             if self.fail_status:
                 return _json(self.fail_status, {"error": "backend exploded"})
+            if self.infer_raw is not None:
+                return UpstreamResponse(200, *self.infer_raw)
             return self._infer(model, body, dict(headers))
         return _json(200, {"name": model})
 

@@ -141,6 +141,31 @@ async def test_triton_failures_map_to_gateway_statuses(setup, status, words):
     assert bool(gw.metrics.triton_errors) == (status != 400)  # a refused request is not a Triton failure
 
 
+def _reply(outputs, header_length=None, tail=b""):
+    head = orjson.dumps({"model_name": "digits-fp32", "outputs": outputs})
+    return {b"inference-header-content-length": str(header_length or len(head)).encode()}, head + tail
+
+
+LOGITS = {"name": "logits", "datatype": "FP32", "shape": [1, 10]}
+
+
+@pytest.mark.parametrize("reply", [
+    _reply([LOGITS | {"parameters": {"binary_data_size": 40}}], tail=bytes(8)),  # 40 bytes declared, 8 sent
+    _reply([LOGITS | {"parameters": {"binary_data_size": 8}}], tail=bytes(8)),  # 8 bytes for 10 floats
+    _reply([LOGITS | {"parameters": {"binary_data_size": 40}}], header_length=10**6, tail=bytes(40)),
+    ({}, b'{"outputs": [{"name": "logits"'),  # cut inside the JSON
+    _reply([LOGITS | {"data": [1.0, 2.0]}]),  # 2 values for shape [1, 10]
+    _reply([{"name": "logits", "datatype": "BYTES", "shape": [1]} | {"data": ["x"]}]),
+])
+async def test_a_reply_from_triton_that_cannot_be_read_is_a_502_never_a_500(reply):
+    gw, triton = fake_gateway()
+    triton.infer_raw = reply
+    async with client(gw) as c:
+        predicted = await c.post("/v1/models/digits:predict", json={"images": [IMAGE]})
+    assert predicted.status == 502 and "Triton's reply could not be read" in predicted.error
+    assert gw.metrics.triton_errors["bad_response"] == 1
+
+
 async def test_unknown_model_is_404_on_every_v2_route():
     gw, _ = fake_gateway()
     async with client(gw) as c:
