@@ -39,13 +39,20 @@ class TritonMetrics:
             return resp.read().decode()
 
     def scrape(self) -> dict[str, float]:
-        """This model's series, summed over versions; quantiles keyed ``name@q``."""
+        """This model's series: counters summed over versions; quantiles keyed ``name@q``, the slowest version's
+        (a sum of two versions' p95 is no latency at all; a version with no requests reports NaN and is skipped)."""
         values: dict[str, float] = {}
         for family in text_string_to_metric_families(self.fetch()):
             for s in family.samples:
-                if s.labels.get("model") == self.model:
-                    # the parser names counters ``*_total``; Triton's own names have no suffix
-                    key = s.name.removesuffix("_total") + (f"@{s.labels['quantile']}" if "quantile" in s.labels else "")
+                if s.labels.get("model") != self.model:
+                    continue
+                # the parser names counters ``*_total``; Triton's own names have no suffix
+                key = s.name.removesuffix("_total")
+                if "quantile" in s.labels:
+                    if not math.isnan(s.value):
+                        key = f"{key}@{s.labels['quantile']}"
+                        values[key] = max(values.get(key, s.value), s.value)
+                else:
                     values[key] = values.get(key, 0.0) + s.value
         return values
 

@@ -111,6 +111,18 @@ def test_utilization_counts_requests_per_execution_not_rows():
     assert metrics.sample(instances=1).utilization == pytest.approx(1.0)  # fully busy, not 1/16
 
 
+def test_two_versions_add_their_counters_but_report_the_slower_p95_not_the_sum():
+    text = """nv_inference_request_success{model="m",version="1"} 10
+nv_inference_request_success{model="m",version="2"} 30
+nv_inference_request_summary_us{model="m",version="1",quantile="0.95"} 9000
+nv_inference_request_summary_us{model="m",version="2",quantile="0.95"} 4000
+nv_inference_request_summary_us{model="m",version="3",quantile="0.95"} NaN
+"""
+    metrics = TritonMetrics("http://unused/metrics", "m")
+    metrics.fetch = lambda: text
+    assert metrics.scrape() == {"nv_inference_request_success": 40.0, "nv_inference_request_summary_us@0.95": 9000.0}
+
+
 class FakeActuator(TritonActuator):
     def __init__(self, count):
         super().__init__("http://unused")
