@@ -8,8 +8,10 @@ no connection → 503; no reply within ``request_timeout_s`` → TimeoutError (t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from serve.settings import GatewaySettings
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 JSON = (b"content-type", b"application/json")
+READY_TTL_S = 1.0  # /readyz asks Triton at most this often (probes ask every few seconds)
 VERBS = {"classify": ("predict",), "language-model": ("generate", "score")}
 
 
@@ -82,9 +85,37 @@ class Gateway:
         self.guard = Guard(settings)
         self.metrics = GatewayMetrics(lambda: self.guard.in_flight, settings.watts_per_core)
         self.signatures: dict[str, ModelSignature] = {}
+        self.ready_ttl_s = READY_TTL_S
+        self._ready: tuple[float, tuple[int, dict]] | None = None
+        self._ready_lock = asyncio.Lock()
 
     async def aclose(self) -> None:
         await self.pool.aclose()
+
+    async def readiness(self) -> tuple[int, dict]:
+        """(status, body) of ``/readyz``: Triton ready and every model of the task loaded.
+
+        The route is open to probes without a key, so however many ask, Triton is asked (1 + one call per
+        model, concurrently) at most once per ``ready_ttl_s``: callers in the meantime share that answer.
+        """
+        async with self._ready_lock:
+            if self._ready is not None and time.monotonic() - self._ready[0] < self.ready_ttl_s:
+                return self._ready[1]
+            answer = await self._check_ready()
+            self._ready = (time.monotonic(), answer)
+            return answer
+
+    async def _check_ready(self) -> tuple[int, dict]:
+        models = sorted(set(self.catalog.models.values())) if self.catalog else []
+        try:
+            replies = await asyncio.gather(self.call(b"GET", b"/v2/health/ready"),
+                                           *(self.call(b"GET", f"/v2/models/{m}/ready".encode()) for m in models))
+        except Refused as refused:
+            return 503, {"ready": False, "triton": False, "reason": str(refused)}
+        triton = replies[0].status == 200
+        states = {m: r.status == 200 for m, r in zip(models, replies[1:], strict=True)}
+        ready = triton and all(states.values())
+        return 200 if ready else 503, {"ready": ready, "triton": triton, "models": states}
 
     # ---- talking to Triton -------------------------------------------------------------------------
     async def call(self, method: bytes, target: bytes, body: bytes = b"",

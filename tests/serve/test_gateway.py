@@ -166,6 +166,22 @@ async def test_a_reply_from_triton_that_cannot_be_read_is_a_502_never_a_500(repl
     assert gw.metrics.triton_errors["bad_response"] == 1
 
 
+async def test_readiness_asks_triton_once_however_many_probes_ask_at_once():
+    import asyncio
+
+    gw, triton = fake_gateway()
+    async with client(gw) as c:
+        replies = await asyncio.gather(*(c.get("/readyz") for _ in range(50)))
+        asked = [target for _, target, _, _ in triton.requests]
+        triton.down = True
+        cached = await c.get("/readyz")  # within the TTL: the shared answer
+        gw.ready_ttl_s = 0.0
+        fresh = await c.get("/readyz")
+    assert [r.status for r in replies] == [200] * 50
+    assert sorted(asked) == [b"/v2/health/ready", b"/v2/models/digits-fp32/ready"]  # 1 + one per model
+    assert cached.status == 200 and fresh.status == 503 and fresh.json()["triton"] is False
+
+
 async def test_unknown_model_is_404_on_every_v2_route():
     gw, _ = fake_gateway()
     async with client(gw) as c:
@@ -219,6 +235,7 @@ async def test_score_gives_low_loss_for_likely_text_and_high_for_unlikely():
 
 async def test_v2_metadata_health_and_readiness_are_relayed():
     gw, triton = fake_gateway()
+    gw.ready_ttl_s = 0.0  # every /readyz asks Triton afresh
     async with client(gw) as c:
         assert (await c.get("/v2")).json() == {"name": "triton"}
         assert (await c.get("/v2/health/ready")).status == 200

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from serve.gateway.deps import GatewayDep
-from serve.gateway.errors import JSONResponse, Refused
+from serve.gateway.errors import JSONResponse
 
 router = APIRouter(tags=["operations"])
 
@@ -18,14 +18,8 @@ async def healthz() -> dict:
 
 @router.get("/readyz", summary="Triton is ready and the task's models are loaded")
 async def readyz(gw: GatewayDep) -> JSONResponse:
-    models = sorted(set(gw.catalog.models.values())) if gw.catalog else []
-    try:
-        triton = (await gw.call(b"GET", b"/v2/health/ready")).status == 200
-        states = {m: (await gw.call(b"GET", f"/v2/models/{m}/ready".encode())).status == 200 for m in models}
-    except Refused as refused:
-        return JSONResponse({"ready": False, "triton": False, "reason": str(refused)}, status_code=503)
-    ready = triton and all(states.values())
-    return JSONResponse({"ready": ready, "triton": triton, "models": states}, status_code=200 if ready else 503)
+    status, body = await gw.readiness()
+    return JSONResponse(body, status_code=status)
 
 
 @router.get("/metrics", summary="Prometheus metrics of this worker")
