@@ -37,8 +37,12 @@ class Window:
         self.opened: float | None = None
         self.closed: float | None = None
         self.total = LatencyHistogram()
-        self.phases: dict[str, list] = {}  # label -> [histogram, first seen, last seen]
+        self.phases: dict[str, LatencyHistogram] = {}
         self.phase = "steady"
+        # seconds each phase was current while the window was open: a phase's rate divides by its own span,
+        # not by its first-to-last response (which a slow start or a stall would shrink)
+        self.phase_seconds: dict[str, float] = {}
+        self._phase_since: float | None = None
         self.warmup_s = 0.0
         self.out = None
 
@@ -49,27 +53,41 @@ class Window:
 
     def open(self) -> None:
         if self.opened is None and self.closed is None:
-            self.opened = time.time()
+            self.opened = self._phase_since = time.time()
             self.mark("open")
 
     def close(self) -> None:
         if self.closed is None:
             self.closed = time.time()
+            self._count_phase(self.closed)
+            self._phase_since = None
             self.mark("close", opened=self.opened is not None)
+
+    def switch(self, label: str, now: float | None = None) -> None:
+        """Requests from now on count under ``label`` as well as the window."""
+        if label != self.phase:
+            self._count_phase(time.time() if now is None else now)
+            self.phase = label
+
+    def _count_phase(self, now: float) -> None:
+        """Credit the current phase with the open window's time since it became current (or the window opened)."""
+        if self._phase_since is not None:
+            self.phase_seconds[self.phase] = self.phase_seconds.get(self.phase, 0.0) + max(0.0, now - self._phase_since)
+            self._phase_since = now
 
     def record(self, ms: float, failed: bool) -> None:
         if self.opened is None or self.closed is not None:
             return
         self.total.record(ms, failed)
-        now = time.time()
-        entry = self.phases.setdefault(self.phase, [LatencyHistogram(), now, now])
-        entry[0].record(ms, failed)
-        entry[2] = now
+        self.phases.setdefault(self.phase, LatencyHistogram()).record(ms, failed)
 
     def summary(self) -> dict:
         seconds = (self.closed or time.time()) - self.opened if self.opened else 0.0
-        phases = [{"phase": label, **hist.summary(max(last - first, 1e-9))}
-                  for label, (hist, first, last) in self.phases.items()]
+        spans = dict(self.phase_seconds)
+        if self.closed is None and self._phase_since is not None:  # the current phase, still running
+            spans[self.phase] = spans.get(self.phase, 0.0) + time.time() - self._phase_since
+        phases = [{"phase": label, **hist.summary(max(spans.get(label, 0.0), 1e-9))}
+                  for label, hist in self.phases.items()]
         return {"window": self.total.summary(seconds), "phases": phases, "stream": STREAM.summary(seconds)}
 
 
@@ -104,7 +122,7 @@ STREAM = StreamMetrics()
 
 def set_phase(label: str) -> None:
     """Called by load shapes: requests from now on are also counted under ``label``."""
-    WINDOW.phase = label
+    WINDOW.switch(label)
 
 
 @events.init_command_line_parser.add_listener

@@ -4,6 +4,8 @@ Locust runs as a subprocess (as in production): importing it here would patch py
 """
 
 import json
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -162,3 +164,35 @@ def test_a_stream_cut_off_before_its_final_event_is_a_failure(tmp_path):
     result = _generate_window(tmp_path, _CutStub)
     window = result["window"]
     assert window["requests"] > 0 and window["failures"] == window["requests"] and not result["slo"]["passed"]
+
+
+PHASE_CLOCK = """
+import json
+import subprocess
+import sys
+from loadtest.locustfiles import common
+
+now = [100.0]
+common.time.time = lambda: now[0]
+window = common.Window()
+common.WINDOW = window
+common.set_phase("before")      # before the window opens: not counted
+now[0] = 102.0; window.open()
+now[0] = 111.0; window.record(5.0, False)    # a slow start: the first response comes 9 s in
+now[0] = 112.0; window.record(5.0, False); common.set_phase("spike")
+for t in (112.5, 115.0, 121.0):
+    now[0] = t; window.record(5.0, False)
+now[0] = 122.0; window.close()
+now[0] = 130.0; common.set_phase("after")    # after the window closes: not counted
+print(json.dumps(window.summary()))
+"""
+
+
+def test_a_phase_rate_divides_by_the_phase_span_not_by_its_first_to_last_response():
+    done = subprocess.run([sys.executable, "-c", PHASE_CLOCK], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    phases = {p["phase"]: p for p in summary["phases"]}
+    assert phases["before"]["seconds"] == pytest.approx(10.0) and phases["before"]["rps"] == pytest.approx(0.2)
+    assert phases["spike"]["seconds"] == pytest.approx(10.0) and phases["spike"]["rps"] == pytest.approx(0.3)
+    assert summary["window"]["seconds"] == pytest.approx(20.0) and "after" not in phases
