@@ -78,8 +78,11 @@ def share(tune: TuneSettings, index: int) -> int:
 
 
 def finished_by(trials, index: int | None) -> int:
-    """Finished trials of worker ``index`` (None: of every worker)."""
-    return sum(t.state.name in FINISHED and (index is None or t.user_attrs.get("worker", 0) == index) for t in trials)
+    """Finished trials of worker ``index`` (None: of every worker). A trial a dead worker left running is failed
+    and retried (:func:`tune.storage.recover_stale_trials`): its retry counts, so a kill costs no trial."""
+    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    return sum(t.state.name in FINISHED and t.number not in retried and
+               (index is None or t.user_attrs.get("worker", 0) == index) for t in trials)
 
 
 def wait_for_workers(settings: Settings, study, poll_s: float = 5.0) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from autoglm.artifacts import RunDir
 from tests.tune import _tiny
-from tune.stage import tune_run
+from tune.stage import finished_by, tune_run
 
 REPO = Path(__file__).resolve().parents[2]
 N_TRIALS = 3
@@ -61,5 +61,6 @@ def test_a_killed_study_resumes_without_losing_completed_trials(tmp_path):
     assert trials[killed].state.name == "FAIL"
     assert len(retries) == 1 and retries[0].number > killed and retries[0].params == trials[killed].params
     assert retries[0].state.name == "COMPLETE"
-    assert len(finished) == len(trials) == N_TRIALS  # the killed trial counts as finished (FAIL)
+    # the killed trial is finished (FAIL) but its retry takes its place: a kill costs none of the n_trials
+    assert len(finished) == len(trials) == N_TRIALS + 1 and finished_by(list(trials.values()), None) == N_TRIALS
     assert RunDir(tmp_path / "runs", "k").state("tune") == "complete"
