@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from autoglm.artifacts import write_atomic
-from tune.early_stop import pareto_fronts
 from tune.select import Point
 
 
@@ -35,11 +34,14 @@ def hypervolume_history(study) -> list[tuple[int, float]]:
     pts = np.array([_minimized(t.values, dirs) for t in done])
     low, high = pts.min(axis=0), pts.max(axis=0)
     norm = (pts - low) / np.where(high > low, high - low, 1.0)
-    history = []
-    for i, trial in enumerate(done):
-        seen = norm[: i + 1]
-        front = seen[pareto_fronts(seen.tolist())[0]]
-        history.append((trial.number, float(compute_hypervolume(front, np.full(pts.shape[1], 1.1)))))
+    # the front so far, kept incrementally: a point some front point weakly dominates changes nothing, so the
+    # hypervolume is recomputed only when the front does (linear in trials, not a full sort per trial)
+    reference, front, volume, history = np.full(pts.shape[1], 1.1), norm[:0], 0.0, []
+    for point, trial in zip(norm, done, strict=True):
+        if not (front <= point).all(axis=1).any():
+            front = np.vstack([front[~((point <= front).all(axis=1))], point])
+            volume = float(compute_hypervolume(front, reference))
+        history.append((trial.number, volume))
     return history
 
 
