@@ -13,6 +13,10 @@ rung the metric is shifted by the compression loss observed so far for the trial
 (the mean served-minus-trained metric of completed trials compressed the same way; none yet: no shift).
 Otherwise a heavily pruned trial would pass every rung on its uncompressed metric and collapse only once
 compressed, its whole training spent.
+
+A trial is judged only against trials whose schedules are at least as long as its own (``max_steps`` is
+searched): at the same step a shorter schedule has decayed its learning rate further, which lowers its
+loss early without making it the better configuration, and would stop the long trials that end best.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 RUNG_ATTR = "rung_{}"
+SCHEDULE_ATTR = "schedule_steps"  # the trial's max_steps: rungs compare trials of schedules at least as long
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -80,12 +85,16 @@ class ParetoHalving:
                 return False
         return False  # pragma: no cover - index 0 is in some front
 
-    def should_stop(self, study, trial, rung: int, values: Sequence[float]) -> bool:
-        """Record this trial's rung values in the storage and decide against every other trial's record."""
+    def should_stop(self, study, trial, rung: int, values: Sequence[float], max_steps: int | None = None) -> bool:
+        """Record this trial's rung values in the storage and decide against the records of the other trials
+        whose schedules are at least ``max_steps`` long (every other trial when None, or when unrecorded)."""
         key = RUNG_ATTR.format(rung)
+        if max_steps is not None:
+            trial.set_user_attr(SCHEDULE_ATTR, max_steps)
         trial.set_user_attr(key, list(values))
         others = [t.user_attrs[key] for t in study.get_trials(deepcopy=False)
-                  if t.number != trial.number and key in t.user_attrs]
+                  if t.number != trial.number and key in t.user_attrs
+                  and (max_steps is None or t.user_attrs.get(SCHEDULE_ATTR, math.inf) >= max_steps)]
         return not self.survives(values, others)
 
 
@@ -115,7 +124,7 @@ class RungCallback:
         self.rule, self.study, self.trial = rule, study, trial
         self.objectives, self.cost = list(objectives), cost
         self.compression = dict(compression or {})
-        self.pending = rule.rungs(max_steps)
+        self.pending, self.max_steps = rule.rungs(max_steps), max_steps
         self.stopped_at: int | None = None
 
     def __call__(self, step: int, metric: float) -> bool:
@@ -124,7 +133,7 @@ class RungCallback:
             served = metric + (compression_shift(self.study, self.compression, self.objectives.index("metric"))
                                if "metric" in self.objectives else 0.0)
             values = [served if o == "metric" else self.cost[o] for o in self.objectives]
-            if self.rule.should_stop(self.study, self.trial, rung, values):
+            if self.rule.should_stop(self.study, self.trial, rung, values, self.max_steps):
                 self.stopped_at = step
                 return True
         return False

@@ -3,7 +3,8 @@
 import optuna
 import pytest
 
-from tune.early_stop import RUNG_ATTR, ParetoHalving, RungCallback, compression_shift, dominates, pareto_fronts
+from tune.early_stop import (RUNG_ATTR, SCHEDULE_ATTR, ParetoHalving, RungCallback, compression_shift, dominates,
+                             pareto_fronts)
 
 # digits-like objectives: accuracy (higher is better), p95 latency and J/inference (lower is better)
 DIRS = ("maximize", "minimize", "minimize")
@@ -98,6 +99,21 @@ def test_the_callback_judges_each_rung_once_with_the_latest_evaluation():
     attrs = study.trials[0].user_attrs
     assert stops == [False, False, False, False] and hook.stopped_at is None
     assert attrs["rung_10"] == [0.25, 2.0] and attrs["rung_30"] == [0.5, 2.0] and attrs["rung_90"] == [0.95, 2.0]
+
+
+def test_a_trial_is_judged_only_against_schedules_at_least_as_long_as_its_own():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    # three short schedules, nearly annealed by step 300: high accuracy early, as a short cosine gives
+    for value in (0.80, 0.82, 0.84):
+        rule(TWO).should_stop(study, study.ask(), 300, [value, 1.0], max_steps=350)
+    long_but_behind, short_and_behind = study.ask(), study.ask()
+
+    spared = rule(TWO).should_stop(study, long_but_behind, 300, [0.60, 1.0], max_steps=1000)
+    judged = rule(TWO).should_stop(study, short_and_behind, 300, [0.60, 1.0], max_steps=300)
+
+    assert not spared  # no schedule as long as its own at the rung yet: not stopped by annealed short ones
+    assert judged  # the others' schedules are at least as long as its own: dominated, stopped
+    assert long_but_behind.user_attrs[SCHEDULE_ATTR] == 1000
 
 
 def _storage(kind, tmp_path):
