@@ -38,9 +38,9 @@ points' latency (p50 at batch 32, one thread) and energy are re-measured side by
 searches (see :func:`retime`): a trial's own timing depends on the load while it ran, and identical trials of
 two methods (random search and TPE draw the same start-up trials from the same seed) differed several-fold.
 
-``--quick`` runs digits only (about 7 minutes on two cores); the full run adds charlm (about half an hour per
+``--quick`` runs digits only (about 7 minutes on two cores); the full run adds charlm (about 17 minutes per
 seed) and charlm's attainability table (:func:`attainability`: the default beside hand-picked configurations
-sized to 40% of its compute, about 8 minutes), which says whether goal 1 can be met by any search.
+sized to 40% of its compute, about 7 minutes), which says whether any configuration can meet goal 1 at all.
 """
 
 from __future__ import annotations
