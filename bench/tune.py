@@ -359,16 +359,18 @@ def attainability(setup: Setup, seed: int, workdir: Path) -> Table:
     each of ``setup.probes`` (configurations picked by hand to be compute-efficient) alone, one after the
     other, charged and scored like trials: if none gets there, no search method can, whatever it samples.
     """
-    rows, default = [], None
-    for probe in ({}, *setup.probes):
-        tune_dir = workdir / f"probe-{len(rows)}"
+    runs = []  # (probe, its one-trial outcome); the default ({}) first
+    for i, probe in enumerate(({}, *setup.probes)):
+        tune_dir = workdir / f"probe-{i}"
         task, trials = _search(_settings(setup, seed, workdir, "default", probe), tune_dir, 0.0, 1)
-        done = Outcome("default", trials, task.direction, tune_dir)
-        default = default or done
-        cpu, metric = _cpu(trials), done.best()
-        history = trials[0].user_attrs.get("history", []) if trials else []
+        runs.append((probe, Outcome("default", trials, task.direction, tune_dir)))
+    default_cpu, target = _cpu(runs[0][1].trials), runs[0][1].best()
+    rows = []
+    for probe, done in runs:
+        cpu, metric = _cpu(done.trials), done.best()
+        history = done.trials[0].user_attrs.get("history", []) if done.trials else []
         rows.append([", ".join(f"{k}={v}" for k, v in probe.items()) or "the default", metric, cpu,
-                     f"{cpu / _cpu(default.trials):.0%}", not _better(default.best(), metric, task.direction),
+                     f"{cpu / default_cpu:.0%}", not _better(target, metric, task.direction),
                      " ".join(f"{step}:{value:.3f}" for step, value in history)])
     return Table(f"{setup.task}: can any configuration reach the default's {task.metric} with ≤ 40% of its compute? "
                  f"(seed {seed})", ["configuration (changes to the default)", f"final val {task.metric}",

@@ -63,10 +63,10 @@ class Window:
             self._phase_since = None
             self.mark("close", opened=self.opened is not None)
 
-    def switch(self, label: str, now: float | None = None) -> None:
+    def switch(self, label: str) -> None:
         """Requests from now on count under ``label`` as well as the window."""
         if label != self.phase:
-            self._count_phase(time.time() if now is None else now)
+            self._count_phase(time.time())
             self.phase = label
 
     def _count_phase(self, now: float) -> None:

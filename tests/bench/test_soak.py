@@ -22,7 +22,7 @@ async def _serve_with_one_stall(stall_s: float):
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/"
 
 
 def test_a_stall_shows_in_the_latency_from_due_although_each_reply_after_it_is_quick(monkeypatch):

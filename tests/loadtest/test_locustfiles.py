@@ -168,8 +168,6 @@ def test_a_stream_cut_off_before_its_final_event_is_a_failure(tmp_path):
 
 PHASE_CLOCK = """
 import json
-import subprocess
-import sys
 from loadtest.locustfiles import common
 
 now = [100.0]
