@@ -106,6 +106,10 @@ class EarlyStopSettings(Section):
     reduction_factor: int = Field(3, ge=2)
     min_resource: int = Field(100, ge=1, description="training steps at the first rung")
     warmup_trials: int = Field(4, ge=1, description="trials a rung must have seen before it stops any")
+    shared_schedule: bool = Field(False, description="every trial trains on one schedule: a searched "
+                                  "train.max_steps is fixed at its range's longest, and the rungs decide how far "
+                                  "each trial gets (successive halving's resource; rungs then compare like with "
+                                  "like). False: max_steps stays a knob, rungs compare schedules at least as long")
 
 
 class TuneSettings(Section):

@@ -75,6 +75,7 @@ class Setup:
     space: dict[str, Any]
     overrides: tuple[str, ...]
     compression_space: dict[str, Any] = field(default_factory=dict)  # AutoGLM's alone: only it compresses
+    warm_start: bool = True  # AutoGLM's first trial is the shipped configuration (tune.warm_start)
     # configurations trained alone beside the default (see :func:`attainability`): dotted knob -> value
     probes: tuple[dict[str, Any], ...] = ()
 
@@ -89,13 +90,16 @@ CHARLM_SPACE = {"model.n_layer": {"high": 4}, "model.n_embd": {"choices": [64, 9
 SETUPS = {
     "digits": Setup("digits", 1200, DIGITS_SPACE, (
         "compress.exporter='legacy'", "compress.prune.finetune_steps=50", "tune.startup_trials=3",
-        "tune.early_stop.min_resource=50", "tune.early_stop.warmup_trials=3"),
+        "tune.early_stop.min_resource=50", "tune.early_stop.warmup_trials=3", "tune.early_stop.shared_schedule=true"),
         # a 50-step fine-tune brings back half the channels pruned, not three quarters (75% lost 10 to 35
         # accuracy points in the bench's trials): the ratio stops at 0.5
         {"prune.ratio": {"high": 0.5}}),
     "charlm": Setup("charlm", 2000, CHARLM_SPACE, (
-        "compress.exporter='legacy'", "compress.prune.finetune_steps=100",
-        "tune.early_stop.min_resource=100", "tune.early_stop.warmup_trials=3"), probes=(
+        "compress.exporter='legacy'", "compress.prune.finetune_steps=100", "tune.startup_trials=3",
+        "tune.early_stop.min_resource=100", "tune.early_stop.warmup_trials=1", "tune.early_stop.shared_schedule=true"),
+        # the shipped 4L/128d on the longest searched schedule costs half of B: a first trial never stopped (no
+        # rung has peers yet) that leaves the search two or three trials
+        warm_start=False, probes=(
         # the most compute-efficient configurations found by hand, each sized to about 40% of the default's
         # CPU-seconds from its measured cost per token: the shipped architecture on a short schedule at a higher
         # learning rate, and two layers instead of four (about 1.7x cheaper per token, nearly as good per token)
@@ -125,7 +129,7 @@ def _settings(setup: Setup, seed: int, workdir: Path, method: str, probe: dict[s
         space = dict(setup.space) | (setup.compression_space if preset == "default" else {})
         tune |= {"sampler": sampler, "search_space": preset, "space": space,
                  "early_stop": {**tune["early_stop"], "enabled": early_stop},
-                 "warm_start": tune["warm_start"] if method == "AutoGLM" else None}
+                 "warm_start": tune["warm_start"] if method == "AutoGLM" and setup.warm_start else None}
     return base.model_copy(update={"tune": TuneSettings.model_validate(tune)})
 
 
@@ -333,9 +337,14 @@ def compare(setup: Setup, seeds: tuple[int, ...], workdir: Path, max_trials: int
              _goal_note(f"at equal budget AutoGLM beats random search's best {metric} and hypervolume", goal_random),
              f"searched ranges, narrowed alike for random search, TPE and AutoGLM: {setup.space}; the default "
              f"trains {setup.default_steps} steps; shared settings: {', '.join(setup.overrides)}",
-             f"AutoGLM alone is warm-started: its first trial is the shipped configuration clipped into the ranges, "
-             f"with {_warm_start(setup)} (queued, then early-stopped and charged like any trial); its compression "
-             f"ranges: {setup.compression_space or 'as declared by compress'}",
+             (f"AutoGLM alone is warm-started: its first trial is the shipped configuration clipped into the ranges, "
+              f"with {_warm_start(setup)} (queued, then early-stopped and charged like any trial)" if setup.warm_start
+              else "AutoGLM starts cold here, like random search and TPE: the shipped configuration on the longest "
+                   "searched schedule would cost about half of B") +
+             f"; AutoGLM's compression ranges: {setup.compression_space or 'as declared by compress'}",
+             "AutoGLM trains every trial on one schedule, the searched range's longest train.max_steps "
+             "(tune.early_stop.shared_schedule): its rungs decide how far each trial gets; random search and TPE "
+             "search max_steps, their only way to make a trial cheaper",
              "final val metric: the best completed trial's served model (AutoGLM: compressed) on validation data; "
              "'—': never reached; the means of the 'to reach' columns are over the seeds that reached it",
              "'to reach' counts the whole search up to the first trial as good as the default (the goal's "

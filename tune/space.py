@@ -63,6 +63,21 @@ def build_space(task: Task, preset: str | Mapping[str, Any] = "default",
     return apply_overrides(space, overrides or {})
 
 
+def with_shared_schedule(space: Mapping[str, Any]) -> dict[str, Any]:
+    """``space`` with a searched ``train.max_steps`` fixed at its range's longest (``tune.early_stop.shared_schedule``).
+
+    The learning rate follows each trial's own ``max_steps``, so at one step a shorter schedule has decayed
+    further and looks better without being the better configuration. With one schedule for all, the steps a
+    trial trains are successive halving's resource: the rungs stop the poor trials early and compare like with
+    like, as Hyperband and ASHA do.
+    """
+    out = dict(space)
+    knob = out.get("train.max_steps")
+    if isinstance(knob, Knob):
+        out["train.max_steps"] = int(knob.high)
+    return out
+
+
 def apply_overrides(space: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """A dict override changes a knob's range; a plain value fixes the knob (it is then not searched)."""
     out = dict(space)

@@ -18,7 +18,7 @@ from autoglm.artifacts import Manifest, RunDir, StageWriter, write_atomic
 from autoglm.config import Settings, TuneSettings
 from tune.select import pareto_points, select
 from tune.siblings import CompressionSiblings
-from tune.space import build_space, warm_start_params
+from tune.space import build_space, warm_start_params, with_shared_schedule
 from tune.storage import directions, open_study, recover_stale_trials, warm_start
 
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
@@ -34,6 +34,8 @@ def open_search(settings: Settings, tune_dir: Path):
     task = get_task(settings)
     task.prepare()
     space = build_space(task, settings.tune.search_space, settings.tune.space)
+    if settings.tune.early_stop.enabled and settings.tune.early_stop.shared_schedule:
+        space = with_shared_schedule(space)
     study = open_study(settings, tune_dir, task.direction)
     recover_stale_trials(study)
     if settings.tune.warm_start is not None:

@@ -4,6 +4,7 @@ import optuna
 import pytest
 
 from autoglm.cli import cli
+from autoglm.config import load_settings
 from autoglm.errors import ConfigError
 from autoglm.tasks import Knob
 from autoglm.tasks.charlm import CharLMTask
@@ -145,3 +146,27 @@ def test_a_warm_start_skips_knobs_the_space_does_not_search_and_rejects_unknown_
         warm_start_params(task, _warm_start_settings(), space, {"quantize.mod": "static"})
     with pytest.raises(ConfigError, match=r"tune.warm_start: train.lr='1e-3' must be a number"):
         warm_start_params(task, _warm_start_settings(), space, {"train.lr": "1e-3"})
+
+
+@pytest.mark.parametrize(("shared", "enabled", "expected"), [
+    (True, True, 300),  # the rungs own the step budget: every trial's schedule is the range's longest
+    (False, True, None),  # max_steps stays searched
+    (True, False, None),  # no rungs: a shared schedule would only remove a knob
+])
+def test_a_shared_schedule_fixes_max_steps_at_the_ranges_longest_only_under_early_stopping(
+        tmp_path, shared, enabled, expected):
+    from tests.tune import _tiny
+    from tune.stage import open_search
+
+    space = '{"model.channels" = 8, "model.hidden" = 32, "train.max_steps" = {low = 100, high = 300}}'
+    settings = load_settings(None, [*_tiny.overrides(tmp_path), f"tune.space={space}",
+                                    f"tune.early_stop.shared_schedule={str(shared).lower()}",
+                                    f"tune.early_stop.enabled={str(enabled).lower()}"])
+
+    _, space, study, _ = open_search(settings, tmp_path / "tune")
+    steps = [suggest(study.ask(), space)["train.max_steps"] for _ in range(8)]
+
+    if expected is None:
+        assert isinstance(space["train.max_steps"], Knob) and len(set(steps)) > 1
+    else:
+        assert space["train.max_steps"] == expected and set(steps) == {expected}
