@@ -8,14 +8,18 @@ sampler) runs all four on the same machine one after the other:
 - **random search** and **TPE, no early stopping**: architecture + training knobs (the ``training``
   preset; compression off, so they serve FP32 ONNX), the classic hyperparameter search;
 - **AutoGLM**: TPE over architecture + training + compression (the ``default`` preset) with
-  multi-objective early stopping, **warm-started**: its first trial is the task's shipped configuration
+  multi-objective early stopping on a **shared schedule** (``tune.early_stop.shared_schedule``: every trial's
+  ``max_steps`` is the searched range's longest, and the rungs decide how far each trial trains, as in
+  Hyperband/ASHA; random search and TPE search ``max_steps``, their only way to make a trial cheaper).
+  On digits it is **warm-started** (``Setup.warm_start``): its first trial is the task's shipped configuration
   (``tune.warm_start`` in ``configs/<task>.toml``: the shipped model and training values clipped into the
   searched ranges, served with the task's INT8 preset), queued with ``study.enqueue_trial`` and sampled,
-  early-stopped and charged like any other trial. Random search and TPE start cold, as those methods do.
+  early-stopped and charged like any other trial. On charlm it starts cold like the others: the shipped
+  4L/128d on the longest searched schedule costs about half of B, a first trial no rung can stop.
   Only AutoGLM searches compression, so the compression ranges (``Setup.compression_space``) are its alone.
 
-TPE, with or without early stopping, draws ``tune.startup_trials`` random trials before it models (3 here:
-a budget fits about six to twelve trials, and with Optuna's usual 6 to 10 TPE would never leave its
+TPE, with or without early stopping, draws ``tune.startup_trials`` random trials before it models (3 on both
+tasks: a budget fits about three to twelve trials, and with Optuna's usual 6 to 10 TPE would never leave its
 random start-up).
 
 Every trial is scored the same way (the served model's validation metric, p95 latency at batch 32, J/inference)
