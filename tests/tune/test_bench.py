@@ -75,8 +75,10 @@ def test_only_autoglm_is_warm_started_and_searches_compression_and_the_searches_
     settings = {m: _settings(setup, 0, tmp_path, m).tune for m in ["default", *METHODS]}
 
     assert settings["AutoGLM"].warm_start and settings["AutoGLM"].space == setup.space | setup.compression_space
-    for method in ("default", "random search", "TPE, no early stopping"):
+    for method in ("default", "random search", "TPE, no early stopping", "AutoGLM, cold start"):
         assert settings[method].warm_start is None
+    cold = settings["AutoGLM, cold start"].model_dump(exclude={"warm_start"})
+    assert cold == settings["AutoGLM"].model_dump(exclude={"warm_start"})  # the ablation changes nothing else
     assert settings["random search"].space == settings["TPE, no early stopping"].space == setup.space
     assert settings["TPE, no early stopping"].startup_trials == settings["AutoGLM"].startup_trials
 
