@@ -44,7 +44,7 @@ points' latency (p50 at batch 32, one thread) and energy are re-measured side by
 searches (see :func:`retime`): a trial's own timing depends on the load while it ran, and identical trials of
 two methods (random search and TPE draw the same start-up trials from the same seed) differed several-fold.
 
-``--quick`` runs digits only (about 7 minutes on two cores); the full run adds charlm (about 17 minutes per
+``--quick`` runs digits only (about 6 minutes on two cores); the full run adds charlm (about 20 minutes per
 seed) and charlm's attainability table (:func:`attainability`: the default beside hand-picked configurations
 sized to 40% of its compute, about 7 minutes), which says whether any configuration can meet goal 1 at all.
 """
