@@ -323,7 +323,8 @@ def compare(setup: Setup, seeds: tuple[int, ...], workdir: Path, max_trials: int
         rows[-len(outcomes)][0] = f"{seed} (B = {budget:.1f} CPU-s)"
         by_method = {o.method: o for o in outcomes}
         rand, auto = by_method["random search"], by_method["AutoGLM"]
-        share = auto.reach(target)[1] / budget if auto.reach(target) else None
+        reached = auto.reach(target)
+        share = reached[1] / budget if reached else None
         own = auto.own_cpu(target)
         goal_40.append((share is not None and share <= 0.4,
                         f"seed {seed}: {f'{share:.0%}' if share is not None else 'not reached'}"
