@@ -115,8 +115,9 @@ class EarlyStopSettings(Section):
 class TuneSettings(Section):
     sampler: Literal["tpe", "nsga2", "random", "gp"] = "tpe"
     startup_trials: int | None = Field(None, ge=1, description="tpe/gp: trials drawn at random before the model "
-                                       "takes over; None: max(4, 2 x objectives). Keep it a small part of the "
-                                       "trials a budget fits, or the sampler never models")
+                                       "takes over; None: max(4, 2 x objectives). Trials the tuner queues (the "
+                                       "warm start, compression siblings) come on top. Keep it a small part of "
+                                       "the trials a budget fits, or the sampler never models")
     n_trials: int = Field(20, ge=1)
     timeout_s: float | None = Field(None, gt=0)
     storage: str | None = Field(None, description="SQLAlchemy URL; default: a journal file in the run")

@@ -13,7 +13,7 @@ data order, sampler) runs all of them on the same machine one after the other:
   Hyperband/ASHA; random search and TPE search ``max_steps``, their only way to make a trial cheaper).
   It is **warm-started**: its first trial is ``tune.warm_start`` in ``configs/<task>.toml`` (the shipped model
   and training values clipped into the searched ranges, with the table's changes on top: digits serves its
-  shipped CNN with static INT8, charlm starts from 2 layers at lr 3e-3 served with dynamic INT8, the cheapest
+  shipped CNN with static INT8, charlm starts from 2 layers at lr 4e-3 served with dynamic INT8, the cheapest
   point the attainability table found), queued with ``study.enqueue_trial`` and sampled, early-stopped and
   charged like any other trial. Only AutoGLM searches compression, so the compression ranges
   (``Setup.compression_space``) are its alone;
@@ -22,7 +22,9 @@ data order, sampler) runs all of them on the same machine one after the other:
 
 TPE, with or without early stopping, draws ``tune.startup_trials`` random trials before it models (3 on both
 tasks: a budget fits about three to twelve trials, and with Optuna's usual 6 to 10 TPE would never leave its
-random start-up).
+random start-up). AutoGLM's warm start and compression siblings come on top (:class:`tune.sampler.DrawnStartup`):
+counted, they would end the start-up with one trained model as TPE's only data, and TPE would then sample
+next to it.
 
 Every trial is scored the same way (the served model's validation metric, p95 latency at batch 32, J/inference)
 and charged the same way (its CPU-seconds: training, compression, scoring and timing).
@@ -91,10 +93,10 @@ class Setup:
 # recover digits, see compress.prune.KNOBS). Every method evaluates at the same steps (every min_resource).
 DIGITS_SPACE = {"model.channels": {"high": 32}, "model.hidden": {"high": 128}, "model.dropout": {"high": 0.3},
                 "train.max_steps": {"high": 400}}
-# charlm's schedules reach 1300 steps: the cheapest configuration measured to reach the default's loss (2 layers
-# at lr 3e-3, see the attainability table) needs about 1200, and a range ending below that holds no trial that can
+# charlm's schedules reach 1200 steps: the cheapest configuration measured to reach the default's loss (2 layers
+# at lr 4e-3, see the attainability table) needs about 1200, and a range ending below that holds no trial that can
 CHARLM_SPACE = {"model.n_layer": {"high": 4}, "model.n_embd": {"choices": [64, 96, 128]},
-                "model.block_size": {"choices": [32, 64]}, "train.max_steps": {"high": 1300}}
+                "model.block_size": {"choices": [32, 64]}, "train.max_steps": {"high": 1200}}
 SETUPS = {
     "digits": Setup("digits", 1200, DIGITS_SPACE, (
         "compress.exporter='legacy'", "compress.prune.finetune_steps=50", "tune.startup_trials=3",
@@ -111,8 +113,8 @@ SETUPS = {
         # (about 1.7x cheaper per token, nearly as good per token) on the searched range's longest schedule and
         # a shorter one; the 2-layer point is charlm's tune.warm_start
         {"train.lr": 3e-3, "train.max_steps": 800},
-        {"model.n_layer": 2, "train.lr": 3e-3, "train.max_steps": 1000},
-        {"model.n_layer": 2, "train.lr": 3e-3, "train.max_steps": 1300})),
+        {"model.n_layer": 2, "train.lr": 4e-3, "train.max_steps": 1000},
+        {"model.n_layer": 2, "train.lr": 4e-3, "train.max_steps": 1200})),
 }
 
 
@@ -406,10 +408,10 @@ def _warm_start(setup: Setup) -> str:
 
 
 def _startup(setup: Setup) -> int:
-    from tune.storage import make_sampler
+    from tune.sampler import make_sampler
 
     settings = load_settings(CONFIGS / f"{setup.task}.toml", list(setup.overrides))
-    return make_sampler("tpe", 0, len(settings.tune.objectives), settings.tune.startup_trials)._n_startup_trials
+    return make_sampler("tpe", 0, len(settings.tune.objectives), settings.tune.startup_trials).startup
 
 
 def _mean(values) -> float | None:

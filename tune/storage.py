@@ -28,27 +28,6 @@ def directions(settings: Settings, task_direction: str) -> list[str]:
     return [task_direction if o == "metric" else "minimize" for o in settings.tune.objectives]
 
 
-def make_sampler(name: str, seed: int, n_objectives: int, startup_trials: int | None = None):
-    """TPE (multivariate, constant liar for parallel workers), NSGA-II, random or GP.
-
-    ``startup_trials``: random trials before TPE or GP models (None: max(4, 2 x objectives) for TPE, 4 for GP).
-    """
-    optuna = require("optuna", None, "tuning")
-    samplers = optuna.samplers
-    if name == "tpe":
-        with warnings.catch_warnings():  # `group` is marked experimental; it is what makes multivariate TPE
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # work with conditional knobs
-            return samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
-                                       n_startup_trials=startup_trials or max(4, 2 * n_objectives))
-    if name == "nsga2":
-        return samplers.NSGAIISampler(seed=seed, population_size=8)
-    if name == "random":
-        return samplers.RandomSampler(seed=seed)
-    if name == "gp":
-        return samplers.GPSampler(seed=seed, n_startup_trials=startup_trials or 4, warn_independent_sampling=False)
-    raise ConfigError(f"tune.sampler={name!r} is unknown: use tpe, nsga2, random or gp")
-
-
 def make_storage(settings: Settings, tune_dir: Path):
     optuna = require("optuna", None, "tuning")
     url = settings.tune.storage
@@ -84,6 +63,8 @@ def make_storage(settings: Settings, tune_dir: Path):
 def open_study(settings: Settings, tune_dir: Path, task_direction: str):
     """Create or resume (``load_if_exists``) the study; its objectives must match the config."""
     optuna = require("optuna", None, "tuning")
+    from tune.sampler import make_sampler
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     wanted = directions(settings, task_direction)
     storage = make_storage(settings, tune_dir)

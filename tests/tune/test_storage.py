@@ -144,10 +144,3 @@ def test_a_warm_started_study_runs_the_configured_point_first_and_only_once(tmp_
     assert first.params == {"train.lr": 2e-3, "quantize.mode": "static", "prune.ratio": 0.0}
     assert first.user_attrs["warm_start"] and "compute" in first.user_attrs  # charged like any trial
     assert "warm_start" not in second.user_attrs  # a resumed study queues it no more
-
-
-@pytest.mark.parametrize(("startup", "expected"), [(None, 6), (3, 3)])
-def test_tpe_models_after_its_startup_trials(startup, expected):
-    from tune.storage import make_sampler
-
-    assert make_sampler("tpe", 0, 3, startup)._n_startup_trials == expected

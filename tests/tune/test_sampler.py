@@ -1,0 +1,76 @@
+"""The samplers: TPE's random start-up counts only the trials it drew, not those the tuner placed."""
+
+import optuna
+import pytest
+
+from autoglm.errors import ConfigError
+from tune.sampler import DrawnStartup, drawn_trials, make_sampler
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _objective(trial):
+    x = trial.suggest_float("x", 0.0, 1.0)
+    return x, 1.0 - x
+
+
+def _study(sampler):
+    return optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+
+
+@pytest.mark.parametrize(("startup", "expected"), [(None, 6), (3, 3)])
+def test_tpe_models_after_its_startup_trials(startup, expected):
+    sampler = make_sampler("tpe", 0, 3, startup)
+    assert isinstance(sampler, DrawnStartup) and sampler.startup == expected
+    assert sampler.model._n_startup_trials == expected
+
+
+def test_an_unknown_sampler_is_refused_naming_the_choices():
+    with pytest.raises(ConfigError, match="tpe, nsga2, random or gp"):
+        make_sampler("cmaes", 0, 3)
+
+
+def test_placed_trials_do_not_count_toward_the_random_startup():
+    """A warm start and two siblings, all at x = 0.5: the next 3 trials are drawn at random, exactly the
+    points a RandomSampler of the same seed draws, though TPE alone would model from the 4th trial on."""
+    study = _study(make_sampler("tpe", 7, 2, startup_trials=3))
+    study.enqueue_trial({"x": 0.5}, user_attrs={"warm_start": True})
+    for _ in range(2):
+        study.enqueue_trial({"x": 0.5}, user_attrs={"sibling_of": 0}, skip_if_exists=False)
+    study.optimize(_objective, n_trials=3)
+    assert drawn_trials(study) == 0
+    assert study.sampler.exploring(study)
+
+    study.optimize(_objective, n_trials=3)
+    reference = _study(optuna.samplers.RandomSampler(seed=7))
+    reference.optimize(_objective, n_trials=3)
+    assert [t.params["x"] for t in study.trials[3:]] == [t.params["x"] for t in reference.trials]
+    assert drawn_trials(study) == 3 and not study.sampler.exploring(study)
+
+
+def test_after_the_startup_the_model_samples(monkeypatch):
+    sampler = make_sampler("tpe", 0, 2, startup_trials=2)
+    study = _study(sampler)
+    study.optimize(_objective, n_trials=2)
+    modelled = []
+    sample = sampler.model.sample_relative
+    monkeypatch.setattr(sampler.model, "sample_relative",
+                        lambda *a: modelled.append(1) or sample(*a))
+    study.optimize(_objective, n_trials=1)
+    assert modelled, "TPE was not consulted once the start-up was over"
+
+
+def test_a_stopped_drawn_trial_counts_a_failed_one_does_not():
+    study = _study(make_sampler("tpe", 0, 2, startup_trials=5))
+
+    def stopped(trial):
+        trial.suggest_float("x", 0.0, 1.0)
+        raise optuna.TrialPruned()
+
+    def failing(trial):
+        trial.suggest_float("x", 0.0, 1.0)
+        raise RuntimeError("boom")
+
+    study.optimize(stopped, n_trials=2)
+    study.optimize(failing, n_trials=1, catch=(RuntimeError,))
+    assert drawn_trials(study) == 2
