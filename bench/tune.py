@@ -317,7 +317,8 @@ def compare(setup: Setup, seeds: tuple[int, ...], workdir: Path, max_trials: int
             reached = o.reach(target) or (None, None)
             states = [t.state.name for t in o.trials]
             own = o.own_cpu(target)
-            row = [seed, o.method, o.best(), *reached, None if own is None else f"{own:.1f} ({own / budget:.0%})",
+            best = None if math.isnan(o.best()) else o.best()  # None ('—'): no trial ended within the budget
+            row = [seed, o.method, best, *reached, None if own is None else f"{own:.1f} ({own / budget:.1%})",
                    f"{states.count('COMPLETE')}/{states.count('PRUNED')}/{states.count('FAIL')}", _cpu(o.trials),
                    o.energy(), volumes[o.method]]
             rows.append(row)
@@ -329,14 +330,14 @@ def compare(setup: Setup, seeds: tuple[int, ...], workdir: Path, max_trials: int
         share = reached[1] / budget if reached else None
         own = auto.own_cpu(target)
         goal_40.append((share is not None and share <= 0.4,
-                        f"seed {seed}: {f'{share:.0%}' if share is not None else 'not reached'}"
-                        + (f", the configuration found alone {own / budget:.0%}" if own is not None else "")))
+                        f"seed {seed}: {f'{share:.1%}' if share is not None else 'not reached'}"
+                        + (f", the configuration found alone {own / budget:.1%}" if own is not None else "")))
         beats = _better(auto.best(), rand.best(), task.direction) and volumes["AutoGLM"] > volumes["random search"]
         goal_random.append((beats, f"seed {seed}: {auto.best():.4g} vs {rand.best():.4g}, hypervolume "
                                    f"{volumes['AutoGLM']:.3f} vs {volumes['random search']:.3f}"))
     for method, mine in per_method.items():
         steps = _mean(r[3] for r in mine)
-        rows.append(["mean", method, statistics.fmean(r[2] for r in mine), None if steps is None else round(steps),
+        rows.append(["mean", method, _mean(r[2] for r in mine), None if steps is None else round(steps),
                      _mean(r[4] for r in mine), "", "", statistics.fmean(r[7] for r in mine), "",
                      statistics.fmean(r[9] for r in mine)])
     metric = task.metric
