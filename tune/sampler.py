@@ -17,10 +17,12 @@ from typing import Any
 
 from autoglm._lazy import require
 from autoglm.errors import ConfigError
+from tune.siblings import SIBLING_ATTR
+from tune.storage import WARM_START_ATTR
 
 optuna = require("optuna", None, "tuning")
 
-PLACED = ("warm_start", "sibling_of")  # user attributes of the trials the tuner queued, not the sampler drew
+PLACED = (WARM_START_ATTR, SIBLING_ATTR)  # user attributes of the trials the tuner queued, not the sampler drew
 
 
 def make_sampler(name: str, seed: int, n_objectives: int, startup_trials: int | None = None):
@@ -63,25 +65,34 @@ class DrawnStartup(optuna.samplers.BaseSampler):
     def __init__(self, model, startup: int, seed: int | None = None):
         self.model, self.startup = model, startup
         self.random = optuna.samplers.RandomSampler(seed=seed)
+        # trial number -> whether it is drawn at random, decided once as it starts: one read of the study's
+        # trials per trial, not one per parameter, and every parameter of a trial drawn the same way
+        self._random: dict[int, bool] = {}
 
     def exploring(self, study) -> bool:
         """Whether the start-up still runs: fewer than ``startup`` drawn trials have finished."""
         return drawn_trials(study) < self.startup
 
+    def _drawn_at_random(self, study, trial) -> bool:
+        at_random = self._random.get(trial.number)
+        return self.exploring(study) if at_random is None else at_random
+
     def infer_relative_search_space(self, study, trial) -> dict[str, Any]:
-        return {} if self.exploring(study) else self.model.infer_relative_search_space(study, trial)
+        return {} if self._drawn_at_random(study, trial) else self.model.infer_relative_search_space(study, trial)
 
     def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
         return self.model.sample_relative(study, trial, search_space) if search_space else {}
 
     def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
-        chosen = self.random if self.exploring(study) else self.model
+        chosen = self.random if self._drawn_at_random(study, trial) else self.model
         return chosen.sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study, trial) -> None:
+        self._random[trial.number] = self.exploring(study)
         self.model.before_trial(study, trial)
 
     def after_trial(self, study, trial, state, values) -> None:
+        self._random.pop(trial.number, None)
         self.model.after_trial(study, trial, state, values)
 
     def reseed_rng(self) -> None:

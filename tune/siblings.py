@@ -18,6 +18,7 @@ from typing import Any
 from autoglm.tasks import Knob
 
 MODE, RATIO = "quantize.mode", "prune.ratio"
+SIBLING_ATTR = "sibling_of"  # user attribute of a sibling: the number of the trial it repeats
 
 
 def sibling_params(params: Mapping[str, Any], space: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -46,7 +47,7 @@ class CompressionSiblings:
         import optuna
 
         complete = optuna.trial.TrialState.COMPLETE
-        if not self.searched or trial.state != complete or "sibling_of" in trial.user_attrs:
+        if not self.searched or trial.state != complete or SIBLING_ATTR in trial.user_attrs:
             return
         # the task's metric as recorded (it need not be an objective, nor the first one)
         metrics = [t.user_attrs["objectives"]["metric"] for t in study.get_trials(deepcopy=False, states=(complete,))
@@ -59,4 +60,4 @@ class CompressionSiblings:
             queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
             siblings = siblings[:max(0, self.room(study) - queued)]
         for params in siblings:
-            study.enqueue_trial(params, user_attrs={"sibling_of": trial.number}, skip_if_exists=True)
+            study.enqueue_trial(params, user_attrs={SIBLING_ATTR: trial.number}, skip_if_exists=True)

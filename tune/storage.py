@@ -22,6 +22,7 @@ from autoglm.errors import ConfigError, MissingExtraError
 
 log = logging.getLogger(__name__)
 JOURNAL = "study.journal"
+WARM_START_ATTR = "warm_start"  # user attribute of the trial tune.warm_start queued
 
 
 def directions(settings: Settings, task_direction: str) -> list[str]:
@@ -94,7 +95,7 @@ def warm_start(study, settings: Settings, params: dict) -> bool:
     sampled, early-stopped and charged like any other; its ``warm_start`` attribute marks it."""
     if settings.tune.warm_start is None or settings.tune.worker_index != 0 or study.get_trials(deepcopy=False):
         return False
-    study.enqueue_trial(params, user_attrs={"warm_start": True})
+    study.enqueue_trial(params, user_attrs={WARM_START_ATTR: True})
     return True
 
 
