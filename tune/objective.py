@@ -1,11 +1,13 @@
 """One trial: measure cost -> train (early-stoppable) -> compress -> score -> objectives.
 
-Latency and energy depend on the architecture and the compression settings, not on the weights, so
-they are measured first, on the untrained model compressed the trial's way; that is what lets the
-early-stopping rule compare trials while they train. After training, the *compressed* trained model is
-scored on validation data and timed again; those figures are the trial's objectives. Trained
-checkpoints are cached by a hash of everything that shapes training, so trials that differ only in
-compression settings never retrain.
+Latency and energy depend on the architecture and the compression settings, not on the weights (the
+trained model's graph is the untrained one's, op for op and shape for shape), so with early stopping on
+they are measured first, on the untrained model compressed the trial's way: that is what lets the rule
+compare trials while they train, and those timings stand for the trained model too. After training, the
+*compressed* trained model is scored on validation data; it is timed then only if nothing timed it before
+(no early stopping, or a cached model). Each trial is timed once: a second timing of the same graph would
+spend compute on a figure already known. Trained checkpoints are cached by a hash of everything that
+shapes training, so trials that differ only in compression settings never retrain.
 """
 
 from __future__ import annotations
@@ -95,13 +97,18 @@ class Objective:
         out = self.trials_dir / f"{trial.number:04d}"
         meter = energy_meter(settings.measure.energy, settings.measure.watts_per_core, device=_trial_device(settings))
         meter.start()
+        key = training_key(self.task, settings, model_args)
         try:
-            cost = self._cost(settings, model_args, variant_name, out / "probe")
-            trial.set_user_attr("probe", cost)
-            model, result = self._train(trial, settings, model_args, cost, out)
+            timing, cost = None, None
+            if self.rule is not None and not self._cached(key):  # only the rule looks at the cost while training
+                timing = self._timing(settings, model_args, variant_name, out / "probe")
+                serving = timing[settings.tune.serving_batch]
+                cost = {"latency": serving["p95_ms"], "energy": serving["j_per_item"]}
+                trial.set_user_attr("probe", cost)
+            model, result = self._train(trial, settings, model_args, key, cost, out)
             if result is None:
                 raise optuna.TrialPruned(f"dominated at step {trial.user_attrs['stopped_at']}")
-            variant = self._compressed(settings, model, model_args, variant_name, out)
+            variant = self._compressed(settings, model, model_args, variant_name, out, timing)
         finally:
             reading = meter.stop()
             trial.set_user_attr("compute", {"wall_s": time.time() - started, "cpu_s": time.process_time() - cpu0,
@@ -123,26 +130,28 @@ class Objective:
     def _builder(self, settings: Settings, model, model_args, out: Path) -> VariantBuilder:
         return VariantBuilder(self.task, model, model_args, settings, out)
 
-    def _cost(self, settings: Settings, model_args, variant_name: str, out: Path) -> dict[str, float]:
-        """Latency and energy of the untrained model, compressed the trial's way (pruned without fine-tune)."""
+    def _cached(self, key: str) -> bool:
+        return (self.cache_dir / key / "model.pt").is_file() and (self.cache_dir / key / "result.json").is_file()
+
+    def _timing(self, settings: Settings, model_args, variant_name: str, out: Path) -> dict[int, dict[str, Any]]:
+        """The untrained model compressed the trial's way (pruned without fine-tune), timed at the batches a
+        trial reports: batch -> latency and energy, as :meth:`VariantBuilder.time` measures them."""
         quick = settings.model_copy(update={"compress": settings.compress.model_copy(update={
             "prune": settings.compress.prune.model_copy(update={"finetune_steps": 0})})})
         builder = self._builder(quick, self.task.build_model(model_args), model_args, out)
         variant = builder.build(variant_name)
-        builder.time(variant, builder.predictor(variant, _serving_threads(settings)), [settings.tune.serving_batch],
+        builder.time(variant, builder.predictor(variant, _serving_threads(settings)), _batches(settings),
                      settings.tune.probe_repeats)
-        timing = variant.profile[settings.tune.serving_batch]
-        return {"latency": timing["p95_ms"], "energy": timing["j_per_item"]}
+        return variant.profile
 
-    def _train(self, trial, settings: Settings, model_args, cost, out: Path):
+    def _train(self, trial, settings: Settings, model_args, key: str, cost, out: Path):
         """(model, TrainResult-as-dict) from the cache or from training; (None, None) when stopped early."""
         from autoglm.tasks.checkpoint import load_checkpoint, save_checkpoint
 
-        key = training_key(self.task, settings, model_args)
         cached, result_file = self.cache_dir / key / "model.pt", self.cache_dir / key / "result.json"
         out.mkdir(parents=True, exist_ok=True)
         trial.set_user_attr("training_key", key)
-        if cached.is_file() and result_file.is_file():
+        if self._cached(key):
             model = load_checkpoint(cached).build_model(self.task)
             result = json.loads(result_file.read_text())
             trial.set_user_attr("cache_hit", True)
@@ -189,13 +198,22 @@ class Objective:
     def _study(trial):
         return trial.study
 
-    def _compressed(self, settings: Settings, model, model_args, variant_name: str, out: Path) -> Variant:
+    def _compressed(self, settings: Settings, model, model_args, variant_name: str, out: Path,
+                    timing: dict[int, dict[str, Any]] | None) -> Variant:
+        """The trained model compressed and scored; timed unless ``timing`` (of the same graph) is known."""
         builder = self._builder(settings, model, model_args, out / "compress")
         variant = builder.build(variant_name)
         builder.score(variant, builder.predictor(variant), baseline=None)
-        batches = sorted({1, settings.tune.serving_batch})
-        return builder.time(variant, builder.predictor(variant, _serving_threads(settings)), batches,
+        if timing is not None:
+            variant.profile = timing
+            return variant
+        return builder.time(variant, builder.predictor(variant, _serving_threads(settings)), _batches(settings),
                             settings.tune.probe_repeats)
+
+
+def _batches(settings: Settings) -> list[int]:
+    """The batches a trial is timed at: 1 (a lone request) and the serving batch (the objectives')."""
+    return sorted({1, settings.tune.serving_batch})
 
 
 def _serving_threads(settings: Settings) -> int:

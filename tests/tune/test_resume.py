@@ -34,7 +34,7 @@ def _wait_for_a_trial_in_flight(tune_dir: Path, worker: subprocess.Popen, patien
             except KeyError:  # the study is not created yet
                 trials = []
             done = [t for t in trials if t.state.name == "COMPLETE"]
-            running = [t for t in trials if t.state.name == "RUNNING" and "probe" in t.user_attrs]
+            running = [t for t in trials if t.state.name == "RUNNING" and "training_key" in t.user_attrs]
             if done and running:
                 return {t.number: t.values for t in done}, running[0].number
         time.sleep(0.2)

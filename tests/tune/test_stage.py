@@ -62,6 +62,23 @@ def test_the_best_trials_compression_siblings_reuse_its_trained_checkpoint(study
         assert sibling.user_attrs["compute"]["cpu_s"] < parent.user_attrs["compute"]["cpu_s"]
 
 
+def test_each_trial_times_its_graph_once(study_run):
+    settings, tune_dir, _ = study_run
+    complete = [t for t in _tiny.journal_study(tune_dir).trials if t.state.name == "COMPLETE"]
+    serving = str(settings.tune.serving_batch)
+
+    assert any(t.user_attrs.get("cache_hit") for t in complete) and any("probe" in t.user_attrs for t in complete)
+    for trial in complete:
+        profile = trial.user_attrs["variant"]["profile"]
+        assert set(profile) == {"1", serving}
+        if trial.user_attrs.get("cache_hit"):  # it never trains, so no rung would read a probe
+            assert "probe" not in trial.user_attrs
+        else:  # timed before training for the rungs; those timings are its objectives, not a second run
+            assert trial.user_attrs["probe"] == {"latency": profile[serving]["p95_ms"],
+                                                 "energy": profile[serving]["j_per_item"]}
+            assert trial.user_attrs["objectives"]["latency"] == profile[serving]["p95_ms"]
+
+
 def test_the_selected_point_names_a_checkpoint_that_loads(study_run):
     _, tune_dir, _ = study_run
     pareto = json.loads((tune_dir / "pareto.json").read_text())
@@ -159,3 +176,4 @@ def test_trials_that_differ_only_in_compression_share_one_trained_checkpoint(tmp
     inodes = {(tune_dir / f"trials/{t.number:04d}/model.pt").stat().st_ino for t in trials}
     assert len(keys) == 1 and len(inodes) == 1
     assert [bool(t.user_attrs.get("cache_hit")) for t in trials] == [False, True, True]
+    assert not any("probe" in t.user_attrs for t in trials)  # without early stopping nothing reads a probe
