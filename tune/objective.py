@@ -1,13 +1,13 @@
-"""One trial: measure cost -> train (early-stoppable) -> compress -> score -> objectives.
+"""One trial: (time the untrained graph) -> train (early-stoppable) -> compress -> score -> objectives.
 
-Latency and energy depend on the architecture and the compression settings, not on the weights (the
-trained model's graph is the untrained one's, op for op and shape for shape), so with early stopping on
-they are measured first, on the untrained model compressed the trial's way: that is what lets the rule
-compare trials while they train, and those timings stand for the trained model too. After training, the
-*compressed* trained model is scored on validation data; it is timed then only if nothing timed it before
-(no early stopping, or a cached model). Each trial is timed once: a second timing of the same graph would
-spend compute on a figure already known. Trained checkpoints are cached by a hash of everything that
-shapes training, so trials that differ only in compression settings never retrain.
+Latency and energy depend on the architecture and the compression settings, not on the weights, so with
+early stopping on they are measured first, on the untrained model compressed the trial's way: that is what
+lets the rule compare trials while they train. Those timings stand for the trained model too when its
+compressed graph is the untrained one's, op for op and shape for shape (checked, see :func:`graph_signature`);
+otherwise, and without early stopping or with a cached model, the trained model is timed after it is
+scored. So a trial times one graph once: a second timing of the same graph would spend compute on a figure
+already known. Trained checkpoints are cached by a hash of everything that shapes training, so trials that
+differ only in compression settings never retrain.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,18 +98,21 @@ class Objective:
         out = self.trials_dir / f"{trial.number:04d}"
         meter = energy_meter(settings.measure.energy, settings.measure.watts_per_core, device=_trial_device(settings))
         meter.start()
-        key = training_key(self.task, settings, model_args)
         try:
+            key = training_key(self.task, settings, model_args)
             timing, cost = None, None
-            if self.rule is not None and not self._cached(key):  # only the rule looks at the cost while training
+            # only the rule looks at the cost while training (a DDP trial trains under torchrun, without it)
+            if self.rule is not None and settings.tune.ddp_procs == 1 and not self._cached(key):
                 timing = self._timing(settings, model_args, variant_name, out / "probe")
-                serving = timing[settings.tune.serving_batch]
+                serving = timing.profile[settings.tune.serving_batch]
                 cost = {"latency": serving["p95_ms"], "energy": serving["j_per_item"]}
                 trial.set_user_attr("probe", cost)
             model, result = self._train(trial, settings, model_args, key, cost, out)
             if result is None:
                 raise optuna.TrialPruned(f"dominated at step {trial.user_attrs['stopped_at']}")
             variant = self._compressed(settings, model, model_args, variant_name, out, timing)
+            trial.set_user_attr("timed", "untrained" if variant.profile is getattr(timing, "profile", None)
+                                else "trained")
         finally:
             reading = meter.stop()
             trial.set_user_attr("compute", {"wall_s": time.time() - started, "cpu_s": time.process_time() - cpu0,
@@ -133,16 +137,16 @@ class Objective:
     def _cached(self, key: str) -> bool:
         return (self.cache_dir / key / "model.pt").is_file() and (self.cache_dir / key / "result.json").is_file()
 
-    def _timing(self, settings: Settings, model_args, variant_name: str, out: Path) -> dict[int, dict[str, Any]]:
+    def _timing(self, settings: Settings, model_args, variant_name: str, out: Path) -> Timing:
         """The untrained model compressed the trial's way (pruned without fine-tune), timed at the batches a
-        trial reports: batch -> latency and energy, as :meth:`VariantBuilder.time` measures them."""
+        trial reports, as :meth:`VariantBuilder.time` measures them."""
         quick = settings.model_copy(update={"compress": settings.compress.model_copy(update={
             "prune": settings.compress.prune.model_copy(update={"finetune_steps": 0})})})
-        builder = self._builder(quick, self.task.build_model(model_args), model_args, out)
+        builder = self._builder(quick, untrained_model(self.task, model_args), model_args, out)
         variant = builder.build(variant_name)
         builder.time(variant, builder.predictor(variant, _serving_threads(settings)), _batches(settings),
                      settings.tune.probe_repeats)
-        return variant.profile
+        return Timing(variant.profile, graph_signature(variant.path))
 
     def _train(self, trial, settings: Settings, model_args, key: str, cost, out: Path):
         """(model, TrainResult-as-dict) from the cache or from training; (None, None) when stopped early."""
@@ -199,16 +203,51 @@ class Objective:
         return trial.study
 
     def _compressed(self, settings: Settings, model, model_args, variant_name: str, out: Path,
-                    timing: dict[int, dict[str, Any]] | None) -> Variant:
-        """The trained model compressed and scored; timed unless ``timing`` (of the same graph) is known."""
+                    timing: Timing | None) -> Variant:
+        """The trained model compressed and scored; timed unless ``timing`` is of the same graph."""
         builder = self._builder(settings, model, model_args, out / "compress")
         variant = builder.build(variant_name)
         builder.score(variant, builder.predictor(variant), baseline=None)
-        if timing is not None:
-            variant.profile = timing
+        if timing is not None and timing.graph == graph_signature(variant.path):
+            variant.profile = timing.profile
             return variant
         return builder.time(variant, builder.predictor(variant, _serving_threads(settings)), _batches(settings),
                             settings.tune.probe_repeats)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One compressed graph's timings (batch -> latency and energy) and what it was (:func:`graph_signature`)."""
+
+    profile: dict[int, dict[str, Any]]
+    graph: tuple
+
+
+def graph_signature(path: Path | None) -> tuple:
+    """What a graph's speed depends on: its nodes' op types in order and its initializers' shapes and types
+    (not their values). Two graphs with equal signatures run the same kernels on the same shapes."""
+    if path is None or path.suffix != ".onnx":
+        return ()  # not an ONNX graph (a TensorRT plan): never taken for another one
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return (tuple(f"{n.domain}:{n.op_type}" for n in graph.node),
+            tuple(sorted((i.name, tuple(i.dims), i.data_type) for i in graph.initializer)))
+
+
+def untrained_model(task: Task, model_args: dict[str, Any]):
+    """The task's freshly initialized model, its constant parameters (zero biases, unit norm gains) jittered:
+    the ONNX simplifier folds away an Add of zeros or a Mul by ones, which a trained model's graph keeps, so
+    the untrained graph would otherwise run fewer ops than the one it stands for."""
+    import torch
+
+    model = task.build_model(model_args)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.add_(0.02 * torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device))
+    return model
 
 
 def _batches(settings: Settings) -> list[int]:

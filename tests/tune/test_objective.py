@@ -1,0 +1,61 @@
+"""A trial times the untrained model's compressed graph and lets it stand for the trained one's: the two
+graphs must be the same op for op, for every compression a trial can draw."""
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoglm.tasks.charlm import CharLMTask
+from autoglm.tasks.digits import DigitsTask
+from compress.variants import VariantBuilder
+from tune.objective import graph_signature, untrained_model
+
+VARIANTS = ("fp32", "int8-dynamic", "int8-static", "pruned", "pruned-int8")  # all that tune.space draws
+CASES = {
+    "digits": (DigitsTask, {"channels": 8, "hidden": 32}),
+    # zero-initialized biases: the ONNX simplifier drops an Add of zeros that a trained model keeps
+    "charlm with biases": (CharLMTask, {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 16, "bias": True}),
+    "charlm": (CharLMTask, {"n_layer": 1, "n_embd": 32, "n_head": 2, "block_size": 16, "bias": False}),
+}
+COMPRESS = ["compress.exporter='legacy'", "compress.quantize.calibration_batches=2", "compress.prune.ratio=0.5"]
+
+
+def _trained(task, model_args):
+    """The model with weights no initializer makes (what training leaves behind, as far as a graph can tell)."""
+    model = task.build_model(model_args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_untrained_graph_a_trial_times_is_the_trained_one(case, settings_in, tmp_path):
+    cls, overrides = CASES[case]
+    task = cls(cache_dir=Path(tempfile.mkdtemp(prefix="autoglm-test-"))) if cls is CharLMTask else cls()
+    args = task.check_model_args(overrides)
+    trained = VariantBuilder(task, _trained(task, args), args,
+                             settings_in(f"task.name='{task.name}'", *COMPRESS, "compress.prune.finetune_steps=2"),
+                             tmp_path / "trained")
+    # as a trial's probe builds it: pruned without fine-tune
+    untrained = VariantBuilder(task, untrained_model(task, args), args,
+                               settings_in(f"task.name='{task.name}'", *COMPRESS, "compress.prune.finetune_steps=0"),
+                               tmp_path / "untrained")
+
+    for name in VARIANTS:
+        assert graph_signature(untrained.build(name).path) == graph_signature(trained.build(name).path), name
+
+
+def test_graphs_that_differ_in_an_op_or_a_shape_have_different_signatures(settings_in, tmp_path):
+    task = DigitsTask()
+    settings = settings_in(*COMPRESS)
+    signatures = {}
+    for hidden, variant in ((32, "fp32"), (32, "int8-dynamic"), (48, "fp32")):
+        args = task.check_model_args({"channels": 8, "hidden": hidden})
+        builder = VariantBuilder(task, untrained_model(task, args), args, settings, tmp_path / f"{hidden}-{variant}")
+        signatures[hidden, variant] = graph_signature(builder.build(variant).path)
+
+    assert len(set(signatures.values())) == 3
+    assert graph_signature(None) == () and graph_signature(tmp_path / "model.plan") == ()
