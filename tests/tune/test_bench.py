@@ -88,11 +88,13 @@ def test_attainability_trains_the_default_and_each_probe_alone_and_says_which_re
 
     from bench.tune import SETUPS, attainability
 
-    setup = replace(SETUPS["digits"], default_steps=60, probes=({"train.lr": 1e-9, "train.max_steps": 20},))
-    table = attainability(setup, 0, tmp_path)
+    setup = replace(SETUPS["digits"], default_steps=60, probes=({"train.lr": 1e-9, "train.max_steps": 20},),
+                    probe_seeds=(0, 1))
+    table = attainability(setup, tmp_path)
 
-    (default, frozen) = table.rows
-    assert default[0] == "the default" and default[4] is True and default[3] == "100%"
-    assert frozen[0] == "train.lr=1e-09, train.max_steps=20"
-    assert frozen[1] < default[1] and frozen[4] is False  # a model that cannot learn never reaches it
-    assert frozen[5].startswith("20:")  # its validation history, step:value
+    assert [row[0] for row in table.rows] == [0, 0, 1, 1] and "(seeds 0, 1)" in table.title
+    for default, frozen in (table.rows[:2], table.rows[2:]):
+        assert default[1] == "the default" and default[5] is True and default[4] == "100%"
+        assert frozen[1] == "train.lr=1e-09, train.max_steps=20"
+        assert frozen[2] < default[2] and frozen[5] is False  # a model that cannot learn never reaches it
+        assert frozen[6].startswith("20:")  # its validation history, step:value
