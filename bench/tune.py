@@ -273,15 +273,14 @@ def hypervolumes(outcomes: list[Outcome], dirs: list[str]) -> dict[str, float]:
 def run_seed(setup: Setup, seed: int, workdir: Path, max_trials: int = MAX_TRIALS):
     """(task, budget B, outcomes of every method in METHODS order): the default first, its CPU-seconds then
     budget the rest, which run in RUN_ORDER."""
-    tune_dir = workdir / f"{seed}" / "default"
-    task, trials = _search(_settings(setup, seed, workdir, "default"), tune_dir, 0.0, 1)
+    default_dir = workdir / f"{seed}" / "default"
+    task, trials = _search(_settings(setup, seed, workdir, "default"), default_dir, 0.0, 1)
     budget, by_method = _cpu(trials), {}
     for method in RUN_ORDER:
         tune_dir = workdir / f"{seed}" / method
         by_method[method] = Outcome(method, _search(_settings(setup, seed, workdir, method), tune_dir, budget,
                                                     max_trials)[1], task.direction, tune_dir, budget=budget)
-    outcomes = [Outcome("default", trials, task.direction, workdir / f"{seed}" / "default"),
-                *(by_method[m] for m in METHODS)]
+    outcomes = [Outcome("default", trials, task.direction, default_dir), *(by_method[m] for m in METHODS)]
     retime(task, outcomes)
     return task, budget, outcomes
 
@@ -448,6 +447,6 @@ def run(quick: bool) -> list[Table]:
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-tune-") as tmp:
         for name in (["digits"] if quick else ["digits", "charlm"]):
             tables.append(compare(SETUPS[name], SEEDS, Path(tmp) / name))
-            if SETUPS[name].probes and (name == "digits" or not quick):
+            if SETUPS[name].probes:
                 tables.append(attainability(SETUPS[name], Path(tmp) / name / "attainability"))
     return tables

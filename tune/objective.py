@@ -110,9 +110,8 @@ class Objective:
             model, result = self._train(trial, settings, model_args, key, cost, out)
             if result is None:
                 raise optuna.TrialPruned(f"dominated at step {trial.user_attrs['stopped_at']}")
-            variant = self._compressed(settings, model, model_args, variant_name, out, timing)
-            trial.set_user_attr("timed", "untrained" if variant.profile is getattr(timing, "profile", None)
-                                else "trained")
+            variant, timed = self._compressed(settings, model, model_args, variant_name, out, timing)
+            trial.set_user_attr("timed", timed)
         finally:
             reading = meter.stop()
             trial.set_user_attr("compute", {"wall_s": time.time() - started, "cpu_s": time.process_time() - cpu0,
@@ -203,16 +202,18 @@ class Objective:
         return trial.study
 
     def _compressed(self, settings: Settings, model, model_args, variant_name: str, out: Path,
-                    timing: Timing | None) -> Variant:
-        """The trained model compressed and scored; timed unless ``timing`` is of the same graph."""
+                    timing: Timing | None) -> tuple[Variant, str]:
+        """The trained model compressed and scored, and which model its timings come from: ``timing``'s
+        (``"untrained"``) when that is of the same graph, else its own (``"trained"``)."""
         builder = self._builder(settings, model, model_args, out / "compress")
         variant = builder.build(variant_name)
         builder.score(variant, builder.predictor(variant), baseline=None)
         if timing is not None and timing.graph == graph_signature(variant.path):
             variant.profile = timing.profile
-            return variant
-        return builder.time(variant, builder.predictor(variant, _serving_threads(settings)), _batches(settings),
-                            settings.tune.probe_repeats)
+            return variant, "untrained"
+        builder.time(variant, builder.predictor(variant, _serving_threads(settings)), _batches(settings),
+                     settings.tune.probe_repeats)
+        return variant, "trained"
 
 
 @dataclass(frozen=True)
