@@ -13,9 +13,9 @@ data order, sampler) runs all of them on the same machine one after the other, A
   ``max_steps`` is the searched range's longest, and the rungs decide how far each trial trains, as in
   Hyperband/ASHA; random search and TPE search ``max_steps``, their only way to make a trial cheaper).
   It is **warm-started**: its first trial is ``tune.warm_start`` in ``configs/<task>.toml`` (the shipped model
-  and training values clipped into the searched ranges, with the table's changes on top: digits serves its
-  shipped CNN with static INT8, charlm starts from 2 layers at lr 4e-3 served with dynamic INT8, the cheapest
-  point the attainability table found), queued with ``study.enqueue_trial`` and sampled, early-stopped and
+  and training values clipped into the searched ranges, with the table's changes on top: digits starts from 16
+  channels at lr 6e-3 served with static INT8, charlm from 2 layers at lr 4e-3 served with dynamic INT8, the
+  cheapest points the attainability tables found), queued with ``study.enqueue_trial`` and sampled, early-stopped and
   charged like any other trial. Only AutoGLM searches compression, so the compression ranges
   (``Setup.compression_space``) are its alone;
 - **AutoGLM, cold start**: the same without the warm start, so the table tells what the search does on its own
@@ -47,9 +47,9 @@ points' latency (p50 at batch 32, one thread) and energy are re-measured side by
 searches (see :func:`retime`): a trial's own timing depends on the load while it ran, and identical trials of
 two methods (random search and TPE draw the same start-up trials from the same seed) differed several-fold.
 
-``--quick`` runs digits only (about 13 minutes on two cores); the full run adds charlm (about 17 minutes per
+``--quick`` runs digits only (about 10 minutes on two cores); the full run adds charlm (about 17 minutes per
 seed). Each task has an attainability table (:func:`attainability`: the default beside hand-picked
-configurations about 40% of its compute, trained alone; digits on 6 seeds, about 3 minutes, charlm on one,
+configurations at 15-50% of its compute, trained alone; digits on 9 seeds, about 4 minutes, charlm on one,
 about 7), which says whether any configuration can meet goal 1 at all.
 """
 
@@ -112,7 +112,7 @@ SETUPS = {
         {"prune.ratio": {"high": 0.5}},
         # the shipped CNN on the searched range's longest schedule; the warm start (16 channels at lr 6e-3 on
         # it, picked on seeds 3-8, which the comparison does not run); batch 128 at lr 6e-3, the point found by
-        # hand to reach the default on seeds 0-5. 270 validation images make one image 0.37 points, so the
+        # hand to reach the default on the most seeds. 270 validation images make one image 0.37 points, so the
         # table runs 9 seeds to tell a configuration from a draw
         probes=({"train.max_steps": 400}, {"model.channels": 16, "train.lr": 6e-3, "train.max_steps": 400},
                 {"train.max_steps": 300, "train.batch_size": 128, "train.lr": 6e-3}),
