@@ -92,9 +92,13 @@ def test_attainability_trains_the_default_and_each_probe_alone_and_says_which_re
                     probe_seeds=(0, 1))
     table = attainability(setup, tmp_path)
 
-    assert [row[0] for row in table.rows] == [0, 0, 1, 1] and "(seeds 0, 1)" in table.title
-    for default, frozen in (table.rows[:2], table.rows[2:]):
+    assert [row[0] for row in table.rows] == [0, 0, 1, 1, "mean", "mean"] and "(seeds 0, 1)" in table.title
+    for default, frozen in (table.rows[:2], table.rows[2:4]):
         assert default[1] == "the default" and default[5] is True and default[4] == "100%"
         assert frozen[1] == "train.lr=1e-09, train.max_steps=20"
         assert frozen[2] < default[2] and frozen[5] is False  # a model that cannot learn never reaches it
         assert frozen[6].startswith("20:")  # its validation history, step:value
+    default_mean, frozen_mean = table.rows[4:]
+    assert default_mean[1] == "the default" and default_mean[5] == "2 of 2 seeds" and default_mean[4] == "100%"
+    assert frozen_mean[1] == "train.lr=1e-09, train.max_steps=20" and frozen_mean[5] == "0 of 2 seeds"
+    assert frozen_mean[2] == pytest.approx((table.rows[1][2] + table.rows[3][2]) / 2)
