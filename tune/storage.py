@@ -40,20 +40,22 @@ def make_storage(settings: Settings, tune_dir: Path):
         raise ConfigError(f"tune.storage={url!r} is not a database URL: use e.g. "
                           "postgresql://user:pass@host/db or sqlite:///study.db, or leave it unset for a journal file")
     beat = settings.tune.heartbeat_s
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
     sqlalchemy_exc = require("sqlalchemy.exc", None, "database storages")
     try:
-        for attempt in range(3):
-            try:
-                return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat,
-                                                  heartbeat_stale_trial_callback=retry,
-                                                  engine_kwargs={"pool_pre_ping": True})
-            except (sqlalchemy_exc.IntegrityError, sqlalchemy_exc.ProgrammingError):
-                # workers starting together on a fresh database race creating Optuna's tables and types:
-                # the loser's retry finds them made
-                if attempt == 2:
-                    raise
-                time.sleep(1 + attempt)
+        with warnings.catch_warnings():  # heartbeats are the design's choice; Optuna still labels them experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+            for attempt in range(3):
+                try:
+                    return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat,
+                                                      heartbeat_stale_trial_callback=retry,
+                                                      engine_kwargs={"pool_pre_ping": True})
+                except (sqlalchemy_exc.IntegrityError, sqlalchemy_exc.ProgrammingError):
+                    # workers starting together on a fresh database race creating Optuna's tables and types:
+                    # the loser's retry finds them made
+                    if attempt == 2:
+                        raise
+                    time.sleep(1 + attempt)
     except ImportError as exc:  # SQLAlchemy >= 2.1 maps postgresql:// to psycopg 3, not psycopg2
         where = url.split("@")[-1]  # never print a password
         raise MissingExtraError(f"tune.storage=...@{where} needs a database driver ({exc.__cause__ or exc}): pip "

@@ -34,6 +34,9 @@ def test_a_sqlite_url_runs_the_study_in_a_database_with_heartbeats(tmp_path):
     assert not (tmp_path / "runs" / "t" / "tune" / "study.journal").exists()
 
 
+# the test plays a dead worker by hand (ask outside optimize) and reads the retry link with Optuna's experimental API
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning",
+                            "ignore::optuna.exceptions.ExperimentalWarning")
 def test_a_trial_whose_heartbeat_stopped_is_failed_and_retried(tmp_path):
     settings = _tiny.settings(tmp_path, f"tune.storage='sqlite:///{tmp_path / 'hb.db'}'", "tune.heartbeat_s=1")
     study = open_study(settings, tmp_path, "maximize")
