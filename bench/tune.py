@@ -407,9 +407,9 @@ def attainability(setup: Setup, workdir: Path) -> Table:
             cpu, metric = _cpu(done.trials), done.best()
             history = done.trials[0].user_attrs.get("history", []) if done.trials else []
             name = ", ".join(f"{k}={v}" for k, v in probe.items()) or "the default"
-            reaches = not _better(target, metric, task.direction)
-            per_config.setdefault(name, []).append((metric, cpu, cpu / default_cpu, reaches))
-            rows.append([seed, name, metric, cpu, f"{cpu / default_cpu:.0%}", reaches,
+            share, reaches = cpu / default_cpu, not _better(target, metric, task.direction)
+            per_config.setdefault(name, []).append((metric, cpu, share, reaches))
+            rows.append([seed, name, metric, cpu, f"{share:.0%}", reaches,
                          " ".join(f"{step}:{value:.3f}" for step, value in history)])
     if len(setup.probe_seeds) > 1:  # one seed's verdict can be a draw; the means say what a configuration is
         for name, runs in per_config.items():

@@ -208,7 +208,7 @@ class Objective:
         builder = self._builder(settings, model, model_args, out / "compress")
         variant = builder.build(variant_name)
         builder.score(variant, builder.predictor(variant), baseline=None)
-        if timing is not None and timing.graph == graph_signature(variant.path):
+        if timing is not None and timing.graph and timing.graph == graph_signature(variant.path):
             variant.profile = timing.profile
             return variant, "untrained"
         builder.time(variant, builder.predictor(variant, _serving_threads(settings)), _batches(settings),

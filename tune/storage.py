@@ -44,23 +44,28 @@ def make_storage(settings: Settings, tune_dir: Path):
     try:
         with warnings.catch_warnings():  # heartbeats are the design's choice; Optuna still labels them experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
-            for attempt in range(3):
-                try:
-                    return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat,
-                                                      heartbeat_stale_trial_callback=retry,
-                                                      engine_kwargs={"pool_pre_ping": True})
-                except (sqlalchemy_exc.IntegrityError, sqlalchemy_exc.ProgrammingError):
-                    # workers starting together on a fresh database race creating Optuna's tables and types:
-                    # the loser's retry finds them made
-                    if attempt == 2:
-                        raise
-                    time.sleep(1 + attempt)
+            return _rdb_storage(optuna, url, beat, sqlalchemy_exc)
     except ImportError as exc:  # SQLAlchemy >= 2.1 maps postgresql:// to psycopg 3, not psycopg2
         where = url.split("@")[-1]  # never print a password
         raise MissingExtraError(f"tune.storage=...@{where} needs a database driver ({exc.__cause__ or exc}): pip "
                                 "install psycopg2-binary and write postgresql+psycopg2://..., or pip install "
                                 "'psycopg[binary]' for postgresql://...") from None
+
+
+def _rdb_storage(optuna, url: str, beat: int, sqlalchemy_exc):
+    """An RDB storage with heartbeats; a failed trial of a dead worker is retried twice at most."""
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=beat, grace_period=2 * beat,
+                                              heartbeat_stale_trial_callback=retry,
+                                              engine_kwargs={"pool_pre_ping": True})
+        except (sqlalchemy_exc.IntegrityError, sqlalchemy_exc.ProgrammingError):
+            # workers starting together on a fresh database race creating Optuna's tables and types: the
+            # loser's retry finds them made
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
 
 
 def open_study(settings: Settings, tune_dir: Path, task_direction: str):
