@@ -55,7 +55,6 @@ about 7), which says whether any configuration can meet goal 1 at all.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import tempfile
@@ -63,9 +62,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from autoglm.config import Settings, TuneSettings, load_settings
+from bench._tuning import Outcome, better, cpu_spent, hypervolumes, mean, retime, search
 from bench.harness import Table
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -155,174 +153,26 @@ def _settings(setup: Setup, seed: int, workdir: Path, method: str, probe: dict[s
     return base.model_copy(update={"tune": TuneSettings.model_validate(tune)})
 
 
-def _search(settings: Settings, tune_dir: Path, budget_cpu_s: float, max_trials: int):
-    """Trials until ``budget_cpu_s`` CPU-seconds are spent (tune's own Objective, storage and sampler)."""
-    from autoglm.measure import fixed_threads
-    from tune.stage import open_search, sibling_callbacks
-
-    task, space, study, objective = open_search(settings, tune_dir)
-
-    def stop_when_spent(study, _trial) -> None:
-        if _cpu(study.get_trials(deepcopy=False)) >= budget_cpu_s:
-            study.stop()
-
-    callbacks = [stop_when_spent, *sibling_callbacks(settings, space, task)]
-    with fixed_threads(settings.run.threads):
-        study.optimize(objective, n_trials=max_trials, callbacks=callbacks, catch=(Exception,), gc_after_trial=True)
-    return task, study.get_trials(deepcopy=False)
-
-
-def _cpu_of(trial) -> float:
-    return trial.user_attrs.get("compute", {}).get("cpu_s", 0.0)
-
-
-def _cpu(trials) -> float:
-    return sum(map(_cpu_of, trials))
-
-
-def _better(a: float, b: float, direction: str) -> bool:
-    return a > b if direction == "maximize" else a < b
-
-
-@dataclass
-class Outcome:
-    """One method on one seed: its trials in the order they ran; ``points`` are the completed trials'
-    (metric, latency, energy), re-measured side by side by :func:`retime`."""
-
-    method: str
-    trials: list
-    direction: str
-    tune_dir: Path
-    points: list[tuple[float, ...]] = field(default_factory=list)
-    budget: float | None = None  # CPU-seconds: a trial ending past it was charged but does not count
-
-    @property
-    def counted(self) -> list:
-        """The trials that ended within the budget, in the order they ran (all of them without one)."""
-        if self.budget is None:
-            return list(self.trials)
-        out, spent = [], 0.0
-        for t in self.trials:
-            spent += _cpu_of(t)
-            if spent > self.budget:
-                break
-            out.append(t)
-        return out
-
-    @property
-    def complete(self) -> list:
-        return [t for t in self.counted if t.state.name == "COMPLETE"]
-
-    def best(self) -> float:
-        values = [t.values[0] for t in self.complete]
-        return (max if self.direction == "maximize" else min)(values) if values else math.nan
-
-    def reach(self, target: float) -> tuple[int, float] | None:
-        """(training steps, CPU-seconds) spent until a completed trial is at least as good as ``target``."""
-        if self.method == "default":  # its own run: the first evaluation as good as its last one
-            history = self.trials[0].user_attrs.get("history", [])
-            step = next((s for s, v in history if not _better(history[-1][1], v, self.direction)), None)
-            return (step, _cpu(self.trials)) if step is not None else None
-        steps = cpu = 0.0
-        for t in self.counted:
-            steps += 0 if t.user_attrs.get("cache_hit") else t.user_attrs.get("steps", 0)
-            cpu += _cpu_of(t)
-            if t.state.name == "COMPLETE" and not _better(target, t.values[0], self.direction):
-                return int(steps), cpu
-        return None
-
-    def own_cpu(self, target: float) -> float | None:
-        """CPU-seconds of the first completed trial at least as good as ``target`` alone: what its configuration
-        costs to train and serve once, without the search around it (a trial that reused a cached model is
-        charged the trial that trained it)."""
-        first = next((t for t in self.complete if not _better(target, t.values[0], self.direction)), None)
-        if first is None:
-            return None
-        if first.user_attrs.get("cache_hit"):
-            key = first.user_attrs.get("training_key")
-            first = next((t for t in self.trials if t.user_attrs.get("training_key") == key
-                          and not t.user_attrs.get("cache_hit")), first)
-        return _cpu_of(first)
-
-    def energy(self) -> str:
-        computes = [t.user_attrs["compute"] for t in self.trials if "compute" in t.user_attrs]
-        methods = sorted({c["energy_method"] for c in computes})
-        return f"{sum(c['joules'] for c in computes):,.0f} J ({', '.join(methods) or 'none'})"
-
-
-def hypervolumes(outcomes: list[Outcome], dirs: list[str]) -> dict[str, float]:
-    """Each method's normalized hypervolume, all methods' points sharing one normalization and reference."""
-    from optuna._hypervolume import compute_hypervolume
-
-    from tune.early_stop import pareto_fronts
-
-    sign = np.array([-1.0 if d == "maximize" else 1.0 for d in dirs])
-    points = {o.method: np.array(o.points, dtype=float).reshape(-1, len(dirs)) * sign for o in outcomes}
-    every = np.vstack([p for p in points.values() if len(p)])
-    low, span = every.min(axis=0), np.where(every.max(axis=0) > every.min(axis=0), np.ptp(every, axis=0), 1.0)
-    reference = np.full(len(dirs), 1.1)
-    out = {}
-    for method, p in points.items():
-        if not len(p):
-            out[method] = 0.0
-            continue
-        norm = (p - low) / span
-        front = norm[pareto_fronts(norm.tolist())[0]]
-        out[method] = float(compute_hypervolume(front, reference)) / float(np.prod(reference))
-    return out
-
-
 def run_seed(setup: Setup, seed: int, workdir: Path, max_trials: int = MAX_TRIALS):
     """(task, budget B, outcomes of every method in METHODS order): the default first, its CPU-seconds then
     budget the rest, which run in RUN_ORDER."""
     default_dir = workdir / f"{seed}" / "default"
-    task, trials = _search(_settings(setup, seed, workdir, "default"), default_dir, 0.0, 1)
-    budget, by_method = _cpu(trials), {}
+    task, trials = search(_settings(setup, seed, workdir, "default"), default_dir, 0.0, 1)
+    budget, by_method = cpu_spent(trials), {}
     for method in RUN_ORDER:
         tune_dir = workdir / f"{seed}" / method
-        by_method[method] = Outcome(method, _search(_settings(setup, seed, workdir, method), tune_dir, budget,
-                                                    max_trials)[1], task.direction, tune_dir, budget=budget)
+        _, trials_of_method = search(_settings(setup, seed, workdir, method), tune_dir, budget, max_trials)
+        by_method[method] = Outcome(method, trials_of_method, task.direction, tune_dir, budget=budget)
     outcomes = [Outcome("default", trials, task.direction, default_dir), *(by_method[m] for m in METHODS)]
     retime(task, outcomes)
     return task, budget, outcomes
-
-
-def retime(task, outcomes: list[Outcome], batch: int = 32, rounds: int = 3) -> None:
-    """Time every completed trial's served model again, all methods round-robin in one stretch.
-
-    Each trial timed itself while its method ran, under whatever load the machine had then; comparing
-    hypervolumes across methods needs the points measured side by side (rounds interleave the methods, the
-    median of the rounds is kept). One intra-op thread, as the Triton models are served
-    (compress.triton.intra_op_threads), and p50: on a shared machine the p95 of a few dozen runs is the
-    neighbours' scheduling hiccups (about 5 ms here whatever the model), not the model.
-    """
-    from autoglm.config import MeasureSettings
-    from autoglm.measure import profile
-    from autoglm.tasks.predict import onnx_predictor
-
-    measure = MeasureSettings(warmup=2, repeats=20)
-    models = []
-    for o in outcomes:
-        for t in o.complete:
-            folder = o.tune_dir / "trials" / f"{t.number:04d}"
-            model_args = json.loads((folder / "metrics.json").read_text())["model_args"]
-            inputs = {batch: task.example_inputs(batch, model_args=model_args)}
-            predict = onnx_predictor(folder / t.user_attrs["variant"]["path"], threads=1)
-            models.append((o, t.values[0], predict, inputs))
-    timings: list[list[tuple[float, float]]] = [[] for _ in models]
-    for _ in range(rounds):
-        for i, (_, _, predict, inputs) in enumerate(models):
-            p = profile(predict, inputs, measure, threads=1)[batch]
-            timings[i].append((p["p50_ms"], p["j_per_item"]))
-    for (o, metric, _, _), timed in zip(models, timings, strict=True):
-        o.points.append((metric, statistics.median(t[0] for t in timed), statistics.median(t[1] for t in timed)))
 
 
 def compare(setup: Setup, seeds: tuple[int, ...], workdir: Path, max_trials: int = MAX_TRIALS) -> Table:
     """Run every method on each seed; one table with a row per (seed, method), means, and the goals as notes."""
     rows, goal_40, goal_random, per_method = [], [], [], {}
     warm_up = _settings(replace(setup, default_steps=20), seeds[0], workdir / "warm-up", "default")
-    _search(warm_up, workdir / "warm-up", 0.0, 1)  # one-time costs (imports, first sessions) charge no method
+    search(warm_up, workdir / "warm-up", 0.0, 1)  # one-time costs (imports, first sessions) charge no method
     for seed in seeds:
         task, budget, outcomes = run_seed(setup, seed, workdir, max_trials)
         volumes = hypervolumes(outcomes, [task.direction, "minimize", "minimize"])
@@ -333,7 +183,7 @@ def compare(setup: Setup, seeds: tuple[int, ...], workdir: Path, max_trials: int
             own = o.own_cpu(target)
             best = None if math.isnan(o.best()) else o.best()  # None ('—'): no trial ended within the budget
             row = [seed, o.method, best, *reached, None if own is None else f"{own:.1f} ({own / budget:.1%})",
-                   f"{states.count('COMPLETE')}/{states.count('PRUNED')}/{states.count('FAIL')}", _cpu(o.trials),
+                   f"{states.count('COMPLETE')}/{states.count('PRUNED')}/{states.count('FAIL')}", cpu_spent(o.trials),
                    o.energy(), volumes[o.method]]
             rows.append(row)
             per_method.setdefault(o.method, []).append(row)
@@ -346,13 +196,13 @@ def compare(setup: Setup, seeds: tuple[int, ...], workdir: Path, max_trials: int
         goal_40.append((share is not None and share <= 0.4,
                         f"seed {seed}: {f'{share:.1%}' if share is not None else 'not reached'}"
                         + (f", the configuration found alone {own / budget:.1%}" if own is not None else "")))
-        beats = _better(auto.best(), rand.best(), task.direction) and volumes["AutoGLM"] > volumes["random search"]
+        beats = better(auto.best(), rand.best(), task.direction) and volumes["AutoGLM"] > volumes["random search"]
         goal_random.append((beats, f"seed {seed}: {auto.best():.4g} vs {rand.best():.4g}, hypervolume "
                                    f"{volumes['AutoGLM']:.3f} vs {volumes['random search']:.3f}"))
     for method, mine in per_method.items():
-        steps = _mean(r[3] for r in mine)
-        rows.append(["mean", method, _mean(r[2] for r in mine), None if steps is None else round(steps),
-                     _mean(r[4] for r in mine), "", "", statistics.fmean(r[7] for r in mine), "",
+        steps = mean(r[3] for r in mine)
+        rows.append(["mean", method, mean(r[2] for r in mine), None if steps is None else round(steps),
+                     mean(r[4] for r in mine), "", "", statistics.fmean(r[7] for r in mine), "",
                      statistics.fmean(r[9] for r in mine)])
     metric = task.metric
     columns = ["seed", "method", f"final val metric ({metric})", f"steps to reach default's {metric}",
@@ -400,21 +250,21 @@ def attainability(setup: Setup, workdir: Path) -> Table:
         runs = []  # (probe, its one-trial outcome); the default ({}) first
         for i, probe in enumerate(({}, *setup.probes)):
             tune_dir = workdir / f"{seed}" / f"probe-{i}"
-            task, trials = _search(_settings(setup, seed, workdir, "default", probe), tune_dir, 0.0, 1)
+            task, trials = search(_settings(setup, seed, workdir, "default", probe), tune_dir, 0.0, 1)
             runs.append((probe, Outcome("default", trials, task.direction, tune_dir)))
-        default_cpu, target = _cpu(runs[0][1].trials), runs[0][1].best()
+        default_cpu, target = cpu_spent(runs[0][1].trials), runs[0][1].best()
         for probe, done in runs:
-            cpu, metric = _cpu(done.trials), done.best()
+            cpu, metric = cpu_spent(done.trials), done.best()
             history = done.trials[0].user_attrs.get("history", []) if done.trials else []
             name = ", ".join(f"{k}={v}" for k, v in probe.items()) or "the default"
-            share, reaches = cpu / default_cpu, not _better(target, metric, task.direction)
+            share, reaches = cpu / default_cpu, not better(target, metric, task.direction)
             per_config.setdefault(name, []).append((metric, cpu, share, reaches))
             rows.append([seed, name, metric, cpu, f"{share:.0%}", reaches,
                          " ".join(f"{step}:{value:.3f}" for step, value in history)])
     if len(setup.probe_seeds) > 1:  # one seed's verdict can be a draw; the means say what a configuration is
         for name, runs in per_config.items():
-            rows.append(["mean", name, _mean(r[0] for r in runs), _mean(r[1] for r in runs),
-                         f"{_mean(r[2] for r in runs):.0%}", f"{sum(r[3] for r in runs)} of {len(runs)} seeds", ""])
+            rows.append(["mean", name, mean(r[0] for r in runs), mean(r[1] for r in runs),
+                         f"{mean(r[2] for r in runs):.0%}", f"{sum(r[3] for r in runs)} of {len(runs)} seeds", ""])
     seeds = ", ".join(map(str, setup.probe_seeds))
     return Table(f"{setup.task}: can any configuration reach the default's {task.metric} with ≤ 40% of its compute? "
                  f"(seed{'s' if len(setup.probe_seeds) > 1 else ''} {seeds})",
@@ -440,11 +290,6 @@ def _startup(setup: Setup) -> int:
 
     settings = load_settings(CONFIGS / f"{setup.task}.toml", list(setup.overrides))
     return make_sampler("tpe", 0, len(settings.tune.objectives), settings.tune.startup_trials).startup
-
-
-def _mean(values) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.fmean(present) if present else None
 
 
 def _goal_note(goal: str, per_seed: list[tuple[bool, str]]) -> str:

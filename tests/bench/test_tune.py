@@ -6,7 +6,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from bench.tune import Outcome, hypervolumes
+from bench._tuning import Outcome, hypervolumes
 
 DIRS = ["maximize", "minimize", "minimize"]
 
