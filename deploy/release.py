@@ -129,8 +129,13 @@ def _capacity(run: RunDir, model: str, triton: dict[str, Any]) -> Capacity:
                         f"default {DEFAULT_CAPACITY_RPS:g} req/s per instance (loadtest found no serving config "
                         "within the SLO: see runs/<run>/loadtest/report.json)")
     measured_on = metrics.get("recommended") or {}
+    # loadtest records the live config, and Triton's auto-complete turns no preferred sizes into
+    # [max_batch_size] (see SweepGrid): the repository's [] is served, and measured, as that
+    preferred = triton.get("preferred_batch_sizes")
+    if preferred == [] and triton.get("max_batch_size"):
+        preferred = [triton["max_batch_size"]]
     deployed = {"model": model, "max_queue_delay_us": triton.get("max_queue_delay_us"),
-                "preferred_batch_sizes": triton.get("preferred_batch_sizes")}
+                "preferred_batch_sizes": preferred}
     differs = {k: (measured_on[k], want) for k, want in deployed.items()
                if measured_on.get(k) is not None and want is not None and measured_on[k] != want}
     if differs:

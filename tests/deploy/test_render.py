@@ -130,6 +130,22 @@ def test_a_capacity_measured_on_another_serving_config_is_not_used(published):
     assert _render(published)[0].metrics["capacity_measured"]  # the deployed config: used
 
 
+def test_no_preferred_batch_sizes_is_measured_as_triton_serves_it(published):
+    """compress writes no preferred sizes; the live Triton reports [max_batch_size] for them, and loadtest records
+    that: it is the deployed config, so its capacity is used (the main job's own path: compress, then loadtest)."""
+    settings, rundir, _ = published
+    triton = rundir.manifest("repository").config["triton"]
+    assert triton["preferred_batch_sizes"] == [] and triton["max_batch_size"] == settings.compress.triton.max_batch_size
+    recommended = json.loads((rundir.stage_dir("repository") / "task.json").read_text())["recommended"]
+    live = {"model": recommended, "max_queue_delay_us": 0, "preferred_batch_sizes": [triton["max_batch_size"]]}
+    complete_loadtest(rundir, capacity=120.0, recommended=live)
+    assert _render(published)[0].metrics["capacity_measured"]
+    complete_loadtest(rundir, capacity=120.0, recommended=live | {"preferred_batch_sizes": [8]})
+    manifest = _render(published)[0]
+    assert not manifest.metrics["capacity_measured"]
+    assert f"preferred_batch_sizes [8] (deployed: [{triton['max_batch_size']}])" in manifest.metrics["capacity_source"]
+
+
 def test_default_capacity_is_said_in_the_rendered_file(published):
     complete_loadtest(published[1], capacity=None)  # loadtest found no config within the SLO
     manifest, out = _render(published)
