@@ -102,3 +102,36 @@ def test_attainability_trains_the_default_and_each_probe_alone_and_says_which_re
     assert default_mean[1] == "the default" and default_mean[5] == "2 of 2 seeds" and default_mean[4] == "100%"
     assert frozen_mean[1] == "train.lr=1e-09, train.max_steps=20" and frozen_mean[5] == "0 of 2 seeds"
     assert frozen_mean[2] == pytest.approx((table.rows[1][2] + table.rows[3][2]) / 2)
+
+
+
+def test_compare_runs_every_method_on_the_default_s_budget_and_judges_the_goals(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import bench.tune
+    from bench._tuning import cpu_spent
+    from bench.tune import METHODS, SETUPS, compare
+
+    seen = []  # run_seed's outcomes, as compare gets them
+    real_run_seed = bench.tune.run_seed
+    monkeypatch.setattr(bench.tune, "run_seed", lambda *a, **k: seen.append(real_run_seed(*a, **k)) or seen[-1])
+    digits = SETUPS["digits"]
+    setup = replace(digits, default_steps=60, space={**digits.space, "train.max_steps": {"low": 20, "high": 40}},
+                    overrides=(*digits.overrides, "tune.early_stop.min_resource=10"))
+    table = compare(setup, (0,), tmp_path, max_trials=8)  # a bound: without the budget rule, a failure, not a hang
+
+    (_, budget, outcomes), = seen
+    default, *searches = outcomes
+    assert budget == cpu_spent(default.trials) > 0  # the default's own CPU-seconds are every method's budget B
+    assert [o.method for o in searches] == list(METHODS)
+    for o in searches:  # a trial starts only while its method has spent less than B; what ends past B is not counted
+        ran = [t for t in o.trials if t.state.is_finished()]  # siblings still queued when the budget ran out did not
+        assert o.budget == budget and cpu_spent(o.counted) <= budget and cpu_spent(ran[:-1]) < budget
+        assert len(o.points) == len(o.complete)  # every counted, completed trial was re-timed for the hypervolume
+    seed_rows = [r for r in table.rows if r[0] != "mean"]
+    assert seed_rows[0][0] == f"0 (B = {budget:.1f} CPU-s)" and [r[1] for r in seed_rows] == ["default", *METHODS]
+    for row, o in zip(seed_rows, outcomes, strict=True):
+        assert row[7] == pytest.approx(cpu_spent(o.trials)) and 0.0 <= row[9] <= 1.0
+    assert [r[1] for r in table.rows if r[0] == "mean"] == ["default", *METHODS]
+    goals = [n for n in table.notes if n.startswith("goal:")]
+    assert len(goals) == 2 and all(g.endswith(("**met**", "**NOT met**")) for g in goals)
