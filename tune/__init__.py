@@ -7,15 +7,17 @@ accuracy / latency / energy objective, with multi-objective early stopping.
 
 from __future__ import annotations
 
+import json
+import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from autoglm.config import Settings, load_settings
+from autoglm.config import Settings, load_settings, parse_overrides
 from autoglm.errors import ConfigError
 from tune.early_stop import ParetoHalving, pareto_fronts
 from tune.select import Point, select
-from tune.space import build_space
+from tune.space import PRESETS, build_space
 
 __all__ = ["AutoTuner", "ParetoHalving", "Point", "build_space", "pareto_fronts", "select", "tune_run"]
 
@@ -30,30 +32,57 @@ def tune_run(*args, **kwargs):
 class AutoTuner:
     """The Python API over the tune stage: builds the config, runs (or resumes) the study, returns the front.
 
-    ``search_space``: a preset ("default", "training", "compression"), a TOML file or a dict of knob
-    overrides. ``constraints``: ``{"max_metric_loss": .., "latency_slo_ms": .., "max_joules": ..}``.
-    Anything else goes through ``overrides`` as ``"section.key=value"`` strings or a ``config`` file.
+    ``search_space``: a preset ("default", "training", "compression"), a TOML file (str or Path) or a dict of
+    knob overrides. ``objectives``: a tuple of "metric", "latency", "energy" (one name alone is one objective).
+    ``constraints``: ``{"max_metric_loss": .., "latency_slo_ms": .., "max_joules": ..}``, numbers, or None for
+    no latency or energy limit. Anything else goes through ``overrides`` as ``"section.key=value"`` strings or
+    a ``config`` file; those win over the arguments.
     """
 
-    def __init__(self, task: str = "digits", search_space: str | Mapping[str, Any] = "default",
+    def __init__(self, task: str = "digits", search_space: str | Path | Mapping[str, Any] = "default",
                  max_trials: int = 20, timeout: float | None = None, storage: str | None = None,
-                 study_name: str | None = None, objectives: Sequence[str] = ("metric", "latency", "energy"),
-                 constraints: Mapping[str, float] | None = None, sampler: str = "tpe", run: str = "autotune",
+                 study_name: str | None = None, objectives: str | Sequence[str] = ("metric", "latency", "energy"),
+                 constraints: Mapping[str, float | None] | None = None, sampler: str = "tpe", run: str = "autotune",
                  config: str | Path | None = None, overrides: Sequence[str] = ()):
-        sets = [f"task.name='{task}'", f"tune.n_trials={max_trials}", f"tune.sampler='{sampler}'",
-                f"run.name='{run}'", "tune.objectives=[" + ", ".join(f"'{o}'" for o in objectives) + "]"]
-        sets += [f"tune.timeout_s={timeout}"] if timeout else []
-        sets += [f"tune.storage='{storage}'"] if storage else []
-        sets += [f"tune.study_name='{study_name}'"] if study_name else []
-        unknown = set(constraints or {}) - {"max_metric_loss", "latency_slo_ms", "max_joules"}
+        if not isinstance(search_space, str | Path | Mapping):
+            raise ConfigError(f"search_space={search_space!r} is not a search space: give a preset name "
+                              f"({', '.join(PRESETS)}), the path of a .toml file, or a dict of knob overrides")
+        if isinstance(objectives, str):
+            objectives = (objectives,)  # one name is one objective (a study may have one), not its letters
+        elif not isinstance(objectives, Sequence):
+            raise ConfigError(f"objectives={objectives!r}: pass a tuple of 'metric', 'latency', 'energy'")
+        if constraints is not None and not isinstance(constraints, Mapping):
+            raise ConfigError(f"constraints={constraints!r}: pass a dict such as {{'latency_slo_ms': 5.0}}")
+        constraints = dict(constraints or {})
+        unknown = set(constraints) - {"max_metric_loss", "latency_slo_ms", "max_joules"}
         if unknown:
             raise ConfigError(f"unknown constraint(s) {sorted(unknown)}: use max_metric_loss, latency_slo_ms, "
                               "max_joules")
-        sets += [f"tune.{k}={v}" for k, v in (constraints or {}).items()]
+        for key, value in constraints.items():
+            if value is None and key == "max_metric_loss":
+                raise ConfigError("constraints['max_metric_loss']=None: selection always bounds the metric loss "
+                                  "vs the best; pass a number (relative, e.g. 0.05 for 5%)")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise ConfigError(f"constraints[{key!r}]={value!r} is not a number: pass a number, or None for "
+                                  "no limit")
+        values = {"task.name": task, "tune.n_trials": max_trials, "tune.sampler": sampler, "run.name": run,
+                  "tune.objectives": list(objectives), "tune.timeout_s": timeout, "tune.storage": storage,
+                  "tune.study_name": study_name,
+                  "tune.search_space": None if isinstance(search_space, Mapping) else str(search_space),
+                  **{f"tune.{k}": v for k, v in constraints.items()}}
+        # None is "leave it": the default, except a constraint given as None, which is "no limit" (set below)
+        sets = [f"{key}={_toml(value)}" for key, value in values.items() if value is not None]
         self.search_space = search_space
         self.settings: Settings = load_settings(config, [*sets, *overrides])
-        if isinstance(search_space, str):
-            self.settings.tune.search_space = search_space
+        # TOML has no null, so a None constraint is set on the loaded settings, unless an override sets it
+        overridden = parse_overrides(list(overrides)).get("tune", {})
+        for key in (k for k, v in constraints.items() if v is None and k not in overridden):
+            setattr(self.settings.tune, key, None)
+        if self.settings.task.data is not None and not _takes_data(self.settings.task.name):
+            raise ConfigError(f"task.data={self.settings.task.data!r} is set, but task '{self.settings.task.name}' "
+                              "uses its bundled data and takes no data file: unset task.data")
+        if isinstance(search_space, Mapping):  # the dict's knobs, under the explicit tune.space ones
+            self.settings.tune.space = {**dict(search_space), **self.settings.tune.space}
 
     def search(self, train_data: str | Path | None = None, validation_data: str | Path | None = None,
                objective: str | None = None, force: bool = False) -> list[Point]:
@@ -64,14 +93,22 @@ class AutoTuner:
         for the design's ``"minimize_perplexity"`` spelling and checked against the task's metric.
         """
         settings = self.settings
+        if train_data is None and validation_data is not None:
+            raise ConfigError("validation_data needs train_data: pass the train.bin beside that val.bin as "
+                              "train_data")
         if train_data is not None:
-            settings = settings.model_copy(update={"task": settings.task.model_copy(
-                update={"data": _data_source(train_data, validation_data)})})
+            if not _takes_data(settings.task.name):
+                raise ConfigError(f"task '{settings.task.name}' uses its bundled data and takes no data file: drop "
+                                  "train_data/validation_data, or use a task that reads one (e.g. task='charlm')")
+            source = _data_source(train_data, validation_data)
+            for name, given in (("train_data", train_data), ("validation_data", validation_data)):
+                if given is not None and not Path(given).expanduser().exists():
+                    raise ConfigError(f"{name}={str(given)!r} does not exist: give an existing UTF-8 text file, "
+                                      "or a nanoGPT train.bin and the val.bin beside it")
+            settings = settings.model_copy(update={"task": settings.task.model_copy(update={"data": source})})
         if objective and objective.removeprefix("minimize_").removeprefix("maximize_") not in (
                 "perplexity", "val_loss", "loss", "accuracy", "metric"):
             raise ConfigError(f"objective={objective!r}: use e.g. 'minimize_perplexity' or 'maximize_accuracy'")
-        if isinstance(self.search_space, Mapping):
-            settings.tune.space = {**dict(self.search_space), **settings.tune.space}
         from tune.stage import tune_run as run
         from tune.storage import open_study
 
@@ -86,6 +123,13 @@ class AutoTuner:
         return pareto_points(study)
 
 
+def _takes_data(task: str) -> bool:
+    """Whether the task reads ``task.data`` (digits brings scikit-learn's images; charlm reads a text)."""
+    from autoglm.tasks import task_class
+
+    return task_class(task).reads_data
+
+
 def _data_source(train: str | Path, val: str | Path | None) -> str:
     train = Path(train)
     if train.suffix == ".bin":
@@ -94,5 +138,23 @@ def _data_source(train: str | Path, val: str | Path | None) -> str:
                               "validation_data=<that dir>/val.bin")
         return str(train.parent)
     if val is not None:
-        raise ConfigError("validation_data is only for train.bin/val.bin pairs: a text file is split 90/10")
+        raise ConfigError("validation_data is only for train.bin/val.bin pairs: a text train_data is split 90/10 "
+                          "into training and validation text; to validate on a text of your own, write train.bin, "
+                          "val.bin (uint16 character ids) and meta.json ({\"vocab_size\": n, \"itos\": [chars]}) "
+                          "into one directory and pass its train.bin and val.bin")
     return str(train)
+
+
+def _toml(value: Any) -> str:
+    """``value`` as a TOML literal for a ``section.key=value`` override. A JSON string is a TOML basic string,
+    so a quote or backslash in user text stays text instead of ending the string (DEL, which TOML wants
+    escaped and JSON leaves raw, is escaped by hand)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        return repr(float(value))  # inf and nan spell the same in TOML
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")

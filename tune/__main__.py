@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from autoglm.cli import add_common_args, run_main, run_stage
+from tune import _toml
 
 BUILT = True
 
@@ -16,8 +17,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, help="total trials in the study (sets tune.n_trials)")
     parser.add_argument("--storage", help="SQLAlchemy URL of a shared study (sets tune.storage)")
     args = parser.parse_args(argv)
-    args.overrides += [f"tune.n_trials={args.trials}"] if args.trials else []
-    args.overrides += [f"tune.storage='{args.storage}'"] if args.storage else []
+    # `is not None`: --trials 0 must reach the settings' check, not fall back to the config's n_trials
+    args.overrides += [f"tune.n_trials={args.trials}"] if args.trials is not None else []
+    args.overrides += [f"tune.storage={_toml(args.storage)}"] if args.storage is not None else []
     from tune.stage import tune_run
 
     return run_stage(args, tune_run)

@@ -43,7 +43,7 @@ def trial_settings(settings: Settings, groups: dict[str, dict[str, Any]], varian
         # the release export in the compress stage uses compress.exporter
         "exporter": "legacy",
         "quantize": settings.compress.quantize.model_copy(
-            update={"mode": "auto" if quantize_mode == "none" else quantize_mode}),
+            update={**groups["quantize"], "mode": "auto" if quantize_mode == "none" else quantize_mode}),
         "prune": settings.compress.prune.model_copy(update={k: v for k, v in groups["prune"].items()
                                                              if k != "ratio" or v > 0}),
     })
@@ -84,6 +84,22 @@ class Objective:
                                   es.warmup_trials) if es.enabled else None
 
     def __call__(self, trial) -> tuple[float, ...]:
+        """Run one trial; a failure records why (``error``), an interruption that it was one (``interrupted``:
+        the stage retries it on resume), and both re-raise for Optuna to fail the trial."""
+        import optuna
+
+        try:
+            return self._run(trial)
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            raise
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            raise
+
+    def _run(self, trial) -> tuple[float, ...]:
         import optuna
 
         started, cpu0 = time.time(), time.process_time()
@@ -121,9 +137,13 @@ class Objective:
         objectives = {"metric": variant.metrics[self.task.metric], "latency": serving["p95_ms"],
                       "energy": serving["j_per_item"]}
         trial.set_user_attr("variant", variant.to_dict(out))
-        trial.set_user_attr("compress", {"variants": [variant_name],
-                                         "quantize": {"mode": settings.compress.quantize.mode},
-                                         "prune": settings.compress.prune.model_dump(mode="json")})
+        # what compress needs to rebuild this variant, over the run's config: only the passes the variant applies
+        chosen = {"variants": [variant_name]}
+        if "int8" in variant_name:
+            chosen["quantize"] = settings.compress.quantize.model_dump(mode="json")
+        if variant_name.startswith("pruned"):
+            chosen["prune"] = settings.compress.prune.model_dump(mode="json")
+        trial.set_user_attr("compress", chosen)
         trial.set_user_attr("objectives", objectives)
         write_atomic(out / "metrics.json", (json.dumps({"params": trial.params, "objectives": objectives,
                                                        "variant": variant.to_dict(out), "model_args": model_args,

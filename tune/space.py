@@ -12,6 +12,7 @@ Optuna. Presets:
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import replace
@@ -22,15 +23,18 @@ from autoglm.errors import ConfigError
 from autoglm.tasks import Knob, Task
 
 PRESETS = ("default", "training", "compression")
-# the compression knobs searched by default: the mode of INT8 and the pruning ratio (the rest keep defaults)
+# the compression knobs searched by default: the mode of INT8 and the pruning ratio. The passes' other knobs
+# (quantize.calibration, quantize.per_channel, prune.finetune_steps) keep compress's config unless
+# tune.space names them, which adds them to a preset that compresses
 COMPRESSION_KNOBS = {"quantize": ("mode",), "prune": ("ratio",)}
 
 
-def _compress_knobs() -> dict[str, Knob]:
+def _compress_knobs(every: bool = False) -> dict[str, Knob]:
+    """The compression knobs searched by default, or ``every`` knob the passes declare."""
     from compress import knobs
 
-    gathered = knobs()
-    return {f"{group}.{name}": gathered[group][name] for group, names in COMPRESSION_KNOBS.items() for name in names}
+    return {f"{group}.{name}": knob for group, declared in knobs().items() for name, knob in declared.items()
+            if every or name in COMPRESSION_KNOBS.get(group, ())}
 
 
 def build_space(task: Task, preset: str | Mapping[str, Any] = "default",
@@ -60,7 +64,9 @@ def build_space(task: Task, preset: str | Mapping[str, Any] = "default",
         space = _compress_knobs()
     else:
         raise ConfigError(f"unknown search space preset '{preset}': use one of {list(PRESETS)} or a .toml file")
-    return apply_overrides(space, overrides or {})
+    compresses = any(name in space for name in _compress_knobs())
+    addable = {k: v for k, v in _compress_knobs(every=True).items() if k not in space} if compresses else {}
+    return apply_overrides(space, overrides or {}, addable, {**arch, **train, **_compress_knobs(every=True)})
 
 
 def with_shared_schedule(space: Mapping[str, Any]) -> dict[str, Any]:
@@ -78,12 +84,18 @@ def with_shared_schedule(space: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(space: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """A dict override changes a knob's range; a plain value fixes the knob (it is then not searched)."""
-    out = dict(space)
+def apply_overrides(space: dict[str, Any], overrides: Mapping[str, Any], addable: Mapping[str, Knob] | None = None,
+                    everything: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A dict override changes a knob's range; a plain value fixes the knob (it is then not searched).
+
+    ``addable``: knobs outside ``space`` that an override may bring in (the compression passes' other knobs);
+    ``everything``: every knob of the task and the passes, to tell a misplaced knob from a misspelt one."""
+    out, space = dict(space), {**space, **(addable or {})}
     for name, value in overrides.items():
         if name not in space:
-            raise ConfigError(f"tune.space: unknown knob '{name}'; known knobs are {sorted(space)}")
+            raise ConfigError(_unknown(name, value, space, everything or space))
+        if name not in out:
+            out[name] = space[name]
         if isinstance(value, Mapping):
             unknown = set(value) - {"low", "high", "log", "step", "choices"}
             if unknown:
@@ -91,6 +103,10 @@ def apply_overrides(space: dict[str, Any], overrides: Mapping[str, Any]) -> dict
                                   "step or choices")
             knob = out[name] if isinstance(out[name], Knob) else Knob("float", out[name])
             changes = dict(value)
+            ranged = sorted(set(changes) & {"low", "high", "log", "step"})
+            if knob.kind == "categorical" and ranged and "choices" not in changes:
+                raise ConfigError(f"tune.space.{name} takes choices, not {ranged}: e.g. {{choices = "
+                                  f"{_toml_list(knob.choices)}}}")
             if "choices" in changes and not isinstance(changes["choices"], list | tuple):
                 raise ConfigError(f"tune.space.{name}.choices must be a list, e.g. [64, 128] (got "
                                   f"{changes['choices']!r})")
@@ -104,6 +120,22 @@ def apply_overrides(space: dict[str, Any], overrides: Mapping[str, Any]) -> dict
             for end in ends:
                 _check_value(name, space[name], end)
     return out
+
+
+def _unknown(name: str, value: Any, space: Mapping[str, Any], everything: Mapping[str, Any]) -> str:
+    """Why ``name`` is not a knob here, and the fix."""
+    if isinstance(value, Mapping) and any(f"{name}.{key}" in everything for key in value):
+        key = next(k for k in value if f"{name}.{k}" in everything)
+        return (f"tune.space: '{name}' is not a knob, but '{name}.{key}' is: TOML reads an unquoted dotted key as "
+                f'a table, so quote the knob\'s name, e.g. "{name}.{key}" = ...')
+    if name in everything:
+        return (f"tune.space: knob '{name}' is not in this search space (tune.search_space): the 'training' preset "
+                "searches no compression and 'compression' no architecture or training; use 'default' for both")
+    return f"tune.space: unknown knob '{name}'; known knobs are {sorted(space)}"
+
+
+def _toml_list(values) -> str:
+    return "[" + ", ".join(str(v).lower() if isinstance(v, bool) else repr(v).replace("'", '"') for v in values) + "]"
 
 
 def _check_value(name: str, knob: Knob, value: Any) -> None:
@@ -142,6 +174,8 @@ def _checked(name: str, knob: Knob) -> Knob:
         value = getattr(knob, field)
         if value is not None and not _number(value):
             raise ConfigError(f"{where}: {field} must be a number, not {value!r} (write 1e-4, not \"1e-4\")")
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{where}: {field} must be finite (got {value}): a range needs two ends")
     if knob.step is not None and (not _number(knob.step) or knob.step <= 0):
         raise ConfigError(f"{where}: step must be a positive number (got {knob.step!r})")
     if knob.kind == "int" and knob.log and knob.step not in (None, 1):

@@ -9,6 +9,7 @@ completed trial is in the storage, and a trial its dead worker left running is r
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -16,12 +17,15 @@ from typing import Any
 
 from autoglm.artifacts import Manifest, RunDir, StageWriter, write_atomic
 from autoglm.config import Settings, TuneSettings
+from autoglm.errors import AutoGLMError
 from tune.select import pareto_points, select
 from tune.siblings import CompressionSiblings
 from tune.space import build_space, warm_start_params, with_shared_schedule
-from tune.storage import directions, open_study, recover_stale_trials, warm_start
+from tune.storage import directions, discard_study, open_study, recover_stale_trials, warm_start
 
-FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+# what counts toward tune.n_trials: a failed trial does not, so a rerun after fixing its cause runs the trials the
+# failures cost, and a trial that was killed or interrupted is retried in its own place (see retry_interrupted)
+FINISHED = ("COMPLETE", "PRUNED")
 STOPPED_ATTR = "worker_{}_stopped"  # study attribute: that worker's optimize has returned
 
 
@@ -38,9 +42,40 @@ def open_search(settings: Settings, tune_dir: Path):
         space = with_shared_schedule(space)
     study = open_study(settings, tune_dir, task.direction)
     recover_stale_trials(study)
+    retry_interrupted(study, settings.tune.worker_index)
+    _quiet_interrupts()
     if settings.tune.warm_start is not None:
         warm_start(study, settings, warm_start_params(task, settings, space, settings.tune.warm_start))
     return task, space, study, Objective(task, settings, space, tune_dir, directions(settings, task.direction))
+
+
+class _InterruptsWithoutTraceback(logging.Filter):
+    """Optuna logs a failed trial with its traceback; for Ctrl-C or SIGTERM that is noise (the trial is retried,
+    and the command says it was stopped), so such a record keeps its one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info = None
+        return True
+
+
+def _quiet_interrupts() -> None:
+    optimize_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs a trial's failure
+    if not any(isinstance(f, _InterruptsWithoutTraceback) for f in optimize_log.filters):
+        optimize_log.addFilter(_InterruptsWithoutTraceback())
+
+
+def retry_interrupted(study, worker: int) -> list[int]:
+    """Queue again, once, this worker's trials that Ctrl-C or SIGTERM stopped (Optuna failed them), as
+    :func:`tune.storage.recover_stale_trials` does for a killed worker's: an interruption is not the trial's
+    fault. Returns their numbers."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    again = [t for t in trials if t.state.name == "FAIL" and t.user_attrs.get("interrupted")
+             and t.user_attrs.get("worker", 0) == worker and t.number not in retried and "retry_of" not in t.user_attrs]
+    for trial in again:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+    return [t.number for t in again]
 
 
 def sibling_callbacks(settings: Settings, space, task, room=None) -> list:
@@ -80,11 +115,22 @@ def share(tune: TuneSettings, index: int) -> int:
 
 
 def finished_by(trials, index: int | None) -> int:
-    """Finished trials of worker ``index`` (None: of every worker). A trial a dead worker left running is failed
-    and retried (:func:`tune.storage.recover_stale_trials`): its retry counts, so a kill costs no trial."""
-    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
-    return sum(t.state.name in FINISHED and t.number not in retried and
-               (index is None or t.user_attrs.get("worker", 0) == index) for t in trials)
+    """Trials of worker ``index`` (None: of every worker) that count toward tune.n_trials: completed or stopped
+    early. A failed one does not; a killed or interrupted trial is retried, and its retry counts."""
+    return sum(t.state.name in FINISHED and (index is None or t.user_attrs.get("worker", 0) == index)
+               for t in trials)
+
+
+def _nothing_completed(study) -> str:
+    """Why selection has no point, and the fix."""
+    trials = study.get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state.name == "FAIL" and not t.user_attrs.get("interrupted")]
+    if failed:
+        return (f"no trial completed: {len(failed)} of {len(trials)} failed (trial {failed[-1].number}: "
+                f"{failed[-1].user_attrs.get('error', 'see the log above')}); fix that and rerun: failed trials "
+                "do not count toward tune.n_trials (--force starts the study afresh)")
+    return ("no trial completed, so there is nothing to select: raise tune.n_trials or tune.timeout_s, or loosen "
+            "early stopping (tune.early_stop.enabled = false)")
 
 
 def wait_for_workers(settings: Settings, study, poll_s: float = 5.0) -> None:
@@ -110,9 +156,11 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True) -> 
         print(f"tune: up to date in {writer.dir} (use --force to redo)")
         return run.manifest("tune")
     writer.invalidate()
-    if force and not settings.tune.storage and settings.tune.worker_index == 0:
+    for derived in ("pareto.json", "selected.json", "report.html"):  # the last run's: none may outlive its manifest
+        (writer.dir / derived).unlink(missing_ok=True)
+    if force and settings.tune.worker_index == 0:
         # only worker 0 starts the study afresh: a later worker must not delete trials others already wrote
-        (writer.dir / "study.journal").unlink(missing_ok=True)
+        discard_study(settings, writer.dir)
         for kept in ("cache", "trials"):  # --force redoes the training too, not only the search
             shutil.rmtree(writer.dir / kept, ignore_errors=True)
 
@@ -123,6 +171,8 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True) -> 
             return None
         wait_for_workers(settings, study)
     points = pareto_points(study)
+    if not points:
+        raise AutoGLMError(_nothing_completed(study))
     chosen, why = select(points, settings.tune, task.direction)
     write_atomic(writer.dir / "pareto.json", _json({"objectives": settings.tune.objectives,
                                                     "points": [p.to_dict() for p in points]}))

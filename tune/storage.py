@@ -8,6 +8,7 @@ a trial left RUNNING by a worker of *this* host that no longer exists is failed 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import socket
 import time
@@ -18,11 +19,17 @@ import psutil
 
 from autoglm._lazy import require
 from autoglm.config import Settings
-from autoglm.errors import ConfigError, MissingExtraError
+from autoglm.errors import AutoGLMError, ConfigError, MissingExtraError
 
 log = logging.getLogger(__name__)
 JOURNAL = "study.journal"
 WARM_START_ATTR = "warm_start"  # user attribute of the trial tune.warm_start queued
+_EXAMPLES = "postgresql+psycopg2://user:pass@host/db or sqlite:///path/study.db"
+# what to install, per dialect, when its driver is missing: the hint must fit the database the URL names
+_DRIVER_HINTS = {
+    "postgresql": "pip install psycopg2-binary and write postgresql+psycopg2://..., or pip install 'psycopg[binary]'",
+    "mysql": "pip install pymysql and write mysql+pymysql://...",
+}
 
 
 def directions(settings: Settings, task_direction: str) -> list[str]:
@@ -30,6 +37,9 @@ def directions(settings: Settings, task_direction: str) -> list[str]:
 
 
 def make_storage(settings: Settings, tune_dir: Path):
+    """The study's storage: the run's journal file, or the database ``tune.storage`` names, with heartbeats.
+
+    A bad URL, a missing driver or an unreachable database raises one AutoGLMError that never shows a password."""
     optuna = require("optuna", None, "tuning")
     url = settings.tune.storage
     if not url:
@@ -37,19 +47,83 @@ def make_storage(settings: Settings, tune_dir: Path):
         backend = optuna.storages.journal.JournalFileBackend(str(tune_dir / JOURNAL))
         return optuna.storages.JournalStorage(backend)
     if "://" not in url:
-        raise ConfigError(f"tune.storage={url!r} is not a database URL: use e.g. "
-                          "postgresql://user:pass@host/db or sqlite:///study.db, or leave it unset for a journal file")
-    beat = settings.tune.heartbeat_s
+        raise ConfigError(f"tune.storage={url!r} is not a database URL: use e.g. {_EXAMPLES}, "
+                          "or leave it unset for a journal file")
     sqlalchemy_exc = require("sqlalchemy.exc", None, "database storages")
+    url, parsed = _database_url(url, sqlalchemy_exc)
+    port = f":{parsed.port}" if parsed.port else ""
+    where = f"{parsed.host}{port}/{parsed.database or ''}" if parsed.host else parsed.database  # never the password
+    beat = settings.tune.heartbeat_s
     try:
         with warnings.catch_warnings():  # heartbeats are the design's choice; Optuna still labels them experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return _rdb_storage(optuna, url, beat, sqlalchemy_exc)
-    except ImportError as exc:  # SQLAlchemy >= 2.1 maps postgresql:// to psycopg 3, not psycopg2
-        where = url.split("@")[-1]  # never print a password
-        raise MissingExtraError(f"tune.storage=...@{where} needs a database driver ({exc.__cause__ or exc}): pip "
-                                "install psycopg2-binary and write postgresql+psycopg2://..., or pip install "
-                                "'psycopg[binary]' for postgresql://...") from None
+    except ImportError as exc:
+        hint = _DRIVER_HINTS.get(parsed.get_backend_name(), "pip install the package that provides it")
+        raise MissingExtraError(f"tune.storage={url.split('://')[0]}://...@{where} needs a database driver "
+                                f"({exc.__cause__ or exc}): {hint}") from None
+    except sqlalchemy_exc.OperationalError as exc:
+        raise AutoGLMError(f"cannot reach the database at {where} ({_reason(exc, parsed.password)}): start it or "
+                           "fix tune.storage") from None
+    except sqlalchemy_exc.DBAPIError as exc:  # e.g. no right to create Optuna's tables, or a race outlasting retries
+        raise AutoGLMError(f"the database at {where} refused the study ({_reason(exc, parsed.password)}): grant "
+                           "tune.storage's user the right to create tables, or use another database") from None
+
+
+def discard_study(settings: Settings, tune_dir: Path) -> None:
+    """Delete the run's study however it is stored (``--force``); a study that does not exist is fine.
+
+    Call it from worker 0 only: a later worker must not delete trials the others already wrote."""
+    if not settings.tune.storage:
+        (tune_dir / JOURNAL).unlink(missing_ok=True)
+        return
+    optuna = require("optuna", None, "tuning")
+    try:
+        optuna.delete_study(study_name=settings.tune.study_name, storage=make_storage(settings, tune_dir))
+    except KeyError:  # no such study yet: nothing to discard
+        pass
+
+
+def _database_url(url: str, sqlalchemy_exc):
+    """``url`` checked, with a driver that is installed, and its parsed form (for messages)."""
+    from sqlalchemy.engine import make_url
+
+    scheme = url.split("://")[0]  # holds no password
+    try:
+        parsed = make_url(url)
+    except (sqlalchemy_exc.ArgumentError, ValueError):
+        raise ConfigError(f"tune.storage ({scheme}://...) is not a valid database URL: write it like "
+                          f"{_EXAMPLES}") from None
+    try:
+        parsed.get_dialect()
+    except sqlalchemy_exc.NoSuchModuleError:
+        raise ConfigError(f"tune.storage has an unknown database scheme {scheme!r}: use e.g. {_EXAMPLES}") from None
+    # SQLAlchemy >= 2.1 reads a bare postgresql:// as psycopg 3, but the pinned environment ships psycopg2 only:
+    # use the driver that is there rather than fail on the most common URL
+    if parsed.drivername == "postgresql" and not _installed("psycopg") and _installed("psycopg2"):
+        url = "postgresql+psycopg2" + url[len("postgresql"):]  # the rest untouched: Optuna formats it as a template
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    database = parsed.database or ""
+    if parsed.get_backend_name() == "sqlite" and database != ":memory:" and not database.startswith("file:"):
+        folder = Path(database).parent
+        # an error rather than mkdir: a mistyped path would silently start a new, empty study instead of resuming
+        if not folder.is_dir():
+            raise ConfigError(f"tune.storage names a SQLite file in {folder}, which does not exist: create the "
+                              "directory or fix the path")
+    return url, parsed
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _reason(exc, password: str | None) -> str:
+    """The driver's own words, e.g. 'connection refused', without a password it might echo."""
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["unknown error"]
+    reason = lines[0].rsplit(": ", 1)[-1].strip()  # psycopg2: 'connection to server at ... failed: Connection refused'
+    if password:
+        reason = reason.replace(str(password), "***")
+    return reason[:1].lower() + reason[1:]
 
 
 def _rdb_storage(optuna, url: str, beat: int, sqlalchemy_exc):

@@ -8,6 +8,7 @@ scored by the same code. Importing this module must not import torch (the gatewa
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +33,11 @@ EvalCallback = Callable[[int, float], bool]
 
 @dataclass(frozen=True)
 class Knob:
-    """One tunable setting with its search range; ``default`` is what an untuned run uses."""
+    """One tunable setting with its search range; ``default`` is what an untuned run uses.
+
+    ``low``..``high`` (or ``choices``) is only what tuning searches, and a config may go past it;
+    ``minimum``..``maximum`` is what the setting can take at all (a layer of 0 channels cannot be built, a
+    dropout above 1 is no probability). Without them an int or float must be >= 0."""
 
     kind: Literal["int", "float", "categorical"]
     default: Any
@@ -41,6 +46,8 @@ class Knob:
     log: bool = False
     step: float | None = None
     choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
 
     def check(self, name: str, value: Any) -> None:
         """Raise ConfigError naming the allowed values if ``value`` is not one of them."""
@@ -52,12 +59,13 @@ class Knob:
         elif self.kind == "categorical":
             ok = value in self.choices or (not self.choices and value is not None)
             allowed = f"one of {list(self.choices)}"
-        elif self.kind == "int":
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-            allowed = "a non-negative integer"
         else:
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
-            allowed = "a non-negative number"
+            number = int if self.kind == "int" else int | float
+            least = 0 if self.minimum is None else self.minimum
+            ok = isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value) \
+                and least <= value and (self.maximum is None or value <= self.maximum)
+            allowed = f"{'an integer' if self.kind == 'int' else 'a number'} >= {least:g}" + (
+                "" if self.maximum is None else f" and <= {self.maximum:g}")
         if not ok:
             raise ConfigError(f"{name}={value!r} is invalid: use {allowed}")
 
@@ -138,8 +146,12 @@ class Task(ABC):
     direction: ClassVar[Literal["maximize", "minimize"]]
     model_space: ClassVar[dict[str, Knob]]  # architecture knobs (what build_model takes)
     train_space: ClassVar[dict[str, Knob]]  # training knobs, named as TrainSettings fields
+    reads_data: ClassVar[bool] = True  # False: the task brings its own data and refuses task.data
 
     def __init__(self, data: str | None = None, cache_dir: Path | str = ".cache/autoglm", seed: int = 1337):
+        if data is not None and not self.reads_data:
+            raise ConfigError(f"task.data={data!r} is set, but task '{self.name}' brings its own data and reads no "
+                              "file: unset task.data")
         self.data_source = data
         self.cache_dir = Path(cache_dir)
         self.seed = seed

@@ -26,10 +26,11 @@ class DigitsTask(Task):
     name = "digits"
     metric = "accuracy"
     direction = "maximize"
+    reads_data = False  # scikit-learn's bundled images
     model_space = {
-        "channels": Knob("int", 32, low=8, high=64, step=8),
-        "hidden": Knob("int", 64, low=32, high=256),
-        "dropout": Knob("float", 0.1, low=0.0, high=0.5),
+        "channels": Knob("int", 32, low=8, high=64, step=8, minimum=1),
+        "hidden": Knob("int", 64, low=32, high=256, minimum=1),
+        "dropout": Knob("float", 0.1, low=0.0, high=0.5, maximum=1.0),
     }
     train_space = {
         "lr": Knob("float", 3e-3, low=1e-4, high=1e-2, log=True),

@@ -5,10 +5,12 @@ import random
 
 import pytest
 
+from autoglm.cli import run_main
 from autoglm.errors import ConfigError
 from tests.tune import _tiny
 from tune import AutoTuner, Point
 from tune import _data_source
+from tune.__main__ import main as tune_main
 
 
 def test_search_returns_the_pareto_front_as_points(tmp_path):
@@ -73,3 +75,61 @@ def test_an_objective_the_task_cannot_optimize_is_refused_before_any_trial(tmp_p
 def test_unknown_constraints_are_refused():
     with pytest.raises(ConfigError, match="unknown constraint"):
         AutoTuner(constraints={"latency_ms": 5})
+
+
+@pytest.mark.parametrize("text", ["it's", 'say "hi"', "back\\slash", "tab\there"])
+def test_quotes_in_arguments_reach_the_settings_as_given(text):
+    tuner = AutoTuner(study_name=text, storage=f"sqlite:///{text}.db")
+
+    assert tuner.settings.tune.study_name == text and tuner.settings.tune.storage == f"sqlite:///{text}.db"
+
+
+def test_the_cli_storage_keeps_its_quotes(capsys):
+    assert run_main(tune_main, ["--storage", "sqlite:///it's.db", "--dry-run"]) == 0
+
+    assert '"storage": "sqlite:///it\'s.db"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("space", [5, ["default"], None])
+def test_a_search_space_of_another_type_is_refused(space):
+    with pytest.raises(ConfigError, match="give a preset name .* the path of a .toml file, or a dict"):
+        AutoTuner(search_space=space)
+
+
+def test_a_search_space_path_is_a_toml_file(tmp_path):
+    assert AutoTuner(search_space=tmp_path / "space.toml").settings.tune.search_space == str(tmp_path / "space.toml")
+
+
+def test_a_none_constraint_means_no_limit_and_a_word_is_refused():
+    tuner = AutoTuner(constraints={"latency_slo_ms": None, "max_joules": None},
+                      overrides=["tune.max_joules=2.5"])  # an explicit override still wins
+
+    assert tuner.settings.tune.latency_slo_ms is None and tuner.settings.tune.max_joules == 2.5
+    with pytest.raises(ConfigError, match=r"constraints\['latency_slo_ms'\]='fast' is not a number"):
+        AutoTuner(constraints={"latency_slo_ms": "fast"})
+
+
+def test_one_objective_may_be_named_alone():
+    assert AutoTuner(objectives="metric").settings.tune.objectives == ["metric"]
+    with pytest.raises(ConfigError, match="pass a tuple of 'metric', 'latency', 'energy'"):
+        AutoTuner(objectives=5)
+
+
+def test_zero_timeout_or_trials_is_refused_not_dropped(capsys):
+    with pytest.raises(ConfigError, match="tune.timeout_s: Input should be greater than 0"):
+        AutoTuner(timeout=0)
+
+    assert run_main(tune_main, ["--trials", "0", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "tune.n_trials: Input should be greater than or equal to 1 (got 0)" in err and "Traceback" not in err
+
+
+def test_data_files_are_refused_where_the_task_takes_none_or_they_do_not_exist(tmp_path):
+    digits = AutoTuner(max_trials=1, overrides=_tiny.overrides(tmp_path))
+    charlm = AutoTuner(task="charlm", max_trials=1, overrides=_tiny.overrides(tmp_path, space=_tiny.CHARLM_SPACE))
+
+    with pytest.raises(ConfigError, match="task 'digits' uses its bundled data and takes no data file"):
+        digits.search(train_data=tmp_path / "nonexistent.txt")
+    with pytest.raises(ConfigError, match="train_data='.*nonexistent.txt' does not exist"):
+        charlm.search(train_data=tmp_path / "nonexistent.txt")
+    assert not (tmp_path / "runs").exists()

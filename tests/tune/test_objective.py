@@ -56,3 +56,17 @@ def test_graphs_that_differ_in_an_op_or_a_shape_have_different_signatures(settin
 
     assert len(set(signatures.values())) == 3
     assert graph_signature(None) == () and graph_signature(tmp_path / "model.plan") == ()
+
+
+def test_a_trial_applies_every_compression_knob_it_draws():
+    from autoglm.config import load_settings
+    from tune.objective import trial_settings
+    from tune.space import split_params
+
+    settings = load_settings(None, ["compress.quantize.calibration='minmax'"])
+    groups = split_params({"quantize.mode": "static", "quantize.calibration": "entropy", "prune.ratio": 0.0})
+    applied = trial_settings(settings, groups, "int8-static").compress
+
+    assert applied.variants == ["int8-static"]
+    assert applied.quantize.mode == "static" and applied.quantize.calibration == "entropy"
+    assert applied.prune.ratio == settings.compress.prune.ratio  # ratio 0 means no pruning, not a ratio to set

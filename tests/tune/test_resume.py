@@ -1,4 +1,5 @@
-"""A tune worker killed (SIGKILL) in the middle of a trial, then resumed: nothing completed is lost."""
+"""A tune worker killed (SIGKILL) or stopped (SIGTERM, as Ctrl-C) in the middle of a trial, then resumed: nothing
+completed is lost, and the trial it was running is retried in its own place."""
 
 import os
 import signal
@@ -42,15 +43,18 @@ def _wait_for_a_trial_in_flight(tune_dir: Path, worker: subprocess.Popen, patien
     pytest.fail("no trial was in flight in time")
 
 
-def test_a_killed_study_resumes_without_losing_completed_trials(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_study_resumes_without_losing_completed_trials(tmp_path, stop):
     args = [f for o in _tiny.overrides(tmp_path, *SLOW, run="k") for f in ("--set", o)]
     tune_dir = tmp_path / "runs" / "k" / "tune"
     worker = subprocess.Popen([sys.executable, "-m", "tune", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     completed, killed = _wait_for_a_trial_in_flight(tune_dir, worker)
 
-    os.kill(worker.pid, signal.SIGKILL)
-    worker.wait()  # reaped: a zombie would still look alive to the stale-trial check
+    os.kill(worker.pid, stop)
+    _, err = worker.communicate()  # reaped: a zombie would still look alive to the stale-trial check
+    if stop == signal.SIGTERM:  # stopped as by Ctrl-C: a one-line message, the trial failed as interrupted
+        assert worker.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err and "Traceback" not in err
     tune_run(_tiny.settings(tmp_path, *SLOW, run="k"), progress=False)
 
     trials = {t.number: t for t in _tiny.journal_study(tune_dir).trials}
@@ -64,3 +68,27 @@ def test_a_killed_study_resumes_without_losing_completed_trials(tmp_path):
     # the killed trial is finished (FAIL) but its retry takes its place: a kill costs none of the n_trials
     assert len(finished) == len(trials) == N_TRIALS + 1 and finished_by(list(trials.values()), None) == N_TRIALS
     assert RunDir(tmp_path / "runs", "k").state("tune") == "complete"
+
+
+def test_failed_trials_say_why_and_do_not_count_so_a_rerun_after_the_fix_runs_them(tmp_path, monkeypatch):
+    from autoglm.errors import AutoGLMError
+    from tune.objective import Objective
+
+    run_once = ["tune.n_trials=1", "tune.compression_siblings=false", "tune.early_stop.enabled=false"]
+    real = Objective._run
+    monkeypatch.setattr(Objective, "_run", lambda self, trial: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(AutoGLMError, match=r"1 of 1 failed \(trial 0: RuntimeError: disk full\); fix that and rerun"):
+        tune_run(_tiny.settings(tmp_path, *run_once, run="f"), progress=False)
+
+    monkeypatch.setattr(Objective, "_run", real)  # the cause fixed: the same command runs the trial it cost
+    tune_run(_tiny.settings(tmp_path, *run_once, run="f"), progress=False)
+    tune_dir = tmp_path / "runs" / "f" / "tune"
+    assert [t.state.name for t in _tiny.journal_study(tune_dir).trials] == ["FAIL", "COMPLETE"]
+    assert (tune_dir / "selected.json").is_file()
+
+    # a rerun whose selection fails leaves no selection behind that a later stage could take for this run's
+    with pytest.raises(AutoGLMError, match="no Pareto-optimal trial meets the selection constraints"):
+        tune_run(_tiny.settings(tmp_path, *run_once, "tune.latency_slo_ms=1e-9", run="f"), progress=False)
+    assert not any((tune_dir / f).exists() for f in ("selected.json", "pareto.json", "report.html"))
+    assert RunDir(tmp_path / "runs", "f").state("tune") == "incomplete"
+    assert len(_tiny.journal_study(tune_dir).trials) == 2  # the study itself is kept

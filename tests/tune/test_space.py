@@ -74,6 +74,19 @@ def test_a_toml_file_can_name_only_the_knobs_to_search(tmp_path):
     ("default", {"train.lr": {"log": "no"}}, "log must be true or false"),
     ("default", {"train.warmup_frac": {"step": 0}}, "step must be a positive number"),
     ("default", {"prune.ratio": {"high": 1.0}}, "prune.ratio=1.0 is invalid"),
+    # sizes and probabilities a model cannot be built with: the trial would fail in its export
+    ("default", {"model.channels": 0}, "model.channels=0 is invalid: use an integer >= 1"),
+    ("default", {"model.hidden": {"low": 0, "high": 4}}, "model.hidden=0 is invalid"),
+    ("default", {"model.dropout": {"low": 0.5, "high": 1.5}}, "model.dropout=1.5 is invalid: use a number >= 0 "
+                                                               "and <= 1"),
+    ("default", {"train.lr": {"high": float("inf")}}, "high must be finite"),
+    ("default", {"train.batch_size": {"low": 16, "high": 256}}, "train.batch_size takes choices, not ['high', "
+                                                                "'low']: e.g. {choices = [32, 64, 128]}"),
+    ("default", {"quantize.per_channel": {"low": 0}}, "choices = [true, false]"),
+    ("default", {"model": {"channels": 16}}, "quote the knob's name, e.g. \"model.channels\" = ..."),
+    ("training", {"quantize.mode": "static"}, "knob 'quantize.mode' is not in this search space"),
+    ("training", {"quantize.calibration": "entropy"}, "knob 'quantize.calibration' is not in this search space"),
+    ("compression", {"train.lr": 1e-3}, "knob 'train.lr' is not in this search space"),
     ("fastest", {}, "unknown search space preset 'fastest'"),
     ("missing.toml", {}, "missing.toml does not exist"),
 ])
@@ -82,6 +95,17 @@ def test_a_bad_search_space_is_rejected_with_a_message_naming_the_fix(preset, ov
         build_space(DigitsTask(), preset, overrides)
 
     assert message in str(error.value)
+
+
+def test_the_passes_other_knobs_can_be_searched_or_fixed_where_the_space_compresses():
+    space = build_space(DigitsTask(), "default", {"quantize.calibration": {"choices": ["minmax", "entropy"]},
+                                                  "prune.finetune_steps": 100})
+    params = suggest(optuna.create_study().ask(), space)
+
+    assert space["quantize.calibration"].choices == ("minmax", "entropy") and "quantize.per_channel" not in space
+    assert split_params(params)["quantize"]["calibration"] in ("minmax", "entropy")
+    assert split_params(params)["prune"]["finetune_steps"] == 100
+    assert "quantize.calibration" not in build_space(DigitsTask(), "default")  # by default compress's config holds
 
 
 def test_a_malformed_toml_space_is_a_config_error(tmp_path):

@@ -92,6 +92,19 @@ def test_the_selected_point_names_a_checkpoint_that_loads(study_run):
     assert selected["why"]["rule"] and selected["compute"]["cpu_s"] > 0
 
 
+def test_a_trial_hands_compress_only_the_passes_its_variant_applies(study_run):
+    _, tune_dir, _ = study_run
+    complete = [t for t in _tiny.journal_study(tune_dir).trials if t.state.name == "COMPLETE"]
+
+    assert {t.user_attrs["variant"]["name"] for t in complete} > {"fp32"}
+    for trial in complete:
+        chosen, name = trial.user_attrs["compress"], trial.user_attrs["variant"]["name"]
+        assert chosen["variants"] == [name]
+        assert ("quantize" in chosen) == ("int8" in name) and ("prune" in chosen) == name.startswith("pruned")
+        if "quantize" in chosen:
+            assert chosen["quantize"]["mode"] == trial.params["quantize.mode"]
+
+
 def test_the_report_is_self_contained_with_plots_and_the_trial_table(study_run):
     _, tune_dir, _ = study_run
     selected = json.loads((tune_dir / "selected.json").read_text())

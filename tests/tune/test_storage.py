@@ -8,10 +8,11 @@ import optuna
 import psutil
 import pytest
 
-from autoglm.errors import ConfigError
+from autoglm.errors import AutoGLMError, ConfigError, MissingExtraError
 from tests.tune import _tiny
+from tune import storage as storage_module
 from tune.stage import tune_run
-from tune.storage import make_storage, open_study, recover_stale_trials
+from tune.storage import discard_study, make_storage, open_study, recover_stale_trials
 
 
 def _values(trial):
@@ -59,6 +60,118 @@ def test_a_url_that_is_not_a_database_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="is not a database URL"):
         make_storage(settings, tmp_path)
+
+
+
+def test_an_unknown_database_scheme_is_a_config_error_with_examples(tmp_path):
+    settings = _tiny.settings(tmp_path, "tune.storage='foo://bar'")
+
+    with pytest.raises(ConfigError, match="unknown database scheme 'foo'.*postgresql\\+psycopg2://.*sqlite:///"):
+        make_storage(settings, tmp_path)
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:  # a port just freed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("scheme", ["postgresql+psycopg2", "postgresql"])  # the README's bare form too
+def test_an_unreachable_database_is_one_clear_error_without_the_password(tmp_path, scheme):
+    port = _closed_port()
+    settings = _tiny.settings(tmp_path, f"tune.storage='{scheme}://u:s3cret@127.0.0.1:{port}/db'")
+
+    with pytest.raises(AutoGLMError) as error:
+        make_storage(settings, tmp_path)
+
+    message = str(error.value)
+    assert message == (f"cannot reach the database at 127.0.0.1:{port}/db (connection refused): start it or fix "
+                       "tune.storage")
+    assert type(error.value) is AutoGLMError and "s3cret" not in message
+
+
+def test_workers_racing_to_create_the_tables_retry_instead_of_failing(tmp_path, monkeypatch):
+    import sqlalchemy.exc
+
+    made = optuna.storages.RDBStorage
+    calls = []
+
+    def racing(*args, **kwargs):  # the first attempt loses the race creating Optuna's tables
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.IntegrityError("CREATE TABLE studies", {}, Exception("duplicate key"))
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(storage_module.time, "sleep", lambda s: None)
+    settings = _tiny.settings(tmp_path, f"tune.storage='sqlite:///{tmp_path / 'race.db'}'")
+
+    assert isinstance(make_storage(settings, tmp_path), made) and len(calls) == 2
+
+
+def test_a_sqlite_file_in_a_missing_directory_names_the_directory(tmp_path):
+    settings = _tiny.settings(tmp_path, f"tune.storage='sqlite:///{tmp_path / 'nodir' / 'x.db'}'")
+
+    with pytest.raises(ConfigError, match=f"SQLite file in {tmp_path / 'nodir'}, which does not exist"):
+        make_storage(settings, tmp_path)
+    assert not (tmp_path / "nodir").exists()
+
+
+def test_a_missing_driver_gets_the_hint_for_its_own_database(tmp_path):
+    mysql = _tiny.settings(tmp_path, "tune.storage='mysql://u:s3cret@db.example/optuna'")
+
+    with pytest.raises(MissingExtraError) as error:
+        make_storage(mysql, tmp_path)
+
+    assert "pip install pymysql and write mysql+pymysql://" in str(error.value)
+    assert "psycopg" not in str(error.value) and "s3cret" not in str(error.value)
+
+
+@pytest.mark.parametrize("installed, driver", [({"psycopg2"}, "postgresql+psycopg2"),
+                                               ({"psycopg", "psycopg2"}, "postgresql")])
+def test_a_bare_postgresql_url_uses_psycopg2_when_only_it_is_installed(monkeypatch, installed, driver):
+    import sqlalchemy.exc
+
+    monkeypatch.setattr(storage_module, "_installed", lambda module: module in installed)
+
+    url, parsed = storage_module._database_url("postgresql://u:p%40ss@host:5432/db", sqlalchemy.exc)
+
+    assert url == f"{driver}://u:p%40ss@host:5432/db" and parsed.drivername == driver
+
+
+def test_discard_study_deletes_a_database_study_so_other_objectives_can_start_afresh(tmp_path):
+    url = f"tune.storage='sqlite:///{tmp_path / 'study.db'}'"
+    open_study(_tiny.settings(tmp_path, url), tmp_path, "maximize")  # metric, latency, energy
+    other = _tiny.settings(tmp_path, url, "tune.objectives=['metric', 'latency']")
+
+    discard_study(other, tmp_path)
+    discard_study(other, tmp_path)  # none left: not an error
+
+    assert open_study(other, tmp_path, "maximize").metric_names == ["metric", "latency"]
+
+
+def test_discard_study_deletes_the_journal_file(tmp_path):
+    settings = _tiny.settings(tmp_path)
+    open_study(settings, tmp_path, "maximize")
+    assert (tmp_path / "study.journal").exists()
+
+    discard_study(settings, tmp_path)
+    discard_study(settings, tmp_path)  # none left: not an error
+
+    assert not (tmp_path / "study.journal").exists()
+
+
+def test_force_starts_a_database_study_afresh_as_the_refusal_says(tmp_path):
+    url = f"tune.storage='sqlite:///{tmp_path / 'study.db'}'"
+    open_study(_tiny.settings(tmp_path, url, "tune.objectives=['metric', 'latency']"), tmp_path, "maximize")
+    settings = _tiny.settings(tmp_path, url, "tune.n_trials=1", "tune.compression_siblings=false")
+    with pytest.raises(ConfigError, match="use another tune.study_name or --force"):
+        tune_run(settings, progress=False)
+
+    tune_run(settings, force=True, progress=False)
+
+    study = optuna.load_study(study_name="autoglm", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert study.metric_names == ["metric", "latency", "energy"] and len(study.trials) == 1
 
 
 @pytest.mark.parametrize("objectives", [["metric", "latency"], ["metric", "energy", "latency"]])

@@ -79,3 +79,16 @@ def test_model_prunes_structurally_with_torch_pruning(tmp_path):
 
     assert model.features[0].out_channels == 8 and model.classifier[1].out_features == 32
     assert model(example).shape == (2, 10)
+
+
+def test_a_data_file_is_refused_not_ignored(tmp_path):
+    import pytest
+
+    from autoglm.cli import cli
+    from autoglm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="task 'digits' brings its own data and reads no file: unset task.data"):
+        DigitsTask(data="my-digits.csv")
+    assert cli(["train", "--set", f"run.root='{tmp_path}'", "--set", "task.name='digits'",
+                "--set", "task.data='my-digits.csv'"]) == 2
+    assert not any(tmp_path.rglob("model.pt"))  # refused before any training
