@@ -7,6 +7,7 @@ shares the same flags (:func:`add_common_args`) and error handling (:func:`run_m
 from __future__ import annotations
 
 import argparse
+import json
 import importlib
 import os
 import signal
@@ -40,7 +41,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides = list(args.overrides) + ([f"run.name={args.run}"] if args.run else [])
+    # a JSON string is a TOML string: a name like 2024 or true stays a name, and a quote in it stays text
+    overrides = list(args.overrides) + ([f"run.name={json.dumps(args.run)}"] if args.run else [])
     return load_settings(args.config, overrides)
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -134,9 +135,13 @@ def run(settings: Settings, out_dir: Path | str) -> TrainResult:
         with fixed_threads(settings.run.threads):
             model = task.build_model(model_args).to(device)
             result = train_ddp(task, model, settings.train, log_path=out / "train.jsonl" if rank == 0 else None)
+        # every rank's whole process so far, imports included: what the ranks cost the machine together
+        spent = torch.tensor([time.process_time()], dtype=torch.float64, device=device)
+        dist.all_reduce(spent)
         if rank == 0:
             summary = {"steps": result.steps, "samples": result.samples, "metric": result.metric,
-                       "wall_s": result.wall_s, "cpu_s": result.cpu_s, "history": result.history,
+                       "wall_s": result.wall_s, "cpu_s": result.cpu_s, "ranks_cpu_s": float(spent.item()),
+                       "history": result.history,
                        "stopped_early": result.stopped_early, "world_size": dist.get_world_size(),
                        "backend": backend()}
             save_checkpoint(out / "model.pt", task.name, model.cpu(), metrics=summary)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import socket
 import time
@@ -63,6 +64,12 @@ def training_key(task: Task, settings: Settings, model_args: dict[str, Any]) -> 
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _children_cpu_s() -> float:
+    """CPU-seconds of this process's finished children and theirs (torchrun and its ranks, once waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _trial_device(settings: Settings) -> str:
     """Where a trial's work runs: GPUs only when it trains with DDP on CUDA (autoglm.ddp picks NCCL there)."""
     if settings.tune.ddp_procs > 1:
@@ -102,7 +109,7 @@ class Objective:
     def _run(self, trial) -> tuple[float, ...]:
         import optuna
 
-        started, cpu0 = time.time(), time.process_time()
+        started, cpu0, children0 = time.time(), time.process_time(), _children_cpu_s()
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("worker", self.settings.tune.worker_index)  # whose share of the study it counts in
@@ -130,8 +137,14 @@ class Objective:
             trial.set_user_attr("timed", timed)
         finally:
             reading = meter.stop()
-            trial.set_user_attr("compute", {"wall_s": time.time() - started, "cpu_s": time.process_time() - cpu0,
-                                            "joules": reading.joules, "energy_method": reading.method})
+            # a DDP trial trains in torchrun's ranks: their CPU time is the trial's too, and an estimate from CPU
+            # time must include it (a hardware counter measured the device the ranks ran on already)
+            children = _children_cpu_s() - children0
+            joules = reading.joules + (children * settings.measure.watts_per_core
+                                       if reading.method.startswith("estimated") else 0.0)
+            trial.set_user_attr("compute", {"wall_s": time.time() - started,
+                                            "cpu_s": time.process_time() - cpu0 + children,
+                                            "joules": joules, "energy_method": reading.method})
             shutil.rmtree(out / "probe", ignore_errors=True)
         serving = variant.profile[settings.tune.serving_batch]
         objectives = {"metric": variant.metrics[self.task.metric], "latency": serving["p95_ms"],
@@ -174,14 +187,19 @@ class Objective:
         cached, result_file = self.cache_dir / key / "model.pt", self.cache_dir / key / "result.json"
         out.mkdir(parents=True, exist_ok=True)
         trial.set_user_attr("training_key", key)
+        cached_log = self.cache_dir / key / "train.jsonl"  # the training's log, for every trial that reuses it
         if self._cached(key):
             model = load_checkpoint(cached).build_model(self.task)
             result = json.loads(result_file.read_text())
             trial.set_user_attr("cache_hit", True)
+            if cached_log.is_file():
+                _link(cached_log, out / "train.jsonl")
         elif settings.tune.ddp_procs > 1:
             model, result = self._train_ddp(settings, out)
             trial.set_user_attr("ddp_procs", settings.tune.ddp_procs)
             _link(out / "ddp" / "model.pt", cached)
+            for log in (out / "train.jsonl", cached_log):
+                _link(out / "ddp" / "train.jsonl", log)
             write_atomic(result_file, json.dumps(result).encode())
         else:
             model = self.task.build_model(model_args)
@@ -197,6 +215,7 @@ class Objective:
             result = {"steps": trained.steps, "samples": trained.samples, "metric": trained.metric,
                       "wall_s": trained.wall_s, "cpu_s": trained.cpu_s}
             save_checkpoint(cached, self.task.name, model, metrics=result)
+            _link(out / "train.jsonl", cached_log)
             write_atomic(result_file, json.dumps(result).encode())
         trial.set_user_attr("steps", result["steps"])
         trial.set_user_attr("train_metric", result["metric"])

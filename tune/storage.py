@@ -44,6 +44,7 @@ def make_storage(settings: Settings, tune_dir: Path):
     url = settings.tune.storage
     if not url:
         tune_dir.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(optuna, tune_dir / JOURNAL)
         backend = optuna.storages.journal.JournalFileBackend(str(tune_dir / JOURNAL))
         return optuna.storages.JournalStorage(backend)
     if "://" not in url:
@@ -68,6 +69,27 @@ def make_storage(settings: Settings, tune_dir: Path):
     except sqlalchemy_exc.DBAPIError as exc:  # e.g. no right to create Optuna's tables, or a race outlasting retries
         raise AutoGLMError(f"the database at {where} refused the study ({_reason(exc, parsed.password)}): grant "
                            "tune.storage's user the right to create tables, or use another database") from None
+
+
+def _drop_torn_tail(optuna, journal: Path) -> None:
+    """Cut a last line that a killed writer left half-written: Optuna appends one whole JSON line per operation, so
+    the fragment was never committed, and with it in place the next append would make the journal unreadable.
+    Under the journal's own lock, so a live worker's append in progress is never taken for one."""
+    if not journal.is_file() or journal.stat().st_size == 0:
+        return
+    lock = optuna.storages.journal.JournalFileSymlinkLock(str(journal))  # the lock Optuna's appends take
+    lock.acquire()
+    try:
+        with journal.open("rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            whole = f.read().rfind(b"\n") + 1  # 0: not one complete line
+            f.truncate(whole)
+    finally:
+        lock.release()
+    log.warning("%s ended in a half-written operation (a killed worker's): dropped it, %d bytes kept", journal, whole)
 
 
 def discard_study(settings: Settings, tune_dir: Path) -> None:

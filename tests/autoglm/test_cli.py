@@ -112,3 +112,9 @@ def test_train_writes_a_complete_run_then_skips_then_forces(tmp_path, capsys):
 
     assert cli(["status", "t", "--root", str(tmp_path)]) == 0
     assert "complete" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["1e3", "true", "2024"])
+def test_a_run_name_that_reads_as_a_toml_value_stays_the_name_given(capsys, name):
+    assert cli(["train", "--run", name, "--dry-run"]) == 0  # not the run "1000.0", nor a boolean refused
+    assert f'"name": "{name}"' in capsys.readouterr().out

@@ -22,3 +22,8 @@ def test_a_trial_trains_under_torchrun_ddp_and_completes(tmp_path):
     assert result["steps"] == 120  # the pinned train.max_steps of the tiny space
     assert (trial_dir / "model.pt").is_file()
     assert manifest.metrics["complete"] == 1 and 0.0 < manifest.metrics["selected_metric"] <= 1.0
+    # the ranks trained, in torchrun's processes: the trial is charged their CPU time, not only its own
+    compute = json.loads((tmp_path / "runs" / "ddp" / "tune" / "selected.json").read_text())["compute"]
+    assert compute["cpu_s"] >= result["ranks_cpu_s"] > 0  # all of them, torch's imports included
+    if compute["energy_method"].startswith("estimated"):  # from CPU time: the ranks' count
+        assert compute["joules"] >= settings.measure.watts_per_core * result["ranks_cpu_s"]

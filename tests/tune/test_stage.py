@@ -92,6 +92,18 @@ def test_the_selected_point_names_a_checkpoint_that_loads(study_run):
     assert selected["why"]["rule"] and selected["compute"]["cpu_s"] > 0
 
 
+def test_every_completed_trial_keeps_the_log_of_the_training_its_model_came_from(study_run):
+    _, tune_dir, _ = study_run
+    complete = [t for t in _tiny.journal_study(tune_dir).trials if t.state.name == "COMPLETE"]
+    trainer = {t.user_attrs["training_key"]: t.number for t in complete if not t.user_attrs.get("cache_hit")}
+
+    assert any(t.user_attrs.get("cache_hit") for t in complete)
+    for trial in complete:
+        log = tune_dir / "trials" / f"{trial.number:04d}" / "train.jsonl"
+        trained = tune_dir / "trials" / f"{trainer[trial.user_attrs['training_key']]:04d}" / "train.jsonl"
+        assert log.read_text() == trained.read_text() and '"eval"' in log.read_text()
+
+
 def test_a_trial_hands_compress_only_the_passes_its_variant_applies(study_run):
     _, tune_dir, _ = study_run
     complete = [t for t in _tiny.journal_study(tune_dir).trials if t.state.name == "COMPLETE"]

@@ -260,3 +260,18 @@ def test_a_warm_started_study_runs_the_configured_point_first_and_only_once(tmp_
     assert first.params == {"train.lr": 2e-3, "quantize.mode": "static", "prune.ratio": 0.0}
     assert first.user_attrs["warm_start"] and "compute" in first.user_attrs  # charged like any trial
     assert "warm_start" not in second.user_attrs  # a resumed study queues it no more
+
+
+def test_a_journal_line_a_killed_writer_left_half_written_is_dropped_and_the_study_resumes(tmp_path):
+    settings = _tiny.settings(tmp_path)
+    study = open_study(settings, tmp_path, "maximize")
+    study.optimize(_values, n_trials=2)
+    journal = tmp_path / "study.journal"
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code": 5, "worker_id": "x", "trial_id": 1, "sta')  # SIGKILL mid-append
+
+    resumed = open_study(settings, tmp_path, "maximize")
+    resumed.optimize(_values, n_trials=1)
+
+    assert journal.read_bytes().startswith(whole)
+    assert [t.state.name for t in _tiny.journal_study(tmp_path).trials] == ["COMPLETE"] * 3
