@@ -100,7 +100,7 @@ class AutoTuner:
             if not _takes_data(settings.task.name):
                 raise ConfigError(f"task '{settings.task.name}' uses its bundled data and takes no data file: drop "
                                   "train_data/validation_data, or use a task that reads one (e.g. task='charlm')")
-            source = _data_source(train_data, validation_data)
+            source = _data_source(train_data, validation_data, settings)
             for name, given in (("train_data", train_data), ("validation_data", validation_data)):
                 if given is not None and not Path(given).expanduser().exists():
                     raise ConfigError(f"{name}={str(given)!r} does not exist: give an existing UTF-8 text file, "
@@ -130,19 +130,24 @@ def _takes_data(task: str) -> bool:
     return task_class(task).reads_data
 
 
-def _data_source(train: str | Path, val: str | Path | None) -> str:
+def _data_source(train: str | Path, val: str | Path | None, settings: Settings) -> str:
+    """``task.data`` for the given files: a text, a nanoGPT directory, or a training and a validation text
+    prepared into one directory by the task (``text_pair_dir``; charlm's)."""
     train = Path(train)
     if train.suffix == ".bin":
         if val is None or Path(val).parent.resolve() != train.parent.resolve():
             raise ConfigError("train.bin and val.bin must sit in one directory with meta.json: pass "
                               "validation_data=<that dir>/val.bin")
         return str(train.parent)
-    if val is not None:
-        raise ConfigError("validation_data is only for train.bin/val.bin pairs: a text train_data is split 90/10 "
-                          "into training and validation text; to validate on a text of your own, write train.bin, "
-                          "val.bin (uint16 character ids) and meta.json ({\"vocab_size\": n, \"itos\": [chars]}) "
-                          "into one directory and pass its train.bin and val.bin")
-    return str(train)
+    if val is None:
+        return str(train)
+    from autoglm.tasks import task_class
+
+    pair = getattr(task_class(settings.task.name), "text_pair_dir", None)
+    if pair is None or Path(val).suffix == ".bin":
+        raise ConfigError(f"task '{settings.task.name}' takes validation_data only as the val.bin beside a "
+                          "train.bin, or as a text beside a text train_data where the task supports it (charlm)")
+    return str(pair(train, Path(val), settings.run.cache_dir))
 
 
 def _toml(value: Any) -> str:

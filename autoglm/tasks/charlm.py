@@ -84,6 +84,18 @@ class CharLMTask(Task):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         return self.cache_dir / "charlm" / digest, True
 
+    @classmethod
+    def text_pair_dir(cls, train: Path, val: Path, cache_dir: Path | str) -> Path:
+        """A prepared directory (give it as ``task.data``) of a training text and a validation text of its own,
+        instead of one text's 90/10 split; once per pair of contents, under ``<cache_dir>/charlm/``."""
+        train_text, val_text = corpus.read_text_file(Path(train)), corpus.read_text_file(Path(val))
+        digest = hashlib.sha256(f"{len(train_text)}:{train_text}{val_text}".encode()).hexdigest()[:16]
+        out = Path(cache_dir) / "charlm" / f"pair-{digest}"
+        if not all((out / name).is_file() for name in corpus.DATA_FILES):
+            corpus.write_corpus(train_text, out, 2 * cls.model_space["block_size"].default + 1,
+                                f"{train} + {val}", val_text=val_text)
+        return out
+
     def prepare(self) -> None:
         """Build the corpus files unless they exist (meta.json last means complete). Idempotent."""
         if self._data_dir is not None:

@@ -117,13 +117,21 @@ def read_text_file(path: Path) -> str:
                         "convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`") from None
 
 
-def write_corpus(text: str, out_dir: Path, min_split_chars: int, source: str) -> None:
-    """Tokenize ``text`` by character and write train.bin, val.bin, then meta.json into ``out_dir``."""
-    n_val = int(len(text) * VAL_FRACTION)
-    if n_val < min_split_chars:
-        need = int(min_split_chars / VAL_FRACTION) + 1
-        raise DataError(f"{source} has {len(text):,} characters, too few: its 10% validation split needs "
-                        f"{min_split_chars} (two blocks); use a text of at least {need:,} characters")
+def write_corpus(text: str, out_dir: Path, min_split_chars: int, source: str, val_text: str | None = None) -> None:
+    """Tokenize ``text`` by character and write train.bin, val.bin, then meta.json into ``out_dir``; the
+    validation split is ``val_text`` when given (one vocabulary over both), else the last 10% of ``text``."""
+    if val_text is None:
+        n_val = int(len(text) * VAL_FRACTION)
+        if n_val < min_split_chars:
+            need = int(min_split_chars / VAL_FRACTION) + 1
+            raise DataError(f"{source} has {len(text):,} characters, too few: its 10% validation split needs "
+                            f"{min_split_chars} (two blocks); use a text of at least {need:,} characters")
+    else:
+        for part, what in ((text, "training"), (val_text, "validation")):
+            if len(part) < min_split_chars:
+                raise DataError(f"the {what} text of {source} has {len(part):,} characters, too few: it needs "
+                                f"{min_split_chars} (two blocks)")
+        n_val, text = len(val_text), text + val_text
     itos = sorted(set(text))
     if len(itos) > np.iinfo(np.uint16).max:
         raise DataError(f"{source} uses {len(itos):,} distinct characters, more than uint16 token ids hold: "

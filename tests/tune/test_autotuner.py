@@ -2,14 +2,15 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
 from autoglm.cli import run_main
+from autoglm.config import load_settings
 from autoglm.errors import ConfigError
 from tests.tune import _tiny
-from tune import AutoTuner, Point
-from tune import _data_source
+from tune import AutoTuner, Point, _data_source
 from tune.__main__ import main as tune_main
 
 
@@ -45,22 +46,46 @@ def test_train_data_as_a_text_file_tunes_charlm_on_it(tmp_path):
     assert len(list((tmp_path / "cache" / "charlm").iterdir())) == 1  # the text was prepared, not Shakespeare
 
 
+def _task(name: str, tmp_path):
+    return load_settings(None, [f"task.name='{name}'", f"run.cache_dir='{tmp_path / 'cache'}'"])
+
+
 def test_a_text_file_is_the_data_source_as_is(tmp_path):
-    assert _data_source(tmp_path / "input.txt", None) == str(tmp_path / "input.txt")
+    assert _data_source(tmp_path / "input.txt", None, _task("charlm", tmp_path)) == str(tmp_path / "input.txt")
 
 
 def test_nanogpt_bin_files_name_their_directory(tmp_path):
-    assert _data_source(tmp_path / "train.bin", tmp_path / "val.bin") == str(tmp_path)
+    assert _data_source(tmp_path / "train.bin", tmp_path / "val.bin", _task("charlm", tmp_path)) == str(tmp_path)
 
 
-@pytest.mark.parametrize(("train", "val", "message"), [
-    ("train.bin", "elsewhere/val.bin", "must sit in one directory"),
-    ("train.bin", None, "must sit in one directory"),
-    ("input.txt", "val.txt", "validation_data is only for train.bin/val.bin pairs"),
+def test_a_validation_text_of_its_own_is_charlm_s_validation_split(tmp_path):
+    from autoglm.tasks import corpus
+    from autoglm.tasks.charlm import CharLMTask
+
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text("to be or not to be, that is the question. " * 20)
+    val.write_text("whether tis nobler in the mind to suffer! " * 10)
+
+    data = Path(_data_source(train, val, _task("charlm", tmp_path)))
+    task = CharLMTask(data=str(data), cache_dir=tmp_path / "cache")
+    task.prepare()
+
+    itos = corpus.read_meta(data)
+    assert itos == sorted(set(train.read_text()) | set(val.read_text()))  # one vocabulary over both texts
+    assert "".join(itos[i] for i in corpus.open_tokens(data / "val.bin")) == val.read_text()
+    assert "".join(itos[i] for i in corpus.open_tokens(data / "train.bin")) == train.read_text()
+    assert _data_source(train, val, _task("charlm", tmp_path)) == str(data)  # prepared once per pair
+
+
+@pytest.mark.parametrize(("task", "train", "val", "message"), [
+    ("charlm", "train.bin", "elsewhere/val.bin", "must sit in one directory"),
+    ("charlm", "train.bin", None, "must sit in one directory"),
+    ("charlm", "input.txt", "val.bin", "takes validation_data only as the val.bin beside a train.bin"),
+    ("tests.autoglm.tasks.user_task:LinearRegressionTask", "input.txt", "val.txt", "or as a text beside a text train_data"),
 ])
-def test_mismatched_data_files_are_refused(tmp_path, train, val, message):
+def test_mismatched_data_files_are_refused(tmp_path, task, train, val, message):
     with pytest.raises(ConfigError, match=message):
-        _data_source(tmp_path / train, tmp_path / val if val else None)
+        _data_source(tmp_path / train, tmp_path / val if val else None, _task(task, tmp_path))
 
 
 def test_an_objective_the_task_cannot_optimize_is_refused_before_any_trial(tmp_path):
