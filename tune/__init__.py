@@ -88,8 +88,9 @@ class AutoTuner:
                objective: str | None = None, force: bool = False) -> list[Point]:
         """Run the study; returns the Pareto front (``tune/selected.json`` holds the chosen point).
 
-        ``train_data``: a text file, or a nanoGPT ``train.bin`` whose directory also holds ``val.bin``
-        and ``meta.json`` (then ``validation_data`` must be that ``val.bin``). ``objective`` is accepted
+        ``train_data``: a text file (``validation_data``: a text of its own, else its last 10% validates), or a
+        nanoGPT ``train.bin`` whose directory also holds ``val.bin`` and ``meta.json`` (then ``validation_data``
+        must be that ``val.bin``). ``objective`` is accepted
         for the design's ``"minimize_perplexity"`` spelling and checked against the task's metric.
         """
         settings = self.settings
@@ -100,11 +101,11 @@ class AutoTuner:
             if not _takes_data(settings.task.name):
                 raise ConfigError(f"task '{settings.task.name}' uses its bundled data and takes no data file: drop "
                                   "train_data/validation_data, or use a task that reads one (e.g. task='charlm')")
-            source = _data_source(train_data, validation_data, settings)
             for name, given in (("train_data", train_data), ("validation_data", validation_data)):
                 if given is not None and not Path(given).expanduser().exists():
                     raise ConfigError(f"{name}={str(given)!r} does not exist: give an existing UTF-8 text file, "
                                       "or a nanoGPT train.bin and the val.bin beside it")
+            source = _data_source(train_data, validation_data, settings)
             settings = settings.model_copy(update={"task": settings.task.model_copy(update={"data": source})})
         if objective and objective.removeprefix("minimize_").removeprefix("maximize_") not in (
                 "perplexity", "val_loss", "loss", "accuracy", "metric"):
