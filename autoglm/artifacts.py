@@ -143,8 +143,17 @@ class RunDir:
         """The completed manifest of ``stage``; a clear error if that stage has not run."""
         path = self.manifest_path(stage)
         if not path.is_file():
-            raise AutoGLMError(f"stage '{stage}' has not completed in {self.path}: run `autoglm {stage}` first")
+            command = "compress" if stage == "repository" else stage  # compress writes the repository too
+            raise AutoGLMError(f"stage '{stage}' has not completed in {self.path}: run `autoglm {command}` first")
         return Manifest.load(path)
+
+    def changed_output(self, stage: str) -> str | None:
+        """For a tampered stage: which output changed and how (the IntegrityError's words); else None."""
+        try:
+            verify_outputs(self.stage_dir(stage), self.manifest(stage))
+        except AutoGLMError as exc:  # IntegrityError, or a manifest that cannot be read
+            return str(exc)
+        return None
 
     def state(self, stage: str) -> StageState:
         """complete / stale (a parent changed) / tampered (an output changed) / incomplete / missing."""

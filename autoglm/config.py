@@ -15,7 +15,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from autoglm.errors import ConfigError
@@ -25,8 +26,10 @@ ENV_DELIMITER = "__"
 
 
 class Section(BaseModel):
-    # a number given where text goes (`--run 2024`, `tune.study_name=1`) is that text
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # a number given where text goes (`--run 2024`, `tune.study_name=1`) is that text; no setting takes inf or nan
+    # (TOML spells both): a duration, a rate or a limit of inf would pass `gt=0` and fail deep inside a stage
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
+                              allow_inf_nan=False)
 
 
 def toml_value(raw: str) -> Any:
@@ -240,9 +243,12 @@ class CompressSettings(Section):
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
-        static = "int8-static" in self.variants or "static" in (self.quantize.preset or "")
+        # int8 and pruned-int8 go static by the graph (a CNN's) unless the mode says dynamic
+        by_graph = self.quantize.mode != "dynamic" and {"int8", "pruned-int8"} & set(self.variants)
+        static = "int8-static" in self.variants or "static" in (self.quantize.preset or "") or bool(by_graph)
         if static and self.quantize.calibration_batches == 0:
-            raise ValueError("static INT8 needs calibration data: set compress.quantize.calibration_batches > 0")
+            raise ValueError("static INT8 needs calibration data: set compress.quantize.calibration_batches > 0, "
+                             "or compress.quantize.mode = 'dynamic' for int8 and pruned-int8")
         return self
 
 
@@ -348,6 +354,8 @@ class LoadtestSettings(Section):
     spawn_rate: float | None = Field(None, gt=0, description="users started per second; default all in 1 s")
     warmup_s: float = Field(1.0, ge=0, description="seconds after spawning before the window opens")
     model: str | None = Field(None, description="variant or Triton model name; default task.json's recommended")
+    api_key: SecretStr | None = Field(None, description="the gateway's API key, sent as a Bearer token (set it "
+                                      "in AUTOGLM_LOADTEST__API_KEY: a run saves its config, with this masked)")
     pids: list[int] = Field(default_factory=list, description="serving processes to meter besides those found "
                             "listening on the target and Triton ports")
     samples: int = Field(128, ge=1, description="distinct validation requests in the payload file")
@@ -385,9 +393,13 @@ class DeploySettings(Section):
     the tune workers and the autoscaling rules."""
 
     env: Literal["cpu", "gpu"] = Field("cpu", description="cpu or gpu (the gpu overlay asks for one GPU per pod)")
-    registry: str = Field("localhost:5000", description="where the gateway, model and tune images live")
-    namespace: str = Field("autoglm", description="Kubernetes namespace of the stack")
-    monitoring_namespace: str = Field("monitoring", description="namespace of Prometheus and prometheus-adapter")
+    registry: str = Field("localhost:5000", pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]+)?(/[a-z0-9._-]+)*$",
+                          description="where the gateway, model and tune images live, e.g. ghcr.io/acme")
+    # Kubernetes namespaces are DNS labels: lowercase letters, digits and '-', at most 63 characters
+    namespace: str = Field("autoglm", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                           description="Kubernetes namespace of the stack")
+    monitoring_namespace: str = Field("monitoring", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                                      description="namespace of Prometheus and prometheus-adapter")
     tune_workers: int = Field(0, ge=0, description="tune workers sharing one PostgreSQL study (an Indexed Job); "
                               "0 renders no tune/ tree")
     tune_trials: int | None = Field(None, ge=1, description="trials in that study; None: the run's tune.n_trials")
@@ -399,6 +411,13 @@ class DeploySettings(Section):
                                       "serve.autoscale_rules, e.g. {max_instances = 8}")
     kustomize: bool = Field(True, description="check the rendered trees with `kubectl kustomize` where kubectl "
                             "exists")
+
+    @model_validator(mode="after")
+    def _tune_options_need_workers(self) -> DeploySettings:
+        if not self.tune_workers and (self.tune_trials is not None or self.external_db):
+            raise ValueError("deploy.tune_trials and deploy.external_db shape the tune workers' Job: set "
+                             "deploy.tune_workers (--tune-workers N) too, or drop them")
+        return self
 
 
 _config_file: ContextVar[Path | None] = ContextVar("autoglm_config_file", default=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -17,10 +18,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="compress this model.pt instead of tune's selection")
     args = parser.parse_args(argv)
     if args.variants:
-        names = ", ".join(f'"{v.strip()}"' for v in args.variants.split(",") if v.strip())
-        args.overrides.append(f"compress.variants=[{names}]")
+        names = [v.strip() for v in args.variants.split(",") if v.strip()]
+        args.overrides.append(f"compress.variants={json.dumps(names)}")  # JSON lists and strings are TOML ones
     if args.checkpoint:
-        args.overrides.append(f"compress.checkpoint='{args.checkpoint}'")
+        args.overrides.append(f"compress.checkpoint={json.dumps(args.checkpoint)}")  # a quote stays text
     from compress.stage import compress_run
 
     return run_stage(args, compress_run)

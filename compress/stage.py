@@ -37,13 +37,28 @@ def resolve_source(run: RunDir, settings: Settings) -> Source:
                                "`autoglm train` or `autoglm tune`")
         return Source(path, None, {})
     selected = run.stage_dir("tune") / "selected.json"
-    if run.state("tune") == "complete" and selected.is_file():
-        choice = json.loads(selected.read_text())
-        return Source(run.stage_dir("tune") / choice["checkpoint"], "tune", choice.get("compress", {}))
-    if run.state("train") == "complete":
-        return Source(run.stage_dir("train") / "model.pt", "train", {})
+    for stage in ("tune", "train"):  # tune's selection first; never fall back past a stage in a doubtful state
+        state = run.state(stage)
+        if state == "complete" and (stage == "train" or selected.is_file()):
+            if stage == "train":
+                return Source(run.stage_dir("train") / "model.pt", "train", {})
+            choice = json.loads(selected.read_text())
+            return Source(run.stage_dir("tune") / choice["checkpoint"], "tune", choice.get("compress", {}))
+        if state in ("tampered", "stale", "incomplete"):
+            raise AutoGLMError(f"{stage} is {state} in {run.path}{_why(run, stage, state)}: redo it with `autoglm "
+                               f"{stage} --force`, or name the model to compress with compress.checkpoint")
     raise AutoGLMError(f"nothing to compress in {run.path}: run `autoglm tune` or `autoglm train` first, "
                        "or set compress.checkpoint=path/to/model.pt")
+
+
+def _why(run: RunDir, stage: str, state: str) -> str:
+    """What makes a stage's state doubtful, for the message: the changed file, or what is missing."""
+    if state == "incomplete":
+        return " (it started but never wrote its manifest)"
+    if state == "stale":
+        return " (an input it was made from changed)"
+    changed = run.changed_output(stage)
+    return f" ({changed})" if changed else ""
 
 
 def recommend(task, variants: list[Variant], preferred: str | None = None) -> tuple[str, str]:
@@ -157,15 +172,15 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
     if writer.up_to_date() and not force and run.state("repository") == "complete":
         print(f"compress: up to date in {writer.dir} (use --force to redo)")
         return run.manifest("compress")
-    writer.invalidate()
-    run.manifest_path("repository").unlink(missing_ok=True)
-    for stale in (*writer.dir.glob("*.onnx"), *writer.dir.glob("*.plan"), *writer.dir.glob("decode/*/*.onnx")):
-        stale.unlink()  # a redo must never pick up a model file from an earlier configuration
-
+    # the inputs are checked before anything is invalidated: a bad checkpoint must not cost the last good release
     task = get_task(settings)
     task.prepare()
     checkpoint = load_checkpoint(source.checkpoint)
     model = checkpoint.build_model(task)
+    writer.invalidate()
+    run.manifest_path("repository").unlink(missing_ok=True)
+    for stale in (*writer.dir.glob("*.onnx"), *writer.dir.glob("*.plan"), *writer.dir.glob("decode/*/*.onnx")):
+        stale.unlink()  # a redo must never pick up a model file from an earlier configuration
     report = _printer(task) if progress else None
     with fixed_threads(settings.run.threads):
         variants = build_variants(task, model, checkpoint.model_args, settings, writer.dir, on_variant=report)

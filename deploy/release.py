@@ -76,7 +76,7 @@ def read_release(run: RunDir) -> Release:
         hint = {"missing": "run `autoglm compress` first (it writes the model repository)",
                 "incomplete": "`autoglm compress` did not finish: run it again",
                 "stale": "compress changed after the repository was written: run `autoglm compress --force`",
-                "tampered": "a repository file changed after it was written: run `autoglm compress --force`"}[state]
+                "tampered": f"{run.changed_output('repository')} (`autoglm compress --force` writes it)"}[state]
         raise AutoGLMError(f"the model repository of run '{run.name}' is {state} ({run.stage_dir('repository')}): "
                            f"{hint}")
     repo_dir, manifest = run.stage_dir("repository"), run.manifest("repository")

@@ -149,15 +149,15 @@ def render_run(settings: Settings, force: bool = False) -> Manifest:
     if writer.up_to_date() and not force and out.is_dir():
         print(f"deploy: up to date in {out} (use --force to render again)")
         return run.manifest("deploy")
-    writer.invalidate()
-    shutil.rmtree(out, ignore_errors=True)  # a render never keeps files of an earlier one (e.g. tune/)
-
+    # everything that can refuse an input comes first: a bad key file must not cost the last good render
     head = header(release.run, options.env)
     keys = api_keys(writer.dir, options.api_keys_file)
     in_cluster = gateway_settings(settings, keys, "autoglm-triton")
     tree = k8s.serving_tree(release, options.env, images, rules, cluster, in_cluster)
     if options.tune_workers:
         tree |= k8s.tune_tree(release, images, cluster, options.tune_workers, n_trials, not options.external_db)
+    writer.invalidate()
+    shutil.rmtree(out, ignore_errors=True)  # a render never keeps files of an earlier one (e.g. tune/)
     write_tree(out / "k8s", tree, head)
     write_tree(out, compose_tree(release.run, options.env, images, gateway_settings(settings, keys, "triton")), head)
     write_tree(out, {"images/models.Dockerfile": models_dockerfile(release, options.env, images)}, head)

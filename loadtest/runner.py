@@ -25,6 +25,7 @@ from loadtest.locustfiles import DIRECTORY, SCENARIOS, SHAPES
 from loadtest.triton_metrics import scrape, window_stats
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # so the locust process can import loadtest.locustfiles
+BEARER_ENV = "AUTOGLM_LOADTEST_BEARER"  # the API key the locust process sends (see locustfiles/common.py)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class LoadSpec:
     shape: str = "steady"
     shape_steps: int = 4
     slo: Slo = field(default_factory=lambda: Slo(math.inf, 1.0))
+    api_key: str | None = field(default=None, repr=False)  # the gateway's, sent as a Bearer token
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -83,8 +85,10 @@ def locust_command(spec: LoadSpec, payloads: Path, window_file: Path, csv_prefix
             "--slo-p95-ms", f"{spec.slo.p95_ms:g}", "--slo-error-rate", f"{spec.slo.error_rate:g}"]
 
 
-def _environment() -> dict[str, str]:
+def _environment(api_key: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if api_key:  # through the environment, not argv: a command line is visible to every user of the host
+        env[BEARER_ENV] = api_key
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
@@ -120,7 +124,7 @@ def run_window(spec: LoadSpec, out_dir: Path, *, payloads: Path, metrics_url: st
     offset = 0
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=_environment(), cwd=out_dir)
+                                env=_environment(spec.api_key), cwd=out_dir)
         deadline = time.monotonic() + spec.run_time_s + 60  # start-up and shutdown take seconds, not minutes
         try:
             while True:

@@ -15,7 +15,7 @@ from typing import Any
 from autoglm.artifacts import Manifest, RunDir, StageWriter
 from autoglm.config import LoadtestSettings, Settings
 from autoglm.energy import ensure_comparable
-from autoglm.errors import AutoGLMError
+from autoglm.errors import AutoGLMError, ConfigError
 from loadtest.control import ModelControl, ServingConfig, serving_knobs
 from loadtest.energy_join import EnergySource
 from loadtest.front import CONFIG_FIELDS, capacities, pareto_front, point_row, recommend
@@ -91,7 +91,8 @@ def _measure_overhead(points, options: LoadtestSettings, settings: Settings, mod
     for name, scenario, host in (("gateway", options.scenario, gateway_url), ("direct", "triton", triton_url)):
         if name in windows:
             continue
-        spec = LoadSpec(scenario, host, model, users, seconds, options.spawn_rate, options.warmup_s, slo=slo)
+        spec = LoadSpec(scenario, host, model, users, seconds, options.spawn_rate, options.warmup_s, slo=slo,
+                        api_key=_key(options))
         source = energy if name == "gateway" else EnergySource(energy.kind, energy.watts_per_core, (triton_url,))
         windows[name] = {"id": f"overhead-{name}", "config": config, **run_window(
             spec, out_dir / f"overhead-{name}", payloads=common["payloads"], metrics_url=common["metrics_url"],
@@ -114,8 +115,7 @@ def loadtest_run(settings: Settings, force: bool = False, progress: bool = True)
         manifest = run.manifest("loadtest")
         print(f"loadtest: up to date in {writer.dir} (use --force to measure again)")
         return manifest, 0 if manifest.metrics.get("gate_passed") else 1
-    writer.invalidate()
-    shutil.rmtree(writer.dir / "points", ignore_errors=True)  # a re-run must not list an older run's windows
+    # every input is checked before the last complete measurement is invalidated: a typo must not cost it
     task_info = json.loads((run.stage_dir("repository") / "task.json").read_text())
     model = resolve_model(task_info, options.model)
     if options.scenario == "generate" and options.model is None:
@@ -124,10 +124,13 @@ def loadtest_run(settings: Settings, force: bool = False, progress: bool = True)
                                "'generate' model): compress a charlm run with compress.generate.enabled=true")
         model = task_info["generate"]  # the KV-cache model streams; a variant name would recompute
     gateway_url, triton_url, metrics_url = options.urls(settings.serve)
-    slo = Slo(settings.loadtest.slo_p95_ms, settings.loadtest.slo_error_rate)
-    payloads = write_payloads(writer.path("payloads.json"), build_payloads(
-        settings, task_info, options.samples, options.per_request, options.generate_tokens))
     host = options.host_for(options.scenario, settings.serve)
+    _reachable(host, "/v2/health/live" if host == triton_url else "/healthz")
+    slo = Slo(settings.loadtest.slo_p95_ms, settings.loadtest.slo_error_rate)
+    built = build_payloads(settings, task_info, options.samples, options.per_request, options.generate_tokens)
+    writer.invalidate()
+    shutil.rmtree(writer.dir / "points", ignore_errors=True)  # a re-run must not list an older run's windows
+    payloads = write_payloads(writer.path("payloads.json"), built)
     urls = (triton_url,) if options.scenario == "triton" else (gateway_url, triton_url)
     energy = EnergySource(settings.measure.energy, settings.measure.watts_per_core, urls=urls, pids=tuple(options.pids))
     control = ModelControl(triton_url)
@@ -140,10 +143,11 @@ def loadtest_run(settings: Settings, force: bool = False, progress: bool = True)
             print(f"loadtest: sweeping {len(configs)} serving configs x {len(users)} concurrencies on {host}")
         points = run_sweep(control, configs, users, scenario=options.scenario, host=host, payloads=payloads,
                            out_dir=writer.dir / "points", window_s=options.grid.window_s, warmup_s=options.warmup_s,
-                           slo=slo, metrics_url=metrics_url, energy=energy, progress=show)
+                           slo=slo, metrics_url=metrics_url, energy=energy, progress=show, api_key=_key(options))
     else:
         spec = LoadSpec(options.scenario, host, model, settings.loadtest.users, settings.loadtest.duration_s,
-                        options.spawn_rate, options.warmup_s, options.shape, options.shape_steps, slo=slo)
+                        options.spawn_rate, options.warmup_s, options.shape, options.shape_steps, slo=slo,
+                        api_key=_key(options))
         points = [{"id": "p00", "config": _current(control, model),
                    **run_window(spec, writer.dir / "points" / "p00", triton_model=model, **common)}]
         show(points[0])
@@ -153,6 +157,36 @@ def loadtest_run(settings: Settings, force: bool = False, progress: bool = True)
         if progress:
             print(f"  gateway overhead: {overhead['summary']}")
     return _finish(run, writer, settings, options, task_info, points, overhead, slo, energy, progress)
+
+
+def _key(options: LoadtestSettings) -> str | None:
+    return options.api_key.get_secret_value() if options.api_key else None
+
+
+def _reachable(base: str, probe: str) -> None:
+    """Refuse a target that is not an http(s) URL or where nothing answers, before any load: a window of
+    connection errors would otherwise be measured, gated and reported as the serving stack's."""
+    from urllib.error import HTTPError
+    from urllib.parse import urlsplit
+
+    from autoglm.local_http import DIRECT
+
+    try:
+        parts = urlsplit(base)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:  # a port that is not a number
+        ok = False
+    if not ok:
+        raise ConfigError(f"loadtest target {base!r} is not an http(s) URL with a host and port: fix "
+                          "loadtest.target (--target) or the serve.* ports, e.g. http://127.0.0.1:8080")
+    try:
+        with DIRECT.open(base + probe, timeout=3.0):
+            return
+    except HTTPError:  # it answered (e.g. 401 with API keys on): something serves there
+        return
+    except OSError as exc:
+        raise AutoGLMError(f"nothing answers at {base} ({getattr(exc, 'reason', exc)}): start the stack with "
+                           "`autoglm serve`, or point loadtest.target (--target) at it") from None
 
 
 def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: LoadtestSettings, task_info: dict,

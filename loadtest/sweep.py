@@ -51,7 +51,7 @@ def serving_configs(models: list[str], grid: SweepGrid) -> list[ServingConfig]:
 def run_sweep(control: ModelControl, configs: list[ServingConfig], users: list[int], *, scenario: str, host: str,
               payloads: Path, out_dir: Path, window_s: float, warmup_s: float, slo: Slo, metrics_url: str | None,
               energy: EnergySource | None, progress: Callable[[dict[str, Any]], None] | None = None,
-              ) -> list[dict[str, Any]]:
+              api_key: str | None = None) -> list[dict[str, Any]]:
     """Measure every (config, users) pair; returns the joined windows, each with ``id``, ``config``
     and ``applied`` (what Triton reported after the change)."""
     originals: dict[str, dict[str, Any]] = {}
@@ -67,7 +67,8 @@ def run_sweep(control: ModelControl, configs: list[ServingConfig], users: list[i
             applied = control.apply(cfg, originals[cfg.model])
             for n in users:
                 point_id = f"p{len(points):02d}"
-                spec = LoadSpec(scenario, host, cfg.model, users=n, duration_s=window_s, warmup_s=warmup_s, slo=slo)
+                spec = LoadSpec(scenario, host, cfg.model, users=n, duration_s=window_s, warmup_s=warmup_s, slo=slo,
+                                api_key=api_key)
                 result = run_window(spec, out_dir / point_id, payloads=payloads, metrics_url=metrics_url,
                                     triton_model=cfg.model, energy=energy)
                 point = {"id": point_id, "config": cfg.to_dict(), "applied": applied, **result}

@@ -55,7 +55,7 @@ def _serve_overrides(args) -> list[str]:
     flags += [f"serve.autoscale_rules.{pair}" for pair in args.autoscale_set]
     if args.control_port is not None:
         flags.append(f"serve.control_port={args.control_port}")
-    if args.workers:
+    if args.workers is not None:  # 0 must reach the settings' check, not fall back to the config's
         flags.append(f"serve.gateway.workers={args.workers}")
     if args.api_keys_file:
         flags.append(f"serve.gateway.api_keys_file={json.dumps(args.api_keys_file)}")

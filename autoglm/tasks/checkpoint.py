@@ -90,6 +90,12 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     if payload.get("format") != FORMAT:
         raise DataError(f"checkpoint {path} has format {payload.get('format')!r}, this version reads {FORMAT}: "
                         "re-create it by training again")
+    shapes = {"task": str, "model_args": dict, "state_dict": dict, "metrics": dict | type(None),
+              "extra": dict | type(None)}
+    wrong = [key for key, kind in shapes.items() if not isinstance(payload.get(key), kind)]
+    if wrong:
+        raise DataError(f"{path} is not an autoglm checkpoint ({', '.join(wrong)} of the wrong type): pass a file "
+                        "written by autoglm train")
     return Checkpoint(task=payload["task"], model_args=dict(payload["model_args"]),
                       state_dict=payload["state_dict"], metrics=dict(payload.get("metrics") or {}),
                       extra=dict(payload.get("extra") or {}), path=path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 
@@ -27,6 +28,8 @@ from loadtest.latency import LatencyHistogram, Slo
 # Accept-Encoding identity: FastHttpUser asks for gzip by default, and Triton then compresses every
 # reply, which costs server CPU that no client of ours asked for.
 HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+if os.environ.get("AUTOGLM_LOADTEST_BEARER"):  # loadtest.api_key, for a gateway with keys (runner.BEARER_ENV)
+    HEADERS["Authorization"] = f"Bearer {os.environ['AUTOGLM_LOADTEST_BEARER']}"
 REQUESTS: dict[str, list[tuple[str, str, bytes]]] = {}  # scenario -> [(path, stats name, body)]
 
 

@@ -128,6 +128,11 @@ def _check_json_data(spec: TensorSig, data, count: int) -> None:
     ok = {"f": "iuf", "i": "iu", "u": "iu", "b": "b", "U": "U"}.get(want, want)
     if array.size and kind not in ok:
         raise BadInput(f"input '{spec.name}': 'data' holds {array.dtype.name} values, not {spec.datatype}")
+    if array.size and want == "f" and kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):  # the overflow is what is looked for
+            finite = _all_finite(array.astype(DTYPES[spec.datatype], copy=False))
+        if not finite:  # 1e308 is a finite JSON number but infinite in FP32/FP16: the model would answer NaN
+            raise BadInput(f"input '{spec.name}': 'data' holds values outside {spec.datatype}'s finite range")
 
 
 def check_request(sig: ModelSignature, header: dict, binary: memoryview) -> Plan:
@@ -178,7 +183,14 @@ def check_request(sig: ModelSignature, header: dict, binary: memoryview) -> Plan
         raise BadInput(f"missing input(s) {sorted(missing)} for model '{sig.name}'")
     if offset != len(binary):
         raise BadInput(f"the body carries {len(binary)} binary bytes but the inputs declare {offset}")
-    for out in header.get("outputs") or ():
+    outputs = header.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise BadInput(f"'outputs' must be a list of {{\"name\": ...}}; model '{sig.name}' returns "
+                       f"{list(sig.outputs)}")
+    for key in ("id", "parameters"):  # Triton answers a wrong type here with a 500: say it as the client's error
+        if key in header and not isinstance(header[key], str if key == "id" else dict):
+            raise BadInput(f"'{key}' must be {'a string' if key == 'id' else 'an object'} (got {header[key]!r})")
+    for out in outputs:
         if not isinstance(out, dict) or out.get("name") not in sig.outputs:
             raise BadInput(f"unknown output {out.get('name') if isinstance(out, dict) else out!r}: model "
                            f"'{sig.name}' returns {list(sig.outputs)}")

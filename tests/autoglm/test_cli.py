@@ -118,3 +118,9 @@ def test_train_writes_a_complete_run_then_skips_then_forces(tmp_path, capsys):
 def test_a_run_name_that_reads_as_a_toml_value_stays_the_name_given(capsys, name):
     assert cli(["train", "--run", name, "--dry-run"]) == 0  # not the run "1000.0", nor a boolean refused
     assert f'"name": "{name}"' in capsys.readouterr().out
+
+
+def test_a_checkpoint_path_with_a_quote_reaches_compress_as_given(capsys):
+    assert cli(["compress", "--checkpoint", "it's.pt", "--variants", "fp32, int8", "--dry-run"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert '"checkpoint": "it\'s.pt"' in out and '"variants": [ "fp32", "int8" ]' in out

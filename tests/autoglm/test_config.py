@@ -1,6 +1,7 @@
 """Config: file < environment < flags, unknown keys and bad values rejected with the fix named."""
 
 import json
+import re
 
 import pytest
 
@@ -124,3 +125,23 @@ def test_environment_tables_get_typed_leaves_and_bad_lists_name_the_json_form(mo
     with pytest.raises(ConfigError, match=r"as JSON, e.g. AUTOGLM_MEASURE__BATCH_SIZES='\[1, 32\]'"):
         load_settings()
 
+
+
+@pytest.mark.parametrize("pair", ["loadtest.duration_s=inf", "tune.timeout_s=nan", "serve.gateway.request_timeout_s=inf",
+                                  "measure.watts_per_core=inf"])
+def test_no_setting_takes_inf_or_nan(pair):
+    with pytest.raises(ConfigError, match="Input should be a finite number"):
+        load_settings(None, [pair])
+
+
+@pytest.mark.parametrize(("pairs", "message"), [
+    (["deploy.namespace='Bad_NS'"], "deploy.namespace: String should match pattern"),
+    (["deploy.registry=''"], "deploy.registry: String should match pattern"),
+    (["deploy.tune_trials=5"], "set deploy.tune_workers (--tune-workers N) too"),
+    (["deploy.external_db=true"], "set deploy.tune_workers (--tune-workers N) too"),
+    # int8 of a CNN goes static: without calibration batches it would fail after the fp32 export
+    (["compress.variants=['fp32', 'int8']", "compress.quantize.calibration_batches=0"], "static INT8 needs"),
+])
+def test_settings_that_would_fail_late_are_refused_up_front(pairs, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(None, pairs)

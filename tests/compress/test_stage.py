@@ -146,6 +146,41 @@ def test_broken_export_is_caught_and_nothing_is_published(trained_run, monkeypat
     assert json.loads((run.stage_dir("compress") / "parity.json").read_text())[0]["passed"] is False
 
 
+def _copy_of_trained(trained_run, name: str):
+    """``trained_run`` under another run name, its train stage copied (so a test may break it)."""
+    import shutil
+
+    src = RunDir(trained_run.run.root, trained_run.run.name)
+    shutil.copytree(src.stage_dir("train"), RunDir(trained_run.run.root, name).stage_dir("train"))
+    return trained_run.model_copy(update={"run": trained_run.run.model_copy(update={"name": name}),
+                                          "compress": trained_run.compress.model_copy(update={"variants": ["fp32"]})})
+
+
+def test_a_bad_checkpoint_is_refused_before_the_last_release_is_touched(trained_run, tmp_path):
+    settings = _copy_of_trained(trained_run, "kept")
+    compress_run(settings, progress=False)
+    run = RunDir(settings.run.root, "kept")
+    published = sorted(p.name for p in run.stage_dir("compress").glob("*.onnx"))
+    not_a_model = tmp_path / "notes.txt"
+    not_a_model.write_text("hello")
+
+    bad = settings.model_copy(update={"compress": settings.compress.model_copy(update={"checkpoint": str(not_a_model)})})
+    with pytest.raises(AutoGLMError, match="unreadable or corrupt"):
+        compress_run(bad, progress=False)
+
+    assert run.state("compress") == "complete" and run.state("repository") == "complete"
+    assert sorted(p.name for p in run.stage_dir("compress").glob("*.onnx")) == published == ["fp32.onnx"]
+
+
+def test_a_changed_trained_model_is_named_not_taken_for_a_missing_one(trained_run):
+    settings = _copy_of_trained(trained_run, "changed")
+    model = RunDir(settings.run.root, "changed").stage_dir("train") / "model.pt"
+    model.write_bytes(model.read_bytes() + b"\0")
+
+    with pytest.raises(AutoGLMError, match=r"train is tampered .*model\.pt.*autoglm train --force"):
+        compress_run(settings, progress=False)
+
+
 def test_missing_source_names_the_command(trained_run):
     settings = trained_run.model_copy(update={"run": trained_run.run.model_copy(update={"name": "empty"})})
     with pytest.raises(AutoGLMError, match="autoglm train"):

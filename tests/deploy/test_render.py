@@ -190,7 +190,7 @@ def test_missing_repository_names_the_stage_to_run(tmp_path):
 def test_tampered_repository_is_refused(published):
     settings, rundir, keys = published
     (rundir.stage_dir("repository") / "task.json").write_text("{}")
-    with pytest.raises(AutoGLMError, match="tampered.*compress --force"):
+    with pytest.raises(AutoGLMError, match=r"tampered .*task\.json was modified.*`autoglm compress --force`"):
         render_run(_deploying(settings, api_keys_file=keys))
 
 
@@ -239,11 +239,17 @@ def test_cli_errors_name_the_setting_and_its_fix_without_traceback(published, ca
     assert "deploy.env: Input should be 'cpu' or 'gpu' (got 'tpu')" in err
 
 
-def test_key_file_is_validated(published, tmp_path):
+def test_key_file_is_validated_before_the_last_render_is_touched(published, tmp_path):
+    _, out = _render(published)
+    rendered = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     bad = tmp_path / "bad.txt"
     bad.write_text("ci:not-a-hash\n")
+
     with pytest.raises(ConfigError, match="sha256"):
         _render(published, api_keys_file=bad)
+
+    assert published[1].state("deploy") == "complete"
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == rendered
 
 
 @pytest.mark.skipif(find_kubectl()[0] is None, reason=f"kustomize not run: {find_kubectl()[1]}")

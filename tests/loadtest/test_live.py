@@ -127,6 +127,51 @@ def test_ten_second_run_writes_csvs_report_and_release_page(release_run, stack):
     assert "Serving: 1 operating point" in page and "Compression: 3 variants" in page
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"model": "nope"}, "nope"),
+    ({"target": "http://127.0.0.1:9"}, "nothing answers at http://127.0.0.1:9"),
+    ({"target": "http://127.0.0.1:abc"}, r"is not an http\(s\) URL with a host and port"),
+])
+def test_a_bad_model_or_target_is_refused_and_the_last_measurement_kept(release_run, stack, change, message):
+    from autoglm.errors import AutoGLMError
+
+    run = RunDir(release_run.run.root, release_run.run.name)
+    if run.state("loadtest") != "complete":  # the measurement a typo must not cost
+        loadtest_run(_with(release_run, stack, users=2, duration_s=3, overhead=False), force=True)
+    before = run.manifest_path("loadtest").read_bytes()
+
+    with pytest.raises(AutoGLMError, match=message):
+        loadtest_run(_with(release_run, stack, overhead=False, **change), force=True)
+
+    assert run.state("loadtest") == "complete" and run.manifest_path("loadtest").read_bytes() == before
+
+
+def test_a_gateway_with_api_keys_is_loaded_with_the_configured_key(release_run, stack, tmp_path):
+    from pydantic import SecretStr
+
+    from serve.settings import ApiKey, GatewaySettings, hash_api_key
+    from serve.supervisor import GatewayProcess
+    from serve.triton import free_port
+
+    if not stack["gateway_url"]:
+        pytest.skip(stack["no_gateway"])
+    run = RunDir(release_run.run.root, release_run.run.name)
+    key = ApiKey(name="ci", sha256=hash_api_key("s3"))
+    keyed = GatewaySettings(port=free_port(), triton_url=stack["triton"].http_url,
+                            repository=run.stage_dir("repository"), api_keys=[key])
+    gateway = GatewayProcess(keyed, tmp_path / "keyed").start(timeout_s=60)
+    try:
+        settings = _with(release_run, stack, users=2, duration_s=3, overhead=False, target=gateway.url,
+                         api_key=SecretStr("s3"))
+        _, code = loadtest_run(settings, force=True)
+    finally:
+        gateway.stop()
+
+    point = json.loads((run.stage_dir("loadtest") / "report.json").read_text())["points"][0]
+    assert code == 0 and point["window"]["requests"] > 0 and point["window"]["failures"] == 0
+    assert '"api_key": "**********"' in run.manifest_path("loadtest").read_text()  # recorded masked
+
+
 def test_gateway_overhead_is_measured_against_triton_direct(release_run, stack):
     if not stack["gateway_url"]:
         pytest.skip(f"no gateway to measure: {stack['no_gateway']}")

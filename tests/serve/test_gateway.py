@@ -93,6 +93,11 @@ async def test_v2_infer_forwards_json_and_binary_bodies_unchanged():
     ({"inputs": []}, "non-empty"),
     ({"inputs": [{"name": "image", "shape": "1x64", "datatype": "FP32", "data": []}]}, "shape must be a list"),
     ({**v2_json(np.zeros((1, 1, 8, 8), np.float32)), "outputs": [{"name": "probs"}]}, "unknown output"),
+    ({**v2_json(np.zeros((1, 1, 8, 8), np.float32)), "outputs": 5}, "'outputs' must be a list"),
+    ({**v2_json(np.zeros((1, 1, 8, 8), np.float32)), "id": 5}, "'id' must be a string"),
+    ({**v2_json(np.zeros((1, 1, 8, 8), np.float32)), "parameters": 5}, "'parameters' must be an object"),
+    ({"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [1e308] * 64}]},
+     "outside FP32's finite range"),
 ])
 async def test_v2_infer_validates_before_forwarding(payload, words):
     gw, triton = fake_gateway()

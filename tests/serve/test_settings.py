@@ -92,3 +92,5 @@ def test_the_serve_flags_are_shorthands_of_the_serve_section(tmp_path):
         resolve(_parser().parse_args(["--set", "serve.host='0.0.0.0'"]))
     with pytest.raises(ConfigError, match=r"serve\.autoscale_rules: latency_ms: .*greater than 0"):
         resolve(_parser().parse_args(["-a", "latency_ms=0"]))  # refused before anything starts
+    with pytest.raises(ConfigError, match=r"serve\.gateway\.workers: .*greater than or equal to 1"):
+        resolve(_parser().parse_args(["--workers", "0"]))  # not dropped for the config's 1

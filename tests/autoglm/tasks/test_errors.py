@@ -146,6 +146,17 @@ def test_other_torch_files_and_missing_files_are_not_checkpoints(tmp_path):
         load_checkpoint(tmp_path / "absent.pt")
 
 
+@pytest.mark.parametrize(("key", "value"), [("model_args", 5), ("state_dict", [1]), ("task", None)])
+def test_a_checkpoint_with_a_field_of_the_wrong_type_is_refused_by_name(tmp_path, key, value):
+    task = DigitsTask(cache_dir=tmp_path)
+    path = save_checkpoint(tmp_path / "model.pt", task.name, task.build_model(task.check_model_args({})))
+    payload = torch.load(path, weights_only=False)
+    torch.save({**payload, key: value}, path)
+
+    with pytest.raises(DataError, match=rf"model.pt is not an autoglm checkpoint \({key} of the wrong type\)"):
+        load_checkpoint(path)
+
+
 def test_checkpoint_of_another_task_is_refused(tmp_path):
     digits = DigitsTask(cache_dir=tmp_path)
     path = save_checkpoint(tmp_path / "digits.pt", "digits", digits.build_model(digits.check_model_args({})))
