@@ -127,8 +127,8 @@ def test_environment_tables_get_typed_leaves_and_bad_lists_name_the_json_form(mo
 
 
 
-@pytest.mark.parametrize("pair", ["loadtest.duration_s=inf", "tune.timeout_s=nan", "serve.gateway.request_timeout_s=inf",
-                                  "measure.watts_per_core=inf"])
+@pytest.mark.parametrize("pair", ["loadtest.duration_s=inf", "tune.timeout_s=nan",
+                                  "serve.gateway.request_timeout_s=inf", "measure.watts_per_core=inf"])
 def test_no_setting_takes_inf_or_nan(pair):
     with pytest.raises(ConfigError, match="Input should be a finite number"):
         load_settings(None, [pair])

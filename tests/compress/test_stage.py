@@ -164,7 +164,8 @@ def test_a_bad_checkpoint_is_refused_before_the_last_release_is_touched(trained_
     not_a_model = tmp_path / "notes.txt"
     not_a_model.write_text("hello")
 
-    bad = settings.model_copy(update={"compress": settings.compress.model_copy(update={"checkpoint": str(not_a_model)})})
+    elsewhere = settings.compress.model_copy(update={"checkpoint": str(not_a_model)})
+    bad = settings.model_copy(update={"compress": elsewhere})
     with pytest.raises(AutoGLMError, match="unreadable or corrupt"):
         compress_run(bad, progress=False)
 
