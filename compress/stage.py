@@ -37,16 +37,16 @@ def resolve_source(run: RunDir, settings: Settings) -> Source:
                                "`autoglm train` or `autoglm tune`")
         return Source(path, None, {})
     selected = run.stage_dir("tune") / "selected.json"
-    for stage in ("tune", "train"):  # tune's selection first; never fall back past a stage in a doubtful state
-        state = run.state(stage)
-        if state == "complete" and (stage == "train" or selected.is_file()):
-            if stage == "train":
-                return Source(run.stage_dir("train") / "model.pt", "train", {})
-            choice = json.loads(selected.read_text())
-            return Source(run.stage_dir("tune") / choice["checkpoint"], "tune", choice.get("compress", {}))
+    states = {stage: run.state(stage) for stage in ("tune", "train")}
+    if states["tune"] == "complete" and selected.is_file():  # tune's selection first
+        choice = json.loads(selected.read_text())
+        return Source(run.stage_dir("tune") / choice["checkpoint"], "tune", choice.get("compress", {}))
+    for stage, state in states.items():  # never fall back past a stage in a doubtful state
         if state in ("tampered", "stale", "incomplete"):
             raise AutoGLMError(f"{stage} is {state} in {run.path}{_why(run, stage, state)}: redo it with `autoglm "
                                f"{stage} --force`, or name the model to compress with compress.checkpoint")
+    if states["train"] == "complete":
+        return Source(run.stage_dir("train") / "model.pt", "train", {})
     raise AutoGLMError(f"nothing to compress in {run.path}: run `autoglm tune` or `autoglm train` first, "
                        "or set compress.checkpoint=path/to/model.pt")
 

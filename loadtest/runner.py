@@ -21,11 +21,10 @@ from typing import Any
 from autoglm.errors import AutoGLMError
 from loadtest.energy_join import EnergySource
 from loadtest.latency import Slo
-from loadtest.locustfiles import DIRECTORY, SCENARIOS, SHAPES
+from loadtest.locustfiles import BEARER_ENV, DIRECTORY, SCENARIOS, SHAPES
 from loadtest.triton_metrics import scrape, window_stats
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # so the locust process can import loadtest.locustfiles
-BEARER_ENV = "AUTOGLM_LOADTEST_BEARER"  # the API key the locust process sends (see locustfiles/common.py)
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ def _reachable(base: str, probe: str) -> None:
 
     try:
         parts = urlsplit(base)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 0) >= 0
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != -1  # .port parses it
     except ValueError:  # a port that is not a number
         ok = False
     if not ok:

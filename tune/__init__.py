@@ -13,10 +13,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from autoglm.artifacts import RunDir
 from autoglm.config import Settings, load_settings, parse_overrides
 from autoglm.errors import ConfigError
+from autoglm.tasks import get_task, task_class
 from tune.early_stop import ParetoHalving, pareto_fronts
-from tune.select import Point, select
+from tune.select import Point, pareto_points, select
 from tune.space import PRESETS, build_space
 
 __all__ = ["AutoTuner", "ParetoHalving", "Point", "build_space", "pareto_fronts", "select", "tune_run"]
@@ -78,9 +80,7 @@ class AutoTuner:
         overridden = parse_overrides(list(overrides)).get("tune", {})
         for key in (k for k, v in constraints.items() if v is None and k not in overridden):
             setattr(self.settings.tune, key, None)
-        if self.settings.task.data is not None and not _takes_data(self.settings.task.name):
-            raise ConfigError(f"task.data={self.settings.task.data!r} is set, but task '{self.settings.task.name}' "
-                              "uses its bundled data and takes no data file: unset task.data")
+        get_task(self.settings)  # refused here, not at search(): e.g. a data file for a task that brings its own
         if isinstance(search_space, Mapping):  # the dict's knobs, under the explicit tune.space ones
             self.settings.tune.space = {**dict(search_space), **self.settings.tune.space}
 
@@ -98,7 +98,7 @@ class AutoTuner:
             raise ConfigError("validation_data needs train_data: pass the train.bin beside that val.bin as "
                               "train_data")
         if train_data is not None:
-            if not _takes_data(settings.task.name):
+            if not task_class(settings.task.name).reads_data:
                 raise ConfigError(f"task '{settings.task.name}' uses its bundled data and takes no data file: drop "
                                   "train_data/validation_data, or use a task that reads one (e.g. task='charlm')")
             for name, given in (("train_data", train_data), ("validation_data", validation_data)):
@@ -114,21 +114,9 @@ class AutoTuner:
         from tune.storage import open_study
 
         run(settings, force=force)
-        from autoglm.artifacts import RunDir
-        from tune.select import pareto_points
-
         tune_dir = RunDir(settings.run.root, settings.run.name).stage_dir("tune")
-        from autoglm.tasks import task_class
-
         study = open_study(settings, tune_dir, task_class(settings.task.name).direction)
         return pareto_points(study)
-
-
-def _takes_data(task: str) -> bool:
-    """Whether the task reads ``task.data`` (digits brings scikit-learn's images; charlm reads a text)."""
-    from autoglm.tasks import task_class
-
-    return task_class(task).reads_data
 
 
 def _data_source(train: str | Path, val: str | Path | None, settings: Settings) -> str:
@@ -142,8 +130,6 @@ def _data_source(train: str | Path, val: str | Path | None, settings: Settings) 
         return str(train.parent)
     if val is None:
         return str(train)
-    from autoglm.tasks import task_class
-
     pair = getattr(task_class(settings.task.name), "text_pair_dir", None)
     if pair is None or Path(val).suffix == ".bin":
         raise ConfigError(f"task '{settings.task.name}' takes validation_data only as the val.bin beside a "

@@ -152,9 +152,9 @@ class Objective:
         trial.set_user_attr("variant", variant.to_dict(out))
         # what compress needs to rebuild this variant, over the run's config: only the passes the variant applies
         chosen = {"variants": [variant_name]}
-        if "int8" in variant_name:
+        if groups["quantize"].get("mode", "none") != "none":
             chosen["quantize"] = settings.compress.quantize.model_dump(mode="json")
-        if variant_name.startswith("pruned"):
+        if groups["prune"].get("ratio", 0.0) > 0:
             chosen["prune"] = settings.compress.prune.model_dump(mode="json")
         trial.set_user_attr("compress", chosen)
         trial.set_user_attr("objectives", objectives)

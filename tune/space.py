@@ -64,9 +64,10 @@ def build_space(task: Task, preset: str | Mapping[str, Any] = "default",
         space = _compress_knobs()
     else:
         raise ConfigError(f"unknown search space preset '{preset}': use one of {list(PRESETS)} or a .toml file")
-    compresses = any(name in space for name in _compress_knobs())
-    addable = {k: v for k, v in _compress_knobs(every=True).items() if k not in space} if compresses else {}
-    return apply_overrides(space, overrides or {}, addable, {**arch, **train, **_compress_knobs(every=True)})
+    every = _compress_knobs(every=True)
+    compresses = any(group in COMPRESSION_KNOBS for group, _, _ in (name.partition(".") for name in space))
+    addable = {k: v for k, v in every.items() if k not in space} if compresses else {}
+    return apply_overrides(space, overrides or {}, addable, {**arch, **train, **every})
 
 
 def with_shared_schedule(space: Mapping[str, Any]) -> dict[str, Any]:

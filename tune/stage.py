@@ -155,6 +155,10 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True) -> 
     if writer.up_to_date() and not force:
         print(f"tune: up to date in {writer.dir} (use --force to redo)")
         return run.manifest("tune")
+    from autoglm.tasks import get_task
+
+    # the task and the space are checked before the last run is invalidated: a bad config must not cost it
+    build_space(get_task(settings), settings.tune.search_space, settings.tune.space)
     writer.invalidate()
     for derived in ("pareto.json", "selected.json", "report.html"):  # the last run's: none may outlive its manifest
         (writer.dir / derived).unlink(missing_ok=True)

@@ -13,3 +13,4 @@ DIRECTORY = Path(__file__).parent
 SCENARIOS = {"task": "task_endpoint.py", "v2": "v2_infer.py", "triton": "triton_direct.py",
              "generate": "generate_stream.py"}
 SHAPES = {"steady": None, "step": "shape_step.py", "spike": "shape_spike.py"}
+BEARER_ENV = "AUTOGLM_LOADTEST_BEARER"  # loadtest.api_key, handed to the locust process in its environment

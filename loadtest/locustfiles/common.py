@@ -24,12 +24,13 @@ import gevent
 from locust import FastHttpUser, events, task
 
 from loadtest.latency import LatencyHistogram, Slo
+from loadtest.locustfiles import BEARER_ENV
 
 # Accept-Encoding identity: FastHttpUser asks for gzip by default, and Triton then compresses every
 # reply, which costs server CPU that no client of ours asked for.
 HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-if os.environ.get("AUTOGLM_LOADTEST_BEARER"):  # loadtest.api_key, for a gateway with keys (runner.BEARER_ENV)
-    HEADERS["Authorization"] = f"Bearer {os.environ['AUTOGLM_LOADTEST_BEARER']}"
+if os.environ.get(BEARER_ENV):  # loadtest.api_key, for a gateway with keys
+    HEADERS["Authorization"] = f"Bearer {os.environ[BEARER_ENV]}"
 REQUESTS: dict[str, list[tuple[str, str, bytes]]] = {}  # scenario -> [(path, stats name, body)]
 
 

@@ -202,3 +202,20 @@ def test_trials_that_differ_only_in_compression_share_one_trained_checkpoint(tmp
     assert len(keys) == 1 and len(inodes) == 1
     assert [bool(t.user_attrs.get("cache_hit")) for t in trials] == [False, True, True]
     assert not any("probe" in t.user_attrs for t in trials)  # without early stopping nothing reads a probe
+
+
+@pytest.mark.parametrize("bad", ['tune.space={"model.chanels" = 8}', "task.data='digits.csv'"])
+def test_a_bad_config_is_refused_before_the_finished_study_is_invalidated(study_run, bad):
+    from autoglm.config import load_settings
+    from autoglm.errors import ConfigError
+
+    settings, tune_dir, _ = study_run
+    before = (tune_dir / "manifest.json").read_bytes(), (tune_dir / "selected.json").read_bytes()
+    changed = load_settings(None, [*_tiny.overrides(tune_dir.parents[2], f"tune.n_trials={N_TRIALS}", run="e2e"),
+                                   bad])
+
+    with pytest.raises(ConfigError):
+        tune_run(changed, progress=False)
+
+    assert RunDir(settings.run.root, "e2e").state("tune") == "complete"
+    assert ((tune_dir / "manifest.json").read_bytes(), (tune_dir / "selected.json").read_bytes()) == before
