@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoglm._lazy import require
+from autoglm.config import PruneSettings
 from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.tasks.base import Knob, Task, TrainResult
 
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = ["KNOBS", "count_params", "prune_and_finetune", "prune_model"]
 
-FINETUNE_LR_FRAC = 0.3  # fine-tuning repairs a trained model: a fraction of its lr, no warmup
+# fine-tuning repairs a trained model: a fraction of its lr, no warmup (the config's default)
+FINETUNE_LR_FRAC = PruneSettings.model_fields["finetune_lr_frac"].default
 
 KNOBS: dict[str, Knob] = {
     # 0 = off (a step keeps 0 reachable: a continuous range never samples it); beyond 3/4 the models collapse

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from autoglm.artifacts import atomic_output
+from autoglm.config import QATSettings, QuantizeSettings
 from autoglm.errors import ConfigError
 from autoglm.tasks.base import Task, TrainResult
 
@@ -37,10 +38,9 @@ W_QMIN, W_QMAX = -128, 127  # int8 weights, zero point 0: what ORT's INT8 kernel
 A_QMIN, A_QMAX = 0, 255  # uint8 activations, as the PTQ presets use
 BITS = range(2, 9)  # below 8 the grid is coarser inside the same int8 containers and INT8 kernels
 EMA = 0.05  # range moving-average weight per training step
-# The model is trained already: QAT nudges weights onto the grid. On digits at 4-bit grids 0.2 beat both
-# 0.1 (one seed in three ended worse than PTQ) and 1.0 (no better than fine-tuning in FP32, then PTQ).
-QAT_LR_FRAC = 0.2
-CALIBRATION_BATCHES = 8
+# the config's defaults (each number, and why it is what it is, lives in autoglm.config)
+QAT_LR_FRAC = QATSettings.model_fields["lr_frac"].default
+CALIBRATION_BATCHES = QuantizeSettings.model_fields["calibration_batches"].default
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 log = logging.getLogger(__name__)

@@ -17,12 +17,13 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 from autoglm._lazy import require
 from autoglm.artifacts import atomic_output
+from autoglm.config import Calibration
 from autoglm.errors import ConfigError
 from autoglm.tasks.base import Knob
 
@@ -30,10 +31,9 @@ __all__ = ["FP32_COMPUTE_OPS", "KNOBS", "PRESETS", "QuantRecipe", "choose_preset
            "quantize", "recipe_for"]
 
 Mode = Literal["static", "dynamic"]
-Calibration = Literal["minmax", "entropy", "percentile"]
 QType = Literal["int8", "uint8"]
 MODES = ("static", "dynamic")
-CALIBRATIONS = ("minmax", "entropy", "percentile")
+CALIBRATIONS = get_args(Calibration)
 QTYPES = ("int8", "uint8")
 ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
 FP32_COMPUTE_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}  # what INT8 should replace
