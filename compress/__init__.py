@@ -1,15 +1,18 @@
 """compress: torch -> ONNX (parity-gated), INT8 (static QDQ, dynamic), structurally pruned, QAT and
 TensorRT variants, and the Triton model repository.
 
-Import cost is kept low (tune calls this on every trial): heavy libraries load inside the functions.
+Each variant and the passes it applies are registered once, under ``compress/passes``; the config check,
+tune's knobs and a trial's variant come from that registry. Import cost is kept low (tune calls this on every
+trial): heavy libraries load inside the functions.
 """
 
 from compress.export import ParityError, ParityReport, check_parity, export_onnx
+from compress.registry import check_knob, check_settings, knobs, variant_names
 from compress.variants import Variant, VariantBuilder, build_variants, relative_loss
 
 __all__ = [
-    "ParityError", "ParityReport", "Variant", "VariantBuilder", "build_variants", "check_parity", "export_onnx",
-    "relative_loss", "compress_run", "knobs",
+    "ParityError", "ParityReport", "Variant", "VariantBuilder", "build_variants", "check_knob", "check_parity", "check_settings",
+    "compress_run", "export_onnx", "knobs", "relative_loss", "variant_names",
 ]
 
 
@@ -18,11 +21,3 @@ def compress_run(*args, **kwargs):
     from compress.stage import compress_run as run
 
     return run(*args, **kwargs)
-
-
-def knobs() -> dict[str, dict]:
-    """Every compression pass's searchable knobs, by pass: what tune adds to its search space."""
-    from compress.prune import KNOBS as PRUNE
-    from compress.quantize import KNOBS as QUANTIZE
-
-    return {"quantize": QUANTIZE, "prune": PRUNE}

@@ -18,23 +18,17 @@ import numpy as np
 from autoglm._lazy import require
 from autoglm.config import PruneSettings
 from autoglm.errors import AutoGLMError, ConfigError
-from autoglm.tasks.base import Knob, Task, TrainResult
+from autoglm.tasks.base import Task, TrainResult
 
 if TYPE_CHECKING:
     import torch
 
     from autoglm.config import TrainSettings
 
-__all__ = ["KNOBS", "count_params", "prune_and_finetune", "prune_model"]
+__all__ = ["count_params", "prune_and_finetune", "prune_model"]
 
 # fine-tuning repairs a trained model: a fraction of its lr, no warmup (the config's default)
 FINETUNE_LR_FRAC = PruneSettings.model_fields["finetune_lr_frac"].default
-
-KNOBS: dict[str, Knob] = {
-    # 0 = off (a step keeps 0 reachable: a continuous range never samples it); beyond 3/4 the models collapse
-    "ratio": Knob("float", 0.0, low=0.0, high=0.75, step=0.25),
-    "finetune_steps": Knob("int", 200, low=50, high=1000, log=True),  # 50 steps already recover digits
-}
 
 log = logging.getLogger(__name__)
 

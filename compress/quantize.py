@@ -3,8 +3,8 @@
 A :class:`QuantRecipe` says how to quantize; :data:`PRESETS` holds the recipes that measured well on this
 project's models, each with the reason; :func:`choose_preset` picks one from the ops of a graph, so a
 user's own task gets a sensible default; :func:`quantize` writes the INT8 model (static QDQ needs the
-task's calibration batches). The searchable settings are :data:`KNOBS`, turned into a recipe by
-:func:`recipe_for`.
+task's calibration batches). A trial's knob values (see :mod:`compress.passes.int8`) become a recipe
+through :func:`recipe_for`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from autoglm._lazy import require
 from autoglm.artifacts import atomic_output
 from autoglm.config import Calibration
 from autoglm.errors import ConfigError
-from autoglm.tasks.base import Knob
 
-__all__ = ["FP32_COMPUTE_OPS", "KNOBS", "PRESETS", "QuantRecipe", "choose_preset", "cpu_has_vnni", "optimized_ops",
+__all__ = ["FP32_COMPUTE_OPS", "PRESETS", "QuantRecipe", "choose_preset", "cpu_has_vnni", "optimized_ops",
            "quantize", "recipe_for"]
 
 Mode = Literal["static", "dynamic"]
@@ -141,13 +140,6 @@ def cpu_has_vnni() -> bool:
     if platform.machine().lower() not in {"x86_64", "amd64"} or not cpuinfo.is_file():
         return True
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpuinfo.read_text().split()))
-
-
-KNOBS: dict[str, Knob] = {
-    "mode": Knob("categorical", "none", choices=("none", "dynamic", "static")),
-    "calibration": Knob("categorical", "minmax", choices=CALIBRATIONS),  # used by static only
-    "per_channel": Knob("categorical", True, choices=(True, False)),
-}
 
 
 def recipe_for(onnx_path: Path | str, mode: str, calibration: str = "minmax",

@@ -9,7 +9,6 @@ by the metric instead, against ``compress.max_metric_loss``.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any, Literal
 from autoglm.config import Settings
 from autoglm.tasks import Predictor, Task
 from compress.export import ParityReport, check_parity, export_onnx, require_parity, simplify_onnx
+from compress.registry import passes, variant_spec
 
 log = logging.getLogger(__name__)
 Status = Literal["ok", "rejected", "skipped", "reference"]
@@ -55,104 +55,59 @@ def relative_loss(task: Task, value: float, baseline: float) -> float:
 
 
 class VariantBuilder:
-    """Makes the requested variants of ``model`` under ``out_dir``, re-using intermediate results."""
+    """Makes the requested variants of ``model`` under ``out_dir``, re-using intermediate results.
+
+    Each variant builds through the pass registry (:mod:`compress.registry`); the passes share the FP32 exports,
+    the calibration batches and whatever :meth:`memo` keeps (the pruned model of pruned and pruned-int8)."""
 
     def __init__(self, task: Task, model, model_args: dict[str, Any], settings: Settings, out_dir: Path):
         self.task, self.model, self.model_args = task, model, model_args
         self.settings, self.cfg, self.out = settings, settings.compress, Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.parity: list[ParityReport] = []
-        self._pruned_model = None
-        self._exported: dict[str, Path] = {}  # FP32 graphs made by this builder (never stale files)
+        self.exports: dict[str, Path] = {}  # FP32 graphs made by this builder (never stale files)
         self.nodes: dict[str, tuple[int, int]] = {}  # graph nodes before/after simplification
+        self._memo: dict[str, Any] = {}
 
-    # ---- the passes ------------------------------------------------------------------------------
-    def _export(self, model, name: str) -> Path:
-        if name in self._exported:
-            return self._exported[name]
+    # ---- what the passes share -------------------------------------------------------------------
+    def export(self, model, name: str) -> Path:
+        """``model`` as the parity-checked FP32 graph ``<name>.onnx`` (exported once per name)."""
+        if name in self.exports:
+            return self.exports[name]
         path = self.out / f"{name}.onnx"
         exporter = export_onnx(model, self.task, self.model_args, path, exporter=self.cfg.exporter)
         if self.cfg.simplify:
             self.nodes[name] = simplify_onnx(path)
         self.parity.append(check_parity(self.task, model, path, self.model_args, variant=name, exporter=exporter,
                                         atol=self.cfg.parity_atol, rtol=self.cfg.parity_rtol))
-        self._exported[name] = path
+        self.exports[name] = path
         return path
 
-    def _calibration(self):
+    def fp32(self) -> Path:
+        """The model's own FP32 export."""
+        return self.export(self.model, "fp32")
+
+    def calibration(self):
+        """compress.quantize.calibration_batches batches of training inputs; None when that is 0."""
         n = self.cfg.quantize.calibration_batches
         return self.task.calibration_inputs(n, 16, model_args=self.model_args) if n else None
 
-    def _quantize(self, src: Path, name: str, mode: str | None) -> Variant:
-        from compress.quantize import PRESETS, choose_preset, cpu_has_vnni, quantize, recipe_for
-
-        q = self.cfg.quantize
-        mode = mode or (None if q.mode == "auto" else q.mode)
-        if mode is None and q.preset:
-            recipe = PRESETS[q.preset]
-        else:
-            mode = mode or PRESETS[choose_preset(src)].mode
-            recipe = recipe_for(src, mode, q.calibration, q.per_channel)
-        dst = quantize(src, self.out / f"{name}.onnx", recipe,
-                       self._calibration() if recipe.mode == "static" else None)
-        # record what this machine decided: reduce_range None means "on unless the CPU has VNNI"
-        reduce_range = (not cpu_has_vnni()) if recipe.reduce_range is None else recipe.reduce_range
-        return Variant(name, dst, {"pass": "quantize", "recipe": recipe.name, "mode": recipe.mode,
-                                   "calibration": recipe.calibration, "per_channel": recipe.per_channel,
-                                   "op_types": recipe.op_types, "reduce_range": reduce_range, "why": recipe.why})
-
-    def _pruned(self):
-        if self._pruned_model is None:
-            from compress.prune import count_params, prune_and_finetune
-
-            p = self.cfg.prune
-            model, result = prune_and_finetune(copy.deepcopy(self.model), self.task, self.model_args, p.ratio,
-                                               self.settings.train, p.finetune_steps, lr_frac=p.finetune_lr_frac)
-            self._pruned_model = model
-            self._prune_recipe = {"pass": "prune", "ratio": p.ratio, "finetune_steps": p.finetune_steps,
-                                  "params_before": count_params(self.model), "params_after": count_params(model),
-                                  "finetune_wall_s": result.wall_s}
-        return self._pruned_model
+    def memo(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()`` once per builder: what several variants start from."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def build(self, name: str) -> Variant:
-        """Build one variant by name (see autoglm.config.VARIANTS)."""
-        if name == "fp32":
-            path = self._export(self.model, "fp32")
-            return Variant("fp32", path, {"pass": "export", "exporter": self.cfg.exporter,
-                                          "nodes": self.nodes.get("fp32")})
-        fp32 = self._export(self.model, "fp32")
-        if name in ("int8", "int8-dynamic", "int8-static"):
-            return self._quantize(fp32, name, {"int8": None}.get(name, name.removeprefix("int8-")))
-        if name == "pruned":
-            return Variant("pruned", self._export(self._pruned(), "pruned"), self._prune_recipe)
-        if name == "pruned-int8":
-            variant = self._quantize(self._export(self._pruned(), "pruned"), "pruned-int8", None)
-            variant.recipe = {**self._prune_recipe, "then": variant.recipe}
-            return variant
-        if name == "qat":
-            from compress.qat import qat
-
-            q = self.cfg.qat
-            path = qat(self.model, self.task, self.model_args, self.settings.train, q.steps, self.out / "qat.onnx",
-                       calibration_batches=max(self.cfg.quantize.calibration_batches, 1), lr_frac=q.lr_frac)
-            return Variant("qat", path, {"pass": "qat", "steps": q.steps, "lr_frac": q.lr_frac})
-        if name in ("trt-fp16", "trt-int8"):
-            return self._tensorrt(name)
-        raise ValueError(f"unknown variant {name!r}")
-
-    def _tensorrt(self, name: str) -> Variant:
-        from compress.tensorrt import build_engine, tensorrt_status
-
-        ok, reason = tensorrt_status()
-        if not ok:
-            return Variant(name, None, {"pass": "tensorrt"}, status="skipped", reason=reason)
-        precision = name.removeprefix("trt-")
-        fp32 = self._export(self.model, "fp32")
-        # INT8 engines come from the static QDQ graph: explicit quantization, no TensorRT calibrator
-        src = fp32 if precision == "fp16" else self._quantize(fp32, "int8-static", "static").path
-        plan = build_engine(src, self.out / f"{name}.plan", self.task.io_spec(self.model_args), precision,
-                            max_batch=self.cfg.triton.max_batch_size)
-        return Variant(name, plan, {"pass": "tensorrt", "precision": precision, "source": src.name})
+        """Build one variant by name (see :func:`compress.registry.variant_names`); skipped, with the reason,
+        where a pass it applies cannot run on this host."""
+        spec = variant_spec(name)
+        self.fp32()  # first, whatever the variant: most start from it, and its parity gate runs before them
+        for pass_name in spec.passes:
+            ok, reason = passes()[pass_name].available()
+            if not ok:
+                return Variant(name, None, {"pass": pass_name}, status="skipped", reason=reason)
+        return spec.build(self, name)
 
     # ---- evaluation --------------------------------------------------------------------------------
     def predictor(self, variant: Variant, threads: int | None = None) -> Predictor:
@@ -216,7 +171,7 @@ def build_variants(task: Task, model, model_args: dict[str, Any], settings: Sett
     variants = [reference]
     for name in names:
         variant = builder.build(name)
-        if name == "fp32" or name == "pruned":
+        if variant.path in builder.exports.values():  # an FP32 export is served as is: gated before it is timed
             require_parity(builder.parity, out_dir / "parity.json")
         if variant.status != "skipped":
             builder.measure(variant, builder.predictor(variant), baseline)

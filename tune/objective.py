@@ -32,7 +32,7 @@ from autoglm.measure import energy_meter
 from autoglm.tasks import Task
 from compress.variants import Variant, VariantBuilder
 from tune.early_stop import ParetoHalving, RungCallback
-from tune.space import COMPRESSION_KNOBS, split_params, suggest, variant_for
+from tune.space import compression_params, split_params, suggest, variant_for
 
 
 def trial_settings(settings: Settings, groups: dict[str, dict[str, Any]], variant: str) -> Settings:
@@ -203,9 +203,8 @@ class Objective:
             write_atomic(result_file, json.dumps(result).encode())
         else:
             model = self.task.build_model(model_args)
-            compression = {k: v for k, v in trial.params.items() if k.split(".")[0] in COMPRESSION_KNOBS}
             hook = RungCallback(self.rule, self._study(trial), trial, settings.tune.objectives, cost,
-                                settings.train.max_steps, compression) if self.rule else None
+                                settings.train.max_steps, compression_params(trial.params)) if self.rule else None
             trained = self.task.train(model, settings.train, on_eval=hook, log_path=out / "train.jsonl")
             trial.set_user_attr("history", trained.history)
             if trained.stopped_early:

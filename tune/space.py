@@ -1,7 +1,7 @@
 """The joint search space: the task's architecture and training knobs plus compress's pass knobs.
 
-Knobs are declared next to what they tune (``Task.model_space``/``train_space``, each compress pass's
-``KNOBS``); this module only gathers them under dotted names (``model.n_layer``, ``train.lr``,
+Knobs are declared next to what they tune (``Task.model_space``/``train_space``, each registered compress
+pass's knobs, :func:`compress.knobs`); this module only gathers them under dotted names (``model.n_layer``, ``train.lr``,
 ``quantize.mode``, ``prune.ratio``), applies a preset and the user's overrides, and samples them with
 Optuna. Presets:
 
@@ -23,18 +23,15 @@ from autoglm.errors import ConfigError
 from autoglm.tasks import Knob, Task
 
 PRESETS = ("default", "training", "compression")
-# the compression knobs searched by default: the mode of INT8 and the pruning ratio. The passes' other knobs
-# (quantize.calibration, quantize.per_channel, prune.finetune_steps) keep compress's config unless
-# tune.space names them, which adds them to a preset that compresses
-COMPRESSION_KNOBS = {"quantize": ("mode",), "prune": ("ratio",)}
 
 
 def _compress_knobs(every: bool = False) -> dict[str, Knob]:
-    """The compression knobs searched by default, or ``every`` knob the passes declare."""
+    """The compression knobs the passes search by default (INT8's mode, the pruning ratio), or ``every`` knob
+    they declare: the others keep compress's config unless tune.space names them, which adds them to a preset
+    that compresses."""
     from compress import knobs
 
-    return {f"{group}.{name}": knob for group, declared in knobs().items() for name, knob in declared.items()
-            if every or name in COMPRESSION_KNOBS.get(group, ())}
+    return knobs(searched_only=not every)
 
 
 def build_space(task: Task, preset: str | Mapping[str, Any] = "default",
@@ -65,7 +62,7 @@ def build_space(task: Task, preset: str | Mapping[str, Any] = "default",
     else:
         raise ConfigError(f"unknown search space preset '{preset}': use one of {list(PRESETS)} or a .toml file")
     every = _compress_knobs(every=True)
-    compresses = any(group in COMPRESSION_KNOBS for group, _, _ in (name.partition(".") for name in space))
+    compresses = any(name in every for name in space)
     addable = {k: v for k, v in every.items() if k not in space} if compresses else {}
     return apply_overrides(space, overrides or {}, addable, {**arch, **train, **every})
 
@@ -144,8 +141,10 @@ def _check_value(name: str, knob: Knob, value: Any) -> None:
     a batch size of 0 trains on empty batches)."""
     knob.check(f"tune.space.{name}", value)
     group, _, key = name.partition(".")
-    if name == "prune.ratio" and not 0 <= value < 1:  # 0: pruning off (a trial may choose it)
-        raise ConfigError(f"tune.space.prune.ratio={value!r} is invalid: use 0 <= ratio < 1")
+    if name in _compress_knobs(every=True):
+        from compress import check_knob
+
+        check_knob(name, value, f"tune.space.{name}")
     if group == "train":
         from pydantic import ValidationError
 
@@ -252,6 +251,12 @@ def _into(name: str, knob: Knob, value: Any) -> Any:
         value = knob.low + round((value - knob.low) / knob.step) * knob.step
         value = min(value, knob.high)
     return int(round(value)) if knob.kind == "int" else float(value)
+
+
+def compression_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The compression knobs among ``params`` (the others are the task's)."""
+    every = _compress_knobs(every=True)
+    return {name: value for name, value in params.items() if name in every}
 
 
 def split_params(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -11,8 +11,9 @@ import torch_pruning as tp
 from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.measure import measure_predictor
 from autoglm.tasks.predict import onnx_predictor
+from compress import knobs
 from compress.export import check_parity, export_onnx
-from compress.prune import KNOBS, count_params, prune_and_finetune, prune_model
+from compress.prune import count_params, prune_and_finetune, prune_model
 from compress.quantize import quantize
 from tests.compress._trained import DIGITS_TRAIN, charlm, charlm_loss, digits, digits_metrics
 
@@ -38,8 +39,9 @@ def test_ratio_must_be_a_fraction(ratio):
 
 
 def test_knobs_declare_ratio_and_finetune_steps():
-    assert (KNOBS["ratio"].low, KNOBS["ratio"].high, KNOBS["ratio"].default) == (0.0, 0.75, 0.0)
-    assert KNOBS["finetune_steps"].kind == "int" and KNOBS["finetune_steps"].low >= 1
+    ratio, steps = knobs()["prune.ratio"], knobs()["prune.finetune_steps"]
+    assert (ratio.low, ratio.high, ratio.default) == (0.0, 0.75, 0.0)
+    assert steps.kind == "int" and steps.low >= 1
 
 
 def test_pruning_half_the_cnn_shrinks_it_and_keeps_its_io(pruned_digits):

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 
 from autoglm.errors import ConfigError
+from compress import knobs
 from compress.export import export_onnx
 from compress.quantize import (
     FP32_COMPUTE_OPS,
-    KNOBS,
     PRESETS,
     QuantRecipe,
     choose_preset,
@@ -67,9 +67,11 @@ def test_static_recipe_defaults_to_minmax_and_u8_activations():
 
 
 def test_knobs_cover_mode_calibration_and_per_channel():
-    assert KNOBS["mode"].choices == ("none", "dynamic", "static") and KNOBS["mode"].default == "none"
-    assert set(KNOBS["calibration"].choices) == {"minmax", "entropy", "percentile"}
-    assert set(KNOBS["per_channel"].choices) == {True, False}
+    declared = knobs()
+    assert declared["quantize.mode"].choices == ("none", "dynamic", "static")
+    assert declared["quantize.mode"].default == "none"
+    assert set(declared["quantize.calibration"].choices) == {"minmax", "entropy", "percentile"}
+    assert set(declared["quantize.per_channel"].choices) == {True, False}
 
 
 def test_choose_preset_by_graph_ops(digits_onnx, charlm_onnx):
