@@ -7,12 +7,14 @@ trial): heavy libraries load inside the functions.
 """
 
 from compress.export import ParityError, ParityReport, check_parity, export_onnx
-from compress.registry import check_knob, check_settings, knobs, variant_names
+from compress.registry import (apply_knobs, check_knob, check_settings, knobs, variant_for, variant_names,
+                               variant_settings)
 from compress.variants import Variant, VariantBuilder, build_variants, relative_loss
 
 __all__ = [
-    "ParityError", "ParityReport", "Variant", "VariantBuilder", "build_variants", "check_knob", "check_parity", "check_settings",
-    "compress_run", "export_onnx", "knobs", "relative_loss", "variant_names",
+    "ParityError", "ParityReport", "Variant", "VariantBuilder", "apply_knobs", "build_variants", "check_knob",
+    "check_parity", "check_settings", "compress_run", "export_onnx", "knobs", "relative_loss", "variant_for",
+    "variant_names", "variant_settings",
 ]
 
 

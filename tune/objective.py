@@ -30,23 +30,19 @@ from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
 from autoglm.measure import energy_meter
 from autoglm.tasks import Task
+from compress import apply_knobs, variant_for, variant_settings
 from compress.variants import Variant, VariantBuilder
 from tune.early_stop import ParetoHalving, RungCallback
-from tune.space import compression_params, split_params, suggest, variant_for
+from tune.space import compression_params, split_params, suggest
 
 
 def trial_settings(settings: Settings, groups: dict[str, dict[str, Any]], variant: str) -> Settings:
     """The run's settings with one trial's knobs applied (validated like any config)."""
-    quantize_mode = groups["quantize"].get("mode", "none")
-    compress = settings.compress.model_copy(update={
+    compress = apply_knobs(settings.compress, groups).model_copy(update={
         "variants": [variant],
         # trials only rank candidates: the TorchScript exporter is ~30x quicker here (both are parity-gated);
         # the release export in the compress stage uses compress.exporter
         "exporter": "legacy",
-        "quantize": settings.compress.quantize.model_copy(
-            update={**groups["quantize"], "mode": "auto" if quantize_mode == "none" else quantize_mode}),
-        "prune": settings.compress.prune.model_copy(update={k: v for k, v in groups["prune"].items()
-                                                             if k != "ratio" or v > 0}),
     })
     train = settings.train.model_copy(update=groups["train"])
     # evaluate at least as often as the first rung, or early stopping never gets to look
@@ -151,11 +147,7 @@ class Objective:
                       "energy": serving["j_per_item"]}
         trial.set_user_attr("variant", variant.to_dict(out))
         # what compress needs to rebuild this variant, over the run's config: only the passes the variant applies
-        chosen = {"variants": [variant_name]}
-        if groups["quantize"].get("mode", "none") != "none":
-            chosen["quantize"] = settings.compress.quantize.model_dump(mode="json")
-        if groups["prune"].get("ratio", 0.0) > 0:
-            chosen["prune"] = settings.compress.prune.model_dump(mode="json")
+        chosen = variant_settings(variant_name, settings.compress)
         trial.set_user_attr("compress", chosen)
         trial.set_user_attr("objectives", objectives)
         write_atomic(out / "metrics.json", (json.dumps({"params": trial.params, "objectives": objectives,

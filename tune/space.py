@@ -261,17 +261,8 @@ def compression_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def split_params(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``{"model.n_layer": 2, "train.lr": 1e-3}`` -> ``{"model": {"n_layer": 2}, "train": {"lr": 1e-3}}``."""
-    groups: dict[str, dict[str, Any]] = {"model": {}, "train": {}, "quantize": {}, "prune": {}}
+    groups: dict[str, dict[str, Any]] = {"model": {}, "train": {}}  # and one per compression pass searched
     for name, value in params.items():
         group, _, key = name.partition(".")
         groups.setdefault(group, {})[key] = value
     return groups
-
-
-def variant_for(compress_params: Mapping[str, Mapping[str, Any]]) -> str:
-    """The compress variant a trial's knobs describe (see autoglm.config.VARIANTS)."""
-    mode = compress_params.get("quantize", {}).get("mode", "none")
-    pruned = compress_params.get("prune", {}).get("ratio", 0.0) > 0
-    if pruned:
-        return "pruned" if mode == "none" else "pruned-int8"
-    return {"none": "fp32", "dynamic": "int8-dynamic", "static": "int8-static"}[mode]

@@ -9,7 +9,8 @@ from autoglm.errors import ConfigError
 from autoglm.tasks import Knob
 from autoglm.tasks.charlm import CharLMTask
 from autoglm.tasks.digits import DigitsTask
-from tune.space import build_space, split_params, suggest, variant_for, warm_start_params
+from compress import variant_for
+from tune.space import build_space, split_params, suggest, warm_start_params
 
 COMPRESSION = {"quantize.mode", "prune.ratio"}
 
