@@ -162,9 +162,6 @@ class TuneSettings(Section):
         return self
 
 
-VARIANTS = ("fp32", "int8", "int8-dynamic", "int8-static", "pruned", "pruned-int8", "qat", "trt-fp16", "trt-int8")
-
-
 Calibration = Literal["minmax", "entropy", "percentile"]  # ONNX Runtime's static INT8 calibration methods
 
 
@@ -230,7 +227,9 @@ class GenerateSettings(Section):
 
 
 class CompressSettings(Section):
-    variants: list[str] = Field(default_factory=lambda: ["fp32", "int8", "pruned", "pruned-int8"], min_length=1)
+    variants: list[str] = Field(default_factory=lambda: ["fp32", "int8", "pruned", "pruned-int8"], min_length=1,
+                                description="variants to build, by the names compress registers "
+                                "(compress.variant_names(); checked where compress and tune run)")
     checkpoint: str | None = Field(None, description="compress this checkpoint instead of tune's selection")
     exporter: Literal["dynamo", "legacy"] = "dynamo"
     simplify: bool = Field(True, description="onnxslim the export when it removes nodes (parity-checked after)")
@@ -242,19 +241,6 @@ class CompressSettings(Section):
     qat: QATSettings = Field(default_factory=QATSettings)
     triton: TritonModelSettings = Field(default_factory=TritonModelSettings)
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
-
-    @model_validator(mode="after")
-    def _known_variants(self) -> CompressSettings:
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown:
-            raise ValueError(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
-        # int8 and pruned-int8 go static by the graph (a CNN's) unless the mode says dynamic
-        by_graph = self.quantize.mode != "dynamic" and {"int8", "pruned-int8"} & set(self.variants)
-        static = "int8-static" in self.variants or "static" in (self.quantize.preset or "") or bool(by_graph)
-        if static and self.quantize.calibration_batches == 0:
-            raise ValueError("static INT8 needs calibration data: set compress.quantize.calibration_batches > 0, "
-                             "or compress.quantize.mode = 'dynamic' for int8 and pruned-int8")
-        return self
 
 
 class GatewayLimits(Section):

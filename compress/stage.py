@@ -18,6 +18,7 @@ from autoglm.artifacts import Manifest, RunDir, StageWriter, sha256_file, write_
 from autoglm.config import CompressSettings, Settings
 from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.tasks import IOSpec, TensorSpec
+from compress.registry import check_settings
 from compress.variants import Variant, build_variants
 
 
@@ -154,6 +155,7 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
 
     from compress.quantize import PRESETS
 
+    check_settings(settings)  # the variants as configured, before anything is read
     preset = settings.compress.quantize.preset
     if preset and preset not in PRESETS:  # refused before any export
         raise ConfigError(f"compress.quantize.preset={preset!r} is unknown: use one of {sorted(PRESETS)}, or leave "
@@ -164,6 +166,7 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
         merged = _merge(settings.compress.model_dump(mode="json"), source.overrides)
         merged["variants"] = list(dict.fromkeys([*source.overrides.get("variants", []), *settings.compress.variants]))
         settings = settings.model_copy(update={"compress": CompressSettings.model_validate(merged)})
+        check_settings(settings)  # and with tune's choice over them
     config = {"compress": settings.section("compress"), "measure": settings.section("measure"),
               "task": settings.section("task"), "train": settings.section("train"),  # fine-tunes, gate batches
               "threads": settings.run.threads, "source": str(source.checkpoint),

@@ -18,6 +18,7 @@ from typing import Any
 from autoglm.artifacts import Manifest, RunDir, StageWriter, write_atomic
 from autoglm.config import Settings, TuneSettings
 from autoglm.errors import AutoGLMError
+from compress import check_settings
 from tune.select import pareto_points, select
 from tune.siblings import CompressionSiblings
 from tune.space import build_space, warm_start_params, with_shared_schedule
@@ -148,6 +149,7 @@ def wait_for_workers(settings: Settings, study, poll_s: float = 5.0) -> None:
 
 def tune_run(settings: Settings, force: bool = False, progress: bool = True) -> Manifest | None:
     """The stage: skipped when a complete manifest matches the same config."""
+    check_settings(settings)  # compress.variants, as the compress stage will read them
     run = RunDir(settings.run.root, settings.run.name)
     config = {k: settings.section(k) for k in ("task", "train", "tune", "compress", "measure")} | {
         "seed": settings.run.seed}

@@ -10,10 +10,9 @@ from onnx import numpy_helper
 
 import compress.variants
 from autoglm.artifacts import RunDir
-from autoglm.config import VARIANTS
 from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.train import train_run
-from compress import ParityError, build_variants
+from compress import ParityError, build_variants, variant_names
 from compress.stage import compress_run
 from tests.compress import _trained
 
@@ -34,7 +33,7 @@ def trained_run(tmp_path_factory):
     return settings
 
 
-@pytest.mark.parametrize("name", [v for v in VARIANTS if not v.startswith("trt-")])
+@pytest.mark.parametrize("name", [v for v in variant_names() if not v.startswith("trt-")])
 def test_every_pass_yields_a_loadable_model_within_its_tolerance(name, tmp_path, trained_run):
     task, model = _trained.digits()
     settings = trained_run.model_copy()
@@ -109,6 +108,28 @@ def test_an_unknown_preset_is_refused_before_any_export(trained_run):
     with pytest.raises(ConfigError, match=r"compress.quantize.preset='fastest' is unknown: use one of \["):
         compress_run(settings, progress=False)
     assert RunDir(settings.run.root, "preset").state("compress") == "missing"
+
+
+@pytest.mark.parametrize(("variants", "message"), [
+    (["fp32", "int4"], "unknown variant(s) ['int4']: choose from ['fp32', 'int8', "),
+    (["fp32", "int8-static"], "static INT8 needs calibration data: set compress.quantize.calibration_batches > 0"),
+])
+def test_variants_compress_cannot_build_are_refused_before_the_last_release_is_touched(trained_run, variants,
+                                                                                       message):
+    settings = _copy_of_trained(trained_run, f"refused-{variants[-1]}")
+    compress_run(settings, progress=False)
+    run = RunDir(settings.run.root, settings.run.name)
+    published = run.manifest_path("compress").stat().st_mtime_ns
+    quantize = settings.compress.quantize.model_copy(update={"calibration_batches": 0})
+    bad = settings.model_copy(update={"compress": settings.compress.model_copy(
+        update={"variants": variants, "quantize": quantize})})
+
+    with pytest.raises(ConfigError) as refused:
+        compress_run(bad, force=True, progress=False)
+
+    assert message in str(refused.value)
+    assert run.state("compress") == run.state("repository") == "complete"
+    assert run.manifest_path("compress").stat().st_mtime_ns == published
 
 
 def test_a_variant_whose_metric_is_nan_is_rejected(trained_run, tmp_path, monkeypatch):
