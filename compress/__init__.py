@@ -6,15 +6,16 @@ tune's knobs and a trial's variant come from that registry. Import cost is kept 
 trial): heavy libraries load inside the functions.
 """
 
+from compress.candidate import Timing, evaluate_variant, graph_signature, time_variant
 from compress.export import ParityError, ParityReport, check_parity, export_onnx
 from compress.registry import (apply_knobs, check_knob, check_settings, knobs, variant_for, variant_names,
                                variant_settings)
 from compress.variants import Variant, VariantBuilder, build_variants, relative_loss
 
 __all__ = [
-    "ParityError", "ParityReport", "Variant", "VariantBuilder", "apply_knobs", "build_variants", "check_knob",
-    "check_parity", "check_settings", "compress_run", "export_onnx", "knobs", "relative_loss", "variant_for",
-    "variant_names", "variant_settings",
+    "ParityError", "ParityReport", "Timing", "Variant", "VariantBuilder", "apply_knobs", "build_variants",
+    "check_knob", "check_parity", "check_settings", "compress_run", "evaluate_variant", "export_onnx",
+    "graph_signature", "knobs", "relative_loss", "time_variant", "variant_for", "variant_names", "variant_settings",
 ]
 
 

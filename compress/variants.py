@@ -1,10 +1,10 @@
 """Build, evaluate and time the compressed variants of one trained model.
 
-This is compress's public entry point for both the stage and every tuning trial: each variant is an
-ONNX model (or a TensorRT plan) on disk, scored with the task's own metric on validation data and timed
-at batch 1 and at a serving batch with :func:`autoglm.measure.profile` (energy per inference with its
-method). FP32 exports (plain and pruned) must pass the elementwise parity gate; INT8 variants are judged
-by the metric instead, against ``compress.max_metric_loss``.
+The stage builds through here, and so does every tuning trial (through :mod:`compress.candidate`): each variant
+builds through the pass registry (:mod:`compress.registry`) into an ONNX model (or a TensorRT plan) on disk, scored
+with the task's own metric on validation data and timed at batch 1 and at a serving batch with
+:func:`autoglm.measure.profile` (energy per inference with its method). FP32 exports (plain and pruned) must pass
+the elementwise parity gate; INT8 variants are judged by the metric instead, against ``compress.max_metric_loss``.
 """
 
 from __future__ import annotations

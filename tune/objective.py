@@ -3,7 +3,7 @@
 Latency and energy depend on the architecture and the compression settings, not on the weights, so with
 early stopping on they are measured first, on the untrained model compressed the trial's way: that is what
 lets the rule compare trials while they train. Those timings stand for the trained model too when its
-compressed graph is the untrained one's, op for op and shape for shape (checked, see :func:`graph_signature`);
+compressed graph is the untrained one's, op for op and shape for shape (checked, see :func:`compress.graph_signature`);
 otherwise, and without early stopping or with a cached model, the trained model is timed after it is
 scored. So a trial times one graph once: a second timing of the same graph would spend compute on a figure
 already known. Trained checkpoints are cached by a hash of everything that shapes training, so trials that
@@ -19,7 +19,6 @@ import resource
 import shutil
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,7 @@ from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
 from autoglm.measure import energy_meter
 from autoglm.tasks import Task
-from compress import apply_knobs, variant_for, variant_settings
-from compress.variants import Variant, VariantBuilder
+from compress import Timing, Variant, apply_knobs, evaluate_variant, time_variant, variant_for, variant_settings
 from tune.early_stop import ParetoHalving, RungCallback
 from tune.space import compression_params, split_params, suggest
 
@@ -155,22 +153,16 @@ class Objective:
                                                        "train": settings.section("train")}, indent=2) + "\n").encode())
         return tuple(objectives[o] for o in settings.tune.objectives)
 
-    def _builder(self, settings: Settings, model, model_args, out: Path) -> VariantBuilder:
-        return VariantBuilder(self.task, model, model_args, settings, out)
-
     def _cached(self, key: str) -> bool:
         return (self.cache_dir / key / "model.pt").is_file() and (self.cache_dir / key / "result.json").is_file()
 
     def _timing(self, settings: Settings, model_args, variant_name: str, out: Path) -> Timing:
         """The untrained model compressed the trial's way (pruned without fine-tune), timed at the batches a
-        trial reports, as :meth:`VariantBuilder.time` measures them."""
+        trial reports, as compress times its variants."""
         quick = settings.model_copy(update={"compress": settings.compress.model_copy(update={
             "prune": settings.compress.prune.model_copy(update={"finetune_steps": 0})})})
-        builder = self._builder(quick, untrained_model(self.task, model_args), model_args, out)
-        variant = builder.build(variant_name)
-        builder.time(variant, builder.predictor(variant, _serving_threads(settings)), _batches(settings),
-                     settings.tune.probe_repeats)
-        return Timing(variant.profile, graph_signature(variant.path))
+        return time_variant(self.task, untrained_model(self.task, model_args), model_args, quick, out, variant_name,
+                            **_timed(settings))
 
     def _train(self, trial, settings: Settings, model_args, key: str, cost, out: Path):
         """(model, TrainResult-as-dict) from the cache or from training; (None, None) when stopped early."""
@@ -235,35 +227,9 @@ class Objective:
                     timing: Timing | None) -> tuple[Variant, str]:
         """The trained model compressed and scored, and which model its timings come from: ``timing``'s
         (``"untrained"``) when that is of the same graph, else its own (``"trained"``)."""
-        builder = self._builder(settings, model, model_args, out / "compress")
-        variant = builder.build(variant_name)
-        builder.score(variant, builder.predictor(variant), baseline=None)
-        if timing is not None and timing.graph and timing.graph == graph_signature(variant.path):
-            variant.profile = timing.profile
-            return variant, "untrained"
-        builder.time(variant, builder.predictor(variant, _serving_threads(settings)), _batches(settings),
-                     settings.tune.probe_repeats)
-        return variant, "trained"
-
-
-@dataclass(frozen=True)
-class Timing:
-    """One compressed graph's timings (batch -> latency and energy) and what it was (:func:`graph_signature`)."""
-
-    profile: dict[int, dict[str, Any]]
-    graph: tuple
-
-
-def graph_signature(path: Path | None) -> tuple:
-    """What a graph's speed depends on: its nodes' op types in order and its initializers' shapes and types
-    (not their values). Two graphs with equal signatures run the same kernels on the same shapes."""
-    if path is None or path.suffix != ".onnx":
-        return ()  # not an ONNX graph (a TensorRT plan): never taken for another one
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return (tuple(f"{n.domain}:{n.op_type}" for n in graph.node),
-            tuple(sorted((i.name, tuple(i.dims), i.data_type) for i in graph.initializer)))
+        variant, reused = evaluate_variant(self.task, model, model_args, settings, out / "compress", variant_name,
+                                           timing=timing, **_timed(settings))
+        return variant, "untrained" if reused else "trained"
 
 
 def untrained_model(task: Task, model_args: dict[str, Any]):
@@ -281,14 +247,11 @@ def untrained_model(task: Task, model_args: dict[str, Any]):
     return model
 
 
-def _batches(settings: Settings) -> list[int]:
-    """The batches a trial is timed at: 1 (a lone request) and the serving batch (the objectives')."""
-    return sorted({1, settings.tune.serving_batch})
-
-
-def _serving_threads(settings: Settings) -> int:
-    """Time trials the way Triton will run them: one ORT session per instance with these threads."""
-    return settings.compress.triton.intra_op_threads
+def _timed(settings: Settings) -> dict[str, Any]:
+    """How a trial times its graph: at batch 1 (a lone request) and the serving batch (the objectives'), and the
+    way Triton will run it: one ORT session per instance with compress.triton.intra_op_threads threads."""
+    return {"batch_sizes": sorted({1, settings.tune.serving_batch}), "repeats": settings.tune.probe_repeats,
+            "threads": settings.compress.triton.intra_op_threads}
 
 
 def _link(src: Path, dst: Path) -> None:

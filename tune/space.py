@@ -1,8 +1,8 @@
 """The joint search space: the task's architecture and training knobs plus compress's pass knobs.
 
-Knobs are declared next to what they tune (``Task.model_space``/``train_space``, each registered compress
-pass's knobs, :func:`compress.knobs`); this module only gathers them under dotted names (``model.n_layer``, ``train.lr``,
-``quantize.mode``, ``prune.ratio``), applies a preset and the user's overrides, and samples them with
+Knobs are declared next to what they tune (``Task.model_space``/``train_space``, each compress pass's
+registered knobs: :func:`compress.knobs`); this module only gathers them under dotted names (``model.n_layer``,
+``train.lr``, ``quantize.mode``, ``prune.ratio``), applies a preset and the user's overrides, and samples them with
 Optuna. Presets:
 
 - ``default``: architecture + training + compression, the joint search AutoGLM is for;

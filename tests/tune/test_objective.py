@@ -6,8 +6,8 @@ import torch
 
 from autoglm.tasks.charlm import CharLMTask
 from autoglm.tasks.digits import DigitsTask
-from compress.variants import VariantBuilder
-from tune.objective import graph_signature, untrained_model
+from compress import VariantBuilder, graph_signature
+from tune.objective import untrained_model
 
 VARIANTS = ("fp32", "int8-dynamic", "int8-static", "pruned", "pruned-int8")  # all that tune.space draws
 CASES = {
