@@ -9,16 +9,15 @@ NGC container; manifest). Nothing is published when the parity gate fails.
 from __future__ import annotations
 
 import json
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from autoglm.artifacts import Manifest, RunDir, StageWriter, sha256_file, write_atomic
 from autoglm.config import CompressSettings, Settings
 from autoglm.errors import AutoGLMError, ConfigError
-from autoglm.tasks import IOSpec, TensorSpec
 from compress.registry import check_settings
+from compress.repository import write_repository
 from compress.variants import Variant, build_variants
 
 
@@ -74,77 +73,6 @@ def recommend(task, variants: list[Variant], preferred: str | None = None) -> tu
     best = min(accepted, key=lambda v: v.profile[batch]["per_item_ms"])
     return best.name, (f"lowest per-item p50 latency at batch {batch} ({best.profile[batch]['per_item_ms']:.4f} ms)"
                        f" among variants within compress.max_metric_loss of FP32 {task.metric}")
-
-
-GENERATE_IO = IOSpec(
-    inputs=(TensorSpec("input_ids", "int64", (-1,)), TensorSpec("max_new_tokens", "int32", (1,)),
-            TensorSpec("temperature", "float32", (1,)), TensorSpec("top_k", "int32", (1,)),
-            TensorSpec("top_p", "float32", (1,)), TensorSpec("seed", "int64", (1,)),
-            TensorSpec("stop", "bytes", (-1,))),
-    outputs=(TensorSpec("token_ids", "int64", (-1,)), TensorSpec("text", "bytes", (1,)),
-             TensorSpec("finish_reason", "bytes", (1,))))
-
-
-def write_generate_model(repo: Path, settings: Settings, task, model_args, graphs) -> str:
-    """The decoupled generation model (KV-cache decode loop in Triton's python backend); its name."""
-    from compress.repository import InstanceGroup, ModelConfig, write_files
-
-    g = settings.compress.generate
-    here, name = Path(__file__).parent, f"{task.name}-generate"
-    cfg = ModelConfig(name=name, io=GENERATE_IO, flavour="python", max_batch_size=0, dynamic_batching=None,
-                      instance_group=InstanceGroup(1, "cpu"), warmup_batch_sizes=(), decoupled=True,
-                      optional_inputs=tuple(t.name for t in GENERATE_IO.inputs[1:]),
-                      parameters={"itos": json.dumps(task.serving_metadata(model_args)["itos"]),
-                                  "max_sequences": str(g.max_sequences), "max_waiting": str(g.max_waiting),
-                                  "max_new_tokens": str(g.max_new_tokens), "intra_op_threads": str(g.intra_op_threads),
-                                  "stream_interval_ms": str(g.stream_interval_ms),
-                                  "stream_responses_per_s": str(g.stream_responses_per_s),
-                                  "prefill_chunk": str(g.prefill_chunk)})
-    files = {"prefill.onnx": graphs.prefill, "step.onnx": graphs.step,
-             "model.py": (here / "triton_generate_model.py").read_bytes(),
-             "decode_engine.py": (here / "decode_engine.py").read_bytes(),
-             "sampling.py": (here.parent / "autoglm" / "sampling.py").read_bytes()}
-    for folder in ("python", "native"):  # the NGC container runs the python backend too
-        write_files(repo / folder, cfg, files)
-    return name
-
-
-def write_repository(run: RunDir, settings: Settings, task, model_args, variants: list[Variant],
-                     recommended: str, graphs=None) -> Manifest:
-    """One Triton model per accepted variant, in both flavours; its own manifest."""
-    from compress.repository import DynamicBatching, InstanceGroup, ModelConfig, write_model
-
-    t = settings.compress.triton
-    writer = StageWriter(run, "repository", {"triton": t.model_dump(mode="json")}, inputs=["compress"])
-    writer.invalidate()
-    for folder in ("python", "native"):  # models of an earlier run that are not published now must not load
-        shutil.rmtree(writer.dir / folder, ignore_errors=True)
-    io = task.io_spec(model_args)
-    batching = DynamicBatching(max_queue_delay_us=t.max_queue_delay_us,
-                               preferred_batch_sizes=tuple(t.preferred_batch_sizes), max_queue_size=t.max_queue_size)
-    models = {}
-    for variant in (v for v in variants if v.status == "ok"):
-        name = f"{task.name}-{variant.name}"
-        flavours = [("native", "tensorrt", "gpu")] if variant.path.suffix == ".plan" else [
-            ("python", "python", "cpu"), ("native", "onnxruntime", "cpu")]
-        for folder, flavour, kind in flavours:
-            cfg = ModelConfig(name=name, io=io, flavour=flavour, max_batch_size=t.max_batch_size,
-                              dynamic_batching=batching, instance_group=InstanceGroup(t.instances, kind),
-                              parameters={} if flavour == "tensorrt" else {"intra_op_threads": str(t.intra_op_threads)},
-                              warmup_batch_sizes=(1,))
-            write_model(writer.dir / folder, cfg, variant.path)
-        models[variant.name] = name
-    task_info = {"task": task.name, "metric": task.metric, "direction": task.direction, "model_args": model_args,
-                 "io": asdict(io), "metadata": task.serving_metadata(model_args), "models": models,
-                 "recommended": models[recommended]}
-    if graphs is not None:
-        task_info["generate"] = write_generate_model(writer.dir, settings, task, model_args, graphs)
-    write_atomic(writer.dir / "task.json", (json.dumps(task_info, indent=2) + "\n").encode())
-    for path in sorted(p for p in writer.dir.rglob("*") if p.is_file() and p.name != "manifest.json"):
-        writer.add_output(str(path.relative_to(writer.dir)))
-    writer.manifest.metrics = {"models": models, "recommended": models[recommended], "task": task.name,
-                               "model_args": model_args}
-    return writer.commit()
 
 
 def compress_run(settings: Settings, force: bool = False, progress: bool = True) -> Manifest:

@@ -12,8 +12,9 @@ from google.protobuf import json_format
 
 from autoglm.errors import ConfigError
 from autoglm.tasks.base import IOSpec, TensorSpec
-from compress.repository import (DynamicBatching, InstanceGroup, ModelConfig, parse_pbtxt, python_model_source,
-                                 render_pbtxt, to_protobuf, triton_dtype, write_model)
+from compress.repository import python_model_source, write_model
+from compress.triton_config import (DynamicBatching, InstanceGroup, ModelConfig, parse_pbtxt, render_pbtxt, to_protobuf,
+                                    triton_dtype)
 
 IMAGE_IO = IOSpec(inputs=(TensorSpec("image", "float32", (1, 8, 8)),),
                   outputs=(TensorSpec("logits", "float32", (10,)),))

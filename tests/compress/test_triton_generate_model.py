@@ -15,8 +15,8 @@ from google.protobuf.json_format import MessageToDict
 
 from autoglm.config import load_settings
 from compress import decode
-from compress.repository import parse_pbtxt
-from compress.stage import write_generate_model
+from compress.repository import write_generate_model
+from compress.triton_config import parse_pbtxt
 from tests.compress._trained import charlm
 
 FINAL = 1
