@@ -9,6 +9,7 @@ Layout written by :func:`write_model`::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from dataclasses import asdict
@@ -25,9 +26,18 @@ if TYPE_CHECKING:
     from compress.variants import Variant
 
 
+def module_source(name: str) -> bytes:
+    """The source of module ``name``, found by the import system wherever its package is installed, and not run:
+    python-backend models and their helpers are copied into the repository as files."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        raise ConfigError(f"module {name} has no Python source to copy into the repository: reinstall autoglm")
+    return Path(spec.origin).read_bytes()
+
+
 def python_model_source() -> bytes:
     """The python-backend ``model.py`` (the :mod:`compress.triton_python_model` module, verbatim)."""
-    return Path(__file__).with_name("triton_python_model.py").read_bytes()
+    return module_source("compress.triton_python_model")
 
 
 def write_files(repo_dir: Path | str, cfg: ModelConfig, files: dict[str, Path | bytes], version: int = 1) -> Path:
@@ -90,7 +100,7 @@ GENERATE_IO = IOSpec(
 def write_generate_model(repo: Path, settings: Settings, task, model_args, graphs) -> str:
     """The decoupled generation model (KV-cache decode loop in Triton's python backend); its name."""
     g = settings.compress.generate
-    here, name = Path(__file__).parent, f"{task.name}-generate"
+    name = f"{task.name}-generate"
     cfg = ModelConfig(name=name, io=GENERATE_IO, flavour="python", max_batch_size=0, dynamic_batching=None,
                       instance_group=InstanceGroup(1, "cpu"), warmup_batch_sizes=(), decoupled=True,
                       optional_inputs=tuple(t.name for t in GENERATE_IO.inputs[1:]),
@@ -101,9 +111,9 @@ def write_generate_model(repo: Path, settings: Settings, task, model_args, graph
                                   "stream_responses_per_s": str(g.stream_responses_per_s),
                                   "prefill_chunk": str(g.prefill_chunk)})
     files = {"prefill.onnx": graphs.prefill, "step.onnx": graphs.step,
-             "model.py": (here / "triton_generate_model.py").read_bytes(),
-             "decode_engine.py": (here / "decode_engine.py").read_bytes(),
-             "sampling.py": (here.parent / "autoglm" / "sampling.py").read_bytes()}
+             "model.py": module_source("compress.triton_generate_model"),
+             "decode_engine.py": module_source("compress.decode_engine"),
+             "sampling.py": module_source("autoglm.sampling")}
     for folder in ("python", "native"):  # the NGC container runs the python backend too
         write_files(repo / folder, cfg, files)
     return name

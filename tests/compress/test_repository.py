@@ -5,6 +5,7 @@ import json
 import stat
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,6 +138,30 @@ def test_write_model_lays_out_the_python_flavour(tmp_path):
     assert (model_dir / "3" / "model.py").read_bytes() == python_model_source()
     assert parse_pbtxt((model_dir / "config.pbtxt").read_text()) == to_protobuf(_config())
     assert stat.S_IMODE((model_dir / "config.pbtxt").stat().st_mode) == 0o644
+
+
+def test_the_python_models_sources_are_found_through_their_modules_wherever_compress_lies(tmp_path, monkeypatch):
+    import autoglm.sampling
+    import compress.decode_engine
+    import compress.repository
+    from autoglm.config import Settings
+    from compress.decode import DecodeGraphs
+
+    # as if compress were installed apart from autoglm: no file is reached by a path relative to compress/
+    monkeypatch.setattr(compress.repository, "__file__", str(tmp_path / "elsewhere" / "compress" / "repository.py"))
+    task = types.SimpleNamespace(name="tiny", serving_metadata=lambda _args: {"itos": ["a", "b"]})
+    onnx_file = tmp_path / "fp32.onnx"
+    onnx_file.write_bytes(b"onnx bytes")
+
+    digits = write_model(tmp_path / "repo", _config(), onnx_file)
+    name = compress.repository.write_generate_model(tmp_path / "repo", Settings(), task, {},
+                                                    DecodeGraphs(b"prefill", b"step", "fp32", {}))
+
+    generate, package = tmp_path / "repo" / "python" / name / "1", Path(compress.decode_engine.__file__).parent
+    assert (digits / "1" / "model.py").read_bytes() == (package / "triton_python_model.py").read_bytes()
+    assert (generate / "model.py").read_bytes() == (package / "triton_generate_model.py").read_bytes()
+    assert (generate / "decode_engine.py").read_bytes() == (package / "decode_engine.py").read_bytes()
+    assert (generate / "sampling.py").read_bytes() == Path(autoglm.sampling.__file__).read_bytes()
 
 
 def test_write_model_native_has_no_model_py_and_checks_the_file(tmp_path):
