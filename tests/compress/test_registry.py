@@ -1,13 +1,19 @@
 """The pass registry: what compress.variants may name, what needs calibration data, and where the config is checked."""
 
 import re
+from typing import get_args, get_origin
 
 import pytest
 
 from autoglm.cli import cli
 from autoglm.config import load_settings
 from autoglm.errors import ConfigError
-from compress import check_settings, variant_names
+from autoglm.tasks import Knob
+from autoglm.tasks.digits import DigitsTask
+from compress import Variant, VariantBuilder, check_settings, variant_for, variant_names, variant_settings
+from compress import registry
+from compress.registry import Pass, VariantSpec, passes, register, variant, variants
+from tune.space import build_space
 
 CALIBRATION = "static INT8 needs calibration data: set compress.quantize.calibration_batches > 0"
 
@@ -51,3 +57,78 @@ def test_the_stage_commands_refuse_an_unknown_variant_before_writing_anything(co
     err = capsys.readouterr().err
     assert code == 2 and "unknown variant(s) ['int4']: choose from ['fp32'," in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("name", [name for name, p in passes().items() if p.knobs])
+def test_a_passes_knobs_default_to_its_config_settings(name):
+    found = passes()[name]
+    fields = found.section.model_fields
+    for key, knob in found.knobs.items():
+        if key == found.switch:  # off by default in a trial; the config's own value is an "on" one
+            assert not found.on({key: knob.default}) and found.on({key: fields[key].default}), key
+            continue
+        assert knob.default == fields[key].default, key
+        if get_origin(fields[key].annotation) is not None:
+            assert knob.choices == get_args(fields[key].annotation), key
+    assert set(found.searched) <= set(found.knobs)
+
+
+def test_a_name_registers_once_and_a_variant_only_applies_registered_passes():
+    with pytest.raises(ValueError, match="Pass 'quantize' is registered twice"):
+        register(Pass("quantize"))
+    with pytest.raises(ValueError, match="VariantSpec 'fp32' is registered twice"):
+        register(VariantSpec("fp32", build=lambda builder, name: None, passes=("export",)))
+    with pytest.raises(ValueError, match=r"applies passes \['int4'\] that are not registered"):
+        register(VariantSpec("int4", build=lambda builder, name: None, passes=("export", "int4")))
+    assert "int4" not in variants()
+    assert all(set(spec.passes) <= set(passes()) for spec in variants().values())
+
+
+@pytest.fixture
+def fake_pass(monkeypatch):
+    """A pass with one knob and its variant, registered from this module as a new file in compress/passes would
+    register them; and a pass that cannot run here. Both are gone after the test."""
+    monkeypatch.setattr(registry, "_PASSES", passes())
+    monkeypatch.setattr(registry, "_VARIANTS", variants())
+    register(Pass("fake", knobs={"level": Knob("categorical", 0, choices=(0, 1, 2))}, searched=("level",),
+                  switch="level"))
+    register(Pass("absent", available=lambda: (False, "absent needs hardware this host lacks")))
+
+    @variant("fake", passes=("export", "fake"), tuned=True, calibrates=True)
+    def fake(builder, name):
+        return Variant(name, builder.fp32(), {"pass": "fake"})
+
+    @variant("fake-absent", passes=("export", "absent"))
+    def absent(builder, name):
+        raise AssertionError("a variant whose pass cannot run here is never built")
+
+
+def test_a_registered_pass_reaches_the_config_check_tunes_space_and_a_trials_variant(fake_pass):
+    settings = load_settings(None, ["compress.variants=['fp32', 'fake']", "compress.quantize.calibration_batches=4"])
+
+    check_settings(settings)
+    with pytest.raises(ConfigError, match=re.escape(CALIBRATION)):  # it said it needs calibration data
+        check_settings(load_settings(None, ["compress.variants=['fake']", "compress.quantize.calibration_batches=0"]))
+    assert build_space(DigitsTask(), "compression") == {
+        "quantize.mode": passes()["quantize"].knobs["mode"], "prune.ratio": passes()["prune"].knobs["ratio"],
+        "fake.level": Knob("categorical", 0, choices=(0, 1, 2))}
+    assert variant_for({"fake": {"level": 2}, "quantize": {"mode": "none"}}) == "fake"
+    assert variant_for({"fake": {"level": 0}, "quantize": {"mode": "static"}}) == "int8-static"
+    assert variant_settings("fake", settings.compress) == {"variants": ["fake"]}  # no config section of its own
+    with pytest.raises(ConfigError, match=re.escape("no compress variant applies the passes ['fake', 'quantize']")):
+        variant_for({"fake": {"level": 1}, "quantize": {"mode": "static"}})
+
+
+def test_a_registered_variant_builds_through_the_registry_and_is_skipped_where_its_pass_cannot_run(
+        fake_pass, settings_in, tmp_path):
+    task = DigitsTask(cache_dir=tmp_path / "data")
+    args = task.check_model_args({"channels": 8, "hidden": 32})
+    builder = VariantBuilder(task, task.build_model(args), args, settings_in("compress.exporter='legacy'"),
+                             tmp_path / "out")
+
+    built, skipped = builder.build("fake"), builder.build("fake-absent")
+
+    assert (built.name, built.path, built.recipe, built.status) == ("fake", tmp_path / "out" / "fp32.onnx",
+                                                                    {"pass": "fake"}, "ok")
+    assert (skipped.status, skipped.reason, skipped.path) == ("skipped", "absent needs hardware this host lacks", None)
+    assert skipped.recipe == {"pass": "absent"}
