@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from autoglm.artifacts import write_atomic
+from tune import attributes as attrs
 from tune.select import Point
 
 
@@ -66,7 +67,7 @@ def _plots(study, points: list[Point], chosen: Point, objectives: list[str], met
     if len(objectives) >= 2 and done:
         x_name, y_name = objectives[1], objectives[0]
         fig, ax = plt.subplots(figsize=(6, 4))
-        values = {o: [t.user_attrs["objectives"][o] for t in done] for o in objectives}
+        values = {o: [attrs.OBJECTIVES.get(t)[o] for t in done] for o in objectives}
         color = values.get("energy") if "energy" in objectives and x_name != "energy" else None
         sc = ax.scatter(values[x_name], values[y_name], c=color, cmap="viridis", s=28, label="trials")
         if color is not None:
@@ -86,15 +87,15 @@ def _plots(study, points: list[Point], chosen: Point, objectives: list[str], met
         ax.set_xlabel("trial")
         ax.set_ylabel("hypervolume (normalized)")
         plots.append(("Hypervolume over trials", _png(fig)))
-    finished = [t for t in study.get_trials(deepcopy=False) if "compute" in t.user_attrs]
+    finished = [t for t in study.get_trials(deepcopy=False) if attrs.COMPUTE.on(t)]
     scored = [t for t in finished if t.state.name == "COMPLETE"]
     if scored:
         sign = -1 if direction == "maximize" else 1  # the metric's own: it need not be the first objective
         cpu, best, spent, current = [], [], 0.0, None
         for t in finished:
-            spent += t.user_attrs["compute"]["cpu_s"]
+            spent += attrs.cpu_s(t)
             if t.state.name == "COMPLETE":
-                value = t.user_attrs["objectives"]["metric"]
+                value = attrs.metric(t)
                 current = value if current is None or sign * value < sign * current else current
             if current is not None:
                 cpu.append(spent)
@@ -110,11 +111,11 @@ def _plots(study, points: list[Point], chosen: Point, objectives: list[str], met
 def _table(study, objectives: list[str], front: set[int]) -> str:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        obj = t.user_attrs.get("objectives", {})
-        compute = t.user_attrs.get("compute", {})
+        obj = attrs.OBJECTIVES.get(t, {})
+        compute = attrs.COMPUTE.get(t, {})
         cells = [str(t.number) + (" ★" if t.number in front else ""), t.state.name.lower(),
                  *[f"{obj[o]:.4g}" if o in obj else "" for o in objectives],
-                 str(t.user_attrs.get("steps", "")), f"{compute.get('cpu_s', 0):.1f}",
+                 str(attrs.STEPS.get(t, "")), f"{compute.get('cpu_s', 0):.1f}",
                  html.escape(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in t.params.items()))]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
