@@ -219,8 +219,9 @@ def recover_stale_trials(study) -> list[int]:
         if attrs.HOST.get(trial) != host or pid is None or _alive(pid, attrs.STARTED.get(trial)):
             continue
         try:
-            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:  # another worker (or a heartbeat) recovered it first
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        # another worker (or a heartbeat) recovered it first: before tell read it (ValueError) or after
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
             continue
         if not attrs.RETRY_OF.on(trial):  # retry once
             queue_retry(study, trial)
