@@ -115,9 +115,8 @@ class Outcome:
 
 def hypervolumes(outcomes: list[Outcome], dirs: list[str]) -> dict[str, float]:
     """Each method's normalized hypervolume, all methods' points sharing one normalization and reference."""
-    from optuna._hypervolume import compute_hypervolume
-
     from tune.early_stop import pareto_fronts
+    from tune.report import hypervolume
 
     sign = np.array([-1.0 if d == "maximize" else 1.0 for d in dirs])
     points = {o.method: np.array(o.points, dtype=float).reshape(-1, len(dirs)) * sign for o in outcomes}
@@ -131,7 +130,7 @@ def hypervolumes(outcomes: list[Outcome], dirs: list[str]) -> dict[str, float]:
             continue
         norm = (p - low) / span
         front = norm[pareto_fronts(norm.tolist())[0]]
-        out[method] = float(compute_hypervolume(front, reference)) / float(np.prod(reference))
+        out[method] = hypervolume(front, reference) / float(np.prod(reference))
     return out
 
 
