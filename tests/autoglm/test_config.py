@@ -1,18 +1,13 @@
 """Config: file < environment < flags, unknown keys and bad values rejected with the fix named."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from autoglm.config import Settings, load_settings, parse_overrides
 from autoglm.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.autoglm._imports import imported_after
 
 
 @pytest.fixture
@@ -90,18 +85,12 @@ def test_invalid_toml_is_a_config_error(tmp_path):
 
 def test_the_config_imports_no_task_and_no_stage():
     # task keys are checked where a stage resolves its task (autoglm.tasks.get_task), so the core stays free of both
-    code = ("import sys\n"
-            "from autoglm.config import load_settings\n"
-            "load_settings(None, ['task.name=charlm', 'task.model.n_layer=2'])\n"
-            "stages = ('tune', 'compress', 'serve', 'loadtest', 'deploy', 'bench')\n"
-            "print(sorted(m for m in sys.modules if m.startswith('autoglm.tasks') or m.split('.')[0] in stages))")
-    env = os.environ | {"PYTHONPATH": str(REPO)}
+    code = "from autoglm.config import load_settings\nload_settings(None, ['task.name=charlm', 'task.model.n_layer=2'])"
 
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=60)
+    imported = imported_after(code, "m.startswith('autoglm.tasks') or m.split('.')[0] in "
+                                    "('tune', 'compress', 'serve', 'loadtest', 'deploy', 'bench')")
 
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert imported == []
 
 
 def test_saved_config_loads_back_identically(tmp_path):
