@@ -447,13 +447,6 @@ class Settings(BaseSettings):
                                    file_secret_settings):
         return (init_settings, env_settings, _TomlSource(settings_cls))
 
-    @model_validator(mode="after")
-    def _task_knows_its_model(self) -> Settings:
-        from autoglm.tasks import task_class  # torch-free import
-
-        task_class(self.task.name).check_model_args(self.task.model)
-        return self
-
     def section(self, name: str) -> dict[str, Any]:
         """One section as plain JSON data (what a stage's manifest records)."""
         return self.model_dump(mode="json")[name]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from autoglm.config import Settings
+from tune import attributes as attrs
 
 
 def search(settings: Settings, tune_dir: Path, budget_cpu_s: float, max_trials: int):
@@ -33,7 +34,7 @@ def search(settings: Settings, tune_dir: Path, budget_cpu_s: float, max_trials: 
 
 def cpu_of(trial) -> float:
     """A trial's CPU-seconds, as tune's Objective recorded them (0 for a trial that recorded none)."""
-    return trial.user_attrs.get("compute", {}).get("cpu_s", 0.0)
+    return attrs.cpu_s(trial)
 
 
 def cpu_spent(trials) -> float:
@@ -82,12 +83,12 @@ class Outcome:
     def reach(self, target: float) -> tuple[int, float] | None:
         """(training steps, CPU-seconds) spent until a completed trial is at least as good as ``target``."""
         if self.method == "default":  # its own run: the first evaluation as good as its last one
-            history = self.trials[0].user_attrs.get("history", [])
+            history = attrs.HISTORY.get(self.trials[0], [])
             step = next((s for s, v in history if not better(history[-1][1], v, self.direction)), None)
             return (step, cpu_spent(self.trials)) if step is not None else None
         steps = cpu = 0.0
         for t in self.counted:
-            steps += 0 if t.user_attrs.get("cache_hit") else t.user_attrs.get("steps", 0)
+            steps += 0 if attrs.CACHE_HIT.get(t) else attrs.STEPS.get(t, 0)
             cpu += cpu_of(t)
             if t.state.name == "COMPLETE" and not better(target, t.values[0], self.direction):
                 return int(steps), cpu
@@ -100,23 +101,22 @@ class Outcome:
         first = next((t for t in self.complete if not better(target, t.values[0], self.direction)), None)
         if first is None:
             return None
-        if first.user_attrs.get("cache_hit"):
-            key = first.user_attrs.get("training_key")
-            first = next((t for t in self.trials if t.user_attrs.get("training_key") == key
-                          and not t.user_attrs.get("cache_hit")), first)
+        if attrs.CACHE_HIT.get(first):
+            key = attrs.TRAINING_KEY.get(first)
+            first = next((t for t in self.trials if attrs.TRAINING_KEY.get(t) == key
+                          and not attrs.CACHE_HIT.get(t)), first)
         return cpu_of(first)
 
     def energy(self) -> str:
-        computes = [t.user_attrs["compute"] for t in self.trials if "compute" in t.user_attrs]
+        computes = [attrs.COMPUTE.get(t) for t in self.trials if attrs.COMPUTE.on(t)]
         methods = sorted({c["energy_method"] for c in computes})
         return f"{sum(c['joules'] for c in computes):,.0f} J ({', '.join(methods) or 'none'})"
 
 
 def hypervolumes(outcomes: list[Outcome], dirs: list[str]) -> dict[str, float]:
     """Each method's normalized hypervolume, all methods' points sharing one normalization and reference."""
-    from optuna._hypervolume import compute_hypervolume
-
     from tune.early_stop import pareto_fronts
+    from tune.report import hypervolume
 
     sign = np.array([-1.0 if d == "maximize" else 1.0 for d in dirs])
     points = {o.method: np.array(o.points, dtype=float).reshape(-1, len(dirs)) * sign for o in outcomes}
@@ -130,7 +130,7 @@ def hypervolumes(outcomes: list[Outcome], dirs: list[str]) -> dict[str, float]:
             continue
         norm = (p - low) / span
         front = norm[pareto_fronts(norm.tolist())[0]]
-        out[method] = float(compute_hypervolume(front, reference)) / float(np.prod(reference))
+        out[method] = hypervolume(front, reference) / float(np.prod(reference))
     return out
 
 
@@ -154,7 +154,7 @@ def retime(task, outcomes: list[Outcome], batch: int = 32, rounds: int = 3) -> N
             folder = o.tune_dir / "trials" / f"{t.number:04d}"
             model_args = json.loads((folder / "metrics.json").read_text())["model_args"]
             inputs = {batch: task.example_inputs(batch, model_args=model_args)}
-            predict = onnx_predictor(folder / t.user_attrs["variant"]["path"], threads=1)
+            predict = onnx_predictor(folder / attrs.VARIANT.get(t)["path"], threads=1)
             models.append((o, t.values[0], predict, inputs))
     timings: list[list[tuple[float, float]]] = [[] for _ in models]
     for _ in range(rounds):

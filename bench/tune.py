@@ -65,6 +65,7 @@ from typing import Any
 from autoglm.config import Settings, TuneSettings, load_settings
 from bench._tuning import Outcome, better, cpu_spent, hypervolumes, mean, retime, search
 from bench.harness import Table
+from tune import attributes as attrs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SEEDS = (0, 1, 2)
@@ -255,7 +256,7 @@ def attainability(setup: Setup, workdir: Path) -> Table:
         default_cpu, target = cpu_spent(runs[0][1].trials), runs[0][1].best()
         for probe, done in runs:
             cpu, metric = cpu_spent(done.trials), done.best()
-            history = done.trials[0].user_attrs.get("history", []) if done.trials else []
+            history = attrs.HISTORY.get(done.trials[0], []) if done.trials else []
             name = ", ".join(f"{k}={v}" for k, v in probe.items()) or "the default"
             share, reaches = cpu / default_cpu, not better(target, metric, task.direction)
             per_config.setdefault(name, []).append((metric, cpu, share, reaches))

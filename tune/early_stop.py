@@ -27,8 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-RUNG_ATTR = "rung_{}"
-SCHEDULE_ATTR = "schedule_steps"  # the trial's max_steps: rungs compare trials of schedules at least as long
+from tune import attributes as attrs
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -88,13 +87,13 @@ class ParetoHalving:
     def should_stop(self, study, trial, rung: int, values: Sequence[float], max_steps: int | None = None) -> bool:
         """Record this trial's rung values in the storage and decide against the records of the other trials
         whose schedules are at least ``max_steps`` long (every other trial when None, or when unrecorded)."""
-        key = RUNG_ATTR.format(rung)
+        at_rung = attrs.rung(rung)
         if max_steps is not None:
-            trial.set_user_attr(SCHEDULE_ATTR, max_steps)
-        trial.set_user_attr(key, list(values))
-        others = [t.user_attrs[key] for t in study.get_trials(deepcopy=False)
-                  if t.number != trial.number and key in t.user_attrs
-                  and (max_steps is None or t.user_attrs.get(SCHEDULE_ATTR, math.inf) >= max_steps)]
+            attrs.SCHEDULE_STEPS.set(trial, max_steps)
+        at_rung.set(trial, list(values))
+        others = [at_rung.get(t) for t in study.get_trials(deepcopy=False)
+                  if t.number != trial.number and at_rung.on(t)
+                  and (max_steps is None or attrs.SCHEDULE_STEPS.get(t, math.inf) >= max_steps)]
         return not self.survives(values, others)
 
 
@@ -105,9 +104,9 @@ def compression_shift(study, compression: Mapping[str, Any], metric_index: int =
 
     if not compression:
         return 0.0
-    shifts = [t.values[metric_index] - t.user_attrs["train_metric"]
+    shifts = [t.values[metric_index] - attrs.TRAIN_METRIC.get(t)
               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-              if "train_metric" in t.user_attrs and all(t.params.get(k) == v for k, v in compression.items())]
+              if attrs.TRAIN_METRIC.on(t) and all(t.params.get(k) == v for k, v in compression.items())]
     return statistics.fmean(shifts) if shifts else 0.0
 
 

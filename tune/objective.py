@@ -30,6 +30,7 @@ from autoglm.errors import AutoGLMError
 from autoglm.measure import energy_meter
 from autoglm.tasks import Task
 from compress import Timing, Variant, apply_knobs, evaluate_variant, time_variant, variant_for, variant_settings
+from tune import attributes as attrs
 from tune.early_stop import ParetoHalving, RungCallback
 from tune.space import compression_params, split_params, suggest
 
@@ -94,20 +95,20 @@ class Objective:
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
-            trial.set_user_attr("interrupted", True)
+            attrs.INTERRUPTED.set(trial, True)
             raise
         except Exception as exc:
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            attrs.ERROR.set(trial, f"{type(exc).__name__}: {exc}"[:500])
             raise
 
     def _run(self, trial) -> tuple[float, ...]:
         import optuna
 
         started, cpu0, children0 = time.time(), time.process_time(), _children_cpu_s()
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("worker", self.settings.tune.worker_index)  # whose share of the study it counts in
-        trial.set_user_attr("started", psutil.Process().create_time())
+        attrs.HOST.set(trial, socket.gethostname())
+        attrs.PID.set(trial, os.getpid())
+        attrs.WORKER.set(trial, self.settings.tune.worker_index)
+        attrs.STARTED.set(trial, psutil.Process().create_time())
         groups = split_params(suggest(trial, self.space))
         variant_name = variant_for(groups)
         settings = trial_settings(self.settings, groups, variant_name)
@@ -123,12 +124,12 @@ class Objective:
                 timing = self._timing(settings, model_args, variant_name, out / "probe")
                 serving = timing.profile[settings.tune.serving_batch]
                 cost = {"latency": serving["p95_ms"], "energy": serving["j_per_item"]}
-                trial.set_user_attr("probe", cost)
+                attrs.PROBE.set(trial, cost)
             model, result = self._train(trial, settings, model_args, key, cost, out)
             if result is None:
-                raise optuna.TrialPruned(f"dominated at step {trial.user_attrs['stopped_at']}")
+                raise optuna.TrialPruned(f"dominated at step {attrs.STOPPED_AT.get(trial)}")
             variant, timed = self._compressed(settings, model, model_args, variant_name, out, timing)
-            trial.set_user_attr("timed", timed)
+            attrs.TIMED.set(trial, timed)
         finally:
             reading = meter.stop()
             # a DDP trial trains in torchrun's ranks: their CPU time is the trial's too, and an estimate from CPU
@@ -136,18 +137,18 @@ class Objective:
             children = _children_cpu_s() - children0
             joules = reading.joules + (children * settings.measure.watts_per_core
                                        if reading.method.startswith("estimated") else 0.0)
-            trial.set_user_attr("compute", {"wall_s": time.time() - started,
+            attrs.COMPUTE.set(trial, {"wall_s": time.time() - started,
                                             "cpu_s": time.process_time() - cpu0 + children,
                                             "joules": joules, "energy_method": reading.method})
             shutil.rmtree(out / "probe", ignore_errors=True)
         serving = variant.profile[settings.tune.serving_batch]
         objectives = {"metric": variant.metrics[self.task.metric], "latency": serving["p95_ms"],
                       "energy": serving["j_per_item"]}
-        trial.set_user_attr("variant", variant.to_dict(out))
+        attrs.VARIANT.set(trial, variant.to_dict(out))
         # what compress needs to rebuild this variant, over the run's config: only the passes the variant applies
         chosen = variant_settings(variant_name, settings.compress)
-        trial.set_user_attr("compress", chosen)
-        trial.set_user_attr("objectives", objectives)
+        attrs.COMPRESS.set(trial, chosen)
+        attrs.OBJECTIVES.set(trial, objectives)
         write_atomic(out / "metrics.json", (json.dumps({"params": trial.params, "objectives": objectives,
                                                        "variant": variant.to_dict(out), "model_args": model_args,
                                                        "train": settings.section("train")}, indent=2) + "\n").encode())
@@ -170,17 +171,17 @@ class Objective:
 
         cached, result_file = self.cache_dir / key / "model.pt", self.cache_dir / key / "result.json"
         out.mkdir(parents=True, exist_ok=True)
-        trial.set_user_attr("training_key", key)
+        attrs.TRAINING_KEY.set(trial, key)
         cached_log = self.cache_dir / key / "train.jsonl"  # the training's log, for every trial that reuses it
         if self._cached(key):
             model = load_checkpoint(cached).build_model(self.task)
             result = json.loads(result_file.read_text())
-            trial.set_user_attr("cache_hit", True)
+            attrs.CACHE_HIT.set(trial, True)
             if cached_log.is_file():
                 _link(cached_log, out / "train.jsonl")
         elif settings.tune.ddp_procs > 1:
             model, result = self._train_ddp(settings, out)
-            trial.set_user_attr("ddp_procs", settings.tune.ddp_procs)
+            attrs.DDP_PROCS.set(trial, settings.tune.ddp_procs)
             _link(out / "ddp" / "model.pt", cached)
             for log in (out / "train.jsonl", cached_log):
                 _link(out / "ddp" / "train.jsonl", log)
@@ -190,18 +191,18 @@ class Objective:
             hook = RungCallback(self.rule, self._study(trial), trial, settings.tune.objectives, cost,
                                 settings.train.max_steps, compression_params(trial.params)) if self.rule else None
             trained = self.task.train(model, settings.train, on_eval=hook, log_path=out / "train.jsonl")
-            trial.set_user_attr("history", trained.history)
+            attrs.HISTORY.set(trial, trained.history)
             if trained.stopped_early:
-                trial.set_user_attr("stopped_at", trained.steps)
-                trial.set_user_attr("steps", trained.steps)
+                attrs.STOPPED_AT.set(trial, trained.steps)
+                attrs.STEPS.set(trial, trained.steps)
                 return None, None
             result = {"steps": trained.steps, "samples": trained.samples, "metric": trained.metric,
                       "wall_s": trained.wall_s, "cpu_s": trained.cpu_s}
             save_checkpoint(cached, self.task.name, model, metrics=result)
             _link(out / "train.jsonl", cached_log)
             write_atomic(result_file, json.dumps(result).encode())
-        trial.set_user_attr("steps", result["steps"])
-        trial.set_user_attr("train_metric", result["metric"])
+        attrs.STEPS.set(trial, result["steps"])
+        attrs.TRAIN_METRIC.set(trial, result["metric"])
         _link(cached, out / "model.pt")
         return model, result
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from autoglm.artifacts import write_atomic
+from tune import attributes as attrs
 from tune.select import Point
 
 
@@ -22,11 +23,33 @@ def _minimized(values: Sequence[float], dirs: Sequence[str]) -> np.ndarray:
     return np.array([-v if d == "maximize" else v for v, d in zip(values, dirs, strict=True)], dtype=float)
 
 
+def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
+    """The volume that ``points`` (rows, every objective minimized) dominate within the box up to ``reference``.
+
+    Exact, by slicing along the last objective (2-D: one sweep); quick for the few objectives and the fronts
+    of tens of points that studies have. Optuna's own implementation is private to it."""
+    points = np.asarray(points, dtype=float)
+    points = points[(points < reference).all(axis=1)]  # a point on or past the box dominates none of it
+    if not len(points):
+        return 0.0
+    if points.shape[1] == 1:
+        return float(reference[0] - points[:, 0].min())
+    if points.shape[1] == 2:  # the staircase, left to right: each step down adds a rectangle
+        volume, floor = 0.0, reference[1]
+        for x, y in points[np.lexsort((points[:, 1], points[:, 0]))]:
+            if y < floor:
+                volume += (reference[0] - x) * (floor - y)
+                floor = y
+        return float(volume)
+    points = points[np.argsort(points[:, -1], kind="stable")]
+    tops = np.append(points[1:, -1], reference[-1])  # each slice lasts until the next point's last objective
+    return float(sum((top - p[-1]) * hypervolume(points[:i + 1, :-1], reference[:-1])
+                     for i, (p, top) in enumerate(zip(points, tops, strict=True)) if top > p[-1]))
+
+
 def hypervolume_history(study) -> list[tuple[int, float]]:
     """(trial number, hypervolume of the front so far), objectives min-max normalized over the study and
     measured against the reference point 1.1 in every objective (so later studies compare only to themselves)."""
-    from optuna._hypervolume import compute_hypervolume
-
     dirs = [d.name.lower() for d in study.directions]
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if not done:
@@ -40,7 +63,7 @@ def hypervolume_history(study) -> list[tuple[int, float]]:
     for point, trial in zip(norm, done, strict=True):
         if not (front <= point).all(axis=1).any():
             front = np.vstack([front[~((point <= front).all(axis=1))], point])
-            volume = float(compute_hypervolume(front, reference))
+            volume = hypervolume(front, reference)
         history.append((trial.number, volume))
     return history
 
@@ -66,7 +89,7 @@ def _plots(study, points: list[Point], chosen: Point, objectives: list[str], met
     if len(objectives) >= 2 and done:
         x_name, y_name = objectives[1], objectives[0]
         fig, ax = plt.subplots(figsize=(6, 4))
-        values = {o: [t.user_attrs["objectives"][o] for t in done] for o in objectives}
+        values = {o: [attrs.OBJECTIVES.get(t)[o] for t in done] for o in objectives}
         color = values.get("energy") if "energy" in objectives and x_name != "energy" else None
         sc = ax.scatter(values[x_name], values[y_name], c=color, cmap="viridis", s=28, label="trials")
         if color is not None:
@@ -86,15 +109,15 @@ def _plots(study, points: list[Point], chosen: Point, objectives: list[str], met
         ax.set_xlabel("trial")
         ax.set_ylabel("hypervolume (normalized)")
         plots.append(("Hypervolume over trials", _png(fig)))
-    finished = [t for t in study.get_trials(deepcopy=False) if "compute" in t.user_attrs]
+    finished = [t for t in study.get_trials(deepcopy=False) if attrs.COMPUTE.on(t)]
     scored = [t for t in finished if t.state.name == "COMPLETE"]
     if scored:
         sign = -1 if direction == "maximize" else 1  # the metric's own: it need not be the first objective
         cpu, best, spent, current = [], [], 0.0, None
         for t in finished:
-            spent += t.user_attrs["compute"]["cpu_s"]
+            spent += attrs.cpu_s(t)
             if t.state.name == "COMPLETE":
-                value = t.user_attrs["objectives"]["metric"]
+                value = attrs.metric(t)
                 current = value if current is None or sign * value < sign * current else current
             if current is not None:
                 cpu.append(spent)
@@ -110,11 +133,11 @@ def _plots(study, points: list[Point], chosen: Point, objectives: list[str], met
 def _table(study, objectives: list[str], front: set[int]) -> str:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        obj = t.user_attrs.get("objectives", {})
-        compute = t.user_attrs.get("compute", {})
+        obj = attrs.OBJECTIVES.get(t, {})
+        compute = attrs.COMPUTE.get(t, {})
         cells = [str(t.number) + (" ★" if t.number in front else ""), t.state.name.lower(),
                  *[f"{obj[o]:.4g}" if o in obj else "" for o in objectives],
-                 str(t.user_attrs.get("steps", "")), f"{compute.get('cpu_s', 0):.1f}",
+                 str(attrs.STEPS.get(t, "")), f"{compute.get('cpu_s', 0):.1f}",
                  html.escape(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in t.params.items()))]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")

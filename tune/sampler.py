@@ -17,12 +17,9 @@ from typing import Any
 
 from autoglm._lazy import require
 from autoglm.errors import ConfigError
-from tune.siblings import SIBLING_ATTR
-from tune.storage import WARM_START_ATTR
+from tune import attributes as attrs
 
 optuna = require("optuna", None, "tuning")
-
-PLACED = (WARM_START_ATTR, SIBLING_ATTR)  # user attributes of the trials the tuner queued, not the sampler drew
 
 
 def make_sampler(name: str, seed: int, n_objectives: int, startup_trials: int | None = None):
@@ -52,7 +49,7 @@ def make_sampler(name: str, seed: int, n_objectives: int, startup_trials: int | 
 def drawn_trials(study) -> int:
     """Finished (complete or stopped) trials that the sampler drew, not the tuner placed."""
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    return sum(not any(a in t.user_attrs for a in PLACED) for t in study.get_trials(deepcopy=False, states=finished))
+    return sum(not attrs.placed(t) for t in study.get_trials(deepcopy=False, states=finished))
 
 
 class DrawnStartup(optuna.samplers.BaseSampler):

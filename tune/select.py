@@ -12,6 +12,7 @@ from typing import Any
 
 from autoglm.config import TuneSettings
 from autoglm.errors import AutoGLMError
+from tune import attributes as attrs
 
 
 @dataclass
@@ -34,9 +35,8 @@ def pareto_points(study) -> list[Point]:
     """The study's completed Pareto-optimal trials."""
     points = []
     for t in study.best_trials:
-        a = t.user_attrs
-        points.append(Point(t.number, dict(a["objectives"]), dict(t.params), f"trials/{t.number:04d}/model.pt",
-                            a["compress"], a["variant"]["name"], a.get("compute", {})))
+        points.append(Point(t.number, dict(attrs.OBJECTIVES.get(t)), dict(t.params), f"trials/{t.number:04d}/model.pt",
+                            attrs.COMPRESS.get(t), attrs.VARIANT.get(t)["name"], attrs.COMPUTE.get(t, {})))
     return sorted(points, key=lambda p: p.trial)
 
 

@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from autoglm.tasks import Knob
+from tune import attributes as attrs
 
 MODE, RATIO = "quantize.mode", "prune.ratio"
-SIBLING_ATTR = "sibling_of"  # user attribute of a sibling: the number of the trial it repeats
 
 
 def sibling_params(params: Mapping[str, Any], space: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -47,17 +47,16 @@ class CompressionSiblings:
         import optuna
 
         complete = optuna.trial.TrialState.COMPLETE
-        if not self.searched or trial.state != complete or SIBLING_ATTR in trial.user_attrs:
+        if not self.searched or trial.state != complete or attrs.SIBLING_OF.on(trial):
             return
         # the task's metric as recorded (it need not be an objective, nor the first one)
-        metrics = [t.user_attrs["objectives"]["metric"] for t in study.get_trials(deepcopy=False, states=(complete,))
-                   if "objectives" in t.user_attrs]
-        if not metrics or trial.user_attrs.get("objectives", {}).get("metric") != \
-                (max if self.maximize else min)(metrics):
+        metrics = [attrs.metric(t) for t in study.get_trials(deepcopy=False, states=(complete,))
+                   if attrs.OBJECTIVES.on(t)]
+        if not metrics or attrs.metric(trial) != (max if self.maximize else min)(metrics):
             return
         siblings = sibling_params(trial.params, self.space)
         if self.room is not None:
             queued = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
             siblings = siblings[:max(0, self.room(study) - queued)]
         for params in siblings:
-            study.enqueue_trial(params, user_attrs={SIBLING_ATTR: trial.number}, skip_if_exists=True)
+            study.enqueue_trial(params, user_attrs=attrs.SIBLING_OF.tag(trial.number), skip_if_exists=True)

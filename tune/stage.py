@@ -19,15 +19,15 @@ from autoglm.artifacts import Manifest, RunDir, StageWriter, write_atomic
 from autoglm.config import Settings, TuneSettings
 from autoglm.errors import AutoGLMError
 from compress import check_settings
+from tune import attributes as attrs
 from tune.select import pareto_points, select
 from tune.siblings import CompressionSiblings
 from tune.space import build_space, warm_start_params, with_shared_schedule
-from tune.storage import directions, discard_study, open_study, recover_stale_trials, warm_start
+from tune.storage import directions, discard_study, open_study, queue_retry, recover_stale_trials, warm_start
 
 # what counts toward tune.n_trials: a failed trial does not, so a rerun after fixing its cause runs the trials the
 # failures cost, and a trial that was killed or interrupted is retried in its own place (see retry_interrupted)
 FINISHED = ("COMPLETE", "PRUNED")
-STOPPED_ATTR = "worker_{}_stopped"  # study attribute: that worker's optimize has returned
 
 
 def open_search(settings: Settings, tune_dir: Path):
@@ -71,11 +71,11 @@ def retry_interrupted(study, worker: int) -> list[int]:
     :func:`tune.storage.recover_stale_trials` does for a killed worker's: an interruption is not the trial's
     fault. Returns their numbers."""
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
-    again = [t for t in trials if t.state.name == "FAIL" and t.user_attrs.get("interrupted")
-             and t.user_attrs.get("worker", 0) == worker and t.number not in retried and "retry_of" not in t.user_attrs]
+    retried = {attrs.RETRY_OF.get(t) for t in trials if attrs.RETRY_OF.on(t)}
+    again = [t for t in trials if t.state.name == "FAIL" and attrs.INTERRUPTED.get(t)
+             and attrs.WORKER.get(t, 0) == worker and t.number not in retried and not attrs.RETRY_OF.on(t)]
     for trial in again:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+        queue_retry(study, trial)
     return [t.number for t in again]
 
 
@@ -95,9 +95,9 @@ def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
     def room(study) -> int:  # trials this worker will still run
         return share(tune, tune.worker_index) - finished_by(study.get_trials(deepcopy=False), mine)
 
-    stopped = STOPPED_ATTR.format(tune.worker_index)
+    stopped = attrs.worker_stopped(tune.worker_index)
     if tune.workers > 1:
-        study.set_user_attr(stopped, False)  # running (again): worker 0 waits for this share
+        stopped.set(study, False)  # running (again): worker 0 waits for this share
     remaining = room(study)
     if remaining > 0:
         callbacks = sibling_callbacks(settings, space, task, room)
@@ -106,7 +106,7 @@ def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
             study.optimize(objective, n_trials=remaining, timeout=settings.tune.timeout_s,
                            callbacks=[tick, *callbacks], catch=(Exception,), gc_after_trial=True)
     if tune.workers > 1:
-        study.set_user_attr(stopped, True)  # its share may be unfinished (tune.timeout_s): worker 0 stops waiting
+        stopped.set(study, True)  # its share may be unfinished (tune.timeout_s): worker 0 stops waiting
     return task, study
 
 
@@ -118,17 +118,17 @@ def share(tune: TuneSettings, index: int) -> int:
 def finished_by(trials, index: int | None) -> int:
     """Trials of worker ``index`` (None: of every worker) that count toward tune.n_trials: completed or stopped
     early. A failed one does not; a killed or interrupted trial is retried, and its retry counts."""
-    return sum(t.state.name in FINISHED and (index is None or t.user_attrs.get("worker", 0) == index)
+    return sum(t.state.name in FINISHED and (index is None or attrs.WORKER.get(t, 0) == index)
                for t in trials)
 
 
 def _nothing_completed(study) -> str:
     """Why selection has no point, and the fix."""
     trials = study.get_trials(deepcopy=False)
-    failed = [t for t in trials if t.state.name == "FAIL" and not t.user_attrs.get("interrupted")]
+    failed = [t for t in trials if t.state.name == "FAIL" and not attrs.INTERRUPTED.get(t)]
     if failed:
         return (f"no trial completed: {len(failed)} of {len(trials)} failed (trial {failed[-1].number}: "
-                f"{failed[-1].user_attrs.get('error', 'see the log above')}); fix that and rerun: failed trials "
+                f"{attrs.ERROR.get(failed[-1], 'see the log above')}); fix that and rerun: failed trials "
                 "do not count toward tune.n_trials (--force starts the study afresh)")
     return ("no trial completed, so there is nothing to select: raise tune.n_trials or tune.timeout_s, or loosen "
             "early stopping (tune.early_stop.enabled = false)")
@@ -140,7 +140,7 @@ def wait_for_workers(settings: Settings, study, poll_s: float = 5.0) -> None:
     tune = settings.tune
 
     def busy(i: int) -> bool:
-        return not study.user_attrs.get(STOPPED_ATTR.format(i)) and \
+        return not attrs.worker_stopped(i).get(study) and \
             finished_by(study.get_trials(deepcopy=False), i) < share(tune, i)
 
     while any(busy(i) for i in range(tune.workers)):
@@ -202,7 +202,7 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True) -> 
 def study_totals(study) -> dict[str, Any]:
     """Honest compute accounting over every trial, stopped and failed ones included."""
     trials = study.get_trials(deepcopy=False)
-    compute = [t.user_attrs.get("compute", {}) for t in trials]
+    compute = [attrs.COMPUTE.get(t, {}) for t in trials]
     methods = {c["energy_method"] for c in compute if "energy_method" in c}
     return {"trials": len(trials), "complete": sum(t.state.name == "COMPLETE" for t in trials),
             "pruned": sum(t.state.name == "PRUNED" for t in trials),
@@ -235,5 +235,5 @@ class _progress:
     def tick(self, study, trial) -> None:
         self.bar.advance(self.task)
         state = trial.state.name.lower()
-        values = ", ".join(f"{v:.4g}" for v in trial.values) if trial.values else trial.user_attrs.get("error", "")
+        values = ", ".join(f"{v:.4g}" for v in trial.values) if trial.values else attrs.ERROR.get(trial, "")
         self.bar.console.print(f"trial {trial.number}: {state} {values}")

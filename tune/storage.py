@@ -20,10 +20,10 @@ import psutil
 from autoglm._lazy import require
 from autoglm.config import Settings
 from autoglm.errors import AutoGLMError, ConfigError, MissingExtraError
+from tune import attributes as attrs
 
 log = logging.getLogger(__name__)
 JOURNAL = "study.journal"
-WARM_START_ATTR = "warm_start"  # user attribute of the trial tune.warm_start queued
 _EXAMPLES = "postgresql+psycopg2://user:pass@host/db or sqlite:///path/study.db"
 # what to install, per dialect, when its driver is missing: the hint must fit the database the URL names
 _DRIVER_HINTS = {
@@ -198,7 +198,7 @@ def warm_start(study, settings: Settings, params: dict) -> bool:
     sampled, early-stopped and charged like any other; its ``warm_start`` attribute marks it."""
     if settings.tune.warm_start is None or settings.tune.worker_index != 0 or study.get_trials(deepcopy=False):
         return False
-    study.enqueue_trial(params, user_attrs={WARM_START_ATTR: True})
+    study.enqueue_trial(params, user_attrs=attrs.WARM_START.tag(True))
     return True
 
 
@@ -215,18 +215,24 @@ def recover_stale_trials(study) -> list[int]:
     host = socket.gethostname()
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        pid = trial.user_attrs.get("pid")
-        if trial.user_attrs.get("host") != host or pid is None or _alive(pid, trial.user_attrs.get("started")):
+        pid = attrs.PID.get(trial)
+        if attrs.HOST.get(trial) != host or pid is None or _alive(pid, attrs.STARTED.get(trial)):
             continue
         try:
-            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:  # another worker (or a heartbeat) recovered it first
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        # another worker (or a heartbeat) recovered it first: before tell read it (ValueError) or after
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
             continue
-        if "retry_of" not in trial.user_attrs:  # retry once; presence, as trial 0 is falsy
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+        if not attrs.RETRY_OF.on(trial):  # retry once
+            queue_retry(study, trial)
         recovered.append(trial.number)
         log.warning("trial %d was left running by a dead worker (pid %s): failed and re-queued", trial.number, pid)
     return recovered
+
+
+def queue_retry(study, trial) -> None:
+    """Queue ``trial``'s parameters again as a new trial whose ``retry_of`` names it."""
+    study.enqueue_trial(trial.params, user_attrs=attrs.RETRY_OF.tag(trial.number), skip_if_exists=False)
 
 
 def _alive(pid: int, started: float | None) -> bool:

@@ -49,6 +49,10 @@ def task_class(name: str) -> type[Task]:
 
 
 def get_task(settings: Settings) -> Task:
-    """Instantiate the configured task with its data source, cache and seed."""
+    """Instantiate the configured task with its data source, cache and seed.
+
+    ``task.name`` and ``task.model`` are checked here, where every stage resolves its task: the config
+    knows no task (the core imports none), so an unknown task or model setting raises ConfigError now."""
     cls = task_class(settings.task.name)
+    cls.check_model_args(settings.task.model)
     return cls(data=settings.task.data, cache_dir=settings.run.cache_dir, seed=settings.run.seed)

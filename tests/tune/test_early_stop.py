@@ -3,8 +3,8 @@
 import optuna
 import pytest
 
-from tune.early_stop import (RUNG_ATTR, SCHEDULE_ATTR, ParetoHalving, RungCallback, compression_shift, dominates,
-                             pareto_fronts)
+from tune import attributes as attrs
+from tune.early_stop import ParetoHalving, RungCallback, compression_shift, dominates, pareto_fronts
 
 # digits-like objectives: accuracy (higher is better), p95 latency and J/inference (lower is better)
 DIRS = ("maximize", "minimize", "minimize")
@@ -86,7 +86,7 @@ def test_rung_values_are_kept_in_the_study_storage():
     stop = rule().should_stop(study, trial, 10, [0.5, 1.0, 2.0])
 
     assert not stop  # alone at the rung: warm-up
-    assert study.trials[0].user_attrs[RUNG_ATTR.format(10)] == [0.5, 1.0, 2.0]
+    assert study.trials[0].user_attrs[attrs.rung(10).key] == [0.5, 1.0, 2.0]
 
 
 def test_the_callback_judges_each_rung_once_with_the_latest_evaluation():
@@ -96,9 +96,10 @@ def test_the_callback_judges_each_rung_once_with_the_latest_evaluation():
 
     stops = [hook(step, step / 100) for step in (5, 25, 50, 95)]  # rungs 10, 30, 90 (evaluated late)
 
-    attrs = study.trials[0].user_attrs
+    recorded = study.trials[0].user_attrs
     assert stops == [False, False, False, False] and hook.stopped_at is None
-    assert attrs["rung_10"] == [0.25, 2.0] and attrs["rung_30"] == [0.5, 2.0] and attrs["rung_90"] == [0.95, 2.0]
+    assert recorded["rung_10"] == [0.25, 2.0] and recorded["rung_30"] == [0.5, 2.0]
+    assert recorded["rung_90"] == [0.95, 2.0]
 
 
 def test_a_trial_is_judged_only_against_schedules_at_least_as_long_as_its_own():
@@ -113,7 +114,7 @@ def test_a_trial_is_judged_only_against_schedules_at_least_as_long_as_its_own():
 
     assert not spared  # no schedule as long as its own at the rung yet: not stopped by annealed short ones
     assert judged  # the others' schedules are at least as long as its own: dominated, stopped
-    assert long_but_behind.user_attrs[SCHEDULE_ATTR] == 1000
+    assert long_but_behind.user_attrs[attrs.SCHEDULE_STEPS.key] == 1000
 
 
 def _storage(kind, tmp_path):

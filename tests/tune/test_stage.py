@@ -204,7 +204,15 @@ def test_trials_that_differ_only_in_compression_share_one_trained_checkpoint(tmp
     assert not any("probe" in t.user_attrs for t in trials)  # without early stopping nothing reads a probe
 
 
-@pytest.mark.parametrize("bad", ['tune.space={"model.chanels" = 8}', "task.data='digits.csv'"])
+def test_the_tune_command_refuses_an_unknown_model_setting_before_any_trial(tmp_path, capsys):
+    code = cli(["tune", "--run", "bad", "--set", f"run.root='{tmp_path}'", "--set", "task.model.layers=3"])
+
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown model setting(s) ['layers'] for task 'digits'" in err and "Traceback" not in err
+    assert not (tmp_path / "bad" / "tune" / "trials").exists()
+
+
+@pytest.mark.parametrize("bad", ['tune.space={"model.chanels" = 8}', "task.data='digits.csv'", "task.model.layers=3"])
 def test_a_bad_config_is_refused_before_the_finished_study_is_invalidated(study_run, bad):
     from autoglm.config import load_settings
     from autoglm.errors import ConfigError

@@ -232,17 +232,18 @@ def test_two_workers_recovering_the_same_dead_trial_leave_one_retry_and_no_error
 
 
 def test_worker_zero_waits_for_the_other_shares_until_they_are_done_or_stopped(tmp_path):
-    from tune.stage import STOPPED_ATTR, wait_for_workers
+    from tune import attributes as attrs
+    from tune.stage import wait_for_workers
 
     settings = _tiny.settings(tmp_path, "tune.workers=2", "tune.n_trials=4")
     study = open_study(settings, tmp_path, "maximize")
-    study.set_user_attr(STOPPED_ATTR.format(0), True)
-    study.set_user_attr(STOPPED_ATTR.format(1), False)  # worker 1 runs, none of its 2 trials finished yet
+    attrs.worker_stopped(0).set(study, True)
+    attrs.worker_stopped(1).set(study, False)  # worker 1 runs, none of its 2 trials finished yet
     waiter = threading.Thread(target=wait_for_workers, args=(settings, study, 0.01))
     waiter.start()
     time.sleep(0.2)
     assert waiter.is_alive()
-    study.set_user_attr(STOPPED_ATTR.format(1), True)  # it stopped early (tune.timeout_s): stop waiting
+    attrs.worker_stopped(1).set(study, True)  # it stopped early (tune.timeout_s): stop waiting
     waiter.join(5)
     assert not waiter.is_alive()
 
