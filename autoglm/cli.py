@@ -108,26 +108,6 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         return 130
 
 
-def not_built(stage: str) -> Callable[[Sequence[str] | None], int]:
-    """``main`` for a stage whose package exists but whose work has not been built yet."""
-
-    def main(argv: Sequence[str] | None = None) -> int:
-        print(f"autoglm {stage}: this stage is not built yet; the stages available now are: "
-              f"{', '.join(available_commands())}", file=sys.stderr)
-        return 3
-
-    return main
-
-
-def available_commands() -> list[str]:
-    ready = [name for name in STAGES if getattr(_stage_module(name), "BUILT", False)]
-    return list(CORE) + ready
-
-
-def _stage_module(name: str):
-    return importlib.import_module(f"{name}.__main__")
-
-
 def _resolve(ref: str) -> Callable[[Sequence[str] | None], int | None]:
     module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -9,8 +9,6 @@ from collections.abc import Sequence
 
 from autoglm.cli import add_common_args, print_config, run_main, settings_from_args
 
-BUILT = True
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = add_common_args(argparse.ArgumentParser(prog="autoglm deploy", description=__doc__.splitlines()[0]))

@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from autoglm.cli import add_common_args, print_config, run_main, settings_from_args
 from autoglm.errors import ConfigError
 
-BUILT = True
-
 
 def _ints(text: str) -> list[int]:
     try:

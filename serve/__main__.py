@@ -20,8 +20,6 @@ from pydantic import ValidationError
 from autoglm.cli import add_common_args, print_config, run_main, settings_from_args
 from autoglm.errors import ConfigError
 
-BUILT = True
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = add_common_args(argparse.ArgumentParser(prog="autoglm serve", description=__doc__.splitlines()[0]))

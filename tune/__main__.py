@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from autoglm.cli import add_common_args, run_main, run_stage
 from tune import _toml
 
-BUILT = True
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = add_common_args(argparse.ArgumentParser(prog="autoglm tune", description=__doc__))

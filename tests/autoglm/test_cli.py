@@ -22,13 +22,6 @@ def test_unknown_command_is_a_clear_error(capsys):
     assert "unknown command 'tunne'" in capsys.readouterr().err
 
 
-def test_unbuilt_stage_says_so(capsys):
-    from autoglm.cli import not_built
-
-    assert not_built("future")(None) == 3
-    assert "not built yet" in capsys.readouterr().err
-
-
 def test_stage_module_runs_as_python_dash_m():
     done = subprocess.run([sys.executable, "-m", "compress", "--dry-run", "--set", "train.lr=0.5"],
                           capture_output=True, text=True)

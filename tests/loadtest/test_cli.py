@@ -16,12 +16,6 @@ def _options(*argv) -> LoadtestSettings:
     return cli.settings_with_flags(cli.parser().parse_args(list(argv))).loadtest
 
 
-def test_built_and_listed_by_the_umbrella_cli():
-    from autoglm.cli import available_commands
-
-    assert cli.BUILT is True and "loadtest" in available_commands()
-
-
 def test_sweep_flags_become_the_grid():
     options = _options("--sweep", "--variants", "fp32,int8", "--delays", "0,2000", "--preferred", "none;8,16",
                        "--instances", "1,2", "--queue-sizes", "none,0", "--concurrency", "1,16", "--window", "4")
