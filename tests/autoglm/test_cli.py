@@ -117,3 +117,10 @@ def test_a_checkpoint_path_with_a_quote_reaches_compress_as_given(capsys):
     assert cli(["compress", "--checkpoint", "it's.pt", "--variants", "fp32, int8", "--dry-run"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert '"checkpoint": "it\'s.pt"' in out and '"variants": [ "fp32", "int8" ]' in out
+
+
+def test_bench_through_the_umbrella_reads_its_own_arguments(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["autoglm", "bench", "--list"])  # as the console script sees them
+
+    assert cli(["bench", "--list"]) == 0
+    assert "energy" in capsys.readouterr().out
