@@ -103,7 +103,7 @@ def test_train_writes_a_complete_run_then_skips_then_forces(tmp_path, capsys):
     log = [json.loads(line) for line in (run.stage_dir("train") / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "eval"] == [30, 60]  # --force replaced the log, not appended
 
-    assert cli(["status", "t", "--root", str(tmp_path)]) == 0
+    assert cli(["status", "--run", "t", "--root", str(tmp_path)]) == 0
     assert "complete" in capsys.readouterr().out
 
 
@@ -124,3 +124,17 @@ def test_bench_through_the_umbrella_reads_its_own_arguments(monkeypatch, capsys)
 
     assert cli(["bench", "--list"]) == 0
     assert "energy" in capsys.readouterr().out
+
+
+def test_status_takes_the_run_as_every_command_does_and_as_it_did(tmp_path, capsys):
+    RunDir(tmp_path, "r").path.mkdir(parents=True)
+
+    assert cli(["status", "--run", "r", "--root", str(tmp_path)]) == 0
+    assert "missing" in capsys.readouterr().out  # the run found, no stage in it yet
+    assert cli(["status", "r", "--root", str(tmp_path)]) == 0  # the positional form of old scripts
+    assert "missing" in capsys.readouterr().out
+    assert cli(["status", "--run", "nosuch", "--root", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: no run directory {tmp_path / 'nosuch'}")
+    with pytest.raises(SystemExit):
+        cli(["status", "r", "--run", "other", "--root", str(tmp_path)])
+    assert "two runs given" in capsys.readouterr().err
