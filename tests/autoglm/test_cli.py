@@ -7,7 +7,16 @@ import sys
 import pytest
 
 from autoglm.artifacts import RunDir
-from autoglm.cli import cli
+from autoglm.cli import Flag, cli, stage_main
+from autoglm.errors import ConfigError
+
+TABLE = {  # one flag of each kind, over settings every stage has
+    "--steps": Flag("train.max_steps", "training steps", type=int),
+    "--no-simplify": Flag("compress.simplify", "keep the export as it is", switch=False),
+    "--rule": Flag("serve.autoscale_rules", "a rule", short="-r", pairs=True, implies=["serve.autoscale=true"]),
+    "--sizes": Flag("measure.batch_sizes", "batch sizes", type=int, many=True),
+    "--data": Flag("task.data", "a data file"),
+}
 
 
 def test_help_lists_commands(capsys):
@@ -138,3 +147,33 @@ def test_status_takes_the_run_as_every_command_does_and_as_it_did(tmp_path, caps
     with pytest.raises(SystemExit):
         cli(["status", "r", "--run", "other", "--root", str(tmp_path)])
     assert "two runs given" in capsys.readouterr().err
+
+
+def test_a_stage_table_turns_the_flags_given_into_settings():
+    ran = []
+    argv = ["--steps", "7", "--no-simplify", "-r", "max_instances=3", "--sizes", "1,2", "4", "--data",
+            'it\'s "x".txt', "--set", "train.max_steps=9", "--force"]
+
+    assert stage_main(argv, "t", None, TABLE, lambda settings, force: ran.append((settings, force)) or 3) == 3
+
+    [(settings, force)] = ran
+    assert force and settings.train.max_steps == 7  # a flag beats --set of the same key
+    assert settings.compress.simplify is False
+    assert settings.serve.autoscale_rules == {"max_instances": 3} and settings.serve.autoscale is True
+    assert settings.measure.batch_sizes == [1, 2, 4] and settings.task.data == 'it\'s "x".txt'
+    assert stage_main([], "t", None, TABLE, lambda settings, force: ran.append(settings)) == 0
+    defaults = ran[-1]  # flags not given leave the config as it is
+    assert (defaults.train.max_steps, defaults.compress.simplify, defaults.serve.autoscale) == (2000, True, False)
+
+
+def test_a_stage_check_refuses_before_dry_run_prints_or_the_stage_runs(capsys):
+    def check(settings):
+        raise ConfigError(f"max_steps={settings.train.max_steps} refused by the stage")
+
+    def stage(settings, force):
+        raise AssertionError("the stage ran")
+
+    for argv in (["--steps", "7", "--dry-run"], ["--steps", "7"]):
+        with pytest.raises(ConfigError, match="max_steps=7 refused"):
+            stage_main(argv, "t", None, TABLE, stage, check=check)
+    assert capsys.readouterr().out == ""
