@@ -177,3 +177,10 @@ def test_a_stage_check_refuses_before_dry_run_prints_or_the_stage_runs(capsys):
         with pytest.raises(ConfigError, match="max_steps=7 refused"):
             stage_main(argv, "t", None, TABLE, stage, check=check)
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("spelling", [["fp32,int8"], ["fp32", "int8"], ["fp32,", "int8"]])
+def test_a_list_flag_takes_commas_or_spaces(capsys, spelling):
+    assert cli(["compress", "--variants", *spelling, "--dry-run"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert '"variants": [ "fp32", "int8" ]' in out
