@@ -38,14 +38,15 @@ def test_stage_module_runs_as_python_dash_m():
 
 
 STAGE_WITH_A_CHILD = """
-import subprocess, sys, time
+import os, subprocess, sys, time
 from pathlib import Path
 from autoglm.cli import run_main
 
 def main(argv):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    Path(sys.argv[1]).write_text(str(child.pid))
-    try:
+    try:  # the pid appears whole (renamed into place) and only once a signal reaches the cleanup below
+        Path(sys.argv[1] + ".tmp").write_text(str(child.pid))
+        os.replace(sys.argv[1] + ".tmp", sys.argv[1])
         time.sleep(60)
     finally:
         child.kill()
