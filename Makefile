@@ -41,7 +41,7 @@ tune compress serve loadtest deploy: venv
 	$(AUTOGLM) $@ --config $(CONFIG) --run $(RUN) $(ARGS)
 
 status: venv
-	$(AUTOGLM) status $(RUN)
+	$(AUTOGLM) status --run $(RUN)
 
 # Optuna's dashboard on the run's study (journal file, or tune.storage's database via STORAGE=...)
 dashboard: venv

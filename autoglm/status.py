@@ -1,4 +1,4 @@
-"""``autoglm status <run>``: each stage's state in a run directory, as a table."""
+"""``autoglm status --run RUN``: each stage's state in a run directory, as a table."""
 
 from __future__ import annotations
 
@@ -40,13 +40,17 @@ def serve_state(run: RunDir, timeout_s: float = 0.5) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autoglm status", description="show each stage's state in a run")
-    parser.add_argument("run", nargs="?", default="default", help="run name or path (default: default)")
+    parser.add_argument("--run", help="run name or path (default: default), as every command takes it")
+    parser.add_argument("run_given", nargs="?", metavar="RUN", help="the same, written without --run")
     parser.add_argument("--root", default="runs", help="directory holding runs (default: runs)")
     args = parser.parse_args(argv)
-    path = Path(args.run)
-    run = RunDir(path.parent, path.name) if path.is_dir() else RunDir(args.root, args.run)
+    if args.run and args.run_given and args.run != args.run_given:
+        parser.error(f"two runs given ({args.run_given!r} and --run {args.run!r}): give one")
+    name = args.run or args.run_given or "default"
+    path = Path(name)
+    run = RunDir(path.parent, path.name) if path.is_dir() else RunDir(args.root, name)
     if not run.path.is_dir():
-        raise AutoGLMError(f"no run directory {run.path}: run `make demo` or `autoglm train --run {args.run}`")
+        raise AutoGLMError(f"no run directory {run.path}: run `make demo` or `autoglm train --run {name}`")
 
     from rich.console import Console
     from rich.table import Table

@@ -7,11 +7,10 @@ model args), ``train.jsonl`` (the training log), ``config.json`` (resolved confi
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 from autoglm.artifacts import Manifest, RunDir, StageWriter, data_fingerprint
-from autoglm.cli import add_common_args, run_stage
+from autoglm.cli import stage_main
 from autoglm.config import Settings
 
 STAGE = "train"
@@ -63,5 +62,4 @@ def train_run(settings: Settings, force: bool = False, progress: bool = True) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_common_args(argparse.ArgumentParser(prog="autoglm train", description=__doc__.splitlines()[0]))
-    return run_stage(parser.parse_args(argv), train_run)
+    return stage_main(argv, "autoglm train", __doc__, {}, train_run)

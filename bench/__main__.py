@@ -4,4 +4,5 @@ import sys
 
 from bench.harness import main
 
-sys.exit(main())
+if __name__ == "__main__":  # `autoglm bench` imports this module for `main`: argv is read there, not here
+    sys.exit(main())

@@ -7,13 +7,13 @@ accuracy / latency / energy objective, with multi-objective early stopping.
 
 from __future__ import annotations
 
-import json
 import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from autoglm.artifacts import RunDir
+from autoglm.cli import toml_literal
 from autoglm.config import Settings, load_settings, parse_overrides
 from autoglm.errors import ConfigError
 from autoglm.tasks import get_task, task_class
@@ -73,7 +73,7 @@ class AutoTuner:
                   "tune.search_space": None if isinstance(search_space, Mapping) else str(search_space),
                   **{f"tune.{k}": v for k, v in constraints.items()}}
         # None is "leave it": the default, except a constraint given as None, which is "no limit" (set below)
-        sets = [f"{key}={_toml(value)}" for key, value in values.items() if value is not None]
+        sets = [f"{key}={toml_literal(value)}" for key, value in values.items() if value is not None]
         self.search_space = search_space
         self.settings: Settings = load_settings(config, [*sets, *overrides])
         # TOML has no null, so a None constraint is set on the loaded settings, unless an override sets it
@@ -135,18 +135,3 @@ def _data_source(train: str | Path, val: str | Path | None, settings: Settings) 
         raise ConfigError(f"task '{settings.task.name}' takes validation_data only as the val.bin beside a "
                           "train.bin, or as a text beside a text train_data where the task supports it (charlm)")
     return str(pair(train, Path(val), settings.run.cache_dir))
-
-
-def _toml(value: Any) -> str:
-    """``value`` as a TOML literal for a ``section.key=value`` override. A JSON string is a TOML basic string,
-    so a quote or backslash in user text stays text instead of ending the string (DEL, which TOML wants
-    escaped and JSON leaves raw, is escaped by hand)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, numbers.Integral):
-        return str(int(value))
-    if isinstance(value, numbers.Real):
-        return repr(float(value))  # inf and nan spell the same in TOML
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")

@@ -7,19 +7,15 @@ from pathlib import Path
 import pytest
 
 import loadtest.__main__ as cli
+from autoglm.cli import build_parser, comma_list, settings_from_args
 from autoglm.errors import ConfigError
 from autoglm.config import LoadtestSettings, SweepGrid
 from loadtest.runner import LoadSpec, locust_command
 
 
 def _options(*argv) -> LoadtestSettings:
-    return cli.settings_with_flags(cli.parser().parse_args(list(argv))).loadtest
-
-
-def test_built_and_listed_by_the_umbrella_cli():
-    from autoglm.cli import available_commands
-
-    assert cli.BUILT is True and "loadtest" in available_commands()
+    args = build_parser("autoglm loadtest", None, cli.FLAGS).parse_args(list(argv))
+    return settings_from_args(args, cli.FLAGS).loadtest
 
 
 def test_sweep_flags_become_the_grid():
@@ -36,7 +32,7 @@ def test_bad_values_are_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r"drop --sweep \(loadtest.sweep\) or use --shape steady"):
         _options("--sweep", "--shape", "spike")
     with pytest.raises(argparse.ArgumentTypeError, match="comma-separated list of integers"):
-        cli._ints("0,fast")
+        comma_list(int)("0,fast")
 
 
 def test_flags_override_the_config_file_and_the_rest_of_it_stands(tmp_path):

@@ -70,15 +70,19 @@ def test_the_gateway_comes_from_the_shared_config_file_then_environment_then_fla
 
 
 def test_the_serve_flags_are_shorthands_of_the_serve_section(tmp_path):
-    from serve.__main__ import _parser, resolve
+    from autoglm.cli import build_parser, settings_from_args
+    from serve.__main__ import FLAGS, check, gateway_settings
+
+    def resolve(*argv):
+        settings = settings_from_args(build_parser("autoglm serve", None, FLAGS).parse_args(argv), FLAGS)
+        check(settings)
+        return settings, gateway_settings(settings)
 
     keys = tmp_path / "keys"
     keys.write_text(f"ci:{hash_api_key('k')}\n")
-    args = _parser().parse_args(["-g", "max_in_flight=32", "--workers", "2", "--api-keys-file", str(keys),
-                                 "--set", "serve.host='0.0.0.0'", "--models", "fp32,int8", "--flavour", "native",
-                                 "--control-port", "0", "-a", "max_instances=3"])
-
-    settings, gateway = resolve(args)
+    settings, gateway = resolve("-g", "max_in_flight=32", "--workers", "2", "--api-keys-file", str(keys),
+                                "--set", "serve.host='0.0.0.0'", "--models", "fp32,int8", "--flavour", "native",
+                                "--control-port", "0", "-a", "max_instances=3")
 
     assert (settings.serve.models, settings.serve.flavour, settings.serve.control_port, settings.serve.autoscale) == \
         (["fp32", "int8"], "native", 0, True)  # -a implies --autoscale
@@ -89,8 +93,8 @@ def test_the_serve_flags_are_shorthands_of_the_serve_section(tmp_path):
     assert (gateway.max_in_flight, gateway.workers, gateway.host, [k.name for k in gateway.api_keys]) == \
         (32, 2, "0.0.0.0", ["ci"])
     with pytest.raises(ConfigError, match="API keys are required"):
-        resolve(_parser().parse_args(["--set", "serve.host='0.0.0.0'"]))
+        resolve("--set", "serve.host='0.0.0.0'")
     with pytest.raises(ConfigError, match=r"serve\.autoscale_rules: latency_ms: .*greater than 0"):
-        resolve(_parser().parse_args(["-a", "latency_ms=0"]))  # refused before anything starts
+        resolve("-a", "latency_ms=0")  # refused before anything starts
     with pytest.raises(ConfigError, match=r"serve\.gateway\.workers: .*greater than or equal to 1"):
-        resolve(_parser().parse_args(["--workers", "0"]))  # not dropped for the config's 1
+        resolve("--workers", "0")  # not dropped for the config's 1
