@@ -67,7 +67,9 @@ def build_payloads(settings: Settings, task_info: dict[str, Any], samples: int =
     from autoglm.tasks import get_task
 
     if settings.task.name != task_info["task"]:
-        settings = settings.model_copy(update={"task": settings.task.model_copy(update={"name": task_info["task"]})})
+        # the served task, not the configured one: the configured model settings belong to another task
+        served = settings.task.model_copy(update={"name": task_info["task"], "model": {}})
+        settings = settings.model_copy(update={"task": served})
     task = get_task(settings)
     task.prepare()
     batches = task.batches("val", per_request, samples, seed=settings.run.seed, model_args=task_info["model_args"])

@@ -14,7 +14,8 @@ FLAGS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return stage_main(argv, "autoglm tune", __doc__, FLAGS, "tune.stage:tune_run")
+    return stage_main(argv, "autoglm tune", __doc__, FLAGS, "tune.stage:tune_run",
+                      check="compress:check_settings")
 
 
 if __name__ == "__main__":

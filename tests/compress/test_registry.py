@@ -50,9 +50,11 @@ def test_variants_that_need_calibration_data_are_refused_without_it(variants, mo
         check_settings(settings)
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
 @pytest.mark.parametrize("command", ["compress", "tune"])
-def test_the_stage_commands_refuse_an_unknown_variant_before_writing_anything(command, tmp_path, capsys):
-    code = cli([command, "--run", "bad", "--set", f"run.root='{tmp_path}'", "--set", "compress.variants=['int4']"])
+def test_the_stage_commands_refuse_an_unknown_variant_before_writing_anything(command, dry_run, tmp_path, capsys):
+    code = cli([command, *dry_run, "--run", "bad", "--set", f"run.root='{tmp_path}'",
+                "--set", "compress.variants=['int4']"])
 
     err = capsys.readouterr().err
     assert code == 2 and "unknown variant(s) ['int4']: choose from ['fp32'," in err and "Traceback" not in err

@@ -52,3 +52,9 @@ def test_unknown_task_kinds_point_at_the_v2_scenario():
         task_requests(info, {"x": np.zeros((1, 3), np.float32)}, 4)
     with pytest.raises(AutoGLMError, match="dtype complex64"):
         v2_body({"x": np.zeros((1, 2), np.complex64)})
+
+
+def test_payloads_follow_the_served_task_not_the_configured_model(settings_in):
+    # a config for another task (charlm's model settings) must not be checked against the served digits task
+    payloads = build_payloads(settings_in("task.name='charlm'", "task.model.n_layer=2"), _digits_info(), samples=2)
+    assert len(payloads["scenarios"]["task"]) == 2
