@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from serve.gateway.core import Gateway
 from serve.gateway.guard import Caller
+from serve.gateway.worker import Gateway
 
 _bearer = HTTPBearer(auto_error=False, description="an API key; optional when the gateway binds loopback only")
 

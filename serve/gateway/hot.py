@@ -16,11 +16,11 @@ import time
 
 import orjson
 
-from serve.gateway.core import JSON, Gateway
 from serve.gateway.errors import BadInput, Refused, error_body
 from serve.gateway.guard import read_body
 from serve.gateway.tasks import images_tensor, predictions
 from serve.gateway.tensors import validate
+from serve.gateway.worker import JSON, Gateway
 
 INFER = "/v2/models/{model}/infer"
 PREDICT = "/v1/models/{model}:predict"

@@ -21,8 +21,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoglm.sampling import Sampler, StopMatcher
-from serve.gateway.core import Gateway
 from serve.gateway.errors import BadInput, Refused
+from serve.gateway.worker import Gateway
 
 log = logging.getLogger("serve.gateway")
 

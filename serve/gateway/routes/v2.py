@@ -11,9 +11,9 @@ from typing import Any
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
-from serve.gateway.core import MODEL_NAME, Gateway
 from serve.gateway.deps import CallerDep, GatewayDep
 from serve.gateway.errors import BadInput
+from serve.gateway.worker import MODEL_NAME, Gateway
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
