@@ -19,11 +19,11 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
+from serve.gateway.classify import PredictResponse
 from serve.gateway.deps import gateway_of
 from serve.gateway.errors import JSONResponse, Refused
 from serve.gateway.hot import hot_route, serve_guarded
 from serve.gateway.routes import ops, tasks, v2
-from serve.gateway.tasks import PredictResponse
 from serve.gateway.worker import Gateway
 from serve.settings import GatewaySettings
 

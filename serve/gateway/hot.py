@@ -16,9 +16,9 @@ import time
 
 import orjson
 
+from serve.gateway.classify import images_tensor, predictions
 from serve.gateway.errors import BadInput, Refused, error_body
 from serve.gateway.guard import read_body
-from serve.gateway.tasks import images_tensor, predictions
 from serve.gateway.tensors import validate
 from serve.gateway.worker import JSON, Gateway
 
