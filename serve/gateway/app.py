@@ -1,6 +1,6 @@
-"""The gateway app factory: FastAPI for docs, health, metadata and generation; bare ASGI for the hot routes.
+"""The gateway app factory: FastAPI for docs, health, metadata and generation; bare ASGI for the fast routes.
 
-:class:`GatewayApp` answers the hot routes (v2 infer, :predict) itself, before any framework layer;
+:class:`GatewayApp` answers the fast routes (v2 infer, :predict) itself, before any framework layer;
 everything else goes through FastAPI: its error middleware → :class:`RouteMetrics` →
 :class:`BodyLimit` → routing. The
 Triton pool and all per-worker state are created in ``lifespan``, once per worker process.
@@ -8,7 +8,9 @@ Triton pool and all per-worker state are created in ``lifespan``, once per worke
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,10 +21,9 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from serve.gateway.classify import PredictResponse
-from serve.gateway.deps import gateway_of
+from serve.gateway.deps import CallerDep, gateway_of
 from serve.gateway.errors import JSONResponse, Refused
-from serve.gateway.hot import hot_route, serve_guarded
+from serve.gateway.fast_path import FAST_ROUTES, FastRoute, fast_route, serve_fast
 from serve.gateway.routes import ops, tasks, v2
 from serve.gateway.worker import Gateway
 from serve.settings import GatewaySettings
@@ -109,24 +110,37 @@ async def _timeout(request: Request, exc: TimeoutError) -> JSONResponse:
     return _error(504, f"no answer within the gateway's request timeout of {timeout:g} s")
 
 
-def _doc_routes() -> list[APIRoute]:
-    """The hot routes as FastAPI would declare them: documentation only (never mounted)."""
-    return [APIRoute("/v2/models/{model}/infer", v2.infer_doc, methods=["POST"], tags=["v2"],
-                     summary="Inference (JSON or binary tensors)", response_model=v2.InferResponse),
-            APIRoute("/v2/models/{model}/versions/{version}/infer", v2.infer_version_doc, methods=["POST"],
-                     tags=["v2"], summary="Inference on one model version", response_model=v2.InferResponse),
-            APIRoute("/v1/models/{model}:predict", tasks.predict_doc, methods=["POST"], tags=["tasks"],
-                     summary="Classify images (classification tasks)", response_model=PredictResponse)]
+def _documented(route: FastRoute, path: str):
+    """A stand-in endpoint whose signature tells FastAPI what ``path`` takes: path parameters, body, API key."""
+    def param(name: str, annotation) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation)
+
+    params = [param(name, str) for name in re.findall(r"{(\w+)}", path)]
+    params += [param("request", route.body), param("_", CallerDep)]
+
+    async def endpoint(**_):
+        raise NotImplementedError  # pragma: no cover - documentation only: GatewayApp answers before FastAPI
+
+    endpoint.__signature__ = inspect.Signature(params)
+    endpoint.__name__ = route.handler.__name__
+    return endpoint
+
+
+def _fast_route_docs() -> list[APIRoute]:
+    """The fast routes as FastAPI would declare them, from :data:`FAST_ROUTES`: for the OpenAPI document only."""
+    return [APIRoute(path, _documented(route, path), methods=["POST"], tags=[route.tag], summary=summary,
+                     description=route.description, response_model=route.response)
+            for route in FAST_ROUTES for path, summary in route.operations]
 
 
 class GatewayApp(FastAPI):
-    """FastAPI with the hot routes dispatched first, as bare ASGI (see :mod:`serve.gateway.hot`)."""
+    """FastAPI with the fast routes dispatched first, as bare ASGI (see :mod:`serve.gateway.fast_path`)."""
 
     async def __call__(self, scope, receive, send) -> None:
-        hot = hot_route(scope)
-        if hot is None:
+        route = fast_route(scope)
+        if route is None:
             return await super().__call__(scope, receive, send)
-        await serve_guarded(gateway_of(self), scope, receive, send, *hot)
+        await serve_fast(gateway_of(self), route, scope, receive, send)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -159,7 +173,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     def openapi() -> dict:
         if app.openapi_schema is None:
             app.openapi_schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                             routes=[*_doc_routes(), *app.routes])
+                                             routes=[*_fast_route_docs(), *app.routes])
         return app.openapi_schema
 
     app.openapi = openapi

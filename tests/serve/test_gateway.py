@@ -267,6 +267,34 @@ async def test_openapi_documents_hot_routes_and_task_schemas():
     assert "PredictRequest" in schema["components"]["schemas"] and docs.status == 200
 
 
+
+async def test_each_fast_route_is_documented_and_dispatched_from_the_one_table():
+    from serve.gateway.fast_path import FAST_ROUTES
+
+    gw, _ = fake_gateway()
+    async with client(gw) as c:
+        schema = (await c.get("/openapi.json")).json()
+        for route in FAST_ROUTES:
+            for path, summary in route.operations:
+                operation = schema["paths"][path]["post"]
+                body = operation["requestBody"]["content"]["application/json"]["schema"]
+                assert operation["summary"] == summary and body["$ref"].endswith(f"/{route.body.__name__}")
+                # an empty body: refused by the route's own handler, counted under the route's label
+                reply = await c.post(path.format(model="digits-fp32", version="1"), body=b"")
+                assert reply.status == 400 and "not valid JSON" in reply.error, (path, reply.body)
+    counted = {label: n for (label, _), n in gw.metrics.requests.items() if label != "other"}  # "other": the schema
+    assert counted == {route.path: len(route.operations) for route in FAST_ROUTES}
+
+
+def test_a_fast_route_refuses_a_further_path_that_its_dispatch_would_not_match():
+    from serve.gateway.fast_path import FAST_ROUTES, FastRoute
+
+    infer = FAST_ROUTES[0]
+    with pytest.raises(ValueError, match="give it a FastRoute of its own"):
+        FastRoute(infer.path, infer.handler, infer.body, infer.response, "v2", "infer", "",
+                  also=(("/v2/models/{model}/infer_async", "elsewhere"),))
+
+
 def test_gateway_never_imports_torch_or_onnx():
     code = ("import sys, serve, serve.__main__, serve.gateway.app as a; a.create_app(); "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx', 'onnxruntime')); "

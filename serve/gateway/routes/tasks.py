@@ -1,4 +1,4 @@
-"""Task endpoints: ``/v1/models/{model}:generate`` and ``:score`` (``:predict`` is a hot route)."""
+"""Task endpoints: ``/v1/models/{model}:generate`` and ``:score`` (``:predict`` is a fast route)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from serve.gateway import classify, language_model
+from serve.gateway import language_model
 from serve.gateway.deps import CallerDep, GatewayDep, Slot
 
 router = APIRouter(prefix="/v1/models", tags=["tasks"])
@@ -36,10 +36,3 @@ async def score(model: str, request: language_model.ScoreRequest, gw: GatewayDep
     triton_model = gw.task_model(model, "score")
     async with asyncio.timeout(gw.settings.request_timeout_s):
         return await language_model.score(gw, triton_model, request)
-
-
-async def predict_doc(model: str, request: classify.PredictRequest, _: CallerDep) -> classify.PredictResponse:
-    """Classify raw 8x8 digit images (pixels 0..16): the class label and its probabilities per image.
-
-    ``model`` is the task name (its recommended variant), a variant name, or a Triton model name."""
-    raise NotImplementedError  # pragma: no cover - served by serve.gateway.hot

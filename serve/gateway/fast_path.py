@@ -1,30 +1,70 @@
-"""The hot routes as bare ASGI, in front of FastAPI's routing: v2 ``infer`` passthrough and ``:predict``.
+"""The fast routes: v2 ``infer`` and ``:predict``, answered as bare ASGI in front of FastAPI's routing.
 
 FastAPI's dependency and validation machinery costs ≈150-180 µs per request and Starlette's routing
 ≈90 µs more than bare ASGI (measured on this 2-core class of host, where Triton's own work is
-≈420 µs); those microseconds come straight out of Triton's throughput. So these two routes are
-matched by prefix before any framework layer and handled with plain functions; everything else
-(docs, health, metadata, generation) falls through to FastAPI (see ``GatewayApp.__call__``). The
-same guard, limits and metrics apply to both paths, and tests still swap the :class:`Gateway`
-through ``app.dependency_overrides[get_gateway]``.
+≈420 µs); those microseconds come straight out of Triton's throughput. So these routes are matched
+by the fixed ends of their paths before any framework layer and handled with plain functions;
+everything else (docs, health, metadata, generation) falls through to FastAPI (see
+``GatewayApp.__call__``). :data:`FAST_ROUTES` is the one table of them: the dispatch here and their
+OpenAPI operations (built in :mod:`serve.gateway.app`) both come from it. The same guard, limits and
+metrics apply to both paths, and tests still swap the :class:`Gateway` through
+``app.dependency_overrides[get_gateway]``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import orjson
+from pydantic import BaseModel
 
-from serve.gateway.classify import images_tensor, predictions
+from serve.gateway.classify import PredictRequest, PredictResponse, images_tensor, predictions
 from serve.gateway.errors import BadInput, Refused, error_body
 from serve.gateway.guard import read_body
-from serve.gateway.tensors import validate
+from serve.gateway.tensors import InferRequest, InferResponse, validate
 from serve.gateway.worker import JSON, Gateway
 
 INFER = "/v2/models/{model}/infer"
 PREDICT = "/v1/models/{model}:predict"
 log = logging.getLogger("serve.gateway")
+Handler = Callable[[Gateway, dict, dict, bytes], Awaitable[tuple[int, tuple, bytes]]]  # -> (status, headers, body)
+
+
+@dataclass(frozen=True)
+class FastRoute:
+    """A POST route answered before FastAPI, matched by the fixed start and end of its path template.
+
+    ``path`` is its OpenAPI template and the route label of its metrics; ``also`` lists further
+    templates (with their summaries) that the same handler answers under the same label.
+    """
+
+    path: str
+    handler: Handler
+    body: type[BaseModel]  # what the request body holds
+    response: type[BaseModel]
+    tag: str
+    summary: str
+    description: str
+    also: tuple[tuple[str, str], ...] = ()
+    prefix: str = field(init=False)
+    suffix: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        prefix, suffix = self.path[:self.path.index("{")], self.path[self.path.rindex("}") + 1:]
+        for path, _ in self.also:
+            if not (path.startswith(prefix) and path.endswith(suffix)):
+                raise ValueError(f"{path} does not start with {prefix!r} and end with {suffix!r} as {self.path} "
+                                 f"does: give it a FastRoute of its own")
+        object.__setattr__(self, "prefix", prefix)
+        object.__setattr__(self, "suffix", suffix)
+
+    @property
+    def operations(self) -> tuple[tuple[str, str], ...]:
+        """(path template, summary) of every path this route answers."""
+        return ((self.path, self.summary), *self.also)
 
 
 async def respond(send, status: int, headers, body: bytes) -> None:
@@ -33,8 +73,8 @@ async def respond(send, status: int, headers, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def serve_guarded(gw: Gateway, scope, receive, send, route: str, handler) -> None:
-    """Auth, rate limit, body limit, in-flight bound and timeouts around ``handler``; then metrics."""
+async def serve_fast(gw: Gateway, route: FastRoute, scope, receive, send) -> None:
+    """Auth, rate limit, body limit, in-flight bound and timeouts around ``route``'s handler; then metrics."""
     started = time.perf_counter()
     headers = dict(scope["headers"])
     admitted = False
@@ -44,7 +84,7 @@ async def serve_guarded(gw: Gateway, scope, receive, send, route: str, handler) 
         gw.guard.admit()
         admitted = True
         body = await read_body(receive, gw.settings.max_body_bytes, gw.guard.too_large(), gw.settings.request_timeout_s)
-        status, out_headers, payload = await handler(gw, scope, headers, body)
+        status, out_headers, payload = await route.handler(gw, scope, headers, body)
     except Refused as refused:
         status, out_headers, payload = refused.status, (JSON, *refused.headers), error_body(str(refused))
         if refused.shed:
@@ -53,13 +93,13 @@ async def serve_guarded(gw: Gateway, scope, receive, send, route: str, handler) 
         status, out_headers = 504, (JSON,)
         payload = error_body(f"no answer within the gateway's request timeout of {gw.settings.request_timeout_s:g} s")
     except Exception:  # a bug of ours, not the client's: logged, answered 500, the worker keeps serving
-        log.exception("%s failed", route)
+        log.exception("%s failed", route.path)
         status, out_headers, payload = 500, (JSON,), error_body("internal error in the gateway (logged)")
     finally:
         if admitted:
             gw.guard.release()
     await respond(send, status, out_headers, payload)
-    gw.metrics.observe(route, status, time.perf_counter() - started)
+    gw.metrics.observe(route.path, status, time.perf_counter() - started)
 
 
 def _model_from_path(path: str) -> tuple[str, bytes]:
@@ -114,12 +154,21 @@ async def predict(gw: Gateway, scope, headers: dict, body: bytes):
     return 200, (JSON,), orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def hot_route(scope) -> tuple[str, object] | None:
-    """(route label, handler) when ``scope`` is a hot route, else None."""
+FAST_ROUTES = (
+    FastRoute(INFER, infer_passthrough, InferRequest, InferResponse, "v2", "Inference (JSON or binary tensors)",
+              "Validated against the model's config, then forwarded to Triton unchanged (JSON or binary).",
+              also=(("/v2/models/{model}/versions/{version}/infer", "Inference on one model version"),)),
+    FastRoute(PREDICT, predict, PredictRequest, PredictResponse, "tasks", "Classify images (classification tasks)",
+              "Classify raw 8x8 digit images (pixels 0..16): the class label and its probabilities per image.\n\n"
+              "``model`` is the task name (its recommended variant), a variant name, or a Triton model name."),
+)
+
+
+def fast_route(scope) -> FastRoute | None:
+    """The fast route answering ``scope``; None when FastAPI answers it."""
     if scope["type"] == "http" and scope["method"] == "POST":
         path = scope["path"]
-        if path.startswith("/v2/models/") and path.endswith("/infer"):
-            return INFER, infer_passthrough
-        if path.startswith("/v1/models/") and path.endswith(":predict"):
-            return PREDICT, predict
+        for route in FAST_ROUTES:
+            if path.startswith(route.prefix) and path.endswith(route.suffix):
+                return route
     return None
