@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from serve.gateway.deps import CallerDep, gateway_of
 from serve.gateway.errors import JSONResponse, Refused
 from serve.gateway.fast_path import FAST_ROUTES, FastRoute, fast_route, serve_fast
+from serve.gateway.guard import limited
 from serve.gateway.routes import ops, tasks, v2
 from serve.gateway.worker import Gateway
 from serve.settings import GatewaySettings
@@ -41,22 +42,12 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         gw = gateway_of(scope["app"])
-        limit, message = gw.settings.max_body_bytes, gw.guard.too_large()
         try:
             gw.guard.check_length(dict(scope["headers"]).get(b"content-length"))
         except Refused as refused:
-            return await JSONResponse({"error": str(refused)}, status_code=refused.status)(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            event = await receive()
-            seen += len(event.get("body", b""))
-            if seen > limit:  # an HTTPException passes through FastAPI's body parsing unchanged
-                raise HTTPException(413, message)
-            return event
-
-        await self.app(scope, counted, send)
+            return await _error(*gw.refusal(refused))(scope, receive, send)
+        message = gw.guard.too_large()  # raised as an HTTPException: FastAPI's body parsing lets that one through
+        await self.app(scope, limited(receive, gw.settings.max_body_bytes, lambda: HTTPException(413, message)), send)
 
 
 class RouteMetrics:
@@ -84,30 +75,24 @@ class RouteMetrics:
             gateway_of(scope["app"]).metrics.observe(label, status, time.perf_counter() - started)
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def _error(status: int, headers, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status,
+                        headers={k.decode(): v.decode() for k, v in headers} if headers else None)
 
 
-async def _refused(request: Request, exc: Refused) -> JSONResponse:
-    if exc.shed:
-        gateway_of(request.app).metrics.shed_one(exc.shed)
-    return _error(exc.status, str(exc), {k.decode(): v.decode() for k, v in exc.headers})
+async def _refused(request: Request, exc: Refused | TimeoutError) -> JSONResponse:
+    return _error(*gateway_of(request.app).refusal(exc))
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
                          for e in exc.errors())
     status = 400 if any(e["type"] == "json_invalid" for e in exc.errors()) else 422
-    return _error(status, f"invalid request: {problems}")
+    return _error(status, (), f"invalid request: {problems}")
 
 
 async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail), exc.headers)
-
-
-async def _timeout(request: Request, exc: TimeoutError) -> JSONResponse:
-    timeout = gateway_of(request.app).settings.request_timeout_s
-    return _error(504, f"no answer within the gateway's request timeout of {timeout:g} s")
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
 
 def _documented(route: FastRoute, path: str):
@@ -166,7 +151,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(Refused, _refused)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http)
-    app.add_exception_handler(TimeoutError, _timeout)
+    app.add_exception_handler(TimeoutError, _refused)
     app.add_middleware(BodyLimit)
     app.add_middleware(RouteMetrics)  # added last: outermost, so it sees BodyLimit's 413s too
 

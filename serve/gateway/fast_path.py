@@ -74,30 +74,23 @@ async def respond(send, status: int, headers, body: bytes) -> None:
 
 
 async def serve_fast(gw: Gateway, route: FastRoute, scope, receive, send) -> None:
-    """Auth, rate limit, body limit, in-flight bound and timeouts around ``route``'s handler; then metrics."""
+    """``route``'s handler within the guard's admission, the body limit and the timeouts; then metrics."""
     started = time.perf_counter()
     headers = dict(scope["headers"])
-    admitted = False
     try:
-        gw.guard.check(headers.get(b"authorization"), (scope.get("client") or ("",))[0])
-        gw.guard.check_length(headers.get(b"content-length"))
-        gw.guard.admit()
-        admitted = True
-        body = await read_body(receive, gw.settings.max_body_bytes, gw.guard.too_large(), gw.settings.request_timeout_s)
-        status, out_headers, payload = await route.handler(gw, scope, headers, body)
-    except Refused as refused:
-        status, out_headers, payload = refused.status, (JSON, *refused.headers), error_body(str(refused))
-        if refused.shed:
-            gw.metrics.shed_one(refused.shed)
-    except TimeoutError:
-        status, out_headers = 504, (JSON,)
-        payload = error_body(f"no answer within the gateway's request timeout of {gw.settings.request_timeout_s:g} s")
+        gw.guard.admit(headers.get(b"authorization"), (scope.get("client") or ("",))[0], headers.get(b"content-length"))
+        try:
+            body = await read_body(receive, gw.settings.max_body_bytes, gw.guard.too_large(),
+                                   gw.settings.request_timeout_s)
+            status, out_headers, payload = await route.handler(gw, scope, headers, body)
+        finally:
+            gw.guard.release()
+    except (Refused, TimeoutError) as exc:
+        status, extra, message = gw.refusal(exc)
+        out_headers, payload = (JSON, *extra), error_body(message)
     except Exception:  # a bug of ours, not the client's: logged, answered 500, the worker keeps serving
         log.exception("%s failed", route.path)
         status, out_headers, payload = 500, (JSON,), error_body("internal error in the gateway (logged)")
-    finally:
-        if admitted:
-            gw.guard.release()
     await respond(send, status, out_headers, payload)
     gw.metrics.observe(route.path, status, time.perf_counter() - started)
 

@@ -74,6 +74,15 @@ class Gateway:
         ready = triton and all(states.values())
         return 200 if ready else 503, {"ready": ready, "triton": triton, "models": states}
 
+    def refusal(self, exc: Refused | TimeoutError) -> tuple[int, tuple[tuple[bytes, bytes], ...], str]:
+        """(status, extra headers, message) answering a request refused or timed out, on either path;
+        a request shed to protect the service is counted."""
+        if isinstance(exc, TimeoutError):
+            return 504, (), f"no answer within the gateway's request timeout of {self.settings.request_timeout_s:g} s"
+        if exc.shed:
+            self.metrics.shed_one(exc.shed)
+        return exc.status, exc.headers, str(exc)
+
     # ---- talking to Triton -------------------------------------------------------------------------
     async def call(self, method: bytes, target: bytes, body: bytes = b"",
                    headers: list[tuple[bytes, bytes]] | tuple = ()) -> UpstreamResponse:

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from serve.gateway import language_model
-from serve.gateway.deps import CallerDep, GatewayDep, Slot
+from serve.gateway.deps import AdmittedDep, GatewayDep
 
 router = APIRouter(prefix="/v1/models", tags=["tasks"])
 
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/v1/models", tags=["tasks"])
              response_model=language_model.GenerateResponse,
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "with stream=true: text deltas as generated, then the summary"}})
-async def generate(model: str, request: language_model.GenerateRequest, gw: GatewayDep, _: CallerDep, __: Slot):
+async def generate(model: str, request: language_model.GenerateRequest, gw: GatewayDep, _: AdmittedDep):
     """Continue ``prompt``. Named by task, generation runs in Triton's KV-cache model, where the steps of all
     live sequences share batches; named by variant, the context is recomputed for every character."""
     triton_model = gw.task_model(model, "generate")
@@ -31,8 +31,8 @@ async def generate(model: str, request: language_model.GenerateRequest, gw: Gate
 
 
 @router.post("/{model}:score", summary="Loss and perplexity of a text (language-model tasks)")
-async def score(model: str, request: language_model.ScoreRequest, gw: GatewayDep, _: CallerDep,
-                __: Slot) -> language_model.ScoreResponse:
+async def score(model: str, request: language_model.ScoreRequest, gw: GatewayDep,
+                _: AdmittedDep) -> language_model.ScoreResponse:
     triton_model = gw.task_model(model, "score")
     async with asyncio.timeout(gw.settings.request_timeout_s):
         return await language_model.score(gw, triton_model, request)
