@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import orjson
 from pydantic import BaseModel
 
-from serve.gateway.classify import PredictRequest, PredictResponse, images_tensor, predictions
+from serve.gateway.classify import PredictRequest, PredictResponse, images_tensor, predictions, read_images
 from serve.gateway.errors import BadInput, Refused, error_body
 from serve.gateway.guard import read_body
 from serve.gateway.tensors import InferRequest, InferResponse, validate
@@ -131,15 +131,10 @@ async def predict(gw: Gateway, scope, headers: dict, body: bytes):
     """``{"images": [...]}`` -> ``{"model", "predictions": [{"class", "probabilities"}]}``."""
     name = scope["path"][len("/v1/models/"):-len(":predict")]
     model = gw.task_model(name, "predict")
-    try:
-        request = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadInput(f"the request body is not valid JSON ({exc})") from None
-    if not isinstance(request, dict) or set(request) != {"images"}:
-        raise BadInput("the request body must be {\"images\": [[8 rows of 8 pixels], ...]}", 422)
     spec = gw.catalog.io["inputs"][0]
+    images = read_images(body, spec)
     sig = await gw.signature(model)
-    x = images_tensor(request["images"], gw.catalog.metadata, spec, sig.max_batch_size or 1)
+    x = images_tensor(images, gw.catalog.metadata, spec, sig.max_batch_size or 1)
     gw.metrics.observe_rows(PREDICT, len(x))
     out_name = gw.catalog.io["outputs"][0]["name"]
     logits = (await gw.infer(model, {spec["name"]: x}, (out_name,)))[out_name]

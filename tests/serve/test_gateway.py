@@ -42,6 +42,8 @@ async def test_predict_answers_class_and_probabilities_per_image():
 
 @pytest.mark.parametrize(("name", "payload", "status", "words"), [
     ("digits", b"{not json", 400, "not valid JSON"),
+    ("digits", b'{"images": [[[NaN]]]}', 400, "not valid JSON"),
+    ("digits", b'{"images": [[[1e999]]]}', 400, "not valid JSON"),
     ("digits", {"pictures": [IMAGE]}, 422, "images"),
     ("digits", {"images": []}, 422, "non-empty"),
     ("digits", {"images": [[[1.0] * 7] * 8]}, 422, "8x8"),
@@ -57,6 +59,26 @@ async def test_predict_refuses_bad_input_with_a_4xx_naming_it(name, payload, sta
         reply = await c.post(f"/v1/models/{name}:predict", body=body)
     assert reply.status == status and words in reply.error
     assert not any(t.endswith(b"/infer") for _, t, _, _ in triton.requests)
+
+
+@pytest.mark.parametrize(("body", "accepted"), [
+    ({"images": [IMAGE, BRIGHT]}, True),
+    ({"images": [[IMAGE]]}, True),  # with the model's channel axis, 1x8x8
+    ({"images": [IMAGE], "colour": "red"}, False),
+    ({"images": [IMAGE[0]]}, False),  # one row is not an image
+    ({"images": IMAGE}, False),
+    ({"images": [[[None] * 8] * 8]}, False),
+    ([IMAGE], False),
+])
+async def test_predict_takes_exactly_the_bodies_its_openapi_schema_describes(body, accepted):
+    jsonschema = pytest.importorskip("jsonschema")
+    gw, _ = fake_gateway()
+    async with client(gw) as c:
+        schema = (await c.get("/openapi.json")).json()
+        reply = await c.post("/v1/models/digits:predict", json=body)
+    documented = {"$ref": "#/components/schemas/PredictRequest", "components": schema["components"]}
+    assert jsonschema.Draft202012Validator(documented).is_valid(body) is accepted
+    assert (reply.status == 200) is accepted, reply.body
 
 
 async def test_language_model_verbs_are_not_classification():
