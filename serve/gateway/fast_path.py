@@ -27,10 +27,9 @@ from serve.gateway.guard import read_body
 from serve.gateway.tensors import InferRequest, InferResponse, validate
 from serve.gateway.worker import JSON, Gateway
 
-INFER = "/v2/models/{model}/infer"
-PREDICT = "/v1/models/{model}:predict"
 log = logging.getLogger("serve.gateway")
-Handler = Callable[[Gateway, dict, dict, bytes], Awaitable[tuple[int, tuple, bytes]]]  # -> (status, headers, body)
+# (gateway, its route, scope, headers, body) -> (status, headers, body)
+Handler = Callable[[Gateway, "FastRoute", dict, dict, bytes], Awaitable[tuple[int, tuple, bytes]]]
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ async def serve_fast(gw: Gateway, route: FastRoute, scope, receive, send) -> Non
         try:
             body = await read_body(receive, gw.settings.max_body_bytes, gw.guard.too_large(),
                                    gw.settings.request_timeout_s)
-            status, out_headers, payload = await route.handler(gw, scope, headers, body)
+            status, out_headers, payload = await route.handler(gw, route, scope, headers, body)
         finally:
             gw.guard.release()
     except (Refused, TimeoutError) as exc:
@@ -95,22 +94,22 @@ async def serve_fast(gw: Gateway, route: FastRoute, scope, receive, send) -> Non
     gw.metrics.observe(route.path, status, time.perf_counter() - started)
 
 
-def _model_from_path(path: str) -> tuple[str, bytes]:
+def _model_from_path(route: FastRoute, path: str) -> tuple[str, bytes]:
     """``/v2/models/<m>[/versions/<v>]/infer`` -> (model, target to forward)."""
-    parts = path[len("/v2/models/"):].split("/")
+    parts = path[len(route.prefix):].split("/")
     if len(parts) == 2 or (len(parts) == 4 and parts[1] == "versions" and parts[2].isdigit()):
         return parts[0], path.encode()
     raise BadInput(f"no such endpoint {path}: use /v2/models/<model>[/versions/<n>]/infer", 404)
 
 
-async def infer_passthrough(gw: Gateway, scope, headers: dict, body: bytes):
+async def infer_passthrough(gw: Gateway, route: FastRoute, scope, headers: dict, body: bytes):
     """Validate against the model's config, forward the body bytes unchanged, relay Triton's answer."""
-    model, target = _model_from_path(scope["path"])
+    model, target = _model_from_path(route, scope["path"])
     if headers.get(b"content-encoding", b"identity") != b"identity":
         raise BadInput("compressed request bodies are not accepted: send the body uncompressed", 415)
     sig = await gw.signature(model)
     header_length = headers.get(b"inference-header-content-length")
-    gw.metrics.observe_rows(INFER, validate(sig, body, header_length))
+    gw.metrics.observe_rows(route.path, validate(sig, body, header_length))
     forward = [(b"Content-Type", headers.get(b"content-type", b"application/json"))]
     if header_length is not None:
         forward.append((b"Inference-Header-Content-Length", header_length))
@@ -127,15 +126,15 @@ async def infer_passthrough(gw: Gateway, scope, headers: dict, body: bytes):
     return response.status, out, response.body
 
 
-async def predict(gw: Gateway, scope, headers: dict, body: bytes):
+async def predict(gw: Gateway, route: FastRoute, scope, headers: dict, body: bytes):
     """``{"images": [...]}`` -> ``{"model", "predictions": [{"class", "probabilities"}]}``."""
-    name = scope["path"][len("/v1/models/"):-len(":predict")]
+    name = scope["path"][len(route.prefix):-len(route.suffix)]
     model = gw.task_model(name, "predict")
     spec = gw.catalog.io["inputs"][0]
     images = read_images(body, spec)
     sig = await gw.signature(model)
     x = images_tensor(images, gw.catalog.metadata, spec, sig.max_batch_size or 1)
-    gw.metrics.observe_rows(PREDICT, len(x))
+    gw.metrics.observe_rows(route.path, len(x))
     out_name = gw.catalog.io["outputs"][0]["name"]
     logits = (await gw.infer(model, {spec["name"]: x}, (out_name,)))[out_name]
     payload = {"model": model, "predictions": predictions(logits, gw.catalog.metadata["classes"])}
@@ -143,12 +142,15 @@ async def predict(gw: Gateway, scope, headers: dict, body: bytes):
 
 
 FAST_ROUTES = (
-    FastRoute(INFER, infer_passthrough, InferRequest, InferResponse, "v2", "Inference (JSON or binary tensors)",
-              "Validated against the model's config, then forwarded to Triton unchanged (JSON or binary).",
+    FastRoute("/v2/models/{model}/infer", infer_passthrough, InferRequest, InferResponse, tag="v2",
+              summary="Inference (JSON or binary tensors)",
+              description="Validated against the model's config, then forwarded to Triton unchanged (JSON or binary).",
               also=(("/v2/models/{model}/versions/{version}/infer", "Inference on one model version"),)),
-    FastRoute(PREDICT, predict, PredictRequest, PredictResponse, "tasks", "Classify images (classification tasks)",
-              "Classify raw 8x8 digit images (pixels 0..16): the class label and its probabilities per image.\n\n"
-              "``model`` is the task name (its recommended variant), a variant name, or a Triton model name."),
+    FastRoute("/v1/models/{model}:predict", predict, PredictRequest, PredictResponse, tag="tasks",
+              summary="Classify images (classification tasks)",
+              description="Classify raw 8x8 digit images (pixels 0..16): the class label and its probabilities per "
+                          "image.\n\n``model`` is the task name (its recommended variant), a variant name, or a "
+                          "Triton model name."),
 )
 
 

@@ -277,7 +277,7 @@ async def test_v2_metadata_health_and_readiness_are_relayed():
     assert live.status == 503
 
 
-async def test_openapi_documents_hot_routes_and_task_schemas():
+async def test_openapi_documents_fast_routes_and_task_schemas():
     gw, _ = fake_gateway()
     async with client(gw) as c:
         schema = (await c.get("/openapi.json")).json()
