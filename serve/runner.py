@@ -22,7 +22,7 @@ from autoglm.config import Settings
 from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.local_http import DIRECT
 from serve.autoscale import Autoscaler, AutoscaleRules, GatewayLatency, TritonActuator, TritonMetrics, rules_from
-from serve.gateway.core import TaskCatalog
+from serve.gateway import TaskCatalog
 from serve.settings import GatewaySettings
 from serve.supervisor import GatewayProcess, Supervisor
 from serve.triton import TritonServer, free_port

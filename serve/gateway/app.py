@@ -1,6 +1,6 @@
-"""The gateway app factory: FastAPI for docs, health, metadata and generation; bare ASGI for the hot routes.
+"""The gateway app factory: FastAPI for docs, health, metadata and generation; bare ASGI for the fast routes.
 
-:class:`GatewayApp` answers the hot routes (v2 infer, :predict) itself, before any framework layer;
+:class:`GatewayApp` answers the fast routes (v2 infer, :predict) itself, before any framework layer;
 everything else goes through FastAPI: its error middleware → :class:`RouteMetrics` →
 :class:`BodyLimit` → routing. The
 Triton pool and all per-worker state are created in ``lifespan``, once per worker process.
@@ -8,7 +8,9 @@ Triton pool and all per-worker state are created in ``lifespan``, once per worke
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,12 +21,12 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
-from serve.gateway.core import Gateway
-from serve.gateway.deps import gateway_of
+from serve.gateway.deps import CallerDep, gateway_of
 from serve.gateway.errors import JSONResponse, Refused
-from serve.gateway.hot import hot_route, serve_guarded
+from serve.gateway.fast_path import FAST_ROUTES, FastRoute, fast_route, serve_fast
+from serve.gateway.guard import limited
 from serve.gateway.routes import ops, tasks, v2
-from serve.gateway.tasks import PredictResponse
+from serve.gateway.worker import Gateway
 from serve.settings import GatewaySettings
 
 SETTINGS_ENV = "SERVE_GATEWAY_SETTINGS"  # path of a JSON GatewaySettings, for uvicorn's worker processes
@@ -40,22 +42,12 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         gw = gateway_of(scope["app"])
-        limit, message = gw.settings.max_body_bytes, gw.guard.too_large()
         try:
             gw.guard.check_length(dict(scope["headers"]).get(b"content-length"))
         except Refused as refused:
-            return await JSONResponse({"error": str(refused)}, status_code=refused.status)(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            event = await receive()
-            seen += len(event.get("body", b""))
-            if seen > limit:  # an HTTPException passes through FastAPI's body parsing unchanged
-                raise HTTPException(413, message)
-            return event
-
-        await self.app(scope, counted, send)
+            return await _error(*gw.refusal(refused))(scope, receive, send)
+        message = gw.guard.too_large()  # raised as an HTTPException: FastAPI's body parsing lets that one through
+        await self.app(scope, limited(receive, gw.settings.max_body_bytes, lambda: HTTPException(413, message)), send)
 
 
 class RouteMetrics:
@@ -83,50 +75,57 @@ class RouteMetrics:
             gateway_of(scope["app"]).metrics.observe(label, status, time.perf_counter() - started)
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+def _error(status: int, headers, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status,
+                        headers={k.decode(): v.decode() for k, v in headers} if headers else None)
 
 
-async def _refused(request: Request, exc: Refused) -> JSONResponse:
-    if exc.shed:
-        gateway_of(request.app).metrics.shed_one(exc.shed)
-    return _error(exc.status, str(exc), {k.decode(): v.decode() for k, v in exc.headers})
+async def _refused(request: Request, exc: Refused | TimeoutError) -> JSONResponse:
+    return _error(*gateway_of(request.app).refusal(exc))
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
                          for e in exc.errors())
     status = 400 if any(e["type"] == "json_invalid" for e in exc.errors()) else 422
-    return _error(status, f"invalid request: {problems}")
+    return _error(status, (), f"invalid request: {problems}")
 
 
 async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail), exc.headers)
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
 
-async def _timeout(request: Request, exc: TimeoutError) -> JSONResponse:
-    timeout = gateway_of(request.app).settings.request_timeout_s
-    return _error(504, f"no answer within the gateway's request timeout of {timeout:g} s")
+def _documented(route: FastRoute, path: str):
+    """A stand-in endpoint whose signature tells FastAPI what ``path`` takes: path parameters, body, API key."""
+    def param(name: str, annotation) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation)
+
+    params = [param(name, str) for name in re.findall(r"{(\w+)}", path)]
+    params += [param("request", route.body), param("_", CallerDep)]
+
+    async def endpoint(**_):
+        raise NotImplementedError  # pragma: no cover - documentation only: GatewayApp answers before FastAPI
+
+    endpoint.__signature__ = inspect.Signature(params)
+    endpoint.__name__ = route.handler.__name__
+    return endpoint
 
 
-def _doc_routes() -> list[APIRoute]:
-    """The hot routes as FastAPI would declare them: documentation only (never mounted)."""
-    return [APIRoute("/v2/models/{model}/infer", v2.infer_doc, methods=["POST"], tags=["v2"],
-                     summary="Inference (JSON or binary tensors)", response_model=v2.InferResponse),
-            APIRoute("/v2/models/{model}/versions/{version}/infer", v2.infer_version_doc, methods=["POST"],
-                     tags=["v2"], summary="Inference on one model version", response_model=v2.InferResponse),
-            APIRoute("/v1/models/{model}:predict", tasks.predict_doc, methods=["POST"], tags=["tasks"],
-                     summary="Classify images (classification tasks)", response_model=PredictResponse)]
+def _fast_route_docs() -> list[APIRoute]:
+    """The fast routes as FastAPI would declare them, from :data:`FAST_ROUTES`: for the OpenAPI document only."""
+    return [APIRoute(path, _documented(route, path), methods=["POST"], tags=[route.tag], summary=summary,
+                     description=route.description, response_model=route.response)
+            for route in FAST_ROUTES for path, summary in route.operations]
 
 
 class GatewayApp(FastAPI):
-    """FastAPI with the hot routes dispatched first, as bare ASGI (see :mod:`serve.gateway.hot`)."""
+    """FastAPI with the fast routes dispatched first, as bare ASGI (see :mod:`serve.gateway.fast_path`)."""
 
     async def __call__(self, scope, receive, send) -> None:
-        hot = hot_route(scope)
-        if hot is None:
+        route = fast_route(scope)
+        if route is None:
             return await super().__call__(scope, receive, send)
-        await serve_guarded(gateway_of(self), scope, receive, send, *hot)
+        await serve_fast(gateway_of(self), route, scope, receive, send)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -152,14 +151,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_exception_handler(Refused, _refused)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http)
-    app.add_exception_handler(TimeoutError, _timeout)
+    app.add_exception_handler(TimeoutError, _refused)
     app.add_middleware(BodyLimit)
     app.add_middleware(RouteMetrics)  # added last: outermost, so it sees BodyLimit's 413s too
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             app.openapi_schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                             routes=[*_doc_routes(), *app.routes])
+                                             routes=[*_fast_route_docs(), *app.routes])
         return app.openapi_schema
 
     app.openapi = openapi

@@ -8,10 +8,11 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from serve.gateway.core import Gateway
 from serve.gateway.guard import Caller
+from serve.gateway.worker import Gateway
 
 _bearer = HTTPBearer(auto_error=False, description="an API key; optional when the gateway binds loopback only")
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]  # puts the key in the OpenAPI document
 
 
 async def get_gateway(request: Request) -> Gateway:
@@ -29,24 +30,27 @@ def gateway_of(app) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-async def authorize(request: Request, gw: GatewayDep,
-              _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
-    """The API key's owner (401 without a valid key where keys are set), within its rate limit (429)."""
+def _credentials(request: Request) -> tuple[bytes | None, str]:
     header = request.headers.get("authorization")
-    client = request.client.host if request.client else ""
-    return gw.guard.check(header.encode() if header is not None else None, client)
+    return header.encode() if header is not None else None, request.client.host if request.client else ""
+
+
+async def authorize(request: Request, gw: GatewayDep, _: Bearer) -> Caller:
+    """The API key's owner (401 without a valid key where keys are set), within its rate limit (429)."""
+    return gw.guard.check(*_credentials(request))
 
 
 CallerDep = Annotated[Caller, Depends(authorize)]
 
 
-async def in_flight_slot(gw: GatewayDep) -> AsyncIterator[None]:
-    """Hold one of the worker's in-flight slots for the request (503 + Retry-After when none is free)."""
-    gw.guard.admit()
+async def admit(request: Request, gw: GatewayDep, _: Bearer) -> AsyncIterator[Caller]:
+    """The guard's admission, as on the fast routes: key (401), rate (429), then one of the worker's
+    in-flight slots (503 + Retry-After), held until the answer is done (a stream's last event)."""
+    caller = gw.guard.admit(*_credentials(request))
     try:
-        yield
+        yield caller
     finally:
         gw.guard.release()
 
 
-Slot = Annotated[None, Depends(in_flight_slot)]
+AdmittedDep = Annotated[Caller, Depends(admit)]

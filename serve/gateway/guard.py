@@ -1,6 +1,7 @@
 """Admission control: API keys, per-key token buckets, bounded in-flight requests, bounded bodies.
 
-Everything here is plain code called from both the bare-ASGI hot routes and FastAPI dependencies.
+:meth:`Guard.admit` is the one admission of a request, called by the fast routes and, as a FastAPI
+dependency, by the slow ones; :func:`limited` is the one count of body bytes, on both paths too.
 Overload is refused at once (503 + Retry-After) instead of queued: a queue in front of a saturated
 Triton only turns every request's latency into a timeout.
 """
@@ -102,12 +103,17 @@ class Guard:
         return caller
 
     # ---- how many ----------------------------------------------------------------------------------
-    def admit(self) -> None:
-        """Take an in-flight slot or Refused(503) with Retry-After; pair with :meth:`release`."""
+    def admit(self, authorization: bytes | None, client: str = "", content_length: bytes | None = None) -> Caller:
+        """Let a request in, holding one in-flight slot until :meth:`release`; else Refused, checked in this
+        order: its API key (401), its caller's rate (429), its declared size (413), a free slot (503 +
+        Retry-After)."""
+        caller = self.check(authorization, client)
+        self.check_length(content_length)
         if self.in_flight >= self.settings.max_in_flight:
             raise Refused(503, f"the gateway is at its limit of {self.settings.max_in_flight} requests in "
                                f"flight; retry later", self._retry, shed="in_flight")
         self.in_flight += 1
+        return caller
 
     def release(self) -> None:
         self.in_flight -= 1
@@ -128,34 +134,35 @@ class Guard:
         return self._too_large
 
 
+def limited(receive, limit: int, too_large: Callable[[], Exception]):
+    """``receive`` counting the body's bytes as they arrive: past ``limit`` it raises ``too_large()``."""
+    seen = 0
+
+    async def counted():
+        nonlocal seen
+        event = await receive()
+        seen += len(event.get("body", b""))
+        if seen > limit:
+            raise too_large()
+        return event
+
+    return counted
+
+
 async def read_body(receive, limit: int, message: str, timeout_s: float) -> bytes:
     """The whole request body, counting bytes as they arrive: Refused(413) past ``limit``, Refused(408)
     when it has not all arrived within ``timeout_s`` (a stalled sender must not hold an in-flight slot:
     the server's own receive() waits forever)."""
+    receive = limited(receive, limit, lambda: Refused(413, message))
     try:
         async with asyncio.timeout(timeout_s):
-            return await _read_body(receive, limit, message)
+            chunks = []
+            while True:
+                event = await receive()
+                if event["type"] == "http.disconnect":
+                    raise Refused(499, "client disconnected")
+                chunks.append(event.get("body", b""))
+                if not event.get("more_body", False):
+                    return b"".join(chunks)  # one chunk: that very object, no copy
     except TimeoutError:
         raise Refused(408, f"the request body did not arrive within {timeout_s:g} s") from None
-
-
-async def _read_body(receive, limit: int, message: str) -> bytes:
-    event = await receive()
-    if event["type"] == "http.disconnect":
-        raise Refused(499, "client disconnected")
-    body = event.get("body", b"")
-    if len(body) > limit:
-        raise Refused(413, message)
-    if not event.get("more_body", False):
-        return body
-    chunks, size = [body], len(body)
-    while event.get("more_body", False):
-        event = await receive()
-        if event["type"] == "http.disconnect":
-            raise Refused(499, "client disconnected")
-        chunk = event.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise Refused(413, message)
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
+from pydantic import BaseModel, Field
 
 from serve.gateway.errors import BadInput, Refused
 
@@ -21,6 +22,31 @@ DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np
           "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
           "FP32": np.float32, "FP64": np.float64, "BYTES": None}
 DATATYPE = {np.dtype(v).name: k for k, v in DTYPES.items() if v is not None}
+
+
+# ---- what an infer request and its answer hold: the OpenAPI document's, checked by check_request ----
+class InferTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str = Field(examples=["FP32"])
+    data: list[Any] | None = Field(None, description="row-major values; omit when binary_data_size is given")
+    parameters: dict[str, Any] | None = Field(None, description='{"binary_data_size": n} for binary tensors')
+
+
+class InferRequest(BaseModel):
+    """KServe v2 inference request. With the binary extension, the body is this JSON followed by raw
+    tensor bytes, and the ``Inference-Header-Content-Length`` header gives the JSON's length."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferTensor]
+    outputs: list[dict[str, Any]] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    outputs: list[InferTensor]
 
 
 @dataclass(frozen=True)

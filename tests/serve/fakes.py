@@ -13,9 +13,10 @@ import numpy as np
 import orjson
 
 from autoglm.sampling import StopMatcher
-from serve.gateway.core import Gateway, TaskCatalog
+from serve.gateway.catalog import TaskCatalog
 from serve.gateway.tensors import DTYPES, split_body
 from serve.gateway.upstream import UpstreamResponse, UpstreamUnavailable
+from serve.gateway.worker import Gateway
 from serve.settings import GatewaySettings
 
 CLASSES = [str(i) for i in range(10)]

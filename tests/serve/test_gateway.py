@@ -42,6 +42,8 @@ async def test_predict_answers_class_and_probabilities_per_image():
 
 @pytest.mark.parametrize(("name", "payload", "status", "words"), [
     ("digits", b"{not json", 400, "not valid JSON"),
+    ("digits", b'{"images": [[[NaN]]]}', 400, "not valid JSON"),
+    ("digits", b'{"images": [[[1e999]]]}', 400, "not valid JSON"),
     ("digits", {"pictures": [IMAGE]}, 422, "images"),
     ("digits", {"images": []}, 422, "non-empty"),
     ("digits", {"images": [[[1.0] * 7] * 8]}, 422, "8x8"),
@@ -57,6 +59,26 @@ async def test_predict_refuses_bad_input_with_a_4xx_naming_it(name, payload, sta
         reply = await c.post(f"/v1/models/{name}:predict", body=body)
     assert reply.status == status and words in reply.error
     assert not any(t.endswith(b"/infer") for _, t, _, _ in triton.requests)
+
+
+@pytest.mark.parametrize(("body", "accepted"), [
+    ({"images": [IMAGE, BRIGHT]}, True),
+    ({"images": [[IMAGE]]}, True),  # with the model's channel axis, 1x8x8
+    ({"images": [IMAGE], "colour": "red"}, False),
+    ({"images": [IMAGE[0]]}, False),  # one row is not an image
+    ({"images": IMAGE}, False),
+    ({"images": [[[None] * 8] * 8]}, False),
+    ([IMAGE], False),
+])
+async def test_predict_takes_exactly_the_bodies_its_openapi_schema_describes(body, accepted):
+    jsonschema = pytest.importorskip("jsonschema")
+    gw, _ = fake_gateway()
+    async with client(gw) as c:
+        schema = (await c.get("/openapi.json")).json()
+        reply = await c.post("/v1/models/digits:predict", json=body)
+    documented = {"$ref": "#/components/schemas/PredictRequest", "components": schema["components"]}
+    assert jsonschema.Draft202012Validator(documented).is_valid(body) is accepted
+    assert (reply.status == 200) is accepted, reply.body
 
 
 async def test_language_model_verbs_are_not_classification():
@@ -255,7 +277,7 @@ async def test_v2_metadata_health_and_readiness_are_relayed():
     assert live.status == 503
 
 
-async def test_openapi_documents_hot_routes_and_task_schemas():
+async def test_openapi_documents_fast_routes_and_task_schemas():
     gw, _ = fake_gateway()
     async with client(gw) as c:
         schema = (await c.get("/openapi.json")).json()
@@ -265,6 +287,34 @@ async def test_openapi_documents_hot_routes_and_task_schemas():
                  "/v1/models/{model}:score", "/readyz", "/metrics"):
         assert path in paths, path
     assert "PredictRequest" in schema["components"]["schemas"] and docs.status == 200
+
+
+
+async def test_each_fast_route_is_documented_and_dispatched_from_the_one_table():
+    from serve.gateway.fast_path import FAST_ROUTES
+
+    gw, _ = fake_gateway()
+    async with client(gw) as c:
+        schema = (await c.get("/openapi.json")).json()
+        for route in FAST_ROUTES:
+            for path, summary in route.operations:
+                operation = schema["paths"][path]["post"]
+                body = operation["requestBody"]["content"]["application/json"]["schema"]
+                assert operation["summary"] == summary and body["$ref"].endswith(f"/{route.body.__name__}")
+                # an empty body: refused by the route's own handler, counted under the route's label
+                reply = await c.post(path.format(model="digits-fp32", version="1"), body=b"")
+                assert reply.status == 400 and "not valid JSON" in reply.error, (path, reply.body)
+    counted = {label: n for (label, _), n in gw.metrics.requests.items() if label != "other"}  # "other": the schema
+    assert counted == {route.path: len(route.operations) for route in FAST_ROUTES}
+
+
+def test_a_fast_route_refuses_a_further_path_that_its_dispatch_would_not_match():
+    from serve.gateway.fast_path import FAST_ROUTES, FastRoute
+
+    infer = FAST_ROUTES[0]
+    with pytest.raises(ValueError, match="give it a FastRoute of its own"):
+        FastRoute(infer.path, infer.handler, infer.body, infer.response, "v2", "infer", "",
+                  also=(("/v2/models/{model}/infer_async", "elsewhere"),))
 
 
 def test_gateway_never_imports_torch_or_onnx():

@@ -91,6 +91,23 @@ async def test_in_flight_bound_sheds_with_503_and_retry_after():
     assert 'autoglm_gateway_shed_total{reason="in_flight"} 1.0' in metrics
 
 
+async def test_both_paths_admit_in_one_order_key_then_slot():
+    gw, triton = fake_gateway(CHARLM, api_keys=KEYS, max_in_flight=1)
+    triton.hold = asyncio.Event()
+    infer = {"inputs": [{"name": "idx", "shape": [1, 2], "datatype": "INT64", "data": [0, 1]}]}
+    async with client(gw) as c:
+        running = asyncio.create_task(c.post("/v2/models/charlm-fp32/infer", json=infer, headers=bearer("alice-key")))
+        while gw.guard.in_flight < 1:
+            await asyncio.sleep(0.001)
+        fast = [await c.post("/v2/models/charlm-fp32/infer", json=infer, headers=h) for h in ({}, bearer("bob-key"))]
+        slow = [await c.post("/v1/models/charlm:score", json={"text": "abcd"}, headers=h)
+                for h in ({}, bearer("bob-key"))]
+        triton.hold.set()
+        assert (await running).status == 200
+    assert [r.status for r in fast] == [r.status for r in slow] == [401, 503]
+    assert gw.guard.in_flight == 0 and gw.metrics.shed["in_flight"] == 2
+
+
 async def test_generation_holds_an_in_flight_slot_too():
     gw, triton = fake_gateway(CHARLM, max_in_flight=1)
     triton.hold = asyncio.Event()

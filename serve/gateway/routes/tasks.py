@@ -1,4 +1,4 @@
-"""Task endpoints: ``/v1/models/{model}:generate`` and ``:score`` (``:predict`` is a hot route)."""
+"""Task endpoints: ``/v1/models/{model}:generate`` and ``:score`` (``:predict`` is a fast route)."""
 
 from __future__ import annotations
 
@@ -7,38 +7,32 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from serve.gateway import tasks
-from serve.gateway.deps import CallerDep, GatewayDep, Slot
+from serve.gateway import language_model
+from serve.gateway.deps import AdmittedDep, GatewayDep
 
 router = APIRouter(prefix="/v1/models", tags=["tasks"])
 
 
 @router.post("/{model}:generate", summary="Continue a prompt (language-model tasks)",
-             response_model=tasks.GenerateResponse,
+             response_model=language_model.GenerateResponse,
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "with stream=true: text deltas as generated, then the summary"}})
-async def generate(model: str, request: tasks.GenerateRequest, gw: GatewayDep, _: CallerDep, __: Slot):
+async def generate(model: str, request: language_model.GenerateRequest, gw: GatewayDep, _: AdmittedDep):
     """Continue ``prompt``. Named by task, generation runs in Triton's KV-cache model, where the steps of all
     live sequences share batches; named by variant, the context is recomputed for every character."""
     triton_model = gw.task_model(model, "generate")
     if request.stream:  # the in-flight slot is held until the stream ends
-        prompt_ids = tasks.check_generate(gw, request)
-        events = tasks.generate_events(gw, model, triton_model, request, prompt_ids, gw.settings.request_timeout_s)
+        prompt_ids = language_model.check_generate(gw, request)
+        events = language_model.generate_events(gw, model, triton_model, request, prompt_ids,
+                                                gw.settings.request_timeout_s)
         return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
     async with asyncio.timeout(gw.settings.request_timeout_s):
-        return await tasks.generate(gw, model, triton_model, request)
+        return await language_model.generate(gw, model, triton_model, request)
 
 
 @router.post("/{model}:score", summary="Loss and perplexity of a text (language-model tasks)")
-async def score(model: str, request: tasks.ScoreRequest, gw: GatewayDep, _: CallerDep,
-                __: Slot) -> tasks.ScoreResponse:
+async def score(model: str, request: language_model.ScoreRequest, gw: GatewayDep,
+                _: AdmittedDep) -> language_model.ScoreResponse:
     triton_model = gw.task_model(model, "score")
     async with asyncio.timeout(gw.settings.request_timeout_s):
-        return await tasks.score(gw, triton_model, request)
-
-
-async def predict_doc(model: str, request: tasks.PredictRequest, _: CallerDep) -> tasks.PredictResponse:
-    """Classify raw 8x8 digit images (pixels 0..16): the class label and its probabilities per image.
-
-    ``model`` is the task name (its recommended variant), a variant name, or a Triton model name."""
-    raise NotImplementedError  # pragma: no cover - served by serve.gateway.hot
+        return await language_model.score(gw, triton_model, request)

@@ -1,19 +1,16 @@
 """KServe v2 / Open Inference Protocol metadata and health, relayed from Triton.
 
-``POST .../infer`` is a hot route served in :mod:`serve.gateway.hot`; it is documented here. Triton's
-repository (load/unload) API is deliberately not exposed: model control belongs to the operator.
+``POST .../infer`` is a fast route (:mod:`serve.gateway.fast_path`). Triton's repository (load/unload)
+API is deliberately not exposed: model control belongs to the operator.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Response
-from pydantic import BaseModel, Field
 
-from serve.gateway.core import MODEL_NAME, Gateway
 from serve.gateway.deps import CallerDep, GatewayDep
 from serve.gateway.errors import BadInput
+from serve.gateway.worker import MODEL_NAME, Gateway
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
@@ -77,38 +74,3 @@ async def model_config(model: str, gw: GatewayDep, _: CallerDep) -> Response:
 @router.get("/models/{model}/stats", summary="Model statistics (Triton extension)")
 async def model_stats(model: str, gw: GatewayDep, _: CallerDep) -> Response:
     return await relay(gw, _model(model) + "/stats")
-
-
-# ---- documentation of the hot route (served in serve.gateway.hot) ---------------------------------
-class InferTensor(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str = Field(examples=["FP32"])
-    data: list[Any] | None = Field(None, description="row-major values; omit when binary_data_size is given")
-    parameters: dict[str, Any] | None = Field(None, description='{"binary_data_size": n} for binary tensors')
-
-
-class InferRequest(BaseModel):
-    """KServe v2 inference request. With the binary extension, the body is this JSON followed by raw
-    tensor bytes, and the ``Inference-Header-Content-Length`` header gives the JSON's length."""
-
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[InferTensor]
-    outputs: list[dict[str, Any]] | None = None
-
-
-class InferResponse(BaseModel):
-    model_name: str
-    model_version: str | None = None
-    outputs: list[InferTensor]
-
-
-async def infer_doc(model: str, request: InferRequest, _: CallerDep) -> InferResponse:
-    """Validated against the model's config, then forwarded to Triton unchanged (JSON or binary)."""
-    raise NotImplementedError  # pragma: no cover - served by serve.gateway.hot
-
-
-async def infer_version_doc(model: str, version: str, request: InferRequest, _: CallerDep) -> InferResponse:
-    """Inference on one model version."""
-    raise NotImplementedError  # pragma: no cover - served by serve.gateway.hot

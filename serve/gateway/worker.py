@@ -9,17 +9,14 @@ no connection → 503; no reply within ``request_timeout_s`` → TimeoutError (t
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import orjson
 
-from autoglm.errors import AutoGLMError
+from serve.gateway.catalog import VERBS, TaskCatalog
 from serve.gateway.errors import BadInput, Refused
 from serve.gateway.guard import Guard
 from serve.gateway.metrics import GatewayMetrics
@@ -30,46 +27,6 @@ from serve.settings import GatewaySettings
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 JSON = (b"content-type", b"application/json")
 READY_TTL_S = 1.0  # /readyz asks Triton at most this often (probes ask every few seconds)
-VERBS = {"classify": ("predict",), "language-model": ("generate", "score")}
-
-
-@dataclass(frozen=True)
-class TaskCatalog:
-    """``repository/task.json``: which task the models serve, their names, and request metadata."""
-
-    task: str
-    models: dict[str, str]  # variant -> Triton model name
-    recommended: str
-    metadata: dict
-    io: dict
-    generate: str | None = None  # the KV-cache generation model, where compress built one
-    kind: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        kind = "classify" if "classes" in self.metadata else "language-model" if "itos" in self.metadata else "v2"
-        object.__setattr__(self, "kind", kind)
-
-    @classmethod
-    def load(cls, repository: Path | str) -> TaskCatalog:
-        path = Path(repository) / "task.json"
-        try:
-            info = json.loads(path.read_text())
-            return cls(info["task"], dict(info["models"]), info["recommended"], info.get("metadata", {}), info["io"],
-                       info.get("generate"))
-        except (OSError, ValueError, KeyError) as exc:
-            raise AutoGLMError(f"{path} is missing or incomplete ({exc}): re-run `autoglm compress`") from None
-
-    def resolve(self, name: str) -> str | None:
-        """Triton model for a task-endpoint name: the task (→ recommended), a variant, or a model name."""
-        if name == self.task:
-            return self.recommended
-        if name in self.models:
-            return self.models[name]
-        return name if name in self.models.values() or (name and name == self.generate) else None
-
-    @property
-    def names(self) -> list[str]:
-        return sorted({self.task, *self.models, *self.models.values(), *([self.generate] if self.generate else [])})
 
 
 class Gateway:
@@ -116,6 +73,15 @@ class Gateway:
         states = {m: r.status == 200 for m, r in zip(models, replies[1:], strict=True)}
         ready = triton and all(states.values())
         return 200 if ready else 503, {"ready": ready, "triton": triton, "models": states}
+
+    def refusal(self, exc: Refused | TimeoutError) -> tuple[int, tuple[tuple[bytes, bytes], ...], str]:
+        """(status, extra headers, message) answering a request refused or timed out, on either path;
+        a request shed to protect the service is counted."""
+        if isinstance(exc, TimeoutError):
+            return 504, (), f"no answer within the gateway's request timeout of {self.settings.request_timeout_s:g} s"
+        if exc.shed:
+            self.metrics.shed_one(exc.shed)
+        return exc.status, exc.headers, str(exc)
 
     # ---- talking to Triton -------------------------------------------------------------------------
     async def call(self, method: bytes, target: bytes, body: bytes = b"",

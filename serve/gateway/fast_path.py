@@ -1,0 +1,164 @@
+"""The fast routes: v2 ``infer`` and ``:predict``, answered as bare ASGI in front of FastAPI's routing.
+
+FastAPI's dependency and validation machinery costs ≈150-180 µs per request and Starlette's routing
+≈90 µs more than bare ASGI (measured on this 2-core class of host, where Triton's own work is
+≈420 µs); those microseconds come straight out of Triton's throughput. So these routes are matched
+by the fixed ends of their paths before any framework layer and handled with plain functions;
+everything else (docs, health, metadata, generation) falls through to FastAPI (see
+``GatewayApp.__call__``). :data:`FAST_ROUTES` is the one table of them: the dispatch here and their
+OpenAPI operations (built in :mod:`serve.gateway.app`) both come from it. The same guard, limits and
+metrics apply to both paths, and tests still swap the :class:`Gateway` through
+``app.dependency_overrides[get_gateway]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import orjson
+from pydantic import BaseModel
+
+from serve.gateway.classify import PredictRequest, PredictResponse, images_tensor, predictions, read_images
+from serve.gateway.errors import BadInput, Refused, error_body
+from serve.gateway.guard import read_body
+from serve.gateway.tensors import InferRequest, InferResponse, validate
+from serve.gateway.worker import JSON, Gateway
+
+log = logging.getLogger("serve.gateway")
+# (gateway, its route, scope, headers, body) -> (status, headers, body)
+Handler = Callable[[Gateway, "FastRoute", dict, dict, bytes], Awaitable[tuple[int, tuple, bytes]]]
+
+
+@dataclass(frozen=True)
+class FastRoute:
+    """A POST route answered before FastAPI, matched by the fixed start and end of its path template.
+
+    ``path`` is its OpenAPI template and the route label of its metrics; ``also`` lists further
+    templates (with their summaries) that the same handler answers under the same label.
+    """
+
+    path: str
+    handler: Handler
+    body: type[BaseModel]  # what the request body holds
+    response: type[BaseModel]
+    tag: str
+    summary: str
+    description: str
+    also: tuple[tuple[str, str], ...] = ()
+    prefix: str = field(init=False)
+    suffix: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        prefix, suffix = self.path[:self.path.index("{")], self.path[self.path.rindex("}") + 1:]
+        for path, _ in self.also:
+            if not (path.startswith(prefix) and path.endswith(suffix)):
+                raise ValueError(f"{path} does not start with {prefix!r} and end with {suffix!r} as {self.path} "
+                                 f"does: give it a FastRoute of its own")
+        object.__setattr__(self, "prefix", prefix)
+        object.__setattr__(self, "suffix", suffix)
+
+    @property
+    def operations(self) -> tuple[tuple[str, str], ...]:
+        """(path template, summary) of every path this route answers."""
+        return ((self.path, self.summary), *self.also)
+
+
+async def respond(send, status: int, headers, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def serve_fast(gw: Gateway, route: FastRoute, scope, receive, send) -> None:
+    """``route``'s handler within the guard's admission, the body limit and the timeouts; then metrics."""
+    started = time.perf_counter()
+    headers = dict(scope["headers"])
+    try:
+        gw.guard.admit(headers.get(b"authorization"), (scope.get("client") or ("",))[0], headers.get(b"content-length"))
+        try:
+            body = await read_body(receive, gw.settings.max_body_bytes, gw.guard.too_large(),
+                                   gw.settings.request_timeout_s)
+            status, out_headers, payload = await route.handler(gw, route, scope, headers, body)
+        finally:
+            gw.guard.release()
+    except (Refused, TimeoutError) as exc:
+        status, extra, message = gw.refusal(exc)
+        out_headers, payload = (JSON, *extra), error_body(message)
+    except Exception:  # a bug of ours, not the client's: logged, answered 500, the worker keeps serving
+        log.exception("%s failed", route.path)
+        status, out_headers, payload = 500, (JSON,), error_body("internal error in the gateway (logged)")
+    await respond(send, status, out_headers, payload)
+    gw.metrics.observe(route.path, status, time.perf_counter() - started)
+
+
+def _model_from_path(route: FastRoute, path: str) -> tuple[str, bytes]:
+    """``/v2/models/<m>[/versions/<v>]/infer`` -> (model, target to forward)."""
+    parts = path[len(route.prefix):].split("/")
+    if len(parts) == 2 or (len(parts) == 4 and parts[1] == "versions" and parts[2].isdigit()):
+        return parts[0], path.encode()
+    raise BadInput(f"no such endpoint {path}: use /v2/models/<model>[/versions/<n>]/infer", 404)
+
+
+async def infer_passthrough(gw: Gateway, route: FastRoute, scope, headers: dict, body: bytes):
+    """Validate against the model's config, forward the body bytes unchanged, relay Triton's answer."""
+    model, target = _model_from_path(route, scope["path"])
+    if headers.get(b"content-encoding", b"identity") != b"identity":
+        raise BadInput("compressed request bodies are not accepted: send the body uncompressed", 415)
+    sig = await gw.signature(model)
+    header_length = headers.get(b"inference-header-content-length")
+    gw.metrics.observe_rows(route.path, validate(sig, body, header_length))
+    forward = [(b"Content-Type", headers.get(b"content-type", b"application/json"))]
+    if header_length is not None:
+        forward.append((b"Inference-Header-Content-Length", header_length))
+    if scope.get("query_string"):
+        target += b"?" + scope["query_string"]
+    response = await gw.call(b"POST", target, body, forward)
+    failure = gw.upstream_failure(response)
+    if failure:
+        raise failure
+    # Only end-to-end headers that describe the body; hop-by-hop ones (Connection, Keep-Alive, ...) stay behind.
+    out = [(b"content-type", response.headers.get(b"content-type", b"application/json"))]
+    if b"inference-header-content-length" in response.headers:
+        out.append((b"inference-header-content-length", response.headers[b"inference-header-content-length"]))
+    return response.status, out, response.body
+
+
+async def predict(gw: Gateway, route: FastRoute, scope, headers: dict, body: bytes):
+    """``{"images": [...]}`` -> ``{"model", "predictions": [{"class", "probabilities"}]}``."""
+    name = scope["path"][len(route.prefix):-len(route.suffix)]
+    model = gw.task_model(name, "predict")
+    spec = gw.catalog.io["inputs"][0]
+    images = read_images(body, spec)
+    sig = await gw.signature(model)
+    x = images_tensor(images, gw.catalog.metadata, spec, sig.max_batch_size or 1)
+    gw.metrics.observe_rows(route.path, len(x))
+    out_name = gw.catalog.io["outputs"][0]["name"]
+    logits = (await gw.infer(model, {spec["name"]: x}, (out_name,)))[out_name]
+    payload = {"model": model, "predictions": predictions(logits, gw.catalog.metadata["classes"])}
+    return 200, (JSON,), orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+FAST_ROUTES = (
+    FastRoute("/v2/models/{model}/infer", infer_passthrough, InferRequest, InferResponse, tag="v2",
+              summary="Inference (JSON or binary tensors)",
+              description="Validated against the model's config, then forwarded to Triton unchanged (JSON or binary).",
+              also=(("/v2/models/{model}/versions/{version}/infer", "Inference on one model version"),)),
+    FastRoute("/v1/models/{model}:predict", predict, PredictRequest, PredictResponse, tag="tasks",
+              summary="Classify images (classification tasks)",
+              description="Classify raw 8x8 digit images (pixels 0..16): the class label and its probabilities per "
+                          "image.\n\n``model`` is the task name (its recommended variant), a variant name, or a "
+                          "Triton model name."),
+)
+
+
+def fast_route(scope) -> FastRoute | None:
+    """The fast route answering ``scope``; None when FastAPI answers it."""
+    if scope["type"] == "http" and scope["method"] == "POST":
+        path = scope["path"]
+        for route in FAST_ROUTES:
+            if path.startswith(route.prefix) and path.endswith(route.suffix):
+                return route
+    return None
