@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from autoglm.artifacts import Manifest, RunDir, StageWriter, write_atomic
+from autoglm.autoscaling import rules_from
 from autoglm.config import DeploySettings, Settings
 from autoglm.errors import AutoGLMError, ConfigError
 from deploy import k8s
@@ -123,8 +124,6 @@ def kustomize(directory: Path, target: Path, head: str) -> str:
 
 def render_run(settings: Settings, force: bool = False) -> Manifest:
     """Render the run's deployment as ``settings.deploy`` says; skipped when nothing it depends on changed."""
-    from serve.autoscale import rules_from  # the rules the cluster's autoscaling renders are serve's
-
     options = settings.deploy
     run = RunDir(settings.run.root, settings.run.name)
     release = read_release(run)

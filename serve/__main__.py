@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from autoglm.cli import add_common_args, print_config, run_main, settings_from_args
-from autoglm.errors import ConfigError
+from autoglm.errors import ConfigError, validation_problems
 
 BUILT = True
 
@@ -64,8 +64,8 @@ def _serve_overrides(args) -> list[str]:
 
 def resolve(args: argparse.Namespace):
     """(settings, gateway settings) from the parsed flags; the serving flags become ``serve`` overrides."""
-    from serve.autoscale import rules_from
-    from serve.settings import GatewaySettings, validation_problems
+    from autoglm.autoscaling import rules_from
+    from serve.settings import GatewaySettings
 
     args.overrides = [*args.overrides, *_serve_overrides(args)]
     settings = settings_from_args(args)

@@ -12,7 +12,7 @@ import re
 import secrets
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from autoglm.config import GatewayLimits, Settings
 from autoglm.errors import ConfigError
@@ -74,16 +74,6 @@ def read_key_file(path: Path | str) -> list[ApiKey]:
         except ValueError as exc:
             raise ConfigError(f"{path}:{number}: {exc}") from None
     return keys
-
-
-def validation_problems(exc: ValidationError, whole: str = "") -> str:
-    """pydantic's errors as ``key: message``, joined by "; " (the messages name the fix); ``whole`` labels the
-    errors about the model as a whole (no key)."""
-    parts = []
-    for e in exc.errors():
-        key = ".".join(map(str, e["loc"])) or whole
-        parts.append(f"{key + ': ' if key else ''}{e['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
 
 
 class GatewaySettings(GatewayLimits):
