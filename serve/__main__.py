@@ -79,7 +79,7 @@ def resolve(args: argparse.Namespace):
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.new_api_key:
-        from serve.settings import hash_api_key, new_api_key
+        from autoglm.gateway_spec import hash_api_key, new_api_key
 
         key = new_api_key()
         print(f"API key for {args.new_api_key} (shown once; give it to the client):\n  {key}\n"
