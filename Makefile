@@ -4,7 +4,8 @@
 PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-EXTRAS  ?= cpu,dev
+# every stage's extra, the CPU ONNX Runtime and the test tools (GPU hosts: EXTRAS=all,gpu,dev)
+EXTRAS  ?= all,cpu,dev
 CONFIG  ?= configs/default.toml
 RUN     ?= demo
 ARGS    ?=
@@ -63,7 +64,7 @@ audit: venv
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet --upgrade pip
-	.lock-venv/bin/python -m pip install --quiet ".[cpu,dev]"
+	.lock-venv/bin/python -m pip install --quiet ".[all,cpu,dev]"
 	{ echo "# The pinned environment (pip constraints): make installs with -c constraints.txt."; \
 	  echo "# Regenerate after changing dependencies: make lock"; \
 	  .lock-venv/bin/python -m pip freeze --exclude autoglm | sed 's/+cpu$$//'; } > constraints.txt

@@ -274,7 +274,7 @@ class ServeSettings(Section):
     models: list[str] = Field(default_factory=list, description="variants or model names to load; empty: all")
     autoscale: bool = Field(False, description="run the local autoscaler on the recommended model")
     autoscale_rules: Table = Field(default_factory=dict, description="autoscaling rule overrides "
-                                            "(serve.autoscale.AutoscaleRules), e.g. {max_instances = 3}; "
+                                            "(autoglm.autoscaling.AutoscaleRules), e.g. {max_instances = 3}; "
                                             "`autoglm serve -a KEY=VALUE` sets one")
     control_port: int = Field(9090, ge=0, le=65535, description="supervisor/autoscaler metrics; 0 turns it off")
     start_timeout_s: float = Field(90.0, gt=0)

@@ -108,7 +108,7 @@ PRESETS: dict[str, QuantRecipe] = {
 
 
 def _op_types(onnx_path: Path | str) -> set[str]:
-    onnx = require("onnx", "cpu", "INT8 quantization")
+    onnx = require("onnx", purpose="INT8 quantization")
     model = onnx.load(str(onnx_path), load_external_data=False)
     return {node.op_type for node in model.graph.node}
 
@@ -191,7 +191,7 @@ class _Calibration:
 
 
 def _input_dtypes(onnx_path: Path) -> dict[str, np.dtype]:
-    onnx = require("onnx", "cpu", "INT8 quantization")
+    onnx = require("onnx", purpose="INT8 quantization")
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}
     return {i.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
@@ -281,7 +281,7 @@ def optimized_ops(onnx_path: Path | str) -> Counter[str]:
     :data:`FP32_COMPUTE_OPS` left in a quantized model mean layers that still run in FP32.
     """
     ort = require("onnxruntime", "cpu", "INT8 quantization")
-    onnx = require("onnx", "cpu", "INT8 quantization")
+    onnx = require("onnx", purpose="INT8 quantization")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # it warns that NCHWc layouts are machine-specific; we only count ops

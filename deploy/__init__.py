@@ -4,7 +4,7 @@
     render_run(settings)   # settings.deploy (env, tune workers, ...) -> runs/<run>/deploy/out/<env>/
 
 Reads the model repository (``repository/task.json`` and manifest) and, when complete, loadtest's
-measured capacity; renders the autoscaling rules of ``serve.autoscale`` as HPA behavior and targets.
+measured capacity; renders the autoscaling rules of ``autoglm.autoscaling`` as HPA behavior and targets.
 """
 
 from deploy.release import Capacity, Images, Release, read_release

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from autoglm.artifacts import Manifest, RunDir, StageWriter, write_atomic
+from autoglm.autoscaling import rules_from
 from autoglm.config import DeploySettings, Settings
 from autoglm.errors import AutoGLMError, ConfigError
+from autoglm.gateway_spec import ApiKey, GatewaySpec, hash_api_key, new_api_key, read_key_file
 from deploy import k8s
 from deploy.compose import compose_tree
 from deploy.k8s.serving import GATEWAY_PORT, PORTS, Cluster
@@ -36,11 +38,9 @@ def header(run: str, env: str) -> str:
             f"# change the config or the run's artifacts and render again.\n")
 
 
-def api_keys(stage_dir: Path, supplied: Path | None) -> list[Any]:
+def api_keys(stage_dir: Path, supplied: Path | None) -> list[ApiKey]:
     """The gateway's API keys (hashes): a supplied key file, else the run's earlier ones, else a new key
     printed once. Only hashes are ever written."""
-    from serve.settings import ApiKey, hash_api_key, new_api_key, read_key_file
-
     kept = stage_dir / KEYS_FILE
     if supplied is not None:
         keys = read_key_file(supplied)
@@ -58,12 +58,10 @@ def api_keys(stage_dir: Path, supplied: Path | None) -> list[Any]:
     return keys
 
 
-def gateway_settings(settings: Settings, keys: list[Any], triton_host: str) -> bytes:
+def gateway_settings(settings: Settings, keys: list[ApiKey], triton_host: str) -> bytes:
     """The gateway's settings JSON: the run's ``serve.gateway`` limits, in-cluster addresses and ``keys``,
-    validated by the gateway's own model."""
-    from serve.settings import GatewaySettings
-
-    gateway = GatewaySettings.from_settings(
+    validated by the model the gateway reads it with."""
+    gateway = GatewaySpec.from_settings(
         settings, host="0.0.0.0", port=GATEWAY_PORT, triton_url=f"http://{triton_host}:{PORTS['http']}",
         repository=Path("/etc/autoglm/repository"), api_keys=keys, api_keys_file=None)
     return (gateway.model_dump_json(indent=2) + "\n").encode()
@@ -123,8 +121,6 @@ def kustomize(directory: Path, target: Path, head: str) -> str:
 
 def render_run(settings: Settings, force: bool = False) -> Manifest:
     """Render the run's deployment as ``settings.deploy`` says; skipped when nothing it depends on changed."""
-    from serve.autoscale import rules_from  # the rules the cluster's autoscaling renders are serve's
-
     options = settings.deploy
     run = RunDir(settings.run.root, settings.run.name)
     release = read_release(run)

@@ -1,6 +1,6 @@
 """The local autoscaling rules, rendered for Kubernetes: HPA behavior, targets, prometheus-adapter rules.
 
-The rules are ``serve.autoscale.AutoscaleRules`` (latency above 200 ms for 30 s → instances × 1.5
+The rules are ``autoglm.autoscaling.AutoscaleRules`` (latency above 200 ms for 30 s → instances × 1.5
 rounded up; utilization below 30% for 5 min → ÷ 1.2 rounded down; min/max; cooldowns). An HPA is
 target tracking, so they map like this:
 

@@ -7,13 +7,12 @@
 ``create_app(GatewaySettings(...))`` builds one gateway worker's ASGI app on its own.
 """
 
-from serve.autoscale import Autoscaler, AutoscaleRules, RulesEngine, TritonActuator
+from serve.autoscale import Autoscaler, RulesEngine, TritonActuator
 from serve.gateway import create_app
 from serve.runner import Serving, on_free_ports, start_serving
-from serve.settings import GatewaySettings, hash_api_key
+from serve.settings import GatewaySettings
 from serve.supervisor import GatewayProcess, Supervisor
 from serve.triton import TritonServer, free_port
 
-__all__ = ["AutoscaleRules", "Autoscaler", "GatewayProcess", "GatewaySettings", "RulesEngine",
-           "Serving", "Supervisor", "TritonActuator", "TritonServer", "create_app", "free_port", "hash_api_key",
-           "on_free_ports", "start_serving"]
+__all__ = ["Autoscaler", "GatewayProcess", "GatewaySettings", "RulesEngine", "Serving", "Supervisor",
+           "TritonActuator", "TritonServer", "create_app", "free_port", "on_free_ports", "start_serving"]

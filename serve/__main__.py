@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from autoglm.cli import Flag, build_parser, print_config, run_main, run_stage
 from autoglm.config import Settings
-from autoglm.errors import ConfigError
+from autoglm.errors import ConfigError, validation_problems
 
 FLAGS = {  # in this order: --workers and --api-keys-file beat the same key given by -g
     "--gateway": Flag("serve.gateway", "a gateway setting, e.g. -g max_in_flight=64", short="-g", pairs=True),
@@ -35,7 +35,7 @@ def gateway_settings(settings: Settings):
     """The gateway's settings from the resolved config; a ConfigError naming each bad one."""
     from pydantic import ValidationError
 
-    from serve.settings import GatewaySettings, validation_problems
+    from serve.settings import GatewaySettings
 
     try:
         return GatewaySettings.from_settings(settings)
@@ -45,7 +45,7 @@ def gateway_settings(settings: Settings):
 
 def check(settings: Settings) -> None:
     """Refuse bad autoscaling rules and gateway settings before anything starts."""
-    from serve.autoscale import rules_from
+    from autoglm.autoscaling import rules_from
 
     rules_from(settings.serve.autoscale_rules)
     gateway_settings(settings)
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--new-api-key", metavar="NAME", help="print a fresh API key and its key-file line, exit")
     args = parser.parse_args(argv)
     if args.new_api_key:
-        from serve.settings import hash_api_key, new_api_key
+        from autoglm.gateway_spec import hash_api_key, new_api_key
 
         key = new_api_key()
         print(f"API key for {args.new_api_key} (shown once; give it to the client):\n  {key}\n"

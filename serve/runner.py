@@ -18,10 +18,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from autoglm.artifacts import RunDir, verify_outputs
+from autoglm.autoscaling import AutoscaleRules, rules_from
 from autoglm.config import Settings
 from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.local_http import DIRECT
-from serve.autoscale import Autoscaler, AutoscaleRules, GatewayLatency, TritonActuator, TritonMetrics, rules_from
+from serve.autoscale import Autoscaler, GatewayLatency, TritonActuator, TritonMetrics
 from serve.gateway import TaskCatalog
 from serve.settings import GatewaySettings
 from serve.supervisor import GatewayProcess, Supervisor

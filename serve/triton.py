@@ -26,10 +26,11 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from autoglm._lazy import extra_for
 from autoglm.errors import AutoGLMError, ConfigError, MissingExtraError
 from autoglm.local_http import answers_ok, client_host
 
-INSTALL_HINT = "pip install nvidia-pytriton==0.7.0"
+INSTALL_HINT = f"pip install 'autoglm[{extra_for('pytriton')}]'"  # nvidia-pytriton, which bundles Triton
 _ERROR_LINE = re.compile(r"E\d{4} ")
 _RUNNING: weakref.WeakSet[TritonServer] = weakref.WeakSet()
 

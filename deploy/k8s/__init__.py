@@ -15,8 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import yaml
-
+from autoglm._lazy import require
 from deploy import scaling
 from deploy.k8s import serving, tune
 from deploy.k8s.serving import Cluster
@@ -47,6 +46,7 @@ def _image_pins(images: Images, *placeholders: str) -> list[dict[str, str]]:
 def yaml_text(content: Any) -> str:
     """One object or a list of objects as (multi-document) YAML, keys in the order written."""
     docs = content if isinstance(content, list) else [content]
+    yaml = require("yaml", purpose="rendering Kubernetes manifests")
     return yaml.safe_dump_all(docs, sort_keys=False, width=120)
 
 

@@ -3,17 +3,20 @@ and a gateway image whose dependencies cover what the gateway imports and nothin
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+
+from tests.extras import closure, norm, requirements
 
 ROOT = Path(__file__).parents[2]
 IMAGES = ROOT / "deploy" / "images"
-HEAVY = {"torch", "onnx", "onnxruntime", "onnxscript", "optuna", "tritonclient", "scikit-learn", "locust"}
+HEAVY = {"torch", "onnx", "onnxruntime", "onnxscript", "onnxslim", "torch-pruning", "optuna", "tritonclient",
+         "nvidia-pytriton", "scikit-learn", "matplotlib", "locust"}
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -31,10 +34,6 @@ def instructions(path: Path) -> list[tuple[str, str]]:
         out.append((word.upper(), rest.strip()))
     assert not pending, f"{path} ends inside a continued line"
     return out
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.gateway", "Dockerfile.tune"])
@@ -62,43 +61,20 @@ def test_gateway_image_has_a_healthcheck_on_healthz_and_exposes_8080():
     assert "app_from_env" in steps["CMD"]
 
 
-def _requirements() -> list[str]:
-    lines = (IMAGES / "requirements-gateway.txt").read_text().splitlines()
-    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+def test_the_gateway_image_installs_the_serve_extra_and_nothing_else():
+    installs = [args for word, args in instructions(IMAGES / "Dockerfile.gateway")
+                if word == "RUN" and "pip install" in args]
+    assert installs == ['pip install --no-compile -c constraints.txt ".[serve]"']  # one list: pyproject.toml's
 
 
-def _closure(requirements: list[str]) -> set[str]:
-    """Every distribution that installing ``requirements`` brings in (from the installed metadata)."""
-    from packaging.requirements import Requirement
-
-    seen: set[str] = set()
-    todo = [(Requirement(r).name, frozenset(Requirement(r).extras)) for r in requirements]
-    while todo:
-        name, extras = todo.pop()
-        key = _norm(name)
-        if key in seen and not extras:
-            continue
-        seen.add(key)
-        try:
-            requires = metadata.requires(name) or []
-        except metadata.PackageNotFoundError:
-            continue  # an optional dependency not installed here
-        for spec in requires:
-            req = Requirement(spec)
-            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in (extras or {""})):
-                todo.append((req.name, frozenset(req.extras)))
-    return seen
-
-
-def test_gateway_requirements_cover_its_imports_and_nothing_heavy():
-    constraints = {_norm(line.split("==")[0]) for line in (ROOT / "constraints.txt").read_text().splitlines()
+def test_the_serve_extra_covers_the_gateways_imports_and_nothing_heavy():
+    constraints = {norm(line.split("==")[0]) for line in (ROOT / "constraints.txt").read_text().splitlines()
                    if "==" in line}
-    from packaging.requirements import Requirement
-
-    for requirement in _requirements():
-        assert _norm(Requirement(requirement).name) in constraints, f"{requirement} is not pinned in constraints.txt"
-    closure = _closure(_requirements())
-    assert not closure & HEAVY
+    listed = {norm(Requirement(requirement).name) for requirement in requirements("serve")}
+    assert listed <= constraints, f"not pinned in constraints.txt: {sorted(listed - constraints)}"
+    assert not listed & HEAVY
+    installed = closure(requirements("serve"))
+    assert not installed & HEAVY
     listing = "print('\\n'.join(sorted({m.split('.')[0] for m in sys.modules})))"
 
     def loaded(imports: str) -> set[str]:
@@ -109,6 +85,7 @@ def test_gateway_requirements_cover_its_imports_and_nothing_heavy():
     # what the interpreter loads by itself (site hooks of this environment) is not the gateway's doing
     modules = loaded(", serve.gateway.app, serve.settings, uvicorn, uvloop, httptools") - loaded("")
     owners = metadata.packages_distributions()
-    used = {_norm(dist) for module in modules for dist in owners.get(module, [])} - {"autoglm"}
+    used = {norm(dist) for module in modules for dist in owners.get(module, [])} - {"autoglm"}
     assert not used & HEAVY, f"the gateway imports {sorted(used & HEAVY)}"
-    assert used <= closure, f"the gateway imports distributions the image does not install: {sorted(used - closure)}"
+    missing = sorted(used - installed)
+    assert not missing, f"the gateway imports distributions its image does not install: {missing}"

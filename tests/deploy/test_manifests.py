@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from autoglm.autoscaling import AutoscaleRules
 from autoglm.config import load_settings
 from autoglm.local_http import DIRECT
 from deploy import render_run
 from deploy.render import find_kubectl
 from deploy.scaling import hpa_behavior, hpa_limit
-from serve.autoscale import AutoscaleRules
 from serve.triton import free_port
 from tests.deploy.conftest import KEY_LINE, publish_repository
 

@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from autoglm.artifacts import RunDir
-from serve.autoscale import Autoscaler, AutoscaleRules, TritonActuator, TritonMetrics
+from autoglm.autoscaling import AutoscaleRules
+from serve.autoscale import Autoscaler, TritonActuator, TritonMetrics
 from serve.triton import TritonServer, free_port
 from tests.serve.fixtures import published_run, require_triton, wait_until
 

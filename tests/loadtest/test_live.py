@@ -149,7 +149,8 @@ def test_a_bad_model_or_target_is_refused_and_the_last_measurement_kept(release_
 def test_a_gateway_with_api_keys_is_loaded_with_the_configured_key(release_run, stack, tmp_path):
     from pydantic import SecretStr
 
-    from serve.settings import ApiKey, GatewaySettings, hash_api_key
+    from autoglm.gateway_spec import ApiKey, hash_api_key
+    from serve.settings import GatewaySettings
     from serve.supervisor import GatewayProcess
     from serve.triton import free_port
 

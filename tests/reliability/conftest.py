@@ -11,7 +11,8 @@ import asyncio
 
 import pytest
 
-from serve.settings import ApiKey, GatewaySettings, hash_api_key
+from autoglm.gateway_spec import ApiKey, hash_api_key
+from serve.settings import GatewaySettings
 
 API_KEY = "agk_reliability-test-key"  # a test-only key; the gateway stores only its sha256
 KEYS = [ApiKey(name="fuzz", sha256=hash_api_key(API_KEY))]

@@ -1,11 +1,11 @@
-"""The autoscaling rules on synthetic metric series with a fake clock, and the actuator's override."""
+"""The rules engine on synthetic metric series with a fake clock, and the actuator's override."""
 
 import json
 
 import pytest
-from pydantic import ValidationError
 
-from serve.autoscale import Autoscaler, AutoscaleRules, RulesEngine, Sample, TritonActuator, TritonMetrics
+from autoglm.autoscaling import AutoscaleRules
+from serve.autoscale import Autoscaler, RulesEngine, Sample, TritonActuator, TritonMetrics
 
 
 def series(engine, start, end, step, instances, **values):
@@ -20,17 +20,6 @@ def series(engine, start, end, step, instances, **values):
             decisions.append(decision)
         t += step
     return decisions, instances
-
-
-def test_defaults_are_the_design_rules():
-    rules = AutoscaleRules()
-    assert (rules.latency_ms, rules.up_after_s, rules.up_factor) == (200, 30, 1.5)
-    assert (rules.utilization_below, rules.down_after_s, rules.down_factor) == (0.30, 300, 1.2)
-    assert [rules.scaled_up(n) for n in (1, 2, 3)] == [2, 3, 4]  # ceil(1.5), ceil(3), ceil(4.5) capped at 4
-    assert [rules.scaled_down(n) for n in (4, 3, 2, 1)] == [3, 2, 1, 1]  # floor(n / 1.2), at least min
-    with pytest.raises(ValidationError, match="min_instances=3 is above max_instances=2"):
-        AutoscaleRules(min_instances=3, max_instances=2)
-    assert json.loads(rules.model_dump_json())["latency_ms"] == 200  # plain data deploy/ can render
 
 
 def test_sustained_high_latency_scales_up_after_the_window_only():

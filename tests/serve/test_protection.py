@@ -6,8 +6,8 @@ import asyncio
 import numpy as np
 import pytest
 
+from autoglm.gateway_spec import ApiKey, hash_api_key
 from serve.gateway.guard import Guard, TokenBucket
-from serve.settings import ApiKey, hash_api_key
 from tests.serve.fakes import CHARLM, fake_gateway
 from tests.serve.test_gateway import IMAGE, client, v2_json
 

@@ -34,7 +34,7 @@ def test_find_tritonserver_locates_binary_libs_and_this_pythons_stub(install):
 
 def test_missing_install_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(MissingExtraError, match=r"pip install nvidia-pytriton==0\.7\.0"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'autoglm\[triton\]'"):
         find_tritonserver()
 
 
