@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml constraints.txt
 # The main job on the embedded defaults: every stage that exists, in order.
 demo: venv
 	$(AUTOGLM) demo --config $(CONFIG) --run $(RUN) $(ARGS)
-	$(AUTOGLM) status $(RUN)
+	$(AUTOGLM) status --run $(RUN)
 
 test: venv
 	$(BIN)/python -m pytest $(ARGS)
