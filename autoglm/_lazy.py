@@ -22,6 +22,14 @@ EXTRAS = {  # module (or package) -> the extra that installs it
     "sqlalchemy": "tune",  # with optuna
     "yaml": "deploy",
     "pytriton": "triton",  # nvidia-pytriton, found (not imported) by serve.triton
+    # imported at module level by a stage: a command whose extra is missing names it (autoglm.cli.run_main)
+    "torch": "compress",
+    "psutil": "tune",
+    "matplotlib": "tune",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
+    "locust": "loadtest",
 }
 
 

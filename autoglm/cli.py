@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from autoglm._lazy import extra_for
 from autoglm.config import Settings, load_settings
 from autoglm.errors import AutoGLMError
 
@@ -215,6 +216,12 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
             return int(main(argv) or 0)
     except AutoGLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a library a stage imports at module level, from an extra not installed
+        extra = extra_for(exc.name or "")
+        if extra is None:
+            raise
+        print(f"error: {exc.name} is not installed: pip install 'autoglm[{extra}]'", file=sys.stderr)
         return 2
     except Terminated as exc:
         print(f"stopped by {exc}", file=sys.stderr)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from autoglm.artifacts import RunDir
-from autoglm.cli import Flag, cli, stage_main
+from autoglm.cli import Flag, cli, run_main, stage_main
 from autoglm.errors import ConfigError
 
 TABLE = {  # one flag of each kind, over settings every stage has
@@ -185,3 +185,19 @@ def test_a_list_flag_takes_commas_or_spaces(capsys, spelling):
     assert cli(["compress", "--variants", *spelling, "--dry-run"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert '"variants": [ "fp32", "int8" ]' in out
+
+
+def test_a_library_missing_from_its_extra_is_named_with_the_extra(capsys):
+    def stage(argv):
+        raise ModuleNotFoundError("No module named 'fastapi'", name="fastapi")
+
+    assert run_main(stage) == 2
+    assert capsys.readouterr().err == "error: fastapi is not installed: pip install 'autoglm[serve]'\n"
+
+
+def test_a_missing_module_no_extra_brings_is_not_hidden():
+    def stage(argv):
+        raise ModuleNotFoundError("No module named 'mytask'", name="mytask")
+
+    with pytest.raises(ModuleNotFoundError, match="mytask"):
+        run_main(stage)
