@@ -38,7 +38,7 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
-def read_images(body: bytes, input_spec: dict) -> list:
+def read_images(body: bytes, input_spec: dict, metadata: dict) -> list:
     """The images of a ``:predict`` body, validated by :class:`PredictRequest`; BadInput naming what is wrong:
     400 for bytes that are not JSON, 422 for JSON that is not the request."""
     try:
@@ -54,6 +54,8 @@ def read_images(body: bytes, input_spec: dict) -> list:
         raise BadInput("the request body must be {\"images\": [[8 rows of 8 pixels], ...]}", 422)
     if any(len(error["loc"]) == 1 for error in errors):  # 'images' itself: not a list, or an empty one
         raise BadInput("'images' must be a non-empty list of images (lists of pixel rows)", 422)
+    if all(len(error["loc"]) > 2 and error["input"] is None for error in errors):  # null pixels: not a number
+        raise _not_pixels(metadata)
     raise _numbers_only(input_spec)
 
 
@@ -78,8 +80,12 @@ def images_tensor(images: list, metadata: dict, input_spec: dict, max_batch: int
                        f"{list(x.shape[1:])}", 422)
     pixel_max = float(metadata.get("pixel_max", 1.0))
     if not np.isfinite(x).all() or x.min() < 0 or x.max() > pixel_max:
-        raise BadInput(f"pixel values must be finite and within 0..{pixel_max:g}", 422)
+        raise _not_pixels(metadata)
     return (x / pixel_max).reshape((len(images), *shape))
+
+
+def _not_pixels(metadata: dict) -> BadInput:
+    return BadInput(f"pixel values must be finite and within 0..{float(metadata.get('pixel_max', 1.0)):g}", 422)
 
 
 def _plain(shape: tuple) -> tuple:

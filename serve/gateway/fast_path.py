@@ -131,7 +131,7 @@ async def predict(gw: Gateway, route: FastRoute, scope, headers: dict, body: byt
     name = scope["path"][len(route.prefix):-len(route.suffix)]
     model = gw.task_model(name, "predict")
     spec = gw.catalog.io["inputs"][0]
-    images = read_images(body, spec)
+    images = read_images(body, spec, gw.catalog.metadata)
     sig = await gw.signature(model)
     x = images_tensor(images, gw.catalog.metadata, spec, sig.max_batch_size or 1)
     gw.metrics.observe_rows(route.path, len(x))
