@@ -12,7 +12,8 @@ from pathlib import Path
 
 from autoglm.errors import AutoGLMError
 
-VERBS = {"classify": ("predict",), "language-model": ("generate", "score")}  # task endpoints per kind of task
+# task endpoints per kind of task: :predict takes any task's tensors (KServe v1 instances)
+VERBS = {"classify": ("predict",), "language-model": ("predict", "generate", "score"), "tensors": ("predict",)}
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class TaskCatalog:
     kind: str = field(init=False)
 
     def __post_init__(self) -> None:
-        kind = "classify" if "classes" in self.metadata else "language-model" if "itos" in self.metadata else "v2"
+        kind = "classify" if "classes" in self.metadata else "language-model" if "itos" in self.metadata else "tensors"
         object.__setattr__(self, "kind", kind)
 
     @classmethod

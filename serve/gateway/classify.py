@@ -1,8 +1,7 @@
-"""Classification task endpoint (digits): ``:predict`` -- friendly JSON ↔ tensors, in numpy.
+"""Classification tasks' friendly ``:predict`` body (digits): ``images`` ↔ tensors, in numpy.
 
 Raw 8x8 images (0..pixel_max) → the model's (B,1,8,8)/pixel_max input → logits (B,10) → softmax
-→ class label and probabilities. The body is validated by :class:`PredictRequest`, the model its
-OpenAPI schema comes from, with pydantic-core on the raw bytes (≈4 µs more than a bare JSON parse).
+→ class label and probabilities. The body is validated by :class:`serve.gateway.predict.PredictRequest`.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from serve.gateway.errors import BadInput
 
@@ -24,39 +23,13 @@ class Prediction(BaseModel):
 Image = Annotated[list[list[float]] | list[list[list[float]]], Field(union_mode="left_to_right")]
 
 
-class PredictRequest(BaseModel):
-    """``images``: raw 8x8 digits, pixel values 0..16 (as in scikit-learn's load_digits)."""
-
-    # allow_inf_nan=False: NaN and Infinity are not JSON, refused as the JSON parser would
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False,
-                              json_schema_extra={"example": {"images": [[[0] * 8] * 8]}})
-    images: list[Image] = Field(min_length=1)
-
-
-class PredictResponse(BaseModel):
-    model: str
-    predictions: list[Prediction]
-
-
-def read_images(body: bytes, input_spec: dict, metadata: dict) -> list:
-    """The images of a ``:predict`` body, validated by :class:`PredictRequest`; BadInput naming what is wrong:
-    400 for bytes that are not JSON, 422 for JSON that is not the request."""
-    try:
-        return PredictRequest.model_validate_json(body).images
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_context=False)
-    for error in errors:
-        if error["type"] == "json_invalid":
-            raise BadInput(f"the request body is not valid JSON ({error['msg'].removeprefix('Invalid JSON: ')})")
-        if error["type"] == "finite_number" and isinstance(error["input"], float):  # not a string such as "inf"
-            raise BadInput("the request body is not valid JSON (NaN or an infinite number)")
-    if any(error["loc"][:1] != ("images",) or error["type"] == "missing" for error in errors):
-        raise BadInput("the request body must be {\"images\": [[8 rows of 8 pixels], ...]}", 422)
+def images_error(errors: list[dict], input_spec: dict, metadata: dict) -> BadInput:
+    """What is wrong with the ``images`` of a ``:predict`` body, from pydantic's errors under ``images``."""
     if any(len(error["loc"]) == 1 for error in errors):  # 'images' itself: not a list, or an empty one
-        raise BadInput("'images' must be a non-empty list of images (lists of pixel rows)", 422)
+        return BadInput("'images' must be a non-empty list of images (lists of pixel rows)", 422)
     if all(len(error["loc"]) > 2 and error["input"] is None for error in errors):  # null pixels: not a number
-        raise _not_pixels(metadata)
-    raise _numbers_only(input_spec)
+        return _not_pixels(metadata)
+    return _numbers_only(input_spec)
 
 
 def _numbers_only(input_spec: dict) -> BadInput:

@@ -18,12 +18,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import orjson
 from pydantic import BaseModel
 
-from serve.gateway.classify import PredictRequest, PredictResponse, images_tensor, predictions, read_images
 from serve.gateway.errors import BadInput, Refused, error_body
 from serve.gateway.guard import read_body
+from serve.gateway.predict import PredictRequest, PredictResponse, predict
 from serve.gateway.tensors import InferRequest, InferResponse, validate
 from serve.gateway.worker import JSON, Gateway
 
@@ -126,31 +125,21 @@ async def infer_passthrough(gw: Gateway, route: FastRoute, scope, headers: dict,
     return response.status, out, response.body
 
 
-async def predict(gw: Gateway, route: FastRoute, scope, headers: dict, body: bytes):
-    """``{"images": [...]}`` -> ``{"model", "predictions": [{"class", "probabilities"}]}``."""
-    name = scope["path"][len(route.prefix):-len(route.suffix)]
-    model = gw.task_model(name, "predict")
-    spec = gw.catalog.io["inputs"][0]
-    images = read_images(body, spec, gw.catalog.metadata)
-    sig = await gw.signature(model)
-    x = images_tensor(images, gw.catalog.metadata, spec, sig.max_batch_size or 1)
-    gw.metrics.observe_rows(route.path, len(x))
-    out_name = gw.catalog.io["outputs"][0]["name"]
-    logits = (await gw.infer(model, {spec["name"]: x}, (out_name,)))[out_name]
-    payload = {"model": model, "predictions": predictions(logits, gw.catalog.metadata["classes"])}
-    return 200, (JSON,), orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
 FAST_ROUTES = (
     FastRoute("/v2/models/{model}/infer", infer_passthrough, InferRequest, InferResponse, tag="v2",
               summary="Inference (JSON or binary tensors)",
               description="Validated against the model's config, then forwarded to Triton unchanged (JSON or binary).",
               also=(("/v2/models/{model}/versions/{version}/infer", "Inference on one model version"),)),
     FastRoute("/v1/models/{model}:predict", predict, PredictRequest, PredictResponse, tag="tasks",
-              summary="Classify images (classification tasks)",
-              description="Classify raw 8x8 digit images (pixels 0..16): the class label and its probabilities per "
-                          "image.\n\n``model`` is the task name (its recommended variant), a variant name, or a "
-                          "Triton model name."),
+              summary="Predict (any task: KServe v1 instances, TF-Serving inputs; images for classification)",
+              description="``{\"instances\": [row, ...]}`` -> ``{\"predictions\": [...]}``, one per instance, for "
+                          "any task, a user's own included: rows of the model's input tensors as its io spec "
+                          "gives them (a bare value for a one-input model, an object {input: value} otherwise); "
+                          "``{\"inputs\": {input: rows}}`` -> ``{\"outputs\": ...}`` (TF-Serving's columnar "
+                          "form). Classification tasks also take raw 8x8 digit images (pixels 0..16), "
+                          "``{\"images\": [...]}``, and answer the class label and its probabilities per image; "
+                          "language models take rows of token ids.\n\n``model`` is the task name (its "
+                          "recommended variant), a variant name, or a Triton model name."),
 )
 
 

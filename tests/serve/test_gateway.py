@@ -81,11 +81,11 @@ async def test_predict_takes_exactly_the_bodies_its_openapi_schema_describes(bod
     assert (reply.status == 200) is accepted, reply.body
 
 
-async def test_language_model_verbs_are_not_classification():
+async def test_language_models_take_instances_of_token_ids_not_images():
     gw, _ = fake_gateway(CHARLM)
     async with client(gw) as c:
         reply = await c.post("/v1/models/charlm:predict", json={"images": [IMAGE]})
-    assert reply.status == 404 and ":generate and :score" in reply.error
+    assert reply.status == 422 and "classification tasks" in reply.error and '"instances"' in reply.error
 
 
 async def test_v2_infer_forwards_json_and_binary_bodies_unchanged():
