@@ -31,6 +31,9 @@ RECIPES = {
     "charlm": ["task.name=charlm", "task.model={n_layer=1, n_head=2, n_embd=32, block_size=32}",
                "train.max_steps=100", "train.eval_every=100", "train.batch_size=16", "train.eval_batches=2",
                "train.lr=3e-3", "compress.generate.max_new_tokens=100000"],
+    "linreg": ["task.name='tests.autoglm.tasks.user_task:LinearRegressionTask'", "train.max_steps=200",  # a user's task
+               "train.eval_every=200", "train.batch_size=32", "train.lr=5e-2", "train.weight_decay=0.0",
+               "train.eval_batches=2"],
 }
 
 
