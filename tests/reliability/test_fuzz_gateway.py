@@ -166,3 +166,25 @@ def test_hostile_predict_bodies_are_refused_with_a_json_4xx(open_gateway, images
         reply = open_gateway.request("POST", "/v1/models/digits:predict", body, {"content-type": "application/json"})
         assert reply.status < 500, (reply.status, reply.body[:300], body[:300])
         assert reply.status == 200 or isinstance(orjson.loads(reply.body)["error"], str)
+
+
+# --- hand-made hostile KServe v1 / TF-Serving bodies: rows and columns of anything, near and far from 1x8x8 ---
+
+PIXELS = st.lists(st.lists(st.floats(0, 1, width=32), min_size=8, max_size=8), min_size=8, max_size=8)  # valid
+ROW = st.one_of(PIXELS, st.lists(st.lists(FLOATS, min_size=8, max_size=8), min_size=8, max_size=8),
+                st.recursive(FLOATS, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(
+                    st.sampled_from(["image", "x", ""]), inner, max_size=2)), max_leaves=20))
+ROWS = st.one_of(st.lists(ROW, max_size=3), FLOATS, st.dictionaries(st.text(max_size=3), FLOATS, max_size=2))
+TENSOR_BODIES = st.one_of(st.fixed_dictionaries({"instances": ROWS}), st.fixed_dictionaries({"inputs": st.one_of(
+    ROWS, st.dictionaries(st.sampled_from(["image", "x"]), ROWS, max_size=2))}))
+
+
+@settings(max_examples=150, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(body=TENSOR_BODIES, extra=st.dictionaries(st.sampled_from(["images", "inputs", "signature_name", "x"]),
+                                                 FLOATS, max_size=1),
+       model=st.sampled_from(["digits", "digits-fp32"]))
+def test_hostile_instances_bodies_are_refused_with_a_json_4xx(open_gateway, body, extra, model):
+    raw = json.dumps({**body, **extra}, allow_nan=True).encode()
+    reply = open_gateway.request("POST", f"/v1/models/{model}:predict", raw, {"content-type": "application/json"})
+    assert reply.status < 500, (reply.status, reply.body[:300], raw[:300])
+    assert reply.status == 200 or isinstance(orjson.loads(reply.body)["error"], str)
