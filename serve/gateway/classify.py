@@ -12,6 +12,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from serve.gateway.errors import BadInput
+from serve.gateway.instances import without_unit_axes
 
 
 class Prediction(BaseModel):
@@ -33,8 +34,8 @@ def images_error(errors: list[dict], input_spec: dict, metadata: dict) -> BadInp
 
 
 def _numbers_only(input_spec: dict) -> BadInput:
-    return BadInput(f"'images' must hold numbers only, each image {_plain(tuple(input_spec['shape']))} rows of "
-                    f"pixels", 422)
+    shape = without_unit_axes(tuple(input_spec["shape"]))
+    return BadInput(f"'images' must hold numbers only, each image {shape} rows of pixels", 422)
 
 
 def images_tensor(images: list, metadata: dict, input_spec: dict, max_batch: int) -> np.ndarray:
@@ -48,8 +49,8 @@ def images_tensor(images: list, metadata: dict, input_spec: dict, max_batch: int
             x = np.asarray(images, dtype=np.float32)
     except (ValueError, TypeError):  # ragged: images or rows of different lengths
         raise _numbers_only(input_spec) from None
-    if x.shape[1:] != shape and x.shape[1:] != _plain(shape):
-        raise BadInput(f"each image must be {'x'.join(map(str, _plain(shape)))} pixels; got shape "
+    if x.shape[1:] != shape and x.shape[1:] != without_unit_axes(shape):
+        raise BadInput(f"each image must be {'x'.join(map(str, without_unit_axes(shape)))} pixels; got shape "
                        f"{list(x.shape[1:])}", 422)
     pixel_max = float(metadata.get("pixel_max", 1.0))
     if not np.isfinite(x).all() or x.min() < 0 or x.max() > pixel_max:
@@ -59,13 +60,6 @@ def images_tensor(images: list, metadata: dict, input_spec: dict, max_batch: int
 
 def _not_pixels(metadata: dict) -> BadInput:
     return BadInput(f"pixel values must be finite and within 0..{float(metadata.get('pixel_max', 1.0)):g}", 422)
-
-
-def _plain(shape: tuple) -> tuple:
-    """The image shape without leading channel axes of size 1: (1, 8, 8) -> (8, 8)."""
-    while len(shape) > 1 and shape[0] == 1:
-        shape = shape[1:]
-    return shape
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

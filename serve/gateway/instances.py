@@ -37,7 +37,7 @@ class InputSpec:
 
     def describe(self) -> str:
         """``[1, 8, 8] (or [8, 8]) of FP32 (input 'image')``; ``*`` marks a dynamic axis."""
-        plain = _without_unit_axes(self.shape)
+        plain = without_unit_axes(self.shape)
         also = f" (or {_dims(plain)})" if plain != self.shape else ""
         return f"{_dims(self.shape)}{also} of {self.datatype} (input '{self.name}')"
 
@@ -45,7 +45,7 @@ class InputSpec:
         """``shape`` is the spec's, or the spec's without its leading axes of size 1 (an image without
         its channel axis); a dynamic axis takes any positive size."""
         return any(len(shape) == len(want) and all(w < 0 < s or w == s for w, s in zip(want, shape))
-                   for want in (self.shape, _without_unit_axes(self.shape)))
+                   for want in (self.shape, without_unit_axes(self.shape)))
 
 
 def input_specs(io: dict) -> tuple[InputSpec, ...]:
@@ -64,7 +64,8 @@ def _dims(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join("*" if d < 0 else str(d) for d in shape) + "]"
 
 
-def _without_unit_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
+def without_unit_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape without leading axes of size 1: (1, 8, 8) -> (8, 8)."""
     while len(shape) > 1 and shape[0] == 1:
         shape = shape[1:]
     return shape

@@ -75,7 +75,8 @@ def test_a_user_task_answers_instances_through_curl_and_plain_http(linreg):
 
 
 @pytest.mark.parametrize(("body", "status", "words"), [
-    ({"instances": [[1, 2, 3, 4], [1, 2, 3]]}, 422, "instance 1: expected shape [4] of FP32 (input 'x'), got shape [3]"),
+    ({"instances": [[1, 2, 3, 4], [1, 2, 3]]}, 422,
+     "instance 1: expected shape [4] of FP32 (input 'x'), got shape [3]"),
     ({"instances": [[1, 2, 3, True]]}, 422, "true/false"),
     ({"instances": [[1, 2, 3, "4"]]}, 422, "got strings"),
     ({"instances": [[0, 0, 0, 0]] * 65}, 413, "at most 64"),
@@ -104,8 +105,8 @@ def test_digits_answer_the_same_through_the_friendly_body_and_instances(digits):
     answer = json.loads(friendly[1])["predictions"]
     assert [p["class"] for p in answer] == [str(k) for k in logits.argmax(1)]
     probabilities = np.exp(logits - logits.max(1, keepdims=True))
-    np.testing.assert_allclose([p["probabilities"] for p in answer], probabilities / probabilities.sum(1, keepdims=True),
-                               atol=1e-5)
+    probabilities /= probabilities.sum(1, keepdims=True)
+    np.testing.assert_allclose([p["probabilities"] for p in answer], probabilities, atol=1e-5)
 
 
 def test_charlm_takes_rows_of_token_ids_and_answers_their_logits(charlm):

@@ -90,3 +90,17 @@ def gateway_client(gw) -> AsgiClient:
     app = create_app(gw.settings)
     app.dependency_overrides[get_gateway] = lambda: gw
     return AsgiClient(app)
+
+
+async def schema_and_route_agree(gw, path: str, body) -> tuple[bool, bool]:
+    """(the route's documented request schema takes ``body``, the route answers it 200), for a POST route
+    whose request body is the ``PredictRequest`` schema."""
+    import pytest
+
+    jsonschema = pytest.importorskip("jsonschema")
+    async with gateway_client(gw) as c:
+        schema = (await c.get("/openapi.json")).json()
+        reply = await c.post(path, json=body)
+    assert reply.status < 500, reply.body
+    documented = {"$ref": "#/components/schemas/PredictRequest", "components": schema["components"]}
+    return jsonschema.Draft202012Validator(documented).is_valid(body), reply.status == 200

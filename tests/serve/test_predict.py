@@ -11,6 +11,7 @@ from serve.gateway.upstream import UpstreamResponse
 from serve.gateway.worker import Gateway
 from serve.settings import GatewaySettings
 from tests.serve.asgi import gateway_client as client
+from tests.serve.asgi import schema_and_route_agree
 from tests.serve.fakes import CHARLM, FakeTriton, fake_gateway
 
 pytestmark = pytest.mark.anyio
@@ -48,8 +49,8 @@ class PairTriton(FakeTriton):
         total = arrays["x"].sum(axis=1, keepdims=True).astype(np.float32)
         count = np.full((len(total), 1), arrays["ids"].shape[1], np.int64)
         head = orjson.dumps({"outputs": [
-            {"name": "total", "datatype": "FP32", "shape": list(total.shape), "parameters": {"binary_data_size": 4 * len(total)}},
-            {"name": "count", "datatype": "INT64", "shape": list(count.shape), "parameters": {"binary_data_size": 8 * len(count)}}]})
+            {"name": name, "datatype": datatype, "shape": list(a.shape), "parameters": {"binary_data_size": a.nbytes}}
+            for name, datatype, a in (("total", "FP32", total), ("count", "INT64", count))]})
         return UpstreamResponse(200, {b"inference-header-content-length": str(len(head)).encode()},
                                 head + total.tobytes() + count.tobytes())
 
@@ -167,12 +168,5 @@ async def test_bad_instances_are_4xx_naming_the_expected_spec(payload, status, w
     ({}, False),
 ])
 async def test_instances_bodies_are_what_the_openapi_schema_describes(body, accepted):
-    jsonschema = pytest.importorskip("jsonschema")
     gw, _ = pair_gateway()
-    async with client(gw) as c:
-        schema = (await c.get("/openapi.json")).json()
-        reply = await c.post("/v1/models/pair:predict", json=body)
-    documented = {"$ref": "#/components/schemas/PredictRequest", "components": schema["components"]}
-    assert jsonschema.Draft202012Validator(documented).is_valid(body) is accepted
-    assert (reply.status == 200) is accepted, reply.body
-    assert reply.status < 500
+    assert await schema_and_route_agree(gw, "/v1/models/pair:predict", body) == (accepted, accepted)
