@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from serve.gateway.compression import inflate, response_coding
 from serve.gateway.errors import BadInput, Refused, error_body
 from serve.gateway.guard import read_body
 from serve.gateway.predict import PredictRequest, PredictResponse, predict
-from serve.gateway.tensors import InferRequest, InferResponse, validate
-from serve.gateway.worker import JSON, Gateway
+from serve.gateway.tensors import InferRequest, InferResponse, ModelSignature, validate
+from serve.gateway.worker import JSON, MODEL_NAME, Gateway, unknown_model
 
 log = logging.getLogger("serve.gateway")
 # (gateway, its route, scope, headers, body) -> (status, headers, body)
@@ -80,6 +81,9 @@ async def serve_fast(gw: Gateway, route: FastRoute, scope, receive, send) -> Non
         try:
             body = await read_body(receive, gw.settings.max_body_bytes, gw.guard.too_large(),
                                    gw.settings.request_timeout_s)
+            coding = headers.get(b"content-encoding")
+            if coding is not None:  # the only cost to uncompressed requests: this look-up
+                body = inflate(body, coding, gw.settings.max_body_bytes, gw.guard.too_large())
             status, out_headers, payload = await route.handler(gw, route, scope, headers, body)
         finally:
             gw.guard.release()
@@ -97,32 +101,34 @@ def _model_from_path(route: FastRoute, path: str) -> tuple[str, bytes]:
     """``/v2/models/<m>[/versions/<v>]/infer`` -> (model, target to forward)."""
     parts = path[len(route.prefix):].split("/")
     if len(parts) == 2 or (len(parts) == 4 and parts[1] == "versions" and parts[2].isdigit()):
+        if not MODEL_NAME.fullmatch(parts[0]):  # never put such a name into the request to Triton
+            raise unknown_model(parts[0])
         return parts[0], path.encode()
     raise BadInput(f"no such endpoint {path}: use /v2/models/<model>[/versions/<n>]/infer", 404)
 
 
 async def infer_passthrough(gw: Gateway, route: FastRoute, scope, headers: dict, body: bytes):
-    """Validate against the model's config, forward the body bytes unchanged, relay Triton's answer."""
+    """Validate against the model's config, forward the body bytes, relay Triton's answer unchanged.
+
+    A compressed request arrives here inflated (:func:`serve_fast`) and goes to Triton uncompressed;
+    a client's ``Accept-Encoding`` is asked of Triton as the coding Triton itself would pick, and
+    Triton's compressed reply is relayed with its ``Content-Encoding``.
+    """
     model, target = _model_from_path(route, scope["path"])
-    if headers.get(b"content-encoding", b"identity") != b"identity":
-        raise BadInput("compressed request bodies are not accepted: send the body uncompressed", 415)
-    sig = await gw.signature(model)
+    sig = gw.signatures.get(model) or await gw.find_signature(model)
+    if not isinstance(sig, ModelSignature):  # Triton's own answer about the model (unknown, not ready)
+        return gw.relayed(sig)
     header_length = headers.get(b"inference-header-content-length")
     gw.metrics.observe_rows(route.path, validate(sig, body, header_length))
     forward = [(b"Content-Type", headers.get(b"content-type", b"application/json"))]
     if header_length is not None:
         forward.append((b"Inference-Header-Content-Length", header_length))
+    accept = headers.get(b"accept-encoding")
+    if accept is not None and (coding := response_coding(accept)):
+        forward.append((b"Accept-Encoding", coding))
     if scope.get("query_string"):
         target += b"?" + scope["query_string"]
-    response = await gw.call(b"POST", target, body, forward)
-    failure = gw.upstream_failure(response)
-    if failure:
-        raise failure
-    # Only end-to-end headers that describe the body; hop-by-hop ones (Connection, Keep-Alive, ...) stay behind.
-    out = [(b"content-type", response.headers.get(b"content-type", b"application/json"))]
-    if b"inference-header-content-length" in response.headers:
-        out.append((b"inference-header-content-length", response.headers[b"inference-header-content-length"]))
-    return response.status, out, response.body
+    return gw.relayed(await gw.call(b"POST", target, body, forward))
 
 
 FAST_ROUTES = (

@@ -1,9 +1,11 @@
 """One gateway worker's state: settings, upstream pool, guard, metrics, model signatures, task catalog.
 
 Created in the app's lifespan (one per worker process) and reached through ``app.state.gateway``.
-Every call to Triton goes through :meth:`Gateway.call`, which turns transport failures and Triton's
-own statuses into the gateway's: Triton 4xx → same, 503 (queue full) → 503, other 5xx → 502,
-no connection → 503; no reply within ``request_timeout_s`` → TimeoutError (the routes answer 504).
+Every call to Triton goes through :meth:`Gateway.call`, which turns transport failures into the
+gateway's own answers: no connection → 503, a broken reply → 502, no reply within
+``request_timeout_s`` → TimeoutError (the routes answer 504). Triton's own answers are relayed
+unchanged on the v2 routes (:meth:`Gateway.relayed`, so stock clients see Triton's text); the task
+routes explain them instead (:meth:`Gateway.upstream_failure`: 503 when full, other 5xx → 502).
 """
 
 from __future__ import annotations
@@ -109,20 +111,41 @@ class Gateway:
 
     async def signature(self, model: str) -> ModelSignature:
         """The model's inputs and batch limit, from Triton's config (cached); 404 for an unknown model."""
+        sig = self.signatures.get(model) or await self.find_signature(model)
+        if isinstance(sig, ModelSignature):
+            return sig
+        failure = self.upstream_failure(sig)
+        if failure:
+            raise failure
+        known = f"; task endpoints serve {self.catalog.names}" if self.catalog else ""
+        raise BadInput(f"unknown model '{model}' (Triton: {_triton_message(sig.body)}){known}", 404)
+
+    async def find_signature(self, model: str) -> ModelSignature | UpstreamResponse:
+        """The model's signature from Triton's config (then cached), or Triton's answer refusing the config
+        (unknown model, not ready), for the caller to relay or explain; an invalid name is refused here."""
         sig = self.signatures.get(model)
         if sig is not None:
             return sig
         if not MODEL_NAME.fullmatch(model):
-            raise BadInput(f"model name {model[:64]!r} is not valid: use letters, digits, '_', '.' and '-'", 404)
+            raise unknown_model(model)
         response = await self.call(b"GET", b"/v2/models/%s/config" % model.encode())
         if response.status != 200:
-            failure = self.upstream_failure(response)
-            if failure:
-                raise failure
-            known = f"; task endpoints serve {self.catalog.names}" if self.catalog else ""
-            raise BadInput(f"unknown model '{model}' (Triton: {_triton_message(response.body)}){known}", 404)
+            return response
         sig = self.signatures[model] = ModelSignature.from_config(orjson.loads(response.body))
         return sig
+
+    def relayed(self, response: UpstreamResponse) -> tuple[int, tuple[tuple[bytes, bytes], ...], bytes]:
+        """(status, headers, body) relaying Triton's answer on a v2 route unchanged, errors included, so
+        stock clients see Triton's own status and text; its 5xx are counted. Only the end-to-end headers
+        that describe the body go back: hop-by-hop ones (Connection, Keep-Alive, ...) stay behind."""
+        if response.status >= 500:
+            self.metrics.triton_error("overloaded" if response.status == 503 else "status_5xx")
+        got = response.headers
+        out = [(b"content-type", got.get(b"content-type", b"application/json"))]
+        for name in (b"inference-header-content-length", b"content-encoding", b"accept-encoding"):
+            if name in got:
+                out.append((name, got[name]))
+        return response.status, tuple(out), response.body
 
     async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Run ``model`` on named arrays through Triton's binary protocol; named output arrays back."""
@@ -214,6 +237,13 @@ class Gateway:
             offered = " and ".join(f":{v}" for v in verbs) or "only the v2 endpoints"
             raise BadInput(f"model '{name}' ({self.catalog.task}) answers {offered}, not :{verb}", 404)
         return model
+
+
+def unknown_model(name: str) -> BadInput:
+    """The refusal of a model name no Triton model can have, in Triton's own wording for an unknown
+    model (stock clients look for it), then the rule it breaks."""
+    return BadInput(f"Request for unknown model: '{name[:128]}' is not found (model names are letters, digits, "
+                    f"'_', '.' and '-')", 404)
 
 
 def _triton_message(body: bytes) -> str:

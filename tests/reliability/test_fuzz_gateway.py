@@ -1,7 +1,7 @@
 """Fuzzing the gateway: schemathesis cases from its own OpenAPI document, every operation, with and
 without API keys configured, sent to a gateway app in-process in front of a real Triton serving a real
 (tiny) model; plus hand-made hostile v2 infer bodies (lying binary-extension lengths, NaN, huge
-numbers, wrong types). The property: no request makes the gateway answer 5xx, and every refusal is
+numbers, wrong types), sent plain and gzip/deflate-compressed, whole, cut or corrupted. The property: no request makes the gateway answer 5xx, and every refusal is
 JSON with an ``error`` message.
 
 In-process (ASGI, no sockets) rather than over HTTP so that well over a thousand requests fit in
@@ -11,7 +11,9 @@ between a hostile request and Triton's own 500s.
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from urllib.parse import urlencode, urlsplit
 
 import orjson
@@ -69,6 +71,27 @@ class Tally:
             assert "error" in orjson.loads(reply.body), (method, path, reply.body[:200])
 
 
+# How a body is sent: plain, compressed (whole, cut short, or with bytes flipped), or with a coding
+# the gateway does not take. Compressed cases reach the same validation once inflated.
+CODINGS = st.sampled_from(["gzip", "deflate"])
+SENDING = st.one_of(st.none(), st.tuples(CODINGS, st.sampled_from(["whole", "cut", "flipped"])),
+                   st.tuples(st.sampled_from(["br", "x-gzip", "gzip, gzip", ""]), st.just("whole")))
+
+
+def _send_as(body: bytes, sent, headers: dict) -> bytes:
+    if sent is None:
+        return body
+    coding, damage = sent
+    headers["content-encoding"] = coding
+    packed = gzip.compress(body) if coding == "gzip" else zlib.compress(body) if coding == "deflate" else body
+    if damage == "cut":
+        return packed[:len(packed) // 2]
+    if damage == "flipped":
+        middle = len(packed) // 2
+        return packed[:middle] + bytes([packed[middle] ^ 0xFF]) + packed[middle + 1:]
+    return packed
+
+
 def _fuzz_operation(gateway: InProcess, tally: Tally, operation, mode, auths) -> None:
     path_params = {"model": MODELS} if "model" in (operation.path_parameters or {}) else {}
     strategy = operation.as_strategy(generation_mode=mode) if not path_params else st.one_of(
@@ -76,9 +99,11 @@ def _fuzz_operation(gateway: InProcess, tally: Tally, operation, mode, auths) ->
         operation.as_strategy(generation_mode=GenerationMode.POSITIVE, path_parameters={"model": "digits-fp32"}))
 
     @FUZZ
-    @given(case=strategy, auth=st.sampled_from(auths))
-    def run(case, auth):
+    @given(case=strategy, auth=st.sampled_from(auths), sent=SENDING)
+    def run(case, auth, sent):
         method, path, body, headers = _request(case, auth)
+        if method == "POST":  # every POST body also plain, compressed, damaged, or in a coding not taken
+            body = _send_as(body, sent, headers)
         reply = gateway.request(method, path, body, headers)
         tally.check(reply, method, path, body)
 
@@ -141,15 +166,15 @@ def open_gateway(stack):
         yield gateway
 
 
-@settings(max_examples=150, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(header=BODIES, tail=st.binary(max_size=300), header_length=HEADER_LENGTHS,
+@settings(max_examples=200, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(header=BODIES, tail=st.binary(max_size=300), header_length=HEADER_LENGTHS, sent=SENDING,
        route=st.sampled_from(["/v2/models/digits-fp32/infer", "/v2/models/digits-fp32/versions/1/infer"]))
-def test_hostile_infer_bodies_are_refused_with_a_json_4xx(open_gateway, header, tail, header_length, route):
+def test_hostile_infer_bodies_are_refused_with_a_json_4xx(open_gateway, header, tail, header_length, sent, route):
     head = json.dumps(header, allow_nan=True).encode()
     headers = {"content-type": "application/json"}
     if header_length is not None:  # a binary-extension request whose stated header length may lie
         headers["inference-header-content-length"] = header_length
-    reply = open_gateway.request("POST", route, head + tail, headers)
+    reply = open_gateway.request("POST", route, _send_as(head + tail, sent, headers), headers)
     assert reply.status < 500, (reply.status, reply.body[:300], head[:300], header_length)
     if reply.status >= 400:
         assert isinstance(orjson.loads(reply.body)["error"], str)
@@ -160,10 +185,13 @@ IMAGES = st.one_of(st.lists(st.lists(st.lists(FLOATS, min_size=8, max_size=8), m
 
 
 @settings(max_examples=100, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(images=IMAGES, extra=st.dictionaries(st.text(max_size=5), FLOATS, max_size=2), raw=st.binary(max_size=40))
-def test_hostile_predict_bodies_are_refused_with_a_json_4xx(open_gateway, images, extra, raw):
+@given(images=IMAGES, extra=st.dictionaries(st.text(max_size=5), FLOATS, max_size=2), raw=st.binary(max_size=40),
+       sent=SENDING)
+def test_hostile_predict_bodies_are_refused_with_a_json_4xx(open_gateway, images, extra, raw, sent):
     for body in (json.dumps({"images": images, **extra}, allow_nan=True).encode(), raw):
-        reply = open_gateway.request("POST", "/v1/models/digits:predict", body, {"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        body = _send_as(body, sent, headers)
+        reply = open_gateway.request("POST", "/v1/models/digits:predict", body, headers)
         assert reply.status < 500, (reply.status, reply.body[:300], body[:300])
         assert reply.status == 200 or isinstance(orjson.loads(reply.body)["error"], str)
 

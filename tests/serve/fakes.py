@@ -72,6 +72,8 @@ class FakeTriton:
         parts = path.split("/")
         if path in ("/v2", "/v2/health/live", "/v2/health/ready"):
             return _json(200, {"name": "triton"}) if path == "/v2" else UpstreamResponse(200, {}, b"")
+        if path == "/v2/models/stats":
+            return _json(200, {"model_stats": [{"name": m, "version": "1"} for m in CONFIGS]})
         model = parts[3] if len(parts) > 3 else ""
         if model not in CONFIGS:
             return _json(404, {"error": f"Request for unknown model: '{model}' is not found"})
@@ -79,6 +81,8 @@ class FakeTriton:
             return _json(200, CONFIGS[model])
         if path.endswith("/ready"):
             return UpstreamResponse(200, {}, b"")
+        if path.endswith("/stats"):
+            return _json(200, {"model_stats": [{"name": model, "version": "1"}]})
         if path.endswith("/infer"):
             if self.hold is not None:
                 await asyncio.wait_for(self.hold.wait(), timeout_s)

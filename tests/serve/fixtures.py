@@ -96,3 +96,12 @@ def wait_until(predicate, timeout: float = 30.0, step: float = 0.05) -> bool:
             return True
         time.sleep(step)
     return False
+
+
+def zip_bomb(mib: int) -> bytes:
+    """``mib`` MiB of zeros gzipped (≈1 KB per MiB), made a MiB at a time: the test process never holds it."""
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(2**20)
+    return b"".join([*(packer.compress(zeros) for _ in range(mib)), packer.flush()])

@@ -144,23 +144,25 @@ async def test_v2_binary_body_is_checked_for_size_and_non_finite_values():
     assert bad_json.status == 400 and "not valid JSON" in bad_json.error
 
 
-@pytest.mark.parametrize(("setup", "status", "words"), [
-    (lambda t: setattr(t, "down", True), 503, "unavailable"),
-    (lambda t: setattr(t, "fail_status", 500), 502, "backend exploded"),
-    (lambda t: setattr(t, "fail_status", 503), 503, "overloaded"),
-    (lambda t: setattr(t, "fail_status", 400), 400, "backend exploded"),
+@pytest.mark.parametrize(("setup", "v2", "predicted", "words"), [
+    (lambda t: setattr(t, "down", True), 503, 503, "unavailable"),  # the gateway's own: Triton is not there
+    (lambda t: setattr(t, "fail_status", 500), 500, 502, "backend exploded"),
+    (lambda t: setattr(t, "fail_status", 503), 503, 503, "backend exploded"),
+    (lambda t: setattr(t, "fail_status", 400), 400, 400, "backend exploded"),
 ])
-async def test_triton_failures_map_to_gateway_statuses(setup, status, words):
+async def test_v2_relays_triton_answers_unchanged_and_task_routes_map_them(setup, v2, predicted, words):
     gw, triton = fake_gateway()
     gw.signatures["digits-fp32"] = await gw.signature("digits-fp32")
     setup(triton)
     async with client(gw) as c:
         reply = await c.post("/v2/models/digits-fp32/infer", json=v2_json(np.zeros((1, 1, 8, 8), np.float32)))
-        predicted = await c.post("/v1/models/digits:predict", json={"images": [IMAGE]})
-    assert (reply.status, predicted.status) == (status, status) and words in reply.error
-    if status == 503:
-        assert reply.headers["retry-after"] == "1"
-    assert bool(gw.metrics.triton_errors) == (status != 400)  # a refused request is not a Triton failure
+        task = await c.post("/v1/models/digits:predict", json={"images": [IMAGE]})
+    assert (reply.status, task.status) == (v2, predicted) and words in reply.error and words in task.error
+    if triton.fail_status:  # Triton's own answer, byte for byte
+        assert reply.body == b'{"error":"backend exploded"}'
+    if predicted == 503:
+        assert task.headers["retry-after"] == "1"
+    assert bool(gw.metrics.triton_errors) == (v2 != 400)  # a refused request is not a Triton failure
 
 
 def _reply(outputs, header_length=None, tail=b""):
@@ -204,14 +206,15 @@ async def test_readiness_asks_triton_once_however_many_probes_ask_at_once():
     assert cached.status == 200 and fresh.status == 503 and fresh.json()["triton"] is False
 
 
-async def test_unknown_model_is_404_on_every_v2_route():
+async def test_unknown_model_is_404_in_tritons_words_on_every_v2_route():
     gw, _ = fake_gateway()
     async with client(gw) as c:
         replies = [await c.post("/v2/models/nope/infer", json=v2_json(np.zeros((1, 1, 8, 8), np.float32))),
                    await c.get("/v2/models/nope"), await c.get("/v2/models/nope/config"),
                    await c.post("/v2/models/a/b/c/infer", json={}), await c.get("/v2/models/..%2Fx/ready")]
     assert [r.status for r in replies] == [404] * 5
-    assert "unknown model 'nope'" in replies[0].error
+    assert [r.body for r in replies[:3]] == [b'{"error":"Request for unknown model: \'nope\' is not found"}'] * 3
+    assert replies[4].error.startswith("Request for unknown model: '..%2Fx' is not found")
 
 
 async def test_generate_decodes_greedily_and_reproducibly_with_a_seed():
