@@ -1,4 +1,4 @@
-"""The serving benchmark's gRPC load: a closed loop of KServe v2 ``ModelInfer`` calls over grpc.aio.
+"""The serving benchmark's gRPC load: KServe v2 ``ModelInfer`` calls over grpc.aio, for its closed loop.
 
 The request is serialized once and sent as bytes (no per-call protobuf work on the client), so the
 two cores measure the servers rather than the generator; the same bytes go to Triton direct and to
@@ -7,8 +7,8 @@ the gateway's gRPC port, which is what makes their ratio fair.
 
 from __future__ import annotations
 
-import asyncio
-import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import numpy as np
 
@@ -26,36 +26,21 @@ def infer_request(model: str, image: np.ndarray) -> bytes:
     return request.SerializeToString()
 
 
-async def closed_loop(spec: dict) -> tuple[list[float], float, int, int]:
-    """``spec``: target (host:port), body (path of the serialized request), concurrency, duration_s,
-    warmup_s; (latencies in s, measured seconds, errors, warm-up requests), as the HTTP generator's."""
+@asynccontextmanager
+async def infer_call(spec: dict) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
+    """One call of ``spec['body']`` (a serialized request) to ``spec['target']`` (host:port); True when OK."""
     import grpc
 
     with open(spec["body"], "rb") as f:
         body = f.read()
-    latencies: list[float] = []
-    errors = warm_requests = 0
     async with grpc.aio.insecure_channel(spec["target"]) as channel:
         infer = channel.unary_unary(MODEL_INFER, _registered_method=True)
 
-        async def client(until: float, record: bool):
-            nonlocal errors, warm_requests
-            while time.perf_counter() < until:
-                started = time.perf_counter()
-                try:
-                    await infer(body, timeout=10)
-                    ok = True
-                except grpc.aio.AioRpcError:
-                    ok = False
-                if record:
-                    latencies.append(time.perf_counter() - started)
-                    errors += not ok
-                else:
-                    warm_requests += 1
+        async def call() -> bool:
+            try:
+                await infer(body, timeout=10)
+                return True
+            except grpc.aio.AioRpcError:
+                return False
 
-        warm = time.perf_counter() + spec["warmup_s"]
-        await asyncio.gather(*[client(warm, False) for _ in range(spec["concurrency"])])
-        started = time.perf_counter()
-        await asyncio.gather(*[client(started + spec["duration_s"], True) for _ in range(spec["concurrency"])])
-        elapsed = time.perf_counter() - started
-    return latencies, elapsed, errors, warm_requests
+        yield call

@@ -39,33 +39,41 @@ async def _closed_loop(spec: dict) -> dict:
     import aiohttp
 
     if spec.get("protocol") == "grpc":
-        return _summary(*await grpc_load.closed_loop(spec))
-
+        async with grpc_load.infer_call(spec) as call:
+            return await _drive(call, spec)
     body = Path(spec["body"]).read_bytes()
-    latencies: list[float] = []
-    errors = warm_requests = 0
     connector = aiohttp.TCPConnector(limit=spec["concurrency"])
     # No Accept-Encoding: Triton would gzip every reply for a client that asked.
     async with aiohttp.ClientSession(connector=connector, skip_auto_headers=["Accept-Encoding"]) as session:
-        async def client(until: float, record: bool):
-            nonlocal errors, warm_requests
-            while time.perf_counter() < until:
-                started = time.perf_counter()
-                async with session.post(spec["url"], data=body, headers=spec["headers"]) as reply:
-                    await reply.read()
-                    ok = reply.status == 200
-                if record:
-                    latencies.append(time.perf_counter() - started)
-                    errors += not ok
-                else:
-                    warm_requests += 1
+        async def call() -> bool:
+            async with session.post(spec["url"], data=body, headers=spec["headers"]) as reply:
+                await reply.read()
+                return reply.status == 200
 
-        warm = time.perf_counter() + spec["warmup_s"]
-        await asyncio.gather(*[client(warm, False) for _ in range(spec["concurrency"])])
-        started = time.perf_counter()
-        await asyncio.gather(*[client(started + spec["duration_s"], True) for _ in range(spec["concurrency"])])
-        elapsed = time.perf_counter() - started
-    return _summary(latencies, elapsed, errors, warm_requests)
+        return await _drive(call, spec)
+
+
+async def _drive(call, spec: dict) -> dict:
+    """``concurrency`` clients calling ``call`` back to back: a warm-up, then the measured window."""
+    latencies: list[float] = []
+    errors = warm_requests = 0
+
+    async def client(until: float, record: bool):
+        nonlocal errors, warm_requests
+        while time.perf_counter() < until:
+            started = time.perf_counter()
+            ok = await call()
+            if record:
+                latencies.append(time.perf_counter() - started)
+                errors += not ok
+            else:
+                warm_requests += 1
+
+    warm = time.perf_counter() + spec["warmup_s"]
+    await asyncio.gather(*[client(warm, False) for _ in range(spec["concurrency"])])
+    started = time.perf_counter()
+    await asyncio.gather(*[client(started + spec["duration_s"], True) for _ in range(spec["concurrency"])])
+    return _summary(latencies, time.perf_counter() - started, errors, warm_requests)
 
 
 def _summary(latencies: list[float], elapsed: float, errors: int, warm_requests: int) -> dict:

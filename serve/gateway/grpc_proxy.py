@@ -107,24 +107,30 @@ class KServeProxy:
                                   grpc.StatusCode.INVALID_ARGUMENT)
         return code, message
 
+    @asynccontextmanager
+    async def _answering(self, route: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """A call's refusal or Triton's failure answered as its gRPC status; every call counted under ``route``."""
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            yield
+        except (Refused, grpc.aio.AioRpcError) as exc:
+            code, message = self._status(exc)
+            await context.abort(code, message)
+        finally:
+            self.metrics.observe(route, code.name, time.perf_counter() - started)
+
     # ---- handlers ----------------------------------------------------------------------------------
     def _unary(self, name: str, upstream: grpc.aio.UnaryUnaryMultiCallable):
         route, admitted = f"grpc:/{SERVICE}/{name}", name in ADMITTED
 
         async def relay(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            started, code = time.perf_counter(), grpc.StatusCode.OK
-            try:
+            async with self._answering(route, context):
                 forward = self._admit(name, context)
                 try:
                     return await upstream(request, timeout=self._timeout(context), metadata=forward)
                 finally:
                     if admitted:
                         self.guard.release()
-            except (Refused, grpc.aio.AioRpcError) as exc:
-                code, message = self._status(exc)
-                await context.abort(code, message)
-            finally:
-                self.metrics.observe(route, code.name, time.perf_counter() - started)
 
         relay.__name__ = name
         return relay
@@ -133,8 +139,7 @@ class KServeProxy:
         route = f"grpc:/{SERVICE}/{STREAMED}"
 
         async def relay(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            started, code = time.perf_counter(), grpc.StatusCode.OK
-            try:
+            async with self._answering(route, context):
                 forward = self._admit(STREAMED, context)
                 call = upstream(requests, timeout=context.time_remaining(), metadata=forward)
                 try:
@@ -143,11 +148,6 @@ class KServeProxy:
                 finally:
                     call.cancel()  # a no-op once finished; frees Triton's side when the client went away
                     self.guard.release()
-            except (Refused, grpc.aio.AioRpcError) as exc:
-                code, message = self._status(exc)
-                await context.abort(code, message)
-            finally:
-                self.metrics.observe(route, code.name, time.perf_counter() - started)
 
         return relay
 
