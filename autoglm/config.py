@@ -247,6 +247,8 @@ class GatewayLimits(Section):
     """``serve.gateway``: the gateway's workers, keys and limits. Limits are per worker: N workers admit N×."""
 
     workers: int = Field(1, ge=1, description="uvicorn worker processes (a second one does not help on 2 cores)")
+    grpc_port: int = Field(8081, ge=0, le=65535, description="KServe v2 over gRPC (tritonclient.grpc), on "
+                           "serve.host like the HTTP port; 0 turns it off")
     api_keys_file: Path | None = Field(None, description="'name:sha256' lines (`python -m serve --new-api-key "
                                        "NAME` prints one); required when serve.host is beyond loopback")
     rate_limit_rps: float = Field(0, ge=0, description="per-key sustained requests/s; 0 turns it off")

@@ -86,6 +86,9 @@ class GatewaySpec(GatewayLimits):
     host: str = Field("127.0.0.1", description="bind address; beyond loopback API keys are required")
     port: int = Field(8080, ge=0, le=65535)
     triton_url: str = Field("http://127.0.0.1:8000", description="Triton's HTTP endpoint (KServe v2)")
+    grpc_port: int = Field(0, ge=0, le=65535, description="KServe v2 over gRPC; 0 (off) unless given: "
+                           ":meth:`from_settings` takes serve.gateway.grpc_port (8081 by default)")
+    triton_grpc_url: str = Field("127.0.0.1:8001", description="Triton's gRPC endpoint, host:port")
     repository: Path | None = Field(None, description="repository stage directory holding task.json")
     api_keys: list[ApiKey] = Field(default_factory=list)
     watts_per_core: float = Field(10.0, gt=0, description="basis of the estimated J/request metric")
@@ -106,6 +109,11 @@ class GatewaySpec(GatewayLimits):
             raise ValueError(f"gateway host {self.host!r} is reachable beyond this machine, so API keys are "
                              f"required: set serve.gateway.api_keys_file (--api-keys-file), lines from `python -m "
                              f"serve --new-api-key NAME`, or bind 127.0.0.1")
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"the gateway's HTTP and gRPC ports are both {self.port}: set serve.gateway.grpc_port "
+                             f"to another port (0 turns gRPC off)")
+        if "://" in self.triton_grpc_url or not self.triton_grpc_url.rpartition(":")[2].isdigit():
+            raise ValueError(f"triton_grpc_url={self.triton_grpc_url!r} must be host:port (Triton's gRPC endpoint)")
         if not self.triton_url.startswith("http://"):
             raise ValueError(f"triton_url={self.triton_url!r} must be http://host:port (Triton's HTTP endpoint)")
         return self

@@ -4,8 +4,9 @@ One digits model (trained briefly, exported to ONNX FP32) is served by the bundl
 dynamic batching (delay 0) and without. Each target is loaded by an aiohttp closed-loop generator
 in its own process at concurrency 1, 8 and 32, the targets of one concurrency one after another:
 Triton direct (v2 binary tensors), the gateway's v2 passthrough (same bytes) and its ``:predict``
-(JSON images), Triton without batching, and what a user would write alone: one FastAPI process
-running the torch model per request. Energy is the estimate (server CPU-seconds × 10 W per core).
+(JSON images), the same ``ModelInfer`` bytes over gRPC to Triton and through the gateway's gRPC relay
+(grpc.aio, :mod:`bench.grpc_load`), Triton without batching, and what a user would write alone: one
+FastAPI process running the torch model per request. Energy is the estimate (server CPU-seconds × 10 W per core).
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
+from bench import grpc_load
 from bench.harness import Table, cpu_seconds, ratio
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is 2-10x slower here
 CONCURRENCY = (1, 8, 32)
 DIRECT, V2, PREDICT = "Triton direct (v2)", "gateway v2 passthrough", "gateway :predict (JSON)"
 NO_BATCHING, NAIVE = "Triton direct, no batching", "naive FastAPI + torch"
+GRPC_DIRECT, GRPC = "Triton direct (gRPC)", "gateway gRPC relay"
 WATTS_PER_CORE = 10.0
 
 
@@ -35,30 +38,45 @@ WATTS_PER_CORE = 10.0
 async def _closed_loop(spec: dict) -> dict:
     import aiohttp
 
+    if spec.get("protocol") == "grpc":
+        async with grpc_load.infer_call(spec) as call:
+            return await _drive(call, spec)
     body = Path(spec["body"]).read_bytes()
-    latencies: list[float] = []
-    errors = warm_requests = 0
     connector = aiohttp.TCPConnector(limit=spec["concurrency"])
     # No Accept-Encoding: Triton would gzip every reply for a client that asked.
     async with aiohttp.ClientSession(connector=connector, skip_auto_headers=["Accept-Encoding"]) as session:
-        async def client(until: float, record: bool):
-            nonlocal errors, warm_requests
-            while time.perf_counter() < until:
-                started = time.perf_counter()
-                async with session.post(spec["url"], data=body, headers=spec["headers"]) as reply:
-                    await reply.read()
-                    ok = reply.status == 200
-                if record:
-                    latencies.append(time.perf_counter() - started)
-                    errors += not ok
-                else:
-                    warm_requests += 1
+        async def call() -> bool:
+            async with session.post(spec["url"], data=body, headers=spec["headers"]) as reply:
+                await reply.read()
+                return reply.status == 200
 
-        warm = time.perf_counter() + spec["warmup_s"]
-        await asyncio.gather(*[client(warm, False) for _ in range(spec["concurrency"])])
-        started = time.perf_counter()
-        await asyncio.gather(*[client(started + spec["duration_s"], True) for _ in range(spec["concurrency"])])
-        elapsed = time.perf_counter() - started
+        return await _drive(call, spec)
+
+
+async def _drive(call, spec: dict) -> dict:
+    """``concurrency`` clients calling ``call`` back to back: a warm-up, then the measured window."""
+    latencies: list[float] = []
+    errors = warm_requests = 0
+
+    async def client(until: float, record: bool):
+        nonlocal errors, warm_requests
+        while time.perf_counter() < until:
+            started = time.perf_counter()
+            ok = await call()
+            if record:
+                latencies.append(time.perf_counter() - started)
+                errors += not ok
+            else:
+                warm_requests += 1
+
+    warm = time.perf_counter() + spec["warmup_s"]
+    await asyncio.gather(*[client(warm, False) for _ in range(spec["concurrency"])])
+    started = time.perf_counter()
+    await asyncio.gather(*[client(started + spec["duration_s"], True) for _ in range(spec["concurrency"])])
+    return _summary(latencies, time.perf_counter() - started, errors, warm_requests)
+
+
+def _summary(latencies: list[float], elapsed: float, errors: int, warm_requests: int) -> dict:
     ms = np.array(latencies) * 1000
     return {"rps": len(ms) / elapsed, "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
             "p99": float(np.percentile(ms, 99)), "errors": errors, "requests": len(ms), "warm_requests": warm_requests}
@@ -68,7 +86,9 @@ def _load(url: str, body: Path, headers: dict, concurrency: int, duration_s: flo
     """Run the generator in its own process; add each server's CPU per request (its process tree)."""
     import psutil
 
-    spec = {"url": url, "body": str(body), "headers": headers, "concurrency": concurrency,
+    grpc_target = url.removeprefix("grpc://")  # a gRPC target: host:port, the request's bytes in ``body``
+    spec = {"url": url, "target": grpc_target, "protocol": "grpc" if grpc_target != url else "http",
+            "body": str(body), "headers": headers, "concurrency": concurrency,
             "duration_s": duration_s, "warmup_s": min(1.0, duration_s / 3)}
     spec_file = body.with_suffix(".spec.json")
     spec_file.write_text(json.dumps(spec))
@@ -145,7 +165,9 @@ def _bodies(workdir: Path) -> dict[str, tuple[Path, dict]]:
                          "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]})
     (workdir / "v2.bin").write_bytes(head + (image / 16).tobytes())
     (workdir / "predict.json").write_bytes(orjson.dumps({"images": [image.tolist()]}))
-    return {"v2": (workdir / "v2.bin", {"Content-Type": "application/octet-stream",
+    (workdir / "grpc.bin").write_bytes(grpc_load.infer_request("digits-fp32", image / 16))
+    return {"grpc": (workdir / "grpc.bin", {}),
+            "v2": (workdir / "v2.bin", {"Content-Type": "application/octet-stream",
                                         "Inference-Header-Content-Length": str(len(head))}),
             "predict": (workdir / "predict.json", {"Content-Type": "application/json"})}
 
@@ -178,7 +200,8 @@ def run(quick: bool) -> list[Table]:
         started = time.monotonic()
         triton.start(timeout_s=120)
         triton_start = time.monotonic() - started
-        gateway = GatewayProcess(GatewaySettings(port=free_port(), triton_url=triton.http_url,
+        gateway = GatewayProcess(GatewaySettings(port=free_port(), triton_url=triton.http_url, grpc_port=free_port(),
+                                                 triton_grpc_url=triton.grpc_url,
                                                  repository=run_dir.stage_dir("repository")), workdir / "gateway")
         naive = subprocess.Popen([sys.executable, "-m", "bench.serve", "naive",
                                   str(run_dir.stage_dir("train") / "model.pt"), str(naive_port)],
@@ -191,6 +214,8 @@ def run(quick: bool) -> list[Table]:
                 DIRECT: (f"{triton.http_url}/v2/models/digits-fp32/infer", "v2", triton_only, "digits-fp32"),
                 V2: (f"{gateway.url}/v2/models/digits-fp32/infer", "v2", both, "digits-fp32"),
                 PREDICT: (f"{gateway.url}/v1/models/digits:predict", "predict", both, "digits-fp32"),
+                GRPC_DIRECT: (f"grpc://{triton.grpc_url}", "grpc", triton_only, "digits-fp32"),
+                GRPC: (f"grpc://{gateway.grpc_url}", "grpc", both, "digits-fp32"),
                 NO_BATCHING: (f"{triton.http_url}/v2/models/digits-fp32-nobatch/infer", "v2", triton_only,
                               "digits-fp32-nobatch"),
                 NAIVE: (f"http://127.0.0.1:{naive_port}/v1/models/digits:predict", "predict", {"naive": naive.pid},
@@ -209,8 +234,8 @@ def run(quick: bool) -> list[Table]:
             results = {(name, c): measure(name, c, duration) for c in CONCURRENCY for name in targets}
             # The goals' ratios again, alternating direct and gateway in short rounds: on a shared machine
             # the median of adjacent pairs is steadier than one pair.
-            rounds = [{(name, c): measure(name, c, duration * 2 / 3) for c in (1, 32) for name in (DIRECT, V2, PREDICT)}
-                      for _ in range(3 if quick else 5)]
+            rounds = [{(name, c): measure(name, c, duration * 2 / 3) for c in (1, 32)
+                       for name in (DIRECT, V2, PREDICT, GRPC_DIRECT, GRPC)} for _ in range(3 if quick else 5)]
         finally:
             naive.terminate()
             naive.wait(timeout=30)
@@ -265,13 +290,18 @@ def _tables(results: dict, rounds: list[dict], duration: float, triton_start: fl
     def r(name, c, key="rps"):
         return results[(name, c)][key]
 
-    throughput = {t: [rd[(t, 32)]["rps"] / rd[(DIRECT, 32)]["rps"] for rd in rounds] for t in (V2, PREDICT)}
-    added = {t: [rd[(t, 1)]["p50"] - rd[(DIRECT, 1)]["p50"] for rd in rounds] for t in (V2, PREDICT)}
+    baseline = {V2: DIRECT, PREDICT: DIRECT, GRPC: GRPC_DIRECT}  # each gateway route against Triton's same protocol
+    throughput = {t: [rd[(t, 32)]["rps"] / rd[(d, 32)]["rps"] for rd in rounds] for t, d in baseline.items()}
+    added = {t: [rd[(t, 1)]["p50"] - rd[(d, 1)]["p50"] for rd in rounds] for t, d in baseline.items()}
     ratios = [
         ["gateway v2 / Triton direct, throughput @32", spread(throughput[V2], x), "≥ 0.6×"],
         ["gateway :predict / Triton direct, throughput @32", spread(throughput[PREDICT], x), ""],
         ["gateway v2 added p50 @1", spread(added[V2], ms), "≤ 1.5 ms"],
         ["gateway :predict added p50 @1", spread(added[PREDICT], ms), ""],
+        ["gateway gRPC / Triton gRPC direct, throughput @32", spread(throughput[GRPC], x), "≥ 0.6×"],
+        ["gateway gRPC added p50 @1", spread(added[GRPC], ms), "≤ +0.5 ms"],
+        ["gateway's own CPU per gRPC request @32", f"{med([rd[(GRPC, 32)]['cpu_us']['gateway'] for rd in rounds]):.0f} µs",
+         "≤ 150 µs"],
         ["gateway's own CPU per request @32 (v2 / :predict)",
          f"{med([rd[(V2, 32)]['cpu_us']['gateway'] for rd in rounds]):.0f} / "
          f"{med([rd[(PREDICT, 32)]['cpu_us']['gateway'] for rd in rounds]):.0f} µs", ""],
@@ -283,7 +313,8 @@ def _tables(results: dict, rounds: list[dict], duration: float, triton_start: fl
     ]
     return [main, Table("Ratios", ["comparison", "value", "goal"], ratios,
                         ["throughput and p50 goals: medians of alternating short rounds (direct, gateway v2, "
-                         ":predict); the other ratios come from adjacent cells of the table above"])]
+                         ":predict, gRPC direct, gateway gRPC); the other ratios come from adjacent cells of the "
+                         "table above"])]
 
 
 def _cli(argv: list[str]) -> int:

@@ -25,7 +25,7 @@ from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.gateway_spec import ApiKey, GatewaySpec, hash_api_key, new_api_key, read_key_file
 from deploy import k8s
 from deploy.compose import compose_tree
-from deploy.k8s.serving import GATEWAY_PORT, PORTS, Cluster
+from deploy.k8s.serving import GATEWAY_GRPC_PORT, GATEWAY_PORT, PORTS, Cluster
 from deploy.k8s.tune import worker_data
 from deploy.release import Images, Release, read_release
 
@@ -62,7 +62,10 @@ def gateway_settings(settings: Settings, keys: list[ApiKey], triton_host: str) -
     """The gateway's settings JSON: the run's ``serve.gateway`` limits, in-cluster addresses and ``keys``,
     validated by the model the gateway reads it with."""
     gateway = GatewaySpec.from_settings(
-        settings, host="0.0.0.0", port=GATEWAY_PORT, triton_url=f"http://{triton_host}:{PORTS['http']}",
+        # in-cluster ports are fixed (the Service's); serve.gateway.grpc_port=0 still turns gRPC off
+        settings, host="0.0.0.0", port=GATEWAY_PORT,
+        grpc_port=GATEWAY_GRPC_PORT if settings.serve.gateway.grpc_port else 0,
+        triton_url=f"http://{triton_host}:{PORTS['http']}", triton_grpc_url=f"{triton_host}:{PORTS['grpc']}",
         repository=Path("/etc/autoglm/repository"), api_keys=keys, api_keys_file=None)
     return (gateway.model_dump_json(indent=2) + "\n").encode()
 

@@ -49,6 +49,8 @@ class Serving:
         out = {"gateway": self.gateway.url, "docs": f"{self.gateway.url}/docs",
                "metrics": f"{self.gateway.url}/metrics", "triton": self.triton_url,
                "triton_metrics": self.triton_metrics_url}
+        if self.gateway.grpc_url:
+            out["gateway_grpc"] = self.gateway.grpc_url
         if self.control_url:
             out["control_metrics"] = self.control_url
         return out
@@ -72,7 +74,8 @@ def on_free_ports(settings: Settings, **serve) -> Settings:
     """A copy of ``settings`` whose gateway and Triton listen on free ports, without the control port (and
     ``serve`` overrides): for a stack beside another one (tests, benchmarks)."""
     ports = {"gateway_port": free_port(), "triton_http_port": free_port(), "triton_grpc_port": free_port(),
-             "triton_metrics_port": free_port(), "control_port": 0}
+             "triton_metrics_port": free_port(), "control_port": 0,
+             "gateway": settings.serve.gateway.model_copy(update={"grpc_port": free_port()})}
     return settings.model_copy(update={"serve": settings.serve.model_copy(update={**ports, **serve})})
 
 
@@ -139,6 +142,8 @@ def _check_ports_free(serve, gateway: GatewaySettings | None) -> None:
     import socket
 
     wanted = {"serve.gateway_port": (gateway.port, gateway.host) if gateway else (serve.gateway_port, serve.host),
+              "serve.gateway.grpc_port": (gateway.grpc_port, gateway.host) if gateway
+              else (serve.gateway.grpc_port, serve.host),
               "serve.control_port": (serve.control_port, "127.0.0.1")}
     if not serve.triton_url:
         wanted |= {f"serve.triton_{k}_port": (getattr(serve, f"triton_{k}_port"), "127.0.0.1")
@@ -174,6 +179,7 @@ def start_serving(settings: Settings, gateway: GatewaySettings | None = None,
         triton_url = serve.triton_url.rstrip("/")
         host = triton_url.removeprefix("http://").rsplit(":", 1)[0]
         metrics_url = f"http://{host}:{serve.triton_metrics_port}/metrics"
+        triton_grpc_url = f"{host}:{serve.triton_grpc_port}"
         _load_external(triton_url, models)
     else:
         flavour_dir = repository / serve.flavour
@@ -181,9 +187,10 @@ def start_serving(settings: Settings, gateway: GatewaySettings | None = None,
                               http_port=serve.triton_http_port, grpc_port=serve.triton_grpc_port,
                               metrics_port=serve.triton_metrics_port, load_models=tuple(models))
         processes["triton"] = triton
-        triton_url, metrics_url = triton.http_url, triton.metrics_url
+        triton_url, metrics_url, triton_grpc_url = triton.http_url, triton.metrics_url, triton.grpc_url
     base = (gateway or GatewaySettings.from_settings(settings)).model_dump()
-    gateway_settings = GatewaySettings(**{**base, "triton_url": triton_url, "repository": repository})
+    gateway_settings = GatewaySettings(**{**base, "triton_url": triton_url, "triton_grpc_url": triton_grpc_url,
+                                          "repository": repository})
     gateway_process = GatewayProcess(gateway_settings, workdir)
     processes["gateway"] = gateway_process
     supervisor = Supervisor(processes, start_timeout_s=serve.start_timeout_s).start()

@@ -49,6 +49,12 @@ class GatewayProcess(ChildProcess):
     def url(self) -> str:
         return f"http://{client_host(self.settings.host)}:{self.settings.port}"
 
+    @property
+    def grpc_url(self) -> str | None:
+        """``host:port`` of KServe v2 over gRPC (the form tritonclient.grpc takes); None when it is off."""
+        port = self.settings.grpc_port
+        return f"{client_host(self.settings.host)}:{port}" if port else None
+
     def healthy(self) -> bool:
         return answers_ok(f"{self.url}/healthz")
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from deploy.k8s.serving import EXIT_TIMEOUT_S, GATEWAY_PORT, PORTS, triton_command
+from deploy.k8s.serving import EXIT_TIMEOUT_S, GATEWAY_GRPC_PORT, GATEWAY_PORT, PORTS, triton_command
 from deploy.release import Images
 
 PROMETHEUS_IMAGE = "prom/prometheus:v2.55.1"
@@ -46,7 +46,7 @@ def compose_file(run: str, env: str, images: Images) -> dict[str, Any]:
         "environment": {"SERVE_GATEWAY_SETTINGS": "/etc/autoglm/gateway/gateway.json"},
         "volumes": ["./gateway.json:/etc/autoglm/gateway/gateway.json:ro",
                     f"{RUN_DIR}/repository/task.json:/etc/autoglm/repository/task.json:ro"],
-        "ports": [f"{GATEWAY_PORT}:{GATEWAY_PORT}"],
+        "ports": [f"{GATEWAY_PORT}:{GATEWAY_PORT}", f"{GATEWAY_GRPC_PORT}:{GATEWAY_GRPC_PORT}"],
     }
     prometheus = {
         "image": PROMETHEUS_IMAGE, "restart": "unless-stopped",

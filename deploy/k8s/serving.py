@@ -18,6 +18,7 @@ PART_OF = "autoglm"
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver"
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 GATEWAY_PORT = 8080
+GATEWAY_GRPC_PORT = 8081  # KServe v2 over gRPC (tritonclient.grpc), served by the same worker processes
 TRITON_UID = 1000  # the NGC image's triton-server user
 GATEWAY_UID = 10001  # deploy/images/Dockerfile.gateway's user
 EXIT_TIMEOUT_S = 30  # Triton drains in-flight requests this long on SIGTERM
@@ -114,7 +115,9 @@ def gateway_deployment() -> dict[str, Any]:
                     "--port", str(GATEWAY_PORT), "--no-access-log", "--loop", "uvloop", "--http", "httptools",
                     "--timeout-graceful-shutdown", "20"],
         "env": [{"name": "SERVE_GATEWAY_SETTINGS", "value": "/etc/autoglm/gateway/gateway.json"}],
-        "ports": [{"name": "http", "containerPort": GATEWAY_PORT}],
+        "ports": [{"name": "http", "containerPort": GATEWAY_PORT},
+                  {"name": "grpc", "containerPort": GATEWAY_GRPC_PORT}],
+        # HTTP probes cover the gRPC port too: one process serves both, and /readyz also checks Triton's models
         "readinessProbe": _http_probe("/readyz", "http", 5, 3),
         "livenessProbe": _http_probe("/healthz", "http", 10, 3),
         "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}},
@@ -134,13 +137,15 @@ def gateway_deployment() -> dict[str, Any]:
 
 
 def services() -> list[dict[str, Any]]:
-    """ClusterIP Services: Triton's three ports, the gateway's one."""
+    """ClusterIP Services: Triton's three ports, the gateway's HTTP and gRPC ones."""
     triton = {"apiVersion": "v1", "kind": "Service", "metadata": meta("autoglm-triton", "triton"),
               "spec": {"selector": selector("triton"),
                        "ports": [{"name": n, "port": p, "targetPort": n} for n, p in PORTS.items()]}}
     gateway = {"apiVersion": "v1", "kind": "Service", "metadata": meta("autoglm-gateway", "gateway"),
                "spec": {"selector": selector("gateway"),
-                        "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": "http"}]}}
+                        "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": "http"},
+                                  {"name": "grpc", "port": GATEWAY_GRPC_PORT, "targetPort": "grpc",
+                                   "appProtocol": "grpc"}]}}
     return [triton, gateway]
 
 

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from serve.gateway.deps import CallerDep, gateway_of
 from serve.gateway.errors import JSONResponse, Refused
 from serve.gateway.fast_path import FAST_ROUTES, FastRoute, fast_route, serve_fast
+from serve.gateway.grpc_proxy import grpc_service
 from serve.gateway.guard import limited
 from serve.gateway.routes import ops, tasks, v2
 from serve.gateway.worker import Gateway
@@ -136,7 +137,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         app.state.gateway = Gateway(settings)
         try:
-            yield
+            async with grpc_service(app.state.gateway):  # KServe v2 over gRPC on its own port, when set
+                yield
         finally:
             await app.state.gateway.aclose()
 

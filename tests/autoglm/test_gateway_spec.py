@@ -40,3 +40,13 @@ def test_key_file_lines_comments_and_errors(tmp_path):
 def test_triton_url_must_be_http():
     with pytest.raises(ValidationError, match="http://host:port"):
         GatewaySpec(triton_url="grpc://x:1")
+
+
+def test_the_grpc_port_comes_from_the_runs_config_and_must_differ_from_http(settings_in):
+    assert GatewaySpec().grpc_port == 0  # built by hand: off unless given
+    assert GatewaySpec.from_settings(settings_in()).grpc_port == 8081
+    assert GatewaySpec.from_settings(settings_in("serve.gateway.grpc_port=0")).grpc_port == 0
+    with pytest.raises(ValidationError, match="HTTP and gRPC ports are both 8080"):
+        GatewaySpec(grpc_port=8080)
+    with pytest.raises(ValidationError, match="host:port"):
+        GatewaySpec(triton_grpc_url="grpc://triton:8001")

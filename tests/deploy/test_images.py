@@ -56,10 +56,10 @@ def test_slim_base_non_root_user_and_existing_sources(dockerfile):
             assert "-c constraints.txt" in args  # the pinned environment
 
 
-def test_gateway_image_has_a_healthcheck_on_healthz_and_exposes_8080():
+def test_gateway_image_has_a_healthcheck_on_healthz_and_exposes_8080_and_8081():
     steps = dict(instructions(IMAGES / "Dockerfile.gateway"))
     assert "/healthz" in steps["HEALTHCHECK"] and "--interval" in steps["HEALTHCHECK"]
-    assert steps["EXPOSE"] == "8080"
+    assert steps["EXPOSE"] == "8080 8081"  # HTTP and KServe v2 over gRPC
     assert "app_from_env" in steps["CMD"]
 
 

@@ -11,6 +11,7 @@ import time
 import urllib.error
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
 
@@ -95,7 +96,13 @@ def test_probes_hit_the_real_endpoints(rendered):
     assert {p["name"]: p["containerPort"] for p in triton["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
     gateway = objects["autoglm-gateway"]["spec"]["template"]["spec"]["containers"][0]
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz" and gateway["ports"][0]["containerPort"] == 8080
+    assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert {p["name"]: p["containerPort"] for p in gateway["ports"]} == {"http": 8080, "grpc": 8081}
+    service = next(o for _, o in _objects(rendered / "cpu") if o["kind"] == "Service"
+                   and o["metadata"]["name"] == "autoglm-gateway")
+    assert {"name": "grpc", "port": 8081, "targetPort": "grpc", "appProtocol": "grpc"} in service["spec"]["ports"]
+    settings = json.loads((rendered / "cpu/k8s/base/gateway.json").read_text())
+    assert settings["grpc_port"] == 8081 and settings["triton_grpc_url"].endswith(":8001")
     for deployment in objects.values():
         for container in deployment["spec"]["template"]["spec"]["containers"]:
             assert container["securityContext"]["runAsNonRoot"] and "limits" in container["resources"]
@@ -159,7 +166,7 @@ def test_compose_file_structure(rendered):
     assert "../../../../repository/native:/models:ro" in services["triton"]["volumes"]
     assert "deploy" not in services["triton"]  # no GPU reservation in the cpu env
     assert all(p.startswith("127.0.0.1:") for p in services["triton"]["ports"] + services["prometheus"]["ports"])
-    assert services["gateway"]["ports"] == ["8080:8080"] and services["grafana"]["profiles"] == ["dashboard"]
+    assert services["gateway"]["ports"] == ["8080:8080", "8081:8081"] and services["grafana"]["profiles"] == ["dashboard"]
     for service in services.values():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
@@ -177,6 +184,7 @@ def test_rendered_gateway_command_and_settings_start_the_real_gateway(rendered, 
     settings = json.loads((rendered / "cpu/k8s/base/gateway.json").read_text())
     settings["repository"] = str(release_run.stage_dir("repository"))  # the ConfigMap's task.json, here
     settings["triton_url"] = f"http://127.0.0.1:{free_port()}"  # nobody listens: not ready
+    settings["host"], settings["grpc_port"] = "127.0.0.1", free_port()
     path = tmp_path / "gateway.json"
     path.write_text(json.dumps(settings))
     port = free_port()
@@ -187,6 +195,8 @@ def test_rendered_gateway_command_and_settings_start_the_real_gateway(rendered, 
     try:
         assert _status(f"http://127.0.0.1:{port}/healthz", proc) == 200
         assert _status(f"http://127.0.0.1:{port}/readyz", proc) == 503
+        with grpc.insecure_channel(f"127.0.0.1:{settings['grpc_port']}") as channel:  # the gRPC port answers
+            grpc.channel_ready_future(channel).result(timeout=10)
     finally:
         proc.terminate()
         proc.wait(timeout=20)

@@ -46,7 +46,8 @@ def test_cli_serves_until_sigterm_then_leaves_nothing_behind(digits, tmp_path):
     args = [sys.executable, "-m", "serve", "--set", f"run.root='{settings.run.root}'", "--run", settings.run.name,
             "--set", f"serve.gateway_port={s.gateway_port}", "--set", f"serve.triton_http_port={s.triton_http_port}",
             "--set", f"serve.triton_grpc_port={s.triton_grpc_port}",
-            "--set", f"serve.triton_metrics_port={s.triton_metrics_port}", "--control-port", "0"]
+            "--set", f"serve.triton_metrics_port={s.triton_metrics_port}",
+            "--set", f"serve.gateway.grpc_port={s.gateway.grpc_port}", "--control-port", "0"]
     started = time.monotonic()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -59,6 +60,8 @@ def test_cli_serves_until_sigterm_then_leaves_nothing_behind(digits, tmp_path):
     gateway = f"http://127.0.0.1:{s.gateway_port}"
     try:
         assert any(gateway in line for line in lines), "".join(lines)
+        assert any(f"127.0.0.1:{s.gateway.grpc_port}" in line for line in lines), "".join(lines)
+        assert _port_open(s.gateway.grpc_port)  # KServe v2 over gRPC, with the gateway
         assert get(f"{gateway}/readyz")[0] == 200
         assert post(f"{gateway}/v1/models/digits:predict", IMAGE)[0] == 200
         shm = list(Path("/dev/shm").glob(f"autoglm_{proc.pid}_*"))  # the python backend's regions
@@ -70,7 +73,7 @@ def test_cli_serves_until_sigterm_then_leaves_nothing_behind(digits, tmp_path):
     assert proc.returncode == 0, rest
     assert not _leftovers(f"--http-port={s.triton_http_port}") and not _leftovers(f"--port {s.gateway_port}")
     assert shm and not [p for p in shm if p.exists()]
-    assert not _port_open(s.gateway_port)
+    assert not _port_open(s.gateway_port) and not _port_open(s.gateway.grpc_port)
 
 
 def _port_open(port: int) -> bool:
