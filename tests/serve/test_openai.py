@@ -143,7 +143,8 @@ async def test_what_the_models_cannot_do_is_a_400_naming_the_parameter(params, p
 
 @pytest.mark.parametrize(("params", "param"), [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
-    ({"functions": [{"name": "f"}]}, "functions"), ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"functions": [{"name": "f"}]}, "functions"), ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
     ({"response_format": {"type": "json_object"}}, "response_format"), ({"n": 3}, "n"),
     ({"messages": [{"role": "tool", "content": "a", "tool_call_id": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
