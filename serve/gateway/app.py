@@ -26,7 +26,8 @@ from serve.gateway.errors import JSONResponse, Refused
 from serve.gateway.fast_path import FAST_ROUTES, FastRoute, fast_route, serve_fast
 from serve.gateway.grpc_proxy import grpc_service
 from serve.gateway.guard import limited
-from serve.gateway.routes import ops, tasks, v2
+from serve.gateway.openai_schema import openai_error, speaks_openai, validation_error
+from serve.gateway.routes import openai, ops, tasks, v2
 from serve.gateway.worker import Gateway
 from serve.settings import GatewaySettings
 
@@ -46,7 +47,7 @@ class BodyLimit:
         try:
             gw.guard.check_length(dict(scope["headers"]).get(b"content-length"))
         except Refused as refused:
-            return await _error(*gw.refusal(refused))(scope, receive, send)
+            return await _error(*gw.refusal(refused), scope["path"])(scope, receive, send)
         message = gw.guard.too_large()  # raised as an HTTPException: FastAPI's body parsing lets that one through
         await self.app(scope, limited(receive, gw.settings.max_body_bytes, lambda: HTTPException(413, message)), send)
 
@@ -76,16 +77,21 @@ class RouteMetrics:
             gateway_of(scope["app"]).metrics.observe(label, status, time.perf_counter() - started)
 
 
-def _error(status: int, headers, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status,
+def _error(status: int, headers, message: str, path: str = "", param: str | None = None) -> JSONResponse:
+    """The gateway's error body, ``{"error": message}``; on the OpenAI paths, OpenAI's error object."""
+    body = openai_error(status, message, param) if speaks_openai(path) else {"error": message}
+    return JSONResponse(body, status_code=status,
                         headers={k.decode(): v.decode() for k, v in headers} if headers else None)
 
 
 async def _refused(request: Request, exc: Refused | TimeoutError) -> JSONResponse:
-    return _error(*gateway_of(request.app).refusal(exc))
+    return _error(*gateway_of(request.app).refusal(exc), request.url.path, getattr(exc, "param", None))
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if speaks_openai(request.url.path):  # OpenAI answers 400 where FastAPI would say 422
+        message, param = validation_error(exc.errors())
+        return _error(400, (), message, request.url.path, param)
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
                          for e in exc.errors())
     status = 400 if any(e["type"] == "json_invalid" for e in exc.errors()) else 422
@@ -93,7 +99,9 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 
 async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+    body = openai_error(exc.status_code, str(exc.detail)) if speaks_openai(request.url.path) else {
+        "error": str(exc.detail)}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 def _documented(route: FastRoute, path: str):
@@ -146,9 +154,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = GatewayApp(title="AutoGLM gateway", version="1", lifespan=lifespan,
                   telemetry={"tracing": False, "metrics": False, "logs": False},
                   description="KServe v2 passthrough to Triton, task endpoints, health and metrics. "
-                              "Errors are JSON: {\"error\": \"...\"}.")
+                              "Errors are JSON: {\"error\": \"...\"} (OpenAI's error object on the OpenAI "
+                              "routes).")
     app.state.settings = settings
-    for router in (v2.router, tasks.router, ops.router):
+    for router in (v2.router, tasks.router, openai.router, ops.router):
         app.include_router(router)
     app.add_exception_handler(Refused, _refused)
     app.add_exception_handler(RequestValidationError, _invalid)

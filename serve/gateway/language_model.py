@@ -132,40 +132,51 @@ async def generate(gw: Gateway, name: str, model: str, req: GenerateRequest) -> 
     return GenerateResponse(model=model, text="".join(text), tokens=tokens, finish_reason=reason)
 
 
-async def generate_events(gw: Gateway, name: str, model: str, req: GenerateRequest, prompt_ids: np.ndarray,
-                          deadline_s: float) -> AsyncIterator[bytes]:
-    """Server-Sent Events: ``{"delta": new text, "tokens": generated so far}`` as text arrives (a delta holds
-    the tokens of one step, or of several when the model coalesces them), then the summary ``{"model",
-    "text", "tokens", "finish_reason"}`` (or an ``error`` event). A client that goes away closes the
-    stream to Triton, which frees the sequence there."""
-    model, decode = decoder(gw, name, model)
-    text, tokens, reason = [], 0, ""
-    pieces = decode(gw, model, req, prompt_ids)
+async def timed_pieces(gw: Gateway, model: str, decode, req: GenerateRequest, prompt_ids: np.ndarray,
+                       deadline_s: float) -> AsyncIterator[Piece]:
+    """``decode``'s pieces for a stream, the whole generation bounded by ``deadline_s`` (TimeoutError past
+    it); Refused(502) when it ends without a finish reason. Every exit closes the stream to Triton, which
+    frees the sequence there (a client that goes away cancels the caller, which ends up here)."""
+    pieces, reason = decode(gw, model, req, prompt_ids), ""
     deadline = asyncio.get_running_loop().time() + deadline_s
     try:
         while True:
             # the deadline bounds the generation, never a send: a slow reader is not a timeout of ours
             async with asyncio.timeout_at(deadline):
                 try:
-                    piece, tokens, reason = await anext(pieces)
+                    piece = await anext(pieces)
                 except StopAsyncIteration:
                     break
+            reason = piece[2]
+            yield piece
+    finally:
+        await pieces.aclose()
+    if not reason:
+        raise Refused(502, "the generation ended without its final response (Triton stopped early)")
+
+
+def stream_failure(exc: Exception, deadline_s: float) -> str:
+    """What a stream whose status line is already sent reports when its generation fails."""
+    if isinstance(exc, (Refused, TimeoutError)):
+        return str(exc) or f"no answer within the request timeout of {deadline_s:g} s"
+    log.error("generation stream failed", exc_info=exc)  # a bug: still end the stream with an error event
+    return f"generation failed: {exc}"
+
+
+async def generate_events(gw: Gateway, name: str, model: str, req: GenerateRequest, prompt_ids: np.ndarray,
+                          deadline_s: float) -> AsyncIterator[bytes]:
+    """Server-Sent Events: ``{"delta": new text, "tokens": generated so far}`` as text arrives (a delta holds
+    the tokens of one step, or of several when the model coalesces them), then the summary ``{"model",
+    "text", "tokens", "finish_reason"}`` (or an ``error`` event)."""
+    model, decode = decoder(gw, name, model)
+    text, tokens, reason = [], 0, ""
+    try:
+        async for piece, tokens, reason in timed_pieces(gw, model, decode, req, prompt_ids, deadline_s):
             if piece:
                 text.append(piece)
                 yield b"data: " + orjson.dumps({"delta": piece, "tokens": tokens}) + b"\n\n"
-    except (Refused, TimeoutError) as exc:  # the status line is sent already: report in the stream
-        message = str(exc) or f"no answer within the request timeout of {deadline_s:g} s"
-        yield b"event: error\ndata: " + orjson.dumps({"error": message}) + b"\n\n"
-        return
-    except Exception as exc:  # noqa: BLE001 -- a bug must still end the stream with an error event
-        log.exception("generation stream failed")
-        yield b"event: error\ndata: " + orjson.dumps({"error": f"generation failed: {exc}"}) + b"\n\n"
-        return
-    finally:
-        await pieces.aclose()  # closes the stream to Triton (which frees the sequence) on every exit
-    if not reason:
-        yield b"event: error\ndata: " + orjson.dumps({"error": "the generation ended without its final "
-                                                                 "response (Triton stopped early)"}) + b"\n\n"
+    except Exception as exc:  # noqa: BLE001 -- the status line is sent already: report in the stream
+        yield b"event: error\ndata: " + orjson.dumps({"error": stream_failure(exc, deadline_s)}) + b"\n\n"
         return
     yield b"data: " + orjson.dumps({"model": model, "text": "".join(text), "tokens": tokens,
                                     "finish_reason": reason}) + b"\n\n"

@@ -216,3 +216,69 @@ def test_hostile_instances_bodies_are_refused_with_a_json_4xx(open_gateway, body
     reply = open_gateway.request("POST", f"/v1/models/{model}:predict", raw, {"content-type": "application/json"})
     assert reply.status < 500, (reply.status, reply.body[:300], raw[:300])
     assert reply.status == 200 or isinstance(orjson.loads(reply.body)["error"], str)
+
+
+# --- hostile OpenAI bodies on a real charlm KV-cache model: generation reached, never a 5xx -------------
+
+TEXT = st.text(alphabet=st.sampled_from("ab \n:Z\u00e9\x00"), max_size=12)
+JSONISH = st.one_of(FLOATS, TEXT, st.lists(st.one_of(TEXT, st.integers(-3, 3)), max_size=5),
+                    st.dictionaries(st.sampled_from(["type", "text", "include_usage"]), st.one_of(TEXT, FLOATS),
+                                    max_size=2))
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]),
+                                 "content": st.one_of(TEXT, st.lists(st.fixed_dictionaries(
+                                     {"type": st.sampled_from(["text", "image_url"]), "text": TEXT}), max_size=2),
+                                     FLOATS)})
+SAYABLE = st.text(alphabet=st.sampled_from("ab \n:Z"), min_size=1, max_size=12)  # in charlm's vocabulary
+VALID = {"max_tokens": st.integers(1, 6), "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
+         "seed": st.integers(-2**63, 2**63 - 1), "stop": st.one_of(SAYABLE, st.lists(SAYABLE, max_size=4)),
+         "stream": st.booleans(), "stream_options": st.just({"include_usage": True}), "n": st.just(1)}
+HOSTILE = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "stream",
+           "stream_options", "n", "logprobs", "tools", "response_format", "echo", "max_completion_tokens", "x"]
+# a valid body with at most one field made hostile: most reach the model, the rest probe one check each
+BODIES_OPENAI = st.tuples(
+    st.fixed_dictionaries({"model": st.sampled_from(["charlm", "charlm-generate"]), "prompt": SAYABLE,
+                           "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]),
+                                                                       "content": SAYABLE}), min_size=1, max_size=2)},
+                          optional=VALID),
+    st.one_of(st.none(), st.tuples(st.sampled_from(HOSTILE), st.one_of(JSONISH, st.lists(MESSAGE, max_size=2)))))
+
+
+GENERATED: list[str] = []  # the fuzzed requests that reached the model
+
+
+@pytest.fixture(scope="module")
+def charlm_gateway():
+    from serve import start_serving
+    from tests.serve.fixtures import on_free_ports, published_run, require_triton
+
+    require_triton()
+    settings = on_free_ports(published_run("charlm"))
+    with start_serving(settings, GatewaySettings(port=settings.serve.gateway_port)) as serving:
+        with InProcess(create_app(gateway_settings(serving))) as gateway:
+            yield gateway
+
+
+@settings(max_examples=150, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), bodies=BODIES_OPENAI)
+def test_hostile_openai_bodies_are_refused_with_openais_4xx(charlm_gateway, route, bodies):
+    body, hostile = bodies
+    body.pop("messages" if route == "/v1/completions" else "prompt")
+    if not body.get("stream"):
+        body.pop("stream_options", None)
+    if hostile:
+        body[hostile[0]] = hostile[1]
+    raw = json.dumps(body, allow_nan=True).encode()
+    reply = charlm_gateway.request("POST", route, raw, {"content-type": "application/json"})
+    assert reply.status < 500, (reply.status, reply.body[:300], raw[:300])
+    if reply.status >= 400:
+        assert set(orjson.loads(reply.body)["error"]) == {"message", "type", "param", "code"}, reply.body[:300]
+    else:
+        GENERATED.append(route)
+    if reply.status == 200 and body.get("stream") is True:
+        assert reply.body.endswith(b"data: [DONE]\n\n") and b'"error"' not in reply.body, reply.body[-300:]
+
+
+def test_fuzzed_openai_bodies_reached_generation_on_both_routes():
+    if not GENERATED:
+        pytest.skip("the OpenAI fuzzing above did not run")
+    assert {"/v1/completions", "/v1/chat/completions"} <= set(GENERATED), len(GENERATED)
