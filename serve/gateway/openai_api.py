@@ -59,6 +59,15 @@ def model_list(gw: Gateway) -> dict:
                                        for name in model_ids(gw)]}
 
 
+def model_card(gw: Gateway, name: str) -> dict:
+    """``GET /v1/models/{id}``: one entry of :func:`model_list`; 404 in OpenAI's form for any other name."""
+    for card in model_list(gw)["data"]:
+        if card["id"] == name:
+            return card
+    raise BadParam("model", f"the model '{name}' does not exist or does not generate text: this gateway serves "
+                            f"{model_ids(gw)} (GET /v1/models)", 404)
+
+
 def triton_model(gw: Gateway, name: str) -> str:
     """The Triton model generating for ``name`` (as ``:generate`` resolves it); 404 with ``param: model``."""
     try:

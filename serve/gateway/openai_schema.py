@@ -20,8 +20,9 @@ SEED_RANGE = 2**63  # OpenAI's seed is any int64; the models' samplers take 0 ..
 
 
 def speaks_openai(path: str) -> bool:
-    """True for the paths whose errors use OpenAI's error object."""
-    return path in OPENAI_PATHS
+    """True for the paths whose errors use OpenAI's error object (``/v1/models/{id}`` included, but not the task
+    verbs ``/v1/models/{m}:predict`` and the like, which answer the gateway's own errors)."""
+    return path in OPENAI_PATHS or (path.startswith("/v1/models/") and ":" not in path[len("/v1/models/"):])
 
 
 class BadParam(BadInput):

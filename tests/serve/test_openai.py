@@ -48,6 +48,15 @@ async def test_models_lists_the_generation_task_and_nothing_for_a_classifier():
     assert refused.value.param == "model" and refused.value.code == "model_not_found"
 
 
+async def test_models_retrieve_answers_a_listed_model_and_404s_the_rest():
+    gw, _ = fake_gateway(CHARLM_KV)
+    card = await sdk(gw).models.retrieve("charlm")
+    assert (card.id, card.object, card.owned_by) == ("charlm", "model", "autoglm")
+    with pytest.raises(openai.NotFoundError) as refused:
+        await sdk(gw).models.retrieve("digits")
+    assert refused.value.param == "model" and refused.value.code == "model_not_found"
+
+
 async def test_a_completion_runs_in_the_kv_model_with_the_generate_payload():
     gw, triton = fake_gateway(CHARLM_KV)
     reply = await sdk(gw).completions.create(model="charlm", prompt="ab", max_tokens=6, temperature=0.5,

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
+"""The OpenAI-compatible API: ``GET /v1/models`` (and ``/v1/models/{id}``), ``POST /v1/completions``, ``POST /v1/chat/completions``.
 
 Same API keys, rate limits, in-flight bound and metrics as every route (a stream holds its in-flight
 slot until its last event); errors are OpenAI's error object (see :mod:`serve.gateway.openai_schema`).
@@ -23,6 +23,11 @@ STREAMED = {200: {"content": {"text/event-stream": {}},
 @router.get("/models", summary="The models that generate text (OpenAI)")
 async def models(gw: GatewayDep, _: CallerDep) -> dict:
     return openai_api.model_list(gw)
+
+
+@router.get("/models/{model}", summary="One model that generates text (OpenAI)")
+async def model(model: str, gw: GatewayDep, _: CallerDep) -> dict:
+    return openai_api.model_card(gw, model)
 
 
 @router.post("/completions", summary="Continue a prompt (OpenAI)", responses=STREAMED)
