@@ -294,7 +294,9 @@ def qat(model: nn.Module, task: Task, model_args: Mapping[str, Any], train_setti
 
     ``model`` itself is not changed (a copy is trained): see :func:`prepare_qat`, :func:`qat_finetune`
     and :func:`export_qat` for the steps, which callers that also want the metrics can run themselves.
+    ``steps=0`` only calibrates the ranges: the same graph without the fine-tune (post-training QDQ in torch).
     """
     qmodel = prepare_qat(model, task, model_args, calibration_batches, bits)
-    qat_finetune(qmodel, task, train_settings, steps, lr_frac)
+    if steps != 0:
+        qat_finetune(qmodel, task, train_settings, steps, lr_frac)
     return export_qat(qmodel, task, model_args, dst)

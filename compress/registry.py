@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
@@ -37,19 +37,30 @@ class Pass:
     """One compression pass that variants apply, and its knobs (tune searches them as ``<name>.<knob>``).
 
     ``searched``: the knobs in tune's presets; the others join a space that compresses when ``tune.space`` names
-    them. ``switch``: the knob whose default turns the pass off in a trial. ``available()``: whether it can run on
-    this host, and why not (a variant applying it is then skipped with that reason, never faked)."""
+    them. ``opt_in``: choices of a searched knob that the presets leave out (``tune.space`` brings them in).
+    ``switch``: the knob whose default turns the pass off in a trial. ``selects``: switch values that only select
+    variants, naming no value of the pass's config section (quantize.mode 'qat': the qat variants read
+    compress.qat). ``untrained``: config values that build the pass's graph without its training (a trial's probe
+    times the graph, not its weights); a pass with them fine-tunes. ``available()``: whether it can run on this
+    host, and why not (a variant applying it is then skipped with that reason, never faked)."""
 
     name: str
     knobs: Mapping[str, Knob] = field(default_factory=dict)
     searched: tuple[str, ...] = ()
+    opt_in: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     switch: str | None = None
+    selects: tuple[Any, ...] = ()
+    untrained: Mapping[str, Any] = field(default_factory=dict)
     available: Callable[[], tuple[bool, str]] = _everywhere
 
     def __post_init__(self) -> None:
-        unknown = {*self.searched, *([self.switch] if self.switch else [])} - set(self.knobs)
+        unknown = {*self.searched, *self.opt_in, *([self.switch] if self.switch else [])} - set(self.knobs)
         if unknown:
             raise ValueError(f"pass {self.name!r}: {sorted(unknown)} are not among its knobs {sorted(self.knobs)}")
+        strays = {v for key, values in self.opt_in.items() for v in values if v not in self.knobs[key].choices} | {
+            v for v in self.selects if not self.switch or v not in self.knobs[self.switch].choices}
+        if strays:
+            raise ValueError(f"pass {self.name!r}: {sorted(map(str, strays))} are not among its knobs' choices")
 
     @property
     def section(self) -> type[BaseModel] | None:
@@ -66,6 +77,16 @@ class Pass:
         off = self.knobs[self.switch].default
         return values.get(self.switch, off) != off
 
+    def configures(self, key: str, value: Any) -> bool:
+        """Whether a trial's ``value`` of knob ``key`` goes into the pass's config section: not a switch that is
+        off or only selects variants (the config keeps its own value, which none of the trial's passes reads)."""
+        return key != self.switch or (self.on({key: value}) and value not in self.selects)
+
+    def searched_knob(self, key: str) -> Knob:
+        """Knob ``key`` as tune's presets search it: without its opt-in choices."""
+        knob, held = self.knobs[key], self.opt_in.get(key, ())
+        return replace(knob, choices=tuple(c for c in knob.choices if c not in held)) if held else knob
+
 
 @dataclass(frozen=True)
 class VariantSpec:
@@ -81,6 +102,11 @@ class VariantSpec:
     modes: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     tuned: bool = False
     calibrates: bool | Callable[[CompressSettings], bool] = False
+
+    @property
+    def fine_tunes(self) -> bool:
+        """Whether building it trains the model further (a pass it applies has training to skip)."""
+        return any(passes()[p].untrained for p in self.passes)
 
     def needs_calibration(self, cfg: CompressSettings) -> bool:
         return self.calibrates(cfg) if callable(self.calibrates) else self.calibrates
@@ -183,9 +209,10 @@ def check_settings(settings: Settings) -> None:
 
 
 def knobs(searched_only: bool = False) -> dict[str, Knob]:
-    """Every pass's knobs as ``<pass>.<knob>`` (``searched_only``: those in tune's presets), for tune's space."""
-    return {f"{p.name}.{key}": knob for p in passes().values() for key, knob in p.knobs.items()
-            if not searched_only or key in p.searched}
+    """Every pass's knobs as ``<pass>.<knob>`` (``searched_only``: those in tune's presets, as they search them),
+    for tune's space."""
+    return {f"{p.name}.{key}": p.searched_knob(key) if searched_only else knob for p in passes().values()
+            for key, knob in p.knobs.items() if not searched_only or key in p.searched}
 
 
 def check_knob(name: str, value: Any, where: str) -> None:
@@ -193,7 +220,7 @@ def check_knob(name: str, value: Any, where: str) -> None:
     value aside; ``where`` names the setting in the message."""
     group, _, key = name.partition(".")
     found = passes()[group]
-    if found.section is None or (key == found.switch and not found.on({key: value})):
+    if found.section is None or not found.configures(key, value):
         return
     try:
         found.section.model_validate({key: value})
@@ -207,11 +234,13 @@ def variant_for(params: Mapping[str, Mapping[str, Any]]) -> str:
     ``int8-static``: the tuned variant whose switched passes are those the knobs switch on."""
     table = passes()
     on = {name for name, p in table.items() if p.on(params.get(name, {}))}
-    for spec in variants().values():
-        switched = {p for p in spec.passes if table[p].switch}
-        if spec.tuned and switched == on and all(
-                params.get(p, {}).get(table[p].switch) in values for p, values in spec.modes.items()):
-            return spec.name
+    found = [spec.name for spec in variants().values()
+             if spec.tuned and {p for p in spec.passes if table[p].switch} == on
+             and all(params.get(p, {}).get(table[p].switch) in values for p, values in spec.modes.items())]
+    if len(found) > 1:
+        raise ConfigError(f"variants {found} both match the knobs {dict(params)}: give them distinct modes")
+    if found:
+        return found[0]
     offs = ", ".join(f'"{n}.{table[n].switch}" = {table[n].knobs[table[n].switch].default!r}' for n in sorted(on))
     raise ConfigError(f"no compress variant applies the passes {sorted(on)} together: switch one off in "
                       f"tune.space ({offs})")
@@ -222,7 +251,7 @@ def apply_knobs(cfg: CompressSettings, params: Mapping[str, Mapping[str, Any]]) 
     none of the trial's passes reads it."""
     update = {}
     for p in passes().values():
-        values = {k: v for k, v in params.get(p.name, {}).items() if k != p.switch or p.on({k: v})}
+        values = {k: v for k, v in params.get(p.name, {}).items() if p.configures(k, v)}
         if values and p.section is not None:
             update[p.name] = getattr(cfg, p.name).model_copy(update=values)
     return cfg.model_copy(update=update)
@@ -234,3 +263,14 @@ def variant_settings(name: str, cfg: CompressSettings) -> dict[str, Any]:
     spec = variant_spec(name)
     return {"variants": [name], **{p.name: getattr(cfg, p.name).model_dump(mode="json") for p in passes().values()
                                    if p.name in spec.passes and p.section is not None}}
+
+
+def fine_tunes(params: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether the variant a trial's knobs describe trains the model further (pruning, QAT)."""
+    return variant_spec(variant_for(params)).fine_tunes
+
+
+def untrained_settings(cfg: CompressSettings) -> CompressSettings:
+    """``cfg`` with every pass's training skipped: the same graphs, not their trained weights (a trial's probe)."""
+    return cfg.model_copy(update={p.name: getattr(cfg, p.name).model_copy(update=p.untrained)
+                                  for p in passes().values() if p.untrained and p.section is not None})

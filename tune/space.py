@@ -115,8 +115,10 @@ def apply_overrides(space: dict[str, Any], overrides: Mapping[str, Any], addable
         else:
             out[name], ends = value, (value,)
         if isinstance(space[name], Knob):
+            # valid where the knob can take it, not only what a preset searches (opt-in: quantize.mode 'qat')
+            knob = (everything or space).get(name, space[name])
             for end in ends:
-                _check_value(name, space[name], end)
+                _check_value(name, knob if isinstance(knob, Knob) else space[name], end)
     return out
 
 

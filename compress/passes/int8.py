@@ -2,7 +2,8 @@
 
 int8 takes compress.quantize.mode, or under 'auto' its preset (named, or chosen by the graph's ops: static QDQ
 for a CNN, dynamic for a transformer); int8-dynamic and int8-static fix the mode. A trial's ``quantize.mode``
-knob says dynamic, static or none (no INT8).
+knob says dynamic, static, none (no INT8) or qat (the qat variants of compress/passes/qat.py and
+pruned_qat.py: a fake-quantized fine-tune instead of post-training INT8).
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from compress.variants import Variant, VariantBuilder
 OFF = "none"
 # a trial quantizes one way or the other, or not at all: "auto" (by the graph) is for a configured int8
 MODES = tuple(m for m in get_args(QuantizeSettings.model_fields["mode"].annotation) if m != "auto")
+# a trial's third way to INT8: it selects the qat variants (their settings are compress.qat's) and costs a
+# fine-tune, so tune's presets leave it out and tune.space opts in; QAT's export is built for Conv/Linear stacks
+QAT = "qat"
 
 register(Pass("quantize", knobs={
-    "mode": Knob("categorical", OFF, choices=(OFF, *MODES)),
+    "mode": Knob("categorical", OFF, choices=(OFF, *MODES, QAT)),
     "calibration": setting(QuantizeSettings, "calibration"),  # used by static only
     "per_channel": setting(QuantizeSettings, "per_channel"),
-}, searched=("mode",), switch="mode"))
+}, searched=("mode",), opt_in={"mode": (QAT,)}, switch="mode", selects=(QAT,)))
 
 
 def static_by_graph(cfg: CompressSettings) -> bool:

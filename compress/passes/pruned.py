@@ -1,6 +1,6 @@
 """pruned, pruned-int8: channels removed (physically narrower layers) and fine-tuned, then exported; pruned-int8
-quantizes that export as int8 does (:mod:`compress.prune`, :mod:`compress.quantize`). A trial's ``prune.ratio``
-knob at 0 prunes nothing.
+quantizes that export as int8 does (:mod:`compress.prune`, :mod:`compress.quantize`); pruned-qat
+(compress/passes/pruned_qat.py) fine-tunes it fake-quantized. A trial's ``prune.ratio`` knob at 0 prunes nothing.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from autoglm.config import PruneSettings
 from autoglm.tasks.base import Knob
-from compress.passes.int8 import quantized, static_by_graph
+from compress.passes.int8 import MODES, quantized, static_by_graph
 from compress.registry import Pass, register, setting, variant
 from compress.variants import Variant, VariantBuilder
 
@@ -18,11 +18,12 @@ register(Pass("prune", knobs={
     # 0 = off (a step keeps 0 reachable: a continuous range never samples it); beyond 3/4 the models collapse
     "ratio": Knob("float", 0.0, low=0.0, high=0.75, step=0.25),
     "finetune_steps": setting(PruneSettings, "finetune_steps", low=50, high=1000, log=True),  # 50 recover digits
-}, searched=("ratio",), switch="ratio"))
+}, searched=("ratio",), switch="ratio", untrained={"finetune_steps": 0}))
 
 
 def pruned_model(builder: VariantBuilder) -> tuple[Any, dict[str, Any]]:
-    """The model pruned and fine-tuned once per builder (pruned and pruned-int8 share it), and its recipe."""
+    """The model pruned and fine-tuned once per builder (pruned, pruned-int8 and pruned-qat share it), and its
+    recipe."""
 
     def prune():
         from compress.prune import count_params, prune_and_finetune
@@ -43,7 +44,8 @@ def pruned(builder: VariantBuilder, name: str) -> Variant:
     return Variant(name, builder.export(model, "pruned"), recipe)
 
 
-@variant("pruned-int8", passes=("prune", "export", "quantize"), tuned=True, calibrates=static_by_graph)
+@variant("pruned-int8", passes=("prune", "export", "quantize"), modes={"quantize": MODES}, tuned=True,
+         calibrates=static_by_graph)
 def pruned_int8(builder: VariantBuilder, name: str) -> Variant:
     model, recipe = pruned_model(builder)
     variant = quantized(builder, builder.export(model, "pruned"), name, None)

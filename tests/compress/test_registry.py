@@ -20,7 +20,7 @@ CALIBRATION = "static INT8 needs calibration data: set compress.quantize.calibra
 
 def test_the_registry_names_every_variant_in_its_order():
     assert variant_names() == ["fp32", "int8", "int8-dynamic", "int8-static", "pruned", "pruned-int8", "qat",
-                               "trt-fp16", "trt-int8"]
+                               "pruned-qat", "trt-fp16", "trt-int8"]  # pruned_qat.py imports qat.py first
 
 
 def test_an_unknown_variant_is_refused_by_compress_not_by_the_core_config():
@@ -37,7 +37,7 @@ def test_an_unknown_variant_is_refused_by_compress_not_by_the_core_config():
     (["int8-static"], "dynamic", True),  # the variant fixes its mode
     (["trt-int8"], "auto", True),  # its engine is built from the static QDQ graph
     (["fp32", "int8", "pruned-int8"], "dynamic", False),
-    (["int8-dynamic", "pruned", "qat", "trt-fp16"], "auto", False),
+    (["int8-dynamic", "pruned", "qat", "pruned-qat", "trt-fp16"], "auto", False),  # QAT calibrates on its own
 ])
 def test_variants_that_need_calibration_data_are_refused_without_it(variants, mode, refused):
     settings = load_settings(None, [f"compress.variants={variants}", f"compress.quantize.mode='{mode}'",
@@ -112,7 +112,7 @@ def test_a_registered_pass_reaches_the_config_check_tunes_space_and_a_trials_var
     with pytest.raises(ConfigError, match=re.escape(CALIBRATION)):  # it said it needs calibration data
         check_settings(load_settings(None, ["compress.variants=['fake']", "compress.quantize.calibration_batches=0"]))
     assert build_space(DigitsTask(), "compression") == {
-        "quantize.mode": passes()["quantize"].knobs["mode"], "prune.ratio": passes()["prune"].knobs["ratio"],
+        "quantize.mode": passes()["quantize"].searched_knob("mode"), "prune.ratio": passes()["prune"].knobs["ratio"],
         "fake.level": Knob("categorical", 0, choices=(0, 1, 2))}
     assert variant_for({"fake": {"level": 2}, "quantize": {"mode": "none"}}) == "fake"
     assert variant_for({"fake": {"level": 0}, "quantize": {"mode": "static"}}) == "int8-static"
@@ -134,3 +134,34 @@ def test_a_registered_variant_builds_through_the_registry_and_is_skipped_where_i
                                                                     {"pass": "fake"}, "ok")
     assert (skipped.status, skipped.reason, skipped.path) == ("skipped", "absent needs hardware this host lacks", None)
     assert skipped.recipe == {"pass": "absent"}
+
+
+def test_quantize_mode_qat_selects_the_qat_variants_and_sets_no_config_value():
+    quantize = passes()["quantize"]
+    settings = load_settings(None, ["compress.variants=['fp32', 'pruned-qat']", "compress.quantize.mode='dynamic'"])
+    groups = {"quantize": {"mode": "qat"}, "prune": {"ratio": 0.5}, "qat": {"steps": 30}}
+
+    check_settings(settings)
+    assert variant_for({"quantize": {"mode": "qat"}, "prune": {"ratio": 0.0}}) == "qat"
+    assert variant_for(groups) == "pruned-qat"
+    applied = registry.apply_knobs(settings.compress, groups)
+    assert applied.quantize.mode == "dynamic" and applied.qat.steps == 30 and applied.prune.ratio == 0.5
+    registry.check_knob("quantize.mode", "qat", "tune.space.quantize.mode")  # a choice, though no config value
+    assert variant_settings("pruned-qat", applied)["qat"] == {"steps": 30, "lr_frac": 0.2}
+    assert "qat" in quantize.knobs["mode"].choices and "qat" not in quantize.searched_knob("mode").choices
+    assert [n for n, s in variants().items() if s.fine_tunes] == ["pruned", "pruned-int8", "qat", "pruned-qat"]
+
+
+def test_two_tuned_variants_that_match_the_same_knobs_are_refused(fake_pass):
+    @variant("fake-too", passes=("export", "fake"), tuned=True)
+    def fake_too(builder, name):
+        raise AssertionError("never built")
+
+    with pytest.raises(ConfigError, match=re.escape("variants ['fake', 'fake-too'] both match")):
+        variant_for({"fake": {"level": 1}})
+
+
+def test_the_untrained_settings_skip_every_passes_training():
+    cfg = registry.untrained_settings(load_settings(None, []).compress)
+
+    assert (cfg.prune.finetune_steps, cfg.qat.steps) == (0, 0)
