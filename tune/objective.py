@@ -29,7 +29,8 @@ from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
 from autoglm.measure import energy_meter
 from autoglm.tasks import Task
-from compress import Timing, Variant, apply_knobs, evaluate_variant, time_variant, variant_for, variant_settings
+from compress import (Timing, Variant, apply_knobs, evaluate_variant, time_variant, untrained_settings, variant_for,
+                      variant_settings)
 from tune import attributes as attrs
 from tune.early_stop import ParetoHalving, RungCallback
 from tune.space import compression_params, split_params, suggest
@@ -158,10 +159,9 @@ class Objective:
         return (self.cache_dir / key / "model.pt").is_file() and (self.cache_dir / key / "result.json").is_file()
 
     def _timing(self, settings: Settings, model_args, variant_name: str, out: Path) -> Timing:
-        """The untrained model compressed the trial's way (pruned without fine-tune), timed at the batches a
-        trial reports, as compress times its variants."""
-        quick = settings.model_copy(update={"compress": settings.compress.model_copy(update={
-            "prune": settings.compress.prune.model_copy(update={"finetune_steps": 0})})})
+        """The untrained model compressed the trial's way (each pass's training skipped: pruned without fine-tune,
+        QAT ranges calibrated only), timed at the batches a trial reports, as compress times its variants."""
+        quick = settings.model_copy(update={"compress": untrained_settings(settings.compress)})
         return time_variant(self.task, untrained_model(self.task, model_args), model_args, quick, out, variant_name,
                             **_timed(settings))
 

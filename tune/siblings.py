@@ -4,8 +4,9 @@ Trained checkpoints are cached by everything that shapes training (:func:`tune.o
 so a trial that repeats a finished trial's model and training knobs with other compression knobs never
 retrains: it costs an export, the compression, scoring and timing. When a trial completes with the best
 metric so far, its siblings are queued: the same trained model under each searched quantization mode with
-pruning off (pruning needs a fine-tune and costs metric). The front then holds the best trained model
-uncompressed (the top metric) and quantized (cheaper to serve) at a fraction of a trial's cost, instead of
+pruning off, leaving out a mode whose variant fine-tunes (QAT: a sibling would cost a training, not a
+compression; pruning also costs metric). The sampler still draws them as trials. The front then holds the best
+trained model uncompressed (the top metric) and quantized (cheaper to serve) at a fraction of a trial's cost, instead of
 whichever one compression setting the sampler happened to draw for it. Siblings are sampled, charged and
 recorded like any trial; their ``sibling_of`` attribute names the trial they repeat.
 """
@@ -22,9 +23,13 @@ MODE, RATIO = "quantize.mode", "prune.ratio"
 
 
 def sibling_params(params: Mapping[str, Any], space: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """``params`` under every searched quantization mode with pruning off, except ``params`` itself."""
+    """``params`` under every searched quantization mode that does not fine-tune (not quantize.mode 'qat'), with
+    pruning off, except ``params`` itself."""
+    from compress import fine_tunes
+
     mode = space.get(MODE)
-    modes = list(mode.choices) if isinstance(mode, Knob) and mode.choices else [params.get(MODE)]
+    modes = [m for m in mode.choices if not fine_tunes({"quantize": {"mode": m}})] \
+        if isinstance(mode, Knob) and mode.choices else [params.get(MODE)]
     ratio = space.get(RATIO)
     off = {RATIO: 0.0} if isinstance(ratio, Knob) and ratio.low is not None and ratio.low <= 0.0 else {}
     siblings = []

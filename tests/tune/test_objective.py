@@ -70,3 +70,24 @@ def test_a_trial_applies_every_compression_knob_it_draws():
     assert applied.variants == ["int8-static"]
     assert applied.quantize.mode == "static" and applied.quantize.calibration == "entropy"
     assert applied.prune.ratio == settings.compress.prune.ratio  # ratio 0 means no pruning, not a ratio to set
+
+
+def test_a_trial_drawing_qat_builds_pruned_qat_and_its_probe_times_the_same_graph(settings_in, tmp_path):
+    from compress import untrained_settings, variant_for
+    from tune.objective import trial_settings
+    from tune.space import split_params
+
+    task = DigitsTask(cache_dir=tmp_path / "data")
+    args = task.check_model_args({"channels": 8, "hidden": 32})
+    groups = split_params({"quantize.mode": "qat", "prune.ratio": 0.5, "qat.steps": 4})
+    name = variant_for(groups)
+    settings = trial_settings(settings_in(*COMPRESS, "compress.prune.finetune_steps=2", "train.batch_size=16"),
+                              groups, name)
+    probe = settings.model_copy(update={"compress": untrained_settings(settings.compress)})
+
+    trained = VariantBuilder(task, _trained(task, args), args, settings, tmp_path / "trained").build(name)
+    untrained = VariantBuilder(task, untrained_model(task, args), args, probe, tmp_path / "probe").build(name)
+
+    assert name == "pruned-qat" and settings.compress.variants == ["pruned-qat"]
+    assert settings.compress.qat.steps == 4 and probe.compress.qat.steps == 0  # the probe skips QAT's fine-tune
+    assert trained.recipe["then"]["steps"] == 4 and graph_signature(untrained.path) == graph_signature(trained.path)

@@ -24,6 +24,13 @@ def test_siblings_are_every_quantization_mode_with_pruning_off_except_the_trial_
         [{"train.lr": 3e-3, "prune.ratio": 0.0}]
 
 
+def test_a_mode_that_fine_tunes_has_no_siblings():
+    space = {**SPACE, "quantize.mode": Knob("categorical", "none", choices=("none", "static", "qat"))}
+
+    assert [p["quantize.mode"] for p in sibling_params({"quantize.mode": "qat", "prune.ratio": 0.25}, space)] == \
+        ["none", "static"]  # a QAT sibling would cost a fine-tune, not a compression
+
+
 def told(study, params, metric, values=None, **attrs):
     """A finished trial with ``params``, added as another worker would have finished it."""
     dists = {"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
