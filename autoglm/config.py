@@ -131,6 +131,9 @@ class TuneSettings(Section):
     objectives: list[Literal["metric", "latency", "energy"]] = Field(
         default_factory=lambda: ["metric", "latency", "energy"], min_length=1
     )
+    metric: str | None = Field(None, description="which of the task's metrics the 'metric' objective is, e.g. "
+                               "'perplexity' for charlm or 'loss' for digits, in that metric's direction; None: the "
+                               "task's own (charlm val_loss, digits accuracy). AutoTuner's objective= sets it")
     serving_batch: int = Field(32, ge=1, description="latency objective: p95 at this batch size")
     probe_repeats: int = Field(30, ge=3, description="timed runs per latency/energy measurement in a trial")
     early_stop: EarlyStopSettings = Field(default_factory=EarlyStopSettings)

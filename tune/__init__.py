@@ -16,7 +16,7 @@ from autoglm.artifacts import RunDir
 from autoglm.cli import toml_literal
 from autoglm.config import Settings, load_settings, parse_overrides
 from autoglm.errors import ConfigError
-from autoglm.tasks import get_task, task_class
+from autoglm.tasks import Task, get_task, task_class
 from tune.early_stop import ParetoHalving, pareto_fronts
 from tune.select import Point, pareto_points, select
 from tune.space import PRESETS, build_space
@@ -90,8 +90,9 @@ class AutoTuner:
 
         ``train_data``: a text file (``validation_data``: a text of its own, else its last 10% validates), or a
         nanoGPT ``train.bin`` whose directory also holds ``val.bin`` and ``meta.json`` (then ``validation_data``
-        must be that ``val.bin``). ``objective`` is accepted
-        for the design's ``"minimize_perplexity"`` spelling and checked against the task's metric.
+        must be that ``val.bin``). ``objective``: ``"<direction>_<metric>"`` over one of the task's metrics
+        (charlm: ``"minimize_val_loss"``, ``"minimize_perplexity"``; digits: ``"maximize_accuracy"``,
+        ``"minimize_loss"``): the "metric" objective the study optimizes, saved as ``tune.metric``.
         """
         settings = self.settings
         if train_data is None and validation_data is not None:
@@ -107,16 +108,28 @@ class AutoTuner:
                                       "or a nanoGPT train.bin and the val.bin beside it")
             source = _data_source(train_data, validation_data, settings)
             settings = settings.model_copy(update={"task": settings.task.model_copy(update={"data": source})})
-        if objective and objective.removeprefix("minimize_").removeprefix("maximize_") not in (
-                "perplexity", "val_loss", "loss", "accuracy", "metric"):
-            raise ConfigError(f"objective={objective!r}: use e.g. 'minimize_perplexity' or 'maximize_accuracy'")
+        if objective is not None:
+            metric = objective_metric(objective, task_class(settings.task.name))
+            settings = settings.model_copy(update={"tune": settings.tune.model_copy(update={"metric": metric})})
         from tune.stage import tune_run as run
         from tune.storage import open_study
 
         run(settings, force=force)
         tune_dir = RunDir(settings.run.root, settings.run.name).stage_dir("tune")
-        study = open_study(settings, tune_dir, task_class(settings.task.name).direction)
+        task = task_class(settings.task.name)
+        study = open_study(settings, tune_dir, task.metric_directions()[settings.tune.metric or task.metric])
         return pareto_points(study)
+
+
+def objective_metric(objective: str, task: type[Task]) -> str | None:
+    """The ``tune.metric`` that ``objective`` (``"minimize_perplexity"``) names on ``task``: None for the task's
+    own metric (the same run as no objective at all); a word that names no metric, or the wrong direction, is
+    refused with the task's choices."""
+    choices = {f"{direction}_{name}": name for name, direction in task.metric_directions().items()}
+    if objective not in choices:
+        raise ConfigError(f"objective={objective!r} does not fit task '{task.name}': use one of "
+                          f"{sorted(choices)}")
+    return None if choices[objective] == task.metric else choices[objective]
 
 
 def _data_source(train: str | Path, val: str | Path | None, settings: Settings) -> str:

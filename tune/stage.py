@@ -36,12 +36,12 @@ def open_search(settings: Settings, tune_dir: Path):
     from autoglm.tasks import get_task
     from tune.objective import Objective
 
-    task = get_task(settings)
+    task = get_task(settings).scored_by(settings.tune.metric)
     task.prepare()
     space = build_space(task, settings.tune.search_space, settings.tune.space)
     if settings.tune.early_stop.enabled and settings.tune.early_stop.shared_schedule:
         space = with_shared_schedule(space)
-    study = open_study(settings, tune_dir, task.direction)
+    study = open_study(settings, tune_dir, task.direction, task.metric)
     recover_stale_trials(study)
     retry_interrupted(study, settings.tune.worker_index)
     _quiet_interrupts()
@@ -160,7 +160,7 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True) -> 
     from autoglm.tasks import get_task
 
     # the task and the space are checked before the last run is invalidated: a bad config must not cost it
-    build_space(get_task(settings), settings.tune.search_space, settings.tune.space)
+    build_space(get_task(settings).scored_by(settings.tune.metric), settings.tune.search_space, settings.tune.space)
     writer.invalidate()
     for derived in ("pareto.json", "selected.json", "report.html"):  # the last run's: none may outlive its manifest
         (writer.dir / derived).unlink(missing_ok=True)

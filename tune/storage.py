@@ -164,8 +164,10 @@ def _rdb_storage(optuna, url: str, beat: int, sqlalchemy_exc):
             time.sleep(1 + attempt)
 
 
-def open_study(settings: Settings, tune_dir: Path, task_direction: str):
-    """Create or resume (``load_if_exists``) the study; its objectives must match the config."""
+def open_study(settings: Settings, tune_dir: Path, task_direction: str, metric: str | None = None):
+    """Create or resume (``load_if_exists``) the study; its objectives must match the config.
+
+    ``metric``: the task metric of the "metric" objective, recorded on a new study and checked on a resumed one."""
     optuna = require("optuna", None, "tuning")
     from tune.sampler import make_sampler
 
@@ -185,6 +187,13 @@ def open_study(settings: Settings, tune_dir: Path, task_direction: str):
     if have != wanted or (names is not None and names != list(settings.tune.objectives)):
         raise ConfigError(f"study '{settings.tune.study_name}' optimizes {names or '?'} {have}, but tune.objectives "
                           f"{settings.tune.objectives} means {wanted}: use another tune.study_name or --force")
+    if metric is not None:
+        recorded = attrs.METRIC_NAME.get(study)
+        if recorded is None:
+            attrs.METRIC_NAME.set(study, metric)
+        elif recorded != metric:
+            raise ConfigError(f"study '{settings.tune.study_name}' optimizes {recorded}, but tune.metric means "
+                              f"{metric}: use another tune.study_name or --force")
     with warnings.catch_warnings():  # experimental since 3.2, used by optuna-dashboard to label axes
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(settings.tune.objectives))
