@@ -164,10 +164,12 @@ def _rdb_storage(optuna, url: str, beat: int, sqlalchemy_exc):
             time.sleep(1 + attempt)
 
 
-def open_study(settings: Settings, tune_dir: Path, task_direction: str, metric: str | None = None):
+def open_study(settings: Settings, tune_dir: Path, task_direction: str, metric: str | None = None, sampler=None):
     """Create or resume (``load_if_exists``) the study; its objectives must match the config.
 
-    ``metric``: the task metric of the "metric" objective, recorded on a new study and checked on a resumed one."""
+    ``metric``: the task metric of the "metric" objective, recorded on a new study and checked on a resumed one.
+    ``sampler``: an Optuna sampler object to use instead of the one ``tune.sampler`` names (AutoTuner's
+    ``sampler=``); the config cannot hold an object, so a run resumed by the CLI uses ``tune.sampler``."""
     optuna = require("optuna", None, "tuning")
     from tune.sampler import make_sampler
 
@@ -180,7 +182,7 @@ def open_study(settings: Settings, tune_dir: Path, task_direction: str, metric: 
     seed = settings.run.seed + _n_trials(storage, settings.tune.study_name) + 7919 * settings.tune.worker_index
     study = optuna.create_study(
         storage=storage, study_name=settings.tune.study_name, load_if_exists=True,
-        sampler=make_sampler(settings.tune.sampler, seed, len(wanted), settings.tune.startup_trials),
+        sampler=sampler or make_sampler(settings.tune.sampler, seed, len(wanted), settings.tune.startup_trials),
         directions=wanted)
     have = [d.name.lower() for d in study.directions]
     names = study.metric_names

@@ -210,3 +210,44 @@ def test_data_files_are_refused_where_the_task_takes_none_or_they_do_not_exist(t
     with pytest.raises(ConfigError, match="train_data='.*nonexistent.txt' does not exist"):
         charlm.search(train_data=tmp_path / "nonexistent.txt")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_callback_is_called_once_per_trial_with_optuna_s_signature(tmp_path):
+    import optuna
+
+    seen = []
+    tuner = AutoTuner(max_trials=2, objectives="metric", run="cb",
+                      overrides=_tiny.overrides(tmp_path, "tune.compression_siblings=false", run="cb"))
+
+    tuner.search(callbacks=[lambda study, trial: seen.append((study.study_name, trial.number, trial.state))])
+
+    assert [(name, number) for name, number, _ in seen] == [("autoglm", 0), ("autoglm", 1)]
+    assert all(state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for *_, state in seen)
+    assert len(tuner.study.trials) == 2
+
+
+def test_an_optuna_sampler_object_draws_the_trials(tmp_path):
+    import optuna
+
+    sampler = optuna.samplers.RandomSampler(seed=3)
+    tuner = AutoTuner(max_trials=1, objectives="metric", sampler=sampler, run="obj",
+                      overrides=_tiny.overrides(tmp_path, "tune.compression_siblings=false", run="obj"))
+
+    tuner.search()
+
+    assert tuner.study.sampler is sampler and tuner.settings.tune.sampler == "tpe"  # the config keeps its name
+    with pytest.raises(ConfigError, match="sampler=5: give a name .* or an optuna.samplers object"):
+        AutoTuner(sampler=5)
+
+
+def test_the_study_of_an_earlier_run_is_loaded_from_its_storage(tmp_path):
+    first = AutoTuner(max_trials=1, objectives="metric", run="again",
+                      overrides=_tiny.overrides(tmp_path, "tune.compression_siblings=false", run="again"))
+    later = AutoTuner(max_trials=1, objectives="metric", run="again",
+                      overrides=_tiny.overrides(tmp_path, "tune.compression_siblings=false", run="again"))
+
+    with pytest.raises(ConfigError, match="call search\\(\\) first"):
+        later.study  # noqa: B018
+    first.search()
+
+    assert [t.number for t in later.study.trials] == [t.number for t in first.study.trials] == [0]
