@@ -125,7 +125,8 @@ class TuneSettings(Section):
     timeout_s: float | None = Field(None, gt=0)
     storage: str | None = Field(None, description="SQLAlchemy URL; default: a journal file in the run")
     study_name: str = "autoglm"
-    search_space: str = Field("default", description="preset name (default, training, compression) or a TOML file")
+    search_space: str = Field("default", description="preset name (default, training, compression, adaptive = default "
+                              "narrowing around the best trials after the start-up; alias adaptive-v2) or a TOML file")
     space: Table = Field(default_factory=dict, description="per-knob overrides: a fixed value or "
                                   "{low, high, log, choices}, keyed like 'train.lr' or 'model.n_layer'")
     objectives: list[Literal["metric", "latency", "energy"]] = Field(

@@ -2,7 +2,8 @@
 accuracy / latency / energy objective, with multi-objective early stopping.
 
     from tune import AutoTuner
-    front = AutoTuner(task="charlm", max_trials=20).search(train_data="train.bin", validation_data="val.bin")
+    front = AutoTuner(model_config="charlm", search_space="adaptive-v2", max_trials=100).search(
+        train_data="train.bin", validation_data="val.bin", objective="minimize_perplexity")
 """
 
 from __future__ import annotations
@@ -34,19 +35,23 @@ def tune_run(*args, **kwargs):
 class AutoTuner:
     """The Python API over the tune stage: builds the config, runs (or resumes) the study, returns the front.
 
-    ``search_space``: a preset ("default", "training", "compression"), a TOML file (str or Path) or a dict of
-    knob overrides. ``sampler``: a name ("tpe", "nsga2", "random", "gp") or an Optuna sampler object, used as
+    ``model_config``: the task, by the article's name for it (``task`` by ours). ``search_space``: a preset
+    ("default", "training", "compression", "adaptive" alias "adaptive-v2"), a TOML file (str or Path) or a dict
+    of knob overrides. ``sampler``: a name ("tpe", "nsga2", "random", "gp") or an Optuna sampler object, used as
     given (seed it yourself); an object is not config, so a run resumed by the CLI uses ``tune.sampler``. ``objectives``: a tuple of "metric", "latency", "energy" (one name alone is one objective).
     ``constraints``: ``{"max_metric_loss": .., "latency_slo_ms": .., "max_joules": ..}``, numbers, or None for
     no latency or energy limit. Anything else goes through ``overrides`` as ``"section.key=value"`` strings or
     a ``config`` file; those win over the arguments.
     """
 
-    def __init__(self, task: str = "digits", search_space: str | Path | Mapping[str, Any] = "default",
+    def __init__(self, task: str | None = None, search_space: str | Path | Mapping[str, Any] = "default",
                  max_trials: int = 20, timeout: float | None = None, storage: str | None = None,
                  study_name: str | None = None, objectives: str | Sequence[str] = ("metric", "latency", "energy"),
                  constraints: Mapping[str, float | None] | None = None, sampler: Any = "tpe", run: str = "autotune",
-                 config: str | Path | None = None, overrides: Sequence[str] = ()):
+                 config: str | Path | None = None, overrides: Sequence[str] = (), model_config: str | None = None):
+        if task is not None and model_config is not None and task != model_config:
+            raise ConfigError(f"task={task!r} and model_config={model_config!r} both name the task: pass one")
+        task = task or model_config or "digits"
         if not isinstance(search_space, str | Path | Mapping):
             raise ConfigError(f"search_space={search_space!r} is not a search space: give a preset name "
                               f"({', '.join(PRESETS)}), the path of a .toml file, or a dict of knob overrides")

@@ -251,3 +251,26 @@ def test_the_study_of_an_earlier_run_is_loaded_from_its_storage(tmp_path):
     first.search()
 
     assert [t.number for t in later.study.trials] == [t.number for t in first.study.trials] == [0]
+
+
+def test_the_article_s_example_call_runs_with_autoglm_s_names(tmp_path):
+    words = "to be or not that is the question whether tis nobler in the mind to suffer".split()
+    rng = random.Random(1)
+    texts = [tmp_path / "train.txt", tmp_path / "val.txt"]
+    for path, lines in zip(texts, (300, 60), strict=True):
+        path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(lines)))
+    data = Path(_data_source(*texts, _task("charlm", tmp_path)))  # nanoGPT's format: train.bin, val.bin, meta
+
+    tuner = AutoTuner(model_config="charlm", search_space="adaptive-v2", max_trials=3, run="article",
+                      overrides=_tiny.overrides(tmp_path, "tune.serving_batch=4", "train.eval_batches=2",
+                                                "tune.startup_trials=2", "tune.compression_siblings=false",
+                                                run="article", space=_tiny.CHARLM_SPACE))
+    front = tuner.search(train_data=data / "train.bin", validation_data=data / "val.bin",
+                         objective="minimize_perplexity")
+
+    config = json.loads((tmp_path / "runs" / "article" / "tune" / "manifest.json").read_text())["config"]
+    assert front and config["task"]["name"] == "charlm" and config["task"]["data"] == str(data)
+    assert config["tune"]["search_space"] == "adaptive-v2" and config["tune"]["metric"] == "perplexity"
+    assert type(tuner.study.sampler).__name__ == "Narrowing" and len(tuner.study.trials) == 3
+    with pytest.raises(ConfigError, match="both name the task"):
+        AutoTuner(task="digits", model_config="charlm")
