@@ -125,12 +125,16 @@ class TuneSettings(Section):
     timeout_s: float | None = Field(None, gt=0)
     storage: str | None = Field(None, description="SQLAlchemy URL; default: a journal file in the run")
     study_name: str = "autoglm"
-    search_space: str = Field("default", description="preset name (default, training, compression) or a TOML file")
+    search_space: str = Field("default", description="preset name (default, training, compression, adaptive = default "
+                              "narrowing around the best trials after the start-up; alias adaptive-v2) or a TOML file")
     space: Table = Field(default_factory=dict, description="per-knob overrides: a fixed value or "
                                   "{low, high, log, choices}, keyed like 'train.lr' or 'model.n_layer'")
     objectives: list[Literal["metric", "latency", "energy"]] = Field(
         default_factory=lambda: ["metric", "latency", "energy"], min_length=1
     )
+    metric: str | None = Field(None, description="which of the task's metrics the 'metric' objective is, e.g. "
+                               "'perplexity' for charlm or 'loss' for digits, in that metric's direction; None: the "
+                               "task's own (charlm val_loss, digits accuracy). AutoTuner's objective= sets it")
     serving_batch: int = Field(32, ge=1, description="latency objective: p95 at this batch size")
     probe_repeats: int = Field(30, ge=3, description="timed runs per latency/energy measurement in a trial")
     early_stop: EarlyStopSettings = Field(default_factory=EarlyStopSettings)

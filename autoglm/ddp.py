@@ -125,7 +125,7 @@ def run(settings: Settings, out_dir: Path | str) -> TrainResult:
     try:
         rank = dist.get_rank()
         device = torch.device("cuda", local_rank) if backend() == "nccl" else torch.device("cpu")
-        task = get_task(settings)
+        task = get_task(settings).scored_by(settings.tune.metric)  # a tune trial's: evaluated on its metric
         if rank == 0:  # one process prepares the data cache; the others read what it wrote
             task.prepare()
         dist.barrier()

@@ -87,6 +87,10 @@ def rung(step: int) -> Attr[list[float]]:
     return Attr(f"rung_{step}")
 
 
+# study attribute: the task metric the study's "metric" objective holds (tune.metric resolved)
+METRIC_NAME: Attr[str] = Attr("metric_name")
+
+
 def worker_stopped(index: int) -> Attr[bool]:
     """Study attribute: worker ``index``'s optimize has returned (its share may be unfinished)."""
     return Attr(f"worker_{index}_stopped")

@@ -57,6 +57,8 @@ def training_key(task: Task, settings: Settings, model_args: dict[str, Any]) -> 
     shape = {"task": task.name, "data": data_fingerprint(settings.task.data), "model": model_args,
              "seed": settings.run.seed, "train": settings.train.model_dump(mode="json"),
              "ddp_procs": settings.tune.ddp_procs}
+    if settings.tune.metric is not None:  # its evaluations and final metric are that metric's
+        shape["metric"] = settings.tune.metric
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 

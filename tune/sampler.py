@@ -12,6 +12,7 @@ all of them.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -22,6 +23,12 @@ from tune import attributes as attrs
 optuna = require("optuna", None, "tuning")
 
 
+def startup_of(name: str | None, n_objectives: int, startup_trials: int | None = None) -> int:
+    """Trials ``name``'s sampler draws before it models (:func:`make_sampler`'s rule; NSGA-II, random and a
+    sampler object: ``tune.startup_trials``, else max(4, 2 x objectives))."""
+    return startup_trials or (4 if name == "gp" else max(4, 2 * n_objectives))
+
+
 def make_sampler(name: str, seed: int, n_objectives: int, startup_trials: int | None = None):
     """TPE (multivariate, constant liar for parallel workers), NSGA-II, random or GP.
 
@@ -29,8 +36,8 @@ def make_sampler(name: str, seed: int, n_objectives: int, startup_trials: int | 
     TPE, 4 for GP); placed trials (warm start, compression siblings) come on top (:class:`DrawnStartup`).
     """
     samplers = optuna.samplers
+    startup = startup_of(name, n_objectives, startup_trials)
     if name == "tpe":
-        startup = startup_trials or max(4, 2 * n_objectives)
         with warnings.catch_warnings():  # `group` is marked experimental; it is what makes multivariate TPE
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # work with conditional knobs
             return DrawnStartup(samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
@@ -40,7 +47,6 @@ def make_sampler(name: str, seed: int, n_objectives: int, startup_trials: int | 
     if name == "random":
         return samplers.RandomSampler(seed=seed)
     if name == "gp":
-        startup = startup_trials or 4
         return DrawnStartup(samplers.GPSampler(seed=seed, n_startup_trials=startup, warn_independent_sampling=False),
                             startup, seed)
     raise ConfigError(f"tune.sampler={name!r} is unknown: use tpe, nsga2, random or gp")
@@ -95,3 +101,91 @@ class DrawnStartup(optuna.samplers.BaseSampler):
     def reseed_rng(self) -> None:
         self.model.reseed_rng()
         self.random.reseed_rng()
+
+
+class Narrowing(optuna.samplers.BaseSampler):
+    """The ``adaptive`` search space: once ``startup`` drawn trials have finished, each numeric knob is drawn
+    from the span of the best completed trials (the first ``top`` fraction of them by Pareto rank, at least two),
+    widened by ``margin`` of that span (of the knob's whole range at least, so one value does not collapse it)
+    and clipped to the knob's range. Log knobs narrow in log space; a step stays on its grid.
+
+    The study's distributions stay the preset's (TPE's search space keeps one shape); only what ``sampler`` is
+    asked to draw from narrows. A value ``sampler`` drew jointly (TPE's multivariate groups ignore the ranges
+    they are given) that falls outside the narrowed range is drawn again, on its own, inside it.
+    """
+
+    def __init__(self, sampler, startup: int, top: float = 0.25, margin: float = 0.25):
+        self.sampler, self.startup, self.top, self.margin = sampler, startup, top, margin
+        self._ranges: dict[int, dict[str, tuple[float, float]]] = {}  # per running trial, decided as it starts
+
+    def ranges(self, study) -> dict[str, tuple[float, float]]:
+        """Knob name -> (low, high) a trial starting now draws from; empty during the start-up."""
+        complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                    if t.values is not None]
+        if drawn_trials(study) < self.startup or len(complete) < 2:
+            return {}
+        signs = [-1.0 if d == optuna.study.StudyDirection.MAXIMIZE else 1.0 for d in study.directions]
+        from tune.early_stop import pareto_fronts
+
+        ranked = [complete[i] for front in pareto_fronts([[s * v for s, v in zip(signs, t.values, strict=True)]
+                                                          for t in complete]) for i in front]
+        best = ranked[:max(2, math.ceil(self.top * len(complete)))]
+        out = {}
+        for name, dist in best[0].distributions.items():
+            if isinstance(dist, optuna.distributions.FloatDistribution | optuna.distributions.IntDistribution):
+                values = [t.params[name] for t in best if name in t.params]
+                out[name] = self._span(values, dist)
+        return out
+
+    def _span(self, values, dist) -> tuple[float, float]:
+        scale = (math.log, math.exp) if dist.log else (float, float)
+        low, high = scale[0](dist.low), scale[0](dist.high)
+        inner = [scale[0](v) for v in values]
+        pad = max(self.margin * (max(inner) - min(inner)), 0.1 * (high - low))
+        lo, hi = scale[1](max(low, min(inner) - pad)), scale[1](min(high, max(inner) + pad))
+        step = dist.step if not dist.log else (1 if isinstance(dist, optuna.distributions.IntDistribution)
+                                               else None)
+        if step:  # outward onto the grid
+            lo = dist.low + math.floor((lo - dist.low) / step + 1e-9) * step
+            hi = min(dist.high, dist.low + math.ceil((hi - dist.low) / step - 1e-9) * step)
+        return max(dist.low, lo), min(dist.high, hi)
+
+    def _narrowed(self, trial, name: str, dist):
+        span = self._ranges.get(trial.number, {}).get(name)
+        numeric = optuna.distributions.FloatDistribution | optuna.distributions.IntDistribution
+        if span is None or not isinstance(dist, numeric):
+            return dist
+        low, high = max(span[0], dist.low), min(span[1], dist.high)
+        if low > high:
+            return dist
+        if isinstance(dist, optuna.distributions.IntDistribution):
+            return optuna.distributions.IntDistribution(round(low), round(high), log=dist.log, step=dist.step)
+        return optuna.distributions.FloatDistribution(low, high, log=dist.log, step=dist.step)
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, Any]:
+        return self.sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+        drawn = self.sampler.sample_relative(study, trial, search_space)
+        kept = {}
+        for name, value in drawn.items():
+            dist = search_space.get(name)
+            narrowed = self._narrowed(trial, name, dist) if dist is not None else None
+            if narrowed is None or narrowed._contains(narrowed.to_internal_repr(value)):
+                kept[name] = value  # else: Optuna asks sample_independent for it, with the narrowed range
+        return kept
+
+    def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
+        return self.sampler.sample_independent(study, trial, param_name,
+                                               self._narrowed(trial, param_name, param_distribution))
+
+    def before_trial(self, study, trial) -> None:
+        self._ranges[trial.number] = self.ranges(study)
+        self.sampler.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._ranges.pop(trial.number, None)
+        self.sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.sampler.reseed_rng()

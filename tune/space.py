@@ -7,7 +7,9 @@ Optuna. Presets:
 
 - ``default``: architecture + training + compression, the joint search AutoGLM is for;
 - ``training``: architecture + training only (compression off), the classic hyperparameter search;
-- ``compression``: compression settings for the task's default architecture and training.
+- ``compression``: compression settings for the task's default architecture and training;
+- ``adaptive`` (alias ``adaptive-v2``, the article's name): the ``default`` knobs, whose numeric ranges narrow
+  around the best completed trials once the sampler's start-up trials have finished (:class:`tune.sampler.Narrowing`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from typing import Any
 from autoglm.errors import ConfigError
 from autoglm.tasks import Knob, Task
 
-PRESETS = ("default", "training", "compression")
+PRESETS = ("default", "training", "compression", "adaptive")
+ALIASES = {"adaptive-v2": "adaptive"}  # the AutoGLM article's name for the adaptive space
+
+
+def is_adaptive(preset: Any) -> bool:
+    """Whether ``preset`` (``tune.search_space``) narrows its ranges as the study learns."""
+    return isinstance(preset, str) and ALIASES.get(preset, preset) == "adaptive"
 
 
 def _compress_knobs(every: bool = False) -> dict[str, Knob]:
@@ -53,7 +61,7 @@ def build_space(task: Task, preset: str | Mapping[str, Any] = "default",
             raise ConfigError(f"tune.search_space={preset} is not valid TOML ({exc}): write one knob per line, "
                               'e.g. "train.lr" = {low = 1e-4, high = 1e-2, log = true}') from None
         return build_space(task, table, overrides)
-    elif preset == "default":
+    elif ALIASES.get(preset, preset) in ("default", "adaptive"):
         space = {**arch, **train, **_compress_knobs()}
     elif preset == "training":
         space = {**arch, **train}

@@ -30,18 +30,19 @@ from tune.storage import directions, discard_study, open_study, queue_retry, rec
 FINISHED = ("COMPLETE", "PRUNED")
 
 
-def open_search(settings: Settings, tune_dir: Path):
+def open_search(settings: Settings, tune_dir: Path, sampler=None):
     """(task, search space, study, objective): the task with its data ready, the study created or resumed (the
-    trials of dead workers re-queued, warm-started once) and the objective that runs its trials."""
+    trials of dead workers re-queued, warm-started once) and the objective that runs its trials. ``sampler``: an
+    Optuna sampler object instead of ``tune.sampler``'s (see :func:`tune.storage.open_study`)."""
     from autoglm.tasks import get_task
     from tune.objective import Objective
 
-    task = get_task(settings)
+    task = get_task(settings).scored_by(settings.tune.metric)
     task.prepare()
     space = build_space(task, settings.tune.search_space, settings.tune.space)
     if settings.tune.early_stop.enabled and settings.tune.early_stop.shared_schedule:
         space = with_shared_schedule(space)
-    study = open_study(settings, tune_dir, task.direction)
+    study = open_study(settings, tune_dir, task.direction, task.metric, sampler)
     recover_stale_trials(study)
     retry_interrupted(study, settings.tune.worker_index)
     _quiet_interrupts()
@@ -84,11 +85,14 @@ def sibling_callbacks(settings: Settings, space, task, room=None) -> list:
     return [CompressionSiblings(space, task.direction, room)] if settings.tune.compression_siblings else []
 
 
-def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
-    """Create or resume the study and run trials until ``tune.n_trials`` have finished (or the timeout)."""
+def run_study(settings: Settings, tune_dir: Path, progress: bool = True, sampler=None, callbacks=()):
+    """Create or resume the study and run trials until ``tune.n_trials`` have finished (or the timeout).
+
+    ``callbacks``: more ``study.optimize`` callbacks, each called ``(study, frozen_trial)`` once per finished
+    trial (Optuna's signature: optuna-integration's MLflowCallback, a stopping rule calling ``study.stop()``)."""
     from autoglm.measure import fixed_threads
 
-    task, space, study, objective = open_search(settings, tune_dir)
+    task, space, study, objective = open_search(settings, tune_dir, sampler)
     tune = settings.tune
     mine = None if tune.workers == 1 else tune.worker_index
 
@@ -100,11 +104,11 @@ def run_study(settings: Settings, tune_dir: Path, progress: bool = True):
         stopped.set(study, False)  # running (again): worker 0 waits for this share
     remaining = room(study)
     if remaining > 0:
-        callbacks = sibling_callbacks(settings, space, task, room)
+        siblings = sibling_callbacks(settings, space, task, room)
         done = share(tune, tune.worker_index) - remaining
         with fixed_threads(settings.run.threads), _progress(progress, settings.tune.n_trials, done) as tick:
             study.optimize(objective, n_trials=remaining, timeout=settings.tune.timeout_s,
-                           callbacks=[tick, *callbacks], catch=(Exception,), gc_after_trial=True)
+                           callbacks=[tick, *siblings, *callbacks], catch=(Exception,), gc_after_trial=True)
     if tune.workers > 1:
         stopped.set(study, True)  # its share may be unfinished (tune.timeout_s): worker 0 stops waiting
     return task, study
@@ -147,8 +151,12 @@ def wait_for_workers(settings: Settings, study, poll_s: float = 5.0) -> None:
         time.sleep(poll_s)
 
 
-def tune_run(settings: Settings, force: bool = False, progress: bool = True) -> Manifest | None:
-    """The stage: skipped when a complete manifest matches the same config."""
+def tune_run(settings: Settings, force: bool = False, progress: bool = True, sampler=None,
+             callbacks=()) -> Manifest | None:
+    """The stage: skipped when a complete manifest matches the same config.
+
+    ``sampler`` and ``callbacks`` (Python callers only, see :func:`run_study`) are objects, not config: they
+    take no part in whether the stage is up to date, and a run resumed by the CLI goes on without them."""
     check_settings(settings)  # compress.variants, as the compress stage will read them
     run = RunDir(settings.run.root, settings.run.name)
     config = {k: settings.section(k) for k in ("task", "train", "tune", "compress", "measure")} | {
@@ -160,7 +168,7 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True) -> 
     from autoglm.tasks import get_task
 
     # the task and the space are checked before the last run is invalidated: a bad config must not cost it
-    build_space(get_task(settings), settings.tune.search_space, settings.tune.space)
+    build_space(get_task(settings).scored_by(settings.tune.metric), settings.tune.search_space, settings.tune.space)
     writer.invalidate()
     for derived in ("pareto.json", "selected.json", "report.html"):  # the last run's: none may outlive its manifest
         (writer.dir / derived).unlink(missing_ok=True)
@@ -170,7 +178,7 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True) -> 
         for kept in ("cache", "trials"):  # --force redoes the training too, not only the search
             shutil.rmtree(writer.dir / kept, ignore_errors=True)
 
-    task, study = run_study(settings, writer.dir, progress)
+    task, study = run_study(settings, writer.dir, progress, sampler, callbacks)
     if settings.tune.workers > 1:  # one study, one selection: worker 0 makes it when all shares are done
         if settings.tune.worker_index != 0:
             print(f"tune: worker {settings.tune.worker_index} finished its share; worker 0 selects and reports")

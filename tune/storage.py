@@ -164,11 +164,13 @@ def _rdb_storage(optuna, url: str, beat: int, sqlalchemy_exc):
             time.sleep(1 + attempt)
 
 
-def open_study(settings: Settings, tune_dir: Path, task_direction: str):
-    """Create or resume (``load_if_exists``) the study; its objectives must match the config."""
-    optuna = require("optuna", None, "tuning")
-    from tune.sampler import make_sampler
+def open_study(settings: Settings, tune_dir: Path, task_direction: str, metric: str | None = None, sampler=None):
+    """Create or resume (``load_if_exists``) the study; its objectives must match the config.
 
+    ``metric``: the task metric of the "metric" objective, recorded on a new study and checked on a resumed one.
+    ``sampler``: an Optuna sampler object to use instead of the one ``tune.sampler`` names (AutoTuner's
+    ``sampler=``); the config cannot hold an object, so a run resumed by the CLI uses ``tune.sampler``."""
+    optuna = require("optuna", None, "tuning")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     wanted = directions(settings, task_direction)
     storage = make_storage(settings, tune_dir)
@@ -178,17 +180,36 @@ def open_study(settings: Settings, tune_dir: Path, task_direction: str):
     seed = settings.run.seed + _n_trials(storage, settings.tune.study_name) + 7919 * settings.tune.worker_index
     study = optuna.create_study(
         storage=storage, study_name=settings.tune.study_name, load_if_exists=True,
-        sampler=make_sampler(settings.tune.sampler, seed, len(wanted), settings.tune.startup_trials),
-        directions=wanted)
+        sampler=study_sampler(settings, seed, len(wanted), sampler), directions=wanted)
     have = [d.name.lower() for d in study.directions]
     names = study.metric_names
     if have != wanted or (names is not None and names != list(settings.tune.objectives)):
         raise ConfigError(f"study '{settings.tune.study_name}' optimizes {names or '?'} {have}, but tune.objectives "
                           f"{settings.tune.objectives} means {wanted}: use another tune.study_name or --force")
+    if metric is not None:
+        recorded = attrs.METRIC_NAME.get(study)
+        if recorded is None:
+            attrs.METRIC_NAME.set(study, metric)
+        elif recorded != metric:
+            raise ConfigError(f"study '{settings.tune.study_name}' optimizes {recorded}, but tune.metric means "
+                              f"{metric}: use another tune.study_name or --force")
     with warnings.catch_warnings():  # experimental since 3.2, used by optuna-dashboard to label axes
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(settings.tune.objectives))
     return study
+
+
+def study_sampler(settings: Settings, seed: int, n_objectives: int, sampler=None):
+    """``sampler``, else the one ``tune.sampler`` names; wrapped to narrow its ranges after its start-up when
+    ``tune.search_space`` is the adaptive preset."""
+    from tune.sampler import Narrowing, make_sampler, startup_of
+    from tune.space import is_adaptive
+
+    tune = settings.tune
+    chosen = sampler or make_sampler(tune.sampler, seed, n_objectives, tune.startup_trials)
+    if not is_adaptive(tune.search_space):
+        return chosen
+    return Narrowing(chosen, startup_of(tune.sampler if sampler is None else None, n_objectives, tune.startup_trials))
 
 
 def warm_start(study, settings: Settings, params: dict) -> bool:

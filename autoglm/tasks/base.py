@@ -144,6 +144,8 @@ class Task(ABC):
     name: ClassVar[str]
     metric: ClassVar[str]  # the metric tune optimizes, e.g. "accuracy" or "val_loss"
     direction: ClassVar[Literal["maximize", "minimize"]]
+    # the other metrics evaluate() returns that tune may optimize instead (``tune.metric``), with their directions
+    other_metrics: ClassVar[dict[str, Literal["maximize", "minimize"]]] = {}
     model_space: ClassVar[dict[str, Knob]]  # architecture knobs (what build_model takes)
     train_space: ClassVar[dict[str, Knob]]  # training knobs, named as TrainSettings fields
     reads_data: ClassVar[bool] = True  # False: the task brings its own data and refuses task.data
@@ -169,6 +171,25 @@ class Task(ABC):
         for key, value in args.items():
             cls.model_space[key].check(f"task.model.{key}", value)
         return args
+
+    @classmethod
+    def metric_directions(cls) -> dict[str, Literal["maximize", "minimize"]]:
+        """Every metric tune may optimize on this task, with its direction; the task's own first."""
+        return {cls.metric: cls.direction, **cls.other_metrics}
+
+    def scored_by(self, metric: str | None) -> Task:
+        """This task with ``metric`` as the one training reports and tune optimizes (None: the task's own).
+
+        Sets the instance's ``metric`` and ``direction``, so the training loop's evaluations, early stopping and
+        selection all read the same metric; unknown names raise ConfigError listing the task's choices."""
+        if metric is None:
+            return self
+        known = self.metric_directions()
+        if metric not in known:
+            raise ConfigError(f"tune.metric={metric!r} is not a metric of task '{self.name}': use one of "
+                              f"{sorted(known)}, or unset it for the task's own ({type(self).metric})")
+        self.metric, self.direction = metric, known[metric]
+        return self
 
     # ---- data ------------------------------------------------------------------------------------
     @abstractmethod

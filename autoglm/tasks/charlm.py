@@ -30,6 +30,7 @@ class CharLMTask(Task):
     name = "charlm"
     metric = "val_loss"
     direction = "minimize"
+    other_metrics = {"perplexity": "minimize"}  # exp(val_loss): the same ranking, the article's spelling
     model_space = {
         "n_layer": Knob("int", 4, low=1, high=6, minimum=1),
         "n_head": Knob("categorical", 4, choices=(1, 2, 4, 8)),

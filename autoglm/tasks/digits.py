@@ -26,6 +26,7 @@ class DigitsTask(Task):
     name = "digits"
     metric = "accuracy"
     direction = "maximize"
+    other_metrics = {"loss": "minimize"}  # mean cross-entropy on the split
     reads_data = False  # scikit-learn's bundled images
     model_space = {
         "channels": Knob("int", 32, low=8, high=64, step=8, minimum=1),

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from autoglm.cli import run_main
 from autoglm.config import load_settings
 from autoglm.errors import ConfigError
 from tests.tune import _tiny
-from tune import AutoTuner, Point, _data_source
+from tune import AutoTuner, Point, _data_source, objective_metric
 from tune.__main__ import main as tune_main
 
 
@@ -40,8 +41,14 @@ def test_train_data_as_a_text_file_tunes_charlm_on_it(tmp_path):
 
     front = tuner.search(train_data=text, objective="minimize_perplexity")
 
-    manifest = json.loads((tmp_path / "runs" / "lm" / "tune" / "manifest.json").read_text())
-    assert len(front) == 1 and front[0].objectives["metric"] > 0  # validation loss, nats per character
+    tune_dir = tmp_path / "runs" / "lm" / "tune"
+    manifest = json.loads((tune_dir / "manifest.json").read_text())
+    served = json.loads((tune_dir / "trials" / "0000" / "metrics.json").read_text())["variant"]["metrics"]
+    evals = [json.loads(line) for line in (tune_dir / "trials" / "0000" / "train.jsonl").read_text().splitlines()]
+    assert len(front) == 1 and front[0].objectives["metric"] == served["perplexity"] > 1  # not the val_loss
+    assert {e["metric"] for e in evals if e["event"] == "eval"} == {"perplexity"}  # what early stopping compares
+    assert manifest["config"]["tune"]["metric"] == "perplexity" and _tiny.journal_study(tune_dir).user_attrs[
+        "metric_name"] == "perplexity"
     assert manifest["config"]["task"]["data"] == str(text)
     assert len(list((tmp_path / "cache" / "charlm").iterdir())) == 1  # the text was prepared, not Shakespeare
 
@@ -94,6 +101,51 @@ def test_an_objective_the_task_cannot_optimize_is_refused_before_any_trial(tmp_p
     with pytest.raises(ConfigError, match="objective='maximize_bleu'"):
         tuner.search(objective="maximize_bleu")
 
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("task", "objective", "choices"), [
+    ("charlm", "maximize_perplexity", "['minimize_perplexity', 'minimize_val_loss']"),
+    ("digits", "minimize_perplexity", "['maximize_accuracy', 'minimize_loss']"),
+    ("digits", "minimize_accuracy", "['maximize_accuracy', 'minimize_loss']"),
+])
+def test_a_mismatched_objective_is_refused_with_the_task_s_choices(tmp_path, task, objective, choices):
+    tuner = AutoTuner(task=task, max_trials=1, overrides=_tiny.overrides(tmp_path))
+
+    with pytest.raises(ConfigError, match=re.escape(f"objective={objective!r} does not fit task '{task}': use one "
+                                                    f"of {choices}")):
+        tuner.search(objective=objective)
+
+    assert not (tmp_path / "runs").exists()
+
+
+def test_objective_names_the_tune_metric_and_the_task_s_own_is_none():
+    from autoglm.tasks import task_class
+
+    assert objective_metric("minimize_perplexity", task_class("charlm")) == "perplexity"
+    assert objective_metric("minimize_val_loss", task_class("charlm")) is None  # the same run as no objective
+    assert objective_metric("minimize_loss", task_class("digits")) == "loss"
+
+
+def test_a_minimized_metric_of_a_maximizing_task_turns_the_study_around(tmp_path):
+    tuner = AutoTuner(task="digits", max_trials=1, objectives="metric", run="loss",
+                      overrides=_tiny.overrides(tmp_path, "tune.compression_siblings=false", run="loss"))
+
+    front = tuner.search(objective="minimize_loss")
+
+    tune_dir = tmp_path / "runs" / "loss" / "tune"
+    metrics = json.loads((tune_dir / "trials" / "0000" / "metrics.json").read_text())
+    assert [d.name for d in _tiny.journal_study(tune_dir).directions] == ["MINIMIZE"]
+    assert front[0].objectives["metric"] == metrics["variant"]["metrics"]["loss"]
+    assert tuner.settings.tune.metric is None  # search() resolves it for its run; the tuner's own config is kept
+
+
+def test_a_tune_metric_the_task_lacks_is_refused_before_the_run(tmp_path):
+    from tune.stage import tune_run
+
+    with pytest.raises(ConfigError, match=r"tune.metric='bleu' is not a metric of task 'digits': use one of "
+                                          r"\['accuracy', 'loss'\]"):
+        tune_run(_tiny.settings(tmp_path, "tune.metric='bleu'"))
     assert not (tmp_path / "runs").exists()
 
 
@@ -158,3 +210,67 @@ def test_data_files_are_refused_where_the_task_takes_none_or_they_do_not_exist(t
     with pytest.raises(ConfigError, match="train_data='.*nonexistent.txt' does not exist"):
         charlm.search(train_data=tmp_path / "nonexistent.txt")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_callback_is_called_once_per_trial_with_optuna_s_signature(tmp_path):
+    import optuna
+
+    seen = []
+    tuner = AutoTuner(max_trials=2, objectives="metric", run="cb",
+                      overrides=_tiny.overrides(tmp_path, "tune.compression_siblings=false", run="cb"))
+
+    tuner.search(callbacks=[lambda study, trial: seen.append((study.study_name, trial.number, trial.state))])
+
+    assert [(name, number) for name, number, _ in seen] == [("autoglm", 0), ("autoglm", 1)]
+    assert all(state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for *_, state in seen)
+    assert len(tuner.study.trials) == 2
+
+
+def test_an_optuna_sampler_object_draws_the_trials(tmp_path):
+    import optuna
+
+    sampler = optuna.samplers.RandomSampler(seed=3)
+    tuner = AutoTuner(max_trials=1, objectives="metric", sampler=sampler, run="obj",
+                      overrides=_tiny.overrides(tmp_path, "tune.compression_siblings=false", run="obj"))
+
+    tuner.search()
+
+    assert tuner.study.sampler is sampler and tuner.settings.tune.sampler == "tpe"  # the config keeps its name
+    with pytest.raises(ConfigError, match="sampler=5: give a name .* or an optuna.samplers object"):
+        AutoTuner(sampler=5)
+
+
+def test_the_study_of_an_earlier_run_is_loaded_from_its_storage(tmp_path):
+    first = AutoTuner(max_trials=1, objectives="metric", run="again",
+                      overrides=_tiny.overrides(tmp_path, "tune.compression_siblings=false", run="again"))
+    later = AutoTuner(max_trials=1, objectives="metric", run="again",
+                      overrides=_tiny.overrides(tmp_path, "tune.compression_siblings=false", run="again"))
+
+    with pytest.raises(ConfigError, match="call search\\(\\) first"):
+        later.study  # noqa: B018
+    first.search()
+
+    assert [t.number for t in later.study.trials] == [t.number for t in first.study.trials] == [0]
+
+
+def test_the_article_s_example_call_runs_with_autoglm_s_names(tmp_path):
+    words = "to be or not that is the question whether tis nobler in the mind to suffer".split()
+    rng = random.Random(1)
+    texts = [tmp_path / "train.txt", tmp_path / "val.txt"]
+    for path, lines in zip(texts, (300, 60), strict=True):
+        path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(8)) for _ in range(lines)))
+    data = Path(_data_source(*texts, _task("charlm", tmp_path)))  # nanoGPT's format: train.bin, val.bin, meta
+
+    tuner = AutoTuner(model_config="charlm", search_space="adaptive-v2", max_trials=3, run="article",
+                      overrides=_tiny.overrides(tmp_path, "tune.serving_batch=4", "train.eval_batches=2",
+                                                "tune.startup_trials=2", "tune.compression_siblings=false",
+                                                run="article", space=_tiny.CHARLM_SPACE))
+    front = tuner.search(train_data=data / "train.bin", validation_data=data / "val.bin",
+                         objective="minimize_perplexity")
+
+    config = json.loads((tmp_path / "runs" / "article" / "tune" / "manifest.json").read_text())["config"]
+    assert front and config["task"]["name"] == "charlm" and config["task"]["data"] == str(data)
+    assert config["tune"]["search_space"] == "adaptive-v2" and config["tune"]["metric"] == "perplexity"
+    assert type(tuner.study.sampler).__name__ == "Narrowing" and len(tuner.study.trials) == 3
+    with pytest.raises(ConfigError, match="both name the task"):
+        AutoTuner(task="digits", model_config="charlm")

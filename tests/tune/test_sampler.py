@@ -1,5 +1,7 @@
 """The samplers: TPE's random start-up counts only the trials it drew, not those the tuner placed."""
 
+import math
+
 import optuna
 import pytest
 
@@ -74,3 +76,47 @@ def test_a_stopped_drawn_trial_counts_a_failed_one_does_not():
     study.optimize(stopped, n_trials=2)
     study.optimize(failing, n_trials=1, catch=(RuntimeError,))
     assert drawn_trials(study) == 2
+
+
+@pytest.mark.parametrize("name", ["tpe", "random", "gp"])
+def test_after_the_startup_numeric_knobs_are_drawn_within_the_narrowed_ranges(name):
+    from tune.sampler import Narrowing
+
+    sampler = Narrowing(make_sampler(name, 0, 2, startup_trials=4), startup=4)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    inside = []
+
+    def objective(trial):
+        narrowed = sampler.ranges(study)  # what the sampler narrowed to as this trial began
+        x = trial.suggest_float("x", 0.0, 100.0)
+        lr = trial.suggest_float("lr", 1e-5, 1.0, log=True)
+        width = trial.suggest_int("width", 8, 256, step=8)
+        kind = trial.suggest_categorical("kind", ["a", "b"])
+        if narrowed:
+            inside.append(all(narrowed[k][0] <= v <= narrowed[k][1] for k, v in (("x", x), ("lr", lr),
+                                                                                 ("width", width))))
+        return (x - 20) ** 2 + (width - 64) ** 2 + (kind == "b"), abs(math.log10(lr) + 3)
+
+    study.optimize(objective, n_trials=14)
+
+    assert len(inside) == 10 and all(inside)  # every trial after the four start-up ones
+    ranges = sampler.ranges(study)
+    assert ranges["x"][1] - ranges["x"][0] < 100.0 and (ranges["width"][0] - 8) % 8 == 0
+    assert set(ranges) == {"x", "lr", "width"}  # a categorical knob keeps its choices
+
+
+def test_the_adaptive_preset_and_its_article_alias_narrow_the_configured_sampler(tmp_path):
+    from autoglm.tasks import get_task
+    from tests.tune import _tiny
+    from tune.sampler import Narrowing
+    from tune.space import build_space, is_adaptive
+    from tune.storage import study_sampler
+
+    settings = _tiny.settings(tmp_path, "tune.search_space='adaptive-v2'", "tune.startup_trials=3")
+    sampler = study_sampler(settings, 0, 3)
+    task = get_task(settings)
+
+    assert is_adaptive("adaptive") and is_adaptive("adaptive-v2") and not is_adaptive("default")
+    assert isinstance(sampler, Narrowing) and sampler.startup == 3 and isinstance(sampler.sampler, DrawnStartup)
+    assert build_space(task, "adaptive-v2") == build_space(task, "adaptive") == build_space(task, "default")
+    assert not isinstance(study_sampler(_tiny.settings(tmp_path), 0, 3), Narrowing)

@@ -40,3 +40,14 @@ def test_a_valid_config_resolves_to_its_task():
     task = get_task(settings)
 
     assert isinstance(task, DigitsTask) and task.seed == 3
+
+
+def test_a_task_scored_by_another_of_its_metrics_reports_it_in_that_metric_s_direction():
+    task = get_task(load_settings(None, [])).scored_by("loss")
+
+    assert (task.metric, task.direction) == ("loss", "minimize")
+    assert (DigitsTask.metric, DigitsTask.direction) == ("accuracy", "maximize")  # the class keeps its own
+    assert get_task(load_settings(None, [])).scored_by(None).metric == "accuracy"
+    with pytest.raises(ConfigError, match=r"tune.metric='bleu' is not a metric of task 'digits': use one of "
+                                          r"\['accuracy', 'loss'\]"):
+        get_task(load_settings(None, [])).scored_by("bleu")
