@@ -38,6 +38,9 @@ def _numbers_only(input_spec: dict) -> BadInput:
     return BadInput(f"'images' must hold numbers only, each image {shape} rows of pixels", 422)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def images_tensor(images: list, metadata: dict, input_spec: dict, max_batch: int) -> np.ndarray:
     """Check validated images against the model and scale them to its input: (N, *input shape) float32 /
     pixel_max."""
@@ -45,16 +48,22 @@ def images_tensor(images: list, metadata: dict, input_spec: dict, max_batch: int
         raise BadInput(f"{len(images)} images in one request; the model takes at most {max_batch}: split it", 413)
     shape = tuple(input_spec["shape"])
     try:
-        with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused just below
-            x = np.asarray(images, dtype=np.float32)
+        # float64 first, where no JSON number overflows: a float32 conversion would need np.errstate,
+        # ≈5 µs per request (measured), to keep its overflow quiet
+        pixels = np.asarray(images, dtype=np.float64)
     except (ValueError, TypeError):  # ragged: images or rows of different lengths
         raise _numbers_only(input_spec) from None
-    if x.shape[1:] != shape and x.shape[1:] != without_unit_axes(shape):
+    if pixels.shape[1:] != shape and pixels.shape[1:] != without_unit_axes(shape):
         raise BadInput(f"each image must be {'x'.join(map(str, without_unit_axes(shape)))} pixels; got shape "
-                       f"{list(x.shape[1:])}", 422)
+                       f"{list(pixels.shape[1:])}", 422)
     pixel_max = float(metadata.get("pixel_max", 1.0))
-    if not np.isfinite(x).all() or x.min() < 0 or x.max() > pixel_max:
+    low, high = float(pixels.min()), float(pixels.max())
+    if not -_FLOAT32_MAX <= low <= high <= _FLOAT32_MAX:  # NaN, infinite, or infinite once float32
         raise _not_pixels(metadata)
+    # float32 rounding keeps order, so these are the float32 image's own minimum and maximum
+    if np.float32(low) < 0 or np.float32(high) > pixel_max:
+        raise _not_pixels(metadata)
+    x = pixels.astype(np.float32)
     return (x / pixel_max).reshape((len(images), *shape))
 
 

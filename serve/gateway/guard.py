@@ -1,7 +1,8 @@
 """Admission control: API keys, per-key token buckets, bounded in-flight requests, bounded bodies.
 
 :meth:`Guard.admit` is the one admission of a request, called by the fast routes and, as a FastAPI
-dependency, by the slow ones; :func:`limited` is the one count of body bytes, on both paths too.
+dependency, by the slow ones; :func:`limited` counts body bytes on the FastAPI routes and
+:func:`read_body` on the fast ones.
 Overload is refused at once (503 + Retry-After) instead of queued: a queue in front of a saturated
 Triton only turns every request's latency into a timeout.
 """
@@ -152,17 +153,36 @@ def limited(receive, limit: int, too_large: Callable[[], Exception]):
 async def read_body(receive, limit: int, message: str, timeout_s: float) -> bytes:
     """The whole request body, counting bytes as they arrive: Refused(413) past ``limit``, Refused(408)
     when it has not all arrived within ``timeout_s`` (a stalled sender must not hold an in-flight slot:
-    the server's own receive() waits forever)."""
-    receive = limited(receive, limit, lambda: Refused(413, message))
+    the server's own receive() waits forever).
+
+    The fast routes' hot path: the count is inline and the deadline a bare timer that cancels this
+    task, as ``asyncio.timeout`` does without its context object (≈5 µs of ≈11 per request measured).
+    """
+    task = asyncio.current_task()
+    cancelling, expired = task.cancelling(), False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout_s, expire)
     try:
-        async with asyncio.timeout(timeout_s):
-            chunks = []
-            while True:
-                event = await receive()
-                if event["type"] == "http.disconnect":
-                    raise Refused(499, "client disconnected")
-                chunks.append(event.get("body", b""))
-                if not event.get("more_body", False):
-                    return b"".join(chunks)  # one chunk: that very object, no copy
-    except TimeoutError:
-        raise Refused(408, f"the request body did not arrive within {timeout_s:g} s") from None
+        chunks, seen = [], 0
+        while True:
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                raise Refused(499, "client disconnected")
+            chunk = event.get("body", b"")
+            seen += len(chunk)
+            if seen > limit:
+                raise Refused(413, message)
+            chunks.append(chunk)
+            if not event.get("more_body", False):
+                return b"".join(chunks)  # one chunk: that very object, no copy
+    except asyncio.CancelledError:
+        if expired and task.uncancel() <= cancelling:  # our deadline, not a cancellation from outside
+            raise Refused(408, f"the request body did not arrive within {timeout_s:g} s") from None
+        raise
+    finally:
+        timer.cancel()

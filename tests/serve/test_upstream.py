@@ -81,6 +81,23 @@ async def test_a_cancelled_request_never_hands_its_reply_to_the_next():
     assert pool.opened == 2  # the cancelled request's connection was closed, not reused
 
 
+async def test_requests_beyond_the_size_wait_in_order_and_a_cancelled_waiter_frees_its_place():
+    async with EchoServer() as server:
+        pool = UpstreamPool("127.0.0.1", server.port, size=1)
+        first = asyncio.create_task(pool.request(b"GET", b"/slow/0.1"))
+        await asyncio.sleep(0.02)
+        cancelled = asyncio.create_task(pool.request(b"GET", b"/cancelled"))
+        waiting = [asyncio.create_task(pool.request(b"GET", f"/{i}".encode())) for i in range(3)]
+        await asyncio.sleep(0.02)
+        cancelled.cancel()
+        done = await asyncio.wait_for(asyncio.gather(first, *waiting), 2)
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        later = await asyncio.wait_for(asyncio.gather(*[pool.request(b"GET", b"/later") for _ in range(3)]), 2)
+    assert [r.body for r in done] == [b"/slow/0.1|", b"/0|", b"/1|", b"/2|"]
+    assert [r.body for r in later] == [b"/later|"] * 3 and pool.opened == 1
+
+
 async def test_timeout_raises_and_closes_the_connection():
     async with EchoServer() as server:
         pool = UpstreamPool("127.0.0.1", server.port, size=1)
