@@ -1,32 +1,40 @@
-"""KServe v2 over gRPC: Triton's ``inference.GRPCInferenceService`` relayed as bytes, behind the gateway's guard.
+"""KServe v2 over gRPC: Triton's ``inference.GRPCInferenceService`` relayed frame by frame, behind the guard.
 
-``tritonclient.grpc`` talks to the gateway's gRPC port unchanged. Every method is a grpc.aio handler
-whose request and reply stay serialized protobuf (no (de)serializers on either side): the gateway checks
-who asks and how much, then calls the same method on Triton's gRPC port with the same bytes. Its cost per
-request is the admission and two buffer hand-overs, not a parse and re-encode of every tensor. Triton's
-status codes and messages come back unchanged; the gateway's own refusals become gRPC codes
-(:data:`GRPC_CODES`). Methods that cannot work across a network gateway (shared memory) or belong to the
-operator (repository control, trace and log settings) are refused with a message that says so.
+``tritonclient.grpc`` talks to the gateway's gRPC port unchanged. Each client connection gets its own
+connection to Triton's gRPC port (:mod:`serve.gateway.grpc_relay`): HTTP/2 frames pass byte for byte,
+only header blocks are decoded, so the gateway reads each call's method and key and nothing of its
+tensors. This module is the policy: which methods are open, keyed, admitted or refused, and what each
+call is counted as. Triton's status codes and messages come back unchanged; the gateway's own refusals
+become gRPC codes (:data:`GRPC_CODES`). Methods that cannot work across a network gateway (shared
+memory) or belong to the operator (repository control, trace and log settings) are refused saying so.
 
 Limits as on HTTP, from the same :class:`~serve.gateway.guard.Guard` and metrics: health is open, metadata
 needs a key (``authorization: Bearer ...`` metadata) within the rate limit, inference holds one in-flight
-slot (a stream holds one while open). gRPC itself caps each message at ``max_body_bytes``
-(RESOURCE_EXHAUSTED, answered before any handler runs). Unary calls end within ``request_timeout_s`` or
-the client's deadline, whichever is sooner; a stream lives until its client's deadline or cancel, since an
-open stream waiting for its next request is not a stalled one.
+slot (a stream holds one while open). A message above ``max_body_bytes`` is RESOURCE_EXHAUSTED. Unary
+calls end within ``request_timeout_s`` or the client's deadline, whichever is sooner; a stream lives
+until its client's deadline or cancel, since an open stream waiting for its next request is not stalled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-
-import grpc
+from enum import IntEnum
 
 from autoglm.errors import ConfigError
 from serve.gateway.errors import Refused
 from serve.gateway.worker import Gateway
+
+
+class Code(IntEnum):
+    """gRPC status codes (the numbers on the wire; the names label the metrics)."""
+
+    OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND, ALREADY_EXISTS = range(7)
+    PERMISSION_DENIED, RESOURCE_EXHAUSTED, FAILED_PRECONDITION, ABORTED, OUT_OF_RANGE = range(7, 12)
+    UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS, UNAUTHENTICATED = range(12, 17)
+
 
 SERVICE = "inference.GRPCInferenceService"
 OPEN = ("ServerLive", "ServerReady")  # probes, like /v2/health/*: no key
@@ -36,165 +44,153 @@ STREAMED = "ModelStreamInfer"
 REFUSED = {
     **dict.fromkeys(("SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
                      "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister"),
-                    (grpc.StatusCode.UNIMPLEMENTED, "shared memory cannot work across a network gateway: the "
+                    (Code.UNIMPLEMENTED, "shared memory cannot work across a network gateway: the "
                      "regions live on Triton's host; send the tensors in the request")),
     **dict.fromkeys(("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"),
-                    (grpc.StatusCode.PERMISSION_DENIED, "model repository control belongs to the operator: "
+                    (Code.PERMISSION_DENIED, "model repository control belongs to the operator: "
                      "use Triton's own port (or `autoglm serve --models`), not the gateway")),
     **dict.fromkeys(("TraceSetting", "LogSettings"),
-                    (grpc.StatusCode.PERMISSION_DENIED, "trace and log settings belong to the operator: use "
+                    (Code.PERMISSION_DENIED, "trace and log settings belong to the operator: use "
                      "Triton's own port, not the gateway")),
 }
-GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-              404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
-              413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-              499: grpc.StatusCode.CANCELLED, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
-_NOT_FORWARDED = ("authorization", "user-agent", "grpc-", ":")  # the gateway's key stays here; transport is per hop
-_TRITON_FAILURES = {grpc.StatusCode.UNAVAILABLE: "unavailable", grpc.StatusCode.DEADLINE_EXCEEDED: "timeout",
-                    grpc.StatusCode.INTERNAL: "status_5xx", grpc.StatusCode.UNKNOWN: "status_5xx"}
+GRPC_CODES = {400: Code.INVALID_ARGUMENT, 401: Code.UNAUTHENTICATED, 404: Code.NOT_FOUND,
+              408: Code.DEADLINE_EXCEEDED, 413: Code.RESOURCE_EXHAUSTED, 429: Code.RESOURCE_EXHAUSTED,
+              499: Code.CANCELLED, 503: Code.UNAVAILABLE, 504: Code.DEADLINE_EXCEEDED}
+_TRITON_FAILURES = {Code.UNAVAILABLE: "unavailable", Code.DEADLINE_EXCEEDED: "timeout",
+                    Code.INTERNAL: "status_5xx", Code.UNKNOWN: "status_5xx"}
+
+
+class Answer(Exception):
+    """A call the gateway answers itself with ``code`` and ``message`` (``call`` is None when not counted)."""
+
+    def __init__(self, code: Code, message: str, call: Call | None = None):
+        super().__init__(message)
+        self.code, self.message, self.call = code, message, call
+
+
+class Call:
+    """One relayed call: what it is counted as, and the relay's per-stream state."""
+
+    __slots__ = ("route", "admitted", "started", "timer", "need", "head", "replied", "client_ended")
+
+    def __init__(self, route: str, admitted: bool):
+        self.route, self.admitted, self.started = route, admitted, time.perf_counter()
+        self.timer, self.need, self.head, self.replied, self.client_ended = None, 0, b"", False, False
+
+    def oversized(self, payload: bytes, limit: int) -> bool:
+        """Whether the next DATA ``payload`` starts a message above ``limit`` bytes: follows the gRPC
+        framing (a 5-byte prefix holding the length, then the message) across DATA frames."""
+        at, size = 0, len(payload)
+        while at < size:
+            if self.need:
+                step = min(self.need, size - at)
+                self.need -= step
+                at += step
+                continue
+            take = 5 - len(self.head)
+            self.head += bytes(payload[at:at + take])
+            at += take
+            if len(self.head) == 5:
+                self.need, self.head = int.from_bytes(self.head[1:], "big"), b""
+                if self.need > limit:
+                    return True
+        return False
 
 
 class KServeProxy:
-    """The gRPC side of one gateway worker: method handlers relaying to Triton over ``channel``."""
+    """The gRPC policy of one gateway worker: admission, deadlines and counting of every call."""
 
-    def __init__(self, gw: Gateway, channel: grpc.aio.Channel):
+    def __init__(self, gw: Gateway):
         self.gw, self.guard, self.metrics = gw, gw.guard, gw.metrics
         self.timeout_s = gw.settings.request_timeout_s
-        self._client = bool(gw.settings.rate_limit_rps and not gw.settings.api_keys)  # anonymous buckets by peer
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-        for name in OPEN + KEYED + ADMITTED:
-            call = channel.unary_unary(f"/{SERVICE}/{name}", _registered_method=True)  # bytes in, bytes out
-            self.handlers[name] = grpc.unary_unary_rpc_method_handler(self._unary(name, call))
-        call = channel.stream_stream(f"/{SERVICE}/{STREAMED}", _registered_method=True)
-        self.handlers[STREAMED] = grpc.stream_stream_rpc_method_handler(self._stream(call))
-        for name, (code, message) in REFUSED.items():
-            self.handlers[name] = grpc.unary_unary_rpc_method_handler(self._refuse(name, code, message))
+        self.max_message = gw.settings.max_body_bytes
+        self.by_peer = bool(gw.settings.rate_limit_rps and not gw.settings.api_keys)  # anonymous buckets by peer
+        names = (*OPEN, *KEYED, *ADMITTED, STREAMED, *REFUSED)
+        self._methods = {f"/{SERVICE}/{name}".encode(): (name, f"grpc:/{SERVICE}/{name}") for name in names}
 
-    # ---- admission ---------------------------------------------------------------------------------
-    def _admit(self, name: str, context: grpc.aio.ServicerContext) -> tuple[tuple[str, str | bytes], ...]:
-        """The guard's checks for ``name`` (Refused otherwise); returns the metadata to forward to Triton.
-        An admitted call (inference) holds an in-flight slot: the caller releases it."""
-        authorization, forward = None, []
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                authorization = value.encode()
-            elif not key.startswith(_NOT_FORWARDED):
-                forward.append((key, value))
+    def open(self, path: bytes | None, authorization: bytes | None, client: str) -> Call:
+        """The call for a new stream to ``path`` once the guard lets it through; Answer otherwise.
+        An admitted call (inference, a stream) holds an in-flight slot until :meth:`finish`."""
+        name, route = self._methods.get(path, (None, ""))
+        if name is None:
+            raise Answer(Code.UNIMPLEMENTED, f"the gateway relays {SERVICE} only, not {path!r}")
+        call = Call(route, name in ADMITTED or name == STREAMED)
+        if name in REFUSED:
+            raise Answer(*REFUSED[name], call)
         if name not in OPEN:
-            client = context.peer().rpartition(":")[0] if self._client else ""
-            if name in KEYED:
-                self.guard.check(authorization, client)
-            else:
-                self.guard.admit(authorization, client)
-        return tuple(forward)
+            try:
+                if name in KEYED:
+                    self.guard.check(authorization, client)
+                else:
+                    self.guard.admit(authorization, client)
+            except Refused as exc:
+                status, _, message = self.gw.refusal(exc)
+                call.admitted = False
+                raise Answer(GRPC_CODES.get(status, Code.UNAVAILABLE if status >= 500 else Code.INVALID_ARGUMENT),
+                             message, call) from None
+        return call
 
-    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
-        remaining = context.time_remaining()
-        return self.timeout_s if remaining is None else min(self.timeout_s, remaining)
+    def deadline(self, call: Call, client_timeout: float | None) -> float | None:
+        """Seconds a call may wait for Triton's answer: None for a stream (its client's deadline rules)."""
+        if call.route.endswith(STREAMED):
+            return None
+        return self.timeout_s if client_timeout is None else min(self.timeout_s, client_timeout)
 
-    def _status(self, exc: Exception) -> tuple[grpc.StatusCode, str]:
-        """The code and message answering ``exc``: a refusal of the gateway's, or Triton's own status as is."""
-        if isinstance(exc, grpc.aio.AioRpcError):
-            code, message = exc.code(), exc.details() or ""
-            kind = _TRITON_FAILURES.get(code)
-            if kind:
-                self.metrics.triton_error(kind)
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED and not message.startswith("no answer"):
-                message = f"no answer within the gateway's request timeout of {self.timeout_s:g} s ({message})"
-        else:
-            status, _, message = self.gw.refusal(exc)
-            code = GRPC_CODES.get(status, grpc.StatusCode.UNAVAILABLE if status >= 500 else
-                                  grpc.StatusCode.INVALID_ARGUMENT)
-        return code, message
+    def timed_out(self) -> str:
+        return f"no answer within the gateway's request timeout of {self.timeout_s:g} s"
 
-    @asynccontextmanager
-    async def _answering(self, route: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """A call's refusal or Triton's failure answered as its gRPC status; every call counted under ``route``."""
-        started, code = time.perf_counter(), grpc.StatusCode.OK
-        try:
-            yield
-        except (Refused, grpc.aio.AioRpcError) as exc:
-            code, message = self._status(exc)
-            await context.abort(code, message)
-        finally:
-            self.metrics.observe(route, code.name, time.perf_counter() - started)
+    def too_large(self, length: int) -> str:
+        return f"Received message larger than max ({length} vs. {self.max_message})"
 
-    # ---- handlers ----------------------------------------------------------------------------------
-    def _unary(self, name: str, upstream: grpc.aio.UnaryUnaryMultiCallable):
-        route, admitted = f"grpc:/{SERVICE}/{name}", name in ADMITTED
-
-        async def relay(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            async with self._answering(route, context):
-                forward = self._admit(name, context)
-                try:
-                    return await upstream(request, timeout=self._timeout(context), metadata=forward)
-                finally:
-                    if admitted:
-                        self.guard.release()
-
-        relay.__name__ = name
-        return relay
-
-    def _stream(self, upstream: grpc.aio.StreamStreamMultiCallable):
-        route = f"grpc:/{SERVICE}/{STREAMED}"
-
-        async def relay(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            async with self._answering(route, context):
-                forward = self._admit(STREAMED, context)
-                call = upstream(requests, timeout=context.time_remaining(), metadata=forward)
-                try:
-                    async for reply in call:
-                        yield reply
-                finally:
-                    call.cancel()  # a no-op once finished; frees Triton's side when the client went away
-                    self.guard.release()
-
-        return relay
-
-    def _refuse(self, name: str, code: grpc.StatusCode, message: str):
-        route = f"grpc:/{SERVICE}/{name}"
-
-        async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            self.metrics.observe(route, code.name, 0.0)
-            await context.abort(code, message)
-
-        return refuse
+    def finish(self, call: Call, code: int, upstream: bool) -> None:
+        """Count a call that ended with ``code`` (Triton's or the link's when ``upstream``); free its slot."""
+        if call.timer is not None:
+            call.timer.cancel()
+        if call.admitted:
+            call.admitted = False
+            self.guard.release()
+        code = Code(code) if 0 <= code <= 16 else Code.UNKNOWN
+        if upstream and code in _TRITON_FAILURES:
+            self.metrics.triton_error(_TRITON_FAILURES[code])
+        self.metrics.observe(call.route, code.name, time.perf_counter() - call.started)
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 @asynccontextmanager
-async def grpc_service(gw: Gateway) -> AsyncIterator[grpc.aio.Server | None]:
-    """The gateway's gRPC server on ``grpc_port`` while the block runs (nothing when it is 0).
+async def grpc_service(gw: Gateway) -> AsyncIterator[asyncio.Server | None]:
+    """The gateway's gRPC relay on ``grpc_port`` while the block runs (nothing when it is 0).
 
-    Several uvicorn workers each start one on the same port: gRPC sets SO_REUSEPORT on Linux, so the
-    kernel spreads connections over them, as it does for the HTTP port.
+    Several uvicorn workers each listen on the same port (SO_REUSEPORT), so the kernel spreads
+    connections over them, as it does for the HTTP port. On the way out new calls are refused (GOAWAY)
+    and open ones get up to 5 s to finish.
     """
+    from serve.gateway.grpc_relay import ClientSide
+
     settings = gw.settings
     if not settings.grpc_port:
         yield None
         return
-    # Triton's replies are bounded by what the client asked for, not by the gateway's request cap.
-    channel = grpc.aio.insecure_channel(settings.triton_grpc_url, options=[
-        ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes),
-                                      ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 1)])
-    proxy = KServeProxy(gw, channel)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, proxy.handlers),))
-    server.add_registered_method_handlers(SERVICE, proxy.handlers)
-    address = _address(settings.host, settings.grpc_port)
+    proxy, upstream, connections = KServeProxy(gw), _host_port(settings.triton_grpc_url), set()
+    loop = asyncio.get_running_loop()
     try:
-        if not server.add_insecure_port(address):
-            raise ConfigError(f"the gateway cannot listen for gRPC on {address}: choose another "
-                              f"serve.gateway.grpc_port (0 turns gRPC off)")
-    except RuntimeError as exc:  # grpc raises instead of returning 0 on some versions
-        raise ConfigError(f"the gateway cannot listen for gRPC on {address} ({exc}): choose another "
-                          f"serve.gateway.grpc_port (0 turns gRPC off)") from None
-    await server.start()
+        server = await loop.create_server(lambda: ClientSide(proxy, upstream, connections),
+                                          settings.host, settings.grpc_port, reuse_port=True)
+    except OSError as exc:
+        raise ConfigError(f"the gateway cannot listen for gRPC on {settings.host}:{settings.grpc_port} ({exc}): "
+                          f"choose another serve.gateway.grpc_port (0 turns gRPC off)") from None
     try:
         yield server
     finally:
-        await server.stop(grace=5)  # in-flight calls finish; new ones are refused
-        await channel.close()
+        server.close()
+        for connection in list(connections):
+            connection.drain()
+        deadline = loop.time() + 5
+        while any(c.calls for c in connections) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(connections):
+            connection.close()
+        await server.wait_closed()

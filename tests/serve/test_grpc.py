@@ -223,3 +223,28 @@ async def test_the_apps_lifespan_runs_the_grpc_server_only_when_its_port_is_set(
             await channel.unary_unary(f"/{SERVICE}/ServerLive")(b"", timeout=1)
     assert gone.value.code() is grpc.StatusCode.UNAVAILABLE  # stopped with the app
     assert fake_gateway()[0].settings.grpc_port == 0  # a spec built by hand has no gRPC port
+
+
+@pytest.mark.parametrize("proxy", [{"api_keys": [{"name": "ci", "sha256": __import__("hashlib").sha256(
+    KEY.encode()).hexdigest()}], "max_body_bytes": 1 << 20}], indirect=True)
+async def test_refused_calls_bodies_do_not_use_up_the_connections_window(proxy):
+    gw, _, address = proxy
+    x = np.ones((256, 256), np.float32)  # 256 KiB a call: 40 of them are far beyond any HTTP/2 window
+    async with grpcclient.InferenceServerClient(address) as client:
+        for _ in range(40):
+            with pytest.raises(Exception) as raised:
+                await client.infer("digits-fp32", digits_input(x), client_timeout=5)
+            assert raised.value.status() == "StatusCode.UNAUTHENTICATED"
+        result = await client.infer("digits-fp32", digits_input(x), headers={"authorization": f"Bearer {KEY}"},
+                                    client_timeout=5)  # the same connection still sends
+    np.testing.assert_array_equal(result.as_numpy("y"), x * 2)
+    assert gw.guard.in_flight == 0
+
+
+async def test_a_method_outside_the_service_is_unimplemented(proxy):
+    _, _, address = proxy
+    async with grpc.aio.insecure_channel(address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await channel.unary_unary("/other.Service/Call")(b"", timeout=5)
+        assert await channel.unary_unary(f"/{SERVICE}/ServerLive")(b"", timeout=5) == b"\x08\x01"
+    assert raised.value.code() is grpc.StatusCode.UNIMPLEMENTED
