@@ -171,7 +171,9 @@ class Narrowing(optuna.samplers.BaseSampler):
         for name, value in drawn.items():
             dist = search_space.get(name)
             narrowed = self._narrowed(trial, name, dist) if dist is not None else None
-            if narrowed is None or narrowed._contains(narrowed.to_internal_repr(value)):
+            # a knob left as it is (categorical, or no span yet) holds what was drawn from it; a narrowed one is
+            # checked by its bounds (the value was drawn on the same step grid)
+            if narrowed is None or narrowed is dist or narrowed.low <= value <= narrowed.high:
                 kept[name] = value  # else: Optuna asks sample_independent for it, with the narrowed range
         return kept
 
