@@ -28,95 +28,12 @@ import numpy as np
 
 from autoglm._lazy import require
 from autoglm.errors import AutoGLMError
-from autoglm.tasks import DecoderWeights, Task
-
-OPSET = 17  # LayerNormalization
+from autoglm.tasks import Task
+from compress.decode_graph import build_graph, write_graphs  # noqa: F401 -- build_graph re-exported
 
 
 class DecodeParityError(AutoGLMError):
     """The decode graphs' greedy text differs from torch's: they are not published."""
-
-
-def build_graph(w: DecoderWeights, step: bool) -> Any:
-    """The prefill (``step=False``) or step graph of ``w`` as an ``onnx.ModelProto``."""
-    onnx = require("onnx", purpose="building decode graphs")
-    helper, numpy_helper = onnx.helper, onnx.numpy_helper
-    nodes, inits = [], []
-
-    def const(name: str, value: np.ndarray | None) -> str:
-        if value is None:
-            return ""
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(value, np.float32), name))
-        return name
-
-    def linear(x: str, wb: tuple, name: str) -> str:
-        nodes.append(helper.make_node("MatMul", [x, const(f"{name}.w", wb[0])], [f"{name}.mm"]))
-        if wb[1] is None:
-            return f"{name}.mm"
-        nodes.append(helper.make_node("Add", [f"{name}.mm", const(f"{name}.b", wb[1])], [f"{name}.out"]))
-        return f"{name}.out"
-
-    def norm(x: str, wb: tuple, name: str) -> str:
-        nodes.append(helper.make_node("LayerNormalization", [x, const(f"{name}.w", wb[0]), const(f"{name}.b", wb[1])],
-                                      [f"{name}.out"], axis=-1, epsilon=w.layer_norm_eps))
-        return f"{name}.out"
-
-    n_layer, heads, size = len(w.layers), w.n_head, w.head_size
-    vocab, width = w.token_embedding.shape
-    seq = 1 if step else "sequence"
-    cache = "context" if step else "past"
-    f32, i64, i32 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.INT32
-    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", seq]),
-              helper.make_tensor_value_info("position_ids", i64, ["batch", seq]),
-              helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
-              helper.make_tensor_value_info("total_sequence_length", i32, [])]
-    inputs.append(helper.make_tensor_value_info("query_seqlens", i32, ["batch"]))
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", seq, vocab])]
-
-    nodes.append(helper.make_node("Gather", [const("wte", w.token_embedding), "input_ids"], ["tok"]))
-    nodes.append(helper.make_node("Gather", [const("wpe", w.position_embedding), "position_ids"], ["pos"]))
-    nodes.append(helper.make_node("Add", ["tok", "pos"], ["x0"]))
-    x = "x0"
-    for i, layer in enumerate(w.layers):
-        p = f"h{i}"
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f32, ["batch", heads, cache, size]))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", f32,
-                                                         ["batch", heads, "present", size]))
-        qkv = linear(norm(x, layer.ln1, f"{p}.ln_1"), layer.qkv, f"{p}.attn.qkv")
-        gqa_in = [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length"]
-        gqa_in += ["", "", "", "", "", "", "", "", "", "query_seqlens"]  # the optional inputs between: empty
-        nodes.append(helper.make_node("GroupQueryAttention", gqa_in,
-                                      [f"{p}.attn.y", f"present_key_{i}", f"present_value_{i}"],
-                                      domain="com.microsoft", num_heads=heads, kv_num_heads=heads))
-        nodes.append(helper.make_node("Add", [x, linear(f"{p}.attn.y", layer.proj, f"{p}.attn.proj")], [f"{p}.x1"]))
-        hidden = linear(norm(f"{p}.x1", layer.ln2, f"{p}.ln_2"), layer.fc, f"{p}.mlp.fc")
-        nodes.append(helper.make_node("Gelu", [hidden], [f"{p}.mlp.gelu"], domain="com.microsoft"))
-        nodes.append(helper.make_node("Add", [f"{p}.x1", linear(f"{p}.mlp.gelu", layer.fc_out, f"{p}.mlp.out")],
-                                      [f"{p}.x2"]))
-        x = f"{p}.x2"
-    head = linear(norm(x, w.ln_f, "ln_f"), w.head, "lm_head")
-    nodes.append(helper.make_node("Identity", [head], ["logits"]))
-    graph = helper.make_graph(nodes, "step" if step else "prefill", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                    helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="autoglm")
-    model.ir_version = 8
-    for key, value in {"context": w.context, "vocab_size": vocab, "n_layer": n_layer, "n_head": heads,
-                       "n_embd": width}.items():
-        model.metadata_props.add(key=key, value=str(value))
-    onnx.checker.check_model(model)
-    return model
-
-
-def write_graphs(w: DecoderWeights, out_dir: Path) -> tuple[Path, Path]:
-    """``prefill.onnx`` and ``step.onnx`` (FP32) in ``out_dir``."""
-    onnx = require("onnx", purpose="building decode graphs")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = out_dir / "prefill.onnx", out_dir / "step.onnx"
-    for path, step in zip(paths, (False, True)):
-        onnx.save(build_graph(w, step), str(path))
-    return paths
 
 
 def quantize_graphs(paths: tuple[Path, Path], out_dir: Path) -> tuple[Path, Path]:

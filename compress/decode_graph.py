@@ -1,0 +1,132 @@
+"""The prefill and step ONNX graphs of a :class:`~autoglm.tasks.DecoderWeights`, KV cache in GroupQueryAttention.
+
+Both graphs take the same inputs (``input_ids``, ``position_ids``, ``seqlens_k``,
+``total_sequence_length``, ``query_seqlens`` and ``past_{key,value}_{i}`` (B, kv_heads, cache, D)) and
+return ``logits`` plus ``present_{key,value}_{i}``; :mod:`compress.decode_engine` drives them. Two
+families of decoder:
+
+* GPT-style: learned positions (gathered by ``position_ids``), LayerNorm, GELU (exact, or GPT-2's
+  tanh approximation), biases;
+* Llama-style: rotary positions applied by GroupQueryAttention itself (``do_rotary``, cos/sin tables
+  from the model's ``inv_freq``, rotate-half layout as in transformers), RMSNorm, SwiGLU MLP,
+  grouped-query heads. GroupQueryAttention places each query row at ``P + s`` (``P`` the tokens already
+  cached: ``seqlens_k + 1 - query_seqlens``), which is the same position the engine feeds the learned
+  family, so ``position_ids`` is an input of every graph but only the GPT family reads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autoglm._lazy import require
+from autoglm.tasks import DecoderWeights
+
+OPSET = 17  # LayerNormalization
+OPSET_RMS = 23  # RMSNormalization
+
+
+def rotary_tables(w: DecoderWeights) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (context, D/2) of every position, in float32 as transformers computes them."""
+    positions = np.arange(w.context, dtype=np.float32)[:, None]
+    angles = positions * w.rotary_inv_freq.astype(np.float32)[None, :]  # (context, D/2)
+    return np.cos(angles) * np.float32(w.rotary_scale), np.sin(angles) * np.float32(w.rotary_scale)
+
+
+def build_graph(w: DecoderWeights, step: bool) -> Any:
+    """The prefill (``step=False``) or step graph of ``w`` as an ``onnx.ModelProto``."""
+    onnx = require("onnx", purpose="building decode graphs")
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    nodes, inits = [], []
+    rotary = w.rotary_inv_freq is not None
+
+    def const(name: str, value: np.ndarray | None) -> str:
+        if value is None:
+            return ""
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(value, np.float32), name))
+        return name
+
+    def node(op: str, ins: list[str], out: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, ins, [out], **attrs))
+        return out
+
+    def linear(x: str, wb: tuple, name: str) -> str:
+        y = node("MatMul", [x, const(f"{name}.w", wb[0])], f"{name}.mm")
+        return y if wb[1] is None else node("Add", [y, const(f"{name}.b", wb[1])], f"{name}.out")
+
+    def norm(x: str, wb: tuple, name: str) -> str:
+        if w.norm == "rms":  # x / sqrt(mean(x^2) + eps) * weight (no mean subtracted, no bias)
+            return node("RMSNormalization", [x, const(f"{name}.w", wb[0])], f"{name}.out", axis=-1,
+                        epsilon=w.layer_norm_eps)
+        return node("LayerNormalization", [x, const(f"{name}.w", wb[0]), const(f"{name}.b", wb[1])],
+                    f"{name}.out", axis=-1, epsilon=w.layer_norm_eps)
+
+    def mlp(x: str, layer, p: str) -> str:
+        if w.activation == "swiglu":  # down(silu(gate(x)) * up(x)), silu(g) = g * sigmoid(g)
+            g = linear(x, layer.gate, f"{p}.mlp.gate")
+            silu = node("Mul", [g, node("Sigmoid", [g], f"{p}.mlp.sig")], f"{p}.mlp.silu")
+            hidden = node("Mul", [silu, linear(x, layer.fc, f"{p}.mlp.up")], f"{p}.mlp.act")
+        elif w.activation == "gelu_tanh":  # GPT-2's gelu_new: 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))
+            hidden = node("FastGelu", [linear(x, layer.fc, f"{p}.mlp.fc")], f"{p}.mlp.act", domain="com.microsoft")
+        else:
+            hidden = node("Gelu", [linear(x, layer.fc, f"{p}.mlp.fc")], f"{p}.mlp.act", domain="com.microsoft")
+        return linear(hidden, layer.fc_out, f"{p}.mlp.out")
+
+    n_layer, heads, kv_heads, size = len(w.layers), w.n_head, w.kv_heads, w.head_size
+    vocab, width = w.token_embedding.shape
+    seq = 1 if step else "sequence"
+    cache = "context" if step else "past"
+    f32, i64, i32 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.INT32
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", seq]),
+              helper.make_tensor_value_info("position_ids", i64, ["batch", seq]),
+              helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
+              helper.make_tensor_value_info("total_sequence_length", i32, []),
+              helper.make_tensor_value_info("query_seqlens", i32, ["batch"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", seq, vocab])]
+
+    x = node("Gather", [const("wte", w.token_embedding), "input_ids"], "tok")
+    if not rotary:
+        x = node("Add", [x, node("Gather", [const("wpe", w.position_embedding), "position_ids"], "pos")], "x0")
+    rope, attrs = ["", ""], {}
+    if rotary:
+        cos, sin = rotary_tables(w)
+        rope, attrs = [const("cos_cache", cos), const("sin_cache", sin)], {"do_rotary": 1, "rotary_interleaved": 0}
+    for i, layer in enumerate(w.layers):
+        p = f"h{i}"
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f32, ["batch", kv_heads, cache, size]))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", f32,
+                                                         ["batch", kv_heads, "present", size]))
+        qkv = linear(norm(x, layer.ln1, f"{p}.ln_1"), layer.qkv, f"{p}.attn.qkv")  # (B, S, (H + 2 KV) D)
+        gqa_in = [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", *rope]
+        gqa_in += [""] * 7 + ["query_seqlens"]  # position_ids .. k_norm_weight unused: positions from seqlens
+        nodes.append(helper.make_node("GroupQueryAttention", gqa_in,
+                                      [f"{p}.attn.y", f"present_key_{i}", f"present_value_{i}"],
+                                      domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, **attrs))
+        x1 = node("Add", [x, linear(f"{p}.attn.y", layer.proj, f"{p}.attn.proj")], f"{p}.x1")
+        x = node("Add", [x1, mlp(norm(x1, layer.ln2, f"{p}.ln_2"), layer, p)], f"{p}.x2")
+    head = linear(norm(x, w.ln_f, "ln_f"), w.head, "lm_head")
+    node("Identity", [head], "logits")
+    graph = helper.make_graph(nodes, "step" if step else "prefill", inputs, outputs, inits)
+    opset = OPSET_RMS if w.norm == "rms" else OPSET
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="autoglm")
+    model.ir_version = 8 if opset <= 17 else 11
+    for key, value in {"context": w.context, "vocab_size": vocab, "n_layer": n_layer, "n_head": heads,
+                       "n_kv_head": kv_heads, "n_embd": width}.items():
+        model.metadata_props.add(key=key, value=str(value))
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_graphs(w: DecoderWeights, out_dir: Path) -> tuple[Path, Path]:
+    """``prefill.onnx`` and ``step.onnx`` (FP32) in ``out_dir``."""
+    onnx = require("onnx", purpose="building decode graphs")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / "prefill.onnx", out_dir / "step.onnx"
+    for path, step in zip(paths, (False, True)):
+        onnx.save(build_graph(w, step), str(path))
+    return paths
