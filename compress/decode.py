@@ -49,28 +49,42 @@ def quantize_graphs(paths: tuple[Path, Path], out_dir: Path) -> tuple[Path, Path
 
 
 def torch_greedy(model, prompt: list[int], n_new: int) -> list[int]:
-    """nanoGPT's generation, greedy: the whole (cropped) context recomputed for every token."""
+    """Torch's greedy continuation of ``prompt``: transformers' own ``generate()`` for a model wrapping a
+    Hugging Face one (``model.hf``, never stopping at an end-of-sequence token), else nanoGPT's generation
+    (the whole cropped context recomputed for every token)."""
     import torch
 
     idx = torch.tensor([prompt], dtype=torch.long)
-    block = model.config.block_size
     with torch.no_grad():
+        if hasattr(model, "hf"):
+            out = model.hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
+                                    max_new_tokens=n_new, min_new_tokens=0, eos_token_id=None)
+            return out[0, len(prompt):].tolist()
+        block = model.config.block_size
         for _ in range(n_new):
             logits = model(idx[:, -block:])[:, -1]
             idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
     return idx[0, len(prompt):].tolist()
 
 
+def _token_input(task: Task, model_args: dict) -> str:
+    """The name of the task's token-id input (charlm's ``idx``, a causal LM's ``input_ids``)."""
+    return task.io_spec(model_args).inputs[0].name
+
+
 def prompts(task: Task, model_args: dict, n: int, length: int) -> list[list[int]]:
     """``n`` validation prompts of ``length`` tokens (the task's own fixed batches)."""
     inputs, _ = next(task.batches("val", n, 1, seed=0, model_args=model_args))
-    return [row[:length].tolist() for row in next(iter(inputs.values()))]
+    return [row[:length].tolist() for row in inputs[_token_input(task, model_args)]]
 
 
-def check_greedy_parity(model, engine, task: Task, model_args: dict, n_prompts: int = 3) -> dict[str, Any]:
-    """Greedy continuations from the graphs vs torch, within the context (where both are exact)."""
+def check_greedy_parity(model, engine, task: Task, model_args: dict, n_prompts: int = 3,
+                        max_new_tokens: int | None = None) -> dict[str, Any]:
+    """Greedy continuations from the graphs vs torch, within the context (where both are exact): prompts of a
+    quarter of the context, continued to its end (or by ``max_new_tokens``)."""
     context = engine.context
-    length, n_new = max(1, context // 4), context - max(1, context // 4)
+    length = max(1, context // 4)
+    n_new = context - length if max_new_tokens is None else min(context - length, max_new_tokens)
     rows = []
     for prompt in prompts(task, model_args, n_prompts, length):
         want, got = torch_greedy(model, prompt, n_new), engine.generate(prompt, n_new)
@@ -89,8 +103,10 @@ def graph_val_loss(prefill_path: Path, task: Task, model_args: dict, n_batches: 
     n_layer = sum(1 for i in session.get_inputs() if i.name.startswith("past_key_"))
     heads, size = session.get_inputs()[-1].shape[1], session.get_inputs()[-1].shape[3]
 
+    token_input = _token_input(task, model_args)
+
     def predict(inputs: dict) -> np.ndarray:
-        ids = next(iter(inputs.values()))
+        ids = inputs[token_input]
         b, t = ids.shape
         feed = {"input_ids": ids.astype(np.int64), "position_ids": np.tile(np.arange(t, dtype=np.int64), (b, 1)),
                 "seqlens_k": np.full(b, t - 1, np.int32), "total_sequence_length": np.asarray(t, np.int32),

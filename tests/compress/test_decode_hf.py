@@ -1,0 +1,178 @@
+"""Decode graphs of Hugging Face causal LMs (GPT-2, Llama, Qwen2): the graphs' greedy tokens are
+transformers' own generate() tokens, prefill logits are the model's, and other architectures get none."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from autoglm.tasks import hf_decoder
+from compress import decode
+from compress.decode_engine import DecodeEngine
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+VOCAB = 256
+
+
+def tiny(kind: str, seed: int = 0, **overrides):
+    """A seeded random tiny causal LM. Weights drawn wider than transformers' 0.02 spread the logits, so
+    greedy choices are not near-ties that float rounding could flip."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, initializer_range=0.1, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64, **common | overrides)
+        return transformers.GPT2LMHeadModel(config).eval()
+    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    if kind == "qwen2":  # q/k/v biases (zero at init: drawn, so they count)
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**llama_like | common | overrides)).eval()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.1)
+        return model
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_like | common | overrides)).eval()
+
+
+MODELS = {
+    "gpt2": lambda: tiny("gpt2"),
+    "llama": lambda: tiny("llama", tie_word_embeddings=False),
+    "llama-tied": lambda: tiny("llama", seed=1, tie_word_embeddings=True),
+    "llama-linear-rope": lambda: tiny("llama", seed=2, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                                         "rope_theta": 10000.0}),
+    "qwen2": lambda: tiny("qwen2"),
+}
+
+
+def graphs_of(model, out, **kw):
+    return decode.write_graphs(hf_decoder.decoder_weights(model, **kw), out)
+
+
+def engine(paths, slots=4) -> DecodeEngine:
+    return DecodeEngine(str(paths[0]), str(paths[1]), max_sequences=slots, threads=1)
+
+
+def greedy_together(e: DecodeEngine, prompts: list[list[int]], n_new: int) -> list[list[int]]:
+    """Every prompt decoded greedily in one batch: one padded prefill, then batched steps."""
+    started = e.start_many(prompts)
+    out = {seq: [int(logits.argmax())] for seq, logits in started}
+    for _ in range(n_new - 1):
+        live = list(e.live)
+        for seq, row in zip(live, e.step([out[seq][-1] for seq in live])):
+            out[seq].append(int(row.argmax()))
+    return [out[seq] for seq, _ in started]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_greedy_tokens_equal_transformers_generate(name, tmp_path):
+    model = MODELS[name]()
+    e = engine(graphs_of(model, tmp_path))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (3, 17, 8, 1)]
+    got = greedy_together(e, prompts, 32)
+    for prompt, tokens in zip(prompts, got):
+        want = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32)[0, len(prompt):]
+        assert tokens == want.tolist()
+    assert len({t for tokens in got for t in tokens}) > 8  # real continuations, not one repeated token
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
+def test_prefill_logits_equal_the_model_at_every_position_of_a_padded_batch(name, tmp_path):
+    model = MODELS[name]()
+    e = engine(graphs_of(model, tmp_path))
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(0, VOCAB, n).tolist() for n in (5, 20, 12)]
+    ids = np.zeros((3, 20), np.int64)
+    for j, row in enumerate(rows):
+        ids[j, :len(row)] = row
+    lengths = np.array([len(r) for r in rows])
+    feed = {"input_ids": ids, "position_ids": np.tile(np.arange(20), (3, 1)),
+            "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.asarray(20, np.int32),
+            "query_seqlens": lengths.astype(np.int32)}
+    empty = np.zeros((3, e.n_head, 20, e.head_size), np.float32)
+    feed |= {f"past_{k}_{i}": empty for i in range(e.n_layer) for k in ("key", "value")}
+    logits = e.prefill.run(["logits"], feed)[0]
+    for j, row in enumerate(rows):
+        want = model(torch.tensor([row])).logits[0].detach().numpy()
+        np.testing.assert_allclose(logits[j, :len(row)], want, atol=1e-4)
+
+
+def test_rotary_generation_past_the_context_slides_like_a_fresh_prefill(tmp_path):
+    model = MODELS["llama"]()
+    paths = graphs_of(model, tmp_path, context=16)
+    e = engine(paths, slots=1)
+    prompt = np.random.default_rng(2).integers(0, VOCAB, 15).tolist()
+    assert len(e.generate(prompt, 40)) == 40  # slides several times
+    seq, _ = e.start(prompt)
+    e.step([prompt[-1]])  # 16 tokens: the cache is full
+    logits = e.step([7])[0]  # re-encoded from the last 8, at positions 0..7
+    _, expected = engine(paths, slots=1).start((prompt + [prompt[-1], 7])[-8:])
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    assert seq.length == 8
+
+
+def test_decoder_weights_describe_each_family():
+    gpt2 = hf_decoder.decoder_weights(MODELS["gpt2"]())
+    assert (gpt2.norm, gpt2.activation, gpt2.kv_heads, gpt2.context) == ("layer", "gelu_tanh", 4, 64)
+    assert gpt2.position_embedding.shape == (64, 64) and gpt2.layers[0].qkv[0].shape == (64, 192)
+    tied = MODELS["llama-tied"]()
+    w = hf_decoder.decoder_weights(tied, context=32)
+    assert (w.norm, w.activation, w.n_head, w.kv_heads, w.context) == ("rms", "swiglu", 4, 2, 32)
+    assert w.layers[0].qkv[0].shape == (64, (4 + 2 * 2) * 16) and w.layers[0].qkv[1] is None
+    np.testing.assert_array_equal(w.head[0], w.token_embedding.T)
+    assert hf_decoder.decoder_weights(tiny("qwen2")).layers[0].qkv[1].shape == ((4 + 2 * 2) * 16,)
+    long = tiny("llama", max_position_embeddings=32768)
+    assert hf_decoder.decoder_weights(long).context == hf_decoder.MAX_CONTEXT  # the KV cache stays bounded
+    assert {hf_decoder.FAMILIES[t] for t in ("gpt2", "llama", "qwen2", "mistral")} == {"gpt2", "llama"}
+
+
+def test_other_architectures_get_no_decoder_and_a_one_line_reason():
+    config = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, intermediate_size=128)
+    neox = transformers.GPTNeoXForCausalLM(config)
+    assert hf_decoder.decoder_weights(neox) is None
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=VOCAB, hidden_size=32,
+                                                                num_hidden_layers=1, num_attention_heads=2,
+                                                                intermediate_size=64))
+    assert hf_decoder.decoder_weights(bert) is None
+    message = hf_decoder.unsupported_message("gpt_neox")
+    assert "\n" not in message and "'gpt_neox'" in message
+    assert all(name in message for name in ("gpt2", "llama", "qwen2", "mistral")) and "v2" in message
+
+
+class Wrapper(torch.nn.Module):
+    """What an hf-causal-lm task builds: forward(input_ids) -> logits, the transformers model at ``.hf``."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids):
+        return self.hf(input_ids).logits
+
+
+def test_the_parity_gate_and_graph_loss_take_a_wrapped_transformers_model(tmp_path):
+    model = Wrapper(MODELS["llama"]())
+    paths = graphs_of(model.hf, tmp_path, context=32)
+    rows = np.random.default_rng(3).integers(0, VOCAB, (4, 32))
+
+    def batches(split, batch_size, n_batches, seed=0, model_args=None):  # a causal LM's: input_ids, targets
+        yield {"input_ids": rows[:batch_size, :-1]}, rows[:batch_size, 1:]
+
+    def evaluate(predict, split, n_batches, batch_size, model_args):
+        (inputs, targets), = batches(split, batch_size, n_batches)
+        logits = predict(inputs).astype(np.float64)
+        top = logits.max(-1, keepdims=True)
+        logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        return {"val_loss": float(-np.take_along_axis(logp, targets[..., None], -1).mean())}
+
+    spec = SimpleNamespace(inputs=(SimpleNamespace(name="input_ids"),))
+    task = SimpleNamespace(batches=batches, io_spec=lambda args: spec, evaluate=evaluate, metric="val_loss")
+    report = decode.check_greedy_parity(model, engine(paths), task, {}, n_prompts=3)
+    assert report["passed"] and [r["new_tokens"] for r in report["prompts"]] == [24] * 3, report
+    with torch.no_grad():
+        want = evaluate(lambda x: model(torch.from_numpy(x["input_ids"])).numpy(), "val", 1, 4, {})["val_loss"]
+    assert abs(decode.graph_val_loss(paths[0], task, {}, 1, batch_size=4) - want) < 1e-4
