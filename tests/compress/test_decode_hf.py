@@ -154,7 +154,7 @@ class Wrapper(torch.nn.Module):
         return self.hf(input_ids).logits
 
 
-def test_the_parity_gate_and_graph_loss_take_a_wrapped_transformers_model(tmp_path):
+def test_the_gates_and_the_build_take_a_wrapped_transformers_model(tmp_path):
     model = Wrapper(MODELS["llama"]())
     paths = graphs_of(model.hf, tmp_path, context=32)
     rows = np.random.default_rng(3).integers(0, VOCAB, (4, 32))
@@ -170,9 +170,12 @@ def test_the_parity_gate_and_graph_loss_take_a_wrapped_transformers_model(tmp_pa
         return {"val_loss": float(-np.take_along_axis(logp, targets[..., None], -1).mean())}
 
     spec = SimpleNamespace(inputs=(SimpleNamespace(name="input_ids"),))
-    task = SimpleNamespace(batches=batches, io_spec=lambda args: spec, evaluate=evaluate, metric="val_loss")
+    task = SimpleNamespace(batches=batches, io_spec=lambda args: spec, evaluate=evaluate, metric="val_loss",
+                           direction="minimize", decoder_weights=lambda m: hf_decoder.decoder_weights(m.hf, context=32))
     report = decode.check_greedy_parity(model, engine(paths), task, {}, n_prompts=3)
     assert report["passed"] and [r["new_tokens"] for r in report["prompts"]] == [24] * 3, report
     with torch.no_grad():
         want = evaluate(lambda x: model(torch.from_numpy(x["input_ids"])).numpy(), "val", 1, 4, {})["val_loss"]
     assert abs(decode.graph_val_loss(paths[0], task, {}, 1, batch_size=4) - want) < 1e-4
+    built = decode.build_decode_graphs(task, model, {}, tmp_path / "built", eval_batches=1)
+    assert built.parity["passed"] and {c["precision"] for c in built.candidates} == {"fp32", "int8"}
