@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from autoglm.errors import ConfigError
 from autoglm.tasks.base import DecoderLayer, DecoderWeights
 
 FAMILIES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama"}
@@ -64,17 +65,21 @@ def _linear(m) -> tuple[np.ndarray, np.ndarray | None]:
     return _arr(m.weight).T.copy(), _arr(m.bias)
 
 
-def _context(config, context: int | None, limit: int) -> int:
-    return int(context) if context is not None else min(limit, MAX_CONTEXT)
+def _context(context: int | None, limit: int, learned: bool = False) -> int:
+    """The KV cache length: ``context``, or the model's ``limit`` capped at MAX_CONTEXT."""
+    if context is None:
+        return min(limit, MAX_CONTEXT)
+    if context < 1 or (learned and context > limit):
+        raise ConfigError(f"decode context {context} is impossible: use 1..{limit} (the model's learned positions)"
+                          if learned else f"decode context {context} is impossible: use a positive length")
+    return int(context)
 
 
 def _gpt2(model, config, context: int | None) -> DecoderWeights | None:
     activation = _GELU.get(config.activation_function)
     if activation is None:
         return None
-    n = _context(config, context, config.n_positions)
-    if n > config.n_positions:  # learned positions end there
-        n = config.n_positions
+    n = _context(context, config.n_positions, learned=True)
     t = model.transformer
 
     def conv(m):  # GPT-2's Conv1D already stores (in, out)
@@ -103,7 +108,7 @@ def _llama(model, config, context: int | None) -> DecoderWeights | None:
     limit = config.max_position_embeddings
     if config.model_type == "mistral" and getattr(config, "sliding_window", None):
         limit = min(limit, config.sliding_window)  # no window within it: full causal attention is exact
-    n = _context(config, context, limit)
+    n = _context(context, limit)
 
     def rms(m):
         return _arr(m.weight), None

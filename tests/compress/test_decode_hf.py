@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from autoglm.errors import ConfigError
 from autoglm.tasks import hf_decoder
 from compress import decode
 from compress.decode_engine import DecodeEngine
@@ -126,6 +127,8 @@ def test_decoder_weights_describe_each_family():
     assert hf_decoder.decoder_weights(tiny("qwen2")).layers[0].qkv[1].shape == ((4 + 2 * 2) * 16,)
     long = tiny("llama", max_position_embeddings=32768)
     assert hf_decoder.decoder_weights(long).context == hf_decoder.MAX_CONTEXT  # the KV cache stays bounded
+    with pytest.raises(ConfigError, match="use 1..64"):  # GPT-2 has no position past its learned ones
+        hf_decoder.decoder_weights(MODELS["gpt2"](), context=65)
     assert {hf_decoder.FAMILIES[t] for t in ("gpt2", "llama", "qwen2", "mistral")} == {"gpt2", "llama"}
 
 
