@@ -44,7 +44,7 @@ def decoder_weights(hf_model: Any, context: int | None = None) -> DecoderWeights
     """The arrays of a transformers causal LM (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, ...).
 
     ``context``: positions the decode graphs and their KV cache hold; default the model's maximum
-    capped at :data:`MAX_CONTEXT` (and at Mistral's sliding window, within which attention is full).
+    capped at :data:`MAX_CONTEXT` (and at a sliding attention window, within which attention is full).
     None for an unsupported architecture or activation (see :func:`unsupported_message`).
     """
     config = hf_model.config
@@ -65,21 +65,22 @@ def _linear(m) -> tuple[np.ndarray, np.ndarray | None]:
     return _arr(m.weight).T.copy(), _arr(m.bias)
 
 
-def _context(context: int | None, limit: int, learned: bool = False) -> int:
-    """The KV cache length: ``context``, or the model's ``limit`` capped at MAX_CONTEXT."""
+def _context(context: int | None, limit: int, hard_limit: bool = False) -> int:
+    """The KV cache length: ``context``, or the model's ``limit`` capped at MAX_CONTEXT. A ``hard_limit`` is
+    one the graphs cannot pass (GPT-2's learned positions, a sliding attention window)."""
     if context is None:
         return min(limit, MAX_CONTEXT)
-    if context < 1 or (learned and context > limit):
-        raise ConfigError(f"decode context {context} is impossible: use 1..{limit} (the model's learned positions)"
-                          if learned else f"decode context {context} is impossible: use a positive length")
+    if context < 1 or (hard_limit and context > limit):
+        raise ConfigError(f"decode context {context} is impossible for this model: use 1.."
+                          f"{limit if hard_limit else 'its maximum'}")
     return int(context)
 
 
 def _gpt2(model, config, context: int | None) -> DecoderWeights | None:
     activation = _GELU.get(config.activation_function)
-    if activation is None:
-        return None
-    n = _context(context, config.n_positions, learned=True)
+    if activation is None or config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
+        return None  # another MLP, or attention not scaled by 1/sqrt(head size)
+    n = _context(context, config.n_positions, hard_limit=True)
     t = model.transformer
 
     def conv(m):  # GPT-2's Conv1D already stores (in, out)
@@ -105,10 +106,11 @@ def _llama(model, config, context: int | None) -> DecoderWeights | None:
     inv_freq = _arr(rotary.inv_freq)
     if inv_freq.shape != (head_dim // 2,):  # partial rotary (a fraction of each head): not this family
         return None
-    limit = config.max_position_embeddings
-    if config.model_type == "mistral" and getattr(config, "sliding_window", None):
-        limit = min(limit, config.sliding_window)  # no window within it: full causal attention is exact
-    n = _context(context, limit)
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window:  # within the window attention is full causal attention: exact without windowed graphs
+        n = _context(context, min(config.max_position_embeddings, window), hard_limit=True)
+    else:
+        n = _context(context, config.max_position_embeddings)
 
     def rms(m):
         return _arr(m.weight), None

@@ -35,6 +35,8 @@ def tiny(kind: str, seed: int = 0, **overrides):
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.1)
         return model
+    if kind == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**llama_like | common | overrides)).eval()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_like | common | overrides)).eval()
 
 
@@ -44,7 +46,10 @@ MODELS = {
     "llama-tied": lambda: tiny("llama", seed=1, tie_word_embeddings=True),
     "llama-linear-rope": lambda: tiny("llama", seed=2, rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                                          "rope_theta": 10000.0}),
+    "llama-yarn-rope": lambda: tiny("llama", seed=3, rope_parameters={  # cos and sin scaled too
+        "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}),
     "qwen2": lambda: tiny("qwen2"),
+    "mistral": lambda: tiny("mistral", sliding_window=None),
 }
 
 
@@ -129,6 +134,9 @@ def test_decoder_weights_describe_each_family():
     assert hf_decoder.decoder_weights(long).context == hf_decoder.MAX_CONTEXT  # the KV cache stays bounded
     with pytest.raises(ConfigError, match="use 1..64"):  # GPT-2 has no position past its learned ones
         hf_decoder.decoder_weights(MODELS["gpt2"](), context=65)
+    windowed = tiny("mistral", sliding_window=24)  # full attention within the window: the cache stops there
+    assert hf_decoder.decoder_weights(windowed).context == 24
+    assert hf_decoder.decoder_weights(MODELS["llama-yarn-rope"]()).rotary_scale > 1
     assert {hf_decoder.FAMILIES[t] for t in ("gpt2", "llama", "qwen2", "mistral")} == {"gpt2", "llama"}
 
 
