@@ -1,0 +1,366 @@
+"""Pretrained transformers at real sizes: served `:generate` vs transformers' generate(), onnxruntime-genai and the bandwidth ceiling.
+
+Speed does not depend on the weights, so the speed rows use random-initialized models at real sizes, saved in
+the Hugging Face layout with a tokenizer trained here: the GPT-2 small shape (124M parameters) and a
+Llama-family shape of about 135M (hidden 576, 30 layers, 9 heads, 3 key/value heads, MLP 1536, vocabulary
+49,152; SmolLM-135M's). Each goes through the real pipeline (`hf-causal-lm` task, one training step, compress
+with its decode graphs, serve) and is loaded through the gateway's streaming ``:generate`` with 64-token
+prompts and 128 new tokens at 1, 8 and 32 concurrent requests. Peers, each in a process of its own (so its
+peak RSS is its own), with the same thread count: transformers' ``model.generate()`` (torch eager, KV cache,
+concurrent requests batched with padding) and, where it installs, onnxruntime-genai's model builder and
+generator on the same checkpoint. The quality rows fine-tune a tiny Llama-family model here and read what
+compress's loss gate measured for each precision of its decode graphs.
+
+The ceiling at batch 1: decoding reads every weight once per token, so tokens/s <= read bandwidth / bytes
+read per token (the step graph's weights, less tables only gathered from); the bandwidth is measured in the
+same run, all cores streaming through a buffer far larger than the last-level cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import _hf_models as hf_models
+from bench.harness import Table, ratio
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is 2-10x slower here
+PROMPT_TOKENS, NEW_TOKENS = 64, 128
+CONCURRENCY = (1, 8, 32)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the host's read bandwidth ----------------------------------------------------------------------------
+def read_bandwidth(gib: float = 2.0, repeats: int = 5) -> float:
+    """Bytes/s of all cores reading one buffer of ``gib`` GiB (numpy's reductions release the GIL), best of
+    ``repeats``; the buffer must dwarf the last-level cache, or this measures the cache."""
+    buffer = np.ones(int(gib * (1 << 30)) // 8, np.int64)
+    parts = np.array_split(buffer, os.cpu_count() or 1)
+    best = 0.0
+    for _ in range(repeats):
+        threads = [threading.Thread(target=np.bitwise_or.reduce, args=(p,)) for p in parts]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        best = max(best, buffer.nbytes / (time.perf_counter() - started))
+    return best
+
+
+def bytes_read_per_token(onnx_path: Path) -> int:
+    """Bytes of the graph's weights that one decode step reads: every initializer but those only gathered
+    from (the token and position tables: a step reads one row of each)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    users: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for init in model.graph.initializer:
+        if users.get(init.name, set()) <= {"Gather"} and init.name in users:
+            continue
+        total += onnx.numpy_helper.to_array(init).nbytes
+    return total
+
+
+# ---- peers, each in its own process: `python -m bench.hf peer SPEC.json` --------------------------------------
+def _transformers_peer(spec: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(spec["threads"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).eval()
+    prompts = torch.tensor(spec["prompts"], dtype=torch.long)
+
+    def generate(batch: int, new: int) -> float:
+        ids = prompts[:batch]
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, use_cache=True, pad_token_id=0)
+        assert out.shape[1] == ids.shape[1] + new
+        return time.perf_counter() - started
+
+    generate(1, 4)  # warm-up
+    ttft = [generate(1, 1) * 1e3 for _ in range(spec["repeats"])]
+    rates = {str(b): max(b * spec["new_tokens"] / generate(b, spec["new_tokens"]) for _ in range(spec["repeats"]))
+             for b in spec["batches"]}
+    return {"tokens_per_s": rates, "ttft_ms": ttft}
+
+
+def _genai_peer(spec: dict) -> dict:
+    import onnxruntime_genai as og
+
+    model = og.Model(spec["model_dir"])
+    prompts = np.asarray(spec["prompts"], np.int32)
+
+    def generate(batch: int, new: int) -> float:
+        params = og.GeneratorParams(model)
+        total = prompts.shape[1] + new
+        params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=batch)
+        started = time.perf_counter()
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompts[:batch])
+        while not generator.is_done():
+            generator.generate_next_token()
+        return time.perf_counter() - started
+
+    generate(1, 4)
+    ttft = [generate(1, 1) * 1e3 for _ in range(spec["repeats"])]
+    rates = {str(b): max(b * spec["new_tokens"] / generate(b, spec["new_tokens"]) for _ in range(spec["repeats"]))
+             for b in spec["batches"]}
+    return {"tokens_per_s": rates, "ttft_ms": ttft}
+
+
+def _engine_peer(spec: dict) -> dict:
+    """The served decode graphs in ONNX Runtime, no serving: batch b = b sequences stepped together."""
+    from compress.decode import decode_speeds
+    from compress.decode_engine import DecodeEngine
+
+    engine = DecodeEngine(spec["prefill"], spec["step"], max(spec["batches"]), threads=spec["threads"])
+    prompt = spec["prompts"][0]
+    started = time.perf_counter()
+    ttft = []
+    for _ in range(spec["repeats"]):
+        started = time.perf_counter()
+        seq = engine.start_many([prompt])[0][0]
+        ttft.append((time.perf_counter() - started) * 1e3)
+        engine.release(seq)
+    speeds = decode_speeds({"e": engine}, prompt, spec["new_tokens"], batches=tuple(spec["batches"]),
+                           rounds=spec["repeats"])["e"]
+    return {"tokens_per_s": {str(b): v for b, v in speeds.items()}, "ttft_ms": ttft}
+
+
+PEERS = {"transformers": _transformers_peer, "genai": _genai_peer, "engine": _engine_peer}
+
+
+def run_peer(kind: str, workdir: Path, **spec) -> dict:
+    """A peer's figures from its own process, with that process's peak RSS (MiB)."""
+    path = workdir / f"peer-{kind}.json"
+    path.write_text(json.dumps({"kind": kind, **spec}))
+    out = subprocess.run([sys.executable, "-m", "bench.hf", "peer", str(path)], capture_output=True, text=True,
+                         timeout=3600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode:
+        raise RuntimeError(f"peer {kind} failed: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _peer_main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    result = PEERS[spec["kind"]](spec)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+    return 0
+
+
+def build_genai(model_dir: Path, out: Path, precision: str, threads: int) -> Path | None:
+    """onnxruntime-genai's model builder on the checkpoint (None where genai or the architecture is missing)."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return None
+    done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o",
+                           str(out), "-p", precision, "-e", "cpu", "-c", str(out.parent / "genai-cache")],
+                          capture_output=True, text=True, timeout=3600)
+    if done.returncode:
+        return None  # e.g. GPT-2: the builder supports no GPT2LMHeadModel
+    config_path = out / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    config_path.write_text(json.dumps(config, indent=2))
+    return out
+
+
+# ---- the served path: the real pipeline, then closed-loop clients through the gateway -------------------------
+def _pipeline(model_dir: Path, text_file: Path, workdir: Path, name: str, steps: int):
+    from autoglm.config import load_settings
+    from autoglm.train import train_run
+    from compress.stage import compress_run
+
+    settings = load_settings(ROOT / "configs" / "hf-causal-lm.toml", [
+        f"run.root='{workdir}'", f"run.cache_dir='{workdir / 'cache'}'", f"run.name='{name}'",
+        f"task.model_id='{model_dir}'", f"task.data='{text_file}'", f"train.max_steps={steps}",
+        "train.eval_every=100000", "train.eval_batches=4", "compress.variants=['fp32']",
+        "compress.exporter='legacy'", "measure.repeats=3", "measure.batch_sizes=[1]",
+        "compress.generate.max_sequences=32", "compress.generate.intra_op_threads=0"])
+    train_run(settings, progress=False)
+    compress_run(settings, progress=False)
+    return settings
+
+
+class RssSampler(threading.Thread):
+    """Peak summed RSS (MiB) of some processes and their children, sampled every 0.2 s while it runs."""
+
+    def __init__(self, pids: list[int]):
+        super().__init__(daemon=True)
+        self.pids, self.peak_mb, self.done = pids, 0.0, threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.done.wait(0.2):
+            total = 0
+            for pid in self.pids:
+                try:
+                    root = psutil.Process(pid)
+                    total += sum(p.memory_info().rss for p in (root, *root.children(recursive=True)))
+                except psutil.Error:
+                    pass
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+
+
+def _served(settings, prompt_texts: list[str], workdir: Path, duration: float) -> dict:
+    from bench.generate import _load
+    from serve import GatewaySettings, on_free_ports, start_serving
+
+    settings = on_free_ports(settings)
+    bodies = [{"prompt": p, "max_new_tokens": NEW_TOKENS, "temperature": 0, "stream": True} for p in prompt_texts]
+    serving = start_serving(settings, GatewaySettings(port=settings.serve.gateway_port, max_in_flight=256,
+                                                      request_timeout_s=600))
+    with serving:
+        pids = [serving.triton.pid, serving.gateway.pid]
+        sampler = RssSampler(pids)
+        sampler.start()
+        url = f"{serving.gateway.url}/v1/models/{settings.task.name}:generate"
+        results = {c: _load(url, bodies, c, duration, pids, workdir, new_tokens=NEW_TOKENS, exact=False)
+                   for c in CONCURRENCY}
+        sampler.done.set()
+    return {"tokens_per_s": {str(c): r["tokens_per_s"] for c, r in results.items()},
+            "ttft_p50": results[1]["ttft_p50"], "ttft_p95": results[1]["ttft_p95"],
+            "ttft_p95_32": results[32]["ttft_p95"], "errors": sum(r["errors"] for r in results.values()),
+            "peak_rss_mb": sampler.peak_mb}
+
+
+# ---- one shape ----------------------------------------------------------------------------------------------
+def _shape(label: str, family: str, config: dict, text: str, workdir: Path, bandwidth: float, quick: bool) -> dict:
+    from autoglm.artifacts import RunDir
+
+    threads = os.cpu_count() or 1
+    model_dir = hf_models.save_checkpoint(workdir / family, family, config, text)
+    text_file = workdir / "corpus.txt"
+    text_file.write_text(text[: 200_000], encoding="utf-8")
+    ids = hf_models.prompts(model_dir, text, 32, PROMPT_TOKENS)
+    repeats = 1 if quick else 3
+    common = {"prompts": ids, "new_tokens": NEW_TOKENS, "threads": threads, "repeats": repeats,
+              "batches": list(CONCURRENCY)}
+    rows = {"transformers generate() (torch eager, KV cache, padded batch)":
+            run_peer("transformers", workdir, model_dir=str(model_dir), **common)}
+    for precision in ("int4", "int8"):
+        built = build_genai(model_dir, workdir / f"genai-{family}-{precision}", precision, threads)
+        if built is not None:
+            rows[f"onnxruntime-genai {precision} (model builder + generator, static batch)"] = run_peer(
+                "genai", workdir, model_dir=str(built), **common)
+    settings = _pipeline(model_dir, text_file, workdir, f"bench-{family}", steps=1)
+    decode_dir = RunDir(settings.run.root, settings.run.name).stage_dir("compress") / "decode"
+    report = json.loads((decode_dir / "decode.json").read_text())
+    ceilings = []
+    for cand in report["candidates"]:
+        if cand.get("status") != "ok":
+            continue
+        p = cand["precision"]
+        graphs = decode_dir / p / "prefill.onnx", decode_dir / p / "step.onnx"
+        engine = run_peer("engine", workdir, prefill=str(graphs[0]), step=str(graphs[1]),
+                          **{**common, "batches": [1]})
+        per_token = bytes_read_per_token(graphs[1])
+        ceiling = bandwidth / per_token
+        ceilings.append([label, p, per_token / 2**20, ceiling, engine["tokens_per_s"]["1"],
+                         f"{engine['tokens_per_s']['1'] / ceiling:.0%}"])
+        rows[f"decode graphs {p}, in process (no serving)"] = engine | {"_served": p == report["precision"]}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [tokenizer.decode(p, skip_special_tokens=True) for p in ids]
+    rows[f"served :generate through the gateway ({report['precision']})"] = _served(
+        settings, texts, workdir, 10.0 if quick else 30.0)
+    return {"rows": rows, "ceilings": ceilings, "served_precision": report["precision"]}
+
+
+def _quality(text: str, workdir: Path, quick: bool) -> list[list]:
+    """A tiny Llama-family model fine-tuned here; compress's gate figures for each decode-graph precision."""
+    from autoglm.artifacts import RunDir
+
+    model_dir = hf_models.save_checkpoint(workdir / "tiny-llama", "llama", hf_models.TINY_LLAMA, text,
+                                          vocab_size=512)
+    text_file = workdir / "quality.txt"
+    text_file.write_text(text[: 400_000], encoding="utf-8")
+    settings = _pipeline(model_dir, text_file, workdir, "bench-quality", steps=150 if quick else 600)
+    decode_dir = RunDir(settings.run.root, settings.run.name).stage_dir("compress") / "decode"
+    report = json.loads((decode_dir / "decode.json").read_text())
+    base = report["candidates"][0]["val_metric"]
+    return [[c["precision"], c["val_metric"], f"{(c['val_metric'] - base) / base:+.2%}", c["status"],
+             c["precision"] == report["precision"]] for c in report["candidates"]]
+
+
+def run(quick: bool) -> list[Table]:
+    text = hf_models.corpus_text()
+    bandwidth = read_bandwidth()
+    shapes, quality = {}, []
+    with tempfile.TemporaryDirectory(prefix="autoglm-bench-hf-") as tmp:
+        workdir = Path(tmp)
+        quality = _quality(text, workdir, quick)
+        for label, (family, config) in hf_models.SHAPES.items():
+            shapes[label] = _shape(label, family, config, text, workdir, bandwidth, quick)
+    return _tables(shapes, quality, bandwidth)
+
+
+def _tables(shapes: dict, quality: list[list], bandwidth: float) -> list[Table]:
+    speed_rows, goal_rows, ceiling_rows = [], [], []
+    for label, shape in shapes.items():
+        rows = shape["rows"]
+        for name, r in rows.items():
+            t = r["tokens_per_s"]
+            ttft = r.get("ttft_ms")
+            p50 = r.get("ttft_p50", float(np.median(ttft)) if ttft else None)
+            p95 = r.get("ttft_p95", float(np.percentile(ttft, 95)) if ttft else None)
+            speed_rows.append([label, name, t.get("1"), t.get("8"), t.get("32"), p50, p95, r.get("peak_rss_mb")])
+        torch_row = next(r for n, r in rows.items() if n.startswith("transformers"))["tokens_per_s"]
+        served = next(r for n, r in rows.items() if n.startswith("served"))
+        st = served["tokens_per_s"]
+        goal_rows += [[label, "served / transformers, tokens/s @1", ratio(st["1"], torch_row["1"]), "≥ 2×"],
+                      [label, "served / transformers, aggregate tokens/s @32", ratio(st["32"], torch_row["32"]),
+                       "≥ 4×"]]
+        for name, r in rows.items():
+            if name.startswith("onnxruntime-genai"):
+                g = r["tokens_per_s"]
+                goal_rows += [[label, f"served / {name}, @1", ratio(st["1"], g["1"]), "≥ 1× (match)"],
+                              [label, f"served / {name}, aggregate @32", ratio(st["32"], g["32"]), "≥ 2×"]]
+        served_ceiling = next(c for c in shape["ceilings"] if c[1] == shape["served_precision"])
+        goal_rows.append([label, f"served @1 / its ceiling ({shape['served_precision']})",
+                          f"{st['1'] / served_ceiling[3]:.0%}", "≥ 50%"])
+        ceiling_rows += shape["ceilings"]
+    notes = ["64-token prompts, 128 new tokens, greedy; every path uses all of the host's cores; the served path's "
+             "load generator shares them", "TTFT: at batch 1 (the served path: p50/p95 at the client of c = 1)",
+             "peak RSS: the peer's own process; served: Triton with its python-backend stubs plus the gateway"]
+    return [Table("Decode speed at real sizes (random weights): tokens/s", [
+                "model", "path", "@1", "@8 (aggregate)", "@32 (aggregate)", "TTFT p50 ms", "TTFT p95 ms",
+                "peak RSS MiB"], speed_rows, notes),
+            Table("Goals", ["model", "comparison", "value", "goal"], goal_rows),
+            Table(f"The batch-1 ceiling: read bandwidth {bandwidth / 1e9:.1f} GB/s (all cores, 2 GiB buffer) / "
+                  "bytes read per token", ["model", "decode graphs", "MiB read per token", "ceiling tokens/s",
+                                           "measured tokens/s @1", "of ceiling"], ceiling_rows),
+            Table("Quality: a tiny Llama-family model fine-tuned on Shakespeare, compress's loss gate",
+                  ["precision", "validation loss", "vs fp32", "gate", "served"], quality,
+                  ["the gate passes a precision whose validation loss is within compress.max_metric_loss of fp32"])]
+
+
+def _cli(argv: list[str]) -> int:
+    if argv[:1] == ["peer"]:
+        return _peer_main(argv[1])
+    print("usage: python -m bench.hf peer SPEC.json  (or: python -m bench hf)")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_cli(sys.argv[1:]))
