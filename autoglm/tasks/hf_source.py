@@ -199,26 +199,29 @@ class HFTask(Task):
     def tokenizer(self) -> Any:
         return load_tokenizer(self.model_dir, self.hf_config)
 
-    def _build(self, model_args: Mapping[str, Any], auto_class: str, **kwargs: Any) -> torch.nn.Module:
-        """The pretrained model (``auto_class`` of transformers, float32) wrapped as :class:`HFModel`."""
+    def _build(self, model_args: Mapping[str, Any], auto_class: str, config_updates: Mapping[str, Any] = (),
+               **kwargs: Any) -> torch.nn.Module:
+        """The pretrained model (``auto_class`` of transformers, float32, ``config_updates`` set on its config)
+        wrapped as :class:`HFModel`."""
+        import copy
+
+        import torch
+
         from autoglm.tasks.hf_model import HFModel
 
         args = self.check_model_args(model_args)
-        return HFModel(self._from_pretrained(auto_class, **kwargs), causal=auto_class == "AutoModelForCausalLM",
-                       model_args=args)
-
-    def _from_pretrained(self, auto_class: str, **kwargs: Any) -> Any:
-        import torch
-
         transformers = require("transformers", "hf", "Hugging Face tasks")
+        config = copy.deepcopy(self.hf_config)
+        for key, value in dict(config_updates).items():
+            setattr(config, key, value)
         torch.manual_seed(self.seed)  # a new head (e.g. other labels) starts the same every time
         try:
-            hf = getattr(transformers, auto_class).from_pretrained(self.model_dir, config=self.hf_config,
+            hf = getattr(transformers, auto_class).from_pretrained(self.model_dir, config=config,
                                                                    dtype=torch.float32, **kwargs)
         except ValueError as exc:
             raise ConfigError(f"task '{self.name}' cannot load {self.model_id} ({self.hf_config.model_type}) as "
                               f"{auto_class.removeprefix('AutoModelFor')}: {str(exc).splitlines()[0][:160]}") from None
-        return hf.eval()
+        return HFModel(hf.eval(), causal=auto_class == "AutoModelForCausalLM", model_args=args)
 
     def train(self, model: torch.nn.Module, settings: TrainSettings, on_eval=None, log_path=None,
               progress: bool = False):
