@@ -28,7 +28,10 @@ class HFModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.causal:
-            return self.hf(input_ids=input_ids, use_cache=False, return_dict=False)[0]
+            # an explicit all-ones mask skips transformers' packed-sequence check (aten::diff, which the
+            # TorchScript exporter lacks); windows are never padded
+            ones = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            return self.hf(input_ids=input_ids, attention_mask=ones, use_cache=False, return_dict=False)[0]
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, return_dict=False)[0]
 
 
