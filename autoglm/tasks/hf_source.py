@@ -216,12 +216,18 @@ class HFTask(Task):
             setattr(config, key, value)
         torch.manual_seed(self.seed)  # a new head (e.g. other labels) starts the same every time
         try:
-            hf = getattr(transformers, auto_class).from_pretrained(self.model_dir, config=config,
-                                                                   dtype=torch.float32, **kwargs)
+            hf, info = getattr(transformers, auto_class).from_pretrained(
+                self.model_dir, config=config, dtype=torch.float32, output_loading_info=True, **kwargs)
         except ValueError as exc:
             raise ConfigError(f"task '{self.name}' cannot load {self.model_id} ({self.hf_config.model_type}) as "
                               f"{auto_class.removeprefix('AutoModelFor')}: {str(exc).splitlines()[0][:160]}") from None
-        return HFModel(hf.eval(), causal=auto_class == "AutoModelForCausalLM", model_args=args)
+        causal = auto_class == "AutoModelForCausalLM"
+        missing = sorted(info.get("missing_keys") or ())
+        if causal and missing:  # e.g. an encoder's directory: transformers would add an untrained LM head
+            raise ConfigError(f"task '{self.name}': {self.model_id} holds no causal LM ({len(missing)} weights missing, "
+                              f"e.g. {missing[0]}): use a model saved as *ForCausalLM, or task.name="
+                              "'hf-sequence-classification' for an encoder")
+        return HFModel(hf.eval(), causal=causal, model_args=args)
 
     def train(self, model: torch.nn.Module, settings: TrainSettings, on_eval=None, log_path=None,
               progress: bool = False):
