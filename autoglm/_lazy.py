@@ -21,6 +21,10 @@ EXTRAS = {  # module (or package) -> the extra that installs it
     "optuna": "tune",
     "sqlalchemy": "tune",  # with optuna
     "yaml": "deploy",
+    "transformers": "hf",
+    "tokenizers": "hf",
+    "peft": "hf",
+    "huggingface_hub": "hf",
     "pytriton": "triton",  # nvidia-pytriton, found (not imported) by serve.triton
     # imported at module level by a stage: a command whose extra is missing names it (autoglm.cli.run_main)
     "torch": "compress",

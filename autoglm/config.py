@@ -66,6 +66,8 @@ class RunSettings(Section):
 class TaskSettings(Section):
     name: str = Field("digits", description="built-in task name or 'module:attr' of your own Task class")
     data: str | None = Field(None, description="task data source, e.g. a UTF-8 text file for charlm")
+    model_id: str | None = Field(None, description="pretrained model of the hf-* tasks: a local save_pretrained "
+                                 "directory or a Hugging Face hub id")
     model: Table = Field(default_factory=dict, description="architecture overrides")
 
 

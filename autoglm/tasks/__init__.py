@@ -1,7 +1,9 @@
 """Tasks: the workloads the pipeline tunes, compresses and serves.
 
-Built-in: ``digits`` (CNN on scikit-learn's digits, accuracy) and ``charlm`` (GPT-style character LM on
-Shakespeare, validation loss). Your own task is any :class:`Task` subclass, named as ``"module:attr"``.
+Built-in: ``digits`` (CNN on scikit-learn's digits, accuracy), ``charlm`` (GPT-style character LM on
+Shakespeare, validation loss), and two that fine-tune a pretrained Hugging Face model named by
+``task.model_id``: ``hf-causal-lm`` (a text file, validation loss) and ``hf-sequence-classification`` (a CSV or
+JSONL of text and label, accuracy). Your own task is any :class:`Task` subclass, named as ``"module:attr"``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ __all__ = [
 BUILTIN = {
     "digits": "autoglm.tasks.digits:DigitsTask",
     "charlm": "autoglm.tasks.charlm:CharLMTask",
+    "hf-causal-lm": "autoglm.tasks.hf_causal_lm:HFCausalLMTask",
+    "hf-sequence-classification": "autoglm.tasks.hf_classifier:HFClassifierTask",
 }
 
 
@@ -55,4 +59,11 @@ def get_task(settings: Settings) -> Task:
     knows no task (the core imports none), so an unknown task or model setting raises ConfigError now."""
     cls = task_class(settings.task.name)
     cls.check_model_args(settings.task.model)
-    return cls(data=settings.task.data, cache_dir=settings.run.cache_dir, seed=settings.run.seed)
+    extra = {}
+    if cls.reads_model_id:
+        extra["model_id"] = settings.task.model_id
+    elif settings.task.model_id is not None:
+        raise ConfigError(f"task.model_id={settings.task.model_id!r} is set, but task '{cls.name}' builds its own "
+                          "model: unset task.model_id, or use task.name='hf-causal-lm' or "
+                          "'hf-sequence-classification'")
+    return cls(data=settings.task.data, cache_dir=settings.run.cache_dir, seed=settings.run.seed, **extra)

@@ -173,6 +173,7 @@ class Task(ABC):
     model_space: ClassVar[dict[str, Knob]]  # architecture knobs (what build_model takes)
     train_space: ClassVar[dict[str, Knob]]  # training knobs, named as TrainSettings fields
     reads_data: ClassVar[bool] = True  # False: the task brings its own data and refuses task.data
+    reads_model_id: ClassVar[bool] = False  # True: the constructor takes task.model_id (a pretrained model)
 
     def __init__(self, data: str | None = None, cache_dir: Path | str = ".cache/autoglm", seed: int = 1337):
         if data is not None and not self.reads_data:
