@@ -228,7 +228,7 @@ class GenerateSettings(Section):
     enabled: bool = Field(True, description="build prefill/step graphs and the <task>-generate model")
     int8: bool = Field(True, description="try dynamic INT8 graphs; served when within max_metric_loss and faster. "
                       "Their activation scale is per batch, so a sequence's tokens can depend on what "
-                      "runs beside it; false: FP32, bit-reproducible under any concurrency")
+                      "runs beside it; false: FP32 or INT4 (per-row), reproducible under any concurrency")
     int4: bool = Field(True, description="try INT4 weight-only graphs (compress.int4); served when within "
                        "max_metric_loss and the fastest")
     max_sequences: int = Field(32, ge=1, description="sequences decoded together (cache slots); more wait")
