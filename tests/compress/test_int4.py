@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from autoglm.errors import ConfigError
-from compress import VariantBuilder, decode, variant_for
+from autoglm.config import load_settings
+from compress import VariantBuilder, check_settings, decode, variant_for, variant_settings
 from compress.int4 import Int4Recipe, quantizable_matmuls, quantize_int4, weight_bytes
 from compress.variants import relative_loss
 from tests.compress._trained import charlm
@@ -89,6 +90,10 @@ def test_the_int4_variant_builds_through_the_registry_and_is_gated_on_the_metric
     strict = builder.score(variant, builder.predictor(variant, threads=1), baseline)
 
     assert variant_for({"quantize": {"mode": "int4"}, "prune": {"ratio": 0.0}}) == "int4"
+    check_settings(load_settings(None, ["compress.variants=['int4', 'pruned-int4']",
+                                        "compress.quantize.calibration_batches=0"]))  # it needs no calibration
+    assert variant_settings("int4", settings.compress)["int4"] == {"block_size": 32, "symmetric": False,
+                                                                   "accuracy_level": 4, "keep_head": False}
     assert variant.path == tmp_path / "out" / "int4.onnx" and "MatMulNBits" in ops(variant.path)
     assert variant.recipe == {"pass": "int4", "block_size": 32, "symmetric": False, "accuracy_level": 4,
                               "keep_head": False}
