@@ -106,8 +106,8 @@ def quantize_int4(src: Path | str, dst: Path | str, recipe: Int4Recipe | None = 
 
 
 def weight_bytes(path: Path | str) -> int:
-    """Bytes of the constant tensors (weights, scales, zero points) of the ONNX model at ``path``: what decoding
-    one token reads."""
+    """Bytes of the constant tensors (weights, scales, zero points) of the ONNX model at ``path``: its weights at
+    rest. Decoding one token reads all of them but the embedding tables, of which it gathers a row."""
     onnx = require("onnx", purpose="INT4 quantization")
     model = onnx.load(str(path))
     return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
