@@ -193,6 +193,20 @@ class QATSettings(Section):
                            "on one digits seed in three)")
 
 
+class Int4Settings(Section):
+    """INT4 weight-only quantization (ONNX Runtime's MatMulNBits): the int4 variants and int4 decode graphs."""
+
+    # smaller blocks: more scales (block 32: 0.64 bytes per weight, 128: 0.54), a finer grid. 32 is the usual
+    # choice for accuracy (onnxruntime-genai's too); GPT-2-small shape, 2 cores: within noise of 64 and 128
+    block_size: Literal[16, 32, 64, 128] = Field(32, description="weights sharing one scale along the input")
+    symmetric: bool = Field(False, description="no zero points: slightly smaller, slightly less accurate")
+    # GPT-2-small shape, 2 cores: 4 decoded 1.6x (batch 1) and 1.5x (batch 8) faster than 0, at the same loss
+    accuracy_level: Literal[0, 4] = Field(4, description="4: int8 compute (per-row activation blocks; VNNI/AVX2 "
+                                          "kernels), 0: FP32 compute from dequantized weights")
+    # the head is an LM's widest MatMul: in FP32 it cost half the batch-1 speed for a loss INT4 kept anyway
+    keep_head: bool = Field(False, description="leave an LM's head (its last MatMul) in FP32")
+
+
 class TritonModelSettings(Section):
     """How each variant is served; loadtest sweeps these live."""
 
@@ -219,7 +233,9 @@ class GenerateSettings(Section):
     enabled: bool = Field(True, description="build prefill/step graphs and the <task>-generate model")
     int8: bool = Field(True, description="try dynamic INT8 graphs; served when within max_metric_loss and faster. "
                       "Their activation scale is per batch, so a sequence's tokens can depend on what "
-                      "runs beside it; false: FP32, bit-reproducible under any concurrency")
+                      "runs beside it; false: FP32 or INT4 (per-row), reproducible under any concurrency")
+    int4: bool = Field(True, description="try INT4 weight-only graphs (compress.int4); served when within "
+                       "max_metric_loss and the fastest")
     max_sequences: int = Field(32, ge=1, description="sequences decoded together (cache slots); more wait")
     max_waiting: int = Field(256, ge=0, description="requests waiting for a slot before new ones are refused")
     max_new_tokens: int = Field(1024, ge=1, description="upper bound of one request's max_new_tokens")
@@ -245,6 +261,7 @@ class CompressSettings(Section):
     quantize: QuantizeSettings = Field(default_factory=QuantizeSettings)
     prune: PruneSettings = Field(default_factory=PruneSettings)
     qat: QATSettings = Field(default_factory=QATSettings)
+    int4: Int4Settings = Field(default_factory=Int4Settings)
     triton: TritonModelSettings = Field(default_factory=TritonModelSettings)
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
 

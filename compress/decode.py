@@ -12,14 +12,16 @@ cache in place):
   logits (B, 1, V); ``query_seqlens`` 0 leaves a row idle.
 
 Gates: greedy tokens from the FP32 graphs must equal torch's greedy generation for the same prompts
-(:func:`check_greedy_parity`); INT8 graphs (dynamic, MatMul only) are judged by validation loss
-against ``compress.max_metric_loss``, computed through the prefill graph on the task's own batches.
+(:func:`check_greedy_parity`); INT8 graphs (dynamic, MatMul only) and INT4 ones (MatMulNBits weights) are
+judged by validation loss against ``compress.max_metric_loss``, computed through the prefill graph on the
+task's own batches.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,17 +32,29 @@ from autoglm._lazy import require
 from autoglm.errors import AutoGLMError
 from autoglm.tasks import Task
 from compress.decode_graph import build_graph, write_graphs  # noqa: F401 -- build_graph re-exported
+from compress.int4 import Int4Recipe
+
+PRECISIONS = ("int8", "int4")  # quantized candidates beside FP32 (compress.generate.int8, .int4)
 
 
 class DecodeParityError(AutoGLMError):
     """The decode graphs' greedy text differs from torch's: they are not published."""
 
 
-def quantize_graphs(paths: tuple[Path, Path], out_dir: Path) -> tuple[Path, Path]:
-    """Dynamic INT8 of every MatMul (weights per tensor), attention and norms left in FP32."""
-    qz = require("onnxruntime.quantization", purpose="INT8 decode graphs")
+def quantize_graphs(paths: tuple[Path, Path], out_dir: Path, precision: str = "int8",
+                    int4: Int4Recipe | None = None) -> tuple[Path, Path]:
+    """The graphs with quantized MatMul weights, attention and norms left in FP32: ``int8`` dynamic INT8 (weights
+    per tensor, activations per batch at run time); ``int4`` weight-only INT4 blocks (``int4``'s recipe, else
+    compress.int4's defaults; activations per row at run time, see :mod:`compress.int4`)."""
     out = out_dir / "prefill.onnx", out_dir / "step.onnx"
     out_dir.mkdir(parents=True, exist_ok=True)
+    if precision == "int4":
+        from compress.int4 import quantize_int4
+
+        return tuple(quantize_int4(src, dst, int4) for src, dst in zip(paths, out))
+    if precision != "int8":
+        raise ValueError(f"decode graph precision {precision!r} is unknown: use one of {list(PRECISIONS)}")
+    qz = require("onnxruntime.quantization", purpose="INT8 decode graphs")
     for src, dst in zip(paths, out):
         # DefaultTensorType: the contrib ops' outputs have no type ORT's quantizer can infer
         qz.quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], weight_type=qz.QuantType.QInt8,
@@ -160,15 +174,18 @@ def decode_speeds(engines: dict[str, Any], prompt: list[int], n_new: int, batche
 
 
 def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_metric_loss: float = 0.01,
-                        eval_batches: int = 8, int8: bool = True) -> DecodeGraphs | None:
-    """Write FP32 (and INT8) decode graphs under ``out_dir``; None when the task has no decoder.
+                        eval_batches: int = 8, int8: bool = True, precisions: Sequence[str] = PRECISIONS,
+                        int4: Int4Recipe | None = None) -> DecodeGraphs | None:
+    """Write FP32 decode graphs, and each of ``precisions`` (:func:`quantize_graphs`; ``int8=False`` drops int8),
+    under ``out_dir``; None when the task has no decoder.
 
     The FP32 pair must pass greedy parity (else :class:`DecodeParityError`, with ``decode.json``
-    written and nothing else kept). INT8 is served when it keeps the validation loss within
-    ``max_metric_loss`` (relative) and decodes faster (mean of its speed-ups at batch 1 and 8, measured
-    in alternating rounds); ``decode.json`` records every candidate.
+    written and nothing else kept). A quantized pair is served when it keeps the validation loss within
+    ``max_metric_loss`` (relative) and decodes fastest (mean of its speed-ups over FP32 at batch 1 and 8,
+    measured in alternating rounds), FP32 when none is faster; ``decode.json`` records every candidate.
     """
     from compress.decode_engine import DecodeEngine
+    from compress.int4 import weight_bytes
 
     weights = task.decoder_weights(model)
     if weights is None:
@@ -183,26 +200,30 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
                                 f"see {out_dir / 'decode.json'}")
     prompt = prompts(task, model_args, 1, max(1, weights.context // 2))[0]
     base_loss = graph_val_loss(fp32[0], task, model_args, eval_batches)
-    candidates = [{"precision": "fp32", "val_metric": base_loss, "status": "ok"}]
-    chosen = ("fp32", fp32)
-    if int8:
-        q = quantize_graphs(fp32, out_dir / "int8")
+    candidates = [{"precision": "fp32", "val_metric": base_loss, "status": "ok", "weight_bytes": weight_bytes(fp32[1])}]
+    graphs = {"fp32": fp32}
+    for precision in dict.fromkeys(p for p in precisions if int8 or p != "int8"):
+        q = graphs[precision] = quantize_graphs(fp32, out_dir / precision, precision, int4)
         loss = graph_val_loss(q[0], task, model_args, eval_batches)
         worse = (loss - base_loss if task.direction == "minimize" else base_loss - loss) / max(abs(base_loss), 1e-12)
-        candidates.append({"precision": "int8", "val_metric": loss, "metric_loss": worse,
-                           "status": "ok" if worse <= max_metric_loss else "rejected"})
-        engines["int8"] = DecodeEngine(str(q[0]), str(q[1]), max_sequences=8, threads=1)
+        candidates.append({"precision": precision, "val_metric": loss, "metric_loss": worse,
+                           "status": "ok" if worse <= max_metric_loss else "rejected",
+                           "weight_bytes": weight_bytes(q[1])} | ({"recipe": (int4 or Int4Recipe()).to_dict()}
+                                                                  if precision == "int4" else {}))
+        engines[precision] = DecodeEngine(str(q[0]), str(q[1]), max_sequences=8, threads=1)
     speeds = decode_speeds(engines, prompt, weights.context)
+    gains = {}
     for row in candidates:
-        row["tokens_per_s"] = {f"batch {b}": v for b, v in speeds[row["precision"]].items()}
-    if int8 and candidates[1]["status"] == "ok":
-        gain = [speeds["int8"][b] / speeds["fp32"][b] for b in speeds["fp32"]]
-        if float(np.mean(gain)) > 1:  # faster on average over batch 1 and 8: serve it
-            chosen = ("int8", q)
-    graphs = DecodeGraphs(chosen[1][0], chosen[1][1], chosen[0], parity, candidates)
-    _write_report(out_dir, graphs.to_dict(out_dir) | {"published": True, "metric": task.metric,
+        by = speeds[row["precision"]]
+        row["tokens_per_s"] = {f"batch {b}": v for b, v in by.items()}
+        if row["status"] == "ok":
+            gains[row["precision"]] = float(np.mean([by[b] / speeds["fp32"][b] for b in by]))
+    # the fastest within the loss gate on average over batch 1 and 8; FP32 on a tie
+    chosen = max(gains, key=lambda p: (gains[p], p == "fp32"))
+    served = DecodeGraphs(graphs[chosen][0], graphs[chosen][1], chosen, parity, candidates)
+    _write_report(out_dir, served.to_dict(out_dir) | {"published": True, "metric": task.metric,
                                                       "context": weights.context})
-    return graphs
+    return served
 
 
 def _write_report(out_dir: Path, report: dict[str, Any]) -> None:

@@ -117,10 +117,14 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
         variants = build_variants(task, model, checkpoint.model_args, settings, writer.dir, on_variant=report)
         graphs = None
         if settings.compress.generate.enabled:  # KV-cache decode graphs, for decoder tasks only
-            from compress.decode import build_decode_graphs
+            from compress.decode import PRECISIONS, build_decode_graphs
+            from compress.int4 import Int4Recipe
 
+            generate = settings.compress.generate
             graphs = build_decode_graphs(task, model, checkpoint.model_args, writer.dir / "decode",
-                                         settings.compress.max_metric_loss, int8=settings.compress.generate.int8)
+                                         settings.compress.max_metric_loss,
+                                         precisions=[p for p in PRECISIONS if getattr(generate, p)],
+                                         int4=Int4Recipe.of(settings.compress.int4))
     recommended, why = recommend(task, variants, preferred=source.overrides.get("variants", [None])[0])
     rows = [v.to_dict(writer.dir) for v in variants]
     write_atomic(writer.dir / "variants.json", (json.dumps({"variants": rows, "recommended": recommended,

@@ -2,8 +2,9 @@
 
 int8 takes compress.quantize.mode, or under 'auto' its preset (named, or chosen by the graph's ops: static QDQ
 for a CNN, dynamic for a transformer); int8-dynamic and int8-static fix the mode. A trial's ``quantize.mode``
-knob says dynamic, static, none (no INT8) or qat (the qat variants of compress/passes/qat.py and
-pruned_qat.py: a fake-quantized fine-tune instead of post-training INT8).
+knob says dynamic, static, none (no INT8), qat (the qat variants of compress/passes/qat.py and
+pruned_qat.py: a fake-quantized fine-tune instead of post-training INT8) or int4 (compress/passes/int4.py:
+INT4 weights instead of INT8).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ MODES = tuple(m for m in get_args(QuantizeSettings.model_fields["mode"].annotati
 # a trial's third way to INT8: it selects the qat variants (their settings are compress.qat's) and costs a
 # fine-tune, so tune's presets leave it out and tune.space opts in; QAT's export is built for Conv/Linear stacks
 QAT = "qat"
+# a trial's way to INT4 weights: it selects the int4 variants (compress/passes/int4.py, settings compress.int4);
+# opt-in, for decoders: 4-bit weights pay at batch 1, where decoding reads every weight per token
+INT4 = "int4"
 
 register(Pass("quantize", knobs={
-    "mode": Knob("categorical", OFF, choices=(OFF, *MODES, QAT)),
+    "mode": Knob("categorical", OFF, choices=(OFF, *MODES, QAT, INT4)),
     "calibration": setting(QuantizeSettings, "calibration"),  # used by static only
     "per_channel": setting(QuantizeSettings, "per_channel"),
-}, searched=("mode",), opt_in={"mode": (QAT,)}, switch="mode", selects=(QAT,)))
+}, searched=("mode",), opt_in={"mode": (QAT, INT4)}, switch="mode", selects=(QAT, INT4)))
 
 
 def static_by_graph(cfg: CompressSettings) -> bool:

@@ -120,8 +120,8 @@ def test_build_publishes_a_report_and_refuses_graphs_that_decode_differently(tmp
     task, model = charlm()
     built = decode.build_decode_graphs(task, model, model.model_args, tmp_path / "ok", eval_batches=2)
     report = json.loads((tmp_path / "ok" / "decode.json").read_text())
-    assert report["published"] and report["parity"]["passed"] and built.precision in ("fp32", "int8")
-    assert {c["precision"] for c in report["candidates"]} == {"fp32", "int8"}
+    assert report["published"] and report["parity"]["passed"] and built.precision in ("fp32", "int8", "int4")
+    assert {c["precision"] for c in report["candidates"]} == {"fp32", "int8", "int4"}
 
     weights = task.decoder_weights(model)
     broken = dataclasses.replace(weights, position_embedding=weights.position_embedding[::-1].copy())

@@ -68,8 +68,8 @@ def test_static_recipe_defaults_to_minmax_and_u8_activations():
 
 def test_knobs_cover_mode_calibration_and_per_channel():
     declared = knobs()
-    assert declared["quantize.mode"].choices == ("none", "dynamic", "static", "qat")
-    assert knobs(searched_only=True)["quantize.mode"].choices == ("none", "dynamic", "static")  # qat: opt-in
+    assert declared["quantize.mode"].choices == ("none", "dynamic", "static", "qat", "int4")
+    assert knobs(searched_only=True)["quantize.mode"].choices == ("none", "dynamic", "static")  # qat, int4: opt-in
     assert declared["quantize.mode"].default == "none"
     assert set(declared["quantize.calibration"].choices) == {"minmax", "entropy", "percentile"}
     assert set(declared["quantize.per_channel"].choices) == {True, False}

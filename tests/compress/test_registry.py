@@ -19,14 +19,15 @@ CALIBRATION = "static INT8 needs calibration data: set compress.quantize.calibra
 
 
 def test_the_registry_names_every_variant_in_its_order():
-    assert variant_names() == ["fp32", "int8", "int8-dynamic", "int8-static", "pruned", "pruned-int8", "qat",
-                               "pruned-qat", "trt-fp16", "trt-int8"]  # pruned_qat.py imports qat.py first
+    # int4.py imports int8.py and pruned.py first, pruned_qat.py imports qat.py first
+    assert variant_names() == ["fp32", "int8", "int8-dynamic", "int8-static", "pruned", "pruned-int8", "int4",
+                               "pruned-int4", "qat", "pruned-qat", "trt-fp16", "trt-int8"]
 
 
 def test_an_unknown_variant_is_refused_by_compress_not_by_the_core_config():
-    settings = load_settings(None, ["compress.variants=['fp32', 'int4']"])  # the core knows no variant names
+    settings = load_settings(None, ["compress.variants=['fp32', 'fp8']"])  # the core knows no variant names
 
-    with pytest.raises(ConfigError, match=re.escape(f"unknown variant(s) ['int4']: choose from {variant_names()}")):
+    with pytest.raises(ConfigError, match=re.escape(f"unknown variant(s) ['fp8']: choose from {variant_names()}")):
         check_settings(settings)
 
 
@@ -54,10 +55,10 @@ def test_variants_that_need_calibration_data_are_refused_without_it(variants, mo
 @pytest.mark.parametrize("command", ["compress", "tune"])
 def test_the_stage_commands_refuse_an_unknown_variant_before_writing_anything(command, dry_run, tmp_path, capsys):
     code = cli([command, *dry_run, "--run", "bad", "--set", f"run.root='{tmp_path}'",
-                "--set", "compress.variants=['int4']"])
+                "--set", "compress.variants=['fp8']"])
 
     err = capsys.readouterr().err
-    assert code == 2 and "unknown variant(s) ['int4']: choose from ['fp32'," in err and "Traceback" not in err
+    assert code == 2 and "unknown variant(s) ['fp8']: choose from ['fp32'," in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
 
 
@@ -80,9 +81,9 @@ def test_a_name_registers_once_and_a_variant_only_applies_registered_passes():
         register(Pass("quantize"))
     with pytest.raises(ValueError, match="VariantSpec 'fp32' is registered twice"):
         register(VariantSpec("fp32", build=lambda builder, name: None, passes=("export",)))
-    with pytest.raises(ValueError, match=r"applies passes \['int4'\] that are not registered"):
-        register(VariantSpec("int4", build=lambda builder, name: None, passes=("export", "int4")))
-    assert "int4" not in variants()
+    with pytest.raises(ValueError, match=r"applies passes \['fp8'\] that are not registered"):
+        register(VariantSpec("fp8", build=lambda builder, name: None, passes=("export", "fp8")))
+    assert "fp8" not in variants()
     assert all(set(spec.passes) <= set(passes()) for spec in variants().values())
 
 
@@ -149,7 +150,8 @@ def test_quantize_mode_qat_selects_the_qat_variants_and_sets_no_config_value():
     registry.check_knob("quantize.mode", "qat", "tune.space.quantize.mode")  # a choice, though no config value
     assert variant_settings("pruned-qat", applied)["qat"] == {"steps": 30, "lr_frac": 0.2}
     assert "qat" in quantize.knobs["mode"].choices and "qat" not in quantize.searched_knob("mode").choices
-    assert [n for n, s in variants().items() if s.fine_tunes] == ["pruned", "pruned-int8", "qat", "pruned-qat"]
+    assert [n for n, s in variants().items() if s.fine_tunes] == ["pruned", "pruned-int8", "pruned-int4", "qat",
+                                                                   "pruned-qat"]
 
 
 def test_two_tuned_variants_that_match_the_same_knobs_are_refused(fake_pass):

@@ -24,7 +24,8 @@ from serve.runner import on_free_ports  # noqa: F401 - the tests import it from 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is 2-10x slower here
 
 FAST = ["compress.variants=['fp32']", "compress.exporter='legacy'", "measure.repeats=5", "measure.warmup=1",
-        "measure.batch_sizes=[1]", "compress.triton.intra_op_threads=1", "compress.generate.int8=false"]
+        "measure.batch_sizes=[1]", "compress.triton.intra_op_threads=1", "compress.generate.int8=false",
+        "compress.generate.int4=false"]
 RECIPES = {
     "digits": ["train.lr=3e-3", "train.max_steps=250", "train.eval_every=250", "train.batch_size=64",
                "train.weight_decay=0.01", "train.eval_batches=2"],

@@ -69,7 +69,7 @@ def test_a_toml_file_can_name_only_the_knobs_to_search(tmp_path):
     ("default", {"train.batch_size": {"choices": []}}, "choices must not be empty"),
     ("default", {"train.batch_size": 0}, "train.batch_size=0 is invalid"),
     ("default", {"train.warmup_frac": {"low": 0.0, "high": 1.5}}, "train.warmup_frac=1.5 is invalid"),
-    ("default", {"quantize.mode": "fast"}, "use one of ['none', 'dynamic', 'static', 'qat']"),
+    ("default", {"quantize.mode": "fast"}, "use one of ['none', 'dynamic', 'static', 'qat', 'int4']"),
     ("default", {"train.lr": {"low": "1e-4"}}, "low must be a number, not '1e-4'"),
     ("default", {"train.batch_size": {"choices": 64}}, "choices must be a list"),
     ("default", {"train.lr": {"log": "no"}}, "log must be true or false"),
@@ -129,7 +129,7 @@ def test_the_tune_command_refuses_a_bad_space_before_any_trial(tmp_path, capsys)
 @pytest.mark.parametrize(("mode", "ratio", "variant"), [
     ("none", 0.0, "fp32"), ("dynamic", 0.0, "int8-dynamic"), ("static", 0.0, "int8-static"),
     ("none", 0.5, "pruned"), ("dynamic", 0.25, "pruned-int8"), ("static", 0.5, "pruned-int8"),
-    ("qat", 0.0, "qat"), ("qat", 0.25, "pruned-qat"),
+    ("qat", 0.0, "qat"), ("qat", 0.25, "pruned-qat"), ("int4", 0.0, "int4"), ("int4", 0.5, "pruned-int4"),
 ])
 def test_variant_for_maps_the_compression_knobs_to_a_compress_variant(mode, ratio, variant):
     assert variant_for({"quantize": {"mode": mode}, "prune": {"ratio": ratio}}) == variant
@@ -142,8 +142,8 @@ def test_qat_is_searched_where_tune_space_opts_in():
     assert default["quantize.mode"].choices == ("none", "dynamic", "static")  # each qat trial costs a fine-tune
     assert opted["quantize.mode"].choices == ("none", "static", "qat")
     assert build_space(DigitsTask(), "compression", {"quantize.mode": "qat"})["quantize.mode"] == "qat"
-    with pytest.raises(ConfigError, match="tune.space.quantize.mode='int4' is invalid"):
-        build_space(DigitsTask(), "default", {"quantize.mode": {"choices": ["none", "int4"]}})
+    with pytest.raises(ConfigError, match="tune.space.quantize.mode='int2' is invalid"):
+        build_space(DigitsTask(), "default", {"quantize.mode": {"choices": ["none", "int2"]}})
 
 
 def test_variant_for_without_compression_knobs_is_fp32():
