@@ -191,5 +191,20 @@ class TextCodec:
         pads = [t["id"] for t in tokenizer.get("added_tokens", []) if t["content"] in ("[PAD]", "<pad>", "<|pad|>")]
         return pads[0] if pads else 0
 
+    @functools.cached_property
+    def special_tokens(self) -> dict[str, str]:
+        """{"bos", "eos"}: the texts of the special token the tokenizer puts first (Llama's BOS) and of the
+        first end-of-sequence id, for chat templates that write them (``{{ bos_token }}``)."""
+        if self._tokenizer is None:
+            return {}
+        out = {}
+        first = self._tokenizer.encode("").ids
+        specials = {t["id"]: t["content"] for t in self.meta["tokenizer"].get("added_tokens", []) if t.get("special")}
+        if first and first[0] in specials:
+            out["bos"] = specials[first[0]]
+        if self.eos_ids:
+            out["eos"] = self._tokenizer.id_to_token(min(self.eos_ids)) or ""
+        return out
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.table.decode(ids)
