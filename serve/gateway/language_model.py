@@ -147,9 +147,10 @@ def decoder(gw: Gateway, name: str, model: str):
     return (gw.catalog.generate, kv_decode) if use_cache else (model, recompute_decode)
 
 
-async def generate(gw: Gateway, name: str, model: str, req: GenerateRequest) -> GenerateResponse:
-    """The whole continuation at once."""
-    prompt_ids = check_generate(gw, req)
+async def generate(gw: Gateway, name: str, model: str, req: GenerateRequest,
+                   prompt_ids: np.ndarray | None = None) -> GenerateResponse:
+    """The whole continuation at once (of ``prompt_ids``, where the caller encoded the prompt already)."""
+    prompt_ids = check_generate(gw, req) if prompt_ids is None else prompt_ids
     model, decode = decoder(gw, name, model)
     text, tokens, reason = [], 0, ""
     async for piece, tokens, reason in decode(gw, model, req, prompt_ids):

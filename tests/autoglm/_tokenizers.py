@@ -7,8 +7,8 @@ from __future__ import annotations
 import functools
 import json
 
-CORPUS = ["The quick brown fox jumps over the lazy dog.", "Héllo wörld, ça va? naïve café", "日本語のテキストです",
-          "emoji 😀 and 🎉 party", "numbers 12345 and symbols #@!", "a stream never splits a character"] * 8
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Héllo wörld, ça va? naïve café",
+          "日本語のテキストです", "emoji 😀 and 🎉 party", "numbers 12345 and symbols #@!", "a stream never splits a character"] * 8
 BYTES = [f"<0x{i:02X}>" for i in range(256)]
 
 

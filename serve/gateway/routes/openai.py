@@ -63,5 +63,5 @@ async def _answer(gw, request: Sampling, model: str, gen: language_model.Generat
         chunks = openai_api.completion_chunks(gw, request.model, model, gen, ids, chat, usage, timeout)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"cache-control": "no-cache"})
     async with asyncio.timeout(timeout):
-        reply = await language_model.generate(gw, request.model, model, gen)
+        reply = await language_model.generate(gw, request.model, model, gen, ids)
     return openai_api.completion_body(request.model, chat, reply, len(ids))
