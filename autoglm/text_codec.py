@@ -132,6 +132,9 @@ class TextCodec:
         if self._stoi is None:
             tokenizers = require("tokenizers", "serve", "Hugging Face tokenizers")
             self._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(meta["tokenizer"]))
+            # a saved tokenizer.json may carry truncation or padding: a prompt must be encoded whole
+            self._tokenizer.no_truncation()
+            self._tokenizer.no_padding()
 
     @classmethod
     def from_metadata(cls, meta: dict) -> TextCodec:
@@ -177,6 +180,7 @@ class TextCodec:
     def _truncating(self, max_length: int):
         """A copy of the tokenizer that truncates (the shared one must not change under other requests)."""
         tokenizer = type(self._tokenizer).from_str(json.dumps(self.meta["tokenizer"]))
+        tokenizer.no_padding()  # padded here, to the longest text of the request
         tokenizer.enable_truncation(max_length)
         return tokenizer
 

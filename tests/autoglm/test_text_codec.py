@@ -135,6 +135,16 @@ def test_classifier_batches_match_transformers_truncation_and_padding():
     assert ids.tolist() == want["input_ids"] and mask.tolist() == want["attention_mask"]
 
 
+def test_a_tokenizer_saved_with_truncation_or_padding_still_encodes_whole_prompts():
+    meta = lm_metadata("gpt2")
+    meta = {**meta, "tokenizer": {**meta["tokenizer"], "truncation": {"direction": "Right", "max_length": 2,
+                                                                      "strategy": "LongestFirst", "stride": 0},
+                                  "padding": {"strategy": {"Fixed": 40}, "direction": "Right", "pad_to_multiple_of":
+                                              None, "pad_id": 0, "pad_type_id": 0, "pad_token": "<|endoftext|>"}}}
+    codec, tok = TextCodec.from_metadata(meta), transformers_tokenizer("gpt2")
+    assert codec.encode("Hello world").tolist() == tok("Hello world")["input_ids"]
+
+
 def test_kinds_of_metadata():
     lm, cls = lm_metadata("gpt2"), classifier_metadata()
     assert is_language_model(lm) and not is_text_classifier(lm)
