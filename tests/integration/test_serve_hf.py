@@ -108,9 +108,11 @@ def test_a_prompt_past_the_context_is_refused(served):
     kind, _, serving = served
     if kind == "bert":
         pytest.skip("a classifier truncates its texts")
-    status, reply = call(serving, "/v1/models/hf-causal-lm:generate", {"prompt": "The cat sat on the mat. " * 40})
-    assert status == 413 and "context is 32 tokens" in reply["error"]
-    status, reply = call(serving, "/v1/completions", {"model": "hf-causal-lm", "prompt": "The cat sat. " * 40})
+    context = serving.catalog.metadata["block_size"]
+    long = "The cat sat on the mat. " * context
+    status, reply = call(serving, "/v1/models/hf-causal-lm:generate", {"prompt": long})
+    assert status == 413 and f"context is {context} tokens" in reply["error"]
+    status, reply = call(serving, "/v1/completions", {"model": "hf-causal-lm", "prompt": long})
     assert status == 400 and reply["error"]["code"] == "context_length_exceeded"
 
 
