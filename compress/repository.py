@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING
 
 from autoglm.artifacts import Manifest, RunDir, StageWriter, atomic_output, write_atomic
 from autoglm.config import Settings
+from autoglm.detokenizer import TABLE_FILE
 from autoglm.errors import ConfigError
 from autoglm.tasks import IOSpec, TensorSpec
+from autoglm.text_codec import decode_table
 from compress.triton_config import DynamicBatching, InstanceGroup, ModelConfig, render_pbtxt
 
 if TYPE_CHECKING:
@@ -104,8 +106,7 @@ def write_generate_model(repo: Path, settings: Settings, task, model_args, graph
     cfg = ModelConfig(name=name, io=GENERATE_IO, flavour="python", max_batch_size=0, dynamic_batching=None,
                       instance_group=InstanceGroup(1, "cpu"), warmup_batch_sizes=(), decoupled=True,
                       optional_inputs=tuple(t.name for t in GENERATE_IO.inputs[1:]),
-                      parameters={"itos": json.dumps(task.serving_metadata(model_args)["itos"]),
-                                  "max_sequences": str(g.max_sequences), "max_waiting": str(g.max_waiting),
+                      parameters={"max_sequences": str(g.max_sequences), "max_waiting": str(g.max_waiting),
                                   "max_new_tokens": str(g.max_new_tokens), "intra_op_threads": str(g.intra_op_threads),
                                   "stream_interval_ms": str(g.stream_interval_ms),
                                   "stream_responses_per_s": str(g.stream_responses_per_s),
@@ -113,7 +114,9 @@ def write_generate_model(repo: Path, settings: Settings, task, model_args, graph
     files = {"prefill.onnx": graphs.prefill, "step.onnx": graphs.step,
              "model.py": module_source("compress.triton_generate_model"),
              "decode_engine.py": module_source("compress.decode_engine"),
-             "sampling.py": module_source("autoglm.sampling")}
+             "sampling.py": module_source("autoglm.sampling"),
+             "detokenizer.py": module_source("autoglm.detokenizer"),
+             TABLE_FILE: decode_table(task.serving_metadata(model_args)).to_json().encode()}
     for folder in ("python", "native"):  # the NGC container runs the python backend too
         write_files(repo / folder, cfg, files)
     return name

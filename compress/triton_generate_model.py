@@ -1,7 +1,8 @@
 """Triton python-backend generation model: KV-cache decoding with in-flight batching, streamed.
 
-Copied into the model repository as ``<model>/1/model.py`` with ``decode_engine.py``, ``sampling.py``
-and the ``prefill.onnx``/``step.onnx`` graphs next to it; it imports nothing from the project.
+Copied into the model repository as ``<model>/1/model.py`` with ``decode_engine.py``, ``sampling.py``,
+``detokenizer.py``, the token table ``detokenizer.json`` and the ``prefill.onnx``/``step.onnx`` graphs
+next to it; it imports nothing from the project.
 
 The model is *decoupled* (``model_transaction_policy { decoupled: true }``): ``execute`` only queues
 requests and returns at once; one thread runs the decode loop and another, the outbox, does every
@@ -11,7 +12,9 @@ cache slot) and finished or cancelled sequences leave, so every step runs all li
 batch -- in-flight batching. Prefills (joins, and slides past the context) run on the engine's own
 thread while the loop steps the other sequences: at high concurrency they are about half the work,
 and would otherwise hold up every sequence's next token. New tokens go back as responses
-(``token_ids``, ``text``, ``finish_reason``); the last one carries the final flag. The first token is
+(``token_ids``, ``text``, ``finish_reason``); the last one carries the final flag. ``text`` holds
+complete characters only (a character whose UTF-8 bytes span tokens goes out with its last token); a
+sequence ends at ``max_new_tokens`` ("length"), a stop string or an end-of-sequence token ("stop"). The first token is
 sent at once (time to first token); later ones are coalesced: a sequence sends every
 ``stream_interval_ms`` (0: every token), and all sequences together at most ``stream_responses_per_s``
 (each of n live sequences then every n / budget seconds), and only while the outbox keeps up. A
@@ -24,7 +27,7 @@ request per token pays Triton's and the backend's per-request cost on every toke
 Metrics (Triton's ``/metrics``): ``autoglm_generate_sequences{state="live"|"waiting"}`` and
 ``autoglm_generate_tokens_total``, updated at most every 0.1 s while busy and at once when idle.
 
-Config parameters: ``itos`` (JSON list: token id -> text), ``max_sequences`` (cache slots; more
+Config parameters: ``max_sequences`` (cache slots; more
 requests wait), ``max_waiting`` (beyond it requests are refused), ``max_new_tokens`` (limit per
 request), ``stream_interval_ms``, ``stream_responses_per_s``, ``intra_op_threads``, ``prefill_chunk``.
 """
@@ -40,8 +43,9 @@ from collections import deque
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode_engine.py, sampling.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode_engine.py, sampling.py, detokenizer.py
 from decode_engine import DecodeEngine  # noqa: E402
+from detokenizer import TABLE_FILE, DecodeTable  # noqa: E402
 from sampling import Sampler, StopMatcher  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -64,9 +68,9 @@ def _error(message, code_name="INVALID_ARG"):
 class Job:
     """One request's generation: its sender, sampler, stop matcher and progress."""
 
-    def __init__(self, sender, ids, max_new, sampler, stops):
+    def __init__(self, sender, ids, max_new, sampler, stops, text):
         self.sender, self.ids, self.max_new = sender, ids, max_new
-        self.sampler, self.stop = sampler, StopMatcher(stops)
+        self.sampler, self.stop, self.text = sampler, StopMatcher(stops), text
         self.produced = 0
         self.next_token = None
         self.cancelled = False
@@ -78,7 +82,6 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.model_name = config.get("name", "generate")
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        self.itos = json.loads(params["itos"])
         self.max_new_tokens = int(params.get("max_new_tokens") or 256)
         self.max_waiting = int(params.get("max_waiting") or 256)
         self.interval_s = float(params.get("stream_interval_ms") or 0) / 1000
@@ -88,9 +91,14 @@ class TritonPythonModel:
                                    max_sequences=int(params.get("max_sequences") or 32),
                                    threads=int(params.get("intra_op_threads") or 0), prefill_thread=True,
                                    prefill_chunk=int(params.get("prefill_chunk") or 8))
-        if self.engine.vocab_size != len(self.itos):
-            raise ValueError(f"the graphs have {self.engine.vocab_size} tokens but itos has {len(self.itos)}: "
-                             f"regenerate the repository with `autoglm compress --force`")
+        with open(os.path.join(version_dir, TABLE_FILE)) as f:
+            table = DecodeTable.from_json(f.read())
+        try:  # token id -> bytes, for every logit the graphs give (ids past the tokenizer's add no text)
+            self.table = table.padded(self.engine.vocab_size)
+        except ValueError as exc:
+            raise ValueError(f"the graphs have {self.engine.vocab_size} tokens but the tokenizer has {len(table)} "
+                             f"({exc}): regenerate the repository with `autoglm compress --force`") from None
+        self.eos_ids = table.eos_ids
         # The families must outlive their metrics (the backend refuses updates otherwise): keep them.
         self.families = (
             pb_utils.MetricFamily(name="autoglm_generate_sequences", kind=pb_utils.MetricFamily.GAUGE,
@@ -127,8 +135,8 @@ class TritonPythonModel:
         ids = tensor.as_numpy().reshape(-1).astype(np.int64)
         if ids.size == 0:
             raise ValueError("'input_ids' is empty: give at least one prompt token")
-        if ids.min() < 0 or ids.max() >= len(self.itos):
-            raise ValueError(f"token ids must be within 0..{len(self.itos) - 1}")
+        if ids.min() < 0 or ids.max() >= len(self.table):
+            raise ValueError(f"token ids must be within 0..{len(self.table) - 1}")
         max_new = self._scalar(request, "max_new_tokens", int, 64)
         if not 1 <= max_new <= self.max_new_tokens:
             raise ValueError(f"max_new_tokens={max_new} must be within 1..{self.max_new_tokens}")
@@ -140,7 +148,8 @@ class TritonPythonModel:
         stop = pb_utils.get_input_tensor_by_name(request, "stop")
         stops = [] if stop is None else [s.decode() if isinstance(s, bytes) else str(s)
                                          for s in stop.as_numpy().reshape(-1)]
-        return Job(request.get_response_sender(), ids.tolist(), max_new, sampler, stops)
+        ids = ids.tolist()
+        return Job(request.get_response_sender(), ids, max_new, sampler, stops, self.table.stream(ids))
 
     def execute(self, requests):
         """Queue every request for the decode loop; answers go through each request's sender."""
@@ -250,9 +259,12 @@ class TritonPythonModel:
         job = seq.tag
         job.produced += 1
         self.unreported_tokens += 1
-        text, stopped = job.stop.push(self.itos[token])
-        reason = "stop" if stopped else "length" if job.produced >= job.max_new else ""
-        if reason == "length":
+        eos = token in self.eos_ids
+        done = eos or job.produced >= job.max_new
+        # complete characters only; at the end, an unfinished one becomes U+FFFD
+        text, stopped = job.stop.push(job.text.push(token) + (job.text.flush() if done else ""))
+        reason = "stop" if stopped or eos else "length" if done else ""
+        if reason and not stopped:
             text += job.stop.flush()
         job.unsent_ids.append(token)
         job.unsent_text += text

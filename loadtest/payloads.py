@@ -3,8 +3,10 @@
 The locust process only reads this file: it never imports torch, numpy or the task code. Two lists:
 
 * ``task``: the gateway's task endpoints. Classification (task.json metadata has ``pixel_max``):
-  ``:predict`` with raw images (pixels 0..pixel_max). Language models (metadata has ``itos``):
-  ``:generate`` with a validation prompt and ``:score`` with a validation window.
+  ``:predict`` with raw images (pixels 0..pixel_max). Language models (metadata has ``itos``, or a
+  ``tokenizer`` and a ``block_size``): ``:generate`` with a validation prompt and ``:score`` with a
+  validation window, as text decoded from its token ids. Text classifiers (a ``tokenizer`` and
+  ``classes``): ``:predict`` with the validation texts.
 * ``v2``: KServe v2 JSON infer bodies with the model's own input tensors (used through the gateway
   and straight to Triton).
 
@@ -22,6 +24,7 @@ import numpy as np
 from autoglm.artifacts import write_atomic
 from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
+from autoglm.text_codec import decode_table, is_language_model, is_text_classifier
 
 V2_TYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
             "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
@@ -47,18 +50,22 @@ def task_requests(task_info: dict[str, Any], inputs: dict[str, np.ndarray], gene
     meta = task_info["metadata"]
     name = task_info["io"]["inputs"][0]["name"]
     x = inputs[name]
+    if is_text_classifier(meta):  # the texts back from their token ids (special and padding tokens add none)
+        table = decode_table(meta)
+        mask = inputs.get("attention_mask", np.ones_like(x))
+        return [{"path": PREDICT, "body": {"instances": [table.decode(row[m > 0].tolist()).strip() or "."
+                                                         for row, m in zip(x, mask)]}}]
     if "pixel_max" in meta:  # classification: the gateway wants raw pixels and scales them itself
         raw = np.rint(x * float(meta["pixel_max"])).astype(int)
         images = raw.reshape(len(raw), *[d for d in raw.shape[1:] if d != 1] or [1]).tolist()  # (B,1,8,8) -> (B,8,8)
         return [{"path": PREDICT, "body": {"images": images}}]
-    if "itos" in meta:  # language model: a prompt to continue and a text to score
-        itos = meta["itos"]
-        text = "".join(itos[int(i)] for i in x[0])
-        prompt = text[: max(1, len(text) // 2)]
+    if is_language_model(meta):  # a prompt to continue and a text to score, in the model's tokens
+        table, ids = decode_table(meta), x[0].tolist()
+        text, prompt = table.decode(ids), table.decode(ids[:max(1, len(ids) // 2)])
         return [{"path": GENERATE, "body": {"prompt": prompt, "max_new_tokens": generate_tokens, "temperature": 0}},
                 {"path": SCORE, "body": {"text": text}}]
     raise AutoGLMError(f"task '{task_info['task']}' has no task endpoint this load test knows (its metadata has "
-                       "neither pixel_max nor itos): use --scenario v2 or --scenario triton")
+                       "neither pixel_max, itos nor a tokenizer): use --scenario v2 or --scenario triton")
 
 
 def build_payloads(settings: Settings, task_info: dict[str, Any], samples: int = 128, per_request: int = 1,
@@ -74,7 +81,7 @@ def build_payloads(settings: Settings, task_info: dict[str, Any], samples: int =
     task.prepare()
     batches = task.batches("val", per_request, samples, seed=settings.run.seed, model_args=task_info["model_args"])
     scenarios: dict[str, list[dict]] = {"task": [], "v2": []}
-    if "itos" in task_info["metadata"]:  # language models: streaming generation too
+    if is_language_model(task_info["metadata"]):  # language models: streaming generation too
         scenarios["generate"] = []
     task_error = None
     for inputs, _targets in batches:

@@ -77,15 +77,17 @@ class RouteMetrics:
             gateway_of(scope["app"]).metrics.observe(label, status, time.perf_counter() - started)
 
 
-def _error(status: int, headers, message: str, path: str = "", param: str | None = None) -> JSONResponse:
+def _error(status: int, headers, message: str, path: str = "", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
     """The gateway's error body, ``{"error": message}``; on the OpenAI paths, OpenAI's error object."""
-    body = openai_error(status, message, param) if speaks_openai(path) else {"error": message}
+    body = openai_error(status, message, param, code) if speaks_openai(path) else {"error": message}
     return JSONResponse(body, status_code=status,
                         headers={k.decode(): v.decode() for k, v in headers} if headers else None)
 
 
 async def _refused(request: Request, exc: Refused | TimeoutError) -> JSONResponse:
-    return _error(*gateway_of(request.app).refusal(exc), request.url.path, getattr(exc, "param", None))
+    return _error(*gateway_of(request.app).refusal(exc), request.url.path, getattr(exc, "param", None),
+                  getattr(exc, "code", None))
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,19 +1,23 @@
 """Which task the served models belong to: ``repository/task.json``, written by compress.
 
 The task endpoints (``/v1/models/<name>:<verb>``) find their Triton model and their request
-metadata (class labels, vocabulary, input and output names) here.
+metadata (class labels, vocabulary or tokenizer, input and output names) here.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoglm.errors import AutoGLMError
+from autoglm.text_codec import TextCodec, is_language_model, is_text_classifier
 
-# task endpoints per kind of task: :predict takes any task's tensors (KServe v1 instances)
-VERBS = {"classify": ("predict",), "language-model": ("predict", "generate", "score"), "tensors": ("predict",)}
+# task endpoints per kind of task: :predict takes any task's tensors (KServe v1 instances); classify
+# takes images (digits), text-classify texts (a Hugging Face sequence classifier)
+VERBS = {"classify": ("predict",), "text-classify": ("predict",), "language-model": ("predict", "generate", "score"),
+         "tensors": ("predict",)}
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,9 @@ class TaskCatalog:
     kind: str = field(init=False)
 
     def __post_init__(self) -> None:
-        kind = "classify" if "classes" in self.metadata else "language-model" if "itos" in self.metadata else "tensors"
+        meta = self.metadata
+        kind = "text-classify" if is_text_classifier(meta) else "classify" if "classes" in meta else \
+            "language-model" if is_language_model(meta) else "tensors"
         object.__setattr__(self, "kind", kind)
 
     @classmethod
@@ -49,6 +55,12 @@ class TaskCatalog:
         if name in self.models:
             return self.models[name]
         return name if name in self.models.values() or (name and name == self.generate) else None
+
+    @functools.cached_property
+    def codec(self) -> TextCodec:
+        """Text <-> token ids for language models and text classifiers (built on first use: a tokenizer
+        takes milliseconds to load)."""
+        return TextCodec.from_metadata(self.metadata)
 
     @property
     def names(self) -> list[str]:

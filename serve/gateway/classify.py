@@ -1,7 +1,11 @@
-"""Classification tasks' friendly ``:predict`` body (digits): ``images`` ↔ tensors, in numpy.
+"""Classification tasks' friendly ``:predict`` bodies, in numpy: ``images`` (digits) and texts (a Hugging Face
+sequence classifier).
 
 Raw 8x8 images (0..pixel_max) → the model's (B,1,8,8)/pixel_max input → logits (B,10) → softmax
 → class label and probabilities. The body is validated by :class:`serve.gateway.predict.PredictRequest`.
+Texts (``{"instances": ["text", ...]}`` or ``[{"text": ...}, ...]``) → the tokenizer's ``input_ids`` and
+``attention_mask`` (truncated to the model's ``max_length``, padded to the longest) → logits (B, classes)
+→ the class label and ``{label: probability}``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ from serve.gateway.instances import without_unit_axes
 class Prediction(BaseModel):
     class_: str = Field(alias="class", description="the most likely class label")
     probabilities: list[float] = Field(description="softmax over the classes, in label order")
+
+
+class TextPrediction(BaseModel):
+    class_: str = Field(alias="class", description="the most likely class label")
+    probabilities: dict[str, float] = Field(description="softmax over the classes: label -> probability")
 
 
 # rows of pixels, or the same with the model's channel axis (1x8x8); tried in that order, the first that fits
@@ -81,3 +90,27 @@ def predictions(logits: np.ndarray, classes: list[str]) -> list[dict]:
     probs = softmax(logits.astype(np.float32))
     best = probs.argmax(axis=1)
     return [{"class": classes[k], "probabilities": p} for k, p in zip(best.tolist(), probs)]
+
+
+def texts_of(instances: list) -> list[str] | None:
+    """The texts of a text classifier's ``instances`` (strings, or ``{"text": string}``); None where they are
+    the model's own tensors (rows of token ids, objects of inputs); BadInput naming a bad instance."""
+    first = instances[0]
+    if isinstance(first, list) or (isinstance(first, dict) and set(first) != {"text"}):
+        return None
+    texts = []
+    for i, item in enumerate(instances):
+        text = item.get("text") if isinstance(item, dict) and set(item) == {"text"} else item
+        if not isinstance(text, str):
+            raise BadInput(f"instance {i} must be a string (the text to classify) or {{\"text\": string}}; got "
+                           f"{type(text).__name__}", 422)
+        if not text.strip():
+            raise BadInput(f"instance {i} is an empty text: give some words to classify", 422)
+        texts.append(text)
+    return texts
+
+
+def text_predictions(logits: np.ndarray, classes: list[str]) -> list[dict]:
+    probs = softmax(logits.astype(np.float32)).tolist()
+    return [{"class": classes[max(range(len(p)), key=p.__getitem__)], "probabilities": dict(zip(classes, p))}
+            for p in probs]

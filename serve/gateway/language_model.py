@@ -1,9 +1,14 @@
-"""Language-model task endpoints (charlm): ``:generate`` and ``:score``, in numpy (no torch or onnx here).
+"""Language-model task endpoints (charlm, Hugging Face causal LMs): ``:generate`` and ``:score``, in numpy
+(no torch or onnx here); text <-> tokens through the catalog's :class:`autoglm.text_codec.TextCodec`.
 
 Generation runs in Triton's KV-cache model (``<task>-generate``, streamed token by token) when
 compress built one and the request names the task; a variant name (or a model without decode
 graphs) recomputes the context per token here, one Triton request per token. Scoring splits text
 into block_size windows, batched.
+
+Tokens are characters for charlm, the tokenizer's tokens otherwise. A prompt longer than a tokenizer
+model's context (``block_size``) is refused (:class:`ContextExceeded`), as OpenAI refuses one; charlm's
+keep their last block_size characters, as that model was trained to.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoglm.sampling import Sampler, StopMatcher
+from autoglm.text_codec import EncodeError
 from serve.gateway.errors import BadInput, Refused
 from serve.gateway.worker import Gateway
 
@@ -27,11 +33,12 @@ log = logging.getLogger("serve.gateway")
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    prompt: str = Field(min_length=1, description="text to continue; every character must be in the vocabulary")
-    max_new_tokens: int = Field(64, ge=1, description="characters to generate (bounded by the gateway's limit)")
-    temperature: float = Field(1.0, ge=0, le=100, description="0 picks the most likely character")
-    top_k: int | None = Field(None, ge=1, le=2**31 - 1, description="sample among the k most likely characters")
-    top_p: float | None = Field(None, gt=0, le=1, description="sample among the most likely characters whose "
+    prompt: str = Field(min_length=1, description="text to continue (charlm: every character must be in the "
+                        "vocabulary; a tokenizer model: at most its context of block_size tokens)")
+    max_new_tokens: int = Field(64, ge=1, description="tokens to generate (bounded by the gateway's limit)")
+    temperature: float = Field(1.0, ge=0, le=100, description="0 picks the most likely token")
+    top_k: int | None = Field(None, ge=1, le=2**31 - 1, description="sample among the k most likely tokens")
+    top_p: float | None = Field(None, gt=0, le=1, description="sample among the most likely tokens whose "
                                 "probabilities add up to top_p (nucleus sampling)")
     seed: int | None = Field(None, ge=0, lt=2**63, description="fixes the sampling for reproducible text")
     stop: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
@@ -42,39 +49,57 @@ class GenerateRequest(BaseModel):
 class GenerateResponse(BaseModel):
     model: str
     text: str = Field(description="the generated continuation (without the prompt, without a stop string)")
-    tokens: int = Field(description="characters generated")
-    finish_reason: str = Field(description="'length' (max_new_tokens reached) or 'stop' (a stop string came)")
+    tokens: int = Field(description="tokens generated (characters for charlm)")
+    finish_reason: str = Field(description="'length' (max_new_tokens reached) or 'stop' (a stop string or the "
+                               "model's end-of-sequence token came)")
 
 
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str = Field(min_length=2, description="text to score; every character must be in the vocabulary")
+    text: str = Field(min_length=2, description="text to score (charlm: every character must be in the "
+                      "vocabulary)")
 
 
 class ScoreResponse(BaseModel):
     model: str
-    loss: float = Field(description="mean cross-entropy per predicted character (nats)")
+    loss: float = Field(description="mean cross-entropy per predicted token (nats)")
     perplexity: float
-    tokens: int = Field(description="characters predicted (len(text) - 1)")
+    tokens: int = Field(description="tokens predicted (charlm: len(text) - 1)")
 
 
-def encode_text(text: str, itos: list[str]) -> np.ndarray:
-    stoi = {ch: i for i, ch in enumerate(itos)}
-    unknown = sorted({ch for ch in text if ch not in stoi})
-    if unknown:
-        raise BadInput(f"characters {''.join(unknown)!r} are not in the model's vocabulary of {len(itos)}", 422)
-    return np.fromiter((stoi[ch] for ch in text), dtype=np.int64, count=len(text))
+class ContextExceeded(BadInput):
+    """A prompt longer than the model's context (413; OpenAI's routes answer 400 context_length_exceeded)."""
+
+    def __init__(self, tokens: int, context: int):
+        super().__init__(f"the prompt is {tokens} tokens but the model's context is {context} tokens: "
+                         f"shorten the prompt", 413)
+        self.tokens, self.context = tokens, context
 
 
-def check_generate(gw: Gateway, req: GenerateRequest) -> np.ndarray:
-    """The prompt's token ids, after the checks that must fail before any answer starts (422)."""
+def encode_text(gw: Gateway, text: str, special_tokens: bool = True) -> np.ndarray:
+    """``text``'s token ids with the served model's codec; 422 for characters outside charlm's vocabulary."""
+    try:
+        return gw.catalog.codec.encode(text, special_tokens)
+    except EncodeError as exc:
+        raise BadInput(str(exc), 422) from None
+
+
+def check_generate(gw: Gateway, req: GenerateRequest, special_tokens: bool = True) -> np.ndarray:
+    """The prompt's token ids, after the checks that must fail before any answer starts (4xx).
+    ``special_tokens=False`` for a prompt that holds them already (a rendered chat template)."""
     if req.max_new_tokens > gw.settings.max_new_tokens:
         raise BadInput(f"max_new_tokens={req.max_new_tokens} is above this gateway's limit of "
                        f"{gw.settings.max_new_tokens}", 422)
     if len(req.prompt) > gw.settings.max_score_chars:
         raise BadInput(f"prompt of {len(req.prompt)} characters is above the limit of {gw.settings.max_score_chars}"
-                       f" (the model keeps only its last context characters anyway)", 413)
-    return encode_text(req.prompt, gw.catalog.metadata["itos"])
+                       f" (the model keeps only its last context tokens anyway)", 413)
+    ids = encode_text(gw, req.prompt, special_tokens)
+    meta = gw.catalog.metadata
+    if "itos" not in meta and len(ids) > int(meta["block_size"]):
+        raise ContextExceeded(len(ids), int(meta["block_size"]))
+    if ids.size == 0:
+        raise BadInput("the prompt encodes to no tokens: give some text to continue", 422)
+    return ids
 
 
 Piece = tuple[str, int, str]  # (text to show, tokens so far, finish reason or "")
@@ -96,22 +121,24 @@ async def kv_decode(gw: Gateway, model: str, req: GenerateRequest, prompt_ids: n
 async def recompute_decode(gw: Gateway, model: str, req: GenerateRequest,
                            prompt_ids: np.ndarray) -> AsyncIterator[Piece]:
     """Generation without a cache (models without decode graphs): one Triton request per token over the
-    last block_size characters, so concurrent generations meet in Triton's dynamic batches."""
-    meta, spec = gw.catalog.metadata, gw.catalog.io
-    itos, block = meta["itos"], int(meta["block_size"])
+    last block_size tokens, so concurrent generations meet in Triton's dynamic batches."""
+    meta, spec, table = gw.catalog.metadata, gw.catalog.io, gw.catalog.codec.table
+    block = int(meta["block_size"])
     ids = list(prompt_ids)
     sampler, stops = Sampler(req.temperature, req.top_k, req.top_p, req.seed), StopMatcher(req.stop)
+    text_of = table.stream(ids)  # complete characters only
     name, out_name = spec["inputs"][0]["name"], spec["outputs"][0]["name"]
     for n in range(1, req.max_new_tokens + 1):
         context = np.asarray([ids[-block:]], dtype=np.int64)  # (1, T<=block)
         logits = (await gw.infer(model, {name: context}, (out_name,)))[out_name]  # (1, T, V)
         token = sampler(logits[0, -1])
         ids.append(token)
-        text, stopped = stops.push(itos[token])
-        if stopped:
-            yield text, n, "stop"
+        eos, done = token in table.eos_ids, n == req.max_new_tokens or token in table.eos_ids
+        text, stopped = stops.push(text_of.push(token) + (text_of.flush() if done else ""))
+        if stopped or eos:
+            yield text + ("" if stopped else stops.flush()), n, "stop"
             return
-        yield (text + stops.flush(), n, "length") if n == req.max_new_tokens else (text, n, "")
+        yield (text + stops.flush(), n, "length") if done else (text, n, "")
 
 
 def decoder(gw: Gateway, name: str, model: str):
@@ -120,9 +147,10 @@ def decoder(gw: Gateway, name: str, model: str):
     return (gw.catalog.generate, kv_decode) if use_cache else (model, recompute_decode)
 
 
-async def generate(gw: Gateway, name: str, model: str, req: GenerateRequest) -> GenerateResponse:
-    """The whole continuation at once."""
-    prompt_ids = check_generate(gw, req)
+async def generate(gw: Gateway, name: str, model: str, req: GenerateRequest,
+                   prompt_ids: np.ndarray | None = None) -> GenerateResponse:
+    """The whole continuation at once (of ``prompt_ids``, where the caller encoded the prompt already)."""
+    prompt_ids = check_generate(gw, req) if prompt_ids is None else prompt_ids
     model, decode = decoder(gw, name, model)
     text, tokens, reason = [], 0, ""
     async for piece, tokens, reason in decode(gw, model, req, prompt_ids):
@@ -191,13 +219,15 @@ def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 async def score(gw: Gateway, model: str, req: ScoreRequest) -> ScoreResponse:
-    """Loss and perplexity of ``text``: every character after the first predicted from its window."""
+    """Loss and perplexity of ``text``: every token after the first predicted from its window."""
     if len(req.text) > gw.settings.max_score_chars:
         raise BadInput(f"text of {len(req.text)} characters is above the limit of {gw.settings.max_score_chars}",
                        413)
     meta, spec = gw.catalog.metadata, gw.catalog.io
     block = int(meta["block_size"])
-    ids = encode_text(req.text, meta["itos"])
+    ids = encode_text(gw, req.text)
+    if len(ids) < 2:
+        raise BadInput(f"the text is {len(ids)} token(s): scoring needs at least 2", 422)
     x, y = ids[:-1], ids[1:]
     name, out_name = spec["inputs"][0]["name"], spec["outputs"][0]["name"]
     max_batch = max(1, (await gw.signature(model)).max_batch_size)

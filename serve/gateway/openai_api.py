@@ -83,8 +83,11 @@ def plain_chat_prompt(messages: Sequence[ChatMessage]) -> str:
     return "".join(f"{PLAIN_ROLES[m.role]}:\n{m.text}{TURN_END}" for m in messages) + "ASSISTANT:\n"
 
 
-def template_chat_prompt(template: str, messages: Sequence[ChatMessage], metadata: dict) -> str:
-    """The tokenizer's Jinja chat template, rendered as transformers does (sandboxed: it comes with a model)."""
+def template_chat_prompt(template: str, messages: Sequence[ChatMessage], metadata: dict,
+                         special: dict | None = None) -> str:
+    """The tokenizer's Jinja chat template, rendered as transformers does (sandboxed: it comes with a model);
+    ``special``: the tokenizer's {"bos", "eos"} token texts where the metadata does not name them."""
+    special = special or {}
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -96,22 +99,29 @@ def template_chat_prompt(template: str, messages: Sequence[ChatMessage], metadat
     try:
         return env.from_string(template).render(
             messages=[{"role": m.role, "content": m.text} for m in messages], add_generation_prompt=True,
-            bos_token=metadata.get("bos_token", ""), eos_token=metadata.get("eos_token", ""))
+            bos_token=metadata.get("bos_token", special.get("bos", "")),
+            eos_token=metadata.get("eos_token", special.get("eos", "")))
     except TemplateError as exc:
         raise BadParam("messages", f"the model's chat template refused the messages: {exc}") from None
 
 
 def chat_prompt(gw: Gateway, req: ChatCompletionRequest) -> tuple[str, list[str]]:
-    """(prompt, the stop strings that end the reply's turn) for ``req.messages``."""
+    """(prompt, the stop strings that end the reply's turn) for ``req.messages``; a template's reply ends
+    at the model's end-of-turn token instead."""
     template = gw.catalog.metadata.get("chat_template")
     if template:
-        return template_chat_prompt(template, req.messages, gw.catalog.metadata), []
+        special = gw.catalog.codec.special_tokens if "tokenizer" in gw.catalog.metadata else {}
+        return template_chat_prompt(template, req.messages, gw.catalog.metadata, special), []
     return plain_chat_prompt(req.messages), [TURN_END]
 
 
 def generation(gw: Gateway, req: Sampling, prompt: str, param: str, max_tokens: int | None,
-               default_max: int, turn_stops: Sequence[str] = ()) -> tuple[GenerateRequest, np.ndarray]:
-    """The ``:generate`` request for an OpenAI one, and the prompt's token ids; BadParam naming what is wrong."""
+               default_max: int, turn_stops: Sequence[str] = (),
+               special_tokens: bool = True) -> tuple[GenerateRequest, np.ndarray]:
+    """The ``:generate`` request for an OpenAI one, and the prompt's token ids; BadParam naming what is wrong
+    (a prompt past the model's context: 400 ``context_length_exceeded``, as OpenAI answers).
+    ``special_tokens=False`` for a rendered chat template, which holds them already (as transformers'
+    ``apply_chat_template`` tokenizes)."""
     req.refuse_unsupported()
     limit = gw.settings.max_new_tokens
     if max_tokens is not None and max_tokens > limit:
@@ -125,7 +135,11 @@ def generation(gw: Gateway, req: Sampling, prompt: str, param: str, max_tokens: 
                           seed=None if req.seed is None else req.seed % SEED_RANGE,
                           stop=[*(req.stop or []), *turn_stops], stream=bool(req.stream))
     try:
-        return gen, language_model.check_generate(gw, gen)
+        return gen, language_model.check_generate(gw, gen, special_tokens)
+    except language_model.ContextExceeded as exc:
+        raise BadParam(param, f"this model's maximum context length is {exc.context} tokens, but the {param} "
+                              f"resulted in {exc.tokens} tokens: reduce the length of the {param}",
+                       code="context_length_exceeded") from None
     except BadInput as exc:  # characters outside the vocabulary, a prompt above the gateway's limit
         raise BadParam(param, str(exc)) from None
 

@@ -8,7 +8,9 @@ parse plus ≈4 µs) and is the route's OpenAPI schema; the handler picks the fo
 - ``{"inputs": {...}}`` (or a bare list for a one-input model) → ``{"model", "outputs": ...}``, TF-Serving's
   columnar form;
 - ``{"images": [...]}`` → class and probabilities per image, for classification tasks
-  (:mod:`serve.gateway.classify`).
+  (:mod:`serve.gateway.classify`);
+- for a text classifier, ``{"instances": ["text", ...]}`` (or ``[{"text": ...}]``) → class and
+  ``{label: probability}`` per text.
 
 Language models take rows of token ids (``instances: [[ids...], ...]``, one length per request) and
 answer their logits; text goes to ``:generate`` and ``:score``.
@@ -18,10 +20,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serve.gateway.classify import Image, Prediction, images_error, images_tensor, predictions
+from serve.gateway.classify import (Image, Prediction, TextPrediction, images_error, images_tensor, predictions,
+                                    text_predictions, texts_of)
 from serve.gateway.errors import BadInput
 from serve.gateway.instances import NOT_JSON, columns_of, columns_to_tensors, input_specs, rows_of, rows_to_tensors
 from serve.gateway.worker import JSON, Gateway
@@ -61,7 +65,7 @@ class PredictResponse(BaseModel):
     object of outputs otherwise) and ``images`` (class and probabilities); ``outputs`` answer ``inputs``."""
 
     model: str
-    predictions: list[Prediction] | list[Any] | None = None
+    predictions: list[Prediction] | list[TextPrediction] | list[Any] | None = None
     outputs: list[Any] | dict[str, list[Any]] | None = None
 
 
@@ -71,6 +75,8 @@ def _forms(gw: Gateway) -> str:
     forms = f'{{"instances": [row, ...]}} or {{"inputs": {{name: rows}}}} with rows of {specs} (without batch axis)'
     if gw.catalog.kind == "classify":
         forms += ', or {"images": [[8 rows of 8 pixels], ...]}'
+    if gw.catalog.kind == "text-classify":
+        forms += ', or {"instances": ["text", ...]}'
     return f"the request body must be {forms}"
 
 
@@ -105,6 +111,10 @@ async def predict(gw: Gateway, route, scope, headers: dict, body: bytes):
     request = read_request(gw, body)
     if request.images is not None:
         return await _classify(gw, route, model, request.images)
+    if request.instances is not None and gw.catalog.kind == "text-classify":
+        texts = texts_of(request.instances)
+        if texts is not None:
+            return await _classify_texts(gw, route, model, texts)
     specs = input_specs(gw.catalog.io)
     sig = await gw.signature(model)
     bools = b"true" in body or b"false" in body  # only then can a true/false hide among numbers
@@ -134,6 +144,22 @@ async def _classify(gw: Gateway, route, model: str, images: list):
     logits = (await gw.infer(model, {spec["name"]: x}, (out_name,)))[out_name]
     payload = {"model": model, "predictions": predictions(logits, gw.catalog.metadata["classes"])}
     return 200, (JSON,), orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+async def _classify_texts(gw: Gateway, route, model: str, texts: list[str]):
+    """Texts -> ``{"model", "predictions": [{"class", "probabilities": {label: p}}]}``."""
+    max_batch = (await gw.signature(model)).max_batch_size or 1
+    if len(texts) > max_batch:
+        raise BadInput(f"{len(texts)} texts in one request; the model takes at most {max_batch}: split it", 413)
+    meta, io = gw.catalog.metadata, gw.catalog.io
+    ids, mask = gw.catalog.codec.encode_batch(texts, int(meta["max_length"]))  # (B, T) each
+    given = {"input_ids": ids, "attention_mask": mask}
+    tensors = {s["name"]: given.get(s["name"], np.zeros_like(ids)) for s in io["inputs"]}  # token_type_ids: 0
+    gw.metrics.observe_rows(route.path, len(texts))
+    out_name = io["outputs"][0]["name"]
+    logits = (await gw.infer(model, tensors, (out_name,)))[out_name]
+    payload = {"model": model, "predictions": text_predictions(logits, meta["classes"])}
+    return 200, (JSON,), orjson.dumps(payload)
 
 
 def _check_token_ids(metadata: dict, name: str, ids) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
+from autoglm.detokenizer import DecodeTable
 from autoglm.errors import ConfigError
 from autoglm.tasks.base import IOSpec, TensorSpec
 from compress.repository import python_model_source, write_model
@@ -141,6 +142,7 @@ def test_write_model_lays_out_the_python_flavour(tmp_path):
 
 
 def test_the_python_models_sources_are_found_through_their_modules_wherever_compress_lies(tmp_path, monkeypatch):
+    import autoglm.detokenizer
     import autoglm.sampling
     import compress.decode_engine
     import compress.repository
@@ -162,6 +164,23 @@ def test_the_python_models_sources_are_found_through_their_modules_wherever_comp
     assert (generate / "model.py").read_bytes() == (package / "triton_generate_model.py").read_bytes()
     assert (generate / "decode_engine.py").read_bytes() == (package / "decode_engine.py").read_bytes()
     assert (generate / "sampling.py").read_bytes() == Path(autoglm.sampling.__file__).read_bytes()
+    assert (generate / "detokenizer.py").read_bytes() == Path(autoglm.detokenizer.__file__).read_bytes()
+    assert DecodeTable.from_json((generate / "detokenizer.json").read_text()).tokens == (b"a", b"b")
+
+
+def test_a_hugging_face_lm_gets_its_tokenizers_byte_table_and_eos_beside_the_generation_model(tmp_path):
+    from autoglm.config import Settings
+    from compress.decode import DecodeGraphs
+    from compress.repository import write_generate_model
+    from tests.autoglm._tokenizers import lm_metadata
+
+    meta = lm_metadata("gpt2")
+    task = types.SimpleNamespace(name="hf-causal-lm", serving_metadata=lambda _args: meta)
+    name = write_generate_model(tmp_path, Settings(), task, {}, DecodeGraphs(b"prefill", b"step", "fp32", {}))
+    table = DecodeTable.from_json((tmp_path / "python" / name / "1" / "detokenizer.json").read_text())
+    assert table.eos_ids == {0} and table.tokens[0] == b""  # <|endoftext|>: special, adds no text
+    assert b"\xc4\xa0" not in b"".join(table.tokens) and b" " in table.tokens  # 'Ġ' is the byte of a space
+    assert "itos" not in (tmp_path / "python" / name / "config.pbtxt").read_text()
 
 
 def test_write_model_native_has_no_model_py_and_checks_the_file(tmp_path):

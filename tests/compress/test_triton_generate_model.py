@@ -4,6 +4,7 @@ backend's ``triton_python_backend_utils``. tests/integration/test_serve_generate
 
 import importlib.util
 import json
+import shutil
 import sys
 import threading
 import time
@@ -16,6 +17,7 @@ from google.protobuf.json_format import MessageToDict
 from autoglm.config import load_settings
 from compress import decode
 from compress.repository import write_generate_model
+from autoglm.detokenizer import TABLE_FILE, DecodeTable
 from compress.triton_config import parse_pbtxt
 from tests.compress._trained import charlm
 
@@ -94,6 +96,12 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def generation(model_dir, monkeypatch):
+    m = load(model_dir, monkeypatch)
+    yield m
+    m.finalize()
+
+
+def load(model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", backend_utils())
     spec = importlib.util.spec_from_file_location("generate_model_under_test", model_dir / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
@@ -101,8 +109,7 @@ def generation(model_dir, monkeypatch):
     config = MessageToDict(parse_pbtxt((model_dir / "config.pbtxt").read_text()), preserving_proto_field_name=True)
     m = module.TritonPythonModel()
     m.initialize({"model_config": json.dumps(config), "model_repository": str(model_dir), "model_version": "1"})
-    yield m
-    m.finalize()
+    return m
 
 
 def run(m, timeout=20, **inputs) -> Sender:
@@ -188,3 +195,29 @@ def test_a_failed_prefill_fails_its_own_request_and_the_others_go_on(generation,
 def test_bad_requests_are_refused_with_a_final_error(generation, inputs, words):
     sender = run(generation, **inputs)
     assert len(sender.responses) == 1 and words in str(sender.responses[0].error)
+
+
+def test_text_comes_from_the_token_table_whole_characters_only_and_eos_stops(model_dir, tmp_path, monkeypatch):
+    task, model = charlm()
+    want = decode.torch_greedy(model, [1, 2, 3], 12)
+    first, second = want[0], next(i for i in want[1:] if i != want[0])
+    euro = "€".encode()  # its three bytes come in two tokens
+    tokens = [b"x"] * len(task.vocab)
+    tokens[first], tokens[second] = euro[:2], euro[2:]
+    eos = want[6]
+    table = DecodeTable(tuple(tokens), frozenset({eos}))
+    copy = shutil.copytree(model_dir, tmp_path / "generate")
+    (copy / "1" / TABLE_FILE).write_text(table.to_json())
+    m = load(copy, monkeypatch)
+    try:
+        m.interval_s = 0.0
+        sender = run(m, input_ids=np.array([1, 2, 3]), max_new_tokens=np.array([12], np.int32),
+                     temperature=np.array([0.0], np.float32))
+    finally:
+        m.finalize()
+    ids = [i for r in sender.responses for i in r.outputs["token_ids"].reshape(-1).tolist()]
+    assert ids == want[:want.index(eos) + 1]  # the end-of-sequence token ends it, and is counted
+    texts = [r.outputs["text"][0].decode() for r in sender.responses]
+    assert texts[0] == "" and "\ufffd" not in "".join(texts)  # half a character is held back, never sent
+    assert "".join(texts) == table.decode(ids) and "€" in "".join(texts)
+    assert sender.responses[-1].outputs["finish_reason"][0] == b"stop"

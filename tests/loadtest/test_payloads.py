@@ -46,6 +46,31 @@ def test_language_model_requests_generate_and_score():
     assert v2_body({"idx": np.array([[0, 1]])})["inputs"][0]["datatype"] == "INT64"
 
 
+def test_hugging_face_lm_requests_are_text_decoded_from_validation_ids():
+    from autoglm.text_codec import TextCodec
+    from tests.autoglm._tokenizers import lm_metadata
+
+    meta = lm_metadata("llama", block_size=32)
+    codec = TextCodec.from_metadata(meta)
+    ids = codec.encode("The quick brown fox jumps over the lazy dog 😀")
+    info = {"task": "hf-causal-lm", "io": {"inputs": [{"name": "input_ids"}]}, "metadata": meta}
+    generate, score = task_requests(info, {"input_ids": ids[None]}, generate_tokens=4)
+    assert score["body"] == {"text": "The quick brown fox jumps over the lazy dog 😀"}
+    assert generate["body"]["prompt"] == codec.decode(ids[:len(ids) // 2]) and generate["body"]["max_new_tokens"] == 4
+
+
+def test_text_classifier_requests_predict_the_validation_texts():
+    from autoglm.text_codec import TextCodec
+    from tests.autoglm._tokenizers import classifier_metadata
+
+    meta = classifier_metadata()
+    ids, mask = TextCodec.from_metadata(meta).encode_batch(["the lazy dog", "quick brown fox"], 8)
+    info = {"task": "hf-sequence-classification", "metadata": meta,
+            "io": {"inputs": [{"name": "input_ids"}, {"name": "attention_mask"}]}}
+    [request] = task_requests(info, {"input_ids": ids, "attention_mask": mask}, generate_tokens=4)
+    assert request == {"path": "/v1/models/{model}:predict", "body": {"instances": ["the lazy dog", "quick brown fox"]}}
+
+
 def test_unknown_task_kinds_point_at_the_v2_scenario():
     info = {"task": "custom", "io": {"inputs": [{"name": "x"}]}, "metadata": {}}
     with pytest.raises(AutoGLMError, match="--scenario v2"):

@@ -100,7 +100,7 @@ class FakeTriton:
         if "data" in item:
             x = np.asarray(item["data"], dtype=dtype).reshape(item["shape"])
         else:
-            x = np.frombuffer(binary, dtype).reshape(item["shape"])
+            x = np.frombuffer(binary, dtype, count=int(np.prod(item["shape"]))).reshape(item["shape"])  # the first
         y = _model(model, x)
         binary_out = any((o.get("parameters") or {}).get("binary_data") for o in header.get("outputs") or [])
         if not binary_out:

@@ -33,7 +33,8 @@ async def model(model: str, gw: GatewayDep, _: CallerDep) -> dict:
 @router.post("/completions", summary="Continue a prompt (OpenAI)", responses=STREAMED)
 async def completions(request: CompletionRequest, gw: GatewayDep, _: AdmittedDep):
     """OpenAI's legacy completions. ``prompt`` is a string or a list of one string; ``max_tokens`` defaults
-    to OpenAI's 16. Token counts are the model's tokens (characters for charlm)."""
+    to OpenAI's 16. Token counts are the model's tokens (characters for charlm); a prompt past the model's
+    context is refused (400 ``context_length_exceeded``)."""
     model = openai_api.triton_model(gw, request.model)
     gen, ids = openai_api.generation(gw, request, request.prompt, "prompt", request.max_tokens,
                                      openai_api.COMPLETION_MAX_TOKENS)
@@ -51,7 +52,7 @@ async def chat_completions(request: ChatCompletionRequest, gw: GatewayDep, _: Ad
     prompt, turn_stops = openai_api.chat_prompt(gw, request)
     gen, ids = openai_api.generation(gw, request, prompt, "messages",
                                      request.max_completion_tokens or request.max_tokens, gw.settings.max_new_tokens,
-                                     turn_stops)
+                                     turn_stops, special_tokens=not gw.catalog.metadata.get("chat_template"))
     return await _answer(gw, request, model, gen, ids, chat=True)
 
 
@@ -62,5 +63,5 @@ async def _answer(gw, request: Sampling, model: str, gen: language_model.Generat
         chunks = openai_api.completion_chunks(gw, request.model, model, gen, ids, chat, usage, timeout)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"cache-control": "no-cache"})
     async with asyncio.timeout(timeout):
-        reply = await language_model.generate(gw, request.model, model, gen)
+        reply = await language_model.generate(gw, request.model, model, gen, ids)
     return openai_api.completion_body(request.model, chat, reply, len(ids))
