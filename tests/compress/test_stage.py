@@ -33,7 +33,8 @@ def trained_run(tmp_path_factory):
     return settings
 
 
-@pytest.mark.parametrize("name", [v for v in variant_names() if not v.startswith("trt-")])
+# TensorRT needs a GPU; INT4 quantizes MatMul weights, which a CNN has none of (tests/compress/test_int4.py has them)
+@pytest.mark.parametrize("name", [v for v in variant_names() if not v.startswith("trt-") and "int4" not in v])
 def test_every_pass_yields_a_loadable_model_within_its_tolerance(name, tmp_path, trained_run):
     task, model = _trained.digits()
     settings = trained_run.model_copy()
@@ -46,6 +47,14 @@ def test_every_pass_yields_a_loadable_model_within_its_tolerance(name, tmp_path,
     assert set(variant.profile) == set(settings.measure.batch_sizes)
     assert variant.profile[1]["energy_method"]
     assert json.loads((tmp_path / "parity.json").read_text())[0]["passed"] is True
+
+
+@pytest.mark.parametrize("name", ["int4", "pruned-int4"])
+def test_int4_is_skipped_with_its_reason_on_a_model_without_matmul_weights(name, tmp_path, trained_run):
+    task, model = _trained.digits()
+    variant = build_variants(task, model, dict(model.model_args), trained_run, tmp_path, [name])[-1]
+    assert variant.status == "skipped" and variant.path is None
+    assert variant.reason.startswith("no MatMul with a constant weight to quantize")
 
 
 @pytest.mark.parametrize("name", ["trt-fp16", "trt-int8"])
@@ -111,7 +120,7 @@ def test_an_unknown_preset_is_refused_before_any_export(trained_run):
 
 
 @pytest.mark.parametrize(("variants", "message"), [
-    (["fp32", "int4"], "unknown variant(s) ['int4']: choose from ['fp32', 'int8', "),
+    (["fp32", "int3"], "unknown variant(s) ['int3']: choose from ['fp32', 'int8', "),
     (["fp32", "int8-static"], "static INT8 needs calibration data: set compress.quantize.calibration_batches > 0"),
 ])
 def test_variants_compress_cannot_build_are_refused_before_the_last_release_is_touched(trained_run, variants,
