@@ -1,10 +1,7 @@
 """Hugging Face tasks end to end on a real Triton: train (a few steps) -> compress -> serve -> gateway, for a
 tiny GPT-2, a tiny Llama and a tiny Bert classifier built offline (tests/hf_fixtures.py). The served greedy
 continuation equals transformers' own ``generate()`` decoded with the model's tokenizer; a stream never
-splits a character; a prompt past the context is refused; the classifier answers labels from texts.
-
-Needs the hf tasks (autoglm/tasks/hf_*.py), their decode graphs (autoglm/tasks/hf_decoder.py) and
-tests/hf_fixtures.py: skipped where any is missing."""
+splits a character; a prompt past the context is refused; the classifier answers labels from texts."""
 
 import functools
 import json
@@ -26,7 +23,8 @@ def published(kind: str):
     from autoglm.train import train_run
     from compress.stage import compress_run
 
-    fixtures = pytest.importorskip("tests.hf_fixtures")
+    from tests import hf_fixtures as fixtures
+
     root = _root()
     data = root / f"{kind}-data"
     data.mkdir(exist_ok=True)
@@ -44,20 +42,27 @@ def published(kind: str):
     return settings
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama", "bert"])
-def served(request):
+def serve(kind: str):
     from serve import GatewaySettings, start_serving
 
     require_triton()
-    try:
-        settings = on_free_ports(published(request.param))
-    except Exception as exc:  # noqa: BLE001 -- the HF tasks are not on this branch yet
-        if "hf-" in str(exc) and "unknown" in str(exc).lower():
-            pytest.skip(f"the Hugging Face tasks are not installed here: {exc}")
-        raise
-    serving = start_serving(settings, GatewaySettings(port=settings.serve.gateway_port))
+    settings = on_free_ports(published(kind))
+    return settings, start_serving(settings, GatewaySettings(port=settings.serve.gateway_port))
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def served(request):
+    """A causal LM of each family, served."""
+    settings, serving = serve(request.param)
     with serving:
         yield request.param, settings, serving
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    settings, serving = serve("bert")
+    with serving:
+        yield serving
 
 
 def call(serving, path: str, body: dict) -> tuple[int, dict | bytes]:
@@ -88,9 +93,7 @@ def transformers_greedy(settings, prompt: str, new_tokens: int) -> str:
 
 
 def test_greedy_generation_equals_transformers_and_streams_whole_characters(served):
-    kind, settings, serving = served
-    if kind == "bert":
-        pytest.skip("a classifier does not generate")
+    _, settings, serving = served
     assert f"{serving.catalog.task}-generate" in serving.models
     prompt = "The cat sat on"
     status, reply = call(serving, "/v1/models/hf-causal-lm:generate",
@@ -105,9 +108,7 @@ def test_greedy_generation_equals_transformers_and_streams_whole_characters(serv
 
 
 def test_a_prompt_past_the_context_is_refused(served):
-    kind, _, serving = served
-    if kind == "bert":
-        pytest.skip("a classifier truncates its texts")
+    _, _, serving = served
     context = serving.catalog.metadata["block_size"]
     long = "The cat sat on the mat. " * context
     status, reply = call(serving, "/v1/models/hf-causal-lm:generate", {"prompt": long})
@@ -116,10 +117,18 @@ def test_a_prompt_past_the_context_is_refused(served):
     assert status == 400 and reply["error"]["code"] == "context_length_exceeded"
 
 
-def test_the_classifier_answers_labels_for_texts(served):
-    kind, _, serving = served
-    if kind != "bert":
-        pytest.skip("texts to :predict are a classifier's")
+def test_the_openai_sdk_completes_with_the_served_greedy_text(served):
+    openai = pytest.importorskip("openai")
+    _, settings, serving = served
+    client = openai.OpenAI(base_url=f"{serving.gateway.url}/v1", api_key="unused", max_retries=0)
+    prompt = "The dog ran"
+    done = client.completions.create(model="hf-causal-lm", prompt=prompt, max_tokens=12, temperature=0)
+    assert done.choices[0].text == transformers_greedy(settings, prompt, 12)
+    assert done.usage.completion_tokens == 12 and done.usage.prompt_tokens >= 3
+
+
+def test_the_classifier_answers_labels_for_texts(classifier):
+    serving = classifier
     status, reply = call(serving, "/v1/models/hf-sequence-classification:predict",
                          {"instances": ["the cat was good.", {"text": "a dog was awful."}]})
     assert status == 200 and len(reply["predictions"]) == 2
