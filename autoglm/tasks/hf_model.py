@@ -60,7 +60,8 @@ def merge_lora(model: torch.nn.Module) -> None:
 
 
 def mlp_inner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The Linear layers that set each block's MLP inner width (Llama's gate/up, Bert's intermediate, DistilBERT's lin1).
+    """The Linear layers that set each block's MLP inner width (Llama's gate/up, Bert's intermediate.dense,
+    DistilBERT's ffn.lin1).
 
     The residual width and attention heads are tied across layers, so only these may shrink. GPT-2 keeps
     its MLP in transformers' Conv1D, which structural pruning does not know: it gets [] (pruning refused)."""
