@@ -102,8 +102,9 @@ def train_ddp(task: Task, model: torch.nn.Module, settings: TrainSettings, on_ev
     rank 0's weights). ``samples`` counts the global batch. ``on_eval`` runs on rank 0 only.
     """
     replicas = ProcessGroup(next(model.parameters()).device)
-    return fit(task, model, settings, on_eval=on_eval, log_path=log_path if replicas.rank == 0 else None,
-               replicas=replicas)
+    with task.training(model):  # as Task.train: LoRA adapters on every rank alike, merged back after
+        return fit(task, model, settings, on_eval=on_eval, log_path=log_path if replicas.rank == 0 else None,
+                   replicas=replicas)
 
 
 def run(settings: Settings, out_dir: Path | str) -> TrainResult:

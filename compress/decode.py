@@ -37,6 +37,11 @@ from compress.int4 import Int4Recipe
 PRECISIONS = ("int8", "int4")  # quantized candidates beside FP32 (compress.generate.int8, .int4)
 
 
+CHECK_TOKENS = 64
+"""New tokens per prompt of the parity gate, and prompt and new tokens of the speed rounds: decoding a whole
+1024-token context through torch's generate() for every prompt would take minutes for a 135M model."""
+
+
 class DecodeParityError(AutoGLMError):
     """The decode graphs' greedy text differs from torch's: they are not published."""
 
@@ -193,12 +198,12 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
     model.eval()
     fp32 = write_graphs(weights, out_dir / "fp32")
     engines = {"fp32": DecodeEngine(str(fp32[0]), str(fp32[1]), max_sequences=8, threads=1)}
-    parity = check_greedy_parity(model, engines["fp32"], task, model_args)
+    parity = check_greedy_parity(model, engines["fp32"], task, model_args, max_new_tokens=CHECK_TOKENS)
     if not parity["passed"]:
         _write_report(out_dir, {"parity": parity, "published": False})
         raise DecodeParityError(f"decode graphs' greedy tokens differ from torch ({parity['prompts']}); "
                                 f"see {out_dir / 'decode.json'}")
-    prompt = prompts(task, model_args, 1, max(1, weights.context // 2))[0]
+    prompt = prompts(task, model_args, 1, max(1, min(weights.context // 2, CHECK_TOKENS)))[0]
     base_loss = graph_val_loss(fp32[0], task, model_args, eval_batches)
     candidates = [{"precision": "fp32", "val_metric": base_loss, "status": "ok", "weight_bytes": weight_bytes(fp32[1])}]
     graphs = {"fp32": fp32}
@@ -211,7 +216,7 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
                            "weight_bytes": weight_bytes(q[1])} | ({"recipe": (int4 or Int4Recipe()).to_dict()}
                                                                   if precision == "int4" else {}))
         engines[precision] = DecodeEngine(str(q[0]), str(q[1]), max_sequences=8, threads=1)
-    speeds = decode_speeds(engines, prompt, weights.context)
+    speeds = decode_speeds(engines, prompt, min(weights.context, CHECK_TOKENS))
     gains = {}
     for row in candidates:
         by = speeds[row["precision"]]

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from autoglm.config import TrainSettings
 
-__all__ = ["count_params", "prune_and_finetune", "prune_model"]
+__all__ = ["count_params", "prunable", "prune_and_finetune", "prune_model"]
 
 # fine-tuning repairs a trained model: a fraction of its lr, no warmup (the config's default)
 FINETUNE_LR_FRAC = PruneSettings.model_fields["finetune_lr_frac"].default
@@ -73,6 +73,17 @@ def _layers_in_call_order(model: torch.nn.Module, args: tuple[torch.Tensor, ...]
         for hook in hooks:
             hook.remove()
     return list(dict.fromkeys(order))  # first-call order, each module once
+
+
+def prunable(task: Task, model: torch.nn.Module) -> tuple[bool, str]:
+    """Whether ``task`` lets structural pruning shrink some layer of ``model``, and why not: its
+    :meth:`Task.prunable_layers` is empty (e.g. GPT-2, whose MLP is transformers' Conv1D, which torch-pruning
+    does not know)."""
+    if task.prunable_layers(model) == []:
+        kind = type(getattr(model, "hf", model)).__name__
+        return False, (f"task '{task.name}' has no layer of its {kind} that structural pruning can shrink; "
+                       "leave the pruned variants out of compress.variants")
+    return True, ""
 
 
 def _ignored_layers(task: Task, model: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> list[torch.nn.Module]:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from autoglm.config import CompressSettings, Settings
 from autoglm.errors import ConfigError
-from autoglm.tasks.base import Knob
+from autoglm.tasks.base import Knob, Task
 
 if TYPE_CHECKING:
     from compress.variants import Variant, VariantBuilder
@@ -29,6 +29,10 @@ Build = Callable[["VariantBuilder", str], "Variant"]
 
 
 def _everywhere() -> tuple[bool, str]:
+    return True, ""
+
+
+def _any_model(task: Task, model: Any) -> tuple[bool, str]:
     return True, ""
 
 
@@ -42,7 +46,9 @@ class Pass:
     variants, naming no value of the pass's config section (quantize.mode 'qat': the qat variants read
     compress.qat). ``untrained``: config values that build the pass's graph without its training (a trial's probe
     times the graph, not its weights); a pass with them fine-tunes. ``available()``: whether it can run on this
-    host, and why not (a variant applying it is then skipped with that reason, never faked)."""
+    host, and why not (a variant applying it is then skipped with that reason, never faked). ``applies(task, model)``:
+    whether it can transform this task's model, and why not (GPT-2's Conv1D MLP cannot be pruned): its variants are
+    then skipped with that reason, and tune fixes its switch off."""
 
     name: str
     knobs: Mapping[str, Knob] = field(default_factory=dict)
@@ -52,6 +58,7 @@ class Pass:
     selects: tuple[Any, ...] = ()
     untrained: Mapping[str, Any] = field(default_factory=dict)
     available: Callable[[], tuple[bool, str]] = _everywhere
+    applies: Callable[[Task, Any], tuple[bool, str]] = _any_model
 
     def __post_init__(self) -> None:
         unknown = {*self.searched, *self.opt_in, *([self.switch] if self.switch else [])} - set(self.knobs)
@@ -274,3 +281,9 @@ def untrained_settings(cfg: CompressSettings) -> CompressSettings:
     """``cfg`` with every pass's training skipped: the same graphs, not their trained weights (a trial's probe)."""
     return cfg.model_copy(update={p.name: getattr(cfg, p.name).model_copy(update=p.untrained)
                                   for p in passes().values() if p.untrained and p.section is not None})
+
+
+def inapplicable(task: Task, model: Any) -> dict[str, str]:
+    """The passes that cannot transform ``task``'s ``model`` (see :attr:`Pass.applies`), each with the reason."""
+    found = {name: p.applies(task, model) for name, p in passes().items()}
+    return {name: reason for name, (ok, reason) in found.items() if not ok}

@@ -100,14 +100,24 @@ class VariantBuilder:
 
     def build(self, name: str) -> Variant:
         """Build one variant by name (see :func:`compress.registry.variant_names`); skipped, with the reason,
-        where a pass it applies cannot run on this host."""
+        where a pass it applies cannot run on this host or cannot transform this model."""
         spec = variant_spec(name)
         self.fp32()  # first, whatever the variant: most start from it, and its parity gate runs before them
         for pass_name in spec.passes:
             ok, reason = passes()[pass_name].available()
+            if ok:
+                ok, reason = self.memo(f"applies:{pass_name}", lambda p=pass_name: self._applies(p))
             if not ok:
                 return Variant(name, None, {"pass": pass_name}, status="skipped", reason=reason)
         return spec.build(self, name)
+
+    def _applies(self, pass_name: str) -> tuple[bool, str]:
+        """Whether pass ``pass_name`` can transform this model; the reason is logged once per builder, however
+        many variants apply the pass."""
+        ok, reason = passes()[pass_name].applies(self.task, self.model)
+        if not ok:
+            log.warning("%s variants skipped: %s", pass_name, reason)
+        return ok, reason
 
     # ---- evaluation --------------------------------------------------------------------------------
     def predictor(self, variant: Variant, threads: int | None = None) -> Predictor:

@@ -14,6 +14,7 @@ Optuna. Presets:
 
 from __future__ import annotations
 
+import logging
 import math
 import tomllib
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from typing import Any
 from autoglm.errors import ConfigError
 from autoglm.tasks import Knob, Task
 
+log = logging.getLogger(__name__)
 PRESETS = ("default", "training", "compression", "adaptive")
 ALIASES = {"adaptive-v2": "adaptive"}  # the AutoGLM article's name for the adaptive space
 
@@ -73,6 +75,25 @@ def build_space(task: Task, preset: str | Mapping[str, Any] = "default",
     compresses = any(name in every for name in space)
     addable = {k: v for k, v in every.items() if k not in space} if compresses else {}
     return apply_overrides(space, overrides or {}, addable, {**arch, **train, **every})
+
+
+def without_inapplicable(task: Task, space: Mapping[str, Any], model_args: Mapping[str, Any]) -> dict[str, Any]:
+    """``space`` with the switch of each pass that cannot transform the task's model fixed off (GPT-2's Conv1D MLP
+    and ``prune.ratio``), one warning line each: a trial switching it on would only build a skipped variant."""
+    from compress.registry import inapplicable, passes
+
+    switches = {f"{p.name}.{p.switch}": p for p in passes().values() if p.switch}
+    searched = [name for name, knob in space.items() if name in switches and isinstance(knob, Knob)]
+    if not searched:
+        return dict(space)
+    reasons = inapplicable(task, task.build_model(model_args))
+    out = dict(space)
+    for name in searched:
+        found = switches[name]
+        if found.name in reasons:
+            out[name] = found.knobs[found.switch].default
+            log.warning("tune: %s fixed at %r (not searched): %s", name, out[name], reasons[found.name])
+    return out
 
 
 def with_shared_schedule(space: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from compress import check_settings
 from tune import attributes as attrs
 from tune.select import pareto_points, select
 from tune.siblings import CompressionSiblings
-from tune.space import build_space, warm_start_params, with_shared_schedule
+from tune.space import build_space, warm_start_params, with_shared_schedule, without_inapplicable
 from tune.storage import directions, discard_study, open_study, queue_retry, recover_stale_trials, warm_start
 
 # what counts toward tune.n_trials: a failed trial does not, so a rerun after fixing its cause runs the trials the
@@ -40,6 +40,7 @@ def open_search(settings: Settings, tune_dir: Path, sampler=None):
     task = get_task(settings).scored_by(settings.tune.metric)
     task.prepare()
     space = build_space(task, settings.tune.search_space, settings.tune.space)
+    space = without_inapplicable(task, space, task.check_model_args(settings.task.model))
     if settings.tune.early_stop.enabled and settings.tune.early_stop.shared_schedule:
         space = with_shared_schedule(space)
     study = open_study(settings, tune_dir, task.direction, task.metric, sampler)

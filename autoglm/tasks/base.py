@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -288,12 +289,19 @@ class Task(ABC):
         return None
 
     # ---- training and evaluation (shared; override only for unusual tasks) -------------------------
+    @contextmanager
+    def training(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """What the task puts on ``model`` while it trains, taken off after (LoRA adapters, merged back); every
+        trainer runs inside it: :meth:`train` and each DDP rank (:mod:`autoglm.ddp`). Default: nothing."""
+        yield model
+
     def train(self, model: torch.nn.Module, settings: TrainSettings, on_eval: EvalCallback | None = None,
               log_path: Path | None = None, progress: bool = False) -> TrainResult:
-        """Train with the shared loop (autoglm.tasks.training.fit)."""
+        """Train with the shared loop (autoglm.tasks.training.fit), inside :meth:`training`."""
         from autoglm.tasks.training import fit
 
-        return fit(self, model, settings, on_eval=on_eval, log_path=log_path, progress=progress)
+        with self.training(model):
+            return fit(self, model, settings, on_eval=on_eval, log_path=log_path, progress=progress)
 
     def evaluate(self, predict: Predictor, split: Literal["train", "val", "test"] = "val",
                  n_batches: int = 20, batch_size: int = 64,

@@ -23,6 +23,7 @@ from autoglm.artifacts import atomic_output, write_atomic
 from autoglm.errors import DataError
 from autoglm.tasks import corpus
 from autoglm.tasks.base import DecoderWeights, IOSpec, Knob, TensorSpec
+from autoglm.tasks.hf_decoder import MAX_CONTEXT as SERVED_CONTEXT  # the decode graphs' default KV cache length
 from autoglm.tasks.hf_source import (LORA_SPACE, HFTask, content_digest, decoder_family, max_positions,
                                      tokenizer_identity)
 
@@ -74,6 +75,9 @@ class HFCausalLMTask(HFTask):
     model_space = {
         # tokens per training window; capped at the model's context (n_positions / max_position_embeddings)
         "block_size": Knob("categorical", 128, choices=(64, 128, 256, 512)),
+        # tokens of prompt + generation served (the KV cache length), capped at the model's context; one
+        # value searched: it is a deployment choice, and the cache's memory grows with it
+        "context": Knob("categorical", SERVED_CONTEXT, choices=(SERVED_CONTEXT,)),
         **LORA_SPACE,
     }
     data_help = "a UTF-8 text file or a JSONL file of {\"text\": ...} lines"
@@ -185,16 +189,18 @@ class HFCausalLMTask(HFTask):
     def finish(self, totals: dict[str, float]) -> dict[str, float]:
         return {"val_loss": totals["nll"], "perplexity": math.exp(min(totals["nll"], 700.0))}
 
-    def context(self) -> int:
-        """Tokens of prompt plus generation the served model takes: the model's context."""
-        return max_positions(self.hf_config) or self.model_space["block_size"].default
+    def context(self, model_args: Mapping[str, Any] | None = None) -> int:
+        """Tokens of prompt plus generation the served model takes: ``task.model.context``, at most the model's
+        own; the decode graphs' KV cache and the gateway's limit (serving metadata ``block_size``) both read it."""
+        cap = int((model_args or {}).get("context", SERVED_CONTEXT))
+        return min(cap, max_positions(self.hf_config) or cap)
 
     def serving_metadata(self, model_args: Mapping[str, Any]) -> dict[str, Any]:
         """The tokenizer (tokenizer.json as a dict), context, EOS ids and chat template for the gateway."""
         eos = self.hf_config.eos_token_id
         eos_ids = sorted({int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None}
                          | ({int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()))
-        return {"tokenizer": json.loads(tokenizer_identity(self.tokenizer)), "block_size": self.context(),
+        return {"tokenizer": json.loads(tokenizer_identity(self.tokenizer)), "block_size": self.context(model_args),
                 "eos_token_ids": eos_ids, "chat_template": getattr(self.tokenizer, "chat_template", None),
                 "model_type": self.hf_config.model_type, "family": decoder_family(self.hf_config.model_type)}
 
@@ -210,7 +216,7 @@ class HFCausalLMTask(HFTask):
             from autoglm.tasks import hf_decoder
         except ImportError:
             return None
-        weights = hf_decoder.decoder_weights(model.hf, context=self.context())
+        weights = hf_decoder.decoder_weights(model.hf, context=self.context(getattr(model, "model_args", None)))
         if weights is None and not self._unsupported_logged:
             self._unsupported_logged = True
             log.warning(hf_decoder.unsupported_message(self.hf_config.model_type))

@@ -60,14 +60,15 @@ def merge_lora(model: torch.nn.Module) -> None:
 
 
 def mlp_inner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The Linear layers that set each block's MLP inner width (Llama's gate/up, Bert's intermediate).
+    """The Linear layers that set each block's MLP inner width (Llama's gate/up, Bert's intermediate.dense,
+    DistilBERT's ffn.lin1).
 
     The residual width and attention heads are tied across layers, so only these may shrink. GPT-2 keeps
     its MLP in transformers' Conv1D, which structural pruning does not know: it gets [] (pruning refused)."""
     found = []
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, torch.nn.Linear) and (leaf in ("gate_proj", "up_proj", "fc1", "w1", "w3")
+        if isinstance(module, torch.nn.Linear) and (leaf in ("gate_proj", "up_proj", "fc1", "lin1", "w1", "w3")
                                                    or name.endswith("intermediate.dense")):
             found.append(module)
     return found

@@ -5,8 +5,8 @@ files) or a hub id fetched with ``huggingface_hub``. A hub id must never hang a 
 (``HF_HUB_OFFLINE``) or with the hub unreachable (a 3 s connection probe), only a cached snapshot is used,
 else one ConfigError names the fix. The model is wrapped in :class:`HFModel`, whose forward returns the
 logits tensor alone, so the shared loop, ONNX export and the parity gate treat it like any task's model.
-LoRA (peft) is applied only for the duration of :meth:`HFTask.train` and merged back after it, so a
-checkpoint and an export always hold plain base-model weights.
+LoRA (peft) is applied only for the duration of :meth:`HFTask.training` (every trainer, DDP ranks included)
+and merged back after it, so a checkpoint and an export always hold plain base-model weights.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import os
 import socket
 from functools import cached_property
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlparse
 
@@ -28,8 +29,6 @@ from autoglm.tasks.base import Knob, Task
 
 if TYPE_CHECKING:
     import torch
-
-    from autoglm.config import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -229,13 +228,13 @@ class HFTask(Task):
                               "'hf-sequence-classification' for an encoder")
         return HFModel(hf.eval(), causal=causal, model_args=args)
 
-    def train(self, model: torch.nn.Module, settings: TrainSettings, on_eval=None, log_path=None,
-              progress: bool = False):
-        """The shared loop, through LoRA adapters if model_args ask for them; merged back afterwards."""
+    @contextmanager
+    def training(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """LoRA adapters on ``model`` while it trains, if model_args ask for them; merged back afterwards."""
         from autoglm.tasks.hf_model import apply_lora, merge_lora
 
         apply_lora(model)
         try:
-            return super().train(model, settings, on_eval=on_eval, log_path=log_path, progress=progress)
+            yield model
         finally:
             merge_lora(model)

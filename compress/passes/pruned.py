@@ -14,11 +14,18 @@ from compress.passes.int8 import MODES, quantized, static_by_graph
 from compress.registry import Pass, register, setting, variant
 from compress.variants import Variant, VariantBuilder
 
+
+def _prunable(task, model) -> tuple[bool, str]:
+    from compress.prune import prunable  # torch: loaded only where a model is
+
+    return prunable(task, model)
+
+
 register(Pass("prune", knobs={
     # 0 = off (a step keeps 0 reachable: a continuous range never samples it); beyond 3/4 the models collapse
     "ratio": Knob("float", 0.0, low=0.0, high=0.75, step=0.25),
     "finetune_steps": setting(PruneSettings, "finetune_steps", low=50, high=1000, log=True),  # 50 recover digits
-}, searched=("ratio",), switch="ratio", untrained={"finetune_steps": 0}))
+}, searched=("ratio",), switch="ratio", untrained={"finetune_steps": 0}, applies=_prunable))
 
 
 def pruned_model(builder: VariantBuilder) -> tuple[Any, dict[str, Any]]:
