@@ -48,6 +48,7 @@ def _compressed(kind: str, root: Path):
     from autoglm.train import train_run
     from compress.stage import compress_run
 
+    (root / kind).mkdir(parents=True, exist_ok=True)
     settings = _settings(root / kind, kind)
     assert settings.compress.variants == DEFAULT_VARIANTS
     train_run(settings, progress=False)
