@@ -4,8 +4,8 @@
 PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-# every stage's extra, the CPU ONNX Runtime and the test tools (GPU hosts: EXTRAS=all,gpu,dev)
-EXTRAS  ?= all,cpu,dev
+# every stage's extra, the CPU ONNX Runtime, the test tools and the benchmarks' peers (GPU hosts: EXTRAS=all,gpu,dev)
+EXTRAS  ?= all,cpu,dev,bench
 CONFIG  ?= configs/default.toml
 RUN     ?= demo
 ARGS    ?=
