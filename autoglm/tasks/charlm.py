@@ -9,7 +9,6 @@ meta.json), which is read in place. Text sources are prepared once into
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,18 +17,20 @@ import numpy as np
 
 from autoglm.errors import ConfigError, DataError
 from autoglm.tasks import corpus
+from autoglm.tasks.next_token import NextTokenScoring
 from autoglm.tasks.base import DecoderLayer, DecoderWeights, IOSpec, Knob, Task, TensorSpec
 
 if TYPE_CHECKING:
     import torch
 
 
-class CharLMTask(Task):
+class CharLMTask(NextTokenScoring, Task):
     """Next-character prediction; the corpus has only train and val, so ``test`` is the val split."""
 
     name = "charlm"
     metric = "val_loss"
     direction = "minimize"
+    token_input = "idx"
     other_metrics = {"perplexity": "minimize"}  # exp(val_loss): the same ranking, the article's spelling
     model_space = {
         "n_layer": Knob("int", 4, low=1, high=6, minimum=1),
@@ -219,19 +220,3 @@ class CharLMTask(Task):
                               token_embedding=arr(t.wte.weight), position_embedding=arr(t.wpe.weight),
                               layers=layers, ln_f=norm(t.ln_f), head=linear(model.lm_head),
                               layer_norm_eps=t.ln_f.eps)
-
-    def loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        from torch.nn import functional as F
-
-        logits = model(inputs["idx"])  # (B, T, V)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-
-    def score(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-        logits = outputs.reshape(-1, outputs.shape[-1]).astype(np.float64)  # (B*T, V)
-        top = logits.max(axis=1)
-        log_norm = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-        target_logit = np.take_along_axis(logits, targets.reshape(-1, 1), axis=1)[:, 0]
-        return {"nll": float((log_norm - target_logit).sum()), "count": float(targets.size)}
-
-    def finish(self, totals: dict[str, float]) -> dict[str, float]:
-        return {"val_loss": totals["nll"], "perplexity": math.exp(totals["nll"])}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -22,6 +21,7 @@ import numpy as np
 from autoglm.artifacts import atomic_output, write_atomic
 from autoglm.errors import DataError
 from autoglm.tasks import corpus
+from autoglm.tasks.next_token import NextTokenScoring
 from autoglm.tasks.base import DecoderWeights, IOSpec, Knob, TensorSpec
 from autoglm.tasks.hf_decoder import MAX_CONTEXT as SERVED_CONTEXT  # the decode graphs' default KV cache length
 from autoglm.tasks.hf_source import (LORA_SPACE, HFTask, content_digest, decoder_family, max_positions,
@@ -65,12 +65,13 @@ def _pieces(text: str) -> list[str]:
     return pieces
 
 
-class HFCausalLMTask(HFTask):
+class HFCausalLMTask(NextTokenScoring, HFTask):
     """Next-token prediction with a pretrained model's own tokenizer; ``test`` is the val split."""
 
     name = "hf-causal-lm"
     metric = "val_loss"
     direction = "minimize"
+    token_input = "input_ids"
     other_metrics = {"perplexity": "minimize"}
     model_space = {
         # tokens per training window; capped at the model's context (n_positions / max_position_embeddings)
@@ -172,22 +173,6 @@ class HFCausalLMTask(HFTask):
     # ---- model -----------------------------------------------------------------------------------
     def build_model(self, model_args: Mapping[str, Any]) -> torch.nn.Module:
         return self._build(model_args, "AutoModelForCausalLM")
-
-    def loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        from torch.nn import functional as F
-
-        logits = model(inputs["input_ids"])  # (B, T, V)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-
-    def score(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-        logits = outputs.reshape(-1, outputs.shape[-1]).astype(np.float64)  # (B*T, V)
-        top = logits.max(axis=1)
-        log_norm = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-        target_logit = np.take_along_axis(logits, targets.reshape(-1, 1), axis=1)[:, 0]
-        return {"nll": float((log_norm - target_logit).sum()), "count": float(targets.size)}
-
-    def finish(self, totals: dict[str, float]) -> dict[str, float]:
-        return {"val_loss": totals["nll"], "perplexity": math.exp(min(totals["nll"], 700.0))}
 
     def context(self, model_args: Mapping[str, Any] | None = None) -> int:
         """Tokens of prompt plus generation the served model takes: ``task.model.context``, at most the model's
