@@ -157,10 +157,19 @@ def run_peer(kind: str, workdir: Path, **spec) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS since it exec'd (VmHWM; ru_maxrss would carry the parent's high-water mark
+    across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _peer_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     result = PEERS[spec["kind"]](spec)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
     return 0
 
