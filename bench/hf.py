@@ -193,7 +193,8 @@ def build_genai(model_dir: Path, out: Path, precision: str, threads: int) -> Pat
 
 
 # ---- the served path: the real pipeline, then closed-loop clients through the gateway -------------------------
-def _pipeline(model_dir: Path, text_file: Path, workdir: Path, name: str, steps: int):
+def _pipeline(model_dir: Path, text_file: Path, workdir: Path, name: str, steps: int, eval_batches: int,
+              lr: float = 5e-5):
     from autoglm.config import load_settings
     from autoglm.train import train_run
     from compress.stage import compress_run
@@ -201,7 +202,8 @@ def _pipeline(model_dir: Path, text_file: Path, workdir: Path, name: str, steps:
     settings = load_settings(ROOT / "configs" / "hf-causal-lm.toml", [
         f"run.root='{workdir}'", f"run.cache_dir='{workdir / 'cache'}'", f"run.name='{name}'",
         f"task.model_id='{model_dir}'", f"task.data='{text_file}'", f"train.max_steps={steps}",
-        "train.eval_every=100000", "train.eval_batches=4", "compress.variants=['fp32']",
+        "train.eval_every=100000", f"train.eval_batches={eval_batches}", "train.batch_size=8",
+        f"train.lr={lr}", "task.model.block_size=64", "compress.variants=['fp32']",
         "compress.exporter='legacy'", "measure.repeats=3", "measure.batch_sizes=[1]",
         "compress.generate.max_sequences=32", "compress.generate.intra_op_threads=0"])
     train_run(settings, progress=False)
@@ -271,7 +273,7 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, band
         if built is not None:
             rows[f"onnxruntime-genai {precision} (model builder + generator, static batch)"] = run_peer(
                 "genai", workdir, model_dir=str(built), **common)
-    settings = _pipeline(model_dir, text_file, workdir, f"bench-{family}", steps=1)
+    settings = _pipeline(model_dir, text_file, workdir, f"bench-{family}", steps=1, eval_batches=1)
     decode_dir = RunDir(settings.run.root, settings.run.name).stage_dir("compress") / "decode"
     report = json.loads((decode_dir / "decode.json").read_text())
     ceilings = []
@@ -304,7 +306,8 @@ def _quality(text: str, workdir: Path, quick: bool) -> list[list]:
                                           vocab_size=512)
     text_file = workdir / "quality.txt"
     text_file.write_text(text[: 400_000], encoding="utf-8")
-    settings = _pipeline(model_dir, text_file, workdir, "bench-quality", steps=150 if quick else 600)
+    settings = _pipeline(model_dir, text_file, workdir, "bench-quality", steps=150 if quick else 600,
+                         eval_batches=4, lr=2e-3)  # from random weights: a from-scratch learning rate
     decode_dir = RunDir(settings.run.root, settings.run.name).stage_dir("compress") / "decode"
     report = json.loads((decode_dir / "decode.json").read_text())
     base = report["candidates"][0]["val_metric"]
