@@ -152,7 +152,7 @@ def render_run(settings: Settings, force: bool = False) -> Manifest:
     head = header(release.run, options.env)
     keys = api_keys(writer.dir, options.api_keys_file)
     in_cluster = gateway_settings(settings, keys, "autoglm-triton")
-    tree = k8s.serving_tree(release, options.env, images, rules, cluster, in_cluster)
+    tree = k8s.serving_tree(release, images, rules, cluster, in_cluster, options)
     if options.tune_workers:
         tree |= k8s.tune_tree(release, images, cluster, options.tune_workers, n_trials, not options.external_db)
     writer.invalidate()

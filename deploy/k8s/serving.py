@@ -172,18 +172,32 @@ def triton_network_policy(cluster: Cluster) -> dict[str, Any]:
                          {"from": [prometheus], "ports": [{"protocol": "TCP", "port": PORTS["metrics"]}]}]}}
 
 
-def autoscalers(release: Release, rules) -> list[dict[str, Any]]:
-    """Triton on its latency and throughput (custom metrics); the gateway on CPU; both at the rules' rates."""
+def autoscalers(release: Release, rules, keda_prometheus: str | None, namespace: str) -> list[dict[str, Any]]:
+    """Triton on its latency and throughput; the gateway on CPU; both at the rules' rates.
+
+    Triton's scaler is an HPA on prometheus-adapter's custom metrics, or with ``keda_prometheus`` (the
+    Prometheus URL) a KEDA ScaledObject on the same queries and targets instead: never both on one Deployment.
+    """
     behavior = scaling.hpa_behavior(rules)
-    note = scaling.targets_note(rules, release.capacity, release.instances_per_pod)
-    triton = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
-              "metadata": meta("autoglm-triton", "triton", annotations={
-                  "autoglm.dev/targets": note,
-                  "autoglm.dev/capacity-source": "measured" if release.capacity.measured else "default"}),
-              "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "autoglm-triton"},
-                       "minReplicas": rules.min_instances, "maxReplicas": rules.max_instances,
-                       "metrics": scaling.hpa_metrics(rules, release.capacity, release.instances_per_pod),
-                       "behavior": behavior}}
+    annotations = {"autoglm.dev/targets": scaling.targets_note(rules, release.capacity, release.instances_per_pod),
+                   "autoglm.dev/capacity-source": "measured" if release.capacity.measured else "default"}
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "autoglm-triton"}
+    if keda_prometheus:
+        triggers = scaling.keda_triggers(rules, release.capacity, release.instances_per_pod, keda_prometheus,
+                                         namespace, "autoglm-triton")
+        triton = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+                  "metadata": meta("autoglm-triton", "triton", annotations=annotations),
+                  "spec": {"scaleTargetRef": target, "pollingInterval": max(1, round(rules.interval_s)),
+                           "minReplicaCount": rules.min_instances, "maxReplicaCount": rules.max_instances,
+                           "advanced": {"horizontalPodAutoscalerConfig": {"behavior": behavior}},
+                           "triggers": triggers}}
+    else:
+        triton = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                  "metadata": meta("autoglm-triton", "triton", annotations=annotations),
+                  "spec": {"scaleTargetRef": target, "minReplicas": rules.min_instances,
+                           "maxReplicas": rules.max_instances,
+                           "metrics": scaling.hpa_metrics(rules, release.capacity, release.instances_per_pod),
+                           "behavior": behavior}}
     cpu = {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}
     gateway = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
                "metadata": meta("autoglm-gateway", "gateway"),
