@@ -205,6 +205,12 @@ def test_unknown_env_and_bad_options_name_the_fix(published):
         _render(published, autoscale={"min_instances": 5})
     with pytest.raises(ConfigError, match=r"deploy\.autoscale: max_pods: .*fix: valid keys are \[.*'max_instances'"):
         _render(published, autoscale={"max_pods": 5})
+    with pytest.raises(ConfigError, match=r"deploy\.ingress.*set deploy\.ingress\.class_name"):
+        load_settings(None, ["deploy.ingress.host='api.example.com'", "deploy.ingress.api='gateway-api'"])
+    with pytest.raises(ConfigError, match=r"deploy\.ingress\.host"):
+        load_settings(None, ["deploy.ingress.host='https://api.example.com/'"])  # a host, not a URL
+    with pytest.raises(ConfigError, match=r"deploy\.autoscaler.*'hpa' or 'keda'"):
+        load_settings(None, ["deploy.autoscaler='both'"])
     with pytest.raises(ConfigError, match=r"deploy\.api_keys_file=.*missing-keys does not exist"):
         _render(published, api_keys_file=published[1].path / "missing-keys")
 
@@ -308,3 +314,14 @@ def test_the_model_image_tag_follows_the_repository_manifest(published, tmp_path
     sha = sha256_file(rundir.manifest_path("repository"))
     assert second["models"] != first["models"] and second["models"].endswith(f"autoglm-models:rel-{sha[:12]}")
     assert second["gateway"] == first["gateway"]  # the code did not change
+
+
+def test_monitors_can_be_left_out_and_nothing_is_exposed_without_a_host(published):
+    _, out = _render(published)
+    assert (out / "k8s/base/monitors.yaml").is_file() and not (out / "k8s/base/ingress.yaml").exists()
+    _, out = _render(published, monitors=False)
+    kustomization = yaml.safe_load((out / "k8s/base/kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["serving.yaml"] and not (out / "k8s/base/monitors.yaml").exists()
+    _, out = _render(published, ingress={"host": "api.example.com"})
+    assert yaml.safe_load((out / "k8s/base/kustomization.yaml").read_text())["resources"] == [
+        "serving.yaml", "monitors.yaml", "ingress.yaml"]
