@@ -235,6 +235,10 @@ def test_cli_render_and_plain_deploy_use_the_config_env(published, capsys):
     assert (rundir.stage_dir("deploy") / "out/cpu/k8s/overlays/cpu").is_dir()
     with pytest.raises(ConfigError, match="autoglm deploy render"):
         main(["publish", *common])
+    assert main([*common, "--autoscaler", "keda", "--ingress-host", "api.example.com"]) == 0
+    base = rundir.stage_dir("deploy") / "out/cpu/k8s/base"
+    assert {d["kind"] for d in _docs(base / "serving.yaml")} >= {"ScaledObject"}
+    assert [d["spec"]["rules"][0]["host"] for d in _docs(base / "ingress.yaml")] == ["api.example.com"]
 
 
 def test_cli_errors_name_the_setting_and_its_fix_without_traceback(published, capsys):
