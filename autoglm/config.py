@@ -404,17 +404,45 @@ class LoadtestSettings(Section):
         return triton if scenario == "triton" else gateway
 
 
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"  # Kubernetes names of namespaces (and most objects)
+DNS_NAME = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # a host, a Secret's name
+
+
+class IngressSettings(Section):
+    """The gateway's way in from outside the cluster, TLS-terminated with a certificate from a Secret.
+    Nothing is rendered until ``host`` is set."""
+
+    host: str | None = Field(None, pattern=DNS_NAME, max_length=253,
+                             description="the gateway's public DNS name, e.g. api.example.com; None: no Ingress or "
+                             "HTTPRoute (the gateway stays a ClusterIP Service)")
+    api: Literal["ingress", "gateway-api"] = Field(
+        "ingress", description="ingress: a networking.k8s.io/v1 Ingress; gateway-api: a Gateway (HTTPS listener) "
+        "and an HTTPRoute (gateway.networking.k8s.io/v1)")
+    tls_secret: str = Field("autoglm-gateway-tls", pattern=DNS_NAME, max_length=253,
+                            description="kubernetes.io/tls Secret in deploy.namespace with the host's certificate "
+                            "(cert-manager's, or `kubectl create secret tls NAME --cert=... --key=...`)")
+    class_name: str | None = Field(None, pattern=DNS_NAME, max_length=253,
+                                   description="ingress: the IngressClass (None: the cluster's default); "
+                                   "gateway-api: the GatewayClass of the rendered Gateway (required)")
+
+    @model_validator(mode="after")
+    def _gateway_api_needs_a_class(self) -> IngressSettings:
+        if self.host and self.api == "gateway-api" and not self.class_name:
+            raise ValueError("deploy.ingress.api='gateway-api' renders a Gateway, which names its GatewayClass: set "
+                             "deploy.ingress.class_name (`kubectl get gatewayclass` lists them)")
+        return self
+
+
 class DeploySettings(Section):
     """What ``autoglm deploy render`` renders: the environment, where images live, the cluster's namespaces,
-    the tune workers and the autoscaling rules."""
+    the tune workers, the autoscaling rules and how the gateway is reached and scraped."""
 
     env: Literal["cpu", "gpu"] = Field("cpu", description="cpu or gpu (the gpu overlay asks for one GPU per pod)")
     registry: str = Field("localhost:5000", pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]+)?(/[a-z0-9._-]+)*$",
                           description="where the gateway, model and tune images live, e.g. ghcr.io/acme")
-    # Kubernetes namespaces are DNS labels: lowercase letters, digits and '-', at most 63 characters
-    namespace: str = Field("autoglm", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+    namespace: str = Field("autoglm", pattern=DNS_LABEL,
                            description="Kubernetes namespace of the stack")
-    monitoring_namespace: str = Field("monitoring", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+    monitoring_namespace: str = Field("monitoring", pattern=DNS_LABEL,
                                       description="namespace of Prometheus and prometheus-adapter")
     tune_workers: int = Field(0, ge=0, description="tune workers sharing one PostgreSQL study (an Indexed Job); "
                               "0 renders no tune/ tree")
@@ -427,6 +455,18 @@ class DeploySettings(Section):
                                       "serve.autoscale_rules, e.g. {max_instances = 8}")
     kustomize: bool = Field(True, description="check the rendered trees with `kubectl kustomize` where kubectl "
                             "exists")
+    autoscaler: Literal["hpa", "keda"] = Field(
+        "hpa", description="what scales Triton: hpa (autoscaling/v2 on prometheus-adapter's custom metrics) or keda "
+        "(a KEDA ScaledObject querying Prometheus); both from the same rules, never both at once")
+    prometheus_url: str | None = Field(
+        None, pattern=r"^https?://[^\s]+$", description="the Prometheus KEDA queries (deploy.autoscaler='keda'); None: "
+        "the Prometheus Operator's http://prometheus-operated.<monitoring_namespace>.svc:9090")
+    monitors: bool = Field(True, description="render a ServiceMonitor (gateway) and a PodMonitor (Triton) for the "
+                           "Prometheus Operator beside the prometheus.io annotations; false where its CRDs are absent")
+    monitor_labels: dict[str, str] = Field(
+        default_factory=dict, description="labels on them that Prometheus' serviceMonitorSelector and "
+        "podMonitorSelector match, e.g. {release = 'kube-prometheus-stack'}")
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
 
     @model_validator(mode="after")
     def _tune_options_need_workers(self) -> DeploySettings:

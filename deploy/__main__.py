@@ -24,6 +24,10 @@ FLAGS = {
                             "earlier keys, else a new key printed once)"),
     "--no-kustomize": Flag("deploy.kustomize", "do not check the rendered trees with kubectl kustomize",
                            switch=False),
+    "--autoscaler": Flag("deploy.autoscaler", "what scales Triton: hpa or keda (a ScaledObject on the same rules)",
+                         choices=("hpa", "keda")),
+    "--ingress-host": Flag("deploy.ingress.host", "render an Ingress (or with deploy.ingress.api='gateway-api' a "
+                           "Gateway and HTTPRoute) for this host, TLS from Secret deploy.ingress.tls_secret"),
     "--autoscale-set": Flag("deploy.autoscale", "an autoscaling rule for the cluster, over serve.autoscale_rules",
                             short="-a", pairs=True),
 }

@@ -4,20 +4,43 @@ Deploy never looks inside a model: it reads ``repository/task.json`` (task, mode
 the repository manifest (its sha256 names the model image; the Triton settings the models run with),
 the native flavour's version directories, and, when ``autoglm loadtest`` completed, the capacity per
 model instance it measured within the SLO.
+
+Every image is tagged by its content, so nothing changed can ship under an old tag: the model image by
+the repository manifest's sha256, the gateway and tune images by the code's version and a digest of
+the files their Dockerfile copies (:data:`IMAGE_SOURCES`), read from the code doing the render.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from autoglm import __version__
 from autoglm.artifacts import RunDir, sha256_file, verify_outputs
 from autoglm.errors import AutoGLMError, IntegrityError
 
 TRITON_NGC_TAG = "24.10-py3"  # Triton 2.51, the server version bundled in nvidia-pytriton and tested here
 DEFAULT_CAPACITY_RPS = 50.0  # per model instance, when no loadtest measured one: deliberately low (scales out early)
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout (or site-packages) the packages come from
+BUILD_FILES = ("pyproject.toml", "constraints.txt", "README.md")  # what each Dockerfile copies besides packages
+# image -> the packages its Dockerfile (deploy/images/Dockerfile.<image>) copies; tests hold the two together
+IMAGE_SOURCES = {"gateway": ("autoglm", "serve"), "tune": ("autoglm", "tune", "compress", "serve")}
+
+
+def code_tag(image: str, root: Path = SOURCE_ROOT) -> str:
+    """``<autoglm version>-<sha12>``: the code's version and a digest of the files ``image`` is built from
+    (its Dockerfile, the build files and packages it copies; files absent from an installed tree are skipped)."""
+    paths = [root / "deploy" / "images" / f"Dockerfile.{image}", *(root / name for name in BUILD_FILES)]
+    for package in IMAGE_SOURCES[image]:
+        paths += (p for p in (root / package).rglob("*")
+                  if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in paths if p.is_file()):
+        digest.update(f"{path.relative_to(root).as_posix()}\0{sha256_file(path)}\n".encode())
+    return f"{__version__}-{digest.hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)
@@ -30,12 +53,12 @@ class Images:
     tune: str
 
     @classmethod
-    def for_release(cls, registry: str, autoglm_version: str, run: str, repository_sha: str) -> Images:
+    def for_release(cls, registry: str, run: str, repository_sha: str, root: Path = SOURCE_ROOT) -> Images:
         registry = registry.rstrip("/")
-        return cls(gateway=f"{registry}/autoglm-gateway:{autoglm_version}",
+        return cls(gateway=f"{registry}/autoglm-gateway:{code_tag('gateway', root)}",
                    models=f"{registry}/autoglm-models:{run}-{repository_sha[:12]}",
                    triton=f"nvcr.io/nvidia/tritonserver:{TRITON_NGC_TAG}",
-                   tune=f"{registry}/autoglm-tune:{autoglm_version}")
+                   tune=f"{registry}/autoglm-tune:{code_tag('tune', root)}")
 
 
 @dataclass(frozen=True)
@@ -59,14 +82,14 @@ class Release:
     version: int  # the model version directory every model serves
     instances_per_pod: int  # instance_group.count each Triton pod starts with
     repository_sha: str  # sha256 of the repository manifest
-    autoglm_version: str
+    autoglm_version: str  # the version that wrote the repository (the images carry the rendering code's)
     task_json: bytes
     capacity: Capacity
     inputs: list[str] = field(default_factory=list)  # stages this render depends on
     run_config: dict[str, Any] = field(default_factory=dict)  # the run's resolved config (for tune workers)
 
     def images(self, registry: str) -> Images:
-        return Images.for_release(registry, self.autoglm_version, self.run, self.repository_sha)
+        return Images.for_release(registry, self.run, self.repository_sha)
 
 
 def read_release(run: RunDir) -> Release:

@@ -152,7 +152,7 @@ def render_run(settings: Settings, force: bool = False) -> Manifest:
     head = header(release.run, options.env)
     keys = api_keys(writer.dir, options.api_keys_file)
     in_cluster = gateway_settings(settings, keys, "autoglm-triton")
-    tree = k8s.serving_tree(release, options.env, images, rules, cluster, in_cluster)
+    tree = k8s.serving_tree(release, images, rules, cluster, in_cluster, options)
     if options.tune_workers:
         tree |= k8s.tune_tree(release, images, cluster, options.tune_workers, n_trials, not options.external_db)
     writer.invalidate()
@@ -180,6 +180,20 @@ def render_run(settings: Settings, force: bool = False) -> Manifest:
     return manifest
 
 
+def _extras(options: DeploySettings) -> str:
+    """What the cluster must have for the optional objects, as README lines."""
+    lines = []
+    if options.monitors:
+        lines.append("`k8s/base/monitors.yaml` needs the Prometheus Operator's CRDs (`--set deploy.monitors=false` "
+                     "without it)")
+    if options.autoscaler == "keda":
+        lines.append(f"Triton scales with a KEDA ScaledObject querying {k8s.keda_server(options)}: install KEDA")
+    if options.ingress.host:
+        lines.append(f"`https://{options.ingress.host}` needs the TLS Secret `{options.ingress.tls_secret}` "
+                     f"in `{options.namespace}` (cert-manager, or `kubectl create secret tls`)")
+    return "".join(f"\n   {line}." for line in lines)
+
+
 def _readme(release: Release, options: DeploySettings, images: Images, n_trials: int) -> str:
     ns, env, run = options.namespace, options.env, release.run
     data = release.run_config.get("task", {}).get("data")
@@ -194,7 +208,7 @@ def _readme(release: Release, options: DeploySettings, images: Images, n_trials:
             f"2. Kubernetes: `kubectl apply -k k8s` (namespace `{ns}`; the prometheus-adapter rules go to "
             f"`{options.monitoring_namespace}`: point prometheus-adapter's `--config` at ConfigMap "
             f"`autoglm-adapter-rules`, and add `k8s/monitoring/prometheus-scrape.yaml` to Prometheus).\n"
-            f"   `rendered.yaml` is the same tree, built.\n"
+            f"   `rendered.yaml` is the same tree, built.{_extras(options)}\n"
             f"3. One host: `docker compose -f compose/docker-compose.yml up -d` (`--profile dashboard` adds Grafana).\n"
             f"{tune}\nModels: {', '.join(sorted(release.models.values()))} (version {release.version}; recommended "
             f"{release.recommended}). Autoscaling capacity: {release.capacity.source}.\n")

@@ -16,6 +16,11 @@ target tracking, so they map like this:
   above it scales up: the rule's "average or p95"), and requests/s per pod at ``capacity / factor`` so
   a sudden ×factor surge still fits while the HPA adds ×factor pods. The utilization floor has no HPA
   equivalent: below the targets the HPA scales down, at the rule's rate and after the rule's window.
+
+KEDA (``deploy.autoscaler = "keda"``) gets the same three targets as Prometheus triggers of
+``metricType: AverageValue``: each query sums the per-pod series over Triton's pods and KEDA's HPA
+divides by the threshold, ``ceil(sum / target)`` replicas, which is what a Pods metric asks for
+(``ceil(pods · average / target)``); its ``advanced.horizontalPodAutoscalerConfig.behavior`` is the HPA's.
 """
 
 from __future__ import annotations
@@ -104,6 +109,11 @@ def quantity(value: float) -> str:
     return f"{max(1, round(value * 1000))}m"
 
 
+def threshold(value: float) -> str:
+    """:func:`quantity`'s value as the decimal a KEDA trigger takes (0.2 → "0.2", 66.6666 → "66.667")."""
+    return f"{max(1, round(value * 1000)) / 1000:g}"
+
+
 def hpa_metrics(rules, capacity: Capacity, instances_per_pod: int) -> list[dict[str, Any]]:
     """The HPA's Pods metrics with their targets (see the module docstring)."""
 
@@ -111,9 +121,24 @@ def hpa_metrics(rules, capacity: Capacity, instances_per_pod: int) -> list[dict[
         return {"type": "Pods", "pods": {"metric": {"name": series.name},
                                          "target": {"type": "AverageValue", "averageValue": quantity(target)}}}
 
+    return [pods(series, target) for series, target in targets(rules, capacity, instances_per_pod)]
+
+
+def targets(rules, capacity: Capacity, instances_per_pod: int) -> list[tuple[Series, float]]:
+    """Each series with its per-pod target (see the module docstring)."""
     latency_s = rules.latency_ms / 1000
-    return [pods(LATENCY, latency_s), pods(P95, latency_s),
-            pods(THROUGHPUT, capacity.per_pod(instances_per_pod) / rules.up_factor)]
+    return [(LATENCY, latency_s), (P95, latency_s), (THROUGHPUT, capacity.per_pod(instances_per_pod) / rules.up_factor)]
+
+
+def keda_triggers(rules, capacity: Capacity, instances_per_pod: int, server: str, namespace: str,
+                  pod_prefix: str) -> list[dict[str, Any]]:
+    """A KEDA ScaledObject's Prometheus triggers: the HPA's metrics and targets, queried from Prometheus directly."""
+    matchers = f'namespace="{namespace}",pod=~"{pod_prefix}-.+"'
+    return [{"type": "prometheus", "name": series.name.removeprefix("autoglm_").replace("_", "-"),
+             "metricType": "AverageValue",
+             "metadata": {"serverAddress": server, "query": f"sum({series.promql(matchers)})",
+                          "threshold": threshold(target)}}
+            for series, target in targets(rules, capacity, instances_per_pod)]
 
 
 def targets_note(rules, capacity: Capacity, instances_per_pod: int) -> str:

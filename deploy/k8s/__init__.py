@@ -4,7 +4,9 @@
 objects (a multi-document YAML file), one object, or raw bytes. Layout under ``deploy/out/<env>/k8s``::
 
     kustomization.yaml       everything below: `kubectl apply -k` this directory
-    base/                    Triton, gateway, Services, PDBs, NetworkPolicy, HPAs, task.json, gateway.json
+    base/                    Triton, gateway, Services, PDBs, NetworkPolicy, HPAs (or Triton's KEDA
+                             ScaledObject), task.json, gateway.json; monitors.yaml (ServiceMonitor,
+                             PodMonitor) and ingress.yaml (Ingress, or Gateway + HTTPRoute) when asked for
     overlays/<env>/          namespace, image tags of the release, resources for cpu or gpu nodes
     monitoring/              prometheus-adapter rules (custom metrics for the HPA) + Prometheus scrape job
     tune/                    only with --tune-workers: Indexed Job, PostgreSQL, the shared runs volume
@@ -17,7 +19,7 @@ from typing import Any
 
 from autoglm._lazy import require
 from deploy import scaling
-from deploy.k8s import serving, tune
+from deploy.k8s import ingress, monitors, serving, tune
 from deploy.k8s.serving import Cluster
 from deploy.release import Images, Release
 
@@ -82,21 +84,34 @@ def scrape_config(namespace: str) -> dict[str, Any]:
             {"source_labels": [f"{meta}label_app_kubernetes_io_name"], "target_label": "component"}]}]}
 
 
-def serving_tree(release: Release, env: str, images: Images, rules, cluster: Cluster,
-                 gateway_json: bytes) -> Tree:
-    """The serving stack for ``env`` as a kustomize tree (see the module docstring)."""
+def keda_server(options) -> str:
+    """The Prometheus KEDA queries: ``deploy.prometheus_url``, else the Prometheus Operator's Service."""
+    return options.prometheus_url or f"http://prometheus-operated.{options.monitoring_namespace}.svc:9090"
+
+
+def serving_tree(release: Release, images: Images, rules, cluster: Cluster, gateway_json: bytes, options) -> Tree:
+    """The serving stack as a kustomize tree (see the module docstring); ``options`` is ``deploy``
+    (:class:`autoglm.config.DeploySettings`: env, scaler, monitors, ingress)."""
+    env = options.env
+    keda = keda_server(options) if options.autoscaler == "keda" else None
     base = [serving.triton_deployment(release), serving.gateway_deployment(), *serving.services(),
             *serving.disruption_budgets(), serving.triton_network_policy(cluster),
-            *serving.autoscalers(release, rules)]
+            *serving.autoscalers(release, rules, keda, cluster.namespace)]
+    extra: Tree = {}
+    if options.monitors:
+        extra["base/monitors.yaml"] = monitors.monitors(options.monitor_labels, "metrics", "http")
+    if options.ingress.host:
+        extra["base/ingress.yaml"] = ingress.entry(options.ingress)
     labels = {"app.kubernetes.io/instance": serving.label_value(release.run), "autoglm.dev/env": env}
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cluster.namespace}}
     return {
         "kustomization.yaml": _kustomization(resources=[f"overlays/{env}", "monitoring"]),
         "base/kustomization.yaml": _kustomization(
-            resources=["serving.yaml"],
+            resources=["serving.yaml", *(path.removeprefix("base/") for path in extra)],
             configMapGenerator=[{"name": "autoglm-task", "files": ["task.json"]}],
             secretGenerator=[{"name": "autoglm-gateway", "files": ["gateway.json"]}]),
         "base/serving.yaml": base,
+        **extra,
         "base/task.json": release.task_json,
         "base/gateway.json": gateway_json,
         f"overlays/{env}/kustomization.yaml": _kustomization(

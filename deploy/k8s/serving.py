@@ -23,6 +23,9 @@ TRITON_UID = 1000  # the NGC image's triton-server user
 GATEWAY_UID = 10001  # deploy/images/Dockerfile.gateway's user
 EXIT_TIMEOUT_S = 30  # Triton drains in-flight requests this long on SIGTERM
 GATEWAY_MIN_REPLICAS = 2  # a rolling update or a lost node must not take the entry point away
+# our tags name their content (a code or model digest) and NGC's names one release: a cached image with that tag
+# is the right one, and pulling on every start would only add a registry outage to the ways a pod fails to start
+PULL_POLICY = "IfNotPresent"
 
 
 @dataclass(frozen=True)
@@ -83,13 +86,13 @@ def triton_deployment(release: Release) -> dict[str, Any]:
         "securityContext": {"runAsNonRoot": True, "fsGroup": TRITON_UID, "seccompProfile": {"type": "RuntimeDefault"}},
         "terminationGracePeriodSeconds": EXIT_TIMEOUT_S + 10,
         "initContainers": [{
-            "name": "models", "image": "autoglm-models",
+            "name": "models", "image": "autoglm-models", "imagePullPolicy": PULL_POLICY,
             # the model image holds repository/native at /repository; the emptyDir is Triton's repository
             "command": ["cp", "-R", "/repository/.", "/models/"],
             "volumeMounts": [models_mount], "securityContext": _restricted(TRITON_UID),
             "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}}],
         "containers": [{
-            "name": "triton", "image": TRITON_IMAGE, "command": triton_command(),
+            "name": "triton", "image": TRITON_IMAGE, "imagePullPolicy": PULL_POLICY, "command": triton_command(),
             "ports": [{"name": name, "containerPort": port} for name, port in PORTS.items()],
             "startupProbe": _http_probe("/v2/health/ready", "http", 5, 60),  # model loading: up to 5 min
             "readinessProbe": _http_probe("/v2/health/ready", "http", 5, 3),
@@ -110,7 +113,7 @@ def triton_deployment(release: Release) -> dict[str, Any]:
 def gateway_deployment() -> dict[str, Any]:
     """The gateway (uvicorn's factory on the rendered settings JSON), API key hashes from the Secret."""
     container = {
-        "name": "gateway", "image": "autoglm-gateway",
+        "name": "gateway", "image": "autoglm-gateway", "imagePullPolicy": PULL_POLICY,
         "command": ["uvicorn", "--factory", "serve.gateway.app:app_from_env", "--host", "0.0.0.0",
                     "--port", str(GATEWAY_PORT), "--no-access-log", "--loop", "uvloop", "--http", "httptools",
                     "--timeout-graceful-shutdown", "20"],
@@ -169,18 +172,32 @@ def triton_network_policy(cluster: Cluster) -> dict[str, Any]:
                          {"from": [prometheus], "ports": [{"protocol": "TCP", "port": PORTS["metrics"]}]}]}}
 
 
-def autoscalers(release: Release, rules) -> list[dict[str, Any]]:
-    """Triton on its latency and throughput (custom metrics); the gateway on CPU; both at the rules' rates."""
+def autoscalers(release: Release, rules, keda_prometheus: str | None, namespace: str) -> list[dict[str, Any]]:
+    """Triton on its latency and throughput; the gateway on CPU; both at the rules' rates.
+
+    Triton's scaler is an HPA on prometheus-adapter's custom metrics, or with ``keda_prometheus`` (the
+    Prometheus URL) a KEDA ScaledObject on the same queries and targets instead: never both on one Deployment.
+    """
     behavior = scaling.hpa_behavior(rules)
-    note = scaling.targets_note(rules, release.capacity, release.instances_per_pod)
-    triton = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
-              "metadata": meta("autoglm-triton", "triton", annotations={
-                  "autoglm.dev/targets": note,
-                  "autoglm.dev/capacity-source": "measured" if release.capacity.measured else "default"}),
-              "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "autoglm-triton"},
-                       "minReplicas": rules.min_instances, "maxReplicas": rules.max_instances,
-                       "metrics": scaling.hpa_metrics(rules, release.capacity, release.instances_per_pod),
-                       "behavior": behavior}}
+    annotations = {"autoglm.dev/targets": scaling.targets_note(rules, release.capacity, release.instances_per_pod),
+                   "autoglm.dev/capacity-source": "measured" if release.capacity.measured else "default"}
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "autoglm-triton"}
+    if keda_prometheus:
+        triggers = scaling.keda_triggers(rules, release.capacity, release.instances_per_pod, keda_prometheus,
+                                         namespace, "autoglm-triton")
+        triton = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
+                  "metadata": meta("autoglm-triton", "triton", annotations=annotations),
+                  "spec": {"scaleTargetRef": target, "pollingInterval": max(1, round(rules.interval_s)),
+                           "minReplicaCount": rules.min_instances, "maxReplicaCount": rules.max_instances,
+                           "advanced": {"horizontalPodAutoscalerConfig": {"behavior": behavior}},
+                           "triggers": triggers}}
+    else:
+        triton = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                  "metadata": meta("autoglm-triton", "triton", annotations=annotations),
+                  "spec": {"scaleTargetRef": target, "minReplicas": rules.min_instances,
+                           "maxReplicas": rules.max_instances,
+                           "metrics": scaling.hpa_metrics(rules, release.capacity, release.instances_per_pod),
+                           "behavior": behavior}}
     cpu = {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}
     gateway = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
                "metadata": meta("autoglm-gateway", "gateway"),

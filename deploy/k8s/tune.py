@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deploy.k8s.serving import GATEWAY_UID, meta, selector
+from deploy.k8s.serving import GATEWAY_UID, PULL_POLICY, meta, selector
 
 DB_SECRET = "autoglm-tune-db"
 POSTGRES_IMAGE = "postgres:15"  # the server version the tests run against (Debian's postgresql 15)
@@ -87,7 +87,8 @@ def worker_command(run: str, n_trials: int) -> list[str]:
 def tune_job(run: str, workers: int, n_trials: int, in_cluster_db: bool) -> dict[str, Any]:
     """The Indexed Job: ``workers`` pods at once, each replaced on failure on its own (backoffLimitPerIndex)."""
     container = {
-        "name": "tune", "image": "autoglm-tune", "workingDir": "/srv/autoglm", "command": worker_command(run, n_trials),
+        "name": "tune", "image": "autoglm-tune", "imagePullPolicy": PULL_POLICY, "workingDir": "/srv/autoglm",
+        "command": worker_command(run, n_trials),
         "env": worker_env(workers),
         "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "8Gi"}},
         "volumeMounts": [{"name": "runs", "mountPath": "/srv/autoglm/runs"},
@@ -102,7 +103,7 @@ def tune_job(run: str, workers: int, n_trials: int, in_cluster_db: bool) -> dict
                     {"name": "config", "configMap": {"name": "autoglm-tune-config"}}]}
     if in_cluster_db:  # start only once the database answers, instead of spending retries on it
         pod["initContainers"] = [{
-            "name": "wait-for-db", "image": POSTGRES_IMAGE,
+            "name": "wait-for-db", "image": POSTGRES_IMAGE, "imagePullPolicy": PULL_POLICY,
             "command": ["sh", "-c", "until pg_isready -h autoglm-postgres -p 5432 -t 2; do sleep 2; done"],
             "securityContext": {"runAsNonRoot": True, "runAsUser": POSTGRES_UID, "allowPrivilegeEscalation": False,
                                 "capabilities": {"drop": ["ALL"]}},
@@ -124,7 +125,7 @@ def postgres(size: str = "10Gi") -> list[dict[str, Any]]:
     """A single-replica PostgreSQL with its headless Service and a policy letting only tune workers in."""
     probe = {"exec": {"command": ["pg_isready", "-U", "autoglm", "-d", "autoglm"]}, "periodSeconds": 10}
     container = {
-        "name": "postgres", "image": POSTGRES_IMAGE,
+        "name": "postgres", "image": POSTGRES_IMAGE, "imagePullPolicy": PULL_POLICY,
         "env": [_env("POSTGRES_DB", "autoglm"), _env("POSTGRES_USER", "autoglm"),
                 {"name": "POSTGRES_PASSWORD", "valueFrom": {"secretKeyRef": {"name": DB_SECRET, "key": "password"}}},
                 _env("PGDATA", "/var/lib/postgresql/data/pgdata")],  # a subdirectory: volume roots hold lost+found

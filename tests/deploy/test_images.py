@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from deploy.release import BUILD_FILES, IMAGE_SOURCES
 from tests.extras import closure, norm, requirements
 
 ROOT = Path(__file__).parents[2]
@@ -91,3 +92,10 @@ def test_the_serve_extra_covers_the_gateways_imports_and_nothing_heavy():
     assert not used & HEAVY, f"the gateway imports {sorted(used & HEAVY)}"
     missing = sorted(used - installed - OPTIONAL)
     assert not missing, f"the gateway imports distributions its image does not install: {missing}"
+
+
+@pytest.mark.parametrize("image", sorted(IMAGE_SOURCES))
+def test_the_image_tag_digests_exactly_what_the_dockerfile_copies(image):
+    copied = {source.rstrip("/") for word, args in instructions(IMAGES / f"Dockerfile.{image}") if word == "COPY"
+              for source in args.split()[:-1] if not source.startswith("--")}
+    assert copied == set(BUILD_FILES) | set(IMAGE_SOURCES[image])

@@ -15,17 +15,30 @@ import grpc
 import pytest
 import yaml
 
+import jsonschema
+
 from autoglm.autoscaling import AutoscaleRules
 from autoglm.config import load_settings
 from autoglm.local_http import DIRECT
 from deploy import render_run
 from deploy.render import find_kubectl
-from deploy.scaling import hpa_behavior, hpa_limit
+from deploy.scaling import SERIES, hpa_behavior, hpa_limit
 from serve.triton import free_port
 from tests.deploy.conftest import KEY_LINE, publish_repository
 
 K8S_VERSION = "1.32"  # the kubectl here; the bundled schemas of kubernetes-validate include it
 kubectl = pytest.mark.skipif(find_kubectl()[0] is None, reason=f"kustomize not run: {find_kubectl()[1]}")
+CRDS = Path(__file__).parent / "crds"  # custom kinds: schemas cut from their CRDs (see crds/cut.py)
+CUSTOM = {p.stem: json.loads(p.read_text()) for p in CRDS.glob("*.json")}
+
+
+def validate(obj: dict) -> None:
+    """``obj`` against its schema: a CRD's cut schema for custom kinds, Kubernetes' own (strict) for the rest."""
+    if obj["kind"] in CUSTOM:
+        jsonschema.validate(obj, CUSTOM[obj["kind"]], cls=jsonschema.Draft202012Validator)
+    else:
+        kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (offline schemas)")
+        kv.validate(obj, K8S_VERSION, strict=True)  # strict: unknown fields are errors too
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +48,24 @@ def release_run(tmp_path_factory):
     rundir = publish_repository(root / "runs")
     keys = root / "keys.txt"
     keys.write_text(KEY_LINE)
-    for env in ("cpu", "gpu"):
+    for env, more in (("cpu", ["deploy.ingress.host='api.example.com'", "deploy.ingress.tls_secret='api-tls'",
+                               "deploy.ingress.class_name='nginx'"]), ("gpu", [])):
         render_run(load_settings(None, [f"run.root='{root / 'runs'}'", "run.name='rel'", f"deploy.env='{env}'",
-                                        f"deploy.api_keys_file='{keys.as_posix()}'", "deploy.tune_workers=3"]))
+                                        f"deploy.api_keys_file='{keys.as_posix()}'", "deploy.tune_workers=3", *more]))
     return rundir
+
+
+@pytest.fixture(scope="module")
+def edge(release_run):
+    """The same repository rendered with KEDA, the Gateway API and labelled monitors (run 'edge', cpu)."""
+    root = release_run.path.parent
+    rundir = publish_repository(root, "edge")
+    render_run(load_settings(None, [f"run.root='{root}'", "run.name='edge'", "deploy.autoscaler='keda'",
+                                    f"deploy.api_keys_file='{(root.parent / 'keys.txt').as_posix()}'",
+                                    "deploy.ingress.host='api.example.com'", "deploy.ingress.api='gateway-api'",
+                                    "deploy.ingress.class_name='istio'",
+                                    "deploy.monitor_labels={release='kube-prometheus-stack'}"]))
+    return rundir.stage_dir("deploy") / "out" / "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -52,28 +79,141 @@ def _docs(path: Path) -> list[dict]:
 
 def _objects(out: Path) -> list[tuple[str, dict]]:
     """Every Kubernetes object of a render: the kustomize builds where kubectl exists, else the source files."""
-    files = [out / "rendered.yaml", out / "rendered-tune.yaml"]
-    if not all(f.is_file() for f in files):
-        files = [out / "k8s/base/serving.yaml", out / "k8s/tune/tune.yaml"]
+    if (out / "rendered.yaml").is_file():
+        files = [out / "rendered.yaml", out / "rendered-tune.yaml"]
+    else:
+        files = [*sorted((out / "k8s/base").glob("[!k]*.yaml")), out / "k8s/tune/tune.yaml"]  # not kustomization
+    files = [f for f in files if f.is_file()]
     return [(f.name, d) for f in files for d in _docs(f)]
 
 
-@pytest.mark.parametrize("env", ["cpu", "gpu"])
-def test_every_object_validates_against_the_kubernetes_schemas(rendered, env):
+@pytest.mark.parametrize("env", ["cpu", "gpu", "edge"])
+def test_every_object_validates_against_the_kubernetes_schemas(rendered, edge, env):
     kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (offline schemas)")
-    objects = _objects(rendered / env)
+    objects = _objects(edge if env == "edge" else rendered / env)
     assert len(objects) >= 15
     for _, obj in objects:
-        kv.validate(obj, K8S_VERSION, strict=True)  # strict: unknown fields are errors too
+        validate(obj)
     broken = copy.deepcopy(next(o for _, o in objects if o["kind"] == "HorizontalPodAutoscaler"))
     broken["spec"]["behavior"]["scaleUp"]["policies"][0]["periodSecond"] = 30  # a typo must not pass
     with pytest.raises(kv.ValidationError):
         kv.validate(broken, K8S_VERSION, strict=True)
 
 
+def test_every_custom_kind_is_rendered_and_checked_against_its_crd(rendered, edge):
+    objects = [o for _, o in _objects(rendered / "cpu") + _objects(edge)]
+    kinds = {o["kind"] for o in objects}
+    assert set(CUSTOM) <= kinds  # ServiceMonitor, PodMonitor, Gateway, HTTPRoute, ScaledObject
+    for schema in CUSTOM.values():
+        assert "github.com/" in schema["$comment"] and len(json.dumps(schema)) < 16_000  # cut, and says from where
+    typos = {"ServiceMonitor": ("endpoints", "intervall"), "PodMonitor": ("podMetricsEndpoints", "prot"),
+             "Gateway": ("listeners", "hostName"), "HTTPRoute": ("rules", "backendRef"),
+             "ScaledObject": ("triggers", "metricTyp")}
+    for kind, (field, typo) in typos.items():
+        broken = copy.deepcopy(next(o for o in objects if o["kind"] == kind))
+        broken["spec"][field][0][typo] = "x"  # an unknown field, as a typo makes one
+        with pytest.raises(jsonschema.ValidationError, match=typo):
+            validate(broken)
+    scaled = copy.deepcopy(next(o for o in objects if o["kind"] == "ScaledObject"))
+    scaled["spec"]["triggers"][0]["metadata"]["threshold"] = 0.2  # KEDA's trigger metadata is strings only
+    with pytest.raises(jsonschema.ValidationError):
+        validate(scaled)
+
+
+def test_monitors_scrape_the_ports_the_annotations_name(rendered, edge):
+    objects = {(o["kind"], o["metadata"]["name"]): o for _, o in _objects(edge)}
+    gateway = objects[("Deployment", "autoglm-gateway")]["spec"]["template"]
+    triton = objects[("Deployment", "autoglm-triton")]["spec"]["template"]
+    service = objects[("Service", "autoglm-gateway")]
+    monitor, pods = objects[("ServiceMonitor", "autoglm-gateway")], objects[("PodMonitor", "autoglm-triton")]
+    (endpoint,), (pod_endpoint,) = monitor["spec"]["endpoints"], pods["spec"]["podMetricsEndpoints"]
+    service_port = next(p for p in service["spec"]["ports"] if p["name"] == endpoint["port"])
+    container_port = {p["name"]: p["containerPort"] for p in gateway["spec"]["containers"][0]["ports"]}
+    assert container_port[service_port["targetPort"]] == int(gateway["metadata"]["annotations"]["prometheus.io/port"])
+    assert endpoint["path"] == gateway["metadata"]["annotations"]["prometheus.io/path"]
+    triton_ports = {p["name"]: p["containerPort"] for p in triton["spec"]["containers"][0]["ports"]}
+    assert triton_ports[pod_endpoint["port"]] == int(triton["metadata"]["annotations"]["prometheus.io/port"])
+    assert pod_endpoint["path"] == triton["metadata"]["annotations"]["prometheus.io/path"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert pods["spec"]["selector"]["matchLabels"].items() <= triton["metadata"]["labels"].items()
+    for obj in (monitor, pods):
+        assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack"  # Prometheus' selector finds them
+        assert obj["metadata"]["namespace"] == "autoglm"
+    scrape = yaml.safe_load((rendered / "cpu/k8s/monitoring/prometheus-scrape.yaml").read_text())
+    job_labels = {r["target_label"] for r in scrape["scrape_configs"][0]["relabel_configs"] if "target_label" in r}
+    assert {r["targetLabel"] for r in endpoint["relabelings"]} == job_labels - {"__metrics_path__", "__address__",
+                                                                                "namespace", "pod"}
+
+
+def test_the_ingress_sends_the_configured_host_to_the_gateway_over_tls(rendered):
+    objects = {(o["kind"], o["metadata"]["name"]): o for _, o in _objects(rendered / "cpu")}
+    spec = objects[("Ingress", "autoglm-gateway")]["spec"]
+    assert spec["ingressClassName"] == "nginx"
+    assert spec["tls"] == [{"hosts": ["api.example.com"], "secretName": "api-tls"}]
+    (rule,) = spec["rules"]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert rule["host"] == "api.example.com" and rule["http"]["paths"][0]["path"] == "/"
+    service = objects[("Service", backend["name"])]
+    assert backend["port"] == {"name": "http"} and "http" in {p["name"] for p in service["spec"]["ports"]}
+    gpu = {o["kind"] for _, o in _objects(rendered / "gpu")}
+    assert not gpu & {"Ingress", "Gateway", "HTTPRoute"}  # no deploy.ingress.host: nothing exposed
+    assert (rendered / "gpu/k8s/base/ingress.yaml").exists() is False
+
+
+def test_the_http_route_attaches_to_a_tls_gateway_and_reaches_the_gateway_service(edge):
+    objects = {(o["kind"], o["metadata"]["name"]): o for _, o in _objects(edge)}
+    assert ("Ingress", "autoglm-gateway") not in objects  # one way in
+    gateway, route = objects[("Gateway", "autoglm-gateway")], objects[("HTTPRoute", "autoglm-gateway")]
+    (listener,) = gateway["spec"]["listeners"]
+    assert gateway["spec"]["gatewayClassName"] == "istio"
+    assert (listener["protocol"], listener["port"], listener["hostname"]) == ("HTTPS", 443, "api.example.com")
+    assert listener["tls"] == {"mode": "Terminate", "certificateRefs": [{"kind": "Secret",
+                                                                          "name": "autoglm-gateway-tls"}]}
+    (parent,) = route["spec"]["parentRefs"]
+    assert (parent["name"], parent["sectionName"]) == (gateway["metadata"]["name"], listener["name"])
+    assert route["spec"]["hostnames"] == ["api.example.com"]
+    (backend,) = route["spec"]["rules"][0]["backendRefs"]
+    service = objects[("Service", backend["name"])]
+    assert {"name": "http", "port": backend["port"], "targetPort": "http"} in service["spec"]["ports"]
+
+
+TRITON_PODS = 'namespace="autoglm",pod=~"autoglm-triton-.+"'  # the adapter's matchers, as Prometheus sees the pods
+
+
+def test_keda_scales_triton_on_the_hpas_queries_targets_and_behavior(rendered, edge):
+    keda = {(o["kind"], o["metadata"]["name"]): o for _, o in _objects(edge)}
+    hpa = next(o for _, o in _objects(rendered / "cpu") if o["kind"] == "HorizontalPodAutoscaler"
+               and o["metadata"]["name"] == "autoglm-triton")["spec"]
+    scaled = keda[("ScaledObject", "autoglm-triton")]["spec"]
+    targeted = [o["spec"]["scaleTargetRef"]["name"] for (kind, _), o in keda.items()
+                if kind in ("HorizontalPodAutoscaler", "ScaledObject")]
+    assert sorted(targeted) == ["autoglm-gateway", "autoglm-triton"]  # never two scalers on one Deployment
+    assert scaled["scaleTargetRef"] == hpa["scaleTargetRef"]
+    assert (scaled["minReplicaCount"], scaled["maxReplicaCount"]) == (hpa["minReplicas"], hpa["maxReplicas"])
+    assert scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == hpa["behavior"]
+    assert scaled["pollingInterval"] == AutoscaleRules().interval_s
+    hpa_targets = {m["pods"]["metric"]["name"]: m["pods"]["target"]["averageValue"] for m in hpa["metrics"]}
+    assert len(scaled["triggers"]) == len(hpa_targets) == len(SERIES)
+    for series, trigger in zip(SERIES, scaled["triggers"], strict=True):
+        assert (trigger["type"], trigger["metricType"]) == ("prometheus", "AverageValue")
+        milli = int(hpa_targets[series.name].removesuffix("m"))
+        assert round(float(trigger["metadata"]["threshold"]) * 1000) == milli  # the HPA's target, as a decimal
+        assert trigger["metadata"]["query"] == f"sum({series.promql(TRITON_PODS)})"
+        assert trigger["metadata"]["serverAddress"] == "http://prometheus-operated.monitoring.svc:9090"
+    assert keda[("ScaledObject", "autoglm-triton")]["metadata"]["annotations"]["autoglm.dev/targets"].startswith(
+        "latency targets 200 ms")
+
+
+def test_every_container_pulls_by_an_explicit_policy(rendered):
+    for _, obj in _objects(rendered / "cpu"):
+        pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+        for container in pod.get("containers", []) + pod.get("initContainers", []):
+            assert container["imagePullPolicy"] == "IfNotPresent", (obj["kind"], container["name"])
+
+
 @kubectl
-def test_kustomize_builds_serving_and_tune(rendered):
-    for directory in (rendered / "cpu/k8s", rendered / "cpu/k8s/tune", rendered / "gpu/k8s/overlays/gpu"):
+def test_kustomize_builds_serving_and_tune(rendered, edge):
+    for directory in (rendered / "cpu/k8s", rendered / "cpu/k8s/tune", rendered / "gpu/k8s/overlays/gpu", edge / "k8s"):
         proc = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
     objects = dict(((o["kind"], o["metadata"]["name"]), o) for _, o in _objects(rendered / "gpu"))
