@@ -4,6 +4,10 @@ worker reads from its JSON file) plus what a running worker derives from it: its
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pydantic import Field
+
 from autoglm.errors import ConfigError
 from autoglm.gateway_spec import GatewaySpec
 
@@ -11,6 +15,11 @@ from autoglm.gateway_spec import GatewaySpec
 class GatewaySettings(GatewaySpec):
     """Everything one gateway worker needs: the configured ``serve.gateway`` limits, where it listens, the
     Triton it forwards to, and the API keys (:meth:`from_settings` builds it from the run's config)."""
+
+    shared_dir: Path | None = Field(None, description="a directory on this host where the workers of one gateway "
+                                    "share their metrics (prometheus-client's multiprocess files) and rate-limit "
+                                    "buckets; the runner makes a fresh one for --workers N > 1 and removes it on "
+                                    "stop. None: each worker counts and limits alone")
 
     @property
     def pool_size(self) -> int:
