@@ -42,7 +42,7 @@ class Gateway:
         self.catalog = catalog if catalog is not None else (
             TaskCatalog.load(settings.repository) if settings.repository else None)
         self.guard = Guard(settings)
-        self.metrics = GatewayMetrics(lambda: self.guard.in_flight, settings.watts_per_core)
+        self.metrics = GatewayMetrics(lambda: self.guard.in_flight, settings.watts_per_core, settings.shared_dir)
         self.signatures: dict[str, ModelSignature] = {}
         self.ready_ttl_s = READY_TTL_S
         self._ready: tuple[float, tuple[int, dict]] | None = None
@@ -50,6 +50,7 @@ class Gateway:
 
     async def aclose(self) -> None:
         await self.pool.aclose()
+        self.guard.close()
 
     async def readiness(self) -> tuple[int, dict]:
         """(status, body) of ``/readyz``: Triton ready and every model of the task loaded.
