@@ -1,5 +1,6 @@
 """The gateway's settings: the core's :class:`~autoglm.gateway_spec.GatewaySpec` (what deploy renders and a
-worker reads from its JSON file) plus what a running worker derives from it: its upstream pool and address.
+worker reads from its JSON file) plus what a running worker derives from it (its upstream pool and address)
+and the directory where the workers of one gateway share their metrics and rate-limit buckets.
 """
 
 from __future__ import annotations

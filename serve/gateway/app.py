@@ -3,7 +3,8 @@
 :class:`GatewayApp` answers the fast routes (v2 infer, :predict) itself, before any framework layer;
 everything else goes through FastAPI: its error middleware → :class:`RouteMetrics` →
 :class:`BodyLimit` → routing. The
-Triton pool and all per-worker state are created in ``lifespan``, once per worker process.
+Triton pool and all per-worker state are created in ``lifespan``, once per worker process; with a
+``shared_dir`` the workers' metrics and rate-limit buckets are the gateway's (see :mod:`serve.gateway.metrics`).
 """
 
 from __future__ import annotations
