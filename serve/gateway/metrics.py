@@ -29,6 +29,8 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.utils import floatToGoString
 
+from autoglm.errors import ConfigError
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PUBLISH_INTERVAL_S = 1.0  # how old another worker's figures can be in a scrape
@@ -114,6 +116,9 @@ class GatewayMetrics:
         family.add_metric([self.energy_method], cpu_s * self.watts_per_core / max(1, served))
         return family
 
+    def describe(self):
+        return []  # no collect() at registration: the families are fixed, and the worker is not built yet
+
     def collect(self):
         """prometheus_client's Collector protocol: this worker's figures."""
         requests = CounterMetricFamily(*REQUESTS, labels=["route", "status"])
@@ -169,6 +174,9 @@ class SharedMetrics:
     """
 
     def __init__(self, metrics: GatewayMetrics, directory: Path, worker: int):
+        if not directory.is_dir():
+            raise ConfigError(f"the gateway's shared_dir {directory} is not a directory: create it empty (or unset "
+                              f"PROMETHEUS_MULTIPROC_DIR for workers that count alone)")
         self.metrics, self.directory, self.worker = metrics, directory, worker
         self._files = {kind: MmapedDict(str(directory / f"{kind}_{worker}.db"))
                        for kind in ("counter", "histogram", "gauge_livesum")}
@@ -203,7 +211,7 @@ class SharedMetrics:
         write("gauge_livesum", IN_FLIGHT, "", (), m.in_flight())
 
     def describe(self):
-        return []  # nothing to check at registration: the families come from the files
+        return []  # the families come from the files
 
     def collect(self):
         """Every worker's figures, summed (the in-flight gauge over live workers), with the energy per request

@@ -41,8 +41,9 @@ class Gateway:
                                          connect_timeout_s=settings.connect_timeout_s)
         self.catalog = catalog if catalog is not None else (
             TaskCatalog.load(settings.repository) if settings.repository else None)
-        self.guard = Guard(settings)
+        # metrics first: they check shared_dir, which the guard's shared buckets use too
         self.metrics = GatewayMetrics(lambda: self.guard.in_flight, settings.watts_per_core, settings.shared_dir)
+        self.guard = Guard(settings)
         self.signatures: dict[str, ModelSignature] = {}
         self.ready_ttl_s = READY_TTL_S
         self._ready: tuple[float, tuple[int, dict]] | None = None

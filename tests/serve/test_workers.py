@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from autoglm.errors import ConfigError
 from autoglm.gateway_spec import ApiKey, hash_api_key
 from serve.gateway.buckets import SLOTS, SharedBuckets
 from serve.gateway.metrics import PUBLISH_INTERVAL_S, GatewayMetrics
@@ -85,6 +86,11 @@ def test_a_scrape_of_one_worker_sums_every_worker(tmp_path):
     assert got[("autoglm_gateway_in_flight", ())] == 2 + 1  # a dead worker's in-flight requests do not
     assert ("autoglm_gateway_energy_joules_per_request", (("method", a.energy_method),)) in got
     assert not any(name.startswith("autoglm_gateway_cpu_seconds") for name, _ in got)  # only makes the energy
+
+
+def test_a_shared_dir_that_does_not_exist_is_refused_naming_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match="create it empty"):
+        GatewayMetrics(shared_dir=tmp_path / "missing")
 
 
 def test_one_worker_keeps_its_figures_in_process(tmp_path):
