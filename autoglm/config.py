@@ -267,7 +267,8 @@ class CompressSettings(Section):
 
 
 class GatewayLimits(Section):
-    """``serve.gateway``: the gateway's workers, keys and limits. Limits are per worker: N workers admit N×."""
+    """``serve.gateway``: the gateway's workers, keys and limits. Rate limits hold for the gateway on one host
+    (its workers share their buckets); ``max_in_flight`` and the pool are per worker: N workers admit N×."""
 
     workers: int = Field(1, ge=1, description="uvicorn worker processes (a second one does not help on 2 cores)")
     grpc_port: int = Field(8081, ge=0, le=65535, description="KServe v2 over gRPC (tritonclient.grpc), on "

@@ -1,8 +1,13 @@
 """The gateway's settings: the core's :class:`~autoglm.gateway_spec.GatewaySpec` (what deploy renders and a
-worker reads from its JSON file) plus what a running worker derives from it: its upstream pool and address.
+worker reads from its JSON file) plus what a running worker derives from it (its upstream pool and address)
+and the directory where the workers of one gateway share their metrics and rate-limit buckets.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
 
 from autoglm.errors import ConfigError
 from autoglm.gateway_spec import GatewaySpec
@@ -11,6 +16,11 @@ from autoglm.gateway_spec import GatewaySpec
 class GatewaySettings(GatewaySpec):
     """Everything one gateway worker needs: the configured ``serve.gateway`` limits, where it listens, the
     Triton it forwards to, and the API keys (:meth:`from_settings` builds it from the run's config)."""
+
+    shared_dir: Path | None = Field(None, description="a directory on this host where the workers of one gateway "
+                                    "share their metrics (prometheus-client's multiprocess files) and rate-limit "
+                                    "buckets; the runner makes a fresh one for --workers N > 1 and removes it on "
+                                    "stop. None: each worker counts and limits alone")
 
     @property
     def pool_size(self) -> int:

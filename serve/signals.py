@@ -85,7 +85,7 @@ class GatewayLatency:
     """The gateway's p95 over inference routes, from its latency histogram (bucket deltas per window).
 
     It adds what Triton cannot see (the gateway's queueing and JSON work) to the latency rule; with
-    several workers, point it at each one or rely on Triton's own figures.
+    several workers the gateway's ``/metrics`` sums them all.
     """
 
     def __init__(self, metrics_url: str):

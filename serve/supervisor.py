@@ -23,6 +23,7 @@ from typing import Literal, Protocol
 from autoglm.artifacts import write_atomic
 from autoglm.errors import AutoGLMError
 from autoglm.local_http import answers_ok, client_host
+from serve.gateway.buckets import BUCKETS_FILE
 from serve.settings import GatewaySettings
 from serve.triton import ChildProcess, log_excerpt
 
@@ -37,11 +38,17 @@ class Process(Protocol):
 
 
 class GatewayProcess(ChildProcess):
-    """The gateway as ``uvicorn`` worker process(es), configured through a settings JSON file."""
+    """The gateway as ``uvicorn`` worker process(es), configured through a settings JSON file.
+
+    With several workers they share their metrics and rate-limit buckets through ``shared_dir``
+    (``<workdir>/gateway-shared`` unless the settings name one), emptied at every start and removed on stop.
+    """
 
     def __init__(self, settings: GatewaySettings, workdir: Path | str):
-        self.settings = settings
         self.workdir = Path(workdir)
+        if settings.workers > 1 and settings.shared_dir is None:
+            settings = settings.model_copy(update={"shared_dir": self.workdir / "gateway-shared"})
+        self.settings = settings
         self.log_path = self.workdir / "gateway.log"
         self._proc: subprocess.Popen | None = None
 
@@ -75,6 +82,9 @@ class GatewayProcess(ChildProcess):
         if self.alive():
             return self
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._clear_shared()  # counts of an earlier gateway must not add to this one's
+        if self.settings.shared_dir is not None:
+            self.settings.shared_dir.mkdir(parents=True, exist_ok=True)
         settings_path = write_atomic(self.workdir / "gateway-settings.json",
                                      self.settings.model_dump_json(indent=2).encode())
         env = dict(os.environ, **{SETTINGS_ENV: str(settings_path.absolute())})
@@ -98,6 +108,20 @@ class GatewayProcess(ChildProcess):
     def stop(self, timeout_s: float = 10) -> None:
         """SIGTERM (uvicorn finishes in-flight requests), then SIGKILL to its process group."""
         self._terminate(timeout_s)  # worker processes of --workers N share the group
+        self._clear_shared()
+
+    def _clear_shared(self) -> None:
+        """Remove the workers' shared files (only ours: the directory may be an operator's), then the directory
+        if that leaves it empty."""
+        shared = self.settings.shared_dir
+        if shared is None or not shared.is_dir():
+            return
+        for path in [*shared.glob("*.db"), shared / BUCKETS_FILE]:
+            path.unlink(missing_ok=True)
+        try:
+            shared.rmdir()
+        except OSError:  # something else lives there
+            pass
 
 
 @dataclass

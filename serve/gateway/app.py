@@ -3,7 +3,8 @@
 :class:`GatewayApp` answers the fast routes (v2 infer, :predict) itself, before any framework layer;
 everything else goes through FastAPI: its error middleware → :class:`RouteMetrics` →
 :class:`BodyLimit` → routing. The
-Triton pool and all per-worker state are created in ``lifespan``, once per worker process.
+Triton pool and all per-worker state are created in ``lifespan``, once per worker process; with a
+``shared_dir`` the workers' metrics and rate-limit buckets are the gateway's (see :mod:`serve.gateway.metrics`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from serve.gateway.worker import Gateway
 from serve.settings import GatewaySettings
 
 SETTINGS_ENV = "SERVE_GATEWAY_SETTINGS"  # path of a JSON GatewaySettings, for uvicorn's worker processes
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's variable: the shared_dir where the JSON has none
 
 
 class BodyLimit:
@@ -146,8 +148,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.gateway = Gateway(settings)
-        try:
-            async with grpc_service(app.state.gateway):  # KServe v2 over gRPC on its own port, when set
+        try:  # gRPC: KServe v2 on its own port, when set; metrics: shared with the other workers, when set
+            async with grpc_service(app.state.gateway), app.state.gateway.metrics.publishing():
                 yield
         finally:
             await app.state.gateway.aclose()
@@ -179,8 +181,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
 
 def app_from_env() -> FastAPI:
-    """uvicorn factory for worker processes: settings from the JSON file named by $SERVE_GATEWAY_SETTINGS."""
+    """uvicorn factory for worker processes: settings from the JSON file named by $SERVE_GATEWAY_SETTINGS.
+
+    Running ``uvicorn --workers N`` by hand, set $PROMETHEUS_MULTIPROC_DIR to an empty directory of this
+    host (emptied before each start) for metrics and rate limits of the whole gateway, as the runner does.
+    """
     path = os.environ.get(SETTINGS_ENV)
     if not path:
         raise RuntimeError(f"{SETTINGS_ENV} is not set: start the gateway with `python -m serve`")
-    return create_app(GatewaySettings.model_validate_json(Path(path).read_text()))
+    settings = GatewaySettings.model_validate_json(Path(path).read_text())
+    if settings.shared_dir is None and os.environ.get(MULTIPROC_ENV):
+        settings = settings.model_copy(update={"shared_dir": Path(os.environ[MULTIPROC_ENV])})
+    return create_app(settings)

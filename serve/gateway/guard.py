@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from serve.gateway.buckets import buckets_for
 from serve.gateway.errors import Refused
 from serve.settings import GatewaySettings
 
@@ -31,30 +32,15 @@ class Caller:
 ANONYMOUS = Caller("anonymous")
 
 
-class TokenBucket:
-    """``rate`` tokens/s up to ``burst``; ``take`` returns 0 when allowed, else seconds until it would be."""
-
-    __slots__ = ("rate", "burst", "tokens", "stamp")
-
-    def __init__(self, rate: float, burst: int, now: float):
-        self.rate, self.burst, self.tokens, self.stamp = rate, float(burst), float(burst), now
-
-    def take(self, now: float) -> float:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
-
-
 class Guard:
-    """The protection state of one gateway worker."""
+    """The protection state of one gateway worker: its in-flight count is its own; its rate-limit buckets
+    are the gateway's, shared with the other workers where ``settings.shared_dir`` is set."""
 
     def __init__(self, settings: GatewaySettings, clock: Callable[[], float] = time.monotonic):
         self.settings, self.clock = settings, clock
         self._keys = [(key.name, bytes.fromhex(key.sha256)) for key in settings.api_keys]
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets = (buckets_for(settings.rate_limit_rps, settings.rate_limit_burst, settings.shared_dir)
+                         if settings.rate_limit_rps else None)
         self.in_flight = 0
         self._retry = ((b"retry-after", str(settings.retry_after_s).encode()),)
         self._too_large = (f"request body above the gateway's limit of {settings.max_body_bytes} bytes: send "
@@ -80,21 +66,15 @@ class Guard:
     def rate_limit(self, caller: Caller, client: str = "") -> None:
         """Refused(429) with Retry-After when ``caller`` exceeds ``rate_limit_rps``.
 
-        Buckets are per API key; without keys, per client address.
+        Buckets are per API key; without keys, per client address; shared by the gateway's workers
+        where it has a ``shared_dir`` (:mod:`serve.gateway.buckets`).
         """
-        rate = self.settings.rate_limit_rps
-        if not rate:
+        if self._buckets is None:
             return
-        now = self.clock()
         key = caller.name if caller is not ANONYMOUS else f"{caller.name}@{client}"
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= 10_000:  # many anonymous addresses: start over rather than grow forever
-                self._buckets.clear()
-            bucket = self._buckets[key] = TokenBucket(rate, self.settings.rate_limit_burst, now)
-        wait = bucket.take(now)
+        wait = self._buckets.take(key, self.clock())
         if wait:
-            raise Refused(429, f"rate limit of {rate:g} requests/s for '{key}' exceeded",
+            raise Refused(429, f"rate limit of {self.settings.rate_limit_rps:g} requests/s for '{key}' exceeded",
                           ((b"retry-after", str(max(1, math.ceil(wait))).encode()),), shed="rate_limit")
 
     def check(self, authorization: bytes | None, client: str = "") -> Caller:
@@ -118,6 +98,11 @@ class Guard:
 
     def release(self) -> None:
         self.in_flight -= 1
+
+    def close(self) -> None:
+        """Let go of the rate-limit buckets (the shared table's file stays for the other workers)."""
+        if self._buckets is not None:
+            self._buckets.close()
 
     # ---- how big -----------------------------------------------------------------------------------
     def check_length(self, content_length: bytes | None) -> None:

@@ -1,22 +1,49 @@
 """The gateway's Prometheus metrics: plain counters, exported by a collector at scrape time.
 
 prometheus_client's Counter/Histogram take a lock on every update (≈2-5 µs each, several per
-request); a worker is one event loop, so the hot path only bumps Python ints here and the
-collector turns them into metric families when ``/metrics`` is scraped. One registry per app, so
-tests can build many apps.
+request; in its multiprocess mode each also writes a file-backed map); a worker is one event loop,
+so the hot path only bumps Python ints here and the collector turns them into metric families when
+``/metrics`` is scraped. One registry per app, so tests can build many apps.
+
+With several workers (a ``shared_dir``), :class:`SharedMetrics` writes this worker's totals into
+prometheus-client's multiprocess files there, once a second and at every scrape, and a scrape of any
+worker sums every worker's files with prometheus-client's own ``MultiProcessCollector``: ``/metrics``
+is the whole gateway's, the other workers' figures at most :data:`PUBLISH_INTERVAL_S` old, and a
+request costs no more than with one worker.
 """
 
 from __future__ import annotations
 
+import asyncio
+import glob
+import os
 import time
 from bisect import bisect_left
 from collections import defaultdict
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.utils import floatToGoString
+
+from autoglm.errors import ConfigError
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PUBLISH_INTERVAL_S = 1.0  # how old another worker's figures can be in a scrape
+# name: help, one place for both exports
+REQUESTS = ("autoglm_gateway_requests", "Requests by route and status")
+LATENCY = ("autoglm_gateway_request_seconds", "Request latency by route")
+ROWS = ("autoglm_gateway_request_rows", "Rows (batch size) per inference request")
+IN_FLIGHT = ("autoglm_gateway_in_flight", "Requests admitted and not yet answered")
+SHED = ("autoglm_gateway_shed", "Requests refused to protect the service")
+TRITON_ERRORS = ("autoglm_gateway_triton_errors", "Failures talking to Triton")
+ENERGY = ("autoglm_gateway_energy_joules_per_request",
+          "Estimated energy per request of the gateway's workers (Triton's not included)")
+CPU = ("autoglm_gateway_cpu_seconds", "CPU seconds of the gateway's workers (makes the energy figure)")
 
 
 class _Histogram:
@@ -41,7 +68,8 @@ class GatewayMetrics:
     """Requests by route and status, latency, in-flight, shedding, Triton errors, rows per request,
     and the estimated energy per request (this worker's CPU-seconds × watts per core)."""
 
-    def __init__(self, in_flight=lambda: 0, watts_per_core: float = 10.0):
+    def __init__(self, in_flight=lambda: 0, watts_per_core: float = 10.0, shared_dir: Path | None = None,
+                 worker: int | None = None):
         self.in_flight = in_flight
         self.watts_per_core = watts_per_core
         self.energy_method = f"estimated:gateway-cpu-s×{watts_per_core:g}W"
@@ -53,7 +81,8 @@ class GatewayMetrics:
         self.served = 0
         self._cpu0 = time.process_time()
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(self)
+        self.shared = SharedMetrics(self, Path(shared_dir), worker or os.getpid()) if shared_dir else None
+        self.registry.register(self.shared or self)
 
     # ---- updates (hot path) ------------------------------------------------------------------------
     def observe(self, route: str, status: int, seconds: float) -> None:
@@ -79,36 +108,143 @@ class GatewayMetrics:
         self.triton_errors[kind] += 1
 
     # ---- export ------------------------------------------------------------------------------------
+    def cpu_seconds(self) -> float:
+        return time.process_time() - self._cpu0
+
+    def energy(self, cpu_s: float, served: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(*ENERGY, labels=["method"])
+        family.add_metric([self.energy_method], cpu_s * self.watts_per_core / max(1, served))
+        return family
+
+    def describe(self):
+        return []  # no collect() at registration: the families are fixed, and the worker is not built yet
+
     def collect(self):
-        """prometheus_client's Collector protocol."""
-        requests = CounterMetricFamily("autoglm_gateway_requests", "Requests by route and status",
-                                       labels=["route", "status"])
+        """prometheus_client's Collector protocol: this worker's figures."""
+        requests = CounterMetricFamily(*REQUESTS, labels=["route", "status"])
         for (route, status), n in sorted(self.requests.items()):
             requests.add_metric([route, str(status)], n)
         yield requests
-        for name, doc, hists in (("autoglm_gateway_request_seconds", "Request latency by route", self.latency),
-                                 ("autoglm_gateway_request_rows", "Rows (batch size) per inference request",
-                                  self.rows)):
+        for (name, doc), hists in ((LATENCY, self.latency), (ROWS, self.rows)):
             family = HistogramMetricFamily(name, doc, labels=["route"])
             for route, hist in sorted(hists.items()):
                 family.add_metric([route], hist.buckets(), hist.total)
             yield family
-        yield GaugeMetricFamily("autoglm_gateway_in_flight", "Requests admitted and not yet answered",
-                                value=self.in_flight())
-        for name, doc, label, values in (
-                ("autoglm_gateway_shed", "Requests refused to protect the service", "reason", self.shed),
-                ("autoglm_gateway_triton_errors", "Failures talking to Triton", "kind", self.triton_errors)):
+        yield GaugeMetricFamily(*IN_FLIGHT, value=self.in_flight())
+        for (name, doc), label, values in ((SHED, "reason", self.shed), (TRITON_ERRORS, "kind", self.triton_errors)):
             family = CounterMetricFamily(name, doc, labels=[label])
             for key, n in sorted(values.items()):
                 family.add_metric([key], n)
             yield family
-        energy = GaugeMetricFamily("autoglm_gateway_energy_joules_per_request",
-                                   "Estimated energy per request of this gateway worker (Triton's not included)",
-                                   labels=["method"])
-        cpu_s = time.process_time() - self._cpu0
-        energy.add_metric([self.energy_method], cpu_s * self.watts_per_core / max(1, self.served))
-        yield energy
+        yield self.energy(self.cpu_seconds(), self.served)
 
     def render(self) -> bytes:
-        """The text exposition format."""
+        """The text exposition format: this worker's figures, or with a ``shared_dir`` every worker's summed."""
         return generate_latest(self.registry)
+
+    @asynccontextmanager
+    async def publishing(self):
+        """While the block runs, this worker's figures reach the other workers' scrapes every
+        :data:`PUBLISH_INTERVAL_S`; then its last ones, and its in-flight gauge leaves the sum."""
+        if self.shared is None:
+            yield
+            return
+
+        async def every_interval():
+            while True:
+                await asyncio.sleep(PUBLISH_INTERVAL_S)
+                self.shared.publish()
+
+        task = asyncio.create_task(every_interval())
+        try:
+            yield
+        finally:
+            task.cancel()
+            self.shared.close()
+
+
+class SharedMetrics:
+    """One worker's part of a gateway's metrics across workers: its totals in prometheus-client's
+    multiprocess files under ``directory`` (``counter_<worker>.db``, ``histogram_<worker>.db``,
+    ``gauge_livesum_<worker>.db``), and a collector summing every worker's files.
+
+    Whole totals are written (not increments), so a file is always this worker's state as of its last
+    publish. A dead worker's counters stay in the sum (the gateway's counters never go back); its
+    in-flight gauge is dropped at the next scrape.
+    """
+
+    def __init__(self, metrics: GatewayMetrics, directory: Path, worker: int):
+        if not directory.is_dir():
+            raise ConfigError(f"the gateway's shared_dir {directory} is not a directory: create it empty (or unset "
+                              f"PROMETHEUS_MULTIPROC_DIR for workers that count alone)")
+        self.metrics, self.directory, self.worker = metrics, directory, worker
+        self._files = {kind: MmapedDict(str(directory / f"{kind}_{worker}.db"))
+                       for kind in ("counter", "histogram", "gauge_livesum")}
+        self._keys: dict[tuple, str] = {}
+        self._les = {bounds: (*map(floatToGoString, bounds), "+Inf") for bounds in (LATENCY_BUCKETS, ROW_BUCKETS)}
+        self._closed = False
+
+    def _write(self, kind: str, metric: tuple[str, str], suffix: str, labels: tuple[tuple[str, str], ...],
+               value: float) -> None:
+        key = self._keys.get((metric[0], suffix, labels))
+        if key is None:
+            key = self._keys[(metric[0], suffix, labels)] = mmap_key(
+                metric[0], metric[0] + suffix, [k for k, _ in labels], [v for _, v in labels], metric[1])
+        self._files[kind].write_value(key, float(value), 0.0)
+
+    def publish(self) -> None:
+        """Write this worker's totals (≈0.5 µs a value; a few hundred values)."""
+        if self._closed:
+            return
+        m, write = self.metrics, self._write
+        for (route, status), n in m.requests.items():
+            write("counter", REQUESTS, "_total", (("route", route), ("status", str(status))), n)
+        for metric, hists in ((LATENCY, m.latency), (ROWS, m.rows)):
+            for route, hist in hists.items():
+                for le, n in zip(self._les[hist.bounds], hist.counts):
+                    write("histogram", metric, "_bucket", (("route", route), ("le", le)), n)
+                write("histogram", metric, "_sum", (("route", route),), hist.total)
+        for metric, label, values in ((SHED, "reason", m.shed), (TRITON_ERRORS, "kind", m.triton_errors)):
+            for key, n in values.items():
+                write("counter", metric, "_total", ((label, key),), n)
+        write("counter", CPU, "_total", (), m.cpu_seconds())
+        write("gauge_livesum", IN_FLIGHT, "", (), m.in_flight())
+
+    def describe(self):
+        return []  # the families come from the files
+
+    def collect(self):
+        """Every worker's figures, summed (the in-flight gauge over live workers), with the energy per request
+        of all their CPU time."""
+        self.publish()  # this worker's own figures are exact
+        for path in glob.glob(str(self.directory / "gauge_livesum_*.db")):
+            pid = int(path.rsplit("_", 1)[1][:-3])
+            if not _alive(pid):
+                mark_process_dead(pid, str(self.directory))
+        cpu_s = served = 0.0
+        for family in MultiProcessCollector.merge(glob.glob(str(self.directory / "*.db"))):
+            if family.name == CPU[0]:
+                cpu_s = sum(sample.value for sample in family.samples)
+                continue
+            if family.name == REQUESTS[0]:
+                served = sum(sample.value for sample in family.samples)
+            yield family
+        yield self.metrics.energy(cpu_s, served)
+
+    def close(self) -> None:
+        """The last figures, then this worker leaves the in-flight sum."""
+        self.publish()
+        self._closed = True
+        for dictionary in self._files.values():
+            dictionary.close()
+        mark_process_dead(self.worker, str(self.directory))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

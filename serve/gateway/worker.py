@@ -41,8 +41,9 @@ class Gateway:
                                          connect_timeout_s=settings.connect_timeout_s)
         self.catalog = catalog if catalog is not None else (
             TaskCatalog.load(settings.repository) if settings.repository else None)
+        # metrics first: they check shared_dir, which the guard's shared buckets use too
+        self.metrics = GatewayMetrics(lambda: self.guard.in_flight, settings.watts_per_core, settings.shared_dir)
         self.guard = Guard(settings)
-        self.metrics = GatewayMetrics(lambda: self.guard.in_flight, settings.watts_per_core)
         self.signatures: dict[str, ModelSignature] = {}
         self.ready_ttl_s = READY_TTL_S
         self._ready: tuple[float, tuple[int, dict]] | None = None
@@ -50,6 +51,7 @@ class Gateway:
 
     async def aclose(self) -> None:
         await self.pool.aclose()
+        self.guard.close()
 
     async def readiness(self) -> tuple[int, dict]:
         """(status, body) of ``/readyz``: Triton ready and every model of the task loaded.

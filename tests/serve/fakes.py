@@ -160,3 +160,53 @@ class _FakeStream:
 def fake_gateway(catalog: TaskCatalog | None = DIGITS, **settings) -> tuple[Gateway, FakeTriton]:
     triton = FakeTriton()
     return Gateway(GatewaySettings(**settings), pool=triton, catalog=catalog), triton
+
+
+class FakeTritonServer:
+    """:class:`FakeTriton` over HTTP/1.1 on a free port, in a thread of its own: for a gateway started as real
+    uvicorn processes. ``with FakeTritonServer() as server:`` then ``server.url``."""
+
+    def __init__(self, triton: FakeTriton | None = None):
+        import threading
+
+        from serve.triton import free_port
+
+        self.triton, self.port = triton or FakeTriton(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._ready, self._thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
+                method, target, _ = head[0].split(b" ", 2)
+                headers = [tuple(line.split(b": ", 1)) for line in head[1:] if line]
+                length = next((int(v) for k, v in headers if k.lower() == b"content-length"), 0)
+                reply = await self.triton.request(method, target, await reader.readexactly(length), headers)
+                out = b"".join(b"%s: %s\r\n" % (k, v) for k, v in reply.headers.items())
+                writer.write(b"HTTP/1.1 %d X\r\n%scontent-length: %d\r\n\r\n%s"
+                             % (reply.status, out, len(reply.body), reply.body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def _run(self) -> None:
+        async def main():
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            async with await asyncio.start_server(self._handle, "127.0.0.1", self.port):
+                self._ready.set()
+                await self._stop.wait()
+
+        asyncio.run(main())
+
+    def __enter__(self) -> FakeTritonServer:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from autoglm.gateway_spec import ApiKey, hash_api_key
-from serve.gateway.guard import Guard, TokenBucket
+from serve.gateway.buckets import TokenBucket
+from serve.gateway.guard import Guard
 from tests.serve.fakes import CHARLM, fake_gateway
 from tests.serve.test_gateway import IMAGE, client, v2_json
 

@@ -22,6 +22,6 @@ async def readyz(gw: GatewayDep) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-@router.get("/metrics", summary="Prometheus metrics of this worker")
+@router.get("/metrics", summary="Prometheus metrics of the gateway (all its workers)")
 async def metrics(gw: GatewayDep) -> Response:
     return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
