@@ -38,7 +38,11 @@ class Knob:
 
     ``low``..``high`` (or ``choices``) is only what tuning searches, and a config may go past it;
     ``minimum``..``maximum`` is what the setting can take at all (a layer of 0 channels cannot be built, a
-    dropout above 1 is no probability). Without them an int or float must be >= 0."""
+    dropout above 1 is no probability). Without them an int or float must be >= 0, and an integer choice >= 1.
+
+    ``when = (other, values)`` makes the knob conditional (define-by-run): a trial samples it only when the knob
+    ``other`` of the same group (``train.optimizer`` for ``train.momentum``) took one of ``values``; empty
+    ``values`` means whenever ``other`` is on (not 0, False or None). Otherwise the configured value applies."""
 
     kind: Literal["int", "float", "categorical"]
     default: Any
@@ -49,14 +53,24 @@ class Knob:
     choices: tuple[Any, ...] = ()
     minimum: float | None = None
     maximum: float | None = None
+    when: tuple[str, tuple[Any, ...]] | None = None
+
+    def active(self, other: Any) -> bool:
+        """Whether a trial whose ``when`` knob took ``other`` samples this knob."""
+        if self.when is None:
+            return True
+        values = self.when[1]
+        return other in values if values else other not in (0, False, None)
 
     def check(self, name: str, value: Any) -> None:
         """Raise ConfigError naming the allowed values if ``value`` is not one of them."""
         numeric_choices = self.choices and all(isinstance(c, int) and not isinstance(c, bool) for c in self.choices)
         if self.kind == "categorical" and numeric_choices:
             # the choices are a search range (e.g. widths), not the only valid sizes
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-            allowed = f"a positive integer (searched: {list(self.choices)})"
+            least = 1 if self.minimum is None else self.minimum
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= least
+            allowed = ("a positive integer" if least == 1 else f"an integer >= {least:g}") + \
+                f" (searched: {list(self.choices)})"
         elif self.kind == "categorical":
             ok = value in self.choices or (not self.choices and value is not None)
             allowed = f"one of {list(self.choices)}"
