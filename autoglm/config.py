@@ -72,7 +72,8 @@ class TaskSettings(Section):
 
 
 class TrainSettings(Section):
-    """The shared training loop: AdamW, linear warmup then cosine decay, accumulation, clipping."""
+    """The shared training loop: an optimizer (AdamW by default), linear warmup then a decay schedule (cosine by
+    default), accumulation, clipping, and opt-in feedback (gradient noise scale, curvature, adaptive batch)."""
 
     lr: float = Field(1e-3, gt=0)
     min_lr_frac: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of lr")
@@ -87,6 +88,30 @@ class TrainSettings(Section):
     time_budget_s: float | None = Field(None, gt=0, description="stop after this much training time")
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(20, ge=1)
+    optimizer: Literal["adamw", "sgd", "adafactor"] = Field("adamw", description="adamw (beta1, beta2), sgd "
+                                                            "(Nesterov, momentum) or adafactor (torch's, factored)")
+    momentum: float = Field(0.9, gt=0, lt=1, description="sgd: Nesterov momentum")
+    schedule: Literal["cosine", "linear", "step", "constant"] = Field(
+        "cosine", description="lr after warmup: cosine or linear decay to lr x min_lr_frac, step (x step_gamma "
+        "every step_every), or constant")
+    step_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: lr factor at each decay")
+    step_every: float = Field(0.3, gt=0, le=1, description="step schedule: steps between decays, as a fraction "
+                              "of max_steps (counted from the end of warmup)")
+    feedback_every: int = Field(0, ge=0, description="steps between feedback measurements (gradient noise scale, "
+                                "top Hessian eigenvalue) logged as 'feedback' lines; 0 turns them off")
+    adaptive_batch: bool = Field(False, description="grow grad_accum toward the measured gradient noise scale, up "
+                                 "to max_grad_accum (needs feedback_every > 0); never below grad_accum")
+    max_grad_accum: int = Field(8, ge=1, description="adaptive_batch: the most micro-batches per step")
+
+    @model_validator(mode="after")
+    def _feedback_for_adaptive(self) -> TrainSettings:
+        if self.adaptive_batch and self.feedback_every == 0:
+            raise ValueError("train.adaptive_batch measures the gradient noise scale: set train.feedback_every > 0 "
+                             "(e.g. 50)")
+        if self.adaptive_batch and self.max_grad_accum < self.grad_accum:
+            raise ValueError(f"train.adaptive_batch grows grad_accum up to max_grad_accum: set "
+                             f"train.max_grad_accum >= train.grad_accum ({self.grad_accum})")
+        return self
 
 
 class MeasureSettings(Section):

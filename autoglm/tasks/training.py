@@ -1,7 +1,9 @@
-"""The shared training loop: AdamW, linear warmup then cosine decay, accumulation, clipping, evaluation.
+"""The shared training loop: an optimizer and a warmup + decay schedule, accumulation, clipping, evaluation.
 
 Every task trains through :func:`fit`, so tuning compares trials on equal terms and a user's own task
-gets the same schedule, logging and early stopping for free.
+gets the same schedule, logging and early stopping for free. Defaults: AdamW, linear warmup then cosine
+decay. ``train.feedback_every`` adds measurements of the run itself (gradient noise scale, top Hessian
+eigenvalue) to the log, and ``train.adaptive_batch`` grows gradient accumulation from them.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autoglm.tasks.base import EvalCallback, Task, TrainResult
+from autoglm.errors import ConfigError
+from autoglm.tasks.base import EvalCallback, Knob, Task, TrainResult
 from autoglm.tasks.predict import torch_predictor
 
 if TYPE_CHECKING:
@@ -23,24 +27,55 @@ if TYPE_CHECKING:
     from autoglm.config import TrainSettings
 
 TRAIN_LOG_EVERY = 10  # steps between "train" lines in the JSON-lines log
+HESSIAN_ITERS = 8  # power iterations of the top Hessian eigenvalue: a few suffice for a trend in the log
+NOISE_EMA = 0.7  # weight of the past in the running |G|^2 and tr(Sigma) (their ratio is the noise scale)
+
+LOOP_SPACE: dict[str, Knob] = {
+    # The loop's own knobs, for every task. No preset searches them (tasks' train_space do not list them): naming
+    # one in tune.space adds it with the range below, and the knobs conditional on it come along, e.g.
+    # tune.space = {"train.optimizer" = {}, "train.schedule" = {choices = ["cosine", "step"]}}.
+    "optimizer": Knob("categorical", "adamw", choices=("adamw", "sgd", "adafactor")),
+    "beta1": Knob("float", 0.9, low=0.8, high=0.95, when=("optimizer", ("adamw",))),
+    "beta2": Knob("float", 0.99, low=0.95, high=0.999, when=("optimizer", ("adamw",))),
+    "momentum": Knob("float", 0.9, low=0.8, high=0.99, when=("optimizer", ("sgd",))),
+    "schedule": Knob("categorical", "cosine", choices=("cosine", "linear", "step", "constant")),
+    "step_gamma": Knob("float", 0.1, low=0.05, high=0.5, log=True, when=("schedule", ("step",))),
+    "step_every": Knob("float", 0.3, low=0.1, high=0.5, when=("schedule", ("step",))),
+    "feedback_every": Knob("categorical", 0, choices=(0, 50), minimum=0),
+    "adaptive_batch": Knob("categorical", False, choices=(False, True), when=("feedback_every", ())),
+    "max_grad_accum": Knob("categorical", 8, choices=(4, 8, 16), when=("adaptive_batch", ())),
+}
 
 
 def lr_at(step: int, settings: TrainSettings) -> float:
     """Learning rate of optimizer step ``step`` (0-based).
 
-    Linear warmup over ``warmup_frac * max_steps`` steps reaching ``lr`` at the end of warmup, then a
-    cosine decay reaching ``lr * min_lr_frac`` at the last step taken (``max_steps - 1``).
+    Linear warmup over ``warmup_frac * max_steps`` steps reaching ``lr`` at the end of warmup, then by
+    ``schedule``: ``cosine`` or ``linear`` decay reaching ``lr * min_lr_frac`` at the last step taken
+    (``max_steps - 1``); ``step``: ``lr * step_gamma**k`` after k intervals of ``step_every * max_steps``
+    steps (at least 1) counted from the end of warmup; ``constant``: ``lr``.
     """
     warmup = int(settings.warmup_frac * settings.max_steps)
     if step < warmup:
         return settings.lr * (step + 1) / (warmup + 1)
+    if settings.schedule == "constant":
+        return settings.lr
+    if settings.schedule == "step":
+        every = max(1, round(settings.step_every * settings.max_steps))
+        return settings.lr * settings.step_gamma ** ((step - warmup) // every)
     min_lr = settings.lr * settings.min_lr_frac
     progress = min(1.0, (step - warmup) / max(1, settings.max_steps - 1 - warmup))
+    if settings.schedule == "linear":
+        return settings.lr - progress * (settings.lr - min_lr)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (settings.lr - min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
-    """AdamW decaying only matrices and embeddings (>= 2-D); biases and norm gains are not decayed."""
+def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """``settings.optimizer`` decaying only matrices and embeddings (>= 2-D); biases and norm gains are not decayed.
+
+    ``adamw``: betas ``(beta1, beta2)``; ``sgd``: Nesterov momentum ``momentum`` (weight decay as L2);
+    ``adafactor``: torch's, with its own second-moment decay (lr is its step-size cap).
+    """
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
@@ -48,7 +83,112 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=True)
+    if settings.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=settings.lr)
+    if settings.optimizer != "adamw":
+        raise ConfigError(f"train.optimizer={settings.optimizer!r} is unknown: use one of "
+                          f"{list(LOOP_SPACE['optimizer'].choices)}")
     return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2))
+
+
+def noise_scale(micro_sq_norms: Sequence[float], big_sq_norm: float, b_small: float,
+                b_big: float) -> tuple[float, float]:
+    """Unbiased ``(|G|^2, tr(Sigma))`` from gradients at two batch sizes (McCandlish et al. 2018, App. A).
+
+    ``micro_sq_norms``: squared norms of gradients of batches of ``b_small`` examples (averaged: less variance);
+    ``big_sq_norm``: that of one gradient of ``b_big`` examples. The simple noise scale is ``tr(Sigma) / |G|^2``:
+    the batch size around which a larger batch stops paying (take the ratio of averages, not of one step's).
+    """
+    if not b_big > b_small > 0:
+        raise ValueError(f"noise scale needs b_big > b_small > 0 (got {b_small}, {b_big})")
+    small = sum(micro_sq_norms) / len(micro_sq_norms)
+    g2 = (b_big * big_sq_norm - b_small * small) / (b_big - b_small)
+    trace = (small - big_sq_norm) / (1.0 / b_small - 1.0 / b_big)
+    return g2, trace
+
+
+def top_hessian_eigenvalue(loss: torch.Tensor, params: Sequence[torch.Tensor], iters: int = HESSIAN_ITERS,
+                           seed: int = 0) -> float:
+    """The Hessian of ``loss`` w.r.t. ``params``: its eigenvalue of largest magnitude, by ``iters`` power
+    iterations of Hessian-vector products (double backward). Leaves ``.grad`` untouched."""
+    import torch
+
+    params = list(params)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    live = [i for i, g in enumerate(grads) if g.requires_grad]  # a gradient constant in the parameters: H = 0
+    if not live:
+        return 0.0
+    generator = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=generator).to(p.device, p.dtype) for p in params]
+    eigenvalue = 0.0
+    for _ in range(iters):
+        norm = math.sqrt(sum(float((u * u).sum()) for u in v))
+        if norm == 0.0:
+            return 0.0
+        v = [u / norm for u in v]
+        hv = torch.autograd.grad([grads[i] for i in live], params, grad_outputs=[v[i] for i in live],
+                                 retain_graph=True, allow_unused=True)
+        hv = [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, hv)]
+        eigenvalue = sum(float((h * u).sum()) for h, u in zip(hv, v))  # Rayleigh quotient, |v| = 1
+        v = hv
+    return eigenvalue
+
+
+class _Feedback:
+    """Running noise-scale estimate and the adaptive accumulation it sets (``train.feedback_every``)."""
+
+    def __init__(self, settings: TrainSettings):
+        self.every = settings.feedback_every
+        self.adaptive = settings.adaptive_batch and self.every > 0
+        self.low = settings.grad_accum
+        self.high = max(settings.grad_accum, settings.max_grad_accum)
+        self.g2 = self.trace = 0.0  # moving averages from 0: their ratio needs no bias correction
+
+    def due(self, step: int) -> bool:
+        """Whether 0-based optimizer step ``step`` is measured."""
+        return self.every > 0 and (step + 1) % self.every == 0
+
+    def update(self, g2: float, trace: float) -> float | None:
+        """Fold in one step's estimates; the smoothed noise scale (None while |G|^2 is not positive)."""
+        self.g2 = NOISE_EMA * self.g2 + (1 - NOISE_EMA) * g2
+        self.trace = NOISE_EMA * self.trace + (1 - NOISE_EMA) * trace
+        return self.trace / self.g2 if self.g2 > 0 else None
+
+    def grad_accum(self, current: int, noise: float | None, batch_size: int) -> int:
+        """Micro-batches per step: grown toward ``noise / batch_size``, within [grad_accum, max_grad_accum]."""
+        if not self.adaptive or noise is None or not math.isfinite(noise):
+            return current
+        return max(current, min(self.high, max(self.low, math.ceil(noise / batch_size))))
+
+
+def _curvature(task: Task, module: torch.nn.Module, feed: dict, targets: torch.Tensor, seed: int) -> float | None:
+    """The top Hessian eigenvalue of the loss of one micro-batch; None where the model has no double backward."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    try:
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+            return top_hessian_eigenvalue(task.loss(module, feed, targets), params, seed=seed)
+    except RuntimeError as exc:  # an op without a second derivative: log the rest, not fail the run
+        if "not implemented" not in str(exc):
+            raise
+        return None
+
+
+def _sq_norm(tensors) -> float:
+    return sum(float((t.detach().float() ** 2).sum()) for t in tensors)
+
+
+def _halves(inputs: dict, targets) -> list[tuple[dict, Any]] | None:
+    """A micro-batch as two equal halves along the batch axis (noise scale without accumulation); None if odd."""
+    n = len(targets)
+    if n < 2 or n % 2:
+        return None
+    h = n // 2
+    return [({k: v[:h] for k, v in inputs.items()}, targets[:h]), ({k: v[h:] for k, v in inputs.items()}, targets[h:])]
 
 
 class _JsonLog:
@@ -129,12 +269,17 @@ def fit(task: Task, model: torch.nn.Module, settings: TrainSettings, on_eval: Ev
 
     replicas = replicas or OneProcess()
     rank, world = replicas.rank, replicas.world
+    if world > 1 and (settings.feedback_every or settings.adaptive_batch):
+        raise ConfigError("train.feedback_every and train.adaptive_batch measure one process's gradients: set "
+                          "them to 0/false under data-parallel training (tune.ddp_procs = 1 keeps them)")
     torch.manual_seed(replicas.seed(task))
     model_args = getattr(model, "model_args", None)
     device = next(model.parameters()).device
     module = replicas.wrap(model)
     optimizer = make_optimizer(model, settings)
-    batches = task.batches("train", replicas.batch_size(settings), settings.max_steps * settings.grad_accum,
+    feedback = _Feedback(settings)
+    accum = settings.grad_accum  # micro-batches per step; adaptive_batch grows it
+    batches = task.batches("train", replicas.batch_size(settings), settings.max_steps * feedback.high,
                            seed=replicas.seed(task), model_args=model_args)
     log = _JsonLog(log_path if rank == 0 else None)
     bar = _progress_bar(progress and rank == 0, settings.max_steps)
@@ -171,16 +316,53 @@ def fit(task: Task, model: torch.nn.Module, settings: TrainSettings, on_eval: Ev
             lr = lr_at(step, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            measuring = feedback.due(step)
+            micro_batches = [next(batches) for _ in range(accum)]
+            if measuring and accum == 1:  # two half batches: the same gradient, and two batch sizes to compare
+                micro_batches = _halves(*micro_batches[0]) or micro_batches
+            pieces, cost, micro_sq = len(micro_batches), 0.0, []
             step_loss = 0.0
-            for micro in range(settings.grad_accum):
-                inputs, targets = next(batches)
+            for micro, (inputs, targets) in enumerate(micro_batches):
                 feed = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
-                with replicas.micro_batch(module, last=micro == settings.grad_accum - 1):
-                    loss = task.loss(module, feed, torch.from_numpy(targets).to(device)) / settings.grad_accum
+                if measuring:
+                    start = time.perf_counter()
+                    before = [p.grad.detach().clone() if p.grad is not None else None for p in model.parameters()]
+                    cost += time.perf_counter() - start
+                with replicas.micro_batch(module, last=micro == pieces - 1):
+                    loss = task.loss(module, feed, torch.from_numpy(targets).to(device)) / pieces
                     loss.backward()
+                if measuring:
+                    start = time.perf_counter()
+                    # this micro-batch's own gradient, un-scaled: (accumulated now - accumulated before) x pieces
+                    micro_sq.append(pieces ** 2 * _sq_norm(
+                        p.grad - b if b is not None else p.grad
+                        for p, b in zip(model.parameters(), before) if p.grad is not None))
+                    cost += time.perf_counter() - start
                 step_loss += loss.item()
                 window_samples += targets.size * world
                 samples += targets.size * world
+            if measuring:
+                start = time.perf_counter()
+                record: dict[str, Any] = {"event": "feedback", "step": step + 1, "grad_accum": accum}
+                if pieces >= 2:
+                    b_small = len(micro_batches[0][1])  # examples per micro-batch
+                    g2, trace = noise_scale(micro_sq, _sq_norm(p.grad for p in model.parameters()
+                                                               if p.grad is not None), b_small, b_small * pieces)
+                    noise = feedback.update(g2, trace)
+                    record |= {"grad_sq_norm": g2, "trace_sigma": trace,
+                               "noise_scale_step": trace / g2 if g2 > 0 else None, "noise_scale": noise}
+                else:
+                    noise = None
+                    record |= {"noise_scale": None}  # a micro-batch of one example (or odd) has no halves
+                record["hessian_top"] = _curvature(task, module, feed, torch.from_numpy(targets).to(device),
+                                                   seed=step)
+                record["feedback_s"] = cost + time.perf_counter() - start
+                log.write(record | replicas.log_fields)
+                grown = feedback.grad_accum(accum, noise, settings.batch_size)
+                if grown != accum:
+                    log.write({"event": "batch", "step": step + 1, "grad_accum": grown,
+                               "batch_size": settings.batch_size * grown, "noise_scale": noise})
+                    accum = grown
             if settings.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
@@ -192,7 +374,7 @@ def fit(task: Task, model: torch.nn.Module, settings: TrainSettings, on_eval: Ev
                 logged_loss = replicas.step_loss(step_loss)  # a collective under DDP: every rank calls it
                 now = time.perf_counter()
                 log.write({"event": "train", "step": step, "loss": logged_loss, "lr": lr,
-                           "batch_size": settings.batch_size * settings.grad_accum,
+                           "batch_size": settings.batch_size * accum,
                            "samples_per_s": window_samples / max(now - window_start, 1e-9),
                            "time_s": now - wall_start, **replicas.log_fields})
                 window_samples, window_start = 0, now
