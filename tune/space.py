@@ -3,7 +3,8 @@
 Knobs are declared next to what they tune (``Task.model_space``/``train_space``, each compress pass's
 registered knobs: :func:`compress.knobs`); this module only gathers them under dotted names (``model.n_layer``,
 ``train.lr``, ``quantize.mode``, ``prune.ratio``), applies a preset and the user's overrides, and samples them with
-Optuna. Presets:
+Optuna, define-by-run: a knob conditional on another (``Knob.when``: ``train.momentum`` on ``train.optimizer =
+"sgd"``) is sampled only in the trials where it applies. Presets:
 
 - ``default``: architecture + training + compression, the joint search AutoGLM is for;
 - ``training``: architecture + training only (compression off), the classic hyperparameter search;
@@ -44,11 +45,53 @@ def _compress_knobs(every: bool = False) -> dict[str, Knob]:
     return knobs(searched_only=not every)
 
 
+def _loop_knobs(task: Task) -> dict[str, Knob]:
+    """The training loop's own knobs (optimizer, schedule, feedback) the task does not search itself: no preset
+    searches them; tune.space naming one adds it to a preset that trains (its conditional knobs come along)."""
+    from autoglm.tasks.training import LOOP_SPACE
+
+    return {f"train.{k}": v for k, v in LOOP_SPACE.items() if k not in task.train_space}
+
+
+def _parent(name: str, knob: Any) -> str | None:
+    """The dotted name of the knob ``name`` is conditional on (same group), or None."""
+    if not isinstance(knob, Knob) or knob.when is None:
+        return None
+    return f"{name.partition('.')[0]}.{knob.when[0]}"
+
+
+def with_conditionals(space: Mapping[str, Any], addable: Mapping[str, Knob]) -> dict[str, Any]:
+    """``space`` plus each knob of ``addable`` conditional on a knob in it (``Knob.when``), every knob after the
+    one it depends on (``suggest`` samples in order): searching ``train.optimizer`` searches ``train.momentum``
+    in the trials that draw ``sgd``."""
+    included = dict(space)
+    grown = True
+    while grown:
+        children = {k: v for k, v in addable.items() if k not in included and _parent(k, v) in included
+                    # searched parent, or one fixed at a value the knob applies to
+                    and (isinstance(included[_parent(k, v)], Knob) or v.active(included[_parent(k, v)]))}
+        included.update(children)
+        grown = bool(children)
+    out: dict[str, Any] = {}
+
+    def place(name: str) -> None:
+        parent = _parent(name, included[name])
+        if parent in included and parent not in out:
+            place(parent)
+        out[name] = included[name]
+
+    for name in included:
+        if name not in out:
+            place(name)
+    return out
+
+
 def build_space(task: Task, preset: str | Mapping[str, Any] = "default",
                 overrides: Mapping[str, Any] | None = None) -> dict[str, Knob | Any]:
     """Dotted name -> Knob (searched) or a plain value (fixed). ``preset`` may be a name, a TOML path or a dict."""
     arch = {f"model.{k}": v for k, v in task.model_space.items()}
     train = {f"train.{k}": v for k, v in task.train_space.items()}
+    loop = _loop_knobs(task)
     if isinstance(preset, Mapping):
         space, extra = {**arch, **train, **_compress_knobs()}, dict(preset)
         space = {k: v for k, v in space.items() if k in extra} if extra.pop("only", False) else space
@@ -73,8 +116,11 @@ def build_space(task: Task, preset: str | Mapping[str, Any] = "default",
         raise ConfigError(f"unknown search space preset '{preset}': use one of {list(PRESETS)} or a .toml file")
     every = _compress_knobs(every=True)
     compresses = any(name in every for name in space)
+    trains = any(name.startswith("train.") for name in space) or preset == "training"
     addable = {k: v for k, v in every.items() if k not in space} if compresses else {}
-    return apply_overrides(space, overrides or {}, addable, {**arch, **train, **every})
+    addable |= {k: v for k, v in loop.items() if k not in space} if trains else {}
+    out = apply_overrides(space, overrides or {}, addable, {**arch, **train, **loop, **every})
+    return with_conditionals(out, addable)
 
 
 def without_inapplicable(task: Task, space: Mapping[str, Any], model_args: Mapping[str, Any]) -> dict[str, Any]:
@@ -184,8 +230,11 @@ def _check_value(name: str, knob: Knob, value: Any) -> None:
         try:
             TrainSettings.model_validate({key: value})
         except ValidationError as exc:
-            raise ConfigError(f"tune.space.{name}={value!r} is invalid: {exc.errors()[0]['msg'].lower()} "
-                              f"(as train.{key})") from None
+            # the field's own errors: a rule across fields (adaptive_batch needs feedback_every) is the trial's
+            errors = [e for e in exc.errors() if e["loc"][:1] == (key,)]
+            if errors:
+                raise ConfigError(f"tune.space.{name}={value!r} is invalid: {errors[0]['msg'].lower()} "
+                                  f"(as train.{key})") from None
 
 
 def _number(value: Any) -> bool:
@@ -218,12 +267,25 @@ def _checked(name: str, knob: Knob) -> Knob:
     return knob
 
 
+def _active(name: str, knob: Knob, params: Mapping[str, Any], space: Mapping[str, Any]) -> bool:
+    """Whether a knob is sampled, given ``params`` drawn or fixed so far: yes when it is unconditional or its parent
+    is outside ``space`` (the configured value applies), else when the parent's value is one it applies to (a
+    parent itself not drawn: no)."""
+    parent = _parent(name, knob)
+    if parent is None or parent not in space:
+        return True
+    return parent in params and knob.active(params[parent])
+
+
 def suggest(trial, space: Mapping[str, Any]) -> dict[str, Any]:
-    """Sample every searched knob with Optuna's define-by-run API; fixed values pass through."""
+    """Sample every searched knob with Optuna's define-by-run API; fixed values pass through. A conditional knob
+    (``Knob.when``) is sampled only when its parent, sampled before it, took a value it applies to."""
     params = {}
     for name, knob in space.items():
         if not isinstance(knob, Knob):
             params[name] = knob
+        elif not _active(name, knob, params, space):
+            continue
         elif knob.kind == "categorical":
             params[name] = trial.suggest_categorical(name, list(knob.choices))
         elif knob.kind == "int":
@@ -245,14 +307,15 @@ def warm_start_params(task: Task, settings, space: Mapping[str, Any],
     outside a searched range are clipped into it (a shipped 600-step schedule becomes the range's longest),
     so the point is one the sampler could draw.
     """
-    known = build_space(task, "default")
+    known = {**build_space(task, "default"), **space}
     unknown = sorted(set(extra or {}) - set(known))
     if unknown:
         raise ConfigError(f"tune.warm_start: unknown knob(s) {unknown}; known knobs are {sorted(known)}")
     model = task.check_model_args(settings.task.model)
-    params = {}
+    params: dict[str, Any] = {}
+    fixed = {name: value for name, value in space.items() if not isinstance(value, Knob)}
     for name, knob in space.items():
-        if not isinstance(knob, Knob):
+        if not isinstance(knob, Knob) or not _active(name, knob, fixed | params, space):
             continue
         group, _, key = name.partition(".")
         if extra and name in extra:
