@@ -207,3 +207,82 @@ def test_a_shared_schedule_fixes_max_steps_at_the_ranges_longest_only_under_earl
         assert isinstance(space["train.max_steps"], Knob) and len(set(steps)) > 1
     else:
         assert space["train.max_steps"] == expected and set(steps) == {expected}
+
+
+# ---- the training loop's knobs: opt-in by name, conditional knobs sampled define-by-run -----------
+
+LOOP = {"train.optimizer", "train.schedule", "train.feedback_every"}
+
+
+@pytest.mark.parametrize("preset", ["default", "training", "adaptive"])
+def test_no_preset_searches_the_loops_optimizer_schedule_or_feedback(preset):
+    for task in (DigitsTask(), CharLMTask()):
+        assert not {k for k in build_space(task, preset) if k.startswith("train.")} - {
+            f"train.{k}" for k in task.train_space}
+
+
+def test_naming_the_optimizer_and_schedule_searches_their_own_knobs_only_where_they_apply():
+    space = build_space(DigitsTask(), "training", {"train.optimizer": {}, "train.schedule": {},
+                                                   "train.feedback_every": {}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+
+    drawn = [suggest(study.ask(), space) for _ in range(60)]
+
+    assert LOOP | {"train.momentum", "train.beta1", "train.step_gamma", "train.adaptive_batch"} <= set(space)
+    names = list(space)
+    assert names.index("train.optimizer") < names.index("train.momentum")  # the parent is sampled first
+    for params in drawn:
+        assert ("train.momentum" in params) == (params["train.optimizer"] == "sgd")
+        assert ("train.beta1" in params) == ("train.beta2" in params) == (params["train.optimizer"] == "adamw")
+        assert ("train.step_gamma" in params) == ("train.step_every" in params) == (params["train.schedule"] == "step")
+        assert ("train.adaptive_batch" in params) == (params["train.feedback_every"] > 0)
+        assert ("train.max_grad_accum" in params) == bool(params.get("train.adaptive_batch"))
+    assert {p["train.optimizer"] for p in drawn} == {"adamw", "sgd", "adafactor"}
+    assert any(p.get("train.adaptive_batch") for p in drawn)
+    assert set(study.trials[0].params) == set(drawn[0])  # what Optuna records: only the knobs drawn
+
+
+def test_a_fixed_optimizer_brings_only_its_own_knobs():
+    space = build_space(DigitsTask(), "default", {"train.optimizer": "sgd", "train.feedback_every": 0,
+                                                  "train.schedule": {"choices": ["cosine", "step"]}})
+
+    assert space["train.optimizer"] == "sgd" and isinstance(space["train.momentum"], Knob)
+    assert not {"train.beta1", "train.beta2", "train.adaptive_batch", "train.max_grad_accum"} & set(space)
+    assert {"train.step_gamma", "train.step_every"} <= set(space)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"train.optimizer": "lion"}, r"tune.space.train.optimizer='lion' is invalid: use one of \['adamw', 'sgd', "
+                                  r"'adafactor'\]"),
+    ({"train.schedule": {"choices": ["cosine", "cyclic"]}}, "tune.space.train.schedule='cyclic' is invalid"),
+    ({"train.momentum": {"low": 0.5, "high": 1.5}}, "tune.space.train.momentum=1.5 is invalid"),
+    ({"train.optimzer": {}}, "unknown knob 'train.optimzer'"),
+])
+def test_bad_loop_knobs_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_space(DigitsTask(), "default", overrides)
+
+
+def test_the_compression_preset_refuses_the_loops_knobs_naming_the_preset_to_use():
+    with pytest.raises(ConfigError, match="not in this search space"):
+        build_space(DigitsTask(), "compression", {"train.optimizer": {}})
+
+
+def test_a_warm_start_takes_the_configured_optimizer_and_skips_knobs_it_does_not_use():
+    task = DigitsTask()
+    space = build_space(task, "training", {"train.optimizer": {}, "train.schedule": {}})
+
+    params = warm_start_params(task, _warm_start_settings(optimizer="sgd", momentum=0.95), space)
+
+    assert params["train.optimizer"] == "sgd" and params["train.momentum"] == 0.95
+    assert params["train.schedule"] == "cosine"
+    assert not {"train.beta1", "train.beta2", "train.step_gamma"} & set(params)
+
+
+def test_adaptive_batch_can_be_fixed_on_with_feedback_searched():
+    space = build_space(DigitsTask(), "training", {"train.feedback_every": {"choices": [10, 50]},
+                                                   "train.adaptive_batch": True})
+    params = suggest(optuna.create_study().ask(), space)
+
+    assert params["train.adaptive_batch"] is True and params["train.feedback_every"] in (10, 50)
+    assert params["train.max_grad_accum"] in (4, 8, 16)
