@@ -165,7 +165,6 @@ class _Feedback:
 
 def _curvature(task: Task, module: torch.nn.Module, feed: dict, targets: torch.Tensor, seed: int) -> float | None:
     """The top Hessian eigenvalue of the loss of one micro-batch; None where the model has no double backward."""
-    import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     params = [p for p in module.parameters() if p.requires_grad]

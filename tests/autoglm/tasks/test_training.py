@@ -186,7 +186,8 @@ def test_a_default_run_keeps_adamw_and_the_cosine_schedule_exactly(digits, tmp_p
     assert captured[0].defaults["betas"] == (0.9, 0.99) and captured[0].defaults["lr"] == 3e-3
     assert [lr_at(step, settings) for step in range(20)] == [_cosine_before_the_knobs(s, settings) for s in range(20)]
     logged = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [r["lr"] for r in logged if r["event"] == "train"] == [_cosine_before_the_knobs(s, settings) for s in (9, 19)]
+    expected = [_cosine_before_the_knobs(s, settings) for s in (9, 19)]
+    assert [r["lr"] for r in logged if r["event"] == "train"] == expected
     default = TrainSettings(max_steps=2000)
     assert all(lr_at(s, default) == _cosine_before_the_knobs(s, default) for s in range(0, 2000, 7))
 
