@@ -278,7 +278,8 @@ def fit(task: Task, model: torch.nn.Module, settings: TrainSettings, on_eval: Ev
     optimizer = make_optimizer(model, settings)
     feedback = _Feedback(settings)
     accum = settings.grad_accum  # micro-batches per step; adaptive_batch grows it
-    batches = task.batches("train", replicas.batch_size(settings), settings.max_steps * feedback.high,
+    most = feedback.high if feedback.adaptive else settings.grad_accum  # micro-batches a step may take
+    batches = task.batches("train", replicas.batch_size(settings), settings.max_steps * most,
                            seed=replicas.seed(task), model_args=model_args)
     log = _JsonLog(log_path if rank == 0 else None)
     bar = _progress_bar(progress and rank == 0, settings.max_steps)
