@@ -150,6 +150,15 @@ class _Feedback:
         """Whether 0-based optimizer step ``step`` is measured."""
         return self.every > 0 and (step + 1) % self.every == 0
 
+    def measure(self, micro_sq: list[float], total_sq: float, b_small: int, pieces: int) -> dict[str, Any]:
+        """A feedback line's noise fields from one step's ``pieces`` micro-batch gradients (squared norms) of
+        ``b_small`` examples each and their mean (``total_sq``); ``noise_scale`` is the running estimate."""
+        if pieces < 2:
+            return {"noise_scale": None}  # one micro-batch that does not halve (one example, or odd)
+        g2, trace = noise_scale(micro_sq, total_sq, b_small, b_small * pieces)
+        return {"grad_sq_norm": g2, "trace_sigma": trace, "noise_scale_step": trace / g2 if g2 > 0 else None,
+                "noise_scale": self.update(g2, trace)}
+
     def update(self, g2: float, trace: float) -> float | None:
         """Fold in one step's estimates; the smoothed noise scale (None while |G|^2 is not positive)."""
         self.g2 = NOISE_EMA * self.g2 + (1 - NOISE_EMA) * g2
@@ -343,25 +352,16 @@ def fit(task: Task, model: torch.nn.Module, settings: TrainSettings, on_eval: Ev
                 samples += targets.size * world
             if measuring:
                 start = time.perf_counter()
-                record: dict[str, Any] = {"event": "feedback", "step": step + 1, "grad_accum": accum}
-                if pieces >= 2:
-                    b_small = len(micro_batches[0][1])  # examples per micro-batch
-                    g2, trace = noise_scale(micro_sq, _sq_norm(p.grad for p in model.parameters()
-                                                               if p.grad is not None), b_small, b_small * pieces)
-                    noise = feedback.update(g2, trace)
-                    record |= {"grad_sq_norm": g2, "trace_sigma": trace,
-                               "noise_scale_step": trace / g2 if g2 > 0 else None, "noise_scale": noise}
-                else:
-                    noise = None
-                    record |= {"noise_scale": None}  # a micro-batch of one example (or odd) has no halves
-                record["hessian_top"] = _curvature(task, module, feed, torch.from_numpy(targets).to(device),
-                                                   seed=step)
+                total_sq = _sq_norm(p.grad for p in model.parameters() if p.grad is not None)
+                record = {"event": "feedback", "step": step + 1, "grad_accum": accum,
+                          **feedback.measure(micro_sq, total_sq, len(micro_batches[0][1]), pieces),
+                          "hessian_top": _curvature(task, module, feed, torch.from_numpy(targets).to(device), step)}
                 record["feedback_s"] = cost + time.perf_counter() - start
                 log.write(record | replicas.log_fields)
-                grown = feedback.grad_accum(accum, noise, settings.batch_size)
+                grown = feedback.grad_accum(accum, record["noise_scale"], settings.batch_size)
                 if grown != accum:
                     log.write({"event": "batch", "step": step + 1, "grad_accum": grown,
-                               "batch_size": settings.batch_size * grown, "noise_scale": noise})
+                               "batch_size": settings.batch_size * grown, "noise_scale": record["noise_scale"]})
                     accum = grown
             if settings.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
