@@ -3,18 +3,24 @@
 Read back with MLflow's own client from a local sqlite: store.
 """
 
+import importlib.util
+import sys
+
 import optuna
 import pytest
 
-from autoglm.errors import ConfigError
+from autoglm.errors import ConfigError, MissingExtraError
 from tests.tune import _tiny
 from tune import attributes as attrs
+from tune.tracking import MLflowTracker
 
-mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
-from tune.tracking import MLflowTracker  # noqa: E402
+needs_mlflow = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
+                                  reason="the mlflow extra is not installed")
 
 
 def _client(uri):
+    import mlflow
+
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
@@ -42,6 +48,7 @@ def _study():
     return study
 
 
+@needs_mlflow
 def test_each_trial_is_a_nested_run_with_its_params_objectives_and_state(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study = _study()
@@ -67,6 +74,7 @@ def test_each_trial_is_a_nested_run_with_its_params_objectives_and_state(tmp_pat
     assert client.get_experiment(tracker.experiment_id).name == "tiny"
 
 
+@needs_mlflow
 def test_a_resumed_study_logs_into_the_same_parent_run(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study = _study()
@@ -79,11 +87,13 @@ def test_a_resumed_study_logs_into_the_same_parent_run(tmp_path):
     assert _client(uri).get_run(again.parent).info.status == "RUNNING"
 
 
+@needs_mlflow
 def test_an_unusable_store_is_refused_before_any_trial(tmp_path):
     with pytest.raises(ConfigError, match="tune.mlflow_uri"):
         MLflowTracker("nosuchscheme://x", _study(), "r1", "accuracy")
 
 
+@needs_mlflow
 def test_the_tune_stage_logs_its_trials_manifest_and_report(tmp_path):
     from tune.stage import tune_run
 
@@ -107,6 +117,7 @@ def test_the_tune_stage_logs_its_trials_manifest_and_report(tmp_path):
     assert (tmp_path / "mlartifacts").is_dir()  # beside the database, not in the working directory
 
 
+@needs_mlflow
 def test_the_tracking_uri_is_not_part_of_the_stage_config(tmp_path, capsys):
     from tune.stage import tune_run
 
@@ -118,3 +129,18 @@ def test_the_tracking_uri_is_not_part_of_the_stage_config(tmp_path, capsys):
     tune_run(tracked, progress=False)
 
     assert "up to date" in capsys.readouterr().out
+
+
+def test_without_the_extra_the_error_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now fails, as when it is not installed
+
+    with pytest.raises(MissingExtraError, match=r"autoglm\[mlflow\]"):
+        MLflowTracker("sqlite:///x.db", _study(), "r1", "accuracy")
+
+
+def test_the_tune_command_takes_the_tracking_uri(capsys):
+    from autoglm.cli import run_main
+    from tune.__main__ import main as tune_main
+
+    assert run_main(tune_main, ["--mlflow", "sqlite:///runs/mlflow.db", "--dry-run"]) == 0
+    assert '"mlflow_uri": "sqlite:///runs/mlflow.db"' in capsys.readouterr().out
