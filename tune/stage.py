@@ -128,6 +128,17 @@ def tracking_callbacks(settings: Settings, study, task) -> list:
     return [MLflowTracker(settings.tune.mlflow_uri, study, settings.run.name, task.metric)]
 
 
+def _track_stage(settings: Settings, study, task, tune_dir: Path, metrics: dict[str, Any]) -> None:
+    """The completed stage into the study's MLflow parent run; the stage is done whatever the store does."""
+    from tune.tracking import MLflowTracker
+
+    try:
+        MLflowTracker(settings.tune.mlflow_uri, study, settings.run.name, task.metric).log_stage(tune_dir, metrics)
+    except Exception as exc:
+        logging.getLogger(__name__).warning("MLflow tracking at %s: the tune stage not logged: %s",
+                                            settings.tune.mlflow_uri, exc)
+
+
 def share(tune: TuneSettings, index: int) -> int:
     """Worker ``index``'s part of ``tune.n_trials``: N workers started together make exactly n_trials."""
     return tune.n_trials // tune.workers + (index < tune.n_trials % tune.workers)
@@ -218,10 +229,7 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True, sam
     writer.add_energy("study", totals["joules"], totals["energy_method"])
     manifest = writer.commit()
     if settings.tune.mlflow_uri:  # the parent run gets the stage's record once it is complete
-        from tune.tracking import MLflowTracker
-
-        MLflowTracker(settings.tune.mlflow_uri, study, settings.run.name, task.metric).log_stage(
-            writer.dir, writer.manifest.metrics)
+        _track_stage(settings, study, task, writer.dir, writer.manifest.metrics)
     print(f"tune: {totals['complete']} complete, {totals['pruned']} stopped early, {totals['failed']} failed; "
           f"selected trial {chosen.trial} {chosen.objectives} -> {writer.dir / 'selected.json'}")
     return manifest

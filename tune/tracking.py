@@ -1,16 +1,14 @@
-"""Experiment tracking: the study's trials, and the stage's manifest and report, in an MLflow tracking store.
+"""The study in MLflow (``tune.mlflow_uri``): each finished trial a nested run of the study's parent run.
 
-``tune.mlflow_uri`` (``--mlflow URI``) names the store: ``sqlite:///runs/mlflow.db`` locally, a server's
-``http(s)://`` URL in production (``file:`` stores need MLflow's ``MLFLOW_ALLOW_FILE_STORE=true``). The
-experiment is named after the study; one parent run per study, named after the AutoGLM run, holds each trial
-as a nested run (parameters, named objectives, state, the validation curve, compute) and, when the stage
-completes, its manifest, report, front and selection as artifacts.
+A trial's run holds its parameters, its objectives by name (``metric`` also under the task metric's own name),
+its state (a stopped trial is KILLED, a failed one FAILED, with why), its validation curve as
+``val_<metric>`` over steps, and its compute. When the stage completes, the parent gets its manifest, report,
+front and selection (:mod:`autoglm.tracking`, which later stages use too).
 
-Not optuna-integration's ``MLflowCallback``: it is deprecated (Optuna 4.9, removed in 6.0), configures the
-process-global ``mlflow`` tracking URI, logs objectives as ``value_0..n`` and a pruned trial with no values at
-all, and writes every user attribute (checkpoint paths, whole variant records) as a truncated tag. This one
-talks to the store through its own ``MlflowClient``, and a store that fails mid-study costs a warning, not
-the study.
+Not optuna-integration's ``MLflowCallback``: it is deprecated (Optuna 4.9, removed in 6.0), sets the
+process-global ``mlflow`` tracking URI, logs objectives as ``value_0..n`` and a stopped trial with no values at
+all, and writes every user attribute (checkpoint paths, whole variant records) as a truncated tag. A store
+that fails mid-study costs a warning here, not the study.
 """
 
 from __future__ import annotations
@@ -18,17 +16,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from autoglm._lazy import require
-from autoglm.errors import ConfigError
+from autoglm.tracking import log_stage, new_parent, open_store
 from tune import attributes as attrs
 
 log = logging.getLogger(__name__)
 
 # Optuna's trial state -> MLflow's run status (a stopped trial was ended early on purpose: KILLED)
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-RUN_TAG = "autoglm.run"  # the AutoGLM run (runs/<name>) a parent run tracks
 STAGE_FILES = ("manifest.json", "report.html", "pareto.json", "selected.json", "config.json")
 
 
@@ -41,35 +36,22 @@ class MLflowTracker:
     """
 
     def __init__(self, uri: str, study, run_name: str, metric_name: str):
-        require("mlflow", purpose="tune.mlflow_uri")
-        from mlflow import MlflowClient
-
         self.uri, self.metric_name = uri, metric_name
-        try:
-            self.client = MlflowClient(tracking_uri=uri)
-            experiment = self.client.get_experiment_by_name(study.study_name)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-                study.study_name, artifact_location=_artifact_location(uri))
-            self.parent = self._parent(study, experiment_id, run_name)
-        except Exception as exc:  # MlflowException, connection errors: the message says which
-            raise ConfigError(f"tune.mlflow_uri={uri!r}: MLflow could not open it ({exc}); give a reachable "
-                              "tracking server URL or a local sqlite:///path/mlflow.db") from exc
-        self.experiment_id = experiment_id
+        self.client, self.experiment_id = open_store(uri, study.study_name)
+        self.parent = self._parent(study, run_name)
         self._warned = False
 
-    def _parent(self, study, experiment_id: str, run_name: str) -> str:
+    def _parent(self, study, run_name: str) -> str:
         """The study's parent run: the one its attribute names (a resumed study), else a new one."""
         known = attrs.MLFLOW_RUN.get(study)
         if known:
-            run = self.client.get_run(known)
-            if run.info.status != "RUNNING":
+            if self.client.get_run(known).info.status != "RUNNING":
                 self.client.update_run(known, status="RUNNING")
             return known
-        directions = ",".join(d.name.lower() for d in study.directions)
-        run = self.client.create_run(experiment_id, run_name=run_name, tags={
-            RUN_TAG: run_name, "optuna.study": study.study_name, "optuna.directions": directions})
-        attrs.MLFLOW_RUN.set(study, run.info.run_id)
-        return run.info.run_id
+        parent = new_parent(self.client, self.experiment_id, run_name, {
+            "optuna.study": study.study_name, "optuna.directions": _directions(study)})
+        attrs.MLFLOW_RUN.set(study, parent)
+        return parent
 
     def __call__(self, study, trial) -> None:
         try:
@@ -98,28 +80,16 @@ class MLflowTracker:
                                    end_time=_ms(trial.datetime_complete))
         return run.info.run_id
 
-    def log_stage(self, stage_dir: Path, metrics: dict[str, Any] | None = None,
-                  files: tuple[str, ...] = STAGE_FILES) -> None:
-        """The stage's files (those present) as artifacts under ``<stage>/`` of the parent run, its numeric
-        metrics (the manifest's totals) as the parent's, then the parent run finished."""
-        from mlflow.entities import Metric
-
-        stage = Path(stage_dir).name
-        for name in files:
-            if (Path(stage_dir) / name).is_file():
-                self.client.log_artifact(self.parent, str(Path(stage_dir) / name), artifact_path=stage)
-        numbers = {k: float(v) for k, v in (metrics or {}).items()
-                   if isinstance(v, int | float) and not isinstance(v, bool)}
-        if numbers:
-            self.client.log_batch(self.parent, metrics=[Metric(f"{stage}.{k}", v, _now_ms(), 0)
-                                                        for k, v in numbers.items()])
+    def log_stage(self, stage_dir: Path, metrics: dict[str, Any] | None = None) -> None:
+        """The completed stage's files and totals into the parent run, then the parent finished."""
+        log_stage(self.client, self.parent, stage_dir, STAGE_FILES, metrics)
         self.client.set_terminated(self.parent, status="FINISHED")
 
 
 def trial_record(trial, study, metric_name: str) -> tuple[list[tuple[str, float, int]], dict[str, str]]:
     """(metrics as (key, value, step), tags) for one trial. Objectives keep their names (``metric`` is also
-    logged under the task metric's own name); a stopped trial logs its last rung's values; the validation
-    curve is ``val_<metric>`` over training steps."""
+    logged under the task metric's own name); a stopped trial has none, its validation curve (``val_<metric>``
+    over training steps) ends at the rung that stopped it."""
     metrics: list[tuple[str, float, int]] = []
     objectives = attrs.OBJECTIVES.get(trial)
     steps = attrs.STEPS.get(trial, attrs.STOPPED_AT.get(trial, 0)) or 0
@@ -134,11 +104,10 @@ def trial_record(trial, study, metric_name: str) -> tuple[list[tuple[str, float,
     for key in ("wall_s", "cpu_s", "joules"):
         if isinstance(compute.get(key), int | float):
             metrics.append((f"compute.{key}", float(compute[key]), steps))
-    for key in ("steps", "stopped_at"):
-        if trial.user_attrs.get(key) is not None:
-            metrics.append((key, float(trial.user_attrs[key]), 0))
-    tags = {"optuna.state": trial.state.name, "optuna.directions":
-            ",".join(d.name.lower() for d in study.directions)}
+    for attr in (attrs.STEPS, attrs.STOPPED_AT):
+        if attr.get(trial) is not None:
+            metrics.append((attr.key, float(attr.get(trial)), 0))
+    tags = {"optuna.state": trial.state.name, "optuna.directions": _directions(study)}
     variant = attrs.VARIANT.get(trial, {})
     if variant.get("name"):
         tags["variant"] = variant["name"]
@@ -150,21 +119,9 @@ def trial_record(trial, study, metric_name: str) -> tuple[list[tuple[str, float,
     return metrics, tags
 
 
-def _artifact_location(uri: str) -> str | None:
-    """Beside the database for a local ``sqlite:`` store (MLflow's default, ``./mlruns``, is relative to
-    whatever directory the process runs in); the server's or the store's own choice otherwise."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "sqlite" or uri in ("sqlite://", "sqlite:///:memory:"):
-        return None
-    database = Path(uri[len("sqlite:///"):])
-    return (database.parent.resolve() / "mlartifacts").as_uri()
+def _directions(study) -> str:
+    return ",".join(d.name.lower() for d in study.directions)
 
 
 def _ms(when) -> int | None:
     return int(when.timestamp() * 1000) if when is not None else None
-
-
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)

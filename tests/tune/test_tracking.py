@@ -144,3 +144,28 @@ def test_the_tune_command_takes_the_tracking_uri(capsys):
 
     assert run_main(tune_main, ["--mlflow", "sqlite:///runs/mlflow.db", "--dry-run"]) == 0
     assert '"mlflow_uri": "sqlite:///runs/mlflow.db"' in capsys.readouterr().out
+
+
+@needs_mlflow
+def test_a_later_stage_logs_into_the_runs_parent_and_a_failing_store_only_warns(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from autoglm.tracking import track_stage
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MLflowTracker(uri, _study(), "r1", "accuracy")
+    stage = tmp_path / "runs" / "r1" / "compress"
+    stage.mkdir(parents=True)
+    (stage / "manifest.json").write_text("{}")
+    (stage.parent / "report.html").write_text("<html>")
+    settings = SimpleNamespace(tune=SimpleNamespace(mlflow_uri=uri, study_name="tiny"), run=SimpleNamespace(name="r1"))
+
+    track_stage(settings, stage, ("manifest.json", "variants.json", "../report.html"), {"n": 2, "why": "text"})
+    settings.tune.mlflow_uri = "nosuchscheme://x"
+    track_stage(settings, stage, ("manifest.json",))
+
+    client = _client(uri)
+    assert {a.path for a in client.list_artifacts(tracker.parent, "compress")} == {"compress/manifest.json",
+                                                                                   "compress/report.html"}
+    assert client.get_run(tracker.parent).data.metrics == {"compress.n": 2.0}
+    assert "compress not logged" in caplog.text
