@@ -141,11 +141,33 @@ def _plots(study, points: list[Point], chosen: Point, objectives: list[str], met
     return plots
 
 
-def training_curves(study, chosen: Point, metric: str):
-    """(step, validation metric) of every trial that evaluated, stopped trials marked at the step they were
-    stopped (their rung), the rungs drawn: a matplotlib figure, or None before any evaluation."""
+def eval_curve(trial, tune_dir: Path | None) -> list[tuple[int, float]]:
+    """(step, validation metric) of the trial's training: recorded on the trial, else (DDP ranks, a cached
+    model) the ``eval`` lines of ``trials/<n>/train.jsonl``."""
+    if attrs.HISTORY.get(trial):
+        return [(int(s), float(v)) for s, v in attrs.HISTORY.get(trial)]
+    log = tune_dir / "trials" / f"{trial.number:04d}" / "train.jsonl" if tune_dir is not None else None
+    if log is None or not log.is_file():
+        return []
+    curve = []
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if record.get("event") == "eval" and isinstance(record.get("value"), int | float):
+            curve.append((int(record["step"]), float(record["value"])))
+    return curve
+
+
+def training_curves(study, chosen: Point, metric: str, tune_dir: Path | None = None):
+    """(step, validation metric) of every trial that trained, stopped trials marked at the step they were
+    stopped (their rung), the rungs drawn: a matplotlib figure, or None before any evaluation. A trial whose
+    model came from the cache repeats another's curve: drawn only if it is the selected one."""
     plt = _pyplot()
-    trials = [t for t in study.get_trials(deepcopy=False) if attrs.HISTORY.get(t)]
+    curves = {t.number: eval_curve(t, tune_dir) for t in study.get_trials(deepcopy=False)
+              if not attrs.CACHE_HIT.get(t) or t.number == chosen.trial}
+    trials = [t for t in study.get_trials(deepcopy=False) if curves.get(t.number)]
     if not trials:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -155,7 +177,7 @@ def training_curves(study, chosen: Point, metric: str):
         ax.axvline(step, color="#bbb", ls=":", lw=1)
     labelled = set()
     for t in trials:
-        steps, values = zip(*attrs.HISTORY.get(t), strict=True)
+        steps, values = zip(*curves[t.number], strict=True)
         if t.state.name == "PRUNED":
             kind, style = "stopped early", {"color": "#999", "ls": "--", "lw": 1}
         elif t.number == chosen.trial:
@@ -231,7 +253,7 @@ def _importance_table(scores: dict[str, dict[str, float]]) -> str:
 def _training_sections(study, chosen: Point, objectives: list[str], metric: str, tune_dir: Path) -> str:
     """The training curves, the selected trial's feedback signals and the parameter importances."""
     parts = ["<h2>Training curves</h2>"]
-    fig = training_curves(study, chosen, metric)
+    fig = training_curves(study, chosen, metric, tune_dir)
     parts.append(f"<img src='{_png(fig)}' alt='training curves'>" if fig is not None else
                  "<p>No trial recorded a validation curve.</p>")
     series = feedback_log(tune_dir / "trials" / f"{chosen.trial:04d}" / "train.jsonl")

@@ -139,3 +139,20 @@ def test_the_feedback_log_keeps_only_the_signals_present(tmp_path):
 
     assert feedback_log(log) == {"grad_noise_scale": [(5, 3.0)]}
     assert feedback_log(tmp_path / "missing.jsonl") == {}
+
+
+def test_a_trial_without_a_recorded_curve_is_read_from_its_training_log(tmp_path):
+    import json
+
+    from tune.report import eval_curve
+
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(value=0.5))  # a DDP trial: its ranks trained, the log has the curve
+    log = tmp_path / "trials" / "0000" / "train.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text("\n".join(json.dumps(r) for r in [{"event": "train", "step": 10, "loss": 2.0},
+                                                     {"event": "eval", "step": 20, "metric": "accuracy",
+                                                      "value": 0.7}]) + "\n")
+
+    assert eval_curve(study.trials[0], tmp_path) == [(20, 0.7)]
+    assert eval_curve(study.trials[0], None) == []
