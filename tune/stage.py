@@ -195,6 +195,10 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True, sam
 
     # the task and the space are checked before the last run is invalidated: a bad config must not cost it
     build_space(get_task(settings).scored_by(settings.tune.metric), settings.tune.search_space, settings.tune.space)
+    if settings.tune.mlflow_uri:  # so is the tracking store: a wrong URI is refused here
+        from autoglm.tracking import open_store
+
+        open_store(settings.tune.mlflow_uri, settings.tune.study_name)
     writer.invalidate()
     for derived in ("pareto.json", "selected.json", "report.html"):  # the last run's: none may outlive its manifest
         (writer.dir / derived).unlink(missing_ok=True)

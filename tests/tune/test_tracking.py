@@ -169,3 +169,18 @@ def test_a_later_stage_logs_into_the_runs_parent_and_a_failing_store_only_warns(
                                                                                    "compress/report.html"}
     assert client.get_run(tracker.parent).data.metrics == {"compress.n": 2.0}
     assert "compress not logged" in caplog.text
+
+
+@needs_mlflow
+def test_a_wrong_tracking_uri_is_refused_before_the_finished_study_is_invalidated(tmp_path):
+    from autoglm.artifacts import RunDir
+    from tune.stage import tune_run
+
+    base = ("tune.n_trials=2", "tune.compression_siblings=false")
+    tune_run(_tiny.settings(tmp_path, *base, run="kept"), progress=False)
+    changed = _tiny.settings(tmp_path, *base, "tune.n_trials=3", "tune.mlflow_uri='nosuchscheme://x'", run="kept")
+
+    with pytest.raises(ConfigError, match="tune.mlflow_uri"):
+        tune_run(changed, progress=False)
+
+    assert RunDir(tmp_path / "runs", "kept").state("tune") == "complete"
