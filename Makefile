@@ -4,8 +4,9 @@
 PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-# every stage's extra, the CPU ONNX Runtime, the test tools and the benchmarks' peers (GPU hosts: EXTRAS=all,gpu,dev)
-EXTRAS  ?= all,cpu,dev,bench
+# every stage's extra, the CPU ONNX Runtime, the test tools, the benchmarks' peers and MLflow tracking
+# (GPU hosts: EXTRAS=all,gpu,dev)
+EXTRAS  ?= all,cpu,dev,bench,mlflow
 CONFIG  ?= configs/default.toml
 RUN     ?= demo
 ARGS    ?=
@@ -64,7 +65,7 @@ audit: venv
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet --upgrade pip
-	.lock-venv/bin/python -m pip install --quiet ".[all,cpu,dev]"
+	.lock-venv/bin/python -m pip install --quiet ".[all,cpu,dev,mlflow]"
 	{ echo "# The pinned environment (pip constraints): make installs with -c constraints.txt."; \
 	  echo "# Regenerate after changing dependencies: make lock"; \
 	  .lock-venv/bin/python -m pip freeze --exclude autoglm | sed 's/+cpu$$//'; } > constraints.txt

@@ -25,6 +25,7 @@ EXTRAS = {  # module (or package) -> the extra that installs it
     "tokenizers": "hf",
     "peft": "hf",
     "huggingface_hub": "hf",
+    "mlflow": "mlflow",  # mlflow-skinny: tune.mlflow_uri
     "pytriton": "triton",  # nvidia-pytriton, found (not imported) by serve.triton
     # imported at module level by a stage: a command whose extra is missing names it (autoglm.cli.run_main)
     "torch": "compress",

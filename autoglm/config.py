@@ -162,6 +162,10 @@ class TuneSettings(Section):
     metric: str | None = Field(None, description="which of the task's metrics the 'metric' objective is, e.g. "
                                "'perplexity' for charlm or 'loss' for digits, in that metric's direction; None: the "
                                "task's own (charlm val_loss, digits accuracy). AutoTuner's objective= sets it")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking store logging each trial and the stage's "
+                                   "manifest and report (compress's and loadtest's too), e.g. "
+                                   "sqlite:///runs/mlflow.db or a server's http(s) URL (the mlflow extra); None: no "
+                                   "tracking. Not part of the stage's config")
     serving_batch: int = Field(32, ge=1, description="latency objective: p95 at this batch size")
     probe_repeats: int = Field(30, ge=3, description="timed runs per latency/energy measurement in a trial")
     early_stop: EarlyStopSettings = Field(default_factory=EarlyStopSettings)

@@ -5,6 +5,9 @@ settings; fewer steps with --quick), then compress's own builder makes every var
 the task metric on validation data and times it at batch 1 and 32 in the same process, one after the
 other. Goals: digits' best variant ≥ 3× faster than torch eager at batch 32 within 0.5 accuracy points;
 charlm's best variant at least as fast as torch eager at batch 1 and 32 within 1% perplexity.
+
+A last table sets the article's figures for INT8 and 50% channel pruning beside the same measurements, relative
+to the FP32 ONNX export and to torch eager (the article names neither its baseline nor its batch size).
 """
 
 from __future__ import annotations
@@ -25,8 +28,15 @@ VARIANTS = {
 }
 QUICK_STEPS = {"digits": 300, "charlm": 400}
 
+# The AutoGLM article's figures, relative change in % (quality as it states it: accuracy)
+ARTICLE = {"INT8": {"quality": -1.2, "latency": -35.0, "energy": -40.0},
+           "50% channel pruning": {"quality": -3.8, "latency": -52.0, "energy": -58.0}}
+CLAIMS = {"INT8": ("int8-static", "int8-dynamic"), "50% channel pruning": ("pruned",)}  # our variants for each
+BASELINES = {"fp32": "FP32 ONNX", "torch": "torch eager FP32"}
+QUALITY = {"charlm": "perplexity"}  # the metric the quality column compares (else the task's): lower is better
 
-def _variants(task_name: str, quick: bool, workdir: Path) -> tuple[object, list[Variant]]:
+
+def _variants(task_name: str, quick: bool, workdir: Path) -> tuple[object, list[Variant], float]:
     overrides = [f"run.cache_dir='{workdir / 'cache'}'", "measure.batch_sizes=[1, 32]", "measure.repeats=50",
                  "compress.max_metric_loss=1.0"]  # report every variant; the goals below judge the losses
     if quick:
@@ -39,7 +49,8 @@ def _variants(task_name: str, quick: bool, workdir: Path) -> tuple[object, list[
     with fixed_threads(settings.run.threads):
         model = task.build_model(args)
         task.train(model, settings.train)
-        return task, build_variants(task, model, args, settings, workdir / task_name, VARIANTS[task_name])
+        variants = build_variants(task, model, args, settings, workdir / task_name, VARIANTS[task_name])
+        return task, variants, settings.compress.prune.ratio
 
 
 def _table(task, variants: list[Variant]) -> tuple[Table, list[str]]:
@@ -83,13 +94,63 @@ def _goal(task, variants: list[Variant]) -> list[str]:
             f"at batch 32 (goal ≥ 1× at both): {met}"]
 
 
+def measurement(task, variants: list[Variant], prune_ratio: float) -> dict:
+    """What the article table reads of one task's variants: plain numbers, keyed by variant name."""
+    metric = QUALITY.get(task.name, task.metric)
+    return {"metric": metric, "prune_ratio": prune_ratio, "variants": {
+        v.name: {"metric": v.metrics[metric], "p50_ms": {b: v.profile[b]["p50_ms"] for b in (1, 32)},
+                 "j_per_item": v.profile[32]["j_per_item"], "energy_method": v.profile[32]["energy_method"]}
+        for v in variants if v.status != "skipped" and {1, 32} <= set(v.profile)}}
+
+
+def _change(value: float, base: float) -> str:
+    """``value`` relative to ``base`` in %, signed, as the article writes it (−35%)."""
+    if not base:
+        return "n/a"
+    return f"{(value / base - 1) * 100:+.1f}%".replace("-", "−")
+
+
+def article_table(measured: dict[str, dict]) -> Table:
+    """The article's claims beside ours: per claim, its figures, then each of our variants that makes the claim
+    on each task, relative to each baseline. ``measured``: {task: :func:`measurement`}."""
+    rows = []
+    for claim, figures in ARTICLE.items():
+        rows.append([claim, "article", "not stated", f"accuracy {_change(100 + figures['quality'], 100)}",
+                     *[_change(100 + figures["latency"], 100)] * 2, f"{_change(100 + figures['energy'], 100)} "
+                     "(method not stated)"])
+        for task_name, m in measured.items():
+            for name in CLAIMS[claim]:
+                ours = m["variants"].get(name)
+                if ours is None:
+                    continue
+                label = f"{task_name} {name}" + (f" (ratio {m['prune_ratio']:g})" if name == "pruned" else "")
+                for base_name, base_label in BASELINES.items():
+                    base = m["variants"].get(base_name)
+                    if base is None:
+                        continue
+                    methods = (ours["energy_method"], base["energy_method"])
+                    kind = "estimated" if any(str(x).startswith("estimated") for x in methods) else "measured"
+                    rows.append([claim, label, base_label, f"{m['metric']} {_change(ours['metric'], base['metric'])}",
+                                 _change(ours["p50_ms"][1], base["p50_ms"][1]),
+                                 _change(ours["p50_ms"][32], base["p50_ms"][32]),
+                                 f"{_change(ours['j_per_item'], base['j_per_item'])} ({kind})"])
+    columns = ["claim", "source", "relative to", "Δ quality", "Δ p50 latency @1", "Δ p50 latency @32",
+               "Δ energy / inference @32"]
+    notes = ["The article states no baseline, batch size, model or hardware: its latency figure stands under "
+             "both batch sizes. Quality is the relative change of the named metric (perplexity: higher is worse).",
+             "Energy 'estimated' is CPU-seconds × W/core (no NVML/RAPL on the host); 'measured' is a hardware "
+             "counter. Same measurements as the tables above: no model is run again."]
+    return Table("The article's compression claims beside ours", columns, rows, notes)
+
+
 def run(quick: bool) -> list[Table]:
-    tables = []
+    tables, measured = [], {}
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-") as tmp:
         for task_name in VARIANTS:
-            task, variants = _variants(task_name, quick, Path(tmp))
+            task, variants, prune_ratio = _variants(task_name, quick, Path(tmp))
             table, goals = _table(task, variants)
             table.notes.extend(goals + ["ONNX Runtime with all graph optimizations; energy is the estimate "
                                         "(CPU-seconds × W/core) on hosts without NVML/RAPL, labelled as such"])
             tables.append(table)
-    return tables
+            measured[task_name] = measurement(task, variants, prune_ratio)
+    return [*tables, article_table(measured)]

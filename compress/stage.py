@@ -16,6 +16,7 @@ from typing import Any
 from autoglm.artifacts import Manifest, RunDir, StageWriter, sha256_file, write_atomic
 from autoglm.config import CompressSettings, Settings
 from autoglm.errors import AutoGLMError, ConfigError
+from autoglm.tracking import track_stage
 from compress.registry import check_settings
 from compress.repository import write_repository
 from compress.variants import Variant, build_variants
@@ -146,6 +147,7 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
     if graphs is not None:
         writer.manifest.metrics["generate"] = {"precision": graphs.precision, "candidates": graphs.candidates}
     manifest = writer.commit()
+    track_stage(settings, writer.dir, ("manifest.json", "variants.json", "parity.json", "config.json"))
     write_repository(run, settings, task, checkpoint.model_args, variants, recommended, graphs)
     generation = f"; generation model {task.name}-generate ({graphs.precision} decode graphs)" if graphs else ""
     print(f"compress: {len([v for v in variants if v.status == 'ok'])} variants published; recommended "

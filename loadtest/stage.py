@@ -16,6 +16,7 @@ from autoglm.artifacts import Manifest, RunDir, StageWriter
 from autoglm.config import LoadtestSettings, Settings
 from autoglm.energy import ensure_comparable
 from autoglm.errors import AutoGLMError, ConfigError
+from autoglm.tracking import track_stage
 from loadtest.control import ModelControl, ServingConfig, serving_knobs
 from loadtest.energy_join import EnergySource
 from loadtest.front import CONFIG_FIELDS, capacities, pareto_front, point_row, recommend
@@ -245,6 +246,7 @@ def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: Loadt
         "j_per_request": rec.get("j_per_request"), "energy_method": method, "front": front,
         "points": len(rows), "release_page": str(page.relative_to(run.path))}
     manifest = writer.commit()
+    track_stage(settings, writer.dir, ("manifest.json", "report.json", "../report.html"))  # and the release page
     if progress:
         verdict = "passed" if not reasons else "FAILED: " + "; ".join(reasons)
         print(f"loadtest: SLO gate {verdict}; report {writer.dir / 'report.json'}; release page {page}")

@@ -10,6 +10,8 @@ from autoglm.cli import Flag, run_main, stage_main
 FLAGS = {
     "--trials": Flag("tune.n_trials", "total trials in the study", type=int),
     "--storage": Flag("tune.storage", "SQLAlchemy URL of a shared study"),
+    "--mlflow": Flag("tune.mlflow_uri", "MLflow tracking store for the trials, manifest and report",
+                     metavar="URI"),
 }
 
 

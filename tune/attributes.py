@@ -89,6 +89,8 @@ def rung(step: int) -> Attr[list[float]]:
 
 # study attribute: the task metric the study's "metric" objective holds (tune.metric resolved)
 METRIC_NAME: Attr[str] = Attr("metric_name")
+# study attribute: the MLflow parent run its trials are logged under (tune.mlflow_uri; see tune.tracking)
+MLFLOW_RUN: Attr[str] = Attr("mlflow_run_id")
 
 
 def worker_stopped(index: int) -> Attr[bool]:

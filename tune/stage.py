@@ -28,6 +28,7 @@ from tune.storage import directions, discard_study, open_study, queue_retry, rec
 # what counts toward tune.n_trials: a failed trial does not, so a rerun after fixing its cause runs the trials the
 # failures cost, and a trial that was killed or interrupted is retried in its own place (see retry_interrupted)
 FINISHED = ("COMPLETE", "PRUNED")
+UNTRACKED = ("mlflow_uri",)  # where the study is reported, not what it is: no part of whether the stage is done
 
 
 def open_search(settings: Settings, tune_dir: Path, sampler=None):
@@ -94,6 +95,7 @@ def run_study(settings: Settings, tune_dir: Path, progress: bool = True, sampler
     from autoglm.measure import fixed_threads
 
     task, space, study, objective = open_search(settings, tune_dir, sampler)
+    tracker = tracking_callbacks(settings, study, task)
     tune = settings.tune
     mine = None if tune.workers == 1 else tune.worker_index
 
@@ -109,10 +111,32 @@ def run_study(settings: Settings, tune_dir: Path, progress: bool = True, sampler
         done = share(tune, tune.worker_index) - remaining
         with fixed_threads(settings.run.threads), _progress(progress, settings.tune.n_trials, done) as tick:
             study.optimize(objective, n_trials=remaining, timeout=settings.tune.timeout_s,
-                           callbacks=[tick, *siblings, *callbacks], catch=(Exception,), gc_after_trial=True)
+                           callbacks=[tick, *siblings, *tracker, *callbacks], catch=(Exception,),
+                           gc_after_trial=True)
     if tune.workers > 1:
         stopped.set(study, True)  # its share may be unfinished (tune.timeout_s): worker 0 stops waiting
     return task, study
+
+
+def tracking_callbacks(settings: Settings, study, task) -> list:
+    """The MLflow tracker when ``tune.mlflow_uri`` is set (see tune.tracking): opened now, so a wrong URI is
+    refused before any trial trains."""
+    if not settings.tune.mlflow_uri:
+        return []
+    from tune.tracking import MLflowTracker
+
+    return [MLflowTracker(settings.tune.mlflow_uri, study, settings.run.name, task.metric)]
+
+
+def _track_stage(settings: Settings, study, task, tune_dir: Path, metrics: dict[str, Any]) -> None:
+    """The completed stage into the study's MLflow parent run; the stage is done whatever the store does."""
+    from tune.tracking import MLflowTracker
+
+    try:
+        MLflowTracker(settings.tune.mlflow_uri, study, settings.run.name, task.metric).log_stage(tune_dir, metrics)
+    except Exception as exc:
+        logging.getLogger(__name__).warning("MLflow tracking at %s: the tune stage not logged: %s",
+                                            settings.tune.mlflow_uri, exc)
 
 
 def share(tune: TuneSettings, index: int) -> int:
@@ -162,6 +186,7 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True, sam
     run = RunDir(settings.run.root, settings.run.name)
     config = {k: settings.section(k) for k in ("task", "train", "tune", "compress", "measure")} | {
         "seed": settings.run.seed}
+    config["tune"] = {k: v for k, v in config["tune"].items() if k not in UNTRACKED}
     writer = StageWriter(run, "tune", config)
     if writer.up_to_date() and not force:
         print(f"tune: up to date in {writer.dir} (use --force to redo)")
@@ -170,6 +195,10 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True, sam
 
     # the task and the space are checked before the last run is invalidated: a bad config must not cost it
     build_space(get_task(settings).scored_by(settings.tune.metric), settings.tune.search_space, settings.tune.space)
+    if settings.tune.mlflow_uri:  # so is the tracking store: a wrong URI is refused here
+        from autoglm.tracking import open_store
+
+        open_store(settings.tune.mlflow_uri, settings.tune.study_name)
     writer.invalidate()
     for derived in ("pareto.json", "selected.json", "report.html"):  # the last run's: none may outlive its manifest
         (writer.dir / derived).unlink(missing_ok=True)
@@ -203,6 +232,8 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True, sam
         f"selected_{k}": v for k, v in chosen.objectives.items()}
     writer.add_energy("study", totals["joules"], totals["energy_method"])
     manifest = writer.commit()
+    if settings.tune.mlflow_uri:  # the parent run gets the stage's record once it is complete
+        _track_stage(settings, study, task, writer.dir, writer.manifest.metrics)
     print(f"tune: {totals['complete']} complete, {totals['pruned']} stopped early, {totals['failed']} failed; "
           f"selected trial {chosen.trial} {chosen.objectives} -> {writer.dir / 'selected.json'}")
     return manifest

@@ -123,9 +123,11 @@ def test_the_report_is_self_contained_with_plots_and_the_trial_table(study_run):
 
     page = (tune_dir / "report.html").read_text()
 
-    assert page.count("<img src='data:image/png;base64,") == 3  # front, hypervolume, best metric vs compute
+    # front, hypervolume, best metric vs compute, training curves (this training logs no feedback signals)
+    assert page.count("<img src='data:image/png;base64,") == 4
     assert "http://" not in page and "https://" not in page  # opens offline
-    assert page.count("<tr>") == N_TRIALS + 1  # header + one row per trial
+    assert page.split("<h2>Trials</h2>")[1].count("<tr>") == N_TRIALS + 1  # header + one row per trial
+    assert "<h2>Parameter importances</h2>" in page
     assert f"Selected: trial {selected['trial']}" in page
 
 
