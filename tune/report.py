@@ -21,7 +21,7 @@ from autoglm.artifacts import write_atomic
 from tune import attributes as attrs
 from tune.select import Point
 
-FEEDBACK = ("grad_noise_scale", "hessian_top_eig")  # train.jsonl keys the training writes when feedback is on
+FEEDBACK = ("noise_scale", "hessian_top")  # what train.jsonl's "feedback" lines hold (train.feedback_every > 0)
 MIN_IMPORTANCE_TRIALS = 3  # fANOVA fits a forest over completed trials: below this it says nothing
 
 
@@ -207,6 +207,8 @@ def feedback_log(train_log: Path) -> dict[str, list[tuple[int, float]]]:
             record = json.loads(line)
         except ValueError:
             continue  # a line cut short by a kill
+        if not isinstance(record, dict) or record.get("event") != "feedback":
+            continue
         for key in FEEDBACK:
             if isinstance(record.get(key), int | float) and "step" in record:
                 series.setdefault(key, []).append((int(record["step"]), float(record[key])))

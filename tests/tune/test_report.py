@@ -78,9 +78,9 @@ def _trained_study(n_complete, tune_dir=None, feedback=True):
     if tune_dir is not None:
         log = tune_dir / "trials" / "0000" / "train.jsonl"
         log.parent.mkdir(parents=True)
-        rows = [{"event": "train", "step": s, "loss": 1.0 / s} | ({"grad_noise_scale": 10.0 * s,
-                                                                  "hessian_top_eig": 5.0 / s} if feedback else {})
-                for s in (10, 20, 30)]
+        rows = [{"event": "train", "step": s, "loss": 1.0 / s} for s in (10, 20, 30)]
+        rows += [{"event": "feedback", "step": s, "noise_scale": 10.0 * s, "hessian_top": 5.0 / s}
+                 for s in (10, 20, 30) if feedback]
         log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return study
 
@@ -135,9 +135,10 @@ def test_the_feedback_log_keeps_only_the_signals_present(tmp_path):
     from tune.report import feedback_log
 
     log = tmp_path / "train.jsonl"
-    log.write_text('{"event": "train", "step": 5, "grad_noise_scale": 3.0}\n{"step": 6, "loss": 1}\n{"cut')
+    log.write_text('{"event": "feedback", "step": 5, "noise_scale": 3.0, "hessian_top": null}\n'
+                   '{"event": "batch", "step": 5, "noise_scale": 4.0}\n{"step": 6, "loss": 1}\n{"cut')
 
-    assert feedback_log(log) == {"grad_noise_scale": [(5, 3.0)]}
+    assert feedback_log(log) == {"noise_scale": [(5, 3.0)]}
     assert feedback_log(tmp_path / "missing.jsonl") == {}
 
 
