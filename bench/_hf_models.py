@@ -3,7 +3,8 @@
 No hub here: each checkpoint is built from transformers' config classes and saved with ``save_pretrained``
 next to a tokenizer trained on the built-in Shakespeare text with the `tokenizers` library (byte-level BPE
 for GPT-2, SentencePiece-style BPE with byte fallback and a BOS template for the Llama family). The
-tokenizer's vocabulary is smaller than the model's embedding table, as in checkpoints whose table is padded.
+tokenizer's vocabulary is filled up to the model's embedding table with plain added tokens, so every id a random
+model draws adds text.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def save_checkpoint(out: Path, family: str, config: dict[str, Any], text: str, v
         model = LlamaForCausalLM(cfg)
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(f"tokenizer of {len(tokenizer)} tokens for a {cfg.vocab_size}-row embedding")
+    # a random model draws ids from its whole table: give every id text (plain added tokens), so what is
+    # streamed, timed and counted is text as with a real checkpoint's vocabulary
+    tokenizer.add_tokens([f"<w{i}>" for i in range(len(tokenizer), cfg.vocab_size)])
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -80,6 +80,7 @@ async def _closed_loop(spec: dict) -> dict:
                                 gaps.extend([(now - last) / new] * new)
                             last = now
                         elif "finish_reason" in event:
+                            got = max(got, event["tokens"])  # tokens that added no text come with no delta
                             ok = r.status == 200 and (event["tokens"] == spec["new_tokens"] or not spec["exact"])
                 if not record:
                     warm_tokens += got
