@@ -12,7 +12,7 @@ STORED = {
     "TRAINING_KEY": "training_key", "CACHE_HIT": "cache_hit", "DDP_PROCS": "ddp_procs", "HISTORY": "history",
     "STEPS": "steps", "STOPPED_AT": "stopped_at", "TRAIN_METRIC": "train_metric", "SCHEDULE_STEPS": "schedule_steps",
     "PROBE": "probe", "TIMED": "timed", "COMPUTE": "compute", "VARIANT": "variant", "COMPRESS": "compress",
-    "OBJECTIVES": "objectives", "METRIC_NAME": "metric_name",
+    "OBJECTIVES": "objectives", "METRIC_NAME": "metric_name", "MLFLOW_RUN": "mlflow_run_id",
 }
 
 
