@@ -21,11 +21,11 @@ import numpy as np
 from autoglm.artifacts import atomic_output, write_atomic
 from autoglm.errors import DataError
 from autoglm.tasks import corpus
-from autoglm.tasks.next_token import NextTokenScoring
 from autoglm.tasks.base import DecoderWeights, IOSpec, Knob, TensorSpec
 from autoglm.tasks.hf_decoder import MAX_CONTEXT as SERVED_CONTEXT  # the decode graphs' default KV cache length
-from autoglm.tasks.hf_source import (LORA_SPACE, HFTask, content_digest, decoder_family, max_positions,
-                                     tokenizer_identity)
+from autoglm.tasks.hf_source import (LORA_SPACE, HFTask, content_digest, decoder_family, jsonl_records,
+                                     max_positions, tokenizer_identity)
+from autoglm.tasks.next_token import NextTokenScoring
 
 if TYPE_CHECKING:
     import torch
@@ -41,13 +41,7 @@ def read_documents(path: Path) -> list[str]:
     if path.suffix.lower() != ".jsonl":
         return [text]
     docs = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number} is not JSON ({exc.msg}): write one {{\"text\": ...}} per line") from None
+    for number, record in jsonl_records(path, text, '{"text": ...}'):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DataError(f"{path}:{number} has no string \"text\" field: write one {{\"text\": ...}} per line")
         docs.append(record["text"])

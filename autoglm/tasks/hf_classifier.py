@@ -22,7 +22,8 @@ from autoglm.artifacts import atomic_output
 from autoglm.errors import DataError
 from autoglm.tasks import corpus
 from autoglm.tasks.base import IOSpec, Knob, TensorSpec
-from autoglm.tasks.hf_source import LORA_SPACE, HFTask, content_digest, max_positions, tokenizer_identity
+from autoglm.tasks.hf_source import (LORA_SPACE, HFTask, content_digest, jsonl_records, max_positions,
+                                     tokenizer_identity)
 
 if TYPE_CHECKING:
     import torch
@@ -47,13 +48,7 @@ def read_rows(path: Path) -> Rows:
                 raise DataError(f"{path}:{number} lacks a text or a label")
             rows.append((row["text"], row["label"].strip()))
         return rows
-    for number, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number} is not JSON ({exc.msg}): one {{\"text\", \"label\"}} per line") from None
+    for number, record in jsonl_records(path, content, '{"text", "label"}'):
         if not (isinstance(record, dict) and isinstance(record.get("text"), str)
                 and isinstance(record.get("label"), str | int) and not isinstance(record.get("label"), bool)):
             raise DataError(f"{path}:{number} needs a string \"text\" and a string (or integer) \"label\"")

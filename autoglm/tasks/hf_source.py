@@ -152,6 +152,18 @@ def tokenizer_identity(tokenizer: Any) -> str:
     return tokenizer.backend_tokenizer.to_str()
 
 
+def jsonl_records(path: Path, content: str, shape: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file's ``content``; a line that is not JSON
+    is a DataError naming it and the expected ``shape`` (e.g. '{"text": ...}')."""
+    for number, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number} is not JSON ({exc.msg}): write one {shape} per line") from None
+
+
 def content_digest(*parts: bytes | str) -> str:
     h = hashlib.sha256()
     for part in parts:
