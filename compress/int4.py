@@ -31,6 +31,10 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 log = logging.getLogger(__name__)
 
 
+class NothingToQuantize(ConfigError):
+    """The graph has no MatMul with a constant weight (besides a kept head): INT4 would change nothing."""
+
+
 @dataclass(frozen=True)
 class Int4Recipe:
     """How to quantize one graph to INT4 weights; impossible combinations are refused here, not inside ORT.
@@ -69,7 +73,7 @@ def quantizable_matmuls(model: Any) -> list[Any]:
 
 def quantize_int4(src: Path | str, dst: Path | str, recipe: Int4Recipe | None = None) -> Path:
     """Quantize the MatMul weights of the ONNX model at ``src`` to INT4 (``MatMulNBits``) and write ``dst``
-    atomically; ConfigError when the graph has none to quantize.
+    atomically; :class:`NothingToQuantize` when the graph has none to quantize.
 
     A weight whose K is not a multiple of ``block_size`` is padded with zeros to whole blocks (K is kept as the
     node's attribute, so the result is exact in shape)."""
@@ -86,7 +90,7 @@ def quantize_int4(src: Path | str, dst: Path | str, recipe: Int4Recipe | None = 
     if recipe.keep_head:
         targets = targets[:-1]
     if not targets:
-        raise ConfigError(f"{src} has no MatMul with a constant weight{' besides its head' * recipe.keep_head}: "
+        raise NothingToQuantize(f"{src} has no MatMul with a constant weight{' besides its head' * recipe.keep_head}: "
                           "INT4 would change nothing; drop the int4 variant for this model (int8 suits a CNN)")
     keep = {n.name for n in model.graph.node if n.op_type == "MatMul"} - {n.name for n in targets}
     quantizer = nbits.MatMulNBitsQuantizer(

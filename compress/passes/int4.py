@@ -22,16 +22,16 @@ register(Pass("int4", knobs={key: setting(Int4Settings, key) for key in Int4Sett
 def int4_quantized(builder: VariantBuilder, src: Path, name: str) -> Variant:
     """The FP32 graph ``src`` with INT4 MatMul weights, as ``<name>.onnx``; skipped, with the reason, where the
     graph has no MatMul weight to quantize (a CNN's convolutions and Gemm head stay as they are)."""
-    import onnx
-
-    from compress.int4 import Int4Recipe, quantizable_matmuls, quantize_int4
+    from compress.int4 import Int4Recipe, NothingToQuantize, quantize_int4
 
     recipe = Int4Recipe.of(builder.cfg.int4)
-    if len(quantizable_matmuls(onnx.load(str(src), load_external_data=False))) <= recipe.keep_head:
+    try:
+        path = quantize_int4(src, builder.out / f"{name}.onnx", recipe)
+    except NothingToQuantize:
         return Variant(name, None, {"pass": "int4"}, status="skipped",
                        reason="no MatMul with a constant weight to quantize (INT4 is for transformers' MatMuls; "
                               "int8 suits this model)")
-    return Variant(name, quantize_int4(src, builder.out / f"{name}.onnx", recipe), {"pass": "int4", **recipe.to_dict()})
+    return Variant(name, path, {"pass": "int4", **recipe.to_dict()})
 
 
 @variant("int4", passes=("export", "quantize", "int4"), modes={"quantize": (INT4,)}, tuned=True)
