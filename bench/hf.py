@@ -1,4 +1,4 @@
-"""Pretrained transformers at real sizes: served `:generate` vs transformers' generate(), onnxruntime-genai and the bandwidth ceiling.
+"""Pretrained transformers at real sizes: served `:generate` vs transformers, onnxruntime-genai, the bandwidth ceiling.
 
 Speed does not depend on the weights, so the speed rows use random-initialized models at real sizes, saved in
 the Hugging Face layout with a tokenizer trained here: the GPT-2 small shape (124M parameters) and a
@@ -131,7 +131,6 @@ def _engine_peer(spec: dict) -> dict:
 
     engine = DecodeEngine(spec["prefill"], spec["step"], max(spec["batches"]), threads=spec["threads"])
     prompt = spec["prompts"][0]
-    started = time.perf_counter()
     ttft = []
     for _ in range(spec["repeats"]):
         started = time.perf_counter()

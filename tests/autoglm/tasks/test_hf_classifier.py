@@ -35,7 +35,10 @@ def test_one_file_splits_90_10_within_every_label(labelled, tmp_path):
     assert len(train) + len(val) == 150 and len(val) == 15
     assert sorted(lab for _, lab in val) == sorted(F.LABELS * 5)
     assert task.classes == list(F.LABELS)
-    assert make(labelled, tmp_path)._rows is None and (make(labelled, tmp_path).prepare() or True)
+    again = make(labelled, tmp_path)
+    assert again._rows is None
+    again.prepare()
+    assert again._rows == task._rows  # the seeded split is the same every time
 
 
 def test_a_directory_with_train_and_validation_files_and_jsonl(tmp_path):
