@@ -209,12 +209,27 @@ def _pre_process(src: Path, workdir: Path) -> Path:
     out = workdir / "pre.onnx"
     for skip_symbolic in (False, True):
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), _no_shape_dump():
                 quant_pre_process(str(src), str(out), skip_symbolic_shape=skip_symbolic)
             return out
         except Exception as exc:  # noqa: BLE001 - ORT raises many kinds here; the raw graph is the fallback
             log.info("quant_pre_process(skip_symbolic_shape=%s) failed on %s: %s", skip_symbolic, src, exc)
     return src
+
+
+# ORT's symbolic shape inference saves the half-inferred model into the *current directory* when it gives up
+# (onnxruntime/tools/symbolic_shape_infer.py); a model's worth of litter in the user's cwd, removed here
+_SHAPE_DUMP = ("sym_shape_infer_temp.onnx", "sym_shape_infer_temp.onnx.data")
+
+
+@contextlib.contextmanager
+def _no_shape_dump():
+    left = [Path(name) for name in _SHAPE_DUMP if not Path(name).exists()]  # never remove a user's own file
+    try:
+        yield
+    finally:
+        for path in left:
+            path.unlink(missing_ok=True)
 
 
 def quantize(src: Path | str, dst: Path | str, recipe: QuantRecipe | str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +148,22 @@ def test_charlm_dynamic_and_static_matmul_keep_val_loss(charlm_onnx, tmp_path):
     calibration = task.calibration_inputs(4, 16, model.model_args)
     static = quantize(charlm_onnx, tmp_path / "static.onnx", "transformer-int8-static-matmul", calibration)
     assert charlm_loss(static) == pytest.approx(fp32, rel=0.02)
+
+
+def test_a_failed_shape_inference_leaves_no_dump_in_the_working_directory(digits_onnx, tmp_path, monkeypatch):
+    import onnxruntime.quantization.shape_inference as shape_inference
+
+    def gives_up(src, out, skip_symbolic_shape=False, **_):
+        # what ORT's symbolic shape inference does when it gives up: the half-inferred model into the cwd
+        for name in ("sym_shape_infer_temp.onnx", "sym_shape_infer_temp.onnx.data"):
+            Path(name).write_bytes(b"x")
+        raise RuntimeError("Incomplete symbolic shape inference")
+
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "sym_shape_infer_temp.onnx.data"
+    mine.write_bytes(b"the user's own")  # existed before the call: not ours to remove
+    monkeypatch.setattr(shape_inference, "quant_pre_process", gives_up)
+    dst = quantize(digits_onnx, tmp_path / "int8.onnx", recipe_for(digits_onnx, "dynamic"))
+    assert dst.is_file()  # quantized from the raw graph
+    assert not (tmp_path / "sym_shape_infer_temp.onnx").exists()
+    assert mine.exists()
