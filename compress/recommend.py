@@ -141,14 +141,16 @@ def recommend(task, variants: Sequence[Variant], serving_batch: int, preferred: 
         why = f"{source} selected {preferred}, but {because}; {chosen} is dominated by no published variant"
         replaced = {"variant": preferred, "source": source, "by": chosen, "why": because}
         return Recommendation(chosen, why, batch, replaced, dominated_by)
+    unpublished = next((f"{source} selected {preferred}, which is not published ({v.status}: {v.reason}); "
+                        for v in variants if v.name == preferred), "")
     front = [n for n in at if at[n].comparable and not beaten[n]]
     if not front:  # nothing was timed: no latency to choose by
-        return Recommendation(accepted[0].name, f"the first published variant: none has a latency{where}", batch,
-                              None, dominated_by)
+        return Recommendation(accepted[0].name, f"{unpublished}the first published variant: none has a latency"
+                              f"{where}", batch, None, dominated_by)
     best = min(front, key=lambda n: at[n].p50_ms)
-    return Recommendation(best, f"lowest p50 latency{where} ({at[best].p50_ms:.4f} ms) among the variants within "
-                          f"compress.max_metric_loss of FP32 {task.metric} that no other one dominates on "
-                          f"{task.metric} and latency", batch, None, dominated_by)
+    return Recommendation(best, f"{unpublished}lowest p50 latency{where} ({at[best].p50_ms:.4f} ms) among the "
+                          f"variants within compress.max_metric_loss of FP32 {task.metric} that no other one "
+                          f"dominates on {task.metric} and latency", batch, None, dominated_by)
 
 
 def _undominated(name: str, beaten: dict[str, list[str]], at: dict[str, Point]) -> str:

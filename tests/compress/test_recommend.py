@@ -87,6 +87,15 @@ def test_without_a_preference_the_fastest_variant_nothing_dominates_is_chosen():
     assert choice.dominated_by == {"pruned": ["int8"]} and choice.why.startswith("lowest p50 latency at batch 1")
 
 
+def test_a_preference_that_was_not_published_is_said_and_the_fastest_undominated_variant_chosen():
+    variants = [_variant("fp32", 0.98, 1.0), _variant("int8", 0.80, 0.5, status="rejected")]
+    variants[1].reason = "accuracy 0.8000 is 18.37% worse than FP32 torch's 0.9800"
+    choice = recommend(DIGITS, variants, serving_batch=1, preferred="int8")
+    assert choice.variant == "fp32" and choice.why.startswith(
+        "tune selected int8, which is not published (rejected: accuracy 0.8000 is 18.37% worse than FP32 torch's "
+        "0.9800); lowest p50 latency at batch 1")
+
+
 def test_the_replacement_is_followed_until_no_variant_dominates_it():
     """Dominance with a tolerance is not transitive: b beats the preferred a, c beats b but not a; c is served."""
     variants = [_variant("a", 0.90, 1.00), _variant("b", 0.91, 1.04), _variant("c", 0.92, 1.08)]
