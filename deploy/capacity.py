@@ -3,9 +3,9 @@ rendered overlay serves, else a deliberately low default, with a sentence saying
 
 Loadtest's capacity is used when all of these hold:
 
-1. loadtest completed, or its manifest is the one a ``loadtest --tune`` write-back names in the repository manifest
-   (``metrics["serving"]["loadtest"]``): rewriting the repository leaves the loadtest that chose the config
-   "stale" only by that rewrite;
+1. loadtest completed, or a ``loadtest --tune`` write-back in the repository manifest (``metrics["serving"]``) names
+   this loadtest (its manifest's sha256, or its report's path and sha256): rewriting the repository leaves the
+   loadtest that chose the config "stale" only by that rewrite;
 2. it found a serving config within the SLO;
 3. that config is the deployed one: the recommended model with the repository's batching knobs and instance count
    (``config["triton"]``, which a write-back updates), compared on each knob loadtest recorded;
@@ -28,7 +28,8 @@ DEFAULT_CAPACITY_RPS = 50.0  # per model instance, when no loadtest measured one
 SERVED_FLAVOUR = "native"  # the model image and the compose stack both serve repository/native
 # the knobs of a serving config that change what one instance serves, as loadtest records them and compress (or a
 # write-back) writes them into the repository manifest's config["triton"]
-KNOBS = ("max_queue_delay_us", "preferred_batch_sizes", "instances", "max_batch_size", "max_queue_size")
+KNOBS = ("max_queue_delay_us", "preferred_batch_sizes", "instances", "max_batch_size")
+WRITE_BACK = "loadtest --tune"  # metrics["serving"]["source"] of a repository a tune study wrote back
 _KIND = re.compile(r"\bkind\s*:\s*KIND_(\w+)")
 
 
@@ -71,7 +72,7 @@ def serving_target(repository: Path, model: str, env: str) -> Target:
 def capacity_for(run: RunDir, triton: dict[str, Any], target: Target, allow_mismatch: bool = False) -> Capacity:
     """Loadtest's capacity for ``target``'s model served with ``triton`` (see the module docstring)."""
     state = run.state("loadtest")
-    written_back = state == "stale" and _written_back(run)
+    written_back = state in ("complete", "stale") and _written_back(run)
     if state != "complete" and not written_back:
         return _default(f"loadtest is {state}: run `autoglm loadtest` to measure it")
     metrics = run.manifest("loadtest").metrics
@@ -120,9 +121,18 @@ def deployed_config(model: str, triton: dict[str, Any]) -> dict[str, Any]:
 
 
 def _written_back(run: RunDir) -> bool:
-    """Whether the repository manifest records a write-back chosen by this very loadtest manifest."""
-    serving = run.manifest("repository").metrics.get("serving") or {}
-    return isinstance(serving, dict) and serving.get("loadtest") == sha256_file(run.manifest_path("loadtest"))
+    """Whether the repository serves a write-back that this very loadtest chose: its lineage names the loadtest
+    manifest's sha256, or the path and sha256 of a report among the loadtest's outputs."""
+    serving = run.manifest("repository").metrics.get("serving")
+    if not isinstance(serving, dict) or serving.get("source") != WRITE_BACK:
+        return False
+    lineage = serving.get("loadtest")
+    if isinstance(lineage, str):
+        return lineage == sha256_file(run.manifest_path("loadtest"))
+    if isinstance(lineage, dict) and isinstance(lineage.get("report"), str):
+        output = run.manifest("loadtest").outputs.get(lineage["report"].removeprefix("loadtest/"), {})
+        return output.get("sha256") == lineage.get("sha256")
+    return False
 
 
 def _measured_on(record: dict[str, Any]) -> str:

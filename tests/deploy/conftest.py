@@ -46,10 +46,14 @@ def publish_repository(root: Path, run: str = "rel") -> RunDir:
     return rundir
 
 
-def complete_loadtest(rundir: RunDir, capacity: float | None, recommended: dict | None = None, **record) -> None:
-    """A loadtest manifest as loadtest writes it; ``record``: more metrics, e.g. the capacity record's
-    ``capacity_flavour``, ``device_kind`` and ``host`` (a loadtest older than those omits them)."""
+def complete_loadtest(rundir: RunDir, capacity: float | None, recommended: dict | None = None,
+                      outputs: tuple[str, ...] = (), **record) -> None:
+    """A loadtest manifest as loadtest writes it, listing ``outputs`` (files already in its directory); ``record``:
+    more metrics, e.g. the capacity record's ``capacity_flavour``, ``device_kind`` and ``host`` (a loadtest older
+    than those omits them)."""
     writer = StageWriter(rundir, "loadtest", {"scenario": "steady"}, inputs=["repository"])
+    for rel in outputs:
+        writer.add_output(rel)
     writer.manifest.metrics = {"capacity_per_instance_rps": capacity, "p95_ms": 41.5, "instances": 2,
                                "recommended": recommended, **record}
     writer.commit()

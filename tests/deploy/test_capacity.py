@@ -25,10 +25,10 @@ def _render(published, **options):
     return render_run(settings.model_copy(update={"deploy": DeploySettings.model_validate(deploy)}))
 
 
-def write_back(rundir, verified: dict) -> None:
-    """What `loadtest --tune` leaves after verifying ``verified`` (the issue-26 contract): the loadtest manifest
-    first, then the repository's config files, task.json's recommended model and a manifest whose config["triton"]
-    holds the verified knobs and whose metrics["serving"] names that loadtest manifest."""
+def write_back(rundir, verified: dict, lineage: str | dict) -> None:
+    """What `loadtest --tune` leaves after verifying ``verified`` (the issue-26 contract): the repository's config
+    files, task.json's recommended model and a manifest whose config["triton"] holds the verified knobs and whose
+    metrics["serving"] names the loadtest that chose them (``lineage``)."""
     repo, before = rundir.stage_dir("repository"), rundir.manifest("repository")
     info = json.loads((repo / "task.json").read_text())
     previous = {"triton": before.config["triton"], "recommended": info["recommended"]}
@@ -42,22 +42,32 @@ def write_back(rundir, verified: dict) -> None:
     for path in sorted(p for p in repo.rglob("*") if p.is_file() and p.name != "manifest.json"):
         writer.add_output(str(path.relative_to(repo)))
     writer.manifest.metrics = before.metrics | {"recommended": verified["model"], "serving": {
-        "source": "loadtest --tune", "loadtest": sha256_file(rundir.manifest_path("loadtest")), "previous": previous,
+        "source": "loadtest --tune", "loadtest": lineage, "previous": previous,
         "verified": verified, "written_at": "2026-12-06T09:00:00+00:00"}}
     writer.commit()
 
 
-def test_deploy_takes_the_verified_capacity_that_loadtest_tune_wrote_back(published):
+@pytest.mark.parametrize("order", ["loadtest first", "repository first"])
+def test_deploy_takes_the_verified_capacity_that_loadtest_tune_wrote_back(published, order):
+    """Either order: the loadtest manifest first and a lineage naming its sha256 (it is then stale by the rewrite),
+    or the write-back first, naming the loadtest's report, and the loadtest manifest on the new repository."""
     settings, rundir, _ = published
-    complete_loadtest(rundir, capacity=180.0, recommended=VERIFIED, mode="tune", instances=1, **NATIVE_CPU)
+    measured = {"capacity": 180.0, "recommended": VERIFIED, "mode": "tune", "instances": 1, **NATIVE_CPU}
+    complete_loadtest(rundir, **measured)
     before = _render(published)  # the repository still serves the old config: not its capacity
     assert not before.metrics["capacity_measured"]
     assert "model digits-fp32 (deployed: digits-int8)" in before.metrics["capacity_source"]
 
-    write_back(rundir, VERIFIED)
-
-    assert rundir.state("loadtest") == "stale"  # only because the write-back rewrote the repository after it
+    if order == "loadtest first":
+        write_back(rundir, VERIFIED, sha256_file(rundir.manifest_path("loadtest")))
+        assert rundir.state("loadtest") == "stale"  # only because the write-back rewrote the repository after it
+    else:
+        report = write_atomic(rundir.stage_dir("loadtest") / "report.json", b'{"mode": "tune"}\n')
+        write_back(rundir, VERIFIED, {"report": "loadtest/report.json", "sha256": sha256_file(report)})
+        complete_loadtest(rundir, outputs=("report.json",), **measured)
+        assert rundir.state("loadtest") == "complete"
     manifest = _render(published)
+
     metrics = manifest.metrics
     assert metrics["capacity_measured"] and metrics["capacity_rps_per_instance"] == 180.0
     assert metrics["capacity_source"] == ("verified by `loadtest --tune` and written back: 180.0 req/s per instance "
