@@ -114,11 +114,17 @@ def test_a_capacity_measured_on_another_device_kind_is_refused(published):
 
 
 def test_the_overlay_serves_a_model_on_the_device_its_instance_group_names(tmp_path):
+    from autoglm.tasks import IOSpec, TensorSpec
+    from compress.triton_config import InstanceGroup, ModelConfig, render_pbtxt
+
+    io = IOSpec((TensorSpec("image", "float32", (1, 8, 8)),), (TensorSpec("logits", "float32", (10,)),))
+
     def config(model, text):
         write_atomic(tmp_path / "native" / model / "config.pbtxt", text.encode())
 
-    config("onnx", 'name: "onnx"\ninstance_group [\n  {\n    count: 2\n    kind: KIND_CPU\n  }\n]\n')
-    config("plan", 'name: "plan"\ninstance_group [{ count: 1, kind: KIND_GPU }]\n')
+    for model, flavour, kind in (("onnx", "onnxruntime", "cpu"), ("plan", "tensorrt", "gpu")):  # as compress writes
+        config(model, render_pbtxt(ModelConfig(name=model, io=io, flavour=flavour, max_batch_size=8,
+                                               instance_group=InstanceGroup(2, kind))))
     config("auto", 'name: "auto"\n')
     assert serving_target(tmp_path, "onnx", "gpu").device == "cpu"  # ONNX Runtime on the CPU of a GPU pod
     assert serving_target(tmp_path, "plan", "cpu").device == "gpu"
