@@ -497,6 +497,9 @@ class DeploySettings(Section):
         default_factory=dict, description="labels on them that Prometheus' serviceMonitorSelector and "
         "podMonitorSelector match, e.g. {release = 'kube-prometheus-stack'}")
     ingress: IngressSettings = Field(default_factory=IngressSettings)
+    allow_capacity_mismatch: bool = Field(False, description="use loadtest's capacity even when it was measured on "
+                                          "another repository flavour or device kind than the overlay serves (the "
+                                          "capacity source says so); false: the default capacity instead")
 
     @model_validator(mode="after")
     def _tune_options_need_workers(self) -> DeploySettings:

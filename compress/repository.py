@@ -25,6 +25,7 @@ from autoglm.text_codec import decode_table
 from compress.triton_config import DynamicBatching, InstanceGroup, ModelConfig, render_pbtxt
 
 if TYPE_CHECKING:
+    from compress.recommend import Recommendation
     from compress.variants import Variant
 
 
@@ -123,8 +124,9 @@ def write_generate_model(repo: Path, settings: Settings, task, model_args, graph
 
 
 def write_repository(run: RunDir, settings: Settings, task, model_args, variants: list[Variant],
-                     recommended: str, graphs=None) -> Manifest:
-    """One Triton model per accepted variant, in both flavours; its own manifest."""
+                     choice: Recommendation, graphs=None) -> Manifest:
+    """One Triton model per accepted variant, in both flavours; its own manifest. ``task.json`` and the manifest
+    name the recommended model and keep why compress chose it (``recommendation``)."""
     t = settings.compress.triton
     writer = StageWriter(run, "repository", {"triton": t.model_dump(mode="json")}, inputs=["compress"])
     writer.invalidate()
@@ -147,12 +149,12 @@ def write_repository(run: RunDir, settings: Settings, task, model_args, variants
         models[variant.name] = name
     task_info = {"task": task.name, "metric": task.metric, "direction": task.direction, "model_args": model_args,
                  "io": asdict(io), "metadata": task.serving_metadata(model_args), "models": models,
-                 "recommended": models[recommended]}
+                 "recommended": models[choice.variant], "recommendation": choice.record()}
     if graphs is not None:
         task_info["generate"] = write_generate_model(writer.dir, settings, task, model_args, graphs)
     write_atomic(writer.dir / "task.json", (json.dumps(task_info, indent=2) + "\n").encode())
     for path in sorted(p for p in writer.dir.rglob("*") if p.is_file() and p.name != "manifest.json"):
         writer.add_output(str(path.relative_to(writer.dir)))
-    writer.manifest.metrics = {"models": models, "recommended": models[recommended], "task": task.name,
-                               "model_args": model_args}
+    writer.manifest.metrics = {"models": models, "recommended": models[choice.variant], "task": task.name,
+                               "model_args": model_args, "recommendation": choice.record()}
     return writer.commit()

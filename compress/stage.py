@@ -17,6 +17,7 @@ from autoglm.artifacts import Manifest, RunDir, StageWriter, sha256_file, write_
 from autoglm.config import CompressSettings, Settings
 from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.tracking import track_stage
+from compress.recommend import recommend
 from compress.registry import check_settings
 from compress.repository import write_repository
 from compress.variants import Variant, build_variants
@@ -60,20 +61,6 @@ def _why(run: RunDir, stage: str, state: str) -> str:
         return " (an input it was made from changed)"
     changed = run.changed_output(stage)
     return f" ({changed})" if changed else ""
-
-
-def recommend(task, variants: list[Variant], preferred: str | None = None) -> tuple[str, str]:
-    """Tune's selected variant when it passed the gates, else the fastest accepted one at the largest batch."""
-    accepted = [v for v in variants if v.status == "ok"]
-    if not accepted:
-        raise AutoGLMError("every variant failed its metric gate (see variants.json): raise "
-                           "compress.max_metric_loss or add the fp32 variant")
-    if preferred in {v.name for v in accepted}:
-        return preferred, "selected by tune from the Pareto front (see tune/selected.json)"
-    batch = max(accepted[0].profile)
-    best = min(accepted, key=lambda v: v.profile[batch]["per_item_ms"])
-    return best.name, (f"lowest per-item p50 latency at batch {batch} ({best.profile[batch]['per_item_ms']:.4f} ms)"
-                       f" among variants within compress.max_metric_loss of FP32 {task.metric}")
 
 
 def compress_run(settings: Settings, force: bool = False, progress: bool = True) -> Manifest:
@@ -126,10 +113,13 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
                                          settings.compress.max_metric_loss,
                                          precisions=[p for p in PRECISIONS if getattr(generate, p)],
                                          int4=Int4Recipe.of(settings.compress.int4))
-    recommended, why = recommend(task, variants, preferred=source.overrides.get("variants", [None])[0])
+    choice = recommend(task, variants, settings.tune.serving_batch,
+                       preferred=source.overrides.get("variants", [None])[0])
+    recommended, why = choice.variant, choice.why
     rows = [v.to_dict(writer.dir) for v in variants]
-    write_atomic(writer.dir / "variants.json", (json.dumps({"variants": rows, "recommended": recommended,
-                                                            "why": why}, indent=2) + "\n").encode())
+    write_atomic(writer.dir / "variants.json", (json.dumps({"variants": rows, "recommended": recommended, "why": why,
+                                                            "recommendation": choice.record()}, indent=2)
+                                                + "\n").encode())
     settings.save(writer.path("config.json"))
     for variant in variants:
         if variant.path:
@@ -142,16 +132,17 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
         for path in sorted((writer.dir / "decode").rglob("*")):
             if path.is_file():
                 writer.add_output(str(path.relative_to(writer.dir)))
-    writer.manifest.metrics = {"recommended": recommended, "why": why, "metric": task.metric,
-                               "variants": {v["name"]: _summary(v) for v in rows}}
+    writer.manifest.metrics = {"recommended": recommended, "why": why, "recommendation": choice.record(),
+                               "metric": task.metric, "variants": {v["name"]: _summary(v) for v in rows}}
     if graphs is not None:
         writer.manifest.metrics["generate"] = {"precision": graphs.precision, "candidates": graphs.candidates}
     manifest = writer.commit()
     track_stage(settings, writer.dir, ("manifest.json", "variants.json", "parity.json", "config.json"))
-    write_repository(run, settings, task, checkpoint.model_args, variants, recommended, graphs)
+    write_repository(run, settings, task, checkpoint.model_args, variants, choice, graphs)
     generation = f"; generation model {task.name}-generate ({graphs.precision} decode graphs)" if graphs else ""
+    replaced = f" in place of {choice.replaced['variant']}: {why}" if choice.replaced else ""
     print(f"compress: {len([v for v in variants if v.status == 'ok'])} variants published; recommended "
-          f"{recommended}{generation} -> {run.stage_dir('repository')}")
+          f"{recommended}{replaced}{generation} -> {run.stage_dir('repository')}")
     return manifest
 
 

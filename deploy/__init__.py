@@ -7,9 +7,10 @@ Reads the model repository (``repository/task.json`` and manifest) and, when com
 measured capacity; renders the autoscaling rules of ``autoglm.autoscaling`` as HPA behavior and targets.
 """
 
-from deploy.release import Capacity, Images, Release, read_release
+from deploy.capacity import Capacity, Target
+from deploy.release import Images, Release, read_release
 from deploy.render import render_run
 from deploy.scaling import adapter_config, hpa_behavior, hpa_metrics
 
-__all__ = ["Capacity", "Images", "Release", "adapter_config", "hpa_behavior", "hpa_metrics",
+__all__ = ["Capacity", "Images", "Release", "Target", "adapter_config", "hpa_behavior", "hpa_metrics",
            "read_release", "render_run"]

@@ -28,6 +28,8 @@ FLAGS = {
                          choices=("hpa", "keda")),
     "--ingress-host": Flag("deploy.ingress.host", "render an Ingress (or with deploy.ingress.api='gateway-api' a "
                            "Gateway and HTTPRoute) for this host, TLS from Secret deploy.ingress.tls_secret"),
+    "--use-capacity-anyway": Flag("deploy.allow_capacity_mismatch", "take loadtest's capacity even when it was "
+                                  "measured on another flavour or device kind than the overlay serves", switch=True),
     "--autoscale-set": Flag("deploy.autoscale", "an autoscaling rule for the cluster, over serve.autoscale_rules",
                             short="-a", pairs=True),
 }

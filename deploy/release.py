@@ -2,8 +2,8 @@
 
 Deploy never looks inside a model: it reads ``repository/task.json`` (task, models, recommended one),
 the repository manifest (its sha256 names the model image; the Triton settings the models run with),
-the native flavour's version directories, and, when ``autoglm loadtest`` completed, the capacity per
-model instance it measured within the SLO.
+the native flavour's version directories, and, when ``autoglm loadtest`` measured it for what the overlay
+serves, the capacity per model instance within the SLO (:mod:`deploy.capacity`).
 
 Every image is tagged by its content, so nothing changed can ship under an old tag: the model image by
 the repository manifest's sha256, the gateway and tune images by the code's version and a digest of
@@ -21,9 +21,9 @@ from typing import Any
 from autoglm import __version__
 from autoglm.artifacts import RunDir, sha256_file, verify_outputs
 from autoglm.errors import AutoGLMError, IntegrityError
+from deploy.capacity import Capacity, Target, capacity_for, serving_target
 
 TRITON_NGC_TAG = "24.10-py3"  # Triton 2.51, the server version bundled in nvidia-pytriton and tested here
-DEFAULT_CAPACITY_RPS = 50.0  # per model instance, when no loadtest measured one: deliberately low (scales out early)
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout (or site-packages) the packages come from
 BUILD_FILES = ("pyproject.toml", "constraints.txt", "README.md")  # what each Dockerfile copies besides packages
 # image -> the packages its Dockerfile (deploy/images/Dockerfile.<image>) copies; tests hold the two together
@@ -62,18 +62,6 @@ class Images:
 
 
 @dataclass(frozen=True)
-class Capacity:
-    """Requests per second one model instance serves within the SLO, and where the figure comes from."""
-
-    rps_per_instance: float
-    measured: bool
-    source: str  # a sentence for the rendered files: what measured it, or why the default is used
-
-    def per_pod(self, instances_per_pod: int) -> float:
-        return self.rps_per_instance * instances_per_pod
-
-
-@dataclass(frozen=True)
 class Release:
     run: str
     task: str
@@ -87,13 +75,16 @@ class Release:
     capacity: Capacity
     inputs: list[str] = field(default_factory=list)  # stages this render depends on
     run_config: dict[str, Any] = field(default_factory=dict)  # the run's resolved config (for tune workers)
+    target: Target | None = None  # where the rendered overlay serves the recommended model
 
     def images(self, registry: str) -> Images:
         return Images.for_release(registry, self.run, self.repository_sha)
 
 
-def read_release(run: RunDir) -> Release:
-    """The release of ``run``; AutoGLMError naming the stage to run when something is missing."""
+def read_release(run: RunDir, env: str = "cpu", allow_capacity_mismatch: bool = False) -> Release:
+    """The release of ``run`` for the ``env`` overlay; AutoGLMError naming the stage to run when something is
+    missing. Loadtest's capacity is taken as :func:`deploy.capacity.capacity_for` says (measured on another
+    flavour or device kind only with ``allow_capacity_mismatch``)."""
     state = run.state("repository")
     if state != "complete":
         hint = {"missing": "run `autoglm compress` first (it writes the model repository)",
@@ -116,14 +107,15 @@ def read_release(run: RunDir) -> Release:
         raise IntegrityError(f"the native models in {repo_dir / 'native'} serve different versions {sorted(versions)}:"
                              " re-run `autoglm compress --force`")
     inputs = ["repository"]
-    capacity = _capacity(run, info["recommended"], manifest.config["triton"])
+    target = serving_target(repo_dir, info["recommended"], env)
+    capacity = capacity_for(run, manifest.config["triton"], target, allow_capacity_mismatch)
     if capacity.measured:
         inputs.append("loadtest")
     return Release(run=run.name, task=info["task"], models=models, recommended=info["recommended"],
                    version=versions.pop(), instances_per_pod=int(manifest.config["triton"]["instances"]),
                    repository_sha=sha256_file(run.manifest_path("repository")),
                    autoglm_version=manifest.libraries.get("autoglm", "0.0.0"), task_json=task_json,
-                   capacity=capacity, inputs=inputs, run_config=_run_config(run))
+                   capacity=capacity, inputs=inputs, run_config=_run_config(run), target=target)
 
 
 def _native_version(native: Path, model: str) -> int:
@@ -135,40 +127,6 @@ def _native_version(native: Path, model: str) -> int:
     if not versions:
         raise IntegrityError(f"{model_dir} has no version directory: re-run `autoglm compress --force`")
     return versions[-1]
-
-
-def _capacity(run: RunDir, model: str, triton: dict[str, Any]) -> Capacity:
-    """Measured capacity when loadtest completed and found a config within the SLO that is the one deployed
-    (``model`` with the repository's batching ``triton``), else the default, saying why."""
-    state = run.state("loadtest")
-    if state != "complete":
-        return Capacity(DEFAULT_CAPACITY_RPS, False,
-                        f"default {DEFAULT_CAPACITY_RPS:g} req/s per instance (loadtest is {state}: run `autoglm "
-                        "loadtest` to measure it)")
-    metrics = run.manifest("loadtest").metrics
-    value = metrics.get("capacity_per_instance_rps")
-    if not value:
-        return Capacity(DEFAULT_CAPACITY_RPS, False,
-                        f"default {DEFAULT_CAPACITY_RPS:g} req/s per instance (loadtest found no serving config "
-                        "within the SLO: see runs/<run>/loadtest/report.json)")
-    measured_on = metrics.get("recommended") or {}
-    # loadtest records the live config, and Triton's auto-complete turns no preferred sizes into
-    # [max_batch_size] (see SweepGrid): the repository's [] is served, and measured, as that
-    preferred = triton.get("preferred_batch_sizes")
-    if preferred == [] and triton.get("max_batch_size"):
-        preferred = [triton["max_batch_size"]]
-    deployed = {"model": model, "max_queue_delay_us": triton.get("max_queue_delay_us"),
-                "preferred_batch_sizes": preferred}
-    differs = {k: (measured_on[k], want) for k, want in deployed.items()
-               if measured_on.get(k) is not None and want is not None and measured_on[k] != want}
-    if differs:
-        what = ", ".join(f"{k} {got} (deployed: {want})" for k, (got, want) in differs.items())
-        return Capacity(DEFAULT_CAPACITY_RPS, False,
-                        f"default {DEFAULT_CAPACITY_RPS:g} req/s per instance (loadtest measured {float(value):.1f} "
-                        f"on another config: {what}; set compress.triton to it and re-run compress and loadtest)")
-    p95 = metrics.get("p95_ms")
-    at = f" at p95 {p95:.1f} ms" if isinstance(p95, int | float) else ""
-    return Capacity(float(value), True, f"measured by loadtest: {float(value):.1f} req/s per instance{at}")
 
 
 def _run_config(run: RunDir) -> dict[str, Any]:

@@ -126,7 +126,7 @@ def render_run(settings: Settings, force: bool = False) -> Manifest:
     """Render the run's deployment as ``settings.deploy`` says; skipped when nothing it depends on changed."""
     options = settings.deploy
     run = RunDir(settings.run.root, settings.run.name)
-    release = read_release(run)
+    release = read_release(run, options.env, options.allow_capacity_mismatch)
     rules = rules_from(settings.serve.autoscale_rules, options.autoscale,
                        key="serve.autoscale_rules + deploy.autoscale")
     images = release.images(options.registry)
@@ -173,6 +173,8 @@ def render_run(settings: Settings, force: bool = False) -> Manifest:
         "env": options.env, "images": asdict(images), "models": release.models, "recommended": release.recommended,
         "model_version": release.version, "capacity_rps_per_instance": release.capacity.rps_per_instance,
         "capacity_measured": release.capacity.measured, "capacity_source": release.capacity.source,
+        "capacity_measured_on": release.capacity.measured_on,
+        "serving_target": asdict(release.target) if release.target else None,
         "tune_workers": options.tune_workers, "kustomize": status, "api_keys": [k.name for k in keys]}
     manifest = writer.commit()
     print(f"deploy: rendered {options.env} for run {release.run} -> {out} (kustomize: {status['serving']}); "

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from deploy.release import Capacity
+from deploy.capacity import Capacity
 
 HPA_MAX_PERIOD_S = 1800  # the API's limits for periodSeconds and stabilizationWindowSeconds
 HPA_MAX_WINDOW_S = 3600

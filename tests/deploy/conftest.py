@@ -39,17 +39,23 @@ def publish_repository(root: Path, run: str = "rel") -> RunDir:
         write_atomic(writer.dir / "native" / name / "1" / "model.onnx", b"onnx placeholder")
         write_atomic(writer.dir / "native" / name / "config.pbtxt", f'name: "{name}"\n'.encode())
     write_atomic(writer.dir / "task.json", (json.dumps(TASK_INFO, indent=2) + "\n").encode())
-    for path in sorted(p for p in writer.dir.rglob("*") if p.is_file()):
+    for path in sorted(p for p in writer.dir.rglob("*") if p.is_file() and p.name != "manifest.json"):
         writer.add_output(str(path.relative_to(writer.dir)))
     writer.manifest.metrics = {"models": MODELS, "recommended": "digits-int8", "task": "digits"}
     writer.commit()
     return rundir
 
 
-def complete_loadtest(rundir: RunDir, capacity: float | None, recommended: dict | None = None) -> None:
+def complete_loadtest(rundir: RunDir, capacity: float | None, recommended: dict | None = None,
+                      outputs: tuple[str, ...] = (), **record) -> None:
+    """A loadtest manifest as loadtest writes it, listing ``outputs`` (files already in its directory); ``record``:
+    more metrics, e.g. the capacity record's ``capacity_flavour``, ``device_kind`` and ``host`` (a loadtest older
+    than those omits them)."""
     writer = StageWriter(rundir, "loadtest", {"scenario": "steady"}, inputs=["repository"])
+    for rel in outputs:
+        writer.add_output(rel)
     writer.manifest.metrics = {"capacity_per_instance_rps": capacity, "p95_ms": 41.5, "instances": 2,
-                               "recommended": recommended}
+                               "recommended": recommended, **record}
     writer.commit()
 
 
