@@ -340,6 +340,11 @@ class ServeSettings(Section):
     control_port: int = Field(9090, ge=0, le=65535, description="supervisor/autoscaler metrics; 0 turns it off")
     start_timeout_s: float = Field(90.0, gt=0)
     gateway: GatewayLimits = Field(default_factory=GatewayLimits)
+    triton_tracing: bool = Field(True, description="with serve.gateway.tracing, the bundled Triton's own "
+                                 "OpenTelemetry spans (request, model, compute) in the gateway's traces. Triton 2.51 "
+                                 "can crash (SIGSEGV) when many concurrent requests are traced (its issue #7795, fixed "
+                                 "in later releases): under load sample a fraction (OTEL_TRACES_SAMPLER="
+                                 "parentbased_traceidratio) or set this false")
 
 
 class SweepGrid(Section):

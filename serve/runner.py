@@ -189,15 +189,15 @@ def start_serving(settings: Settings, gateway: GatewaySettings | None = None,
         metrics_url = f"http://{host}:{serve.triton_metrics_port}/metrics"
         triton_grpc_url = f"{host}:{serve.triton_grpc_port}"
         _load_external(triton_url, models)
-        if tracing:
+        if tracing and serve.triton_tracing:
             log.warning("tracing: the external Triton at %s joins the gateway's traces only when started with %s",
-                     triton_url, " ".join(TritonTracing.from_environment().flags()))
+                        triton_url, " ".join(TritonTracing.from_environment().flags()))
     else:
         flavour_dir = repository / serve.flavour
         triton = TritonServer(flavour_dir, workdir=workdir / "triton", host="127.0.0.1",
                               http_port=serve.triton_http_port, grpc_port=serve.triton_grpc_port,
                               metrics_port=serve.triton_metrics_port, load_models=tuple(models),
-                              tracing=TritonTracing.from_environment() if tracing else None)
+                              tracing=TritonTracing.from_environment() if tracing and serve.triton_tracing else None)
         processes["triton"] = triton
         triton_url, metrics_url, triton_grpc_url = triton.http_url, triton.metrics_url, triton.grpc_url
     base = (gateway or GatewaySettings.from_settings(settings)).model_dump()

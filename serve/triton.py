@@ -90,6 +90,9 @@ class TritonTracing:
     ``rate=0`` samples nothing by itself: Triton then traces exactly the requests that carry a W3C trace
     context (Triton does so for every one of them, since 24.01; this is 2.51 = 24.10), that is the gateway's
     sampled requests, each as a request span with model and compute spans beneath, in the gateway's trace.
+    2.51 crashes (SIGSEGV) under many concurrent traced requests (triton-inference-server/server#7795, a
+    mutex freed under its own lock, fixed in later releases; here within seconds at 32 concurrent requests all
+    traced, not in 25 s with 5% of them traced or one at a time): sample under load, see ``serve.triton_tracing``.
     """
 
     url: str
