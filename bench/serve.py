@@ -10,9 +10,10 @@ FastAPI process running the torch model per request. Energy is the estimate (ser
 
 Tracing: the same v2 and gRPC requests through three gateways side by side, in alternating rounds: the
 code of the git ref ``$BENCH_SERVE_BASELINE`` (default ``HEAD``: the last commit against the working tree),
-this code with tracing off (the gateway above), and this code with tracing on, exporting to a collector in
-this process. Triton's own tracing stays off: the bundled 2.51 crashes when many concurrent requests are
-traced (see ``serve.triton.TritonTracing``), and what is measured here is the gateway's cost.
+this code with tracing off, and this code with tracing on, exporting to a collector in this process: three
+gateway processes started together, so none has served more than the others before the rounds. Triton's
+own tracing stays off: the bundled 2.51 crashes when many concurrent requests are traced (see
+``serve.triton.TritonTracing``), and what is measured here is the gateway's cost.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ CONCURRENCY = (1, 8, 32)
 DIRECT, V2, PREDICT = "Triton direct (v2)", "gateway v2 passthrough", "gateway :predict (JSON)"
 NO_BATCHING, NAIVE = "Triton direct, no batching", "naive FastAPI + torch"
 GRPC_DIRECT, GRPC = "Triton direct (gRPC)", "gateway gRPC relay"
-V2_BEFORE, V2_TRACED = "gateway v2, baseline code", "gateway v2, tracing on"
-GRPC_BEFORE, GRPC_TRACED = "gateway gRPC, baseline code", "gateway gRPC, tracing on"
+V2_BEFORE, V2_OFF, V2_TRACED = "gateway v2, baseline code", "gateway v2, tracing off", "gateway v2, tracing on"
+GRPC_BEFORE, GRPC_OFF, GRPC_TRACED = ("gateway gRPC, baseline code", "gateway gRPC, tracing off",
+                                      "gateway gRPC, tracing on")
 BASELINE_ENV = "BENCH_SERVE_BASELINE"  # the git ref whose gateway is the "before" of the tracing rows
 WATTS_PER_CORE = 10.0
 
@@ -219,6 +221,7 @@ def run(quick: bool) -> list[Table]:
                                    **values)
 
         gateway = GatewayProcess(gateway_settings(), workdir / "gateway")
+        untraced = GatewayProcess(gateway_settings(), workdir / "gateway-untraced")  # the tracing rows' "off"
         traced = GatewayProcess(gateway_settings(tracing=True), workdir / "gateway-traced")
         source = _baseline_source(workdir)
         baseline = _BaselineGateway(source[0], gateway_settings(), workdir / "gateway-baseline") \
@@ -228,6 +231,7 @@ def run(quick: bool) -> list[Table]:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             gateway.start(timeout_s=60)
+            untraced.start(timeout_s=60)
             traced.start(timeout_s=60)
             if baseline is not None:
                 try:
@@ -249,12 +253,12 @@ def run(quick: bool) -> list[Table]:
                         None),
             }
             main_targets = list(targets)
-            for name, proc in ((V2_TRACED, traced), (V2_BEFORE, baseline)):  # the tracing rows' other gateways
+            for v2, grpc, proc in ((V2_BEFORE, GRPC_BEFORE, baseline), (V2_OFF, GRPC_OFF, untraced),
+                                   (V2_TRACED, GRPC_TRACED, traced)):  # the tracing rows' gateways
                 if proc is not None:
                     servers = {"triton": triton.pid, "gateway": proc.pid}
-                    targets[name] = (f"{proc.url}/v2/models/digits-fp32/infer", "v2", servers, "digits-fp32")
-                    targets[GRPC_BEFORE if proc is baseline else GRPC_TRACED] = (
-                        f"grpc://{proc.grpc_url}", "grpc", servers, "digits-fp32")
+                    targets[v2] = (f"{proc.url}/v2/models/digits-fp32/infer", "v2", servers, "digits-fp32")
+                    targets[grpc] = (f"grpc://{proc.grpc_url}", "grpc", servers, "digits-fp32")
 
             def measure(name: str, concurrency: int, seconds: float) -> dict:
                 url, kind, servers, model = targets[name]
@@ -270,13 +274,13 @@ def run(quick: bool) -> list[Table]:
             # the median of adjacent pairs is steadier than one pair.
             rounds = [{(name, c): measure(name, c, duration * 2 / 3) for c in (1, 32)
                        for name in (DIRECT, V2, PREDICT, GRPC_DIRECT, GRPC)} for _ in range(3 if quick else 5)]
-            tracing_rounds = [{k: v for group in ((V2_BEFORE, V2, V2_TRACED), (GRPC_BEFORE, GRPC, GRPC_TRACED))
+            tracing_rounds = [{k: v for group in ((V2_BEFORE, V2_OFF, V2_TRACED), (GRPC_BEFORE, GRPC_OFF, GRPC_TRACED))
                                for k, v in _tracing_round(measure, [n for n in group if n in targets], i,
                                                           duration * 2 / 3).items()} for i in range(5)]
         finally:
             naive.terminate()
             naive.wait(timeout=30)
-            for process in (gateway, traced, baseline):
+            for process in (gateway, untraced, traced, baseline):
                 if process is not None:
                     process.stop()
             triton.stop()
@@ -433,19 +437,19 @@ def _tracing_table(rounds: list[dict], source: tuple[Path, str] | str, exported:
     def cell(name, c, key):
         return [rd[(name, c)]["cpu_us"]["gateway"] if key == "cpu" else rd[(name, c)][key] for rd in rounds]
 
-    names = [n for n in (V2_BEFORE, V2, V2_TRACED, GRPC_BEFORE, GRPC, GRPC_TRACED) if (n, 1) in rounds[0]]
+    names = [n for n in (V2_BEFORE, V2_OFF, V2_TRACED, GRPC_BEFORE, GRPC_OFF, GRPC_TRACED) if (n, 1) in rounds[0]]
     rows = [[name, spread(cell(name, 1, "p50"), lambda v: f"{v:.2f}"), f"{med(cell(name, 1, 'cpu')):.0f}",
              spread(cell(name, 32, "cpu"), lambda v: f"{v:.0f}"), f"{med(cell(name, 32, 'rps')):.0f}",
              sum(r["errors"] for rd in rounds for k, r in rd.items() if k[0] == name)] for name in names]
     for against, label, goal in (((V2_BEFORE, GRPC_BEFORE), "tracing off / baseline", "1.00×: must not move"),
                                  ((V2_TRACED, GRPC_TRACED), "tracing on / off", "reported")):
-        for base, other in zip((V2, GRPC), against, strict=True):
+        for base, other in zip((V2_OFF, GRPC_OFF), against, strict=True):
             if (other, 1) not in rounds[0]:
                 continue
             first, second = (other, base) if label.startswith("tracing on") else (base, other)
             cpu = [rd[(first, 32)]["cpu_us"]["gateway"] / rd[(second, 32)]["cpu_us"]["gateway"] for rd in rounds]
             p50 = [rd[(first, 1)]["p50"] - rd[(second, 1)]["p50"] for rd in rounds]
-            rows.append([f"{base.split(' ', 1)[1]}: {label}", f"{spread(p50, lambda v: f'{v:+.2f}')} ms",
+            rows.append([f"{base.split(',')[0]}: {label}", f"{spread(p50, lambda v: f'{v:+.2f}')} ms",
                          "", f"{spread(cpu, lambda v: f'{v:.2f}×')}", "", goal])
     baseline = source[1] if isinstance(source, tuple) else source
     return Table("Tracing: the gateway's own cost, baseline code vs tracing off vs tracing on",
