@@ -6,7 +6,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 # every stage's extra, the CPU ONNX Runtime, the test tools, the benchmarks' peers and MLflow tracking
 # (GPU hosts: EXTRAS=all,gpu,dev)
-EXTRAS  ?= all,cpu,dev,bench,mlflow
+EXTRAS  ?= all,cpu,dev,bench,mlflow,otel
 CONFIG  ?= configs/default.toml
 RUN     ?= demo
 ARGS    ?=
@@ -65,7 +65,7 @@ audit: venv
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet --upgrade pip
-	.lock-venv/bin/python -m pip install --quiet ".[all,cpu,dev,mlflow]"
+	.lock-venv/bin/python -m pip install --quiet ".[all,cpu,dev,mlflow,otel]"
 	{ echo "# The pinned environment (pip constraints): make installs with -c constraints.txt."; \
 	  echo "# Regenerate after changing dependencies: make lock"; \
 	  .lock-venv/bin/python -m pip freeze --exclude autoglm | sed 's/+cpu$$//'; } > constraints.txt

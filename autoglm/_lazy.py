@@ -27,6 +27,8 @@ EXTRAS = {  # module (or package) -> the extra that installs it
     "huggingface_hub": "hf",
     "mlflow": "mlflow",  # mlflow-skinny: tune.mlflow_uri
     "pytriton": "triton",  # nvidia-pytriton, found (not imported) by serve.triton
+    "opentelemetry.sdk": "otel",  # serve.gateway.tracing (the API alone comes with fastapi)
+    "opentelemetry.exporter.otlp.proto.http": "otel",
     # imported at module level by a stage: a command whose extra is missing names it (autoglm.cli.run_main)
     "torch": "compress",
     "psutil": "tune",

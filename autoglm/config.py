@@ -314,6 +314,12 @@ class GatewayLimits(Section):
     retry_after_s: int = Field(1, ge=1)
     max_new_tokens: int = Field(256, ge=1, description="upper bound of :generate's max_new_tokens")
     max_score_chars: int = Field(16384, ge=2)
+    tracing: bool = Field(False, description="OpenTelemetry traces over OTLP/HTTP to $OTEL_EXPORTER_OTLP_ENDPOINT "
+                          "(the standard OTEL_* variables apply): a span per request and per call to Triton, whose "
+                          "traceparent makes Triton's own spans (configured to the same endpoint) join the trace; "
+                          "needs the otel extra")
+    access_log: bool = Field(False, description="uvicorn's access log, a line per request (≈10% of a small "
+                             "request's CPU; the gateway's metrics count requests either way)")
 
 
 class ServeSettings(Section):
@@ -334,6 +340,11 @@ class ServeSettings(Section):
     control_port: int = Field(9090, ge=0, le=65535, description="supervisor/autoscaler metrics; 0 turns it off")
     start_timeout_s: float = Field(90.0, gt=0)
     gateway: GatewayLimits = Field(default_factory=GatewayLimits)
+    triton_tracing: bool = Field(True, description="with serve.gateway.tracing, the bundled Triton's own "
+                                 "OpenTelemetry spans (request, model, compute) in the gateway's traces. Triton 2.51 "
+                                 "can crash (SIGSEGV) when many concurrent requests are traced (its issue #7795, fixed "
+                                 "in later releases): under load sample a fraction (OTEL_TRACES_SAMPLER="
+                                 "parentbased_traceidratio) or set this false")
 
 
 class SweepGrid(Section):

@@ -7,6 +7,13 @@ Triton direct (v2 binary tensors), the gateway's v2 passthrough (same bytes) and
 (JSON images), the same ``ModelInfer`` bytes over gRPC to Triton and through the gateway's gRPC relay
 (grpc.aio, :mod:`bench.grpc_load`), Triton without batching, and what a user would write alone: one
 FastAPI process running the torch model per request. Energy is the estimate (server CPU-seconds × 10 W per core).
+
+Tracing: the same v2 and gRPC requests through three gateways side by side, in alternating rounds: the
+code of the git ref ``$BENCH_SERVE_BASELINE`` (default ``HEAD``: the last commit against the working tree),
+this code with tracing off, and this code with tracing on, exporting to a collector in this process: three
+gateway processes started together, so none has served more than the others before the rounds. Triton's
+own tracing stays off: the bundled 2.51 crashes when many concurrent requests are traced (see
+``serve.triton.TritonTracing``), and what is measured here is the gateway's cost.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from bench import grpc_load
+from bench._otlp import OtlpCollector
 from bench.harness import Table, cpu_seconds, ratio
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is 2-10x slower here
@@ -31,6 +39,10 @@ CONCURRENCY = (1, 8, 32)
 DIRECT, V2, PREDICT = "Triton direct (v2)", "gateway v2 passthrough", "gateway :predict (JSON)"
 NO_BATCHING, NAIVE = "Triton direct, no batching", "naive FastAPI + torch"
 GRPC_DIRECT, GRPC = "Triton direct (gRPC)", "gateway gRPC relay"
+V2_BEFORE, V2_OFF, V2_TRACED = "gateway v2, baseline code", "gateway v2, tracing off", "gateway v2, tracing on"
+GRPC_BEFORE, GRPC_OFF, GRPC_TRACED = ("gateway gRPC, baseline code", "gateway gRPC, tracing off",
+                                      "gateway gRPC, tracing on")
+BASELINE_ENV = "BENCH_SERVE_BASELINE"  # the git ref whose gateway is the "before" of the tracing rows
 WATTS_PER_CORE = 10.0
 
 
@@ -190,24 +202,43 @@ def run(quick: bool) -> list[Table]:
     from serve.triton import TritonServer, free_port
 
     duration = 3.0 if quick else 10.0
-    with tempfile.TemporaryDirectory(prefix="autoglm-bench-serve-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="autoglm-bench-serve-") as tmp, OtlpCollector(keep=False) as collector:
         workdir = Path(tmp)
         run_dir, repo = _prepare(workdir, quick)
         bodies = _bodies(workdir)
+        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = collector.endpoint  # the traced gateway's exporter reads it
         triton = TritonServer(repo, workdir=workdir / "triton", http_port=free_port(), grpc_port=free_port(),
                               metrics_port=free_port())
         naive_port = free_port()
         started = time.monotonic()
         triton.start(timeout_s=120)
         triton_start = time.monotonic() - started
-        gateway = GatewayProcess(GatewaySettings(port=free_port(), triton_url=triton.http_url, grpc_port=free_port(),
-                                                 triton_grpc_url=triton.grpc_url,
-                                                 repository=run_dir.stage_dir("repository")), workdir / "gateway")
+
+        def gateway_settings(**values) -> GatewaySettings:
+            return GatewaySettings(port=free_port(), triton_url=triton.http_url, grpc_port=free_port(),
+                                   triton_grpc_url=triton.grpc_url, repository=run_dir.stage_dir("repository"),
+                                   **values)
+
+        gateway = GatewayProcess(gateway_settings(), workdir / "gateway")
+        untraced = GatewayProcess(gateway_settings(), workdir / "gateway-untraced")  # the tracing rows' "off"
+        traced = GatewayProcess(gateway_settings(tracing=True), workdir / "gateway-traced")
+        source = _baseline_source(workdir)
+        baseline = _BaselineGateway(source[0], gateway_settings(), workdir / "gateway-baseline") \
+            if isinstance(source, tuple) else None
         naive = subprocess.Popen([sys.executable, "-m", "bench.serve", "naive",
                                   str(run_dir.stage_dir("train") / "model.pt"), str(naive_port)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             gateway.start(timeout_s=60)
+            untraced.start(timeout_s=60)
+            traced.start(timeout_s=60)
+            if baseline is not None:
+                try:
+                    baseline.start()
+                except RuntimeError as exc:  # that commit's gateway cannot run here: reported, not fatal
+                    baseline.stop()
+                    baseline, source = None, f"no baseline rows: the gateway of {source[1]} did not start ({exc})"
             _wait_http(f"http://127.0.0.1:{naive_port}/docs")
             triton_only, both = {"triton": triton.pid}, {"triton": triton.pid, "gateway": gateway.pid}
             targets = {  # name -> (url, body, servers whose CPU it costs, Triton model for batch stats)
@@ -221,6 +252,13 @@ def run(quick: bool) -> list[Table]:
                 NAIVE: (f"http://127.0.0.1:{naive_port}/v1/models/digits:predict", "predict", {"naive": naive.pid},
                         None),
             }
+            main_targets = list(targets)
+            for v2, grpc, proc in ((V2_BEFORE, GRPC_BEFORE, baseline), (V2_OFF, GRPC_OFF, untraced),
+                                   (V2_TRACED, GRPC_TRACED, traced)):  # the tracing rows' gateways
+                if proc is not None:
+                    servers = {"triton": triton.pid, "gateway": proc.pid}
+                    targets[v2] = (f"{proc.url}/v2/models/digits-fp32/infer", "v2", servers, "digits-fp32")
+                    targets[grpc] = (f"grpc://{proc.grpc_url}", "grpc", servers, "digits-fp32")
 
             def measure(name: str, concurrency: int, seconds: float) -> dict:
                 url, kind, servers, model = targets[name]
@@ -231,17 +269,87 @@ def run(quick: bool) -> list[Table]:
                     result["batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
                 return result
 
-            results = {(name, c): measure(name, c, duration) for c in CONCURRENCY for name in targets}
+            results = {(name, c): measure(name, c, duration) for c in CONCURRENCY for name in main_targets}
             # The goals' ratios again, alternating direct and gateway in short rounds: on a shared machine
             # the median of adjacent pairs is steadier than one pair.
             rounds = [{(name, c): measure(name, c, duration * 2 / 3) for c in (1, 32)
                        for name in (DIRECT, V2, PREDICT, GRPC_DIRECT, GRPC)} for _ in range(3 if quick else 5)]
+            tracing_rounds = [{k: v for group in ((V2_BEFORE, V2_OFF, V2_TRACED), (GRPC_BEFORE, GRPC_OFF, GRPC_TRACED))
+                               for k, v in _tracing_round(measure, [n for n in group if n in targets], i,
+                                                          duration * 2 / 3).items()} for i in range(5)]
         finally:
             naive.terminate()
             naive.wait(timeout=30)
-            gateway.stop()
+            for process in (gateway, untraced, traced, baseline):
+                if process is not None:
+                    process.stop()
             triton.stop()
-    return _tables(results, rounds, duration, triton_start)
+            if endpoint is None:
+                os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT")
+            else:
+                os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+        exported = dict(collector.batches)
+    return [*_tables(results, rounds, duration, triton_start),
+            _tracing_table(tracing_rounds, source, exported, duration * 2 / 3)]
+
+
+def _tracing_round(measure, names: list[str], i: int, seconds: float) -> dict:
+    """One round of ``names`` at concurrency 1 then 32, starting at a different one each round."""
+    order = names[i % len(names):] + names[:i % len(names)]
+    return {(name, c): measure(name, c, seconds) for c in (1, 32) for name in order}
+
+
+def _baseline_source(workdir: Path) -> tuple[Path, str] | str:
+    """(a directory holding the ``autoglm`` and ``serve`` packages of ``$BENCH_SERVE_BASELINE``, "ref (commit)"),
+    or why there is none (no git, an unknown ref)."""
+    import io
+    import tarfile
+
+    ref, root = os.environ.get(BASELINE_ENV) or "HEAD", Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        archive = subprocess.run(["git", "archive", "--format=tar", commit, "autoglm", "serve"], cwd=root,
+                                 capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"no baseline rows: git cannot export {ref!r} here ({exc})"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(workdir / "baseline", filter="data")
+    return workdir / "baseline", f"{ref} ({commit[:10]})"
+
+
+class _BaselineGateway:
+    """The baseline commit's gateway: this code's uvicorn command run in that commit's source tree, given
+    only the settings both know (the rest at that code's defaults)."""
+
+    def __init__(self, source: Path, settings, workdir: Path):
+        from serve.supervisor import GatewayProcess
+
+        self.source, self.workdir = source, workdir
+        self.process = GatewayProcess(settings, workdir)  # for its command line and addresses
+        self.url, self.grpc_url = self.process.url, self.process.grpc_url
+        self.settings_json = settings.model_dump_json(exclude_defaults=True)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self) -> None:
+        from serve.gateway.app import SETTINGS_ENV
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "settings.json").write_text(self.settings_json)
+        env = dict(os.environ, PYTHONPATH=str(self.source), **{SETTINGS_ENV: str(self.workdir / "settings.json")})
+        with open(self.workdir / "gateway.log", "ab") as log:
+            self.proc = subprocess.Popen(self.process.command(), cwd=self.source, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_http(f"{self.url}/healthz", 60)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
 
 
 def _wait_http(url: str, timeout_s: float = 90) -> None:
@@ -315,6 +423,47 @@ def _tables(results: dict, rounds: list[dict], duration: float, triton_start: fl
                         ["throughput and p50 goals: medians of alternating short rounds (direct, gateway v2, "
                          ":predict, gRPC direct, gateway gRPC); the other ratios come from adjacent cells of the "
                          "table above"])]
+
+
+def _tracing_table(rounds: list[dict], source: tuple[Path, str] | str, exported: dict[str, int],
+                   seconds: float) -> Table:
+    """The gateway's own CPU and p50 with tracing off against the baseline code (must not move) and on."""
+    def med(values) -> float:
+        return float(np.median(values))
+
+    def spread(values, fmt) -> str:
+        return f"{fmt(med(values))} ({fmt(min(values))} to {fmt(max(values))})"
+
+    def cell(name, c, key):
+        return [rd[(name, c)]["cpu_us"]["gateway"] if key == "cpu" else rd[(name, c)][key] for rd in rounds]
+
+    names = [n for n in (V2_BEFORE, V2_OFF, V2_TRACED, GRPC_BEFORE, GRPC_OFF, GRPC_TRACED) if (n, 1) in rounds[0]]
+    rows = [[name, spread(cell(name, 1, "p50"), lambda v: f"{v:.2f}"), f"{med(cell(name, 1, 'cpu')):.0f}",
+             spread(cell(name, 32, "cpu"), lambda v: f"{v:.0f}"), f"{med(cell(name, 32, 'rps')):.0f}",
+             sum(r["errors"] for rd in rounds for k, r in rd.items() if k[0] == name)] for name in names]
+    for against, label, goal in (((V2_BEFORE, GRPC_BEFORE), "tracing off / baseline", "1.00×: must not move"),
+                                 ((V2_TRACED, GRPC_TRACED), "tracing on / off", "reported")):
+        for base, other in zip((V2_OFF, GRPC_OFF), against, strict=True):
+            if (other, 1) not in rounds[0]:
+                continue
+            first, second = (other, base) if label.startswith("tracing on") else (base, other)
+            cpu = [rd[(first, 32)]["cpu_us"]["gateway"] / rd[(second, 32)]["cpu_us"]["gateway"] for rd in rounds]
+            p50 = [rd[(first, 1)]["p50"] - rd[(second, 1)]["p50"] for rd in rounds]
+            rows.append([f"{base.split(',')[0]}: {label}", f"{spread(p50, lambda v: f'{v:+.2f}')} ms",
+                         "", f"{spread(cpu, lambda v: f'{v:.2f}×')}", "", goal])
+    baseline = source[1] if isinstance(source, tuple) else source
+    return Table("Tracing: the gateway's own cost, baseline code vs tracing off vs tracing on",
+                 ["target / comparison", "p50 ms @1", "gateway CPU µs/req @1", "gateway CPU µs/req @32", "req/s @32",
+                  "errors / goal"], rows,
+                 [f"medians (and ranges) of {len(rounds)} alternating rounds of {seconds:g} s per cell, the three "
+                  "gateways' order rotating per round; comparisons are medians of each round's ratio or difference",
+                  f"baseline code: {baseline} (${BASELINE_ENV} picks another git ref), run with this code's uvicorn "
+                  "command line",
+                  "tracing on: every request sampled, a server and a client span each, the traceparent sent to "
+                  "Triton; spans batched over OTLP/HTTP to a collector in the benchmark's own process (its CPU "
+                  "counted nowhere). Triton's own tracing is off here: Triton 2.51 crashes (SIGSEGV) within seconds "
+                  "when 32 concurrent requests are all traced (its issue #7795)",
+                  "export batches received: " + (", ".join(f"{k} {v}" for k, v in sorted(exported.items())) or "none")])
 
 
 def _cli(argv: list[str]) -> int:

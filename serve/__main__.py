@@ -28,6 +28,9 @@ FLAGS = {  # in this order: --workers and --api-keys-file beat the same key give
     "--control-port": Flag("serve.control_port", "supervisor/autoscaler metrics port (0: off)", type=int),
     "--workers": Flag("serve.gateway.workers", "gateway worker processes (default 1)", type=int),
     "--api-keys-file": Flag("serve.gateway.api_keys_file", "'name:sha256' lines; required beyond loopback"),
+    "--tracing": Flag("serve.gateway.tracing", "OpenTelemetry traces of the gateway and Triton to "
+                      "$OTEL_EXPORTER_OTLP_ENDPOINT (needs the otel extra)", switch=True),
+    "--access-log": Flag("serve.gateway.access_log", "uvicorn's access log, a line per request", switch=True),
 }
 
 

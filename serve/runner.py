@@ -9,6 +9,7 @@ or an external one given by ``serve.triton_url``.
 from __future__ import annotations
 
 import json
+import logging
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ from serve.autoscale import Autoscaler, GatewayLatency, TritonActuator, TritonMe
 from serve.gateway import TaskCatalog
 from serve.settings import GatewaySettings
 from serve.supervisor import GatewayProcess, Supervisor
-from serve.triton import TritonServer, free_port
+from serve.triton import TritonServer, TritonTracing, free_port
+
+log = logging.getLogger("serve")
 
 
 @dataclass
@@ -168,6 +171,11 @@ def start_serving(settings: Settings, gateway: GatewaySettings | None = None,
     if serve.autoscale and rules is None:
         rules = rules_from(serve.autoscale_rules)  # a bad rule is refused before anything starts
     _check_ports_free(serve, gateway)
+    tracing = gateway.tracing if gateway else serve.gateway.tracing
+    if tracing:
+        from serve.gateway.tracing import check_installed
+
+        check_installed()  # before anything starts: MissingExtraError naming the otel extra
     run = RunDir(settings.run.root, settings.run.name)
     repository = verified_repository(run)
     catalog = TaskCatalog.load(repository)
@@ -181,11 +189,15 @@ def start_serving(settings: Settings, gateway: GatewaySettings | None = None,
         metrics_url = f"http://{host}:{serve.triton_metrics_port}/metrics"
         triton_grpc_url = f"{host}:{serve.triton_grpc_port}"
         _load_external(triton_url, models)
+        if tracing and serve.triton_tracing:
+            log.warning("tracing: the external Triton at %s joins the gateway's traces only when started with %s",
+                        triton_url, " ".join(TritonTracing.from_environment().flags()))
     else:
         flavour_dir = repository / serve.flavour
         triton = TritonServer(flavour_dir, workdir=workdir / "triton", host="127.0.0.1",
                               http_port=serve.triton_http_port, grpc_port=serve.triton_grpc_port,
-                              metrics_port=serve.triton_metrics_port, load_models=tuple(models))
+                              metrics_port=serve.triton_metrics_port, load_models=tuple(models),
+                              tracing=TritonTracing.from_environment() if tracing and serve.triton_tracing else None)
         processes["triton"] = triton
         triton_url, metrics_url, triton_grpc_url = triton.http_url, triton.metrics_url, triton.grpc_url
     base = (gateway or GatewaySettings.from_settings(settings)).model_dump()

@@ -23,6 +23,7 @@ import sys
 import sysconfig
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,42 @@ def find_tritonserver() -> TritonInstall:
         if not path.exists():
             raise MissingExtraError(f"{path} is missing from the nvidia-pytriton install: {INSTALL_HINT}")
     return install
+
+
+def traces_endpoint(environ: Mapping[str, str] = os.environ) -> str:
+    """Where OTLP/HTTP traces go, as OpenTelemetry's exporters read it: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
+    as is, else ``OTEL_EXPORTER_OTLP_ENDPOINT`` + ``/v1/traces``, else the OTLP default on localhost."""
+    if endpoint := environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return endpoint
+    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "http://localhost:4318"
+    return f"{base.removesuffix('/')}/v1/traces"
+
+
+@dataclass(frozen=True)
+class TritonTracing:
+    """Triton's own OpenTelemetry traces (``--trace-config mode=opentelemetry``), exported to ``url`` (an
+    OTLP/HTTP traces endpoint: Triton exports over HTTP only).
+
+    ``rate=0`` samples nothing by itself: Triton then traces exactly the requests that carry a W3C trace
+    context (Triton does so for every one of them, since 24.01; this is 2.51 = 24.10), that is the gateway's
+    sampled requests, each as a request span with model and compute spans beneath, in the gateway's trace.
+    2.51 crashes (SIGSEGV) under many concurrent traced requests (triton-inference-server/server#7795, a
+    mutex freed under its own lock, fixed in later releases; here within seconds at 32 concurrent requests all
+    traced, not in 25 s with 5% of them traced or one at a time): sample under load, see ``serve.triton_tracing``.
+    """
+
+    url: str
+    service_name: str = "triton-inference-server"  # named here: an inherited OTEL_SERVICE_NAME is the gateway's
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> TritonTracing:
+        """To the collector the gateway exports to (the standard ``OTEL_EXPORTER_OTLP_*`` variables)."""
+        return cls(traces_endpoint(environ))
+
+    def flags(self) -> list[str]:
+        return ["--trace-config=mode=opentelemetry", f"--trace-config=opentelemetry,url={self.url}",
+                f"--trace-config=opentelemetry,resource=service.name={self.service_name}",
+                "--trace-config=rate=0", "--trace-config=count=-1", "--trace-config=level=TIMESTAMPS"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -136,6 +173,7 @@ class TritonServer(ChildProcess):
 
     ``model_control="explicit"`` loads ``load_models`` at start ("*" = all) and allows runtime
     load/unload through the repository API; "none" loads everything, "poll" watches the repository.
+    ``tracing`` turns on Triton's OpenTelemetry traces (:class:`TritonTracing`).
     On SIGTERM Triton waits up to ``exit_timeout_s`` for in-flight work *and open client connections*
     (an idle keep-alive connection counts), so close clients before :meth:`stop`, whose own timeout
     should exceed ``exit_timeout_s``.
@@ -144,7 +182,8 @@ class TritonServer(ChildProcess):
     def __init__(self, repository: Path | str, *, workdir: Path | str, host: str = "127.0.0.1",
                  http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  log_path: Path | str | None = None, model_control: str = "explicit",
-                 load_models: tuple[str, ...] = ("*",), exit_timeout_s: int = 10):
+                 load_models: tuple[str, ...] = ("*",), exit_timeout_s: int = 10,
+                 tracing: TritonTracing | None = None):
         if model_control not in ("explicit", "none", "poll"):
             raise ConfigError(f"model_control={model_control!r} is unknown: use 'explicit', 'none' or 'poll'")
         if not isinstance(exit_timeout_s, int) or exit_timeout_s < 0:
@@ -157,6 +196,7 @@ class TritonServer(ChildProcess):
         self.ports = {"http": http_port, "grpc": grpc_port, "metrics": metrics_port}
         self.log_path = Path(log_path) if log_path else self.workdir / "tritonserver.log"
         self.model_control, self.load_models, self.exit_timeout_s = model_control, tuple(load_models), exit_timeout_s
+        self.tracing = tracing
         # Unique per server: the python backend names its /dev/shm regions with it, so stop() can remove
         # exactly this server's leftovers and two servers on one host never collide.
         self.shm_prefix = f"autoglm_{os.getpid()}_{secrets.token_hex(4)}_"
@@ -219,6 +259,8 @@ class TritonServer(ChildProcess):
                f"--exit-timeout-secs={self.exit_timeout_s}", f"--model-control-mode={self.model_control}"]
         if self.model_control == "explicit":
             cmd += [f"--load-model={name}" for name in self.load_models]
+        if self.tracing is not None:
+            cmd += self.tracing.flags()
         return cmd
 
     def start(self, timeout_s: float = 60) -> TritonServer:

@@ -10,8 +10,10 @@ Triton pool and all per-worker state are created in ``lifespan``, once per worke
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import re
+import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,6 +31,7 @@ from serve.gateway.grpc_proxy import grpc_service
 from serve.gateway.guard import limited
 from serve.gateway.openai_schema import openai_error, speaks_openai, validation_error
 from serve.gateway.routes import openai, ops, tasks, v2
+from serve.gateway.tracing import Tracing
 from serve.gateway.worker import Gateway
 from serve.settings import GatewaySettings
 
@@ -134,33 +137,64 @@ def _fast_route_docs() -> list[APIRoute]:
 class GatewayApp(FastAPI):
     """FastAPI with the fast routes dispatched first, as bare ASGI (see :mod:`serve.gateway.fast_path`)."""
 
+    tracing: Tracing | None = None  # set by create_app when serve.gateway.tracing is on
+
     async def __call__(self, scope, receive, send) -> None:
         route = fast_route(scope)
         if route is None:
             return await super().__call__(scope, receive, send)
-        await serve_fast(gateway_of(self), route, scope, receive, send)
+        if self.tracing is None:  # the only cost of tracing to the fast routes while it is off
+            return await serve_fast(gateway_of(self), route, scope, receive, send)
+        await self.tracing.serve(serve_fast, gateway_of(self), route, scope, receive, send)
 
 
-def create_app(settings: GatewaySettings | None = None) -> FastAPI:
-    """A gateway app for ``settings``; its Triton pool opens in lifespan (one per worker)."""
+def access_log(on: bool) -> None:
+    """uvicorn's access log (its ``uvicorn.access`` logger) on or off in this worker, whatever uvicorn's own
+    flags said: the setting holds wherever the gateway runs (``python -m serve``, a container, uvicorn by hand).
+    uvicorn checks the logger for handlers per connection, so off costs nothing per request."""
+    logger = logging.getLogger("uvicorn.access")
+    if not on:
+        logger.handlers, logger.propagate = [], False
+        return
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:  # uvicorn was started with --no-access-log: its default handler and format
+        from uvicorn.logging import AccessFormatter
+
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(AccessFormatter('%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def create_app(settings: GatewaySettings | None = None, tracing: Tracing | None = None) -> FastAPI:
+    """A gateway app for ``settings``; its Triton pool opens in lifespan (one per worker).
+
+    With ``settings.tracing`` the app exports OpenTelemetry spans through ``tracing`` (by default the OTLP
+    pipeline of the ``OTEL_*`` environment, shut down with the app); ``tracing`` given, it is used either way.
+    """
     settings = settings or GatewaySettings()
+    if tracing is None and settings.tracing:
+        tracing = Tracing.from_environment()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.gateway = Gateway(settings)
+        app.state.gateway = Gateway(settings, tracing=tracing)
         try:  # gRPC: KServe v2 on its own port, when set; metrics: shared with the other workers, when set
             async with grpc_service(app.state.gateway), app.state.gateway.metrics.publishing():
                 yield
         finally:
             await app.state.gateway.aclose()
+            if tracing is not None:
+                tracing.shutdown()  # exports what is pending (a pipeline built here only)
 
-    # Our own Prometheus metrics count requests; FastAPI's OpenTelemetry probe costs ≈20 µs per request.
-    app = GatewayApp(title="AutoGLM gateway", version="1", lifespan=lifespan,
-                  telemetry={"tracing": False, "metrics": False, "logs": False},
+    # Off: FastAPI's OpenTelemetry probe costs ≈20 µs per request, and our Prometheus metrics count requests.
+    telemetry = tracing.fastapi_telemetry() if tracing else {"tracing": False, "metrics": False, "logs": False}
+    app = GatewayApp(title="AutoGLM gateway", version="1", lifespan=lifespan, telemetry=telemetry,
                   description="KServe v2 passthrough to Triton, task endpoints, health and metrics. "
                               "Errors are JSON: {\"error\": \"...\"} (OpenAI's error object on the OpenAI "
                               "routes).")
     app.state.settings = settings
+    app.tracing = tracing
     for router in (v2.router, tasks.router, openai.router, ops.router):
         app.include_router(router)
     app.add_exception_handler(Refused, _refused)
@@ -192,4 +226,5 @@ def app_from_env() -> FastAPI:
     settings = GatewaySettings.model_validate_json(Path(path).read_text())
     if settings.shared_dir is None and os.environ.get(MULTIPROC_ENV):
         settings = settings.model_copy(update={"shared_dir": Path(os.environ[MULTIPROC_ENV])})
+    access_log(settings.access_log)
     return create_app(settings)

@@ -71,11 +71,12 @@ class Answer(Exception):
 class Call:
     """One relayed call: what it is counted as, and the relay's per-stream state."""
 
-    __slots__ = ("route", "admitted", "started", "timer", "need", "head", "replied", "client_ended")
+    __slots__ = ("route", "admitted", "started", "timer", "need", "head", "replied", "client_ended", "spans")
 
     def __init__(self, route: str, admitted: bool):
         self.route, self.admitted, self.started = route, admitted, time.perf_counter()
         self.timer, self.need, self.head, self.replied, self.client_ended = None, 0, b"", False, False
+        self.spans = None  # its OpenTelemetry spans while tracing is on (serve.gateway.tracing)
 
     def oversized(self, payload: bytes, limit: int) -> bool:
         """Whether the next DATA ``payload`` starts a message above ``limit`` bytes: follows the gRPC
@@ -101,7 +102,7 @@ class KServeProxy:
     """The gRPC policy of one gateway worker: admission, deadlines and counting of every call."""
 
     def __init__(self, gw: Gateway):
-        self.gw, self.guard, self.metrics = gw, gw.guard, gw.metrics
+        self.gw, self.guard, self.metrics, self.tracing = gw, gw.guard, gw.metrics, gw.tracing
         self.timeout_s = gw.settings.request_timeout_s
         self.max_message = gw.settings.max_body_bytes
         self.by_peer = bool(gw.settings.rate_limit_rps and not gw.settings.api_keys)  # anonymous buckets by peer
@@ -153,6 +154,9 @@ class KServeProxy:
         if upstream and code in _TRITON_FAILURES:
             self.metrics.triton_error(_TRITON_FAILURES[code])
         self.metrics.observe(call.route, code.name, time.perf_counter() - call.started)
+        if call.spans is not None:
+            self.tracing.grpc_end(call.spans, code)
+            call.spans = None
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -5,8 +5,8 @@ Why not grpcio: its Python stack (a server call plus a client call per request) 
 on 2 shared cores). Streams keep their ids on both connections, so DATA, WINDOW_UPDATE, PING, SETTINGS
 and GOAWAY frames pass byte for byte and flow control and settings stay the peers' own, end to end.
 Header blocks are decoded (each side's HPACK state followed) and re-written without dynamic-table
-state (:mod:`serve.gateway.header_blocks`): requests lose their ``authorization``, responses'
-trailers give the metrics their status.
+state (:mod:`serve.gateway.header_blocks`): requests lose their ``authorization`` (and, with tracing on,
+carry the gateway's ``traceparent`` in place of the caller's), responses' trailers give the metrics their status.
 
 The gateway answers a call itself (a refusal, a timeout, a message above the cap, Triton unreachable)
 with trailers-only HEADERS and an RST_STREAM; whatever DATA then arrives for that stream is dropped
@@ -159,13 +159,18 @@ class ClientSide(asyncio.Protocol):
             elif name == b"grpc-timeout":
                 timeout = value
             forward.append((name, value))
+        tracing = self.proxy.tracing
         try:
             call = self.proxy.open(path, authorization, self.client)
         except Answer as answer:
             if answer.call is not None:
+                if tracing is not None:  # answered here: a SERVER span only
+                    answer.call.spans, _ = tracing.grpc_start(answer.call.route, forward, None)
                 self.proxy.finish(answer.call, answer.code, upstream=False)
             self._reply(stream_id, answer.code, answer.message, False, end_stream)
             return self.close() if self.standalone else None
+        if tracing is not None:  # the caller's trace context replaced by the CLIENT span's
+            call.spans, forward = tracing.grpc_start(call.route, forward, self.address)
         if self.standalone:
             self.proxy.finish(call, Code.UNAVAILABLE, upstream=True)
             self._reply(stream_id, Code.UNAVAILABLE, self.standalone, False, end_stream)

@@ -23,6 +23,7 @@ from serve.gateway.errors import BadInput, Refused
 from serve.gateway.guard import Guard
 from serve.gateway.metrics import GatewayMetrics
 from serve.gateway.tensors import ModelSignature, decode_response, encode_request
+from serve.gateway.tracing import Tracing
 from serve.gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamUnavailable
 from serve.settings import GatewaySettings
 
@@ -35,10 +36,12 @@ class Gateway:
     """What every route of one worker shares."""
 
     def __init__(self, settings: GatewaySettings, pool: UpstreamPool | None = None,
-                 catalog: TaskCatalog | None = None):
-        self.settings = settings
+                 catalog: TaskCatalog | None = None, tracing: Tracing | None = None):
+        self.settings, self.tracing = settings, tracing
         self.pool = pool or UpstreamPool(*settings.upstream_address, size=settings.pool_size,
                                          connect_timeout_s=settings.connect_timeout_s)
+        if tracing is not None:  # every call to Triton a CLIENT span, its traceparent sent along
+            self.pool = tracing.traced_pool(self.pool, settings.upstream_address)
         self.catalog = catalog if catalog is not None else (
             TaskCatalog.load(settings.repository) if settings.repository else None)
         # metrics first: they check shared_dir, which the guard's shared buckets use too
