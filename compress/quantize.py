@@ -233,10 +233,12 @@ def _no_shape_dump():
 
 
 def quantize(src: Path | str, dst: Path | str, recipe: QuantRecipe | str,
-             calibration_inputs: Sequence[Mapping[str, np.ndarray]] | None = None) -> Path:
+             calibration_inputs: Sequence[Mapping[str, np.ndarray]] | None = None, *,
+             calibration_providers: Sequence[str] | None = None) -> Path:
     """Quantize the ONNX model at ``src`` with ``recipe`` (or a preset name) and write ``dst`` atomically.
 
-    Static recipes need ``calibration_inputs``: batches like ``task.calibration_inputs(n, 16, model_args)``.
+    Static recipes need ``calibration_inputs``: batches like ``task.calibration_inputs(n, 16, model_args)``;
+    their calibration runs on ``calibration_providers`` (default: ONNX Runtime's CPU provider).
     """
     qz = require("onnxruntime.quantization", "cpu", "INT8 quantization")
     if isinstance(recipe, str):
@@ -269,7 +271,8 @@ def quantize(src: Path | str, dst: Path | str, recipe: QuantRecipe | str,
                 qz.quantize_static(model_in, tmp, reader, quant_format=qz.QuantFormat.QDQ,
                                    op_types_to_quantize=op_types, per_channel=recipe.per_channel,
                                    reduce_range=reduce_range, activation_type=qtype[recipe.activation_type],
-                                   weight_type=qtype[recipe.weight_type], calibrate_method=method)
+                                   weight_type=qtype[recipe.weight_type], calibrate_method=method,
+                                   calibration_providers=list(calibration_providers or ["CPUExecutionProvider"]))
     ops = _op_types(dst)
     if not ops & {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}:
         # an "INT8" artifact that is FP32 inside would mislead every comparison after it
