@@ -60,6 +60,7 @@ class QuantRecipe:
     weight_type: QType = "int8"
     reduce_range: bool | None = None
     why: str = ""
+    symmetric: bool = False  # zero points of 0 (int8 activations too): what TensorRT's explicit INT8 requires
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -105,6 +106,14 @@ PRESETS: dict[str, QuantRecipe] = {
                 "dynamic recipe was faster, this one is for runtimes that want static ranges"),
     )
 }
+
+
+# The trt-int8 engines' source graph, not a choice for ONNX Runtime (hence not in PRESETS). TensorRT's explicit
+# quantization takes QDQ pairs of int8 with zero point 0 only: ORT's default static graph (uint8 activations,
+# asymmetric) does not parse. Compute layers only, as for LMs above.
+TENSORRT_INT8 = QuantRecipe("tensorrt-int8-static", "static", calibration="minmax", per_channel=True,
+                            op_types=("Conv", "MatMul", "Gemm"), activation_type="int8", reduce_range=False,
+                            symmetric=True, why="symmetric int8 QDQ around Conv/MatMul/Gemm, as TensorRT parses it")
 
 
 def _op_types(onnx_path: Path | str) -> set[str]:
@@ -272,6 +281,8 @@ def quantize(src: Path | str, dst: Path | str, recipe: QuantRecipe | str,
                                    op_types_to_quantize=op_types, per_channel=recipe.per_channel,
                                    reduce_range=reduce_range, activation_type=qtype[recipe.activation_type],
                                    weight_type=qtype[recipe.weight_type], calibrate_method=method,
+                                   extra_options={"ActivationSymmetric": True, "WeightSymmetric": True}
+                                   if recipe.symmetric else None,
                                    calibration_providers=list(calibration_providers or ["CPUExecutionProvider"]))
     ops = _op_types(dst)
     if not ops & {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}:

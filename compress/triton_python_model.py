@@ -27,6 +27,10 @@ GPU_PROVIDERS = {"TensorrtExecutionProvider": "onnxruntime-gpu and tensorrt",
 def _providers(params, args):
     """(providers, their options) from the config's parameters, on the instance's GPU where it has one."""
     providers = [p.strip() for p in params.get("providers", "").split(",") if p.strip()] or ["CPUExecutionProvider"]
+    if any(p in GPU_PROVIDERS for p in providers) and hasattr(ort, "preload_dlls"):
+        # the stub never imports torch, whose import loads CUDA's and cuDNN's libraries for ONNX Runtime
+        # elsewhere: load them from the environment's nvidia-* packages instead (ONNX Runtime >= 1.21)
+        ort.preload_dlls()
     missing = [p for p in providers if p not in ort.get_available_providers()]
     if missing:
         raise ValueError(f"providers {missing} are not in this environment's onnxruntime "

@@ -112,7 +112,8 @@ def _qdq_onnx(path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z")]
     graph = helper.make_graph(
         [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
          helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
@@ -153,8 +154,9 @@ def _load_model_py(tmp_path, monkeypatch, cfg, available, drop=()):
                                  provider_options, drop))
         return made[-1]
 
-    module.ort = types.SimpleNamespace(**{k: getattr(real_ort, k) for k in ("SessionOptions", "GraphOptimizationLevel")},
-                                       get_available_providers=lambda: list(available), InferenceSession=session)
+    kept = {k: getattr(real_ort, k) for k in ("SessionOptions", "GraphOptimizationLevel")}
+    module.ort = types.SimpleNamespace(**kept, get_available_providers=lambda: list(available),
+                                       InferenceSession=session)
     args = {"model_config": json.dumps(json_format.MessageToDict(to_protobuf(cfg), preserving_proto_field_name=True)),
             "model_repository": str(model_dir), "model_version": "1", "model_instance_kind": "GPU",
             "model_instance_device_id": "1"}
@@ -187,3 +189,29 @@ def test_model_py_refuses_to_load_without_its_gpu_provider(tmp_path, monkeypatch
     model, args, _ = _load_model_py(tmp_path, monkeypatch, _gpu_python_config(f"{CUDA_EP},{CPU_EP}"), available, drop)
     with pytest.raises(ValueError, match=message):
         model.initialize(args)
+
+
+# ---- the trt-int8 engines' source graph -------------------------------------------------------------------------
+def test_tensorrt_int8_graph_is_symmetric_int8_qdq(tmp_path):
+    """TensorRT's explicit quantization parses int8 QDQ with zero point 0 only (ORT's default static graph has
+    uint8 activations with zero points): every Q/DQ pair of the TensorRT preset must be that."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from compress.quantize import TENSORRT_INT8, quantize
+
+    src = tmp_path / "fp32.onnx"
+    _tiny_onnx(src)
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.standard_normal((4, 1, 8, 8)).astype(np.float32) + 1.0} for _ in range(3)]
+
+    dst = quantize(src, tmp_path / "trt.onnx", TENSORRT_INT8, batches)
+
+    graph = onnx.load(str(dst)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert any(n.op_type == "QuantizeLinear" for n in qdq)
+    for node in qdq:
+        zero = inits[node.input[2]]
+        assert zero.dtype == np.int8 and not zero.any(), node.name
