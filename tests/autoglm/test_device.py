@@ -122,3 +122,60 @@ def test_the_runs_providers_follow_serve_device():
     choice = settings_providers(settings, GPU_WHEEL, fake_torch(1))
     assert choice.providers[0] == TENSORRT_EP and choice.options[0]["trt_fp16_enable"] == "False"
     assert settings_providers(load_settings(), CPU_WHEEL, fake_torch(0)).providers == (CPU_EP,)
+
+
+# ---- who follows the device ----------------------------------------------------------------------------------
+def test_ddp_backend_and_rank_devices_follow_run_device(monkeypatch):
+    import torch
+
+    from autoglm import ddp
+
+    assert ddp.backend("cpu") == "gloo"
+    monkeypatch.setattr(torch, "cuda", fake_torch(3).cuda)
+    assert ddp.backend("auto") == "nccl" and ddp.backend("cpu") == "gloo"
+    assert [str(ddp.rank_device("cuda", r)) for r in (0, 1, 2)] == ["cuda:0", "cuda:1", "cuda:2"]
+    assert str(ddp.rank_device("cuda:1", 1)) == "cuda:2"  # cuda:N offsets the ranks' GPUs
+    assert str(ddp.rank_device("cpu", 1)) == "cpu"
+    with pytest.raises(ConfigError, match="rank 1 needs GPU 3 but torch sees 3"):
+        ddp.rank_device("cuda:2", 1)
+
+
+def test_train_records_the_device_it_trained_on(tmp_path):
+    from autoglm.train import train_run
+
+    settings = load_settings(None, [f"run.root='{tmp_path}'", f"run.cache_dir='{tmp_path / 'cache'}'",
+                                    "train.max_steps=3", "train.eval_batches=1", "run.device=cpu"])
+    manifest = train_run(settings, progress=False)
+    assert manifest.metrics["device"] == "cpu" and "device" not in manifest.config  # CPU runs keep their config
+
+
+def test_profile_rows_record_their_device():
+    import numpy as np
+
+    from autoglm.measure import profile
+
+    measure = load_settings(overrides=["measure.repeats=3", "measure.warmup=0", "measure.energy=estimated"]).measure
+    rows = profile(lambda inputs: inputs["x"] * 2, {2: {"x": np.ones((2, 3))}}, measure, device="cuda:1")
+    assert rows[2]["device"] == "cuda:1"
+
+
+def test_a_gpu_provider_onnx_runtime_dropped_is_refused(tmp_path, monkeypatch):
+    """ONNX Runtime only warns when CUDA's libraries do not load, and runs the session on the CPU."""
+    import onnxruntime
+
+    from autoglm.tasks.predict import onnx_session
+
+    from tests.compress.test_repository import _tiny_onnx
+
+    real = onnxruntime.InferenceSession
+    model = tmp_path / "m.onnx"
+    _tiny_onnx(model)
+
+    def without_cuda(path, sess_options=None, providers=(), provider_options=None):
+        return real(path, sess_options=sess_options, providers=[CPU_EP])
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", without_cuda)
+    choice = choose_providers(["cuda", "cpu"], GPU0, GPU_WHEEL)
+    with pytest.raises(ConfigError, match="could not start CUDAExecutionProvider.*install onnxruntime-gpu"):
+        onnx_session(model, providers=choice)
+    assert onnx_session(model, providers=[CPU_EP]).get_providers() == [CPU_EP]
