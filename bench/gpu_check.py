@@ -38,7 +38,8 @@ class Refused(Exception):
 
 
 def preflight() -> dict[str, Any]:
-    """What the host has; Refused without CUDA in torch or without ONNX Runtime's CUDA provider."""
+    """What the host has; Refused where torch sees no CUDA device. Without ONNX Runtime's CUDA provider the steps
+    that need it say so and the others (CUDA training, torch and TensorRT timings, NVML) still run."""
     try:
         import torch
     except ImportError as exc:
@@ -53,13 +54,13 @@ def preflight() -> dict[str, Any]:
     from autoglm.device import CUDA_EP, PROVIDER_PACKAGES
     from compress.tensorrt import tensorrt_status
 
-    if CUDA_EP not in ort.get_available_providers():
-        raise Refused(f"onnxruntime {ort.__version__} has no {CUDA_EP} (it has {ort.get_available_providers()}): "
-                      f"install {PROVIDER_PACKAGES[CUDA_EP]}")
+    no_cuda_ep = None if CUDA_EP in ort.get_available_providers() else (
+        f"onnxruntime {ort.__version__} has no {CUDA_EP} (it has {', '.join(ort.get_available_providers())}): "
+        f"install {PROVIDER_PACKAGES[CUDA_EP]}")
     trt, trt_reason = tensorrt_status()
     return {"GPU": torch.cuda.get_device_name(0), "torch": f"{torch.__version__} (CUDA {torch.version.cuda})",
             "onnxruntime": f"{ort.__version__}: {', '.join(ort.get_available_providers())}",
-            "tensorrt": "importable" if trt else trt_reason, "nvml": _nvml_status()}
+            "tensorrt": "importable" if trt else trt_reason, "nvml": _nvml_status(), "no CUDA EP": no_cuda_ep}
 
 
 def _nvml_status() -> str:
@@ -89,14 +90,17 @@ class Proof:
     def __init__(self, out_dir: Path, quick: bool, facts: dict[str, Any]):
         self.path = Path(out_dir) / f"{dt.date.today().isoformat()}-gpu.md"
         self.quick, self.started = quick, time.perf_counter()
+        self.no_cuda_ep = facts.pop("no CUDA EP", None)  # why ONNX Runtime cannot run on the GPU here, if it cannot
         self.tables = [Table("Host", ["what", "value"], [[k, v] for k, v in facts.items()])]
         self.failed: list[str] = []
         self.state: dict[str, Any] = {}
 
-    def step(self, name: str, fn: Callable[[], list[Table]], needs: tuple[str, ...] = ()) -> None:
+    def step(self, name: str, fn: Callable[[], list[Table]], needs: tuple[str, ...] = (),
+             cuda_ep: bool = False) -> None:
         missing = [n for n in needs if n in self.failed]
-        if missing:
-            self.tables.append(Table(name, ["result"], [[f"not run: {', '.join(missing)} failed"]]))
+        if missing or (cuda_ep and self.no_cuda_ep):
+            why = f"{', '.join(missing)} failed" if missing else self.no_cuda_ep
+            self.tables.append(Table(name, ["result"], [[f"not run: {why}"]]))
             self.failed.append(name)
         else:
             try:
@@ -173,6 +177,9 @@ def _timings(proof: Proof) -> list[Table]:
     baseline = reference.metrics[task.metric]
     rows = [_row(reference)]
     for name in TIMED:
+        if proof.no_cuda_ep and not name.startswith("trt-"):
+            rows.append([name, f"not run: {proof.no_cuda_ep}", *[None] * 8])
+            continue
         try:
             variant = builder.build(name)
             if variant.status != "skipped":
@@ -279,9 +286,9 @@ def run_proof(quick: bool, out_dir: Path = RESULTS_DIR) -> Proof:
     with tempfile.TemporaryDirectory(prefix="autoglm-gpu-check-") as tmp:
         proof.state |= {"workdir": Path(tmp), "settings": _settings(Path(tmp), quick)}
         proof.step("train", lambda: _train(proof))
-        proof.step("parity", lambda: _parity(proof), needs=("train",))
+        proof.step("parity", lambda: _parity(proof), needs=("train",), cuda_ep=True)
         proof.step("timings", lambda: _timings(proof), needs=("train",))
-        proof.step("serve", lambda: _serve(proof), needs=("train",))
+        proof.step("serve", lambda: _serve(proof), needs=("train",), cuda_ep=True)
     return proof
 
 

@@ -25,13 +25,25 @@ def test_refuses_without_cuda(monkeypatch, tmp_path, capsys):
     assert "Traceback" not in err and not list(tmp_path.iterdir())
 
 
-def test_refuses_without_the_cuda_provider(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "torch", fake_torch(1))
+def test_steps_needing_the_cuda_provider_say_why_they_did_not_run(monkeypatch, tmp_path):
     monkeypatch.setattr("onnxruntime.get_available_providers", lambda: ["CPUExecutionProvider"])
+    torch = fake_torch(1)
+    torch.cuda.get_device_name = lambda index: "a fake GPU"
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setattr(gpu_check, "_nvml_status", lambda: "unavailable: a test")
+    facts = gpu_check.preflight()
+    proof = gpu_check.Proof(tmp_path, True, facts)
+    ran = []
 
-    assert gpu_check.main(["--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "has no CUDAExecutionProvider" in err and "install onnxruntime-gpu" in err
+    proof.step("train", lambda: ran.append("train") or [])
+    proof.step("parity", lambda: ran.append("parity") or [], needs=("train",), cuda_ep=True)
+    proof.step("broken", lambda: 1 / 0)
+    proof.step("after", lambda: ran.append("after") or [], needs=("broken",))
+
+    assert ran == ["train"] and proof.failed == ["parity", "broken", "after"]
+    text = proof.path.read_text()
+    assert "not run: onnxruntime" in text and "install onnxruntime-gpu" in text
+    assert "FAILED: ZeroDivisionError" in text and "not run: broken failed" in text
 
 
 def test_make_bench_gpu_reports_why_it_did_not_run(monkeypatch):
