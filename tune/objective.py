@@ -143,7 +143,8 @@ class Objective:
                                        if reading.method.startswith("estimated") else 0.0)
             attrs.COMPUTE.set(trial, {"wall_s": time.time() - started,
                                             "cpu_s": time.process_time() - cpu0 + children,
-                                            "joules": joules, "energy_method": reading.method})
+                                            "joules": joules, "energy_method": reading.method,
+                                            "device": _trial_device(settings)})
             shutil.rmtree(out / "probe", ignore_errors=True)
         serving = variant.profile[settings.tune.serving_batch]
         objectives = {"metric": variant.metrics[self.task.metric], "latency": serving["p95_ms"],
