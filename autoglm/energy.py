@@ -127,11 +127,15 @@ class _PowerSampler:
         self._read, self._interval = read_watts, interval_s
         self._stop = threading.Event()
         self._samples: list[tuple[float, float]] = []
+        self._error: Exception | None = None
         self._thread = threading.Thread(target=self._loop, name="nvml-power", daemon=True)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._samples.append((time.perf_counter(), self._read()))
+        try:
+            while not self._stop.wait(self._interval):
+                self._samples.append((time.perf_counter(), self._read()))
+        except Exception as exc:  # noqa: BLE001 - kept for joules(): a window with a gap must not pass as whole
+            self._error = exc
 
     def start(self) -> None:
         self._samples.append((time.perf_counter(), self._read()))
@@ -140,6 +144,9 @@ class _PowerSampler:
     def joules(self) -> float:
         self._stop.set()
         self._thread.join()
+        if self._error is not None:
+            raise MeterUnavailable(f"NVML power sampling failed mid-window: {type(self._error).__name__}: "
+                                   f"{self._error}") from self._error
         self._samples.append((time.perf_counter(), self._read()))
         pts = self._samples
         return sum((t1 - t0) * (w0 + w1) / 2 for (t0, w0), (t1, w1) in zip(pts, pts[1:]))
@@ -254,8 +261,9 @@ class NvmlMeter(Meter):
         try:
             sampled = self._handles(counter=False)
             if sampled:
-                read = self._nvml.nvmlDeviceGetPowerUsage
-                self._sampler = _PowerSampler(lambda: sum(read(h) for h in sampled) / 1e3, self.sample_interval_s)
+                nvml = self._nvml
+                self._sampler = _PowerSampler(lambda: sum(nvml.nvmlDeviceGetPowerUsage(h) for h in sampled) / 1e3,
+                                              self.sample_interval_s)
                 self._sampler.start()
             super().start()
         except BaseException:
@@ -277,7 +285,11 @@ class NvmlMeter(Meter):
             window.__exit__(None, None, None)
 
     def _sample(self) -> float:
-        return sum(self._nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles(counter=True)) / 1e3
+        nvml = self._nvml
+        try:
+            return sum(nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles(counter=True)) / 1e3
+        except nvml.NVMLError as exc:
+            raise MeterUnavailable(f"NVML energy counter unusable: {type(exc).__name__}: {exc}") from exc
 
     def _joules(self, begin: float, end: float) -> float:
         sampled, self._sampler = self._sampler, None

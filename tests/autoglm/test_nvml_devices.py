@@ -150,3 +150,19 @@ def test_a_restarted_window_leaves_nvml_balanced(nvml, monkeypatch):
     meter.start()
     meter.stop()
     assert mod.state["open"] == 0
+
+
+def test_power_that_fails_mid_window_is_an_error_not_a_short_figure(nvml, monkeypatch):
+    mod = nvml([{"uuid": "GPU-b", "step_mj": None, "watts": 100}])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    meter = NvmlMeter(sample_interval_s=0.005)
+    meter.start()
+
+    def lost(handle):
+        raise _NVMLError("GPU is lost")
+
+    monkeypatch.setattr(mod, "nvmlDeviceGetPowerUsage", lost)
+    time.sleep(0.03)
+    with pytest.raises(MeterUnavailable, match="sampling failed mid-window.*GPU is lost"):
+        meter.stop()
+    assert mod.state["open"] == 0
