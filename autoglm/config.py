@@ -61,6 +61,9 @@ class RunSettings(Section):
     cache_dir: Path = Field(Path(".cache/autoglm"), description="prepared task data")
     seed: int = 1337
     threads: int | None = Field(None, ge=1, description="intra-op threads for torch and ONNX Runtime")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$", description="where training (train, tune "
+                        "trials, DDP ranks: NCCL on CUDA), export and calibration run: auto (CUDA where torch sees "
+                        "it, else cpu), cpu, cuda or cuda:N")
 
 
 class TaskSettings(Section):
@@ -293,6 +296,23 @@ class CompressSettings(Section):
     int4: Int4Settings = Field(default_factory=Int4Settings)
     triton: TritonModelSettings = Field(default_factory=TritonModelSettings)
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
+    providers: list[str] = Field(default_factory=lambda: ["auto"], min_length=1, description="ONNX Runtime "
+                                 "execution providers of compress's timing and the python-backend models: ['auto'] "
+                                 "(on a GPU serve.device: TensorRT where onnxruntime-gpu has it, then CUDA, then CPU; "
+                                 "on the CPU: CPU) or names from tensorrt, cuda, cpu, in priority order (a missing "
+                                 "one is an error naming its package)")
+    tensorrt_fp16: bool = Field(True, description="TensorRT (the EP in compress timing and Triton's ONNX Runtime "
+                                "accelerator): FP16 kernels where TensorRT picks them; INT8 graphs keep their QDQ")
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: list[str]) -> list[str]:
+        known = {"auto", "tensorrt", "cuda", "cpu"}
+        if unknown := [v for v in value if v not in known]:
+            raise ValueError(f"unknown providers {unknown}: use ['auto'] or names from tensorrt, cuda, cpu")
+        if "auto" in value and len(value) > 1:
+            raise ValueError("'auto' stands alone: write ['auto'] or list providers by name")
+        return value
 
 
 class GatewayLimits(Section):
@@ -345,6 +365,9 @@ class ServeSettings(Section):
                                  "can crash (SIGSEGV) when many concurrent requests are traced (its issue #7795, fixed "
                                  "in later releases): under load sample a fraction (OTEL_TRACES_SAMPLER="
                                  "parentbased_traceidratio) or set this false")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$", description="where the models are "
+                        "served and timed (tune's latency/energy objectives too): auto (run.device's choice), cpu, "
+                        "cuda or cuda:N; a GPU gives KIND_GPU instance groups on that device in both flavours")
 
 
 class SweepGrid(Section):

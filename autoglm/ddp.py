@@ -38,11 +38,29 @@ if TYPE_CHECKING:
 RESULT = "result.json"
 
 
-def backend() -> str:
-    """NCCL where CUDA is available, gloo on CPU."""
+def backend(device: str = "auto") -> str:
+    """NCCL when the ranks train on CUDA (``run.device``; auto: where torch sees it), gloo on the CPU."""
+    from autoglm.device import resolve_device
+
+    return "nccl" if resolve_device(device).is_cuda else "gloo"
+
+
+def rank_device(device: str, local_rank: int):
+    """This rank's torch device: one GPU per local rank on CUDA (``cuda:N`` offsets the ranks' GPUs by N, so
+    two jobs can share a host), the CPU otherwise; ConfigError when the host has too few GPUs."""
     import torch
 
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    from autoglm.device import resolve_device
+
+    choice = resolve_device(device)
+    if not choice.is_cuda:
+        return torch.device("cpu")
+    first = choice.index if device.startswith("cuda:") else 0
+    index = first + local_rank
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"rank {local_rank} needs GPU {index} but torch sees {torch.cuda.device_count()}: start "
+                          f"at most {torch.cuda.device_count() - first} ranks per host (tune.ddp_procs)")
+    return torch.device("cuda", index)
 
 
 def per_rank_batch(settings: TrainSettings, world: int) -> int:
@@ -120,12 +138,13 @@ def run(settings: Settings, out_dir: Path | str) -> TrainResult:
         raise ConfigError("autoglm.ddp runs one process per rank: start it with `torchrun --standalone "
                           "--nproc_per_node N -m autoglm.ddp ...` or autoglm.ddp.launch(N, argv)")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if backend() == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend())
+    group_backend = backend(settings.run.device)
+    device = rank_device(settings.run.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(group_backend)
     try:
         rank = dist.get_rank()
-        device = torch.device("cuda", local_rank) if backend() == "nccl" else torch.device("cpu")
         task = get_task(settings).scored_by(settings.tune.metric)  # a tune trial's: evaluated on its metric
         if rank == 0:  # one process prepares the data cache; the others read what it wrote
             task.prepare()
@@ -144,7 +163,7 @@ def run(settings: Settings, out_dir: Path | str) -> TrainResult:
                        "wall_s": result.wall_s, "cpu_s": result.cpu_s, "ranks_cpu_s": float(spent.item()),
                        "history": result.history,
                        "stopped_early": result.stopped_early, "world_size": dist.get_world_size(),
-                       "backend": backend()}
+                       "backend": group_backend, "device": str(device)}
             save_checkpoint(out / "model.pt", task.name, model.cpu(), metrics=summary)
             write_atomic(out / RESULT, (json.dumps(summary, indent=2) + "\n").encode())
         dist.barrier()  # nobody exits (tearing the group down) before rank 0's files exist

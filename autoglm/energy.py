@@ -2,7 +2,8 @@
 
 Three sources, tried in this order by ``energy_meter("auto")``:
 
-* NVML (``nvmlDeviceGetTotalEnergyConsumption``, mJ since driver load, Volta and newer): GPU board energy.
+* NVML: board energy of the GPUs this process uses, from the total-energy counter (mJ, Volta and newer) or
+  from sampled power where a GPU has no counter.
 * RAPL (``/sys/class/powercap/intel-rapl:N/energy_uj``): CPU package energy of the whole host, so other
   tenants of a shared machine are counted too.
 * An estimate: CPU-seconds of this process (or of given pids, e.g. Triton and the gateway) times a
@@ -16,18 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import re
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from autoglm.device import visible_gpus
 from autoglm.errors import AutoGLMError
 
 EnergyKind = Literal["auto", "nvml", "rapl", "estimated"]
-Device = Literal["cpu", "cuda", "any"]  # where the measured work runs
+Device = str  # where the measured work runs: "cpu", "cuda", "cuda:N" (a visible GPU) or "any"
+log = logging.getLogger(__name__)
 _FIX = 'set measure.energy = "estimated" to use CPU-seconds x measure.watts_per_core, labelled estimated'
 
 
@@ -109,44 +114,190 @@ class Meter:
         return f"{type(self).__name__}(method={self.method!r})"
 
 
+@dataclass(frozen=True)
+class _Gpu:
+    index: int  # NVML's
+    counter: bool  # has the total-energy counter (Volta and newer); else its power is sampled
+
+
+class _PowerSampler:
+    """Integrates NVML board power (mW) of some GPUs over a window, sampled on a thread (trapezoids)."""
+
+    def __init__(self, read_watts, interval_s: float) -> None:
+        self._read, self._interval = read_watts, interval_s
+        self._stop = threading.Event()
+        self._samples: list[tuple[float, float]] = []
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._loop, name="nvml-power", daemon=True)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.wait(self._interval):
+                self._samples.append((time.perf_counter(), self._read()))
+        except Exception as exc:  # noqa: BLE001 - kept for joules(): a window with a gap must not pass as whole
+            self._error = exc
+
+    def start(self) -> None:
+        self._samples.append((time.perf_counter(), self._read()))
+        self._thread.start()
+
+    def joules(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        if self._error is not None:
+            raise MeterUnavailable(f"NVML power sampling failed mid-window: {type(self._error).__name__}: "
+                                   f"{self._error}") from self._error
+        self._samples.append((time.perf_counter(), self._read()))
+        pts = self._samples
+        return sum((t1 - t0) * (w0 + w1) / 2 for (t0, w0), (t1, w1) in zip(pts, pts[1:]))
+
+
 class NvmlMeter(Meter):
-    """GPU energy from NVML's total-energy counter: one device, or the sum over all of them."""
+    """GPU board energy from NVML, over the GPUs this process uses (Zeus's approach).
+
+    Which GPUs: ``device`` ("cuda:N" is the N-th GPU that ``CUDA_VISIBLE_DEVICES`` leaves; "cuda" or None all
+    of those), or ``device_index`` (an NVML index, ignoring CUDA_VISIBLE_DEVICES). CUDA_VISIBLE_DEVICES entries
+    may be indices or GPU UUIDs (or their prefixes); NVML's index order is the PCI bus order, which is CUDA's
+    only under ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (set it, or list UUIDs, on hosts with mixed GPUs).
+
+    Each GPU is read with the total-energy counter (``nvmlDeviceGetTotalEnergyConsumption``, mJ, Volta and
+    newer) where it has one, else its board power is sampled every ``sample_interval_s`` and integrated; the
+    method says which ("nvml" or "nvml:power-sampled"). Both are measured.
+    """
 
     method = "nvml"
     min_window_s = 1.0  # the counter updates every few tens of ms
 
-    def __init__(self, device_index: int | None = None) -> None:
+    def __init__(self, device_index: int | None = None, *, device: str | None = None,
+                 env: Mapping[str, str] | None = None, sample_interval_s: float = 0.05) -> None:
         super().__init__()
         try:
             self._nvml = importlib.import_module("pynvml")
         except ImportError as exc:
             raise MeterUnavailable(f"pynvml is not importable ({exc}); pip install 'autoglm[gpu]'") from exc
-        self.device_index = device_index
-        self._sample()  # probe now so an unusable counter fails at construction, not mid-measurement
+        self.sample_interval_s = sample_interval_s
+        self._sampler: _PowerSampler | None = None
+        self._window: contextlib.AbstractContextManager | None = None
+        with self._session() as nvml:  # probe now: an unusable NVML fails at construction, not mid-measurement
+            self.gpus = [self._describe(nvml, i) for i in self._select(nvml, device_index, device, env)]
+        if not all(g.counter for g in self.gpus):
+            self.method = "nvml:power-sampled"
 
-    def _sample(self) -> float:
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Any]:
         nvml = self._nvml
         try:
             nvml.nvmlInit()
         except nvml.NVMLError as exc:
             raise MeterUnavailable(f"NVML cannot start: {type(exc).__name__}: {exc}") from exc
         try:
-            count = nvml.nvmlDeviceGetCount()
-            if count == 0:
-                raise MeterUnavailable("NVML sees no GPU")
-            if self.device_index is not None and not 0 <= self.device_index < count:
-                raise MeterUnavailable(f"GPU index {self.device_index} does not exist (NVML sees {count})")
-            indices = range(count) if self.device_index is None else [self.device_index]
-            handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in indices]
-            return sum(nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in handles) / 1e3  # mJ -> J
+            yield nvml
         except nvml.NVMLError as exc:
-            raise MeterUnavailable(f"NVML energy counter unusable: {type(exc).__name__}: {exc}") from exc
+            raise MeterUnavailable(f"NVML energy unusable: {type(exc).__name__}: {exc}") from exc
         finally:
             with contextlib.suppress(nvml.NVMLError):
                 nvml.nvmlShutdown()  # reference-counted by NVML: balances the init above
 
+    @staticmethod
+    def _select(nvml: Any, device_index: int | None, device: str | None, env: Mapping[str, str] | None) -> list[int]:
+        """NVML indices of the GPUs to meter."""
+        count = nvml.nvmlDeviceGetCount()
+        if count == 0:
+            raise MeterUnavailable("NVML sees no GPU")
+        if device_index is not None:
+            if not 0 <= device_index < count:
+                raise MeterUnavailable(f"GPU index {device_index} does not exist (NVML sees {count})")
+            return [device_index]
+        visible = visible_gpus(env)
+        if visible is None:
+            visible = [str(i) for i in range(count)]
+        if not visible:
+            raise MeterUnavailable("CUDA_VISIBLE_DEVICES hides every GPU from this process")
+        ordinal = device.partition(":")[2] if device else ""
+        if ordinal:  # "cuda:N": the N-th visible GPU only
+            if int(ordinal) >= len(visible):
+                raise MeterUnavailable(f"{device} is not among the {len(visible)} visible GPU(s) {visible}")
+            visible = [visible[int(ordinal)]]
+        indices = []
+        for entry in visible:
+            if entry.isdigit():
+                if int(entry) >= count:
+                    raise MeterUnavailable(f"CUDA_VISIBLE_DEVICES names GPU {entry}; NVML sees {count}")
+                indices.append(int(entry))
+                continue
+            if entry.startswith("MIG-"):
+                raise MeterUnavailable(f"{entry} is a MIG instance: NVML reports energy per whole GPU, not per "
+                                       "MIG slice (measure the whole GPU, or use an estimate)")
+            match = [i for i in range(count)
+                     if _text(nvml.nvmlDeviceGetUUID(nvml.nvmlDeviceGetHandleByIndex(i))).startswith(entry)]
+            if len(match) != 1:
+                raise MeterUnavailable(f"CUDA_VISIBLE_DEVICES entry {entry} matches {len(match)} GPUs by UUID")
+            indices.append(match[0])
+        return indices
+
+    @staticmethod
+    def _describe(nvml: Any, index: int) -> _Gpu:
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        try:
+            nvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+            return _Gpu(index, True)
+        except nvml.NVMLError as exc:
+            try:
+                nvml.nvmlDeviceGetPowerUsage(handle)
+            except nvml.NVMLError as power:
+                raise MeterUnavailable(f"GPU {index} reports neither energy ({type(exc).__name__}: {exc}) nor "
+                                       f"power ({type(power).__name__}: {power})") from power
+            log.info("GPU %d has no energy counter (%s): sampling its power", index, exc)
+            return _Gpu(index, False)
+
+    def _handles(self, counter: bool) -> list:
+        nvml = self._nvml
+        return [nvml.nvmlDeviceGetHandleByIndex(g.index) for g in self.gpus if g.counter == counter]
+
+    def start(self) -> None:
+        self._close()  # a running window is restarted
+        self._window = self._session()
+        self._window.__enter__()  # NVML stays initialised for the window: the sampler reads it meanwhile
+        try:
+            sampled = self._handles(counter=False)
+            if sampled:
+                nvml = self._nvml
+                self._sampler = _PowerSampler(lambda: sum(nvml.nvmlDeviceGetPowerUsage(h) for h in sampled) / 1e3,
+                                              self.sample_interval_s)
+                self._sampler.start()
+            super().start()
+        except BaseException:
+            self._close()
+            raise
+
+    def stop(self) -> EnergyReading:
+        try:
+            return super().stop()
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.joules()  # stops its thread
+            self._sampler = None
+        window, self._window = self._window, None
+        if window is not None:
+            window.__exit__(None, None, None)
+
+    def _sample(self) -> float:
+        nvml = self._nvml
+        try:
+            return sum(nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles(counter=True)) / 1e3
+        except nvml.NVMLError as exc:
+            raise MeterUnavailable(f"NVML energy counter unusable: {type(exc).__name__}: {exc}") from exc
+
     def _joules(self, begin: float, end: float) -> float:
-        return end - begin
+        sampled, self._sampler = self._sampler, None
+        return end - begin + (sampled.joules() if sampled else 0.0)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class RaplMeter(Meter):
@@ -230,13 +381,15 @@ def energy_meter(kind: EnergyKind = "auto", watts_per_core: float = 10.0,
     """The meter for ``measure.energy``: "auto" tries NVML, then RAPL, then the CPU estimate.
 
     ``device`` is where the measured work runs: for work on the CPU "auto" skips NVML (a GPU's board
-    energy, idle meanwhile, is not that work's energy). With "auto", ``meter.fallback_reason`` records why
+    energy, idle meanwhile, is not that work's energy); "cuda:N" meters that visible GPU only, "cuda" and
+    "any" every GPU ``CUDA_VISIBLE_DEVICES`` leaves this process. With "auto", ``meter.fallback_reason`` records why
     each measured meter was skipped. An explicit "nvml" or "rapl" that this host cannot provide raises
     MeterUnavailable naming the reason and the fix.
     """
     if kind == "estimated":
         return CpuEstimateMeter(watts_per_core, pids)
-    makers = {"nvml": NvmlMeter, "rapl": RaplMeter}
+    gpu = device if device.startswith("cuda") else None
+    makers = {"nvml": lambda: NvmlMeter(device=gpu), "rapl": RaplMeter}
     if kind in makers:
         try:
             return makers[kind]()

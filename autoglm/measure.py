@@ -142,10 +142,11 @@ def profile(predict: Predictor, inputs_by_batch: Mapping[int, Inputs], settings:
     (NVML updates every few tens of ms) the predictor keeps running inside the window until it is long
     enough, and J/item divides by every item processed in it. ``meter`` defaults to
     ``energy_meter(settings.energy, settings.watts_per_core, pids, device)``; ``device`` is where
-    ``predict`` runs ("cuda" for a TensorRT engine).
+    ``predict`` runs ("cpu", or "cuda:N" for a CUDA/TensorRT session or engine on that GPU) and is recorded
+    with every figure.
 
     Returns ``{batch: {**LatencyStats.to_dict(), "j_per_item", "energy_method", "energy_measured",
-    "energy_window_s", "energy_items", "energy_fallback_reason"}}``.
+    "energy_window_s", "energy_items", "energy_fallback_reason", "device"}}``.
     """
     if not inputs_by_batch:
         raise ValueError("inputs_by_batch is empty: give inputs for at least one batch size")
@@ -177,5 +178,6 @@ def profile(predict: Predictor, inputs_by_batch: Mapping[int, Inputs], settings:
                 "energy_window_s": reading.seconds,
                 "energy_items": items,
                 "energy_fallback_reason": meter.fallback_reason,
+                "device": device,
             }
     return results

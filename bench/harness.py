@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-NOT_BENCHMARKS = {"harness", "__main__", "__init__"}
+NOT_BENCHMARKS = {"harness", "__main__", "__init__", "gpu_check"}  # gpu_check: `gpu` runs it
 SHARED_MACHINE = ("Figures are ratios measured side by side in one run on a shared machine: compare rows "
                   "within a table, not absolute times across runs or hosts.")
 

@@ -82,6 +82,8 @@ class DecodeEngine:
     def __init__(self, prefill_path: str, step_path: str, max_sequences: int = 32, threads: int = 0,
                  prefill_thread: bool = False, prefill_chunk: int = 8):
         options = session_options(threads)
+        # the CPU on every host: the KV caches live in numpy between steps, and a GPU provider would copy every
+        # layer's cache in and out on each step
         providers = ["CPUExecutionProvider"]
         self.prefill = ort.InferenceSession(prefill_path, options, providers=providers)
         self.step_session = ort.InferenceSession(step_path, options, providers=providers)

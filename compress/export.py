@@ -68,7 +68,8 @@ def export_onnx(model, task: Task, model_args: Mapping[str, Any], path: Path | s
 
     spec = task.io_spec(model_args)
     example = task.example_inputs(batch_size=2, model_args=model_args)
-    args = tuple(torch.from_numpy(np.ascontiguousarray(example[t.name])) for t in spec.inputs)
+    device = next(model.parameters()).device  # export runs where the model is (run.device)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(example[t.name])).to(device) for t in spec.inputs)
     names_in = [t.name for t in spec.inputs]
     names_out = [t.name for t in spec.outputs]
     axes = _dynamic_axes(task, model_args)

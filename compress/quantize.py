@@ -60,6 +60,7 @@ class QuantRecipe:
     weight_type: QType = "int8"
     reduce_range: bool | None = None
     why: str = ""
+    symmetric: bool = False  # zero points of 0 (int8 activations too): what TensorRT's explicit INT8 requires
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -105,6 +106,14 @@ PRESETS: dict[str, QuantRecipe] = {
                 "dynamic recipe was faster, this one is for runtimes that want static ranges"),
     )
 }
+
+
+# The trt-int8 engines' source graph, not a choice for ONNX Runtime (hence not in PRESETS). TensorRT's explicit
+# quantization takes QDQ pairs of int8 with zero point 0 only: ORT's default static graph (uint8 activations,
+# asymmetric) does not parse. Compute layers only, as for LMs above.
+TENSORRT_INT8 = QuantRecipe("tensorrt-int8-static", "static", calibration="minmax", per_channel=True,
+                            op_types=("Conv", "MatMul", "Gemm"), activation_type="int8", reduce_range=False,
+                            symmetric=True, why="symmetric int8 QDQ around Conv/MatMul/Gemm, as TensorRT parses it")
 
 
 def _op_types(onnx_path: Path | str) -> set[str]:
@@ -233,10 +242,12 @@ def _no_shape_dump():
 
 
 def quantize(src: Path | str, dst: Path | str, recipe: QuantRecipe | str,
-             calibration_inputs: Sequence[Mapping[str, np.ndarray]] | None = None) -> Path:
+             calibration_inputs: Sequence[Mapping[str, np.ndarray]] | None = None, *,
+             calibration_providers: Sequence[str] | None = None) -> Path:
     """Quantize the ONNX model at ``src`` with ``recipe`` (or a preset name) and write ``dst`` atomically.
 
-    Static recipes need ``calibration_inputs``: batches like ``task.calibration_inputs(n, 16, model_args)``.
+    Static recipes need ``calibration_inputs``: batches like ``task.calibration_inputs(n, 16, model_args)``;
+    their calibration runs on ``calibration_providers`` (default: ONNX Runtime's CPU provider).
     """
     qz = require("onnxruntime.quantization", "cpu", "INT8 quantization")
     if isinstance(recipe, str):
@@ -269,7 +280,10 @@ def quantize(src: Path | str, dst: Path | str, recipe: QuantRecipe | str,
                 qz.quantize_static(model_in, tmp, reader, quant_format=qz.QuantFormat.QDQ,
                                    op_types_to_quantize=op_types, per_channel=recipe.per_channel,
                                    reduce_range=reduce_range, activation_type=qtype[recipe.activation_type],
-                                   weight_type=qtype[recipe.weight_type], calibrate_method=method)
+                                   weight_type=qtype[recipe.weight_type], calibrate_method=method,
+                                   extra_options={"ActivationSymmetric": True, "WeightSymmetric": True}
+                                   if recipe.symmetric else None,
+                                   calibration_providers=list(calibration_providers or ["CPUExecutionProvider"]))
     ops = _op_types(dst)
     if not ops & {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}:
         # an "INT8" artifact that is FP32 inside would mislead every comparison after it

@@ -22,7 +22,8 @@ from autoglm.detokenizer import TABLE_FILE
 from autoglm.errors import ConfigError
 from autoglm.tasks import IOSpec, TensorSpec
 from autoglm.text_codec import decode_table
-from compress.triton_config import DynamicBatching, InstanceGroup, ModelConfig, render_pbtxt
+from compress.triton_config import (DynamicBatching, InstanceGroup, ModelConfig, TensorRTAccelerator, render_pbtxt,
+                                    serving_instances)
 
 if TYPE_CHECKING:
     from compress.recommend import Recommendation
@@ -123,12 +124,52 @@ def write_generate_model(repo: Path, settings: Settings, task, model_args, graph
     return name
 
 
+def serving_gpus(settings: Settings) -> dict[str, int | None]:
+    """The GPU each flavour's instances run on (None: the CPU). The python flavour serves on serve.device; the
+    native one (NVIDIA's container) on it too, and on GPU 0 of each pod for ``deploy.env = "gpu"``."""
+    from autoglm.device import serving_device
+
+    device = serving_device(settings)
+    gpu = (device.index or 0) if device.is_cuda else None
+    return {"python": gpu, "native": gpu if gpu is not None or settings.deploy.env != "gpu" else 0}
+
+
+def _flavours(settings: Settings, model_file: Path, gpus: dict[str, int | None]) -> list[tuple[str, str, dict]]:
+    """(folder, flavour, extra ModelConfig fields) of each model written for ``model_file``: GPU instances get
+    compress.providers (python flavour) or TensorRT as ONNX Runtime's accelerator (native flavour)."""
+    if model_file.suffix == ".plan":
+        return [("native", "tensorrt", {})]
+    python, native = {}, {}
+    cfg = settings.compress
+    if gpus["python"] is not None:
+        from autoglm.device import settings_providers
+
+        python["parameters"] = {"providers": ",".join(settings_providers(settings).providers),
+                                "tensorrt_fp16": str(cfg.tensorrt_fp16).lower()}
+    if gpus["native"] is not None and ("auto" in cfg.providers or "tensorrt" in cfg.providers):
+        # NVIDIA's container always has TensorRT: INT8 for static QDQ graphs (their scales are in the graph)
+        precision = "INT8" if _has_qdq(model_file) else "FP16" if cfg.tensorrt_fp16 else "FP32"
+        native["tensorrt"] = TensorRTAccelerator(precision)
+    return [("python", "python", python), ("native", "onnxruntime", native)]
+
+
+def _has_qdq(onnx_file: Path) -> bool:
+    import onnx
+
+    return any(n.op_type == "QuantizeLinear" for n in onnx.load(str(onnx_file), load_external_data=False).graph.node)
+
+
 def write_repository(run: RunDir, settings: Settings, task, model_args, variants: list[Variant],
                      choice: Recommendation, graphs=None) -> Manifest:
     """One Triton model per accepted variant, in both flavours; its own manifest. ``task.json`` and the manifest
     name the recommended model and keep why compress chose it (``recommendation``)."""
     t = settings.compress.triton
-    writer = StageWriter(run, "repository", {"triton": t.model_dump(mode="json")}, inputs=["compress"])
+    gpus = serving_gpus(settings)
+    config = {"triton": t.model_dump(mode="json")}
+    if any(g is not None for g in gpus.values()):  # GPU repositories differ; CPU ones keep their old config
+        config |= {"gpus": gpus, "providers": settings.compress.providers,
+                   "tensorrt_fp16": settings.compress.tensorrt_fp16}
+    writer = StageWriter(run, "repository", config, inputs=["compress"])
     writer.invalidate()
     for folder in ("python", "native"):  # models of an earlier run that are not published now must not load
         shutil.rmtree(writer.dir / folder, ignore_errors=True)
@@ -138,13 +179,15 @@ def write_repository(run: RunDir, settings: Settings, task, model_args, variants
     models = {}
     for variant in (v for v in variants if v.status == "ok"):
         name = f"{task.name}-{variant.name}"
-        flavours = [("native", "tensorrt", "gpu")] if variant.path.suffix == ".plan" else [
-            ("python", "python", "cpu"), ("native", "onnxruntime", "cpu")]
-        for folder, flavour, kind in flavours:
+        for folder, flavour, extra in _flavours(settings, variant.path, gpus):
+            gpu = gpus.get(folder)
+            if flavour == "tensorrt" and gpu is None:
+                gpu = 0  # an engine runs on a GPU only
+            parameters = {} if flavour == "tensorrt" else {"intra_op_threads": str(t.intra_op_threads)}
             cfg = ModelConfig(name=name, io=io, flavour=flavour, max_batch_size=t.max_batch_size,
-                              dynamic_batching=batching, instance_group=InstanceGroup(t.instances, kind),
-                              parameters={} if flavour == "tensorrt" else {"intra_op_threads": str(t.intra_op_threads)},
-                              warmup_batch_sizes=(1,))
+                              dynamic_batching=batching, instance_group=serving_instances(t.instances, gpu),
+                              parameters=parameters | extra.get("parameters", {}),
+                              warmup_batch_sizes=(1,), tensorrt=extra.get("tensorrt"))
             write_model(writer.dir / folder, cfg, variant.path)
         models[variant.name] = name
     task_info = {"task": task.name, "metric": task.metric, "direction": task.direction, "model_args": model_args,

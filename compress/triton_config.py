@@ -6,7 +6,8 @@ with ``google.protobuf.text_format``, so every rendered file is a valid Triton c
 
 Flavours: ``python`` runs ONNX Runtime inside Triton's python backend (the only way on pip-only hosts,
 whose Triton has no onnxruntime backend); ``onnxruntime`` and ``tensorrt`` are the native backends of
-the NGC container. :mod:`compress.repository` writes them with their model files.
+the NGC container. :mod:`compress.repository` writes them with their model files. On a GPU, instance groups
+are KIND_GPU with device ids, and the onnxruntime flavour can run TensorRT as its execution accelerator.
 """
 
 from __future__ import annotations
@@ -78,16 +79,51 @@ class DynamicBatching:
 
 @dataclass(frozen=True)
 class InstanceGroup:
-    """How many copies of the model run, and where."""
+    """How many copies of the model run, and where: ``count`` instances on each GPU in ``gpus`` (Triton's
+    device ids; empty: every GPU Triton sees) for kind gpu, or on the CPU."""
 
     count: int = 1
     kind: Literal["cpu", "gpu"] = "cpu"
+    gpus: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "gpus", tuple(self.gpus))
         if not isinstance(self.count, int) or self.count < 1:
             raise ConfigError(f"instance_group.count={self.count!r} must be >= 1: use 1 or more instances")
         if self.kind not in ("cpu", "gpu"):
             raise ConfigError(f"instance_group.kind={self.kind!r} is unknown: use 'cpu' or 'gpu'")
+        if self.gpus and self.kind != "gpu":
+            raise ConfigError(f"instance_group.gpus={list(self.gpus)} places instances on GPUs: set kind='gpu' or "
+                              "drop the gpus")
+        if any(not isinstance(g, int) or g < 0 for g in self.gpus) or len(set(self.gpus)) != len(self.gpus):
+            raise ConfigError(f"instance_group.gpus={list(self.gpus)} must be distinct GPU ids >= 0")
+
+
+Precision = Literal["FP32", "FP16", "INT8"]
+
+
+@dataclass(frozen=True)
+class TensorRTAccelerator:
+    """The native ONNX Runtime backend's TensorRT execution accelerator (GPU instances only): TensorRT runs
+    what it supports of the graph, in ``precision`` where chosen (INT8 for static QDQ graphs), and the CUDA
+    provider the rest. ``cache`` keeps built engines beside the model, so a restart does not rebuild them."""
+
+    precision: Precision = "FP16"
+    workspace_bytes: int = 1 << 30
+    cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("FP32", "FP16", "INT8"):
+            raise ConfigError(f"TensorRT precision {self.precision!r} is unknown: use FP32, FP16 or INT8")
+        if not isinstance(self.workspace_bytes, int) or self.workspace_bytes < 1 << 20:
+            raise ConfigError(f"TensorRT workspace {self.workspace_bytes!r} bytes is too small: use >= 1 MiB")
+
+    def parameters(self) -> dict[str, str]:
+        """The accelerator's parameters as the onnxruntime backend reads them."""
+        params = {"precision_mode": self.precision, "max_workspace_size_bytes": str(self.workspace_bytes)}
+        if self.cache:
+            params |= {"trt_engine_cache_enable": "1", "trt_engine_cache_path": "/tmp/autoglm-trt-cache"}
+        return params
 
 
 @dataclass(frozen=True)
@@ -104,6 +140,7 @@ class ModelConfig:
     warmup_batch_sizes: tuple[int, ...] = (1,)
     decoupled: bool = False  # the model answers a request with any number of responses (streaming)
     optional_inputs: tuple[str, ...] = ()  # inputs a request may leave out
+    tensorrt: TensorRTAccelerator | None = None  # onnxruntime flavour on GPUs: TensorRT as execution accelerator
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "warmup_batch_sizes", tuple(self.warmup_batch_sizes))
@@ -149,6 +186,9 @@ class ModelConfig:
                 raise ConfigError(f"parameter {key}={value!r} must be a non-negative integer (0: runtime default)")
         if self.flavour != "python" and "EXECUTION_ENV_PATH" in self.parameters:
             raise ConfigError("EXECUTION_ENV_PATH applies only to the python flavour: drop it or use flavour='python'")
+        if self.tensorrt is not None and (self.flavour != "onnxruntime" or self.instance_group.kind != "gpu"):
+            raise ConfigError("the TensorRT execution accelerator belongs to the onnxruntime flavour on GPU instances:"
+                              " set flavour='onnxruntime' and instance_group.kind='gpu', or drop it")
         if self.flavour == "tensorrt":
             if self.instance_group.kind != "gpu":
                 raise ConfigError("a tensorrt_plan model runs only on a GPU: set instance_group.kind='gpu'")
@@ -159,6 +199,11 @@ class ModelConfig:
     def model_file(self) -> str:
         """File name of the model inside the version directory."""
         return MODEL_FILES[self.flavour]
+
+
+def serving_instances(count: int, gpu: int | None) -> InstanceGroup:
+    """``count`` instances on GPU ``gpu`` (KIND_GPU with that device id), or on the CPU for None."""
+    return InstanceGroup(count, "cpu") if gpu is None else InstanceGroup(count, "gpu", (gpu,))
 
 
 def _pb() -> Any:
@@ -203,6 +248,11 @@ def to_protobuf(cfg: ModelConfig) -> Any:
     group = msg.instance_group.add()
     group.count = cfg.instance_group.count
     group.kind = pb.ModelInstanceGroup.KIND_GPU if cfg.instance_group.kind == "gpu" else pb.ModelInstanceGroup.KIND_CPU
+    group.gpus.extend(cfg.instance_group.gpus)
+    if cfg.tensorrt is not None:
+        accelerator = msg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        for key, value in cfg.tensorrt.parameters().items():
+            accelerator.parameters[key] = value
     for key, value in sorted(cfg.parameters.items()):
         if cfg.flavour == "onnxruntime":
             key = _ORT_BACKEND_NAMES.get(key, key)

@@ -5,7 +5,11 @@ inside Triton's python-backend stub, so it imports only what that environment ha
 ``triton_python_backend_utils``, numpy, json, os and onnxruntime -- never the project.
 
 Config parameters it reads (all optional): ``intra_op_threads`` and ``inter_op_threads`` (0 lets ONNX
-Runtime choose; with several instances on few cores, give each instance cores / instances).
+Runtime choose; with several instances on few cores, give each instance cores / instances); ``providers``
+(ONNX Runtime execution providers in priority order, comma-separated; default the CPU's) and
+``tensorrt_fp16`` ("true": TensorRT may pick FP16 kernels). On a KIND_GPU instance the CUDA and TensorRT
+providers run on the instance's own GPU. A provider this environment's onnxruntime lacks fails the load
+with the package to install, never a quiet fallback to the CPU.
 """
 
 import json
@@ -14,6 +18,31 @@ import os
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+
+GPU_PROVIDERS = {"TensorrtExecutionProvider": "onnxruntime-gpu and tensorrt",
+                 "CUDAExecutionProvider": "onnxruntime-gpu (in place of onnxruntime)"}
+
+
+def _providers(params, args):
+    """(providers, their options) from the config's parameters, on the instance's GPU where it has one."""
+    providers = [p.strip() for p in params.get("providers", "").split(",") if p.strip()] or ["CPUExecutionProvider"]
+    if any(p in GPU_PROVIDERS for p in providers) and hasattr(ort, "preload_dlls"):
+        # the stub never imports torch, whose import loads CUDA's and cuDNN's libraries for ONNX Runtime
+        # elsewhere: load them from the environment's nvidia-* packages instead (ONNX Runtime >= 1.21)
+        ort.preload_dlls()
+    missing = [p for p in providers if p not in ort.get_available_providers()]
+    if missing:
+        raise ValueError(f"providers {missing} are not in this environment's onnxruntime "
+                         f"({ort.get_available_providers()}): install "
+                         f"{', '.join(GPU_PROVIDERS.get(p, p) for p in missing)}, or render the repository "
+                         f"for the CPU (serve.device='cpu')")
+    on_gpu = args.get("model_instance_kind") == "GPU"
+    device_id = str(args.get("model_instance_device_id", 0)) if on_gpu else "0"
+    fp16 = "True" if params.get("tensorrt_fp16", "").lower() == "true" else "False"
+    options = {"CUDAExecutionProvider": {"device_id": device_id},
+               "TensorrtExecutionProvider": {"device_id": device_id, "trt_fp16_enable": fp16}}
+    return providers, [options.get(p, {}) for p in providers]
 
 
 def _error(message, code_name):
@@ -43,7 +72,12 @@ class TritonPythonModel:
         path = os.path.join(model_dir, "model.onnx")
         # One session per instance: Triton runs one execute() at a time per instance, so the session is
         # never shared between threads, and more throughput comes from more instances in the config.
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        providers, provider_options = _providers(params, args)
+        self.session = ort.InferenceSession(path, options, providers=providers, provider_options=provider_options)
+        dropped = [p for p in providers if p in GPU_PROVIDERS and p not in self.session.get_providers()]
+        if dropped:  # ONNX Runtime only warns when a GPU provider's libraries fail to load
+            raise ValueError(f"{path}: ONNX Runtime could not start {dropped} (its log says which library is "
+                             f"missing): install {', '.join(GPU_PROVIDERS[p] for p in dropped)}")
         session_inputs = {i.name for i in self.session.get_inputs()}
         session_outputs = {o.name for o in self.session.get_outputs()}
         missing = (session_inputs - {n for n, _, _ in self.inputs}) | ({n for n, _ in self.outputs} - session_outputs)

@@ -120,15 +120,33 @@ class VariantBuilder:
         return ok, reason
 
     # ---- evaluation --------------------------------------------------------------------------------
+    @property
+    def providers(self):
+        """compress.providers for models served on serve.device (:func:`autoglm.device.settings_providers`)."""
+        from autoglm.device import settings_providers
+
+        return self.memo("providers", lambda: settings_providers(self.settings))
+
+    @property
+    def calibration_providers(self) -> list[str]:
+        """Static INT8 calibrates on run.device: the CUDA provider where the run trains on a GPU and ONNX Runtime
+        has it (the ranges are the same; the CPU is only slower), else the CPU provider."""
+        from autoglm.device import CPU_EP, CUDA_EP, available_providers, resolve_device
+
+        if resolve_device(self.settings.run.device).is_cuda and CUDA_EP in available_providers():
+            return [CUDA_EP, CPU_EP]
+        return [CPU_EP]
+
     def predictor(self, variant: Variant, threads: int | None = None) -> Predictor:
-        """Run ``variant``; ``threads`` defaults to run.threads (None: ONNX Runtime's own choice)."""
+        """Run ``variant`` on the serving device's providers; ``threads`` defaults to run.threads (None: ONNX
+        Runtime's own choice)."""
         from autoglm.tasks.predict import onnx_predictor
 
         if variant.path and variant.path.suffix == ".plan":
             from compress.tensorrt import engine_predictor
 
             return engine_predictor(variant.path, self.task.io_spec(self.model_args))
-        return onnx_predictor(variant.path, threads=threads or self.settings.run.threads)
+        return onnx_predictor(variant.path, threads=threads or self.settings.run.threads, providers=self.providers)
 
     def measure(self, variant: Variant, predict: Predictor, baseline: float | None) -> Variant:
         """Score on validation data, then time; returns ``variant`` filled in."""
@@ -159,8 +177,17 @@ class VariantBuilder:
             measure = measure.model_copy(update={"repeats": repeats, "warmup": min(measure.warmup, repeats)})
         inputs = {b: self.task.example_inputs(b, model_args=self.model_args)
                   for b in (batch_sizes or measure.batch_sizes)}
-        device = "cuda" if variant.path is not None and variant.path.suffix == ".plan" else "cpu"  # TensorRT: GPU
+        # ONNX variants run on compress.providers' device; TensorRT plans on the GPU; torch where the model is
+        if variant.path is None:
+            device = str(next(self.model.parameters()).device)
+        else:
+            device = self.providers.device if self.providers.uses_gpu else "cpu"
+            if variant.path.suffix == ".plan" and device == "cpu":
+                device = "cuda"
         variant.profile = profile(predict, inputs, measure, threads=self.settings.run.threads, device=device)
+        if variant.path is not None and variant.path.suffix == ".onnx":  # how it was timed, fallback included
+            for row in variant.profile.values():
+                row |= {"providers": list(self.providers.providers), "providers_fallback": self.providers.fallback}
         return variant
 
 

@@ -76,7 +76,7 @@ SCHEDULE_STEPS: Attr[int] = Attr("schedule_steps")  # its max_steps: rungs compa
 # scores
 PROBE: Attr[dict[str, float]] = Attr("probe")  # latency and energy of the untrained graph, for early stopping
 TIMED: Attr[str] = Attr("timed")  # "untrained" or "trained": which model its timings come from
-COMPUTE: Attr[dict[str, Any]] = Attr("compute")  # wall_s, cpu_s, joules, energy_method
+COMPUTE: Attr[dict[str, Any]] = Attr("compute")  # wall_s, cpu_s, joules, energy_method, device (training)
 VARIANT: Attr[dict[str, Any]] = Attr("variant")  # the compressed variant (name, path, metrics, profile, ...)
 COMPRESS: Attr[dict[str, Any]] = Attr("compress")  # the compress settings that rebuild it
 OBJECTIVES: Attr[dict[str, float]] = Attr("objectives")  # metric, latency, energy

@@ -69,12 +69,13 @@ def _children_cpu_s() -> float:
 
 
 def _trial_device(settings: Settings) -> str:
-    """Where a trial's work runs: GPUs only when it trains with DDP on CUDA (autoglm.ddp picks NCCL there)."""
-    if settings.tune.ddp_procs > 1:
-        import torch
+    """Where a trial trains (run.device): one GPU, every visible GPU under DDP (NCCL there), or the CPU."""
+    from autoglm.device import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cpu"
+    device = resolve_device(settings.run.device)
+    if not device.is_cuda:
+        return "cpu"
+    return "cuda" if settings.tune.ddp_procs > 1 else device.torch
 
 
 class Objective:
@@ -142,7 +143,8 @@ class Objective:
                                        if reading.method.startswith("estimated") else 0.0)
             attrs.COMPUTE.set(trial, {"wall_s": time.time() - started,
                                             "cpu_s": time.process_time() - cpu0 + children,
-                                            "joules": joules, "energy_method": reading.method})
+                                            "joules": joules, "energy_method": reading.method,
+                                            "device": _trial_device(settings)})
             shutil.rmtree(out / "probe", ignore_errors=True)
         serving = variant.profile[settings.tune.serving_batch]
         objectives = {"metric": variant.metrics[self.task.metric], "latency": serving["p95_ms"],
@@ -189,10 +191,13 @@ class Objective:
                 _link(out / "ddp" / "train.jsonl", log)
             write_atomic(result_file, json.dumps(result).encode())
         else:
-            model = self.task.build_model(model_args)
+            model = self.task.build_model(model_args).to(_trial_device(settings))
             hook = RungCallback(self.rule, self._study(trial), trial, settings.tune.objectives, cost,
                                 settings.train.max_steps, compression_params(trial.params)) if self.rule else None
             trained = self.task.train(model, settings.train, on_eval=hook, log_path=out / "train.jsonl")
+            # compressed from the CPU like a cached or DDP-trained model: the torch reference and the parity gate
+            # then compare like with like in every trial (a GPU's TF32 convolutions would move them)
+            model = model.cpu()
             attrs.HISTORY.set(trial, trained.history)
             if trained.stopped_early:
                 attrs.STOPPED_AT.set(trial, trained.steps)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoglm._lazy import require
+from autoglm.device import CPU_EP, GPU_PROVIDERS, PROVIDER_PACKAGES, ProviderChoice
 from autoglm.errors import ConfigError
 from autoglm.tasks.base import Inputs, Predictor
 
@@ -60,18 +61,32 @@ def session_options(threads: int | None = None) -> onnxruntime.SessionOptions:
 
 
 def onnx_session(path: Path | str, threads: int | None = None,
-                 providers: Sequence[str] | None = None) -> onnxruntime.InferenceSession:
-    """An InferenceSession for the model at ``path`` (CPU provider unless told otherwise)."""
+                 providers: Sequence[str] | ProviderChoice | None = None) -> onnxruntime.InferenceSession:
+    """An InferenceSession for the model at ``path`` (CPU provider unless told otherwise).
+
+    ``providers`` is a list of provider names or a :class:`autoglm.device.ProviderChoice` (names and their
+    options: the GPU ordinal, TensorRT's precision). A session that silently left out a GPU provider it was
+    given (ONNX Runtime only warns when CUDA's libraries fail to load) is a ConfigError naming the package.
+    """
     ort = require("onnxruntime", "cpu", "ONNX evaluation")
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"ONNX model {path} does not exist: export or compress the model first")
-    return ort.InferenceSession(str(path), sess_options=session_options(threads),
-                                providers=list(providers or ["CPUExecutionProvider"]))
+    if isinstance(providers, ProviderChoice):
+        kwargs = providers.session_args()
+    else:
+        kwargs = {"providers": list(providers or [CPU_EP])}
+    session = ort.InferenceSession(str(path), sess_options=session_options(threads), **kwargs)
+    dropped = [p for p in kwargs["providers"] if p in GPU_PROVIDERS and p not in session.get_providers()]
+    if dropped:
+        raise ConfigError(f"ONNX Runtime could not start {', '.join(dropped)} for {path.name} (its libraries did "
+                          f"not load; ONNX Runtime's log above says which): install "
+                          f"{PROVIDER_PACKAGES[dropped[0]]}, or set compress.providers=['cpu']")
+    return session
 
 
 def onnx_predictor(path_or_session: Path | str | Any, threads: int | None = None,
-                   providers: Sequence[str] | None = None) -> Predictor:
+                   providers: Sequence[str] | ProviderChoice | None = None) -> Predictor:
     """A predictor over an ONNX model file or an existing InferenceSession; feeds inputs by name."""
     if isinstance(path_or_session, (str, Path)):
         session = onnx_session(path_or_session, threads=threads, providers=providers)

@@ -51,7 +51,8 @@ def quantized(builder: VariantBuilder, src: Path, name: str, mode: str | None) -
         mode = mode or PRESETS[choose_preset(src)].mode
         recipe = recipe_for(src, mode, q.calibration, q.per_channel)
     dst = quantize(src, builder.out / f"{name}.onnx", recipe,
-                   builder.calibration() if recipe.mode == "static" else None)
+                   builder.calibration() if recipe.mode == "static" else None,
+                   calibration_providers=builder.calibration_providers)
     # record what this machine decided: reduce_range None means "on unless the CPU has VNNI"
     reduce_range = (not cpu_has_vnni()) if recipe.reduce_range is None else recipe.reduce_range
     return Variant(name, dst, {"pass": "quantize", "recipe": recipe.name, "mode": recipe.mode,

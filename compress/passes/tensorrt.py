@@ -1,13 +1,12 @@
 """trt-fp16, trt-int8: TensorRT engines, where TensorRT and CUDA exist (:mod:`compress.tensorrt`); elsewhere they
-are skipped with the reason. INT8 engines come from the static QDQ graph: explicit quantization, no TensorRT
-calibrator.
+are skipped with the reason. INT8 engines come from a static QDQ graph of their own (symmetric int8, the
+``tensorrt-int8-static`` preset): explicit quantization, no TensorRT calibrator.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from compress.passes.int8 import quantized
 from compress.registry import Pass, register, variant
 from compress.variants import Variant, VariantBuilder
 
@@ -36,4 +35,10 @@ def trt_fp16(builder: VariantBuilder, name: str) -> Variant:
 
 @variant("trt-int8", passes=("export", "quantize", "tensorrt"), calibrates=True)
 def trt_int8(builder: VariantBuilder, name: str) -> Variant:
-    return _engine(builder, name, "int8", quantized(builder, builder.fp32(), "int8-static", "static").path)
+    from compress.quantize import TENSORRT_INT8, quantize
+
+    # TensorRT parses only symmetric int8 QDQ: its own static graph, not the CPU's (uint8, asymmetric)
+    qdq = builder.memo("tensorrt-qdq", lambda: quantize(
+        builder.fp32(), builder.out / "int8-tensorrt.onnx", TENSORRT_INT8, builder.calibration(),
+        calibration_providers=builder.calibration_providers))
+    return _engine(builder, name, "int8", qdq)

@@ -187,6 +187,11 @@ def _fake_pynvml(energies_mj=(1000, 2000), init_error=None, energy_error=None) -
     mod.nvmlDeviceGetCount = lambda: len(counters)
     mod.nvmlDeviceGetHandleByIndex = lambda i: i
     mod.nvmlDeviceGetTotalEnergyConsumption = energy_of
+
+    def power_of(handle):  # a GPU without the energy counter usually has no power reading either in these fakes
+        raise energy_error or _NotSupported("Not Supported")
+
+    mod.nvmlDeviceGetPowerUsage = power_of
     return mod
 
 
@@ -199,7 +204,7 @@ def test_nvml_unavailable_without_pynvml(monkeypatch):
 @pytest.mark.parametrize("fake, reason", [
     (dict(init_error=_LibraryNotFound("NVML Shared Library Not Found")), "LibraryNotFound"),
     (dict(energies_mj=()), "no GPU"),
-    (dict(energy_error=_NotSupported("Not Supported")), "NotSupported"),
+    (dict(energy_error=_NotSupported("Not Supported")), "neither energy .*NotSupported.* nor power"),
 ])
 def test_nvml_failures_become_meter_unavailable(monkeypatch, fake, reason):
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(**fake))
