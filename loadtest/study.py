@@ -49,8 +49,20 @@ def make_sampler(tune: LoadtestTuneSettings, space: TuneSpace):
     if tune.sampler == "gp":
         return optuna.samplers.GPSampler(seed=tune.seed, n_startup_trials=tune.startup_trials)
     if tune.sampler == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=tune.seed)
+        return _grid_sampler(optuna)(space.grid(), seed=tune.seed)
     return optuna.samplers.RandomSampler(seed=tune.seed)
+
+
+def _grid_sampler(optuna):
+    class BaselineOffTheGrid(optuna.samplers.GridSampler):
+        """Optuna's grid sampler, except that the enqueued baseline, which need not be a grid point, does not end
+        the study when it finishes (Optuna 5 looks up the grid point of every finished trial)."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            if "grid_id" in trial.system_attrs:
+                super().after_trial(study, trial, state, values)
+
+    return BaselineOffTheGrid
 
 
 def open_study(journal: Path, name: str, sampler):
@@ -156,6 +168,8 @@ def run_study(study, objective: Objective, n_trials: int, baseline: dict[str, An
     if not study.trials:
         study.enqueue_trial(baseline, user_attrs={"baseline": True})
     remaining = max(0, n_trials - counted(study))
+    if hasattr(study.sampler, "is_exhausted") and study.sampler.is_exhausted(study):
+        remaining = 0  # a grid measured in full: another trial would repeat a point
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # GPSampler, multi-objective
         warnings.filterwarnings("ignore", message=".*(out of range|not contained|is not in).*")  # the baseline

@@ -73,11 +73,12 @@ def tune_run(run: RunDir, writer: StageWriter, settings: Settings, task_info: di
             space.check_model_limits(name, live.base(name))
         baseline_knobs = serving_knobs(live.base(model))
         baseline = baseline_params(model, baseline_knobs)
+        sampler = make_sampler(tune, space)  # a grid over the declared ranges only, not the baseline's values
         space = space.with_baseline(baseline)
         live_config = live.base(model)
         name = study_name(settings, space, steps, run.manifest("repository").inputs)
         journal = writer.dir / "tune" / JOURNAL
-        study = open_study(journal, name, make_sampler(tune, space))
+        study = open_study(journal, name, sampler)
         window = Window(options.scenario, host, common["payloads"], common["metrics_url"], common["energy"], slo,
                         users, tune.steps, tune.step_s, options.warmup_s, api_key)
         show(f"loadtest: tuning {len(space.models)} model(s) on {host}: study {name} in {journal} "
