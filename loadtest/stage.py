@@ -129,11 +129,15 @@ def loadtest_run(settings: Settings, force: bool = False, progress: bool = True)
     _reachable(host, "/v2/health/live" if host == triton_url else "/healthz")
     slo = Slo(settings.loadtest.slo_p95_ms, settings.loadtest.slo_error_rate)
     built = build_payloads(settings, task_info, options.samples, options.per_request, options.generate_tokens)
+    urls = (triton_url,) if options.scenario == "triton" else (gateway_url, triton_url)
+    energy = EnergySource(settings.measure.energy, settings.measure.watts_per_core, urls=urls, pids=tuple(options.pids))
+    if options.tune.enabled:
+        from loadtest.tuning import precheck
+
+        precheck(settings, task_info, model, energy)
     writer.invalidate()
     shutil.rmtree(writer.dir / "points", ignore_errors=True)  # a re-run must not list an older run's windows
     payloads = write_payloads(writer.path("payloads.json"), built)
-    urls = (triton_url,) if options.scenario == "triton" else (gateway_url, triton_url)
-    energy = EnergySource(settings.measure.energy, settings.measure.watts_per_core, urls=urls, pids=tuple(options.pids))
     control = ModelControl(triton_url)
     show = _printer(progress)
     common = {"payloads": payloads, "metrics_url": metrics_url, "energy": energy}

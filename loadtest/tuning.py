@@ -55,6 +55,20 @@ def _front(study) -> list[int]:
     return sorted(t.number for t in study.best_trials)
 
 
+def precheck(settings: Settings, task_info: dict, model: str, energy) -> None:
+    """What can be refused before the last measurement is invalidated: unknown variants, models that cannot take
+    the batching knobs (those Triton has loaded), and no way to measure J/request."""
+    tune = settings.loadtest.tune
+    space = TuneSpace.from_settings(tune, sweep_models(task_info, tune.variants, model))
+    users_ladder(tune, settings.loadtest.users)  # a ladder with more steps than users
+    if energy.meter() is None:
+        raise AutoGLMError(f"--tune minimizes J/request, and no energy can be measured here ({energy.unavailable})")
+    control = ModelControl(settings.loadtest.urls(settings.serve)[1])
+    for name in dict.fromkeys([model, *space.models]):
+        if control.ready(name):  # the others are checked once the study loads them
+            space.check_model_limits(name, control.config(name))
+
+
 def tune_run(run: RunDir, writer: StageWriter, settings: Settings, task_info: dict, model: str, host: str,
              common: dict[str, Any], slo: Slo, api_key: str | None, progress: bool) -> dict[str, Any]:
     """Run the study and the verification; returns the report's parts (study, trials, verification)."""
@@ -65,9 +79,6 @@ def tune_run(run: RunDir, writer: StageWriter, settings: Settings, task_info: di
     control = ModelControl(options.urls(settings.serve)[1])
     live = LiveModels(control)
     users, steps = users_ladder(tune, options.users)
-    if common["energy"].meter() is None:
-        raise AutoGLMError(f"--tune minimizes J/request, and no energy can be measured here "
-                           f"({common['energy'].unavailable})")
     try:
         for name in dict.fromkeys([model, *space.models]):
             space.check_model_limits(name, live.base(name))

@@ -134,7 +134,8 @@ def write_back(run: RunDir, verified: dict[str, Any], lineage: dict[str, Any]) -
     if preferred == [verified["max_batch_size"]]:
         preferred = []  # compress's spelling of "prefer the largest batch"; Triton serves [] as exactly that
     triton = {**old, "max_batch_size": verified["max_batch_size"], "max_queue_delay_us": verified["max_queue_delay_us"],
-              "preferred_batch_sizes": preferred, "instances": verified["instances"]}
+              "preferred_batch_sizes": preferred, "instances": verified["instances"],
+              "max_queue_size": verified.get("max_queue_size") or 0}  # the unbounded queue it was measured with
     serving = {"source": SOURCE, **lineage, "previous": {"triton": old, "recommended": task_info["recommended"]},
                "verified": {"model": verified["model"], **{k: triton[k] for k in KNOBS}}, "written_at": _now()}
     changed = _commit(run, manifest, repo, task_info, triton, verified["model"], serving)
