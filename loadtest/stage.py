@@ -1,9 +1,11 @@
-"""``autoglm loadtest``: measure the running stack, sweep serving configs, report, and gate on the SLO.
+"""``autoglm loadtest``: measure the running stack, sweep or tune serving configs, report, and gate on the SLO.
 
 Reads ``repository/task.json`` (models, I/O, serving metadata) and the task's validation split;
 writes ``runs/<run>/loadtest/`` (payloads, per-point locust CSVs, ``points.csv``, ``report.json``,
-``tradeoff.png``, manifest with the capacity deploy scales on) and the release page
-``runs/<run>/report.html``. Returns the manifest and the gate's exit code (0 passed, 1 failed).
+``tradeoff.png``, manifest with the capacity deploy scales on and where it was measured) and the release
+page ``runs/<run>/report.html``; ``--tune`` (:mod:`loadtest.tuning`) adds its study in ``loadtest/tune/``
+and writes the verified config back into the repository. Returns the manifest and the gate's exit code
+(0 passed, 1 failed).
 """
 
 from __future__ import annotations
