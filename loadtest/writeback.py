@@ -136,7 +136,11 @@ def write_back(run: RunDir, verified: dict[str, Any], lineage: dict[str, Any]) -
     triton = {**old, "max_batch_size": verified["max_batch_size"], "max_queue_delay_us": verified["max_queue_delay_us"],
               "preferred_batch_sizes": preferred, "instances": verified["instances"],
               "max_queue_size": verified.get("max_queue_size") or 0}  # the unbounded queue it was measured with
-    serving = {"source": SOURCE, **lineage, "previous": {"triton": old, "recommended": task_info["recommended"]},
+    previous = {"triton": old, "recommended": task_info["recommended"]}
+    earlier = manifest.metrics.get("serving") or {}
+    if earlier.get("source") == SOURCE and previous == {"triton": triton, "recommended": verified["model"]}:
+        previous = earlier["previous"]  # the same config verified again: a rollback still undoes the first
+    serving = {"source": SOURCE, **lineage, "previous": previous,
                "verified": {"model": verified["model"], **{k: triton[k] for k in KNOBS}}, "written_at": _now()}
     changed = _commit(run, manifest, repo, task_info, triton, verified["model"], serving)
     return {**serving, "changed": changed}

@@ -29,8 +29,18 @@ def run(settings_in, tmp_path):
         path = tmp_path / f"{name}.onnx"
         path.write_bytes(name.encode())
         variants.append(Variant(name, path))
-    write_repository(run, settings, get_task(settings), {}, variants, "fp32")
+    write_repository(run, settings, get_task(settings), {}, variants, _recommended("fp32"))
     return run
+
+
+def _recommended(variant: str):
+    """What write_repository takes for the recommended variant: a Recommendation where compress keeps its
+    evidence (compress.recommend), else the variant's name."""
+    try:
+        from compress.recommend import Recommendation
+    except ImportError:
+        return variant
+    return Recommendation(variant, "chosen by the test", None)
 
 
 def _files(run):
@@ -79,6 +89,17 @@ def test_rollback_restores_the_files_byte_for_byte_once(run):
     assert manifest.metrics["serving"]["source"] == "loadtest --rollback" and record["rolled_back"]["instances"] == 2
     with pytest.raises(AutoGLMError, match="rolled back already"):
         rollback(run)
+
+
+def test_the_same_config_written_back_twice_still_rolls_back_to_compress_own(run):
+    before = _files(run)
+    write_back(run, VERIFIED, LINEAGE)
+    again = write_back(run, VERIFIED, LINEAGE)
+
+    assert again["changed"] == [] and again["previous"]["recommended"] == "digits-fp32"
+    rollback(run)
+    assert {k: v for k, v in _files(run).items() if k != "manifest.json"} == \
+        {k: v for k, v in before.items() if k != "manifest.json"}
 
 
 def test_nothing_to_roll_back_in_a_repository_compress_wrote(run):
