@@ -418,6 +418,62 @@ class SweepGrid(Section):
                 * len(self.max_queue_size) * len(self.concurrency(default_users)))
 
 
+class LoadtestTuneSettings(Section):
+    """``autoglm loadtest --tune``: a Bayesian study over the live Triton's serving knobs (each trial applied
+    through model control, no restart), maximizing capacity per instance within the SLO and minimizing
+    J/request. The gateway's ``max_in_flight`` is not a knob: the gateway reads it once at start and has no
+    way to change it live, so a trial could not apply it without a restart."""
+
+    enabled: bool = Field(False, description="run the study (--tune) instead of one window or the --sweep grid")
+    n_trials: int = Field(20, ge=1, description="trials in the study, the baseline (the current config) first; "
+                          "a rerun continues the study up to this many")
+    sampler: Literal["tpe", "gp", "random", "grid"] = Field(
+        "tpe", description="tpe/gp: Bayesian; random; grid: every combination of the ranges' ends (and every "
+        "variant, instance count and preferred option), for comparison")
+    startup_trials: int = Field(4, ge=1, description="tpe/gp: trials drawn at random before the model takes over")
+    seed: int | None = Field(None, description="sampler seed (a fixed seed replays the same proposals)")
+    variants: list[str] = Field(default_factory=lambda: ["all"], description="task.json variant names or Triton "
+                                "model names to choose among; ['all']: every published variant; []: the recommended")
+    max_batch_size: tuple[int, int] = Field((8, 64), description="[low, high] of the batch the batcher may form")
+    preferred_batch_sizes: list[list[int]] = Field(
+        default_factory=lambda: [[], [4], [8]], min_length=1, description="options, each a list of preferred "
+        "sizes; [] prefers the largest batch (Triton's own default); every size must fit the lowest max_batch_size")
+    max_queue_delay_us: tuple[int, int] = Field((0, 4000), description="[low, high] of the dynamic batcher's delay")
+    delay_step_us: int = Field(500, ge=1, description="the delay's granularity")
+    instances: tuple[int, int] = Field((1, 2), description="[low, high] of the model's instance count")
+    users: int | None = Field(None, ge=1, description="the top of each trial's concurrency ladder; None: "
+                              "loadtest.users")
+    steps: int = Field(4, ge=1, description="concurrency ladder: users/steps, 2*users/steps, ..., users; a "
+                       "trial's capacity is the best step's throughput within the SLO")
+    step_s: float = Field(3.0, ge=1, description="measured seconds per step (locust changes users once a second)")
+    verify_s: float = Field(15.0, gt=0, description="the steady window that verifies the best config at its "
+                            "capacity concurrency")
+    verify_candidates: int = Field(3, ge=1, description="feasible configs tried in turn until one holds the SLO")
+    write_back: bool = Field(True, description="write the verified config into the repository (--rollback undoes)")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> LoadtestTuneSettings:
+        for name in ("max_batch_size", "max_queue_delay_us", "instances"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"loadtest.tune.{name} [{low}, {high}] has low > high: write it as [low, high]")
+        if self.instances[0] < 1:
+            raise ValueError(f"loadtest.tune.instances {list(self.instances)} must start at 1 or more: a model "
+                             "with zero instances serves nothing")
+        if self.max_batch_size[0] < 1 or self.max_queue_delay_us[0] < 0:
+            raise ValueError("loadtest.tune.max_batch_size must be >= 1 and max_queue_delay_us >= 0 µs")
+        too_big = sorted({b for sizes in self.preferred_batch_sizes for b in sizes
+                          if not 1 <= b <= self.max_batch_size[0]})
+        if too_big:
+            raise ValueError(f"preferred batch sizes {too_big} do not fit every max_batch_size in "
+                             f"{list(self.max_batch_size)}: keep them between 1 and {self.max_batch_size[0]} or "
+                             "raise loadtest.tune.max_batch_size's low end")
+        if self.users is not None and self.users < self.steps:
+            raise ValueError(f"loadtest.tune.users={self.users} cannot make {self.steps} steps of at least one "
+                             "user: raise users or lower loadtest.tune.steps")
+        return self
+
+
 class LoadtestSettings(Section):
     """Where to send load, how much and how, the SLO gate, and the sweep's grid; URLs default to ``serve``'s."""
 
@@ -445,6 +501,9 @@ class LoadtestSettings(Section):
     sweep: bool = False
     grid: SweepGrid = Field(default_factory=SweepGrid)
     keep_recommended: bool = Field(False, description="leave the live Triton on the recommended config")
+    tune: LoadtestTuneSettings = Field(default_factory=LoadtestTuneSettings)
+    rollback: bool = Field(False, description="restore the repository config a --tune write-back replaced, and "
+                           "do nothing else")
 
     @model_validator(mode="after")
     def _shapes_are_single_windows(self) -> LoadtestSettings:
@@ -454,6 +513,14 @@ class LoadtestSettings(Section):
         if self.sweep and self.shape != "steady":
             raise ValueError(f"the sweep measures steady windows; shape '{self.shape}' applies to a single run: "
                              "drop --sweep (loadtest.sweep) or use --shape steady")
+        if self.tune.enabled and self.sweep:
+            raise ValueError("--tune and --sweep are two searches over the same knobs: pick one")
+        if self.tune.enabled and self.scenario == "generate":
+            raise ValueError("--tune searches Triton's dynamic batching, which the generation model does not use "
+                             "(it batches its own steps): use --scenario task, v2 or triton")
+        if self.tune.enabled and self.shape != "steady":
+            raise ValueError(f"--tune measures its own step ladder; shape '{self.shape}' applies to a single run: "
+                             "drop --shape")
         return self
 
     def urls(self, serve: ServeSettings) -> tuple[str, str, str]:

@@ -3,7 +3,8 @@
     from loadtest import loadtest_run
     manifest, exit_code = loadtest_run(settings)   # settings.loadtest says what to run; 0: the SLO gate passed
 
-or ``autoglm loadtest --run R [--sweep]`` against the stack ``autoglm serve --run R`` started.
+or ``autoglm loadtest --run R [--sweep | --tune]`` against the stack ``autoglm serve --run R`` started
+(``--rollback`` undoes the config ``--tune`` wrote into the repository).
 
 The package stays light to import (names resolve on first use): the locust process imports
 ``loadtest.locustfiles`` and ``loadtest.latency`` and must not pull in the pipeline.
@@ -18,6 +19,7 @@ _EXPORTS = {
     "ServingConfig": "loadtest.control", "ModelControl": "loadtest.control",
     "pareto_front": "loadtest.front", "recommend": "loadtest.front",
     "Slo": "loadtest.latency", "loadtest_run": "loadtest.stage", "write_release_page": "loadtest.release",
+    "capacity_record": "loadtest.writeback", "write_back": "loadtest.writeback", "rollback": "loadtest.writeback",
 }
 __all__ = sorted(_EXPORTS)
 

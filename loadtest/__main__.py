@@ -1,7 +1,9 @@
 """``python -m loadtest`` / ``autoglm loadtest``: load-test the running stack, optionally sweep serving configs.
 
 Exit code 0 when the SLO gate passes (a single run within loadtest.slo_p95_ms and slo_error_rate; a
-sweep with at least one serving config within them), 1 when it fails, 2 for a usage or setup error.
+sweep with at least one serving config within them; a --tune study whose best config held the SLO in its
+verification window), 1 when it fails, 2 for a usage or setup error. --tune writes the verified config
+into the run's repository; --rollback restores the one it replaced.
 """
 
 from __future__ import annotations
@@ -28,7 +30,19 @@ def _preferred(text: str) -> list[list[int] | str]:
     return ["none" if group.strip().lower() == "none" else comma_list(int)(group) for group in text.split(";")]
 
 
-TARGET, LOAD, SWEEP = "target", "load", "sweep (with --sweep)"
+def _pair(text: str) -> list[int]:
+    values = comma_list(int)(text)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a range LOW,HIGH of two integers")
+    return values
+
+
+def _options(text: str) -> list[list[int]]:
+    """'none;4;8,16' -> [[], [4], [8, 16]]: 'none' prefers the largest batch."""
+    return [[] if group.strip().lower() == "none" else comma_list(int)(group) for group in text.split(";")]
+
+
+TARGET, LOAD, SWEEP, TUNE = "target", "load", "sweep (with --sweep)", "tune (with --tune)"
 FLAGS = {
     "--target": Flag("loadtest.target", "gateway base URL (default http://<serve.host>:<serve.gateway_port>)",
                      group=TARGET),
@@ -72,11 +86,34 @@ FLAGS = {
     "--window": Flag("loadtest.grid.window_s", "measured seconds per operating point", type=float, group=SWEEP),
     "--keep-recommended": Flag("loadtest.keep_recommended", "leave Triton on the recommended config", switch=True,
                                group=SWEEP),
+    "--tune": Flag("loadtest.tune.enabled", "a Bayesian study over the live serving knobs, the best config verified "
+                   "and written into the repository", switch=True, group=TUNE),
+    "--trials": Flag("loadtest.tune.n_trials", "trials in the study (the baseline first)", type=int, group=TUNE),
+    "--sampler": Flag("loadtest.tune.sampler", "tpe or gp (Bayesian), random, grid", choices=["tpe", "gp", "random",
+                      "grid"], group=TUNE),
+    "--seed": Flag("loadtest.tune.seed", "the sampler's seed", type=int, group=TUNE),
+    "--tune-variants": Flag("loadtest.tune.variants", "variants to choose among, or 'all'", many=True, group=TUNE),
+    "--max-batch": Flag("loadtest.tune.max_batch_size", "max batch size range LOW,HIGH", type=_pair, group=TUNE),
+    "--delay-range": Flag("loadtest.tune.max_queue_delay_us", "queue delay range LOW,HIGH in µs", type=_pair,
+                          group=TUNE),
+    "--instance-range": Flag("loadtest.tune.instances", "instance count range LOW,HIGH", type=_pair, group=TUNE),
+    "--preferred-options": Flag("loadtest.tune.preferred_batch_sizes", "preferred batch size options, ';'-separated,"
+                                " e.g. 'none;4;8,16' (none: prefer the largest batch)", type=_options, group=TUNE),
+    "--step": Flag("loadtest.tune.step_s", "measured seconds per step of a trial's concurrency ladder", type=float,
+                   group=TUNE),
+    "--verify": Flag("loadtest.tune.verify_s", "seconds of the verification window", type=float, group=TUNE),
+    "--no-write-back": Flag("loadtest.tune.write_back", "leave the repository as it is", switch=False, group=TUNE),
+    "--rollback": Flag("loadtest.rollback", "restore the repository config the last --tune write-back replaced",
+                       switch=True, group=TUNE),
 }
 
 
 def loadtest(settings: Settings, force: bool = False) -> int:
-    """Run the stage; the exit code is its SLO gate's."""
+    """Run the stage; the exit code is its SLO gate's (--rollback: 0 once restored)."""
+    if settings.loadtest.rollback:
+        from loadtest.writeback import rollback_run
+
+        return rollback_run(settings)
     from loadtest.stage import loadtest_run
 
     return loadtest_run(settings, force=force)[1]

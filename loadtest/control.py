@@ -31,8 +31,11 @@ class ServingConfig:
     preferred_batch_sizes: tuple[int, ...] | None = None
     instances: int | None = None
     max_queue_size: int | None = None  # 0: Triton's default queue policy (unbounded, no timeout)
+    max_batch_size: int | None = None  # a change reloads the model (the batch axis stays dynamic)
 
     def __post_init__(self) -> None:
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise AutoGLMError(f"max_batch_size={self.max_batch_size} must be >= 1 (the largest batch Triton forms)")
         if self.max_queue_delay_us is not None and self.max_queue_delay_us < 0:
             raise AutoGLMError(f"max_queue_delay_us={self.max_queue_delay_us} must be >= 0 (µs; 0 = no waiting)")
         if self.instances is not None and self.instances < 1:
@@ -53,6 +56,8 @@ class ServingConfig:
             parts.append(f"x{self.instances}")
         if self.max_queue_size is not None:
             parts.append(f"queue={self.max_queue_size or 'unbounded'}")
+        if self.max_batch_size is not None:
+            parts.append(f"max_batch={self.max_batch_size}")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,6 +70,11 @@ class ServingConfig:
 def override(base: dict[str, Any], cfg: ServingConfig) -> dict[str, Any]:
     """``base`` (a config from GET /v2/models/<m>/config) with ``cfg``'s knobs set; base is not modified."""
     out = copy.deepcopy(base)
+    if cfg.max_batch_size is not None:
+        if not out.get("max_batch_size"):
+            raise AutoGLMError(f"model '{cfg.model}' batches by itself (max_batch_size 0): leave it out of the "
+                               "batching knobs")
+        out["max_batch_size"] = cfg.max_batch_size
     if any(v is not None for v in (cfg.max_queue_delay_us, cfg.preferred_batch_sizes, cfg.max_queue_size)):
         batching = out.get("dynamic_batching")
         if batching is None:
@@ -151,6 +161,46 @@ class ModelControl:
         return {"applied": serving_knobs(got), "load_s": seconds}
 
 
+class LiveModels:
+    """The models a search touches on a live Triton: loaded on first use (from the repository on disk) and
+    given back as they were found by :meth:`restore` (unloaded when the search loaded them)."""
+
+    def __init__(self, control: ModelControl):
+        self.control = control
+        self.originals: dict[str, dict[str, Any]] = {}
+        self.loaded_here: list[str] = []
+
+    def base(self, model: str) -> dict[str, Any]:
+        """The config ``model`` had before the search touched it (loading it first when it is not loaded)."""
+        if model not in self.originals:
+            if not self.control.ready(model):
+                self.control.load(model)
+                self.loaded_here.append(model)
+            self.originals[model] = self.control.config(model)
+        return self.originals[model]
+
+    def apply(self, cfg: ServingConfig) -> dict[str, Any]:
+        """:meth:`ModelControl.apply` over the model's original config."""
+        return self.control.apply(cfg, self.base(cfg.model))
+
+    def restore(self, keep: str | None = None) -> None:
+        """Every touched model back to its original config (``keep`` stays loaded as it is now)."""
+        problems = []
+        for model, config in self.originals.items():
+            try:
+                if model == keep:
+                    continue
+                if model in self.loaded_here:
+                    self.control.unload(model)
+                else:
+                    self.control.load(model, config)  # the config found before, applied the same live way
+            except AutoGLMError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise AutoGLMError("could not restore Triton's models: " + "; ".join(problems)
+                               + ". Reload them from the repository (unload, then load) or restart Triton")
+
+
 def serving_knobs(config: dict[str, Any]) -> dict[str, Any]:
     """The swept knobs as Triton reports them in a config (HTTP JSON form)."""
     batching = config.get("dynamic_batching") or {}
@@ -158,7 +208,8 @@ def serving_knobs(config: dict[str, Any]) -> dict[str, Any]:
     return {"max_queue_delay_us": int(batching.get("max_queue_delay_microseconds", 0)),
             "preferred_batch_sizes": [int(b) for b in batching.get("preferred_batch_size", [])],
             "instances": int(groups[0].get("count", 1)),
-            "max_queue_size": int((batching.get("default_queue_policy") or {}).get("max_queue_size", 0))}
+            "max_queue_size": int((batching.get("default_queue_policy") or {}).get("max_queue_size", 0)),
+            "max_batch_size": int(config.get("max_batch_size", 0))}
 
 
 def _message(body: bytes) -> str:

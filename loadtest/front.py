@@ -16,7 +16,8 @@ from autoglm.energy import ensure_comparable
 from loadtest.latency import Slo
 
 TIE = 0.05  # capacities within 5% are a tie: run-to-run noise on a shared host is about that size
-CONFIG_FIELDS = ("model", "max_queue_delay_us", "preferred_batch_sizes", "instances", "max_queue_size")
+CONFIG_FIELDS = ("model", "max_queue_delay_us", "preferred_batch_sizes", "instances", "max_queue_size",
+                 "max_batch_size")
 ROW_FIELDS = ("id", "scenario", *CONFIG_FIELDS, "users",
               "requests", "failures", "rps", "p50_ms", "p95_ms", "p99_ms", "error_rate", "j_per_request",
               "energy_method", "mean_batch", "mean_queue_us", "mean_compute_us", "generator_saturated", "passed")
@@ -66,7 +67,7 @@ def pareto_front(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def config_key(row: dict[str, Any]) -> tuple:
     """The serving config a row was measured at (everything but the client side)."""
-    return tuple(tuple(row[k]) if isinstance(row[k], list) else row[k] for k in CONFIG_FIELDS)
+    return tuple(tuple(row[k]) if isinstance(row.get(k), list) else row.get(k) for k in CONFIG_FIELDS)
 
 
 def capacities(rows: Sequence[dict[str, Any]], slo: Slo) -> list[dict[str, Any]]:
@@ -89,16 +90,31 @@ def capacities(rows: Sequence[dict[str, Any]], slo: Slo) -> list[dict[str, Any]]
     return out
 
 
+def ranked(candidates: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Configs with a capacity, best first: the highest capacity per instance, where capacities within TIE of
+    the best remaining one count as equal and the lower J/request (then p95) goes first."""
+    inf = float("inf")
+    left = [c for c in candidates if c["capacity_per_instance_rps"]]
+    out = []
+    while left:
+        top = max(c["capacity_per_instance_rps"] for c in left)
+        close = [c for c in left if c["capacity_per_instance_rps"] >= (1 - TIE) * top]
+        chosen = min(close, key=lambda c: (c["j_per_request"] if c["j_per_request"] is not None else inf,
+                                           c["p95_ms"]))
+        out.append(chosen)
+        left.remove(chosen)
+    return out
+
+
 def recommend(rows: Sequence[dict[str, Any]], slo: Slo) -> dict[str, Any] | None:
     """The serving config to deploy (see the module docstring), with its capacity and why; None if none
     meets the SLO."""
     candidates = [c for c in capacities(rows, slo) if c["capacity_rps"] is not None]
     if not candidates:
         return None
+    chosen = ranked(candidates)[0]
     top = max(c["capacity_per_instance_rps"] for c in candidates)
     close = [c for c in candidates if c["capacity_per_instance_rps"] >= (1 - TIE) * top]
-    inf = float("inf")
-    chosen = min(close, key=lambda c: (c["j_per_request"] if c["j_per_request"] is not None else inf, c["p95_ms"]))
     why = (f"highest throughput per instance within the SLO (p95 <= {slo.p95_ms:g} ms, errors <= "
            f"{slo.error_rate:.2%}): {chosen['capacity_per_instance_rps']:.0f} req/s per instance"
            + (f"; {len(close)} configs within {TIE:.0%} of it, the lowest J/request chosen" if len(close) > 1 else ""))

@@ -45,7 +45,7 @@ def write_points_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
 
 def config_label(key: tuple) -> str:
     """A serving config (in CONFIG_FIELDS order) as a legend entry."""
-    model, delay, preferred, instances, queue = key
+    model, delay, preferred, instances, queue, max_batch = key
     parts = [model]
     if delay is not None:
         parts.append(f"delay {delay} µs")
@@ -55,6 +55,8 @@ def config_label(key: tuple) -> str:
         parts.append(f"×{instances}")
     if queue is not None:
         parts.append(f"queue {queue or 'unbounded'}")
+    if max_batch is not None:
+        parts.append(f"max batch {max_batch}")
     return ", ".join(parts)
 
 

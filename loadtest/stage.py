@@ -1,9 +1,11 @@
-"""``autoglm loadtest``: measure the running stack, sweep serving configs, report, and gate on the SLO.
+"""``autoglm loadtest``: measure the running stack, sweep or tune serving configs, report, and gate on the SLO.
 
 Reads ``repository/task.json`` (models, I/O, serving metadata) and the task's validation split;
 writes ``runs/<run>/loadtest/`` (payloads, per-point locust CSVs, ``points.csv``, ``report.json``,
-``tradeoff.png``, manifest with the capacity deploy scales on) and the release page
-``runs/<run>/report.html``. Returns the manifest and the gate's exit code (0 passed, 1 failed).
+``tradeoff.png``, manifest with the capacity deploy scales on and where it was measured) and the release
+page ``runs/<run>/report.html``; ``--tune`` (:mod:`loadtest.tuning`) adds its study in ``loadtest/tune/``
+and writes the verified config back into the repository. Returns the manifest and the gate's exit code
+(0 passed, 1 failed).
 """
 
 from __future__ import annotations
@@ -129,15 +131,25 @@ def loadtest_run(settings: Settings, force: bool = False, progress: bool = True)
     _reachable(host, "/v2/health/live" if host == triton_url else "/healthz")
     slo = Slo(settings.loadtest.slo_p95_ms, settings.loadtest.slo_error_rate)
     built = build_payloads(settings, task_info, options.samples, options.per_request, options.generate_tokens)
+    urls = (triton_url,) if options.scenario == "triton" else (gateway_url, triton_url)
+    energy = EnergySource(settings.measure.energy, settings.measure.watts_per_core, urls=urls, pids=tuple(options.pids))
+    if options.tune.enabled:
+        from loadtest.tuning import precheck
+
+        precheck(settings, task_info, model, energy)
     writer.invalidate()
     shutil.rmtree(writer.dir / "points", ignore_errors=True)  # a re-run must not list an older run's windows
     payloads = write_payloads(writer.path("payloads.json"), built)
-    urls = (triton_url,) if options.scenario == "triton" else (gateway_url, triton_url)
-    energy = EnergySource(settings.measure.energy, settings.measure.watts_per_core, urls=urls, pids=tuple(options.pids))
     control = ModelControl(triton_url)
     show = _printer(progress)
     common = {"payloads": payloads, "metrics_url": metrics_url, "energy": energy}
-    if options.sweep:
+    tuned = None
+    if options.tune.enabled:
+        from loadtest.tuning import tune_run
+
+        tuned = tune_run(run, writer, settings, task_info, model, host, common, slo, _key(options), progress)
+        points = []
+    elif options.sweep:
         configs = serving_configs(sweep_models(task_info, options.grid.variants, model), options.grid)
         users = options.grid.concurrency(settings.loadtest.users)
         if progress:
@@ -153,11 +165,25 @@ def loadtest_run(settings: Settings, force: bool = False, progress: bool = True)
                    **run_window(spec, writer.dir / "points" / "p00", triton_model=model, **common)}]
         show(points[0])
     overhead = None
-    if options.overhead and options.scenario not in ("triton", "generate"):
+    if options.overhead and options.scenario not in ("triton", "generate") and not tuned:
         overhead = _measure_overhead(points, options, settings, model, control, common, writer.dir / "points", slo)
         if progress:
             print(f"  gateway overhead: {overhead['summary']}")
-    return _finish(run, writer, settings, options, task_info, points, overhead, slo, energy, progress)
+    return _finish(run, writer, settings, options, task_info, points, overhead, slo, energy, progress, tuned)
+
+
+def _capacity_record(settings: Settings, rows: list[dict]) -> dict[str, Any]:
+    """Flavour, device kind and host of the measured model, from the config Triton reports for it now."""
+    from loadtest.writeback import capacity_record
+
+    model = next((r["model"] for r in rows if r.get("model")), None)
+    live = None
+    if model:
+        try:
+            live = ModelControl(settings.loadtest.urls(settings.serve)[1]).config(model)
+        except AutoGLMError:
+            live = None  # Triton gone since the window: fall back to what serve was told
+    return capacity_record(settings, live)
 
 
 def _key(options: LoadtestSettings) -> str | None:
@@ -192,15 +218,21 @@ def _reachable(base: str, probe: str) -> None:
 
 def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: LoadtestSettings, task_info: dict,
             points: list[dict], overhead: dict | None, slo: Slo, energy: EnergySource,
-            progress: bool) -> tuple[Manifest, int]:
-    rows = [point_row(p) for p in points]
+            progress: bool, tuned: dict | None = None) -> tuple[Manifest, int]:
+    from loadtest import tuning
+
+    rows = [point_row(p) for p in points] if tuned is None else [
+        tuning.trial_point_row(r, options.scenario) for r in tuned["trials"]]
     try:
         method = ensure_comparable([{"method": r["energy_method"]} for r in rows if r["energy_method"]])
         front = pareto_front(rows)
     except ValueError as exc:  # a meter changed mid-run (e.g. NVML lost): the joules are not comparable
         raise AutoGLMError(f"{exc}; the windows are kept in {writer.dir / 'points'}") from exc
-    recommended = recommend(rows, slo)
-    if options.sweep:
+    recommended = recommend(rows, slo) if tuned is None else tuning.recommended_of(tuned["verified"], slo, options.tune)
+    if tuned is not None:
+        front = [f"t{n:03d}" for n in tuned["study"]["front"]]
+        reasons = [] if recommended else [tuning.no_config_reason(tuned)]
+    elif options.sweep:
         reasons = [] if recommended else ["no serving config met the SLO at any measured concurrency"]
     else:
         reasons = points[0]["slo"]["breaches"]
@@ -217,9 +249,13 @@ def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: Loadt
             "is not counted" if estimated
             else "a hardware counter over each measured window (the whole device or host)" if method
             else f"unavailable: {energy.unavailable}")
-    source = ("the sweep: the best SLO-compliant window of the recommended config" if options.sweep
-              else f"one window at {settings.loadtest.users} users: a lower bound (run --sweep for the capacity)")
-    report = {"run": run.name, "task": task_info["task"], "mode": "sweep" if options.sweep else "single",
+    mode = "tune" if tuned is not None else "sweep" if options.sweep else "single"
+    source = {"tune": "the tune study: the verified config's steady window at its capacity concurrency",
+              "sweep": "the sweep: the best SLO-compliant window of the recommended config",
+              "single": f"one window at {settings.loadtest.users} users: a lower bound (run --sweep or --tune for "
+                        "the capacity)"}[mode]
+    record = tuned["capacity_record"] if tuned is not None else _capacity_record(settings, rows)
+    report = {"run": run.name, "task": task_info["task"], "mode": mode, **record, "tune": tuned,
               "scenario": options.scenario, "shape": options.shape, "slo": {"p95_ms": slo.p95_ms,
               "error_rate": slo.error_rate}, "gate": {"passed": not reasons, "reasons": reasons},
               "energy_method": method, "energy_label": energy_label(method), "energy_note": note,
@@ -231,6 +267,9 @@ def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: Loadt
     plot_tradeoff(writer.dir / "tradeoff.png", rows, front, slo.p95_ms,
                   recommended["point"] if recommended else None)
     page = write_release_page(run, task_info["task"])
+    written = None
+    if tuned is not None and recommended and options.tune.write_back:
+        written = tuning.write_back_verified(run, writer, recommended, tuned["study"], settings, progress)
     for path in sorted(writer.dir.rglob("*")):
         if path.is_file() and path.name != "manifest.json":
             writer.add_output(str(path.relative_to(writer.dir)))
@@ -244,7 +283,10 @@ def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: Loadt
         "capacity_per_instance_rps": rec.get("capacity_per_instance_rps"), "capacity_source": source,
         "instances": (rec.get("config") or {}).get("instances"), "p95_ms": rec.get("p95_ms"),
         "j_per_request": rec.get("j_per_request"), "energy_method": method, "front": front,
-        "points": len(rows), "release_page": str(page.relative_to(run.path))}
+        "points": len(rows), "release_page": str(page.relative_to(run.path)), **record}
+    if tuned is not None:
+        writer.manifest.metrics |= {"study": tuned["study"], "written_back": written,
+                                    "baseline": tuning.baseline_summary(tuned["baseline"])}
     manifest = writer.commit()
     track_stage(settings, writer.dir, ("manifest.json", "report.json", "../report.html"))  # and the release page
     if progress:

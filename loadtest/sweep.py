@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from autoglm.errors import AutoGLMError
-from loadtest.control import ModelControl, ServingConfig
+from loadtest.control import LiveModels, ModelControl, ServingConfig
 from loadtest.energy_join import EnergySource
 from loadtest.latency import Slo
 from autoglm.config import SweepGrid
@@ -54,17 +54,11 @@ def run_sweep(control: ModelControl, configs: list[ServingConfig], users: list[i
               api_key: str | None = None) -> list[dict[str, Any]]:
     """Measure every (config, users) pair; returns the joined windows, each with ``id``, ``config``
     and ``applied`` (what Triton reported after the change)."""
-    originals: dict[str, dict[str, Any]] = {}
-    loaded_here: list[str] = []
+    live = LiveModels(control)
     points: list[dict[str, Any]] = []
     try:
         for cfg in configs:
-            if cfg.model not in originals:
-                if not control.ready(cfg.model):
-                    control.load(cfg.model)  # from the repository on disk
-                    loaded_here.append(cfg.model)
-                originals[cfg.model] = control.config(cfg.model)
-            applied = control.apply(cfg, originals[cfg.model])
+            applied = live.apply(cfg)
             for n in users:
                 point_id = f"p{len(points):02d}"
                 spec = LoadSpec(scenario, host, cfg.model, users=n, duration_s=window_s, warmup_s=warmup_s, slo=slo,
@@ -77,22 +71,7 @@ def run_sweep(control: ModelControl, configs: list[ServingConfig], users: list[i
                     progress(point)
     except BaseException:
         with contextlib.suppress(AutoGLMError):  # the failure that stopped the sweep is the one to report
-            _restore(control, originals, loaded_here)
+            live.restore()
         raise
-    _restore(control, originals, loaded_here)
+    live.restore()
     return points
-
-
-def _restore(control: ModelControl, originals: dict[str, dict[str, Any]], loaded_here: list[str]) -> None:
-    problems = []
-    for model, config in originals.items():
-        try:
-            if model in loaded_here:
-                control.unload(model)
-            else:
-                control.load(model, config)  # the config found before the sweep, applied the same live way
-        except AutoGLMError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise AutoGLMError("the sweep could not restore Triton's models: " + "; ".join(problems)
-                           + ". Reload them from the repository (unload, then load) or restart Triton")

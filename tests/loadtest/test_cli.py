@@ -78,3 +78,18 @@ def test_locust_command_paths_are_absolute_because_locust_runs_in_the_point_dire
     for flag in ("--payloads", "--window-file", "--csv"):
         value = cmd[cmd.index(flag) + 1]
         assert Path(value).is_absolute() and value.startswith(str(tmp_path))
+
+
+def test_tune_flags_become_the_study_settings():
+    from autoglm.config import LoadtestTuneSettings
+
+    options = _options("--tune", "--trials", "5", "--sampler", "random", "--seed", "3", "--tune-variants", "fp32,int8",
+                       "--max-batch", "16,32", "--delay-range", "0,2000", "--instance-range", "1,3",
+                       "--preferred-options", "none;4;8,16", "--step", "2", "--verify", "6", "--no-write-back")
+    assert options.tune == LoadtestTuneSettings(
+        enabled=True, n_trials=5, sampler="random", seed=3, variants=["fp32", "int8"], max_batch_size=(16, 32),
+        max_queue_delay_us=(0, 2000), instances=(1, 3), preferred_batch_sizes=[[], [4], [8, 16]], step_s=2,
+        verify_s=6, write_back=False)
+    assert _options("--rollback").rollback
+    with pytest.raises(argparse.ArgumentTypeError, match="range LOW,HIGH"):
+        cli._pair("8")

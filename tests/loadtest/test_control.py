@@ -26,7 +26,7 @@ def test_override_changes_only_the_swept_knobs():
                                        instances=3))
     assert original == BASE  # the base is reused for every config: never modified
     assert serving_knobs(out) == {"max_queue_delay_us": 2000, "preferred_batch_sizes": [8, 16], "instances": 3,
-                                  "max_queue_size": 256}
+                                  "max_queue_size": 256, "max_batch_size": BASE["max_batch_size"]}
     assert out["parameters"] == BASE["parameters"] and out["instance_group"][0]["kind"] == "KIND_CPU"
 
 

@@ -52,7 +52,7 @@ def test_recommendation_is_highest_throughput_per_instance():
     chosen = recommend(rows, SLO)
     assert chosen["point"] == "one" and chosen["capacity_per_instance_rps"] == 1000
     assert chosen["config"] == {"model": "m-fp32", "max_queue_delay_us": 0, "preferred_batch_sizes": None,
-                                "instances": 1, "max_queue_size": None}
+                                "instances": 1, "max_queue_size": None, "max_batch_size": None}
     assert "per instance" in chosen["why"]
 
 

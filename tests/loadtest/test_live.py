@@ -13,7 +13,7 @@ import pytest
 
 from autoglm.artifacts import RunDir
 from loadtest.control import ModelControl, serving_knobs
-from autoglm.config import SweepGrid
+from autoglm.config import LoadtestTuneSettings, SweepGrid
 from loadtest.stage import loadtest_run
 
 pytestmark = [pytest.mark.integration,
@@ -131,6 +131,8 @@ def test_ten_second_run_writes_csvs_report_and_release_page(release_run, stack):
     ({"model": "nope"}, "nope"),
     ({"target": "http://127.0.0.1:9"}, "nothing answers at http://127.0.0.1:9"),
     ({"target": "http://127.0.0.1:abc"}, r"is not an http\(s\) URL with a host and port"),
+    ({"scenario": "triton", "triton_url": "http://127.0.0.1:9", "tune": LoadtestTuneSettings(enabled=True)},
+     "nothing answers at http://127.0.0.1:9"),
 ])
 def test_a_bad_model_or_target_is_refused_and_the_last_measurement_kept(release_run, stack, change, message):
     from autoglm.errors import AutoGLMError
@@ -221,3 +223,88 @@ def test_sweep_reconfigures_live_triton_and_batches_follow_the_queue_delay(relea
     assert serving_knobs(control.config(model)) == before  # the sweep put the model back as it found it
     assert manifest.metrics["capacity_per_instance_rps"] > 0 and manifest.metrics["recommended"]["model"] == model
     assert set(manifest.metrics["front"]) <= {"p00", "p01"} and manifest.metrics["front"]
+
+
+def _tuning(settings, stack, **tune):
+    """``settings`` for a short --tune study straight to Triton (by default a 2-step ladder of 1 s steps)."""
+    options = {"enabled": True, "steps": 2, "step_s": 1, "verify_s": 1, **tune}
+    return _with(settings, stack, scenario="triton", overhead=False, users=4, tune=LoadtestTuneSettings(**options))
+
+
+def _repository_files(run):
+    repo = run.stage_dir("repository")
+    return {str(p.relative_to(repo)): p.read_bytes() for p in repo.rglob("*")
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def test_tune_changes_the_live_config_writes_the_verified_one_back_and_rollback_restores_it(release_run, stack,
+                                                                                           tmp_path):
+    from loadtest.control import ServingConfig
+    from serve.triton import TritonServer, free_port
+
+    triton, run = stack["triton"], RunDir(release_run.run.root, "rel")
+    control = ModelControl(triton.http_url)
+    model = json.loads((run.stage_dir("repository") / "task.json").read_text())["recommended"]
+    # the baseline is what Triton serves now: a live config the repository does not hold
+    control.apply(ServingConfig(model, 1500, (4,), 1, 0, 32), control.config(model))
+    before, started = _repository_files(run), triton.pid
+    # a grid of one config besides the baseline: int8, max batch 16, no preferred sizes, 500 µs
+    settings = _tuning(release_run, stack, n_trials=2, sampler="grid", variants=["int8"], max_batch_size=(16, 16),
+                       preferred_batch_sizes=[[]], max_queue_delay_us=(500, 500), instances=(1, 1))
+    try:
+        manifest, code = loadtest_run(_with(settings, slo_p95_ms=1000), force=True)
+
+        report = json.loads((run.stage_dir("loadtest") / "report.json").read_text())
+        trials = report["tune"]["trials"]
+        assert code == 0 and triton.pid == started and len(trials) == 2  # live: the same server process
+        assert trials[0]["baseline"] and trials[0]["applied"]["max_queue_delay_us"] == 1500
+        assert trials[1]["applied"] == {"max_queue_delay_us": 500, "preferred_batch_sizes": [16], "instances": 1,
+                                        "max_queue_size": 0, "max_batch_size": 16}  # what Triton reported
+        assert all(t["mean_batch"] >= 1 and t["j_per_request"] > 0 for t in trials)
+        assert (run.stage_dir("loadtest") / "tune" / "study.journal").stat().st_size > 0
+        verified = manifest.metrics["recommended"]
+        assert verified["max_queue_delay_us"] in (1500, 500) and manifest.metrics["capacity_per_instance_rps"] > 0
+        assert manifest.metrics["capacity_flavour"] == "python" and manifest.metrics["device_kind"] == "cpu"
+        assert run.state("repository") == "complete" and run.state("loadtest") == "complete"
+        serving = run.manifest("repository").metrics["serving"]
+        assert serving["verified"]["model"] == verified["model"] and serving["previous"]["recommended"] == model
+
+        restarted = TritonServer(run.stage_dir("repository") / "python", workdir=tmp_path, http_port=free_port(),
+                                 grpc_port=free_port(), metrics_port=free_port())
+        with restarted.start(timeout_s=90):  # what `autoglm serve` starts from the written repository
+            fresh = ModelControl(restarted.http_url)
+            served = serving_knobs(fresh.config(verified["model"]))
+            assert {k: served[k] for k in ("max_queue_delay_us", "max_batch_size", "instances")} == \
+                {k: verified[k] for k in ("max_queue_delay_us", "max_batch_size", "instances")}
+
+            from loadtest.__main__ import main
+
+            assert main(["--run", "rel", "--set", f"run.root='{release_run.run.root}'", "--rollback"]) == 0
+
+            assert _repository_files(run) == before and run.state("repository") == "complete"
+            fresh.unload(verified["model"])
+            fresh.load(verified["model"])  # from the rolled-back files
+            assert serving_knobs(fresh.config(verified["model"]))["max_queue_delay_us"] == 0
+    finally:
+        models = json.loads((run.stage_dir("repository") / "task.json").read_text())["models"]
+        for name in set(models.values()):
+            if control.ready(name):  # the stack back on the repository's own config for the other tests
+                control.unload(name)
+                control.load(name)
+
+
+def test_tune_with_an_slo_no_config_meets_writes_the_study_and_report_exits_1_and_leaves_the_repository(
+        release_run, stack):
+    run = RunDir(release_run.run.root, "rel")
+    before = run.manifest_path("repository").read_bytes()
+
+    settings = _tuning(release_run, stack, n_trials=1, variants=[], steps=1, users=2)  # one 1 s step
+    manifest, code = loadtest_run(_with(settings, slo_p95_ms=0.001), force=True)
+
+    report = json.loads((run.stage_dir("loadtest") / "report.json").read_text())
+    assert code == 1 and not report["gate"]["passed"]
+    assert "no serving config held the SLO" in report["gate"]["reasons"][0]
+    assert report["tune"]["study"]["measured"] == 1 and report["tune"]["verified"] is None
+    assert (run.stage_dir("loadtest") / report["tune"]["study"]["journal"]).is_file()
+    assert manifest.metrics["gate_passed"] is False and manifest.metrics["written_back"] is None
+    assert run.manifest_path("repository").read_bytes() == before
