@@ -227,18 +227,31 @@ def _pre_process(src: Path, workdir: Path) -> Path:
 
 
 # ORT's symbolic shape inference saves the half-inferred model into the *current directory* when it gives up
-# (onnxruntime/tools/symbolic_shape_infer.py); a model's worth of litter in the user's cwd, removed here
-_SHAPE_DUMP = ("sym_shape_infer_temp.onnx", "sym_shape_infer_temp.onnx.data")
+# (onnxruntime/tools/symbolic_shape_infer.py), its weights in a uuid-named .data file beside it: a model's worth
+# of litter in the user's cwd, removed here
+_SHAPE_DUMP = Path("sym_shape_infer_temp.onnx")
 
 
 @contextlib.contextmanager
 def _no_shape_dump():
-    left = [Path(name) for name in _SHAPE_DUMP if not Path(name).exists()]  # never remove a user's own file
+    if _SHAPE_DUMP.exists():  # never remove a user's own file
+        yield
+        return
     try:
         yield
     finally:
-        for path in left:
-            path.unlink(missing_ok=True)
+        if _SHAPE_DUMP.exists():
+            import onnx
+
+            for location in _external_data_files(onnx.load(str(_SHAPE_DUMP), load_external_data=False)):
+                Path(location).unlink(missing_ok=True)
+            _SHAPE_DUMP.unlink()
+
+
+def _external_data_files(model) -> set[str]:
+    """The files an ONNX model's initializers point to (locations relative to the model's directory)."""
+    return {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
+            if entry.key == "location"}
 
 
 def quantize(src: Path | str, dst: Path | str, recipe: QuantRecipe | str,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
@@ -150,20 +149,30 @@ def test_charlm_dynamic_and_static_matmul_keep_val_loss(charlm_onnx, tmp_path):
     assert charlm_loss(static) == pytest.approx(fp32, rel=0.02)
 
 
-def test_a_failed_shape_inference_leaves_no_dump_in_the_working_directory(digits_onnx, tmp_path, monkeypatch):
+def test_a_failed_shape_inference_leaves_no_dump_in_the_working_directory(charlm_onnx, tmp_path, monkeypatch):
+    import onnx
     import onnxruntime.quantization.shape_inference as shape_inference
 
     def gives_up(src, out, skip_symbolic_shape=False, **_):
-        # what ORT's symbolic shape inference does when it gives up: the half-inferred model into the cwd
-        for name in ("sym_shape_infer_temp.onnx", "sym_shape_infer_temp.onnx.data"):
-            Path(name).write_bytes(b"x")
+        # what ORT's symbolic shape inference does when it gives up: the half-inferred model into the cwd,
+        # its weights in a uuid-named file beside it
+        onnx.save_model(onnx.load(src), "sym_shape_infer_temp.onnx", save_as_external_data=True)
         raise RuntimeError("Incomplete symbolic shape inference")
 
     monkeypatch.chdir(tmp_path)
-    mine = tmp_path / "sym_shape_infer_temp.onnx.data"
-    mine.write_bytes(b"the user's own")  # existed before the call: not ours to remove
+    (tmp_path / "mine.data").write_bytes(b"the user's own")
     monkeypatch.setattr(shape_inference, "quant_pre_process", gives_up)
-    dst = quantize(digits_onnx, tmp_path / "int8.onnx", recipe_for(digits_onnx, "dynamic"))
+    dst = quantize(charlm_onnx, tmp_path / "out" / "int8.onnx", recipe_for(charlm_onnx, "dynamic"))
     assert dst.is_file()  # quantized from the raw graph
-    assert not (tmp_path / "sym_shape_infer_temp.onnx").exists()
-    assert mine.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.data", "out"]
+
+
+def test_a_dump_name_the_user_had_is_left_alone(charlm_onnx, tmp_path, monkeypatch):
+    import onnxruntime.quantization.shape_inference as shape_inference
+
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "sym_shape_infer_temp.onnx"
+    mine.write_bytes(b"the user's own")
+    monkeypatch.setattr(shape_inference, "quant_pre_process", lambda *a, **k: (_ for _ in ()).throw(RuntimeError()))
+    quantize(charlm_onnx, tmp_path / "int8.onnx", recipe_for(charlm_onnx, "dynamic"))
+    assert mine.read_bytes() == b"the user's own"
