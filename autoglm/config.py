@@ -598,6 +598,11 @@ class DeploySettings(Section):
         default_factory=dict, description="labels on them that Prometheus' serviceMonitorSelector and "
         "podMonitorSelector match, e.g. {release = 'kube-prometheus-stack'}")
     ingress: IngressSettings = Field(default_factory=IngressSettings)
+    triton_image: str | None = Field(
+        None, pattern=r"^[a-z0-9][a-z0-9./_:-]*:[A-Za-z0-9_][A-Za-z0-9._-]*$", description="the Triton server image the "
+        "overlay runs, with its tag, "
+        "e.g. nvcr.io/nvidia/tritonserver:25.11-py3; None: 24.10-py3 for cpu (the server version tested here), a "
+        "current release for gpu (deploy.release.TRITON_IMAGES)")
     allow_capacity_mismatch: bool = Field(False, description="use loadtest's capacity even when it was measured on "
                                           "another repository flavour or device kind than the overlay serves (the "
                                           "capacity source says so); false: the default capacity instead")

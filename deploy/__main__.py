@@ -11,6 +11,7 @@ from autoglm.errors import ConfigError
 FLAGS = {
     "--env": Flag("deploy.env", "cpu or gpu"),
     "--registry": Flag("deploy.registry", "where the gateway, model and tune images live"),
+    "--triton-image": Flag("deploy.triton_image", "the Triton server image, with its tag (default: per --env)"),
     "--namespace": Flag("deploy.namespace", "Kubernetes namespace of the stack"),
     "--monitoring-namespace": Flag("deploy.monitoring_namespace", "namespace of Prometheus and prometheus-adapter "
                                    "(NetworkPolicy, adapter rules)"),

@@ -23,7 +23,10 @@ from autoglm.artifacts import RunDir, sha256_file, verify_outputs
 from autoglm.errors import AutoGLMError, IntegrityError
 from deploy.capacity import Capacity, Target, capacity_for, serving_target
 
-TRITON_NGC_TAG = "24.10-py3"  # Triton 2.51, the server version bundled in nvidia-pytriton and tested here
+# the NGC Triton each overlay runs unless deploy.triton_image names one. CPU: Triton 2.51, the server version
+# bundled in nvidia-pytriton and tested here; GPU: a current release, whose CUDA and TensorRT know current GPUs
+# (the 2.51 container's CUDA 12.6 predates Blackwell) and whose ONNX Runtime backend reads the same config.pbtxt
+TRITON_IMAGES = {"cpu": "nvcr.io/nvidia/tritonserver:24.10-py3", "gpu": "nvcr.io/nvidia/tritonserver:25.11-py3"}
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout (or site-packages) the packages come from
 BUILD_FILES = ("pyproject.toml", "constraints.txt", "README.md")  # what each Dockerfile copies besides packages
 # image -> the packages its Dockerfile (deploy/images/Dockerfile.<image>) copies; tests hold the two together
@@ -53,11 +56,12 @@ class Images:
     tune: str
 
     @classmethod
-    def for_release(cls, registry: str, run: str, repository_sha: str, root: Path = SOURCE_ROOT) -> Images:
+    def for_release(cls, registry: str, run: str, repository_sha: str, root: Path = SOURCE_ROOT, *,
+                    triton: str = TRITON_IMAGES["cpu"]) -> Images:
         registry = registry.rstrip("/")
         return cls(gateway=f"{registry}/autoglm-gateway:{code_tag('gateway', root)}",
                    models=f"{registry}/autoglm-models:{run}-{repository_sha[:12]}",
-                   triton=f"nvcr.io/nvidia/tritonserver:{TRITON_NGC_TAG}",
+                   triton=triton,
                    tune=f"{registry}/autoglm-tune:{code_tag('tune', root)}")
 
 
@@ -77,8 +81,8 @@ class Release:
     run_config: dict[str, Any] = field(default_factory=dict)  # the run's resolved config (for tune workers)
     target: Target | None = None  # where the rendered overlay serves the recommended model
 
-    def images(self, registry: str) -> Images:
-        return Images.for_release(registry, self.run, self.repository_sha)
+    def images(self, registry: str, triton: str = TRITON_IMAGES["cpu"]) -> Images:
+        return Images.for_release(registry, self.run, self.repository_sha, triton=triton)
 
 
 def read_release(run: RunDir, env: str = "cpu", allow_capacity_mismatch: bool = False) -> Release:

@@ -27,7 +27,7 @@ from deploy import k8s
 from deploy.compose import compose_tree
 from deploy.k8s.serving import GATEWAY_GRPC_PORT, GATEWAY_PORT, PORTS, Cluster
 from deploy.k8s.tune import worker_data
-from deploy.release import Images, Release, read_release
+from deploy.release import TRITON_IMAGES, Images, Release, read_release
 
 KEYS_FILE = "api-keys.sha256"  # name:sha256 lines, kept across renders of a run (hashes only)
 KUSTOMIZE_TIMEOUT_S = 60
@@ -129,7 +129,7 @@ def render_run(settings: Settings, force: bool = False) -> Manifest:
     release = read_release(run, options.env, options.allow_capacity_mismatch)
     rules = rules_from(settings.serve.autoscale_rules, options.autoscale,
                        key="serve.autoscale_rules + deploy.autoscale")
-    images = release.images(options.registry)
+    images = release.images(options.registry, options.triton_image or TRITON_IMAGES[options.env])
     cluster = Cluster(namespace=options.namespace, monitoring_namespace=options.monitoring_namespace)
     n_trials = options.tune_trials or int(release.run_config.get("tune", {}).get("n_trials", settings.tune.n_trials))
     if options.api_keys_file is not None and not options.api_keys_file.is_file():

@@ -219,7 +219,7 @@ def test_kustomize_builds_serving_and_tune(rendered, edge):
     objects = dict(((o["kind"], o["metadata"]["name"]), o) for _, o in _objects(rendered / "gpu"))
     triton = objects[("Deployment", "autoglm-triton")]["spec"]["template"]["spec"]
     assert triton["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"  # the overlay applied
-    assert triton["containers"][0]["image"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    assert triton["containers"][0]["image"] == "nvcr.io/nvidia/tritonserver:25.11-py3"  # gpu: a current release
     gateway = objects[("Deployment", "autoglm-gateway")]["spec"]["template"]["spec"]
     secret = next(name for kind, name in objects if kind == "Secret")
     assert gateway["volumes"][0]["secret"]["secretName"] == secret  # kustomize's hashed name, rewired

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from autoglm import __version__
 from autoglm.artifacts import sha256_file
@@ -14,7 +15,7 @@ from autoglm.config import DeploySettings, load_settings
 from autoglm.errors import AutoGLMError, ConfigError
 from deploy import render_run
 from deploy.__main__ import main
-from deploy.release import code_tag
+from deploy.release import TRITON_IMAGES, code_tag
 from deploy.render import find_kubectl
 from tests.deploy.conftest import complete_loadtest, publish_repository
 
@@ -72,6 +73,28 @@ def test_release_facts_come_from_the_artifacts(published):
     pins = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in overlay["images"]}
     assert pins["autoglm-models"] == metrics["images"]["models"]
     assert pins["nvcr.io/nvidia/tritonserver"] == "nvcr.io/nvidia/tritonserver:24.10-py3"
+
+
+
+def test_triton_image_per_overlay_and_from_the_config(published):
+    def pinned(**options):
+        manifest, out = _render(published, **options)
+        env = options.get("env", "cpu")
+        overlay = yaml.safe_load((out / f"k8s/overlays/{env}/kustomization.yaml").read_text())
+        pins = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in overlay["images"]}
+        assert manifest.metrics["images"]["triton"] == pins["nvcr.io/nvidia/tritonserver"]
+        return pins["nvcr.io/nvidia/tritonserver"]
+
+    assert pinned(env="gpu") == TRITON_IMAGES["gpu"] != TRITON_IMAGES["cpu"]
+    mirror = "mirror.example.com:5000/nvidia/tritonserver:25.09-py3"
+    assert pinned(env="gpu", triton_image=mirror) == mirror  # registry port kept apart from the tag
+
+
+@pytest.mark.parametrize("image", ["nvcr.io/nvidia/tritonserver", "mirror.example.com:5000/tritonserver",
+                                   "Tritonserver:25.11"])
+def test_a_triton_image_without_a_tag_is_refused(image):
+    with pytest.raises(ValidationError, match="triton_image"):
+        DeploySettings(triton_image=image)
 
 
 def test_gateway_settings_hold_only_key_hashes(published, tmp_path):
