@@ -210,7 +210,7 @@ def _serve(proof: Proof) -> list[Table]:
     from autoglm.energy import energy_meter
     from autoglm.tasks.predict import torch_predictor
     from compress.stage import compress_run
-    from compress.triton_config import parse_pbtxt
+    from autoglm.triton_config import parse_pbtxt
     from serve.settings import GatewaySettings
     from serve.supervisor import GatewayProcess
     from serve.triton import TritonServer, free_port

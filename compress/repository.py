@@ -1,4 +1,4 @@
-"""Triton model repository writer: typed configs (:mod:`compress.triton_config`) and model files -> version
+"""Triton model repository writer: typed configs (:mod:`autoglm.triton_config`) and model files -> version
 directories; and the compress stage's repository, one model per accepted variant in both flavours.
 
 Layout written by :func:`write_model`::
@@ -22,8 +22,8 @@ from autoglm.detokenizer import TABLE_FILE
 from autoglm.errors import ConfigError
 from autoglm.tasks import IOSpec, TensorSpec
 from autoglm.text_codec import decode_table
-from compress.triton_config import (DynamicBatching, InstanceGroup, ModelConfig, TensorRTAccelerator, render_pbtxt,
-                                    serving_instances)
+from autoglm.triton_config import (DynamicBatching, InstanceGroup, ModelConfig, TensorRTAccelerator, render_pbtxt,
+                                   serving_instances)
 
 if TYPE_CHECKING:
     from compress.recommend import Recommendation

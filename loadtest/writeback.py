@@ -1,13 +1,13 @@
 """The verified serving config written back into the run's Triton repository, its rollback, and capacity records.
 
-A write-back regenerates every published variant's ``config.pbtxt`` (python and native flavours) from
-compress's typed objects (:mod:`compress.triton_config`) with the verified knobs, names the verified
+A write-back sets the verified knobs in every published variant's ``config.pbtxt`` (python and native
+flavours; :func:`autoglm.triton_config.with_serving_knobs` keeps the rest as compress wrote it), names the verified
 variant in ``task.json``, and rewrites the repository manifest: new output hashes (the stage stays
 complete), ``config["triton"]`` with the knobs, ``metrics["serving"]`` with the lineage (the loadtest
 report that chose it) and the config it replaced. ``autoglm loadtest --rollback`` restores that one.
 
-Before anything is written, the current files are regenerated from the manifest's own config and must
-come out byte for byte as they are: a repository written some other way is refused, never half-rewritten.
+Before anything is written, the current files with the manifest's own knobs set must come out byte for byte
+as they are: a repository whose configs disagree with its manifest is refused, never half-rewritten.
 The generation model (it batches by itself) is left as it is.
 """
 
@@ -23,11 +23,10 @@ from urllib.parse import urlsplit
 from autoglm.artifacts import RunDir, atomic_output, sha256_file, verify_outputs, write_atomic
 from autoglm.config import Settings, TritonModelSettings
 from autoglm.errors import AutoGLMError
-from autoglm.tasks import IOSpec, TensorSpec
 
 SOURCE, ROLLBACK = "loadtest --tune", "loadtest --rollback"
 KNOBS = ("max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "instances")
-FLAVOURS = (("python", "python"), ("native", "onnxruntime"))  # repository folder, flavour of an ONNX model
+FLAVOURS = ("python", "native")  # the repository folders compress writes
 
 
 def capacity_record(settings: Settings, live_config: dict[str, Any] | None) -> dict[str, Any]:
@@ -49,37 +48,24 @@ def capacity_record(settings: Settings, live_config: dict[str, Any] | None) -> d
     return {"capacity_flavour": flavour, "device_kind": kind, "host": host}
 
 
-def _io(task_info: dict[str, Any]) -> IOSpec:
-    def specs(items: list[dict]) -> tuple[TensorSpec, ...]:
-        return tuple(TensorSpec(s["name"], s["dtype"], tuple(s["shape"])) for s in items)
-
-    return IOSpec(specs(task_info["io"]["inputs"]), specs(task_info["io"]["outputs"]))
-
-
 def render_configs(repo: Path, task_info: dict[str, Any], triton: dict[str, Any]) -> dict[str, str]:
     """``config.pbtxt`` text (by path relative to ``repo``) of every published variant in every flavour present,
-    for the ``triton`` knobs, built the way compress builds them."""
-    from compress.triton_config import DynamicBatching, InstanceGroup, ModelConfig, render_pbtxt
+    with the ``triton`` serving knobs and everything else as compress wrote it (device placement included)."""
+    from autoglm.triton_config import DynamicBatching, with_serving_knobs
 
     try:
         t = TritonModelSettings(**triton)
     except ValueError as exc:
         raise AutoGLMError(f"serving config {triton} cannot be written: {exc}") from None
-    io, texts = _io(task_info), {}
     batching = DynamicBatching(max_queue_delay_us=t.max_queue_delay_us,
                                preferred_batch_sizes=tuple(t.preferred_batch_sizes), max_queue_size=t.max_queue_size)
+    texts = {}
     for name in sorted(set(task_info["models"].values())):
-        for folder, onnx_flavour in FLAVOURS:
-            model_dir = repo / folder / name
-            if not (model_dir / "config.pbtxt").is_file():
-                continue
-            engine = any(model_dir.glob("*/model.plan"))
-            flavour, kind = ("tensorrt", "gpu") if engine else (onnx_flavour, "cpu")
-            cfg = ModelConfig(name=name, io=io, flavour=flavour, max_batch_size=t.max_batch_size,
-                              dynamic_batching=batching, instance_group=InstanceGroup(t.instances, kind),
-                              parameters={} if engine else {"intra_op_threads": str(t.intra_op_threads)},
-                              warmup_batch_sizes=(1,))
-            texts[f"{folder}/{name}/config.pbtxt"] = render_pbtxt(cfg)
+        for folder in FLAVOURS:
+            config = repo / folder / name / "config.pbtxt"
+            if config.is_file():
+                texts[f"{folder}/{name}/config.pbtxt"] = with_serving_knobs(
+                    config.read_text(), max_batch_size=t.max_batch_size, batching=batching, instances=t.instances)
     return texts
 
 
@@ -92,8 +78,8 @@ def _checked(run: RunDir):
     drift = [rel for rel, text in render_configs(repo, task_info, manifest.config["triton"]).items()
              if (repo / rel).read_text() != text]
     if drift:
-        raise AutoGLMError(f"{repo / drift[0]} is not what compress's typed config renders for the manifest's "
-                           f"config['triton']: the repository was written another way; re-run `autoglm compress "
+        raise AutoGLMError(f"{repo / drift[0]} does not hold the serving knobs of the manifest's "
+                           f"config['triton']: the repository was changed another way; re-run `autoglm compress "
                            "--force` before writing a tuned config back")
     return manifest, repo, task_info
 

@@ -14,9 +14,9 @@ from google.protobuf import json_format
 from autoglm.detokenizer import DecodeTable
 from autoglm.errors import ConfigError
 from autoglm.tasks.base import IOSpec, TensorSpec
+from autoglm.triton_config import (DynamicBatching, InstanceGroup, ModelConfig, parse_pbtxt, render_pbtxt, to_protobuf,
+                                   triton_dtype)
 from compress.repository import python_model_source, write_model
-from compress.triton_config import (DynamicBatching, InstanceGroup, ModelConfig, parse_pbtxt, render_pbtxt, to_protobuf,
-                                    triton_dtype)
 
 IMAGE_IO = IOSpec(inputs=(TensorSpec("image", "float32", (1, 8, 8)),),
                   outputs=(TensorSpec("logits", "float32", (10,)),))

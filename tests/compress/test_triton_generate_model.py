@@ -15,10 +15,10 @@ import pytest
 from google.protobuf.json_format import MessageToDict
 
 from autoglm.config import load_settings
+from autoglm.detokenizer import TABLE_FILE, DecodeTable
+from autoglm.triton_config import parse_pbtxt
 from compress import decode
 from compress.repository import write_generate_model
-from autoglm.detokenizer import TABLE_FILE, DecodeTable
-from compress.triton_config import parse_pbtxt
 from tests.compress._trained import charlm
 
 FINAL = 1

@@ -4,6 +4,7 @@ host, and the python-backend model.py choosing providers on its instance's GPU a
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -16,10 +17,10 @@ from google.protobuf import json_format
 from autoglm.config import load_settings
 from autoglm.device import CPU_EP, CUDA_EP, TENSORRT_EP
 from autoglm.errors import ConfigError
+from autoglm.triton_config import (DynamicBatching, InstanceGroup, ModelConfig, TensorRTAccelerator, parse_pbtxt,
+                                   render_pbtxt, serving_instances, to_protobuf, with_serving_knobs)
 from compress import repository
 from compress.repository import serving_gpus, write_model
-from compress.triton_config import (InstanceGroup, ModelConfig, TensorRTAccelerator, parse_pbtxt, render_pbtxt,
-                                    serving_instances, to_protobuf)
 from tests.autoglm.test_device import GPU_WHEEL, fake_torch
 from tests.compress.test_repository import IMAGE_IO, _config, _fake_pb_utils, _tiny_onnx
 
@@ -50,6 +51,23 @@ def test_native_flavour_renders_the_tensorrt_accelerator():
     assert accelerator.parameters["trt_engine_cache_enable"] == "1"
     assert not proto.optimization.execution_accelerators.cpu_execution_accelerator
 
+
+
+def test_serving_knobs_change_and_the_gpu_placement_stays():
+    """What a tuned config written back keeps: device ids, the accelerator, warm-up; only the knobs move."""
+    gpu = _config(flavour="onnxruntime", instance_group=serving_instances(1, 1),
+                  tensorrt=TensorRTAccelerator("FP16"))
+    batching = DynamicBatching(max_queue_delay_us=2000, preferred_batch_sizes=(16,))
+    text = with_serving_knobs(render_pbtxt(gpu), max_batch_size=16, batching=batching, instances=3)
+
+    want = dataclasses.replace(gpu, max_batch_size=16, dynamic_batching=batching,
+                               instance_group=serving_instances(3, 1))
+    assert text == render_pbtxt(want)  # byte for byte what compress renders for those knobs
+    with pytest.raises(ConfigError, match="1..max_batch_size=8"):
+        with_serving_knobs(text, max_batch_size=8, batching=batching, instances=1)
+    with pytest.raises(ConfigError, match="batches by itself"):
+        with_serving_knobs(render_pbtxt(_config(dynamic_batching=None)), max_batch_size=8, batching=batching,
+                           instances=1)
 
 @pytest.mark.parametrize("build, message", [
     (lambda: InstanceGroup(1, "cpu", (0,)), "set kind='gpu'"),

@@ -115,7 +115,7 @@ def test_a_capacity_measured_on_another_device_kind_is_refused(published):
 
 def test_the_overlay_serves_a_model_on_the_device_its_instance_group_names(tmp_path):
     from autoglm.tasks import IOSpec, TensorSpec
-    from compress.triton_config import InstanceGroup, ModelConfig, render_pbtxt
+    from autoglm.triton_config import InstanceGroup, ModelConfig, render_pbtxt
 
     io = IOSpec((TensorSpec("image", "float32", (1, 8, 8)),), (TensorSpec("logits", "float32", (10,)),))
 

@@ -6,8 +6,8 @@ import pytest
 
 from autoglm.artifacts import RunDir, StageWriter, sha256_file
 from autoglm.errors import AutoGLMError
+from autoglm.triton_config import parse_pbtxt
 from compress.repository import write_repository
-from compress.triton_config import parse_pbtxt
 from compress.variants import Variant
 from loadtest.writeback import SOURCE, capacity_record, rollback, write_back
 
@@ -114,7 +114,7 @@ def test_a_repository_that_its_manifest_does_not_regenerate_is_refused_and_left_
     path.write_text(json.dumps(manifest))
     before = _files(run)
 
-    with pytest.raises(AutoGLMError, match="written another way; re-run `autoglm compress --force`"):
+    with pytest.raises(AutoGLMError, match="does not hold the serving knobs.*re-run `autoglm compress --force`"):
         write_back(run, VERIFIED, LINEAGE)
 
     assert _files(run) == before

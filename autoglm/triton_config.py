@@ -237,14 +237,7 @@ def to_protobuf(cfg: ModelConfig) -> Any:
     for spec in cfg.io.outputs:
         _add_tensor(msg.output.add(), spec, pb)
     if cfg.dynamic_batching is not None:
-        db = cfg.dynamic_batching
-        msg.dynamic_batching.preferred_batch_size.extend(db.preferred_batch_sizes)
-        msg.dynamic_batching.max_queue_delay_microseconds = db.max_queue_delay_us
-        if db.max_queue_size or db.default_timeout_us:  # an empty policy keeps Triton's unbounded queue
-            policy = msg.dynamic_batching.default_queue_policy
-            policy.max_queue_size = db.max_queue_size
-            policy.default_timeout_microseconds = db.default_timeout_us
-            policy.timeout_action = pb.ModelQueuePolicy.REJECT
+        _set_batching(msg, cfg.dynamic_batching, pb)
     group = msg.instance_group.add()
     group.count = cfg.instance_group.count
     group.kind = pb.ModelInstanceGroup.KIND_GPU if cfg.instance_group.kind == "gpu" else pb.ModelInstanceGroup.KIND_CPU
@@ -270,6 +263,36 @@ def to_protobuf(cfg: ModelConfig) -> Any:
             else:
                 data.zero_data = True
     return msg
+
+
+def _set_batching(msg: Any, db: DynamicBatching, pb: Any) -> None:
+    msg.dynamic_batching.Clear()
+    msg.dynamic_batching.preferred_batch_size.extend(db.preferred_batch_sizes)
+    msg.dynamic_batching.max_queue_delay_microseconds = db.max_queue_delay_us
+    if db.max_queue_size or db.default_timeout_us:  # an empty policy keeps Triton's unbounded queue
+        policy = msg.dynamic_batching.default_queue_policy
+        policy.max_queue_size = db.max_queue_size
+        policy.default_timeout_microseconds = db.default_timeout_us
+        policy.timeout_action = pb.ModelQueuePolicy.REJECT
+
+
+def with_serving_knobs(text: str, *, max_batch_size: int, batching: DynamicBatching, instances: int) -> str:
+    """``config.pbtxt`` text with its serving knobs replaced: max batch size, dynamic batching and the instance
+    count. Everything else (tensors, backend, device placement, accelerators, warm-up) stays as written, so a
+    GPU or TensorRT config keeps its placement."""
+    msg = parse_pbtxt(text)
+    if not msg.HasField("dynamic_batching"):
+        raise ConfigError(f"model '{msg.name}' has no dynamic batching (it batches by itself): its serving knobs "
+                          "cannot be set")
+    _positive_sizes("dynamic_batching.preferred_batch_sizes", tuple(batching.preferred_batch_sizes), max_batch_size)
+    if not isinstance(instances, int) or instances < 1:
+        raise ConfigError(f"instance_group.count={instances!r} must be >= 1: use 1 or more instances")
+    msg.max_batch_size = max_batch_size
+    _set_batching(msg, batching, _pb())
+    for group in msg.instance_group:
+        group.count = instances
+    text_format = require("google.protobuf.text_format", purpose="rendering Triton model configs")
+    return text_format.MessageToString(msg)
 
 
 def render_pbtxt(cfg: ModelConfig) -> str:
