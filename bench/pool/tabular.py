@@ -27,6 +27,7 @@ class TabularTask(Task):
 
     reads_data = False  # the table ships with scikit-learn
     classes: ClassVar[int] = 0  # 0: regression
+    dataset: ClassVar[str]  # the scikit-learn loader of the bundled table
     model_space = {
         "hidden": Knob("int", 64, low=16, high=256, log=True, minimum=1),
         "layers": Knob("int", 2, low=1, high=4, minimum=1),
@@ -41,10 +42,11 @@ class TabularTask(Task):
     }
     _splits: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
-    @staticmethod
-    def load() -> tuple[np.ndarray, np.ndarray]:
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
         """(features, targets) of the whole table."""
-        raise NotImplementedError
+        from sklearn import datasets
+
+        return getattr(datasets, self.dataset)(return_X_y=True)
 
     def prepare(self) -> None:
         """Load, split and standardize the table once per task object (fast; nothing is written)."""
@@ -136,49 +138,28 @@ class _Regression(TabularTask):
 class BreastCancerTask(_Classification):
     """Wisconsin breast cancer: 569 rows, 30 features, 2 classes."""
 
-    name = "breast-cancer"
-    classes = 2
-
-    @staticmethod
-    def load():
-        from sklearn.datasets import load_breast_cancer
-
-        return load_breast_cancer(return_X_y=True)
+    name, classes, dataset = "breast-cancer", 2, "load_breast_cancer"
 
 
 class WineTask(_Classification):
     """Wine cultivars: 178 rows, 13 features, 3 classes."""
 
-    name = "wine"
-    classes = 3
-
-    @staticmethod
-    def load():
-        from sklearn.datasets import load_wine
-
-        return load_wine(return_X_y=True)
+    name, classes, dataset = "wine", 3, "load_wine"
 
 
 class DiabetesTask(_Regression):
     """Diabetes progression: 442 rows, 10 features, a continuous target."""
 
-    name = "diabetes"
-
-    @staticmethod
-    def load():
-        from sklearn.datasets import load_diabetes
-
-        return load_diabetes(return_X_y=True)
+    name, dataset = "diabetes", "load_diabetes"
 
 
 class Friedman1Task(_Regression):
     """Friedman #1 (scikit-learn's generator, fixed seed): 1,000 rows, 10 features (5 of them noise), a smooth
     non-linear target with noise."""
 
-    name = "friedman1"
+    name, dataset = "friedman1", "make_friedman1"
 
-    @staticmethod
-    def load():
+    def load(self):
         from sklearn.datasets import make_friedman1
 
         return make_friedman1(n_samples=1000, n_features=10, noise=1.0, random_state=SPLIT_SEED)
