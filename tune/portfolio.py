@@ -227,10 +227,11 @@ def from_params(params: Mapping[str, Any], task: Task | type[Task], settings) ->
 def portfolio_params(portfolio: Portfolio, task: Task, settings, space: Mapping[str, Any],
                      size: int) -> list[tuple[int, dict[str, Any]]]:
     """(entry index, params) for the first ``size`` entries, each distinct point once: on a task where an entry's
-    changes do not apply (a fixed width, a knob it lacks) two entries can mean the same trial."""
+    changes do not apply (a fixed width, a knob it lacks) two entries can mean the same trial. None where the
+    space searches nothing: there is no point to place."""
     out: list[tuple[int, dict[str, Any]]] = []
     for index, entry in enumerate(portfolio.entries[:size]):
         params = to_params(entry, task, settings, space)
-        if all(params != p for _, p in out):
+        if params and all(params != p for _, p in out):
             out.append((index, params))
     return out

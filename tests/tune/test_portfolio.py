@@ -150,6 +150,8 @@ def test_entries_that_mean_the_same_point_on_a_task_are_queued_once():
     queued = portfolio_params(portfolio, task, _settings(lr=1e-2), build_space(task, "training"), 3)
 
     assert [i for i, _ in queued] == [0, 2]
+    assert portfolio_params(portfolio, task, _settings(), build_space(task, "training", {"train.lr": 1e-2,
+                                                                                       "model.bias": True}), 3) == []
 
 
 def test_a_new_study_queues_the_warm_start_then_the_portfolio_once(tmp_path):
