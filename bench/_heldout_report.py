@@ -122,7 +122,7 @@ def _mean(values) -> float:
     return statistics.fmean(present) if present else math.nan
 
 
-QUICK = 1 / 6  # a smoke run's schedules: the MLP's default trains 500 steps, charlm's 100
+QUICK = 1 / 6  # a smoke run's schedules: the MLP's default trains 500 steps, charlm's 67
 
 
 def heldout(quick: bool, tasks: list[str] | None, seeds: int, workers: int) -> list[Table]:

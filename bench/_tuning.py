@@ -45,6 +45,7 @@ class PrunerRungs:
     ``trial.should_prune`` -- how an Optuna user wires a pruner into a training loop."""
 
     every: int
+    extrapolate: bool = False  # tune's curve extrapolation is its own rule's, not the pruner's
 
     def rungs(self, max_steps: int) -> list[int]:
         return list(range(self.every, max_steps, self.every))

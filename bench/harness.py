@@ -251,7 +251,9 @@ def main(argv: list[str] | None = None, package: str = "bench") -> int:
         console.print(f"[{i}/{len(names)}] {name} {mark} ({outcome.seconds:.1f} s)")
         outcomes.append(outcome)
 
-    label = "-".join(names + [re.sub(r"[^A-Za-z0-9]+", "-", o).strip("-") for o in options]) if args.names else "all"
+    # a benchmark's first option names what it ran (tune --heldout): its report stands beside the plain one's
+    flag = [re.sub(r"[^A-Za-z0-9]+", "-", o).strip("-") for o in options[:1]]
+    label = "-".join(names + flag) if args.names else "all"
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / f"{dt.date.today().isoformat()}-{label}.md"
     draw_figures(outcomes, report)

@@ -9,9 +9,10 @@ them. The other half are **evaluation** tasks: the goals are judged on them only
 Shakespeare and digits, the tasks the tuner was developed on, are development tasks.
 
 Each task's **default** (the "default" method: its model and training settings, trained once) is sized so that
-its budget B (the default's CPU-seconds, trained, exported, scored and timed as a trial) is about 10-30 CPU-s:
+its budget B (the default's CPU-seconds, trained, exported, scored and timed as a trial) is about 5-10 CPU-s:
 the held-out benchmark runs six methods up to 4B on every evaluation task and seed on a two-core machine, which
-at nanoGPT's CPU size (B about 100 CPU-s on charlm) would take hours. The defaults are the shipped configs'
+at nanoGPT's CPU size (B about 100 CPU-s on charlm) would take hours, and on two shared cores even B = 15
+CPU-s on the corpora did not fit the hour the full run may take. The defaults are the shipped configs'
 settings (charlm's are nanoGPT's CPU shakespeare_char ones; the MLP's are common PyTorch starting values: two
 hidden layers of 64, Adam at 3e-3) with smaller models or shorter schedules, the same for every task of a kind.
 """
@@ -32,12 +33,12 @@ SPLIT: dict[str, Literal["dev", "eval"]] = {
     "prose": "eval", "code": "eval", "breast-cancer": "eval", "diabetes": "eval",
 }
 
-# the charlm default: nanoGPT's CPU settings with half the layers and width, 600 steps (B about 20-25 CPU-s)
+# the charlm default: nanoGPT's CPU settings with half the layers and width, 400 steps (B about 10 CPU-s)
 LM_MODEL = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64}
-LM_TRAIN = {"max_steps": 600, "eval_every": 100, "eval_batches": 10}
+LM_TRAIN = {"max_steps": 400, "eval_every": 100, "eval_batches": 10}
 # every method searches the same ranges: the model no larger than nanoGPT's, schedules up to the default's
 LM_SPACE = {"model.n_layer": {"high": 4}, "model.n_embd": {"choices": [32, 64, 96, 128]},
-            "model.block_size": {"choices": [32, 64]}, "train.max_steps": {"low": 100, "high": 600}}
+            "model.block_size": {"choices": [32, 64]}, "train.max_steps": {"low": 100, "high": 400}}
 LM_SHARED = ("compress.prune.finetune_steps=50",)
 # the MLP default: 2 x 128 hidden, Adam 3e-3, batch 32, 3000 steps (B about 5 CPU-s: an MLP step costs about a
 # millisecond, so a longer schedule would only overfit these small tables)

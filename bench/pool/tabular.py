@@ -29,8 +29,8 @@ class TabularTask(Task):
     classes: ClassVar[int] = 0  # 0: regression
     dataset: ClassVar[str]  # the scikit-learn loader of the bundled table
     model_space = {
-        "hidden": Knob("int", 64, low=16, high=256, log=True, minimum=1),
-        "layers": Knob("int", 2, low=1, high=4, minimum=1),
+        "hidden": Knob("int", 64, low=16, high=256, log=True, minimum=1, role="width"),
+        "layers": Knob("int", 2, low=1, high=4, minimum=1, role="depth"),
         "dropout": Knob("float", 0.1, low=0.0, high=0.5, maximum=1.0),
     }
     train_space = {

@@ -162,7 +162,7 @@ def test_options_after_one_benchmark_reach_it_and_name_the_report_and_its_figure
 
     assert main(["opts", "--heldout", "--seeds", "2", "--out", str(tmp_path)], package=fake_bench) == 0
 
-    report = next(tmp_path.glob("*-opts-heldout-seeds-2.md"))
+    report = next(tmp_path.glob("*-opts-heldout.md"))
     text = report.read_text()
     assert "| --heldout --seeds 2 |" in text
     figure = report.with_name(f"{report.stem}-1.png")

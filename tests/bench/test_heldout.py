@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -53,3 +55,13 @@ def test_the_methods_differ_only_where_the_comparison_says(tmp_path):
     assert settings["random search"].sampler == "random" and not settings["TPE"].early_stop.enabled
     assert settings["AutoGLM cold"].search_space == "default" and settings["AutoGLM cold"].warm_start is None
     assert all(s.space == POOL["diabetes"].space for m, s in settings.items() if m != "default")
+
+
+def test_the_portfolio_greedily_covers_the_tasks_with_the_lowest_mean_regret():
+    from bench._portfolio import greedy, regrets
+
+    values = {"a": [0.90, 0.95, 0.80, float("nan")], "b": [2.0, 1.5, 1.0, 1.2]}  # a maximizes, b minimizes
+    regret = regrets(values, {"a": "maximize", "b": "minimize"})
+
+    assert regret["a"] == [pytest.approx(1 / 3), 0.0, 1.0, 1.0] and regret["b"] == pytest.approx([1.0, 0.5, 0.0, 0.2])
+    assert greedy(regret, 2) == [1, 2]  # the best on average first, then the one covering what it misses
