@@ -24,7 +24,8 @@ searches, normalized over all of the pair's points at 4B so the volumes at 1B, 2
 from __future__ import annotations
 
 import math
-from concurrent.futures import ProcessPoolExecutor
+import multiprocessing as mp
+import time
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -142,14 +143,27 @@ def _pair_job(args) -> Pair:
     return run_pair(name, seed, workdir, factor)
 
 
-def run_pairs(names: list[str], seeds: list[int], workdir: Path, workers: int = 1, factor: float = 1.0) -> list[Pair]:
-    """Every (task, seed), ``workers`` at a time in processes of their own (each trains with one thread and is
-    charged its own CPU-seconds, so pairs running side by side do not charge each other)."""
-    jobs = [(n, s, str(workdir), factor) for n in names for s in seeds]
-    if workers <= 1:
-        return [_pair_job(j) for j in jobs]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(_pair_job, jobs))
+def run_pairs(names: list[str], seeds: list[int], workdir: Path, workers: int = 1, factor: float = 1.0,
+              wall_s: float | None = None) -> tuple[list[Pair], list[tuple[str, int]]]:
+    """(pairs done, pairs cut): every (task, seed), seed by seed, ``workers`` at a time in processes of their own
+    (each trains with one thread and is charged its own CPU-seconds, so pairs side by side do not charge each
+    other). ``wall_s``: the pairs not done by then are stopped and reported as cut, never half-counted."""
+    jobs = [(n, s, str(workdir), factor) for s in seeds for n in names]
+    if workers <= 1 and wall_s is None:
+        return [_pair_job(j) for j in jobs], []
+    end = None if wall_s is None else time.monotonic() + wall_s
+    pool = get_context("spawn").Pool(max(1, workers))
+    try:
+        pending = [(j, pool.apply_async(_pair_job, (j,))) for j in jobs]
+        done, cut = [], []
+        for job, result in pending:
+            try:
+                done.append(result.get(None if end is None else max(1.0, end - time.monotonic())))
+            except mp.TimeoutError:
+                cut.append((job[0], job[1]))
+        return done, cut
+    finally:
+        pool.terminate()  # pairs still running past the wall limit: their results are not counted anyway
 
 
 def wins(pair: Pair, multiple: float) -> dict[str, tuple[bool, bool]]:

@@ -125,7 +125,8 @@ def _mean(values) -> float:
 QUICK = 1 / 6  # a smoke run's schedules: the MLP's default trains 500 steps, charlm's 67
 
 
-def heldout(quick: bool, tasks: list[str] | None, seeds: int, workers: int) -> list[Table]:
+def heldout(quick: bool, tasks: list[str] | None, seeds: int, workers: int, wall_min: float | None = None,
+            ) -> list[Table]:
     """The held-out benchmark's tables; ``quick``: one evaluation task, one seed, a tiny default."""
     import tempfile
 
@@ -137,7 +138,15 @@ def heldout(quick: bool, tasks: list[str] | None, seeds: int, workers: int) -> l
     if unknown:
         raise ValueError(f"unknown pool task(s) {unknown}: known are {sorted(POOL)}")
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-heldout-") as tmp:
-        pairs = run_pairs(names, list(range(1 if quick else seeds)), Path(tmp), workers, QUICK if quick else 1.0)
+        pairs, cut = run_pairs(names, list(range(1 if quick else seeds)), Path(tmp), workers,
+                               QUICK if quick else 1.0, None if wall_min is None else 60 * wall_min)
+    if not pairs:
+        raise RuntimeError(f"no (task, seed) pair finished within {wall_min} minutes: raise --wall-min")
     table = anytime_table(pairs)
+    goals = goals_table(pairs)
+    if cut:
+        for t in (goals, table):
+            t.notes.append(f"cut by the run's wall limit ({wall_min:g} min on this machine), not run: "
+                           + ", ".join(f"{n}/{s}" for n, s in cut))
     table.figure = lambda path: plot(pairs, path)
-    return [goals_table(pairs), table]
+    return [goals, table]

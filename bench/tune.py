@@ -332,12 +332,13 @@ def _pool_run(quick: bool, args: list[str]) -> list[Table]:
     parser.add_argument("--tasks", help="comma-separated pool tasks (default: the evaluation tasks)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per task (default 3)")
     parser.add_argument("--workers", type=int, default=1, help="(task, seed) pairs run side by side")
+    parser.add_argument("--wall-min", type=float, help="--heldout: stop pairs still running after this many minutes")
     options = parser.parse_args(args)
     tasks = options.tasks.split(",") if options.tasks else None
     if options.heldout:
         from bench._heldout_report import heldout
 
-        return heldout(quick, tasks, options.seeds, options.workers)
+        return heldout(quick, tasks, options.seeds, options.workers, options.wall_min)
     from bench._portfolio import learn
 
     return learn(quick, options.workers)

@@ -144,14 +144,14 @@ def split_label(names) -> str:
 
 
 def split_violations(provenance: dict[str, Any] | None, configs: list[Path]) -> list[str]:
-    """Where a prior crosses the split: a portfolio ``provenance`` that names an evaluation task (or one outside
-    the pool, which no one can check), and a shipped config carrying a warm start (a configuration picked on
-    that config's own task; warm starts are a user's option, not something the project ships)."""
+    """Where a prior crosses the split: a portfolio ``provenance`` that is missing or names an evaluation task (or
+    one outside the pool, which no one can check; an empty list: rules set by hand, learned from no task), and a
+    shipped config carrying a warm start (a configuration picked on that config's own task; warm starts are a
+    user's option, not something the project ships)."""
     found = []
-    learned = list((provenance or {}).get("learned_from") or [])
-    if not learned:
-        found.append("the portfolio's provenance names no development task it was learned from")
-    for name in learned:
+    if not isinstance(provenance, dict) or not isinstance(provenance.get("learned_from"), list):
+        found.append("the portfolio has no provenance listing the tasks it was learned from")
+    for name in (provenance or {}).get("learned_from") or []:
         if SPLIT.get(name) != "dev":
             found.append(f"the portfolio was learned from {name!r}, "
                          f"{'an evaluation task' if name in SPLIT else 'not a pool task'}")

@@ -53,6 +53,7 @@ def test_a_prior_from_an_evaluation_task_or_a_shipped_warm_start_is_caught(tmp_p
                                                                      "not a pool task"]
     assert split_violations({"learned_from": [dev]}, [config]) == ["mine.toml ships a tune.warm_start"]
     assert split_violations({}, [])  # a portfolio that cannot say where it came from is not trusted
+    assert split_violations({"learned_from": []}, []) == []  # rules set by hand, from no task
 
 
 def test_the_shipped_priors_come_from_development_tasks_only():
