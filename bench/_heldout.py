@@ -92,6 +92,7 @@ class Pair:
     direction: str
     budget: float
     outcomes: list[Outcome]
+    portfolio: str = ""  # where the priors method's portfolio came from (its provenance), as it was read
 
     def at(self, method: str, multiple: float) -> Outcome:
         """``method``'s outcome as it stood after ``multiple`` x B CPU-seconds (its points cut alike)."""
@@ -120,15 +121,21 @@ def run_pair(name: str, seed: int, workdir: Path, factor: float = 1.0, methods=t
     task, trials = search(default, where / "default", 0.0, 1)
     budget = cpu_spent(trials)
     outcomes = [Outcome("default", trials, task.direction, where / "default")]
+    portfolio = ""
     for method in methods:
         settings = method_settings(pool_task, seed, where, method, extra)
+        if METHODS[method][3]:
+            from tune.portfolio import configured_portfolio
+
+            found = configured_portfolio(settings.tune)
+            portfolio = f"learned from {found.provenance['learned_from'] or 'no task'}" if found else "none"
         pruner = _pruner(settings) if METHODS[method][2] == "hyperband" else None
         _, found = search(settings, where / method, HORIZON * budget, MAX_TRIALS, pruner=pruner)
         outcomes.append(Outcome(method, found, task.direction, where / method, budget=HORIZON * budget))
     retime(task, outcomes)
     for o in outcomes:  # the trials' storage-backed objects pickle; the search's files stay behind
         o.trials = list(o.trials)
-    return Pair(name, seed, task.metric, task.direction, budget, outcomes)
+    return Pair(name, seed, task.metric, task.direction, budget, outcomes, portfolio)
 
 
 def warm_up(workdir: Path) -> None:

@@ -42,6 +42,7 @@ def anytime_table(pairs: list[Pair]) -> Table:
         "hypervolume over (served metric, p50 latency at batch 32, J/inference), re-measured side by side after the "
         "pair's searches, min-max normalized over all of the pair's points at 4B (so 1B, 2B and 4B compare), "
         "reference 1.1 per objective, divided by 1.1^3",
+        "the portfolio 'AutoGLM with priors' queued: " + "; ".join(sorted({p.portfolio for p in pairs})),
         "random search, TPE and TPE + Hyperband serve FP32 (they search no compression); the AutoGLM rows search "
         "INT8 and pruning too; 'AutoGLM with priors' queues the portfolio (tune.portfolio) first, nothing else"])
 
