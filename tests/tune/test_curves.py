@@ -162,3 +162,19 @@ def test_auto_min_resource_is_resolved_from_the_space_s_longest_schedule():
     assert resolved.tune.early_stop.min_resource == 100  # 900 / 3^2
     assert with_first_rung(resolved, space) is resolved  # a number stays as it is
     assert math.isclose(settings.tune.early_stop.budget_trials, 3)
+
+
+def test_a_tiny_study_runs_with_extrapolation_and_rungs_from_the_budget(tmp_path):
+    from tests.tune import _tiny
+    from tune.stage import run_study
+
+    settings = _tiny.settings(tmp_path, "tune.n_trials=2", "tune.early_stop.min_resource='auto'",
+                              "tune.early_stop.budget_trials=3", "tune.early_stop.extrapolate=true",
+                              "tune.early_stop.warmup_trials=1", "tune.compression_siblings=false")
+
+    _, study = run_study(settings, tmp_path / "tune", progress=False)
+
+    assert [t.state.name for t in study.trials].count("FAIL") == 0 and len(study.trials) == 2
+    # 120 steps, a budget of 3 schedules: rungs at ceil(120 / 3^2) = 14 steps and 42
+    assert all(t.user_attrs.get("schedule_steps") == 120 for t in study.trials if "rung_14" in t.user_attrs)
+    assert any("rung_14" in t.user_attrs for t in study.trials)
