@@ -137,12 +137,28 @@ class EarlyStopSettings(Section):
 
     enabled: bool = True
     reduction_factor: int = Field(3, ge=2)
-    min_resource: int = Field(100, ge=1, description="training steps at the first rung")
+    min_resource: int | Literal["auto"] = Field(
+        100, description="training steps at the first rung; 'auto': from the budget, so that the rungs the "
+        "population can fill end at the longest schedule (see tune.early_stop.auto_min_resource)")
     warmup_trials: int = Field(4, ge=1, description="trials a rung must have seen before it stops any")
     shared_schedule: bool = Field(False, description="every trial trains on one schedule: a searched "
                                   "train.max_steps is fixed at its range's longest, and the rungs decide how far "
                                   "each trial gets (successive halving's resource; rungs then compare like with "
                                   "like). False: max_steps stays a knob, rungs compare schedules at least as long")
+    budget_trials: float | None = Field(None, gt=0, description="min_resource='auto': how many whole-schedule "
+                                        "trials the budget pays for; None: tune.n_trials")
+    extrapolate: bool = Field(False, description="also stop a trial between rungs when a power law fitted to its "
+                              "validation curve, at the optimistic end of its uncertainty, still ends dominated by "
+                              "a completed trial (see tune.curves)")
+
+    @field_validator("min_resource", mode="before")
+    @classmethod
+    def _steps_or_auto(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        if isinstance(value, str) and value.strip().isdigit() and int(value) >= 1:  # from the environment
+            return int(value)
+        raise ValueError("use a number of training steps >= 1, or 'auto'")
 
 
 class TuneSettings(Section):
@@ -190,6 +206,12 @@ class TuneSettings(Section):
     weights: dict[Literal["metric", "latency", "energy"], float] = Field(
         default_factory=lambda: {"metric": 1.0, "latency": 0.5, "energy": 0.5}
     )
+    portfolio: str | None = Field("builtin", description="transferable priors queued first in a new study (after "
+                                  "tune.warm_start): 'builtin' (tune/portfolio.json), the path of a portfolio JSON "
+                                  "file, or 'off'. Each entry is relative to the task (lr x, steps x, width x, ...), "
+                                  "so it applies to tasks it was never learned on; judged by the rungs like any trial")
+    portfolio_size: int = Field(4, ge=0, description="how many of the portfolio's entries a new study queues, first "
+                                "ones first")
 
     @model_validator(mode="after")
     def _distinct_objectives(self) -> TuneSettings:

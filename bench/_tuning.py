@@ -15,12 +15,18 @@ from autoglm.config import Settings
 from tune import attributes as attrs
 
 
-def search(settings: Settings, tune_dir: Path, budget_cpu_s: float, max_trials: int):
-    """Trials until ``budget_cpu_s`` CPU-seconds are spent (tune's own Objective, storage and sampler)."""
+def search(settings: Settings, tune_dir: Path, budget_cpu_s: float, max_trials: int, pruner=None):
+    """Trials until ``budget_cpu_s`` CPU-seconds are spent (tune's own Objective, storage and sampler).
+
+    ``pruner``: an Optuna pruner judging the trials instead of tune's rule (single-objective studies with
+    ``tune.early_stop.enabled``, so trials report at its rungs; see :class:`PrunerRungs`)."""
     from autoglm.measure import fixed_threads
     from tune.stage import open_search, sibling_callbacks
 
     task, space, study, objective = open_search(settings, tune_dir)
+    if pruner is not None:
+        study.pruner = pruner
+        objective.rule = PrunerRungs(settings.tune.early_stop.min_resource)
 
     def stop_when_spent(study, _trial) -> None:
         if cpu_spent(study.get_trials(deepcopy=False)) >= budget_cpu_s:
@@ -30,6 +36,23 @@ def search(settings: Settings, tune_dir: Path, budget_cpu_s: float, max_trials: 
     with fixed_threads(settings.run.threads):
         study.optimize(objective, n_trials=max_trials, callbacks=callbacks, catch=(Exception,), gc_after_trial=True)
     return task, study.get_trials(deepcopy=False)
+
+
+@dataclass(frozen=True)
+class PrunerRungs:
+    """Tune's rung hook (the interface of :class:`tune.early_stop.ParetoHalving` that the training loop calls)
+    handing each evaluation to the study's Optuna pruner: ``trial.report`` at every ``every`` steps, then
+    ``trial.should_prune`` -- how an Optuna user wires a pruner into a training loop."""
+
+    every: int
+    extrapolate: bool = False  # tune's curve extrapolation is its own rule's, not the pruner's
+
+    def rungs(self, max_steps: int) -> list[int]:
+        return list(range(self.every, max_steps, self.every))
+
+    def should_stop(self, study, trial, rung: int, values, max_steps: int | None = None) -> bool:
+        trial.report(values[0], rung)
+        return trial.should_prune()
 
 
 def cpu_of(trial) -> float:
@@ -113,14 +136,19 @@ class Outcome:
         return f"{sum(c['joules'] for c in computes):,.0f} J ({', '.join(methods) or 'none'})"
 
 
-def hypervolumes(outcomes: list[Outcome], dirs: list[str]) -> dict[str, float]:
-    """Each method's normalized hypervolume, all methods' points sharing one normalization and reference."""
+def hypervolumes(outcomes: list[Outcome], dirs: list[str], scale: list[Outcome] | None = None) -> dict[str, float]:
+    """Each method's normalized hypervolume, all methods' points sharing one normalization and reference:
+    min-max over ``scale``'s points (default: ``outcomes``'), so volumes at several budgets compare."""
     from tune.early_stop import pareto_fronts
     from tune.report import hypervolume
 
     sign = np.array([-1.0 if d == "maximize" else 1.0 for d in dirs])
-    points = {o.method: np.array(o.points, dtype=float).reshape(-1, len(dirs)) * sign for o in outcomes}
-    every = np.vstack([p for p in points.values() if len(p)])
+
+    def signed(o: Outcome):
+        return np.array(o.points, dtype=float).reshape(-1, len(dirs)) * sign
+
+    points = {o.method: signed(o) for o in outcomes}
+    every = np.vstack([p for p in map(signed, scale or outcomes) if len(p)])
     low, span = every.min(axis=0), np.where(every.max(axis=0) > every.min(axis=0), np.ptp(every, axis=0), 1.0)
     reference = np.full(len(dirs), 1.1)
     out = {}
@@ -128,7 +156,7 @@ def hypervolumes(outcomes: list[Outcome], dirs: list[str]) -> dict[str, float]:
         if not len(p):
             out[method] = 0.0
             continue
-        norm = (p - low) / span
+        norm = np.minimum((p - low) / span, 1.0)  # a point off the scale's range counts as its worst end
         front = norm[pareto_fronts(norm.tolist())[0]]
         out[method] = hypervolume(front, reference) / float(np.prod(reference))
     return out

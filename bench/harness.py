@@ -1,7 +1,9 @@
 """The ``make bench`` harness: discover benchmark modules, run them, write one markdown report.
 
 A benchmark is a module ``bench/<name>.py`` with a one-line docstring (its description) and
-``def run(quick: bool) -> list[Table]``. Reports go to ``bench/results/<date>-<names|all>.md`` and
+``def run(quick: bool) -> list[Table]``, or ``run(quick, args)`` to take options of its own (``python -m bench
+tune --heldout``: the words after the one benchmark named). A table's ``figure`` draws a PNG written next to the
+report and shown under the table. Reports go to ``bench/results/<date>-<names|all>.md`` and
 ``bench/results/latest.md``; each starts with the machine it ran on. A benchmark that raises is written
 up as failed and makes the run exit non-zero, after the others have run.
 """
@@ -19,6 +21,9 @@ import platform
 import sys
 import time
 import traceback
+import inspect
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -38,6 +43,7 @@ class Table:
     columns: list[str]
     rows: list[list[Any]]
     notes: list[str] = field(default_factory=list)
+    figure: Callable[[Path], None] | None = None  # draws the table's plot into the PNG path it is given
 
     def __post_init__(self) -> None:
         for i, row in enumerate(self.rows):
@@ -174,11 +180,14 @@ class Outcome:
     error: str | None = None
 
 
-def run_one(package: str, name: str, description: str, quick: bool) -> Outcome:
+def run_one(package: str, name: str, description: str, quick: bool, args: list[str] | None = None) -> Outcome:
     """Import and run one benchmark; any exception becomes a failed outcome, never a crash."""
     t0 = time.perf_counter()
     try:
-        tables = importlib.import_module(f"{package}.{name}").run(quick)
+        run = importlib.import_module(f"{package}.{name}").run
+        if args and len(inspect.signature(run).parameters) < 2:
+            raise TypeError(f"benchmark {name} takes no options of its own, got {' '.join(args)}")
+        tables = run(quick, args) if args else run(quick)
         if not isinstance(tables, list) or not all(isinstance(t, Table) for t in tables):
             raise TypeError(f"{name}.run() must return a list of Table, got {type(tables).__name__}")
         return Outcome(name, description, time.perf_counter() - t0, tables)
@@ -198,6 +207,19 @@ def render(outcomes: list[Outcome], label: str, quick: bool) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def draw_figures(outcomes: list[Outcome], report: Path) -> None:
+    """Each table's figure as ``<report>-<n>.png`` beside the report, linked under the table; a figure that
+    fails to draw is noted there instead (the numbers stand without it)."""
+    tables = [t for o in outcomes for t in o.tables if t.figure is not None]
+    for n, table in enumerate(tables, 1):
+        path = report.with_name(f"{report.stem}-{n}.png")
+        try:
+            table.figure(path)
+            table.notes.append(f"![{table.title}]({path.name})")
+        except Exception as exc:
+            table.notes.append(f"figure not drawn: {type(exc).__name__}: {exc}")
+
+
 def main(argv: list[str] | None = None, package: str = "bench") -> int:
     """``python -m bench [names...] [--quick] [--out DIR]``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
@@ -205,7 +227,9 @@ def main(argv: list[str] | None = None, package: str = "bench") -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="report folder (default: bench/results)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    args = parser.parse_args(argv)
+    args, options = parser.parse_known_args(argv)
+    if options and len(args.names) != 1:
+        parser.error(f"options {' '.join(options)} belong to one benchmark: name exactly one")
 
     known = discover(package)
     if args.list:
@@ -222,15 +246,18 @@ def main(argv: list[str] | None = None, package: str = "bench") -> int:
     outcomes = []
     for i, name in enumerate(names, 1):
         with console.status(f"[{i}/{len(names)}] {name}: {known[name]}"):
-            outcome = run_one(package, name, known[name], args.quick)
+            outcome = run_one(package, name, known[name], args.quick, options)
         mark = "[red]FAILED[/red]" if outcome.error else "[green]ok[/green]"
         console.print(f"[{i}/{len(names)}] {name} {mark} ({outcome.seconds:.1f} s)")
         outcomes.append(outcome)
 
-    label = "-".join(names) if args.names else "all"
-    text = render(outcomes, label, args.quick)
+    # a benchmark's first option names what it ran (tune --heldout): its report stands beside the plain one's
+    flag = [re.sub(r"[^A-Za-z0-9]+", "-", o).strip("-") for o in options[:1]]
+    label = "-".join(names + flag) if args.names else "all"
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / f"{dt.date.today().isoformat()}-{label}.md"
+    draw_figures(outcomes, report)
+    text = render(outcomes, label, args.quick)
     report.write_text(text)
     (args.out / "latest.md").write_text(text)
     console.print(f"wrote {report}")

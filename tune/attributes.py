@@ -61,6 +61,9 @@ INTERRUPTED: Attr[bool] = Attr("interrupted")
 RETRY_OF: Attr[int] = Attr("retry_of")  # the number of the failed or interrupted trial it repeats
 WARM_START: Attr[bool] = Attr("warm_start")  # the point tune.warm_start names, queued first
 SIBLING_OF: Attr[int] = Attr("sibling_of")  # the trial whose trained model it serves another way
+# the index of the tune.portfolio entry it runs: a designed start, judged like a drawn trial (not placed: the
+# entries are distinct points, and they stand for the sampler's random start-up rather than come on top of it)
+PORTFOLIO: Attr[int] = Attr("portfolio")
 PLACED = (WARM_START, SIBLING_OF)
 
 # training
@@ -71,6 +74,7 @@ HISTORY: Attr[list[tuple[int, float]]] = Attr("history")  # (step, validation me
 STEPS: Attr[int] = Attr("steps")
 STOPPED_AT: Attr[int] = Attr("stopped_at")  # the step at which early stopping ended it
 TRAIN_METRIC: Attr[float] = Attr("train_metric")  # of the uncompressed model, at the end of training
+FORECAST: Attr[dict[str, float]] = Attr("forecast")  # the learning-curve fit that stopped it (tune.curves)
 SCHEDULE_STEPS: Attr[int] = Attr("schedule_steps")  # its max_steps: rungs compare schedules at least as long
 
 # scores

@@ -17,6 +17,15 @@ compressed, its whole training spent.
 A trial is judged only against trials whose schedules are at least as long as its own (``max_steps`` is
 searched): at the same step a shorter schedule has decayed its learning rate further, which lowers its
 loss early without making it the better configuration, and would stop the long trials that end best.
+
+Two options (``tune.early_stop``):
+
+- ``extrapolate``: between rungs too, from the first rung on, a power law fitted to the trial's validation curve
+  forecasts its metric at the end of its own schedule (:mod:`tune.curves`); the trial stops when even the
+  optimistic end of that forecast, served (compression shift) with its measured latency and energy, is dominated
+  by a completed trial. Completed trials are final points whatever their schedule, so no schedule rule is needed
+  there; a forecast that is not dominated never stops a trial.
+- ``min_resource = "auto"``: the first rung from the budget (:func:`auto_min_resource`).
 """
 
 from __future__ import annotations
@@ -28,6 +37,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tune import attributes as attrs
+from tune.curves import MIN_POINTS, Forecast, calibration, forecast
+
+MAX_RUNGS = 4  # auto_min_resource's deepest schedule of rungs
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -54,6 +66,7 @@ class ParetoHalving:
     reduction_factor: int = 3
     min_resource: int = 100
     warmup_trials: int = 4
+    extrapolate: bool = False
 
     def rungs(self, max_steps: int) -> list[int]:
         """Steps at which a trial of ``max_steps`` is judged (never at its very end: it finishes then)."""
@@ -96,6 +109,57 @@ class ParetoHalving:
                   and (max_steps is None or attrs.SCHEDULE_STEPS.get(t, math.inf) >= max_steps)]
         return not self.survives(values, others)
 
+    def forecast_dominated(self, study, trial, history: Sequence[tuple[int, float]], cost: Sequence[float],
+                           max_steps: int, shift: float = 0.0, metric_index: int = 0) -> Forecast | None:
+        """The forecast of the trial's final metric when even its optimistic end is dominated by a completed trial
+        (then the trial should stop; the forecast is recorded on it), else None.
+
+        ``history``: its (step, metric) evaluations so far; ``cost``: its other objectives in study order without
+        the metric's slot; ``shift``: the compression shift of its served metric. The optimistic end is moved by
+        how far completed trials ended below their own forecasts from the same share of their schedule
+        (:func:`tune.curves.calibration`)."""
+        import optuna
+
+        if not self.extrapolate or len(history) < MIN_POINTS or history[-1][0] >= max_steps:
+            return None
+        sign = -1.0 if self.directions[metric_index] == "maximize" else 1.0
+        done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if t.values is not None and t.number != trial.number]
+        if not done:
+            return None
+        ahead = forecast([s for s, _ in history], [sign * v for _, v in history], max_steps)
+        if ahead is None:
+            return None
+        curves = [([(s, sign * v) for s, v in attrs.HISTORY.get(t)], sign * attrs.TRAIN_METRIC.get(t))
+                  for t in done if attrs.HISTORY.get(t) and attrs.TRAIN_METRIC.on(t)]
+        optimistic = ahead.low + calibration(curves, history[-1][0] / max_steps)
+        own = list(cost)
+        own.insert(metric_index, sign * optimistic + shift)
+        mine = self._minimized(own)
+        if not any(dominates(self._minimized(t.values), mine) for t in done):
+            return None
+        attrs.FORECAST.set(trial, {"step": history[-1][0], "at": max_steps, "predicted": sign * ahead.predicted,
+                                   "optimistic": sign * optimistic})
+        return ahead
+
+
+def auto_min_resource(max_steps: int, trials: float, reduction_factor: int, warmup_steps: int = 0) -> int:
+    """The first rung that the budget can use: ``max_steps / reduction_factor^k`` steps, ``k`` the number of
+    rungs, at least after the learning-rate warm-up.
+
+    ``trials``: how many whole-schedule trials the budget pays for. Successive halving that starts
+    ``reduction_factor^k`` trials and keeps ``1/reduction_factor`` at each of ``k`` rungs spends about ``k + 1``
+    whole schedules (each rung costs one), so a budget of ``trials`` fills ``k = trials - 1`` rungs and no more:
+    a deeper rung would never see the population it needs to stop anything. At least one rung, so early stopping
+    does something even on a budget of one or two schedules; at most MAX_RUNGS, Hyperband's usual deepest
+    bracket (R = 81 r at a reduction factor of 3): deeper, a rung would judge a curve at 1% of its schedule."""
+    rungs = min(MAX_RUNGS, max(1, math.floor(trials) - 1))
+    first = max_steps / reduction_factor ** rungs
+    while rungs > 1 and first <= warmup_steps:  # a rung inside the warm-up would judge noise
+        rungs -= 1
+        first = max_steps / reduction_factor ** rungs
+    return max(1, math.ceil(max(first, warmup_steps + 1)))
+
 
 def compression_shift(study, compression: Mapping[str, Any], metric_index: int = 0) -> float:
     """Mean (served metric - trained metric) of the completed trials whose compression parameters equal
@@ -125,14 +189,26 @@ class RungCallback:
         self.compression = dict(compression or {})
         self.pending, self.max_steps = rule.rungs(max_steps), max_steps
         self.stopped_at: int | None = None
+        self.history: list[tuple[int, float]] = []  # every evaluation: the curve extrapolation fits
 
     def __call__(self, step: int, metric: float) -> bool:
+        self.history.append((step, metric))
         while self.pending and step >= self.pending[0]:
             rung = self.pending.pop(0)
-            served = metric + (compression_shift(self.study, self.compression, self.objectives.index("metric"))
-                               if "metric" in self.objectives else 0.0)
-            values = [served if o == "metric" else self.cost[o] for o in self.objectives]
+            values = [metric + self._shift() if o == "metric" else self.cost[o] for o in self.objectives]
             if self.rule.should_stop(self.study, self.trial, rung, values, self.max_steps):
                 self.stopped_at = step
                 return True
+        if self.rule.extrapolate and "metric" in self.objectives and step >= self.rule.min_resource:
+            cost = [self.cost[o] for o in self.objectives if o != "metric"]
+            if self.rule.forecast_dominated(self.study, self.trial, self.history, cost, self.max_steps,
+                                            self._shift(), self.objectives.index("metric")) is not None:
+                self.stopped_at = step
+                return True
         return False
+
+    def _shift(self) -> float:
+        """The compression loss observed so far for this trial's compression settings (see the module)."""
+        if "metric" not in self.objectives:
+            return 0.0
+        return compression_shift(self.study, self.compression, self.objectives.index("metric"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -28,11 +29,11 @@ from autoglm.artifacts import data_fingerprint, write_atomic
 from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
 from autoglm.measure import energy_meter
-from autoglm.tasks import Task
+from autoglm.tasks import Knob, Task
 from compress import (Timing, Variant, apply_knobs, evaluate_variant, time_variant, untrained_settings, variant_for,
                       variant_settings)
 from tune import attributes as attrs
-from tune.early_stop import ParetoHalving, RungCallback
+from tune.early_stop import ParetoHalving, RungCallback, auto_min_resource
 from tune.space import compression_params, split_params, suggest
 
 
@@ -49,6 +50,21 @@ def trial_settings(settings: Settings, groups: dict[str, dict[str, Any]], varian
     train = train.model_copy(update={"eval_every": min(train.eval_every, settings.tune.early_stop.min_resource)})
     task = settings.task.model_copy(update={"model": {**settings.task.model, **groups["model"]}})
     return settings.model_copy(update={"compress": compress, "train": train, "task": task})
+
+
+def with_first_rung(settings: Settings, space: dict[str, Any]) -> Settings:
+    """``settings`` with ``tune.early_stop.min_resource = "auto"`` resolved from the budget into steps
+    (:func:`tune.early_stop.auto_min_resource`): the longest schedule the space holds, ``budget_trials`` (else
+    ``tune.n_trials``) whole schedules, no rung inside the configured warm-up."""
+    es = settings.tune.early_stop
+    if es.min_resource != "auto":
+        return settings
+    knob = space.get("train.max_steps", settings.train.max_steps)
+    longest = int(knob.high) if isinstance(knob, Knob) else int(knob)
+    first = auto_min_resource(longest, es.budget_trials or settings.tune.n_trials, es.reduction_factor,
+                              math.ceil(settings.train.warmup_frac * longest))
+    tune = settings.tune.model_copy(update={"early_stop": es.model_copy(update={"min_resource": first})})
+    return settings.model_copy(update={"tune": tune})
 
 
 def training_key(task: Task, settings: Settings, model_args: dict[str, Any]) -> str:
@@ -83,11 +99,12 @@ class Objective:
 
     def __init__(self, task: Task, settings: Settings, space: dict[str, Any], tune_dir: Path,
                  directions: list[str]):
+        settings = with_first_rung(settings, space)
         self.task, self.settings, self.space = task, settings, space
         self.trials_dir, self.cache_dir = tune_dir / "trials", tune_dir / "cache"
         es = settings.tune.early_stop
         self.rule = ParetoHalving(tuple(directions), es.reduction_factor, es.min_resource,
-                                  es.warmup_trials) if es.enabled else None
+                                  es.warmup_trials, es.extrapolate) if es.enabled else None
 
     def __call__(self, trial) -> tuple[float, ...]:
         """Run one trial; a failure records why (``error``), an interruption that it was one (``interrupted``:

@@ -23,7 +23,7 @@ from tune import attributes as attrs
 from tune.select import pareto_points, select
 from tune.siblings import CompressionSiblings
 from tune.space import build_space, warm_start_params, with_shared_schedule, without_inapplicable
-from tune.storage import directions, discard_study, open_study, queue_retry, recover_stale_trials, warm_start
+from tune.storage import directions, discard_study, open_study, queue_first, queue_retry, recover_stale_trials
 
 # what counts toward tune.n_trials: a failed trial does not, so a rerun after fixing its cause runs the trials the
 # failures cost, and a trial that was killed or interrupted is retried in its own place (see retry_interrupted)
@@ -33,8 +33,9 @@ UNTRACKED = ("mlflow_uri",)  # where the study is reported, not what it is: no p
 
 def open_search(settings: Settings, tune_dir: Path, sampler=None):
     """(task, search space, study, objective): the task with its data ready, the study created or resumed (the
-    trials of dead workers re-queued, warm-started once) and the objective that runs its trials. ``sampler``: an
-    Optuna sampler object instead of ``tune.sampler``'s (see :func:`tune.storage.open_study`)."""
+    trials of dead workers re-queued, its :func:`first_trials` queued once) and the objective that runs its
+    trials. ``sampler``: an Optuna sampler object instead of ``tune.sampler``'s (see
+    :func:`tune.storage.open_study`)."""
     from autoglm.tasks import get_task
     from tune.objective import Objective
 
@@ -48,9 +49,24 @@ def open_search(settings: Settings, tune_dir: Path, sampler=None):
     recover_stale_trials(study)
     retry_interrupted(study, settings.tune.worker_index)
     _quiet_interrupts()
-    if settings.tune.warm_start is not None:
-        warm_start(study, settings, warm_start_params(task, settings, space, settings.tune.warm_start))
+    queue_first(study, settings, first_trials(task, settings, space))
     return task, space, study, Objective(task, settings, space, tune_dir, directions(settings, task.direction))
+
+
+def first_trials(task, settings: Settings, space) -> list[tuple[dict, dict]]:
+    """What a new study runs before the sampler draws: ``tune.warm_start``'s point, then the first
+    ``tune.portfolio_size`` entries of ``tune.portfolio`` on this task, as (params, user attributes)."""
+    from tune.portfolio import configured_portfolio, portfolio_params
+
+    tune = settings.tune
+    first = []
+    if tune.warm_start is not None:
+        first.append((warm_start_params(task, settings, space, tune.warm_start), attrs.WARM_START.tag(True)))
+    portfolio = configured_portfolio(tune)
+    if portfolio is not None:
+        first += [(params, attrs.PORTFOLIO.tag(index))
+                  for index, params in portfolio_params(portfolio, task, settings, space, tune.portfolio_size)]
+    return first
 
 
 class _InterruptsWithoutTraceback(logging.Filter):
@@ -195,6 +211,9 @@ def tune_run(settings: Settings, force: bool = False, progress: bool = True, sam
 
     # the task and the space are checked before the last run is invalidated: a bad config must not cost it
     build_space(get_task(settings).scored_by(settings.tune.metric), settings.tune.search_space, settings.tune.space)
+    from tune.portfolio import configured_portfolio
+
+    configured_portfolio(settings.tune)  # and so is the portfolio file
     if settings.tune.mlflow_uri:  # so is the tracking store: a wrong URI is refused here
         from autoglm.tracking import open_store
 

@@ -212,15 +212,20 @@ def study_sampler(settings: Settings, seed: int, n_objectives: int, sampler=None
     return Narrowing(chosen, startup_of(tune.sampler if sampler is None else None, n_objectives, tune.startup_trials))
 
 
-def warm_start(study, settings: Settings, params: dict) -> bool:
-    """Queue ``params`` (see tune.space.warm_start_params) as a new study's first trial, once.
+def queue_first(study, settings: Settings, first: list[tuple[dict, dict]]) -> int:
+    """Queue ``first`` ((params, user attributes) each: the warm start, then the portfolio's entries) as a new
+    study's first trials, in order, each distinct point once; returns how many were queued.
 
-    A resumed study has already run it, and of several workers only worker 0 queues it. The trial is
-    sampled, early-stopped and charged like any other; its ``warm_start`` attribute marks it."""
-    if settings.tune.warm_start is None or settings.tune.worker_index != 0 or study.get_trials(deepcopy=False):
-        return False
-    study.enqueue_trial(params, user_attrs=attrs.WARM_START.tag(True))
-    return True
+    Once per study: a resumed study has run them already, and of several workers only worker 0 queues them. No more
+    than ``tune.n_trials``: a queued trial the study never runs would wait in its storage for the next run."""
+    if settings.tune.worker_index != 0 or study.get_trials(deepcopy=False):
+        return 0
+    queued: list[dict] = []
+    for params, tags in first:
+        if params not in queued and len(queued) < settings.tune.n_trials:
+            study.enqueue_trial(params, user_attrs=tags)
+            queued.append(params)
+    return len(queued)
 
 
 def _n_trials(storage, study_name: str) -> int:

@@ -113,7 +113,7 @@ def trial_record(trial, study, metric_name: str) -> tuple[list[tuple[str, float,
         tags["variant"] = variant["name"]
     if compute.get("energy_method"):
         tags["energy_method"] = compute["energy_method"]
-    for attr in (attrs.ERROR, attrs.RETRY_OF, attrs.SIBLING_OF, attrs.WARM_START, attrs.CACHE_HIT):
+    for attr in (attrs.ERROR, attrs.RETRY_OF, attrs.SIBLING_OF, attrs.WARM_START, attrs.PORTFOLIO, attrs.CACHE_HIT):
         if attr.on(trial):
             tags[f"autoglm.{attr.key}"] = attr.get(trial)
     return metrics, tags

@@ -42,7 +42,11 @@ class Knob:
 
     ``when = (other, values)`` makes the knob conditional (define-by-run): a trial samples it only when the knob
     ``other`` of the same group (``train.optimizer`` for ``train.momentum``) took one of ``values``; empty
-    ``values`` means whenever ``other`` is on (not 0, False or None). Otherwise the configured value applies."""
+    ``values`` means whenever ``other`` is on (not 0, False or None). Otherwise the configured value applies.
+
+    ``role`` says what a model knob sizes: ``"width"`` (channels, embedding width, hidden units) or ``"depth"``
+    (layers). Tuning priors scale such knobs relative to the configured model (tune.portfolio); a knob without
+    a role keeps its configured value there."""
 
     kind: Literal["int", "float", "categorical"]
     default: Any
@@ -54,6 +58,7 @@ class Knob:
     minimum: float | None = None
     maximum: float | None = None
     when: tuple[str, tuple[Any, ...]] | None = None
+    role: Literal["width", "depth"] | None = None
 
     def active(self, other: Any) -> bool:
         """Whether a trial whose ``when`` knob took ``other`` samples this knob."""

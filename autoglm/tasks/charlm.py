@@ -33,9 +33,9 @@ class CharLMTask(NextTokenScoring, Task):
     token_input = "idx"
     other_metrics = {"perplexity": "minimize"}  # exp(val_loss): the same ranking, the article's spelling
     model_space = {
-        "n_layer": Knob("int", 4, low=1, high=6, minimum=1),
+        "n_layer": Knob("int", 4, low=1, high=6, minimum=1, role="depth"),
         "n_head": Knob("categorical", 4, choices=(1, 2, 4, 8)),
-        "n_embd": Knob("categorical", 128, choices=(64, 96, 128, 192, 256)),
+        "n_embd": Knob("categorical", 128, choices=(64, 96, 128, 192, 256), role="width"),
         "block_size": Knob("categorical", 64, choices=(32, 64, 128, 256)),
         "dropout": Knob("float", 0.0, low=0.0, high=0.3, maximum=1.0),
         "bias": Knob("categorical", False, choices=(True, False)),

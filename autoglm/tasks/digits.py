@@ -29,8 +29,8 @@ class DigitsTask(Task):
     other_metrics = {"loss": "minimize"}  # mean cross-entropy on the split
     reads_data = False  # scikit-learn's bundled images
     model_space = {
-        "channels": Knob("int", 32, low=8, high=64, step=8, minimum=1),
-        "hidden": Knob("int", 64, low=32, high=256, minimum=1),
+        "channels": Knob("int", 32, low=8, high=64, step=8, minimum=1, role="width"),
+        "hidden": Knob("int", 64, low=32, high=256, minimum=1, role="width"),
         "dropout": Knob("float", 0.1, low=0.0, high=0.5, maximum=1.0),
     }
     train_space = {

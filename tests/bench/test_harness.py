@@ -143,3 +143,30 @@ def test_run_one_rejects_a_benchmark_that_returns_no_tables(fake_bench, tmp_path
     outcome = harness.run_one(fake_bench, "nothing", "Returns nothing.", quick=True)
 
     assert outcome.error and "must return a list of Table" in outcome.error
+
+
+OPTIONS = '''"""A benchmark with options of its own and a figure."""
+from bench.harness import Table
+
+
+def run(quick, args=None):
+    def draw(path):
+        path.write_bytes(b"png")
+    return [Table("opts", ["args"], [[" ".join(args or [])]], figure=draw)]
+'''
+
+
+def test_options_after_one_benchmark_reach_it_and_name_the_report_and_its_figure(tmp_path, fake_bench):
+    pkg = Path(__import__(fake_bench).__file__).parent
+    (pkg / "opts.py").write_text(OPTIONS)
+
+    assert main(["opts", "--heldout", "--seeds", "2", "--out", str(tmp_path)], package=fake_bench) == 0
+
+    report = next(tmp_path.glob("*-opts-heldout.md"))
+    text = report.read_text()
+    assert "| --heldout --seeds 2 |" in text
+    figure = report.with_name(f"{report.stem}-1.png")
+    assert figure.read_bytes() == b"png" and f"![opts]({figure.name})" in text
+    assert main(["good", "--heldout", "--out", str(tmp_path)], package=fake_bench) == 1  # good takes no options
+    with pytest.raises(SystemExit):
+        main(["good", "opts", "--heldout", "--out", str(tmp_path)], package=fake_bench)  # whose options?

@@ -1,0 +1,185 @@
+"""``bench tune --heldout``: tuning methods on the evaluation tasks of the pool, anytime up to 4x the default's compute.
+
+For every evaluation task (:func:`bench.pool.eval_tasks`) and seed, the default runs once; its CPU-seconds are
+the budget B of that pair. Each searching method then runs until it has spent 4B, and its best metric and
+hypervolume are read off at every quarter of B (a trial counts from the compute at which it ended, see
+:attr:`bench._tuning.Outcome.counted`). Methods:
+
+- **default**: the pool task's default config trained once (a one-trial study with every knob fixed);
+- **random search**, **TPE**: architecture + training knobs (the ``training`` preset: compression off, FP32
+  served), no early stopping, ``max_steps`` searched;
+- **TPE + Hyperband**: the same TPE with Optuna's HyperbandPruner on the metric alone (single objective), every
+  trial on the searched range's longest schedule, evaluations reported to the pruner: the field's standard
+  multi-fidelity baseline;
+- **AutoGLM cold**: tune's TPE over architecture + training + compression with its multi-objective early stopping
+  on a shared schedule, nothing queued first;
+- **AutoGLM with priors**: the same with the portfolio (``tune.portfolio``, learned on development tasks only by
+  ``bench tune --learn-portfolio``) queued first; no per-task warm start.
+
+Scoring and charging are bench.tune's (:mod:`bench._tuning`): the served model's validation metric, every trial's
+CPU-seconds, hypervolume over (metric, p50 latency, J/inference) re-measured side by side after a pair's
+searches, normalized over all of the pair's points at 4B so the volumes at 1B, 2B and 4B compare.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from autoglm.config import Settings, TuneSettings
+from bench._tuning import Outcome, better, cpu_spent, hypervolumes, retime, search
+from bench.pool import POOL, PoolTask, scaled
+
+MAX_TRIALS = 500  # a bound, never reached: the CPU-second budget ends every search
+HORIZON = 4  # searches run to 4B
+MULTIPLES = (1, 2, 4)  # the tables' columns
+GRID = tuple(k / 4 for k in range(1, 4 * HORIZON + 1))  # the plot's points, in units of B
+# name -> (sampler, search space preset, early stopping, portfolio)
+METHODS = {"random search": ("random", "training", None, False), "TPE": ("tpe", "training", None, False),
+           "TPE + Hyperband": ("tpe", "training", "hyperband", False),
+           "AutoGLM cold": ("tpe", "default", "pareto", False),
+           "AutoGLM with priors": ("tpe", "default", "pareto", True)}
+PRIORS, BASELINES = "AutoGLM with priors", ("random search", "TPE + Hyperband")
+DIRS_REST = ["minimize", "minimize"]  # latency, energy
+
+
+def method_settings(pool_task: PoolTask, seed: int, workdir: Path, method: str,
+                    extra: tuple[str, ...] = ()) -> Settings:
+    """A method's settings for one pool task and seed."""
+    base = pool_task.settings(seed, workdir, extra)
+    tune = base.tune.model_dump()
+    has_portfolio = "portfolio" in TuneSettings.model_fields
+    if method == "default":
+        from autoglm.tasks import task_class
+
+        cls = task_class(base.task.name)
+        fixed = {f"model.{k}": v for k, v in cls.check_model_args(base.task.model).items()}
+        fixed |= {f"train.{k}": getattr(base.train, k) for k in cls.train_space}
+        tune |= {"search_space": "training", "space": fixed, "early_stop": {**tune["early_stop"], "enabled": False},
+                 "warm_start": None}
+        portfolio = False
+    else:
+        sampler, preset, stopping, portfolio = METHODS[method]
+        tune |= {"sampler": sampler, "search_space": preset, "space": dict(pool_task.space), "warm_start": None,
+                 "early_stop": {**tune["early_stop"], "enabled": stopping is not None}}
+        if stopping == "hyperband":
+            tune["objectives"] = ["metric"]
+    if has_portfolio:
+        tune["portfolio"] = tune["portfolio"] if portfolio else None
+    elif portfolio:
+        raise RuntimeError("AutoGLM with priors needs tune.portfolio (tune/portfolio.py)")
+    return base.model_copy(update={"tune": TuneSettings.model_validate(tune)})
+
+
+def _pruner(settings: Settings):
+    import optuna
+
+    return optuna.pruners.HyperbandPruner(min_resource=settings.tune.early_stop.min_resource,
+                                          max_resource=settings.train.max_steps, reduction_factor=3)
+
+
+@dataclass
+class Pair:
+    """One (task, seed): its budget B and every method's outcome (default first), searched to 4B."""
+
+    task: str
+    seed: int
+    metric: str
+    direction: str
+    budget: float
+    outcomes: list[Outcome]
+    portfolio: str = ""  # where the priors method's portfolio came from (its provenance), as it was read
+
+    def at(self, method: str, multiple: float) -> Outcome:
+        """``method``'s outcome as it stood after ``multiple`` x B CPU-seconds (its points cut alike)."""
+        full = next(o for o in self.outcomes if o.method == method)
+        cut = Outcome(method, full.trials, full.direction, full.tune_dir, budget=multiple * self.budget)
+        cut.points = full.points[:len(cut.complete)]
+        return cut
+
+    def volumes(self, multiple: float) -> dict[str, float]:
+        return hypervolumes([self.at(o.method, multiple) for o in self.outcomes], [self.direction, *DIRS_REST],
+                            scale=self.outcomes)
+
+    def reach(self, method: str) -> float | None:
+        """CPU-seconds, in units of B, ``method`` spent until a trial matched the default's final metric."""
+        found = self.at(method, HORIZON).reach(self.outcomes[0].best())
+        return None if found is None else found[1] / self.budget
+
+
+def run_pair(name: str, seed: int, workdir: Path, factor: float = 1.0, methods=tuple(METHODS),
+             extra: tuple[str, ...] = ()) -> Pair:
+    """The default, then each method to 4B, then every point re-timed side by side; ``factor`` scales every
+    schedule (:func:`bench.pool.scaled`: a smoke run's tiny budgets)."""
+    pool_task = POOL[name] if factor == 1.0 else scaled(POOL[name], factor)
+    where = Path(workdir) / name / str(seed)
+    default = method_settings(pool_task, seed, where, "default", extra)
+    task, trials = search(default, where / "default", 0.0, 1)
+    budget = cpu_spent(trials)
+    outcomes = [Outcome("default", trials, task.direction, where / "default")]
+    portfolio = ""
+    for method in methods:
+        settings = method_settings(pool_task, seed, where, method, extra)
+        if METHODS[method][3]:
+            from tune.portfolio import configured_portfolio
+
+            found = configured_portfolio(settings.tune)
+            portfolio = f"learned from {found.provenance['learned_from'] or 'no task'}" if found else "none"
+        pruner = _pruner(settings) if METHODS[method][2] == "hyperband" else None
+        _, found = search(settings, where / method, HORIZON * budget, MAX_TRIALS, pruner=pruner)
+        outcomes.append(Outcome(method, found, task.direction, where / method, budget=HORIZON * budget))
+    retime(task, outcomes)
+    for o in outcomes:  # the trials' storage-backed objects pickle; the search's files stay behind
+        o.trials = list(o.trials)
+    return Pair(name, seed, task.metric, task.direction, budget, outcomes, portfolio)
+
+
+def warm_up(workdir: Path) -> None:
+    """One tiny default run first: imports and the first ONNX Runtime sessions charge no method."""
+    settings = method_settings(POOL["breast-cancer"], 0, workdir, "default", ("train.max_steps=20",))
+    search(settings, Path(workdir) / "default", 0.0, 1)
+
+
+def _pair_job(args) -> Pair:
+    name, seed, workdir, factor = args
+    warm_up(Path(workdir) / "warm-up" / f"{name}-{seed}")
+    return run_pair(name, seed, workdir, factor)
+
+
+def run_pairs(names: list[str], seeds: list[int], workdir: Path, workers: int = 1, factor: float = 1.0,
+              wall_s: float | None = None) -> tuple[list[Pair], list[tuple[str, int]]]:
+    """(pairs done, pairs cut): every (task, seed), seed by seed, ``workers`` at a time in processes of their own
+    (each trains with one thread and is charged its own CPU-seconds, so pairs side by side do not charge each
+    other). ``wall_s``: the pairs not done by then are stopped and reported as cut, never half-counted."""
+    jobs = [(n, s, str(workdir), factor) for s in seeds for n in names]
+    if workers <= 1 and wall_s is None:
+        return [_pair_job(j) for j in jobs], []
+    end = None if wall_s is None else time.monotonic() + wall_s
+    pool = get_context("spawn").Pool(max(1, workers))
+    try:
+        pending = [(j, pool.apply_async(_pair_job, (j,))) for j in jobs]
+        done, cut = [], []
+        for job, result in pending:
+            try:
+                done.append(result.get(None if end is None else max(1.0, end - time.monotonic())))
+            except mp.TimeoutError:
+                cut.append((job[0], job[1]))
+        return done, cut
+    finally:
+        pool.terminate()  # pairs still running past the wall limit: their results are not counted anyway
+
+
+def wins(pair: Pair, multiple: float) -> dict[str, tuple[bool, bool]]:
+    """Per baseline: (priors' best metric strictly better, priors' hypervolume strictly higher) at ``multiple``."""
+    volumes = pair.volumes(multiple)
+    mine = pair.at(PRIORS, multiple).best()
+    out = {}
+    for base in BASELINES:
+        theirs = pair.at(base, multiple).best()
+        beats = not math.isnan(mine) and (math.isnan(theirs) or better(mine, theirs, pair.direction))
+        out[base] = (beats, volumes[PRIORS] > volumes[base])
+    return out
