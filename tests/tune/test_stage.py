@@ -167,7 +167,12 @@ def test_compress_consumes_the_selection(study_run):
     assert code == 0
     assert list(manifest.inputs) == ["tune/manifest.json"]
     assert manifest.config["source"].endswith(selected["checkpoint"])
-    assert manifest.metrics["recommended"] == selected["variant"]
+    choice = manifest.metrics["recommendation"]
+    if choice["replaced"] is None:
+        assert manifest.metrics["recommended"] == selected["variant"]
+    else:  # compress measured the selection dominated by another variant: it says which, and by which
+        assert choice["replaced"]["variant"] == selected["variant"]
+        assert choice["replaced"]["by"] == manifest.metrics["recommended"] != selected["variant"]
 
 
 def test_the_checkpoint_key_follows_the_data_file_and_the_ddp_ranks(tmp_path):
