@@ -89,6 +89,11 @@ def _commit(run: RunDir, manifest, repo: Path, task_info: dict, triton: dict, re
     """Write the configs, task.json, then the manifest (last); returns the files that changed."""
     texts = render_configs(repo, task_info, triton)  # renders (and checks) all before anything is written
     info = {**task_info, "recommended": recommended}
+    if isinstance(task_info.get("recommendation"), dict):  # compress's reasoning stays; a write-back that serves
+        choice = {k: v for k, v in task_info["recommendation"].items() if k != "served"}  # another model says so
+        if task_info["models"].get(choice.get("variant")) != recommended:
+            choice["served"] = {"model": recommended, "source": serving["source"]}
+        info["recommendation"] = choice
     changed = [rel for rel, text in texts.items() if (repo / rel).read_text() != text]
     for rel in changed:
         with atomic_output(repo / rel) as tmp:

@@ -62,7 +62,10 @@ def test_write_back_regenerates_every_config_and_keeps_the_repository_complete(r
         cfg = parse_pbtxt((repo / flavour / "digits-fp32" / "config.pbtxt").read_text())
         assert cfg.max_batch_size == 16 and list(cfg.dynamic_batching.preferred_batch_size) == [4]
         assert cfg.dynamic_batching.max_queue_delay_microseconds == 1500 and cfg.instance_group[0].count == 2
-    assert json.loads((repo / "task.json").read_text())["recommended"] == "digits-int8"
+    info = json.loads((repo / "task.json").read_text())
+    assert info["recommended"] == "digits-int8"
+    assert info["recommendation"]["variant"] == "fp32"  # compress's reasoning is kept, and says what serves now
+    assert info["recommendation"]["served"] == {"model": "digits-int8", "source": SOURCE}
     assert manifest.config["triton"] | {"intra_op_threads": 1} == {
         "max_batch_size": 16, "max_queue_delay_us": 1500, "preferred_batch_sizes": [4], "instances": 2,
         "max_queue_size": 0, "intra_op_threads": 1}
