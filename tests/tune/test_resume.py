@@ -16,9 +16,11 @@ from tune.stage import finished_by, tune_run
 
 REPO = Path(__file__).resolve().parents[2]
 N_TRIALS = 3
-# long enough trials (a few seconds each) that the kill lands inside one; no compression siblings, which
-# would be queued ahead of the killed trial's retry and take the three trials' room (tests/tune/test_stage.py)
-SLOW = ["tune.early_stop.enabled=false", "tune.compression_siblings=false", f"tune.n_trials={N_TRIALS}",
+# long enough trials (a few seconds each) that the kill lands inside one; no compression siblings or portfolio
+# entries, which would be queued ahead of the killed trial's retry and take the three trials' room
+# (tests/tune/test_stage.py), and whose smaller models could finish the study before the kill lands
+SLOW = ["tune.early_stop.enabled=false", "tune.compression_siblings=false", "tune.portfolio=off",
+        f"tune.n_trials={N_TRIALS}",
         "tune.space=" + _tiny.SPACE.replace('"train.max_steps" = 120', '"train.max_steps" = 400')]
 
 
