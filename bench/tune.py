@@ -161,6 +161,7 @@ def _settings(setup: Setup, seed: int, workdir: Path, method: str, probe: dict[s
         tune |= {"sampler": sampler, "search_space": preset, "space": space,
                  "early_stop": {**tune["early_stop"], "enabled": early_stop},
                  "warm_start": (setup.warm_start or None) if method == WARM else None}
+    tune["portfolio"] = None  # this comparison is warm start vs cold; the priors are bench tune --heldout's
     return base.model_copy(update={"tune": TuneSettings.model_validate(tune)})
 
 

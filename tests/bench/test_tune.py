@@ -77,6 +77,7 @@ def test_only_autoglm_is_warm_started_and_searches_compression_and_the_searches_
     assert settings["AutoGLM"].warm_start and settings["AutoGLM"].space == setup.space | setup.compression_space
     for method in ("default", "random search", "TPE, no early stopping", "AutoGLM, cold start"):
         assert settings[method].warm_start is None
+    assert all(s.portfolio is None for s in settings.values())  # no method here starts from the shipped priors
     cold = settings["AutoGLM, cold start"].model_dump(exclude={"warm_start"})
     assert cold == settings["AutoGLM"].model_dump(exclude={"warm_start"})  # the ablation changes nothing else
     assert settings["random search"].space == settings["TPE, no early stopping"].space == setup.space
