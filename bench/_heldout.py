@@ -44,6 +44,13 @@ METHODS = {"random search": ("random", "training", None, False), "TPE": ("tpe", 
            "AutoGLM cold": ("tpe", "default", "pareto", False),
            "AutoGLM with priors": ("tpe", "default", "pareto", True)}
 PRIORS, BASELINES = "AutoGLM with priors", ("random search", "TPE + Hyperband")
+# ``bench tune --ablation NAME``: a method that is PRIORS with knobs added to its searched space, run beside it
+# the training loop's opt-in knobs (autoglm.tasks.training.LOOP_SPACE): optimizer, schedule, and feedback with the
+# adaptive batch on it; the knobs conditional on these (betas, momentum, step decay, max_grad_accum) come along
+LOOP_KNOBS = {"train.optimizer": {}, "train.schedule": {}, "train.feedback_every": {}}
+ABLATIONS = {"train-knobs": (f"{PRIORS} + loop knobs", LOOP_KNOBS)}
+ADDED = {method: added for method, added in ABLATIONS.values()}  # method -> the knobs it adds to PRIORS' space
+SPECS = METHODS | dict.fromkeys(ADDED, METHODS[PRIORS])  # every method's (sampler, preset, stopping, portfolio)
 DIRS_REST = ["minimize", "minimize"]  # latency, energy
 
 
@@ -63,8 +70,9 @@ def method_settings(pool_task: PoolTask, seed: int, workdir: Path, method: str,
                  "warm_start": None}
         portfolio = False
     else:
-        sampler, preset, stopping, portfolio = METHODS[method]
-        tune |= {"sampler": sampler, "search_space": preset, "space": dict(pool_task.space), "warm_start": None,
+        sampler, preset, stopping, portfolio = SPECS[method]
+        tune |= {"sampler": sampler, "search_space": preset, "space": dict(pool_task.space) | ADDED.get(method, {}),
+                 "warm_start": None,
                  "early_stop": {**tune["early_stop"], "enabled": stopping is not None}}
         if stopping == "hyperband":
             tune["objectives"] = ["metric"]
@@ -124,12 +132,12 @@ def run_pair(name: str, seed: int, workdir: Path, factor: float = 1.0, methods=t
     portfolio = ""
     for method in methods:
         settings = method_settings(pool_task, seed, where, method, extra)
-        if METHODS[method][3]:
+        if SPECS[method][3]:
             from tune.portfolio import configured_portfolio
 
             found = configured_portfolio(settings.tune)
             portfolio = f"learned from {found.provenance['learned_from'] or 'no task'}" if found else "none"
-        pruner = _pruner(settings) if METHODS[method][2] == "hyperband" else None
+        pruner = _pruner(settings) if SPECS[method][2] == "hyperband" else None
         _, found = search(settings, where / method, HORIZON * budget, MAX_TRIALS, pruner=pruner)
         outcomes.append(Outcome(method, found, task.direction, where / method, budget=HORIZON * budget))
     retime(task, outcomes)
@@ -145,17 +153,17 @@ def warm_up(workdir: Path) -> None:
 
 
 def _pair_job(args) -> Pair:
-    name, seed, workdir, factor = args
+    name, seed, workdir, factor, methods = args
     warm_up(Path(workdir) / "warm-up" / f"{name}-{seed}")
-    return run_pair(name, seed, workdir, factor)
+    return run_pair(name, seed, workdir, factor, methods)
 
 
 def run_pairs(names: list[str], seeds: list[int], workdir: Path, workers: int = 1, factor: float = 1.0,
-              wall_s: float | None = None) -> tuple[list[Pair], list[tuple[str, int]]]:
+              wall_s: float | None = None, methods=tuple(METHODS)) -> tuple[list[Pair], list[tuple[str, int]]]:
     """(pairs done, pairs cut): every (task, seed), seed by seed, ``workers`` at a time in processes of their own
     (each trains with one thread and is charged its own CPU-seconds, so pairs side by side do not charge each
     other). ``wall_s``: the pairs not done by then are stopped and reported as cut, never half-counted."""
-    jobs = [(n, s, str(workdir), factor) for s in seeds for n in names]
+    jobs = [(n, s, str(workdir), factor, tuple(methods)) for s in seeds for n in names]
     if workers <= 1 and wall_s is None:
         return [_pair_job(j) for j in jobs], []
     end = None if wall_s is None else time.monotonic() + wall_s

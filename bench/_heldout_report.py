@@ -6,7 +6,8 @@ import math
 import statistics
 from pathlib import Path
 
-from bench._heldout import BASELINES, GRID, HORIZON, MULTIPLES, PRIORS, Pair, wins
+from bench._heldout import ABLATIONS, BASELINES, GRID, HORIZON, MULTIPLES, PRIORS, Pair, wins
+from bench._tuning import better
 from bench.harness import Table
 from bench.pool import POOL, split_label
 
@@ -123,28 +124,75 @@ def _mean(values) -> float:
     return statistics.fmean(present) if present else math.nan
 
 
+def ablation_wins(pair: Pair, method: str, multiple: float) -> tuple[bool, bool]:
+    """(``method``'s best metric strictly better than PRIORS', its hypervolume at least PRIORS') at ``multiple``."""
+    volumes = pair.volumes(multiple)
+    mine, theirs = pair.at(method, multiple).best(), pair.at(PRIORS, multiple).best()
+    beats = not math.isnan(mine) and (math.isnan(theirs) or better(mine, theirs, pair.direction))
+    return beats, volumes[method] >= volumes[PRIORS]
+
+
+def ablation_table(pairs: list[Pair], name: str) -> Table:
+    """PRIORS without and with the ablation's knobs, side by side per pair at 1B, 2B, 4B, and the verdict: the
+    knobs earn their place if they give a strictly better best metric on most pairs at 2B and at 4B without a
+    lower hypervolume on most pairs there."""
+    method, added = ABLATIONS[name]
+    rows, n = [], len(pairs)
+    for p in pairs:
+        best = {m: [p.at(m, k).best() for k in MULTIPLES] for m in (PRIORS, method)}
+        volumes = [p.volumes(k) for k in MULTIPLES]
+        rows.append([f"{p.task} ({POOL[p.task].split})", f"{p.seed} (B = {p.budget:.1f} CPU-s)", p.metric,
+                     *[f"{_fmt(a)} / {_fmt(b)}" for a, b in zip(best[PRIORS], best[method])],
+                     *[f"{v[PRIORS]:.3f} / {v[method]:.3f}" for v in volumes]])
+    counts = {k: [ablation_wins(p, method, k) for p in pairs] for k in MULTIPLES}
+    tally = {k: (sum(w[0] for w in c), sum(w[1] for w in c)) for k, c in counts.items()}
+    earn = n > 0 and all(tally[k][0] > n / 2 and tally[k][1] > n / 2 for k in (2, 4))
+    verdict = (f"verdict: the knobs {'earn' if earn else 'do NOT earn'} their place in the default space: better "
+               "best metric on " + ", ".join(f"{tally[k][0]}/{n} pairs at {k}B" for k in MULTIPLES)
+               + "; hypervolume not lower on " + ", ".join(f"{tally[k][1]}/{n} at {k}B" for k in MULTIPLES)
+               + " (the rule: better on most pairs at 2B and 4B without losing hypervolume on most)")
+    columns = ["task (split)", "seed (budget)", "metric", *[f"best metric at {k}B: without / with" for k in MULTIPLES],
+               *[f"hypervolume at {k}B: without / with" for k in MULTIPLES]]
+    return Table(f"Ablation {name}: {PRIORS} without / with {', '.join(added)} ({_where(pairs)})", columns, rows, [
+        verdict, f"with: the same method and seed with {added} added to tune.space (the knobs conditional on them "
+        "come along: betas, momentum, step decay, adaptive_batch and max_grad_accum); same budget 4B, same seeds",
+        "metric directions: " + ", ".join(sorted({f"{p.metric} ({p.direction})" for p in pairs}))
+        + "; '—': no trial completed by then; hypervolume as in the anytime table, normalized over the pair's "
+        "points (default, without, with) at 4B"])
+
+
+def _fmt(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.4g}"
+
+
 QUICK = 1 / 6  # a smoke run's schedules: the MLP's default trains 500 steps, charlm's 67
 
 
 def heldout(quick: bool, tasks: list[str] | None, seeds: int, workers: int, wall_min: float | None = None,
-            ) -> list[Table]:
-    """The held-out benchmark's tables; ``quick``: one evaluation task, one seed, a tiny default."""
+            ablation: str | None = None) -> list[Table]:
+    """The held-out benchmark's tables; ``quick``: one task, one seed, a tiny default. ``ablation`` (a name in
+    :data:`bench._heldout.ABLATIONS`): PRIORS without and with its knobs instead of every method, on the
+    development tasks unless ``tasks`` says otherwise (a decision about the default space is made there)."""
     import tempfile
 
-    from bench._heldout import run_pairs
-    from bench.pool import eval_tasks
+    from bench._heldout import METHODS, run_pairs
+    from bench.pool import dev_tasks, eval_tasks
 
-    names = tasks or ([eval_tasks()[-1].name] if quick else [t.name for t in eval_tasks()])
+    if ablation is not None and ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}: known are {sorted(ABLATIONS)}")
+    pool = dev_tasks() if ablation else eval_tasks()
+    names = tasks or ([pool[-1].name] if quick else [t.name for t in pool])
     unknown = [n for n in names if n not in POOL]
     if unknown:
         raise ValueError(f"unknown pool task(s) {unknown}: known are {sorted(POOL)}")
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-heldout-") as tmp:
+        methods = (PRIORS, ABLATIONS[ablation][0]) if ablation else tuple(METHODS)
         pairs, cut = run_pairs(names, list(range(1 if quick else seeds)), Path(tmp), workers,
-                               QUICK if quick else 1.0, None if wall_min is None else 60 * wall_min)
+                               QUICK if quick else 1.0, None if wall_min is None else 60 * wall_min, methods)
     if not pairs:
         raise RuntimeError(f"no (task, seed) pair finished within {wall_min} minutes: raise --wall-min")
     table = anytime_table(pairs)
-    goals = goals_table(pairs)
+    goals = ablation_table(pairs, ablation) if ablation else goals_table(pairs)
     if cut:
         for t in (goals, table):
             t.notes.append(f"cut by the run's wall limit ({wall_min:g} min on this machine), not run: "

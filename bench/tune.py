@@ -326,20 +326,24 @@ def run(quick: bool, args: list[str] | None = None) -> list[Table]:
 def _pool_run(quick: bool, args: list[str]) -> list[Table]:
     import argparse
 
+    from bench._heldout import ABLATIONS
+
     parser = argparse.ArgumentParser(prog="python -m bench tune")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--heldout", action="store_true", help="anytime comparison on the evaluation tasks")
+    mode.add_argument("--ablation", choices=sorted(ABLATIONS),
+                      help="AutoGLM with priors without / with these knobs, anytime to 4B (default: the dev tasks)")
     mode.add_argument("--learn-portfolio", action="store_true", help="learn tune/portfolio.json on the dev tasks")
     parser.add_argument("--tasks", help="comma-separated pool tasks (default: the evaluation tasks)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per task (default 3)")
     parser.add_argument("--workers", type=int, default=1, help="(task, seed) pairs run side by side")
-    parser.add_argument("--wall-min", type=float, help="--heldout: stop pairs still running after this many minutes")
+    parser.add_argument("--wall-min", type=float, help="--heldout, --ablation: stop pairs still running after this many minutes")
     options = parser.parse_args(args)
     tasks = options.tasks.split(",") if options.tasks else None
-    if options.heldout:
+    if options.heldout or options.ablation:
         from bench._heldout_report import heldout
 
-        return heldout(quick, tasks, options.seeds, options.workers, options.wall_min)
+        return heldout(quick, tasks, options.seeds, options.workers, options.wall_min, options.ablation)
     from bench._portfolio import learn
 
     return learn(quick, options.workers)

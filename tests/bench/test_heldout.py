@@ -65,3 +65,49 @@ def test_the_portfolio_greedily_covers_the_tasks_with_the_lowest_mean_regret():
 
     assert regret["a"] == [pytest.approx(1 / 3), 0.0, 1.0, 1.0] and regret["b"] == pytest.approx([1.0, 0.5, 0.0, 0.2])
     assert greedy(regret, 2) == [1, 2]  # the best on average first, then the one covering what it misses
+
+
+def knobbed_pair(with_knobs):
+    """A pair of PRIORS and its train-knobs twin: ``with_knobs`` = [(cpu_s, value, point)] of the twin."""
+    from bench._heldout import ABLATIONS
+
+    method = ABLATIONS["train-knobs"][0]
+    return Pair("friedman1", 0, "rmse", "minimize", 10.0, [
+        Outcome("default", [trial(10.0, 1.0)], "minimize", Path("."), [(1.0, 2.0, 2.0)]),
+        Outcome("AutoGLM with priors", [trial(12.0, 0.8), trial(30.0, 0.7)], "minimize", Path("."),
+                [(0.8, 2.0, 2.0), (0.7, 2.0, 2.0)], budget=40.0),
+        Outcome(method, [trial(c, v) for c, v, _ in with_knobs], "minimize", Path("."),
+                [p for _, _, p in with_knobs], budget=40.0)])
+
+
+def test_the_train_knobs_ablation_adds_only_the_loop_knobs_to_the_priors_method(tmp_path):
+    from bench._heldout import ABLATIONS, LOOP_KNOBS, SPECS
+
+    method = ABLATIONS["train-knobs"][0]
+    plain, knobbed = (method_settings(POOL["friedman1"], 0, tmp_path, m).tune for m in ("AutoGLM with priors", method))
+
+    assert knobbed.space == plain.space | LOOP_KNOBS and set(LOOP_KNOBS) - set(plain.space) == set(LOOP_KNOBS)
+    assert knobbed.model_dump(exclude={"space"}) == plain.model_dump(exclude={"space"})
+    assert SPECS[method] == METHODS["AutoGLM with priors"] and method not in METHODS  # --heldout runs it not
+
+
+def test_the_ablation_verdict_needs_wins_at_2b_and_4b_without_losing_hypervolume():
+    from bench._heldout_report import ablation_table, ablation_wins
+
+    better = knobbed_pair([(15.0, 0.6, (0.6, 1.0, 1.0)), (25.0, 0.5, (0.5, 1.0, 1.0))])
+    worse = knobbed_pair([(15.0, 0.9, (0.9, 3.0, 3.0))])
+    method = better.outcomes[-1].method
+
+    assert ablation_wins(better, method, 1) == (False, True)  # nothing completed by 1B on either side: a tie
+    assert ablation_wins(better, method, 2) == (True, True) and ablation_wins(worse, method, 4) == (False, False)
+    earns, loses = ablation_table([better, better, worse], "train-knobs"), ablation_table([better, worse], "train-knobs")
+    assert "knobs earn their place" in earns.notes[0] and "2/3 pairs at 2B" in earns.notes[0]
+    assert "do NOT earn" in loses.notes[0]  # 1 of 2 is not most
+    assert earns.rows[0][3:5] == ["— / —", "0.8 / 0.6"] and len(earns.rows) == 3
+
+
+def test_an_unknown_ablation_is_refused_before_anything_runs():
+    from bench.tune import run
+
+    with pytest.raises(SystemExit):
+        run(True, ["--ablation", "nope"])
