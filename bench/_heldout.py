@@ -59,7 +59,6 @@ def method_settings(pool_task: PoolTask, seed: int, workdir: Path, method: str,
     """A method's settings for one pool task and seed."""
     base = pool_task.settings(seed, workdir, extra)
     tune = base.tune.model_dump()
-    has_portfolio = "portfolio" in TuneSettings.model_fields
     if method == "default":
         from autoglm.tasks import task_class
 
@@ -76,10 +75,8 @@ def method_settings(pool_task: PoolTask, seed: int, workdir: Path, method: str,
                  "early_stop": {**tune["early_stop"], "enabled": stopping is not None}}
         if stopping == "hyperband":
             tune["objectives"] = ["metric"]
-    if has_portfolio:
-        tune["portfolio"] = tune["portfolio"] if portfolio else None
-    elif portfolio:
-        raise RuntimeError("AutoGLM with priors needs tune.portfolio (tune/portfolio.py)")
+    if not portfolio:
+        tune["portfolio"] = None
     return base.model_copy(update={"tune": TuneSettings.model_validate(tune)})
 
 
