@@ -586,6 +586,17 @@ class IngressSettings(Section):
         return self
 
 
+class ResourceSettings(Section):
+    """How the Triton container's resources follow what loadtest measured at the deployed serving config
+    (``deploy/resources.py``); without a measurement the overlay's defaults stay."""
+
+    memory_headroom: float = Field(1.5, ge=1.0, le=10.0, description="memory request and limit = the peak RSS "
+                                   "loadtest measured for Triton's processes x this")
+    cpu_limit_headroom: float = Field(1.5, ge=1.0, le=10.0, description="cpu overlay: cpu limit = the CPU Triton "
+                                      "used at the measured capacity x this (the request is the CPU at the "
+                                      "autoscaler's throughput target)")
+
+
 class DeploySettings(Section):
     """What ``autoglm deploy render`` renders: the environment, where images live, the cluster's namespaces,
     the tune workers, the autoscaling rules and how the gateway is reached and scraped."""
@@ -628,6 +639,7 @@ class DeploySettings(Section):
     allow_capacity_mismatch: bool = Field(False, description="use loadtest's capacity even when it was measured on "
                                           "another repository flavour or device kind than the overlay serves (the "
                                           "capacity source says so); false: the default capacity instead")
+    resources: ResourceSettings = Field(default_factory=ResourceSettings)
 
     @model_validator(mode="after")
     def _tune_options_need_workers(self) -> DeploySettings:

@@ -3,7 +3,8 @@
 Deploy never looks inside a model: it reads ``repository/task.json`` (task, models, recommended one),
 the repository manifest (its sha256 names the model image; the Triton settings the models run with),
 the native flavour's version directories, and, when ``autoglm loadtest`` measured it for what the overlay
-serves, the capacity per model instance within the SLO (:mod:`deploy.capacity`).
+serves, the capacity per model instance within the SLO (:mod:`deploy.capacity`) and the CPU and memory the
+serving processes used there (:mod:`deploy.resources`).
 
 Every image is tagged by its content, so nothing changed can ship under an old tag: the model image by
 the repository manifest's sha256, the gateway and tune images by the code's version and a digest of
@@ -22,6 +23,7 @@ from autoglm import __version__
 from autoglm.artifacts import RunDir, sha256_file, verify_outputs
 from autoglm.errors import AutoGLMError, IntegrityError
 from deploy.capacity import Capacity, Target, capacity_for, serving_target
+from deploy.resources import Usage, measured_usage
 
 # the NGC Triton each overlay runs unless deploy.triton_image names one. CPU: Triton 2.51, the server version
 # bundled in nvidia-pytriton and tested here; GPU: a current release, whose CUDA and TensorRT know current GPUs
@@ -80,6 +82,7 @@ class Release:
     inputs: list[str] = field(default_factory=list)  # stages this render depends on
     run_config: dict[str, Any] = field(default_factory=dict)  # the run's resolved config (for tune workers)
     target: Target | None = None  # where the rendered overlay serves the recommended model
+    usage: Usage | None = None  # CPU and memory loadtest measured at the deployed config (None: not measured)
 
     def images(self, registry: str, triton: str = TRITON_IMAGES["cpu"]) -> Images:
         return Images.for_release(registry, self.run, self.repository_sha, triton=triton)
@@ -113,13 +116,15 @@ def read_release(run: RunDir, env: str = "cpu", allow_capacity_mismatch: bool = 
     inputs = ["repository"]
     target = serving_target(repo_dir, info["recommended"], env)
     capacity = capacity_for(run, manifest.config["triton"], target, allow_capacity_mismatch)
-    if capacity.measured:
+    usage = None
+    if capacity.measured:  # the same checks hold for what the serving processes used at that capacity
         inputs.append("loadtest")
+        usage = measured_usage(run.manifest("loadtest").metrics)
     return Release(run=run.name, task=info["task"], models=models, recommended=info["recommended"],
                    version=versions.pop(), instances_per_pod=int(manifest.config["triton"]["instances"]),
                    repository_sha=sha256_file(run.manifest_path("repository")),
                    autoglm_version=manifest.libraries.get("autoglm", "0.0.0"), task_json=task_json,
-                   capacity=capacity, inputs=inputs, run_config=_run_config(run), target=target)
+                   capacity=capacity, inputs=inputs, run_config=_run_config(run), target=target, usage=usage)
 
 
 def _native_version(native: Path, model: str) -> int:

@@ -28,6 +28,7 @@ from deploy.compose import compose_tree
 from deploy.k8s.serving import GATEWAY_GRPC_PORT, GATEWAY_PORT, PORTS, Cluster
 from deploy.k8s.tune import worker_data
 from deploy.release import TRITON_IMAGES, Images, Release, read_release
+from deploy.resources import Resources, release_resources
 
 KEYS_FILE = "api-keys.sha256"  # name:sha256 lines, kept across renders of a run (hashes only)
 KUSTOMIZE_TIMEOUT_S = 60
@@ -152,7 +153,8 @@ def render_run(settings: Settings, force: bool = False) -> Manifest:
     head = header(release.run, options.env)
     keys = api_keys(writer.dir, options.api_keys_file)
     in_cluster = gateway_settings(settings, keys, "autoglm-triton")
-    tree = k8s.serving_tree(release, images, rules, cluster, in_cluster, options)
+    resources = release_resources(release, rules, options)
+    tree = k8s.serving_tree(release, images, rules, cluster, in_cluster, options, resources)
     if options.tune_workers:
         tree |= k8s.tune_tree(release, images, cluster, options.tune_workers, n_trials, not options.external_db)
     writer.invalidate()
@@ -160,7 +162,7 @@ def render_run(settings: Settings, force: bool = False) -> Manifest:
     write_tree(out / "k8s", tree, head)
     write_tree(out, compose_tree(release.run, options.env, images, gateway_settings(settings, keys, "triton")), head)
     write_tree(out, {"images/models.Dockerfile": models_dockerfile(release, options.env, images)}, head)
-    write_tree(out, {"README.md": _readme(release, options, images, n_trials)}, "")
+    write_tree(out, {"README.md": _readme(release, options, images, n_trials, resources)}, "")
 
     status = {"serving": "skipped: --no-kustomize", "tune": None}
     if options.kustomize:
@@ -175,6 +177,7 @@ def render_run(settings: Settings, force: bool = False) -> Manifest:
         "capacity_measured": release.capacity.measured, "capacity_source": release.capacity.source,
         "capacity_measured_on": release.capacity.measured_on,
         "serving_target": asdict(release.target) if release.target else None,
+        "triton_resources": resources.spec() | {"measured": list(resources.measured), "source": resources.source},
         "tune_workers": options.tune_workers, "kustomize": status, "api_keys": [k.name for k in keys]}
     manifest = writer.commit()
     print(f"deploy: rendered {options.env} for run {release.run} -> {out} (kustomize: {status['serving']}); "
@@ -196,7 +199,7 @@ def _extras(options: DeploySettings) -> str:
     return "".join(f"\n   {line}." for line in lines)
 
 
-def _readme(release: Release, options: DeploySettings, images: Images, n_trials: int) -> str:
+def _readme(release: Release, options: DeploySettings, images: Images, n_trials: int, resources: Resources) -> str:
     ns, env, run = options.namespace, options.env, release.run
     data = release.run_config.get("task", {}).get("data")
     copy = (f" First copy the run's data file to `{worker_data(data)}` on the `autoglm-runs` volume: the workers "
@@ -213,4 +216,5 @@ def _readme(release: Release, options: DeploySettings, images: Images, n_trials:
             f"   `rendered.yaml` is the same tree, built.{_extras(options)}\n"
             f"3. One host: `docker compose -f compose/docker-compose.yml up -d` (`--profile dashboard` adds Grafana).\n"
             f"{tune}\nModels: {', '.join(sorted(release.models.values()))} (version {release.version}; recommended "
-            f"{release.recommended}). Autoscaling capacity: {release.capacity.source}.\n")
+            f"{release.recommended}). Autoscaling capacity: {release.capacity.source}.\n"
+            f"Triton's resources ({resources.label()}): {resources.source}.\n")

@@ -124,10 +124,16 @@ def hpa_metrics(rules, capacity: Capacity, instances_per_pod: int) -> list[dict[
     return [pods(series, target) for series, target in targets(rules, capacity, instances_per_pod)]
 
 
+def throughput_target(rules, capacity: Capacity, instances_per_pod: int) -> float:
+    """Requests/s per pod the autoscaler holds a pod at: capacity / up_factor (see the module docstring); the
+    Triton container's CPU request is sized for this load (:mod:`deploy.resources`)."""
+    return capacity.per_pod(instances_per_pod) / rules.up_factor
+
+
 def targets(rules, capacity: Capacity, instances_per_pod: int) -> list[tuple[Series, float]]:
     """Each series with its per-pod target (see the module docstring)."""
     latency_s = rules.latency_ms / 1000
-    return [(LATENCY, latency_s), (P95, latency_s), (THROUGHPUT, capacity.per_pod(instances_per_pod) / rules.up_factor)]
+    return [(LATENCY, latency_s), (P95, latency_s), (THROUGHPUT, throughput_target(rules, capacity, instances_per_pod))]
 
 
 def keda_triggers(rules, capacity: Capacity, instances_per_pod: int, server: str, namespace: str,
@@ -143,7 +149,7 @@ def keda_triggers(rules, capacity: Capacity, instances_per_pod: int, server: str
 
 def targets_note(rules, capacity: Capacity, instances_per_pod: int) -> str:
     """One line for the rendered files: where each target comes from."""
-    rps = capacity.per_pod(instances_per_pod) / rules.up_factor
+    rps = throughput_target(rules, capacity, instances_per_pod)
     return (f"latency targets {rules.latency_ms:g} ms (autoscaling rule); throughput target {rps:.1f} req/s per pod "
             f"= capacity / {rules.up_factor:g} with capacity {capacity.source}")
 

@@ -7,7 +7,7 @@ objects (a multi-document YAML file), one object, or raw bytes. Layout under ``d
     base/                    Triton, gateway, Services, PDBs, NetworkPolicy, HPAs (or Triton's KEDA
                              ScaledObject), task.json, gateway.json; monitors.yaml (ServiceMonitor,
                              PodMonitor) and ingress.yaml (Ingress, or Gateway + HTTPRoute) when asked for
-    overlays/<env>/          namespace, image tags of the release, resources for cpu or gpu nodes
+    overlays/<env>/          namespace, image tags of the release, Triton's resources (measured, else per env)
     monitoring/              prometheus-adapter rules (custom metrics for the HPA) + Prometheus scrape job
     tune/                    only with --tune-workers: Indexed Job, PostgreSQL, the shared runs volume
 """
@@ -22,17 +22,10 @@ from deploy import scaling
 from deploy.k8s import ingress, monitors, serving, tune
 from deploy.k8s.serving import Cluster
 from deploy.release import Images, Release
+from deploy.resources import Resources
 
 ENVS = ("cpu", "gpu")
 Tree = dict[str, Any]
-
-# Per environment: what one Triton pod asks for. GPU nodes are tainted in most clusters, hence the toleration.
-TRITON_RESOURCES = {
-    "cpu": {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"cpu": "4", "memory": "4Gi"}},
-    "gpu": {"requests": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"},
-            "limits": {"memory": "8Gi", "nvidia.com/gpu": "1"}},
-}
-
 
 def _image_pins(images: Images, *placeholders: str) -> list[dict[str, str]]:
     """kustomize ``images:`` entries pinning each placeholder image name to the release's tag."""
@@ -56,13 +49,16 @@ def _kustomization(**fields: Any) -> dict[str, Any]:
     return {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", **fields}
 
 
-def triton_patch(env: str) -> dict[str, Any]:
-    """Strategic-merge patch of the Triton Deployment for ``env``."""
-    container = {"name": "triton", "resources": TRITON_RESOURCES[env]}
+def triton_patch(env: str, resources: Resources) -> dict[str, Any]:
+    """Strategic-merge patch of the Triton Deployment for ``env``: its container's ``resources`` (measured or the
+    overlay's defaults, the annotation says which and how), the GPU nodes' toleration."""
+    container = {"name": "triton", "resources": resources.spec()}
     spec: dict[str, Any] = {"containers": [container]}
-    if env == "gpu":
+    if env == "gpu":  # GPU nodes are tainted in most clusters
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "autoglm-triton"},
+    annotations = {"autoglm.dev/resources": resources.source, "autoglm.dev/resources-source": resources.label()}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "autoglm-triton",
+                                                                         "annotations": annotations},
             "spec": {"template": {"spec": spec}}}
 
 
@@ -89,9 +85,11 @@ def keda_server(options) -> str:
     return options.prometheus_url or f"http://prometheus-operated.{options.monitoring_namespace}.svc:9090"
 
 
-def serving_tree(release: Release, images: Images, rules, cluster: Cluster, gateway_json: bytes, options) -> Tree:
+def serving_tree(release: Release, images: Images, rules, cluster: Cluster, gateway_json: bytes, options,
+                 resources: Resources) -> Tree:
     """The serving stack as a kustomize tree (see the module docstring); ``options`` is ``deploy``
-    (:class:`autoglm.config.DeploySettings`: env, scaler, monitors, ingress)."""
+    (:class:`autoglm.config.DeploySettings`: env, scaler, monitors, ingress); ``resources``: the Triton
+    container's (:func:`deploy.resources.release_resources`)."""
     env = options.env
     keda = keda_server(options) if options.autoscaler == "keda" else None
     base = [serving.triton_deployment(release), serving.gateway_deployment(), *serving.services(),
@@ -120,7 +118,7 @@ def serving_tree(release: Release, images: Images, rules, cluster: Cluster, gate
             images=_image_pins(images, "autoglm-gateway", "autoglm-models", serving.TRITON_IMAGE),
             patches=[{"path": "triton.yaml"}]),
         f"overlays/{env}/namespace.yaml": namespace,
-        f"overlays/{env}/triton.yaml": triton_patch(env),
+        f"overlays/{env}/triton.yaml": triton_patch(env, resources),
         "monitoring/kustomization.yaml": _kustomization(
             namespace=cluster.monitoring_namespace,
             # a fixed name: prometheus-adapter's own Deployment (not in this tree) mounts it
