@@ -4,14 +4,17 @@ NVML (GPU) and RAPL (CPU package) count the whole device or host; where neither 
 counts the CPU-seconds of Triton (with its python-backend stub processes, where the models run) and
 the gateway (with its worker processes), found by the ports they listen on or given as pids, times
 ``measure.watts_per_core``, and says ``estimated`` in its method. The load generator is never counted:
-it is the clients' cost, not the service's.
+it is the clients' cost, not the service's. Each window also records the peak RSS of Triton's processes
+(:class:`PeakRss`), which deploy sizes the Triton container's memory from.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from autoglm.energy import CpuEstimateMeter, Meter, energy_meter
@@ -59,6 +62,43 @@ def with_children(pids: Iterable[int]) -> list[int]:
     return sorted(found)
 
 
+class PeakRss:
+    """The peak resident memory of a set of processes over one window, sampled while it runs.
+
+    RSS summed over the processes: a page two of them share counts twice, so the figure is at or above what a
+    container's memory cgroup charges for them (deploy sizes Triton's memory from it, with headroom).
+    """
+
+    def __init__(self, pids: Iterable[int], every_s: float = 0.25) -> None:
+        import psutil
+
+        self._psutil, self.every_s = psutil, every_s
+        self.pids = sorted(set(pids))
+        self._procs = []
+        for pid in self.pids:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                self._procs.append(psutil.Process(pid))
+        self.peak_bytes, self.samples, self._next = 0, 0, 0.0
+
+    def sample(self, now: float | None = None) -> None:
+        """Add one sample, unless the last was under ``every_s`` ago (``now``: time.monotonic())."""
+        now = time.monotonic() if now is None else now
+        if now < self._next:
+            return
+        self._next = now + self.every_s
+        total = 0
+        for proc in self._procs:
+            with contextlib.suppress(self._psutil.NoSuchProcess, self._psutil.AccessDenied):
+                total += proc.memory_info().rss
+        self.peak_bytes, self.samples = max(self.peak_bytes, total), self.samples + 1
+
+    def result(self) -> dict[str, Any]:
+        """The window's record: peak RSS in MiB over its samples and the processes sampled."""
+        if not self.samples or not self.peak_bytes:
+            return {"unavailable": f"no RSS readable for the processes {self.pids}"}
+        return {"peak_rss_mib": round(self.peak_bytes / 2**20, 1), "samples": self.samples, "pids": self.pids}
+
+
 @dataclass
 class EnergySource:
     """Makes one meter per window. Pids are looked up again for every window, because a serving config
@@ -68,11 +108,22 @@ class EnergySource:
     watts_per_core: float = 10.0
     urls: tuple[str, ...] = ()  # serving endpoints whose local listeners (and children) are metered
     pids: tuple[int, ...] = ()  # given explicitly (e.g. a gateway started elsewhere)
+    memory_urls: tuple[str, ...] = ()  # endpoints whose local process trees' peak RSS each window records (Triton's)
     unavailable: str | None = field(default=None, init=False)
 
     def serving_pids(self) -> list[int]:
         ports = [port for url in self.urls if is_local(url) and (port := port_of(url))]
         return with_children([*self.pids, *listening_pids(ports)])
+
+    def peak_rss(self) -> PeakRss | str:
+        """A sampler of the peak RSS of the processes serving ``memory_urls`` (with their children: Triton's
+        stubs) for the next window; a sentence saying why not when none is found here."""
+        ports = [port for url in self.memory_urls if is_local(url) and (port := port_of(url))]
+        pids = with_children(listening_pids(ports)) if ports else []
+        if not pids:
+            return (f"no local process serves {', '.join(self.memory_urls)} (remote, or another user's)"
+                    if self.memory_urls else "no endpoint to sample the memory of")
+        return PeakRss(pids)
 
     def meter(self) -> Meter | None:
         """A started-ready meter for the next window; None (with ``unavailable`` set) when nothing to meter."""

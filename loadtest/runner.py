@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from autoglm.errors import AutoGLMError
-from loadtest.energy_join import EnergySource
+from loadtest.energy_join import EnergySource, PeakRss
 from loadtest.latency import Slo
 from loadtest.locustfiles import BEARER_ENV, DIRECTORY, SCENARIOS, SHAPES
 from loadtest.triton_metrics import scrape, window_stats
@@ -111,15 +111,16 @@ def run_window(spec: LoadSpec, out_dir: Path, *, payloads: Path, metrics_url: st
 
     Writes locust's CSVs and log into ``out_dir``. Returns the window summary (requests, rps,
     p50/p95/p99, error rate), ``energy`` (joules, method, J/request), ``triton`` (mean batch, queue
-    time) and ``slo`` (breaches; ``passed``). Raises AutoGLMError when locust itself fails.
+    time), ``memory`` (peak RSS of Triton's processes) and ``slo`` (breaches; ``passed``). Raises
+    AutoGLMError when locust itself fails.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     window_file, log_path = out_dir / "window.jsonl", out_dir / "locust.log"
     window_file.unlink(missing_ok=True)
     cmd = locust_command(spec, payloads, window_file, out_dir / "locust")
     marks: dict[str, dict] = {}
-    meter = before = None
-    joined: dict[str, Any] = {"energy": None, "triton": None}
+    meter = before = memory = None
+    joined: dict[str, Any] = {"energy": None, "triton": None, "memory": None}
     offset = 0
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -136,11 +137,16 @@ def run_window(spec: LoadSpec, out_dir: Path, *, payloads: Path, metrics_url: st
                         if meter is not None:  # first: the scrape below can take seconds
                             meter.start()
                         before = _scrape(metrics_url, triton_model, joined)
+                        memory = energy.peak_rss() if energy else "no energy source configured"
                     elif event["event"] == "close" and "open" in marks:
                         joined["energy"] = _energy(meter, energy)
+                        joined["memory"] = _memory(memory)
+                        memory = None
                         after = _scrape(metrics_url, triton_model, joined)
                         if before is not None and after is not None:
                             joined["triton"] = window_stats(before, after)
+                if isinstance(memory, PeakRss):
+                    memory.sample()
                 if done:
                     break
                 if time.monotonic() > deadline:
@@ -177,6 +183,13 @@ def _energy(meter, source: EnergySource | None) -> dict[str, Any] | None:
     return {**reading.to_dict(), "lost_pids": lost, "pids": list(getattr(meter, "pids", None) or [])}
 
 
+def _memory(memory: PeakRss | str | None) -> dict[str, Any]:
+    if isinstance(memory, PeakRss):
+        memory.sample(math.inf)  # the window's last moment counts too
+        return memory.result()
+    return {"unavailable": memory or "the measured window never opened"}
+
+
 def _joined(spec: LoadSpec, summary: dict, joined: dict[str, Any], exit_code: int) -> dict[str, Any]:
     window = summary["window"]
     energy = joined["energy"] or {"unavailable": "the measured window never opened"}
@@ -189,6 +202,7 @@ def _joined(spec: LoadSpec, summary: dict, joined: dict[str, Any], exit_code: in
         "scenario": spec.scenario, "host": spec.host, "model": spec.model, "users": spec.users,
         "shape": spec.shape, "duration_s": spec.duration_s, "window": window, "phases": summary["phases"],
         "energy": energy, "triton": joined["triton"], "triton_unavailable": joined.get("triton_unavailable"),
+        "memory": joined.get("memory") or {"unavailable": "the measured window never opened"},
         "generator_saturated": summary.get("generator_saturated", False), "stream": summary.get("stream") or {},
         "slo": {"p95_ms": spec.slo.p95_ms, "error_rate": spec.slo.error_rate, "breaches": summary["breaches"],
                 "passed": not summary["breaches"], "locust_exit_code": exit_code},

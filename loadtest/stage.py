@@ -132,7 +132,8 @@ def loadtest_run(settings: Settings, force: bool = False, progress: bool = True)
     slo = Slo(settings.loadtest.slo_p95_ms, settings.loadtest.slo_error_rate)
     built = build_payloads(settings, task_info, options.samples, options.per_request, options.generate_tokens)
     urls = (triton_url,) if options.scenario == "triton" else (gateway_url, triton_url)
-    energy = EnergySource(settings.measure.energy, settings.measure.watts_per_core, urls=urls, pids=tuple(options.pids))
+    energy = EnergySource(settings.measure.energy, settings.measure.watts_per_core, urls=urls, pids=tuple(options.pids),
+                          memory_urls=(triton_url,))
     if options.tune.enabled:
         from loadtest.tuning import precheck
 
@@ -184,6 +185,14 @@ def _capacity_record(settings: Settings, rows: list[dict]) -> dict[str, Any]:
         except AutoGLMError:
             live = None  # Triton gone since the window: fall back to what serve was told
     return capacity_record(settings, live)
+
+
+def recommended_peak_rss(recommended: dict[str, Any], points: list[dict[str, Any]]) -> float | None:
+    """The peak RSS of Triton's processes in the recommended config's capacity window (deploy sizes Triton's
+    memory from it); None when that window recorded none. A tune study's verified window is not among
+    ``points``: its figure is not recorded yet."""
+    window = next((p for p in points if p["id"] == recommended.get("point")), None)
+    return ((window or {}).get("memory") or {}).get("peak_rss_mib")
 
 
 def _key(options: LoadtestSettings) -> str | None:
@@ -283,7 +292,8 @@ def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: Loadt
         "capacity_per_instance_rps": rec.get("capacity_per_instance_rps"), "capacity_source": source,
         "instances": (rec.get("config") or {}).get("instances"), "p95_ms": rec.get("p95_ms"),
         "j_per_request": rec.get("j_per_request"), "energy_method": method, "front": front,
-        "points": len(rows), "release_page": str(page.relative_to(run.path)), **record}
+        "points": len(rows), "release_page": str(page.relative_to(run.path)),
+        "peak_rss_mib": recommended_peak_rss(rec, points), **record}
     if tuned is not None:
         writer.manifest.metrics |= {"study": tuned["study"], "written_back": written,
                                     "baseline": tuning.baseline_summary(tuned["baseline"])}

@@ -123,6 +123,9 @@ def test_ten_second_run_writes_csvs_report_and_release_page(release_run, stack):
         assert set(energy["pids"]) - {stack["triton"].pid} - set(_stubs(stack["triton"].pid))
     assert point["triton"]["valid"] and point["triton"]["requests"] > 0 and point["triton"]["mean_batch"] >= 1
     assert manifest.metrics["capacity_rps"] > 0 and manifest.metrics["energy_method"] == energy["method"]
+    memory = point["memory"]  # Triton's processes only (what its container holds), for deploy's memory request
+    assert set(memory["pids"]) == {stack["triton"].pid, *_stubs(stack["triton"].pid)} and memory["samples"] >= 2
+    assert manifest.metrics["peak_rss_mib"] == memory["peak_rss_mib"] > 50
     page = (run.path / "report.html").read_text()
     assert "Serving: 1 operating point" in page and "Compression: 3 variants" in page
 
