@@ -4,7 +4,8 @@
     render_run(settings)   # settings.deploy (env, tune workers, ...) -> runs/<run>/deploy/out/<env>/
 
 Reads the model repository (``repository/task.json`` and manifest) and, when complete, loadtest's
-measured capacity; renders the autoscaling rules of ``autoglm.autoscaling`` as HPA behavior and targets.
+measured capacity; renders the autoscaling rules of ``autoglm.autoscaling`` as HPA behavior and targets, and
+Triton's resource requests and limits from the CPU and memory loadtest measured there (``deploy.resources``).
 """
 
 from deploy.capacity import Capacity, Target

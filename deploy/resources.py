@@ -111,7 +111,7 @@ def measured_usage(metrics: dict[str, Any]) -> Usage:
 
 
 def _millicores(cores: float, floor_m: int) -> tuple[str, str]:
-    """``cores`` rounded up to millicores, at least ``floor_m``; and " (at least ...)" when the floor applied."""
+    """``cores`` rounded up to millicores, at least ``floor_m``; and a note saying so when the floor applied."""
     milli = math.ceil(round(cores * 1000, 6))
     return (f"{milli}m", "") if milli >= floor_m else (f"{floor_m}m", f" ({milli}m, raised to the floor {floor_m}m)")
 
