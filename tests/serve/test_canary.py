@@ -118,3 +118,28 @@ def test_canary_settings_refuse_a_weight_outside_0_to_100():
     with pytest.raises(ConfigError, match="serve.canary.weight"):
         load_settings(None, ["serve.canary.weight=100"])
     assert load_settings(None, ["serve.canary.version=3"]).serve.canary.weight == 10.0
+
+
+def test_release_commands_switch_the_stable_version_on_disk_when_nothing_serves(settings_in, tmp_path, capsys):
+    from autoglm.artifacts import RunDir, StageWriter
+    from autoglm.cli import run_main
+    from autoglm.versions import load_lineage
+    from serve.release import main
+    from tests.compress.test_versions import publish
+
+    settings = settings_in("run.name=v")
+    run = RunDir(settings.run.root, "v")
+    StageWriter(run, "compress", {}).commit()
+    publish(settings, run, tmp_path, b"first ")
+    publish(settings, run, tmp_path, b"second ")
+    args = ["--set", f"run.root='{settings.run.root}'", "--run", "v"]
+    repo = run.stage_dir("repository")
+
+    assert run_main(main, ["promote", "1", *args]) == 0
+    assert "version 1 is stable in the repository (nothing serves it) (was 2)" in capsys.readouterr().out
+    config = (repo / "python" / "digits-fp32" / "config.pbtxt").read_text()
+    assert "versions: 1\n" in config and run.state("repository") == "complete"
+    assert run_main(main, ["rollback", *args]) == 0 and load_lineage(repo)["stable"] == 2
+    assert run_main(main, ["promote", "9", *args]) == 2
+    assert "version 9 is not in this repository's lineage (versions: 1, 2)" in capsys.readouterr().err
+    assert run_main(main, ["status", *args]) == 0 and '"stable": 2' in capsys.readouterr().out
