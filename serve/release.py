@@ -128,6 +128,18 @@ def start_canary(run: RunDir, stack: Stack, version: int, weight: float) -> dict
     return new
 
 
+def restore_canary(triton: TritonControl, routing: Path) -> None:
+    """Load the routing file's canaries again (after a Triton restart, which loads the stable versions from disk);
+    a failure is logged: the stable versions serve meanwhile, and the canary's requests fail until it is withdrawn."""
+    for model, split in splits(read_routing(routing)).items():
+        if split.canary is not None:
+            try:
+                triton.serve_versions(model, [split.stable, split.canary])
+            except (AutoGLMError, OSError) as exc:
+                log.error("canary: version %d of %s not restored after Triton's restart (%s): withdraw it with "
+                          "`autoglm release rollback`", split.canary, model, exc)
+
+
 def promote(run: RunDir, version: int, stack: Stack | None = None, by: str = PROMOTE, **why: Any) -> dict[str, Any]:
     """Make ``version`` the stable one: in the running stack first (when there is one), then on disk."""
     manifest, repo, task_info, lineage = checked(run)

@@ -221,6 +221,10 @@ def start_serving(settings: Settings, gateway: GatewaySettings | None = None,
         processes["triton"] = triton
         triton_url, metrics_url, triton_grpc_url = triton.http_url, triton.metrics_url, triton.grpc_url
     routing = _initial_routing(run, repository, models, serve.canary.version)
+    if triton is not None and routing is not None:  # a restarted Triton serves the disk's stable versions only
+        from serve.release import TritonControl, restore_canary
+
+        triton.on_ready = lambda: restore_canary(TritonControl(triton.http_url), routing)
     base = (gateway or GatewaySettings.from_settings(settings)).model_dump()
     gateway_settings = GatewaySettings(**{**base, "triton_url": triton_url, "triton_grpc_url": triton_grpc_url,
                                           "repository": repository, "routing_file": routing,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import threading
 from collections import Counter
 from pathlib import Path
@@ -22,7 +24,7 @@ from autoglm.versions import add_version, link_version, load_lineage, next_versi
 from serve.canary_watch import ROLLED_BACK, watch
 from serve.gateway.canary import read_routing
 from serve.release import Stack, promote, rollback, start_canary
-from tests.serve.fixtures import get, on_free_ports, post, published_run, require_triton
+from tests.serve.fixtures import get, on_free_ports, post, published_run, require_triton, wait_until
 
 IMAGE = orjson.dumps({"images": [[[3.0] * 8] * 8]})
 V2 = orjson.dumps({"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [3.0] * 64}]})
@@ -179,6 +181,18 @@ def test_a_failing_canary_is_rolled_back_automatically(stack):
     assert "autoglm_release_auto_rollbacks_total 1.0" in metrics
     assert version_counts(gateway, "canary")[(failing, "500")] > 0  # v2 relays Triton's own 500
     assert post(f"{gateway}/v1/models/digits:predict", IMAGE)[0] == 200
+
+
+def test_a_canary_is_served_again_after_triton_restarts(stack):
+    serving, live, run = stack
+    gateway = serving.gateway.url
+    start_canary(run, live, 2, 50.0)
+    os.kill(serving.triton.pid, signal.SIGKILL)
+    assert wait_until(lambda: serving.supervisor.status["triton"].restarts == 1, timeout=60)
+    before = version_counts(gateway, "canary")
+    statuses = [post(f"{gateway}/v1/models/digits:predict", IMAGE, {"x-client-id": f"c{i}"})[0] for i in range(40)]
+    assert statuses == [200] * 40 and (version_counts(gateway, "canary") - before)[(2, "200")] > 0
+    rollback(run, live)
 
 
 def test_a_tampered_version_is_refused(release_run, tmp_path):
