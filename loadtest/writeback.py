@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from autoglm.artifacts import RunDir
 from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
-from autoglm.releases import checked, commit, render_configs  # noqa: F401 - render_configs: loadtest's API
+from autoglm.releases import checked, commit, render_configs
 from autoglm.versions import add_version, link_version, next_version, now
 
 SOURCE, ROLLBACK = "loadtest --tune", "loadtest --rollback"

@@ -25,7 +25,7 @@ from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.local_http import DIRECT, answers_ok
 from autoglm.releases import checked, commit, render_configs
 from autoglm.versions import check_version, version_dirs
-from serve.gateway.canary import POLL_S, ROUTING_FILE, Split, read_routing, splits, write_routing
+from serve.gateway.canary import POLL_S, Split, read_routing, splits, write_routing
 
 log = logging.getLogger("serve.release")
 SWITCH_WAIT_S = 4 * POLL_S + 0.2  # routing written -> every worker routes by it -> the old version may go
@@ -187,11 +187,6 @@ def release_run(settings: Settings, action: str, version: int | None = None) -> 
     if action == "promote":
         return promote(run, version, stack)
     return rollback(run, stack, version)
-
-
-def routing_file(run: RunDir) -> Path:
-    """Where the runner keeps the routing file of the run's stack."""
-    return run.stage_dir("serve") / ROUTING_FILE
 
 
 def status(run: RunDir) -> dict[str, Any]:
