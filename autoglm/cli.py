@@ -31,6 +31,7 @@ CORE = {  # command -> ("module:function", help)
     "status": ("autoglm.status:main", "show each stage's state in a run directory"),
     "config": ("autoglm.cli:config_main", "print the resolved configuration"),
     "bench": ("bench.__main__:main", "run benchmarks and write bench/results/"),
+    "release": ("serve.release:main", "promote, roll back or watch a canary of the run's model versions"),
     "demo": ("autoglm.demo:main", "the whole release end to end: tune, compress, serve, request, loadtest, deploy"),
 }
 ITEMS = {int: "integers, e.g. 0,2000", float: "numbers, e.g. 0.5,2"}  # how a list's error names its items

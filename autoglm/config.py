@@ -364,6 +364,29 @@ class GatewayLimits(Section):
                              "request's CPU; the gateway's metrics count requests either way)")
 
 
+class CanarySettings(Section):
+    """A canary release: the gateway sends ``weight`` percent of each model's requests to ``version`` and the rest
+    to the stable version, and ``autoglm release watch`` rolls the canary back when it does worse than the stable
+    over ``window_s`` (a 5xx fraction above the stable's by ``error_margin``, or a p95 above the stable's by
+    ``p95_margin`` and ``p95_slack_ms``)."""
+
+    version: int | None = Field(None, ge=1, description="the repository version to canary (`autoglm serve --canary "
+                                "N`); None: no canary")
+    weight: float = Field(10.0, gt=0, lt=100, description="percent of requests sent to the canary")
+    client_header: str = Field("x-client-id", pattern=r"^[A-Za-z0-9-]+$", description="a request header naming "
+                               "the client: its requests stay on one version (sticky), as an API key's do; without "
+                               "either a request picks a version at random")
+    error_margin: float = Field(0.02, ge=0, le=1, description="roll back when the canary's 5xx fraction exceeds "
+                                "the stable's by more than this")
+    p95_margin: float = Field(0.5, ge=0, description="roll back when the canary's p95 exceeds the stable's by more "
+                              "than this fraction of it ...")
+    p95_slack_ms: float = Field(5.0, ge=0, description="... and by more than this many ms (smaller differences are "
+                                "noise at these latencies)")
+    window_s: float = Field(30.0, gt=0, description="the window the canary and the stable are compared over")
+    min_requests: int = Field(50, ge=1, description="requests each version needs in the window before it is judged")
+    check_every_s: float = Field(1.0, gt=0, description="how often `autoglm release watch` compares them")
+
+
 class ServeSettings(Section):
     host: str = "127.0.0.1"
     gateway_port: int = Field(8080, ge=1, le=65535)
@@ -390,6 +413,7 @@ class ServeSettings(Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$", description="where the models are "
                         "served and timed (tune's latency/energy objectives too): auto (run.device's choice), cpu, "
                         "cuda or cuda:N; a GPU gives KIND_GPU instance groups on that device in both flavours")
+    canary: CanarySettings = Field(default_factory=CanarySettings)
 
 
 class SweepGrid(Section):

@@ -141,10 +141,14 @@ class ModelConfig:
     decoupled: bool = False  # the model answers a request with any number of responses (streaming)
     optional_inputs: tuple[str, ...] = ()  # inputs a request may leave out
     tensorrt: TensorRTAccelerator | None = None  # onnxruntime flavour on GPUs: TensorRT as execution accelerator
+    versions: tuple[int, ...] = ()  # version_policy specific: the versions Triton serves; () = its default (latest)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "warmup_batch_sizes", tuple(self.warmup_batch_sizes))
         object.__setattr__(self, "optional_inputs", tuple(self.optional_inputs))
+        object.__setattr__(self, "versions", tuple(self.versions))
+        if any(not isinstance(v, int) or v < 1 for v in self.versions):
+            raise ConfigError(f"model versions {self.versions} must be integers >= 1 (version directories)")
         object.__setattr__(self, "parameters", {str(k): str(v) for k, v in self.parameters.items()})
         if not _NAME.fullmatch(self.name or "") or self.name.startswith("."):
             raise ConfigError(f"model name {self.name!r} is not a safe directory name: use only letters, digits, "
@@ -238,6 +242,8 @@ def to_protobuf(cfg: ModelConfig) -> Any:
         _add_tensor(msg.output.add(), spec, pb)
     if cfg.dynamic_batching is not None:
         _set_batching(msg, cfg.dynamic_batching, pb)
+    if cfg.versions:
+        msg.version_policy.specific.versions.extend(cfg.versions)
     group = msg.instance_group.add()
     group.count = cfg.instance_group.count
     group.kind = pb.ModelInstanceGroup.KIND_GPU if cfg.instance_group.kind == "gpu" else pb.ModelInstanceGroup.KIND_CPU

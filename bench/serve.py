@@ -8,6 +8,10 @@ Triton direct (v2 binary tensors), the gateway's v2 passthrough (same bytes) and
 (grpc.aio, :mod:`bench.grpc_load`), Triton without batching, and what a user would write alone: one
 FastAPI process running the torch model per request. Energy is the estimate (server CPU-seconds × 10 W per core).
 
+Canary: a fourth gateway whose routing file sends 10% of the requests to version 2 of the same model (stable 1,
+both loaded), sticky per client where one is known, random here: its v2 and ``:predict`` rows beside the plain
+gateway's show what a 90/10 split costs per request.
+
 Tracing: the same v2 and gRPC requests through three gateways side by side, in alternating rounds: the
 code of the git ref ``$BENCH_SERVE_BASELINE`` (default ``HEAD``: the last commit against the working tree),
 this code with tracing off, and this code with tracing on, exporting to a collector in this process: three
@@ -42,6 +46,7 @@ GRPC_DIRECT, GRPC = "Triton direct (gRPC)", "gateway gRPC relay"
 V2_BEFORE, V2_OFF, V2_TRACED = "gateway v2, baseline code", "gateway v2, tracing off", "gateway v2, tracing on"
 GRPC_BEFORE, GRPC_OFF, GRPC_TRACED = ("gateway gRPC, baseline code", "gateway gRPC, tracing off",
                                       "gateway gRPC, tracing on")
+CANARY_V2, CANARY_PREDICT = "gateway v2, canary 90/10", "gateway :predict, canary 90/10"
 BASELINE_ENV = "BENCH_SERVE_BASELINE"  # the git ref whose gateway is the "before" of the tracing rows
 WATTS_PER_CORE = 10.0
 
@@ -144,7 +149,8 @@ def _naive_server(checkpoint: str, port: int) -> None:
 
 # ---- the benchmark --------------------------------------------------------------------------------------
 def _prepare(workdir: Path, quick: bool):
-    """Train and export digits; a repository with the model twice: batching on and off."""
+    """Train and export digits; a repository with the model twice: batching on (versions 1 and 2, both served,
+    for the canary rows) and off."""
     from autoglm.artifacts import RunDir
     from autoglm.config import load_settings
     from autoglm.tasks import get_task
@@ -161,9 +167,11 @@ def _prepare(workdir: Path, quick: bool):
     run = RunDir(settings.run.root, settings.run.name)
     io = get_task(settings).io_spec({})
     repo = workdir / "bench-repository"
-    for name, batching in (("digits-fp32", DynamicBatching()), ("digits-fp32-nobatch", None)):
-        write_model(repo, ModelConfig(name, io, max_batch_size=64, dynamic_batching=batching,
-                                      parameters={"intra_op_threads": "1"}), run.stage_dir("compress") / "fp32.onnx")
+    for name, batching, versions in (("digits-fp32", DynamicBatching(), (1, 2)), ("digits-fp32-nobatch", None, (1,))):
+        for version in versions:
+            write_model(repo, ModelConfig(name, io, max_batch_size=64, dynamic_batching=batching,
+                                          parameters={"intra_op_threads": "1"}, versions=versions),
+                        run.stage_dir("compress") / "fp32.onnx", version)
     return run, repo
 
 
@@ -197,6 +205,7 @@ def _mean_batch(metrics_url: str, model: str) -> tuple[float, float]:
 
 
 def run(quick: bool) -> list[Table]:
+    from serve.gateway.canary import Split, write_routing
     from serve.settings import GatewaySettings
     from serve.supervisor import GatewayProcess
     from serve.triton import TritonServer, free_port
@@ -221,6 +230,9 @@ def run(quick: bool) -> list[Table]:
                                    **values)
 
         gateway = GatewayProcess(gateway_settings(), workdir / "gateway")
+        routing = workdir / "routing.json"  # stable 1, canary 2 for 10% of requests
+        write_routing(routing, {"digits-fp32": Split(1, 2)}, 10.0)
+        canary = GatewayProcess(gateway_settings(routing_file=routing), workdir / "gateway-canary")
         untraced = GatewayProcess(gateway_settings(), workdir / "gateway-untraced")  # the tracing rows' "off"
         traced = GatewayProcess(gateway_settings(tracing=True), workdir / "gateway-traced")
         source = _baseline_source(workdir)
@@ -231,6 +243,7 @@ def run(quick: bool) -> list[Table]:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             gateway.start(timeout_s=60)
+            canary.start(timeout_s=60)
             untraced.start(timeout_s=60)
             traced.start(timeout_s=60)
             if baseline is not None:
@@ -251,6 +264,10 @@ def run(quick: bool) -> list[Table]:
                               "digits-fp32-nobatch"),
                 NAIVE: (f"http://127.0.0.1:{naive_port}/v1/models/digits:predict", "predict", {"naive": naive.pid},
                         None),
+                CANARY_V2: (f"{canary.url}/v2/models/digits-fp32/infer", "v2",
+                            {"triton": triton.pid, "gateway": canary.pid}, "digits-fp32"),
+                CANARY_PREDICT: (f"{canary.url}/v1/models/digits:predict", "predict",
+                                 {"triton": triton.pid, "gateway": canary.pid}, "digits-fp32"),
             }
             main_targets = list(targets)
             for v2, grpc, proc in ((V2_BEFORE, GRPC_BEFORE, baseline), (V2_OFF, GRPC_OFF, untraced),
@@ -273,14 +290,16 @@ def run(quick: bool) -> list[Table]:
             # The goals' ratios again, alternating direct and gateway in short rounds: on a shared machine
             # the median of adjacent pairs is steadier than one pair.
             rounds = [{(name, c): measure(name, c, duration * 2 / 3) for c in (1, 32)
-                       for name in (DIRECT, V2, PREDICT, GRPC_DIRECT, GRPC)} for _ in range(3 if quick else 5)]
+                       for name in (DIRECT, V2, PREDICT, GRPC_DIRECT, GRPC, CANARY_V2, CANARY_PREDICT)}
+                      for _ in range(3 if quick else 5)]
+            split = _canary_share(canary.url)
             tracing_rounds = [{k: v for group in ((V2_BEFORE, V2_OFF, V2_TRACED), (GRPC_BEFORE, GRPC_OFF, GRPC_TRACED))
                                for k, v in _tracing_round(measure, [n for n in group if n in targets], i,
                                                           duration * 2 / 3).items()} for i in range(5)]
         finally:
             naive.terminate()
             naive.wait(timeout=30)
-            for process in (gateway, untraced, traced, baseline):
+            for process in (gateway, canary, untraced, traced, baseline):
                 if process is not None:
                     process.stop()
             triton.stop()
@@ -289,7 +308,7 @@ def run(quick: bool) -> list[Table]:
             else:
                 os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
         exported = dict(collector.batches)
-    return [*_tables(results, rounds, duration, triton_start),
+    return [*_tables(results, rounds, duration, triton_start, split),
             _tracing_table(tracing_rounds, source, exported, duration * 2 / 3)]
 
 
@@ -365,7 +384,23 @@ def _wait_http(url: str, timeout_s: float = 90) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout_s:g} s")
 
 
-def _tables(results: dict, rounds: list[dict], duration: float, triton_start: float) -> list[Table]:
+def _canary_share(gateway_url: str) -> str:
+    """The canary gateway's requests per version (its per-version metrics): the split it made."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {}
+    text = urllib.request.urlopen(f"{gateway_url}/metrics", timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "autoglm_gateway_version_requests_total":
+                counts[s.labels["role"]] = counts.get(s.labels["role"], 0.0) + s.value
+    total = sum(counts.values()) or 1.0
+    return ", ".join(f"{role} {n:.0f} ({n / total:.1%})" for role, n in sorted(counts.items()))
+
+
+def _tables(results: dict, rounds: list[dict], duration: float, triton_start: float, split: str) -> list[Table]:
     rows = []
     for (name, c), r in results.items():
         cpu = r["cpu_us"]
@@ -413,6 +448,11 @@ def _tables(results: dict, rounds: list[dict], duration: float, triton_start: fl
         ["gateway's own CPU per request @32 (v2 / :predict)",
          f"{med([rd[(V2, 32)]['cpu_us']['gateway'] for rd in rounds]):.0f} / "
          f"{med([rd[(PREDICT, 32)]['cpu_us']['gateway'] for rd in rounds]):.0f} µs", ""],
+        *[[f"canary 90/10 {route}: gateway CPU per request @32, and p50 @1 against the plain gateway",
+           f"{med([rd[(t, 32)]['cpu_us']['gateway'] for rd in rounds]):.0f} µs vs "
+           f"{med([rd[(b, 32)]['cpu_us']['gateway'] for rd in rounds]):.0f} µs; "
+           f"{spread([rd[(t, 1)]['p50'] - rd[(b, 1)]['p50'] for rd in rounds], ms)}", "reported"]
+          for route, t, b in (("v2", CANARY_V2, V2), (":predict", CANARY_PREDICT, PREDICT))],
         ["dynamic batching on / off, throughput @32", ratio(r(DIRECT, 32), r(NO_BATCHING, 32)), ""],
         *[[f"AutoGLM :predict / naive FastAPI + torch, throughput @{c}", ratio(r(PREDICT, c), r(NAIVE, c)), ""]
           for c in CONCURRENCY],
@@ -421,8 +461,9 @@ def _tables(results: dict, rounds: list[dict], duration: float, triton_start: fl
     ]
     return [main, Table("Ratios", ["comparison", "value", "goal"], ratios,
                         ["throughput and p50 goals: medians of alternating short rounds (direct, gateway v2, "
-                         ":predict, gRPC direct, gateway gRPC); the other ratios come from adjacent cells of the "
-                         "table above"])]
+                         ":predict, gRPC direct, gateway gRPC, and the canary gateway's v2 and :predict); the other "
+                         "ratios come from adjacent cells of the table above",
+                         f"the canary gateway's split over the whole run (random: no client key): {split}"])]
 
 
 def _tracing_table(rounds: list[dict], source: tuple[Path, str] | str, exported: dict[str, int],

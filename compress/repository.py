@@ -5,6 +5,9 @@ Layout written by :func:`write_model`::
 
     <repo>/<name>/config.pbtxt
     <repo>/<name>/<version>/model.onnx | model.plan   (+ model.py for the python flavour)
+
+The compress stage adds a numbered version to the run's repository each time it publishes (earlier intact
+versions stay, for release and rollback); :mod:`autoglm.versions` keeps their lineage.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from autoglm.tasks import IOSpec, TensorSpec
 from autoglm.text_codec import decode_table
 from autoglm.triton_config import (DynamicBatching, InstanceGroup, ModelConfig, TensorRTAccelerator, render_pbtxt,
                                    serving_instances)
+from autoglm.versions import add_version, carried_versions, next_version, write_lineage
 
 if TYPE_CHECKING:
     from compress.recommend import Recommendation
@@ -92,6 +96,8 @@ def write_model(repo_dir: Path | str, cfg: ModelConfig, model_file: Path | str, 
     return model_dir
 
 
+SERVING_KNOBS = ("max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "instances", "max_queue_size")
+
 GENERATE_IO = IOSpec(
     inputs=(TensorSpec("input_ids", "int64", (-1,)), TensorSpec("max_new_tokens", "int32", (1,)),
             TensorSpec("temperature", "float32", (1,)), TensorSpec("top_k", "int32", (1,)),
@@ -101,8 +107,8 @@ GENERATE_IO = IOSpec(
              TensorSpec("finish_reason", "bytes", (1,))))
 
 
-def write_generate_model(repo: Path, settings: Settings, task, model_args, graphs) -> str:
-    """The decoupled generation model (KV-cache decode loop in Triton's python backend); its name."""
+def write_generate_model(repo: Path, settings: Settings, task, model_args, graphs, version: int = 1) -> str:
+    """The decoupled generation model (KV-cache decode loop in Triton's python backend) as ``version``; its name."""
     g = settings.compress.generate
     name = f"{task.name}-generate"
     cfg = ModelConfig(name=name, io=GENERATE_IO, flavour="python", max_batch_size=0, dynamic_batching=None,
@@ -112,7 +118,7 @@ def write_generate_model(repo: Path, settings: Settings, task, model_args, graph
                                   "max_new_tokens": str(g.max_new_tokens), "intra_op_threads": str(g.intra_op_threads),
                                   "stream_interval_ms": str(g.stream_interval_ms),
                                   "stream_responses_per_s": str(g.stream_responses_per_s),
-                                  "prefill_chunk": str(g.prefill_chunk)})
+                                  "prefill_chunk": str(g.prefill_chunk)}, versions=(version,))
     files = {"prefill.onnx": graphs.prefill, "step.onnx": graphs.step,
              "model.py": module_source("compress.triton_generate_model"),
              "decode_engine.py": module_source("compress.decode_engine"),
@@ -120,7 +126,7 @@ def write_generate_model(repo: Path, settings: Settings, task, model_args, graph
              "detokenizer.py": module_source("autoglm.detokenizer"),
              TABLE_FILE: decode_table(task.serving_metadata(model_args)).to_json().encode()}
     for folder in ("python", "native"):  # the NGC container runs the python backend too
-        write_files(repo / folder, cfg, files)
+        write_files(repo / folder, cfg, files, version)
     return name
 
 
@@ -160,9 +166,11 @@ def _has_qdq(onnx_file: Path) -> bool:
 
 
 def write_repository(run: RunDir, settings: Settings, task, model_args, variants: list[Variant],
-                     choice: Recommendation, graphs=None) -> Manifest:
-    """One Triton model per accepted variant, in both flavours; its own manifest. ``task.json`` and the manifest
-    name the recommended model and keep why compress chose it (``recommendation``)."""
+                     choice: Recommendation, graphs=None, lineage: dict | None = None) -> Manifest:
+    """One Triton model per accepted variant, in both flavours, as a new numbered version beside the intact
+    earlier ones, made the stable one; its own manifest. ``task.json`` and the manifest name the recommended model
+    and keep why compress chose it (``recommendation``); ``lineage`` (run, trial, source checkpoint) goes into the
+    version's lineage entry."""
     t = settings.compress.triton
     gpus = serving_gpus(settings)
     config = {"triton": t.model_dump(mode="json")}
@@ -171,14 +179,16 @@ def write_repository(run: RunDir, settings: Settings, task, model_args, variants
                    "tensorrt_fp16": settings.compress.tensorrt_fp16}
     writer = StageWriter(run, "repository", config, inputs=["compress"])
     writer.invalidate()
-    for folder in ("python", "native"):  # models of an earlier run that are not published now must not load
-        shutil.rmtree(writer.dir / folder, ignore_errors=True)
+    models = {v.name: f"{task.name}-{v.name}" for v in variants if v.status == "ok"}
+    generate_name = f"{task.name}-generate" if graphs is not None else None
+    # models not published now must not load; earlier versions of the ones that are stay, if intact
+    versions = carried_versions(writer.dir, {*models.values(), *([generate_name] if generate_name else [])})
+    version = next_version(versions)
     io = task.io_spec(model_args)
     batching = DynamicBatching(max_queue_delay_us=t.max_queue_delay_us,
                                preferred_batch_sizes=tuple(t.preferred_batch_sizes), max_queue_size=t.max_queue_size)
-    models = {}
     for variant in (v for v in variants if v.status == "ok"):
-        name = f"{task.name}-{variant.name}"
+        name = models[variant.name]
         for folder, flavour, extra in _flavours(settings, variant.path, gpus):
             gpu = gpus.get(folder)
             if flavour == "tensorrt" and gpu is None:
@@ -187,17 +197,21 @@ def write_repository(run: RunDir, settings: Settings, task, model_args, variants
             cfg = ModelConfig(name=name, io=io, flavour=flavour, max_batch_size=t.max_batch_size,
                               dynamic_batching=batching, instance_group=serving_instances(t.instances, gpu),
                               parameters=parameters | extra.get("parameters", {}),
-                              warmup_batch_sizes=(1,), tensorrt=extra.get("tensorrt"))
-            write_model(writer.dir / folder, cfg, variant.path)
-        models[variant.name] = name
+                              warmup_batch_sizes=(1,), tensorrt=extra.get("tensorrt"), versions=(version,))
+            write_model(writer.dir / folder, cfg, variant.path, version)
     task_info = {"task": task.name, "metric": task.metric, "direction": task.direction, "model_args": model_args,
                  "io": asdict(io), "metadata": task.serving_metadata(model_args), "models": models,
                  "recommended": models[choice.variant], "recommendation": choice.record()}
     if graphs is not None:
-        task_info["generate"] = write_generate_model(writer.dir, settings, task, model_args, graphs)
+        task_info["generate"] = write_generate_model(writer.dir, settings, task, model_args, graphs, version)
     write_atomic(writer.dir / "task.json", (json.dumps(task_info, indent=2) + "\n").encode())
+    add_version(versions, writer.dir, version, {"source": "compress", "run": run.name, **(lineage or {}),
+                                                "variants": models, "recommended": models[choice.variant],
+                                                "triton": {k: config["triton"][k] for k in SERVING_KNOBS}})
+    write_lineage(writer.dir, versions)
     for path in sorted(p for p in writer.dir.rglob("*") if p.is_file() and p.name != "manifest.json"):
         writer.add_output(str(path.relative_to(writer.dir)))
     writer.manifest.metrics = {"models": models, "recommended": models[choice.variant], "task": task.name,
-                               "model_args": model_args, "recommendation": choice.record()}
+                               "model_args": model_args, "recommendation": choice.record(), "version": version,
+                               "lineage": versions}
     return writer.commit()

@@ -28,6 +28,7 @@ class Source:
     checkpoint: Path
     parent: str | None  # the stage whose manifest it comes from, for lineage
     overrides: dict[str, Any]  # compression settings chosen by tune for this model
+    trial: int | None = None  # tune's trial that made it, for the published version's lineage
 
 
 def resolve_source(run: RunDir, settings: Settings) -> Source:
@@ -42,7 +43,8 @@ def resolve_source(run: RunDir, settings: Settings) -> Source:
     states = {stage: run.state(stage) for stage in ("tune", "train")}
     if states["tune"] == "complete" and selected.is_file():  # tune's selection first
         choice = json.loads(selected.read_text())
-        return Source(run.stage_dir("tune") / choice["checkpoint"], "tune", choice.get("compress", {}))
+        return Source(run.stage_dir("tune") / choice["checkpoint"], "tune", choice.get("compress", {}),
+                      choice.get("trial"))
     for stage, state in states.items():  # never fall back past a stage in a doubtful state
         if state in ("tampered", "stale", "incomplete"):
             raise AutoGLMError(f"{stage} is {state} in {run.path}{_why(run, stage, state)}: redo it with `autoglm "
@@ -138,11 +140,14 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
         writer.manifest.metrics["generate"] = {"precision": graphs.precision, "candidates": graphs.candidates}
     manifest = writer.commit()
     track_stage(settings, writer.dir, ("manifest.json", "variants.json", "parity.json", "config.json"))
-    write_repository(run, settings, task, checkpoint.model_args, variants, choice, graphs)
+    lineage = {"stage": source.parent or "checkpoint", "trial": source.trial, "checkpoint": str(source.checkpoint),
+               "checkpoint_sha256": config["source_sha256"]}
+    repository = write_repository(run, settings, task, checkpoint.model_args, variants, choice, graphs, lineage)
     generation = f"; generation model {task.name}-generate ({graphs.precision} decode graphs)" if graphs else ""
     replaced = f" in place of {choice.replaced['variant']}: {why}" if choice.replaced else ""
-    print(f"compress: {len([v for v in variants if v.status == 'ok'])} variants published; recommended "
-          f"{recommended}{replaced}{generation} -> {run.stage_dir('repository')}")
+    print(f"compress: {len([v for v in variants if v.status == 'ok'])} variants published as version "
+          f"{repository.metrics['version']}; recommended {recommended}{replaced}{generation} -> "
+          f"{run.stage_dir('repository')}")
     return manifest
 
 

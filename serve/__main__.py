@@ -31,6 +31,10 @@ FLAGS = {  # in this order: --workers and --api-keys-file beat the same key give
     "--tracing": Flag("serve.gateway.tracing", "OpenTelemetry traces of the gateway and Triton to "
                       "$OTEL_EXPORTER_OTLP_ENDPOINT (needs the otel extra)", switch=True),
     "--access-log": Flag("serve.gateway.access_log", "uvicorn's access log, a line per request", switch=True),
+    "--canary": Flag("serve.canary.version", "serve this repository version beside the stable one for --weight "
+                     "percent of requests (`autoglm release` promotes, rolls back or watches it)", type=int,
+                     metavar="VERSION"),
+    "--weight": Flag("serve.canary.weight", "percent of requests for the --canary version", type=float),
 }
 
 

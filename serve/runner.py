@@ -163,6 +163,26 @@ def _check_ports_free(serve, gateway: GatewaySettings | None) -> None:
                                   f"earlier `autoglm serve`?) or choose another port with --set {key}=...") from None
 
 
+def _initial_routing(run: RunDir, repository: Path, models: list[str], canary: int | None) -> Path | None:
+    """A fresh routing file naming each served model's stable version (None for a repository without
+    versions); a canary's files are checked here, before anything starts."""
+    from autoglm.versions import check_version, load_lineage
+    from serve.gateway.canary import ROUTING_FILE, Split, write_routing
+
+    lineage = load_lineage(repository)
+    if lineage["stable"] is None:
+        if canary is not None:
+            raise ConfigError("this repository has no numbered versions to canary: re-run `autoglm compress --force`")
+        return None
+    if canary is not None:
+        check_version(repository, lineage, canary)  # IntegrityError naming the changed file
+    path = run.stage_dir("serve") / ROUTING_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # an earlier stack's canary is not this one's
+    write_routing(path, {m: Split(lineage["stable"]) for m in models}, 0.0)
+    return path
+
+
 def start_serving(settings: Settings, gateway: GatewaySettings | None = None,
                   rules: AutoscaleRules | None = None) -> Serving:
     """Verify the run's repository, start Triton (or use serve.triton_url) and the gateway, supervised; with
@@ -200,9 +220,15 @@ def start_serving(settings: Settings, gateway: GatewaySettings | None = None,
                               tracing=TritonTracing.from_environment() if tracing and serve.triton_tracing else None)
         processes["triton"] = triton
         triton_url, metrics_url, triton_grpc_url = triton.http_url, triton.metrics_url, triton.grpc_url
+    routing = _initial_routing(run, repository, models, serve.canary.version)
+    if triton is not None and routing is not None:  # a restarted Triton serves the disk's stable versions only
+        from serve.release import TritonControl, restore_canary
+
+        triton.on_ready = lambda: restore_canary(TritonControl(triton.http_url), routing)
     base = (gateway or GatewaySettings.from_settings(settings)).model_dump()
     gateway_settings = GatewaySettings(**{**base, "triton_url": triton_url, "triton_grpc_url": triton_grpc_url,
-                                          "repository": repository})
+                                          "repository": repository, "routing_file": routing,
+                                          "client_header": serve.canary.client_header})
     gateway_process = GatewayProcess(gateway_settings, workdir)
     processes["gateway"] = gateway_process
     supervisor = Supervisor(processes, start_timeout_s=serve.start_timeout_s).start()
@@ -218,7 +244,13 @@ def start_serving(settings: Settings, gateway: GatewaySettings | None = None,
             server, _ = start_http_server(serve.control_port, addr="127.0.0.1", registry=registry)
             serving._control_server = server
             serving.control_url = f"http://127.0.0.1:{serve.control_port}/metrics"
-        (workdir / "serving.json").write_text(json.dumps({"urls": serving.urls(), "models": models}, indent=2))
+        record = {"urls": serving.urls(), "models": models, **({"routing": str(routing)} if routing else {})}
+        (workdir / "serving.json").write_text(json.dumps(record, indent=2))
+        if serve.canary.version is not None:
+            from serve.release import Stack, TritonControl, start_canary
+
+            stack = Stack(TritonControl(triton_url), routing, models, f"{gateway_process.url}/metrics")
+            start_canary(run, stack, serve.canary.version, serve.canary.weight)
     except BaseException:
         serving.stop()
         raise

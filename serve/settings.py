@@ -22,6 +22,12 @@ class GatewaySettings(GatewaySpec):
                                     "buckets; the runner makes a fresh one for --workers N > 1 and removes it on "
                                     "stop. None: each worker counts and limits alone")
 
+    routing_file: Path | None = Field(None, description="the routing file of the release commands (stable and "
+                                      "canary version of each model, the canary's weight; serve/routing.json of the "
+                                      "run, written by the runner). None: requests go to Triton unversioned")
+    client_header: str = Field("x-client-id", description="the request header naming a client without an API key: "
+                               "its requests stay on one version during a canary (serve.canary.client_header)")
+
     @property
     def pool_size(self) -> int:
         """Upstream connections: peak in-flight by default, so no admitted request waits for one."""

@@ -110,17 +110,23 @@ class GatewayLatency:
         last, self._last = self._last, cumulative
         if last is None:
             return None
-        bounds = sorted(cumulative)
-        counts = [cumulative[b] - last.get(b, 0.0) for b in bounds]
-        if not counts or counts[-1] <= 0:
-            return None
-        target, previous_bound, previous_count = 0.95 * counts[-1], 0.0, 0.0
-        for bound, count in zip(bounds, counts):
-            if count >= target:
-                if math.isinf(bound):
-                    return previous_bound * 1000
-                # linear within the bucket, as PromQL's histogram_quantile does
-                share = (target - previous_count) / max(count - previous_count, 1e-9)
-                return (previous_bound + (bound - previous_bound) * share) * 1000
-            previous_bound, previous_count = bound, count
+        seconds = bucket_quantile({b: n - last.get(b, 0.0) for b, n in cumulative.items()}, 0.95)
+        return None if seconds is None else seconds * 1000
+
+
+def bucket_quantile(cumulative: dict[float, float], q: float) -> float | None:
+    """The ``q`` quantile of a window's cumulative histogram buckets (upper bound -> count), interpolated
+    linearly within the bucket as PromQL's ``histogram_quantile`` does; None for an empty window."""
+    bounds = sorted(cumulative)
+    counts = [cumulative[b] for b in bounds]
+    if not counts or counts[-1] <= 0:
         return None
+    target, previous_bound, previous_count = q * counts[-1], 0.0, 0.0
+    for bound, count in zip(bounds, counts):
+        if count >= target:
+            if math.isinf(bound):
+                return previous_bound
+            share = (target - previous_count) / max(count - previous_count, 1e-9)
+            return previous_bound + (bound - previous_bound) * share
+        previous_bound, previous_count = bound, count
+    return None

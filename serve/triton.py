@@ -23,7 +23,7 @@ import sys
 import sysconfig
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +197,7 @@ class TritonServer(ChildProcess):
         self.log_path = Path(log_path) if log_path else self.workdir / "tritonserver.log"
         self.model_control, self.load_models, self.exit_timeout_s = model_control, tuple(load_models), exit_timeout_s
         self.tracing = tracing
+        self.on_ready: Callable[[], None] | None = None  # called whenever a start (a restart too) is ready
         # Unique per server: the python backend names its /dev/shm regions with it, so stop() can remove
         # exactly this server's leftovers and two servers on one host never collide.
         self.shm_prefix = f"autoglm_{os.getpid()}_{secrets.token_hex(4)}_"
@@ -286,6 +287,8 @@ class TritonServer(ChildProcess):
                                    f"(repository {self.repository}); its log {self.log_path} says:\n"
                                    f"{log_excerpt(self.log_path, log_start)}")
             if self.ready():
+                if self.on_ready is not None:
+                    self.on_ready()
                 return self
             time.sleep(0.1)
         self.stop()

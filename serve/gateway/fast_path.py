@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from serve.gateway.canary import PINNED
 from serve.gateway.compression import inflate, response_coding
 from serve.gateway.errors import BadInput, Refused, error_body
 from serve.gateway.guard import read_body
@@ -77,7 +78,8 @@ async def serve_fast(gw: Gateway, route: FastRoute, scope, receive, send) -> Non
     started = time.perf_counter()
     headers = dict(scope["headers"])
     try:
-        gw.guard.admit(headers.get(b"authorization"), (scope.get("client") or ("",))[0], headers.get(b"content-length"))
+        scope["autoglm.caller"] = gw.guard.admit(headers.get(b"authorization"), (scope.get("client") or ("",))[0],
+                                                 headers.get(b"content-length"))
         try:
             body = await read_body(receive, gw.settings.max_body_bytes, gw.guard.too_large(),
                                    gw.settings.request_timeout_s)
@@ -94,16 +96,20 @@ async def serve_fast(gw: Gateway, route: FastRoute, scope, receive, send) -> Non
         log.exception("%s failed", route.path)
         status, out_headers, payload = 500, (JSON,), error_body("internal error in the gateway (logged)")
     await respond(send, status, out_headers, payload)
-    gw.metrics.observe(route.path, status, time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    gw.metrics.observe(route.path, status, elapsed)
+    picked = scope.get("autoglm.version")  # (model, version, role) where a routing chose the version
+    if picked is not None:
+        gw.metrics.observe_version(*picked, status, elapsed)
 
 
-def _model_from_path(route: FastRoute, path: str) -> tuple[str, bytes]:
-    """``/v2/models/<m>[/versions/<v>]/infer`` -> (model, target to forward)."""
+def _model_from_path(route: FastRoute, path: str) -> tuple[str, int | None]:
+    """``/v2/models/<m>[/versions/<v>]/infer`` -> (model, the version the client named or None)."""
     parts = path[len(route.prefix):].split("/")
     if len(parts) == 2 or (len(parts) == 4 and parts[1] == "versions" and parts[2].isdigit()):
         if not MODEL_NAME.fullmatch(parts[0]):  # never put such a name into the request to Triton
             raise unknown_model(parts[0])
-        return parts[0], path.encode()
+        return parts[0], int(parts[2]) if len(parts) == 4 else None
     raise BadInput(f"no such endpoint {path}: use /v2/models/<model>[/versions/<n>]/infer", 404)
 
 
@@ -114,7 +120,13 @@ async def infer_passthrough(gw: Gateway, route: FastRoute, scope, headers: dict,
     a client's ``Accept-Encoding`` is asked of Triton as the coding Triton itself would pick, and
     Triton's compressed reply is relayed with its ``Content-Encoding``.
     """
-    model, target = _model_from_path(route, scope["path"])
+    model, version = _model_from_path(route, scope["path"])
+    if version is None:  # the routing's choice (a canary split), else unversioned as the client asked
+        target = gw.target(model, b"infer", gw.version_for(model, scope, headers))
+    else:  # a client that names a version gets it (counted per version where a routing is on)
+        target = scope["path"].encode()
+        if gw.routing.path is not None:
+            scope["autoglm.version"] = (model, version, PINNED)
     sig = gw.signatures.get(model) or await gw.find_signature(model)
     if not isinstance(sig, ModelSignature):  # Triton's own answer about the model (unknown, not ready)
         return gw.relayed(sig)

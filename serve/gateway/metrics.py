@@ -44,6 +44,13 @@ TRITON_ERRORS = ("autoglm_gateway_triton_errors", "Failures talking to Triton")
 ENERGY = ("autoglm_gateway_energy_joules_per_request",
           "Estimated energy per request of the gateway's workers (Triton's not included)")
 CPU = ("autoglm_gateway_cpu_seconds", "CPU seconds of the gateway's workers (makes the energy figure)")
+# per model version, where a routing chooses versions (serve.gateway.canary); errors are 5xx answers
+VERSION_REQUESTS = ("autoglm_gateway_version_requests",
+                    "Inference requests by model, version, role (stable, canary, pinned) and status")
+VERSION_ERRORS = ("autoglm_gateway_version_errors", "Inference requests answered 5xx, by model, version and role")
+VERSION_LATENCY = ("autoglm_gateway_version_request_seconds", "Inference latency by model, version and role")
+CANARY_WEIGHT = ("autoglm_gateway_canary_weight", "Percent of a model's requests sent to its canary version")
+AUTO_ROLLBACKS = ("autoglm_release_auto_rollbacks", "Canaries rolled back automatically by `autoglm release watch`")
 
 
 class _Histogram:
@@ -69,8 +76,8 @@ class GatewayMetrics:
     and the estimated energy per request (this worker's CPU-seconds × watts per core)."""
 
     def __init__(self, in_flight=lambda: 0, watts_per_core: float = 10.0, shared_dir: Path | None = None,
-                 worker: int | None = None):
-        self.in_flight = in_flight
+                 worker: int | None = None, routing=dict):
+        self.in_flight, self.routing = in_flight, routing  # routing(): the routing file's content
         self.watts_per_core = watts_per_core
         self.energy_method = f"estimated:gateway-cpu-s×{watts_per_core:g}W"
         self.requests: defaultdict[tuple[str, int], int] = defaultdict(int)
@@ -78,6 +85,9 @@ class GatewayMetrics:
         self.rows: dict[str, _Histogram] = {}
         self.shed: defaultdict[str, int] = defaultdict(int)
         self.triton_errors: defaultdict[str, int] = defaultdict(int)
+        self.versions: defaultdict[tuple[str, str, str, int], int] = defaultdict(int)
+        self.version_errors: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self.version_latency: dict[tuple[str, str, str], _Histogram] = {}
         self.served = 0
         self._cpu0 = time.process_time()
         self.registry = CollectorRegistry(auto_describe=True)
@@ -92,6 +102,17 @@ class GatewayMetrics:
         hist = self.latency.get(route)
         if hist is None:
             hist = self.latency[route] = _Histogram(LATENCY_BUCKETS)
+        hist.observe(seconds)
+
+    def observe_version(self, model: str, version: int, role: str, status: int, seconds: float) -> None:
+        """Count one answered request of a model version the routing chose (or the client named)."""
+        key = (model, str(version), role)
+        self.versions[(*key, status)] += 1
+        if status >= 500:
+            self.version_errors[key] += 1
+        hist = self.version_latency.get(key)
+        if hist is None:
+            hist = self.version_latency[key] = _Histogram(LATENCY_BUCKETS)
         hist.observe(seconds)
 
     def observe_rows(self, route: str, rows: int) -> None:
@@ -119,6 +140,29 @@ class GatewayMetrics:
     def describe(self):
         return []  # no collect() at registration: the families are fixed, and the worker is not built yet
 
+    def routing_families(self):
+        """The canary weights and automatic rollbacks of the routing file (the gateway's, not a worker's)."""
+        state = self.routing() or {}
+        weight = GaugeMetricFamily(*CANARY_WEIGHT, labels=["model", "stable", "canary"])
+        for model, split in sorted(state.get("models", {}).items()):
+            if split.get("canary") is not None:
+                weight.add_metric([model, str(split["stable"]), str(split["canary"])], float(state.get("weight", 0)))
+        yield weight
+        yield CounterMetricFamily(*AUTO_ROLLBACKS, value=len(state.get("auto_rollbacks", [])))
+
+    def version_families(self):
+        labels = ["model", "version", "role"]
+        requests = CounterMetricFamily(*VERSION_REQUESTS, labels=[*labels, "status"])
+        for (model, version, role, status), n in sorted(self.versions.items()):
+            requests.add_metric([model, version, role, str(status)], n)
+        errors = CounterMetricFamily(*VERSION_ERRORS, labels=labels)
+        for key, n in sorted(self.version_errors.items()):
+            errors.add_metric(list(key), n)
+        latency = HistogramMetricFamily(*VERSION_LATENCY, labels=labels)
+        for key, hist in sorted(self.version_latency.items()):
+            latency.add_metric(list(key), hist.buckets(), hist.total)
+        return requests, errors, latency
+
     def collect(self):
         """prometheus_client's Collector protocol: this worker's figures."""
         requests = CounterMetricFamily(*REQUESTS, labels=["route", "status"])
@@ -136,6 +180,8 @@ class GatewayMetrics:
             for key, n in sorted(values.items()):
                 family.add_metric([key], n)
             yield family
+        yield from self.version_families()
+        yield from self.routing_families()
         yield self.energy(self.cpu_seconds(), self.served)
 
     def render(self) -> bytes:
@@ -207,6 +253,16 @@ class SharedMetrics:
         for metric, label, values in ((SHED, "reason", m.shed), (TRITON_ERRORS, "kind", m.triton_errors)):
             for key, n in values.items():
                 write("counter", metric, "_total", ((label, key),), n)
+        for (model, version, role, status), n in m.versions.items():
+            write("counter", VERSION_REQUESTS, "_total", (("model", model), ("version", version), ("role", role),
+                                                           ("status", str(status))), n)
+        for (model, version, role), n in m.version_errors.items():
+            write("counter", VERSION_ERRORS, "_total", (("model", model), ("version", version), ("role", role)), n)
+        for (model, version, role), hist in m.version_latency.items():
+            labels = (("model", model), ("version", version), ("role", role))
+            for le, n in zip(self._les[hist.bounds], hist.counts):
+                write("histogram", VERSION_LATENCY, "_bucket", (*labels, ("le", le)), n)
+            write("histogram", VERSION_LATENCY, "_sum", labels, hist.total)
         write("counter", CPU, "_total", (), m.cpu_seconds())
         write("gauge_livesum", IN_FLIGHT, "", (), m.in_flight())
 
@@ -229,6 +285,7 @@ class SharedMetrics:
             if family.name == REQUESTS[0]:
                 served = sum(sample.value for sample in family.samples)
             yield family
+        yield from self.metrics.routing_families()
         yield self.metrics.energy(cpu_s, served)
 
     def close(self) -> None:

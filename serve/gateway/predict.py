@@ -109,12 +109,13 @@ async def predict(gw: Gateway, route, scope, headers: dict, body: bytes):
     name = scope["path"][len(route.prefix):-len(route.suffix)]
     model = gw.task_model(name, "predict")
     request = read_request(gw, body)
+    version = gw.version_for(model, scope, headers)  # a canary split, where the routing has one
     if request.images is not None:
-        return await _classify(gw, route, model, request.images)
+        return await _classify(gw, route, model, request.images, version)
     if request.instances is not None and gw.catalog.kind == "text-classify":
         texts = texts_of(request.instances)
         if texts is not None:
-            return await _classify_texts(gw, route, model, texts)
+            return await _classify_texts(gw, route, model, texts, version)
     specs = input_specs(gw.catalog.io)
     sig = await gw.signature(model)
     bools = b"true" in body or b"false" in body  # only then can a true/false hide among numbers
@@ -126,13 +127,13 @@ async def predict(gw: Gateway, route, scope, headers: dict, body: bytes):
         _check_token_ids(gw.catalog.metadata, specs[0].name, tensors[specs[0].name])
     gw.metrics.observe_rows(route.path, len(next(iter(tensors.values()))))
     names = tuple(item["name"] for item in gw.catalog.io["outputs"])
-    outputs = await gw.infer(model, tensors, names)
+    outputs = await gw.infer(model, tensors, names, version)
     payload = {"model": model, "predictions": rows_of(outputs, names)} if request.instances is not None else {
         "model": model, "outputs": columns_of(outputs, names)}
     return 200, (JSON,), orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-async def _classify(gw: Gateway, route, model: str, images: list):
+async def _classify(gw: Gateway, route, model: str, images: list, version: int | None):
     """``{"images": [...]}`` -> ``{"model", "predictions": [{"class", "probabilities"}]}``."""
     if gw.catalog.kind != "classify":
         raise BadInput(f"'images' is the body of classification tasks; {_forms(gw)}", 422)
@@ -141,12 +142,12 @@ async def _classify(gw: Gateway, route, model: str, images: list):
     x = images_tensor(images, gw.catalog.metadata, spec, sig.max_batch_size or 1)
     gw.metrics.observe_rows(route.path, len(x))
     out_name = gw.catalog.io["outputs"][0]["name"]
-    logits = (await gw.infer(model, {spec["name"]: x}, (out_name,)))[out_name]
+    logits = (await gw.infer(model, {spec["name"]: x}, (out_name,), version))[out_name]
     payload = {"model": model, "predictions": predictions(logits, gw.catalog.metadata["classes"])}
     return 200, (JSON,), orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-async def _classify_texts(gw: Gateway, route, model: str, texts: list[str]):
+async def _classify_texts(gw: Gateway, route, model: str, texts: list[str], version: int | None):
     """Texts -> ``{"model", "predictions": [{"class", "probabilities": {label: p}}]}``."""
     max_batch = (await gw.signature(model)).max_batch_size or 1
     if len(texts) > max_batch:
@@ -157,7 +158,7 @@ async def _classify_texts(gw: Gateway, route, model: str, texts: list[str]):
     tensors = {s["name"]: given.get(s["name"], np.zeros_like(ids)) for s in io["inputs"]}  # token_type_ids: 0
     gw.metrics.observe_rows(route.path, len(texts))
     out_name = io["outputs"][0]["name"]
-    logits = (await gw.infer(model, tensors, (out_name,)))[out_name]
+    logits = (await gw.infer(model, tensors, (out_name,), version))[out_name]
     payload = {"model": model, "predictions": text_predictions(logits, meta["classes"])}
     return 200, (JSON,), orjson.dumps(payload)
 

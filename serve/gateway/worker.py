@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import orjson
 
+from serve.gateway.canary import Routing
 from serve.gateway.catalog import VERBS, TaskCatalog
 from serve.gateway.errors import BadInput, Refused
 from serve.gateway.guard import Guard
@@ -45,8 +46,10 @@ class Gateway:
         self.catalog = catalog if catalog is not None else (
             TaskCatalog.load(settings.repository) if settings.repository else None)
         # metrics first: they check shared_dir, which the guard's shared buckets use too
-        self.metrics = GatewayMetrics(lambda: self.guard.in_flight, settings.watts_per_core, settings.shared_dir)
+        self.metrics = GatewayMetrics(lambda: self.guard.in_flight, settings.watts_per_core, settings.shared_dir,
+                                      routing=lambda: self.routing.state)
         self.guard = Guard(settings)
+        self.routing = Routing(settings.routing_file, settings.client_header)
         self.signatures: dict[str, ModelSignature] = {}
         self.ready_ttl_s = READY_TTL_S
         self._ready: tuple[float, tuple[int, dict]] | None = None
@@ -152,10 +155,33 @@ class Gateway:
                 out.append((name, got[name]))
         return response.status, tuple(out), response.body
 
-    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """Run ``model`` on named arrays through Triton's binary protocol; named output arrays back."""
+    def version_for(self, model: str, scope: dict, headers: dict) -> int | None:
+        """The version of ``model`` this request goes to (None: unversioned, no routing for it), kept in ``scope``
+        for the per-version metrics. Sticky per client: its API key's name where keys are set, else the client
+        header."""
+        caller = scope.get("autoglm.caller")
+        client = caller.name.encode() if caller is not None and caller.name != "anonymous" else \
+            headers.get(self.routing.client_header)
+        picked = self.routing.pick(model, client)
+        if picked is None:
+            return None
+        scope["autoglm.version"] = (model, *picked)
+        return picked[0]
+
+    def target(self, model: str, verb: bytes, version: int | None = None) -> bytes:
+        """``/v2/models/<model>[/versions/<v>]/<verb>``: with a routing, the stable version unless ``version``
+        names another (Triton would send an unversioned request to the highest version loaded: a canary)."""
+        version = version or self.routing.stable(model)
+        if version is None:
+            return b"/v2/models/%s/%s" % (model.encode(), verb)
+        return b"/v2/models/%s/versions/%d/%s" % (model.encode(), version, verb)
+
+    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: tuple[str, ...],
+                    version: int | None = None) -> dict[str, np.ndarray]:
+        """Run ``model`` (``version``; by default the stable one) on named arrays through Triton's binary
+        protocol; named output arrays back."""
         body, header_length = encode_request(inputs, outputs)
-        response = await self.call(b"POST", b"/v2/models/%s/infer" % model.encode(), body,
+        response = await self.call(b"POST", self.target(model, b"infer", version), body,
                                    [(b"Inference-Header-Content-Length", str(header_length).encode())])
         if response.status != 200:
             failure = self.upstream_failure(response)
@@ -173,7 +199,7 @@ class Gateway:
         unless the model failed; a full model -> 503); an error event mid-stream raises Refused(502); a
         reply that is not a well-formed event stream (a malformed event, one cut off) raises Refused(502).
         """
-        target = b"/v2/models/%s/generate_stream" % model.encode()
+        target = self.target(model, b"generate_stream")
         timeout = self.settings.request_timeout_s
         try:
             async with self.pool.stream(b"POST", target, orjson.dumps(payload), (JSON,), timeout) as reply:

@@ -14,6 +14,7 @@ from loadtest.writeback import SOURCE, capacity_record, rollback, write_back
 VERIFIED = {"model": "digits-int8", "max_batch_size": 16, "max_queue_delay_us": 1500,
             "preferred_batch_sizes": [4], "instances": 2, "max_queue_size": 0}
 LINEAGE = {"loadtest": {"report": "loadtest/report.json", "sha256": "ab" * 32}}
+OWN = ("manifest.json", "versions.json")  # the record of what happened, not the served files
 
 
 @pytest.fixture
@@ -57,9 +58,11 @@ def test_write_back_regenerates_every_config_and_keeps_the_repository_complete(r
     manifest = run.manifest("repository")
     assert run.state("repository") == "complete"  # the new hashes are in the manifest
     assert sorted(record["changed"]) == sorted([f"{f}/digits-{v}/config.pbtxt" for f in ("python", "native")
-                                                for v in ("fp32", "int8")] + ["task.json"])
+                                                for v in ("fp32", "int8")] + ["task.json", "versions.json"])
     for flavour in ("python", "native"):
         cfg = parse_pbtxt((repo / flavour / "digits-fp32" / "config.pbtxt").read_text())
+        assert list(cfg.version_policy.specific.versions) == [2]  # a new version, served in place of 1
+        assert (repo / flavour / "digits-fp32" / "2" / "model.onnx").read_bytes() == b"fp32"
         assert cfg.max_batch_size == 16 and list(cfg.dynamic_batching.preferred_batch_size) == [4]
         assert cfg.dynamic_batching.max_queue_delay_microseconds == 1500 and cfg.instance_group[0].count == 2
     info = json.loads((repo / "task.json").read_text())
@@ -73,6 +76,10 @@ def test_write_back_regenerates_every_config_and_keeps_the_repository_complete(r
     assert serving["source"] == SOURCE and serving["loadtest"] == LINEAGE["loadtest"]
     assert serving["previous"]["recommended"] == "digits-fp32" and serving["previous"]["triton"]["instances"] == 1
     assert manifest.metrics["recommended"] == "digits-int8"
+    lineage = manifest.metrics["lineage"]
+    assert lineage["stable"] == 2 and lineage["versions"]["2"]["parent"] == 1
+    assert lineage["versions"]["2"]["source"] == SOURCE and lineage["versions"]["2"]["loadtest"] == LINEAGE["loadtest"]
+    assert lineage["versions"]["2"]["triton"]["instances"] == 2 and lineage["versions"]["1"]["source"] == "compress"
     unchanged = set(before) - set(record["changed"]) - {"manifest.json"}
     assert all(_files(run)[rel] == before[rel] for rel in unchanged)  # the model files are untouched
 
@@ -85,9 +92,13 @@ def test_rollback_restores_the_files_byte_for_byte_once(run):
     record = rollback(run)
 
     after = _files(run)
-    assert {rel: data for rel, data in after.items() if rel != "manifest.json"} == \
-        {rel: data for rel, data in before.items() if rel != "manifest.json"}
+    assert {rel: data for rel, data in after.items() if rel in before and rel not in OWN} == \
+        {rel: data for rel, data in before.items() if rel not in OWN}
+    assert {rel for rel in set(after) - set(before)} == {rel for rel in after if "/2/" in rel}  # kept, not served
     manifest = run.manifest("repository")
+    assert manifest.metrics["lineage"]["stable"] == 1
+    assert manifest.metrics["lineage"]["history"][-1] | {"at": None} == {
+        "version": 1, "by": "loadtest --rollback", "at": None, "rolled_back": 2}
     assert run.state("repository") == "complete" and manifest.metrics["recommended"] == "digits-fp32"
     assert manifest.metrics["serving"]["source"] == "loadtest --rollback" and record["rolled_back"]["instances"] == 2
     with pytest.raises(AutoGLMError, match="rolled back already"):
@@ -101,8 +112,8 @@ def test_the_same_config_written_back_twice_still_rolls_back_to_compress_own(run
 
     assert again["changed"] == [] and again["previous"]["recommended"] == "digits-fp32"
     rollback(run)
-    assert {k: v for k, v in _files(run).items() if k != "manifest.json"} == \
-        {k: v for k, v in before.items() if k != "manifest.json"}
+    assert {k: v for k, v in _files(run).items() if k in before and k not in OWN} == \
+        {k: v for k, v in before.items() if k not in OWN}
 
 
 def test_nothing_to_roll_back_in_a_repository_compress_wrote(run):
