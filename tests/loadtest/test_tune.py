@@ -199,7 +199,7 @@ def test_a_config_triton_refuses_fails_its_trial_and_the_study_goes_on(tmp_path)
     assert "FAILED" in lines[1] and counted(study) == 2
 
 
-def test_verification_takes_the_best_feasible_first_and_falls_back_to_the_next(tmp_path):
+def test_verification_measures_the_best_feasible_again_and_keeps_the_best_that_holds_the_slo(tmp_path):
     tune = LoadtestTuneSettings(max_queue_delay_us=(0, 2000), sampler="grid", instances=(1, 1),
                                 preferred_batch_sizes=[[]], max_batch_size=(64, 64))
     space = TuneSpace.from_settings(tune, ["m-fp32"])
@@ -217,6 +217,21 @@ def test_verification_takes_the_best_feasible_first_and_falls_back_to_the_next(t
     assert attempts[0]["config"]["max_queue_delay_us"] == 0  # the highest capacity went first
     assert verified["config"]["max_queue_delay_us"] == 2000 and window.calls[-1][2] == "steady"
     assert verified["capacity_per_instance_rps"] == pytest.approx(800)
+
+    # the study's best window was lucky: every finalist is measured again and the best verified one wins
+    lucky = FakeWindow()
+    lucky_measure = lucky.measure
+
+    def measure(model, out_dir, users, seconds, shape="steady"):
+        result = lucky_measure(model, out_dir, users, seconds, shape)
+        if shape == "steady" and lucky.current.max_queue_delay_us == 0:
+            result["window"]["rps"] = 500  # the in-study best holds the SLO at half its ladder throughput
+        return result
+
+    lucky.measure = measure
+    chosen, finalists = verify(Tracking(lucky), rows, lucky, 5, 3, tmp_path)
+    assert len(finalists) == 2 and all(a["passed"] for a in finalists)
+    assert chosen["config"]["max_queue_delay_us"] == 2000 and chosen["capacity_per_instance_rps"] == 800
 
     missing = FakeWindow(lambda cfg: False)
     none, tried = verify(Tracking(missing), rows, missing, 5, 1, tmp_path)
