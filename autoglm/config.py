@@ -494,7 +494,8 @@ class LoadtestTuneSettings(Section):
     step_s: float = Field(3.0, ge=1, description="measured seconds per step (locust changes users once a second)")
     verify_s: float = Field(15.0, gt=0, description="the steady window that verifies the best config at its "
                             "capacity concurrency")
-    verify_candidates: int = Field(3, ge=1, description="feasible configs tried in turn until one holds the SLO")
+    verify_candidates: int = Field(3, ge=1, description="the best feasible configs measured again in the "
+                                   "verify_s window: the best of them that holds the SLO is verified")
     write_back: bool = Field(True, description="write the verified config into the repository (--rollback undoes)")
 
     @model_validator(mode="after")

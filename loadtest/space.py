@@ -5,7 +5,8 @@ asks the space for a config, measures it, and hands the window's phases to :func
 
 A trial's capacity is measured on a concurrency ladder in one locust window (the step shape:
 ``users/steps, 2*users/steps, ..., users``, each step reported as its own phase): the best step's
-throughput within the SLO, per instance. That is the sweep's capacity (:mod:`loadtest.front`: the
+throughput within the SLO, per instance, once steps that noise put out of order are pooled
+(:func:`monotone_rps`). That is the sweep's capacity (:mod:`loadtest.front`: the
 highest SLO-compliant throughput over the measured concurrencies), from one process start instead of
 one per concurrency. J/request, the mean batch and the queue time are over the whole window.
 """
@@ -127,11 +128,39 @@ def _violation(step: dict[str, Any], slo: Slo) -> list[float]:
     return [step["p95_ms"] / slo.p95_ms - 1.0, (step.get("error_rate") or 0.0) - slo.error_rate]
 
 
+def monotone_rps(steps: list[dict[str, Any]]) -> list[float]:
+    """The steps' throughputs (in ladder order) made non-decreasing in concurrency by pooling neighbours.
+
+    A closed-loop load generator with more users never gets less throughput in expectation, so a step that
+    measures less than a lower one is noise: the two are pooled (requests over seconds, the pool-adjacent-
+    violators fit) until the ladder rises. On a shared host one lucky short step would otherwise be the trial's
+    capacity; pooled, a saturated config's capacity is the mean of its saturated steps, a rising one keeps
+    its top step.
+    """
+    pools: list[list[float]] = []  # [requests, seconds, first index, last index]
+    for i, step in enumerate(steps):
+        rps, requests = step.get("rps") or 0.0, step.get("requests") or 0
+        seconds = step.get("seconds") or (requests / rps if rps > 0 else 0.0)
+        pools.append([requests, seconds, i, i])
+        while len(pools) > 1 and _rate(pools[-2]) > _rate(pools[-1]):
+            last = pools.pop()
+            pools[-1] = [pools[-1][0] + last[0], pools[-1][1] + last[1], pools[-1][2], last[3]]
+    levels = [0.0] * len(steps)
+    for pool in pools:
+        for i in range(int(pool[2]), int(pool[3]) + 1):
+            levels[i] = _rate(pool)
+    return levels
+
+
+def _rate(pool: list[float]) -> float:
+    return pool[0] / pool[1] if pool[1] > 0 else 0.0
+
+
 def trial_result(phases: list[dict[str, Any]], slo: Slo, instances: int) -> dict[str, Any]:
     """A trial's capacity from its step window's phases (``users=N`` each).
 
-    Feasible when some step meets the SLO: capacity is the best such step's throughput (per instance),
-    and the constraints are that step's (both <= 0). Otherwise capacity is 0 and the constraints are
+    Feasible when some step meets the SLO: capacity is the best such step's throughput (per instance) after
+    :func:`monotone_rps` pools the steps noise put out of order, and the constraints are that step's (both <= 0). Otherwise capacity is 0 and the constraints are
     those of the step that missed least, so Optuna can tell a near miss from a collapse.
     """
     steps = []
@@ -143,8 +172,9 @@ def trial_result(phases: list[dict[str, Any]], slo: Slo, instances: int) -> dict
         raise ValueError("the window has no users=N phases: was it measured with the step shape?")
     passing = [s for s in steps if not slo.breaches(s)]
     if passing:
-        best = max(passing, key=lambda s: s["rps"])
-        capacity = best["rps"]
+        levels = monotone_rps(passing)
+        capacity = max(levels)
+        best = passing[len(levels) - 1 - levels[::-1].index(capacity)]  # the pool's top step: its users
     else:
         best = min(steps, key=lambda s: max(_violation(s, slo)))
         capacity = 0.0

@@ -8,8 +8,8 @@ from autoglm.config import LoadtestTuneSettings, load_settings
 from autoglm.errors import AutoGLMError, ConfigError
 from loadtest.control import ServingConfig
 from loadtest.latency import Slo
-from loadtest.space import (MISS, TuneSpace, baseline_params, decode_preferred, encode_preferred, ladder, to_config,
-                            trial_result)
+from loadtest.space import (MISS, TuneSpace, baseline_params, decode_preferred, encode_preferred, ladder,
+                            monotone_rps, to_config, trial_result)
 from loadtest.study import Objective, Window, constraints, counted, make_sampler, open_study, run_study, trial_rows, \
     verify
 
@@ -26,6 +26,21 @@ def test_capacity_is_the_best_step_within_the_slo_per_instance():
     assert result["feasible"] and result["users"] == 8 and result["capacity_rps"] == 700
     assert result["capacity_per_instance_rps"] == 350 and all(c <= 0 for c in result["constraints"])
     assert [s["users"] for s in result["steps"]] == [4, 8, 12]
+
+
+def test_steps_that_noise_put_out_of_order_are_pooled_before_the_best_is_taken():
+    # a saturated config whose first short step was lucky: 2,600 then 1,950 and 1,350 req/s over 1 s each
+    lucky = [_phase(4, 2600, 3, requests=2600), _phase(8, 1950, 5, requests=1950), _phase(12, 1350, 8, requests=1350)]
+    assert monotone_rps(lucky) == pytest.approx([5900 / 3] * 3)
+    result = trial_result(lucky, SLO, instances=1)
+    assert result["capacity_rps"] == pytest.approx(5900 / 3) and result["users"] == 12  # the pool's top step
+    # a rising ladder keeps its steps; only the dip is pooled (seconds weigh the pool when the phase has them)
+    rising = [{**_phase(4, 400, 3, requests=400), "seconds": 1.0}, {**_phase(8, 900, 5, requests=1800), "seconds": 2.0},
+              {**_phase(12, 700, 6, requests=700), "seconds": 1.0}, _phase(16, 1500, 7, requests=1500)]
+    assert monotone_rps(rising) == pytest.approx([400, 2500 / 3, 2500 / 3, 1500])
+    assert trial_result(rising, SLO, instances=1)["capacity_rps"] == 1500
+    assert trial_result(rising[:3], SLO, instances=1)["users"] == 12
+    assert monotone_rps([_phase(4, 0, None, requests=0), _phase(8, 100, 3)]) == [0.0, 100]
 
 
 def test_a_trial_missing_the_slo_everywhere_has_no_capacity_and_says_how_far_it_missed():
@@ -184,7 +199,7 @@ def test_a_config_triton_refuses_fails_its_trial_and_the_study_goes_on(tmp_path)
     assert "FAILED" in lines[1] and counted(study) == 2
 
 
-def test_verification_takes_the_best_feasible_first_and_falls_back_to_the_next(tmp_path):
+def test_verification_measures_the_best_feasible_again_and_keeps_the_best_that_holds_the_slo(tmp_path):
     tune = LoadtestTuneSettings(max_queue_delay_us=(0, 2000), sampler="grid", instances=(1, 1),
                                 preferred_batch_sizes=[[]], max_batch_size=(64, 64))
     space = TuneSpace.from_settings(tune, ["m-fp32"])
@@ -202,6 +217,21 @@ def test_verification_takes_the_best_feasible_first_and_falls_back_to_the_next(t
     assert attempts[0]["config"]["max_queue_delay_us"] == 0  # the highest capacity went first
     assert verified["config"]["max_queue_delay_us"] == 2000 and window.calls[-1][2] == "steady"
     assert verified["capacity_per_instance_rps"] == pytest.approx(800)
+
+    # the study's best window was lucky: every finalist is measured again and the best verified one wins
+    lucky = FakeWindow()
+    lucky_measure = lucky.measure
+
+    def measure(model, out_dir, users, seconds, shape="steady"):
+        result = lucky_measure(model, out_dir, users, seconds, shape)
+        if shape == "steady" and lucky.current.max_queue_delay_us == 0:
+            result["window"]["rps"] = 500  # the in-study best holds the SLO at half its ladder throughput
+        return result
+
+    lucky.measure = measure
+    chosen, finalists = verify(Tracking(lucky), rows, lucky, 5, 3, tmp_path)
+    assert len(finalists) == 2 and all(a["passed"] for a in finalists)
+    assert chosen["config"]["max_queue_delay_us"] == 2000 and chosen["capacity_per_instance_rps"] == 800
 
     missing = FakeWindow(lambda cfg: False)
     none, tried = verify(Tracking(missing), rows, missing, 5, 1, tmp_path)
