@@ -189,8 +189,10 @@ def _capacity_record(settings: Settings, rows: list[dict]) -> dict[str, Any]:
 
 def recommended_peak_rss(recommended: dict[str, Any], points: list[dict[str, Any]]) -> float | None:
     """The peak RSS of Triton's processes in the recommended config's capacity window (deploy sizes Triton's
-    memory from it); None when that window recorded none. A tune study's verified window is not among
-    ``points``: its figure is not recorded yet."""
+    memory from it); None when that window recorded none. A tune study's recommendation carries its verified
+    window's figure itself (that window is not among ``points``)."""
+    if recommended.get("peak_rss_mib") is not None:
+        return recommended["peak_rss_mib"]
     window = next((p for p in points if p["id"] == recommended.get("point")), None)
     return ((window or {}).get("memory") or {}).get("peak_rss_mib")
 

@@ -208,7 +208,8 @@ def verify(live: LiveModels, rows: list[dict[str, Any]], window: Window, seconds
                    "passed": result["slo"]["passed"], "breaches": result["slo"]["breaches"],
                    "capacity_rps": w["rps"], "capacity_per_instance_rps": w["rps"] / (config.instances or 1),
                    "p95_ms": w["p95_ms"], "error_rate": w["error_rate"], "requests": w["requests"],
-                   "applied": applied["applied"], "window": w}
+                   "applied": applied["applied"], "window": w,
+                   "peak_rss_mib": (result.get("memory") or {}).get("peak_rss_mib")}
         attempts.append(attempt)
         verdict = "holds the SLO" if attempt["passed"] else "MISSES THE SLO: " + "; ".join(attempt["breaches"])
         show(f"  verify trial {row['trial'] + 1} {config.label()} at {row['users']} users for {seconds:g} s: "

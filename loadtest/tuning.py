@@ -125,6 +125,7 @@ def recommended_of(verified: dict[str, Any] | None, slo: Slo, tune) -> dict[str,
     return {"config": config, "point": f"t{verified['trial']:03d}", "capacity_rps": verified["capacity_rps"],
             "capacity_per_instance_rps": verified["capacity_per_instance_rps"], "p95_ms": verified["p95_ms"],
             "j_per_request": verified["j_per_request"], "users": verified["users"],
+            "peak_rss_mib": verified.get("peak_rss_mib"),
             "why": (f"the best feasible trial that held the SLO (p95 <= {slo.p95_ms:g} ms, errors <= "
                     f"{slo.error_rate:.2%}) over a {tune.verify_s:g} s verification window at {verified['users']} "
                     f"users: {verified['capacity_per_instance_rps']:.0f} req/s per instance")}

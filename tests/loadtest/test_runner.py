@@ -49,5 +49,6 @@ def test_peak_rss_follows_a_process_that_grows_and_says_when_it_has_nothing():
     assert _memory("no energy source configured") == {"unavailable": "no energy source configured"}
     points = [{"id": "p00", "memory": {"peak_rss_mib": 300.0}}, {"id": "p01", "memory": {"peak_rss_mib": 410.5}}]
     assert recommended_peak_rss({"point": "p01"}, points) == 410.5
-    assert recommended_peak_rss({"point": "t007"}, points) is None  # a tune study's verified window: not recorded
+    assert recommended_peak_rss({"point": "t007"}, points) is None  # not a sweep point, and carries no figure
+    assert recommended_peak_rss({"point": "t007", "peak_rss_mib": 512.0}, points) == 512.0  # a verified window's
     assert recommended_peak_rss({}, points) is None

@@ -12,6 +12,7 @@ from loadtest.space import (MISS, TuneSpace, baseline_params, decode_preferred, 
                             monotone_rps, to_config, trial_result)
 from loadtest.study import Objective, Window, constraints, counted, make_sampler, open_study, run_study, trial_rows, \
     verify
+from loadtest.tuning import recommended_of
 
 SLO = Slo(p95_ms=10, error_rate=0.01)
 
@@ -226,12 +227,15 @@ def test_verification_measures_the_best_feasible_again_and_keeps_the_best_that_h
         result = lucky_measure(model, out_dir, users, seconds, shape)
         if shape == "steady" and lucky.current.max_queue_delay_us == 0:
             result["window"]["rps"] = 500  # the in-study best holds the SLO at half its ladder throughput
+        result["memory"] = {"peak_rss_mib": 300.0 + lucky.current.max_queue_delay_us / 100}
         return result
 
     lucky.measure = measure
     chosen, finalists = verify(Tracking(lucky), rows, lucky, 5, 3, tmp_path)
     assert len(finalists) == 2 and all(a["passed"] for a in finalists)
     assert chosen["config"]["max_queue_delay_us"] == 2000 and chosen["capacity_per_instance_rps"] == 800
+    assert chosen["peak_rss_mib"] == 320.0  # its own window's memory goes with it (deploy sizes Triton from it)
+    assert recommended_of(chosen, SLO, tune)["peak_rss_mib"] == 320.0
 
     missing = FakeWindow(lambda cfg: False)
     none, tried = verify(Tracking(missing), rows, missing, 5, 1, tmp_path)
