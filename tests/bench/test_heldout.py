@@ -57,14 +57,39 @@ def test_the_methods_differ_only_where_the_comparison_says(tmp_path):
     assert all(s.space == POOL["diabetes"].space for m, s in settings.items() if m != "default")
 
 
-def test_the_portfolio_greedily_covers_the_tasks_with_the_lowest_mean_regret():
-    from bench._portfolio import greedy, regrets
+def test_regret_is_zero_for_the_best_one_for_the_median_and_capped_for_failures():
+    from bench._portfolio import WORST, regrets
 
-    values = {"a": [0.90, 0.95, 0.80, float("nan")], "b": [2.0, 1.5, 1.0, 1.2]}  # a maximizes, b minimizes
+    values = {"a": [0.90, 0.95, 0.80, float("nan")], "b": [2.0, 1.5, 1.0, 9.0]}  # a maximizes, b minimizes
     regret = regrets(values, {"a": "maximize", "b": "minimize"})
 
-    assert regret["a"] == [pytest.approx(1 / 3), 0.0, 1.0, 1.0] and regret["b"] == pytest.approx([1.0, 0.5, 0.0, 0.2])
-    assert greedy(regret, 2) == [1, 2]  # the best on average first, then the one covering what it misses
+    assert regret["a"] == [pytest.approx(1.0), 0.0, WORST, WORST]  # median 0.90; 0.80 is 3 medians off, capped
+    assert regret["b"] == pytest.approx([4 / 3, 2 / 3, 0.0, WORST])  # median 1.75
+
+
+def test_the_portfolio_orders_entries_by_what_finishes_within_each_budget():
+    from bench._portfolio import MISSING, anytime_regret, greedy
+
+    regret = {"a": [0.0, 0.5, 1.0], "b": [0.0, 0.6, 1.0]}
+    cost = {"a": [1.5, 0.5, 0.4], "b": [1.5, 0.6, 0.5]}  # entry 0 is the best but does not fit inside 1B
+
+    assert anytime_regret([0], regret, cost, (1,)) == MISSING
+    assert anytime_regret([1, 0], regret, cost, (1, 2, 4)) == pytest.approx((0.5 + 0.0 + 0.0 + 0.6 + 0.6 + 0.0) / 6)
+    order = greedy(regret, cost, 2)
+    assert order == [1, 0]  # the cheap good entry first (it fits inside 1B), then the best one, done by 2B
+    assert greedy(regret, cost, 3) == [1, 0]  # entry 2 would lower the regret no further: left out
+    assert greedy(regret, {"a": [1.5, 1.2, 1.1], "b": [1.5, 1.2, 1.1]}, 1) == [2]  # none fits: the cheapest
+
+
+def test_sobol_candidates_cover_each_dimension_within_its_range():
+    from bench._portfolio import DIMENSIONS, sobol_candidates
+    from tune.portfolio import PortfolioEntry
+
+    drawn = sobol_candidates(16)
+    for name, (low, high, _) in DIMENSIONS.items():
+        got = [c["knobs"][name] if "." in name else c[name] for c in drawn]
+        assert low <= min(got) < low + (high - low) / 4 and high - (high - low) / 4 < max(got) <= high
+    assert all(PortfolioEntry.from_dict(c) for c in drawn)  # every candidate is a valid entry
 
 
 def knobbed_pair(with_knobs):
