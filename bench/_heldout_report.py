@@ -68,6 +68,11 @@ def goals_table(pairs: list[Pair]) -> Table:
                      _verdict(n and within[2] >= 2 * n / 3)])
         rows.append(["≤ 1B", f"{method} reaches the default's final metric on ≥ 1/3 of pairs", f"{within[1]}/{n}",
                      _verdict(n and within[1] >= n / 3)])
+    kinds = {"text": [p for p in pairs if POOL[p.task].task == "charlm"],
+             "non-text": [p for p in pairs if POOL[p.task].task != "charlm"]}
+    by_kind = "; ".join(f"{kind} ({len(mine)} pairs): " + ", ".join(
+        f"{m}B {'/'.join(str(sum(wins(p, m)[b][0] for p in mine)) for b in BASELINES)}" for m in MULTIPLES)
+        for kind, mine in kinds.items() if mine)
     per_pair = "; ".join(f"{p.task}/{p.seed}: " + ", ".join(
         f"{m}B {_short(p, m)}" for m in MULTIPLES) for p in pairs)
     return Table(f"Held-out tuning: goals on the evaluation pairs ({_where(pairs)})",
@@ -75,6 +80,8 @@ def goals_table(pairs: list[Pair]) -> Table:
                  [f"{n} (task, seed) pairs of evaluation tasks; 'AutoGLM' in the reach goals is judged on {PRIORS}, "
                   "the cold row is its ablation",
                   "better best metric: strictly better; a method with no completed trial by then loses",
+                  f"pairs where {PRIORS} has the better best metric vs random search / TPE + Hyperband, by domain: "
+                  + by_kind,
                   f"{PRIORS}'s best metric vs random search / TPE + Hyperband per pair: {per_pair}"])
 
 

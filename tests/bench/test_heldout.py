@@ -45,6 +45,21 @@ def test_the_goals_count_strict_wins_and_a_method_with_nothing_completed_loses()
     assert at_4b["random search"] == (True, True) and at_4b["TPE + Hyperband"][0] is False
 
 
+def test_the_goals_table_counts_the_wins_per_domain():
+    from dataclasses import replace
+
+    from bench._heldout_report import goals_table
+
+    cold = outcome("AutoGLM cold", [(5.0, 0.91)], [(0.91, 1.0, 1.0)])
+    tabular = replace(pair(), outcomes=[*pair().outcomes, cold])
+    text = replace(tabular, task="prose")
+
+    notes = " ".join(goals_table([tabular, text, replace(tabular, seed=1)]).notes)
+
+    # priors 0.92 at 1B, 0.92 at 2B, 0.94 at 4B vs random 0.85/0.93/0.93 and TPE + Hyperband —/—/0.95
+    assert "text (1 pairs): 1B 1/1, 2B 0/1, 4B 1/0; non-text (2 pairs): 1B 2/2, 2B 0/2, 4B 2/0" in notes
+
+
 def test_the_methods_differ_only_where_the_comparison_says(tmp_path):
     settings = {m: method_settings(POOL["diabetes"], 0, tmp_path, m).tune for m in ("default", *METHODS)
                 if m != "AutoGLM with priors" or "portfolio" in type(method_settings(
