@@ -3,8 +3,9 @@
 1. **Candidates**, all relative to the task (:class:`tune.portfolio.PortfolioEntry`): the task's configured run
    (the empty entry); a scrambled Sobol sample (:data:`SOBOL` points) of :data:`DIMENSIONS`, the multipliers and
    absolute knobs an entry may set, so the candidates cover the space evenly rather than cluster where one study
-   looked; and each development task's AutoGLM-cold study's best configurations (:data:`PER_TASK`; TPE + early
-   stopping for 4B, expressed relative to their task with :func:`tune.portfolio.from_params`).
+   looked; and the entries of the portfolio shipped before (:func:`previous_entries`: the best trials of
+   AutoGLM-cold studies on development tasks, expressed relative to their task with
+   :func:`tune.portfolio.from_params`), which compete again rather than being searched for anew.
 2. **Every candidate on every development task** (:func:`tune.portfolio.to_params`: the candidate as that task's
    concrete values, trained on the shared schedule like a trial, compressed and scored), giving its served metric
    and its **cost** in units of that task's B (the default's CPU-seconds, measured in the same run).
@@ -31,13 +32,12 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from autoglm.config import TuneSettings
-from bench._heldout import HORIZON, MULTIPLES, method_settings, warm_up
+from bench._heldout import MULTIPLES, method_settings, warm_up
 from bench._tuning import cpu_spent, search
 from bench.harness import Table
 from bench.pool import POOL, dev_tasks, scaled
 
-PER_TASK = 1  # candidates from each development study: its best completed configurations
-SOBOL = 16  # Sobol candidates (a power of two keeps the sample balanced)
+SOBOL = 8  # Sobol candidates (a power of two keeps the sample balanced; 8: the learning run fits 15 min)
 # what a Sobol candidate sets: field or dotted knob -> (low, high, log); the ranges keep a candidate within a few
 # B on every task (width and depth multiply an LM's cost, batch every task's)
 DIMENSIONS = {"lr_mult": (0.05, 4.0, True), "width_mult": (0.35, 1.5, True), "depth_mult": (0.5, 1.5, True),
@@ -45,7 +45,7 @@ DIMENSIONS = {"lr_mult": (0.05, 4.0, True), "width_mult": (0.35, 1.5, True), "de
               "model.dropout": (0.0, 0.3, False)}
 WORST, MISSING = 2.0, 3.0  # regret: a failed or diverged candidate; no entry finished within the budget
 FIRST_WITHIN = 0.85  # the first entry's largest cost over the development tasks, in units of B (margin for load)
-COMMAND = 'make bench ARGS="tune --learn-portfolio --workers 3"'
+COMMAND = 'make bench ARGS="tune --learn-portfolio --workers 4"'
 
 
 def sobol_candidates(n: int = SOBOL, seed: int = 0) -> list[dict]:
@@ -65,32 +65,14 @@ def sobol_candidates(n: int = SOBOL, seed: int = 0) -> list[dict]:
     return out
 
 
-def _study(args) -> list[dict]:
-    """One development task's AutoGLM-cold study to 4B; its best configurations as portfolio entries (JSON)."""
-    from autoglm.tasks import task_class
-    from tune.portfolio import from_params
+def previous_entries(portfolio) -> list[dict]:
+    """The entries of ``portfolio`` (JSON form) that came from a study, when it was learned on development tasks
+    only (a portfolio crossing the split contributes nothing)."""
+    from bench.pool import SPLIT
 
-    name, workdir, factor = args
-    pool_task = POOL[name] if factor == 1.0 else scaled(POOL[name], factor)
-    where = Path(workdir) / name / "study"
-    _warm_up(workdir)
-    _, trials = search(method_settings(pool_task, 0, where, "default"), where / "default", 0.0, 1)
-    settings = method_settings(pool_task, 0, where, "AutoGLM cold")
-    task, found = search(settings, where / "study", HORIZON * cpu_spent(trials), 500)
-    done = sorted((t for t in found if t.state.name == "COMPLETE"), key=lambda t: t.values[0],
-                  reverse=task.direction == "maximize")
-    entries, seen = [], []
-    for t in done:
-        entry = from_params(t.params, task_class(settings.task.name), settings).to_dict()
-        entry.pop("source", None)
-        if entry in seen:  # a compression sibling the portfolio cannot tell apart
-            continue
-        seen.append(entry)
-        entries.append(entry | {"source": f"{name}: AutoGLM-cold study trial {t.number} ({task.metric} "
-                                          f"{t.values[0]:.4g})"})
-        if len(entries) == PER_TASK:
-            break
-    return entries
+    if any(SPLIT.get(name) != "dev" for name in portfolio.provenance.get("learned_from") or ["none"]):
+        return []
+    return [e.to_dict() for e in portfolio.entries if "study" in e.source]
 
 
 _WARM = []  # this worker process has run its warm-up
@@ -185,23 +167,17 @@ def greedy(regret: dict[str, list[float]], cost: dict[str, list[float]], size: i
 
 def learn(quick: bool, workers: int = 1) -> list[Table]:
     """Learn the portfolio; written to ``tune/portfolio.json`` (a quick run only reports what it would write)."""
-    from tune.portfolio import BUILTIN, Portfolio, PortfolioEntry, save_portfolio
+    from tune.portfolio import BUILTIN, Portfolio, PortfolioEntry, load_portfolio, save_portfolio
 
     names = [t.name for t in dev_tasks()][: 1 if quick else None]
     factor = 1 / 6 if quick else 1.0
     size = TuneSettings().portfolio_size
-    drawn = [{"source": "the task's configured run"}] + sobol_candidates(4 if quick else SOBOL)
+    candidates = [{"source": "the task's configured run"}, *sobol_candidates(4 if quick else SOBOL),
+                  *previous_entries(load_portfolio())]
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-portfolio-") as tmp, \
             ProcessPoolExecutor(max(1, workers), mp_context=get_context("spawn")) as pool:
-        studies = [pool.submit(_study, (n, tmp, factor)) for n in names]
-        # the drawn candidates and the defaults (index -1) run while the studies search
-        first = {(i, n): pool.submit(_score, (i, c, n, tmp, factor))
-                 for n in names for i, c in [(-1, None), *enumerate(drawn)]}
-        found = [e for s in studies for e in s.result()]
-        later = {(len(drawn) + i, n): pool.submit(_score, (len(drawn) + i, c, n, tmp, factor))
-                 for n in names for i, c in enumerate(found)}
-        scores = {key: f.result() for key, f in (first | later).items()}
-    candidates = drawn + found
+        jobs = [(i, c, n, tmp, factor) for n in names for i, c in [(-1, None), *enumerate(candidates)]]
+        scores = dict(zip([(i, n) for i, _, n, _, _ in jobs], pool.map(_score, jobs)))
     budget = {n: scores[(-1, n)][1] for n in names}
     values = {n: [scores[(i, n)][0] for i in range(len(candidates))] for n in names}
     cost = {n: [scores[(i, n)][1] / budget[n] for i in range(len(candidates))] for n in names}
@@ -209,7 +185,7 @@ def learn(quick: bool, workers: int = 1) -> list[Table]:
     chosen = greedy(regret, cost, size)
     portfolio = Portfolio(tuple(PortfolioEntry.from_dict(candidates[i]) for i in chosen), {
         "learned_from": names, "method": f"cost-aware greedy portfolio over {len(candidates)} candidates (the "
-        f"configured run, {len(drawn) - 1} Sobol points, each development study's best {PER_TASK}), minimizing the "
+        f"configured run, {SOBOL} Sobol points, the study entries of the portfolio shipped before), minimizing the "
         f"mean over the development tasks and over {', '.join(f'{m}B' for m in MULTIPLES)} of the best regret "
         f"among the entries finished within that compute; the first fits inside {FIRST_WITHIN}B",
         "command": COMMAND})

@@ -107,6 +107,18 @@ def test_sobol_candidates_cover_each_dimension_within_its_range():
     assert all(PortfolioEntry.from_dict(c) for c in drawn)  # every candidate is a valid entry
 
 
+def test_the_previous_portfolio_competes_again_only_when_learned_on_development_tasks():
+    from bench._portfolio import previous_entries
+    from tune.portfolio import Portfolio, PortfolioEntry
+
+    entries = (PortfolioEntry(lr_mult=2.0, source="json: AutoGLM-cold study trial 3"),
+               PortfolioEntry(source="the task's configured run"))
+
+    assert previous_entries(Portfolio(entries, {"learned_from": ["json"], "method": "m"})) == [
+        {"lr_mult": 2.0, "source": "json: AutoGLM-cold study trial 3"}]
+    assert previous_entries(Portfolio(entries, {"learned_from": ["json", "prose"], "method": "m"})) == []
+
+
 def knobbed_pair(with_knobs):
     """A pair of PRIORS and its train-knobs twin: ``with_knobs`` = [(cpu_s, value, point)] of the twin."""
     from bench._heldout import ABLATIONS
