@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -192,6 +193,7 @@ def heldout(quick: bool, tasks: list[str] | None, seeds: int, workers: int, wall
     unknown = [n for n in names if n not in POOL]
     if unknown:
         raise ValueError(f"unknown pool task(s) {unknown}: known are {sorted(POOL)}")
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-heldout-") as tmp:
         methods = (PRIORS, ABLATIONS[ablation][0]) if ablation else tuple(METHODS)
         pairs, cut = run_pairs(names, list(range(1 if quick else seeds)), Path(tmp), workers,
@@ -204,5 +206,8 @@ def heldout(quick: bool, tasks: list[str] | None, seeds: int, workers: int, wall
         for t in (goals, table):
             t.notes.append(f"cut by the run's wall limit ({wall_min:g} min on this machine), not run: "
                            + ", ".join(f"{n}/{s}" for n, s in cut))
+    table.notes.append(f"machine load (1-min load average, {os.cpu_count()} cores) at the start / end of the run: "
+                       f"{load:.1f} / {os.getloadavg()[0]:.1f}; each method is charged its own CPU-seconds, so a "
+                       "busy machine slows the run, not the comparison")
     table.figure = lambda path: plot(pairs, path)
     return [goals, table]
