@@ -5,9 +5,10 @@ prose, code; see :mod:`bench.pool.corpora`) and six non-LM tasks (the digits CNN
 tables, classification and regression; see :mod:`bench.pool.tabular`). Six are **development** tasks: priors
 (the portfolio in ``tune/portfolio.json``), warm starts, default ranges and any tuning of the tuner may look at
 them; two of them (scikit-learn's synthetic generators: a small noisy regression and a small classification)
-widen the tabular coverage the priors are learned on. The other four are **evaluation** tasks: the goals are judged on them only, and nothing is fitted to them
-(``tests/bench/test_pool.py`` fails if the shipped portfolio's provenance or a config's warm start names one).
-Shakespeare and digits, the tasks the tuner was developed on, are development tasks.
+widen the tabular coverage the priors are learned on. The other four are **evaluation** tasks: the goals are
+judged on them only, and nothing is fitted to them (``tests/bench/test_pool.py`` fails if the shipped portfolio's
+provenance or a config's warm start names one). Shakespeare and digits, the tasks the tuner was developed on,
+are development tasks.
 
 Each task's **default** (the "default" method: its model and training settings, trained once) is sized so that
 its budget B (the default's CPU-seconds, trained, exported, scored and timed as a trial) is about 5-10 CPU-s:
