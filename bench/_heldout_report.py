@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -68,6 +69,11 @@ def goals_table(pairs: list[Pair]) -> Table:
                      _verdict(n and within[2] >= 2 * n / 3)])
         rows.append(["≤ 1B", f"{method} reaches the default's final metric on ≥ 1/3 of pairs", f"{within[1]}/{n}",
                      _verdict(n and within[1] >= n / 3)])
+    kinds = {"text": [p for p in pairs if POOL[p.task].task == "charlm"],
+             "non-text": [p for p in pairs if POOL[p.task].task != "charlm"]}
+    by_kind = "; ".join(f"{kind} ({len(mine)} pairs): " + ", ".join(
+        f"{m}B {'/'.join(str(sum(wins(p, m)[b][0] for p in mine)) for b in BASELINES)}" for m in MULTIPLES)
+        for kind, mine in kinds.items() if mine)
     per_pair = "; ".join(f"{p.task}/{p.seed}: " + ", ".join(
         f"{m}B {_short(p, m)}" for m in MULTIPLES) for p in pairs)
     return Table(f"Held-out tuning: goals on the evaluation pairs ({_where(pairs)})",
@@ -75,6 +81,8 @@ def goals_table(pairs: list[Pair]) -> Table:
                  [f"{n} (task, seed) pairs of evaluation tasks; 'AutoGLM' in the reach goals is judged on {PRIORS}, "
                   "the cold row is its ablation",
                   "better best metric: strictly better; a method with no completed trial by then loses",
+                  f"pairs where {PRIORS} has the better best metric vs random search / TPE + Hyperband, by domain: "
+                  + by_kind,
                   f"{PRIORS}'s best metric vs random search / TPE + Hyperband per pair: {per_pair}"])
 
 
@@ -185,6 +193,7 @@ def heldout(quick: bool, tasks: list[str] | None, seeds: int, workers: int, wall
     unknown = [n for n in names if n not in POOL]
     if unknown:
         raise ValueError(f"unknown pool task(s) {unknown}: known are {sorted(POOL)}")
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-heldout-") as tmp:
         methods = (PRIORS, ABLATIONS[ablation][0]) if ablation else tuple(METHODS)
         pairs, cut = run_pairs(names, list(range(1 if quick else seeds)), Path(tmp), workers,
@@ -197,5 +206,8 @@ def heldout(quick: bool, tasks: list[str] | None, seeds: int, workers: int, wall
         for t in (goals, table):
             t.notes.append(f"cut by the run's wall limit ({wall_min:g} min on this machine), not run: "
                            + ", ".join(f"{n}/{s}" for n, s in cut))
+    table.notes.append(f"machine load (1-min load average, {os.cpu_count()} cores) at the start / end of the run: "
+                       f"{load:.1f} / {os.getloadavg()[0]:.1f}; each method is charged its own CPU-seconds, so a "
+                       "busy machine slows the run, not the comparison")
     table.figure = lambda path: plot(pairs, path)
     return [goals, table]

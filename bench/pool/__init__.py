@@ -1,12 +1,14 @@
 """The tuning benchmark's task pool, and its development / evaluation split (fixed here, and only here).
 
-Eight tasks of different domains: four text corpora trained with the charlm task (dialogue, structured text,
-prose, code; see :mod:`bench.pool.corpora`) and four non-LM tasks (the digits CNN and an MLP on scikit-learn's
-tables, classification and regression; see :mod:`bench.pool.tabular`). Half are **development** tasks: priors
+Ten tasks of different domains: four text corpora trained with the charlm task (dialogue, structured text,
+prose, code; see :mod:`bench.pool.corpora`) and six non-LM tasks (the digits CNN and an MLP on scikit-learn's
+tables, classification and regression; see :mod:`bench.pool.tabular`). Six are **development** tasks: priors
 (the portfolio in ``tune/portfolio.json``), warm starts, default ranges and any tuning of the tuner may look at
-them. The other half are **evaluation** tasks: the goals are judged on them only, and nothing is fitted to them
-(``tests/bench/test_pool.py`` fails if the shipped portfolio's provenance or a config's warm start names one).
-Shakespeare and digits, the tasks the tuner was developed on, are development tasks.
+them; two of them (scikit-learn's synthetic generators: a small noisy regression and a small classification)
+widen the tabular coverage the priors are learned on. The other four are **evaluation** tasks: the goals are
+judged on them only, and nothing is fitted to them (``tests/bench/test_pool.py`` fails if the shipped portfolio's
+provenance or a config's warm start names one). Shakespeare and digits, the tasks the tuner was developed on,
+are development tasks.
 
 Each task's **default** (the "default" method: its model and training settings, trained once) is sized so that
 its budget B (the default's CPU-seconds, trained, exported, scored and timed as a trial) is about 5-10 CPU-s:
@@ -30,6 +32,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # the split: every pool task is named once here, with its half
 SPLIT: dict[str, Literal["dev", "eval"]] = {
     "shakespeare": "dev", "json": "dev", "digits": "dev", "friedman1": "dev",
+    "noisy-linear": "dev", "synthetic-classification": "dev",
     "prose": "eval", "code": "eval", "breast-cancer": "eval", "diabetes": "eval",
 }
 
@@ -123,6 +126,9 @@ POOL: dict[str, PoolTask] = {t.name: t for t in (
     _mlp("friedman1", "tabular regression (Friedman #1, MLP)", "Friedman1Task"),
     _mlp("breast-cancer", "tabular classification (breast cancer, MLP)", "BreastCancerTask"),
     _mlp("diabetes", "tabular regression (diabetes, MLP)", "DiabetesTask"),
+    _mlp("noisy-linear", "tabular regression (small, noisy, linear; synthetic, MLP)", "NoisyLinearTask"),
+    _mlp("synthetic-classification", "tabular classification (small, noisy labels; synthetic, MLP)",
+         "SyntheticClassificationTask"),
 )}
 
 

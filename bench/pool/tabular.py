@@ -163,3 +163,28 @@ class Friedman1Task(_Regression):
         from sklearn.datasets import make_friedman1
 
         return make_friedman1(n_samples=1000, n_features=10, noise=1.0, random_state=SPLIT_SEED)
+
+
+class NoisyLinearTask(_Regression):
+    """A small noisy regression (scikit-learn's ``make_regression``, fixed seed): 400 rows, 10 features (6 of
+    them informative), a linear target under noise as large as its signal, where a long schedule overfits."""
+
+    name, dataset = "noisy-linear", "make_regression"
+
+    def load(self):
+        from sklearn.datasets import make_regression
+
+        return make_regression(n_samples=400, n_features=10, n_informative=6, noise=60.0, random_state=SPLIT_SEED)
+
+
+class SyntheticClassificationTask(_Classification):
+    """A small classification (scikit-learn's ``make_classification``, fixed seed): 500 rows, 20 features (5
+    informative), 2 classes, 5% of the labels flipped."""
+
+    name, classes, dataset = "synthetic-classification", 2, "make_classification"
+
+    def load(self):
+        from sklearn.datasets import make_classification
+
+        return make_classification(n_samples=500, n_features=20, n_informative=5, flip_y=0.05,
+                                   random_state=SPLIT_SEED)

@@ -45,6 +45,21 @@ def test_the_goals_count_strict_wins_and_a_method_with_nothing_completed_loses()
     assert at_4b["random search"] == (True, True) and at_4b["TPE + Hyperband"][0] is False
 
 
+def test_the_goals_table_counts_the_wins_per_domain():
+    from dataclasses import replace
+
+    from bench._heldout_report import goals_table
+
+    cold = outcome("AutoGLM cold", [(5.0, 0.91)], [(0.91, 1.0, 1.0)])
+    tabular = replace(pair(), outcomes=[*pair().outcomes, cold])
+    text = replace(tabular, task="prose")
+
+    notes = " ".join(goals_table([tabular, text, replace(tabular, seed=1)]).notes)
+
+    # priors 0.92 at 1B, 0.92 at 2B, 0.94 at 4B vs random 0.85/0.93/0.93 and TPE + Hyperband —/—/0.95
+    assert "text (1 pairs): 1B 1/1, 2B 0/1, 4B 1/0; non-text (2 pairs): 1B 2/2, 2B 0/2, 4B 2/0" in notes
+
+
 def test_the_methods_differ_only_where_the_comparison_says(tmp_path):
     settings = {m: method_settings(POOL["diabetes"], 0, tmp_path, m).tune for m in ("default", *METHODS)
                 if m != "AutoGLM with priors" or "portfolio" in type(method_settings(
@@ -57,14 +72,51 @@ def test_the_methods_differ_only_where_the_comparison_says(tmp_path):
     assert all(s.space == POOL["diabetes"].space for m, s in settings.items() if m != "default")
 
 
-def test_the_portfolio_greedily_covers_the_tasks_with_the_lowest_mean_regret():
-    from bench._portfolio import greedy, regrets
+def test_regret_is_zero_for_the_best_one_for_the_median_and_capped_for_failures():
+    from bench._portfolio import WORST, regrets
 
-    values = {"a": [0.90, 0.95, 0.80, float("nan")], "b": [2.0, 1.5, 1.0, 1.2]}  # a maximizes, b minimizes
+    values = {"a": [0.90, 0.95, 0.80, float("nan")], "b": [2.0, 1.5, 1.0, 9.0]}  # a maximizes, b minimizes
     regret = regrets(values, {"a": "maximize", "b": "minimize"})
 
-    assert regret["a"] == [pytest.approx(1 / 3), 0.0, 1.0, 1.0] and regret["b"] == pytest.approx([1.0, 0.5, 0.0, 0.2])
-    assert greedy(regret, 2) == [1, 2]  # the best on average first, then the one covering what it misses
+    assert regret["a"] == [pytest.approx(1.0), 0.0, WORST, WORST]  # median 0.90; 0.80 is 3 medians off, capped
+    assert regret["b"] == pytest.approx([4 / 3, 2 / 3, 0.0, WORST])  # median 1.75
+
+
+def test_the_portfolio_orders_entries_by_what_finishes_within_each_budget():
+    from bench._portfolio import MISSING, anytime_regret, greedy
+
+    regret = {"a": [0.0, 0.5, 1.0], "b": [0.0, 0.6, 1.0]}
+    cost = {"a": [1.5, 0.5, 0.4], "b": [1.5, 0.6, 0.5]}  # entry 0 is the best but does not fit inside 1B
+
+    assert anytime_regret([0], regret, cost, (1,)) == MISSING
+    assert anytime_regret([1, 0], regret, cost, (1, 2, 4)) == pytest.approx((0.5 + 0.0 + 0.0 + 0.6 + 0.6 + 0.0) / 6)
+    order = greedy(regret, cost, 2)
+    assert order == [1, 0]  # the cheap good entry first (it fits inside 1B), then the best one, done by 2B
+    assert greedy(regret, cost, 3) == [1, 0]  # entry 2 would lower the regret no further: left out
+    assert greedy(regret, {"a": [1.5, 1.2, 1.1], "b": [1.5, 1.2, 1.1]}, 1) == [2]  # none fits: the cheapest
+
+
+def test_sobol_candidates_cover_each_dimension_within_its_range():
+    from bench._portfolio import DIMENSIONS, sobol_candidates
+    from tune.portfolio import PortfolioEntry
+
+    drawn = sobol_candidates(16)
+    for name, (low, high, _) in DIMENSIONS.items():
+        got = [c["knobs"][name] if "." in name else c[name] for c in drawn]
+        assert low <= min(got) < low + (high - low) / 4 and high - (high - low) / 4 < max(got) <= high
+    assert all(PortfolioEntry.from_dict(c) for c in drawn)  # every candidate is a valid entry
+
+
+def test_the_previous_portfolio_competes_again_only_when_learned_on_development_tasks():
+    from bench._portfolio import previous_entries
+    from tune.portfolio import Portfolio, PortfolioEntry
+
+    entries = (PortfolioEntry(lr_mult=2.0, source="json: AutoGLM-cold study trial 3"),
+               PortfolioEntry(source="the task's configured run"))
+
+    assert previous_entries(Portfolio(entries, {"learned_from": ["json"], "method": "m"})) == [
+        {"lr_mult": 2.0, "source": "json: AutoGLM-cold study trial 3"}]
+    assert previous_entries(Portfolio(entries, {"learned_from": ["json", "prose"], "method": "m"})) == []
 
 
 def knobbed_pair(with_knobs):

@@ -27,9 +27,9 @@ def test_every_pool_task_loads_and_trains_a_few_steps_on_cpu(name, tmp_path):
     assert [step for step, _ in result.history] == [3]
 
 
-def test_the_pool_is_split_in_halves_across_domains_and_kinds():
+def test_the_pool_is_split_across_domains_and_kinds():
     assert set(SPLIT) == set(POOL)
-    assert len(dev_tasks()) == len(eval_tasks()) == len(POOL) // 2
+    assert len(dev_tasks()) >= len(eval_tasks()) >= 4
     lm = [t for t in POOL.values() if t.task == "charlm"]
     assert len({t.corpus for t in lm}) == len(lm) >= 4  # each corpus a domain of its own
     user = [get_task(t.settings(0, Path("unused"))) for t in POOL.values() if ":" in t.task]
