@@ -92,9 +92,6 @@ class DecodeEngine:
         self.vocab_size = int(meta["vocab_size"])
         past = [i for i in self.step_session.get_inputs() if i.name.startswith("past_key_")]
         self.n_layer = len(past)
-        # graphs that can compute the head at each prompt's last position only (older ones: every position)
-        # (an input with a default is one of ONNX Runtime's overridable initializers, not of its inputs)
-        self._last_only = any(i.name == "last_only" for i in self.prefill.get_overridable_initializers())
         _, self.n_head, _, self.head_size = past[0].shape
         self.max_sequences = max_sequences
         shape = (max_sequences, self.n_head, self.context, self.head_size)
@@ -301,11 +298,9 @@ class DecodeEngine:
                     "query_seqlens": lengths.astype(np.int32)}
             for i in range(self.n_layer):
                 feed[f"past_key_{i}"] = feed[f"past_value_{i}"] = empty
-            if self._last_only:
-                feed["last_only"] = np.asarray(True)
+            feed["last_only"] = np.asarray(True)  # logits (B, 1, V): each row's last position only
             out = self.prefill.run(None, feed)
-            at = [0] * b if self._last_only else (lengths - 1).tolist()  # each row's last position
-            done = [(seq, length, [kv[j] for kv in out[1:]], out[0][j, at[j]], None)
+            done = [(seq, length, [kv[j] for kv in out[1:]], out[0][j, 0], None)
                     for j, ((seq, _), length) in enumerate(zip(pending, lengths.tolist()))]
         except Exception as exc:  # noqa: BLE001 -- handed to the caller, raised from advance()
             done = [(seq, 0, None, None, exc) for seq, _ in pending]

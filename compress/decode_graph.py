@@ -2,8 +2,8 @@
 
 Both graphs take the same inputs (``input_ids``, ``position_ids``, ``seqlens_k``,
 ``total_sequence_length``, ``query_seqlens`` and ``past_{key,value}_{i}`` (B, kv_heads, cache, D)) and
-return ``logits`` plus ``present_{key,value}_{i}``; the prefill also takes ``last_only`` (default false:
-logits at every position; true: at each row's last). :mod:`compress.decode_engine` drives them. Two
+return ``logits`` plus ``present_{key,value}_{i}``; the prefill also takes ``last_only`` (false: logits at
+every position; true: at each row's last). :mod:`compress.decode_engine` drives them. Two
 families of decoder:
 
 * GPT-style: learned positions (gathered by ``position_ids``), LayerNorm, GELU (exact, or GPT-2's
@@ -39,13 +39,12 @@ def rotary_tables(w: DecoderWeights) -> tuple[np.ndarray, np.ndarray]:
 def last_positions(x: str, inputs: list, inits: list, nodes: list) -> str:
     """``x`` (B, S, C), or with the prefill's ``last_only`` input true each row's last prompt position only
     (B, 1, C): a prompt's next token needs one row of logits, and the head (the widest MatMul) and the logits
-    of every other position would be a third of a prefill's work. The input defaults to false (every
-    position: the loss gate scores them all); ONNX Runtime runs every node of a graph whatever outputs are
-    asked for, so the choice is an ``If`` rather than a second output."""
+    of every other position would be a third of a prefill's work; the loss gate (false) scores them all.
+    ONNX Runtime runs every node of a graph whatever outputs are asked for, so the choice is an ``If``
+    rather than a second output."""
     onnx = require("onnx", purpose="building decode graphs")
     helper = onnx.helper
     inputs.append(helper.make_tensor_value_info("last_only", onnx.TensorProto.BOOL, []))
-    inits.append(helper.make_tensor("last_only", onnx.TensorProto.BOOL, [], [False]))
     inits.append(onnx.numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "last.shape"))
     f32 = onnx.TensorProto.FLOAT
     # row b's last prompt position is query_seqlens[b] - 1 (prompts are right-padded)

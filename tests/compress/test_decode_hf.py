@@ -97,7 +97,7 @@ def test_prefill_logits_equal_the_model_at_every_position_of_a_padded_batch(name
     lengths = np.array([len(r) for r in rows])
     feed = {"input_ids": ids, "position_ids": np.tile(np.arange(20), (3, 1)),
             "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.asarray(20, np.int32),
-            "query_seqlens": lengths.astype(np.int32)}
+            "query_seqlens": lengths.astype(np.int32), "last_only": np.asarray(False)}
     empty = np.zeros((3, e.n_head, 20, e.head_size), np.float32)
     feed |= {f"past_{k}_{i}": empty for i in range(e.n_layer) for k in ("key", "value")}
     logits = e.prefill.run(["logits"], feed)[0]
