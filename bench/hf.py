@@ -424,9 +424,9 @@ def _tables(shapes: dict, quality: list[list], bandwidth: float) -> list[Table]:
                                            "measured tokens/s @1", "of ceiling"], ceiling_rows),
             Table("Where a batched decode step's time goes (the served precision, in process)",
                   ["model", "decode graphs", "part", "ms per step", "share"], profile_rows,
-                  ["ONNX Runtime's per-node profile of 16 steps of the step graph, 32 sequences live, ending at the middle of their "
-                   "generation (64-token prompts + 64 of 128 new tokens), all cores; profiling adds to 'between "
-                   "kernels'", "a step reads its weights once for the whole batch, but each live sequence's keys and "
+                  ["ONNX Runtime's per-node profile of 16 steps of the step graph, 32 sequences live, ending at "
+                   "the middle of their generation (64-token prompts + 64 of 128 new tokens), all cores; "
+                   "profiling adds to 'between kernels'", "a step reads its weights once for the whole batch, but each live sequence's keys and "
                    "values (every layer, every cached position) for itself"]),
             Table("Quality: a tiny Llama-family model fine-tuned on Shakespeare, compress's loss gate",
                   ["precision", "validation loss", "vs fp32", "gate", "served"], quality,
