@@ -139,7 +139,58 @@ def _engine_peer(spec: dict) -> dict:
         engine.release(seq)
     speeds = decode_speeds({"e": engine}, prompt, spec["new_tokens"], batches=tuple(spec["batches"]),
                            rounds=spec["repeats"])["e"]
-    return {"tokens_per_s": {str(b): v for b, v in speeds.items()}, "ttft_ms": ttft}
+    out = {"tokens_per_s": {str(b): v for b, v in speeds.items()}, "ttft_ms": ttft}
+    if spec.get("profile"):
+        out["profile"] = step_profile(spec["prefill"], spec["step"], spec["prompts"], spec["threads"],
+                                      spec["new_tokens"])
+    return out
+
+
+PROFILE_GROUPS = {"GroupQueryAttention": "attention over the KV cache (GroupQueryAttention)",
+                  "MatMulNBits": "weight GEMMs", "DynamicQuantizeMatMul": "weight GEMMs",
+                  "MatMulIntegerToFloat": "weight GEMMs", "MatMulInteger": "weight GEMMs", "MatMul": "weight GEMMs",
+                  "FusedMatMul": "weight GEMMs", "Gemm": "weight GEMMs",
+                  "DynamicQuantizeLinear": "activation quantization (DynamicQuantizeLinear)"}
+
+
+def step_profile(prefill: str, step: str, prompts: list[list[int]], threads: int, new_tokens: int) -> dict:
+    """Where one batched decode step's time goes, ``len(prompts)`` sequences live at the middle of their
+    generation: ONNX Runtime's own per-node profile of the step graph grouped by kind (ms per step), and the
+    engine's step outside the graph (Python, feeds, the logits copy) as the rest of the wall time."""
+    import onnxruntime as ort
+
+    from compress.decode_engine import DecodeEngine, session_options
+
+    options = session_options(threads)
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="autoglm-profile-") as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "step")
+        engine = DecodeEngine(prefill, step, len(prompts), threads=threads)
+        engine.step_session = ort.InferenceSession(step, options, providers=["CPUExecutionProvider"])
+        engine.start_many(prompts)
+        walls, n = [], 16
+        for _ in range(max(0, new_tokens // 2 - n)):  # the profiled steps end at the generation's middle
+            engine.step([1] * len(prompts))
+        for _ in range(n):
+            started = time.perf_counter()
+            engine.step([1] * len(prompts))
+            walls.append(time.perf_counter() - started)
+        events = json.loads(Path(engine.step_session.end_profiling()).read_text())
+    runs = [e["dur"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][-n:]
+    kernels: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            group = PROFILE_GROUPS.get(e["args"]["op_name"], "norms, activations, adds, embeddings (the rest)")
+            kernels[group] = kernels.get(group, 0.0) + e["dur"]
+    steps = sum(1 for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
+    ms = {group: us / steps / 1e3 for group, us in kernels.items()}
+    graph_ms, wall_ms = float(np.mean(runs)) / 1e3, float(np.mean(walls)) * 1e3
+    ms["ONNX Runtime between kernels (thread pool, allocations)"] = max(0.0, graph_ms - sum(ms.values()))
+    ms["outside the graph (Python, feeds, logits copy)"] = max(0.0, wall_ms - graph_ms)
+    live = np.mean([seq.length for seq in engine.live])  # keys and values attention reads per step, all layers
+    kv_bytes = len(prompts) * live * engine.n_layer * 2 * engine.n_head * engine.head_size * 4
+    return {"batch": len(prompts), "step_ms": wall_ms, "ms": ms, "kv_mib": kv_bytes / 2**20,
+            "weights_mib": bytes_read_per_token(Path(step)) / 2**20}
 
 
 PEERS = {"transformers": _transformers_peer, "genai": _genai_peer, "engine": _engine_peer}
@@ -281,13 +332,14 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, band
             continue
         p = cand["precision"]
         graphs = decode_dir / p / "prefill.onnx", decode_dir / p / "step.onnx"
+        served = p == report["precision"]  # its aggregate at 32 in process too, and where a step's time goes
         engine = run_peer("engine", workdir, prefill=str(graphs[0]), step=str(graphs[1]),
-                          **{**common, "batches": [1]})
+                          **{**common, "batches": [1, 32] if served else [1], "profile": served})
         per_token = bytes_read_per_token(graphs[1])
         ceiling = bandwidth / per_token
         ceilings.append([label, p, per_token / 2**20, ceiling, engine["tokens_per_s"]["1"],
                          f"{engine['tokens_per_s']['1'] / ceiling:.0%}"])
-        rows[f"decode graphs {p}, in process (no serving)"] = engine | {"_served": p == report["precision"]}
+        rows[f"decode graphs {p}, in process (no serving)"] = engine | {"_served": served}
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -327,9 +379,18 @@ def run(quick: bool) -> list[Table]:
 
 
 def _tables(shapes: dict, quality: list[list], bandwidth: float) -> list[Table]:
-    speed_rows, goal_rows, ceiling_rows = [], [], []
+    speed_rows, goal_rows, ceiling_rows, profile_rows = [], [], [], []
     for label, shape in shapes.items():
         rows = shape["rows"]
+        for name, r in rows.items():
+            if "profile" in r:
+                prof = r["profile"]
+                profile_rows += [[label, f"{name[:-len(', in process (no serving)')]}, step of {prof['batch']}",
+                                  part, ms, f"{ms / prof['step_ms']:.0%}"]
+                                 for part, ms in sorted(prof["ms"].items(), key=lambda kv: -kv[1])]
+                profile_rows.append([label, f"reads {prof['kv_mib']:,.0f} MiB of keys and values, "
+                                            f"{prof['weights_mib']:,.0f} MiB of weights", "the whole step (wall)",
+                                     prof["step_ms"], "100%"])
         for name, r in rows.items():
             t = r["tokens_per_s"]
             ttft = r.get("ttft_ms")
@@ -361,6 +422,12 @@ def _tables(shapes: dict, quality: list[list], bandwidth: float) -> list[Table]:
             Table(f"The batch-1 ceiling: read bandwidth {bandwidth / 1e9:.1f} GB/s (all cores, 2 GiB buffer) / "
                   "bytes read per token", ["model", "decode graphs", "MiB read per token", "ceiling tokens/s",
                                            "measured tokens/s @1", "of ceiling"], ceiling_rows),
+            Table("Where a batched decode step's time goes (the served precision, in process)",
+                  ["model", "decode graphs", "part", "ms per step", "share"], profile_rows,
+                  ["ONNX Runtime's per-node profile of 16 steps of the step graph, 32 sequences live, ending at "
+                   "the middle of their generation (64-token prompts + 64 of 128 new tokens), all cores; "
+                   "profiling adds to 'between kernels'", "a step reads its weights once for the whole batch, but each live sequence's keys and "
+                   "values (every layer, every cached position) for itself"]),
             Table("Quality: a tiny Llama-family model fine-tuned on Shakespeare, compress's loss gate",
                   ["precision", "validation loss", "vs fp32", "gate", "served"], quality,
                   ["the gate passes a precision whose validation loss is within compress.max_metric_loss of fp32"])]

@@ -119,8 +119,8 @@ def graph_val_loss(prefill_path: Path, task: Task, model_args: dict, n_batches: 
     from compress.decode_engine import session_options
 
     session = ort.InferenceSession(str(prefill_path), session_options(), providers=["CPUExecutionProvider"])
-    n_layer = sum(1 for i in session.get_inputs() if i.name.startswith("past_key_"))
-    heads, size = session.get_inputs()[-1].shape[1], session.get_inputs()[-1].shape[3]
+    past = [i for i in session.get_inputs() if i.name.startswith("past_key_")]
+    n_layer, heads, size = len(past), past[0].shape[1], past[0].shape[3]
 
     token_input = _token_input(task, model_args)
 
@@ -129,7 +129,7 @@ def graph_val_loss(prefill_path: Path, task: Task, model_args: dict, n_batches: 
         b, t = ids.shape
         feed = {"input_ids": ids.astype(np.int64), "position_ids": np.tile(np.arange(t, dtype=np.int64), (b, 1)),
                 "seqlens_k": np.full(b, t - 1, np.int32), "total_sequence_length": np.asarray(t, np.int32),
-                "query_seqlens": np.full(b, t, np.int32)}
+                "query_seqlens": np.full(b, t, np.int32), "last_only": np.asarray(False)}
         empty = np.zeros((b, heads, t, size), np.float32)
         feed |= {f"past_{k}_{i}": empty for i in range(n_layer) for k in ("key", "value")}
         return session.run(["logits"], feed)[0]

@@ -298,8 +298,9 @@ class DecodeEngine:
                     "query_seqlens": lengths.astype(np.int32)}
             for i in range(self.n_layer):
                 feed[f"past_key_{i}"] = feed[f"past_value_{i}"] = empty
+            feed["last_only"] = np.asarray(True)  # logits (B, 1, V): each row's last position only
             out = self.prefill.run(None, feed)
-            done = [(seq, length, [kv[j] for kv in out[1:]], out[0][j, length - 1], None)
+            done = [(seq, length, [kv[j] for kv in out[1:]], out[0][j, 0], None)
                     for j, ((seq, _), length) in enumerate(zip(pending, lengths.tolist()))]
         except Exception as exc:  # noqa: BLE001 -- handed to the caller, raised from advance()
             done = [(seq, 0, None, None, exc) for seq, _ in pending]

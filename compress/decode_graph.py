@@ -2,7 +2,8 @@
 
 Both graphs take the same inputs (``input_ids``, ``position_ids``, ``seqlens_k``,
 ``total_sequence_length``, ``query_seqlens`` and ``past_{key,value}_{i}`` (B, kv_heads, cache, D)) and
-return ``logits`` plus ``present_{key,value}_{i}``; :mod:`compress.decode_engine` drives them. Two
+return ``logits`` plus ``present_{key,value}_{i}``; the prefill also takes ``last_only`` (false: logits at
+every position; true: at each row's last). :mod:`compress.decode_engine` drives them. Two
 families of decoder:
 
 * GPT-style: learned positions (gathered by ``position_ids``), LayerNorm, GELU (exact, or GPT-2's
@@ -35,6 +36,31 @@ def rotary_tables(w: DecoderWeights) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles) * np.float32(w.rotary_scale), np.sin(angles) * np.float32(w.rotary_scale)
 
 
+def last_positions(x: str, inputs: list, inits: list, nodes: list) -> str:
+    """``x`` (B, S, C), or with the prefill's ``last_only`` input true each row's last prompt position only
+    (B, 1, C): a prompt's next token needs one row of logits, and the head (the widest MatMul) and the logits
+    of every other position would be a third of a prefill's work; the loss gate (false) scores them all.
+    ONNX Runtime runs every node of a graph whatever outputs are asked for, so the choice is an ``If``
+    rather than a second output."""
+    onnx = require("onnx", purpose="building decode graphs")
+    helper = onnx.helper
+    inputs.append(helper.make_tensor_value_info("last_only", onnx.TensorProto.BOOL, []))
+    inits.append(onnx.numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "last.shape"))
+    f32 = onnx.TensorProto.FLOAT
+    # row b's last prompt position is query_seqlens[b] - 1 (prompts are right-padded)
+    last = helper.make_graph([
+        helper.make_node("Cast", ["query_seqlens"], ["last.len"], to=onnx.TensorProto.INT64),
+        helper.make_node("Sub", ["last.len", "last.one"], ["last.pos"]),
+        helper.make_node("Reshape", ["last.pos", "last.shape"], ["last.index"]),  # (B, 1, 1)
+        helper.make_node("GatherND", [x, "last.index"], ["last.x"], batch_dims=1)],  # (B, 1, C)
+        "last_position", [], [helper.make_tensor_value_info("last.x", f32, None)])
+    inits.append(onnx.numpy_helper.from_array(np.array(1, np.int64), "last.one"))
+    every = helper.make_graph([helper.make_node("Identity", [x], ["every.x"])], "every_position", [],
+                              [helper.make_tensor_value_info("every.x", f32, None)])
+    nodes.append(helper.make_node("If", ["last_only"], ["x.logit_rows"], then_branch=last, else_branch=every))
+    return "x.logit_rows"
+
+
 def build_graph(w: DecoderWeights, step: bool) -> Any:
     """The prefill (``step=False``) or step graph of ``w`` as an ``onnx.ModelProto``."""
     onnx = require("onnx", purpose="building decode graphs")
@@ -46,6 +72,10 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
         if value is None:
             return ""
         inits.append(numpy_helper.from_array(np.ascontiguousarray(value, np.float32), name))
+        return name
+
+    def const_i64(name: str, value: list[int]) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
         return name
 
     def node(op: str, ins: list[str], out: str, **attrs) -> str:
@@ -65,9 +95,17 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
 
     def mlp(x: str, layer, p: str) -> str:
         if w.activation == "swiglu":  # down(silu(gate(x)) * up(x)), silu(g) = g * sigmoid(g)
-            g = linear(x, layer.gate, f"{p}.mlp.gate")
+            # gate and up as one MatMul (C, 2F), split after: one weight read, and INT8 quantizes x once
+            width = layer.fc[0].shape[1]
+            biases = [np.zeros(width, np.float32) if b is None else b for b in (layer.gate[1], layer.fc[1])]
+            no_bias = layer.gate[1] is None and layer.fc[1] is None
+            fused = (np.concatenate([layer.gate[0], layer.fc[0]], axis=1), None if no_bias else np.concatenate(biases))
+            gate_up = linear(x, fused, f"{p}.mlp.gate_up")
+            g, up = f"{p}.mlp.gate", f"{p}.mlp.up"
+            nodes.append(helper.make_node("Split", [gate_up, const_i64(f"{p}.mlp.split", [width, width])],
+                                          [g, up], axis=-1))
             silu = node("Mul", [g, node("Sigmoid", [g], f"{p}.mlp.sig")], f"{p}.mlp.silu")
-            hidden = node("Mul", [silu, linear(x, layer.fc, f"{p}.mlp.up")], f"{p}.mlp.act")
+            hidden = node("Mul", [silu, up], f"{p}.mlp.act")
         elif w.activation == "gelu_tanh":  # GPT-2's gelu_new: 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))
             hidden = node("FastGelu", [linear(x, layer.fc, f"{p}.mlp.fc")], f"{p}.mlp.act", domain="com.microsoft")
         else:
@@ -84,7 +122,8 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
               helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
               helper.make_tensor_value_info("total_sequence_length", i32, []),
               helper.make_tensor_value_info("query_seqlens", i32, ["batch"])]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", seq, vocab])]
+    # the prefill's logits: every position, or each row's last one (``last_only``)
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", 1 if step else "logit_positions", vocab])]
 
     x = node("Gather", [const("wte", w.token_embedding), "input_ids"], "tok")
     if not rotary:
@@ -107,6 +146,8 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
                                       domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, **attrs))
         x1 = node("Add", [x, linear(f"{p}.attn.y", layer.proj, f"{p}.attn.proj")], f"{p}.x1")
         x = node("Add", [x1, mlp(norm(x1, layer.ln2, f"{p}.ln_2"), layer, p)], f"{p}.x2")
+    if not step:
+        x = last_positions(x, inputs, inits, nodes)
     head = linear(norm(x, w.ln_f, "ln_f"), w.head, "lm_head")
     node("Identity", [head], "logits")
     graph = helper.make_graph(nodes, "step" if step else "prefill", inputs, outputs, inits)

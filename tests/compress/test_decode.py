@@ -44,6 +44,34 @@ def test_prefill_logits_equal_torch_at_every_position(graphs):
         e.release(seq)
 
 
+def test_the_engine_asks_the_prefill_for_each_prompts_last_logits_only(graphs):
+    e = engine(graphs)
+    real, shapes = e.prefill, []
+
+    class Spy:  # the prefill session, recording what each run asked for and got
+        def run(self, names, feed):
+            out = real.run(names, feed)
+            shapes.append((bool(feed["last_only"]), out[0].shape))
+            return out
+
+    e.prefill = Spy()
+    full = [real.run(["logits"], {**feed, "input_ids": np.asarray([p])})[0][0, -1] for p, feed in
+            [(p, _prefill_feed(e, len(p))) for p in ([3, 5, 7], [2, 4])]]
+    started = e.start_many([[3, 5, 7], [2, 4]])  # right-padded to 3: the second row's last position is 1
+    assert shapes == [(True, (2, 1, e.vocab_size))]
+    for (_, logits), want in zip(started, full):
+        np.testing.assert_allclose(logits, want, rtol=0, atol=1e-5)
+
+
+def _prefill_feed(e: DecodeEngine, n: int) -> dict:
+    """A one-row prefill feed of ``n`` positions (no past), every position's logits."""
+    empty = np.zeros((1, e.n_head, n, e.head_size), np.float32)
+    return {"position_ids": np.arange(n)[None], "seqlens_k": np.asarray([n - 1], np.int32),
+            "total_sequence_length": np.asarray(n, np.int32), "query_seqlens": np.asarray([n], np.int32),
+            "last_only": np.asarray(False),
+            **{f"past_{k}_{i}": empty for i in range(e.n_layer) for k in ("key", "value")}}
+
+
 def test_sequences_joining_and_leaving_between_steps_decode_as_if_alone(graphs):
     task, model = charlm()
     e = engine(graphs, slots=3)

@@ -97,13 +97,16 @@ def test_prefill_logits_equal_the_model_at_every_position_of_a_padded_batch(name
     lengths = np.array([len(r) for r in rows])
     feed = {"input_ids": ids, "position_ids": np.tile(np.arange(20), (3, 1)),
             "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.asarray(20, np.int32),
-            "query_seqlens": lengths.astype(np.int32)}
+            "query_seqlens": lengths.astype(np.int32), "last_only": np.asarray(False)}
     empty = np.zeros((3, e.n_head, 20, e.head_size), np.float32)
     feed |= {f"past_{k}_{i}": empty for i in range(e.n_layer) for k in ("key", "value")}
     logits = e.prefill.run(["logits"], feed)[0]
+    last = e.prefill.run(["logits"], feed | {"last_only": np.asarray(True)})[0]  # what the engine asks for
+    assert logits.shape == (3, 20, e.vocab_size) and last.shape == (3, 1, e.vocab_size)
     for j, row in enumerate(rows):
         want = model(torch.tensor([row])).logits[0].detach().numpy()
         np.testing.assert_allclose(logits[j, :len(row)], want, atol=1e-4)
+        np.testing.assert_array_equal(last[j, 0], logits[j, len(row) - 1])
 
 
 def test_rotary_generation_past_the_context_slides_like_a_fresh_prefill(tmp_path):

@@ -36,7 +36,8 @@ def prefill_logits(path, ids: np.ndarray) -> np.ndarray:
     b, t = ids.shape
     past = [i for i in session.get_inputs() if i.name.startswith("past_")]
     feed = {"input_ids": ids, "position_ids": np.tile(np.arange(t), (b, 1)), "seqlens_k": np.full(b, t - 1, np.int32),
-            "total_sequence_length": np.asarray(t, np.int32), "query_seqlens": np.full(b, t, np.int32)}
+            "total_sequence_length": np.asarray(t, np.int32), "query_seqlens": np.full(b, t, np.int32),
+            "last_only": np.asarray(False)}
     feed |= {i.name: np.zeros((b, i.shape[1], t, i.shape[3]), np.float32) for i in past}
     return session.run(["logits"], feed)[0]
 
