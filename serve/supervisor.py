@@ -70,8 +70,8 @@ class GatewayProcess(ChildProcess):
 
         s = self.settings
         # uvloop + httptools: the fastest event loop and HTTP parser uvicorn offers, with the fast routes'
-        # lean request cycle (serve.gateway.http_protocol: ≈25 µs less CPU per request; granian, measured
-        # too, cost more than uvicorn here). Off: the access log unless serve.gateway.access_log (≈10% of a
+        # lean request cycle (serve.gateway.http_protocol; granian, measured too, cost more CPU per request
+        # than uvicorn here). Off: the access log unless serve.gateway.access_log (≈10% of a
         # small request's CPU; the gateway's metrics count requests; the app applies the setting too, see
         # serve.gateway.app.access_log) and the proxy-headers layer (no trusted proxy in front by default).
         return [sys.executable, "-m", "uvicorn", "serve.gateway.app:app_from_env", "--factory",

@@ -11,7 +11,9 @@ upgrades, a root path, uvicorn's access log or concurrency limit — keeps uvico
 
 Pipelining, keep-alive timeouts, graceful shutdown (in-flight requests finish, then the connection
 closes) and client disconnects stay uvicorn's: a :class:`FastCycle` fills the same slot and has the
-attributes uvicorn's protocol reads. Select it with ``uvicorn --http`` :data:`PROTOCOL`.
+attributes uvicorn's protocol reads. Select it with ``uvicorn --http`` :data:`PROTOCOL`. It leans on
+uvicorn's protocol internals (constraints.txt pins uvicorn; ``tests/serve/test_http_protocol.py`` checks
+its answers byte for byte against uvicorn's own cycle).
 """
 
 from __future__ import annotations
