@@ -338,14 +338,14 @@ def _baseline_source(workdir: Path) -> tuple[Path, str] | str:
 
 
 class _BaselineGateway:
-    """The baseline commit's gateway: this code's uvicorn command run in that commit's source tree, given
+    """The baseline commit's gateway: that commit's own uvicorn command run in its source tree, given
     only the settings both know (the rest at that code's defaults)."""
 
     def __init__(self, source: Path, settings, workdir: Path):
         from serve.supervisor import GatewayProcess
 
         self.source, self.workdir = source, workdir
-        self.process = GatewayProcess(settings, workdir)  # for its command line and addresses
+        self.process = GatewayProcess(settings, workdir)  # for its addresses
         self.url, self.grpc_url = self.process.url, self.process.grpc_url
         self.settings_json = settings.model_dump_json(exclude_defaults=True)
         self.proc: subprocess.Popen | None = None
@@ -361,9 +361,21 @@ class _BaselineGateway:
         (self.workdir / "settings.json").write_text(self.settings_json)
         env = dict(os.environ, PYTHONPATH=str(self.source), **{SETTINGS_ENV: str(self.workdir / "settings.json")})
         with open(self.workdir / "gateway.log", "ab") as log:
-            self.proc = subprocess.Popen(self.process.command(), cwd=self.source, env=env, stdout=log,
+            self.proc = subprocess.Popen(self._command(env), cwd=self.source, env=env, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         _wait_http(f"{self.url}/healthz", 60)
+
+    def _command(self, env: dict) -> list[str]:
+        """The baseline code's own command line (its uvicorn flags are part of what is compared)."""
+        ask = ("import json, sys; from serve.settings import GatewaySettings; from serve.supervisor import "
+               "GatewayProcess; print(json.dumps(GatewayProcess(GatewaySettings.model_validate_json(sys.argv[1]), "
+               "sys.argv[2]).command()))")
+        try:
+            out = subprocess.run([sys.executable, "-c", ask, self.settings_json, str(self.workdir)], cwd=self.source,
+                                 env=env, capture_output=True, text=True, check=True, timeout=60).stdout
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(f"its command line: {exc.stderr.strip()[-300:]}") from None
+        return json.loads(out.strip().splitlines()[-1])
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -498,7 +510,7 @@ def _tracing_table(rounds: list[dict], source: tuple[Path, str] | str, exported:
                   "errors / goal"], rows,
                  [f"medians (and ranges) of {len(rounds)} alternating rounds of {seconds:g} s per cell, the three "
                   "gateways' order rotating per round; comparisons are medians of each round's ratio or difference",
-                  f"baseline code: {baseline} (${BASELINE_ENV} picks another git ref), run with this code's uvicorn "
+                  f"baseline code: {baseline} (${BASELINE_ENV} picks another git ref), run with its own uvicorn "
                   "command line",
                   "tracing on: every request sampled, a server and a client span each, the traceparent sent to "
                   "Triton; spans batched over OTLP/HTTP to a collector in the benchmark's own process (its CPU "

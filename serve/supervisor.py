@@ -66,14 +66,17 @@ class GatewayProcess(ChildProcess):
         return answers_ok(f"{self.url}/healthz")
 
     def command(self) -> list[str]:
+        from serve.gateway.http_protocol import PROTOCOL
+
         s = self.settings
-        # uvloop + httptools: the fastest event loop and HTTP parser uvicorn offers. Off: the access log unless
-        # serve.gateway.access_log (≈10% of a small request's CPU; the gateway's metrics count requests; the
-        # app applies the setting too, see serve.gateway.app.access_log) and the proxy-headers layer (no
-        # trusted proxy in front by default).
+        # uvloop + httptools: the fastest event loop and HTTP parser uvicorn offers, with the fast routes'
+        # lean request cycle (serve.gateway.http_protocol; granian, measured too, cost more CPU per request
+        # than uvicorn here). Off: the access log unless serve.gateway.access_log (≈10% of a
+        # small request's CPU; the gateway's metrics count requests; the app applies the setting too, see
+        # serve.gateway.app.access_log) and the proxy-headers layer (no trusted proxy in front by default).
         return [sys.executable, "-m", "uvicorn", "serve.gateway.app:app_from_env", "--factory",
                 "--host", s.host, "--port", str(s.port), "--workers", str(s.workers), "--loop", "uvloop",
-                "--http", "httptools", "--access-log" if s.access_log else "--no-access-log", "--no-proxy-headers",
+                "--http", PROTOCOL, "--access-log" if s.access_log else "--no-access-log", "--no-proxy-headers",
                 "--no-server-header", "--log-level", "warning", "--timeout-graceful-shutdown", "5"]
 
     def start(self, timeout_s: float = 30) -> GatewayProcess:

@@ -164,8 +164,13 @@ FAST_ROUTES = (
 def fast_route(scope) -> FastRoute | None:
     """The fast route answering ``scope``; None when FastAPI answers it."""
     if scope["type"] == "http" and scope["method"] == "POST":
-        path = scope["path"]
-        for route in FAST_ROUTES:
-            if path.startswith(route.prefix) and path.endswith(route.suffix):
-                return route
+        return fast_route_of(scope["path"])
+    return None
+
+
+def fast_route_of(path: str) -> FastRoute | None:
+    """The fast route answering a POST to ``path``; None when FastAPI answers it."""
+    for route in FAST_ROUTES:
+        if path.startswith(route.prefix) and path.endswith(route.suffix):
+            return route
     return None
