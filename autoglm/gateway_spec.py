@@ -21,6 +21,9 @@ from autoglm.config import GatewayLimits, Settings
 from autoglm.errors import ConfigError
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# uvicorn's --http for the gateway: its httptools protocol with the fast routes' lean request cycle
+# (serve.gateway.http_protocol); named here so that serve and deploy start the gateway alike
+UVICORN_HTTP = "serve.gateway.http_protocol:GatewayProtocol"
 
 
 def hash_api_key(key: str) -> str:

@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from deploy.k8s.serving import EXIT_TIMEOUT_S, GATEWAY_GRPC_PORT, GATEWAY_PORT, PORTS, triton_command
+from deploy.k8s.serving import (EXIT_TIMEOUT_S, GATEWAY_COMMAND, GATEWAY_GRPC_PORT, GATEWAY_PORT, PORTS,
+                                triton_command)
 from deploy.release import Images
 
 PROMETHEUS_IMAGE = "prom/prometheus:v2.55.1"
@@ -41,8 +42,7 @@ def compose_file(run: str, env: str, images: Images) -> dict[str, Any]:
             {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]}}}
     gateway = {
         "image": images.gateway, "restart": "unless-stopped", "read_only": True, "depends_on": ["triton"],
-        "command": ["uvicorn", "--factory", "serve.gateway.app:app_from_env", "--host", "0.0.0.0",
-                    "--port", str(GATEWAY_PORT), "--no-access-log", "--loop", "uvloop", "--http", "httptools"],
+        "command": list(GATEWAY_COMMAND),
         "environment": {"SERVE_GATEWAY_SETTINGS": "/etc/autoglm/gateway/gateway.json"},
         "volumes": ["./gateway.json:/etc/autoglm/gateway/gateway.json:ro",
                     f"{RUN_DIR}/repository/task.json:/etc/autoglm/repository/task.json:ro"],

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from autoglm.gateway_spec import UVICORN_HTTP
 from deploy import scaling
 from deploy.release import Release
 
@@ -18,6 +19,10 @@ PART_OF = "autoglm"
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver"
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 GATEWAY_PORT = 8080
+# the gateway as serve's supervisor starts it (uvloop, the lean httptools protocol, no access log); the
+# gateway image's CMD says the same (tests/deploy/test_images.py holds them together)
+GATEWAY_COMMAND = ["uvicorn", "--factory", "serve.gateway.app:app_from_env", "--host", "0.0.0.0",
+                   "--port", str(GATEWAY_PORT), "--no-access-log", "--loop", "uvloop", "--http", UVICORN_HTTP]
 GATEWAY_GRPC_PORT = 8081  # KServe v2 over gRPC (tritonclient.grpc), served by the same worker processes
 TRITON_UID = 1000  # the NGC image's triton-server user
 GATEWAY_UID = 10001  # deploy/images/Dockerfile.gateway's user
@@ -114,9 +119,7 @@ def gateway_deployment() -> dict[str, Any]:
     """The gateway (uvicorn's factory on the rendered settings JSON), API key hashes from the Secret."""
     container = {
         "name": "gateway", "image": "autoglm-gateway", "imagePullPolicy": PULL_POLICY,
-        "command": ["uvicorn", "--factory", "serve.gateway.app:app_from_env", "--host", "0.0.0.0",
-                    "--port", str(GATEWAY_PORT), "--no-access-log", "--loop", "uvloop", "--http", "httptools",
-                    "--timeout-graceful-shutdown", "20"],
+        "command": [*GATEWAY_COMMAND, "--timeout-graceful-shutdown", "20"],
         "env": [{"name": "SERVE_GATEWAY_SETTINGS", "value": "/etc/autoglm/gateway/gateway.json"}],
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT},
                   {"name": "grpc", "containerPort": GATEWAY_GRPC_PORT}],

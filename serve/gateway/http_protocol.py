@@ -24,9 +24,9 @@ import logging
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from autoglm.gateway_spec import UVICORN_HTTP as PROTOCOL  # the value of uvicorn's --http
 from serve.gateway.fast_path import fast_route_of
 
-PROTOCOL = "serve.gateway.http_protocol:GatewayProtocol"  # the value of uvicorn's --http
 log = logging.getLogger("uvicorn.error")
 
 

@@ -3,6 +3,7 @@ and a gateway image whose dependencies cover what the gateway imports and nothin
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from importlib import metadata
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from deploy.k8s.serving import GATEWAY_COMMAND
 from deploy.release import BUILD_FILES, IMAGE_SOURCES
 from tests.extras import closure, norm, requirements
 
@@ -62,7 +64,7 @@ def test_gateway_image_has_a_healthcheck_on_healthz_and_exposes_8080_and_8081():
     steps = dict(instructions(IMAGES / "Dockerfile.gateway"))
     assert "/healthz" in steps["HEALTHCHECK"] and "--interval" in steps["HEALTHCHECK"]
     assert steps["EXPOSE"] == "8080 8081"  # HTTP and KServe v2 over gRPC
-    assert "app_from_env" in steps["CMD"]
+    assert json.loads(steps["CMD"]) == GATEWAY_COMMAND  # the image starts the gateway as the manifests do
 
 
 def test_the_gateway_image_installs_the_serve_extra_and_nothing_else():
