@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from bench.hf import step_profile
+from bench._hf_profile import step_profile
 from compress import decode
 from tests.compress._trained import charlm
 
