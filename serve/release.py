@@ -193,6 +193,7 @@ def status(run: RunDir) -> dict[str, Any]:
     """The stable version, every version's lineage in short, and the running stack's split."""
     from autoglm.versions import load_lineage
 
+    run.manifest("repository")  # a run compress has not completed: the error names `autoglm compress`
     lineage = load_lineage(run.stage_dir("repository"))
     stack = Stack.find(run)
     state = read_routing(stack.routing) if stack else {}

@@ -143,3 +143,5 @@ def test_release_commands_switch_the_stable_version_on_disk_when_nothing_serves(
     assert run_main(main, ["promote", "9", *args]) == 2
     assert "version 9 is not in this repository's lineage (versions: 1, 2)" in capsys.readouterr().err
     assert run_main(main, ["status", *args]) == 0 and '"stable": 2' in capsys.readouterr().out
+    assert run_main(main, ["status", *args[:-1], "nothing-compressed"]) == 2  # a run with no repository
+    assert "run `autoglm compress` first" in capsys.readouterr().err
