@@ -90,16 +90,18 @@ class Window:
         spans = dict(self.phase_seconds)
         if self.closed is None and self._phase_since is not None:  # the current phase, still running
             spans[self.phase] = spans.get(self.phase, 0.0) + time.time() - self._phase_since
-        phases = [{"phase": label, **hist.summary(max(spans.get(label, 0.0), 1e-9))}
-                  for label, hist in self.phases.items()]
-        return {"window": self.total.summary(seconds), "phases": phases, "stream": STREAM.summary(seconds)}
+        phases = [{"phase": label, **hist.summary(span := max(spans.get(label, 0.0), 1e-9)),
+                   **STREAM.phase_summary(label, span)} for label, hist in self.phases.items()]
+        return {"window": {**self.total.summary(seconds), **STREAM.tokens_summary(None, seconds)}, "phases": phases,
+                "stream": STREAM.summary(seconds)}
 
 
 WINDOW = Window()
 
 
 class StreamMetrics:
-    """Streaming generation's own latencies (time to first token, inter-token) in the measured window.
+    """Streaming generation's own latencies (time to first token, inter-token) and the tokens of the completed
+    streams, in the measured window and per phase of a load shape (a step ladder judges each step on them).
 
     Also fired as locust request events of type ``SSE`` (so locust's stats and UI show them); the
     window's request histogram and SLO gate count whole requests only."""
@@ -108,6 +110,8 @@ class StreamMetrics:
 
     def __init__(self) -> None:
         self.histograms: dict[str, LatencyHistogram] = {}
+        self.phases: dict[str, dict[str, LatencyHistogram]] = {}
+        self.tokens: dict[str | None, int] = {}  # None: the whole window
 
     def record(self, environment, name: str, values_ms: list[float]) -> None:
         opened = WINDOW.opened is not None and WINDOW.closed is None
@@ -116,6 +120,26 @@ class StreamMetrics:
                                             response_length=0, exception=None, context={})
             if opened:
                 self.histograms.setdefault(name, LatencyHistogram()).record(ms)
+                self.phases.setdefault(WINDOW.phase, {}).setdefault(name, LatencyHistogram()).record(ms)
+
+    def completed(self, tokens: int) -> None:
+        """A stream that finished inside the measured window brought ``tokens`` tokens."""
+        if WINDOW.opened is not None and WINDOW.closed is None:
+            for key in (None, WINDOW.phase):
+                self.tokens[key] = self.tokens.get(key, 0) + tokens
+
+    def tokens_summary(self, phase: str | None, seconds: float) -> dict:
+        """Tokens and tokens/s of ``phase`` (None: the window); nothing when no stream was measured."""
+        if not self.tokens:
+            return {}
+        tokens = self.tokens.get(phase, 0)
+        return {"tokens": tokens, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0}
+
+    def phase_summary(self, phase: str, seconds: float) -> dict:
+        if not self.tokens and not self.phases:
+            return {}
+        return {**self.tokens_summary(phase, seconds),
+                "stream": {name: hist.summary(seconds) for name, hist in self.phases.get(phase, {}).items()}}
 
     def summary(self, seconds: float) -> dict:
         return {name: hist.summary(seconds) for name, hist in self.histograms.items()}

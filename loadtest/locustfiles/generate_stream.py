@@ -3,7 +3,8 @@
 Each request reads the Server-Sent Events as they arrive and reports, besides the whole request (its
 time is the full stream, first byte to summary), two stream metrics as their own locust entries:
 ``time to first token`` and ``inter-token`` (the gap between two deltas divided by the tokens the
-later one brought, once per token). Prompts come from the validation set (the payload file).
+later one brought, once per token), and the tokens of each completed stream (tokens/s per window and
+step). Prompts come from the validation set (the payload file).
 """
 
 import time
@@ -43,6 +44,7 @@ class GenerateStreamUser(PayloadUser):
                         gaps += [(now - last) * 1000 / new] * new
                     tokens, last = data["tokens"], now
                 elif "finish_reason" in data:
+                    tokens = max(tokens, data.get("tokens") or 0)  # tokens that added no text come with no delta
                     finished = True
                     break
             response.request_meta["response_time"] = (time.perf_counter() - started) * 1000  # the whole stream
@@ -52,3 +54,4 @@ class GenerateStreamUser(PayloadUser):
                 return
         STREAM.record(self.environment, "time to first token", [first_ms])
         STREAM.record(self.environment, "inter-token", gaps)
+        STREAM.completed(tokens)
