@@ -32,8 +32,14 @@ class ServingConfig:
     instances: int | None = None
     max_queue_size: int | None = None  # 0: Triton's default queue policy (unbounded, no timeout)
     max_batch_size: int | None = None  # a change reloads the model (the batch axis stays dynamic)
+    # model parameters the model reads at load (the generation model's decode slots, stream interval), as
+    # sorted (name, value) pairs; a change reloads the model
+    parameters: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.parameters is not None:
+            pairs = self.parameters.items() if isinstance(self.parameters, dict) else self.parameters
+            object.__setattr__(self, "parameters", tuple(sorted((str(k), str(v)) for k, v in pairs)))
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise AutoGLMError(f"max_batch_size={self.max_batch_size} must be >= 1 (the largest batch Triton forms)")
         if self.max_queue_delay_us is not None and self.max_queue_delay_us < 0:
@@ -58,12 +64,17 @@ class ServingConfig:
             parts.append(f"queue={self.max_queue_size or 'unbounded'}")
         if self.max_batch_size is not None:
             parts.append(f"max_batch={self.max_batch_size}")
+        parts += [f"{k}={v}" for k, v in self.parameters or ()]
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["preferred_batch_sizes"] = list(self.preferred_batch_sizes) if self.preferred_batch_sizes is not None \
             else None
+        if self.parameters is None:
+            del data["parameters"]  # the batching models' records keep their shape
+        else:
+            data["parameters"] = dict(self.parameters)
         return data
 
 
@@ -95,6 +106,13 @@ def override(base: dict[str, Any], cfg: ServingConfig) -> dict[str, Any]:
                 # Triton 2.51: any non-default queue policy (a size bound or a timeout) makes the dynamic
                 # batcher stall ~500 ms at a time; 0 restores the default policy entirely.
                 policy["default_timeout_microseconds"] = 0
+    if cfg.parameters:
+        unknown = [k for k, _ in cfg.parameters if k not in (out.get("parameters") or {})]
+        if unknown:
+            raise AutoGLMError(f"model '{cfg.model}' has no parameters {unknown} in its config (it has "
+                               f"{sorted(out.get('parameters') or {})}): leave them out of the knobs")
+        for name, value in cfg.parameters:
+            out["parameters"][name] = {"string_value": value}
     if cfg.instances is not None:
         groups = out.get("instance_group") or [{"kind": "KIND_CPU"}]
         groups[0]["count"] = cfg.instances  # one group is what compress writes; extra groups stay as they are
@@ -155,10 +173,14 @@ class ModelControl:
         seconds = self.load(cfg.model, wanted)
         got = self.config(cfg.model)
         mismatched = [k for k, v in serving_knobs(wanted).items() if serving_knobs(got)[k] != v]
+        mismatched += [k for k, v in cfg.parameters or () if model_parameters(got).get(k) != v]
         if mismatched:
             raise AutoGLMError(f"Triton accepted the config of '{cfg.model}' but reports different {mismatched}: "
                                f"wanted {serving_knobs(wanted)}, got {serving_knobs(got)}; check Triton's log")
-        return {"applied": serving_knobs(got), "load_s": seconds}
+        applied = serving_knobs(got)
+        if cfg.parameters:
+            applied["parameters"] = {k: model_parameters(got).get(k) for k, _ in cfg.parameters}
+        return {"applied": applied, "load_s": seconds}
 
 
 class LiveModels:
@@ -210,6 +232,11 @@ def serving_knobs(config: dict[str, Any]) -> dict[str, Any]:
             "instances": int(groups[0].get("count", 1)),
             "max_queue_size": int((batching.get("default_queue_policy") or {}).get("max_queue_size", 0)),
             "max_batch_size": int(config.get("max_batch_size", 0))}
+
+
+def model_parameters(config: dict[str, Any]) -> dict[str, str]:
+    """A config's model parameters (HTTP JSON form) as name -> string value."""
+    return {k: str((v or {}).get("string_value", "")) for k, v in (config.get("parameters") or {}).items()}
 
 
 def _message(body: bytes) -> str:
