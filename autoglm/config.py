@@ -497,10 +497,18 @@ class LoadtestTuneSettings(Section):
     verify_candidates: int = Field(3, ge=1, description="the best feasible configs measured again in the "
                                    "verify_s window: the best of them that holds the SLO is verified")
     write_back: bool = Field(True, description="write the verified config into the repository (--rollback undoes)")
+    # the generation model's own knobs (--scenario generate: it batches its decode steps itself, no Triton batcher)
+    max_sequences: tuple[int, int] = Field((4, 64), description="--scenario generate: [low, high] of the decode "
+                                           "slots (sequences stepped together; more requests wait)")
+    stream_interval_ms: tuple[int, int] = Field((0, 20), description="--scenario generate: [low, high] of the "
+                                                "interval a stream's tokens are coalesced over (0: every token)")
+    stream_interval_step_ms: int = Field(5, ge=1, description="the stream interval's granularity")
 
     @model_validator(mode="after")
     def _ranges(self) -> LoadtestTuneSettings:
-        for name in ("max_batch_size", "max_queue_delay_us", "instances"):
+        if self.max_sequences[0] < 1 or self.stream_interval_ms[0] < 0:
+            raise ValueError("loadtest.tune.max_sequences must be >= 1 and stream_interval_ms >= 0 ms")
+        for name in ("max_batch_size", "max_queue_delay_us", "instances", "max_sequences", "stream_interval_ms"):
             low, high = getattr(self, name)
             if low > high:
                 raise ValueError(f"loadtest.tune.{name} [{low}, {high}] has low > high: write it as [low, high]")
@@ -551,6 +559,9 @@ class LoadtestSettings(Section):
     tune: LoadtestTuneSettings = Field(default_factory=LoadtestTuneSettings)
     rollback: bool = Field(False, description="restore the repository config a --tune write-back replaced, and "
                            "do nothing else")
+    # streaming generation (--scenario generate --tune) is judged on what a reader sees, not on whole streams
+    slo_ttft_p95_ms: float = Field(500, gt=0, description="--scenario generate --tune: p95 time to first token")
+    slo_itl_p95_ms: float = Field(50, gt=0, description="--scenario generate --tune: p95 inter-token latency")
 
     @model_validator(mode="after")
     def _shapes_are_single_windows(self) -> LoadtestSettings:
@@ -562,9 +573,6 @@ class LoadtestSettings(Section):
                              "drop --sweep (loadtest.sweep) or use --shape steady")
         if self.tune.enabled and self.sweep:
             raise ValueError("--tune and --sweep are two searches over the same knobs: pick one")
-        if self.tune.enabled and self.scenario == "generate":
-            raise ValueError("--tune searches Triton's dynamic batching, which the generation model does not use "
-                             "(it batches its own steps): use --scenario task, v2 or triton")
         if self.tune.enabled and self.shape != "steady":
             raise ValueError(f"--tune measures its own step ladder; shape '{self.shape}' applies to a single run: "
                              "drop --shape")

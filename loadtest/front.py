@@ -90,17 +90,18 @@ def capacities(rows: Sequence[dict[str, Any]], slo: Slo) -> list[dict[str, Any]]
     return out
 
 
-def ranked(candidates: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Configs with a capacity, best first: the highest capacity per instance, where capacities within TIE of
-    the best remaining one count as equal and the lower J/request (then p95) goes first."""
+def ranked(candidates: Sequence[dict[str, Any]], capacity: str = "capacity_per_instance_rps",
+           energy: str = "j_per_request") -> list[dict[str, Any]]:
+    """Configs with a capacity, best first: the highest ``capacity`` per instance, where capacities within TIE of
+    the best remaining one count as equal and the lower ``energy`` (J/request; then p95) goes first."""
     inf = float("inf")
-    left = [c for c in candidates if c["capacity_per_instance_rps"]]
+    left = [c for c in candidates if c[capacity]]
     out = []
     while left:
-        top = max(c["capacity_per_instance_rps"] for c in left)
-        close = [c for c in left if c["capacity_per_instance_rps"] >= (1 - TIE) * top]
-        chosen = min(close, key=lambda c: (c["j_per_request"] if c["j_per_request"] is not None else inf,
-                                           c["p95_ms"]))
+        top = max(c[capacity] for c in left)
+        close = [c for c in left if c[capacity] >= (1 - TIE) * top]
+        chosen = min(close, key=lambda c: (c[energy] if c.get(energy) is not None else inf,
+                                           c["p95_ms"] if c.get("p95_ms") is not None else inf))
         out.append(chosen)
         left.remove(chosen)
     return out

@@ -14,7 +14,7 @@ one per concurrency. J/request, the mean batch and the queue time are over the w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from autoglm.config import LoadtestTuneSettings
 from autoglm.errors import ConfigError
@@ -42,6 +42,11 @@ def decode_preferred(choice: str, max_batch_size: int) -> tuple[int, ...]:
 class TuneSpace:
     """Knob ranges as Optuna distributions: a categorical model and preferred option, integer ranges for the
     max batch, the queue delay (on a ``delay_step`` grid) and the instance count."""
+
+    constraint_names: ClassVar[tuple[str, ...]] = ("p95", "error_rate")
+    objective_key: ClassVar[str] = "capacity_per_instance_rps"  # what the study maximizes
+    energy_key: ClassVar[str] = "j_per_request"  # and minimizes
+    unit: ClassVar[str] = "req/s"
 
     models: tuple[str, ...]
     max_batch_size: tuple[int, int]
@@ -96,6 +101,22 @@ class TuneSpace:
         return {"models": list(self.models), "max_batch_size": list(self.max_batch_size),
                 "preferred": list(self.preferred), "max_queue_delay_us": list(self.delay),
                 "delay_step_us": self.delay_step, "instances": list(self.instances)}
+
+    @staticmethod
+    def to_config(params: dict[str, Any]) -> ServingConfig:
+        return to_config(params)
+
+    @staticmethod
+    def result(phases: list[dict[str, Any]], slo: Slo, instances: int) -> dict[str, Any]:
+        return trial_result(phases, slo, instances)
+
+    @staticmethod
+    def steady(result: dict[str, Any], slo: Slo, instances: int) -> dict[str, Any]:
+        """A steady (verification) window: the locust gate's verdict and its throughput as the capacity."""
+        w = result["window"]
+        return {"passed": result["slo"]["passed"], "breaches": result["slo"]["breaches"], "capacity_rps": w["rps"],
+                "capacity_per_instance_rps": w["rps"] / instances, "p95_ms": w["p95_ms"],
+                "error_rate": w["error_rate"], "requests": w["requests"]}
 
 
 def to_config(params: dict[str, Any]) -> ServingConfig:
@@ -156,13 +177,8 @@ def _rate(pool: list[float]) -> float:
     return pool[0] / pool[1] if pool[1] > 0 else 0.0
 
 
-def trial_result(phases: list[dict[str, Any]], slo: Slo, instances: int) -> dict[str, Any]:
-    """A trial's capacity from its step window's phases (``users=N`` each).
-
-    Feasible when some step meets the SLO: capacity is the best such step's throughput (per instance) after
-    :func:`monotone_rps` pools the steps noise put out of order, and the constraints are that step's (both <= 0). Otherwise capacity is 0 and the constraints are
-    those of the step that missed least, so Optuna can tell a near miss from a collapse.
-    """
+def ladder_steps(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The step window's ``users=N`` phases, each with its ``users``."""
     steps = []
     for phase in phases:
         label = str(phase.get("phase", ""))
@@ -170,6 +186,17 @@ def trial_result(phases: list[dict[str, Any]], slo: Slo, instances: int) -> dict
             steps.append({**phase, "users": int(label.partition("=")[2])})
     if not steps:
         raise ValueError("the window has no users=N phases: was it measured with the step shape?")
+    return steps
+
+
+def trial_result(phases: list[dict[str, Any]], slo: Slo, instances: int) -> dict[str, Any]:
+    """A trial's capacity from its step window's phases (``users=N`` each).
+
+    Feasible when some step meets the SLO: capacity is the best such step's throughput (per instance) after
+    :func:`monotone_rps` pools the steps noise put out of order, and the constraints are that step's (both <= 0). Otherwise capacity is 0 and the constraints are
+    those of the step that missed least, so Optuna can tell a near miss from a collapse.
+    """
+    steps = ladder_steps(phases)
     passing = [s for s in steps if not slo.breaches(s)]
     if passing:
         levels = monotone_rps(passing)

@@ -239,7 +239,8 @@ def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: Loadt
         front = pareto_front(rows)
     except ValueError as exc:  # a meter changed mid-run (e.g. NVML lost): the joules are not comparable
         raise AutoGLMError(f"{exc}; the windows are kept in {writer.dir / 'points'}") from exc
-    recommended = recommend(rows, slo) if tuned is None else tuning.recommended_of(tuned["verified"], slo, options.tune)
+    recommended = recommend(rows, slo) if tuned is None else tuning.recommended_of(
+        tuned["verified"], tuning.tune_slo(settings, slo), options.tune)
     if tuned is not None:
         front = [f"t{n:03d}" for n in tuned["study"]["front"]]
         reasons = [] if recommended else [tuning.no_config_reason(tuned)]
@@ -295,7 +296,9 @@ def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: Loadt
         "instances": (rec.get("config") or {}).get("instances"), "p95_ms": rec.get("p95_ms"),
         "j_per_request": rec.get("j_per_request"), "energy_method": method, "front": front,
         "points": len(rows), "release_page": str(page.relative_to(run.path)),
-        "peak_rss_mib": recommended_peak_rss(rec, points), **record}
+        "peak_rss_mib": recommended_peak_rss(rec, points), **record,
+        **{k: rec[k] for k in ("capacity_tps", "capacity_per_instance_tps", "ttft_p95_ms", "itl_p95_ms",
+                               "j_per_token") if k in rec}}
     if tuned is not None:
         writer.manifest.metrics |= {"study": tuned["study"], "written_back": written,
                                     "baseline": tuning.baseline_summary(tuned["baseline"])}

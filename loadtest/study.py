@@ -24,13 +24,15 @@ from autoglm.config import LoadtestTuneSettings
 from autoglm.errors import AutoGLMError
 from loadtest.control import LiveModels, ServingConfig
 from loadtest.front import ranked
+from loadtest.generate_space import GenerateSpace, j_per_token
 from loadtest.latency import Slo
 from loadtest.runner import LoadSpec, run_window
-from loadtest.space import TuneSpace, ladder, to_config, trial_result
+from loadtest.space import TuneSpace, ladder
 
 JOURNAL = "study.journal"
-DIRECTIONS = ("maximize", "minimize")  # capacity per instance within the SLO, J/request
-CONSTRAINTS = ("p95", "error_rate")  # p95 / SLO - 1, error rate - allowed: feasible when both are <= 0
+DIRECTIONS = ("maximize", "minimize")  # capacity per instance within the SLO, J/request (J/token for streams)
+CONSTRAINTS = TuneSpace.constraint_names  # p95 / SLO - 1, error rate - allowed: feasible when both are <= 0
+Space = TuneSpace | GenerateSpace  # the batching models' knobs, or the generation model's
 
 
 class TrialFailed(AutoGLMError):
@@ -39,10 +41,10 @@ class TrialFailed(AutoGLMError):
 
 def constraints(trial) -> list[float]:
     """The SLO violations a trial recorded (<= 0 each when it met the SLO)."""
-    return [trial.constraints[name] for name in CONSTRAINTS]
+    return list(trial.constraints.values())
 
 
-def make_sampler(tune: LoadtestTuneSettings, space: TuneSpace):
+def make_sampler(tune: LoadtestTuneSettings, space: Space):
     optuna = require("optuna", purpose="loadtest --tune")
     if tune.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=tune.startup_trials, multivariate=True)
@@ -113,7 +115,7 @@ class Window:
 def _summary(config: ServingConfig, window: dict[str, Any]) -> dict[str, Any]:
     energy, triton = window.get("energy") or {}, window.get("triton") or {}
     return {"config": config.to_dict(), "j_per_request": energy.get("j_per_request"),
-            "energy_method": energy.get("method"),
+            "j_per_token": j_per_token(window), "energy_method": energy.get("method"),
             "mean_batch": triton.get("mean_batch") if triton.get("valid") else None,
             "mean_queue_us": triton.get("mean_queue_us") if triton.get("valid") else None,
             "generator_saturated": bool(window.get("generator_saturated"))}
@@ -122,7 +124,7 @@ def _summary(config: ServingConfig, window: dict[str, Any]) -> dict[str, Any]:
 class Objective:
     """One trial: apply, check, warm up, measure the ladder, record; returns (capacity/instance, J/request)."""
 
-    def __init__(self, live: LiveModels, space: TuneSpace, window: Window, out_dir: Path, total: int,
+    def __init__(self, live: LiveModels, space: Space, window: Window, out_dir: Path, total: int,
                  progress: Callable[[str], None] | None = None):
         self.live, self.space, self.window, self.out_dir, self.total = live, space, window, out_dir, total
         self.progress = progress or (lambda line: None)
@@ -139,20 +141,26 @@ class Objective:
         seconds = self.window.steps * self.window.step_s
         window = self.window.measure(config.model, self.out_dir / f"{trial.number:03d}", self.window.users, seconds,
                                      shape="step")
-        result = trial_result(window["phases"], self.window.slo, config.instances or 1)
+        result = self.space.result(window["phases"], self.window.slo, config.instances or 1)
         summary = {**_summary(config, window), **result, "applied": applied["applied"], "load_s": applied["load_s"]}
         for key, value in summary.items():
             trial.set_user_attr(key, value)
-        for name, value in zip(CONSTRAINTS, result["constraints"], strict=True):
+        for name, value in zip(self.space.constraint_names, result["constraints"], strict=True):
             trial.set_constraint(name, value)
-        if summary["j_per_request"] is None:
+        if summary[self.space.energy_key] is None:
             trial.set_user_attr("failed", "no energy reading in the window")
             raise TrialFailed(f"trial {trial.number} has no energy reading: {window['energy']}")
         self.progress(f"  {label}: {_result_text(summary)}")
-        return summary["capacity_per_instance_rps"], summary["j_per_request"]
+        return summary[self.space.objective_key], summary[self.space.energy_key]
 
 
 def _result_text(s: dict[str, Any]) -> str:
+    if "capacity_per_instance_tps" in s:  # a stream: tokens, and what its reader sees
+        head = (f"{s['capacity_per_instance_tps']:.0f} tokens/s per instance at {s['users']} users"
+                if s["feasible"] else "MISSES THE SLO at every step; nearest")
+        return (f"{head} (TTFT p95 {s['ttft_p95_ms'] or 0:.1f} ms, inter-token p95 {s['itl_p95_ms'] or 0:.2f} ms, "
+                f"errors {s['error_rate'] or 0:.2%}), {s['j_per_token'] * 1e3:.3g} mJ/token") + (
+            " (the load generator ran out of CPU)" if s.get("generator_saturated") else "")
     batch = f"batch {s['mean_batch']:.2f}" if s.get("mean_batch") is not None else "batch ?"
     queue = f"queue {s['mean_queue_us']:.0f} µs" if s.get("mean_queue_us") is not None else "queue ?"
     head = (f"{s['capacity_per_instance_rps']:.0f} req/s per instance at {s['users']} users (p95 {s['p95_ms']:.2f} ms)"
@@ -189,33 +197,31 @@ def trial_rows(study) -> list[dict[str, Any]]:
 
 
 def verify(live: LiveModels, rows: list[dict[str, Any]], window: Window, seconds: float, candidates: int,
-           out_dir: Path, progress: Callable[[str], None] | None = None) -> tuple[dict | None, list[dict]]:
+           out_dir: Path, progress: Callable[[str], None] | None = None,
+           space: Space | type[TuneSpace] = TuneSpace) -> tuple[dict | None, list[dict]]:
     """Measure the ``candidates`` best feasible configs again, each in a steady ``seconds`` window at its capacity
     concurrency; of those that hold the SLO, the best by verified capacity (:func:`loadtest.front.ranked`) is
     returned with every attempt. A study's best window is partly its luck on a shared host: the longer windows,
     side by side, decide among the finalists."""
     show = progress or (lambda line: None)
+    order = {"capacity": space.objective_key, "energy": space.energy_key}
     finalists: dict[ServingConfig, dict[str, Any]] = {}
-    for row in ranked([r for r in rows if r.get("feasible")]):  # a config measured twice is one finalist
-        finalists.setdefault(to_config(row["params"]), row)
+    for row in ranked([r for r in rows if r.get("feasible")], **order):  # a config measured twice is one finalist
+        finalists.setdefault(space.to_config(row["params"]), row)
     attempts: list[dict[str, Any]] = []
     for row in list(finalists.values())[:candidates]:
-        config = to_config(row["params"])
+        config = space.to_config(row["params"])
         applied = live.apply(config)
         result = window.measure(config.model, out_dir / f"verify-{row['trial']:03d}", row["users"], seconds)
-        w = result["window"]
         attempt = {**_summary(config, result), "trial": row["trial"], "users": row["users"],
-                   "passed": result["slo"]["passed"], "breaches": result["slo"]["breaches"],
-                   "capacity_rps": w["rps"], "capacity_per_instance_rps": w["rps"] / (config.instances or 1),
-                   "p95_ms": w["p95_ms"], "error_rate": w["error_rate"], "requests": w["requests"],
-                   "applied": applied["applied"], "window": w,
-                   "peak_rss_mib": (result.get("memory") or {}).get("peak_rss_mib")}
+                   **space.steady(result, window.slo, config.instances or 1), "applied": applied["applied"],
+                   "window": result["window"], "peak_rss_mib": (result.get("memory") or {}).get("peak_rss_mib")}
         attempts.append(attempt)
         verdict = "holds the SLO" if attempt["passed"] else "MISSES THE SLO: " + "; ".join(attempt["breaches"])
         show(f"  verify trial {row['trial'] + 1} {config.label()} at {row['users']} users for {seconds:g} s: "
-             f"{attempt['capacity_per_instance_rps']:.0f} req/s per instance, p95 {w['p95_ms'] or 0:.2f} ms, "
+             f"{attempt[space.objective_key]:.0f} {space.unit} per instance, p95 {attempt['p95_ms'] or 0:.2f} ms, "
              f"{verdict}")
-    best = ranked([a for a in attempts if a["passed"]])
+    best = ranked([a for a in attempts if a["passed"]], **order)
     return (best[0] if best else None), attempts
 
 

@@ -16,24 +16,41 @@ from typing import Any
 from autoglm.artifacts import RunDir, StageWriter, sha256_file
 from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
-from loadtest.control import LiveModels, ModelControl, serving_knobs
+from loadtest.control import LiveModels, ModelControl, model_parameters, serving_knobs
 from loadtest.front import CONFIG_FIELDS
+from loadtest.generate_space import GenerateSpace, StreamSlo
 from loadtest.latency import Slo
 from loadtest.space import TuneSpace, baseline_params
-from loadtest.study import (JOURNAL, Objective, Window, make_sampler, open_study, run_study, trial_rows, users_ladder,
-                            verify)
+from loadtest.study import (JOURNAL, Objective, Space, Window, make_sampler, open_study, run_study, trial_rows,
+                            users_ladder, verify)
 from loadtest.sweep import sweep_models
 from loadtest.writeback import capacity_record, write_back
 
 
-def study_name(settings: Settings, space: TuneSpace, ladder: list[int], repository_inputs: dict) -> str:
+def study_name(settings: Settings, space: Space, ladder: list[int], repository_inputs: dict) -> str:
     """Trials are comparable when measured the same way on the same models: a changed range, SLO, ladder, sampler
     or model starts a new study in the same journal (the dashboard lists them all)."""
     o, t = settings.loadtest, settings.loadtest.tune
     key = {"space": space.describe(), "slo": [o.slo_p95_ms, o.slo_error_rate], "scenario": o.scenario,
            "ladder": ladder, "step_s": t.step_s, "sampler": t.sampler, "seed": t.seed, "models": repository_inputs,
            "samples": [o.samples, o.per_request]}
+    if isinstance(space, GenerateSpace):
+        key["slo"] = [o.slo_ttft_p95_ms, o.slo_itl_p95_ms, o.slo_error_rate, o.generate_tokens]
     return "serving-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def tune_space(settings: Settings, task_info: dict, model: str) -> Space:
+    """The knobs of what is tuned: the generation model's (--scenario generate) or the batching variants'."""
+    tune = settings.loadtest.tune
+    if settings.loadtest.scenario == "generate":
+        return GenerateSpace.from_settings(tune, model)
+    return TuneSpace.from_settings(tune, sweep_models(task_info, tune.variants, model))
+
+
+def tune_slo(settings: Settings, slo: Slo) -> Slo:
+    """The SLO trials are judged on: a stream's is time to first token and inter-token latency."""
+    o = settings.loadtest
+    return StreamSlo.of(o.slo_ttft_p95_ms, o.slo_itl_p95_ms, o.slo_error_rate) if o.scenario == "generate" else slo
 
 
 def trial_point_row(row: dict[str, Any], scenario: str) -> dict[str, Any]:
@@ -59,7 +76,7 @@ def precheck(settings: Settings, task_info: dict, model: str, energy) -> None:
     """What can be refused before the last measurement is invalidated: unknown variants, models that cannot take
     the batching knobs (those Triton has loaded), and no way to measure J/request."""
     tune = settings.loadtest.tune
-    space = TuneSpace.from_settings(tune, sweep_models(task_info, tune.variants, model))
+    space = tune_space(settings, task_info, model)
     users_ladder(tune, settings.loadtest.users)  # a ladder with more steps than users
     if energy.meter() is None:
         raise AutoGLMError(f"--tune minimizes J/request, and no energy can be measured here ({energy.unavailable})")
@@ -74,16 +91,18 @@ def tune_run(run: RunDir, writer: StageWriter, settings: Settings, task_info: di
     """Run the study and the verification; returns the report's parts (study, trials, verification)."""
     options, tune = settings.loadtest, settings.loadtest.tune
     show = print if progress else (lambda *a, **k: None)
-    models = sweep_models(task_info, tune.variants, model)
-    space = TuneSpace.from_settings(tune, models)
+    space = tune_space(settings, task_info, model)
+    slo = tune_slo(settings, slo)
     control = ModelControl(options.urls(settings.serve)[1])
     live = LiveModels(control)
     users, steps = users_ladder(tune, options.users)
     try:
         for name in dict.fromkeys([model, *space.models]):
             space.check_model_limits(name, live.base(name))
-        baseline_knobs = serving_knobs(live.base(model))
-        baseline = baseline_params(model, baseline_knobs)
+        if isinstance(space, GenerateSpace):
+            baseline = space.baseline_params(live.base(model))
+        else:
+            baseline = baseline_params(model, serving_knobs(live.base(model)))
         sampler = make_sampler(tune, space)  # a grid over the declared ranges only, not the baseline's values
         space = space.with_baseline(baseline)
         live_config = live.base(model)
@@ -99,7 +118,7 @@ def tune_run(run: RunDir, writer: StageWriter, settings: Settings, task_info: di
         ran = run_study(study, objective, tune.n_trials, baseline)
         rows = trial_rows(study)
         verified, attempts = verify(live, rows, window, tune.verify_s, tune.verify_candidates,
-                                    writer.dir / "tune" / "verify", show)
+                                    writer.dir / "tune" / "verify", show, space)
     except BaseException:
         try:
             live.restore()
@@ -111,7 +130,8 @@ def tune_run(run: RunDir, writer: StageWriter, settings: Settings, task_info: di
     parts = {"study": {"journal": str(journal.relative_to(writer.dir)), "name": name, "sampler": tune.sampler,
                        "seed": tune.seed, "trials": len(study.trials), "measured": len(rows), "ran_now": ran,
                        "space": space.describe(), "ladder": steps, "step_s": tune.step_s,
-                       "front": _front(study)},
+                       "front": _front(study), "objectives": [space.objective_key, space.energy_key],
+                       "slo": {k: v for k, v in vars(slo).items() if v != float("inf")}},
              "trials": rows, "baseline": base_row, "verification": attempts, "verified": verified,
              "capacity_record": capacity_record(settings, live_config)}
     return parts
@@ -122,13 +142,21 @@ def recommended_of(verified: dict[str, Any] | None, slo: Slo, tune) -> dict[str,
     if verified is None:
         return None
     config = {k: verified["config"].get(k) for k in CONFIG_FIELDS}
+    stream = "capacity_per_instance_tps" in verified  # the generation model: its parameters, tokens/s, J/token
+    if stream:
+        config["parameters"] = verified["config"].get("parameters")
+    held = (f"TTFT p95 <= {slo.ttft_p95_ms:g} ms, inter-token p95 <= {slo.itl_p95_ms:g} ms"
+            if isinstance(slo, StreamSlo) else f"p95 <= {slo.p95_ms:g} ms")
+    capacity = (f"{verified['capacity_per_instance_tps']:.0f} tokens/s ({verified['capacity_per_instance_rps']:.1f} "
+                "req/s) per instance" if stream else f"{verified['capacity_per_instance_rps']:.0f} req/s per instance")
     return {"config": config, "point": f"t{verified['trial']:03d}", "capacity_rps": verified["capacity_rps"],
             "capacity_per_instance_rps": verified["capacity_per_instance_rps"], "p95_ms": verified["p95_ms"],
             "j_per_request": verified["j_per_request"], "users": verified["users"],
             "peak_rss_mib": verified.get("peak_rss_mib"),
-            "why": (f"the best feasible trial that held the SLO (p95 <= {slo.p95_ms:g} ms, errors <= "
-                    f"{slo.error_rate:.2%}) over a {tune.verify_s:g} s verification window at {verified['users']} "
-                    f"users: {verified['capacity_per_instance_rps']:.0f} req/s per instance")}
+            **({k: verified[k] for k in ("capacity_tps", "capacity_per_instance_tps", "ttft_p95_ms", "itl_p95_ms",
+                                         "j_per_token")} if stream else {}),
+            "why": (f"the best feasible trial that held the SLO ({held}, errors <= {slo.error_rate:.2%}) over a "
+                    f"{tune.verify_s:g} s verification window at {verified['users']} users: {capacity}")}
 
 
 def write_back_verified(run: RunDir, writer: StageWriter, recommended: dict[str, Any], study: dict[str, Any],
@@ -156,11 +184,14 @@ def _reload(settings: Settings, verified: dict[str, Any]) -> str:
     try:
         control.unload(model)
         control.load(model)
-        knobs = serving_knobs(control.config(model))
+        config = control.config(model)
     except AutoGLMError as exc:
         return f"not reloaded ({exc})"
-    differs = {k: (knobs[k], verified[k]) for k in ("max_queue_delay_us", "preferred_batch_sizes", "instances",
-                                                    "max_batch_size") if knobs[k] != verified[k]}
+    knobs = {**serving_knobs(config), "parameters": model_parameters(config)}
+    names = ("instances", "parameters") if verified.get("parameters") is not None else (
+        "max_queue_delay_us", "preferred_batch_sizes", "instances", "max_batch_size")
+    knobs["parameters"] = {k: knobs["parameters"].get(k) for k in verified.get("parameters") or {}}
+    differs = {k: (knobs[k], verified[k]) for k in names if knobs[k] != verified[k]}
     if differs:
         raise AutoGLMError(f"Triton reloaded '{model}' from the written repository but reports {differs} "
                            "(reported, written): roll back with `autoglm loadtest --rollback` and check Triton's log")

@@ -92,7 +92,8 @@ def test_the_baseline_joins_the_choices_it_is_not_already_in():
     (["loadtest.tune.instances=[0, 2]"], "zero instances serves nothing"),
     (["loadtest.tune.max_queue_delay_us=[2000, 0]"], r"has low > high: write it as \[low, high\]"),
     (["loadtest.tune.enabled=true", "loadtest.sweep=true"], "pick one"),
-    (["loadtest.tune.enabled=true", "loadtest.scenario='generate'"], "does not use"),
+    (["loadtest.tune.max_sequences=[64, 4]"], r"max_sequences \[64, 4\] has low > high"),
+    (["loadtest.tune.max_sequences=[0, 4]"], "max_sequences must be >= 1"),
     (["loadtest.tune.users=2", "loadtest.tune.steps=4"], "cannot make 4 steps"),
 ])
 def test_ranges_the_model_cannot_take_are_refused_with_the_fix(overrides, message):
