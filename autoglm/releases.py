@@ -20,11 +20,12 @@ from autoglm.versions import FLAVOURS, VERSIONS_FILE, load_lineage, set_stable, 
 
 
 def render_configs(repo: Path, task_info: dict[str, Any], triton: dict[str, Any],
-                   version: int | None = None) -> dict[str, str]:
+                   version: int | None = None, generate: dict[str, Any] | None = None) -> dict[str, str]:
     """``config.pbtxt`` text (by path relative to ``repo``) of every published model in every flavour present:
-    the ``triton`` serving knobs on the batching models (the generation model batches by itself) and, with
-    ``version``, the policy serving that version; everything else as compress wrote it (device placement too)."""
-    from autoglm.triton_config import DynamicBatching, with_serving_knobs
+    the ``triton`` serving knobs on the batching models, ``generate``'s (``parameters`` and ``instances``; None:
+    as written) on the generation model, which batches by itself, and, with ``version``, the policy serving that
+    version; everything else as compress wrote it (device placement too)."""
+    from autoglm.triton_config import DynamicBatching, with_model_parameters, with_serving_knobs
 
     try:
         t = TritonModelSettings(**triton)
@@ -43,6 +44,8 @@ def render_configs(repo: Path, task_info: dict[str, Any], triton: dict[str, Any]
             if name in batched:
                 text = with_serving_knobs(text, max_batch_size=t.max_batch_size, batching=batching,
                                           instances=t.instances)
+            elif generate:
+                text = with_model_parameters(text, parameters=generate["parameters"], instances=generate["instances"])
             texts[f"{folder}/{name}/config.pbtxt"] = with_versions(text, [version]) if version else text
     return texts
 
@@ -55,8 +58,8 @@ def checked(run: RunDir) -> tuple[Manifest, Path, dict[str, Any], dict[str, Any]
     verify_outputs(repo, manifest)
     task_info = json.loads((repo / "task.json").read_text())
     lineage = load_lineage(repo)
-    drift = [rel for rel, text in render_configs(repo, task_info, manifest.config["triton"],
-                                                 lineage["stable"]).items()
+    drift = [rel for rel, text in render_configs(repo, task_info, manifest.config["triton"], lineage["stable"],
+                                                 manifest.config.get("generate")).items()
              if (repo / rel).read_text() != text]
     if drift:
         raise AutoGLMError(f"{repo / drift[0]} does not hold the serving knobs of the manifest's config['triton'] "
@@ -67,10 +70,12 @@ def checked(run: RunDir) -> tuple[Manifest, Path, dict[str, Any], dict[str, Any]
 
 def commit(run: RunDir, manifest: Manifest, repo: Path, task_info: dict[str, Any], lineage: dict[str, Any],
            triton: dict[str, Any], recommended: str, version: int | None, by: str,
-           serving: dict[str, Any] | None = None, **why: Any) -> list[str]:
-    """Serve ``version`` with ``triton`` and ``recommended``: the configs, task.json, the lineage, then the
-    manifest (last; new files of the repository are added to it). Returns the files that changed."""
-    texts = render_configs(repo, task_info, triton, version)  # renders (and checks) all before anything is written
+           serving: dict[str, Any] | None = None, generate: dict[str, Any] | None = None, **why: Any) -> list[str]:
+    """Serve ``version`` with ``triton`` and ``recommended`` (and ``generate``'s knobs on the generation model;
+    None: the manifest's): the configs, task.json, the lineage, then the manifest (last; new files of the
+    repository are added to it). Returns the files that changed."""
+    generate = generate if generate is not None else manifest.config.get("generate")
+    texts = render_configs(repo, task_info, triton, version, generate)  # renders (and checks) all before any write
     info = {**task_info, "recommended": recommended}
     if isinstance(task_info.get("recommendation"), dict):
         # compress's reasoning stays; a release that serves another model says so
@@ -97,6 +102,8 @@ def commit(run: RunDir, manifest: Manifest, repo: Path, task_info: dict[str, Any
     for rel in [*changed, *new]:
         manifest.outputs[rel] = {"sha256": sha256_file(repo / rel), "size": (repo / rel).stat().st_size}
     manifest.config["triton"] = triton
+    if generate is not None:
+        manifest.config["generate"] = generate
     manifest.metrics["recommended"] = recommended
     manifest.metrics["lineage"] = lineage
     if serving is not None:

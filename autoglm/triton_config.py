@@ -301,6 +301,24 @@ def with_serving_knobs(text: str, *, max_batch_size: int, batching: DynamicBatch
     return text_format.MessageToString(msg)
 
 
+def with_model_parameters(text: str, *, parameters: dict[str, str], instances: int) -> str:
+    """``config.pbtxt`` text with these model parameters (ones it has already) and instance count replaced: the
+    generation model's serving knobs (it batches by itself). Everything else stays as written."""
+    msg = parse_pbtxt(text)
+    unknown = sorted(set(parameters) - set(msg.parameters))
+    if unknown:
+        raise ConfigError(f"model '{msg.name}' has no parameters {unknown}: regenerate it with `autoglm compress "
+                          "--force`")
+    if not isinstance(instances, int) or instances < 1:
+        raise ConfigError(f"instance_group.count={instances!r} must be >= 1: use 1 or more instances")
+    for name, value in parameters.items():
+        msg.parameters[name].string_value = str(value)
+    for group in msg.instance_group:
+        group.count = instances
+    text_format = require("google.protobuf.text_format", purpose="rendering Triton model configs")
+    return text_format.MessageToString(msg)
+
+
 def render_pbtxt(cfg: ModelConfig) -> str:
     """The ``config.pbtxt`` text of ``cfg``."""
     text_format = require("google.protobuf.text_format", purpose="rendering Triton model configs")

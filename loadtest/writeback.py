@@ -10,7 +10,9 @@ release rollback``) restores that one and its version; the written-back version 
 
 Before anything is written, the current files with the manifest's own knobs set must come out byte for byte
 as they are: a repository whose configs disagree with its manifest is refused, never half-rewritten.
-The generation model (it batches by itself) keeps its config; it gets the new version number too.
+The generation model (it batches by itself) keeps its config through a batching write-back (it gets the new
+version number too); a ``--scenario generate`` write-back sets its own knobs instead (model parameters and
+instance count, recorded as the manifest's ``config["generate"]``) and leaves the batching models' as they are.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from autoglm.artifacts import RunDir
 from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
 from autoglm.releases import checked, commit, render_configs
-from autoglm.versions import add_version, link_version, next_version, now
+from autoglm.versions import FLAVOURS, add_version, link_version, next_version, now
 
 SOURCE, ROLLBACK = "loadtest --tune", "loadtest --rollback"
 KNOBS = ("max_batch_size", "max_queue_delay_us", "preferred_batch_sizes", "instances")
@@ -48,11 +50,24 @@ def capacity_record(settings: Settings, live_config: dict[str, Any] | None) -> d
     return {"capacity_flavour": flavour, "device_kind": kind, "host": host}
 
 
+def generate_knobs(repo, task_info: dict[str, Any], names) -> dict[str, Any]:
+    """The generation model's ``names`` parameters and instance count as its config.pbtxt holds them now."""
+    from autoglm.triton_config import parse_pbtxt
+
+    model = task_info["generate"]
+    path = next(p for folder in FLAVOURS if (p := repo / folder / model / "config.pbtxt").is_file())
+    msg = parse_pbtxt(path.read_text())
+    return {"parameters": {k: msg.parameters[k].string_value for k in sorted(names) if k in msg.parameters},
+            "instances": msg.instance_group[0].count if msg.instance_group else 1}
+
+
 def write_back(run: RunDir, verified: dict[str, Any], origin: dict[str, Any]) -> dict[str, Any]:
     """Make ``verified`` (a loadtest config: model and knobs) the repository's config; returns the serving record
     written into the repository manifest, with the files that changed. ``origin`` (the loadtest report that
     verified it) goes into the record and the new version's lineage."""
     manifest, repo, task_info, lineage = checked(run)
+    if verified.get("parameters") is not None:
+        return _write_back_generate(run, manifest, repo, task_info, lineage, verified, origin)
     old = dict(manifest.config["triton"])
     preferred = list(verified["preferred_batch_sizes"] or [])
     if preferred == [verified["max_batch_size"]]:
@@ -80,6 +95,35 @@ def write_back(run: RunDir, verified: dict[str, Any], origin: dict[str, Any]) ->
     return {**serving, "changed": changed}
 
 
+def _write_back_generate(run: RunDir, manifest, repo, task_info: dict[str, Any], lineage: dict[str, Any],
+                         verified: dict[str, Any], origin: dict[str, Any]) -> dict[str, Any]:
+    """The generation model's verified knobs (model parameters and instance count) as a new version."""
+    if verified["model"] != task_info.get("generate"):
+        raise AutoGLMError(f"'{verified['model']}' is not the repository's generation model "
+                           f"({task_info.get('generate')}): only its knobs are model parameters")
+    new = {"parameters": dict(sorted(verified["parameters"].items())), "instances": verified["instances"]}
+    old = generate_knobs(repo, task_info, new["parameters"])
+    triton, stable = manifest.config["triton"], lineage["stable"]
+    previous = {"triton": triton, "recommended": task_info["recommended"], "version": stable, "generate": old}
+    earlier = manifest.metrics.get("serving") or {}
+    version = stable
+    if new == old:
+        if earlier.get("source") == SOURCE:  # the same config verified again: a rollback still undoes the first
+            previous = earlier["previous"]
+    elif stable is not None:
+        version = next_version(lineage)
+        render_configs(repo, task_info, triton, version, new)  # refuses an impossible config before any file is made
+        link_version(repo, stable, version)
+        add_version(lineage, repo, version, {"source": SOURCE, "parent": stable, **origin,
+                                             "variants": task_info["models"], "recommended": task_info["recommended"],
+                                             "triton": triton, "generate": new})
+    serving = {"source": SOURCE, **origin, "previous": previous, "version": version,
+               "verified": {"model": verified["model"], **new}, "written_at": now()}
+    changed = commit(run, manifest, repo, task_info, lineage, triton, task_info["recommended"], version, SOURCE,
+                     serving, generate=new)
+    return {**serving, "changed": changed}
+
+
 def rollback(run: RunDir) -> dict[str, Any]:
     """Restore the config the last write-back replaced (files, task.json, manifest); returns what was restored."""
     manifest, repo, task_info, lineage = checked(run)
@@ -93,7 +137,7 @@ def rollback(run: RunDir) -> dict[str, Any]:
               "loadtest": serving.get("loadtest"), "written_at": now()}
     version = previous.get("version", lineage["stable"])
     changed = commit(run, manifest, repo, task_info, lineage, previous["triton"], previous["recommended"], version,
-                     ROLLBACK, record, rolled_back=serving.get("version"))
+                     ROLLBACK, record, generate=previous.get("generate"), rolled_back=serving.get("version"))
     return {**record, "changed": changed}
 
 
@@ -102,7 +146,7 @@ def rollback_run(settings: Settings) -> int:
     run = RunDir(settings.run.root, settings.run.name)
     record = rollback(run)
     restored = record["restored"]
-    print(f"loadtest: rolled back {run.stage_dir('repository')} to {restored['recommended']} with "
-          f"{ {k: restored['triton'].get(k) for k in KNOBS} } ({len(record['changed'])} files); restart "
-          "`autoglm serve` to serve it")
+    knobs = restored.get("generate") or {k: restored['triton'].get(k) for k in KNOBS}
+    print(f"loadtest: rolled back {run.stage_dir('repository')} to {restored['recommended']} with {knobs} "
+          f"({len(record['changed'])} files); restart `autoglm serve` to serve it")
     return 0
