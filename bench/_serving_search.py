@@ -1,7 +1,8 @@
 """The search half of the loadtest benchmark: ``loadtest --tune``'s TPE against random and the grid.
 
 Each method runs the stage's own study code (:mod:`loadtest.study`) over the same knob ranges with the same
-number of measured windows. On a shared host one config's window varies by a factor of two, so a method's
+number of measured windows, on digits' batching knobs (:class:`Search`) or on the charlm generation model's
+own knobs (:class:`bench._generate_search.GenerateSearch`: capacity in tokens/s, a streaming SLO). On a shared host one config's window varies by a factor of two, so a method's
 in-study figures are partly its luck: each seed therefore ends with a side-by-side re-measurement, every
 method's front configs (and the configs the capacity goal compares) measured again round-robin in the same
 stretch, the median of the rounds kept. The goals are judged on those figures; the in-study ones are shown
@@ -51,6 +52,8 @@ def key(params: dict) -> str:
 class Search:
     """The studies of one bench run: one Triton, one payload file, one energy source, the same baseline."""
 
+    capacity, energy, unit = "capacity_per_instance_rps", "j_per_request", "req/s"  # the objectives' keys
+
     def __init__(self, settings, triton, workdir: Path, quick: bool):
         from loadtest.control import LiveModels, ModelControl, serving_knobs
         from loadtest.energy_join import EnergySource
@@ -73,10 +76,33 @@ class Search:
         default = self.task_info["recommended"]
         self.baseline = baseline_params(default, serving_knobs(self.live.base(default)))
 
-    def grid_size(self) -> int:
+    def space(self, tune):
         from loadtest.space import TuneSpace
 
-        grid = TuneSpace.from_settings(self.tune, self.models).grid()
+        return TuneSpace.from_settings(tune, self.models)
+
+    def label(self, row: dict | None) -> str:
+        if not row:
+            return "—"
+        c = row["config"]
+        return (f"{c['model']} max batch {c['max_batch_size']}, delay {c['max_queue_delay_us']} µs, "
+                f"×{c['instances']}")
+
+    def verified_note(self, verified: dict) -> str:
+        return f"{verified['users']} users, p95 {verified['p95_ms']:.1f} ms"
+
+    def notes(self, windows: int) -> list[str]:
+        """What the search table's knobs and windows were."""
+        return [f"knobs: variant {self.models}, max batch 16..64, queue delay 0..4000 µs (500 µs steps), instances "
+                f"{list(self.tune.instances)}; the grid is every variant and instance count with both ends of the "
+                f"other ranges ({windows - 1} configs)",
+                f"every method starts at the baseline (the repository's config: {self.baseline}); a window is one "
+                f"step ladder {self.tune.users // self.tune.steps}..{self.tune.users} users, "
+                f"{self.tune.step_s:g} s a step; capacity = the best step's req/s within p95 <= {SLO_P95_MS:g} ms "
+                "and 1% errors, per instance, steps out of order pooled (loadtest.space.monotone_rps)"]
+
+    def grid_size(self) -> int:
+        grid = self.space(self.tune).grid()
         size = 1
         for values in grid.values():
             size *= len(values)
@@ -84,11 +110,10 @@ class Search:
 
     def study(self, method: str, seed: int | None, windows: int) -> list[dict]:
         """``windows`` trials of ``method`` (the baseline first), in order."""
-        from loadtest.space import TuneSpace
         from loadtest.study import Objective, make_sampler, open_study, run_study, trial_rows
 
         tune = self.tune.model_copy(update={"sampler": method, "seed": seed})
-        space = TuneSpace.from_settings(tune, self.models)
+        space = self.space(tune)
         sampler = make_sampler(tune, space)
         space = space.with_baseline(self.baseline)
         name = f"{method}-{seed}"
@@ -104,28 +129,27 @@ class Search:
 
     def remeasure(self, configs: list[dict], label: str) -> dict[str, dict]:
         """Each config's ladder measured ``ROUNDS`` times round-robin in one stretch: per config, the median
-        capacity per instance (a round that missed the SLO counts 0) and the median J/request."""
-        from loadtest.space import to_config, trial_result
-
+        capacity per instance (a round that missed the SLO counts 0) and the median J/request (J/token)."""
+        space = self.space(self.tune)
         unique = {key(c): c for c in configs}
         rounds: dict[str, list[tuple[float, float | None]]] = {k: [] for k in unique}
         try:
             for r in range(ROUNDS):
                 for i, (k, params) in enumerate(unique.items()):
-                    config = to_config(params)
+                    config = space.to_config(params)
                     self.live.apply(config)
                     window = self.window.measure(config.model, self.workdir / "remeasure" / label / f"{r}-{i}",
                                                  self.tune.users, self.tune.steps * self.tune.step_s, shape="step")
-                    result = trial_result(window["phases"], self.window.slo, config.instances or 1)
-                    capacity = result["capacity_per_instance_rps"] if result["feasible"] else 0.0
-                    rounds[k].append((capacity, (window.get("energy") or {}).get("j_per_request")))
+                    result = space.result(window["phases"], self.window.slo, config.instances or 1)
+                    capacity = result[self.capacity] if result["feasible"] else 0.0
+                    rounds[k].append((capacity, _energy(window, self.energy)))
         finally:
             self.live.restore()
         out = {}
         for k, measured in rounds.items():
             joules = [j for _, j in measured if j is not None]
-            out[k] = {"capacity_per_instance_rps": statistics.median(c for c, _ in measured),
-                      "j_per_request": statistics.median(joules) if joules else None,
+            out[k] = {self.capacity: statistics.median(c for c, _ in measured),
+                      self.energy: statistics.median(joules) if joules else None,
                       "rounds": [c for c, _ in measured]}
         print(f"bench loadtest: re-measured {len(unique)} configs x {ROUNDS} ({label})", flush=True)
         return out
@@ -134,36 +158,43 @@ class Search:
         from loadtest.study import verify
 
         try:
-            verified, _ = verify(self.live, rows, self.window, self.tune.verify_s, 1, self.workdir / "verify")
+            verified, _ = verify(self.live, rows, self.window, self.tune.verify_s, 1, self.workdir / "verify",
+                                 space=self.space(self.tune))
         finally:
             self.live.restore()
         return verified
 
 
-def _best_row(rows: list[dict], upto: int | None = None) -> dict | None:
+def _energy(window: dict, energy: str) -> float | None:
+    """A window's J/request, or J/token for a stream window."""
+    if energy == "j_per_token":
+        from loadtest.generate_space import j_per_token
+
+        return j_per_token(window)
+    return (window.get("energy") or {}).get(energy)
+
+
+def _best_row(search: Search, rows: list[dict], upto: int | None = None) -> dict | None:
     """The feasible trial with the best in-study capacity per instance among the first ``upto`` windows."""
-    return max((r for r in rows[:upto] if r.get("feasible")), key=lambda r: r["capacity_per_instance_rps"],
-               default=None)
+    return max((r for r in rows[:upto] if r.get("feasible")), key=lambda r: r[search.capacity], default=None)
 
 
-def _cap(row: dict | None) -> float:
-    return row["capacity_per_instance_rps"] if row else 0.0
+def _cap(search: Search, row: dict | None) -> float:
+    return row[search.capacity] if row else 0.0
 
 
-def front_rows(rows: list[dict]) -> list[dict]:
-    """A method's front as it measured it (feasible, not dominated on capacity ↑ and J/request ↓), its
+def front_rows(rows: list[dict], cap: str = "capacity_per_instance_rps", energy: str = "j_per_request") -> list[dict]:
+    """A method's front as it measured it (feasible, not dominated on capacity ↑ and energy ↓), its
     ``FRONT_CAP`` highest-capacity configs, one row per config."""
-    feasible = [r for r in rows if r.get("feasible") and r.get("j_per_request") is not None]
+    feasible = [r for r in rows if r.get("feasible") and r.get(energy) is not None]
     front = [r for r in feasible if not any(
-        o["capacity_per_instance_rps"] >= r["capacity_per_instance_rps"] and o["j_per_request"] <= r["j_per_request"]
-        and (o["capacity_per_instance_rps"], o["j_per_request"]) != (r["capacity_per_instance_rps"],
-                                                                     r["j_per_request"]) for o in feasible)]
-    unique = {key(r["params"]): r for r in sorted(front, key=_cap)}  # the best measurement of a repeated config
-    return sorted(unique.values(), key=_cap, reverse=True)[:FRONT_CAP]
+        o[cap] >= r[cap] and o[energy] <= r[energy] and (o[cap], o[energy]) != (r[cap], r[energy]) for o in feasible)]
+    unique = {key(r["params"]): r for r in sorted(front, key=lambda r: r[cap])}  # a repeated config's best
+    return sorted(unique.values(), key=lambda r: r[cap], reverse=True)[:FRONT_CAP]
 
 
 def _volumes(fronts: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
-    """Each method's hypervolume with one reference per seed: 1.1 × the worst J/request and the best capacity
+    """Each method's hypervolume with one reference per seed: 1.1 × the worst energy figure and the best capacity
     among every method's points."""
     points = [p for front in fronts.values() for p in front]
     ref_j = 1.1 * max((j for _, j in points), default=1.0)
@@ -171,39 +202,31 @@ def _volumes(fronts: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
     return {name: hypervolume(front, ref_j) / (top * ref_j) for name, front in fronts.items()}
 
 
-def _label(row: dict | None) -> str:
-    if not row:
-        return "—"
-    c = row["config"]
-    return (f"{c['model']} max batch {c['max_batch_size']}, delay {c['max_queue_delay_us']} µs, "
-            f"×{c['instances']}")
-
-
-def _points(rows: list[dict]) -> list[tuple[float, float]]:
-    return [(r["capacity_per_instance_rps"], r["j_per_request"]) for r in rows
-            if r.get("feasible") and r.get("j_per_request") is not None]
+def _points(search: Search, rows: list[dict]) -> list[tuple[float, float]]:
+    return [(r[search.capacity], r[search.energy]) for r in rows
+            if r.get("feasible") and r.get(search.energy) is not None]
 
 
 def _seed_result(search: Search, seed: int, methods: dict[str, list[dict]], half: int) -> dict:
     """One seed's figures: in-study (each method's own windows) and re-measured side by side."""
-    fronts = {name: front_rows(trials) for name, trials in methods.items()}
-    tpe_half, grid_best = _best_row(methods["TPE (Bayesian)"], half), _best_row(methods["grid"])
+    cap, energy = search.capacity, search.energy
+    fronts = {name: front_rows(trials, cap, energy) for name, trials in methods.items()}
+    tpe_half, grid_best = _best_row(search, methods["TPE (Bayesian)"], half), _best_row(search, methods["grid"])
     extra = [r["params"] for r in (tpe_half, grid_best) if r]
     again = search.remeasure([r["params"] for front in fronts.values() for r in front] + extra, f"seed-{seed}")
 
-    def measured(row: dict | None) -> dict:
-        return again[key(row["params"])] if row else {"capacity_per_instance_rps": 0.0, "j_per_request": None}
+    def measured(row: dict | None) -> dict | None:
+        return again[key(row["params"])] if row else None
 
-    re_points = {name: [(m["capacity_per_instance_rps"], m["j_per_request"]) for m in map(measured, front)
-                        if m["capacity_per_instance_rps"] > 0 and m["j_per_request"] is not None]
+    re_points = {name: [(m[cap], m[energy]) for m in map(measured, front) if m[cap] > 0 and m[energy] is not None]
                  for name, front in fronts.items()}
-    re_best = {name: max(front, key=lambda r: measured(r)["capacity_per_instance_rps"], default=None)
-               for name, front in fronts.items()}
-    return {"fronts": fronts, "again": again, "study_volumes": _volumes({n: _points(t) for n, t in methods.items()}),
-            "volumes": _volumes(re_points), "best": re_best, "best_cap": {n: _cap(measured(r) if r else None)
-                                                                          for n, r in re_best.items()},
-            "tpe_half": (tpe_half, _cap(measured(tpe_half) if tpe_half else None)),
-            "grid_best": (grid_best, _cap(measured(grid_best) if grid_best else None))}
+    re_best = {name: max(front, key=lambda r: measured(r)[cap], default=None) for name, front in fronts.items()}
+    return {"fronts": fronts, "again": again,
+            "study_volumes": _volumes({n: _points(search, t) for n, t in methods.items()}),
+            "volumes": _volumes(re_points), "best": re_best,
+            "best_cap": {n: _cap(search, measured(r)) for n, r in re_best.items()},
+            "tpe_half": (tpe_half, _cap(search, measured(tpe_half))),
+            "grid_best": (grid_best, _cap(search, measured(grid_best)))}
 
 
 def search_tables(search: Search) -> list[Table]:
@@ -213,6 +236,7 @@ def search_tables(search: Search) -> list[Table]:
     grid = search.study("grid", 0, windows)
     rows, goals, spreads = [], [], []
     studies = [grid]
+    unit, energy_name = search.unit, "J/token" if search.energy == "j_per_token" else "J/request"
     for seed in seeds:
         methods = {"TPE (Bayesian)": search.study("tpe", seed, windows),
                    "random": search.study("random", seed, windows), "grid": grid}
@@ -221,10 +245,11 @@ def search_tables(search: Search) -> list[Table]:
         spreads += [max(m["rounds"]) / min(m["rounds"]) for m in res["again"].values() if min(m["rounds"]) > 0]
         for name, trials in methods.items():
             rows.append([seed if name != "grid" else f"{seed} (one grid run)", name, len(trials),
-                         sum(bool(r.get("feasible")) for r in trials), f"{_cap(_best_row(trials, half)):,.0f}",
-                         f"{_cap(_best_row(trials)):,.0f}", f"{res['study_volumes'][name]:.3f}",
+                         sum(bool(r.get("feasible")) for r in trials),
+                         f"{_cap(search, _best_row(search, trials, half)):,.0f}",
+                         f"{_cap(search, _best_row(search, trials)):,.0f}", f"{res['study_volumes'][name]:.3f}",
                          len(res["fronts"][name]), f"{res['best_cap'][name]:,.0f}", f"{res['volumes'][name]:.3f}",
-                         _label(res["best"][name])])
+                         search.label(res["best"][name])])
         (tpe_row, tpe_cap), (grid_row, grid_cap) = res["tpe_half"], res["grid_best"]
         volumes, study_volumes = res["volumes"], res["study_volumes"]
         goals.append([seed, f"{tpe_cap:,.0f} vs {grid_cap:,.0f}", "met" if tpe_cap >= grid_cap else "NOT met",
@@ -233,27 +258,22 @@ def search_tables(search: Search) -> list[Table]:
                       "met" if study_volumes["TPE (Bayesian)"] >= max(study_volumes.values()) else "not met"])
     search_table = Table(
         "Search over the same knob ranges, the same number of measured windows each",
-        ["seed", "method", "windows", "feasible", f"in-study best cap./inst. in {half} windows",
+        ["seed", "method", "windows", "feasible", f"in-study best cap./inst. ({unit}) in {half} windows",
          "in-study best cap./inst.", "in-study hypervolume", "front configs re-measured",
          f"re-measured best cap./inst. (median of {ROUNDS})", "re-measured hypervolume", "best config (re-measured)"],
         rows,
-        [f"knobs: variant {search.models}, max batch 16..64, queue delay 0..4000 µs (500 µs steps), instances "
-         f"{list(search.tune.instances)}; the grid is every variant and instance count with both ends of the "
-         f"other ranges ({windows - 1} configs)",
-         f"every method starts at the baseline (the repository's config: {search.baseline}); a window is one "
-         f"step ladder {search.tune.users // search.tune.steps}..{search.tune.users} users, "
-         f"{search.tune.step_s:g} s a step; capacity = the best step's req/s within p95 <= {SLO_P95_MS:g} ms and "
-         "1% errors, per instance, steps out of order pooled (loadtest.space.monotone_rps)",
+        [*search.notes(windows),
          f"re-measured: per seed, each method's front (its {FRONT_CAP} highest-capacity non-dominated configs as it "
          f"measured them) plus the two configs the capacity goal compares, measured {ROUNDS} times round-robin in one "
          "stretch after that seed's studies; median per config (a round missing the SLO counts 0)",
-         "hypervolume: of the feasible (capacity per instance ↑, J/request ↓) points, normalized by the seed's best "
-         "capacity × a reference of 1.1 × the seed's worst J/request (energy estimated: CPU-seconds × watts)",
+         f"hypervolume: of the feasible (capacity per instance ↑, {energy_name} ↓) points, normalized by the seed's "
+         f"best capacity × a reference of 1.1 × the seed's worst {energy_name} (energy estimated: CPU-seconds × "
+         "watts)",
          "the grid is deterministic, so it ran once and its front is re-measured with every seed's"])
-    baselines = [t[0]["capacity_per_instance_rps"] for t in studies if t and t[0]["baseline"]]
+    baselines = [t[0][search.capacity] for t in studies if t and t[0]["baseline"]]
     spread = (f"the repository default is every study's first window: measured {len(baselines)} times, feasible "
               f"{sum(c > 0 for c in baselines)} times, capacity per instance {min(baselines):,.0f}..."
-              f"{max(baselines):,.0f} req/s" if baselines else "")
+              f"{max(baselines):,.0f} {unit}" if baselines else "")
     goal_table = Table(
         "Goals (judged on the side-by-side re-measurement)",
         ["seed", f"TPE's best in {half} windows vs the grid's best in {windows} (re-measured)",
@@ -272,8 +292,9 @@ def search_tables(search: Search) -> list[Table]:
 def _default_vs_verified(search: Search, tpe_studies: list[list[dict]]) -> Table:
     """The best TPE config over every seed against the repository default, re-measured side by side: one step
     ladder each, then a steady verification window at each one's capacity concurrency."""
+    cap, energy = search.capacity, search.energy
     trials = [r for study in tpe_studies for r in study if r.get("feasible") and not r["baseline"]]
-    best = max(trials, key=lambda r: r["capacity_per_instance_rps"], default=None)
+    best = max(trials, key=lambda r: r[cap], default=None)
     rows = []
     fresh = search.study("tpe", 99, 1)  # the default's ladder, measured now (the baseline trial)
     for name, row in (("repository default", fresh[0] if fresh else None), ("best TPE config", best)):
@@ -281,11 +302,12 @@ def _default_vs_verified(search: Search, tpe_studies: list[list[dict]]) -> Table
             rows.append([name, "—", "—", "—", "—", "nothing feasible"])
             continue
         verified = search.verify([row]) if row.get("feasible") else None
-        rows.append([name, _label(row), f"{row['capacity_per_instance_rps']:,.0f}",
-                     f"{verified['capacity_per_instance_rps']:,.0f}" if verified else "misses the SLO",
-                     f"{verified['j_per_request'] * 1e3:.3g}" if verified else "—",
-                     f"{verified['users']} users, p95 {verified['p95_ms']:.1f} ms" if verified else "—"])
-    return Table("Verified config vs the repository default", ["config", "knobs", "ladder cap./inst. (req/s)",
-                 "verified cap./inst. (req/s)", "mJ/request (estimated)", "verification window"], rows,
+        rows.append([name, search.label(row), f"{row[cap]:,.0f}",
+                     f"{verified[cap]:,.0f}" if verified else "misses the SLO",
+                     f"{verified[energy] * 1e3:.3g}" if verified and verified.get(energy) is not None else "—",
+                     search.verified_note(verified) if verified else "—"])
+    unit, per = search.unit, "token" if energy == "j_per_token" else "request"
+    return Table("Verified config vs the repository default", ["config", "knobs", f"ladder cap./inst. ({unit})",
+                 f"verified cap./inst. ({unit})", f"mJ/{per} (estimated)", "verification window"], rows,
                  [f"steady {search.tune.verify_s:g} s windows at the capacity concurrency; the best TPE config is "
                   "taken from the search above and measured again here"])

@@ -1,4 +1,4 @@
-"""Serving knobs on a live Triton: the queue-bound sweep, and loadtest --tune's Bayesian search vs grid and random.
+"""Serving knobs on a live Triton: the queue-bound sweep, and loadtest --tune's Bayesian search vs grid and random (digits, charlm :generate).
 
 A tiny digits model is trained and compressed (fp32 and int8), Triton serves it, and every serving
 config is applied live through model control (no restart) and measured with locust, Triton direct.
@@ -12,6 +12,12 @@ config is applied live through model control (no restart) and measured with locu
    Goals: TPE's best feasible capacity per instance within half the windows ≥ the grid's best over all of
    them, and the highest hypervolume of the three on every seed. Then the best TPE config against the
    repository's default, both re-measured side by side and verified in steady windows.
+3. The same search on charlm ``:generate`` (:mod:`bench._generate_search`): the generation model's own knobs,
+   streaming through the gateway, capacity in tokens/s per instance within a TTFT / inter-token SLO.
+4. Whether this host can decide the digits goals at all (:mod:`bench._capacity_noise`): three configs' windows
+   repeated, read by several capacity estimators, and the windows a test would need to tell them apart.
+
+``python -m bench loadtest --generate`` runs part 3 alone, ``--noise`` part 4 alone (each its own report).
 """
 
 from __future__ import annotations
@@ -93,7 +99,12 @@ def _sweep_tables(report: dict, quick: bool) -> list[Table]:
     return [points, ratios]
 
 
-def run(quick: bool) -> list[Table]:
+PARTS = ("--generate", "--noise")
+NOISE_REPEATS = 6
+
+
+def _digits(quick: bool, parts: set[str]) -> list[Table]:
+    from bench._capacity_noise import noise_tables
     from serve.triton import TritonServer, free_port
 
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-loadtest-") as tmp:
@@ -101,7 +112,34 @@ def run(quick: bool) -> list[Table]:
         settings = _release(workdir)
         triton = TritonServer(workdir / "runs" / "bench" / "repository" / "python", workdir=workdir / "triton",
                               http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+        tables = []
         with triton.start(timeout_s=90):
-            sweep = _sweep_tables(_sweep(settings, triton, quick), quick)
-            search = search_tables(Search(settings, triton, workdir, quick))
-    return [*sweep, *search]
+            if "sweep" in parts:
+                tables += _sweep_tables(_sweep(settings, triton, quick), quick)
+            search = Search(settings, triton, workdir, quick)
+            if "search" in parts:
+                tables += search_tables(search)
+            if "--noise" in parts:
+                tables += noise_tables(search, 2 if quick else NOISE_REPEATS, settings.measure.watts_per_core)
+    return tables
+
+
+def _generate(quick: bool) -> list[Table]:
+    from bench._generate_search import GenerateSearch, release
+    from serve import GatewaySettings, start_serving
+
+    with tempfile.TemporaryDirectory(prefix="autoglm-bench-loadtest-generate-") as tmp:
+        workdir = Path(tmp)
+        settings = release(workdir, quick)
+        gateway = GatewaySettings(port=settings.serve.gateway_port, max_in_flight=256, request_timeout_s=120)
+        with start_serving(settings, gateway) as serving:
+            return search_tables(GenerateSearch(settings, serving, workdir / "search", quick))
+
+
+def run(quick: bool, args: list[str] | None = None) -> list[Table]:
+    unknown = [a for a in args or [] if a not in PARTS]
+    if unknown:
+        raise SystemExit(f"bench loadtest: unknown option {unknown}; options: {' '.join(PARTS)} (none: every part)")
+    parts = set(args or []) or {"sweep", "search", "--generate", "--noise"}
+    tables = _digits(quick, parts) if parts & {"sweep", "search", "--noise"} else []
+    return tables + (_generate(quick) if "--generate" in parts else [])
