@@ -2,7 +2,8 @@
 
 Each method runs the stage's own study code (:mod:`loadtest.study`) over the same knob ranges with the same
 number of measured windows, on digits' batching knobs (:class:`Search`) or on the charlm generation model's
-own knobs (:class:`bench._generate_search.GenerateSearch`: capacity in tokens/s, a streaming SLO). On a shared host one config's window varies by a factor of two, so a method's
+own knobs (:class:`bench._generate_search.GenerateSearch`: capacity in tokens/s, a streaming SLO). On a shared
+host one config's window varies by a factor of two, so a method's
 in-study figures are partly its luck: each seed therefore ends with a side-by-side re-measurement, every
 method's front configs (and the configs the capacity goal compares) measured again round-robin in the same
 stretch, the median of the rounds kept. The goals are judged on those figures; the in-study ones are shown
@@ -266,9 +267,9 @@ def search_tables(search: Search) -> list[Table]:
          f"re-measured: per seed, each method's front (its {FRONT_CAP} highest-capacity non-dominated configs as it "
          f"measured them) plus the two configs the capacity goal compares, measured {ROUNDS} times round-robin in one "
          "stretch after that seed's studies; median per config (a round missing the SLO counts 0)",
-         f"hypervolume: of the feasible (capacity per instance ↑, {energy_name} ↓) points, normalized by the seed's "
-         f"best capacity × a reference of 1.1 × the seed's worst {energy_name} (energy estimated: CPU-seconds × "
-         "watts)",
+         f"hypervolume: of the feasible (capacity per instance ↑, {energy_name} ↓) points, normalized by the "
+         f"seed's best capacity × a reference of 1.1 × the seed's worst {energy_name} (energy estimated: "
+         "CPU-seconds × watts)",
          "the grid is deterministic, so it ran once and its front is re-measured with every seed's"])
     baselines = [t[0][search.capacity] for t in studies if t and t[0]["baseline"]]
     spread = (f"the repository default is every study's first window: measured {len(baselines)} times, feasible "

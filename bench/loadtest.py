@@ -1,4 +1,4 @@
-"""Serving knobs on a live Triton: the queue-bound sweep, and loadtest --tune's Bayesian search vs grid and random (digits, charlm :generate).
+"""Serving knobs on a live Triton: the queue-bound sweep; --tune's TPE vs grid vs random, digits and charlm :generate.
 
 A tiny digits model is trained and compressed (fp32 and int8), Triton serves it, and every serving
 config is applied live through model control (no restart) and measured with locust, Triton direct.

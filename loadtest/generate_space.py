@@ -136,8 +136,8 @@ class GenerateSpace:
     def baseline_params(self, config: dict[str, Any]) -> dict[str, Any]:
         """The config Triton serves now (HTTP JSON form) as trial parameters."""
         params = model_parameters(config)
-        return {"max_sequences": int(params["max_sequences"]), "stream_interval_ms": float(params["stream_interval_ms"]),
-                "instances": serving_knobs(config)["instances"]}
+        return {"max_sequences": int(params["max_sequences"]), "instances": serving_knobs(config)["instances"],
+                "stream_interval_ms": float(params["stream_interval_ms"])}
 
     def grid(self) -> dict[str, list[Any]]:
         """The grid sampler's space: both ends of the slot and interval ranges, every instance count."""
