@@ -125,7 +125,7 @@ class _SseStub(BaseHTTPRequestHandler):
         pass
 
 
-def _generate_window(tmp_path, handler):
+def _generate_window(tmp_path, handler, **shape):
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -135,7 +135,7 @@ def _generate_window(tmp_path, handler):
                                                                 "body": body}]}}))
     try:
         spec = LoadSpec("generate", f"http://127.0.0.1:{server.server_port}", "m", users=2, duration_s=3,
-                        warmup_s=0, slo=Slo(1000, 0.01))
+                        warmup_s=0, slo=Slo(1000, 0.01), **shape)
         return run_window(spec, tmp_path / "generate", payloads=payloads)
     finally:
         server.shutdown()
@@ -154,6 +154,19 @@ def test_generate_scenario_reports_time_to_first_token_and_inter_token_latency(t
     assert 5 <= itl["p50_ms"] < ttft["p50_ms"]  # 20 ms for one token, 10 ms each for two
     stats = (tmp_path / "generate" / "locust_stats.csv").read_text()
     assert "time to first token" in stats and "inter-token" in stats
+    assert window["tokens"] == 4 * window["requests"]  # the final event's count, each completed stream
+    assert window["tokens_per_s"] == pytest.approx(window["tokens"] / window["seconds"])
+
+
+def test_a_step_ladder_reports_each_steps_stream_latencies_and_tokens(tmp_path):
+    result = _generate_window(tmp_path, _SseStub, shape="step", shape_steps=2)
+    steps = {p["phase"]: p for p in result["phases"]}
+    assert set(steps) == {"users=1", "users=2"}
+    for step in steps.values():
+        assert step["requests"] > 0 and step["tokens"] == 4 * step["requests"]
+        assert step["stream"]["time to first token"]["requests"] == step["requests"]
+        assert step["stream"]["inter-token"]["requests"] == 3 * step["requests"]
+    assert sum(s["tokens"] for s in steps.values()) == result["window"]["tokens"]
 
 
 class _CutStub(_SseStub):
