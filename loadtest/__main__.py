@@ -105,6 +105,14 @@ FLAGS = {
     "--no-write-back": Flag("loadtest.tune.write_back", "leave the repository as it is", switch=False, group=TUNE),
     "--rollback": Flag("loadtest.rollback", "restore the repository config the last --tune write-back replaced",
                        switch=True, group=TUNE),
+    "--slots-range": Flag("loadtest.tune.max_sequences", "with --scenario generate: decode slots range LOW,HIGH",
+                          type=_pair, group=TUNE),
+    "--interval-range": Flag("loadtest.tune.stream_interval_ms", "with --scenario generate: stream interval range "
+                             "LOW,HIGH in ms", type=_pair, group=TUNE),
+    "--slo-ttft-ms": Flag("loadtest.slo_ttft_p95_ms", "with --scenario generate: the p95 time to first token the "
+                          "SLO allows", type=float, group=TUNE),
+    "--slo-itl-ms": Flag("loadtest.slo_itl_p95_ms", "with --scenario generate: the p95 inter-token latency the SLO "
+                         "allows", type=float, group=TUNE),
 }
 
 
