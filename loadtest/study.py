@@ -3,7 +3,8 @@
 Each trial applies its config through model control (:class:`loadtest.control.LiveModels`: no restart, and
 Triton must report the config back), measures one step window (:mod:`loadtest.space`: capacity on a
 concurrency ladder) and records Triton's own mean batch and queue time. Objectives: capacity per instance
-within the SLO (max) and J/request (min); the SLO is two Optuna constraints (``trial.set_constraint``, which
+within the SLO (max) and J/request (min), or for the generation model (:mod:`loadtest.generate_space`) tokens/s
+per instance and J/token; the SLO's limits are Optuna constraints (``trial.set_constraint``, which
 replaces the ``constraints_func`` Optuna 5 deprecates; every sampler reads them). The first trial is
 the baseline, the config Triton serves now. The study lives in a journal file: a rerun continues it up to
 ``n_trials`` and ``optuna-dashboard <journal>`` shows it. After the trials, the best feasible configs
@@ -31,7 +32,6 @@ from loadtest.space import TuneSpace, ladder
 
 JOURNAL = "study.journal"
 DIRECTIONS = ("maximize", "minimize")  # capacity per instance within the SLO, J/request (J/token for streams)
-CONSTRAINTS = TuneSpace.constraint_names  # p95 / SLO - 1, error rate - allowed: feasible when both are <= 0
 Space = TuneSpace | GenerateSpace  # the batching models' knobs, or the generation model's
 
 
