@@ -42,7 +42,7 @@ def test_generate_tune_changes_the_live_model_writes_the_verified_knobs_back_and
     settings = on_free_ports(lm_run)
     run = RunDir(settings.run.root, settings.run.name)
     before = _generate_config(run)
-    tune = LoadtestTuneSettings(enabled=True, n_trials=2, sampler="grid", steps=2, step_s=1, verify_s=1.5,
+    tune = LoadtestTuneSettings(enabled=True, n_trials=2, sampler="grid", steps=1, step_s=1, verify_s=1,
                                 verify_candidates=1, max_sequences=(3, 3), stream_interval_ms=(5, 5), instances=(1, 1))
     with start_serving(settings, GatewaySettings(port=settings.serve.gateway_port, max_in_flight=64)) as serving:
         control = ModelControl(serving.triton_url)
