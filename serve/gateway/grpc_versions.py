@@ -1,0 +1,215 @@
+"""The canary split on the gRPC relay: a version written into each inference message, flow control kept exact.
+
+Triton sends a gRPC ``ModelInfer`` (or a ``ModelStreamInfer`` message) that names no ``model_version`` to the
+highest version it has loaded: during a canary, the canary. So where the routing file names the model, the relay
+writes the version the split picked (:class:`~serve.gateway.canary.Routing`, sticky per client as on HTTP) into
+the request message as field 2 (``model_version``). It goes in at the start of the message: a protobuf parser
+keeps the last value of a string field, so a client that names a version itself (anywhere) keeps it, and the
+message streams on without waiting for its end; only its head (the gRPC prefix, ``model_name``, any
+``model_version``) is held until it is complete. Messages the relay cannot read (compressed ones, a head in an
+unusual field order) pass unchanged, unversioned.
+
+A rewritten message is longer than what the client sent, so the relay keeps both sides' windows
+(:class:`Windows`): bytes the client sent are acknowledged to the client (Triton's WINDOW_UPDATEs are passed on
+less the bytes the relay added; bytes it dropped are credited at once), and bytes sent upstream count against
+Triton's connection and stream windows: DATA that does not fit waits for Triton's next WINDOW_UPDATE.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from serve.gateway import http2 as h2
+from serve.gateway.canary import PINNED, Routing
+
+MODEL_NAME, MODEL_VERSION = 0x0A, 0x12  # ModelInferRequest fields 1 and 2 (string: wire type 2)
+HEAD_LIMIT = 1024  # a model name and version fit; a longer head is not read (the message passes unversioned)
+DEFAULT_WINDOW = 65_535  # RFC 9113: every window starts here until SETTINGS or WINDOW_UPDATE say otherwise
+INITIAL_WINDOW_SIZE = 0x4
+
+
+def _varint(data, pos: int) -> tuple[int, int] | None:
+    """(value, position after it), or None when ``data`` ends inside it."""
+    value = shift = 0
+    while pos < len(data):
+        byte = data[pos]
+        value |= (byte & 127) << shift
+        pos += 1
+        if not byte & 128:
+            return value, pos
+        shift += 7
+    return None
+
+
+class MessageRouter:
+    """One call's request messages, gRPC-framed across DATA frames, each given the version its model goes to."""
+
+    __slots__ = ("routing", "client", "limit", "head", "left", "size", "picks", "seen")
+
+    def __init__(self, routing: Routing, client: bytes | None, limit: int):
+        self.routing, self.client, self.limit = routing, client, limit
+        self.head, self.left, self.size = bytearray(), 0, 0  # left: bytes of the current message still to pass
+        self.picks: dict[str, tuple[int, str]] = {}  # per model: one stream's messages stay on one version
+        self.seen: set[tuple[str, int, str]] = set()  # (model, version, role) of the call's messages, for metrics
+
+    def feed(self, data: bytes, end: bool) -> bytes | None:
+        """The bytes to send upstream for ``data`` (held head bytes are sent once the head is complete; the
+        stream's end flushes them as they are); None when a message is above ``limit`` bytes."""
+        out, at, size = [], 0, len(data)
+        while at < size:
+            if self.left:
+                step = min(self.left, size - at)
+                out.append(data[at:at + step])
+                self.left -= step
+                at += step
+                continue
+            take = min(size - at, self._wanted())
+            self.head += data[at:at + take]
+            at += take
+            decided = self._decide()
+            if decided is False:
+                return None
+            if decided is not None:
+                out.append(decided)
+        if end and self.head:  # a message cut off by the stream's end: Triton sees what the client sent
+            out.append(bytes(self.head))
+            self.head.clear()
+        return b"".join(out)
+
+    def _wanted(self) -> int:
+        """How many more bytes the head may take: up to the message's end, or up to HEAD_LIMIT of it."""
+        if len(self.head) < 5:
+            return 5 - len(self.head)
+        return max(1, min(5 + self.size, 5 + HEAD_LIMIT) - len(self.head))
+
+    def _decide(self) -> bytes | bool | None:
+        """The message's rewritten head once it can be decided; None to wait for more; False: too large."""
+        head = self.head
+        if len(head) < 5:
+            return None
+        if len(head) == 5:
+            self.size = int.from_bytes(head[1:5], "big")
+            if self.size > self.limit:
+                return False
+        size, have = self.size, len(head)
+        complete = have - 5 >= min(size, HEAD_LIMIT)  # all of the head that will be read
+        name = version = None
+        pos = 5
+        while head[0] == 0 and pos < have and head[pos] in (MODEL_NAME, MODEL_VERSION):  # 0: not compressed
+            length = _varint(head, pos + 1)
+            if length is None or length[1] + length[0] > have:
+                if not complete:
+                    return None  # the field runs on in the next frame
+                break
+            value = bytes(head[length[1]:length[1] + length[0]])
+            name, version = (value, version) if head[pos] == MODEL_NAME else (name, value)
+            pos = length[1] + length[0]
+        if head[0] == 0 and pos == have and not complete:
+            return None  # the next field may still be a model_version
+        inserted = self._version(name, version)
+        self.left = size - (have - 5)
+        self.head = bytearray()
+        if not inserted:
+            return bytes(head)
+        return bytes(head[:1]) + (size + len(inserted)).to_bytes(4, "big") + inserted + bytes(head[5:])
+
+    def _version(self, name: bytes | None, version: bytes | None) -> bytes:
+        """The ``model_version`` field to insert (b"" for none), the message's version noted for the metrics."""
+        if not name:
+            return b""
+        model = name.decode(errors="replace")
+        if version:  # named by the client: kept ("pinned"), counted where it is a number
+            if version.isdigit():
+                self.seen.add((model, int(version), PINNED))
+            return b""
+        picked = self.picks.get(model) or self.routing.pick(model, self.client)
+        if picked is None:
+            return b""  # the routing names no version for this model: unversioned, as the client sent it
+        self.picks[model] = picked
+        self.seen.add((model, *picked))
+        digits = str(picked[0]).encode()
+        return bytes((MODEL_VERSION, len(digits))) + digits
+
+
+class Windows:
+    """Flow control of one client connection whose DATA the relay re-frames: Triton's windows as the relay sends
+    against them, the credits Triton will send for bytes the relay added (``debt``), and DATA waiting for room."""
+
+    def __init__(self, credit_client):
+        self.window = self.initial = DEFAULT_WINDOW
+        self.debt = 0
+        self.queue: deque[list] = deque()  # [stream id, call, END_STREAM flag, payload] in arrival order
+        self.credit_client = credit_client  # (stream id, increment): a WINDOW_UPDATE to the client
+
+    def owe(self, stream_id: int, call, delta: int) -> None:
+        """The relay sends ``delta`` more bytes upstream than the client sent (fewer when negative): more is
+        taken back from Triton's coming credits; fewer is credited to the client now."""
+        self.debt += delta
+        if self.debt < 0:
+            self.credit_client(0, -self.debt)
+            self.debt = 0
+        if call is None:  # a stream that ended: its window is gone with it
+            return
+        call.debt += delta
+        if call.debt < 0:
+            if not call.client_ended:
+                self.credit_client(stream_id, -call.debt)
+            call.debt = 0
+
+    def credited(self, stream_id: int, call, increment: int) -> int:
+        """Triton's WINDOW_UPDATE of ``increment`` (stream 0: the connection's): the part the client gets."""
+        holder = self if stream_id == 0 else call
+        holder.window += increment
+        taken = min(increment, holder.debt)
+        holder.debt -= taken
+        return increment - taken
+
+    def settings(self, payload: bytes, calls) -> None:
+        """Triton's SETTINGS: a new initial stream window moves every open stream's window by the difference."""
+        size = h2.settings(payload).get(INITIAL_WINDOW_SIZE)
+        if size is not None:
+            for call in calls:
+                call.window += size - self.initial
+            self.initial = size
+
+    def send(self, stream_id: int, call, end: bool, payload: bytes, out: list, calls: dict) -> None:
+        """DATA for Triton: into ``out`` as far as the windows allow, the rest queued in order."""
+        if not self.queue and len(payload) <= min(self.window, call.window):
+            self._emit(stream_id, call, end, payload, out)
+        else:
+            self.queue.append([stream_id, call, end, payload])
+            self.flush(out, calls)
+
+    def flush(self, out: list, calls: dict) -> None:
+        """Queued DATA that now fits; a stream short of window waits without holding the others back.
+        DATA of a call that ended meanwhile is dropped (Triton never credits it: the client is credited)."""
+        waiting, blocked = deque(), set()
+        for entry in self.queue:
+            stream_id, call, end, payload = entry
+            if calls.get(stream_id) is not call:
+                self.owe(stream_id, None, -len(payload))
+                continue
+            if stream_id in blocked:
+                waiting.append(entry)
+                continue
+            room = min(self.window, call.window)
+            if room >= len(payload):
+                self._emit(stream_id, call, end, payload, out)
+                continue
+            if room > 0:
+                self._emit(stream_id, call, False, payload[:room], out)
+                entry[3] = payload[room:]
+            blocked.add(stream_id)
+            waiting.append(entry)
+        self.queue = waiting
+
+    def _emit(self, stream_id: int, call, end: bool, payload: bytes, out: list) -> None:
+        self.window -= len(payload)
+        call.window -= len(payload)
+        flags = h2.END_STREAM if end else 0
+        if len(payload) <= h2.MAX_FRAME:
+            out.append(h2.frame(h2.DATA, flags, stream_id, payload))
+            return
+        last = (len(payload) - 1) // h2.MAX_FRAME * h2.MAX_FRAME
+        out.extend(h2.frame(h2.DATA, 0, stream_id, payload[i:i + h2.MAX_FRAME]) for i in range(0, last, h2.MAX_FRAME))
+        out.append(h2.frame(h2.DATA, flags, stream_id, payload[last:]))
