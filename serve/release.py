@@ -104,22 +104,22 @@ class Stack:
             self.triton.serve_versions(model, sorted({split.stable, split.canary} - {None}), knobs)
 
 
-def routing_models(repo: Path, served: list[str], version: int, generate: str | None = None) -> list[str]:
-    """The served models that have ``version`` (but ``generate``: the generation model is no canary, it streams
-    from the stable version)."""
+def routing_models(repo: Path, served: list[str], version: int) -> list[str]:
+    """The served models that have ``version``: the generation model too (``:generate``, ``:score`` and the
+    OpenAI routes follow the same split as inference)."""
     have = {d.parent.name for d in version_dirs(repo, version, served)}
-    return sorted(m for m in served if m in have and m != generate)
+    return sorted(m for m in served if m in have)
 
 
 def start_canary(run: RunDir, stack: Stack, version: int, weight: float) -> dict[str, Split]:
     """Serve ``version`` beside the stable one for ``weight`` percent of requests (after checking its files)."""
-    _, repo, task_info, lineage = checked(run)
+    _, repo, _, lineage = checked(run)
     check_version(repo, lineage, version)
     stable = lineage["stable"]
     if version == stable:
         raise ConfigError(f"version {version} is the stable version already: canary another one (versions: "
                           f"{', '.join(sorted(lineage['versions'], key=int))})")
-    models = routing_models(repo, stack.models, version, task_info.get("generate"))
+    models = routing_models(repo, stack.models, version)
     if not models:
         raise ConfigError(f"no served model has version {version}: canary a version compress or a write-back made")
     new = {m: Split(stable, version) for m in models}
