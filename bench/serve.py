@@ -9,8 +9,9 @@ Triton direct (v2 binary tensors), the gateway's v2 passthrough (same bytes) and
 FastAPI process running the torch model per request. Energy is the estimate (server CPU-seconds × 10 W per core).
 
 Canary: a fourth gateway whose routing file sends 10% of the requests to version 2 of the same model (stable 1,
-both loaded), sticky per client where one is known, random here: its v2 and ``:predict`` rows beside the plain
-gateway's show what a 90/10 split costs per request.
+both loaded), sticky per client where one is known, random here: its v2, ``:predict`` and gRPC rows beside the
+plain gateway's show what a 90/10 split costs per request (on gRPC the relay writes the version into each
+message and keeps the flow-control books; without a routing file frames pass byte for byte).
 
 Tracing: the same v2 and gRPC requests through three gateways side by side, in alternating rounds: the
 code of the git ref ``$BENCH_SERVE_BASELINE`` (default ``HEAD``: the last commit against the working tree),
@@ -47,6 +48,7 @@ V2_BEFORE, V2_OFF, V2_TRACED = "gateway v2, baseline code", "gateway v2, tracing
 GRPC_BEFORE, GRPC_OFF, GRPC_TRACED = ("gateway gRPC, baseline code", "gateway gRPC, tracing off",
                                       "gateway gRPC, tracing on")
 CANARY_V2, CANARY_PREDICT = "gateway v2, canary 90/10", "gateway :predict, canary 90/10"
+CANARY_GRPC = "gateway gRPC, canary 90/10"
 BASELINE_ENV = "BENCH_SERVE_BASELINE"  # the git ref whose gateway is the "before" of the tracing rows
 WATTS_PER_CORE = 10.0
 
@@ -268,6 +270,8 @@ def run(quick: bool) -> list[Table]:
                             {"triton": triton.pid, "gateway": canary.pid}, "digits-fp32"),
                 CANARY_PREDICT: (f"{canary.url}/v1/models/digits:predict", "predict",
                                  {"triton": triton.pid, "gateway": canary.pid}, "digits-fp32"),
+                CANARY_GRPC: (f"grpc://{canary.grpc_url}", "grpc", {"triton": triton.pid, "gateway": canary.pid},
+                              "digits-fp32"),
             }
             main_targets = list(targets)
             for v2, grpc, proc in ((V2_BEFORE, GRPC_BEFORE, baseline), (V2_OFF, GRPC_OFF, untraced),
@@ -290,7 +294,7 @@ def run(quick: bool) -> list[Table]:
             # The goals' ratios again, alternating direct and gateway in short rounds: on a shared machine
             # the median of adjacent pairs is steadier than one pair.
             rounds = [{(name, c): measure(name, c, duration * 2 / 3) for c in (1, 32)
-                       for name in (DIRECT, V2, PREDICT, GRPC_DIRECT, GRPC, CANARY_V2, CANARY_PREDICT)}
+                       for name in (DIRECT, V2, PREDICT, GRPC_DIRECT, GRPC, CANARY_V2, CANARY_PREDICT, CANARY_GRPC)}
                       for _ in range(3 if quick else 5)]
             split = _canary_share(canary.url)
             tracing_rounds = [{k: v for group in ((V2_BEFORE, V2_OFF, V2_TRACED), (GRPC_BEFORE, GRPC_OFF, GRPC_TRACED))
@@ -464,7 +468,8 @@ def _tables(results: dict, rounds: list[dict], duration: float, triton_start: fl
            f"{med([rd[(t, 32)]['cpu_us']['gateway'] for rd in rounds]):.0f} µs vs "
            f"{med([rd[(b, 32)]['cpu_us']['gateway'] for rd in rounds]):.0f} µs; "
            f"{spread([rd[(t, 1)]['p50'] - rd[(b, 1)]['p50'] for rd in rounds], ms)}", "reported"]
-          for route, t, b in (("v2", CANARY_V2, V2), (":predict", CANARY_PREDICT, PREDICT))],
+          for route, t, b in (("v2", CANARY_V2, V2), (":predict", CANARY_PREDICT, PREDICT),
+                              ("gRPC", CANARY_GRPC, GRPC))],
         ["dynamic batching on / off, throughput @32", ratio(r(DIRECT, 32), r(NO_BATCHING, 32)), ""],
         *[[f"AutoGLM :predict / naive FastAPI + torch, throughput @{c}", ratio(r(PREDICT, c), r(NAIVE, c)), ""]
           for c in CONCURRENCY],
@@ -473,8 +478,8 @@ def _tables(results: dict, rounds: list[dict], duration: float, triton_start: fl
     ]
     return [main, Table("Ratios", ["comparison", "value", "goal"], ratios,
                         ["throughput and p50 goals: medians of alternating short rounds (direct, gateway v2, "
-                         ":predict, gRPC direct, gateway gRPC, and the canary gateway's v2 and :predict); the other "
-                         "ratios come from adjacent cells of the table above",
+                         ":predict, gRPC direct, gateway gRPC, and the canary gateway's v2, :predict and gRPC); the "
+                         "other ratios come from adjacent cells of the table above",
                          f"the canary gateway's split over the whole run (random: no client key): {split}"])]
 
 

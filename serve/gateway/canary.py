@@ -6,8 +6,9 @@ The release commands (:mod:`serve.release`) write the routing file (``serve/rout
 
 and every gateway worker re-reads it when it changes (a ``stat`` at most every :data:`POLL_S`), so one write
 switches the whole gateway, however many workers it has. A request for a model the file names is addressed to
-Triton as ``/v2/models/<model>/versions/<v>/infer``: with a canary loaded, Triton itself would send unversioned
-requests to the highest version. Without a routing file requests go out unversioned, as before.
+Triton as ``/v2/models/<model>/versions/<v>/infer`` (a gRPC message gets ``model_version``, see
+:mod:`serve.gateway.grpc_versions`): with a canary loaded, Triton itself would send unversioned requests to the
+highest version. Without a routing file requests go out unversioned, as before.
 
 The split is sticky per client where a client is known (its API key, else the ``client_header``): the client's
 hash picks the same version on every worker and every request. Other requests pick at random.
