@@ -273,3 +273,40 @@ def test_a_tampered_version_is_refused(release_run, tmp_path):
                                              "autoglm compress --force"):
         promote(run, version)
     assert load_lineage(repo)["stable"] == 1  # nothing moved
+
+
+def test_generation_during_a_canary_reaches_the_picked_version(tmp_path):
+    """:generate (whole and streamed) and /v1/completions on a charlm run whose version 2 is a canary at 50%:
+    each client's requests reach, in Triton, the version the split picks for it."""
+    from serve import start_serving
+    from serve.gateway.canary import Split
+
+    require_triton()
+    base = published_run("charlm")
+    shutil.copytree(Path(base.run.root) / base.run.name, tmp_path / "gen")
+    settings = base.model_copy(update={"run": base.run.model_copy(update={"root": str(tmp_path), "name": "gen"})})
+    run = RunDir(tmp_path, "gen")
+    assert publish(run) == 2
+    canary = settings.serve.canary.model_copy(update={"version": 2, "weight": 50.0})
+
+    def generated(serving) -> Counter:
+        counts = Counter()
+        for family in text_string_to_metric_families(get(serving.triton_metrics_url)[1].decode()):
+            for s in family.samples:
+                if s.name == "nv_inference_request_success_total" and s.labels["model"] == "charlm-generate":
+                    counts[int(s.labels["version"])] += s.value
+        return counts
+
+    with start_serving(on_free_ports(settings, canary=canary)) as serving:
+        gateway, want = serving.gateway.url, Counter()
+        for client in ("alice", "bob", "carol", "dave"):
+            version = Split(1, 2).pick(50.0, client.encode())[0]
+            for path, body in (("/v1/models/charlm:generate", {"prompt": "ab", "max_new_tokens": 4}),
+                               ("/v1/models/charlm:generate", {"prompt": "ab", "max_new_tokens": 4, "stream": True}),
+                               ("/v1/completions", {"model": "charlm", "prompt": "ab", "max_tokens": 4})):
+                status, reply = post(gateway + path, orjson.dumps(body), {"x-client-id": client})
+                assert status == 200 and b"error" not in reply, reply
+                want[version] += 1
+        assert set(want) == {1, 2}  # both versions serve some of these clients
+        assert wait_until(lambda: sum(generated(serving).values()) >= 12, timeout=15)
+        assert generated(serving) == want
