@@ -17,6 +17,7 @@ Triton's connection and stream windows: DATA that does not fit waits for Triton'
 
 from __future__ import annotations
 
+import random
 from collections import deque
 
 from serve.gateway import http2 as h2
@@ -44,12 +45,14 @@ def _varint(data, pos: int) -> tuple[int, int] | None:
 class MessageRouter:
     """One call's request messages, gRPC-framed across DATA frames, each given the version its model goes to."""
 
-    __slots__ = ("routing", "client", "limit", "head", "left", "size", "picks", "seen")
+    __slots__ = ("routing", "client", "limit", "head", "left", "size", "seen")
 
     def __init__(self, routing: Routing, client: bytes | None, limit: int):
-        self.routing, self.client, self.limit = routing, client, limit
+        # an unknown client draws once per call: a stream's messages stay on one version while the routing
+        # stays, and follow it when a promote or rollback moves them (the old version is about to unload)
+        self.routing, self.limit = routing, limit
+        self.client = client if client is not None else random.getrandbits(64).to_bytes(8, "big")
         self.head, self.left, self.size = bytearray(), 0, 0  # left: bytes of the current message still to pass
-        self.picks: dict[str, tuple[int, str]] = {}  # per model: one stream's messages stay on one version
         self.seen: set[tuple[str, int, str]] = set()  # (model, version, role) of the call's messages, for metrics
 
     def feed(self, data: bytes, end: bool) -> bytes | None:
@@ -122,10 +125,9 @@ class MessageRouter:
             if version.isdigit():
                 self.seen.add((model, int(version), PINNED))
             return b""
-        picked = self.picks.get(model) or self.routing.pick(model, self.client)
+        picked = self.routing.pick(model, self.client)
         if picked is None:
             return b""  # the routing names no version for this model: unversioned, as the client sent it
-        self.picks[model] = picked
         self.seen.add((model, *picked))
         digits = str(picked[0]).encode()
         return bytes((MODEL_VERSION, len(digits))) + digits

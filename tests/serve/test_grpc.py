@@ -346,3 +346,27 @@ async def test_without_a_routing_file_messages_pass_unversioned(proxy):
     async with grpcclient.InferenceServerClient(address) as client:
         await client.infer("digits-fp32", digits_input(np.ones((1, 3), np.float32)))
     assert triton.versions == [""] and not gw.metrics.versions
+
+
+async def test_an_open_stream_follows_a_rollback(canary):
+    from serve.gateway.canary import POLL_S, Split, write_routing
+
+    gw, triton, address = canary
+    write_routing(gw.routing.path, {"digits-fp32": Split(1, 2)}, 100.0)  # everything to the canary
+    answered = asyncio.Event()
+    x = np.ones((1, 3), np.float32)
+    async with grpcclient.InferenceServerClient(address) as client:
+        async def requests():
+            await asyncio.sleep(POLL_S * 1.5)  # the gateway has read the new routing
+            yield {"model_name": "digits-fp32", "inputs": digits_input(x), "request_id": "before"}
+            await answered.wait()
+            write_routing(gw.routing.path, {"digits-fp32": Split(1)}, 0.0)  # rolled back while the stream is open
+            await asyncio.sleep(POLL_S * 1.5)
+            yield {"model_name": "digits-fp32", "inputs": digits_input(x), "request_id": "after"}
+
+        async for result, error in client.stream_infer(requests()):
+            assert error is None
+            answered.set()
+    assert triton.versions == ["2"] * 3 + ["1"] * 3  # the fake answers each message three times
+    counts = version_requests(gw)
+    assert counts[("digits-fp32", "2", "canary", 200)] == counts[("digits-fp32", "1", "stable", 200)] == 1
