@@ -5,8 +5,8 @@ highest version it has loaded: during a canary, the canary. So where the routing
 writes the version the split picked (:class:`~serve.gateway.canary.Routing`, sticky per client as on HTTP) into
 the request message as field 2 (``model_version``). It goes in at the start of the message: a protobuf parser
 keeps the last value of a string field, so a client that names a version itself (anywhere) keeps it, and the
-message streams on without waiting for its end; only its head (the gRPC prefix, ``model_name``, any
-``model_version``) is held until it is complete. Messages the relay cannot read (compressed ones, a head in an
+message streams on without waiting for its end; only its head (the gRPC prefix and the first
+:data:`HEAD_LIMIT` bytes, where ``model_name`` and any ``model_version`` sit) is held where a frame cuts it. Messages the relay cannot read (compressed ones, a head in an
 unusual field order) pass unchanged, unversioned.
 
 A rewritten message is longer than what the client sent, so the relay keeps both sides' windows
@@ -56,62 +56,55 @@ class MessageRouter:
         self.seen: set[tuple[str, int, str]] = set()  # (model, version, role) of the call's messages, for metrics
 
     def feed(self, data: bytes, end: bool) -> bytes | None:
-        """The bytes to send upstream for ``data`` (held head bytes are sent once the head is complete; the
-        stream's end flushes them as they are); None when a message is above ``limit`` bytes."""
+        """The bytes to send upstream for ``data`` (a head cut across frames is held until it is whole; the
+        stream's end flushes it as it is); None when a message is above ``limit`` bytes."""
         out, at, size = [], 0, len(data)
         while at < size:
-            if self.left:
+            if self.left:  # the rest of a message whose head went out
                 step = min(self.left, size - at)
                 out.append(data[at:at + step])
                 self.left -= step
                 at += step
                 continue
-            take = min(size - at, self._wanted())
+            if not self.head and size - at >= 5:  # a message starts here: the usual case, its head in this frame
+                self.size = int.from_bytes(data[at + 1:at + 5], "big")
+                whole = 5 + min(self.size, HEAD_LIMIT)
+                if self.size > self.limit:
+                    return None
+                if size - at >= whole:
+                    out.append(self._rewrite(data[at:at + whole]))
+                    at += whole
+                    continue
+            take = 5 - len(self.head) if len(self.head) < 5 else 5 + min(self.size, HEAD_LIMIT) - len(self.head)
             self.head += data[at:at + take]
             at += take
-            decided = self._decide()
-            if decided is False:
-                return None
-            if decided is not None:
-                out.append(decided)
+            if len(self.head) >= 5:
+                self.size = int.from_bytes(self.head[1:5], "big")
+                if self.size > self.limit:
+                    return None
+                if len(self.head) == 5 + min(self.size, HEAD_LIMIT):
+                    head, self.head = bytes(self.head), bytearray()
+                    out.append(self._rewrite(head))
         if end and self.head:  # a message cut off by the stream's end: Triton sees what the client sent
             out.append(bytes(self.head))
             self.head.clear()
         return b"".join(out)
 
-    def _wanted(self) -> int:
-        """How many more bytes the head may take: up to the message's end, or up to HEAD_LIMIT of it."""
-        if len(self.head) < 5:
-            return 5 - len(self.head)
-        return max(1, min(5 + self.size, 5 + HEAD_LIMIT) - len(self.head))
-
-    def _decide(self) -> bytes | bool | None:
-        """The message's rewritten head once it can be decided; None to wait for more; False: too large."""
-        head = self.head
-        if len(head) < 5:
-            return None
-        if len(head) == 5:
-            self.size = int.from_bytes(head[1:5], "big")
-            if self.size > self.limit:
-                return False
+    def _rewrite(self, head: bytes) -> bytes:
+        """A message's whole head (prefix and up to HEAD_LIMIT bytes) with the version field put in front."""
         size, have = self.size, len(head)
-        complete = have - 5 >= min(size, HEAD_LIMIT)  # all of the head that will be read
         name = version = None
         pos = 5
         while head[0] == 0 and pos < have and head[pos] in (MODEL_NAME, MODEL_VERSION):  # 0: not compressed
-            length = _varint(head, pos + 1)
+            short = head[pos + 1] if pos + 1 < have else 128
+            length = (short, pos + 2) if short < 128 else _varint(head, pos + 1)  # names are short: one byte
             if length is None or length[1] + length[0] > have:
-                if not complete:
-                    return None  # the field runs on in the next frame
-                break
+                break  # a field longer than the head read: not a model name
             value = bytes(head[length[1]:length[1] + length[0]])
             name, version = (value, version) if head[pos] == MODEL_NAME else (name, value)
             pos = length[1] + length[0]
-        if head[0] == 0 and pos == have and not complete:
-            return None  # the next field may still be a model_version
         inserted = self._version(name, version)
         self.left = size - (have - 5)
-        self.head = bytearray()
         if not inserted:
             return bytes(head)
         return bytes(head[:1]) + (size + len(inserted)).to_bytes(4, "big") + inserted + bytes(head[5:])
@@ -176,7 +169,7 @@ class Windows:
 
     def send(self, stream_id: int, call, end: bool, payload: bytes, out: list, calls: dict) -> None:
         """DATA for Triton: into ``out`` as far as the windows allow, the rest queued in order."""
-        if not self.queue and len(payload) <= min(self.window, call.window):
+        if not self.queue and (not payload or len(payload) <= min(self.window, call.window)):  # empty: no window
             self._emit(stream_id, call, end, payload, out)
         else:
             self.queue.append([stream_id, call, end, payload])
@@ -195,7 +188,7 @@ class Windows:
                 waiting.append(entry)
                 continue
             room = min(self.window, call.window)
-            if room >= len(payload):
+            if not payload or room >= len(payload):
                 self._emit(stream_id, call, end, payload, out)
                 continue
             if room > 0:

@@ -131,3 +131,22 @@ def credit(windows: Windows, calls: dict, sid: int, n: int, owed: dict, client_v
     out = []
     windows.flush(out, calls)
     deliver(out, arrived, owed)
+
+
+def test_an_empty_end_of_stream_needs_no_window_but_keeps_its_place():
+    windows = Windows(lambda sid, n: None)
+    call = SimpleNamespace(window=10, debt=0, client_ended=False)
+    calls, out = {1: call}, []
+    windows.send(1, call, False, b"x" * 30, out, calls)  # 10 go, 20 wait for Triton's window
+    windows.send(1, call, True, b"", out, calls)  # the empty END_STREAM frame waits behind them
+    assert [(f[0], f[1], f[4] - f[3] - 9) for f in h2.frames(bytearray(b"".join(out)))[0]] == [(h2.DATA, 0, 10)]
+    windows.credited(1, call, 100)
+    windows.credited(0, None, 100)
+    out.clear()
+    windows.flush(out, calls)
+    frames = [(f[0], f[1], f[4] - f[3] - 9) for f in h2.frames(bytearray(b"".join(out)))[0]]
+    assert frames == [(h2.DATA, 0, 20), (h2.DATA, h2.END_STREAM, 0)] and not windows.queue
+    call.window = -5  # Triton's SETTINGS shrank the stream's window below what is in flight
+    out.clear()
+    windows.send(1, call, True, b"", out, calls)
+    assert h2.frames(bytearray(b"".join(out)))[0][0][:2] == (h2.DATA, h2.END_STREAM)
