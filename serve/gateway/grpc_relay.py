@@ -3,7 +3,9 @@
 Why not grpcio: its Python stack (a server call plus a client call per request) cost the gateway
 ≈550 µs of CPU per request; this relay costs a frame parse and three small header blocks (≈70–120 µs
 on 2 shared cores). Streams keep their ids on both connections, so DATA, WINDOW_UPDATE, PING, SETTINGS
-and GOAWAY frames pass byte for byte and flow control and settings stay the peers' own, end to end.
+and GOAWAY frames pass byte for byte and flow control and settings stay the peers' own, end to end. With a
+routing file (a canary split), inference messages get the version the split picks written in, so DATA is
+re-framed and the relay keeps the flow-control books in between (:mod:`serve.gateway.grpc_versions`).
 Header blocks are decoded (each side's HPACK state followed) and re-written without dynamic-table
 state (:mod:`serve.gateway.header_blocks`): requests lose their ``authorization`` (and, with tracing on,
 carry the gateway's ``traceparent`` in place of the caller's), responses' trailers give the metrics their status.
