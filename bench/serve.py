@@ -16,7 +16,8 @@ message and keeps the flow-control books; without a routing file frames pass byt
 Tracing: the same v2 and gRPC requests through three gateways side by side, in alternating rounds: the
 code of the git ref ``$BENCH_SERVE_BASELINE`` (default ``HEAD``: the last commit against the working tree),
 this code with tracing off, and this code with tracing on, exporting to a collector in this process: three
-gateway processes started together, so none has served more than the others before the rounds. Triton's
+gateway processes started together, so none has served more than the others before the rounds. All three
+have a routing file naming the stable version (no canary), as ``autoglm serve`` runs them. Triton's
 own tracing stays off: the bundled 2.51 crashes when many concurrent requests are traced (see
 ``serve.triton.TritonTracing``), and what is measured here is the gateway's cost.
 """
@@ -235,10 +236,13 @@ def run(quick: bool) -> list[Table]:
         routing = workdir / "routing.json"  # stable 1, canary 2 for 10% of requests
         write_routing(routing, {"digits-fp32": Split(1, 2)}, 10.0)
         canary = GatewayProcess(gateway_settings(routing_file=routing), workdir / "gateway-canary")
-        untraced = GatewayProcess(gateway_settings(), workdir / "gateway-untraced")  # the tracing rows' "off"
-        traced = GatewayProcess(gateway_settings(tracing=True), workdir / "gateway-traced")
+        # the tracing rows' gateways run as `autoglm serve` runs them: a routing file naming the stable version
+        stable = workdir / "routing-stable.json"
+        write_routing(stable, {"digits-fp32": Split(1), "digits-fp32-nobatch": Split(1)}, 0.0)
+        untraced = GatewayProcess(gateway_settings(routing_file=stable), workdir / "gateway-untraced")  # "off"
+        traced = GatewayProcess(gateway_settings(tracing=True, routing_file=stable), workdir / "gateway-traced")
         source = _baseline_source(workdir)
-        baseline = _BaselineGateway(source[0], gateway_settings(), workdir / "gateway-baseline") \
+        baseline = _BaselineGateway(source[0], gateway_settings(routing_file=stable), workdir / "gateway-baseline") \
             if isinstance(source, tuple) else None
         naive = subprocess.Popen([sys.executable, "-m", "bench.serve", "naive",
                                   str(run_dir.stage_dir("train") / "model.pt"), str(naive_port)],
@@ -517,6 +521,8 @@ def _tracing_table(rounds: list[dict], source: tuple[Path, str] | str, exported:
                   "gateways' order rotating per round; comparisons are medians of each round's ratio or difference",
                   f"baseline code: {baseline} (${BASELINE_ENV} picks another git ref), run with its own uvicorn "
                   "command line",
+                  "all three gateways have a routing file naming the stable version, no canary (as `autoglm serve` "
+                  "runs them): versions resting, the gRPC relay passes frames as they came",
                   "tracing on: every request sampled, a server and a client span each, the traceparent sent to "
                   "Triton; spans batched over OTLP/HTTP to a collector in the benchmark's own process (its CPU "
                   "counted nowhere). Triton's own tracing is off here: Triton 2.51 crashes (SIGSEGV) within seconds "

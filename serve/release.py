@@ -25,7 +25,7 @@ from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.local_http import DIRECT, answers_ok
 from autoglm.releases import checked, commit, render_configs
 from autoglm.versions import check_version, version_dirs
-from serve.gateway.canary import POLL_S, Split, read_routing, splits, write_routing
+from serve.gateway.canary import POLL_S, Routing, Split, read_routing, splits, write_routing
 
 log = logging.getLogger("serve.release")
 SWITCH_WAIT_S = 4 * POLL_S + 0.2  # routing written -> every worker routes by it -> the old version may go
@@ -90,18 +90,25 @@ class Stack:
 
     def switch(self, new: dict[str, Split], weight: float, knobs: dict[str, Any] | None = None, **extra) -> None:
         """Move the models to ``new`` (stable and canary versions) without dropping a request: load what is new
-        beside what serves, route by the new split, wait for every worker to follow, then unload the rest."""
-        old = splits(read_routing(self.routing))
+        beside what serves, route by the new split, wait for every worker to follow, then unload the rest.
+        From before the load until after the unload the routing says ``settling``: every request names its
+        version meanwhile (gRPC messages too, see :mod:`serve.gateway.canary`)."""
+        state = read_routing(self.routing)
+        old = splits(state)
+        if not Routing.moving_in(state):  # the workers start naming versions before a second one loads
+            write_routing(self.routing, old, float(state.get("weight", 0.0)), settling=True)
+            time.sleep(SWITCH_WAIT_S)
         for model, split in new.items():
             before = old.get(model)
             serving = {before.stable, before.canary} - {None} if before else set()
             wanted = {split.stable, split.canary} - {None}
             if wanted - serving:
                 self.triton.serve_versions(model, sorted(serving | wanted))
-        write_routing(self.routing, {**old, **new}, weight, **extra)
+        write_routing(self.routing, {**old, **new}, weight, settling=True, **extra)
         time.sleep(SWITCH_WAIT_S)
         for model, split in new.items():
             self.triton.serve_versions(model, sorted({split.stable, split.canary} - {None}), knobs)
+        write_routing(self.routing, {**old, **new}, weight, settling=False)  # one version per model again
 
 
 def routing_models(repo: Path, served: list[str], version: int) -> list[str]:

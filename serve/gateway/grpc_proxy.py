@@ -141,8 +141,9 @@ class KServeProxy:
         return call
 
     def routes(self, call: Call) -> bool:
-        """Whether ``call`` carries inference messages whose version the routing picks."""
-        return call.admitted and self.gw.routing.path is not None
+        """Whether ``call`` carries inference messages whose version the routing picks: while versions move
+        (a canary, a switch); otherwise Triton holds only the stable version and they pass as they came."""
+        return call.admitted and self.gw.routing.versions_moving()
 
     def deadline(self, call: Call, client_timeout: float | None) -> float | None:
         """Seconds a call may wait for Triton's answer: None for a stream (its client's deadline rules)."""

@@ -113,7 +113,7 @@ class ClientSide(asyncio.Protocol):
                 if call is None:
                     self._credit(self.transport, end - pos - 9)
                 elif self.flow is not None:
-                    self._routed_data(stream_id, call, flags, buf[pos + 9:end], out)
+                    self._routed_data(stream_id, call, flags, buf[pos:end], out)
                 elif call.oversized(h2.unpadded(flags, buf[pos + 9:end]), self.proxy.max_message):
                     self._end(stream_id, Code.RESOURCE_EXHAUSTED, self.proxy.too_large(call.need), False, out)
                     self._credit(self.transport, end - pos - 9)
@@ -216,10 +216,10 @@ class ClientSide(asyncio.Protocol):
                 if block is not None:
                     self._response_headers(stream_id, block[0], block[1], out)
             elif self.flow is not None and kind == h2.WINDOW_UPDATE and (stream_id == 0 or stream_id in self.calls):
-                increment = self.flow.credited(stream_id, self.calls.get(stream_id),
-                                               int.from_bytes(buf[pos + 9:end], "big") & 0x7FFFFFFF)
+                got = int.from_bytes(buf[pos + 9:end], "big") & 0x7FFFFFFF
+                increment = self.flow.credited(stream_id, self.calls.get(stream_id), got)
                 if increment:
-                    out.append(h2.window_update(stream_id, increment))
+                    out.append(bytes(buf[pos:end]) if increment == got else h2.window_update(stream_id, increment))
                 credited = True
             elif stream_id == 0:
                 if kind == h2.SETTINGS and not flags & h2.ACK:
@@ -284,23 +284,27 @@ class ClientSide(asyncio.Protocol):
             self.transport.write(h2.grpc_status(stream_id, code, message, replied) + rst)
 
     # ---- with a routing file ---------------------------------------------------------------------
-    def _routed_data(self, stream_id: int, call: Call, flags: int, raw: bytearray, out: list) -> None:
-        """A client's DATA re-framed: its messages' versions written in (inference calls), padding dropped,
-        the difference in length kept on the books (:class:`~serve.gateway.grpc_versions.Windows`)."""
-        data, end = h2.unpadded(flags, raw), bool(flags & h2.END_STREAM)
+    def _routed_data(self, stream_id: int, call: Call, flags: int, frame: bytearray, out: list) -> None:
+        """A client's DATA frame counted against Triton's windows: as it came where it fits and no message of it
+        is rewritten; else re-framed, its messages' versions written in (inference calls while versions move),
+        padding dropped, the difference in length kept on the books (:class:`~serve.gateway.grpc_versions.Windows`)."""
+        data, end, length = h2.unpadded(flags, frame[9:]), bool(flags & h2.END_STREAM), len(frame) - 9
         if call.router is not None:
             payload = call.router.feed(data, end)
             size = call.router.size
         else:
-            payload = None if call.oversized(data, self.proxy.max_message) else bytes(data)
+            payload = None if call.oversized(data, self.proxy.max_message) else data
             size = call.need
         if payload is None:
             self._end(stream_id, Code.RESOURCE_EXHAUSTED, self.proxy.too_large(size), False, out)
-            self._credit(self.transport, len(raw))
+            self._credit(self.transport, length)
             return
         call.client_ended = end
-        self.flow.owe(stream_id, call, len(payload) - len(raw))
-        self.flow.send(stream_id, call, end, payload, out, self.calls)
+        if call.router is None and self.flow.passes(call, length):
+            out.append(bytes(frame))
+            return
+        self.flow.owe(stream_id, call, len(payload) - length)
+        self.flow.send(stream_id, call, end, bytes(payload), out, self.calls)
 
     def _credit_client(self, stream_id: int, increment: int) -> None:
         if not self.closed:

@@ -1,18 +1,21 @@
 """The canary split on the gRPC relay: a version written into each inference message, flow control kept exact.
 
 Triton sends a gRPC ``ModelInfer`` (or a ``ModelStreamInfer`` message) that names no ``model_version`` to the
-highest version it has loaded: during a canary, the canary. So where the routing file names the model, the relay
-writes the version the split picked (:class:`~serve.gateway.canary.Routing`, sticky per client as on HTTP) into
-the request message as field 2 (``model_version``). It goes in at the start of the message: a protobuf parser
-keeps the last value of a string field, so a client that names a version itself (anywhere) keeps it, and the
-message streams on without waiting for its end; only its head (the gRPC prefix and the first
-:data:`HEAD_LIMIT` bytes, where ``model_name`` and any ``model_version`` sit) is held where a frame cuts it. Messages the relay cannot read (compressed ones, a head in an
-unusual field order) pass unchanged, unversioned.
+highest version it has loaded: during a canary, the canary. So while versions move (a canary is on, or a release
+switches versions: :meth:`~serve.gateway.canary.Routing.versions_moving`) and the routing file names the model,
+the relay writes the version the split picked (sticky per client as on HTTP) into the request message as field 2
+(``model_version``). It goes in at the start of the message: a protobuf parser keeps the last value of a string
+field, so a client that names a version itself (anywhere) keeps it, and the message streams on without waiting
+for its end; only its head (the gRPC prefix and the first :data:`HEAD_LIMIT` bytes, where ``model_name`` and any
+``model_version`` sit) is held where a frame cuts it. Messages the relay cannot read (compressed ones, a head in
+an unusual field order) pass unchanged, unversioned. While versions rest, Triton holds only the stable version
+and frames pass as they came, only counted.
 
-A rewritten message is longer than what the client sent, so the relay keeps both sides' windows
-(:class:`Windows`): bytes the client sent are acknowledged to the client (Triton's WINDOW_UPDATEs are passed on
-less the bytes the relay added; bytes it dropped are credited at once), and bytes sent upstream count against
-Triton's connection and stream windows: DATA that does not fit waits for Triton's next WINDOW_UPDATE.
+A rewritten message is longer than what the client sent, so a connection with a routing file keeps both sides'
+windows from its start (:class:`Windows`): bytes the client sent are acknowledged to the client (Triton's
+WINDOW_UPDATEs are passed on less the bytes the relay added; bytes it dropped are credited at once), and bytes
+sent upstream count against Triton's connection and stream windows: DATA that does not fit waits for Triton's
+next WINDOW_UPDATE.
 """
 
 from __future__ import annotations
@@ -166,6 +169,15 @@ class Windows:
             for call in calls:
                 call.window += size - self.initial
             self.initial = size
+
+    def passes(self, call, length: int) -> bool:
+        """Whether a frame of ``length`` flow-controlled bytes may go as it came (nothing queued, it fits): then
+        it is counted against both windows."""
+        if self.queue or length > self.window or length > call.window:
+            return False
+        self.window -= length
+        call.window -= length
+        return True
 
     def send(self, stream_id: int, call, end: bool, payload: bytes, out: list, calls: dict) -> None:
         """DATA for Triton: into ``out`` as far as the windows allow, the rest queued in order."""

@@ -41,6 +41,18 @@ def test_routing_follows_the_file_within_its_poll_interval_and_survives_a_broken
     assert Routing(None).pick("m", None) is None  # no file configured: unversioned
 
 
+def test_versions_move_while_a_canary_is_on_or_a_switch_is_under_way(tmp_path):
+    path, now = tmp_path / "routing.json", [0.0]
+    routing = Routing(path, clock=lambda: now[0])
+    assert not routing.versions_moving()  # no file yet
+    for models, extra, moving in (({"m": Split(1)}, {}, False), ({"m": Split(1)}, {"settling": True}, True),
+                                  ({"m": Split(1, 2)}, {"settling": False}, True), ({"m": Split(2)}, {}, False)):
+        write_routing(path, models, 10.0, **extra)
+        now[0] += POLL_S * 1.5
+        assert routing.versions_moving() is moving, (models, extra)
+    assert not Routing(None).versions_moving()
+
+
 @pytest.mark.anyio
 async def test_the_gateway_addresses_versions_and_labels_its_metrics_by_version(tmp_path):
     path = tmp_path / "routing.json"

@@ -341,6 +341,22 @@ async def test_a_keyed_grpc_client_is_sticky_by_its_key(proxy, tmp_path):
     assert len(set(triton.versions)) == 1 and triton.versions[0] == str(gw.routing.pick("digits-fp32", b"ci")[0])
 
 
+async def test_with_no_canary_messages_pass_as_they_came_unless_a_switch_is_under_way(canary):
+    from serve.gateway.canary import POLL_S, Split, write_routing
+
+    gw, triton, address = canary
+    x = np.ones((1, 3), np.float32)
+    async with grpcclient.InferenceServerClient(address) as client:
+        write_routing(gw.routing.path, {"digits-fp32": Split(1)}, 0.0)  # one version loaded: nothing to choose
+        await asyncio.sleep(POLL_S * 1.5)
+        await client.infer("digits-fp32", digits_input(x))
+        write_routing(gw.routing.path, {"digits-fp32": Split(1)}, 0.0, settling=True)  # a second one may load
+        await asyncio.sleep(POLL_S * 1.5)
+        await client.infer("digits-fp32", digits_input(x))
+    assert triton.versions == ["", "1"]
+    assert version_requests(gw) == {("digits-fp32", "1", "stable", 200): 1}
+
+
 async def test_without_a_routing_file_messages_pass_unversioned(proxy):
     gw, triton, address = proxy
     async with grpcclient.InferenceServerClient(address) as client:
