@@ -238,10 +238,12 @@ def test_a_failing_canary_is_rolled_back_automatically(stack):
     failing = publish(run, FAILING_MODEL)
     start_canary(run, live, failing, 50.0)
     rules = CanarySettings(min_requests=10, window_s=5.0, check_every_s=0.2)
-    with Load(gateway, clients=2) as load:
+    with Load(gateway, clients=2, grpc=serving.gateway.grpc_url) as load:
         code = watch(run, live, rules, duration_s=30)
     assert code == ROLLED_BACK
-    assert load.statuses[200] > 0 and set(load.statuses) <= {200, 500, 502}  # the canary's failures, then none
+    grpc_failed = {k for k in load.statuses if isinstance(k, str) and k != "grpc OK"}
+    assert all("injected failure" in k for k in grpc_failed), grpc_failed  # gRPC calls reached the canary too
+    assert load.statuses[200] > 0 and set(load.statuses) - grpc_failed <= {200, 500, 502, "grpc OK"}
     state = read_routing(live.routing)
     assert state["models"][MODEL] == {"stable": 1, "canary": None} and "5xx" in state["auto_rollbacks"][-1]["reason"]
     metrics = get(f"{gateway}/metrics")[1].decode()
