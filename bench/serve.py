@@ -9,13 +9,15 @@ Triton direct (v2 binary tensors), the gateway's v2 passthrough (same bytes) and
 FastAPI process running the torch model per request. Energy is the estimate (server CPU-seconds × 10 W per core).
 
 Canary: a fourth gateway whose routing file sends 10% of the requests to version 2 of the same model (stable 1,
-both loaded), sticky per client where one is known, random here: its v2 and ``:predict`` rows beside the plain
-gateway's show what a 90/10 split costs per request.
+both loaded), sticky per client where one is known, random here: its v2, ``:predict`` and gRPC rows beside the
+plain gateway's show what a 90/10 split costs per request (on gRPC the relay writes the version into each
+message and keeps the flow-control books; without a routing file frames pass byte for byte).
 
 Tracing: the same v2 and gRPC requests through three gateways side by side, in alternating rounds: the
 code of the git ref ``$BENCH_SERVE_BASELINE`` (default ``HEAD``: the last commit against the working tree),
 this code with tracing off, and this code with tracing on, exporting to a collector in this process: three
-gateway processes started together, so none has served more than the others before the rounds. Triton's
+gateway processes started together, so none has served more than the others before the rounds. All three
+have a routing file naming the stable version (no canary), as ``autoglm serve`` runs them. Triton's
 own tracing stays off: the bundled 2.51 crashes when many concurrent requests are traced (see
 ``serve.triton.TritonTracing``), and what is measured here is the gateway's cost.
 """
@@ -47,6 +49,7 @@ V2_BEFORE, V2_OFF, V2_TRACED = "gateway v2, baseline code", "gateway v2, tracing
 GRPC_BEFORE, GRPC_OFF, GRPC_TRACED = ("gateway gRPC, baseline code", "gateway gRPC, tracing off",
                                       "gateway gRPC, tracing on")
 CANARY_V2, CANARY_PREDICT = "gateway v2, canary 90/10", "gateway :predict, canary 90/10"
+CANARY_GRPC = "gateway gRPC, canary 90/10"
 BASELINE_ENV = "BENCH_SERVE_BASELINE"  # the git ref whose gateway is the "before" of the tracing rows
 WATTS_PER_CORE = 10.0
 
@@ -233,10 +236,13 @@ def run(quick: bool) -> list[Table]:
         routing = workdir / "routing.json"  # stable 1, canary 2 for 10% of requests
         write_routing(routing, {"digits-fp32": Split(1, 2)}, 10.0)
         canary = GatewayProcess(gateway_settings(routing_file=routing), workdir / "gateway-canary")
-        untraced = GatewayProcess(gateway_settings(), workdir / "gateway-untraced")  # the tracing rows' "off"
-        traced = GatewayProcess(gateway_settings(tracing=True), workdir / "gateway-traced")
+        # the tracing rows' gateways run as `autoglm serve` runs them: a routing file naming the stable version
+        stable = workdir / "routing-stable.json"
+        write_routing(stable, {"digits-fp32": Split(1), "digits-fp32-nobatch": Split(1)}, 0.0)
+        untraced = GatewayProcess(gateway_settings(routing_file=stable), workdir / "gateway-untraced")  # "off"
+        traced = GatewayProcess(gateway_settings(tracing=True, routing_file=stable), workdir / "gateway-traced")
         source = _baseline_source(workdir)
-        baseline = _BaselineGateway(source[0], gateway_settings(), workdir / "gateway-baseline") \
+        baseline = _BaselineGateway(source[0], gateway_settings(routing_file=stable), workdir / "gateway-baseline") \
             if isinstance(source, tuple) else None
         naive = subprocess.Popen([sys.executable, "-m", "bench.serve", "naive",
                                   str(run_dir.stage_dir("train") / "model.pt"), str(naive_port)],
@@ -268,6 +274,8 @@ def run(quick: bool) -> list[Table]:
                             {"triton": triton.pid, "gateway": canary.pid}, "digits-fp32"),
                 CANARY_PREDICT: (f"{canary.url}/v1/models/digits:predict", "predict",
                                  {"triton": triton.pid, "gateway": canary.pid}, "digits-fp32"),
+                CANARY_GRPC: (f"grpc://{canary.grpc_url}", "grpc", {"triton": triton.pid, "gateway": canary.pid},
+                              "digits-fp32"),
             }
             main_targets = list(targets)
             for v2, grpc, proc in ((V2_BEFORE, GRPC_BEFORE, baseline), (V2_OFF, GRPC_OFF, untraced),
@@ -290,7 +298,7 @@ def run(quick: bool) -> list[Table]:
             # The goals' ratios again, alternating direct and gateway in short rounds: on a shared machine
             # the median of adjacent pairs is steadier than one pair.
             rounds = [{(name, c): measure(name, c, duration * 2 / 3) for c in (1, 32)
-                       for name in (DIRECT, V2, PREDICT, GRPC_DIRECT, GRPC, CANARY_V2, CANARY_PREDICT)}
+                       for name in (DIRECT, V2, PREDICT, GRPC_DIRECT, GRPC, CANARY_V2, CANARY_PREDICT, CANARY_GRPC)}
                       for _ in range(3 if quick else 5)]
             split = _canary_share(canary.url)
             tracing_rounds = [{k: v for group in ((V2_BEFORE, V2_OFF, V2_TRACED), (GRPC_BEFORE, GRPC_OFF, GRPC_TRACED))
@@ -464,7 +472,8 @@ def _tables(results: dict, rounds: list[dict], duration: float, triton_start: fl
            f"{med([rd[(t, 32)]['cpu_us']['gateway'] for rd in rounds]):.0f} µs vs "
            f"{med([rd[(b, 32)]['cpu_us']['gateway'] for rd in rounds]):.0f} µs; "
            f"{spread([rd[(t, 1)]['p50'] - rd[(b, 1)]['p50'] for rd in rounds], ms)}", "reported"]
-          for route, t, b in (("v2", CANARY_V2, V2), (":predict", CANARY_PREDICT, PREDICT))],
+          for route, t, b in (("v2", CANARY_V2, V2), (":predict", CANARY_PREDICT, PREDICT),
+                              ("gRPC", CANARY_GRPC, GRPC))],
         ["dynamic batching on / off, throughput @32", ratio(r(DIRECT, 32), r(NO_BATCHING, 32)), ""],
         *[[f"AutoGLM :predict / naive FastAPI + torch, throughput @{c}", ratio(r(PREDICT, c), r(NAIVE, c)), ""]
           for c in CONCURRENCY],
@@ -473,8 +482,8 @@ def _tables(results: dict, rounds: list[dict], duration: float, triton_start: fl
     ]
     return [main, Table("Ratios", ["comparison", "value", "goal"], ratios,
                         ["throughput and p50 goals: medians of alternating short rounds (direct, gateway v2, "
-                         ":predict, gRPC direct, gateway gRPC, and the canary gateway's v2 and :predict); the other "
-                         "ratios come from adjacent cells of the table above",
+                         ":predict, gRPC direct, gateway gRPC, and the canary gateway's v2, :predict and gRPC); the "
+                         "other ratios come from adjacent cells of the table above",
                          f"the canary gateway's split over the whole run (random: no client key): {split}"])]
 
 
@@ -512,6 +521,8 @@ def _tracing_table(rounds: list[dict], source: tuple[Path, str] | str, exported:
                   "gateways' order rotating per round; comparisons are medians of each round's ratio or difference",
                   f"baseline code: {baseline} (${BASELINE_ENV} picks another git ref), run with its own uvicorn "
                   "command line",
+                  "all three gateways have a routing file naming the stable version, no canary (as `autoglm serve` "
+                  "runs them): versions resting, the gRPC relay passes frames as they came",
                   "tracing on: every request sampled, a server and a client span each, the traceparent sent to "
                   "Triton; spans batched over OTLP/HTTP to a collector in the benchmark's own process (its CPU "
                   "counted nowhere). Triton's own tracing is off here: Triton 2.51 crashes (SIGSEGV) within seconds "

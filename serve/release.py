@@ -25,7 +25,7 @@ from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.local_http import DIRECT, answers_ok
 from autoglm.releases import checked, commit, render_configs
 from autoglm.versions import check_version, version_dirs
-from serve.gateway.canary import POLL_S, Split, read_routing, splits, write_routing
+from serve.gateway.canary import POLL_S, Routing, Split, read_routing, splits, write_routing
 
 log = logging.getLogger("serve.release")
 SWITCH_WAIT_S = 4 * POLL_S + 0.2  # routing written -> every worker routes by it -> the old version may go
@@ -90,36 +90,43 @@ class Stack:
 
     def switch(self, new: dict[str, Split], weight: float, knobs: dict[str, Any] | None = None, **extra) -> None:
         """Move the models to ``new`` (stable and canary versions) without dropping a request: load what is new
-        beside what serves, route by the new split, wait for every worker to follow, then unload the rest."""
-        old = splits(read_routing(self.routing))
+        beside what serves, route by the new split, wait for every worker to follow, then unload the rest.
+        From before the load until after the unload the routing says ``settling``: every request names its
+        version meanwhile (gRPC messages too, see :mod:`serve.gateway.canary`)."""
+        state = read_routing(self.routing)
+        old = splits(state)
+        if not Routing.moving_in(state):  # the workers start naming versions before a second one loads
+            write_routing(self.routing, old, float(state.get("weight", 0.0)), settling=True)
+            time.sleep(SWITCH_WAIT_S)
         for model, split in new.items():
             before = old.get(model)
             serving = {before.stable, before.canary} - {None} if before else set()
             wanted = {split.stable, split.canary} - {None}
             if wanted - serving:
                 self.triton.serve_versions(model, sorted(serving | wanted))
-        write_routing(self.routing, {**old, **new}, weight, **extra)
+        write_routing(self.routing, {**old, **new}, weight, settling=True, **extra)
         time.sleep(SWITCH_WAIT_S)
         for model, split in new.items():
             self.triton.serve_versions(model, sorted({split.stable, split.canary} - {None}), knobs)
+        write_routing(self.routing, {**old, **new}, weight, settling=False)  # one version per model again
 
 
-def routing_models(repo: Path, served: list[str], version: int, generate: str | None = None) -> list[str]:
-    """The served models that have ``version`` (but ``generate``: the generation model is no canary, it streams
-    from the stable version)."""
+def routing_models(repo: Path, served: list[str], version: int) -> list[str]:
+    """The served models that have ``version``: the generation model too (``:generate``, ``:score`` and the
+    OpenAI routes follow the same split as inference)."""
     have = {d.parent.name for d in version_dirs(repo, version, served)}
-    return sorted(m for m in served if m in have and m != generate)
+    return sorted(m for m in served if m in have)
 
 
 def start_canary(run: RunDir, stack: Stack, version: int, weight: float) -> dict[str, Split]:
     """Serve ``version`` beside the stable one for ``weight`` percent of requests (after checking its files)."""
-    _, repo, task_info, lineage = checked(run)
+    _, repo, _, lineage = checked(run)
     check_version(repo, lineage, version)
     stable = lineage["stable"]
     if version == stable:
         raise ConfigError(f"version {version} is the stable version already: canary another one (versions: "
                           f"{', '.join(sorted(lineage['versions'], key=int))})")
-    models = routing_models(repo, stack.models, version, task_info.get("generate"))
+    models = routing_models(repo, stack.models, version)
     if not models:
         raise ConfigError(f"no served model has version {version}: canary a version compress or a write-back made")
     new = {m: Split(stable, version) for m in models}

@@ -77,9 +77,12 @@ class RouteMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", "other")
-            gateway_of(scope["app"]).metrics.observe(label, status, time.perf_counter() - started)
+            route, elapsed = scope.get("route"), time.perf_counter() - started
+            metrics = gateway_of(scope["app"]).metrics
+            metrics.observe(getattr(route, "path", "other"), status, elapsed)
+            picked = scope.get("autoglm.version")  # (model, version, role): a generation's canary split
+            if picked is not None:
+                metrics.observe_version(*picked, status, elapsed)
 
 
 def _error(status: int, headers, message: str, path: str = "", param: str | None = None,

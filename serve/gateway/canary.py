@@ -6,11 +6,17 @@ The release commands (:mod:`serve.release`) write the routing file (``serve/rout
 
 and every gateway worker re-reads it when it changes (a ``stat`` at most every :data:`POLL_S`), so one write
 switches the whole gateway, however many workers it has. A request for a model the file names is addressed to
-Triton as ``/v2/models/<model>/versions/<v>/infer``: with a canary loaded, Triton itself would send unversioned
-requests to the highest version. Without a routing file requests go out unversioned, as before.
+Triton as ``/v2/models/<model>/versions/<v>/infer`` (a gRPC message gets ``model_version``, see
+:mod:`serve.gateway.grpc_versions`): with a canary loaded, Triton itself would send unversioned requests to the
+highest version. Without a routing file requests go out unversioned, as before.
 
 The split is sticky per client where a client is known (its API key, else the ``client_header``): the client's
 hash picks the same version on every worker and every request. Other requests pick at random.
+
+Versions are *moving* while a canary is on or while the release commands switch versions (``"settling": true``
+in the file, from before a new version loads until the old one has unloaded): only then may Triton hold more
+than one version of a model. The gRPC relay reads messages to write their version only then; at other times
+Triton holds exactly the stable version and messages pass as they came.
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ class Routing:
         self.path, self.clock = (Path(path) if path else None), clock
         self.client_header = client_header.lower().encode()
         self.splits: dict[str, Split] = {}
-        self.weight = 0.0
+        self.weight, self.moving = 0.0, False
         self.state: dict = {}
         self._checked, self._stamp = float("-inf"), None
         self.refresh()
@@ -98,6 +104,7 @@ class Routing:
         try:
             state = read_routing(self.path) if st else {}
             self.splits, self.weight = splits(state), float(state.get("weight", 0.0))
+            self.moving = self.moving_in(state)
             self.state, self._stamp = state, stamp
         except (ValueError, KeyError, TypeError, OSError) as exc:
             log.error("routing file %s cannot be read (%s): keeping the last routing", self.path, exc)
@@ -113,6 +120,19 @@ class Routing:
         """(version, role) for a request to ``model``; None where the routing names no version for it."""
         split = self._split(model)
         return split.pick(self.weight, client) if split is not None else None
+
+    @staticmethod
+    def moving_in(state: dict) -> bool:
+        """Whether the routing file's ``state`` has versions moving: a canary, or a switch under way."""
+        return bool(state.get("settling")) or any(v.get("canary") is not None for v in state.get("models", {}).values())
+
+    def versions_moving(self) -> bool:
+        """Whether a model may have more than one version loaded now: a canary, or a switch under way."""
+        if self.path is None:
+            return False
+        if self.clock() - self._checked > POLL_S:
+            self.refresh()
+        return self.moving
 
     def stable(self, model: str) -> int | None:
         """The stable version of ``model`` (None: no routing for it)."""

@@ -56,6 +56,11 @@ REFUSED = {
 GRPC_CODES = {400: Code.INVALID_ARGUMENT, 401: Code.UNAUTHENTICATED, 404: Code.NOT_FOUND,
               408: Code.DEADLINE_EXCEEDED, 413: Code.RESOURCE_EXHAUSTED, 429: Code.RESOURCE_EXHAUSTED,
               499: Code.CANCELLED, 503: Code.UNAVAILABLE, 504: Code.DEADLINE_EXCEEDED}
+HTTP_STATUS = {Code.OK: 200, Code.CANCELLED: 499, Code.UNKNOWN: 500, Code.INVALID_ARGUMENT: 400,  # as grpc-gateway
+               Code.DEADLINE_EXCEEDED: 504, Code.NOT_FOUND: 404, Code.ALREADY_EXISTS: 409, Code.PERMISSION_DENIED: 403,
+               Code.RESOURCE_EXHAUSTED: 429, Code.FAILED_PRECONDITION: 400, Code.ABORTED: 409, Code.OUT_OF_RANGE: 400,
+               Code.UNIMPLEMENTED: 501, Code.INTERNAL: 500, Code.UNAVAILABLE: 503, Code.DATA_LOSS: 500,
+               Code.UNAUTHENTICATED: 401}
 _TRITON_FAILURES = {Code.UNAVAILABLE: "unavailable", Code.DEADLINE_EXCEEDED: "timeout",
                     Code.INTERNAL: "status_5xx", Code.UNKNOWN: "status_5xx"}
 
@@ -71,12 +76,16 @@ class Answer(Exception):
 class Call:
     """One relayed call: what it is counted as, and the relay's per-stream state."""
 
-    __slots__ = ("route", "admitted", "started", "timer", "need", "head", "replied", "client_ended", "spans")
+    __slots__ = ("route", "admitted", "started", "timer", "need", "head", "replied", "client_ended", "spans",
+                 "caller", "router", "window", "debt")
 
     def __init__(self, route: str, admitted: bool):
         self.route, self.admitted, self.started = route, admitted, time.perf_counter()
         self.timer, self.need, self.head, self.replied, self.client_ended = None, 0, b"", False, False
         self.spans = None  # its OpenTelemetry spans while tracing is on (serve.gateway.tracing)
+        self.caller = None  # the API key's name (bytes) where keys are set: the canary split's client
+        self.router = None  # with a routing file: the version written into its messages (serve.gateway.grpc_versions)
+        self.window = self.debt = 0  # with a routing file: Triton's window for it, credits the relay added
 
     def oversized(self, payload: bytes, limit: int) -> bool:
         """Whether the next DATA ``payload`` starts a message above ``limit`` bytes: follows the gRPC
@@ -120,16 +129,21 @@ class KServeProxy:
             raise Answer(*REFUSED[name], call)
         if name not in OPEN:
             try:
-                if name in KEYED:
-                    self.guard.check(authorization, client)
-                else:
+                caller = self.guard.check(authorization, client) if name in KEYED else \
                     self.guard.admit(authorization, client)
             except Refused as exc:
                 status, _, message = self.gw.refusal(exc)
                 call.admitted = False
                 raise Answer(GRPC_CODES.get(status, Code.UNAVAILABLE if status >= 500 else Code.INVALID_ARGUMENT),
                              message, call) from None
+            if caller.name != "anonymous":
+                call.caller = caller.name.encode()
         return call
+
+    def routes(self, call: Call) -> bool:
+        """Whether ``call`` carries inference messages whose version the routing picks: while versions move
+        (a canary, a switch); otherwise Triton holds only the stable version and they pass as they came."""
+        return call.admitted and self.gw.routing.versions_moving()
 
     def deadline(self, call: Call, client_timeout: float | None) -> float | None:
         """Seconds a call may wait for Triton's answer: None for a stream (its client's deadline rules)."""
@@ -153,7 +167,11 @@ class KServeProxy:
         code = Code(code) if 0 <= code <= 16 else Code.UNKNOWN
         if upstream and code in _TRITON_FAILURES:
             self.metrics.triton_error(_TRITON_FAILURES[code])
-        self.metrics.observe(call.route, code.name, time.perf_counter() - call.started)
+        elapsed = time.perf_counter() - call.started
+        self.metrics.observe(call.route, code.name, elapsed)
+        if call.router is not None:  # per version, with the HTTP status the code maps to (5xx: the version's errors)
+            for model, version, role in call.router.seen:
+                self.metrics.observe_version(model, version, role, HTTP_STATUS[code], elapsed)
         if call.spans is not None:
             self.tracing.grpc_end(call.spans, code)
             call.spans = None

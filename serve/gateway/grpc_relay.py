@@ -3,7 +3,9 @@
 Why not grpcio: its Python stack (a server call plus a client call per request) cost the gateway
 ≈550 µs of CPU per request; this relay costs a frame parse and three small header blocks (≈70–120 µs
 on 2 shared cores). Streams keep their ids on both connections, so DATA, WINDOW_UPDATE, PING, SETTINGS
-and GOAWAY frames pass byte for byte and flow control and settings stay the peers' own, end to end.
+and GOAWAY frames pass byte for byte and flow control and settings stay the peers' own, end to end. With a
+routing file (a canary split), inference messages get the version the split picks written in, so DATA is
+re-framed and the relay keeps the flow-control books in between (:mod:`serve.gateway.grpc_versions`).
 Header blocks are decoded (each side's HPACK state followed) and re-written without dynamic-table
 state (:mod:`serve.gateway.header_blocks`): requests lose their ``authorization`` (and, with tracing on,
 carry the gateway's ``traceparent`` in place of the caller's), responses' trailers give the metrics their status.
@@ -19,6 +21,7 @@ import asyncio
 
 from serve.gateway import http2 as h2
 from serve.gateway.grpc_proxy import Answer, Call, Code, KServeProxy
+from serve.gateway.grpc_versions import MessageRouter, Windows
 from serve.gateway.header_blocks import Decoder, HeaderBlockError, encode
 
 
@@ -33,6 +36,9 @@ class ClientSide(asyncio.Protocol):
         self.blocks: dict[bool, tuple[int, int, bytearray]] = {}  # a header block awaiting CONTINUATION, per side
         self.transport = self.upstream = None
         self.preface, self.standalone, self.closed, self.last_stream, self.client = True, "", False, 0, ""
+        # with a routing file, DATA is re-framed (a version written into inference messages) and the windows kept;
+        # without one, frames pass byte for byte
+        self.flow = Windows(self._credit_client) if proxy.gw.routing.path is not None else None
 
     # ---- connections -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:
@@ -106,6 +112,8 @@ class ClientSide(asyncio.Protocol):
                 call = self.calls.get(stream_id)
                 if call is None:
                     self._credit(self.transport, end - pos - 9)
+                elif self.flow is not None:
+                    self._routed_data(stream_id, call, flags, buf[pos:end], out)
                 elif call.oversized(h2.unpadded(flags, buf[pos + 9:end]), self.proxy.max_message):
                     self._end(stream_id, Code.RESOURCE_EXHAUSTED, self.proxy.too_large(call.need), False, out)
                     self._credit(self.transport, end - pos - 9)
@@ -177,6 +185,11 @@ class ClientSide(asyncio.Protocol):
             return self.close()
         call.client_ended = end_stream
         self.calls[stream_id] = call
+        if self.flow is not None:
+            call.window = self.flow.initial
+            if self.proxy.routes(call):
+                client = call.caller or next((v for n, v in fields if n == self.proxy.gw.routing.client_header), None)
+                call.router = MessageRouter(self.proxy.gw.routing, client, self.proxy.max_message)
         delay = self.proxy.deadline(call, timeout and h2.grpc_timeout(timeout))
         if delay is not None:
             call.timer = asyncio.get_running_loop().call_later(delay, self._expire, stream_id)
@@ -189,7 +202,7 @@ class ClientSide(asyncio.Protocol):
 
     # ---- Triton → client ---------------------------------------------------------------------------
     def from_upstream(self, data: bytes) -> None:
-        buf, out = self.outbound, []
+        buf, out, credited = self.outbound, [], False
         buf += data
         frames, done = h2.frames(buf)
         for kind, flags, stream_id, pos, end in frames:
@@ -202,9 +215,18 @@ class ClientSide(asyncio.Protocol):
                 block = self._block(True, kind, flags, stream_id, buf[pos + 9:end])
                 if block is not None:
                     self._response_headers(stream_id, block[0], block[1], out)
+            elif self.flow is not None and kind == h2.WINDOW_UPDATE and (stream_id == 0 or stream_id in self.calls):
+                got = int.from_bytes(buf[pos + 9:end], "big") & 0x7FFFFFFF
+                increment = self.flow.credited(stream_id, self.calls.get(stream_id), got)
+                if increment:
+                    out.append(bytes(buf[pos:end]) if increment == got else h2.window_update(stream_id, increment))
+                credited = True
             elif stream_id == 0:
                 if kind == h2.SETTINGS and not flags & h2.ACK:
                     self._table_size(self.requests, buf[pos + 9:end])
+                    if self.flow is not None:
+                        self.flow.settings(bytes(buf[pos + 9:end]), self.calls.values())
+                        credited = True
                 out.append(bytes(buf[pos:end]))
             elif kind == h2.RST_STREAM:
                 call = self.calls.pop(stream_id, None)
@@ -218,6 +240,11 @@ class ClientSide(asyncio.Protocol):
         del buf[:done]
         if out and not self.closed:
             self.transport.write(b"".join(out))
+        if credited and self.flow.queue and self.upstream is not None:  # queued DATA that fits now
+            sent = []
+            self.flow.flush(sent, self.calls)
+            if sent:
+                self.upstream.write(b"".join(sent))
 
     def _response_headers(self, stream_id: int, flags: int, block: bytes, out: list) -> None:
         try:
@@ -255,6 +282,33 @@ class ClientSide(asyncio.Protocol):
         if not self.closed:
             rst = b"" if client_ended else h2.rst_stream(stream_id, h2.NO_ERROR)  # stop sending: no one reads
             self.transport.write(h2.grpc_status(stream_id, code, message, replied) + rst)
+
+    # ---- with a routing file ---------------------------------------------------------------------
+    def _routed_data(self, stream_id: int, call: Call, flags: int, frame: bytearray, out: list) -> None:
+        """A client's DATA frame counted against Triton's windows: as it came where it fits and no message of it
+        is rewritten; else re-framed, its messages' versions written in (inference calls while versions move),
+        padding dropped, the difference in length kept on the books (:class:`~serve.gateway.grpc_versions.Windows`)."""
+        data, end, length = h2.unpadded(flags, frame[9:]), bool(flags & h2.END_STREAM), len(frame) - 9
+        if call.router is not None:
+            payload = call.router.feed(data, end)
+            size = call.router.size
+        else:
+            payload = None if call.oversized(data, self.proxy.max_message) else data
+            size = call.need
+        if payload is None:
+            self._end(stream_id, Code.RESOURCE_EXHAUSTED, self.proxy.too_large(size), False, out)
+            self._credit(self.transport, length)
+            return
+        call.client_ended = end
+        if call.router is None and self.flow.passes(call, length):
+            out.append(bytes(frame))
+            return
+        self.flow.owe(stream_id, call, len(payload) - length)
+        self.flow.send(stream_id, call, end, bytes(payload), out, self.calls)
+
+    def _credit_client(self, stream_id: int, increment: int) -> None:
+        if not self.closed:
+            self.transport.write(h2.window_update(stream_id, increment))
 
     # ---- frame helpers -----------------------------------------------------------------------------
     def _block(self, side: bool, kind: int, flags: int, stream_id: int, payload) -> tuple[int, bytes] | None:

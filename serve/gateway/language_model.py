@@ -105,21 +105,23 @@ def check_generate(gw: Gateway, req: GenerateRequest, special_tokens: bool = Tru
 Piece = tuple[str, int, str]  # (text to show, tokens so far, finish reason or "")
 
 
-async def kv_decode(gw: Gateway, model: str, req: GenerateRequest, prompt_ids: np.ndarray) -> AsyncIterator[Piece]:
-    """Generation in Triton's KV-cache model: one streamed response per token, batched with others there."""
+async def kv_decode(gw: Gateway, model: str, req: GenerateRequest, prompt_ids: np.ndarray,
+                    version: int | None = None) -> AsyncIterator[Piece]:
+    """Generation in Triton's KV-cache model (``version`` of it): one streamed response per token, batched with
+    others there."""
     payload = {"input_ids": prompt_ids.tolist(), "max_new_tokens": req.max_new_tokens, "temperature": req.temperature,
                "top_k": req.top_k or 0, "top_p": req.top_p or 1.0, "seed": -1 if req.seed is None else req.seed}
     if req.stop:
         payload["stop"] = req.stop
     tokens = 0
-    async for event in gw.stream(model, payload):  # one event per Triton response: one or more tokens
+    async for event in gw.stream(model, payload, version):  # one event per Triton response: one or more tokens
         ids = event.get("token_ids", [])
         tokens += len(ids) if isinstance(ids, list) else 1  # Triton writes a one-element array as a scalar
         yield event.get("text", ""), tokens, event.get("finish_reason", "")
 
 
-async def recompute_decode(gw: Gateway, model: str, req: GenerateRequest,
-                           prompt_ids: np.ndarray) -> AsyncIterator[Piece]:
+async def recompute_decode(gw: Gateway, model: str, req: GenerateRequest, prompt_ids: np.ndarray,
+                           version: int | None = None) -> AsyncIterator[Piece]:
     """Generation without a cache (models without decode graphs): one Triton request per token over the
     last block_size tokens, so concurrent generations meet in Triton's dynamic batches."""
     meta, spec, table = gw.catalog.metadata, gw.catalog.io, gw.catalog.codec.table
@@ -130,7 +132,7 @@ async def recompute_decode(gw: Gateway, model: str, req: GenerateRequest,
     name, out_name = spec["inputs"][0]["name"], spec["outputs"][0]["name"]
     for n in range(1, req.max_new_tokens + 1):
         context = np.asarray([ids[-block:]], dtype=np.int64)  # (1, T<=block)
-        logits = (await gw.infer(model, {name: context}, (out_name,)))[out_name]  # (1, T, V)
+        logits = (await gw.infer(model, {name: context}, (out_name,), version))[out_name]  # (1, T, V)
         token = sampler(logits[0, -1])
         ids.append(token)
         eos, done = token in table.eos_ids, n == req.max_new_tokens or token in table.eos_ids
@@ -141,17 +143,21 @@ async def recompute_decode(gw: Gateway, model: str, req: GenerateRequest,
         yield (text + stops.flush(), n, "length") if done else (text, n, "")
 
 
-def decoder(gw: Gateway, name: str, model: str):
-    """The task's KV-cache model when asked by task name and compress built one, else recomputation."""
+def decoder(gw: Gateway, name: str, model: str, scope: dict | None = None):
+    """(Triton model, decode) for ``name``: the task's KV-cache model when asked by task name and compress built
+    one, else recomputation; decode runs the version the routing picks for the request's ``scope`` (its canary
+    split, as on inference routes; the stable version where no scope is given)."""
     use_cache = gw.catalog.generate and (name == gw.catalog.task or model == gw.catalog.generate)
-    return (gw.catalog.generate, kv_decode) if use_cache else (model, recompute_decode)
+    model, decode = (gw.catalog.generate, kv_decode) if use_cache else (model, recompute_decode)
+    version = gw.version_for(model, scope) if scope is not None else None
+    return model, lambda gw, model, req, prompt_ids: decode(gw, model, req, prompt_ids, version)
 
 
 async def generate(gw: Gateway, name: str, model: str, req: GenerateRequest,
-                   prompt_ids: np.ndarray | None = None) -> GenerateResponse:
+                   prompt_ids: np.ndarray | None = None, scope: dict | None = None) -> GenerateResponse:
     """The whole continuation at once (of ``prompt_ids``, where the caller encoded the prompt already)."""
     prompt_ids = check_generate(gw, req) if prompt_ids is None else prompt_ids
-    model, decode = decoder(gw, name, model)
+    model, decode = decoder(gw, name, model, scope)
     text, tokens, reason = [], 0, ""
     async for piece, tokens, reason in decode(gw, model, req, prompt_ids):
         text.append(piece)
@@ -192,11 +198,11 @@ def stream_failure(exc: Exception, deadline_s: float) -> str:
 
 
 async def generate_events(gw: Gateway, name: str, model: str, req: GenerateRequest, prompt_ids: np.ndarray,
-                          deadline_s: float) -> AsyncIterator[bytes]:
+                          deadline_s: float, scope: dict | None = None) -> AsyncIterator[bytes]:
     """Server-Sent Events: ``{"delta": new text, "tokens": generated so far}`` as text arrives (a delta holds
     the tokens of one step, or of several when the model coalesces them), then the summary ``{"model",
     "text", "tokens", "finish_reason"}`` (or an ``error`` event)."""
-    model, decode = decoder(gw, name, model)
+    model, decode = decoder(gw, name, model, scope)
     text, tokens, reason = [], 0, ""
     try:
         async for piece, tokens, reason in timed_pieces(gw, model, decode, req, prompt_ids, deadline_s):
@@ -218,8 +224,9 @@ def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(-np.take_along_axis(logp, targets[..., None], axis=-1).sum())
 
 
-async def score(gw: Gateway, model: str, req: ScoreRequest) -> ScoreResponse:
-    """Loss and perplexity of ``text``: every token after the first predicted from its window."""
+async def score(gw: Gateway, model: str, req: ScoreRequest, scope: dict | None = None) -> ScoreResponse:
+    """Loss and perplexity of ``text``: every token after the first predicted from its window (in the version the
+    routing picks for the request's ``scope``)."""
     if len(req.text) > gw.settings.max_score_chars:
         raise BadInput(f"text of {len(req.text)} characters is above the limit of {gw.settings.max_score_chars}",
                        413)
@@ -229,6 +236,7 @@ async def score(gw: Gateway, model: str, req: ScoreRequest) -> ScoreResponse:
     if len(ids) < 2:
         raise BadInput(f"the text is {len(ids)} token(s): scoring needs at least 2", 422)
     x, y = ids[:-1], ids[1:]
+    version = gw.version_for(model, scope) if scope is not None else None
     name, out_name = spec["inputs"][0]["name"], spec["outputs"][0]["name"]
     max_batch = max(1, (await gw.signature(model)).max_batch_size)
     full = len(x) // block
@@ -238,7 +246,7 @@ async def score(gw: Gateway, model: str, req: ScoreRequest) -> ScoreResponse:
         batches.append((x[full * block:][None], y[full * block:][None]))
     total = 0.0
     for bx, by in batches:  # (B, T) windows, each predicted from its own context only
-        logits = (await gw.infer(model, {name: np.ascontiguousarray(bx)}, (out_name,)))[out_name]
+        logits = (await gw.infer(model, {name: np.ascontiguousarray(bx)}, (out_name,), version))[out_name]
         total += cross_entropy_sum(logits, by)
     loss = total / len(y)
     return ScoreResponse(model=model, loss=loss, perplexity=math.exp(min(loss, 700)), tokens=len(y))

@@ -168,11 +168,12 @@ def completion_body(name: str, chat: bool, reply: GenerateResponse, prompt_token
 
 
 async def completion_chunks(gw: Gateway, name: str, model: str, gen: GenerateRequest, prompt_ids: np.ndarray,
-                            chat: bool, include_usage: bool, deadline_s: float) -> AsyncIterator[bytes]:
+                            chat: bool, include_usage: bool, deadline_s: float,
+                            scope: dict | None = None) -> AsyncIterator[bytes]:
     """The answer as OpenAI's Server-Sent Events: a chunk per text delta (a chat's first chunk carries the
     role), one with the ``finish_reason``, the usage chunk if asked, then ``data: [DONE]``. A failure once
     streaming is reported as an ``{"error": ...}`` event, which the SDK raises as ``openai.APIError``."""
-    model, decode = language_model.decoder(gw, name, model)
+    model, decode = language_model.decoder(gw, name, model, scope)
     head = _head(name, chat, True)
     if include_usage:
         head["usage"] = None  # every chunk says it has no usage, but the last

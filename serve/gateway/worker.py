@@ -155,10 +155,11 @@ class Gateway:
                 out.append((name, got[name]))
         return response.status, tuple(out), response.body
 
-    def version_for(self, model: str, scope: dict, headers: dict) -> int | None:
+    def version_for(self, model: str, scope: dict, headers: dict | None = None) -> int | None:
         """The version of ``model`` this request goes to (None: unversioned, no routing for it), kept in ``scope``
         for the per-version metrics. Sticky per client: its API key's name where keys are set, else the client
-        header."""
+        header (``headers``: the scope's, as a dict)."""
+        headers = dict(scope["headers"]) if headers is None else headers
         caller = scope.get("autoglm.caller")
         client = caller.name.encode() if caller is not None and caller.name != "anonymous" else \
             headers.get(self.routing.client_header)
@@ -192,14 +193,15 @@ class Gateway:
             self.metrics.triton_error("bad_response")
             raise
 
-    async def stream(self, model: str, payload: dict) -> AsyncIterator[dict]:
-        """Triton's ``generate_stream`` for ``model``: each Server-Sent Event's JSON, as it arrives.
+    async def stream(self, model: str, payload: dict, version: int | None = None) -> AsyncIterator[dict]:
+        """Triton's ``generate_stream`` for ``model`` (``version``; by default the stable one): each Server-Sent
+        Event's JSON, as it arrives.
 
         Refused before the first event maps like :meth:`call` (Triton's 400 -> 422 naming the input,
         unless the model failed; a full model -> 503); an error event mid-stream raises Refused(502); a
         reply that is not a well-formed event stream (a malformed event, one cut off) raises Refused(502).
         """
-        target = self.target(model, b"generate_stream")
+        target = self.target(model, b"generate_stream", version)
         timeout = self.settings.request_timeout_s
         try:
             async with self.pool.stream(b"POST", target, orjson.dumps(payload), (JSON,), timeout) as reply:

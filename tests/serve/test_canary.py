@@ -41,6 +41,18 @@ def test_routing_follows_the_file_within_its_poll_interval_and_survives_a_broken
     assert Routing(None).pick("m", None) is None  # no file configured: unversioned
 
 
+def test_versions_move_while_a_canary_is_on_or_a_switch_is_under_way(tmp_path):
+    path, now = tmp_path / "routing.json", [0.0]
+    routing = Routing(path, clock=lambda: now[0])
+    assert not routing.versions_moving()  # no file yet
+    for models, extra, moving in (({"m": Split(1)}, {}, False), ({"m": Split(1)}, {"settling": True}, True),
+                                  ({"m": Split(1, 2)}, {"settling": False}, True), ({"m": Split(2)}, {}, False)):
+        write_routing(path, models, 10.0, **extra)
+        now[0] += POLL_S * 1.5
+        assert routing.versions_moving() is moving, (models, extra)
+    assert not Routing(None).versions_moving()
+
+
 @pytest.mark.anyio
 async def test_the_gateway_addresses_versions_and_labels_its_metrics_by_version(tmp_path):
     path = tmp_path / "routing.json"
@@ -145,3 +157,35 @@ def test_release_commands_switch_the_stable_version_on_disk_when_nothing_serves(
     assert run_main(main, ["status", *args]) == 0 and '"stable": 2' in capsys.readouterr().out
     assert run_main(main, ["status", *args[:-1], "nothing-compressed"]) == 2  # a run with no repository
     assert "run `autoglm compress` first" in capsys.readouterr().err
+
+
+@pytest.mark.anyio
+async def test_generation_scoring_and_openai_requests_follow_the_split(tmp_path):
+    from tests.serve.fakes import CHARLM_KV
+
+    path = tmp_path / "routing.json"
+    write_routing(path, {"charlm-generate": Split(1, 2), "charlm-fp32": Split(1, 2)}, 50.0)
+    gw, triton = fake_gateway(CHARLM_KV, routing_file=path)
+    asks = [("/v1/models/charlm:generate", {"prompt": "ab", "max_new_tokens": 3}),
+            ("/v1/models/charlm:generate", {"prompt": "ab", "max_new_tokens": 3, "stream": True}),
+            ("/v1/models/fp32:generate", {"prompt": "ab", "max_new_tokens": 2}),  # recomputed: per token infers
+            ("/v1/models/charlm:score", {"text": "abcdab"}),
+            ("/v1/completions", {"model": "charlm", "prompt": "ab", "max_tokens": 3}),
+            ("/v1/completions", {"model": "charlm", "prompt": "ab", "max_tokens": 3, "stream": True})]
+    async with client(gw) as c:
+        picked = {}
+        for client_id in ("alice", "bob", "carol", "dave", "erin", "frank"):
+            version = {"charlm-generate": Split(1, 2).pick(50.0, client_id.encode())[0]}
+            for url, body in asks:
+                before = len(triton.requests)
+                reply = await c.post(url, json=body, headers={"x-client-id": client_id})
+                assert reply.status == 200, (url, reply.body)
+                targets = {t for _, t, _, _ in triton.requests[before:] if not t.endswith(b"/config")}
+                assert targets and all(b"/versions/%d/" % version["charlm-generate"] in t for t in targets), targets
+            picked[client_id] = version["charlm-generate"]
+        metrics = (await c.get("/metrics")).body.decode()
+    assert set(picked.values()) == {1, 2}  # both versions served some clients
+    counts = {(s.labels["model"], s.labels["role"]): s.value for f in text_string_to_metric_families(metrics)
+              for s in f.samples if s.name == "autoglm_gateway_version_requests_total"}
+    assert counts[("charlm-generate", "canary")] + counts[("charlm-generate", "stable")] == 6 * 4
+    assert counts[("charlm-fp32", "canary")] + counts[("charlm-fp32", "stable")] == 6 * 2

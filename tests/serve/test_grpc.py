@@ -25,6 +25,8 @@ class FakeTritonGrpc:
     def __init__(self):
         self.hold: asyncio.Event | None = None
         self.metadata: list[tuple] = []
+        self.versions: list[str] = []  # model_version of every inference request, as Triton parsed it
+        self.options = [("grpc.max_receive_message_length", 64 << 20)]
 
     async def live(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -45,8 +47,8 @@ class FakeTritonGrpc:
             for _ in range(3):
                 yield pb.ModelStreamInferResponse(infer_response=self._doubled(request))
 
-    @staticmethod
-    def _doubled(request) -> pb.ModelInferResponse:
+    def _doubled(self, request) -> pb.ModelInferResponse:
+        self.versions.append(request.model_version)
         x = np.frombuffer(request.raw_input_contents[0], np.float32)
         out = pb.ModelInferResponse.InferOutputTensor(name="y", datatype="FP32", shape=request.inputs[0].shape)
         return pb.ModelInferResponse(model_name=request.model_name, id=request.id, outputs=[out],
@@ -62,7 +64,7 @@ class FakeTritonGrpc:
             "ModelInfer": unary(self.infer, pb.ModelInferRequest, pb.ModelInferResponse),
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
                 self.stream, pb.ModelInferRequest.FromString, pb.ModelStreamInferResponse.SerializeToString)}
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=self.options)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -248,3 +250,139 @@ async def test_a_method_outside_the_service_is_unimplemented(proxy):
             await channel.unary_unary("/other.Service/Call")(b"", timeout=5)
         assert await channel.unary_unary(f"/{SERVICE}/ServerLive")(b"", timeout=5) == b"\x08\x01"
     assert raised.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+# ---- the canary split over gRPC (a routing file: the relay writes the picked version into each message) ----
+@pytest.fixture
+async def canary(tmp_path):
+    """(gateway, fake Triton with small windows, gateway address): digits-fp32 stable 1, canary 2 at weight 10;
+    Triton's windows stay at HTTP/2's 64 KiB (no BDP probing), so big messages fill them."""
+    from serve.gateway.canary import Split, write_routing
+
+    routing = tmp_path / "routing.json"
+    write_routing(routing, {"digits-fp32": Split(1, 2)}, 10.0)
+    triton = FakeTritonGrpc()
+    triton.options.append(("grpc.http2.bdp_probe", 0))
+    server, address = await triton.serve()
+    gw, _ = fake_gateway(grpc_port=free_port(), triton_grpc_url=address, routing_file=routing,
+                         max_body_bytes=64 << 20)
+    async with grpc_service(gw):
+        yield gw, triton, f"127.0.0.1:{gw.settings.grpc_port}"
+    await server.stop(None)
+
+
+def version_requests(gw) -> dict:
+    return {key: n for key, n in gw.metrics.versions.items() if key[0] == "digits-fp32"}
+
+
+async def test_a_grpc_canary_takes_its_weight_keeps_each_client_and_respects_a_named_version(canary):
+    gw, triton, address = canary
+    x = np.ones((1, 3), np.float32)
+    async with grpcclient.InferenceServerClient(address) as client:
+        results = []
+        for _ in range(25):  # anonymous: drawn per call; 40 at a time, within the in-flight bound
+            results += await asyncio.gather(*(client.infer("digits-fp32", digits_input(x)) for _ in range(40)))
+        assert all(np.array_equal(r.as_numpy("y"), x * 2) for r in results)
+        drawn = list(triton.versions)
+        for name in ("alice", "bob", "carol", "dave"):  # a known client stays on one version
+            triton.versions.clear()
+            for _ in range(10):
+                await client.infer("digits-fp32", digits_input(x), headers={"x-client-id": name})
+            assert len(set(triton.versions)) == 1 and triton.versions[0] in ("1", "2"), (name, triton.versions)
+        triton.versions.clear()
+        for _ in range(20):
+            await client.infer("digits-fp32", digits_input(x), model_version="2")
+        assert triton.versions == ["2"] * 20  # named by the client: kept
+    assert set(drawn) == {"1", "2"} and len(drawn) == 1000
+    assert abs(drawn.count("2") - 100) <= 4 * (1000 * 0.1 * 0.9) ** 0.5, drawn.count("2")  # binomial, 4 sigma
+    counts = version_requests(gw)
+    assert counts[("digits-fp32", "2", "pinned", 200)] == 20
+    assert counts[("digits-fp32", "1", "stable", 200)] + counts[("digits-fp32", "2", "canary", 200)] == 1040
+    assert gw.guard.in_flight == 0
+
+
+async def test_big_messages_and_streams_keep_flow_control_exact(canary):
+    gw, triton, address = canary
+    big = np.arange(300 * 1024, dtype=np.float32).reshape(1, -1)  # 1.2 MB a message: many frames, many windows
+    async with grpcclient.InferenceServerClient(address) as client:
+        results = await asyncio.gather(*(client.infer("digits-fp32", digits_input(big), client_timeout=20,
+                                                      headers={"x-client-id": f"c{i}"}) for i in range(6)))
+        for result in results:
+            np.testing.assert_array_equal(result.as_numpy("y"), big * 2)
+
+        async def requests():
+            for n in range(4):
+                yield {"model_name": "digits-fp32", "inputs": digits_input(big[:, :50_000] * n), "request_id": str(n)}
+
+        replies = [result.get_response().id async for result, error in client.stream_infer(requests())
+                   if error is None]
+        small = await client.infer("digits-fp32", digits_input(np.ones((1, 3), np.float32)))  # the window held
+    assert replies == [str(n) for n in range(4) for _ in range(3)]
+    assert small.as_numpy("y").tolist() == [[2.0, 2.0, 2.0]]
+    assert set(triton.versions) <= {"1", "2"} and len(triton.versions) == 6 + 4 * 3 + 1  # a stream's: 3 answers each
+    assert len(set(triton.versions[6:18])) == 1  # one stream: one version
+    assert gw.metrics.requests[(f"grpc:/{SERVICE}/ModelStreamInfer", "OK")] == 1 and gw.guard.in_flight == 0
+
+
+@pytest.mark.parametrize("proxy", [{"api_keys": [{"name": "ci", "sha256": __import__("hashlib").sha256(
+    KEY.encode()).hexdigest()}], "host": "127.0.0.1", "routing_file": "unused"}], indirect=True)
+async def test_a_keyed_grpc_client_is_sticky_by_its_key(proxy, tmp_path):
+    from serve.gateway.canary import Routing, Split, write_routing
+
+    gw, triton, address = proxy
+    gw.routing = Routing(tmp_path / "routing.json")
+    write_routing(gw.routing.path, {"digits-fp32": Split(1, 2)}, 50.0)
+    gw.routing.refresh()
+    x = np.ones((1, 3), np.float32)
+    async with grpcclient.InferenceServerClient(address) as client:
+        for n in range(30):  # a different client header every call: the key decides
+            await client.infer("digits-fp32", digits_input(x), headers={"authorization": f"Bearer {KEY}",
+                                                                        "x-client-id": f"c{n}"})
+    assert len(set(triton.versions)) == 1 and triton.versions[0] == str(gw.routing.pick("digits-fp32", b"ci")[0])
+
+
+async def test_with_no_canary_messages_pass_as_they_came_unless_a_switch_is_under_way(canary):
+    from serve.gateway.canary import POLL_S, Split, write_routing
+
+    gw, triton, address = canary
+    x = np.ones((1, 3), np.float32)
+    async with grpcclient.InferenceServerClient(address) as client:
+        write_routing(gw.routing.path, {"digits-fp32": Split(1)}, 0.0)  # one version loaded: nothing to choose
+        await asyncio.sleep(POLL_S * 1.5)
+        await client.infer("digits-fp32", digits_input(x))
+        write_routing(gw.routing.path, {"digits-fp32": Split(1)}, 0.0, settling=True)  # a second one may load
+        await asyncio.sleep(POLL_S * 1.5)
+        await client.infer("digits-fp32", digits_input(x))
+    assert triton.versions == ["", "1"]
+    assert version_requests(gw) == {("digits-fp32", "1", "stable", 200): 1}
+
+
+async def test_without_a_routing_file_messages_pass_unversioned(proxy):
+    gw, triton, address = proxy
+    async with grpcclient.InferenceServerClient(address) as client:
+        await client.infer("digits-fp32", digits_input(np.ones((1, 3), np.float32)))
+    assert triton.versions == [""] and not gw.metrics.versions
+
+
+async def test_an_open_stream_follows_a_rollback(canary):
+    from serve.gateway.canary import POLL_S, Split, write_routing
+
+    gw, triton, address = canary
+    write_routing(gw.routing.path, {"digits-fp32": Split(1, 2)}, 100.0)  # everything to the canary
+    answered = asyncio.Event()
+    x = np.ones((1, 3), np.float32)
+    async with grpcclient.InferenceServerClient(address) as client:
+        async def requests():
+            await asyncio.sleep(POLL_S * 1.5)  # the gateway has read the new routing
+            yield {"model_name": "digits-fp32", "inputs": digits_input(x), "request_id": "before"}
+            await answered.wait()
+            write_routing(gw.routing.path, {"digits-fp32": Split(1)}, 0.0)  # rolled back while the stream is open
+            await asyncio.sleep(POLL_S * 1.5)
+            yield {"model_name": "digits-fp32", "inputs": digits_input(x), "request_id": "after"}
+
+        async for result, error in client.stream_infer(requests()):
+            assert error is None
+            answered.set()
+    assert triton.versions == ["2"] * 3 + ["1"] * 3  # the fake answers each message three times
+    counts = version_requests(gw)
+    assert counts[("digits-fp32", "2", "canary", 200)] == counts[("digits-fp32", "1", "stable", 200)] == 1

@@ -1,5 +1,6 @@
-"""Model versions on a real Triton: a canary split of 1,000 requests matches its weight, promote and rollback
-under load lose no request, a failing canary is rolled back automatically, a tampered version is refused."""
+"""Model versions on a real Triton: a canary split of 1,000 requests matches its weight (over HTTP and over gRPC),
+promote and rollback under load lose no request, a failing canary is rolled back automatically, a tampered
+version is refused."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -105,17 +107,50 @@ def version_counts(gateway: str, role: str | None = None) -> Counter:
     return counts
 
 
-class Load:
-    """Clients sending :predict and unversioned v2 infer requests until stopped; every status kept."""
+def triton_counts(serving) -> Counter:
+    """Successful inferences per version of the digits model, as Triton itself counts them."""
+    counts = Counter()
+    for family in text_string_to_metric_families(get(serving.triton_metrics_url)[1].decode()):
+        for s in family.samples:
+            if s.name == "nv_inference_request_success_total" and s.labels["model"] == MODEL:  # the parser's name
+                counts[int(s.labels["version"])] += s.value
+    return counts
 
-    def __init__(self, gateway: str, clients: int = 3):
+
+def grpc_infer(client, headers: dict | None = None, version: str = "") -> None:
+    import tritonclient.grpc as grpcclient
+
+    image = grpcclient.InferInput("image", [1, 1, 8, 8], "FP32")
+    image.set_data_from_numpy(np.full((1, 1, 8, 8), 3.0, np.float32))
+    client.infer(MODEL, [image], model_version=version, headers=headers)
+
+
+class Load:
+    """Clients sending :predict, unversioned v2 infer and (with ``grpc``) unversioned gRPC ModelInfer requests
+    until stopped; every status kept (a gRPC call's as ``grpc OK`` or its error)."""
+
+    def __init__(self, gateway: str, clients: int = 3, grpc: str | None = None):
         self.gateway, self.statuses, self.stop = gateway, Counter(), threading.Event()
         self.threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
+        if grpc is not None:
+            self.threads.append(threading.Thread(target=self._grpc_client, args=(grpc,)))
 
     def _client(self, i: int) -> None:
         path, body = ("/v1/models/digits:predict", IMAGE) if i % 2 else (f"/v2/models/{MODEL}/infer", V2)
         while not self.stop.is_set():
             self.statuses[post(self.gateway + path, body)[0]] += 1
+
+    def _grpc_client(self, address: str) -> None:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        with grpcclient.InferenceServerClient(address) as client:
+            while not self.stop.is_set():
+                try:
+                    grpc_infer(client)
+                    self.statuses["grpc OK"] += 1
+                except InferenceServerException as exc:
+                    self.statuses[f"grpc {exc.status()}: {exc.message()}"] += 1
 
     def __enter__(self) -> Load:
         for t in self.threads:
@@ -146,10 +181,41 @@ def test_a_canary_takes_its_weight_of_1000_requests_and_keeps_each_client(stack)
         assert len(delta) == 1 and sum(delta.values()) == 20, (client, delta)
 
 
+def test_a_grpc_canary_takes_its_weight_keeps_each_client_and_respects_a_named_version(stack):
+    import tritonclient.grpc as grpcclient
+
+    serving, _, _ = stack
+    gateway = serving.gateway.url
+
+    def served(role: str | None = None) -> Counter:  # OK calls per version, as the gateway counted them
+        return Counter({v: n for (v, status), n in version_counts(gateway, role).items() if status == "200"})
+
+    start, start_triton = served(), triton_counts(serving)
+    with grpcclient.InferenceServerClient(serving.gateway.grpc_url) as client:
+        for _ in range(1000):  # tritonclient, no client key: drawn per call
+            grpc_infer(client)
+        drawn = served() - start
+        assert sum(drawn.values()) == 1000, drawn
+        assert abs(drawn[2] - 100) <= 4 * math.sqrt(1000 * 0.1 * 0.9), drawn  # binomial(1000, 0.1), 4 sigma
+        for name in ("alice", "bob", "carol"):  # a known client (gRPC metadata) stays on one version
+            before = served()
+            for _ in range(10):
+                grpc_infer(client, {"x-client-id": name})
+            delta = served() - before
+            assert len(delta) == 1 and sum(delta.values()) == 10, (name, delta)
+        before = served("pinned")
+        for _ in range(10):
+            grpc_infer(client, version="2")
+        assert served("pinned") - before == Counter({2: 10})  # named by the client: kept
+    # Triton's own counts (published every couple of seconds) agree version by version: the versions reached it
+    assert wait_until(lambda: sum((triton_counts(serving) - start_triton).values()) >= 1040, timeout=15)
+    assert triton_counts(serving) - start_triton == served() - start
+
+
 def test_rollback_and_promote_under_load_lose_no_request(stack):
     serving, live, run = stack
     gateway, repo = serving.gateway.url, run.stage_dir("repository")
-    with Load(gateway) as load:
+    with Load(gateway, grpc=serving.gateway.grpc_url) as load:
         withdrawn = rollback(run, live)  # the canary goes: version 1 takes everything, 2 unloads
         assert withdrawn["withdrawn"] == [2]
         promoted = promote(run, 2, live)  # 2 loads beside 1, takes everything, 1 unloads
@@ -157,7 +223,8 @@ def test_rollback_and_promote_under_load_lose_no_request(stack):
         assert live.triton.ready(MODEL, 2) and not live.triton.ready(MODEL, 1)
         back = rollback(run, live)  # the stable version goes back to 1
     assert back["stable"] == 1 and live.triton.ready(MODEL, 1) and not live.triton.ready(MODEL, 2)
-    assert set(load.statuses) == {200} and load.statuses[200] > 50, load.statuses
+    assert set(load.statuses) == {200, "grpc OK"} and load.statuses[200] > 50, load.statuses
+    assert load.statuses["grpc OK"] > 20, load.statuses
     config = parse_pbtxt((repo / "python" / MODEL / "config.pbtxt").read_text())
     assert list(config.version_policy.specific.versions) == [1]  # a restart serves what was released
     history = [(h["version"], h["by"]) for h in load_lineage(repo)["history"]]
@@ -171,10 +238,12 @@ def test_a_failing_canary_is_rolled_back_automatically(stack):
     failing = publish(run, FAILING_MODEL)
     start_canary(run, live, failing, 50.0)
     rules = CanarySettings(min_requests=10, window_s=5.0, check_every_s=0.2)
-    with Load(gateway, clients=2) as load:
+    with Load(gateway, clients=2, grpc=serving.gateway.grpc_url) as load:
         code = watch(run, live, rules, duration_s=30)
     assert code == ROLLED_BACK
-    assert load.statuses[200] > 0 and set(load.statuses) <= {200, 500, 502}  # the canary's failures, then none
+    grpc_failed = {k for k in load.statuses if isinstance(k, str) and k != "grpc OK"}
+    assert all("injected failure" in k for k in grpc_failed), grpc_failed  # gRPC calls reached the canary too
+    assert load.statuses[200] > 0 and set(load.statuses) - grpc_failed <= {200, 500, 502, "grpc OK"}
     state = read_routing(live.routing)
     assert state["models"][MODEL] == {"stable": 1, "canary": None} and "5xx" in state["auto_rollbacks"][-1]["reason"]
     metrics = get(f"{gateway}/metrics")[1].decode()
@@ -206,3 +275,40 @@ def test_a_tampered_version_is_refused(release_run, tmp_path):
                                              "autoglm compress --force"):
         promote(run, version)
     assert load_lineage(repo)["stable"] == 1  # nothing moved
+
+
+def test_generation_during_a_canary_reaches_the_picked_version(tmp_path):
+    """:generate (whole and streamed) and /v1/completions on a charlm run whose version 2 is a canary at 50%:
+    each client's requests reach, in Triton, the version the split picks for it."""
+    from serve import start_serving
+    from serve.gateway.canary import Split
+
+    require_triton()
+    base = published_run("charlm")
+    shutil.copytree(Path(base.run.root) / base.run.name, tmp_path / "gen")
+    settings = base.model_copy(update={"run": base.run.model_copy(update={"root": str(tmp_path), "name": "gen"})})
+    run = RunDir(tmp_path, "gen")
+    assert publish(run) == 2
+    canary = settings.serve.canary.model_copy(update={"version": 2, "weight": 50.0})
+
+    def generated(serving) -> Counter:
+        counts = Counter()
+        for family in text_string_to_metric_families(get(serving.triton_metrics_url)[1].decode()):
+            for s in family.samples:
+                if s.name == "nv_inference_request_success_total" and s.labels["model"] == "charlm-generate":
+                    counts[int(s.labels["version"])] += s.value
+        return counts
+
+    with start_serving(on_free_ports(settings, canary=canary)) as serving:
+        gateway, want = serving.gateway.url, Counter()
+        for client in ("alice", "bob", "carol", "dave"):
+            version = Split(1, 2).pick(50.0, client.encode())[0]
+            for path, body in (("/v1/models/charlm:generate", {"prompt": "ab", "max_new_tokens": 4}),
+                               ("/v1/models/charlm:generate", {"prompt": "ab", "max_new_tokens": 4, "stream": True}),
+                               ("/v1/completions", {"model": "charlm", "prompt": "ab", "max_tokens": 4})):
+                status, reply = post(gateway + path, orjson.dumps(body), {"x-client-id": client})
+                assert status == 200 and b"error" not in reply, reply
+                want[version] += 1
+        assert set(want) == {1, 2}  # both versions serve some of these clients
+        assert wait_until(lambda: sum(generated(serving).values()) >= 12, timeout=15)
+        assert generated(serving) == want
