@@ -69,6 +69,9 @@ def test_the_methods_differ_only_where_the_comparison_says(tmp_path):
     assert settings["TPE + Hyperband"].objectives == ["metric"] and settings["TPE + Hyperband"].early_stop.enabled
     assert settings["random search"].sampler == "random" and not settings["TPE"].early_stop.enabled
     assert settings["AutoGLM cold"].search_space == "default" and settings["AutoGLM cold"].warm_start is None
+    # Hyperband's resource is the step on one schedule; AutoGLM searches the schedule's length as random search does
+    assert settings["TPE + Hyperband"].early_stop.shared_schedule
+    assert not any(s.early_stop.shared_schedule for m, s in settings.items() if m.startswith("AutoGLM"))
     assert all(s.space == POOL["diabetes"].space for m, s in settings.items() if m != "default")
 
 
@@ -114,8 +117,10 @@ def test_the_previous_portfolio_competes_again_only_when_learned_on_development_
     entries = (PortfolioEntry(lr_mult=2.0, source="json: AutoGLM-cold study trial 3"),
                PortfolioEntry(source="the task's configured run"))
 
-    assert previous_entries(Portfolio(entries, {"learned_from": ["json"], "method": "m"})) == [
-        {"lr_mult": 2.0, "source": "json: AutoGLM-cold study trial 3"}]
+    again = previous_entries(Portfolio(entries, {"learned_from": ["json"], "method": "m"}))
+    assert again == [{"lr_mult": 2.0, "source": "shipped before: json: AutoGLM-cold study trial 3"}]
+    assert previous_entries(Portfolio((PortfolioEntry.from_dict(again[0]),), {"learned_from": ["json"],
+                                                                              "method": "m"})) == again
     assert previous_entries(Portfolio(entries, {"learned_from": ["json", "prose"], "method": "m"})) == []
 
 
