@@ -93,30 +93,33 @@ def _warm_up(workdir) -> None:
         _WARM.append(True)
 
 
-def _score(args) -> tuple[float, float]:
-    """(served metric, CPU-seconds) of a candidate entry trained on one development task as a fixed configuration;
-    entry None: the task's default (its CPU-seconds are B)."""
+def candidate_settings(entry: dict, pool_task, workdir: Path):
+    """The settings that train ``entry`` (JSON form) on ``pool_task`` as one fixed configuration: every searched
+    knob set (:func:`tune.portfolio.to_params`, the schedule's length included), early stopping off."""
     from autoglm.tasks import get_task
     from tune.portfolio import PortfolioEntry, to_params
     from tune.space import build_space
 
+    settings = method_settings(pool_task, 0, workdir, "AutoGLM cold")
+    task = get_task(settings)
+    task.prepare()
+    space = build_space(task, settings.tune.search_space, settings.tune.space)
+    params = to_params(PortfolioEntry.from_dict(entry), task, settings, space)
+    tune = settings.tune.model_dump()
+    tune |= {"space": params, "early_stop": {**tune["early_stop"], "enabled": False}}
+    return settings.model_copy(update={"tune": TuneSettings.model_validate(tune)})
+
+
+def _score(args) -> tuple[float, float]:
+    """(served metric, CPU-seconds) of a candidate entry trained on one development task as a fixed configuration;
+    entry None: the task's default (its CPU-seconds are B)."""
     index, entry, name, workdir, factor = args
     pool_task = POOL[name] if factor == 1.0 else scaled(POOL[name], factor)
     where = Path(workdir) / name / f"candidate-{index}"
     _warm_up(workdir)
-    if entry is None:
-        _, trials = search(method_settings(pool_task, 0, where, "default"), where / "run", 0.0, 1)
-    else:
-        settings = method_settings(pool_task, 0, where, "AutoGLM cold")
-        task = get_task(settings)
-        task.prepare()
-        space = build_space(task, settings.tune.search_space, settings.tune.space)
-        params = to_params(PortfolioEntry.from_dict(entry), task, settings, space)  # its schedule's length included
-        tune = settings.tune.model_dump() | {"space": params,
-                                             "early_stop": {**settings.tune.model_dump()["early_stop"],
-                                                            "enabled": False}}
-        fixed = settings.model_copy(update={"tune": TuneSettings.model_validate(tune)})
-        _, trials = search(fixed, where / "run", 0.0, 1)
+    settings = method_settings(pool_task, 0, where, "default") if entry is None \
+        else candidate_settings(entry, pool_task, where)
+    _, trials = search(settings, where / "run", 0.0, 1)
     done = [t for t in trials if t.state.name == "COMPLETE"]
     return (done[0].values[0] if done else math.nan), cpu_spent(trials)
 
