@@ -11,8 +11,8 @@ hypervolume are read off at every quarter of B (a trial counts from the compute 
 - **TPE + Hyperband**: the same TPE with Optuna's HyperbandPruner on the metric alone (single objective), every
   trial on the searched range's longest schedule, evaluations reported to the pruner: the field's standard
   multi-fidelity baseline;
-- **AutoGLM cold**: tune's TPE over architecture + training + compression with its multi-objective early stopping
-  on a shared schedule, nothing queued first;
+- **AutoGLM cold**: tune's TPE over architecture + training + compression with its multi-objective early stopping,
+  the schedule's length searched (rungs judge a trial against schedules at least as long), nothing queued first;
 - **AutoGLM with priors**: the same with the portfolio (``tune.portfolio``, learned on development tasks only by
   ``bench tune --learn-portfolio``) queued first; no per-task warm start.
 
@@ -70,9 +70,13 @@ def method_settings(pool_task: PoolTask, seed: int, workdir: Path, method: str,
         portfolio = False
     else:
         sampler, preset, stopping, portfolio = SPECS[method]
+        # Hyperband's trials share the longest schedule (its resource is the step); AutoGLM's search the schedule's
+        # length, as random search's do: on a small table a long schedule overfits, the rungs then judge only
+        # schedules at least as long, and a portfolio entry carries its own length (``steps_frac``)
         tune |= {"sampler": sampler, "search_space": preset, "space": dict(pool_task.space) | ADDED.get(method, {}),
                  "warm_start": None,
-                 "early_stop": {**tune["early_stop"], "enabled": stopping is not None}}
+                 "early_stop": {**tune["early_stop"], "enabled": stopping is not None,
+                                "shared_schedule": stopping == "hyperband"}}
         if stopping == "hyperband":
             tune["objectives"] = ["metric"]
     if not portfolio:

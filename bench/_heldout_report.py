@@ -46,7 +46,10 @@ def anytime_table(pairs: list[Pair]) -> Table:
         "reference 1.1 per objective, divided by 1.1^3",
         "the portfolio 'AutoGLM with priors' queued: " + "; ".join(sorted({p.portfolio for p in pairs})),
         "random search, TPE and TPE + Hyperband serve FP32 (they search no compression); the AutoGLM rows search "
-        "INT8 and pruning too; 'AutoGLM with priors' queues the portfolio (tune.portfolio) first, nothing else"])
+        "INT8 and pruning too; 'AutoGLM with priors' queues the portfolio (tune.portfolio) first, nothing else",
+        "schedules: random search, TPE and the AutoGLM rows search max_steps (an AutoGLM rung judges a trial against "
+        "schedules at least as long; a portfolio entry carries its length); TPE + Hyperband trains every trial on "
+        "the longest and its pruner decides how far each gets"])
 
 
 def goals_table(pairs: list[Pair]) -> Table:

@@ -2,12 +2,13 @@
 
 1. **Candidates**, all relative to the task (:class:`tune.portfolio.PortfolioEntry`): the task's configured run
    (the empty entry); a scrambled Sobol sample (:data:`SOBOL` points) of :data:`DIMENSIONS`, the multipliers and
-   absolute knobs an entry may set, so the candidates cover the space evenly rather than cluster where one study
-   looked; and the entries of the portfolio shipped before (:func:`previous_entries`: the best trials of
-   AutoGLM-cold studies on development tasks, expressed relative to their task with
-   :func:`tune.portfolio.from_params`), which compete again rather than being searched for anew.
+   absolute knobs an entry may set (the schedule's length among them), so the candidates cover the space evenly
+   rather than cluster where one study looked; and the entries of the portfolio shipped before
+   (:func:`previous_entries`: Sobol points and the best trials of AutoGLM-cold studies on development tasks,
+   expressed relative to their task with :func:`tune.portfolio.from_params`), which compete again rather than
+   being searched for anew.
 2. **Every candidate on every development task** (:func:`tune.portfolio.to_params`: the candidate as that task's
-   concrete values, trained on the shared schedule like a trial, compressed and scored), giving its served metric
+   concrete values, trained on its own schedule like a trial, compressed and scored), giving its served metric
    and its **cost** in units of that task's B (the default's CPU-seconds, measured in the same run).
 3. **Regret** per task: 0 for the best candidate, 1 for the median one, clipped at :data:`WORST` (a diverged or
    failed run), so a handful of wild Sobol points do not squeeze the good ones together.
@@ -37,10 +38,13 @@ from bench._tuning import cpu_spent, search
 from bench.harness import Table
 from bench.pool import POOL, dev_tasks, scaled
 
-SOBOL = 8  # Sobol candidates (a power of two keeps the sample balanced; 8: the learning run fits 15 min)
+SOBOL = 16  # Sobol candidates (a power of two keeps the sample balanced; 16: the learning run fits 20 min)
 # what a Sobol candidate sets: field or dotted knob -> (low, high, log); the ranges keep a candidate within a few
-# B on every task (width and depth multiply an LM's cost, batch every task's)
-DIMENSIONS = {"lr_mult": (0.05, 4.0, True), "width_mult": (0.35, 1.5, True), "depth_mult": (0.5, 1.5, True),
+# B on every task (width and depth multiply an LM's cost, batch every task's). ``steps_frac``: an entry carries
+# its schedule's length, from a tenth of the configured one (clipped into the searched range) to all of it: on a
+# small table a short schedule is both cheaper and better (a long one overfits), on a corpus the whole one wins
+DIMENSIONS = {"steps_frac": (0.1, 1.0, True), "lr_mult": (0.05, 4.0, True), "width_mult": (0.35, 1.5, True),
+              "depth_mult": (0.5, 1.5, True),
               "batch_mult": (0.5, 2.0, True), "warmup_frac": (0.0, 0.2, False), "weight_decay": (0.0, 0.1, False),
               "model.dropout": (0.0, 0.3, False)}
 WORST, MISSING = 2.0, 3.0  # regret: a failed or diverged candidate; no entry finished within the budget
@@ -65,14 +69,18 @@ def sobol_candidates(n: int = SOBOL, seed: int = 0) -> list[dict]:
     return out
 
 
+PREVIOUS = "shipped before: "  # the source's prefix of a candidate that was an entry of the previous portfolio
+
+
 def previous_entries(portfolio) -> list[dict]:
-    """The entries of ``portfolio`` (JSON form) that came from a study, when it was learned on development tasks
-    only (a portfolio crossing the split contributes nothing)."""
+    """The entries of ``portfolio`` (JSON form, the source marked :data:`PREVIOUS`) that set anything, when it was
+    learned on development tasks only (a portfolio crossing the split contributes nothing)."""
     from bench.pool import SPLIT
 
     if any(SPLIT.get(name) != "dev" for name in portfolio.provenance.get("learned_from") or ["none"]):
         return []
-    return [e.to_dict() for e in portfolio.entries if "study" in e.source]
+    return [e.to_dict() | {"source": e.source if e.source.startswith(PREVIOUS) else PREVIOUS + e.source}
+            for e in portfolio.entries if set(e.to_dict()) - {"source"}]
 
 
 _WARM = []  # this worker process has run its warm-up
@@ -85,30 +93,33 @@ def _warm_up(workdir) -> None:
         _WARM.append(True)
 
 
+def candidate_settings(entry: dict, pool_task, workdir: Path):
+    """The settings that train ``entry`` (JSON form) on ``pool_task`` as one fixed configuration: every searched
+    knob set (:func:`tune.portfolio.to_params`, the schedule's length included), early stopping off."""
+    from autoglm.tasks import get_task
+    from tune.portfolio import PortfolioEntry, to_params
+    from tune.space import build_space
+
+    settings = method_settings(pool_task, 0, workdir, "AutoGLM cold")
+    task = get_task(settings)
+    task.prepare()
+    space = build_space(task, settings.tune.search_space, settings.tune.space)
+    params = to_params(PortfolioEntry.from_dict(entry), task, settings, space)
+    tune = settings.tune.model_dump()
+    tune |= {"space": params, "early_stop": {**tune["early_stop"], "enabled": False}}
+    return settings.model_copy(update={"tune": TuneSettings.model_validate(tune)})
+
+
 def _score(args) -> tuple[float, float]:
     """(served metric, CPU-seconds) of a candidate entry trained on one development task as a fixed configuration;
     entry None: the task's default (its CPU-seconds are B)."""
-    from autoglm.tasks import get_task
-    from tune.portfolio import PortfolioEntry, to_params
-    from tune.space import build_space, with_shared_schedule
-
     index, entry, name, workdir, factor = args
     pool_task = POOL[name] if factor == 1.0 else scaled(POOL[name], factor)
     where = Path(workdir) / name / f"candidate-{index}"
     _warm_up(workdir)
-    if entry is None:
-        _, trials = search(method_settings(pool_task, 0, where, "default"), where / "run", 0.0, 1)
-    else:
-        settings = method_settings(pool_task, 0, where, "AutoGLM cold")
-        task = get_task(settings)
-        task.prepare()
-        space = with_shared_schedule(build_space(task, settings.tune.search_space, settings.tune.space))
-        params = to_params(PortfolioEntry.from_dict(entry), task, settings, space)
-        tune = settings.tune.model_dump() | {"space": params | {"train.max_steps": space["train.max_steps"]},
-                                             "early_stop": {**settings.tune.model_dump()["early_stop"],
-                                                            "enabled": False}}
-        fixed = settings.model_copy(update={"tune": TuneSettings.model_validate(tune)})
-        _, trials = search(fixed, where / "run", 0.0, 1)
+    settings = method_settings(pool_task, 0, where, "default") if entry is None \
+        else candidate_settings(entry, pool_task, where)
+    _, trials = search(settings, where / "run", 0.0, 1)
     done = [t for t in trials if t.state.name == "COMPLETE"]
     return (done[0].values[0] if done else math.nan), cpu_spent(trials)
 
@@ -185,7 +196,7 @@ def learn(quick: bool, workers: int = 1) -> list[Table]:
     chosen = greedy(regret, cost, size)
     portfolio = Portfolio(tuple(PortfolioEntry.from_dict(candidates[i]) for i in chosen), {
         "learned_from": names, "method": f"cost-aware greedy portfolio over {len(candidates)} candidates (the "
-        f"configured run, {SOBOL} Sobol points, the study entries of the portfolio shipped before), minimizing the "
+        f"configured run, {SOBOL} Sobol points, the entries of the portfolio shipped before), minimizing the "
         f"mean over the development tasks and over {', '.join(f'{m}B' for m in MULTIPLES)} of the best regret "
         f"among the entries finished within that compute; the first fits inside {FIRST_WITHIN}B",
         "command": COMMAND})
@@ -213,7 +224,7 @@ def _table(candidates, values, cost, regret, chosen, names, quick) -> Table:
     return Table(f"Portfolio learned on the development tasks ({', '.join(names)}; dev only)",
                  ["#", "from", "entry (relative to the task)", *[f"{n} (dev)" for n in names], "mean regret",
                   "portfolio rank"], rows,
-                 ["each cell: the candidate trained once on that task (seed 0, the shared schedule), served metric "
+                 ["each cell: the candidate trained once on that task (seed 0, its own schedule), served metric "
                   "(its CPU-seconds in units of that task's B); regret per task: 0 best, 1 the median candidate, "
                   f"at most {WORST}",
                   "the portfolio's mean best regret among the entries finished within "

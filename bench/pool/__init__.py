@@ -55,9 +55,10 @@ DIGITS_SPACE = {"model.channels": {"high": 32}, "model.hidden": {"high": 128}, "
 DIGITS_SHARED = ("compress.prune.finetune_steps=50",)
 # what every method and task shares: trials export with the quick exporter, TPE draws 3 random trials before it
 # models (a budget fits a handful), rungs judge from the first trial on, and a trial times its graph with 10 runs
-# (the bench re-times every point side by side afterwards, see bench._tuning.retime)
+# (the bench re-times every point side by side afterwards, see bench._tuning.retime); whether trials share one
+# schedule is the method's (bench._heldout.method_settings)
 SHARED = ("compress.exporter='legacy'", "tune.startup_trials=3", "tune.early_stop.warmup_trials=1",
-          "tune.early_stop.shared_schedule=true", "tune.probe_repeats=10", "run.threads=1")
+          "tune.probe_repeats=10", "run.threads=1")
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,9 @@ def test_the_methods_differ_only_where_the_comparison_says(tmp_path):
     assert settings["TPE + Hyperband"].objectives == ["metric"] and settings["TPE + Hyperband"].early_stop.enabled
     assert settings["random search"].sampler == "random" and not settings["TPE"].early_stop.enabled
     assert settings["AutoGLM cold"].search_space == "default" and settings["AutoGLM cold"].warm_start is None
+    # Hyperband's resource is the step on one schedule; AutoGLM searches the schedule's length as random search does
+    assert settings["TPE + Hyperband"].early_stop.shared_schedule
+    assert not any(s.early_stop.shared_schedule for m, s in settings.items() if m.startswith("AutoGLM"))
     assert all(s.space == POOL["diabetes"].space for m, s in settings.items() if m != "default")
 
 
@@ -107,6 +110,19 @@ def test_sobol_candidates_cover_each_dimension_within_its_range():
     assert all(PortfolioEntry.from_dict(c) for c in drawn)  # every candidate is a valid entry
 
 
+def test_a_candidate_trains_on_its_own_schedule_and_the_configured_run_on_the_whole_one(tmp_path):
+    from bench._portfolio import candidate_settings
+
+    short = candidate_settings({"steps_frac": 0.1, "lr_mult": 2.0}, POOL["noisy-linear"], tmp_path).tune
+    whole = candidate_settings({}, POOL["noisy-linear"], tmp_path).tune
+    lm = candidate_settings({"steps_frac": 0.1}, POOL["json"], tmp_path).tune
+
+    assert short.space["train.max_steps"] == 300 and whole.space["train.max_steps"] == 3000  # of 3000 configured
+    assert lm.space["train.max_steps"] == 100  # 40 steps clipped into the searched 100-400
+    assert short.space["train.lr"] == pytest.approx(2 * whole.space["train.lr"])
+    assert not short.early_stop.enabled
+
+
 def test_the_previous_portfolio_competes_again_only_when_learned_on_development_tasks():
     from bench._portfolio import previous_entries
     from tune.portfolio import Portfolio, PortfolioEntry
@@ -114,8 +130,10 @@ def test_the_previous_portfolio_competes_again_only_when_learned_on_development_
     entries = (PortfolioEntry(lr_mult=2.0, source="json: AutoGLM-cold study trial 3"),
                PortfolioEntry(source="the task's configured run"))
 
-    assert previous_entries(Portfolio(entries, {"learned_from": ["json"], "method": "m"})) == [
-        {"lr_mult": 2.0, "source": "json: AutoGLM-cold study trial 3"}]
+    again = previous_entries(Portfolio(entries, {"learned_from": ["json"], "method": "m"}))
+    assert again == [{"lr_mult": 2.0, "source": "shipped before: json: AutoGLM-cold study trial 3"}]
+    assert previous_entries(Portfolio((PortfolioEntry.from_dict(again[0]),), {"learned_from": ["json"],
+                                                                              "method": "m"})) == again
     assert previous_entries(Portfolio(entries, {"learned_from": ["json", "prose"], "method": "m"})) == []
 
 
