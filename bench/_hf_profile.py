@@ -71,7 +71,8 @@ def step_profile(prefill: str, step: str, prompts: list[list[int]], threads: int
     ms["ONNX Runtime between kernels (thread pool, allocations)"] = max(0.0, graph_ms - sum(ms.values()))
     ms["outside the graph (Python, feeds, logits copy)"] = max(0.0, wall_ms - graph_ms)
     live = np.mean([seq.length for seq in engine.live])  # keys and values attention reads per step, all layers
-    kv_bytes = len(prompts) * live * engine.n_layer * 2 * engine.n_head * engine.head_size * 4
+    kv_bytes = (len(prompts) * live * engine.n_layer * 2 * engine.n_head * engine.head_size
+                * np.dtype(engine.cache_dtype).itemsize)
     return {"batch": len(prompts), "step_ms": wall_ms, "ms": ms, "kv_mib": kv_bytes / 2**20,
             "weights_mib": bytes_read_per_token(Path(step)) / 2**20}
 

@@ -12,9 +12,9 @@ cache in place):
   logits (B, 1, V); ``query_seqlens`` 0 leaves a row idle.
 
 Gates: greedy tokens from the FP32 graphs must equal torch's greedy generation for the same prompts
-(:func:`check_greedy_parity`); INT8 graphs (dynamic, MatMul only) and INT4 ones (MatMulNBits weights) are
-judged by validation loss against ``compress.max_metric_loss``, computed through the prefill graph on the
-task's own batches.
+(:func:`check_greedy_parity`); INT8 graphs (dynamic, MatMul only) and INT4 ones (MatMulNBits weights), each
+also with an int8 KV cache (:mod:`compress.kv_cache`), are judged by validation loss against
+``compress.max_metric_loss``, computed through the prefill graph and its cache on the task's own batches.
 """
 
 from __future__ import annotations
@@ -113,26 +113,41 @@ def check_greedy_parity(model, engine, task: Task, model_args: dict, n_prompts: 
     return {"passed": all(r["equal"] for r in rows), "prompts": rows}
 
 
-def graph_val_loss(prefill_path: Path, task: Task, model_args: dict, n_batches: int, batch_size: int = 16) -> float:
-    """The task's validation loss, predicted by the prefill graph on the task's fixed batches."""
+SCORE_CHUNK = 8
+"""Tokens per call when the validation loss is read through the decode graphs: each chunk attends to the
+cache the earlier ones wrote, as decoding does, so an INT8 cache's rounding is part of the score."""
+
+
+def graph_val_loss(prefill_path: Path, task: Task, model_args: dict, n_batches: int, batch_size: int = 16,
+                   chunk: int = SCORE_CHUNK) -> float:
+    """The task's validation loss, predicted by the prefill graph on the task's fixed batches, ``chunk`` tokens
+    of each row at a time over the graph's own KV cache (FP32 or int8)."""
     ort = require("onnxruntime", purpose="scoring decode graphs")
-    from compress.decode_engine import session_options
+    from compress.decode_engine import CACHE_TYPES, session_options
 
     session = ort.InferenceSession(str(prefill_path), session_options(), providers=["CPUExecutionProvider"])
     past = [i for i in session.get_inputs() if i.name.startswith("past_key_")]
-    n_layer, heads, size = len(past), past[0].shape[1], past[0].shape[3]
+    n_layer, heads, size, dtype = len(past), past[0].shape[1], past[0].shape[3], CACHE_TYPES[past[0].type]
+    names = ["logits"] + [f"present_{k}_{i}" for i in range(n_layer) for k in ("key", "value")]
 
     token_input = _token_input(task, model_args)
 
     def predict(inputs: dict) -> np.ndarray:
-        ids = inputs[token_input]
+        ids = inputs[token_input].astype(np.int64)
         b, t = ids.shape
-        feed = {"input_ids": ids.astype(np.int64), "position_ids": np.tile(np.arange(t, dtype=np.int64), (b, 1)),
-                "seqlens_k": np.full(b, t - 1, np.int32), "total_sequence_length": np.asarray(t, np.int32),
-                "query_seqlens": np.full(b, t, np.int32), "last_only": np.asarray(False)}
-        empty = np.zeros((b, heads, t, size), np.float32)
-        feed |= {f"past_{k}_{i}": empty for i in range(n_layer) for k in ("key", "value")}
-        return session.run(["logits"], feed)[0]
+        cache = [np.zeros((b, heads, t, size), dtype) for _ in range(2 * n_layer)]
+        logits = []
+        for start in range(0, t, chunk):
+            n = min(chunk, t - start)
+            feed = {"input_ids": ids[:, start:start + n],
+                    "position_ids": np.tile(np.arange(start, start + n, dtype=np.int64), (b, 1)),
+                    "seqlens_k": np.full(b, start + n - 1, np.int32), "total_sequence_length": np.asarray(t, np.int32),
+                    "query_seqlens": np.full(b, n, np.int32), "last_only": np.asarray(False)}
+            feed |= {f"past_{k}_{i}": cache[2 * i + j] for i in range(n_layer) for j, k in enumerate(("key", "value"))}
+            out = session.run(names, feed)
+            logits.append(out[0][:, :n])
+            cache = out[1:]
+        return np.concatenate(logits, axis=1)
 
     metrics = task.evaluate(predict, "val", n_batches=n_batches, batch_size=batch_size, model_args=model_args)
     return float(metrics[task.metric])
@@ -180,18 +195,26 @@ def decode_speeds(engines: dict[str, Any], prompt: list[int], n_new: int, batche
 
 def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_metric_loss: float = 0.01,
                         eval_batches: int = 8, int8: bool = True, precisions: Sequence[str] = PRECISIONS,
-                        int4: Int4Recipe | None = None) -> DecodeGraphs | None:
+                        int4: Int4Recipe | None = None, kv_cache: str = "int8") -> DecodeGraphs | None:
     """Write FP32 decode graphs, and each of ``precisions`` (:func:`quantize_graphs`; ``int8=False`` drops int8),
     under ``out_dir``; None when the task has no decoder.
 
     The FP32 pair must pass greedy parity (else :class:`DecodeParityError`, with ``decode.json``
-    written and nothing else kept). A quantized pair is served when it keeps the validation loss within
-    ``max_metric_loss`` (relative) and decodes fastest (mean of its speed-ups over FP32 at batch 1 and 8,
-    measured in alternating rounds), FP32 when none is faster; ``decode.json`` records every candidate.
+    written and nothing else kept). With ``kv_cache="int8"`` each quantized pair is also written with an int8
+    KV cache (``<precision>-kv8``, :mod:`compress.kv_cache`, scales calibrated on training batches); it stands
+    in for its FP32-cache pair when it too keeps the loss within the gate: it moves a quarter of the cache's
+    bytes, which at many live sequences are most of a step's, and holds four times the sequences per GB.
+    A quantized pair is served when it keeps the validation loss within ``max_metric_loss`` (relative) and
+    decodes fastest (mean of its speed-ups over FP32 at batch 1 and 8, measured in alternating rounds), FP32
+    when none is faster; ``decode.json`` records every candidate. FP32 graphs keep an FP32 cache: they are the
+    reference that matches torch token for token.
     """
     from compress.decode_engine import DecodeEngine
     from compress.int4 import weight_bytes
+    from compress.kv_cache import KV_CACHES, calibrate, write_int8_cache_graphs
 
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"KV cache {kv_cache!r} is unknown: use one of {list(KV_CACHES)}")
     weights = task.decoder_weights(model)
     if weights is None:
         return None
@@ -205,23 +228,39 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
                                 f"see {out_dir / 'decode.json'}")
     prompt = prompts(task, model_args, 1, max(1, min(weights.context // 2, CHECK_TOKENS)))[0]
     base_loss = graph_val_loss(fp32[0], task, model_args, eval_batches)
-    candidates = [{"precision": "fp32", "val_metric": base_loss, "status": "ok", "weight_bytes": weight_bytes(fp32[1])}]
+    candidates = [{"precision": "fp32", "kv_cache": "fp32", "val_metric": base_loss, "status": "ok",
+                   "weight_bytes": weight_bytes(fp32[1])}]
     graphs = {"fp32": fp32}
-    for precision in dict.fromkeys(p for p in precisions if int8 or p != "int8"):
-        q = graphs[precision] = quantize_graphs(fp32, out_dir / precision, precision, int4)
-        loss = graph_val_loss(q[0], task, model_args, eval_batches)
+
+    def judge(name: str, pair: tuple[Path, Path], precision: str, cache: str) -> dict[str, Any]:
+        loss = graph_val_loss(pair[0], task, model_args, eval_batches)
         worse = (loss - base_loss if task.direction == "minimize" else base_loss - loss) / max(abs(base_loss), 1e-12)
-        candidates.append({"precision": precision, "val_metric": loss, "metric_loss": worse,
-                           "status": "ok" if worse <= max_metric_loss else "rejected",
-                           "weight_bytes": weight_bytes(q[1])} | ({"recipe": (int4 or Int4Recipe()).to_dict()}
-                                                                  if precision == "int4" else {}))
-        engines[precision] = DecodeEngine(str(q[0]), str(q[1]), max_sequences=8, threads=1)
+        row = {"precision": name, "weights": precision, "kv_cache": cache, "val_metric": loss, "metric_loss": worse,
+               "status": "ok" if worse <= max_metric_loss else "rejected", "weight_bytes": weight_bytes(pair[1])}
+        candidates.append(row | ({"recipe": (int4 or Int4Recipe()).to_dict()} if precision == "int4" else {}))
+        graphs[name] = pair
+        return candidates[-1]
+
+    scales = None
+    for precision in dict.fromkeys(p for p in precisions if int8 or p != "int8"):
+        q = quantize_graphs(fp32, out_dir / precision, precision, int4)
+        contestant = judge(precision, q, precision, "fp32")
+        if kv_cache == "int8":
+            if scales is None:
+                scales = calibrate(fp32[0], _calibration_batches(task, model_args), weights.rotary_inv_freq is not None)
+            kv8 = judge(f"{precision}-kv8", write_int8_cache_graphs(q, out_dir / f"{precision}-kv8", scales),
+                        precision, "int8")
+            if kv8["status"] == "ok":
+                contestant = kv8
+        if contestant["status"] == "ok":
+            pair = graphs[contestant["precision"]]
+            engines[contestant["precision"]] = DecodeEngine(str(pair[0]), str(pair[1]), max_sequences=8, threads=1)
     speeds = decode_speeds(engines, prompt, min(weights.context, CHECK_TOKENS))
     gains = {}
     for row in candidates:
-        by = speeds[row["precision"]]
-        row["tokens_per_s"] = {f"batch {b}": v for b, v in by.items()}
-        if row["status"] == "ok":
+        if row["precision"] in speeds:
+            by = speeds[row["precision"]]
+            row["tokens_per_s"] = {f"batch {b}": v for b, v in by.items()}
             gains[row["precision"]] = float(np.mean([by[b] / speeds["fp32"][b] for b in by]))
     # the fastest within the loss gate on average over batch 1 and 8; FP32 on a tie
     chosen = max(gains, key=lambda p: (gains[p], p == "fp32"))
@@ -229,6 +268,13 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
     _write_report(out_dir, served.to_dict(out_dir) | {"published": True, "metric": task.metric,
                                                       "context": weights.context})
     return served
+
+
+def _calibration_batches(task: Task, model_args: dict, batch_size: int = 8, n_batches: int = 4) -> list[np.ndarray]:
+    """Token ids ``(B, T)`` of the task's training batches: what the int8 cache's scales are calibrated on (the
+    validation batches judge them)."""
+    name = _token_input(task, model_args)
+    return [inputs[name] for inputs, _ in task.batches("train", batch_size, n_batches, seed=0, model_args=model_args)]
 
 
 def _write_report(out_dir: Path, report: dict[str, Any]) -> None:

@@ -35,6 +35,10 @@ import numpy as np
 import onnxruntime as ort
 
 
+CACHE_TYPES = {"tensor(float)": np.float32, "tensor(int8)": np.int8}
+"""The graphs' KV cache element type -> the engine's buffers."""
+
+
 class PrefillError(RuntimeError):
     """A prompt's prefill failed (raised by the synchronous API); ``sequence`` is the one it was for."""
 
@@ -93,10 +97,11 @@ class DecodeEngine:
         past = [i for i in self.step_session.get_inputs() if i.name.startswith("past_key_")]
         self.n_layer = len(past)
         _, self.n_head, _, self.head_size = past[0].shape
+        self.cache_dtype = CACHE_TYPES[past[0].type]  # float32, or int8 (compress.kv_cache's scaled cache)
         self.max_sequences = max_sequences
         shape = (max_sequences, self.n_head, self.context, self.head_size)
-        self.keys = [np.zeros(shape, np.float32) for _ in range(self.n_layer)]
-        self.values = [np.zeros(shape, np.float32) for _ in range(self.n_layer)]
+        self.keys = [np.zeros(shape, self.cache_dtype) for _ in range(self.n_layer)]
+        self.values = [np.zeros(shape, self.cache_dtype) for _ in range(self.n_layer)]
         self.live: list[Sequence] = []  # slot order: the ``ready`` ones that can step, then those being encoded
         self.ready = 0
         self.prefill_chunk = max(1, prefill_chunk)
@@ -240,8 +245,8 @@ class DecodeEngine:
         for i in range(self.n_layer):
             for kind, bufs in (("key", self.keys), ("value", self.values)):
                 ptr = bufs[i].ctypes.data
-                binding.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
-                binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, shape, ptr)
+                binding.bind_input(f"past_{kind}_{i}", "cpu", 0, self.cache_dtype, shape, ptr)
+                binding.bind_output(f"present_{kind}_{i}", "cpu", 0, self.cache_dtype, shape, ptr)
         out = np.empty((n, 1, self.vocab_size), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
         self._bindings[n] = binding, feed, out
@@ -292,7 +297,7 @@ class DecodeEngine:
             for j, row in enumerate(rows):
                 ids[j, :len(row)] = row
             # past buffers hold nothing (every row starts at position 0) but give room for the padded chunk
-            empty = np.zeros((b, self.n_head, n, self.head_size), np.float32)
+            empty = np.zeros((b, self.n_head, n, self.head_size), self.cache_dtype)
             feed = {"input_ids": ids, "position_ids": np.tile(np.arange(n, dtype=np.int64), (b, 1)),
                     "seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.asarray(n, np.int32),
                     "query_seqlens": lengths.astype(np.int32)}

@@ -192,4 +192,5 @@ def test_the_gates_and_the_build_take_a_wrapped_transformers_model(tmp_path):
         want = evaluate(lambda x: model(torch.from_numpy(x["input_ids"])).numpy(), "val", 1, 4, {})["val_loss"]
     assert abs(decode.graph_val_loss(paths[0], task, {}, 1, batch_size=4) - want) < 1e-4
     built = decode.build_decode_graphs(task, model, {}, tmp_path / "built", eval_batches=1)
-    assert built.parity["passed"] and {c["precision"] for c in built.candidates} == {"fp32", "int8", "int4"}
+    assert built.parity["passed"] and {c["precision"] for c in built.candidates} == {
+        "fp32", "int8", "int4", "int8-kv8", "int4-kv8"}  # rotary keys: calibrated by channel pairs

@@ -110,7 +110,7 @@ def test_the_decode_graphs_try_int4_and_report_it(tmp_path):
     task, model = charlm()
 
     built = decode.build_decode_graphs(task, model, model.model_args, tmp_path, eval_batches=2,
-                                       precisions=("int4",), int4=Int4Recipe(64))
+                                       precisions=("int4",), int4=Int4Recipe(64), kv_cache="fp32")
 
     report = json.loads((tmp_path / "decode.json").read_text())
     fp32, int4 = report["candidates"]

@@ -221,3 +221,26 @@ def test_text_comes_from_the_token_table_whole_characters_only_and_eos_stops(mod
     assert texts[0] == "" and "\ufffd" not in "".join(texts)  # half a character is held back, never sent
     assert "".join(texts) == table.decode(ids) and "€" in "".join(texts)
     assert sender.responses[-1].outputs["finish_reason"][0] == b"stop"
+
+
+def test_graphs_with_an_int8_cache_are_served_alike(tmp_path, monkeypatch):
+    from compress import kv_cache
+    from compress.decode_engine import DecodeEngine
+
+    task, model = charlm()
+    fp32 = decode.write_graphs(task.decoder_weights(model), tmp_path / "fp32")
+    scales = kv_cache.calibrate(fp32[0], decode._calibration_batches(task, model.model_args), rotary=False)
+    kv8 = kv_cache.write_int8_cache_graphs(fp32, tmp_path / "fp32-kv8", scales)
+    settings = load_settings(None, ["compress.generate.max_sequences=2", "compress.generate.max_new_tokens=64"])
+    name = write_generate_model(tmp_path / "repo", settings, task, model.model_args,
+                                decode.DecodeGraphs(kv8[0], kv8[1], "fp32-kv8", {}))
+    m = load(tmp_path / "repo" / "python" / name, monkeypatch)
+    try:
+        assert m.engine.cache_dtype == np.int8
+        prompt = decode.prompts(task, model.model_args, 1, 8)[0]
+        sender = run(m, input_ids=np.array(prompt), max_new_tokens=np.array([20], np.int32),
+                     temperature=np.array([0.0], np.float32))
+    finally:
+        m.finalize()
+    want = DecodeEngine(str(kv8[0]), str(kv8[1]), max_sequences=1, threads=1).generate(prompt, 20)
+    assert [i for r in sender.responses for i in r.outputs["token_ids"].tolist()] == want
