@@ -22,8 +22,9 @@ FAMILIES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llam
 
 MAX_CONTEXT = 1024
 """Default cap of the KV cache length. Each cache slot holds layers x kv_heads x context x head_size x
-2 (K, V) x 4 bytes: at 1024 positions 75 MB for GPT-2 small, 24 MB for a 135M Llama (30 layers, 3 kv
-heads), so 32 slots stay within a few GB; pass ``context`` for longer generations."""
+2 (K, V) x 4 bytes with an fp32 cache (1 byte with the int8 cache of quantized graphs): at 1024 positions
+75 MB (19 MB) for GPT-2 small, 24 MB (6 MB) for a 135M Llama (30 layers, 3 kv heads), so 32 slots stay within
+a few GB; pass ``context`` for longer generations."""
 
 _GELU = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}  # HF name -> ours
 
