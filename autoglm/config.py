@@ -300,6 +300,9 @@ class GenerateSettings(Section):
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads of the decode loop (0: all cores)")
     prefill_chunk: int = Field(8, ge=1, description="sequences encoded per prefill batch; a larger group joining "
                                "or sliding at once is split, so its first chunk steps while the rest is encoded")
+    kv_cache: Literal["int8", "fp32"] = Field("int8", description="KV cache of the quantized graphs: int8 "
+                                              "(per-channel scales; used where it too keeps the loss within "
+                                              "max_metric_loss, else fp32) or fp32. FP32 graphs keep an fp32 cache")
 
 
 class CompressSettings(Section):

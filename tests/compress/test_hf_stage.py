@@ -38,6 +38,8 @@ def _settings(root, kind: str):
     else:  # a served context below the fixtures' 128 positions: the cap, not the model's maximum, is served
         task = ["task.name='hf-causal-lm'", "task.model={block_size=32, context=96}",
                 f"task.data='{hf_fixtures.write_text(root / 'text.txt')}'"]
+    if kind == "gpt2":  # the setting that keeps the quantized graphs' cache in fp32 (llama keeps the default)
+        task.append("compress.generate.kv_cache='fp32'")
     return load_settings(None, [f"run.root='{root}'", f"run.cache_dir='{root / 'cache'}'", f"run.name={kind}",
                                 f"task.model_id='{MODELS[kind]()}'", *task, *FAST])
 
@@ -104,6 +106,18 @@ def test_causal_lms_get_decode_graphs_of_the_served_context(causal):
     assert report["published"] and report["parity"]["passed"]
     assert report["context"] == 96  # task.model.context, below the model's 128 positions
     assert all(row["new_tokens"] <= 64 for row in report["parity"]["prompts"])
+
+
+def test_the_kv_cache_setting_reaches_the_decode_graphs(causal):
+    kind, run, _ = causal
+
+    report = json.loads((run.stage_dir("compress") / "decode" / "decode.json").read_text())
+    caches = {c["precision"]: c.get("kv_cache", "fp32") for c in report["candidates"]}
+
+    if kind == "gpt2":  # compress.generate.kv_cache='fp32': no int8-cache copies are built
+        assert not any(p.endswith("-kv8") for p in caches) and set(caches.values()) == {"fp32"}
+    else:  # the default: each quantized pair also with an int8 cache
+        assert caches["int4-kv8"] == "int8"
 
 
 def test_the_repository_serves_the_generate_model_at_that_context(causal):
