@@ -44,12 +44,17 @@ METHODS = {"random search": ("random", "training", None, False), "TPE": ("tpe", 
            "AutoGLM cold": ("tpe", "default", "pareto", False),
            "AutoGLM with priors": ("tpe", "default", "pareto", True)}
 PRIORS, BASELINES = "AutoGLM with priors", ("random search", "TPE + Hyperband")
-# ``bench tune --ablation NAME``: a method that is PRIORS with knobs added to its searched space, run beside it
+# ``bench tune --ablation NAME``: PRIORS beside a twin that differs in one change, name -> (the twin, knobs it adds
+# to the searched space, tune settings it changes, whether the twin is the one *without* the change: a change the
+# defaults already make is judged by turning it off)
 # the training loop's opt-in knobs (autoglm.tasks.training.LOOP_SPACE): optimizer, schedule, and feedback with the
 # adaptive batch on it; the knobs conditional on these (betas, momentum, step decay, max_grad_accum) come along
 LOOP_KNOBS = {"train.optimizer": {}, "train.schedule": {}, "train.feedback_every": {}}
-ABLATIONS = {"train-knobs": (f"{PRIORS} + loop knobs", LOOP_KNOBS)}
-ADDED = {method: added for method, added in ABLATIONS.values()}  # method -> the knobs it adds to PRIORS' space
+ABLATIONS = {"train-knobs": (f"{PRIORS} + loop knobs", LOOP_KNOBS, {}, False),
+             # tune.metric_share (tune.sampler.MetricShare): every trial from the multi-objective TPE instead
+             "metric-share": (f"{PRIORS}, no metric share", {}, {"metric_share": 0.0}, True)}
+ADDED = {ab[0]: ab[1] for ab in ABLATIONS.values()}  # method -> the knobs it adds to PRIORS' space
+CHANGED = {ab[0]: ab[2] for ab in ABLATIONS.values()}  # method -> the tune settings it changes
 SPECS = METHODS | dict.fromkeys(ADDED, METHODS[PRIORS])  # every method's (sampler, preset, stopping, portfolio)
 DIRS_REST = ["minimize", "minimize"]  # latency, energy
 
@@ -74,7 +79,7 @@ def method_settings(pool_task: PoolTask, seed: int, workdir: Path, method: str,
         # length, as random search's do: on a small table a long schedule overfits, the rungs then judge only
         # schedules at least as long, and a portfolio entry carries its own length (``steps_frac``)
         tune |= {"sampler": sampler, "search_space": preset, "space": dict(pool_task.space) | ADDED.get(method, {}),
-                 "warm_start": None,
+                 "warm_start": None, **CHANGED.get(method, {}),
                  "early_stop": {**tune["early_stop"], "enabled": stopping is not None,
                                 "shared_schedule": stopping == "hyperband"}}
         if stopping == "hyperband":

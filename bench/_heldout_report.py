@@ -135,38 +135,46 @@ def _mean(values) -> float:
     return statistics.fmean(present) if present else math.nan
 
 
-def ablation_wins(pair: Pair, method: str, multiple: float) -> tuple[bool, bool]:
-    """(``method``'s best metric strictly better than PRIORS', its hypervolume at least PRIORS') at ``multiple``."""
+def ablation_wins(pair: Pair, method: str, multiple: float, base: str = PRIORS) -> tuple[bool, bool]:
+    """(``method``'s best metric strictly better than ``base``'s, its hypervolume at least ``base``'s) at
+    ``multiple``."""
     volumes = pair.volumes(multiple)
-    mine, theirs = pair.at(method, multiple).best(), pair.at(PRIORS, multiple).best()
+    mine, theirs = pair.at(method, multiple).best(), pair.at(base, multiple).best()
     beats = not math.isnan(mine) and (math.isnan(theirs) or better(mine, theirs, pair.direction))
-    return beats, volumes[method] >= volumes[PRIORS]
+    return beats, volumes[method] >= volumes[base]
 
 
 def ablation_table(pairs: list[Pair], name: str) -> Table:
-    """PRIORS without and with the ablation's knobs, side by side per pair at 1B, 2B, 4B, and the verdict: the
-    knobs earn their place if they give a strictly better best metric on most pairs at 2B and at 4B without a
-    lower hypervolume on most pairs there."""
-    method, added = ABLATIONS[name]
+    """The method without and with the ablation's change, side by side per pair at 1B, 2B, 4B, and the verdict: the
+    change earns its place if it gives a strictly better best metric on most pairs at 2B and at 4B without a lower
+    hypervolume on most pairs there."""
+    method, added, changed, turns_off = ABLATIONS[name]
+    without, with_ = (method, PRIORS) if turns_off else (PRIORS, method)
+    change = f"the knobs {', '.join(added)}" if added else "the change"
     rows, n = [], len(pairs)
     for p in pairs:
-        best = {m: [p.at(m, k).best() for k in MULTIPLES] for m in (PRIORS, method)}
+        best = {m: [p.at(m, k).best() for k in MULTIPLES] for m in (without, with_)}
         volumes = [p.volumes(k) for k in MULTIPLES]
         rows.append([f"{p.task} ({POOL[p.task].split})", f"{p.seed} (B = {p.budget:.1f} CPU-s)", p.metric,
-                     *[f"{_fmt(a)} / {_fmt(b)}" for a, b in zip(best[PRIORS], best[method])],
-                     *[f"{v[PRIORS]:.3f} / {v[method]:.3f}" for v in volumes]])
-    counts = {k: [ablation_wins(p, method, k) for p in pairs] for k in MULTIPLES}
+                     *[f"{_fmt(a)} / {_fmt(b)}" for a, b in zip(best[without], best[with_])],
+                     *[f"{v[without]:.3f} / {v[with_]:.3f}" for v in volumes]])
+    counts = {k: [ablation_wins(p, with_, k, without) for p in pairs] for k in MULTIPLES}
     tally = {k: (sum(w[0] for w in c), sum(w[1] for w in c)) for k, c in counts.items()}
     earn = n > 0 and all(tally[k][0] > n / 2 and tally[k][1] > n / 2 for k in (2, 4))
-    verdict = (f"verdict: the knobs {'earn' if earn else 'do NOT earn'} their place in the default space: better "
+    subject = "the knobs" if added else "the change"
+    verdict = (f"verdict: {subject} {'earn' if earn else 'do NOT earn'} their place in the defaults: better "
                "best metric on " + ", ".join(f"{tally[k][0]}/{n} pairs at {k}B" for k in MULTIPLES)
                + "; hypervolume not lower on " + ", ".join(f"{tally[k][1]}/{n} at {k}B" for k in MULTIPLES)
                + " (the rule: better on most pairs at 2B and 4B without losing hypervolume on most)")
+    if added:
+        what = (f"with: the same method and seed with {added} added to tune.space (the knobs conditional on them "
+                "come along: betas, momentum, step decay, adaptive_batch and max_grad_accum)")
+    else:
+        what = (f"without: '{without}', tune settings {changed}; with: '{with_}', the shipped defaults")
     columns = ["task (split)", "seed (budget)", "metric", *[f"best metric at {k}B: without / with" for k in MULTIPLES],
                *[f"hypervolume at {k}B: without / with" for k in MULTIPLES]]
-    return Table(f"Ablation {name}: {PRIORS} without / with {', '.join(added)} ({_where(pairs)})", columns, rows, [
-        verdict, f"with: the same method and seed with {added} added to tune.space (the knobs conditional on them "
-        "come along: betas, momentum, step decay, adaptive_batch and max_grad_accum); same budget 4B, same seeds",
+    return Table(f"Ablation {name}: {without} / {with_} ({_where(pairs)})", columns, rows, [
+        verdict, f"{what}; same budget 4B, same seeds ({change})",
         "metric directions: " + ", ".join(sorted({f"{p.metric} ({p.direction})" for p in pairs}))
         + "; '—': no trial completed by then; hypervolume as in the anytime table, normalized over the pair's "
         "points (default, without, with) at 4B"])

@@ -191,3 +191,90 @@ class Narrowing(optuna.samplers.BaseSampler):
 
     def reseed_rng(self) -> None:
         self.sampler.reseed_rng()
+
+
+class MetricShare(optuna.samplers.BaseSampler):
+    """A share of the trials drawn after the start-up proposed for the task metric alone, served uncompressed.
+
+    A multi-objective TPE splits its trials into "good" and "bad" by Pareto rank, so once the front holds a few
+    cheap compressed points it spreads its proposals along the whole front; the metric's end of it gets no more
+    than its share of a handful of trials, and the best metric stalls where a single-objective search keeps
+    improving it. ParEGO draws a random scalarization per proposal; this sampler keeps the one weight that the
+    front's other end lacks: every ``1/share``-th drawn trial after the start-up comes from a single-objective
+    TPE fitted to the metric of every completed trial (its own study in memory, rebuilt per proposal), with the
+    compression knobs off. Compression cannot raise the trained model's metric, and the best model's
+    compressed variants come from :mod:`tune.siblings` for the cost of compressing it. The other trials are
+    ``sampler``'s. Queued trials (warm start, portfolio, siblings) are never re-proposed.
+    """
+
+    def __init__(self, sampler, share: float, startup: int, seed: int | None = None, metric_index: int = 0,
+                 off: dict[str, Any] | None = None):
+        self.sampler, self.share, self.startup, self.seed = sampler, share, startup, seed
+        self.metric_index, self.off = metric_index, dict(off or {})
+        self._mirrors: dict[int, Any] = {}  # trial number -> its proposal (a trial of the metric-only study)
+
+    def focused(self, study, trial) -> bool:
+        """Whether ``trial`` is proposed for the metric alone: the share's turn among the drawn trials after the
+        start-up (the i-th one when ceil((i + 1) x share) > ceil(i x share), so the first one is)."""
+        if self.share <= 0 or "fixed_params" in trial.system_attrs:  # queued: its point is set
+            return False
+        i = drawn_trials(study) - self.startup
+        return i >= 0 and math.ceil((i + 1) * self.share) > math.ceil(i * self.share)
+
+    def _proposal(self, study, trial):
+        """A trial of a single-objective study holding every completed trial's params and metric."""
+        direction = study.directions[self.metric_index].name.lower()
+        mirror = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(
+            seed=None if self.seed is None else self.seed + trial.number, n_startup_trials=self.startup))
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        mirror.add_trials([optuna.trial.create_trial(params=t.params, distributions=t.distributions,
+                                                     value=t.values[self.metric_index])
+                           for t in done if t.values is not None and math.isfinite(t.values[self.metric_index])])
+        return mirror.ask()
+
+    def _off(self, name: str, dist) -> tuple[bool, Any]:
+        value = self.off.get(name)
+        if name not in self.off:
+            return False, None
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            return value in dist.choices, value
+        return dist.low <= value <= dist.high, value
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, Any]:
+        return {} if trial.number in self._mirrors else self.sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space) -> dict[str, Any]:
+        return self.sampler.sample_relative(study, trial, search_space) if search_space else {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
+        proposal = self._mirrors.get(trial.number)
+        if proposal is None:
+            return self.sampler.sample_independent(study, trial, param_name, param_distribution)
+        is_off, value = self._off(param_name, param_distribution)
+        if is_off:
+            return value
+        try:
+            return _suggest(proposal, param_name, param_distribution)
+        except ValueError:  # a range that changed since earlier trials: the mirror refuses it, the sampler draws
+            return self.sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        if self.focused(study, trial):
+            self._mirrors[trial.number] = self._proposal(study, trial)
+        self.sampler.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._mirrors.pop(trial.number, None)
+        self.sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.sampler.reseed_rng()
+
+
+def _suggest(trial, name: str, dist) -> Any:
+    """``dist``'s value for ``name`` from ``trial`` (Optuna's public suggest API, so the trial's sampler draws it)."""
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return trial.suggest_categorical(name, list(dist.choices))
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)

@@ -201,15 +201,21 @@ def open_study(settings: Settings, tune_dir: Path, task_direction: str, metric: 
 
 def study_sampler(settings: Settings, seed: int, n_objectives: int, sampler=None):
     """``sampler``, else the one ``tune.sampler`` names; wrapped to narrow its ranges after its start-up when
-    ``tune.search_space`` is the adaptive preset."""
-    from tune.sampler import Narrowing, make_sampler, startup_of
+    ``tune.search_space`` is the adaptive preset, and to propose ``tune.metric_share`` of its trials for the metric
+    alone when TPE or GP models several objectives (:class:`tune.sampler.MetricShare`)."""
+    from tune.sampler import MetricShare, Narrowing, make_sampler, startup_of
     from tune.space import is_adaptive
 
     tune = settings.tune
     chosen = sampler or make_sampler(tune.sampler, seed, n_objectives, tune.startup_trials)
-    if not is_adaptive(tune.search_space):
-        return chosen
-    return Narrowing(chosen, startup_of(tune.sampler if sampler is None else None, n_objectives, tune.startup_trials))
+    startup = startup_of(tune.sampler if sampler is None else None, n_objectives, tune.startup_trials)
+    if sampler is None and tune.sampler in ("tpe", "gp") and tune.metric_share > 0 and n_objectives > 1 \
+            and "metric" in tune.objectives:
+        from compress import knobs
+
+        off = {name: knob.default for name, knob in knobs().items()}  # each compression knob's default: off
+        chosen = MetricShare(chosen, tune.metric_share, startup, seed, tune.objectives.index("metric"), off)
+    return Narrowing(chosen, startup) if is_adaptive(tune.search_space) else chosen
 
 
 def queue_first(study, settings: Settings, first: list[tuple[dict, dict]]) -> int:

@@ -1,4 +1,5 @@
-"""The samplers: TPE's random start-up counts only the trials it drew, not those the tuner placed."""
+"""The samplers: TPE's random start-up counts only the trials it drew, not those the tuner placed; a share of the
+trials proposed for the metric alone."""
 
 import math
 
@@ -6,7 +7,7 @@ import optuna
 import pytest
 
 from autoglm.errors import ConfigError
-from tune.sampler import DrawnStartup, drawn_trials, make_sampler
+from tune.sampler import DrawnStartup, MetricShare, drawn_trials, make_sampler
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -117,6 +118,49 @@ def test_the_adaptive_preset_and_its_article_alias_narrow_the_configured_sampler
     task = get_task(settings)
 
     assert is_adaptive("adaptive") and is_adaptive("adaptive-v2") and not is_adaptive("default")
-    assert isinstance(sampler, Narrowing) and sampler.startup == 3 and isinstance(sampler.sampler, DrawnStartup)
+    assert isinstance(sampler, Narrowing) and sampler.startup == 3 and isinstance(sampler.sampler, MetricShare)
+    assert isinstance(sampler.sampler.sampler, DrawnStartup)  # the metric's share is drawn inside the narrowed ranges
     assert build_space(task, "adaptive-v2") == build_space(task, "adaptive") == build_space(task, "default")
     assert not isinstance(study_sampler(_tiny.settings(tmp_path), 0, 3), Narrowing)
+
+
+def _served(trial):
+    """Metric (minimized) best at x = 0.9 and uncompressed; cost lower for small x and when quantized."""
+    x = trial.suggest_float("x", 0.0, 1.0)
+    mode = trial.suggest_categorical("quantize.mode", ["none", "dynamic"])
+    return (x - 0.9) ** 2 + (0.05 if mode == "dynamic" else 0.0), x + (0.0 if mode == "dynamic" else 0.5)
+
+
+def test_metric_share_proposes_its_turns_for_the_metric_alone_uncompressed():
+    sampler = MetricShare(make_sampler("tpe", 3, 2, startup_trials=3), 0.5, 3, seed=3,
+                          off={"quantize.mode": "none"})
+    study = _study(sampler)
+    study.enqueue_trial({"x": 0.1, "quantize.mode": "dynamic"}, user_attrs={"portfolio": 0})
+    focused = []
+    study.optimize(lambda t: focused.append(t.number in sampler._mirrors) or _served(t), n_trials=23)
+
+    # the queued trial stands for a start-up draw (as DrawnStartup counts it); from the 4th on every other is focused
+    assert [n for n, f in enumerate(focused) if f] == list(range(3, 23, 2))
+    on_metric = [t for t in study.trials if focused[t.number]]
+    spread = [t for t in study.trials[3:] if not focused[t.number]]
+    assert all(t.params["quantize.mode"] == "none" for t in on_metric)
+    assert study.trials[0].params == {"x": 0.1, "quantize.mode": "dynamic"}  # a queued point is never re-proposed
+    # the metric-only proposals sit nearer the metric's optimum than the multi-objective model's spread ones
+    gap = lambda trials: sorted(abs(t.params["x"] - 0.9) for t in trials)[len(trials) // 2]  # noqa: E731
+    assert gap(on_metric) < gap(spread) and gap(on_metric) < 0.15
+
+
+def test_metric_share_wraps_tpe_and_gp_on_several_objectives_only(tmp_path):
+    from tests.tune import _tiny
+    from tune.storage import study_sampler
+
+    shared = study_sampler(_tiny.settings(tmp_path), 0, 3)
+    assert isinstance(shared, MetricShare) and shared.share == 0.5 and shared.off["quantize.mode"] == "none"
+    assert shared.metric_index == 0 and shared.off["prune.ratio"] == 0.0
+    for sets, n in ((("tune.metric_share=0",), 3), (("tune.sampler='random'",), 3), (("tune.sampler='nsga2'",), 3),
+                    (("tune.objectives=['metric']",), 1)):
+        assert not isinstance(study_sampler(_tiny.settings(tmp_path, *sets), 0, n), MetricShare)
+    own = optuna.samplers.RandomSampler(seed=0)
+    assert study_sampler(_tiny.settings(tmp_path), 0, 3, own) is own  # a user's sampler object is left alone
+    latency_first = study_sampler(_tiny.settings(tmp_path, "tune.objectives=['latency','metric']"), 0, 2)
+    assert latency_first.metric_index == 1
