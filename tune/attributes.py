@@ -65,6 +65,8 @@ SIBLING_OF: Attr[int] = Attr("sibling_of")  # the trial whose trained model it s
 # entries are distinct points, and they stand for the sampler's random start-up rather than come on top of it)
 PORTFOLIO: Attr[int] = Attr("portfolio")
 PLACED = (WARM_START, SIBLING_OF)
+# the one objective the sampler proposed it for (tune.sampler.MetricShare: "metric"); the rungs judge it on that
+PROPOSED_FOR: Attr[str] = Attr("proposed_for")
 
 # training
 TRAINING_KEY: Attr[str] = Attr("training_key")  # trials with equal keys share one cached checkpoint

@@ -82,9 +82,12 @@ class ParetoHalving:
         return tuple(math.inf if not math.isfinite(v) else -v if d == "maximize" else v
                      for v, d in zip(values, self.directions, strict=True))
 
-    def survives(self, own: Sequence[float], others: Sequence[Sequence[float]]) -> bool:
-        """Whether a trial with ``own`` values stays, given the other trials' values at the same rung."""
+    def survives(self, own: Sequence[float], others: Sequence[Sequence[float]], only: int | None = None) -> bool:
+        """Whether a trial with ``own`` values stays, given the other trials' values at the same rung; ``only``:
+        ranked on that objective alone (a trial proposed for it, see tune.sampler.MetricShare)."""
         population = [self._minimized(own)] + [self._minimized(o) for o in others]
+        if only is not None:
+            population = [(p[only],) for p in population]
         if len(population) < self.warmup_trials:
             return True
         keep = math.ceil(len(population) / self.reduction_factor)
@@ -97,9 +100,11 @@ class ParetoHalving:
                 return False
         return False  # pragma: no cover - index 0 is in some front
 
-    def should_stop(self, study, trial, rung: int, values: Sequence[float], max_steps: int | None = None) -> bool:
+    def should_stop(self, study, trial, rung: int, values: Sequence[float], max_steps: int | None = None,
+                    only: int | None = None) -> bool:
         """Record this trial's rung values in the storage and decide against the records of the other trials
-        whose schedules are at least ``max_steps`` long (every other trial when None, or when unrecorded)."""
+        whose schedules are at least ``max_steps`` long (every other trial when None, or when unrecorded);
+        ``only``: on that objective alone (:meth:`survives`)."""
         at_rung = attrs.rung(rung)
         if max_steps is not None:
             attrs.SCHEDULE_STEPS.set(trial, max_steps)
@@ -107,7 +112,7 @@ class ParetoHalving:
         others = [at_rung.get(t) for t in study.get_trials(deepcopy=False)
                   if t.number != trial.number and at_rung.on(t)
                   and (max_steps is None or attrs.SCHEDULE_STEPS.get(t, math.inf) >= max_steps)]
-        return not self.survives(values, others)
+        return not self.survives(values, others, only)
 
     def forecast_dominated(self, study, trial, history: Sequence[tuple[int, float]], cost: Sequence[float],
                            max_steps: int, shift: float = 0.0, metric_index: int = 0) -> Forecast | None:
@@ -196,7 +201,7 @@ class RungCallback:
         while self.pending and step >= self.pending[0]:
             rung = self.pending.pop(0)
             values = [metric + self._shift() if o == "metric" else self.cost[o] for o in self.objectives]
-            if self.rule.should_stop(self.study, self.trial, rung, values, self.max_steps):
+            if self.rule.should_stop(self.study, self.trial, rung, values, self.max_steps, **self._only()):
                 self.stopped_at = step
                 return True
         if self.rule.extrapolate and "metric" in self.objectives and step >= self.rule.min_resource:
@@ -206,6 +211,12 @@ class RungCallback:
                 self.stopped_at = step
                 return True
         return False
+
+    def _only(self) -> dict[str, int]:
+        """A trial proposed for one objective is judged on it alone: a trial proposed for the metric, served
+        uncompressed, would otherwise be stopped for latency it was never meant to save."""
+        wanted = attrs.PROPOSED_FOR.get(self.trial)
+        return {"only": self.objectives.index(wanted)} if wanted in self.objectives else {}
 
     def _shift(self) -> float:
         """The compression loss observed so far for this trial's compression settings (see the module)."""

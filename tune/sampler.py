@@ -203,8 +203,10 @@ class MetricShare(optuna.samplers.BaseSampler):
     front's other end lacks: every ``1/share``-th drawn trial after the start-up comes from a single-objective
     TPE fitted to the metric of every completed trial (its own study in memory, rebuilt per proposal), with the
     compression knobs off. Compression cannot raise the trained model's metric, and the best model's
-    compressed variants come from :mod:`tune.siblings` for the cost of compressing it. The other trials are
-    ``sampler``'s. Queued trials (warm start, portfolio, siblings) are never re-proposed.
+    compressed variants come from :mod:`tune.siblings` for the cost of compressing it. Such a trial records
+    ``proposed_for = "metric"``, and the rungs judge it on the metric alone (:class:`tune.early_stop.RungCallback`):
+    served uncompressed, it would otherwise be stopped for the latency it never meant to save. The other trials
+    are ``sampler``'s. Queued trials (warm start, portfolio, siblings) are never re-proposed.
     """
 
     def __init__(self, sampler, share: float, startup: int, seed: int | None = None, metric_index: int = 0,
@@ -261,6 +263,9 @@ class MetricShare(optuna.samplers.BaseSampler):
     def before_trial(self, study, trial) -> None:
         if self.focused(study, trial):
             self._mirrors[trial.number] = self._proposal(study, trial)
+            # recorded on the trial (the rungs then judge it on the metric alone, tune.early_stop); a sampler
+            # holds a frozen trial here, so through the storage, as Optuna's own samplers record theirs
+            study._storage.set_trial_user_attr(trial._trial_id, attrs.PROPOSED_FOR.key, "metric")
         self.sampler.before_trial(study, trial)
 
     def after_trial(self, study, trial, state, values) -> None:

@@ -201,3 +201,23 @@ def test_rungs_judge_the_metric_a_trial_will_serve_after_the_compression_loss_se
 
     assert stopped and study.trials[pruned.number].user_attrs["rung_10"] == pytest.approx([0.52, 1.0])
     assert study.trials[plain.number].user_attrs["rung_10"] == pytest.approx([0.79, 1.0])
+
+
+def test_a_trial_proposed_for_the_metric_is_judged_on_the_metric_alone():
+    """Second-best accuracy but the slowest (served uncompressed): dominated by the best one, so stopped on Pareto
+    rank; among the top third by accuracy, so kept when it was proposed for the metric alone."""
+    others = [(0.95, 1.0, 1.0), (0.80, 0.5, 0.5), (0.70, 0.5, 0.5), (0.60, 0.4, 0.4), (0.50, 0.3, 0.3)]
+    own = (0.90, 3.0, 3.0)
+    assert not rule().survives(own, others) and rule().survives(own, others, only=0)
+    assert not rule().survives((0.75, 3.0, 3.0), others, only=0)  # fourth of six by accuracy: stopped
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for values in ((0.95, 1.0), (0.80, 0.5), (0.70, 0.5)):
+        rival = study.ask()
+        attrs.rung(10).set(rival, list(values))
+        study.tell(rival, list(values))
+    plain, proposed = study.ask(), study.ask()
+    attrs.PROPOSED_FOR.set(proposed, "metric")
+    judged = [RungCallback(rule(TWO), study, t, ["metric", "latency"], {"latency": 3.0}, max_steps=100)(10, 0.9)
+              for t in (plain, proposed)]
+    assert judged == [True, False]  # stopped / kept

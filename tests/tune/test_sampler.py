@@ -143,7 +143,8 @@ def test_metric_share_proposes_its_turns_for_the_metric_alone_uncompressed():
     assert [n for n, f in enumerate(focused) if f] == list(range(3, 23, 2))
     on_metric = [t for t in study.trials if focused[t.number]]
     spread = [t for t in study.trials[3:] if not focused[t.number]]
-    assert all(t.params["quantize.mode"] == "none" for t in on_metric)
+    assert all(t.params["quantize.mode"] == "none" and t.user_attrs["proposed_for"] == "metric" for t in on_metric)
+    assert not any("proposed_for" in t.user_attrs for t in spread)  # the rungs judge these on every objective
     assert study.trials[0].params == {"x": 0.1, "quantize.mode": "dynamic"}  # a queued point is never re-proposed
     # the metric-only proposals sit nearer the metric's optimum than the multi-objective model's spread ones
     gap = lambda trials: sorted(abs(t.params["x"] - 0.9) for t in trials)[len(trials) // 2]  # noqa: E731
