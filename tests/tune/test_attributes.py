@@ -13,7 +13,7 @@ STORED = {
     "STEPS": "steps", "STOPPED_AT": "stopped_at", "TRAIN_METRIC": "train_metric", "SCHEDULE_STEPS": "schedule_steps",
     "PROBE": "probe", "TIMED": "timed", "COMPUTE": "compute", "VARIANT": "variant", "COMPRESS": "compress",
     "OBJECTIVES": "objectives", "METRIC_NAME": "metric_name", "MLFLOW_RUN": "mlflow_run_id",
-    "PORTFOLIO": "portfolio", "FORECAST": "forecast",
+    "PORTFOLIO": "portfolio", "FORECAST": "forecast", "PROPOSED_FOR": "proposed_for",
 }
 
 
