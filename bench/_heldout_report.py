@@ -161,11 +161,14 @@ def ablation_table(pairs: list[Pair], name: str) -> Table:
     counts = {k: [ablation_wins(p, with_, k, without) for p in pairs] for k in MULTIPLES}
     tally = {k: (sum(w[0] for w in c), sum(w[1] for w in c)) for k, c in counts.items()}
     earn = n > 0 and all(tally[k][0] > n / 2 and tally[k][1] > n / 2 for k in (2, 4))
+    worse = {k: sum(ablation_wins(p, without, k, with_)[0] for p in pairs) for k in MULTIPLES}
     subject = "the knobs" if added else "the change"
     verdict = (f"verdict: {subject} {'earn' if earn else 'do NOT earn'} their place in the defaults: better "
                "best metric on " + ", ".join(f"{tally[k][0]}/{n} pairs at {k}B" for k in MULTIPLES)
                + "; hypervolume not lower on " + ", ".join(f"{tally[k][1]}/{n} at {k}B" for k in MULTIPLES)
-               + " (the rule: better on most pairs at 2B and 4B without losing hypervolume on most)")
+               + " (the rule: better on most pairs at 2B and 4B without losing hypervolume on most); best metric "
+               "better / equal / worse: " + ", ".join(f"{tally[k][0]}/{n - tally[k][0] - worse[k]}/{worse[k]} at {k}B"
+                                                       for k in MULTIPLES))
     if added:
         what = (f"with: the same method and seed with {added} added to tune.space (the knobs conditional on them "
                 "come along: betas, momentum, step decay, adaptive_batch and max_grad_accum)")

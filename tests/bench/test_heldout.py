@@ -198,4 +198,5 @@ def test_the_metric_share_ablation_turns_only_the_metric_share_off_and_is_judged
     worse.outcomes[-1].method = method
     table = ablation_table([worse], "metric-share")
     assert "do NOT earn" in table.notes[0] and table.rows[0][4] == "0.6 / 0.8"
+    assert "better / equal / worse: 0/1/0 at 1B, 0/0/1 at 2B, 0/0/1 at 4B" in table.notes[0]
     assert f"{method} / AutoGLM with priors" in table.title
