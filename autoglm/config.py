@@ -212,10 +212,11 @@ class TuneSettings(Section):
                                   "so it applies to tasks it was never learned on; judged by the rungs like any trial")
     portfolio_size: int = Field(4, ge=0, description="how many of the portfolio's entries a new study queues, first "
                                 "ones first")
-    metric_share: float = Field(0.5, ge=0, le=1, description="tpe/gp with several objectives: this share of the "
+    metric_share: float = Field(0.0, ge=0, le=1, description="tpe/gp with several objectives: this share of the "
                                 "trials drawn after the start-up is proposed for the metric alone (a single-objective "
-                                "TPE over every completed trial, compression off; the best model's compressed variants "
-                                "come from tune.compression_siblings); 0: every trial from the multi-objective model")
+                                "TPE over every completed trial, compression off, judged by the rungs on the metric "
+                                "alone; the best model's compressed variants come from tune.compression_siblings); 0 "
+                                "(default): every trial from the multi-objective model")
 
     @model_validator(mode="after")
     def _distinct_objectives(self) -> TuneSettings:

@@ -45,16 +45,15 @@ METHODS = {"random search": ("random", "training", None, False), "TPE": ("tpe", 
            "AutoGLM with priors": ("tpe", "default", "pareto", True)}
 PRIORS, BASELINES = "AutoGLM with priors", ("random search", "TPE + Hyperband")
 # ``bench tune --ablation NAME``: PRIORS beside a twin that differs in one change, name -> (the twin, knobs it adds
-# to the searched space, tune settings it changes, whether the twin is the one *without* the change: a change the
-# defaults already make is judged by turning it off)
+# to the searched space, tune settings it changes)
 # the training loop's opt-in knobs (autoglm.tasks.training.LOOP_SPACE): optimizer, schedule, and feedback with the
 # adaptive batch on it; the knobs conditional on these (betas, momentum, step decay, max_grad_accum) come along
 LOOP_KNOBS = {"train.optimizer": {}, "train.schedule": {}, "train.feedback_every": {}}
-ABLATIONS = {"train-knobs": (f"{PRIORS} + loop knobs", LOOP_KNOBS, {}, False),
-             # tune.metric_share (tune.sampler.MetricShare): every trial from the multi-objective TPE instead
-             "metric-share": (f"{PRIORS}, no metric share", {}, {"metric_share": 0.0}, True)}
-ADDED = {ab[0]: ab[1] for ab in ABLATIONS.values()}  # method -> the knobs it adds to PRIORS' space
-CHANGED = {ab[0]: ab[2] for ab in ABLATIONS.values()}  # method -> the tune settings it changes
+ABLATIONS = {"train-knobs": (f"{PRIORS} + loop knobs", LOOP_KNOBS, {}),
+             # half the drawn trials proposed for the metric alone (tune.sampler.MetricShare; opt-in, off by default)
+             "metric-share": (f"{PRIORS} + metric share", {}, {"metric_share": 0.5})}
+ADDED = {twin: added for twin, added, _ in ABLATIONS.values()}  # method -> the knobs it adds to PRIORS' space
+CHANGED = {twin: changed for twin, _, changed in ABLATIONS.values()}  # method -> the tune settings it changes
 SPECS = METHODS | dict.fromkeys(ADDED, METHODS[PRIORS])  # every method's (sampler, preset, stopping, portfolio)
 DIRS_REST = ["minimize", "minimize"]  # latency, energy
 

@@ -332,7 +332,7 @@ def _pool_run(quick: bool, args: list[str]) -> list[Table]:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--heldout", action="store_true", help="anytime comparison on the evaluation tasks")
     mode.add_argument("--ablation", choices=sorted(ABLATIONS),
-                      help="AutoGLM with priors without / with these knobs, anytime to 4B (default: the dev tasks)")
+                      help="AutoGLM with priors without / with this change, anytime to 4B (default: the dev tasks)")
     mode.add_argument("--learn-portfolio", action="store_true", help="learn tune/portfolio.json on the dev tasks")
     parser.add_argument("--tasks", help="comma-separated pool tasks (default: the evaluation tasks)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per task (default 3)")

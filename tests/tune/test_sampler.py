@@ -118,8 +118,9 @@ def test_the_adaptive_preset_and_its_article_alias_narrow_the_configured_sampler
     task = get_task(settings)
 
     assert is_adaptive("adaptive") and is_adaptive("adaptive-v2") and not is_adaptive("default")
-    assert isinstance(sampler, Narrowing) and sampler.startup == 3 and isinstance(sampler.sampler, MetricShare)
-    assert isinstance(sampler.sampler.sampler, DrawnStartup)  # the metric's share is drawn inside the narrowed ranges
+    assert isinstance(sampler, Narrowing) and sampler.startup == 3 and isinstance(sampler.sampler, DrawnStartup)
+    shared = study_sampler(_tiny.settings(tmp_path, "tune.search_space='adaptive'", "tune.metric_share=0.5"), 0, 3)
+    assert isinstance(shared.sampler, MetricShare)  # the metric's share is drawn inside the narrowed ranges
     assert build_space(task, "adaptive-v2") == build_space(task, "adaptive") == build_space(task, "default")
     assert not isinstance(study_sampler(_tiny.settings(tmp_path), 0, 3), Narrowing)
 
@@ -155,13 +156,14 @@ def test_metric_share_wraps_tpe_and_gp_on_several_objectives_only(tmp_path):
     from tests.tune import _tiny
     from tune.storage import study_sampler
 
-    shared = study_sampler(_tiny.settings(tmp_path), 0, 3)
+    on = "tune.metric_share=0.5"
+    shared = study_sampler(_tiny.settings(tmp_path, on), 0, 3)
     assert isinstance(shared, MetricShare) and shared.share == 0.5 and shared.off["quantize.mode"] == "none"
     assert shared.metric_index == 0 and shared.off["prune.ratio"] == 0.0
-    for sets, n in ((("tune.metric_share=0",), 3), (("tune.sampler='random'",), 3), (("tune.sampler='nsga2'",), 3),
-                    (("tune.objectives=['metric']",), 1)):
+    for sets, n in (((), 3), ((on, "tune.sampler='random'"), 3), ((on, "tune.sampler='nsga2'"), 3),
+                    ((on, "tune.objectives=['metric']"), 1)):  # off by default; on for TPE/GP and several objectives
         assert not isinstance(study_sampler(_tiny.settings(tmp_path, *sets), 0, n), MetricShare)
     own = optuna.samplers.RandomSampler(seed=0)
-    assert study_sampler(_tiny.settings(tmp_path), 0, 3, own) is own  # a user's sampler object is left alone
-    latency_first = study_sampler(_tiny.settings(tmp_path, "tune.objectives=['latency','metric']"), 0, 2)
+    assert study_sampler(_tiny.settings(tmp_path, on), 0, 3, own) is own  # a user's sampler object is left alone
+    latency_first = study_sampler(_tiny.settings(tmp_path, on, "tune.objectives=['latency','metric']"), 0, 2)
     assert latency_first.metric_index == 1
