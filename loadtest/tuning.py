@@ -125,11 +125,12 @@ def tune_run(run: RunDir, writer: StageWriter, settings: Settings, task_info: di
         show(f"loadtest: tuning {len(space.models)} model(s) on {host}: study {name} in {journal} "
              f"({len(study.trials)} trials so far, {tune.n_trials} wanted; ladder {steps} users, {tune.step_s:g} s "
              f"a step); `optuna-dashboard {journal}` shows it")
-        objective = Objective(live, space, window, writer.dir / "tune" / "trials", tune.n_trials, show)
+        windows = writer.dir / "tune" / name  # per study: another study's windows stay (loadtest.records)
+        objective = Objective(live, space, window, windows / "trials", tune.n_trials, show)
         ran = run_study(study, objective, tune.n_trials, baseline, replicates_of(tune), tune.verify_candidates)
         rows = trial_rows(study)
         verified, attempts = verify(live, rows, window, tune.verify_s, tune.verify_candidates,
-                                    writer.dir / "tune" / "verify", show, space)
+                                    windows / "verify", show, space)
     except BaseException:
         try:
             live.restore()
