@@ -308,9 +308,12 @@ def search_tables(search: Search) -> list[Table]:
 def _default_vs_verified(search: Search, tpe_studies: list[list[dict]]) -> Table:
     """The best TPE config over every seed against the repository default, re-measured side by side: one step
     ladder each, then a steady verification window at each one's capacity concurrency."""
+    from loadtest.replicate import config_means
+
     cap, energy = search.capacity, search.energy
-    trials = [r for study in tpe_studies for r in study if r.get("feasible") and not r["baseline"]]
-    best = max(trials, key=lambda r: r[cap], default=None)
+    configs = [c for study in tpe_studies for c in config_means(study, cap, energy)
+               if c.get("feasible") and not c["baseline"]]  # each study's configs by the mean of their windows
+    best = max(configs, key=lambda r: r[cap], default=None)
     rows = []
     fresh = search.study("tpe", 99, 1)  # the default's ladder, measured now (the baseline trial)
     for name, row in (("repository default", fresh[0] if fresh else None), ("best TPE config", best)):
