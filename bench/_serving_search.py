@@ -125,7 +125,8 @@ class Search:
         objective = Objective(self.live, space, self.window, self.workdir / "trials" / name, windows,
                               lambda line: print(line, flush=True))
         try:
-            run_study(study, objective, windows, self.baseline, replicates_of(tune), tune.verify_candidates)
+            run_study(study, objective, windows, self.baseline, replicates_of(tune), tune.verify_candidates,
+                      tune.startup_trials)
         finally:
             self.live.restore()
         return trial_rows(study)
@@ -298,7 +299,7 @@ def search_tables(search: Search) -> list[Table]:
             f"{max(spreads):.2f}×" if spreads else ""),
          f"TPE: multivariate, {search.tune.startup_trials} startup trials (the baseline and "
          f"{search.tune.startup_trials - 1} random ones), so TPE and random with the same seed can share their "
-         f"first trials; after them, a window that follows a new draw may re-measure one of TPE's "
+         f"first trials; after those {search.tune.startup_trials}, a window that follows a new draw may re-measure one of TPE's "
          f"{search.tune.verify_candidates} best front configs that has fewer than {search.tune.replicates} windows "
          "(loadtest.replicate); every in-study figure is a config's mean over its windows (a window missing the "
          "SLO counts 0), for every method"])

@@ -57,14 +57,15 @@ def front(configs: list[dict[str, Any]], capacity: str, energy: str) -> list[dic
 
 
 def next_replicate(rows: list[dict[str, Any]], capacity: str, energy: str, replicates: int,
-                   front_size: int) -> dict[str, Any] | None:
+                   front_size: int, explore_first: int = 0) -> dict[str, Any] | None:
     """The parameters the next window re-measures, or None to draw a new config.
 
     The candidates are the ``front_size`` highest-capacity configs of the per-config front: the first of them
     measured fewer than ``replicates`` times is measured again. A new config whose one window puts it on the
     front is therefore re-measured before the study trusts it, and drops off if its mean does not hold. At most
-    every other window is a re-measurement (never two in a row), so at least half the budget still explores."""
-    if replicates <= 1 or not rows or rows[-1].get("replicate"):
+    every other window is a re-measurement (never two in a row), and none comes before ``explore_first`` windows
+    (the sampler's random start), so at least half the budget still explores."""
+    if replicates <= 1 or len(rows) < max(1, explore_first) or rows[-1].get("replicate"):
         return None
     for config in front(config_means(rows, capacity, energy), capacity, energy)[:front_size]:
         if config["windows"] < replicates:

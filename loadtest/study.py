@@ -181,10 +181,11 @@ def replicates_of(tune: LoadtestTuneSettings) -> int:
 
 
 def run_study(study, objective: Objective, n_trials: int, baseline: dict[str, Any], replicates: int = 1,
-              front_size: int = 3) -> int:
+              front_size: int = 3, explore_first: int = 0) -> int:
     """Run the trials the study still lacks (the baseline first in a new study); returns how many ran. With
-    ``replicates`` > 1 each window is either a new draw or a re-measurement of one of the ``front_size`` best
-    front configs (:func:`loadtest.replicate.next_replicate`), within the same ``n_trials`` windows."""
+    ``replicates`` > 1 each window after the first ``explore_first`` is either a new draw or a re-measurement of
+    one of the ``front_size`` best front configs (:func:`loadtest.replicate.next_replicate`), within the same
+    ``n_trials`` windows."""
     optuna = require("optuna", purpose="loadtest --tune")
     if not study.trials:
         study.enqueue_trial(baseline, user_attrs={"baseline": True})
@@ -199,7 +200,7 @@ def run_study(study, objective: Objective, n_trials: int, baseline: dict[str, An
             return remaining
         keys = (objective.space.objective_key, objective.space.energy_key)
         for _ in range(remaining):
-            again = next_replicate(trial_rows(study), *keys, replicates, front_size)
+            again = next_replicate(trial_rows(study), *keys, replicates, front_size, explore_first)
             if again is not None:
                 study.enqueue_trial(again, user_attrs={"replicate": True}, skip_if_exists=False)
             study.optimize(objective, n_trials=1, catch=(TrialFailed,))

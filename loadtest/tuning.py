@@ -127,7 +127,8 @@ def tune_run(run: RunDir, writer: StageWriter, settings: Settings, task_info: di
              f"a step); `optuna-dashboard {journal}` shows it")
         windows = writer.dir / "tune" / name  # per study: another study's windows stay (loadtest.records)
         objective = Objective(live, space, window, windows / "trials", tune.n_trials, show)
-        ran = run_study(study, objective, tune.n_trials, baseline, replicates_of(tune), tune.verify_candidates)
+        ran = run_study(study, objective, tune.n_trials, baseline, replicates_of(tune), tune.verify_candidates,
+                        tune.startup_trials)
         rows = trial_rows(study)
         verified, attempts = verify(live, rows, window, tune.verify_s, tune.verify_candidates,
                                     windows / "verify", show, space)

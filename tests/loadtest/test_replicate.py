@@ -50,6 +50,7 @@ def test_a_front_config_with_one_window_is_re_measured_but_never_two_windows_in_
     full = [_row(i, 0, 2000, 0.02) for i in range(3)]
     assert next_replicate(full, CAP, J, 3, 2) is None  # measured enough: draw a new config
     assert next_replicate(lucky, CAP, J, 1, 2) is None  # replication off
+    assert next_replicate(lucky, CAP, J, 3, 2, explore_first=3) is None  # the sampler's random start first
     assert replicates_of(LoadtestTuneSettings(sampler="random", replicates=3)) == 1
     assert replicates_of(LoadtestTuneSettings(sampler="tpe", replicates=3)) == 3
 
@@ -76,11 +77,12 @@ def test_a_tpe_study_re_measures_its_front_within_the_same_window_budget(tmp_pat
     lines = []
     study = open_study(tmp_path / "s.journal", "s", make_sampler(tune, space))
     assert run_study(study, Objective(Tracking(window), space, window, tmp_path, 10, lines.append), 10, baseline,
-                     replicates_of(tune), 3) == 10
+                     replicates_of(tune), 3, tune.startup_trials) == 10
 
     rows = trial_rows(study)
     again = [r for r in rows if r.get("replicate")]
     assert len(rows) == 10 and again  # the same budget, some of it spent re-measuring
+    assert not any(r.get("replicate") for r in rows[:tune.startup_trials])
     assert all(not a.get("replicate") or not b.get("replicate") for a, b in zip(rows, rows[1:]))
     assert sum("(re-measured)" in line for line in lines) == len(again)
     means = config_means(rows, CAP, J)
