@@ -505,6 +505,10 @@ class LoadtestTuneSettings(Section):
     verify_candidates: int = Field(3, ge=1, description="the best feasible configs measured again in the "
                                    "verify_s window: the best of them that holds the SLO is verified")
     write_back: bool = Field(True, description="write the verified config into the repository (--rollback undoes)")
+    replicates: int = Field(3, ge=1, description="tpe/gp: windows a config on the study's front may take (its "
+                            "value is their mean): after the startup trials, a window re-measures the first of the "
+                            "verify_candidates best front configs with fewer, never two windows in a row; 1: every "
+                            "window a new draw")
     # the generation model's own knobs (--scenario generate: it batches its decode steps itself, no Triton batcher)
     max_sequences: tuple[int, int] = Field((4, 64), description="--scenario generate: [low, high] of the decode "
                                            "slots (sequences stepped together; more requests wait)")

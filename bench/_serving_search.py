@@ -7,7 +7,9 @@ host one config's window varies by a factor of two, so a method's
 in-study figures are partly its luck: each seed therefore ends with a side-by-side re-measurement, every
 method's front configs (and the configs the capacity goal compares) measured again round-robin in the same
 stretch, the median of the rounds kept. The goals are judged on those figures; the in-study ones are shown
-beside them.
+beside them. TPE re-measures its front within its window budget (:mod:`loadtest.replicate`, the stage's
+default), and every method's in-study figures are per-config means, so how well each study's reported front
+predicts its re-measured one is a row of its own (:func:`gap_table`).
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class Search:
 
     def study(self, method: str, seed: int | None, windows: int) -> list[dict]:
         """``windows`` trials of ``method`` (the baseline first), in order."""
-        from loadtest.study import Objective, make_sampler, open_study, run_study, trial_rows
+        from loadtest.study import Objective, make_sampler, open_study, replicates_of, run_study, trial_rows
 
         tune = self.tune.model_copy(update={"sampler": method, "seed": seed})
         space = self.space(tune)
@@ -123,7 +125,8 @@ class Search:
         objective = Objective(self.live, space, self.window, self.workdir / "trials" / name, windows,
                               lambda line: print(line, flush=True))
         try:
-            run_study(study, objective, windows, self.baseline)
+            run_study(study, objective, windows, self.baseline, replicates_of(tune), tune.verify_candidates,
+                      tune.startup_trials)
         finally:
             self.live.restore()
         return trial_rows(study)
@@ -176,8 +179,12 @@ def _energy(window: dict, energy: str) -> float | None:
 
 
 def _best_row(search: Search, rows: list[dict], upto: int | None = None) -> dict | None:
-    """The feasible trial with the best in-study capacity per instance among the first ``upto`` windows."""
-    return max((r for r in rows[:upto] if r.get("feasible")), key=lambda r: r[search.capacity], default=None)
+    """The feasible config with the best in-study capacity per instance (the mean of its windows) among the
+    first ``upto`` windows."""
+    from loadtest.replicate import config_means
+
+    means = config_means(rows[:upto], search.capacity, search.energy)
+    return max((r for r in means if r.get("feasible")), key=lambda r: r[search.capacity], default=None)
 
 
 def _cap(search: Search, row: dict | None) -> float:
@@ -185,13 +192,11 @@ def _cap(search: Search, row: dict | None) -> float:
 
 
 def front_rows(rows: list[dict], cap: str = "capacity_per_instance_rps", energy: str = "j_per_request") -> list[dict]:
-    """A method's front as it measured it (feasible, not dominated on capacity ↑ and energy ↓), its
-    ``FRONT_CAP`` highest-capacity configs, one row per config."""
-    feasible = [r for r in rows if r.get("feasible") and r.get(energy) is not None]
-    front = [r for r in feasible if not any(
-        o[cap] >= r[cap] and o[energy] <= r[energy] and (o[cap], o[energy]) != (r[cap], r[energy]) for o in feasible)]
-    unique = {key(r["params"]): r for r in sorted(front, key=lambda r: r[cap])}  # a repeated config's best
-    return sorted(unique.values(), key=lambda r: r[cap], reverse=True)[:FRONT_CAP]
+    """A method's front as it reports it: by the per-config means of its windows, feasible, not dominated on
+    capacity ↑ and energy ↓, its ``FRONT_CAP`` highest-capacity configs."""
+    from loadtest.replicate import config_means, front
+
+    return front(config_means(rows, cap, energy), cap, energy)[:FRONT_CAP]
 
 
 def _volumes(fronts: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
@@ -204,7 +209,10 @@ def _volumes(fronts: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
 
 
 def _points(search: Search, rows: list[dict]) -> list[tuple[float, float]]:
-    return [(r[search.capacity], r[search.energy]) for r in rows
+    """A study's feasible configs as (capacity, energy), each the mean of its windows."""
+    from loadtest.replicate import config_means
+
+    return [(r[search.capacity], r[search.energy]) for r in config_means(rows, search.capacity, search.energy)
             if r.get("feasible") and r.get(search.energy) is not None]
 
 
@@ -222,7 +230,9 @@ def _seed_result(search: Search, seed: int, methods: dict[str, list[dict]], half
     re_points = {name: [(m[cap], m[energy]) for m in map(measured, front) if m[cap] > 0 and m[energy] is not None]
                  for name, front in fronts.items()}
     re_best = {name: max(front, key=lambda r: measured(r)[cap], default=None) for name, front in fronts.items()}
-    return {"fronts": fronts, "again": again,
+    from bench._front_gap import front_gaps
+
+    return {"fronts": fronts, "again": again, "gap": front_gaps(search, fronts, again),
             "study_volumes": _volumes({n: _points(search, t) for n, t in methods.items()}),
             "volumes": _volumes(re_points), "best": re_best,
             "best_cap": {n: _cap(search, measured(r)) for n, r in re_best.items()},
@@ -231,11 +241,13 @@ def _seed_result(search: Search, seed: int, methods: dict[str, list[dict]], half
 
 
 def search_tables(search: Search) -> list[Table]:
+    from bench._front_gap import gap_tables
+
     windows = search.grid_size() + 1  # the baseline, then every grid point
     half = windows // 2
     seeds = SEEDS[:1] if search.quick else SEEDS
     grid = search.study("grid", 0, windows)
-    rows, goals, spreads = [], [], []
+    rows, goals, spreads, gaps = [], [], [], []
     studies = [grid]
     unit, energy_name = search.unit, "J/token" if search.energy == "j_per_token" else "J/request"
     for seed in seeds:
@@ -243,10 +255,11 @@ def search_tables(search: Search) -> list[Table]:
                    "random": search.study("random", seed, windows), "grid": grid}
         studies += [methods["TPE (Bayesian)"], methods["random"]]
         res = _seed_result(search, seed, methods, half)
+        gaps.append((seed, res["gap"]))
         spreads += [max(m["rounds"]) / min(m["rounds"]) for m in res["again"].values() if min(m["rounds"]) > 0]
         for name, trials in methods.items():
             rows.append([seed if name != "grid" else f"{seed} (one grid run)", name, len(trials),
-                         sum(bool(r.get("feasible")) for r in trials),
+                         len({key(r["params"]) for r in trials}), sum(bool(r.get("feasible")) for r in trials),
                          f"{_cap(search, _best_row(search, trials, half)):,.0f}",
                          f"{_cap(search, _best_row(search, trials)):,.0f}", f"{res['study_volumes'][name]:.3f}",
                          len(res["fronts"][name]), f"{res['best_cap'][name]:,.0f}", f"{res['volumes'][name]:.3f}",
@@ -259,7 +272,7 @@ def search_tables(search: Search) -> list[Table]:
                       "met" if study_volumes["TPE (Bayesian)"] >= max(study_volumes.values()) else "not met"])
     search_table = Table(
         "Search over the same knob ranges, the same number of measured windows each",
-        ["seed", "method", "windows", "feasible", f"in-study best cap./inst. ({unit}) in {half} windows",
+        ["seed", "method", "windows", "configs", "feasible", f"in-study best cap./inst. ({unit}) in {half} windows",
          "in-study best cap./inst.", "in-study hypervolume", "front configs re-measured",
          f"re-measured best cap./inst. (median of {ROUNDS})", "re-measured hypervolume", "best config (re-measured)"],
         rows,
@@ -286,16 +299,22 @@ def search_tables(search: Search) -> list[Table]:
             f"{max(spreads):.2f}×" if spreads else ""),
          f"TPE: multivariate, {search.tune.startup_trials} startup trials (the baseline and "
          f"{search.tune.startup_trials - 1} random ones), so TPE and random with the same seed can share their "
-         "first trials"])
-    return [search_table, goal_table, _default_vs_verified(search, studies[1::2])]
+         f"first trials; after those {search.tune.startup_trials}, a window that follows a new draw may re-measure one of TPE's "
+         f"{search.tune.verify_candidates} best front configs that has fewer than {search.tune.replicates} windows "
+         "(loadtest.replicate); every in-study figure is a config's mean over its windows (a window missing the "
+         "SLO counts 0), for every method"])
+    return [search_table, goal_table, *gap_tables(gaps, unit), _default_vs_verified(search, studies[1::2])]
 
 
 def _default_vs_verified(search: Search, tpe_studies: list[list[dict]]) -> Table:
     """The best TPE config over every seed against the repository default, re-measured side by side: one step
     ladder each, then a steady verification window at each one's capacity concurrency."""
+    from loadtest.replicate import config_means
+
     cap, energy = search.capacity, search.energy
-    trials = [r for study in tpe_studies for r in study if r.get("feasible") and not r["baseline"]]
-    best = max(trials, key=lambda r: r[cap], default=None)
+    configs = [c for study in tpe_studies for c in config_means(study, cap, energy)
+               if c.get("feasible") and not c["baseline"]]  # each study's configs by the mean of their windows
+    best = max(configs, key=lambda r: r[cap], default=None)
     rows = []
     fresh = search.study("tpe", 99, 1)  # the default's ladder, measured now (the baseline trial)
     for name, row in (("repository default", fresh[0] if fresh else None), ("best TPE config", best)):

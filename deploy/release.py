@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from autoglm import __version__
 from autoglm.artifacts import RunDir, sha256_file, verify_outputs
 from autoglm.errors import AutoGLMError, IntegrityError
-from deploy.capacity import Capacity, Target, capacity_for, serving_target
+from deploy.capacity import Capacity, Target, capacity_for, generation_capacity, serving_target, workload_record
 from deploy.resources import Usage, measured_usage
 
 # the NGC Triton each overlay runs unless deploy.triton_image names one. CPU: Triton 2.51, the server version
@@ -116,10 +116,14 @@ def read_release(run: RunDir, env: str = "cpu", allow_capacity_mismatch: bool = 
     inputs = ["repository"]
     target = serving_target(repo_dir, info["recommended"], env)
     capacity = capacity_for(run, manifest.config["triton"], target, allow_capacity_mismatch)
+    if info.get("generate"):  # the generation model streams tokens/s: sized by its own verified capacity
+        capacity = replace(capacity, generation=generation_capacity(run, repo_dir, info["generate"], env,
+                                                                    allow_capacity_mismatch))
     usage = None
     if capacity.measured:  # the same checks hold for what the serving processes used at that capacity
+        usage = measured_usage(workload_record(run.manifest("loadtest").metrics, "predict") or {})
+    if capacity.measured or (capacity.generation and capacity.generation.measured):
         inputs.append("loadtest")
-        usage = measured_usage(run.manifest("loadtest").metrics)
     return Release(run=run.name, task=info["task"], models=models, recommended=info["recommended"],
                    version=versions.pop(), instances_per_pod=int(manifest.config["triton"]["instances"]),
                    repository_sha=sha256_file(run.manifest_path("repository")),

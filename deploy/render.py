@@ -176,6 +176,7 @@ def render_run(settings: Settings, force: bool = False) -> Manifest:
         "model_version": release.version, "capacity_rps_per_instance": release.capacity.rps_per_instance,
         "capacity_measured": release.capacity.measured, "capacity_source": release.capacity.source,
         "capacity_measured_on": release.capacity.measured_on,
+        "generation_capacity": _generation(release),
         "serving_target": asdict(release.target) if release.target else None,
         "triton_resources": resources.spec() | {"measured": list(resources.measured), "source": resources.source},
         "tune_workers": options.tune_workers, "kustomize": status, "api_keys": [k.name for k in keys]}
@@ -183,6 +184,16 @@ def render_run(settings: Settings, force: bool = False) -> Manifest:
     print(f"deploy: rendered {options.env} for run {release.run} -> {out} (kustomize: {status['serving']}); "
           f"capacity {release.capacity.source}")
     return manifest
+
+
+def _generation(release: Release) -> dict[str, Any] | None:
+    """The generation model's sizing, as the deploy manifest records it (None: the run has no generation model)."""
+    g = release.capacity.generation
+    if g is None:
+        return None
+    return {"model": g.model, "tokens_per_s_per_instance": g.tokens_per_s_per_instance,
+            "instances_per_pod": g.instances_per_pod, "measured": g.measured, "source": g.source,
+            "measured_on": g.measured_on}
 
 
 def _extras(options: DeploySettings) -> str:
@@ -217,4 +228,6 @@ def _readme(release: Release, options: DeploySettings, images: Images, n_trials:
             f"3. One host: `docker compose -f compose/docker-compose.yml up -d` (`--profile dashboard` adds Grafana).\n"
             f"{tune}\nModels: {', '.join(sorted(release.models.values()))} (version {release.version}; recommended "
             f"{release.recommended}). Autoscaling capacity: {release.capacity.source}.\n"
+            + (f"Generation ({release.capacity.generation.model}): {release.capacity.generation.source}.\n"
+               if release.capacity.generation else "") +
             f"Triton's resources ({resources.label()}): {resources.source}.\n")

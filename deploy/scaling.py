@@ -64,6 +64,10 @@ P95 = Series("autoglm_triton_request_p95_seconds", "nv_inference_request_summary
 THROUGHPUT = Series("autoglm_triton_requests_per_second", "nv_inference_request_success",
                     _rate("nv_inference_request_success"), "successful inference requests per second")
 SERIES = (LATENCY, P95, THROUGHPUT)
+# the generation model's own counter (compress/triton_generate_model.py): a target only where a verified :generate
+# capacity sizes the run's generation model (deploy.capacity.generation_capacity)
+TOKENS = Series("autoglm_generate_tokens_per_second", "autoglm_generate_tokens_total",
+                _rate("autoglm_generate_tokens_total"), "tokens per second the generation model streams")
 
 
 def _policy(kind: str, value: int, period_s: float) -> dict[str, Any]:
@@ -133,7 +137,10 @@ def throughput_target(rules, capacity: Capacity, instances_per_pod: int) -> floa
 def targets(rules, capacity: Capacity, instances_per_pod: int) -> list[tuple[Series, float]]:
     """Each series with its per-pod target (see the module docstring)."""
     latency_s = rules.latency_ms / 1000
-    return [(LATENCY, latency_s), (P95, latency_s), (THROUGHPUT, throughput_target(rules, capacity, instances_per_pod))]
+    out = [(LATENCY, latency_s), (P95, latency_s), (THROUGHPUT, throughput_target(rules, capacity, instances_per_pod))]
+    if capacity.generation is not None and capacity.generation.measured:  # tokens/s per pod at capacity / up_factor
+        out.append((TOKENS, capacity.generation.per_pod() / rules.up_factor))
+    return out
 
 
 def keda_triggers(rules, capacity: Capacity, instances_per_pod: int, server: str, namespace: str,
@@ -150,15 +157,24 @@ def keda_triggers(rules, capacity: Capacity, instances_per_pod: int, server: str
 def targets_note(rules, capacity: Capacity, instances_per_pod: int) -> str:
     """One line for the rendered files: where each target comes from."""
     rps = throughput_target(rules, capacity, instances_per_pod)
-    return (f"latency targets {rules.latency_ms:g} ms (autoscaling rule); throughput target {rps:.1f} req/s per pod "
+    note = (f"latency targets {rules.latency_ms:g} ms (autoscaling rule); throughput target {rps:.1f} req/s per pod "
             f"= capacity / {rules.up_factor:g} with capacity {capacity.source}")
+    generation = capacity.generation
+    if generation is None:
+        return note
+    if not generation.measured:
+        return f"{note}; {generation.model}: {generation.source}"
+    return (f"{note}; {generation.model}: token target {generation.per_pod() / rules.up_factor:.0f} tokens/s per pod "
+            f"= capacity x {generation.instances_per_pod} instance(s) / {rules.up_factor:g}, capacity "
+            f"{generation.source}")
 
 
-def adapter_config() -> dict[str, Any]:
-    """prometheus-adapter's ``rules:`` for the custom metrics the HPA uses (pods labelled by the scrape job)."""
+def adapter_config(generation: bool = False) -> dict[str, Any]:
+    """prometheus-adapter's ``rules:`` for the custom metrics the HPA uses (pods labelled by the scrape job); the
+    generation model's tokens/s too where its capacity sets a target (``generation``)."""
     return {"rules": [{
         "seriesQuery": f'{s.source}{{namespace!="",pod!=""}}',
         "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
         "name": {"matches": f"^{s.source}$", "as": s.name},
         "metricsQuery": s.query,
-    } for s in SERIES]}
+    } for s in (*SERIES, TOKENS) if s is not TOKENS or generation]}

@@ -19,11 +19,13 @@ from autoglm.config import LoadtestSettings, Settings
 from autoglm.energy import ensure_comparable
 from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.tracking import track_stage
+from autoglm.versions import now
 from loadtest.control import ModelControl, ServingConfig, serving_knobs
 from loadtest.energy_join import EnergySource
 from loadtest.front import CONFIG_FIELDS, capacities, pareto_front, point_row, recommend
 from loadtest.latency import Slo
 from loadtest.payloads import build_payloads, write_payloads
+from loadtest.records import earlier_records, keep_report, workload_records
 from loadtest.release import write_release_page
 from loadtest.report import energy_label, plot_tradeoff, write_points_csv, write_report_json
 from loadtest.runner import LoadSpec, run_window
@@ -138,6 +140,7 @@ def loadtest_run(settings: Settings, force: bool = False, progress: bool = True)
         from loadtest.tuning import precheck
 
         precheck(settings, task_info, model, energy)
+    earlier = earlier_records(run)  # the other workload's record survives this run (loadtest.records)
     writer.invalidate()
     shutil.rmtree(writer.dir / "points", ignore_errors=True)  # a re-run must not list an older run's windows
     payloads = write_payloads(writer.path("payloads.json"), built)
@@ -170,7 +173,7 @@ def loadtest_run(settings: Settings, force: bool = False, progress: bool = True)
         overhead = _measure_overhead(points, options, settings, model, control, common, writer.dir / "points", slo)
         if progress:
             print(f"  gateway overhead: {overhead['summary']}")
-    return _finish(run, writer, settings, options, task_info, points, overhead, slo, energy, progress, tuned)
+    return _finish(run, writer, settings, options, task_info, points, overhead, slo, energy, progress, tuned, earlier)
 
 
 def _capacity_record(settings: Settings, rows: list[dict]) -> dict[str, Any]:
@@ -229,7 +232,7 @@ def _reachable(base: str, probe: str) -> None:
 
 def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: LoadtestSettings, task_info: dict,
             points: list[dict], overhead: dict | None, slo: Slo, energy: EnergySource,
-            progress: bool, tuned: dict | None = None) -> tuple[Manifest, int]:
+            progress: bool, tuned: dict | None = None, earlier: dict | None = None) -> tuple[Manifest, int]:
     from loadtest import tuning
 
     rows = [point_row(p) for p in points] if tuned is None else [
@@ -282,6 +285,7 @@ def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: Loadt
     written = None
     if tuned is not None and recommended and options.tune.write_back:
         written = tuning.write_back_verified(run, writer, recommended, tuned["study"], settings, progress)
+    kept = keep_report(writer.dir, options.scenario)
     for path in sorted(writer.dir.rglob("*")):
         if path.is_file() and path.name != "manifest.json":
             writer.add_output(str(path.relative_to(writer.dir)))
@@ -299,6 +303,8 @@ def _finish(run: RunDir, writer: StageWriter, settings: Settings, options: Loadt
         "peak_rss_mib": recommended_peak_rss(rec, points), **record,
         **{k: rec[k] for k in ("capacity_tps", "capacity_per_instance_tps", "ttft_p95_ms", "itl_p95_ms",
                                "j_per_token") if k in rec}}
+    writer.manifest.metrics["workloads"] = workload_records(earlier or {}, options.scenario, writer.manifest.metrics,
+                                                            kept, now())
     if tuned is not None:
         writer.manifest.metrics |= {"study": tuned["study"], "written_back": written,
                                     "baseline": tuning.baseline_summary(tuned["baseline"])}

@@ -7,9 +7,11 @@ within the SLO (max) and J/request (min), or for the generation model (:mod:`loa
 per instance and J/token; the SLO's limits are Optuna constraints (``trial.set_constraint``, which
 replaces the ``constraints_func`` Optuna 5 deprecates; every sampler reads them). The first trial is
 the baseline, the config Triton serves now. The study lives in a journal file: a rerun continues it up to
-``n_trials`` and ``optuna-dashboard <journal>`` shows it. After the trials, the best feasible configs
-(:func:`loadtest.front.ranked`) are measured again in a longer steady window at their capacity
-concurrency: the best of them that holds the SLO is the verified config.
+``n_trials`` and ``optuna-dashboard <journal>`` shows it. A Bayesian study spends some of its windows
+re-measuring the configs on its front (:mod:`loadtest.replicate`), and a config's value is the mean of its
+windows. After the trials, the best feasible configs by those means (:func:`loadtest.front.ranked`) are
+measured again in a longer steady window at their capacity concurrency: the best of them that holds the SLO
+is the verified config.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from loadtest.control import LiveModels, ServingConfig
 from loadtest.front import ranked
 from loadtest.generate_space import GenerateSpace, j_per_token
 from loadtest.latency import Slo
+from loadtest.replicate import config_means, next_replicate
 from loadtest.runner import LoadSpec, run_window
 from loadtest.space import TuneSpace, ladder
 
@@ -131,7 +134,8 @@ class Objective:
 
     def __call__(self, trial) -> tuple[float, float]:
         config = self.space.suggest(trial)
-        label = f"trial {trial.number + 1}/{self.total} {config.label()}"
+        again = " (re-measured)" if trial.user_attrs.get("replicate") else ""
+        label = f"trial {trial.number + 1}/{self.total} {config.label()}{again}"
         try:
             applied = self.live.apply(config)
         except AutoGLMError as exc:
@@ -170,8 +174,18 @@ def _result_text(s: dict[str, Any]) -> str:
         " (the load generator ran out of CPU)" if s.get("generator_saturated") else "")
 
 
-def run_study(study, objective: Objective, n_trials: int, baseline: dict[str, Any]) -> int:
-    """Run the trials the study still lacks (the baseline first in a new study); returns how many ran."""
+def replicates_of(tune: LoadtestTuneSettings) -> int:
+    """Windows a front config may take in this study: only the Bayesian samplers re-measure (the grid and random
+    search are the comparisons, each window a new draw)."""
+    return tune.replicates if tune.sampler in ("tpe", "gp") else 1
+
+
+def run_study(study, objective: Objective, n_trials: int, baseline: dict[str, Any], replicates: int = 1,
+              front_size: int = 3, explore_first: int = 0) -> int:
+    """Run the trials the study still lacks (the baseline first in a new study); returns how many ran. With
+    ``replicates`` > 1 each window after the first ``explore_first`` is either a new draw or a re-measurement of
+    one of the ``front_size`` best front configs (:func:`loadtest.replicate.next_replicate`), within the same
+    ``n_trials`` windows."""
     optuna = require("optuna", purpose="loadtest --tune")
     if not study.trials:
         study.enqueue_trial(baseline, user_attrs={"baseline": True})
@@ -181,7 +195,15 @@ def run_study(study, objective: Objective, n_trials: int, baseline: dict[str, An
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # GPSampler, multi-objective
         warnings.filterwarnings("ignore", message=".*(out of range|not contained|is not in).*")  # the baseline
-        study.optimize(objective, n_trials=remaining, catch=(TrialFailed,))
+        if replicates <= 1:
+            study.optimize(objective, n_trials=remaining, catch=(TrialFailed,))
+            return remaining
+        keys = (objective.space.objective_key, objective.space.energy_key)
+        for _ in range(remaining):
+            again = next_replicate(trial_rows(study), *keys, replicates, front_size, explore_first)
+            if again is not None:
+                study.enqueue_trial(again, user_attrs={"replicate": True}, skip_if_exists=False)
+            study.optimize(objective, n_trials=1, catch=(TrialFailed,))
     return remaining
 
 
@@ -199,15 +221,16 @@ def trial_rows(study) -> list[dict[str, Any]]:
 def verify(live: LiveModels, rows: list[dict[str, Any]], window: Window, seconds: float, candidates: int,
            out_dir: Path, progress: Callable[[str], None] | None = None,
            space: Space | type[TuneSpace] = TuneSpace) -> tuple[dict | None, list[dict]]:
-    """Measure the ``candidates`` best feasible configs again, each in a steady ``seconds`` window at its capacity
-    concurrency; of those that hold the SLO, the best by verified capacity (:func:`loadtest.front.ranked`) is
+    """Measure the ``candidates`` best feasible configs (by the mean of their windows) again, each in a steady
+    ``seconds`` window at its capacity concurrency; of those that hold the SLO, the best by verified capacity (:func:`loadtest.front.ranked`) is
     returned with every attempt. A study's best window is partly its luck on a shared host: the longer windows,
     side by side, decide among the finalists."""
     show = progress or (lambda line: None)
     order = {"capacity": space.objective_key, "energy": space.energy_key}
     finalists: dict[ServingConfig, dict[str, Any]] = {}
-    for row in ranked([r for r in rows if r.get("feasible")], **order):  # a config measured twice is one finalist
-        finalists.setdefault(space.to_config(row["params"]), row)
+    means = config_means(rows, order["capacity"], order["energy"])
+    for row in ranked([r for r in means if r.get("feasible")], **order):
+        finalists.setdefault(space.to_config(row["params"]), row)  # parameters that serve alike are one finalist
     attempts: list[dict[str, Any]] = []
     for row in list(finalists.values())[:candidates]:
         config = space.to_config(row["params"])

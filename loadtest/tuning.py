@@ -18,11 +18,12 @@ from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
 from loadtest.control import LiveModels, ModelControl, model_parameters, serving_knobs
 from loadtest.front import CONFIG_FIELDS
+from loadtest.replicate import config_means, front
 from loadtest.generate_space import GenerateSpace, StreamSlo
 from loadtest.latency import Slo
 from loadtest.space import TuneSpace, baseline_params
-from loadtest.study import (JOURNAL, Objective, Space, Window, make_sampler, open_study, run_study, trial_rows,
-                            users_ladder, verify)
+from loadtest.study import (JOURNAL, Objective, Space, Window, make_sampler, open_study, replicates_of, run_study,
+                            trial_rows, users_ladder, verify)
 from loadtest.sweep import sweep_models
 from loadtest.writeback import capacity_record, write_back
 
@@ -34,6 +35,8 @@ def study_name(settings: Settings, space: Space, ladder: list[int], repository_i
     key = {"space": space.describe(), "slo": [o.slo_p95_ms, o.slo_error_rate], "scenario": o.scenario,
            "ladder": ladder, "step_s": t.step_s, "sampler": t.sampler, "seed": t.seed, "models": repository_inputs,
            "samples": [o.samples, o.per_request]}
+    if replicates_of(t) > 1:  # re-measured windows change what a trial is: a study of its own
+        key["replicates"] = t.replicates
     if isinstance(space, GenerateSpace):
         key["slo"] = [o.slo_ttft_p95_ms, o.slo_itl_p95_ms, o.slo_error_rate, o.generate_tokens]
     return "serving-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
@@ -67,9 +70,17 @@ def trial_point_row(row: dict[str, Any], scenario: str) -> dict[str, Any]:
             "generator_saturated": row["generator_saturated"], "passed": row["feasible"]}
 
 
-def _front(study) -> list[int]:
-    """Trial numbers on the feasible Pareto front (Optuna's own, constraints considered)."""
-    return sorted(t.number for t in study.best_trials)
+def _front(rows: list[dict[str, Any]], space: Space) -> list[int]:
+    """Trial numbers of the feasible Pareto front by the per-config means (every window of a config on it)."""
+    keys = (space.objective_key, space.energy_key)
+    return sorted(n for c in front(config_means(rows, *keys), *keys) for n in c["trials"])
+
+
+def _config_rows(rows: list[dict[str, Any]], space: Space) -> list[dict[str, Any]]:
+    """Per config: its windows, their capacities and the means the front and the verification rank by."""
+    keys = (space.objective_key, space.energy_key)
+    return [{k: c[k] for k in ("params", "trials", "windows", "feasible_windows", "window_capacities", "feasible",
+                               *keys)} for c in config_means(rows, *keys)]
 
 
 def precheck(settings: Settings, task_info: dict, model: str, energy) -> None:
@@ -114,11 +125,13 @@ def tune_run(run: RunDir, writer: StageWriter, settings: Settings, task_info: di
         show(f"loadtest: tuning {len(space.models)} model(s) on {host}: study {name} in {journal} "
              f"({len(study.trials)} trials so far, {tune.n_trials} wanted; ladder {steps} users, {tune.step_s:g} s "
              f"a step); `optuna-dashboard {journal}` shows it")
-        objective = Objective(live, space, window, writer.dir / "tune" / "trials", tune.n_trials, show)
-        ran = run_study(study, objective, tune.n_trials, baseline)
+        windows = writer.dir / "tune" / name  # per study: another study's windows stay (loadtest.records)
+        objective = Objective(live, space, window, windows / "trials", tune.n_trials, show)
+        ran = run_study(study, objective, tune.n_trials, baseline, replicates_of(tune), tune.verify_candidates,
+                        tune.startup_trials)
         rows = trial_rows(study)
         verified, attempts = verify(live, rows, window, tune.verify_s, tune.verify_candidates,
-                                    writer.dir / "tune" / "verify", show, space)
+                                    windows / "verify", show, space)
     except BaseException:
         try:
             live.restore()
@@ -130,9 +143,9 @@ def tune_run(run: RunDir, writer: StageWriter, settings: Settings, task_info: di
     parts = {"study": {"journal": str(journal.relative_to(writer.dir)), "name": name, "sampler": tune.sampler,
                        "seed": tune.seed, "trials": len(study.trials), "measured": len(rows), "ran_now": ran,
                        "space": space.describe(), "ladder": steps, "step_s": tune.step_s,
-                       "front": _front(study), "objectives": [space.objective_key, space.energy_key],
+                       "replicates": replicates_of(tune), "front": _front(rows, space), "objectives": [space.objective_key, space.energy_key],
                        "slo": {k: v for k, v in vars(slo).items() if v != float("inf")}},
-             "trials": rows, "baseline": base_row, "verification": attempts, "verified": verified,
+             "trials": rows, "configs": _config_rows(rows, space), "baseline": base_row, "verification": attempts, "verified": verified,
              "capacity_record": capacity_record(settings, live_config)}
     return parts
 

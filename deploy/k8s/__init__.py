@@ -124,7 +124,8 @@ def serving_tree(release: Release, images: Images, rules, cluster: Cluster, gate
             # a fixed name: prometheus-adapter's own Deployment (not in this tree) mounts it
             configMapGenerator=[{"name": "autoglm-adapter-rules", "files": ["config.yaml=adapter-rules.yaml"],
                                  "options": {"disableNameSuffixHash": True}}]),
-        "monitoring/adapter-rules.yaml": scaling.adapter_config(),
+        "monitoring/adapter-rules.yaml": scaling.adapter_config(
+            bool(release.capacity.generation and release.capacity.generation.measured)),
         "monitoring/prometheus-scrape.yaml": scrape_config(cluster.namespace),
     }
 

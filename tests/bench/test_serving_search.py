@@ -23,8 +23,10 @@ def test_a_front_is_the_non_dominated_feasible_configs_highest_capacity_first_an
     rows = [_row(0, 900, 2.0, 0), _row(1, 1200, 2.5, 500), _row(2, 1100, 1.5, 1000), _row(3, 800, 3.0, 1500),
             _row(4, 5000, 0.1, 2000, feasible=False), _row(5, 1300, 2.8, 2500), _row(6, 1250, 2.4, 500)]
     front = ss.front_rows(rows)
-    # 0 and 3 are dominated, 4 missed the SLO; delay 500 was measured twice (1,200 and 1,250): its best counts
-    assert [r["trial"] for r in front] == [5, 6][:ss.FRONT_CAP]
+    # 0 and 3 are dominated, 4 missed the SLO; delay 500 was measured twice (1,200 and 1,250): its mean counts
+    assert [r["trial"] for r in front] == [5, 1][:ss.FRONT_CAP]
+    assert front[1]["capacity_per_instance_rps"] == pytest.approx(1225) and front[1]["windows"] == 2
+    assert front[1]["j_per_request"] == pytest.approx(2.45)
     assert ss.hypervolume([(1000, 1.0), (500, 0.5)], 2.0) == pytest.approx(500 * 1.5 + 500 * 1.0)
     assert ss.hypervolume([(1000, 3.0)], 2.0) == 0.0  # beyond the reference
 
@@ -89,10 +91,29 @@ def test_remeasuring_takes_each_configs_median_over_round_robin_rounds(tmp_path)
 
 def test_the_goal_tables_judge_the_re_measured_figures(tmp_path):
     search, server = _search(tmp_path)
-    search_table, goals, verified = ss.search_tables(search)
+    search_table, goals, gaps, gap_summary, verified = ss.search_tables(search)
     windows = search.grid_size() + 1
     assert [r[1] for r in search_table.rows] == ["TPE (Bayesian)", "random", "grid"]
     assert all(r[2] == windows for r in search_table.rows)
     assert len(goals.rows) == 1 and goals.rows[0][2] in ("met", "NOT met")
     assert "re-measured" in goals.title or "re-measurement" in goals.title
     assert [r[0] for r in verified.rows] == ["repository default", "best TPE config"]
+    assert [r[1] for r in gaps.rows] == ["TPE (Bayesian)", "random", "grid"]
+    assert [r[0] for r in gap_summary.rows] == ["TPE (Bayesian)", "random", "grid"]
+
+
+def test_a_lucky_front_shows_as_a_gap_between_the_study_and_its_re_measurement():
+    search = object.__new__(ss.Search)
+    lucky = [_row(1, 3000, 1.0, 500)]  # one lucky window: re-measured it holds half of that
+    steady = [{**_row(2, 2000, 1.0, 0), "windows": 3}]
+    again = {ss.key(lucky[0]["params"]): {"capacity_per_instance_rps": 1500, "j_per_request": 1.0},
+             ss.key(steady[0]["params"]): {"capacity_per_instance_rps": 2000, "j_per_request": 1.0}}
+    from bench._front_gap import front_gaps
+
+    gaps = front_gaps(search, {"lucky": lucky, "steady": steady}, again)
+    assert gaps["lucky"]["ratios"] == [0.5] and gaps["lucky"]["error"] == pytest.approx(0.5)
+    assert gaps["steady"]["error"] == 0 and gaps["steady"]["windows"] == [3] and gaps["lucky"]["windows"] == [1]
+    # one reference for both (1.1 x J 1.0 and capacity 3000): the lucky front loses half its area, the other none
+    assert gaps["lucky"]["reported"] == pytest.approx(0.1 / 1.1)
+    assert gaps["lucky"]["measured"] == pytest.approx(gaps["lucky"]["reported"] / 2)
+    assert gaps["steady"]["reported"] == gaps["steady"]["measured"] == pytest.approx(2 / 3 * 0.1 / 1.1)
