@@ -505,10 +505,10 @@ class LoadtestTuneSettings(Section):
     verify_candidates: int = Field(3, ge=1, description="the best feasible configs measured again in the "
                                    "verify_s window: the best of them that holds the SLO is verified")
     write_back: bool = Field(True, description="write the verified config into the repository (--rollback undoes)")
-    replicates: int = Field(3, ge=1, description="tpe/gp: windows a config on the study's front may take (its "
+    replicates: int = Field(1, ge=1, description="tpe/gp: windows a config on the study's front may take (its "
                             "value is their mean): after the startup trials, a window re-measures the first of the "
-                            "verify_candidates best front configs with fewer, never two windows in a row; 1: every "
-                            "window a new draw")
+                            "verify_candidates best front configs with fewer, never two windows in a row; 1 "
+                            "(default): every window a new draw (3 did not earn its place in the loadtest bench)")
     # the generation model's own knobs (--scenario generate: it batches its decode steps itself, no Triton batcher)
     max_sequences: tuple[int, int] = Field((4, 64), description="--scenario generate: [low, high] of the decode "
                                            "slots (sequences stepped together; more requests wait)")

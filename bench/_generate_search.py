@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench._serving_search import Search
+from bench._serving_search import Search, replicates
 
 SLO_TTFT_MS = 200.0  # a reply that starts within a fifth of a second reads as immediate
 SLO_ITL_MS = 20.0  # 50 tokens/s per stream: faster than anyone reads
@@ -28,7 +28,8 @@ def _space(quick: bool):
 
     return LoadtestTuneSettings(max_sequences=(4, 64), stream_interval_ms=(0, 20), stream_interval_step_ms=5,
                                 instances=(1, 1) if quick else (1, 2), users=24, steps=3, step_s=2.0,
-                                startup_trials=4, verify_s=4 if quick else 8)
+                                startup_trials=4, verify_s=4 if quick else 8,
+                                replicates=replicates())
 
 
 def release(workdir: Path, quick: bool):

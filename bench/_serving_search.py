@@ -7,14 +7,15 @@ host one config's window varies by a factor of two, so a method's
 in-study figures are partly its luck: each seed therefore ends with a side-by-side re-measurement, every
 method's front configs (and the configs the capacity goal compares) measured again round-robin in the same
 stretch, the median of the rounds kept. The goals are judged on those figures; the in-study ones are shown
-beside them. TPE re-measures its front within its window budget (:mod:`loadtest.replicate`, the stage's
-default), and every method's in-study figures are per-config means, so how well each study's reported front
-predicts its re-measured one is a row of its own (:func:`gap_table`).
+beside them. Every method's in-study figures are per-config means, so how well each study's reported front
+predicts its re-measured one is a row of its own (:func:`gap_table`); ``BENCH_LOADTEST_REPLICATES=3`` makes TPE
+re-measure its front within its window budget (:mod:`loadtest.replicate`; the stage's default is 1, off).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -36,6 +37,15 @@ def hypervolume(points: list[tuple[float, float]], ref_j: float) -> float:
     return area
 
 
+def replicates() -> int:
+    """TPE's ``loadtest.tune.replicates`` in the search: the stage's default, or ``BENCH_LOADTEST_REPLICATES``
+    (the ablation of re-measuring the front within the window budget)."""
+    from autoglm.config import LoadtestTuneSettings
+
+    value = os.environ.get("BENCH_LOADTEST_REPLICATES")
+    return int(value) if value else LoadtestTuneSettings.model_fields["replicates"].default
+
+
 def _space(quick: bool):
     """The knob ranges every method searches: both variants, max batch 16..64, the queue delay 0..4000 µs and
     1..2 instances; its grid (the ranges' ends) is 16 configs."""
@@ -44,7 +54,8 @@ def _space(quick: bool):
     return LoadtestTuneSettings(variants=["all"], max_batch_size=(16, 64), preferred_batch_sizes=[[]],
                                 max_queue_delay_us=(0, 4000), delay_step_us=500,
                                 instances=(1, 1) if quick else (1, 2), users=12, steps=3, step_s=1.5,
-                                startup_trials=4, verify_s=4 if quick else 8)
+                                startup_trials=4, verify_s=4 if quick else 8,
+                                replicates=replicates())
 
 
 def key(params: dict) -> str:
@@ -299,10 +310,12 @@ def search_tables(search: Search) -> list[Table]:
             f"{max(spreads):.2f}×" if spreads else ""),
          f"TPE: multivariate, {search.tune.startup_trials} startup trials (the baseline and "
          f"{search.tune.startup_trials - 1} random ones), so TPE and random with the same seed can share their "
-         f"first trials; after those {search.tune.startup_trials}, a window that follows a new draw may re-measure one of TPE's "
-         f"{search.tune.verify_candidates} best front configs that has fewer than {search.tune.replicates} windows "
-         "(loadtest.replicate); every in-study figure is a config's mean over its windows (a window missing the "
-         "SLO counts 0), for every method"])
+         "first trials; " + (f"after those {search.tune.startup_trials}, a window that follows a new draw may "
+                             f"re-measure one of TPE's {search.tune.verify_candidates} best front configs that has "
+                             f"fewer than {search.tune.replicates} windows (loadtest.replicate); "
+                             if search.tune.replicates > 1 else "every window a new draw (loadtest.tune.replicates 1); ")
+         + "every in-study figure is a config's mean over its windows (a window missing the SLO counts 0), for "
+         "every method"])
     return [search_table, goal_table, *gap_tables(gaps, unit), _default_vs_verified(search, studies[1::2])]
 
 
