@@ -32,93 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from bench import _hf_models as hf_models
-from bench._hf_profile import bytes_read_per_token, profile_table_rows, step_profile
+from bench._hf_profile import (bytes_read_per_token, last_level_cache_bytes, profile_table_rows, read_bandwidth,
+                               step_profile)
 from bench.harness import Table, ratio
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is 2-10x slower here
 PROMPT_TOKENS, NEW_TOKENS = 64, 128
 CONCURRENCY = (1, 8, 32)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# ---- the host's read bandwidth ----------------------------------------------------------------------------
-def _torch_sum(buffer: np.ndarray, cores: int):
-    import torch
-
-    tensor = torch.from_numpy(buffer)
-    return lambda: tensor.sum()  # torch's own pool of ``cores`` threads, vectorized
-
-
-def _numpy_max(buffer: np.ndarray, cores: int):
-    parts = np.array_split(buffer, cores)
-
-    def read() -> None:  # numpy's float reductions are vectorized and release the GIL: one thread per core
-        threads = [threading.Thread(target=np.maximum.reduce, args=(p,)) for p in parts]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    return read
-
-
-def _ort_gemv(buffer: np.ndarray, cores: int):
-    """ONNX Runtime's MatMul of one row by the buffer as a (K, N) matrix: the kernel a batch-1 decode step runs."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    k = 1024
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
-                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, "n"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n"])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = cores
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feed = {"x": np.ones((1, k), np.float32), "w": buffer[: buffer.size // k * k].reshape(k, -1)}  # no copy
-    return lambda: session.run(None, feed)
-
-
-BANDWIDTH_READERS = {"torch sum": _torch_sum, "numpy max, a thread per core": _numpy_max,
-                     "ONNX Runtime MatMul (1 x K row by the buffer)": _ort_gemv}
-"""Ways to stream a float32 buffer with all cores. Each gives a lower bound on the read bandwidth (a reader
-slower than the memory measures its own arithmetic): the bandwidth is the best of them."""
-
-
-def read_bandwidth(gib: float = 2.0, repeats: int = 5) -> dict[str, float]:
-    """Bytes/s at which all cores read one float32 buffer of ``gib`` GiB, per reader of
-    :data:`BANDWIDTH_READERS`: the best of ``repeats`` rounds, the readers alternating within each round (a
-    shared host's load then falls on all alike). The buffer must dwarf the last-level cache, or this measures
-    the cache."""
-    import torch
-
-    cores = os.cpu_count() or 1
-    buffer = np.ones(int(gib * (1 << 30)) // 4, np.float32)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cores)
-    try:
-        readers = {name: make(buffer, cores) for name, make in BANDWIDTH_READERS.items()}
-        best = dict.fromkeys(readers, 0.0)
-        for read in readers.values():
-            read()  # warm-up: pages touched, pools started
-        for _ in range(repeats):
-            for name, read in readers.items():
-                started = time.perf_counter()
-                read()
-                best[name] = max(best[name], buffer.nbytes / (time.perf_counter() - started))
-    finally:
-        torch.set_num_threads(threads)
-    return best
-
-
-def last_level_cache_bytes() -> int | None:
-    """The largest CPU cache's size (sysfs), or None where it is not readable."""
-    sizes = []
-    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = path.read_text().strip()
-        sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[text[-1]] if text[-1].isalpha()
-                     else int(text))
-    return max(sizes, default=None)
 
 
 # ---- peers, each in its own process: `python -m bench.hf peer SPEC.json` --------------------------------------
@@ -192,7 +113,21 @@ def _engine_peer(spec: dict) -> dict:
     return out
 
 
-PEERS = {"transformers": _transformers_peer, "genai": _genai_peer, "engine": _engine_peer}
+def _spinning_peer(spec: dict) -> dict:
+    """The served decode graphs with each way the intra-op pool waits (compress.generate.intra_op_spinning),
+    in alternating rounds; no serving (the served path is measured with the default)."""
+    from compress.decode import decode_speeds
+    from compress.decode_engine import SPINNING, DecodeEngine
+
+    engines = {mode: DecodeEngine(spec["prefill"], spec["step"], max(spec["batches"]), threads=spec["threads"],
+                                  spinning=mode) for mode in SPINNING}
+    speeds = decode_speeds(engines, spec["prompts"][0], spec["new_tokens"], batches=tuple(spec["batches"]),
+                           rounds=spec["repeats"])
+    return {mode: {str(b): v for b, v in by.items()} for mode, by in speeds.items()}
+
+
+PEERS = {"transformers": _transformers_peer, "genai": _genai_peer, "engine": _engine_peer,
+         "spinning": _spinning_peer}
 
 
 def run_peer(kind: str, workdir: Path, **spec) -> dict:
@@ -300,6 +235,7 @@ def _served(settings, prompt_texts: list[str], workdir: Path, duration: float) -
     return {"tokens_per_s": {str(c): r["tokens_per_s"] for c, r in results.items()},
             "ttft_p50": results[1]["ttft_p50"], "ttft_p95": results[1]["ttft_p95"],
             "ttft_p95_32": results[32]["ttft_p95"], "errors": sum(r["errors"] for r in results.values()),
+            "cpu_ms_per_token_1": results[1]["cpu_ms_per_token"],
             "peak_rss_mb": sampler.peak_mb}
 
 
@@ -343,13 +279,17 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
         ceiling = bandwidth / per_token
         ceilings.append([label, p, per_token / 2**20, bandwidth / 1e9, ceiling, engine["tokens_per_s"]["1"]])
         rows[f"decode graphs {p}, in process (no serving)"] = engine | {"_served": served}
+        if served:
+            spinning = run_peer("spinning", workdir, prefill=str(graphs[0]), step=str(graphs[1]), **common)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [tokenizer.decode(p, skip_special_tokens=True) for p in ids]
     rows[f"served :generate through the gateway ({report['precision']})"] = _served(
         settings, texts, workdir, 10.0 if quick else 30.0)
-    return {"rows": rows, "ceilings": ceilings, "served_precision": report["precision"]}
+    return {"rows": rows, "ceilings": ceilings, "served_precision": report["precision"],
+            "spinning": [[label, report["precision"], mode, t.get("1"), t.get("8"), t.get("32")]
+                         for mode, t in spinning.items() if mode != "peak_rss_mb"]}
 
 
 def _quality(text: str, workdir: Path, quick: bool) -> list[list]:
@@ -407,7 +347,7 @@ def _ceiling_table(ceiling_rows: list[list], bandwidths: dict[str, float]) -> Ta
 
 
 def _tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> list[Table]:
-    speed_rows, goal_rows, ceiling_rows, profile_rows = [], [], [], []
+    speed_rows, goal_rows, ceiling_rows, profile_rows, spinning_rows = [], [], [], [], []
     for label, shape in shapes.items():
         rows = shape["rows"]
         for name, r in rows.items():
@@ -430,10 +370,16 @@ def _tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> 
                 g = r["tokens_per_s"]
                 goal_rows += [[label, f"served / {name}, @1", ratio(st["1"], g["1"]), "≥ 1× (match)"],
                               [label, f"served / {name}, aggregate @32", ratio(st["32"], g["32"]), "≥ 2×"]]
+        alone = rows[f"decode graphs {shape['served_precision']}, in process (no serving)"]["tokens_per_s"]["1"]
+        goal_rows += [[label, "served @1 / the same graphs in process @1 (what serving costs per token)",
+                       ratio(st["1"], alone), "—"],
+                      [label, "served @1: CPU of Triton and the gateway per token, ms (the decode step's included)",
+                       f"{served.get('cpu_ms_per_token_1', float('nan')):.2f}", "—"]]
         served_ceiling = next(c for c in shape["ceilings"] if c[1] == shape["served_precision"])[4]
         goal_rows.append([label, f"served @1 / its ceiling ({shape['served_precision']})",
                           of_ceiling(st["1"], served_ceiling), "≥ 50%"])
         ceiling_rows += shape["ceilings"]
+        spinning_rows += shape["spinning"]
     notes = ["64-token prompts, 128 new tokens, greedy; every path uses all of the host's cores; the served path's "
              "load generator shares them", "decode graphs NAME-kv8: NAME weights with an int8 KV cache "
              "(compress.kv_cache); without the suffix the cache is fp32", "TTFT: at batch 1 (the served path: p50/p95 at the client of c = 1)",
@@ -450,6 +396,12 @@ def _tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> 
                    "the middle of their generation (64-token prompts + 64 of 128 new tokens), all cores; "
                    "profiling adds to 'between kernels'", "a step reads its weights once for the whole batch, but each live sequence's keys and "
                    "values (every layer, every cached position) for itself"]),
+            Table("The decode loop's ONNX Runtime pool: how idle threads wait (compress.generate.intra_op_spinning), "
+                  "in process, tokens/s", ["model", "decode graphs", "spinning", "@1", "@8 (aggregate)",
+                                           "@32 (aggregate)"], spinning_rows,
+                  ["off: sleep at once (the default); run: spin within a step, sleep when it returns; on: spin on "
+                   "after it too (ONNX Runtime's own default, and onnxruntime-genai's)", "the served graphs, all "
+                   "cores, the modes in alternating rounds (a shared host's load falls on all alike)"]),
             Table("Quality: a tiny Llama-family model fine-tuned on Shakespeare, compress's loss gate",
                   ["weights", "KV cache", "validation loss", "vs fp32", "gate", "served"], quality,
                   ["the gate passes a precision whose validation loss is within compress.max_metric_loss of fp32",
