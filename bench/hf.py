@@ -272,9 +272,10 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
         graphs = decode_dir / p / "prefill.onnx", decode_dir / p / "step.onnx"
         served = p == report["precision"]  # its aggregate at 32 in process too, and where a step's time goes
         at32 = served or p == sibling
-        bandwidth = max(read_bandwidth(repeats=3).values())  # just before its decode: a shared host's load moves
+        bandwidth = max(read_bandwidth(repeats=3).values())  # right before its decode: the load moves both alike
         engine = run_peer("engine", workdir, prefill=str(graphs[0]), step=str(graphs[1]),
-                          **{**common, "batches": [1, 32] if at32 else [1], "profile": at32})
+                          **{**common, "batches": [1, 8, 32] if at32 else [1, 8] if cand.get("kv_cache") == "int8"
+                             else [1], "profile": at32})  # the other int8-cache weights at 8: where they cross
         per_token = bytes_read_per_token(graphs[1])
         ceiling = bandwidth / per_token
         ceilings.append([label, p, per_token / 2**20, bandwidth / 1e9, ceiling, engine["tokens_per_s"]["1"]])
