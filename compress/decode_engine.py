@@ -70,6 +70,10 @@ def session_options(threads: int = 0, spinning: str = "off"):
 
     SkipLayerNormFusion is disabled: on these graphs (LayerNormalization without bias) it crashes the
     process in ONNX Runtime 1.32, and where it works it is ~5x slower than plain LayerNormalization.
+    ``spinning`` (:data:`SPINNING`) is off by default: on cores shared with other work (Triton, the gateway,
+    clients), threads that spin take the cores the others need; measured in process on a loaded 2-core host,
+    spinning cost 35-50% of the tokens/s at 8 and 32 sequences on both model families, and at 1 it gained
+    at most 12% (GPT-2) and lost up to 60% (Llama) (``bench hf`` prints all three modes).
     """
     if spinning not in SPINNING:
         raise ValueError(f"spinning {spinning!r} is unknown: use one of {list(SPINNING)}")
