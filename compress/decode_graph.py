@@ -9,10 +9,11 @@ families of decoder:
 * GPT-style: learned positions (gathered by ``position_ids``), LayerNorm, GELU (exact, or GPT-2's
   tanh approximation), biases;
 * Llama-style: rotary positions applied by GroupQueryAttention itself (``do_rotary``, cos/sin tables
-  from the model's ``inv_freq``, rotate-half layout as in transformers), RMSNorm, SwiGLU MLP,
-  grouped-query heads. GroupQueryAttention places each query row at ``P + s`` (``P`` the tokens already
-  cached: ``seqlens_k + 1 - query_seqlens``), which is the same position the engine feeds the learned
-  family, so ``position_ids`` is an input of every graph but only the GPT family reads it.
+  from the model's ``inv_freq``, rotate-half layout as in transformers), RMSNorm (each residual add and
+  the norm after it one ``SkipSimplifiedLayerNormalization``), SwiGLU MLP, grouped-query heads.
+  GroupQueryAttention places each query row at ``P + s`` (``P`` the tokens already cached:
+  ``seqlens_k + 1 - query_seqlens``), which is the same position the engine feeds the learned family,
+  so ``position_ids`` is an input of every graph but only the GPT family reads it.
 """
 
 from __future__ import annotations
@@ -93,6 +94,19 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
         return node("LayerNormalization", [x, const(f"{name}.w", wb[0]), const(f"{name}.b", wb[1])],
                     f"{name}.out", axis=-1, epsilon=w.layer_norm_eps)
 
+    def add_norm(x: str, y: str, wb: tuple, name: str, keep_sum: bool = True) -> tuple[str, str]:
+        """(norm(x + y), x + y): the residual add and the next norm. RMSNorm's pair is one node,
+        SkipSimplifiedLayerNormalization (as onnxruntime-genai's Llama graphs): two nodes fewer per layer, and
+        the sum is not written and read back between them. LayerNorm's pair stays an Add and a
+        LayerNormalization (SkipLayerNormalization measured ~5x slower here, see decode_engine)."""
+        if w.norm != "rms":
+            total = node("Add", [x, y], f"{name}.sum")
+            return norm(total, wb, name), total
+        outs = [f"{name}.out", "", "", f"{name}.sum" if keep_sum else ""]  # output, mean, inv_std_var, x + y
+        nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [x, y, const(f"{name}.w", wb[0])], outs,
+                                      domain="com.microsoft", epsilon=w.layer_norm_eps))
+        return outs[0], outs[3]
+
     def mlp(x: str, layer, p: str) -> str:
         if w.activation == "swiglu":  # down(silu(gate(x)) * up(x)), silu(g) = g * sigmoid(g)
             # gate and up as one MatMul (C, 2F), split after: one weight read, and INT8 quantizes x once
@@ -132,23 +146,26 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
     if rotary:
         cos, sin = rotary_tables(w)
         rope, attrs = [const("cos_cache", cos), const("sin_cache", sin)], {"do_rotary": 1, "rotary_interleaved": 0}
+    h = norm(x, w.layers[0].ln1, "h0.ln_1")  # later layers' first norm comes with the residual add before it
     for i, layer in enumerate(w.layers):
         p = f"h{i}"
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f32, ["batch", kv_heads, cache, size]))
             outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", f32,
                                                          ["batch", kv_heads, "present", size]))
-        qkv = linear(norm(x, layer.ln1, f"{p}.ln_1"), layer.qkv, f"{p}.attn.qkv")  # (B, S, (H + 2 KV) D)
+        qkv = linear(h, layer.qkv, f"{p}.attn.qkv")  # (B, S, (H + 2 KV) D)
         gqa_in = [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", *rope]
         gqa_in += [""] * 7 + ["query_seqlens"]  # position_ids .. k_norm_weight unused: positions from seqlens
         nodes.append(helper.make_node("GroupQueryAttention", gqa_in,
                                       [f"{p}.attn.y", f"present_key_{i}", f"present_value_{i}"],
                                       domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, **attrs))
-        x1 = node("Add", [x, linear(f"{p}.attn.y", layer.proj, f"{p}.attn.proj")], f"{p}.x1")
-        x = node("Add", [x1, mlp(norm(x1, layer.ln2, f"{p}.ln_2"), layer, p)], f"{p}.x2")
-    if not step:
-        x = last_positions(x, inputs, inits, nodes)
-    head = linear(norm(x, w.ln_f, "ln_f"), w.head, "lm_head")
+        h, x1 = add_norm(x, linear(f"{p}.attn.y", layer.proj, f"{p}.attn.proj"), layer.ln2, f"{p}.ln_2")
+        last = i + 1 == n_layer
+        h, x = add_norm(x1, mlp(h, layer, p), w.ln_f if last else w.layers[i + 1].ln1,
+                        "ln_f" if last else f"h{i + 1}.ln_1", keep_sum=not last)
+    if not step:  # the final norm is per position: normalizing every row, then keeping the last, is the same
+        h = last_positions(h, inputs, inits, nodes)
+    head = linear(h, w.head, "lm_head")
     node("Identity", [head], "logits")
     graph = helper.make_graph(nodes, "step" if step else "prefill", inputs, outputs, inits)
     opset = OPSET_RMS if w.norm == "rms" else OPSET

@@ -194,3 +194,14 @@ def test_the_gates_and_the_build_take_a_wrapped_transformers_model(tmp_path):
     built = decode.build_decode_graphs(task, model, {}, tmp_path / "built", eval_batches=1)
     assert built.parity["passed"] and {c["precision"] for c in built.candidates} == {
         "fp32", "int8", "int4", "int8-kv8", "int4-kv8"}  # rotary keys: calibrated by channel pairs
+
+
+def test_llama_graphs_fuse_each_residual_add_with_the_next_rms_norm(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model = MODELS["llama"]()
+    for path in graphs_of(model, tmp_path):
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        n_layer = model.config.num_hidden_layers
+        # the first layer's norm stands alone; each later add + norm (and the final norm's) is one node
+        assert ops.count("SkipSimplifiedLayerNormalization") == 2 * n_layer
+        assert ops.count("RMSNormalization") == 1 and "Add" not in ops
