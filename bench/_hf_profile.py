@@ -1,10 +1,13 @@
-"""What one decode step reads and where its time goes: the bytes of weights a step streams (the batch-1
-bandwidth ceiling's denominator) and ONNX Runtime's per-node profile of a batched step, for ``bench hf``."""
+"""What one decode step reads and where its time goes, for ``bench hf``: the bytes of weights a step streams and
+the host's read bandwidth (the batch-1 ceiling's denominator and numerator), and ONNX Runtime's per-node profile
+of a batched step."""
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +30,86 @@ def bytes_read_per_token(onnx_path: Path) -> int:
             continue
         total += onnx.numpy_helper.to_array(init).nbytes
     return total
+
+
+# ---- the host's read bandwidth ----------------------------------------------------------------------------
+def _torch_sum(buffer: np.ndarray, cores: int):
+    import torch
+
+    tensor = torch.from_numpy(buffer)
+    return lambda: tensor.sum()  # torch's own pool of ``cores`` threads, vectorized
+
+
+def _numpy_max(buffer: np.ndarray, cores: int):
+    parts = np.array_split(buffer, cores)
+
+    def read() -> None:  # numpy's float reductions are vectorized and release the GIL: one thread per core
+        threads = [threading.Thread(target=np.maximum.reduce, args=(p,)) for p in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return read
+
+
+def _ort_gemv(buffer: np.ndarray, cores: int):
+    """ONNX Runtime's MatMul of one row by the buffer as a (K, N) matrix: the kernel a batch-1 decode step runs."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    k = 1024
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, "n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cores
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"x": np.ones((1, k), np.float32), "w": buffer[: buffer.size // k * k].reshape(k, -1)}  # no copy
+    return lambda: session.run(None, feed)
+
+
+BANDWIDTH_READERS = {"torch sum": _torch_sum, "numpy max, a thread per core": _numpy_max,
+                     "ONNX Runtime MatMul (1 x K row by the buffer)": _ort_gemv}
+"""Ways to stream a float32 buffer with all cores. Each gives a lower bound on the read bandwidth (a reader
+slower than the memory measures its own arithmetic): the bandwidth is the best of them."""
+
+
+def read_bandwidth(gib: float = 2.0, repeats: int = 5) -> dict[str, float]:
+    """Bytes/s at which all cores read one float32 buffer of ``gib`` GiB, per reader of
+    :data:`BANDWIDTH_READERS`: the best of ``repeats`` rounds, the readers alternating within each round (a
+    shared host's load then falls on all alike). The buffer must dwarf the last-level cache, or this measures
+    the cache."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    buffer = np.ones(int(gib * (1 << 30)) // 4, np.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cores)
+    try:
+        readers = {name: make(buffer, cores) for name, make in BANDWIDTH_READERS.items()}
+        best = dict.fromkeys(readers, 0.0)
+        for read in readers.values():
+            read()  # warm-up: pages touched, pools started
+        for _ in range(repeats):
+            for name, read in readers.items():
+                started = time.perf_counter()
+                read()
+                best[name] = max(best[name], buffer.nbytes / (time.perf_counter() - started))
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache's size (sysfs), or None where it is not readable."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[text[-1]] if text[-1].isalpha()
+                     else int(text))
+    return max(sizes, default=None)
 
 
 PROFILE_GROUPS = {"GroupQueryAttention": "attention over the KV cache (GroupQueryAttention)",

@@ -13,7 +13,8 @@ compress's loss gate measured for each precision of its decode graphs.
 
 The ceiling at batch 1: decoding reads every weight once per token, so tokens/s <= read bandwidth / bytes
 read per token (the step graph's weights, less tables only gathered from); the bandwidth is measured in the
-same run, all cores streaming through a buffer far larger than the last-level cache.
+same run, right before each variant's decode, all cores streaming through a buffer far larger than the
+last-level cache. A variant that decodes faster than its ceiling makes the figure suspect, and the table says so.
 """
 
 from __future__ import annotations
@@ -31,31 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from bench import _hf_models as hf_models
-from bench._hf_profile import bytes_read_per_token, profile_table_rows, step_profile
+from bench._hf_profile import (bytes_read_per_token, last_level_cache_bytes, profile_table_rows, read_bandwidth,
+                               step_profile)
 from bench.harness import Table, ratio
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is 2-10x slower here
 PROMPT_TOKENS, NEW_TOKENS = 64, 128
 CONCURRENCY = (1, 8, 32)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# ---- the host's read bandwidth ----------------------------------------------------------------------------
-def read_bandwidth(gib: float = 2.0, repeats: int = 5) -> float:
-    """Bytes/s of all cores reading one buffer of ``gib`` GiB (numpy's reductions release the GIL), best of
-    ``repeats``; the buffer must dwarf the last-level cache, or this measures the cache."""
-    buffer = np.ones(int(gib * (1 << 30)) // 8, np.int64)
-    parts = np.array_split(buffer, os.cpu_count() or 1)
-    best = 0.0
-    for _ in range(repeats):
-        threads = [threading.Thread(target=np.bitwise_or.reduce, args=(p,)) for p in parts]
-        started = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        best = max(best, buffer.nbytes / (time.perf_counter() - started))
-    return best
 
 
 # ---- peers, each in its own process: `python -m bench.hf peer SPEC.json` --------------------------------------
@@ -129,7 +113,21 @@ def _engine_peer(spec: dict) -> dict:
     return out
 
 
-PEERS = {"transformers": _transformers_peer, "genai": _genai_peer, "engine": _engine_peer}
+def _spinning_peer(spec: dict) -> dict:
+    """The served decode graphs with each way the intra-op pool waits (compress.generate.intra_op_spinning),
+    in alternating rounds; no serving (the served path is measured with the default)."""
+    from compress.decode import decode_speeds
+    from compress.decode_engine import SPINNING, DecodeEngine
+
+    engines = {mode: DecodeEngine(spec["prefill"], spec["step"], max(spec["batches"]), threads=spec["threads"],
+                                  spinning=mode) for mode in SPINNING}
+    speeds = decode_speeds(engines, spec["prompts"][0], spec["new_tokens"], batches=tuple(spec["batches"]),
+                           rounds=spec["repeats"])
+    return {mode: {str(b): v for b, v in by.items()} for mode, by in speeds.items()}
+
+
+PEERS = {"transformers": _transformers_peer, "genai": _genai_peer, "engine": _engine_peer,
+         "spinning": _spinning_peer}
 
 
 def run_peer(kind: str, workdir: Path, **spec) -> dict:
@@ -237,11 +235,12 @@ def _served(settings, prompt_texts: list[str], workdir: Path, duration: float) -
     return {"tokens_per_s": {str(c): r["tokens_per_s"] for c, r in results.items()},
             "ttft_p50": results[1]["ttft_p50"], "ttft_p95": results[1]["ttft_p95"],
             "ttft_p95_32": results[32]["ttft_p95"], "errors": sum(r["errors"] for r in results.values()),
+            "cpu_ms_per_token_1": results[1]["cpu_ms_per_token"],
             "peak_rss_mb": sampler.peak_mb}
 
 
 # ---- one shape ----------------------------------------------------------------------------------------------
-def _shape(label: str, family: str, config: dict, text: str, workdir: Path, bandwidth: float, quick: bool) -> dict:
+def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quick: bool) -> dict:
     from autoglm.artifacts import RunDir
 
     threads = os.cpu_count() or 1
@@ -273,20 +272,25 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, band
         graphs = decode_dir / p / "prefill.onnx", decode_dir / p / "step.onnx"
         served = p == report["precision"]  # its aggregate at 32 in process too, and where a step's time goes
         at32 = served or p == sibling
+        bandwidth = max(read_bandwidth(repeats=3).values())  # right before its decode: the load moves both alike
         engine = run_peer("engine", workdir, prefill=str(graphs[0]), step=str(graphs[1]),
-                          **{**common, "batches": [1, 32] if at32 else [1], "profile": at32})
+                          **{**common, "batches": [1, 8, 32] if at32 else [1, 8] if cand.get("kv_cache") == "int8"
+                             else [1], "profile": at32})  # the other int8-cache weights at 8: where they cross
         per_token = bytes_read_per_token(graphs[1])
         ceiling = bandwidth / per_token
-        ceilings.append([label, p, per_token / 2**20, ceiling, engine["tokens_per_s"]["1"],
-                         f"{engine['tokens_per_s']['1'] / ceiling:.0%}"])
+        ceilings.append([label, p, per_token / 2**20, bandwidth / 1e9, ceiling, engine["tokens_per_s"]["1"]])
         rows[f"decode graphs {p}, in process (no serving)"] = engine | {"_served": served}
+        if served:
+            spinning = run_peer("spinning", workdir, prefill=str(graphs[0]), step=str(graphs[1]), **common)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [tokenizer.decode(p, skip_special_tokens=True) for p in ids]
     rows[f"served :generate through the gateway ({report['precision']})"] = _served(
         settings, texts, workdir, 10.0 if quick else 30.0)
-    return {"rows": rows, "ceilings": ceilings, "served_precision": report["precision"]}
+    return {"rows": rows, "ceilings": ceilings, "served_precision": report["precision"],
+            "spinning": [[label, report["precision"], mode, t.get("1"), t.get("8"), t.get("32")]
+                         for mode, t in spinning.items() if mode != "peak_rss_mb"]}
 
 
 def _quality(text: str, workdir: Path, quick: bool) -> list[list]:
@@ -309,18 +313,42 @@ def _quality(text: str, workdir: Path, quick: bool) -> list[list]:
 
 def run(quick: bool) -> list[Table]:
     text = hf_models.corpus_text()
-    bandwidth = read_bandwidth()
+    bandwidths = read_bandwidth()
     shapes, quality = {}, []
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-hf-") as tmp:
         workdir = Path(tmp)
         quality = _quality(text, workdir, quick)
         for label, (family, config) in hf_models.SHAPES.items():
-            shapes[label] = _shape(label, family, config, text, workdir, bandwidth, quick)
-    return _tables(shapes, quality, bandwidth)
+            shapes[label] = _shape(label, family, config, text, workdir, quick)
+    return _tables(shapes, quality, bandwidths)
 
 
-def _tables(shapes: dict, quality: list[list], bandwidth: float) -> list[Table]:
-    speed_rows, goal_rows, ceiling_rows, profile_rows = [], [], [], []
+def of_ceiling(measured: float, ceiling: float) -> str:
+    """``measured`` as a share of ``ceiling``; a ceiling exceeded is no ceiling: the bandwidth behind it is
+    suspect, and no share above 100% is printed."""
+    return f"{measured / ceiling:.0%}" if measured <= ceiling else "over it: bandwidth suspect"
+
+
+def _ceiling_table(ceiling_rows: list[list], bandwidths: dict[str, float]) -> Table:
+    """``ceiling_rows``: model, graphs, MiB per token, GB/s read just before, ceiling, measured tokens/s @1;
+    ``bandwidths``: each reader's figure at the start of the run."""
+    llc = last_level_cache_bytes()
+    notes = ["read bandwidth: the best of a few readers, each a lower bound (all cores, a float32 buffer of 2 GiB"
+             + (f", {2**31 / llc:.1f}x the {llc / 2**20:,.0f} MiB last-level cache" if llc else "")
+             + "), measured right before each row's decode (best of 3 rounds); at the run's start (best of 5): "
+             + "; ".join(f"{name} {b / 1e9:.1f} GB/s" for name, b in bandwidths.items())]
+    suspect = [f"{r[0]} {r[1]}" for r in ceiling_rows if r[5] > r[4]]
+    if suspect:
+        notes.append(f"SUSPECT: {', '.join(suspect)} decoded faster than the ceiling this bandwidth gives, so the "
+                     "measured bandwidth understates what a decode step reads at (weights that fit the last-level "
+                     "cache can be read from it)")
+    return Table(f"The batch-1 ceiling: read bandwidth{' (suspect)' if suspect else ''} / bytes read per token",
+                 ["model", "decode graphs", "MiB read per token", "read GB/s", "ceiling tokens/s",
+                  "measured tokens/s @1", "of ceiling"], [[*r, of_ceiling(r[5], r[4])] for r in ceiling_rows], notes)
+
+
+def _tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> list[Table]:
+    speed_rows, goal_rows, ceiling_rows, profile_rows, spinning_rows = [], [], [], [], []
     for label, shape in shapes.items():
         rows = shape["rows"]
         for name, r in rows.items():
@@ -343,10 +371,16 @@ def _tables(shapes: dict, quality: list[list], bandwidth: float) -> list[Table]:
                 g = r["tokens_per_s"]
                 goal_rows += [[label, f"served / {name}, @1", ratio(st["1"], g["1"]), "≥ 1× (match)"],
                               [label, f"served / {name}, aggregate @32", ratio(st["32"], g["32"]), "≥ 2×"]]
-        served_ceiling = next(c for c in shape["ceilings"] if c[1] == shape["served_precision"])
+        alone = rows[f"decode graphs {shape['served_precision']}, in process (no serving)"]["tokens_per_s"]["1"]
+        goal_rows += [[label, "served @1 / the same graphs in process @1 (what serving costs per token)",
+                       ratio(st["1"], alone), "—"],
+                      [label, "served @1: CPU of Triton and the gateway per token, ms (the decode step's included)",
+                       f"{served.get('cpu_ms_per_token_1', float('nan')):.2f}", "—"]]
+        served_ceiling = next(c for c in shape["ceilings"] if c[1] == shape["served_precision"])[4]
         goal_rows.append([label, f"served @1 / its ceiling ({shape['served_precision']})",
-                          f"{st['1'] / served_ceiling[3]:.0%}", "≥ 50%"])
+                          of_ceiling(st["1"], served_ceiling), "≥ 50%"])
         ceiling_rows += shape["ceilings"]
+        spinning_rows += shape["spinning"]
     notes = ["64-token prompts, 128 new tokens, greedy; every path uses all of the host's cores; the served path's "
              "load generator shares them", "decode graphs NAME-kv8: NAME weights with an int8 KV cache "
              "(compress.kv_cache); without the suffix the cache is fp32", "TTFT: at batch 1 (the served path: p50/p95 at the client of c = 1)",
@@ -355,9 +389,7 @@ def _tables(shapes: dict, quality: list[list], bandwidth: float) -> list[Table]:
                 "model", "path", "@1", "@8 (aggregate)", "@32 (aggregate)", "TTFT p50 ms", "TTFT p95 ms",
                 "peak RSS MiB"], speed_rows, notes),
             Table("Goals", ["model", "comparison", "value", "goal"], goal_rows),
-            Table(f"The batch-1 ceiling: read bandwidth {bandwidth / 1e9:.1f} GB/s (all cores, 2 GiB buffer) / "
-                  "bytes read per token", ["model", "decode graphs", "MiB read per token", "ceiling tokens/s",
-                                           "measured tokens/s @1", "of ceiling"], ceiling_rows),
+            _ceiling_table(ceiling_rows, bandwidths),
             Table("Where a batched decode step's time goes (the served graphs, and their weights with an fp32 KV cache, "
                   "in process)",
                   ["model", "decode graphs", "part", "ms per step", "share"], profile_rows,
@@ -365,6 +397,12 @@ def _tables(shapes: dict, quality: list[list], bandwidth: float) -> list[Table]:
                    "the middle of their generation (64-token prompts + 64 of 128 new tokens), all cores; "
                    "profiling adds to 'between kernels'", "a step reads its weights once for the whole batch, but each live sequence's keys and "
                    "values (every layer, every cached position) for itself"]),
+            Table("The decode loop's ONNX Runtime pool: how idle threads wait (compress.generate.intra_op_spinning), "
+                  "in process, tokens/s", ["model", "decode graphs", "spinning", "@1", "@8 (aggregate)",
+                                           "@32 (aggregate)"], spinning_rows,
+                  ["off: sleep at once (the default); run: spin within a step, sleep when it returns; on: spin on "
+                   "after it too (ONNX Runtime's own default, and onnxruntime-genai's)", "the served graphs, all "
+                   "cores, the modes in alternating rounds (a shared host's load falls on all alike)"]),
             Table("Quality: a tiny Llama-family model fine-tuned on Shakespeare, compress's loss gate",
                   ["weights", "KV cache", "validation loss", "vs fp32", "gate", "served"], quality,
                   ["the gate passes a precision whose validation loss is within compress.max_metric_loss of fp32",

@@ -60,19 +60,32 @@ class Sequence:
         self.encoding = False  # a prefill for it is under way; it steps again once advance() returns it
 
 
-def session_options(threads: int = 0):
+SPINNING = {"off": ("0", "0"), "run": ("1", "1"), "on": ("1", "0")}
+"""How the intra-op pool's idle threads wait -> (allow_spinning, force_spinning_stop): ``off`` sleeps at once,
+``run`` spins within a run and stops when it returns, ``on`` also spins on after it (ONNX Runtime's default)."""
+
+
+def session_options(threads: int = 0, spinning: str = "off"):
     """ONNX Runtime options for the decode graphs.
 
     SkipLayerNormFusion is disabled: on these graphs (LayerNormalization without bias) it crashes the
     process in ONNX Runtime 1.32, and where it works it is ~5x slower than plain LayerNormalization.
+    ``spinning`` (:data:`SPINNING`) is off by default: on cores shared with other work (Triton, the gateway,
+    clients), threads that spin take the cores the others need. In process on a 2-core host its effect follows
+    the load: loaded (load average ~6), spinning cost 35-50% of the tokens/s at 8 and 32 sequences (both model
+    families); quiet, "on" gained ~40% at 1 and ~20% at 8 and lost ~20% at 32 (one round, Llama). Not yet
+    measured served; ``bench hf`` prints all three modes in process.
     """
+    if spinning not in SPINNING:
+        raise ValueError(f"spinning {spinning!r} is unknown: use one of {list(SPINNING)}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("optimization.disable_specified_optimizers", "SkipLayerNormFusion")
-    # Idle pool threads sleep instead of spinning: the host's cores are shared with Triton and the gateway.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    allow, stop = SPINNING[spinning]
+    options.add_session_config_entry("session.intra_op.allow_spinning", allow)
+    options.add_session_config_entry("session.force_spinning_stop", stop)
     return options
 
 
@@ -84,8 +97,8 @@ class DecodeEngine:
     """
 
     def __init__(self, prefill_path: str, step_path: str, max_sequences: int = 32, threads: int = 0,
-                 prefill_thread: bool = False, prefill_chunk: int = 8):
-        options = session_options(threads)
+                 prefill_thread: bool = False, prefill_chunk: int = 8, spinning: str = "off"):
+        options = session_options(threads, spinning)
         # the CPU on every host: the KV caches live in numpy between steps, and a GPU provider would copy every
         # layer's cache in and out on each step
         providers = ["CPUExecutionProvider"]

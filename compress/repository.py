@@ -118,7 +118,8 @@ def write_generate_model(repo: Path, settings: Settings, task, model_args, graph
                                   "max_new_tokens": str(g.max_new_tokens), "intra_op_threads": str(g.intra_op_threads),
                                   "stream_interval_ms": str(g.stream_interval_ms),
                                   "stream_responses_per_s": str(g.stream_responses_per_s),
-                                  "prefill_chunk": str(g.prefill_chunk)}, versions=(version,))
+                                  "prefill_chunk": str(g.prefill_chunk),
+                                  "intra_op_spinning": g.intra_op_spinning}, versions=(version,))
     files = {"prefill.onnx": graphs.prefill, "step.onnx": graphs.step,
              "model.py": module_source("compress.triton_generate_model"),
              "decode_engine.py": module_source("compress.decode_engine"),

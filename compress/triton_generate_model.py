@@ -29,7 +29,8 @@ Metrics (Triton's ``/metrics``): ``autoglm_generate_sequences{state="live"|"wait
 
 Config parameters: ``max_sequences`` (cache slots; more
 requests wait), ``max_waiting`` (beyond it requests are refused), ``max_new_tokens`` (limit per
-request), ``stream_interval_ms``, ``stream_responses_per_s``, ``intra_op_threads``, ``prefill_chunk``.
+request), ``stream_interval_ms``, ``stream_responses_per_s``, ``intra_op_threads``, ``intra_op_spinning``,
+``prefill_chunk``.
 """
 
 import json
@@ -90,7 +91,8 @@ class TritonPythonModel:
         self.engine = DecodeEngine(os.path.join(version_dir, "prefill.onnx"), os.path.join(version_dir, "step.onnx"),
                                    max_sequences=int(params.get("max_sequences") or 32),
                                    threads=int(params.get("intra_op_threads") or 0), prefill_thread=True,
-                                   prefill_chunk=int(params.get("prefill_chunk") or 8))
+                                   prefill_chunk=int(params.get("prefill_chunk") or 8),
+                                   spinning=params.get("intra_op_spinning") or "off")
         with open(os.path.join(version_dir, TABLE_FILE)) as f:
             table = DecodeTable.from_json(f.read())
         try:  # token id -> bytes, for every logit the graphs give (ids past the tokenizer's add no text)

@@ -244,3 +244,20 @@ def test_graphs_with_an_int8_cache_are_served_alike(tmp_path, monkeypatch):
         m.finalize()
     want = DecodeEngine(str(kv8[0]), str(kv8[1]), max_sequences=1, threads=1).generate(prompt, 20)
     assert [i for r in sender.responses for i in r.outputs["token_ids"].tolist()] == want
+
+
+@pytest.mark.parametrize("mode, stop", [("run", "1"), ("off", "0")])
+def test_the_pool_spinning_setting_reaches_the_served_engines_sessions(tmp_path, monkeypatch, mode, stop):
+    task, model = charlm()
+    graphs = decode.write_graphs(task.decoder_weights(model), tmp_path / "fp32")
+    settings = load_settings(None, [f"compress.generate.intra_op_spinning='{mode}'"])
+    name = write_generate_model(tmp_path / "repo", settings, task, model.model_args,
+                                decode.DecodeGraphs(graphs[0], graphs[1], "fp32", {}))
+    m = load(tmp_path / "repo" / "python" / name, monkeypatch)
+    try:
+        for session in (m.engine.prefill, m.engine.step_session):
+            options = session.get_session_options()
+            assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(mode != "off"))
+            assert options.get_session_config_entry("session.force_spinning_stop") == stop
+    finally:
+        m.finalize()
