@@ -511,7 +511,7 @@ class LoadtestTuneSettings(Section):
     replicates: int = Field(1, ge=1, description="tpe/gp: windows a config on the study's front may take (its "
                             "value is their mean): after the startup trials, a window re-measures the first of the "
                             "verify_candidates best front configs with fewer, never two windows in a row; 1 "
-                            "(default): every window a new draw (3 did not earn its place in the loadtest bench)")
+                            "(default): every window a new draw")
     # the generation model's own knobs (--scenario generate: it batches its decode steps itself, no Triton batcher)
     max_sequences: tuple[int, int] = Field((4, 64), description="--scenario generate: [low, high] of the decode "
                                            "slots (sequences stepped together; more requests wait)")

@@ -71,10 +71,8 @@ def session_options(threads: int = 0, spinning: str = "off"):
     SkipLayerNormFusion is disabled: on these graphs (LayerNormalization without bias) it crashes the
     process in ONNX Runtime 1.32, and where it works it is ~5x slower than plain LayerNormalization.
     ``spinning`` (:data:`SPINNING`) is off by default: on cores shared with other work (Triton, the gateway,
-    clients), threads that spin take the cores the others need. In process on a 2-core host its effect follows
-    the load: loaded (load average ~6), spinning cost 35-50% of the tokens/s at 8 and 32 sequences (both model
-    families); quiet, "on" gained ~40% at 1 and ~20% at 8 and lost ~20% at 32 (one round, Llama). Not yet
-    measured served; ``bench hf`` prints all three modes in process.
+    clients), threads that spin take the cores the others need; its effect follows the host's load (``bench hf``
+    measures all three modes, bench/results has the figures).
     """
     if spinning not in SPINNING:
         raise ValueError(f"spinning {spinning!r} is unknown: use one of {list(SPINNING)}")
