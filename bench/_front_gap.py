@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import statistics
 
-from bench._serving_search import FRONT_CAP, Search, hypervolume, key
+from bench._serving_fronts import FRONT_CAP, hypervolume
+from bench._serving_search import Search, key
 from bench.harness import Table
 
 

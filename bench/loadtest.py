@@ -8,7 +8,8 @@ config is applied live through model control (no restart) and measured with locu
    at concurrency 1.
 2. The search (``loadtest --tune``'s own study code): TPE (Bayesian), random and the grid over the same knob
    ranges, each with the same number of measured windows (the baseline, then one step-ladder window per
-   trial), several seeds, each seed's fronts then re-measured side by side (:mod:`bench._serving_search`).
+   trial), several seeds, each seed's fronts then re-measured side by side (:mod:`bench._serving_search`; the
+   fronts and goals: :mod:`bench._serving_fronts`).
    Goals: TPE's best feasible capacity per instance within half the windows ≥ the grid's best over all of
    them, and the highest hypervolume of the three on every seed. Then the best TPE config against the
    repository's default, both re-measured side by side and verified in steady windows.
@@ -26,7 +27,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from bench._serving_search import Search, search_tables
+from bench._serving_fronts import search_tables
+from bench._serving_search import Search
 from bench.harness import Table, ratio
 
 TINY = ["train.max_steps=60", "train.eval_every=60", "train.batch_size=64", "train.eval_batches=2",

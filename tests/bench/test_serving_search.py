@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 
+from bench import _serving_fronts as fronts
 from bench import _serving_search as ss
 from loadtest.latency import Slo
 from loadtest.study import Window
@@ -22,13 +23,13 @@ def _row(trial, cap, joules, delay, feasible=True):
 def test_a_front_is_the_non_dominated_feasible_configs_highest_capacity_first_and_capped():
     rows = [_row(0, 900, 2.0, 0), _row(1, 1200, 2.5, 500), _row(2, 1100, 1.5, 1000), _row(3, 800, 3.0, 1500),
             _row(4, 5000, 0.1, 2000, feasible=False), _row(5, 1300, 2.8, 2500), _row(6, 1250, 2.4, 500)]
-    front = ss.front_rows(rows)
+    front = fronts.front_rows(rows)
     # 0 and 3 are dominated, 4 missed the SLO; delay 500 was measured twice (1,200 and 1,250): its mean counts
-    assert [r["trial"] for r in front] == [5, 1][:ss.FRONT_CAP]
+    assert [r["trial"] for r in front] == [5, 1][:fronts.FRONT_CAP]
     assert front[1]["capacity_per_instance_rps"] == pytest.approx(1225) and front[1]["windows"] == 2
     assert front[1]["j_per_request"] == pytest.approx(2.45)
-    assert ss.hypervolume([(1000, 1.0), (500, 0.5)], 2.0) == pytest.approx(500 * 1.5 + 500 * 1.0)
-    assert ss.hypervolume([(1000, 3.0)], 2.0) == 0.0  # beyond the reference
+    assert fronts.hypervolume([(1000, 1.0), (500, 0.5)], 2.0) == pytest.approx(500 * 1.5 + 500 * 1.0)
+    assert fronts.hypervolume([(1000, 3.0)], 2.0) == 0.0  # beyond the reference
 
 
 class NoisyServer:
@@ -91,7 +92,7 @@ def test_remeasuring_takes_each_configs_median_over_round_robin_rounds(tmp_path)
 
 def test_the_goal_tables_judge_the_re_measured_figures(tmp_path):
     search, server = _search(tmp_path)
-    search_table, goals, gaps, gap_summary, verified = ss.search_tables(search)
+    search_table, goals, gaps, gap_summary, verified = fronts.search_tables(search)
     windows = search.grid_size() + 1
     assert [r[1] for r in search_table.rows] == ["TPE (Bayesian)", "random", "grid"]
     assert all(r[2] == windows for r in search_table.rows)
