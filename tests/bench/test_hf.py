@@ -3,7 +3,7 @@ marked suspect instead of printed as more than 100%."""
 
 import math
 
-from bench import _hf_profile, hf
+from bench import _hf_profile, _hf_tables
 
 
 def test_every_reader_streams_the_buffer_at_a_finite_rate():
@@ -13,15 +13,15 @@ def test_every_reader_streams_the_buffer_at_a_finite_rate():
 
 
 def test_a_share_is_printed_within_the_ceiling_and_suspect_beyond_it():
-    assert hf.of_ceiling(25.0, 50.0) == "50%"
-    assert hf.of_ceiling(50.0, 50.0) == "100%"
-    assert hf.of_ceiling(51.0, 50.0) == "over it: bandwidth suspect"
+    assert _hf_tables.of_ceiling(25.0, 50.0) == "50%"
+    assert _hf_tables.of_ceiling(50.0, 50.0) == "100%"
+    assert _hf_tables.of_ceiling(51.0, 50.0) == "over it: bandwidth suspect"
 
 
 def test_the_ceiling_table_says_which_variant_makes_the_bandwidth_suspect():
     bandwidths = {"torch sum": 10e9, "numpy max, a thread per core": 12e9}
     rows = [["GPT-2", "fp32", 472.0, 11.9, 24.0, 35.6], ["GPT-2", "int8", 118.0, 12.0, 97.0, 80.0]]
-    table = hf._ceiling_table(rows, bandwidths)
+    table = _hf_tables.ceiling_table(rows, bandwidths)
     assert table.title.startswith("The batch-1 ceiling: read bandwidth (suspect)")
     assert [r[-1] for r in table.rows] == ["over it: bandwidth suspect", "82%"]
     assert any(n.startswith("SUSPECT: GPT-2 fp32 decoded faster") for n in table.notes)
@@ -30,7 +30,7 @@ def test_the_ceiling_table_says_which_variant_makes_the_bandwidth_suspect():
 
 
 def test_a_ceiling_no_variant_beats_is_not_suspect():
-    table = hf._ceiling_table([["Llama", "int8", 129.0, 12.7, 97.0, 60.0]], {"torch sum": 12.5e9})
+    table = _hf_tables.ceiling_table([["Llama", "int8", 129.0, 12.7, 97.0, 60.0]], {"torch sum": 12.5e9})
     assert "suspect" not in table.title and not any("SUSPECT" in n for n in table.notes)
     assert table.rows[0][-1] == "62%"
 
@@ -47,7 +47,7 @@ def test_the_tables_hold_every_shapes_rows_the_spinning_modes_and_what_serving_c
     shape = {"rows": rows, "served_precision": "int8-kv8",
              "ceilings": [["M", "int8-kv8", 118.0, 12.0, 101.0, 80.0]],
              "spinning": [["M", "int8-kv8", mode, 80.0, 300.0, 600.0] for mode in ("off", "run", "on")]}
-    tables = {t.title.split(":")[0]: t for t in hf._tables({"M": shape}, [], {"torch sum": 12e9})}
+    tables = {t.title.split(":")[0]: t for t in _hf_tables.tables({"M": shape}, [], {"torch sum": 12e9})}
     goals = {r[1]: r[2] for r in tables["Goals"].rows}
     assert goals["served / transformers, tokens/s @1"] == "3.00×"
     assert goals["served @1 / the same graphs in process @1 (what serving costs per token)"] == "0.75×"
