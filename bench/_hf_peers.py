@@ -39,7 +39,7 @@ def _transformers_peer(spec: dict) -> dict:
         return time.perf_counter() - started
 
     generate(1, 4)  # warm-up
-    ttft = [generate(1, 1) * 1e3 for _ in range(spec["repeats"])]
+    ttft = [generate(1, 1) * 1e3 for _ in range(spec["repeats"] if 1 in spec["batches"] else 0)]
     rates = {str(b): max(b * spec["new_tokens"] / generate(b, spec["new_tokens"]) for _ in range(spec["repeats"]))
              for b in spec["batches"]}
     return {"tokens_per_s": rates, "ttft_ms": ttft}
@@ -63,7 +63,7 @@ def _genai_peer(spec: dict) -> dict:
         return time.perf_counter() - started
 
     generate(1, 4)
-    ttft = [generate(1, 1) * 1e3 for _ in range(spec["repeats"])]
+    ttft = [generate(1, 1) * 1e3 for _ in range(spec["repeats"] if 1 in spec["batches"] else 0)]
     rates = {str(b): max(b * spec["new_tokens"] / generate(b, spec["new_tokens"]) for _ in range(spec["repeats"]))
              for b in spec["batches"]}
     return {"tokens_per_s": rates, "ttft_ms": ttft}
@@ -104,8 +104,29 @@ def _spinning_peer(spec: dict) -> dict:
     return {mode: {str(b): v for b, v in by.items()} for mode, by in speeds.items()}
 
 
+def _batching_peer(spec: dict) -> dict:
+    """The served decode graphs at ``clients`` sequences, no serving, batched two ways: a static batch (every
+    sequence joins at once and all end together, as the peers' batches do) and continuous batching (each sequence
+    replaced by the next prompt as soon as it ends, encoded on the prefill thread while the others step: what
+    the served model does, without Triton, the gateway or the clients)."""
+    from bench.generate import closed_loop_rate
+    from compress.decode import decode_speeds
+    from compress.decode_engine import DecodeEngine
+
+    n = spec["clients"]
+    engine = DecodeEngine(spec["prefill"], spec["step"], n, threads=spec["threads"], prefill_thread=True,
+                          prefill_chunk=spec["prefill_chunk"])
+    try:
+        static = decode_speeds({"e": engine}, spec["prompts"][0], spec["new_tokens"], batches=(n,), rounds=1)["e"][n]
+        closed_loop_rate(engine, spec["prompts"], spec["new_tokens"], n, 1.0)  # warm-up: the joins' shapes
+        continuous = closed_loop_rate(engine, spec["prompts"], spec["new_tokens"], n, spec["seconds"])
+    finally:
+        engine.close()  # a prefill still running when the process exits would abort it
+    return {"static": static, "continuous": continuous}
+
+
 PEERS = {"transformers": _transformers_peer, "genai": _genai_peer, "engine": _engine_peer,
-         "spinning": _spinning_peer}
+         "spinning": _spinning_peer, "batching": _batching_peer}
 
 
 def run_peer(kind: str, workdir: Path, **spec) -> dict:

@@ -33,7 +33,8 @@ def ceiling_table(ceiling_rows: list[list], bandwidths: dict[str, float]) -> Tab
 
 
 def tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> list[Table]:
-    speed_rows, goal_rows, ceiling_rows, profile_rows, spinning_rows = [], [], [], [], []
+    speed_rows, goal_rows, ceiling_rows, profile_rows, spinning_rows, round_rows = [], [], [], [], [], []
+    errors = []
     for label, shape in shapes.items():
         rows = shape["rows"]
         for name, r in rows.items():
@@ -56,9 +57,14 @@ def tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> l
                 g = r["tokens_per_s"]
                 goal_rows += [[label, f"served / {name}, @1", ratio(st["1"], g["1"]), "≥ 1× (match)"],
                               [label, f"served / {name}, aggregate @32", ratio(st["32"], g["32"]), "≥ 2×"]]
-        alone = rows[f"decode graphs {shape['served_precision']}, in process (no serving)"]["tokens_per_s"]["1"]
+        alone = rows[f"decode graphs {shape['served_precision']}, in process (no serving)"]["tokens_per_s"]
+        continuous = rows[f"decode graphs {shape['served_precision']}, in process, continuous batching (no serving)"]
         goal_rows += [[label, "served @1 / the same graphs in process @1 (what serving costs per token)",
-                       ratio(st["1"], alone), "—"],
+                       ratio(st["1"], alone["1"]), "—"],
+                      [label, "served @32 / the same graphs in process, continuous batching @32 (what serving "
+                       "costs at 32)", ratio(st["32"], continuous["tokens_per_s"]["32"]), "—"],
+                      [label, "in process @32: continuous batching / a static batch (what joining at any time "
+                       "costs)", ratio(continuous["tokens_per_s"]["32"], alone["32"]), "—"],
                       [label, "served @1: CPU of Triton and the gateway per token, ms (the decode step's included)",
                        f"{served.get('cpu_ms_per_token_1', float('nan')):.2f}", "—"]]
         served_ceiling = next(c for c in shape["ceilings"] if c[1] == shape["served_precision"])[4]
@@ -66,14 +72,25 @@ def tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> l
                           of_ceiling(st["1"], served_ceiling), "≥ 50%"])
         ceiling_rows += shape["ceilings"]
         spinning_rows += shape["spinning"]
+        rounds = shape["rounds_32"]
+        round_rows += [[label, name, *(r[name] for r in rounds), rows[name]["tokens_per_s"]["32"]] for name in rounds[0]]
+        errors.append(f"{label}: {served.get('errors', 0)}")
     notes = ["64-token prompts, 128 new tokens, greedy; every path uses all of the host's cores; the served path's "
              "load generator shares them", "decode graphs NAME-kv8: NAME weights with an int8 KV cache "
              "(compress.kv_cache); without the suffix the cache is fp32", "TTFT: at batch 1 (the served path: p50/p95 at the client of c = 1)",
-             "peak RSS: the peer's own process; served: Triton with its python-backend stubs plus the gateway"]
+             "peak RSS: the peer's own process; served: Triton with its python-backend stubs plus the gateway",
+             "@32: the median of alternating rounds (next table); served requests that failed: " + ", ".join(errors)]
+    n_rounds = max((len(shape["rounds_32"]) for shape in shapes.values()), default=0)
     return [Table("Decode speed at real sizes (random weights): tokens/s", [
                 "model", "path", "@1", "@8 (aggregate)", "@32 (aggregate)", "TTFT p50 ms", "TTFT p95 ms",
                 "peak RSS MiB"], speed_rows, notes),
             Table("Goals", ["model", "comparison", "value", "goal"], goal_rows),
+            Table("Aggregate tokens/s at 32 concurrent requests, in alternating rounds",
+                  ["model", "path", *(f"round {i + 1}" for i in range(n_rounds)), "median"], round_rows,
+                  ["each round runs every path once at 32, one after another (the served stack idles while the "
+                   "others run): a shared host's load falls on all alike", "static batch: 32 copies of a prompt "
+                   "joined at once, ending together (as the peers batch); continuous batching: each sequence "
+                   "replaced by the next prompt as it ends, encoded while the others step (as the served model does)"]),
             ceiling_table(ceiling_rows, bandwidths),
             Table("Where a batched decode step's time goes (the served graphs, and their weights with an fp32 KV cache, "
                   "in process)",

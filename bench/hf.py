@@ -25,7 +25,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from bench import _hf_models as hf_models
 from bench._hf_peers import run_peer
@@ -36,6 +39,8 @@ from bench.harness import Table
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is 2-10x slower here
 PROMPT_TOKENS, NEW_TOKENS = 64, 128
 CONCURRENCY = (1, 8, 32)
+ROUNDS_AT_32 = {True: 2, False: 3}  # quick, full: alternating rounds behind each path's aggregate at 32
+TRANSFORMERS = "transformers generate() (torch eager, KV cache, padded batch)"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -97,7 +102,11 @@ class RssSampler(threading.Thread):
             self.peak_mb = max(self.peak_mb, total / 2**20)
 
 
-def _served(settings, prompt_texts: list[str], workdir: Path, duration: float) -> dict:
+def _served(settings, prompt_texts: list[str], workdir: Path, duration: float, name: str,
+            others_at_32: Callable[[], dict[str, float]], rounds: int) -> tuple[dict, list[dict[str, float]]]:
+    """The served path at 1 and 8 concurrent requests, then ``rounds`` alternating rounds at 32: each round runs
+    every other path at 32 (``others_at_32()``, while the served stack idles), then the served one as ``name``.
+    A shared host's load moves during a run; alternating lets it fall on every path's figure at 32 alike."""
     from bench.generate import _load
     from serve import GatewaySettings, on_free_ports, start_serving
 
@@ -110,14 +119,23 @@ def _served(settings, prompt_texts: list[str], workdir: Path, duration: float) -
         sampler = RssSampler(pids)
         sampler.start()
         url = f"{serving.gateway.url}/v1/models/{settings.task.name}:generate"
-        results = {c: _load(url, bodies, c, duration, pids, workdir, new_tokens=NEW_TOKENS, exact=False)
-                   for c in CONCURRENCY}
+
+        def load(concurrency: int) -> dict:
+            return _load(url, bodies, concurrency, duration, pids, workdir, new_tokens=NEW_TOKENS, exact=False)
+
+        results, at_32 = {c: load(c) for c in CONCURRENCY if c != 32}, []
+        errors = sum(r["errors"] for r in results.values())
+        for _ in range(rounds):
+            others = others_at_32()
+            results[32] = load(32)
+            at_32.append(others | {name: results[32]["tokens_per_s"]})
+            errors += results[32]["errors"]
         sampler.done.set()
     return {"tokens_per_s": {str(c): r["tokens_per_s"] for c, r in results.items()},
             "ttft_p50": results[1]["ttft_p50"], "ttft_p95": results[1]["ttft_p95"],
-            "ttft_p95_32": results[32]["ttft_p95"], "errors": sum(r["errors"] for r in results.values()),
+            "errors": errors,
             "cpu_ms_per_token_1": results[1]["cpu_ms_per_token"],
-            "peak_rss_mb": sampler.peak_mb}
+            "peak_rss_mb": sampler.peak_mb}, at_32
 
 
 # ---- one shape ----------------------------------------------------------------------------------------------
@@ -131,12 +149,13 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
     ids = hf_models.prompts(model_dir, text, 32, PROMPT_TOKENS)
     repeats = 1 if quick else 3
     common = {"prompts": ids, "new_tokens": NEW_TOKENS, "threads": threads, "repeats": repeats,
-              "batches": list(CONCURRENCY)}
-    rows = {"transformers generate() (torch eager, KV cache, padded batch)":
-            run_peer("transformers", workdir, model_dir=str(model_dir), **common)}
+              "batches": [c for c in CONCURRENCY if c != 32]}  # 32: in alternating rounds (_served)
+    rows = {TRANSFORMERS: run_peer("transformers", workdir, model_dir=str(model_dir), **common)}
+    genai = {}
     for precision in ("int4", "int8"):
         built = build_genai(model_dir, workdir / f"genai-{family}-{precision}", precision, threads)
         if built is not None:
+            genai[f"onnxruntime-genai {precision} (model builder + generator, static batch)"] = built
             rows[f"onnxruntime-genai {precision} (model builder + generator, static batch)"] = run_peer(
                 "genai", workdir, model_dir=str(built), **common)
     settings = _pipeline(model_dir, text_file, workdir, f"bench-{family}", steps=1, eval_batches=1)
@@ -151,12 +170,12 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
         if cand.get("status") != "ok" or ("tokens_per_s" not in cand and p != sibling):
             continue  # rejected, or stood in for by the same weights with an int8 cache
         graphs = decode_dir / p / "prefill.onnx", decode_dir / p / "step.onnx"
-        served = p == report["precision"]  # its aggregate at 32 in process too, and where a step's time goes
-        at32 = served or p == sibling
+        served = p == report["precision"]  # its aggregate at 32 in the rounds, and where a step's time goes
         bandwidth = max(read_bandwidth(repeats=3).values())  # right before its decode: the load moves both alike
         engine = run_peer("engine", workdir, prefill=str(graphs[0]), step=str(graphs[1]),
-                          **{**common, "batches": [1, 8, 32] if at32 else [1, 8] if cand.get("kv_cache") == "int8"
-                             else [1], "profile": at32})  # the other int8-cache weights at 8: where they cross
+                          **{**common, "batches": [1, 8, 32] if p == sibling else [1, 8] if served or
+                             cand.get("kv_cache") == "int8" else [1], "profile": served or p == sibling})
+        # (the other int8-cache weights at 8: where they cross)
         per_token = bytes_read_per_token(graphs[1])
         ceiling = bandwidth / per_token
         ceilings.append([label, p, per_token / 2**20, bandwidth / 1e9, ceiling, engine["tokens_per_s"]["1"]])
@@ -165,11 +184,32 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
             spinning = run_peer("spinning", workdir, prefill=str(graphs[0]), step=str(graphs[1]), **common)
     from transformers import AutoTokenizer
 
+    duration = 10.0 if quick else 30.0
+    served_graphs = decode_dir / report["precision"]
+    static, continuous = (f"decode graphs {report['precision']}, in process{how} (no serving)"
+                          for how in ("", ", continuous batching"))
+    rows[continuous] = {"tokens_per_s": {}}
+
+    def others_at_32() -> dict[str, float]:
+        at_32 = {TRANSFORMERS: run_peer("transformers", workdir, model_dir=str(model_dir),
+                                        **{**common, "batches": [32], "repeats": 1})["tokens_per_s"]["32"]}
+        for name, built in genai.items():
+            at_32[name] = run_peer("genai", workdir, model_dir=str(built),
+                                   **{**common, "batches": [32], "repeats": 1})["tokens_per_s"]["32"]
+        batched = run_peer("batching", workdir, prefill=str(served_graphs / "prefill.onnx"),
+                           step=str(served_graphs / "step.onnx"), prompts=ids, new_tokens=NEW_TOKENS,
+                           threads=threads, clients=32, seconds=duration,
+                           prefill_chunk=settings.compress.generate.prefill_chunk)
+        return at_32 | {static: batched["static"], continuous: batched["continuous"]}
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [tokenizer.decode(p, skip_special_tokens=True) for p in ids]
-    rows[f"served :generate through the gateway ({report['precision']})"] = _served(
-        settings, texts, workdir, 10.0 if quick else 30.0)
-    return {"rows": rows, "ceilings": ceilings, "served_precision": report["precision"],
+    served_name = f"served :generate through the gateway ({report['precision']})"
+    rows[served_name], rounds = _served(settings, texts, workdir, duration, served_name, others_at_32,
+                                        ROUNDS_AT_32[quick])
+    for name in rounds[0]:  # each path's aggregate at 32: the median of its rounds
+        rows[name]["tokens_per_s"]["32"] = float(np.median([r[name] for r in rounds]))
+    return {"rows": rows, "ceilings": ceilings, "served_precision": report["precision"], "rounds_32": rounds,
             "spinning": [[label, report["precision"], mode, t.get("1"), t.get("8"), t.get("32")]
                          for mode, t in spinning.items() if mode != "peak_rss_mb"]}
 
