@@ -150,6 +150,10 @@ class EarlyStopSettings(Section):
     extrapolate: bool = Field(False, description="also stop a trial between rungs when a power law fitted to its "
                               "validation curve, at the optimistic end of its uncertainty, still ends dominated by "
                               "a completed trial (see tune.curves)")
+    first_rung_frac: float | None = Field(None, gt=0, lt=1, description="the first rung no earlier than this "
+                                          "fraction of the longest schedule the space holds (min_resource is raised "
+                                          "to it): a rung at a twelfth of the schedule judges where the learning "
+                                          "curves still cross; None: min_resource as it is")
 
     @field_validator("min_resource", mode="before")
     @classmethod

@@ -176,6 +176,31 @@ def test_the_ablation_verdict_needs_wins_at_2b_and_4b_without_losing_hypervolume
     assert earns.rows[0][3:5] == ["— / —", "0.8 / 0.6"] and len(earns.rows) == 3
 
 
+def test_pairs_where_the_two_tie_count_for_neither_side_of_the_verdict():
+    from bench._heldout_report import ablation_table
+
+    better = knobbed_pair([(15.0, 0.6, (0.6, 1.0, 1.0)), (25.0, 0.5, (0.5, 1.0, 1.0))])
+    tie = knobbed_pair([(12.0, 0.8, (0.8, 2.0, 2.0)), (30.0, 0.7, (0.7, 2.0, 2.0))])  # the priors' own trials
+
+    table = ablation_table([better, tie], "train-knobs")
+
+    assert "knobs earn their place" in table.notes[0]  # better on 1, worse on none, hypervolume kept on both
+    assert "1/1/0 at 2B, 1/1/0 at 4B" in table.notes[0]
+
+
+def test_the_late_first_rung_ablation_changes_only_the_first_rung_of_the_priors_method(tmp_path):
+    from bench._heldout import ABLATIONS, SPECS
+
+    method, added, changed = ABLATIONS["late-first-rung"]
+    plain, late = (method_settings(POOL["friedman1"], 0, tmp_path, m).tune for m in ("AutoGLM with priors", method))
+
+    assert plain.early_stop.first_rung_frac is None and not added
+    assert late.early_stop.first_rung_frac == changed["early_stop"]["first_rung_frac"]
+    assert late.early_stop.enabled and late.early_stop.min_resource == plain.early_stop.min_resource == 250
+    assert late.model_dump(exclude={"early_stop"}) == plain.model_dump(exclude={"early_stop"})
+    assert SPECS[method] == METHODS["AutoGLM with priors"] and method not in METHODS
+
+
 def test_an_unknown_ablation_is_refused_before_anything_runs():
     from bench.tune import run
 
