@@ -154,6 +154,10 @@ class EarlyStopSettings(Section):
                                           "fraction of the longest schedule the space holds (min_resource is raised "
                                           "to it): a rung at a twelfth of the schedule judges where the learning "
                                           "curves still cross; None: min_resource as it is")
+    portfolio_grace: int = Field(0, ge=0, description="rungs a queued tune.portfolio entry passes without being "
+                                 "judged (its values are recorded there for the others): an entry is a prior chosen "
+                                 "for where it ends, often a lower learning rate that is behind early; 0: judged "
+                                 "from the first rung like any trial")
 
     @field_validator("min_resource", mode="before")
     @classmethod

@@ -110,7 +110,7 @@ class Objective:
         self.trials_dir, self.cache_dir = tune_dir / "trials", tune_dir / "cache"
         es = settings.tune.early_stop
         self.rule = ParetoHalving(tuple(directions), es.reduction_factor, es.min_resource,
-                                  es.warmup_trials, es.extrapolate) if es.enabled else None
+                                  es.warmup_trials, es.extrapolate, es.portfolio_grace) if es.enabled else None
 
     def __call__(self, trial) -> tuple[float, ...]:
         """Run one trial; a failure records why (``error``), an interruption that it was one (``interrupted``:

@@ -201,6 +201,20 @@ def test_the_late_first_rung_ablation_changes_only_the_first_rung_of_the_priors_
     assert SPECS[method] == METHODS["AutoGLM with priors"] and method not in METHODS
 
 
+@pytest.mark.parametrize("name", ["portfolio-grace", "late-rung-grace", "metric-share-third"])
+def test_each_rung_and_share_ablation_changes_only_its_own_settings(name, tmp_path):
+    from bench._heldout import ABLATIONS
+
+    method, _, changed = ABLATIONS[name]
+    plain, twin = (method_settings(POOL["digits"], 0, tmp_path, m).tune for m in ("AutoGLM with priors", method))
+    rungs = changed.get("early_stop", {})
+
+    assert twin.early_stop.model_dump(exclude=set(rungs)) == plain.early_stop.model_dump(exclude=set(rungs))
+    assert all(getattr(twin.early_stop, k) == v != getattr(plain.early_stop, k) for k, v in rungs.items())
+    assert twin.model_dump(exclude={"early_stop", *changed}) == plain.model_dump(exclude={"early_stop", *changed})
+    assert all(getattr(twin, k) == v for k, v in changed.items() if k != "early_stop")
+
+
 def test_an_unknown_ablation_is_refused_before_anything_runs():
     from bench.tune import run
 
