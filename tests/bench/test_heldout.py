@@ -188,20 +188,26 @@ def test_pairs_where_the_two_tie_count_for_neither_side_of_the_verdict():
     assert "1/1/0 at 2B, 1/1/0 at 4B" in table.notes[0]
 
 
-def test_the_late_first_rung_ablation_changes_only_the_first_rung_of_the_priors_method(tmp_path):
+def test_the_first_rung_ablation_moves_only_the_priors_method_s_first_rung_back(tmp_path):
     from bench._heldout import ABLATIONS, SPECS
 
-    method, added, changed = ABLATIONS["late-first-rung"]
-    plain, late = (method_settings(POOL["friedman1"], 0, tmp_path, m).tune for m in ("AutoGLM with priors", method))
+    method, added, changed = ABLATIONS["early-first-rung"]
+    plain, early = (method_settings(POOL["friedman1"], 0, tmp_path, m).tune for m in ("AutoGLM with priors", method))
 
-    assert plain.early_stop.first_rung_frac is None and not added
-    assert late.early_stop.first_rung_frac == changed["early_stop"]["first_rung_frac"]
-    assert late.early_stop.enabled and late.early_stop.min_resource == plain.early_stop.min_resource == 250
-    assert late.model_dump(exclude={"early_stop"}) == plain.model_dump(exclude={"early_stop"})
+    assert plain.early_stop.first_rung_frac == 1 / 9 and not added  # the default
+    assert early.early_stop.first_rung_frac is None is changed["early_stop"]["first_rung_frac"]
+    assert early.early_stop.enabled and early.early_stop.min_resource == plain.early_stop.min_resource == 250
+    assert early.model_dump(exclude={"early_stop"}) == plain.model_dump(exclude={"early_stop"})
     assert SPECS[method] == METHODS["AutoGLM with priors"] and method not in METHODS
 
 
-@pytest.mark.parametrize("name", ["portfolio-grace", "late-rung-grace", "metric-share-third"])
+def test_the_baselines_keep_the_pool_s_evaluation_grid_whatever_tune_s_first_rung(tmp_path):
+    for method in ("random search", "TPE", "TPE + Hyperband"):
+        assert method_settings(POOL["digits"], 0, tmp_path, method).tune.early_stop.first_rung_frac is None
+    assert method_settings(POOL["digits"], 0, tmp_path, "AutoGLM cold").tune.early_stop.first_rung_frac == 1 / 9
+
+
+@pytest.mark.parametrize("name", ["portfolio-grace", "early-first-rung"])
 def test_each_rung_and_share_ablation_changes_only_its_own_settings(name, tmp_path):
     from bench._heldout import ABLATIONS
 
