@@ -150,6 +150,15 @@ class EarlyStopSettings(Section):
     extrapolate: bool = Field(False, description="also stop a trial between rungs when a power law fitted to its "
                               "validation curve, at the optimistic end of its uncertainty, still ends dominated by "
                               "a completed trial (see tune.curves)")
+    first_rung_frac: float | None = Field(1 / 9, gt=0, lt=1, description="the first rung no earlier than this "
+                                          "fraction of the longest schedule the space holds (min_resource is raised "
+                                          "to it; 1/9: two rungs of reduction factor 3 below it at most): a rung at "
+                                          "a twelfth of the schedule judges where the learning curves still cross; "
+                                          "None: min_resource as it is")
+    portfolio_grace: int = Field(0, ge=0, description="rungs a queued tune.portfolio entry passes without being "
+                                 "judged (its values are recorded there for the others): an entry is a prior chosen "
+                                 "for where it ends, often a lower learning rate that is behind early; 0: judged "
+                                 "from the first rung like any trial")
 
     @field_validator("min_resource", mode="before")
     @classmethod

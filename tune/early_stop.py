@@ -18,14 +18,18 @@ A trial is judged only against trials whose schedules are at least as long as it
 searched): at the same step a shorter schedule has decayed its learning rate further, which lowers its
 loss early without making it the better configuration, and would stop the long trials that end best.
 
-Two options (``tune.early_stop``):
+Options (``tune.early_stop``):
 
 - ``extrapolate``: between rungs too, from the first rung on, a power law fitted to the trial's validation curve
   forecasts its metric at the end of its own schedule (:mod:`tune.curves`); the trial stops when even the
   optimistic end of that forecast, served (compression shift) with its measured latency and energy, is dominated
   by a completed trial. Completed trials are final points whatever their schedule, so no schedule rule is needed
   there; a forecast that is not dominated never stops a trial.
-- ``min_resource = "auto"``: the first rung from the budget (:func:`auto_min_resource`).
+- ``min_resource = "auto"``: the first rung from the budget (:func:`auto_min_resource`); ``first_rung_frac``: no
+  earlier than that share of the longest schedule (:func:`tune.objective.with_first_rung`).
+- ``portfolio_grace``: a queued portfolio entry passes its first rungs unjudged. An entry is chosen for where it
+  ends; a lower learning rate is behind early and crosses the others late, which a rung at a twelfth of the
+  schedule cannot see. Its values are recorded at those rungs, so the other trials are judged against it.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class ParetoHalving:
     min_resource: int = 100
     warmup_trials: int = 4
     extrapolate: bool = False
+    portfolio_grace: int = 0  # rungs a portfolio entry passes unjudged (RungCallback)
 
     def rungs(self, max_steps: int) -> list[int]:
         """Steps at which a trial of ``max_steps`` is judged (never at its very end: it finishes then)."""
@@ -201,16 +206,24 @@ class RungCallback:
         while self.pending and step >= self.pending[0]:
             rung = self.pending.pop(0)
             values = [metric + self._shift() if o == "metric" else self.cost[o] for o in self.objectives]
-            if self.rule.should_stop(self.study, self.trial, rung, values, self.max_steps, **self._only()):
+            stop = self.rule.should_stop(self.study, self.trial, rung, values, self.max_steps, **self._only())
+            if stop and not self._in_grace():
                 self.stopped_at = step
                 return True
-        if self.rule.extrapolate and "metric" in self.objectives and step >= self.rule.min_resource:
+        if self.rule.extrapolate and "metric" in self.objectives and step >= self.rule.min_resource \
+                and not self._in_grace():
             cost = [self.cost[o] for o in self.objectives if o != "metric"]
             if self.rule.forecast_dominated(self.study, self.trial, self.history, cost, self.max_steps,
                                             self._shift(), self.objectives.index("metric")) is not None:
                 self.stopped_at = step
                 return True
         return False
+
+    def _in_grace(self) -> bool:
+        """Whether this trial is a portfolio entry still within its unjudged rungs (``rule.portfolio_grace``); its
+        values are recorded at those rungs all the same, so the others are judged against it."""
+        judged = len(self.rule.rungs(self.max_steps)) - len(self.pending)  # rungs reached, this one included
+        return attrs.PORTFOLIO.on(self.trial) and judged <= self.rule.portfolio_grace
 
     def _only(self) -> dict[str, int]:
         """A trial proposed for one objective is judged on it alone: a trial proposed for the metric, served

@@ -55,14 +55,20 @@ def trial_settings(settings: Settings, groups: dict[str, dict[str, Any]], varian
 def with_first_rung(settings: Settings, space: dict[str, Any]) -> Settings:
     """``settings`` with ``tune.early_stop.min_resource = "auto"`` resolved from the budget into steps
     (:func:`tune.early_stop.auto_min_resource`): the longest schedule the space holds, ``budget_trials`` (else
-    ``tune.n_trials``) whole schedules, no rung inside the configured warm-up."""
+    ``tune.n_trials``) whole schedules, no rung inside the configured warm-up; then raised to
+    ``first_rung_frac`` of that longest schedule when set (the same settings object when nothing changes)."""
     es = settings.tune.early_stop
-    if es.min_resource != "auto":
+    if es.min_resource != "auto" and es.first_rung_frac is None:
         return settings
     knob = space.get("train.max_steps", settings.train.max_steps)
     longest = int(knob.high) if isinstance(knob, Knob) else int(knob)
-    first = auto_min_resource(longest, es.budget_trials or settings.tune.n_trials, es.reduction_factor,
-                              math.ceil(settings.train.warmup_frac * longest))
+    first = es.min_resource if es.min_resource != "auto" else auto_min_resource(
+        longest, es.budget_trials or settings.tune.n_trials, es.reduction_factor,
+        math.ceil(settings.train.warmup_frac * longest))
+    if es.first_rung_frac is not None:  # no earlier than that share of the longest schedule
+        first = max(first, math.ceil(es.first_rung_frac * longest))
+    if first == es.min_resource:
+        return settings
     tune = settings.tune.model_copy(update={"early_stop": es.model_copy(update={"min_resource": first})})
     return settings.model_copy(update={"tune": tune})
 
@@ -104,7 +110,7 @@ class Objective:
         self.trials_dir, self.cache_dir = tune_dir / "trials", tune_dir / "cache"
         es = settings.tune.early_stop
         self.rule = ParetoHalving(tuple(directions), es.reduction_factor, es.min_resource,
-                                  es.warmup_trials, es.extrapolate) if es.enabled else None
+                                  es.warmup_trials, es.extrapolate, es.portfolio_grace) if es.enabled else None
 
     def __call__(self, trial) -> tuple[float, ...]:
         """Run one trial; a failure records why (``error``), an interruption that it was one (``interrupted``:

@@ -176,6 +176,51 @@ def test_the_ablation_verdict_needs_wins_at_2b_and_4b_without_losing_hypervolume
     assert earns.rows[0][3:5] == ["— / —", "0.8 / 0.6"] and len(earns.rows) == 3
 
 
+def test_pairs_where_the_two_tie_count_for_neither_side_of_the_verdict():
+    from bench._heldout_report import ablation_table
+
+    better = knobbed_pair([(15.0, 0.6, (0.6, 1.0, 1.0)), (25.0, 0.5, (0.5, 1.0, 1.0))])
+    tie = knobbed_pair([(12.0, 0.8, (0.8, 2.0, 2.0)), (30.0, 0.7, (0.7, 2.0, 2.0))])  # the priors' own trials
+
+    table = ablation_table([better, tie], "train-knobs")
+
+    assert "knobs earn their place" in table.notes[0]  # better on 1, worse on none, hypervolume kept on both
+    assert "1/1/0 at 2B, 1/1/0 at 4B" in table.notes[0]
+
+
+def test_the_first_rung_ablation_moves_only_the_priors_method_s_first_rung_back(tmp_path):
+    from bench._heldout import ABLATIONS, SPECS
+
+    method, added, changed = ABLATIONS["early-first-rung"]
+    plain, early = (method_settings(POOL["friedman1"], 0, tmp_path, m).tune for m in ("AutoGLM with priors", method))
+
+    assert plain.early_stop.first_rung_frac == 1 / 9 and not added  # the default
+    assert early.early_stop.first_rung_frac is None is changed["early_stop"]["first_rung_frac"]
+    assert early.early_stop.enabled and early.early_stop.min_resource == plain.early_stop.min_resource == 250
+    assert early.model_dump(exclude={"early_stop"}) == plain.model_dump(exclude={"early_stop"})
+    assert SPECS[method] == METHODS["AutoGLM with priors"] and method not in METHODS
+
+
+def test_the_baselines_keep_the_pool_s_evaluation_grid_whatever_tune_s_first_rung(tmp_path):
+    for method in ("random search", "TPE", "TPE + Hyperband"):
+        assert method_settings(POOL["digits"], 0, tmp_path, method).tune.early_stop.first_rung_frac is None
+    assert method_settings(POOL["digits"], 0, tmp_path, "AutoGLM cold").tune.early_stop.first_rung_frac == 1 / 9
+
+
+@pytest.mark.parametrize("name", ["portfolio-grace", "early-first-rung"])
+def test_each_rung_and_share_ablation_changes_only_its_own_settings(name, tmp_path):
+    from bench._heldout import ABLATIONS
+
+    method, _, changed = ABLATIONS[name]
+    plain, twin = (method_settings(POOL["digits"], 0, tmp_path, m).tune for m in ("AutoGLM with priors", method))
+    rungs = changed.get("early_stop", {})
+
+    assert twin.early_stop.model_dump(exclude=set(rungs)) == plain.early_stop.model_dump(exclude=set(rungs))
+    assert all(getattr(twin.early_stop, k) == v != getattr(plain.early_stop, k) for k, v in rungs.items())
+    assert twin.model_dump(exclude={"early_stop", *changed}) == plain.model_dump(exclude={"early_stop", *changed})
+    assert all(getattr(twin, k) == v for k, v in changed.items() if k != "early_stop")
+
+
 def test_an_unknown_ablation_is_refused_before_anything_runs():
     from bench.tune import run
 

@@ -164,6 +164,22 @@ def test_auto_min_resource_is_resolved_from_the_space_s_longest_schedule():
     assert math.isclose(settings.tune.early_stop.budget_trials, 3)
 
 
+def test_first_rung_frac_raises_the_first_rung_to_its_share_of_the_longest_schedule():
+    from autoglm.tasks.digits import DigitsTask
+
+    space = build_space(DigitsTask(), "training", {"train.max_steps": {"high": 900}})
+    late = load_settings(None, ["tune.early_stop.min_resource=50", "tune.early_stop.first_rung_frac=0.2"])
+    early = load_settings(None, ["tune.early_stop.min_resource=300", "tune.early_stop.first_rung_frac=0.2"])
+    auto = load_settings(None, ["tune.early_stop.min_resource='auto'", "tune.early_stop.budget_trials=3",
+                                "train.warmup_frac=0.0", "tune.early_stop.first_rung_frac=0.25"])
+
+    assert with_first_rung(late, space).tune.early_stop.min_resource == 180  # 0.2 x 900
+    assert with_first_rung(early, space) is early  # already later than that share: unchanged
+    assert with_first_rung(auto, space).tune.early_stop.min_resource == 225  # the budget's 100, raised to 900 / 4
+    with pytest.raises(ValueError, match="first_rung_frac"):
+        load_settings(None, ["tune.early_stop.first_rung_frac=1.5"])
+
+
 def test_a_tiny_study_runs_with_extrapolation_and_rungs_from_the_budget(tmp_path):
     from tests.tune import _tiny
     from tune.stage import run_study

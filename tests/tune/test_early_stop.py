@@ -221,3 +221,32 @@ def test_a_trial_proposed_for_the_metric_is_judged_on_the_metric_alone():
     judged = [RungCallback(rule(TWO), study, t, ["metric", "latency"], {"latency": 3.0}, max_steps=100)(10, 0.9)
               for t in (plain, proposed)]
     assert judged == [True, False]  # stopped / kept
+
+
+def test_a_portfolio_entry_passes_its_grace_rungs_unjudged_but_recorded():
+    """Behind a faster, cheaper rival at the first two rungs (a lower learning rate): stopped at the first one as a
+    drawn trial, or with no grace; with a grace of two rungs it reaches the third, where it is judged again."""
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    rival = study.ask()
+    for rung, value in ((10, 0.8), (30, 0.85), (90, 0.86)):
+        attrs.rung(rung).set(rival, [value, 1.0])
+    study.tell(rival, [0.86, 1.0])
+
+    def run(grace, entry):
+        trial = study.ask()
+        if entry:
+            attrs.PORTFOLIO.set(trial, 0)
+        hook = RungCallback(rule(TWO, warmup_trials=1, portfolio_grace=grace), study, trial, ["metric", "latency"],
+                            {"latency": 2.0}, max_steps=100)
+        stops = []
+        for step, value in ((10, 0.5), (30, 0.7), (90, 0.8)):
+            stops.append(hook(step, value))
+            if stops[-1]:  # the training loop ends there
+                break
+        return stops, trial
+
+    (drawn, _), (ungraced, _), (graced, trial) = run(2, False), run(0, True), run(2, True)
+
+    assert drawn == ungraced == [True]  # dominated at the first rung: stopped there
+    assert graced == [False, False, True]  # two rungs of grace, then dominated at the third: stopped
+    assert study.trials[trial.number].user_attrs["rung_10"] == [0.5, 2.0]  # recorded for the others
