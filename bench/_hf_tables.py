@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from bench._hf_profile import last_level_cache_bytes, profile_table_rows
@@ -34,7 +36,7 @@ def ceiling_table(ceiling_rows: list[list], bandwidths: dict[str, float]) -> Tab
 
 def tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> list[Table]:
     speed_rows, goal_rows, ceiling_rows, profile_rows, spinning_rows, round_rows = [], [], [], [], [], []
-    errors = []
+    errors, loads = [], []
     for label, shape in shapes.items():
         rows = shape["rows"]
         for name, r in rows.items():
@@ -75,11 +77,14 @@ def tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> l
         rounds = shape["rounds_32"]
         round_rows += [[label, name, *(r[name] for r in rounds), rows[name]["tokens_per_s"]["32"]] for name in rounds[0]]
         errors.append(f"{label}: {served.get('errors', 0)}")
+        loads.append(f"{label}: {shape['load'][0]:.1f} / {shape['load'][1]:.1f}")
     notes = ["64-token prompts, 128 new tokens, greedy; every path uses all of the host's cores; the served path's "
              "load generator shares them", "decode graphs NAME-kv8: NAME weights with an int8 KV cache "
              "(compress.kv_cache); without the suffix the cache is fp32", "TTFT: at batch 1 (the served path: p50/p95 at the client of c = 1)",
              "peak RSS: the peer's own process; served: Triton with its python-backend stubs plus the gateway",
-             "@32: the median of alternating rounds (next table); served requests that failed: " + ", ".join(errors)]
+             "@32: the median of alternating rounds (next table); served requests that failed: " + ", ".join(errors),
+             f"the host's 1-min load average ({os.cpu_count()} cores) at the start / end of each model's figures: "
+             + "; ".join(loads) + " (other work on the cores falls unevenly on the paths: compare in quiet runs)"]
     n_rounds = max((len(shape["rounds_32"]) for shape in shapes.values()), default=0)
     return [Table("Decode speed at real sizes (random weights): tokens/s", [
                 "model", "path", "@1", "@8 (aggregate)", "@32 (aggregate)", "TTFT p50 ms", "TTFT p95 ms",

@@ -142,7 +142,7 @@ def _served(settings, prompt_texts: list[str], workdir: Path, duration: float, n
 def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quick: bool) -> dict:
     from autoglm.artifacts import RunDir
 
-    threads = os.cpu_count() or 1
+    threads, load_at_start = os.cpu_count() or 1, os.getloadavg()[0]
     model_dir = hf_models.save_checkpoint(workdir / family, family, config, text)
     text_file = workdir / "corpus.txt"
     text_file.write_text(text[: 200_000], encoding="utf-8")
@@ -210,6 +210,7 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
     for name in rounds[0]:  # each path's aggregate at 32: the median of its rounds
         rows[name]["tokens_per_s"]["32"] = float(np.median([r[name] for r in rounds]))
     return {"rows": rows, "ceilings": ceilings, "served_precision": report["precision"], "rounds_32": rounds,
+            "load": (load_at_start, os.getloadavg()[0]),
             "spinning": [[label, report["precision"], mode, t.get("1"), t.get("8"), t.get("32")]
                          for mode, t in spinning.items() if mode != "peak_rss_mb"]}
 

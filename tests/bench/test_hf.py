@@ -50,7 +50,7 @@ def test_the_tables_hold_every_shapes_rows_the_spinning_modes_the_rounds_and_wha
                "decode graphs int8-kv8, in process (no serving)": 790.0 + k,
                "decode graphs int8-kv8, in process, continuous batching (no serving)": 710.0 + k,
                "served :generate through the gateway (int8-kv8)": 630.0 + k} for k in (0, 20)]
-    shape = {"rows": rows, "served_precision": "int8-kv8", "rounds_32": rounds,
+    shape = {"rows": rows, "served_precision": "int8-kv8", "rounds_32": rounds, "load": (1.5, 2.25),
              "ceilings": [["M", "int8-kv8", 118.0, 12.0, 101.0, 80.0]],
              "spinning": [["M", "int8-kv8", mode, 80.0, 300.0, 600.0] for mode in ("off", "run", "on")]}
     tables = {t.title.split(":")[0]: t for t in _hf_tables.tables({"M": shape}, [], {"torch sum": 12e9})}
@@ -66,7 +66,8 @@ def test_the_tables_hold_every_shapes_rows_the_spinning_modes_the_rounds_and_wha
     at_32 = tables["Aggregate tokens/s at 32 concurrent requests, in alternating rounds"]
     assert at_32.columns[-3:] == ["round 1", "round 2", "median"]
     assert [r[2:] for r in at_32.rows][0] == [150.0, 170.0, 160.0]
-    assert "served requests that failed: M: 1" in tables["Decode speed at real sizes (random weights)"].notes[-1]
+    speed_notes = tables["Decode speed at real sizes (random weights)"].notes
+    assert "served requests that failed: M: 1" in speed_notes[-2] and "M: 1.5 / 2.2" in speed_notes[-1]
     spinning = next(t for title, t in tables.items() if title.startswith("The decode loop's ONNX Runtime pool"))
     assert [r[2] for r in spinning.rows] == ["off", "run", "on"]
     assert len(tables["Decode speed at real sizes (random weights)"].rows) == 4
