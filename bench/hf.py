@@ -181,7 +181,8 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
         ceilings.append([label, p, per_token / 2**20, bandwidth / 1e9, ceiling, engine["tokens_per_s"]["1"]])
         rows[f"decode graphs {p}, in process (no serving)"] = engine | {"_served": served}
         if served:
-            spinning = run_peer("spinning", workdir, prefill=str(graphs[0]), step=str(graphs[1]), **common)
+            spinning = run_peer("spinning", workdir, prefill=str(graphs[0]), step=str(graphs[1]),
+                                **{**common, "batches": list(CONCURRENCY)})
     from transformers import AutoTokenizer
 
     duration = 10.0 if quick else 30.0
