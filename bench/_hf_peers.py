@@ -21,6 +21,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _timed(generate, spec: dict) -> dict:
+    """A generator's figures: ``generate(batch, new)`` -> seconds, after a warm-up; tokens/s at each batch of
+    ``spec["batches"]`` (the best of ``repeats``) and, where batch 1 is measured, its time to a first token."""
+    generate(1, 4)  # warm-up
+    ttft = [generate(1, 1) * 1e3 for _ in range(spec["repeats"] if 1 in spec["batches"] else 0)]
+    rates = {str(b): max(b * spec["new_tokens"] / generate(b, spec["new_tokens"]) for _ in range(spec["repeats"]))
+             for b in spec["batches"]}
+    return {"tokens_per_s": rates, "ttft_ms": ttft}
+
+
 def _transformers_peer(spec: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -38,11 +48,7 @@ def _transformers_peer(spec: dict) -> dict:
         assert out.shape[1] == ids.shape[1] + new
         return time.perf_counter() - started
 
-    generate(1, 4)  # warm-up
-    ttft = [generate(1, 1) * 1e3 for _ in range(spec["repeats"] if 1 in spec["batches"] else 0)]
-    rates = {str(b): max(b * spec["new_tokens"] / generate(b, spec["new_tokens"]) for _ in range(spec["repeats"]))
-             for b in spec["batches"]}
-    return {"tokens_per_s": rates, "ttft_ms": ttft}
+    return _timed(generate, spec)
 
 
 def _genai_peer(spec: dict) -> dict:
@@ -62,11 +68,7 @@ def _genai_peer(spec: dict) -> dict:
             generator.generate_next_token()
         return time.perf_counter() - started
 
-    generate(1, 4)
-    ttft = [generate(1, 1) * 1e3 for _ in range(spec["repeats"] if 1 in spec["batches"] else 0)]
-    rates = {str(b): max(b * spec["new_tokens"] / generate(b, spec["new_tokens"]) for _ in range(spec["repeats"]))
-             for b in spec["batches"]}
-    return {"tokens_per_s": rates, "ttft_ms": ttft}
+    return _timed(generate, spec)
 
 
 def _engine_peer(spec: dict) -> dict:

@@ -34,6 +34,11 @@ def ceiling_table(ceiling_rows: list[list], bandwidths: dict[str, float]) -> Tab
                   "measured tokens/s @1", "of ceiling"], [[*r, of_ceiling(r[5], r[4])] for r in ceiling_rows], notes)
 
 
+def engine_row(precision: str, continuous: bool = False) -> str:
+    """The speed table's row of decode graphs ``precision`` run in process (a static batch, or continuous)."""
+    return f"decode graphs {precision}, in process{', continuous batching' if continuous else ''} (no serving)"
+
+
 def tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> list[Table]:
     speed_rows, goal_rows, ceiling_rows, profile_rows, spinning_rows, round_rows = [], [], [], [], [], []
     errors, loads = [], []
@@ -59,8 +64,8 @@ def tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> l
                 g = r["tokens_per_s"]
                 goal_rows += [[label, f"served / {name}, @1", ratio(st["1"], g["1"]), "≥ 1× (match)"],
                               [label, f"served / {name}, aggregate @32", ratio(st["32"], g["32"]), "≥ 2×"]]
-        alone = rows[f"decode graphs {shape['served_precision']}, in process (no serving)"]["tokens_per_s"]
-        continuous = rows[f"decode graphs {shape['served_precision']}, in process, continuous batching (no serving)"]
+        alone = rows[engine_row(shape["served_precision"])]["tokens_per_s"]
+        continuous = rows[engine_row(shape["served_precision"], continuous=True)]
         goal_rows += [[label, "served @1 / the same graphs in process @1 (what serving costs per token)",
                        ratio(st["1"], alone["1"]), "—"],
                       [label, "served @32 / the same graphs in process, continuous batching @32 (what serving "
@@ -75,12 +80,14 @@ def tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> l
         ceiling_rows += shape["ceilings"]
         spinning_rows += shape["spinning"]
         rounds = shape["rounds_32"]
-        round_rows += [[label, name, *(r[name] for r in rounds), rows[name]["tokens_per_s"]["32"]] for name in rounds[0]]
+        round_rows += [[label, name, *(r[name] for r in rounds), rows[name]["tokens_per_s"]["32"]]
+                       for name in rounds[0]]
         errors.append(f"{label}: {served.get('errors', 0)}")
         loads.append(f"{label}: {shape['load'][0]:.1f} / {shape['load'][1]:.1f}")
     notes = ["64-token prompts, 128 new tokens, greedy; every path uses all of the host's cores; the served path's "
              "load generator shares them", "decode graphs NAME-kv8: NAME weights with an int8 KV cache "
-             "(compress.kv_cache); without the suffix the cache is fp32", "TTFT: at batch 1 (the served path: p50/p95 at the client of c = 1)",
+             "(compress.kv_cache); without the suffix the cache is fp32",
+             "TTFT: at batch 1 (the served path: p50/p95 at the client of c = 1)",
              "peak RSS: the peer's own process; served: Triton with its python-backend stubs plus the gateway",
              "@32: the median of alternating rounds (next table); served requests that failed: " + ", ".join(errors),
              f"the host's 1-min load average ({os.cpu_count()} cores) at the start / end of each model's figures: "
@@ -102,7 +109,8 @@ def tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> l
                   ["model", "decode graphs", "part", "ms per step", "share"], profile_rows,
                   ["ONNX Runtime's per-node profile of 16 steps of the step graph, 32 sequences live, ending at "
                    "the middle of their generation (64-token prompts + 64 of 128 new tokens), all cores; "
-                   "profiling adds to 'between kernels'", "a step reads its weights once for the whole batch, but each live sequence's keys and "
+                   "profiling adds to 'between kernels'",
+                   "a step reads its weights once for the whole batch, but each live sequence's keys and "
                    "values (every layer, every cached position) for itself"]),
             Table("The decode loop's ONNX Runtime pool: how idle threads wait (compress.generate.intra_op_spinning), "
                   "in process, tokens/s", ["model", "decode graphs", "spinning", "@1", "@8 (aggregate)",

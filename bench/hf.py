@@ -33,7 +33,7 @@ import numpy as np
 from bench import _hf_models as hf_models
 from bench._hf_peers import run_peer
 from bench._hf_profile import bytes_read_per_token, read_bandwidth
-from bench._hf_tables import tables
+from bench._hf_tables import engine_row, tables
 from bench.harness import Table
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is 2-10x slower here
@@ -155,9 +155,8 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
     for precision in ("int4", "int8"):
         built = build_genai(model_dir, workdir / f"genai-{family}-{precision}", precision, threads)
         if built is not None:
-            genai[f"onnxruntime-genai {precision} (model builder + generator, static batch)"] = built
-            rows[f"onnxruntime-genai {precision} (model builder + generator, static batch)"] = run_peer(
-                "genai", workdir, model_dir=str(built), **common)
+            name = f"onnxruntime-genai {precision} (model builder + generator, static batch)"
+            genai[name], rows[name] = built, run_peer("genai", workdir, model_dir=str(built), **common)
     settings = _pipeline(model_dir, text_file, workdir, f"bench-{family}", steps=1, eval_batches=1)
     decode_dir = RunDir(settings.run.root, settings.run.name).stage_dir("compress") / "decode"
     report = json.loads((decode_dir / "decode.json").read_text())
@@ -179,7 +178,7 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
         per_token = bytes_read_per_token(graphs[1])
         ceiling = bandwidth / per_token
         ceilings.append([label, p, per_token / 2**20, bandwidth / 1e9, ceiling, engine["tokens_per_s"]["1"]])
-        rows[f"decode graphs {p}, in process (no serving)"] = engine | {"_served": served}
+        rows[engine_row(p)] = engine | {"_served": served}
         if served:
             spinning = run_peer("spinning", workdir, prefill=str(graphs[0]), step=str(graphs[1]),
                                 **{**common, "batches": list(CONCURRENCY)})
@@ -187,16 +186,15 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
 
     duration = 10.0 if quick else 30.0
     served_graphs = decode_dir / report["precision"]
-    static, continuous = (f"decode graphs {report['precision']}, in process{how} (no serving)"
-                          for how in ("", ", continuous batching"))
+    static, continuous = engine_row(report["precision"]), engine_row(report["precision"], continuous=True)
     rows[continuous] = {"tokens_per_s": {}}
+    once_at_32 = {**common, "batches": [32], "repeats": 1}
 
     def others_at_32() -> dict[str, float]:
         at_32 = {TRANSFORMERS: run_peer("transformers", workdir, model_dir=str(model_dir),
-                                        **{**common, "batches": [32], "repeats": 1})["tokens_per_s"]["32"]}
+                                        **once_at_32)["tokens_per_s"]["32"]}
         for name, built in genai.items():
-            at_32[name] = run_peer("genai", workdir, model_dir=str(built),
-                                   **{**common, "batches": [32], "repeats": 1})["tokens_per_s"]["32"]
+            at_32[name] = run_peer("genai", workdir, model_dir=str(built), **once_at_32)["tokens_per_s"]["32"]
         batched = run_peer("batching", workdir, prefill=str(served_graphs / "prefill.onnx"),
                            step=str(served_graphs / "step.onnx"), prompts=ids, new_tokens=NEW_TOKENS,
                            threads=threads, clients=32, seconds=duration,
