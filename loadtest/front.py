@@ -46,7 +46,8 @@ def _objectives(row: dict[str, Any], with_energy: bool) -> tuple[float, ...]:
     return (*values, row["j_per_request"]) if with_energy else values
 
 
-def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Whether ``a`` is no worse than ``b`` in every (minimized) objective and better in one."""
     return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
 
 
@@ -62,7 +63,7 @@ def pareto_front(rows: Sequence[dict[str, Any]]) -> list[str]:
         ensure_comparable({"method": r["energy_method"]} for r in usable)
     objectives = {r["id"]: _objectives(r, with_energy) for r in usable}
     return [r["id"] for r in usable
-            if not any(_dominates(other, objectives[r["id"]]) for oid, other in objectives.items() if oid != r["id"])]
+            if not any(dominates(other, objectives[r["id"]]) for oid, other in objectives.items() if oid != r["id"])]
 
 
 def config_key(row: dict[str, Any]) -> tuple:

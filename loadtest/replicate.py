@@ -15,6 +15,8 @@ import json
 import statistics
 from typing import Any
 
+from loadtest.front import dominates
+
 
 def params_key(params: dict[str, Any]) -> str:
     """A config's identity across windows and studies: its trial parameters, order-free."""
@@ -50,9 +52,8 @@ def front(configs: list[dict[str, Any]], capacity: str, energy: str) -> list[dic
     """The feasible configs no other feasible config dominates on (``capacity`` ↑, ``energy`` ↓), highest
     capacity first."""
     feasible = [c for c in configs if c.get("feasible") and c[capacity] > 0 and c.get(energy) is not None]
-    kept = [c for c in feasible if not any(
-        o[capacity] >= c[capacity] and o[energy] <= c[energy] and (o[capacity], o[energy]) != (c[capacity], c[energy])
-        for o in feasible)]
+    point = {id(c): (-c[capacity], c[energy]) for c in feasible}  # both minimized
+    kept = [c for c in feasible if not any(dominates(point[id(o)], point[id(c)]) for o in feasible)]
     return sorted(kept, key=lambda c: c[capacity], reverse=True)
 
 

@@ -7,11 +7,11 @@ within the SLO (max) and J/request (min), or for the generation model (:mod:`loa
 per instance and J/token; the SLO's limits are Optuna constraints (``trial.set_constraint``, which
 replaces the ``constraints_func`` Optuna 5 deprecates; every sampler reads them). The first trial is
 the baseline, the config Triton serves now. The study lives in a journal file: a rerun continues it up to
-``n_trials`` and ``optuna-dashboard <journal>`` shows it. A Bayesian study spends some of its windows
-re-measuring the configs on its front (:mod:`loadtest.replicate`), and a config's value is the mean of its
-windows. After the trials, the best feasible configs by those means (:func:`loadtest.front.ranked`) are
-measured again in a longer steady window at their capacity concurrency: the best of them that holds the SLO
-is the verified config.
+``n_trials`` and ``optuna-dashboard <journal>`` shows it. With ``loadtest.tune.replicates`` > 1 (opt-in) a
+Bayesian study spends some of its windows re-measuring the configs on its front (:mod:`loadtest.replicate`);
+either way a config's value is the mean of its windows. After the trials, the best feasible configs by those
+means (:func:`loadtest.front.ranked`) are measured again in a longer steady window at their capacity
+concurrency: the best of them that holds the SLO is the verified config.
 """
 
 from __future__ import annotations
@@ -222,9 +222,9 @@ def verify(live: LiveModels, rows: list[dict[str, Any]], window: Window, seconds
            out_dir: Path, progress: Callable[[str], None] | None = None,
            space: Space | type[TuneSpace] = TuneSpace) -> tuple[dict | None, list[dict]]:
     """Measure the ``candidates`` best feasible configs (by the mean of their windows) again, each in a steady
-    ``seconds`` window at its capacity concurrency; of those that hold the SLO, the best by verified capacity (:func:`loadtest.front.ranked`) is
-    returned with every attempt. A study's best window is partly its luck on a shared host: the longer windows,
-    side by side, decide among the finalists."""
+    ``seconds`` window at its capacity concurrency; of those that hold the SLO, the best by verified capacity
+    (:func:`loadtest.front.ranked`) is returned with every attempt. A study's best window is partly its luck on
+    a shared host: the longer windows, side by side, decide among the finalists."""
     show = progress or (lambda line: None)
     order = {"capacity": space.objective_key, "energy": space.energy_key}
     finalists: dict[ServingConfig, dict[str, Any]] = {}

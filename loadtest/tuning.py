@@ -18,9 +18,9 @@ from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
 from loadtest.control import LiveModels, ModelControl, model_parameters, serving_knobs
 from loadtest.front import CONFIG_FIELDS
-from loadtest.replicate import config_means, front
 from loadtest.generate_space import GenerateSpace, StreamSlo
 from loadtest.latency import Slo
+from loadtest.replicate import config_means, front
 from loadtest.space import TuneSpace, baseline_params
 from loadtest.study import (JOURNAL, Objective, Space, Window, make_sampler, open_study, replicates_of, run_study,
                             trial_rows, users_ladder, verify)
@@ -143,9 +143,11 @@ def tune_run(run: RunDir, writer: StageWriter, settings: Settings, task_info: di
     parts = {"study": {"journal": str(journal.relative_to(writer.dir)), "name": name, "sampler": tune.sampler,
                        "seed": tune.seed, "trials": len(study.trials), "measured": len(rows), "ran_now": ran,
                        "space": space.describe(), "ladder": steps, "step_s": tune.step_s,
-                       "replicates": replicates_of(tune), "front": _front(rows, space), "objectives": [space.objective_key, space.energy_key],
+                       "replicates": replicates_of(tune), "front": _front(rows, space),
+                       "objectives": [space.objective_key, space.energy_key],
                        "slo": {k: v for k, v in vars(slo).items() if v != float("inf")}},
-             "trials": rows, "configs": _config_rows(rows, space), "baseline": base_row, "verification": attempts, "verified": verified,
+             "trials": rows, "configs": _config_rows(rows, space), "baseline": base_row, "verification": attempts,
+             "verified": verified,
              "capacity_record": capacity_record(settings, live_config)}
     return parts
 
