@@ -41,6 +41,7 @@ def engine_row(precision: str, continuous: bool = False) -> str:
 
 def tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> list[Table]:
     speed_rows, goal_rows, ceiling_rows, profile_rows, spinning_rows, round_rows = [], [], [], [], [], []
+    n_rounds = max((len(r) for shape in shapes.values() for r in shape["rounds"].values()), default=0)
     errors, loads = [], []
     for label, shape in shapes.items():
         rows = shape["rows"]
@@ -79,9 +80,9 @@ def tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> l
                           of_ceiling(st["1"], served_ceiling), "≥ 50%"])
         ceiling_rows += shape["ceilings"]
         spinning_rows += shape["spinning"]
-        rounds = shape["rounds_32"]
-        round_rows += [[label, name, *(r[name] for r in rounds), rows[name]["tokens_per_s"]["32"]]
-                       for name in rounds[0]]
+        for c, rounds in shape["rounds"].items():
+            round_rows += [[label, name, c, *(r[name] for r in rounds), *[None] * (n_rounds - len(rounds)),
+                            rows[name]["tokens_per_s"][str(c)]] for name in rounds[0]]
         errors.append(f"{label}: {served.get('errors', 0)}")
         loads.append(f"{label}: {shape['load'][0]:.1f} / {shape['load'][1]:.1f}")
     notes = ["64-token prompts, 128 new tokens, greedy; every path uses all of the host's cores; the served path's "
@@ -89,23 +90,25 @@ def tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> l
              "(compress.kv_cache); without the suffix the cache is fp32",
              "TTFT: at batch 1 (the served path: p50/p95 at the client of c = 1)",
              "peak RSS: the peer's own process; served: Triton with its python-backend stubs plus the gateway",
-             "@32: the median of alternating rounds (next table); served requests that failed: " + ", ".join(errors),
+             "@1 and @32: the median of alternating rounds (next table) where a path has them; the ceiling table's "
+             "@1 is a figure of its own, measured right after its bandwidth; served requests that failed: "
+             + ", ".join(errors),
              f"the host's 1-min load average ({os.cpu_count()} cores) at the start / end of each model's figures: "
              + "; ".join(loads) + " (other work on the cores falls unevenly on the paths: compare in quiet runs)"]
-    n_rounds = max((len(shape["rounds_32"]) for shape in shapes.values()), default=0)
     return [Table("Decode speed at real sizes (random weights): tokens/s", [
                 "model", "path", "@1", "@8 (aggregate)", "@32 (aggregate)", "TTFT p50 ms", "TTFT p95 ms",
                 "peak RSS MiB"], speed_rows, notes),
             Table("Goals", ["model", "comparison", "value", "goal"], goal_rows),
-            Table("Aggregate tokens/s at 32 concurrent requests, in alternating rounds",
-                  ["model", "path", *(f"round {i + 1}" for i in range(n_rounds)), "median"], round_rows,
-                  ["each round runs every path once at 32, one after another (the served stack idles while the "
-                   "others run): a shared host's load falls on all alike", "static batch: 32 copies of a prompt "
+            Table("Tokens/s at 1 and 32 concurrent requests, in alternating rounds",
+                  ["model", "path", "concurrent requests", *(f"round {i + 1}" for i in range(n_rounds)), "median"],
+                  round_rows,
+                  ["each round runs every path once at 1 (or at 32), one after another (the served stack idles while "
+                   "the others run): a shared host's load falls on all alike", "static batch: 32 copies of a prompt "
                    "joined at once, ending together (as the peers batch); continuous batching: each sequence "
                    "replaced by the next prompt as it ends, encoded while the others step (as the served model does)"]),
             ceiling_table(ceiling_rows, bandwidths),
-            Table("Where a batched decode step's time goes (the served graphs, and their weights with an fp32 KV cache, "
-                  "in process)",
+            Table("Where a batched decode step's time goes (the served graphs, and their weights with an fp32 KV "
+                  "cache, in process)",
                   ["model", "decode graphs", "part", "ms per step", "share"], profile_rows,
                   ["ONNX Runtime's per-node profile of 16 steps of the step graph, 32 sequences live, ending at "
                    "the middle of their generation (64-token prompts + 64 of 128 new tokens), all cores; "

@@ -39,7 +39,9 @@ from bench.harness import Table
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: busy-waiting OpenMP is 2-10x slower here
 PROMPT_TOKENS, NEW_TOKENS = 64, 128
 CONCURRENCY = (1, 8, 32)
-ROUNDS_AT_32 = {True: 2, False: 3}  # quick, full: alternating rounds behind each path's aggregate at 32
+# quick, full: alternating rounds behind each path's figure at 1 and its aggregate at 32 (a 128-token generation at
+# batch 1 takes about a second, and one such figure on a shared host can be off by half)
+ROUNDS = {True: {1: 3, 32: 2}, False: {1: 5, 32: 3}}
 TRANSFORMERS = "transformers generate() (torch eager, KV cache, padded batch)"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,10 +105,12 @@ class RssSampler(threading.Thread):
 
 
 def _served(settings, prompt_texts: list[str], workdir: Path, duration: float, name: str,
-            others_at_32: Callable[[], dict[str, float]], rounds: int) -> tuple[dict, list[dict[str, float]]]:
-    """The served path at 1 and 8 concurrent requests, then ``rounds`` alternating rounds at 32: each round runs
-    every other path at 32 (``others_at_32()``, while the served stack idles), then the served one as ``name``.
-    A shared host's load moves during a run; alternating lets it fall on every path's figure at 32 alike."""
+            others_at: Callable[[int], dict[str, float]], rounds: dict[int, int]) -> tuple[dict, dict]:
+    """The served path at 8 concurrent requests, then alternating rounds at 1 and 32 (``rounds``: how many at
+    each): a round at c runs every other path at c (``others_at(c)``, while the served stack idles), then the
+    served one as ``name``. A shared host's load moves during a run; alternating lets it fall on every path's
+    figure alike. Returns the served row (its figures at 1 and 32 the medians of its rounds) and each
+    concurrency's rounds."""
     from bench.generate import _load
     from serve import GatewaySettings, on_free_ports, start_serving
 
@@ -123,19 +127,24 @@ def _served(settings, prompt_texts: list[str], workdir: Path, duration: float, n
         def load(concurrency: int) -> dict:
             return _load(url, bodies, concurrency, duration, pids, workdir, new_tokens=NEW_TOKENS, exact=False)
 
-        results, at_32 = {c: load(c) for c in CONCURRENCY if c != 32}, []
-        errors = sum(r["errors"] for r in results.values())
-        for _ in range(rounds):
-            others = others_at_32()
-            results[32] = load(32)
-            at_32.append(others | {name: results[32]["tokens_per_s"]})
-            errors += results[32]["errors"]
+        results = {c: [load(c)] for c in CONCURRENCY if c not in rounds}
+        results |= {c: [] for c in rounds}
+        by_round: dict[int, list[dict[str, float]]] = {c: [] for c in rounds}
+        for k in range(max(rounds.values())):
+            for c in (c for c in rounds if k < rounds[c]):
+                others = others_at(c)
+                results[c].append(load(c))
+                by_round[c].append(others | {name: results[c][-1]["tokens_per_s"]})
         sampler.done.set()
-    return {"tokens_per_s": {str(c): r["tokens_per_s"] for c, r in results.items()},
-            "ttft_p50": results[1]["ttft_p50"], "ttft_p95": results[1]["ttft_p95"],
-            "errors": errors,
-            "cpu_ms_per_token_1": results[1]["cpu_ms_per_token"],
-            "peak_rss_mb": sampler.peak_mb}, at_32
+
+    def median(c: int, key: str) -> float:
+        return float(np.median([r[key] for r in results[c]]))
+
+    return {"tokens_per_s": {str(c): median(c, "tokens_per_s") for c in results},
+            "ttft_p50": median(1, "ttft_p50"), "ttft_p95": median(1, "ttft_p95"),
+            "errors": sum(r["errors"] for rs in results.values() for r in rs),
+            "cpu_ms_per_token_1": median(1, "cpu_ms_per_token"),
+            "peak_rss_mb": sampler.peak_mb}, by_round
 
 
 # ---- one shape ----------------------------------------------------------------------------------------------
@@ -188,27 +197,29 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
     served_graphs = decode_dir / report["precision"]
     static, continuous = engine_row(report["precision"]), engine_row(report["precision"], continuous=True)
     rows[continuous] = {"tokens_per_s": {}}
-    once_at_32 = {**common, "batches": [32], "repeats": 1}
+    once = {**common, "repeats": 1}
 
-    def others_at_32() -> dict[str, float]:
-        at_32 = {TRANSFORMERS: run_peer("transformers", workdir, model_dir=str(model_dir),
-                                        **once_at_32)["tokens_per_s"]["32"]}
+    def others_at(c: int) -> dict[str, float]:
+        """Every path but the served one at ``c`` (1 or 32), once."""
+        out = {TRANSFORMERS: run_peer("transformers", workdir, model_dir=str(model_dir), **once | {"batches": [c]})}
         for name, built in genai.items():
-            at_32[name] = run_peer("genai", workdir, model_dir=str(built), **once_at_32)["tokens_per_s"]["32"]
-        batched = run_peer("batching", workdir, prefill=str(served_graphs / "prefill.onnx"),
-                           step=str(served_graphs / "step.onnx"), prompts=ids, new_tokens=NEW_TOKENS,
-                           threads=threads, clients=32, seconds=duration,
-                           prefill_chunk=settings.compress.generate.prefill_chunk)
-        return at_32 | {static: batched["static"], continuous: batched["continuous"]}
+            out[name] = run_peer("genai", workdir, model_dir=str(built), **once | {"batches": [c]})
+        out = {name: r["tokens_per_s"][str(c)] for name, r in out.items()}
+        graphs = {"prefill": str(served_graphs / "prefill.onnx"), "step": str(served_graphs / "step.onnx")}
+        if c == 1:
+            return out | {static: run_peer("engine", workdir, **graphs, **once | {"batches": [1]})["tokens_per_s"]["1"]}
+        batched = run_peer("batching", workdir, **graphs, prompts=ids, new_tokens=NEW_TOKENS, threads=threads,
+                           clients=c, seconds=duration, prefill_chunk=settings.compress.generate.prefill_chunk)
+        return out | {static: batched["static"], continuous: batched["continuous"]}
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [tokenizer.decode(p, skip_special_tokens=True) for p in ids]
     served_name = f"served :generate through the gateway ({report['precision']})"
-    rows[served_name], rounds = _served(settings, texts, workdir, duration, served_name, others_at_32,
-                                        ROUNDS_AT_32[quick])
-    for name in rounds[0]:  # each path's aggregate at 32: the median of its rounds
-        rows[name]["tokens_per_s"]["32"] = float(np.median([r[name] for r in rounds]))
-    return {"rows": rows, "ceilings": ceilings, "served_precision": report["precision"], "rounds_32": rounds,
+    rows[served_name], rounds = _served(settings, texts, workdir, duration, served_name, others_at, ROUNDS[quick])
+    for c, by_round in rounds.items():  # each path's figure at 1 and at 32: the median of its rounds
+        for name in by_round[0]:
+            rows[name]["tokens_per_s"][str(c)] = float(np.median([r[name] for r in by_round]))
+    return {"rows": rows, "ceilings": ceilings, "served_precision": report["precision"], "rounds": rounds,
             "load": (load_at_start, os.getloadavg()[0]),
             "spinning": [[label, report["precision"], mode, t.get("1"), t.get("8"), t.get("32")]
                          for mode, t in spinning.items() if mode != "peak_rss_mb"]}

@@ -46,11 +46,14 @@ def test_the_tables_hold_every_shapes_rows_the_spinning_modes_the_rounds_and_wha
             "served :generate through the gateway (int8-kv8)": rates(60.0, 300.0, 640.0) | {
                 "ttft_p50": 40.0, "ttft_p95": 45.0, "peak_rss_mb": 2000.0, "cpu_ms_per_token_1": 30.5,
                 "errors": 1}}
-    rounds = [{"transformers generate() (torch eager, KV cache, padded batch)": 150.0 + k,
-               "decode graphs int8-kv8, in process (no serving)": 790.0 + k,
-               "decode graphs int8-kv8, in process, continuous batching (no serving)": 710.0 + k,
-               "served :generate through the gateway (int8-kv8)": 630.0 + k} for k in (0, 20)]
-    shape = {"rows": rows, "served_precision": "int8-kv8", "rounds_32": rounds, "load": (1.5, 2.25),
+    rounds = {32: [{"transformers generate() (torch eager, KV cache, padded batch)": 150.0 + k,
+                    "decode graphs int8-kv8, in process (no serving)": 790.0 + k,
+                    "decode graphs int8-kv8, in process, continuous batching (no serving)": 710.0 + k,
+                    "served :generate through the gateway (int8-kv8)": 630.0 + k} for k in (0, 20)],
+              1: [{"transformers generate() (torch eager, KV cache, padded batch)": 20.0 + k,
+                   "decode graphs int8-kv8, in process (no serving)": 80.0 + k,
+                   "served :generate through the gateway (int8-kv8)": 60.0 + k} for k in (-5, 0, 5)]}
+    shape = {"rows": rows, "served_precision": "int8-kv8", "rounds": rounds, "load": (1.5, 2.25),
              "ceilings": [["M", "int8-kv8", 118.0, 12.0, 101.0, 80.0]],
              "spinning": [["M", "int8-kv8", mode, 80.0, 300.0, 600.0] for mode in ("off", "run", "on")]}
     tables = {t.title.split(":")[0]: t for t in _hf_tables.tables({"M": shape}, [], {"torch sum": 12e9})}
@@ -63,9 +66,12 @@ def test_the_tables_hold_every_shapes_rows_the_spinning_modes_the_rounds_and_wha
     assert goals["served @32 / the same graphs in process, continuous batching @32 (what serving costs at 32)"] == \
         "0.89×"
     assert goals["in process @32: continuous batching / a static batch (what joining at any time costs)"] == "0.90×"
-    at_32 = tables["Aggregate tokens/s at 32 concurrent requests, in alternating rounds"]
-    assert at_32.columns[-3:] == ["round 1", "round 2", "median"]
-    assert [r[2:] for r in at_32.rows][0] == [150.0, 170.0, 160.0]
+    in_rounds = tables["Tokens/s at 1 and 32 concurrent requests, in alternating rounds"]
+    assert in_rounds.columns[-4:] == ["round 1", "round 2", "round 3", "median"]
+    by_path = {(r[1], r[2]): r[3:] for r in in_rounds.rows}
+    assert by_path["transformers generate() (torch eager, KV cache, padded batch)", 32] == [150.0, 170.0, None, 160.0]
+    assert by_path["served :generate through the gateway (int8-kv8)", 1] == [55.0, 60.0, 65.0, 60.0]
+    assert len(in_rounds.rows) == 7
     speed_notes = tables["Decode speed at real sizes (random weights)"].notes
     assert "served requests that failed: M: 1" in speed_notes[-2] and "M: 1.5 / 2.2" in speed_notes[-1]
     spinning = next(t for title, t in tables.items() if title.startswith("The decode loop's ONNX Runtime pool"))
