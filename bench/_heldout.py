@@ -59,7 +59,11 @@ ABLATIONS = {"train-knobs": (f"{PRIORS} + loop knobs", LOOP_KNOBS, {}),
                                   {"early_stop": {"first_rung_frac": None}}),
              # the portfolio's entries unjudged at the first rung (recorded there for the others): the entry that
              # ended best on Friedman #1 (a lower learning rate) was behind a rival until a third of its schedule
-             "portfolio-grace": (f"{PRIORS} + portfolio grace", {}, {"early_stop": {"portfolio_grace": 1}})}
+             "portfolio-grace": (f"{PRIORS} + portfolio grace", {}, {"early_stop": {"portfolio_grace": 1}}),
+             # 2 trials drawn at random after the portfolio, not the pool's 3 (bench.pool.SHARED; the tuner's own
+             # default is max(4, 2 x objectives) = 6): the portfolio's 4 entries already spread over the space, and
+             # at 2B a study has finished about 7 to 15 trials, few of them proposed by the model
+             "short-startup": (f"{PRIORS}, 2 drawn start-up trials", {}, {"startup_trials": 2})}
 ADDED = {twin: added for twin, added, _ in ABLATIONS.values()}  # method -> the knobs it adds to PRIORS' space
 CHANGED = {twin: changed for twin, _, changed in ABLATIONS.values()}  # method -> the tune settings it changes
 SPECS = METHODS | dict.fromkeys(ADDED, METHODS[PRIORS])  # every method's (sampler, preset, stopping, portfolio)

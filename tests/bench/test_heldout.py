@@ -201,6 +201,20 @@ def test_the_first_rung_ablation_moves_only_the_priors_method_s_first_rung_back(
     assert SPECS[method] == METHODS["AutoGLM with priors"] and method not in METHODS
 
 
+def test_the_short_startup_ablation_changes_only_the_priors_method_s_drawn_startup(tmp_path):
+    from bench._heldout import ABLATIONS, SPECS
+    from tune.sampler import startup_of
+
+    method, added, changed = ABLATIONS["short-startup"]
+    plain, short = (method_settings(POOL["friedman1"], 0, tmp_path, m).tune for m in ("AutoGLM with priors", method))
+
+    assert not added and changed == {"startup_trials": 2}
+    assert startup_of(plain.sampler, len(plain.objectives), plain.startup_trials) == 3  # the pool's (bench.pool)
+    assert startup_of(short.sampler, len(short.objectives), short.startup_trials) == 2
+    assert short.model_dump(exclude={"startup_trials"}) == plain.model_dump(exclude={"startup_trials"})
+    assert SPECS[method] == METHODS["AutoGLM with priors"] and method not in METHODS
+
+
 def test_the_baselines_keep_the_pool_s_evaluation_grid_whatever_tune_s_first_rung(tmp_path):
     for method in ("random search", "TPE", "TPE + Hyperband"):
         assert method_settings(POOL["digits"], 0, tmp_path, method).tune.early_stop.first_rung_frac is None
