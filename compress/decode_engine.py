@@ -92,16 +92,19 @@ class DecodeEngine:
 
     Two ways to drive it: :meth:`submit` and :meth:`advance` (prefills may run in the background), or
     the synchronous :meth:`start_many` / :meth:`step` / :meth:`generate`, which wait for every prefill.
+    ``spinning`` (:data:`SPINNING`) sets how the step session's idle threads wait; the prefill session's
+    always sleep.
     """
 
     def __init__(self, prefill_path: str, step_path: str, max_sequences: int = 32, threads: int = 0,
                  prefill_thread: bool = False, prefill_chunk: int = 8, spinning: str = "off"):
-        options = session_options(threads, spinning)
         # the CPU on every host: the KV caches live in numpy between steps, and a GPU provider would copy every
         # layer's cache in and out on each step
         providers = ["CPUExecutionProvider"]
-        self.prefill = ort.InferenceSession(prefill_path, options, providers=providers)
-        self.step_session = ort.InferenceSession(step_path, options, providers=providers)
+        # ``spinning`` is the step's alone: prefills may run beside the steps (``prefill_thread``), and a second
+        # spinning pool on the same cores takes the cores the step's pool spins for (measured: bench/results)
+        self.prefill = ort.InferenceSession(prefill_path, session_options(threads, "off"), providers=providers)
+        self.step_session = ort.InferenceSession(step_path, session_options(threads, spinning), providers=providers)
         meta = self.prefill.get_modelmeta().custom_metadata_map
         self.context = int(meta["context"])
         self.vocab_size = int(meta["vocab_size"])

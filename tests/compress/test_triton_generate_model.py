@@ -247,7 +247,7 @@ def test_graphs_with_an_int8_cache_are_served_alike(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("mode, stop", [("run", "1"), ("off", "0")])
-def test_the_pool_spinning_setting_reaches_the_served_engines_sessions(tmp_path, monkeypatch, mode, stop):
+def test_the_pool_spinning_setting_reaches_the_served_step_session_only(tmp_path, monkeypatch, mode, stop):
     task, model = charlm()
     graphs = decode.write_graphs(task.decoder_weights(model), tmp_path / "fp32")
     settings = load_settings(None, [f"compress.generate.intra_op_spinning='{mode}'"])
@@ -255,9 +255,11 @@ def test_the_pool_spinning_setting_reaches_the_served_engines_sessions(tmp_path,
                                 decode.DecodeGraphs(graphs[0], graphs[1], "fp32", {}))
     m = load(tmp_path / "repo" / "python" / name, monkeypatch)
     try:
-        for session in (m.engine.prefill, m.engine.step_session):
-            options = session.get_session_options()
-            assert options.get_session_config_entry("session.intra_op.allow_spinning") == str(int(mode != "off"))
-            assert options.get_session_config_entry("session.force_spinning_stop") == stop
+        step = m.engine.step_session.get_session_options()
+        assert step.get_session_config_entry("session.intra_op.allow_spinning") == str(int(mode != "off"))
+        assert step.get_session_config_entry("session.force_spinning_stop") == stop
+        # prefills run beside the steps on their own thread: their pool never spins
+        prefill = m.engine.prefill.get_session_options()
+        assert prefill.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     finally:
         m.finalize()
