@@ -243,7 +243,13 @@ def _quality(text: str, workdir: Path, quick: bool) -> list[list]:
             for c in report["candidates"]]
 
 
-def run(quick: bool) -> list[Table]:
+def run(quick: bool, args: list[str] | None = None) -> list[Table]:
+    """The speed, ceiling and quality tables; ``--spinning [--shapes all]``: served spinning modes
+    (:mod:`bench._hf_spinning`)."""
+    if args:
+        from bench._hf_spinning import run as spinning
+
+        return spinning(quick, args)
     text = hf_models.corpus_text()
     bandwidths = read_bandwidth()
     shapes, quality = {}, []
