@@ -317,10 +317,11 @@ class GenerateSettings(Section):
     kv_cache: Literal["int8", "fp32"] = Field("int8", description="KV cache of the quantized graphs: int8 "
                                               "(per-channel scales; used where it too keeps the loss within "
                                               "max_metric_loss, else fp32) or fp32. FP32 graphs keep an fp32 cache")
-    intra_op_spinning: Literal["off", "run", "on"] = Field("off", description="how the decode step's idle ONNX "
+    intra_op_spinning: Literal["off", "run", "on"] = Field("run", description="how the decode step's idle ONNX "
                                                           "Runtime threads wait: off (sleep), run (spin within a "
                                                           "step, sleep after it), on (spin on after it too); "
-                                                          "prefills always sleep")
+                                                          "prefills always sleep. On a host busy with other "
+                                                          "work, try off")
 
 
 class CompressSettings(Section):

@@ -72,11 +72,13 @@ def _genai_peer(spec: dict) -> dict:
 
 
 def _engine_peer(spec: dict) -> dict:
-    """The served decode graphs in ONNX Runtime, no serving: batch b = b sequences stepped together."""
+    """The served decode graphs in ONNX Runtime, no serving: batch b = b sequences stepped together, the pool
+    waiting as the served one does (``spinning``)."""
     from compress.decode import decode_speeds
     from compress.decode_engine import DecodeEngine
 
-    engine = DecodeEngine(spec["prefill"], spec["step"], max(spec["batches"]), threads=spec["threads"])
+    engine = DecodeEngine(spec["prefill"], spec["step"], max(spec["batches"]), threads=spec["threads"],
+                          spinning=spec["spinning"])
     prompt = spec["prompts"][0]
     ttft = []
     for _ in range(spec["repeats"]):
@@ -117,7 +119,7 @@ def _batching_peer(spec: dict) -> dict:
 
     n = spec["clients"]
     engine = DecodeEngine(spec["prefill"], spec["step"], n, threads=spec["threads"], prefill_thread=True,
-                          prefill_chunk=spec["prefill_chunk"])
+                          prefill_chunk=spec["prefill_chunk"], spinning=spec["spinning"])
     try:
         static = decode_speeds({"e": engine}, spec["prompts"][0], spec["new_tokens"], batches=(n,), rounds=1)["e"][n]
         closed_loop_rate(engine, spec["prompts"], spec["new_tokens"], n, 1.0)  # warm-up: the joins' shapes

@@ -1,7 +1,7 @@
 """``bench hf --spinning``: served ``:generate`` with each way the decode step's ONNX Runtime pool waits.
 
-``compress.generate.intra_op_spinning`` decides whether the step's idle threads sleep (``off``, the default) or
-spin within a step (``run``) or after it too (``on``). A decode step runs a few kernels per layer, each split
+``compress.generate.intra_op_spinning`` decides whether the step's idle threads sleep (``off``), spin within a
+step (``run``, the default) or after it too (``on``). A decode step runs a few kernels per layer, each split
 across the pool's threads, so a pool that sleeps is woken hundreds of times per token, and its cost grows with
 depth; a spinning pool keeps its cores from Triton, the gateway and the clients, which share them. Which
 wins depends on the model and the host, so this measures it served: each shape goes through the real
@@ -104,6 +104,6 @@ def run(quick: bool, args: list[str]) -> list[Table]:
                   ["the served graphs (compress's choice), one serving start per shape; in each round every mode is "
                    "applied live through Triton's model control (the model reloads) and loaded at 1, then 32 "
                    "streams: modes in alternating rounds, so a shared host's load falls on both",
-                   "off: the step's idle threads sleep at once (the default); run: they spin within a step and "
+                   "off: the step's idle threads sleep at once; run (the default): they spin within a step and "
                    "sleep when it returns; prefills (their own thread, beside the steps) always sleep",
                    "64-token prompts, 128 new tokens, greedy, all cores; the load generator shares them"])]

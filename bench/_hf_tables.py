@@ -118,8 +118,9 @@ def tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> l
             Table("The decode loop's ONNX Runtime pool: how idle threads wait (compress.generate.intra_op_spinning), "
                   "in process, tokens/s", ["model", "decode graphs", "spinning", "@1", "@8 (aggregate)",
                                            "@32 (aggregate)"], spinning_rows,
-                  ["off: sleep at once (the default); run: spin within a step, sleep when it returns; on: spin on "
-                   "after it too (ONNX Runtime's own default, and onnxruntime-genai's)", "the served graphs, all "
+                  ["off: sleep at once; run: spin within a step, sleep when it returns (the served default, as the "
+                   "other in-process rows); on: spin on after it too (ONNX Runtime's own default, and "
+                   "onnxruntime-genai's)", "the served graphs, all "
                    "cores, the modes in alternating rounds (a shared host's load falls on all alike)"]),
             Table("Quality: a tiny Llama-family model fine-tuned on Shakespeare, compress's loss gate",
                   ["weights", "KV cache", "validation loss", "vs fp32", "gate", "served"], quality,

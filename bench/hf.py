@@ -169,6 +169,7 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
     settings = _pipeline(model_dir, text_file, workdir, f"bench-{family}", steps=1, eval_batches=1)
     decode_dir = RunDir(settings.run.root, settings.run.name).stage_dir("compress") / "decode"
     report = json.loads((decode_dir / "decode.json").read_text())
+    spinning = settings.compress.generate.intra_op_spinning  # the in-process rows wait as the served model does
     ceilings = []
     chosen = next(c for c in report["candidates"] if c["precision"] == report["precision"])
     # the served weights with an FP32 cache beside the served int8 cache, at 32 and profiled: what the cache gives
@@ -180,7 +181,7 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
         graphs = decode_dir / p / "prefill.onnx", decode_dir / p / "step.onnx"
         served = p == report["precision"]  # its aggregate at 32 in the rounds, and where a step's time goes
         bandwidth = max(read_bandwidth(repeats=3).values())  # right before its decode: the load moves both alike
-        engine = run_peer("engine", workdir, prefill=str(graphs[0]), step=str(graphs[1]),
+        engine = run_peer("engine", workdir, prefill=str(graphs[0]), step=str(graphs[1]), spinning=spinning,
                           **{**common, "batches": [1, 8, 32] if p == sibling else [1, 8] if served or
                              cand.get("kv_cache") == "int8" else [1], "profile": served or p == sibling})
         # (the other int8-cache weights at 8: where they cross)
@@ -189,7 +190,7 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
         ceilings.append([label, p, per_token / 2**20, bandwidth / 1e9, ceiling, engine["tokens_per_s"]["1"]])
         rows[engine_row(p)] = engine | {"_served": served}
         if served:
-            spinning = run_peer("spinning", workdir, prefill=str(graphs[0]), step=str(graphs[1]),
+            modes = run_peer("spinning", workdir, prefill=str(graphs[0]), step=str(graphs[1]),
                                 **{**common, "batches": list(CONCURRENCY)})
     from transformers import AutoTokenizer
 
@@ -205,7 +206,8 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
         for name, built in genai.items():
             out[name] = run_peer("genai", workdir, model_dir=str(built), **once | {"batches": [c]})
         out = {name: r["tokens_per_s"][str(c)] for name, r in out.items()}
-        graphs = {"prefill": str(served_graphs / "prefill.onnx"), "step": str(served_graphs / "step.onnx")}
+        graphs = {"prefill": str(served_graphs / "prefill.onnx"), "step": str(served_graphs / "step.onnx"),
+                  "spinning": spinning}
         if c == 1:
             return out | {static: run_peer("engine", workdir, **graphs, **once | {"batches": [1]})["tokens_per_s"]["1"]}
         batched = run_peer("batching", workdir, **graphs, prompts=ids, new_tokens=NEW_TOKENS, threads=threads,
@@ -222,7 +224,7 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
     return {"rows": rows, "ceilings": ceilings, "served_precision": report["precision"], "rounds": rounds,
             "load": (load_at_start, os.getloadavg()[0]),
             "spinning": [[label, report["precision"], mode, t.get("1"), t.get("8"), t.get("32")]
-                         for mode, t in spinning.items() if mode != "peak_rss_mb"]}
+                         for mode, t in modes.items() if mode != "peak_rss_mb"]}
 
 
 def _quality(text: str, workdir: Path, quick: bool) -> list[list]:

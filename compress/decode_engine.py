@@ -70,9 +70,10 @@ def session_options(threads: int = 0, spinning: str = "off"):
 
     SkipLayerNormFusion is disabled: on these graphs (LayerNormalization without bias) it crashes the
     process in ONNX Runtime 1.32, and where it works it is ~5x slower than plain LayerNormalization.
-    ``spinning`` (:data:`SPINNING`) is off by default: on cores shared with other work (Triton, the gateway,
-    clients), threads that spin take the cores the others need; its effect follows the host's load (``bench hf``
-    measures all three modes, bench/results has the figures).
+    ``spinning`` (:data:`SPINNING`): a decode step runs a few kernels per layer, each split across the pool, so
+    a pool that sleeps is woken hundreds of times per token; one that spins keeps its cores from other work on
+    the host. The served default (``compress.generate.intra_op_spinning``) was picked served, on development
+    shapes (``bench hf --spinning``); this function's ``off`` is for callers that share the cores.
     """
     if spinning not in SPINNING:
         raise ValueError(f"spinning {spinning!r} is unknown: use one of {list(SPINNING)}")
