@@ -191,7 +191,7 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
         rows[engine_row(p)] = engine | {"_served": served}
         if served:
             modes = run_peer("spinning", workdir, prefill=str(graphs[0]), step=str(graphs[1]),
-                                **{**common, "batches": list(CONCURRENCY)})
+                             **{**common, "batches": list(CONCURRENCY)})
     from transformers import AutoTokenizer
 
     duration = 10.0 if quick else 30.0
