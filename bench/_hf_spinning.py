@@ -14,6 +14,7 @@ streams, modes in alternating rounds. The development shapes come first; the goa
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -28,13 +29,15 @@ CONCURRENCY = (1, 32)
 
 def _modes_served(settings, texts: list[str], workdir: Path, duration: float, rounds: int) -> dict:
     """{mode: {c: [tokens/s per round]}} from one serving start, each mode applied live in every round."""
+    from autoglm.artifacts import RunDir
     from bench.generate import _load
     from bench.hf import NEW_TOKENS
     from loadtest.control import LiveModels, ModelControl, ServingConfig
     from serve import GatewaySettings, on_free_ports, start_serving
 
     settings = on_free_ports(settings)
-    model = f"{settings.task.name}-generate"
+    task_info = RunDir(settings.run.root, settings.run.name).stage_dir("repository") / "task.json"
+    model = json.loads(task_info.read_text())["generate"]  # the generation model compress wrote
     bodies = [{"prompt": p, "max_new_tokens": NEW_TOKENS, "temperature": 0, "stream": True} for p in texts]
     found: dict = {mode: {c: [] for c in CONCURRENCY} for mode in MODES}
     with start_serving(settings, GatewaySettings(port=settings.serve.gateway_port, max_in_flight=256,
@@ -55,18 +58,12 @@ def _modes_served(settings, texts: list[str], workdir: Path, duration: float, ro
 
 
 def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quick: bool) -> list[list]:
-    from transformers import AutoTokenizer
+    from bench.hf import _pipeline, checkpoint, prompt_texts
 
-    from bench.hf import PROMPT_TOKENS, _pipeline
-
-    model_dir = hf_models.save_checkpoint(workdir / family, family, config, text)
-    text_file = workdir / "corpus.txt"
-    text_file.write_text(text[: 200_000], encoding="utf-8")
+    model_dir, text_file, ids = checkpoint(family, config, text, workdir)
     settings = _pipeline(model_dir, text_file, workdir, f"spin-{family}", steps=1, eval_batches=1)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = [tokenizer.decode(p, skip_special_tokens=True)
-             for p in hf_models.prompts(model_dir, text, 32, PROMPT_TOKENS)]
-    return rows_of(label, _modes_served(settings, texts, workdir, 8.0 if quick else 15.0, 3 if quick else 5))
+    found = _modes_served(settings, prompt_texts(model_dir, ids), workdir, 8.0 if quick else 15.0, 3 if quick else 5)
+    return rows_of(label, found)
 
 
 def rows_of(label: str, found: dict) -> list[list]:

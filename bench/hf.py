@@ -147,15 +147,28 @@ def _served(settings, prompt_texts: list[str], workdir: Path, duration: float, n
             "peak_rss_mb": sampler.peak_mb}, by_round
 
 
+def checkpoint(family: str, config: dict, text: str, workdir: Path) -> tuple[Path, Path, list[list[int]]]:
+    """A shape's random-initialized checkpoint, the corpus file its pipeline fine-tunes on, and 32 prompts."""
+    model_dir = hf_models.save_checkpoint(workdir / family, family, config, text)
+    text_file = workdir / "corpus.txt"
+    text_file.write_text(text[: 200_000], encoding="utf-8")
+    return model_dir, text_file, hf_models.prompts(model_dir, text, 32, PROMPT_TOKENS)
+
+
+def prompt_texts(model_dir: Path, ids: list[list[int]]) -> list[str]:
+    """The prompts as text, for the gateway's ``:generate``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [tokenizer.decode(p, skip_special_tokens=True) for p in ids]
+
+
 # ---- one shape ----------------------------------------------------------------------------------------------
 def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quick: bool) -> dict:
     from autoglm.artifacts import RunDir
 
     threads, load_at_start = os.cpu_count() or 1, os.getloadavg()[0]
-    model_dir = hf_models.save_checkpoint(workdir / family, family, config, text)
-    text_file = workdir / "corpus.txt"
-    text_file.write_text(text[: 200_000], encoding="utf-8")
-    ids = hf_models.prompts(model_dir, text, 32, PROMPT_TOKENS)
+    model_dir, text_file, ids = checkpoint(family, config, text, workdir)
     repeats = 1 if quick else 3
     common = {"prompts": ids, "new_tokens": NEW_TOKENS, "threads": threads, "repeats": repeats,
               "batches": [c for c in CONCURRENCY if c != 32]}  # 32: in alternating rounds (_served)
@@ -192,7 +205,6 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
         if served:
             modes = run_peer("spinning", workdir, prefill=str(graphs[0]), step=str(graphs[1]),
                              **{**common, "batches": list(CONCURRENCY)})
-    from transformers import AutoTokenizer
 
     duration = 10.0 if quick else 30.0
     served_graphs = decode_dir / report["precision"]
@@ -214,8 +226,7 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
                            clients=c, seconds=duration, prefill_chunk=settings.compress.generate.prefill_chunk)
         return out | {static: batched["static"], continuous: batched["continuous"]}
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = [tokenizer.decode(p, skip_special_tokens=True) for p in ids]
+    texts = prompt_texts(model_dir, ids)
     served_name = f"served :generate through the gateway ({report['precision']})"
     rows[served_name], rounds = _served(settings, texts, workdir, duration, served_name, others_at, ROUNDS[quick])
     for c, by_round in rounds.items():  # each path's figure at 1 and at 32: the median of its rounds
