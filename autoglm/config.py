@@ -529,6 +529,10 @@ class LoadtestTuneSettings(Section):
     stream_interval_ms: tuple[int, int] = Field((0, 20), description="--scenario generate: [low, high] of the "
                                                 "interval a stream's tokens are coalesced over (0: every token)")
     stream_interval_step_ms: int = Field(5, ge=1, description="the stream interval's granularity")
+    # "on" is left out by default: it spins between steps too, on the cores the prefill, Triton and the gateway use
+    intra_op_spinning: list[Literal["off", "run", "on"]] = Field(
+        default_factory=lambda: ["off", "run"], min_length=1, description="--scenario generate: how the decode "
+        "step's idle threads may wait (compress.generate.intra_op_spinning), the modes to choose among")
 
     @model_validator(mode="after")
     def _ranges(self) -> LoadtestTuneSettings:

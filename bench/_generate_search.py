@@ -4,7 +4,8 @@ One charlm model (nanoGPT's CPU shakespeare_char architecture, 4L/4H/128d, conte
 does not depend on the weights) is compressed with its decode graphs and served by the bundled Triton behind
 the gateway, as ``bench generate`` serves it. Every request streams (``stream: true``) a greedy continuation of a
 64-char validation prompt, 64 new characters (``bench generate``'s workload). ``loadtest --tune``'s study code
-searches the generation model's knobs (decode slots, stream interval, instances: :mod:`loadtest.generate_space`)
+searches the generation model's knobs (decode slots, stream interval, how the decode step's idle threads wait,
+instances: :mod:`loadtest.generate_space`)
 with TPE, random and the grid, the same number of windows each; capacity is tokens/s per instance within a
 streaming SLO (p95 time to first token and p95 inter-token latency), energy J/token.
 """
@@ -22,8 +23,9 @@ PROMPT_CHARS, NEW_TOKENS = 64, 64  # bench generate's workload
 
 
 def _space(quick: bool):
-    """The knob ranges every method searches: decode slots 4..64, the stream interval 0..20 ms (5 ms steps) and
-    1..2 instances; its grid (the ranges' ends) is 8 configs."""
+    """The knob ranges every method searches: decode slots 4..64, the stream interval 0..20 ms (5 ms steps), the
+    spinning modes of ``loadtest.tune``'s default and 1..2 instances; its grid (the ranges' ends, every mode) is
+    16 configs."""
     from autoglm.config import LoadtestTuneSettings
 
     return LoadtestTuneSettings(max_sequences=(4, 64), stream_interval_ms=(0, 20), stream_interval_step_ms=5,
@@ -98,7 +100,8 @@ class GenerateSearch(Search):
         if not row:
             return "—"
         p = row["params"]
-        return f"{p['max_sequences']} slots, interval {p['stream_interval_ms']:g} ms, ×{p['instances']}"
+        return (f"{p['max_sequences']} slots, interval {p['stream_interval_ms']:g} ms, spinning "
+                f"{p.get('intra_op_spinning', 'off')}, ×{p['instances']}")
 
     def verified_note(self, verified: dict) -> str:
         return (f"{verified['users']} users, TTFT p95 {verified['ttft_p95_ms']:.0f} ms, inter-token p95 "
@@ -107,9 +110,11 @@ class GenerateSearch(Search):
     def notes(self, windows: int) -> list[str]:
         t = self.tune
         return [f"knobs of {self.model}: decode slots {list(t.max_sequences)} (log scale), stream interval "
-                f"{list(t.stream_interval_ms)} ms ({t.stream_interval_step_ms} ms steps), instances "
-                f"{list(t.instances)}; the grid is both ends of each range and every instance count ({windows - 1} "
-                "configs); the decode precision is not a knob (compress publishes one generation model)",
+                f"{list(t.stream_interval_ms)} ms ({t.stream_interval_step_ms} ms steps), the decode step's idle "
+                f"threads {list(t.intra_op_spinning)} (compress.generate.intra_op_spinning), instances "
+                f"{list(t.instances)}; the grid is both ends of each range, every mode and instance count "
+                f"({windows - 1} configs); the decode precision is not a knob (compress publishes one generation "
+                "model)",
                 f"every method starts at the baseline (the repository's config: {self.baseline}); a window is one "
                 f"step ladder {t.users // t.steps}..{t.users} streaming users through the gateway, {t.step_s:g} s a "
                 f"step, each request a {PROMPT_CHARS}-char prompt and {NEW_TOKENS} new tokens (greedy); capacity = "

@@ -109,6 +109,8 @@ FLAGS = {
                           type=_pair, group=TUNE),
     "--interval-range": Flag("loadtest.tune.stream_interval_ms", "with --scenario generate: stream interval range "
                              "LOW,HIGH in ms", type=_pair, group=TUNE),
+    "--spinning-choices": Flag("loadtest.tune.intra_op_spinning", "with --scenario generate: the ways the decode "
+                               "step's idle threads may wait to choose among (off, run, on)", many=True, group=TUNE),
     "--slo-ttft-ms": Flag("loadtest.slo_ttft_p95_ms", "with --scenario generate: the p95 time to first token the "
                           "SLO allows", type=float, group=TUNE),
     "--slo-itl-ms": Flag("loadtest.slo_itl_p95_ms", "with --scenario generate: the p95 inter-token latency the SLO "

@@ -3,11 +3,13 @@
 The generation model (compress's ``<task>-generate``: KV-cache decoding in Triton's python backend) batches its
 own decode steps, so Triton's dynamic batcher has nothing to tune there. What it does read, when it loads, are
 its config parameters ``max_sequences`` (decode slots: the sequences stepped together as one batch; more
-requests wait for a slot, which a client sees as time to first token) and ``stream_interval_ms`` (how long a
+requests wait for a slot, which a client sees as time to first token), ``stream_interval_ms`` (how long a
 stream's tokens are coalesced into one response: every response costs Triton, its HTTP stream and the gateway
-CPU), and, like any model, its instance count (each instance runs a decode loop of its own). A trial sets them
-through model control like the batching knobs (a parameter change reloads the model). The decode precision is
-not a knob: compress publishes one generation model, with the graphs it chose.
+CPU) and ``intra_op_spinning`` (whether the decode step's idle ONNX Runtime threads sleep or spin: what it is
+worth depends on the model's shape and on what else runs on the cores, so it is measured, not assumed), and,
+like any model, its instance count (each instance runs a decode loop of its own). A trial sets them through
+model control like the batching knobs (a parameter change reloads the model). The decode precision is not a
+knob: compress publishes one generation model, with the graphs it chose.
 
 A stream is judged on what its reader sees: p95 time to first token and p95 inter-token latency
 (:class:`StreamSlo`), each step of the concurrency ladder on its own (the locustfile reports both, and the
@@ -28,7 +30,8 @@ from loadtest.latency import Slo
 from loadtest.space import MISS, ladder_steps, monotone_rps
 
 TTFT, ITL = "time to first token", "inter-token"  # the stream metrics' names in the locustfile's summary
-KNOBS = ("max_sequences", "stream_interval_ms")  # the model parameters searched
+SPINNING = "intra_op_spinning"
+KNOBS = ("max_sequences", "stream_interval_ms", SPINNING)  # the model parameters searched
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ def _stream_p95(summary: dict[str, Any], name: str) -> float | None:
 @dataclass(frozen=True)
 class GenerateSpace:
     """The generation model's knobs as Optuna distributions: decode slots (log scale), the stream interval (on
-    a ``interval_step`` grid) and the instance count."""
+    a ``interval_step`` grid), how the step's idle threads wait (categorical) and the instance count."""
 
     constraint_names: ClassVar[tuple[str, ...]] = ("ttft_p95", "itl_p95", "error_rate")
     objective_key: ClassVar[str] = "capacity_per_instance_tps"  # what the study maximizes
@@ -96,12 +99,14 @@ class GenerateSpace:
     interval: tuple[int, int]
     interval_step: int
     instances: tuple[int, int]
+    spinning: tuple[str, ...]
 
     @classmethod
     def from_settings(cls, tune: LoadtestTuneSettings, model: str) -> GenerateSpace:
         low, high = tune.stream_interval_ms
         high = low + (high - low) // tune.stream_interval_step_ms * tune.stream_interval_step_ms  # whole steps
-        return cls(model, tuple(tune.max_sequences), (low, high), tune.stream_interval_step_ms, tuple(tune.instances))
+        return cls(model, tuple(tune.max_sequences), (low, high), tune.stream_interval_step_ms, tuple(tune.instances),
+                   tuple(dict.fromkeys(tune.intra_op_spinning)))
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -118,7 +123,12 @@ class GenerateSpace:
                               "`autoglm compress --force`")
 
     def with_baseline(self, params: dict[str, Any]) -> GenerateSpace:
-        return self  # no categorical knob: a baseline outside the ranges is a fixed trial all the same
+        """This space with the baseline's spinning mode among the choices (a categorical value outside its choices
+        cannot be told to Optuna); a baseline outside the numeric ranges is a fixed trial all the same."""
+        if params[SPINNING] in self.spinning:
+            return self
+        return GenerateSpace(self.model, self.max_sequences, self.interval, self.interval_step, self.instances,
+                             (*self.spinning, params[SPINNING]))
 
     def suggest(self, trial) -> ServingConfig:
         """The config an Optuna trial proposes (fixed parameters of an enqueued trial are used as they are)."""
@@ -126,29 +136,31 @@ class GenerateSpace:
             "max_sequences": trial.suggest_int("max_sequences", *self.max_sequences, log=True),
             "stream_interval_ms": trial.suggest_float("stream_interval_ms", *map(float, self.interval),
                                                       step=float(self.interval_step)),
+            SPINNING: trial.suggest_categorical(SPINNING, list(self.spinning)),
             "instances": trial.suggest_int("instances", *self.instances)})
 
     def to_config(self, params: dict[str, Any]) -> ServingConfig:
         return ServingConfig(self.model, instances=int(params["instances"]), parameters={
             "max_sequences": str(int(params["max_sequences"])),
-            "stream_interval_ms": f"{float(params['stream_interval_ms']):g}"})
+            "stream_interval_ms": f"{float(params['stream_interval_ms']):g}", SPINNING: str(params[SPINNING])})
 
     def baseline_params(self, config: dict[str, Any]) -> dict[str, Any]:
         """The config Triton serves now (HTTP JSON form) as trial parameters."""
         params = model_parameters(config)
         return {"max_sequences": int(params["max_sequences"]), "instances": serving_knobs(config)["instances"],
-                "stream_interval_ms": float(params["stream_interval_ms"])}
+                "stream_interval_ms": float(params["stream_interval_ms"]), SPINNING: params[SPINNING]}
 
     def grid(self) -> dict[str, list[Any]]:
-        """The grid sampler's space: both ends of the slot and interval ranges, every instance count."""
+        """The grid sampler's space: both ends of the slot and interval ranges, every spinning mode and instance
+        count."""
         return {"max_sequences": sorted(set(self.max_sequences)),
-                "stream_interval_ms": sorted({float(v) for v in self.interval}),
+                "stream_interval_ms": sorted({float(v) for v in self.interval}), SPINNING: list(self.spinning),
                 "instances": list(range(self.instances[0], self.instances[1] + 1))}
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.model, "max_sequences": list(self.max_sequences),
                 "stream_interval_ms": list(self.interval), "stream_interval_step_ms": self.interval_step,
-                "instances": list(self.instances)}
+                SPINNING: list(self.spinning), "instances": list(self.instances)}
 
     def result(self, phases: list[dict[str, Any]], slo: StreamSlo, instances: int) -> dict[str, Any]:
         """A trial's capacity in tokens/s from its step window's phases: the best step within the streaming SLO

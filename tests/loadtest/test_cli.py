@@ -97,7 +97,8 @@ def test_tune_flags_become_the_study_settings():
 
 def test_generate_tune_flags_set_the_generation_models_ranges_and_streaming_slo():
     options = _options("--tune", "--scenario", "generate", "--slots-range", "8,32", "--interval-range", "0,10",
-                       "--slo-ttft-ms", "300", "--slo-itl-ms", "25")
+                       "--spinning-choices", "off,on", "--slo-ttft-ms", "300", "--slo-itl-ms", "25")
     assert options.scenario == "generate" and options.tune.enabled
     assert options.tune.max_sequences == (8, 32) and options.tune.stream_interval_ms == (0, 10)
+    assert options.tune.intra_op_spinning == ["off", "on"]
     assert options.slo_ttft_p95_ms == 300 and options.slo_itl_p95_ms == 25

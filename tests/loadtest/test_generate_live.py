@@ -15,9 +15,13 @@ from loadtest.stage import loadtest_run
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")]
-# the shortest study: the baseline and one grid config (3 decode slots, 5 ms stream interval), 1 s windows
+# the shortest study: the baseline and one grid config (3 decode slots, 5 ms stream interval, the step's threads
+# spinning), 1 s windows
 TUNE = LoadtestTuneSettings(enabled=True, n_trials=2, sampler="grid", steps=1, step_s=1, verify_s=1,
-                            verify_candidates=1, max_sequences=(3, 3), stream_interval_ms=(5, 5), instances=(1, 1))
+                            verify_candidates=1, max_sequences=(3, 3), stream_interval_ms=(5, 5), instances=(1, 1),
+                            intra_op_spinning=["run"])
+BASELINE = {"max_sequences": "6", "stream_interval_ms": "15", "intra_op_spinning": "off"}
+GRID = {"max_sequences": "3", "stream_interval_ms": "5", "intra_op_spinning": "run"}
 
 
 @pytest.fixture
@@ -36,7 +40,7 @@ def _generate_config(run: RunDir, flavour: str = "python") -> dict:
 
     model = json.loads((run.stage_dir("repository") / "task.json").read_text())["generate"]
     msg = parse_pbtxt((run.stage_dir("repository") / flavour / model / "config.pbtxt").read_text())
-    return {"parameters": {k: msg.parameters[k].string_value for k in ("max_sequences", "stream_interval_ms")},
+    return {"parameters": {k: msg.parameters[k].string_value for k in BASELINE},
             "instances": msg.instance_group[0].count, "versions": list(msg.version_policy.specific.versions)}
 
 
@@ -50,8 +54,7 @@ def test_generate_tune_changes_the_live_model_writes_the_verified_knobs_back_and
         control = ModelControl(serving.triton_url)
         model = json.loads((run.stage_dir("repository") / "task.json").read_text())["generate"]
         # the baseline is what Triton serves now: a live config the repository does not hold
-        control.apply(ServingConfig(model, parameters={"max_sequences": "6", "stream_interval_ms": "15"}),
-                      control.config(model))
+        control.apply(ServingConfig(model, parameters=BASELINE), control.config(model))
         options = settings.loadtest.model_copy(update={
             "scenario": "generate", "users": 4, "warmup_s": 0.3, "samples": 8, "generate_tokens": 8, "tune": TUNE,
             "slo_ttft_p95_ms": 5000, "slo_itl_p95_ms": 1000})
@@ -60,16 +63,15 @@ def test_generate_tune_changes_the_live_model_writes_the_verified_knobs_back_and
         report = json.loads((run.stage_dir("loadtest") / "report.json").read_text())
         trials = report["tune"]["trials"]
         assert code == 0 and len(trials) == 2 and trials[0]["baseline"]
-        assert trials[0]["applied"]["parameters"] == {"max_sequences": "6", "stream_interval_ms": "15"}
-        assert trials[1]["applied"]["parameters"] == {"max_sequences": "3", "stream_interval_ms": "5"}  # Triton's
+        assert trials[0]["applied"]["parameters"] == BASELINE
+        assert trials[1]["applied"]["parameters"] == GRID  # Triton's
         assert all(t["capacity_per_instance_tps"] > 0 and t["ttft_p95_ms"] > 0 and t["j_per_token"] > 0
                    for t in trials)
         assert all(s["tokens_per_s"] > 0 for t in trials for s in t["steps"])  # each step has its tokens
         assert report["tune"]["study"]["objectives"] == ["capacity_per_instance_tps", "j_per_token"]
         verified = manifest.metrics["recommended"]
         assert verified["model"] == model and manifest.metrics["capacity_per_instance_tps"] > 0
-        assert verified["parameters"] in ({"max_sequences": "6", "stream_interval_ms": "15"},
-                                          {"max_sequences": "3", "stream_interval_ms": "5"})
+        assert verified["parameters"] in (BASELINE, GRID)
         # written back as a new version, and reloaded from it: Triton reports the verified knobs
         assert manifest.metrics["written_back"]["live"].startswith("reloaded")
         live = model_parameters(control.config(model))

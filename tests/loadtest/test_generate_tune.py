@@ -17,7 +17,7 @@ from loadtest.study import Objective, Window, make_sampler, open_study, run_stud
 SLO = StreamSlo.of(ttft_p95_ms=100, itl_p95_ms=10, error_rate=0.01)
 GENERATE_CONFIG = {"name": "lm-generate", "max_batch_size": 0, "model_transaction_policy": {"decoupled": True},
                    "parameters": {"max_sequences": {"string_value": "32"}, "stream_interval_ms": {"string_value": "10"},
-                                  "max_waiting": {"string_value": "256"}},
+                                  "intra_op_spinning": {"string_value": "run"}, "max_waiting": {"string_value": "256"}},
                    "instance_group": [{"kind": "KIND_CPU", "count": 1}]}
 
 
@@ -53,12 +53,30 @@ def test_a_stream_missing_the_slo_everywhere_says_which_limit_it_missed_least():
 def test_the_space_suggests_model_parameters_and_lists_a_grid_of_the_ranges_ends():
     space = _space(max_sequences=(4, 64), stream_interval_ms=(0, 22), stream_interval_step_ms=5, instances=(1, 2))
     assert space.interval == (0, 20)  # whole steps only
-    assert space.grid() == {"max_sequences": [4, 64], "stream_interval_ms": [0.0, 20.0], "instances": [1, 2]}
-    config = space.suggest(optuna.trial.FixedTrial({"max_sequences": 8, "stream_interval_ms": 5.0, "instances": 2}))
-    assert config == ServingConfig("lm-generate", instances=2,
-                                   parameters={"max_sequences": "8", "stream_interval_ms": "5"})
-    assert config.to_dict()["parameters"] == {"max_sequences": "8", "stream_interval_ms": "5"}
-    assert space.baseline_params(GENERATE_CONFIG) == {"max_sequences": 32, "stream_interval_ms": 10.0, "instances": 1}
+    assert space.grid() == {"max_sequences": [4, 64], "stream_interval_ms": [0.0, 20.0],
+                            "intra_op_spinning": ["off", "run"], "instances": [1, 2]}
+    config = space.suggest(optuna.trial.FixedTrial({"max_sequences": 8, "stream_interval_ms": 5.0,
+                                                    "intra_op_spinning": "off", "instances": 2}))
+    parameters = {"max_sequences": "8", "stream_interval_ms": "5", "intra_op_spinning": "off"}
+    assert config == ServingConfig("lm-generate", instances=2, parameters=parameters)
+    assert config.to_dict()["parameters"] == parameters
+    assert space.baseline_params(GENERATE_CONFIG) == {"max_sequences": 32, "stream_interval_ms": 10.0,
+                                                      "intra_op_spinning": "run", "instances": 1}
+    with pytest.raises(ValueError, match="'on' not in"):  # a mode outside the choices is no proposal
+        space.suggest(optuna.trial.FixedTrial({"max_sequences": 8, "stream_interval_ms": 5.0,
+                                               "intra_op_spinning": "on", "instances": 2}))
+
+
+def test_the_spinning_modes_are_the_users_choices_and_take_in_the_baselines():
+    space = _space(intra_op_spinning=["run", "run"])
+    assert space.spinning == ("run",) and space.grid()["intra_op_spinning"] == ["run"]
+    assert space.with_baseline({"intra_op_spinning": "run"}) is space
+    widened = space.with_baseline({"intra_op_spinning": "on"})  # a repository serving "on" is the first trial
+    assert widened.spinning == ("run", "on") and widened.describe()["intra_op_spinning"] == ["run", "on"]
+    with pytest.raises(ConfigError, match="intra_op_spinning"):
+        load_settings(None, ["loadtest.tune.intra_op_spinning=['spin']"])
+    with pytest.raises(ConfigError, match="intra_op_spinning"):
+        load_settings(None, ["loadtest.tune.intra_op_spinning=[]"])
 
 
 def test_the_override_sets_parameters_the_model_has_and_refuses_others():
@@ -77,6 +95,9 @@ def test_only_a_streaming_model_with_those_parameters_is_tuned_as_one():
         space.check_model_limits("lm-fp32", {"max_batch_size": 64, "parameters": {}})
     with pytest.raises(ConfigError, match="compress --force"):
         space.check_model_limits("lm-generate", {**GENERATE_CONFIG, "parameters": {}})
+    older = {k: v for k, v in GENERATE_CONFIG["parameters"].items() if k != "intra_op_spinning"}
+    with pytest.raises(ConfigError, match=r"no \['intra_op_spinning'\] parameters.*compress --force"):
+        space.check_model_limits("lm-generate", {**GENERATE_CONFIG, "parameters": older})
 
 
 def test_generate_tuning_is_accepted_and_its_slo_is_typed():
@@ -131,7 +152,7 @@ def test_a_generate_study_maximizes_tokens_per_instance_and_verifies_the_best(tm
     tune = LoadtestTuneSettings(max_sequences=(4, 64), instances=(1, 2), seed=0, startup_trials=2)
     study = open_study(tmp_path / "s.journal", "gen", make_sampler(tune, space))
     objective = Objective(live, space, window, tmp_path / "trials", 5)
-    baseline = {"max_sequences": 32, "stream_interval_ms": 10.0, "instances": 1}
+    baseline = {"max_sequences": 32, "stream_interval_ms": 10.0, "intra_op_spinning": "run", "instances": 1}
     run_study(study, objective, 5, baseline)
     rows = trial_rows(study)
     assert len(rows) == 5 and rows[0]["baseline"] and rows[0]["params"] == baseline
