@@ -20,7 +20,7 @@ tokens of the completed streams, per step). Capacity is tokens/s per instance at
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from autoglm.config import LoadtestTuneSettings
@@ -127,8 +127,7 @@ class GenerateSpace:
         cannot be told to Optuna); a baseline outside the numeric ranges is a fixed trial all the same."""
         if params[SPINNING] in self.spinning:
             return self
-        return GenerateSpace(self.model, self.max_sequences, self.interval, self.interval_step, self.instances,
-                             (*self.spinning, params[SPINNING]))
+        return replace(self, spinning=(*self.spinning, params[SPINNING]))
 
     def suggest(self, trial) -> ServingConfig:
         """The config an Optuna trial proposes (fixed parameters of an enqueued trial are used as they are)."""
