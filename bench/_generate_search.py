@@ -24,8 +24,8 @@ PROMPT_CHARS, NEW_TOKENS = 64, 64  # bench generate's workload
 
 def _space(quick: bool):
     """The knob ranges every method searches: decode slots 4..64, the stream interval 0..20 ms (5 ms steps), the
-    spinning modes of ``loadtest.tune``'s default and 1..2 instances; its grid (the ranges' ends, every mode) is
-    16 configs."""
+    spinning modes of ``loadtest.tune``'s default and 1..2 instances (one with ``quick``); its grid (the ranges'
+    ends, every mode and instance count) is 16 configs (8 with ``quick``)."""
     from autoglm.config import LoadtestTuneSettings
 
     return LoadtestTuneSettings(max_sequences=(4, 64), stream_interval_ms=(0, 20), stream_interval_step_ms=5,
@@ -101,7 +101,7 @@ class GenerateSearch(Search):
             return "—"
         p = row["params"]
         return (f"{p['max_sequences']} slots, interval {p['stream_interval_ms']:g} ms, spinning "
-                f"{p.get('intra_op_spinning', 'off')}, ×{p['instances']}")
+                f"{p['intra_op_spinning']}, ×{p['instances']}")
 
     def verified_note(self, verified: dict) -> str:
         return (f"{verified['users']} users, TTFT p95 {verified['ttft_p95_ms']:.0f} ms, inter-token p95 "
