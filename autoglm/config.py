@@ -312,6 +312,9 @@ class GenerateSettings(Section):
     stream_responses_per_s: float = Field(500, ge=0, description="responses per second for all sequences "
                                           "together: n live sequences each send every n/budget s (0: no budget)")
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime threads of the decode loop (0: all cores)")
+    small_batch_step: bool = Field(True, description="serve a second step graph while few sequences step, where "
+                                   "another precision within max_metric_loss (alone and mixed with the served one "
+                                   "in each sequence) decoded those batches faster in compress's rounds")
     prefill_chunk: int = Field(8, ge=1, description="sequences encoded per prefill batch; a larger group joining "
                                "or sliding at once is split, so its first chunk steps while the rest is encoded")
     kv_cache: Literal["int8", "fp32"] = Field("int8", description="KV cache of the quantized graphs: int8 "

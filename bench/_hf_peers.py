@@ -71,14 +71,19 @@ def _genai_peer(spec: dict) -> dict:
     return _timed(generate, spec)
 
 
+def _small_step(spec: dict) -> dict:
+    """The served small-batch step graph of ``spec``, if it has one (compress.decode_speed)."""
+    return {"small_step_path": spec.get("small_step"), "small_batch": spec.get("small_batch", 0)}
+
+
 def _engine_peer(spec: dict) -> dict:
     """The served decode graphs in ONNX Runtime, no serving: batch b = b sequences stepped together, the pool
     waiting as the served one does (``spinning``)."""
-    from compress.decode import decode_speeds
+    from compress.decode_speed import decode_speeds
     from compress.decode_engine import DecodeEngine
 
     engine = DecodeEngine(spec["prefill"], spec["step"], max(spec["batches"]), threads=spec["threads"],
-                          spinning=spec["spinning"])
+                          spinning=spec["spinning"], **_small_step(spec))
     prompt = spec["prompts"][0]
     ttft = []
     for _ in range(spec["repeats"]):
@@ -98,7 +103,7 @@ def _engine_peer(spec: dict) -> dict:
 def _spinning_peer(spec: dict) -> dict:
     """The served decode graphs with each way the intra-op pool waits (compress.generate.intra_op_spinning),
     in alternating rounds; no serving (the served path is measured with the default)."""
-    from compress.decode import decode_speeds
+    from compress.decode_speed import decode_speeds
     from compress.decode_engine import SPINNING, DecodeEngine
 
     engines = {mode: DecodeEngine(spec["prefill"], spec["step"], max(spec["batches"]), threads=spec["threads"],
@@ -114,12 +119,12 @@ def _batching_peer(spec: dict) -> dict:
     replaced by the next prompt as soon as it ends, encoded on the prefill thread while the others step: what
     the served model does, without Triton, the gateway or the clients)."""
     from bench.generate import closed_loop_rate
-    from compress.decode import decode_speeds
+    from compress.decode_speed import decode_speeds
     from compress.decode_engine import DecodeEngine
 
     n = spec["clients"]
     engine = DecodeEngine(spec["prefill"], spec["step"], n, threads=spec["threads"], prefill_thread=True,
-                          prefill_chunk=spec["prefill_chunk"], spinning=spec["spinning"])
+                          prefill_chunk=spec["prefill_chunk"], spinning=spec["spinning"], **_small_step(spec))
     try:
         static = decode_speeds({"e": engine}, spec["prompts"][0], spec["new_tokens"], batches=(n,), rounds=1)["e"][n]
         closed_loop_rate(engine, spec["prompts"], spec["new_tokens"], n, 1.0)  # warm-up: the joins' shapes

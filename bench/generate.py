@@ -213,8 +213,9 @@ def _in_process(run, task, prompts: list[list[int]], repeats: int) -> dict[str, 
     import torch
 
     from autoglm.tasks.checkpoint import load_checkpoint
-    from compress.decode import decode_speeds, torch_greedy
+    from compress.decode import torch_greedy
     from compress.decode_engine import DecodeEngine
+    from compress.decode_speed import decode_speeds
 
     torch.set_num_threads(1)  # as the served model: one intra-op thread
     model = load_checkpoint(run.stage_dir("train") / "model.pt").build_model(task).eval()

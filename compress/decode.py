@@ -20,7 +20,6 @@ also with an int8 KV cache (:mod:`compress.kv_cache`), are judged by validation 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,13 +121,17 @@ cache the earlier ones wrote, as decoding does, so an INT8 cache's rounding is p
 
 
 def graph_val_loss(prefill_path: Path, task: Task, model_args: dict, n_batches: int, batch_size: int = 16,
-                   chunk: int = SCORE_CHUNK) -> float:
+                   chunk: int = SCORE_CHUNK, alternate: Path | None = None) -> float:
     """The task's validation loss, predicted by the prefill graph on the task's fixed batches, ``chunk`` tokens
-    of each row at a time over the graph's own KV cache (FP32 or int8)."""
+    of each row at a time over the graph's own KV cache (FP32 or int8). With ``alternate`` (a prefill graph of
+    other weights over the same cache), every other chunk runs through it, reading what the first one cached and
+    the reverse: how a sequence fares when its tokens come from both (a small-batch step graph)."""
     ort = require("onnxruntime", purpose="scoring decode graphs")
     from compress.decode_engine import CACHE_TYPES, session_options
 
-    session = ort.InferenceSession(str(prefill_path), session_options(), providers=["CPUExecutionProvider"])
+    sessions = [ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+                for path in (prefill_path, alternate) if path is not None]
+    session = sessions[0]
     past = [i for i in session.get_inputs() if i.name.startswith("past_key_")]
     n_layer, heads, size, dtype = len(past), past[0].shape[1], past[0].shape[3], CACHE_TYPES[past[0].type]
     names = ["logits"] + [f"present_{k}_{i}" for i in range(n_layer) for k in ("key", "value")]
@@ -147,7 +150,7 @@ def graph_val_loss(prefill_path: Path, task: Task, model_args: dict, n_batches: 
                     "seqlens_k": np.full(b, start + n - 1, np.int32), "total_sequence_length": np.asarray(t, np.int32),
                     "query_seqlens": np.full(b, n, np.int32), "last_only": np.asarray(False)}
             feed |= {f"past_{k}_{i}": cache[2 * i + j] for i in range(n_layer) for j, k in enumerate(("key", "value"))}
-            out = session.run(names, feed)
+            out = sessions[start // chunk % len(sessions)].run(names, feed)
             logits.append(out[0][:, :n])
             cache = out[1:]
         return np.concatenate(logits, axis=1)
@@ -165,40 +168,28 @@ class DecodeGraphs:
     precision: str
     parity: dict[str, Any]
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    # the step graph served while at most max_batch sequences step (compress.decode_speed): precision, max_batch,
+    # the mixed loss gate's row ("mixed") and, when it passed, "step" (its path); None when no candidate beat
+    # the served one at batch 1
+    small_step: dict[str, Any] | None = None
+
+    @property
+    def small_step_path(self) -> Path | None:
+        """The small-batch step graph to serve, if one was chosen and passed the mixed gate."""
+        return (self.small_step or {}).get("step")
 
     def to_dict(self, root: Path) -> dict[str, Any]:
+        small = None if self.small_step is None else {
+            k: str(v.relative_to(root)) if isinstance(v, Path) else v for k, v in self.small_step.items()}
         return {"prefill": str(self.prefill.relative_to(root)), "step": str(self.step.relative_to(root)),
-                "precision": self.precision, "parity": self.parity, "candidates": self.candidates}
-
-
-def _decode_rate(engine, prompt: list[int], n_new: int, batch: int) -> float:
-    """Tokens/s of ``batch`` copies of ``prompt`` decoded together for ``n_new`` steps (one round)."""
-    start = time.perf_counter()
-    seqs = [seq for seq, _ in engine.start_many([prompt] * batch)]
-    for _ in range(n_new - 1):
-        engine.step([1] * len(engine.live))
-    for seq in seqs:
-        engine.release(seq)
-    return batch * n_new / (time.perf_counter() - start)
-
-
-def decode_speeds(engines: dict[str, Any], prompt: list[int], n_new: int, batches=(1, 8),
-                  rounds: int = 5) -> dict[str, dict[int, float]]:
-    """Median tokens/s of each engine at each batch size, the engines measured in alternating rounds (a shared
-    host's load then falls on all of them alike)."""
-    rates: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in engines}
-    for name, engine in engines.items():
-        _decode_rate(engine, prompt, 4, 1)  # warm-up
-    for _ in range(rounds):
-        for b in batches:
-            for name, engine in engines.items():
-                rates[name][b].append(_decode_rate(engine, prompt, n_new, b))
-    return {name: {b: float(np.median(v)) for b, v in by.items()} for name, by in rates.items()}
+                "precision": self.precision, "parity": self.parity, "candidates": self.candidates,
+                "small_step": small}
 
 
 def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_metric_loss: float = 0.01,
                         eval_batches: int = 8, int8: bool = True, precisions: Sequence[str] = PRECISIONS,
-                        int4: Int4Recipe | None = None, kv_cache: str = "int8") -> DecodeGraphs | None:
+                        int4: Int4Recipe | None = None, kv_cache: str = "int8", threads: int = 1,
+                        spinning: str = "off", small_step: bool = True) -> DecodeGraphs | None:
     """Write FP32 decode graphs, and each of ``precisions`` (:func:`quantize_graphs`; ``int8=False`` drops int8),
     under ``out_dir``; None when the task has no decoder.
 
@@ -210,11 +201,15 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
     A quantized pair is served when it keeps the validation loss within ``max_metric_loss`` (relative) and
     decodes fastest (mean of its speed-ups over FP32 at batch 1 and 8, measured in alternating rounds), FP32
     when none is faster; ``decode.json`` records every candidate. FP32 graphs keep an FP32 cache: they are the
-    reference that matches torch token for token.
+    reference that matches torch token for token. Speeds are measured with the decode loop's ``threads`` and
+    ``spinning``, as served. With ``small_step``, another candidate over the same cache that decodes the smallest
+    batches faster is served beside it for those (:mod:`compress.decode_speed`) when the two mixed in one sequence
+    keep the loss within the gate too.
     """
     from compress.decode_engine import DecodeEngine
     from compress.int4 import weight_bytes
     from compress.kv_cache import KV_CACHES, calibrate, write_int8_cache_graphs
+    from compress.decode_speed import SPEED_BATCHES, decode_rounds, medians, small_batch_choice
 
     if kv_cache not in KV_CACHES:
         raise ValueError(f"KV cache {kv_cache!r} is unknown: use one of {list(KV_CACHES)}")
@@ -223,7 +218,7 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
         return None
     model.eval()
     fp32 = write_graphs(weights, out_dir / "fp32")
-    engines = {"fp32": DecodeEngine(str(fp32[0]), str(fp32[1]), max_sequences=8, threads=1)}
+    engines = {"fp32": DecodeEngine(str(fp32[0]), str(fp32[1]), max(SPEED_BATCHES), threads, spinning=spinning)}
     parity = check_greedy_parity(model, engines["fp32"], task, model_args, max_new_tokens=CHECK_TOKENS)
     if not parity["passed"]:
         _write_report(out_dir, {"parity": parity, "published": False})
@@ -235,11 +230,13 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
                    "weight_bytes": weight_bytes(fp32[1])}]
     graphs = {"fp32": fp32}
 
-    def judge(name: str, pair: tuple[Path, Path], precision: str, cache: str) -> dict[str, Any]:
-        loss = graph_val_loss(pair[0], task, model_args, eval_batches)
+    def gate(loss: float) -> dict[str, Any]:
         worse = (loss - base_loss if task.direction == "minimize" else base_loss - loss) / max(abs(base_loss), 1e-12)
-        row = {"precision": name, "weights": precision, "kv_cache": cache, "val_metric": loss, "metric_loss": worse,
-               "status": "ok" if worse <= max_metric_loss else "rejected", "weight_bytes": weight_bytes(pair[1])}
+        return {"val_metric": loss, "metric_loss": worse, "status": "ok" if worse <= max_metric_loss else "rejected"}
+
+    def judge(name: str, pair: tuple[Path, Path], precision: str, cache: str) -> dict[str, Any]:
+        row = {"precision": name, "weights": precision, "kv_cache": cache,
+               **gate(graph_val_loss(pair[0], task, model_args, eval_batches)), "weight_bytes": weight_bytes(pair[1])}
         candidates.append(row | ({"recipe": (int4 or Int4Recipe()).to_dict()} if precision == "int4" else {}))
         graphs[name] = pair
         return candidates[-1]
@@ -257,17 +254,26 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
                 contestant = kv8
         if contestant["status"] == "ok":
             pair = graphs[contestant["precision"]]
-            engines[contestant["precision"]] = DecodeEngine(str(pair[0]), str(pair[1]), max_sequences=8, threads=1)
-    speeds = decode_speeds(engines, prompt, min(weights.context, CHECK_TOKENS))
+            engines[contestant["precision"]] = DecodeEngine(str(pair[0]), str(pair[1]), max(SPEED_BATCHES), threads,
+                                                            spinning=spinning)
+    rounds = decode_rounds(engines, prompt, min(weights.context, CHECK_TOKENS), SPEED_BATCHES)
+    speeds = medians(rounds)
     gains = {}
     for row in candidates:
         if row["precision"] in speeds:
             by = speeds[row["precision"]]
             row["tokens_per_s"] = {f"batch {b}": v for b, v in by.items()}
-            gains[row["precision"]] = float(np.mean([by[b] / speeds["fp32"][b] for b in by]))
+            gains[row["precision"]] = float(np.mean([by[b] / speeds["fp32"][b] for b in (1, 8)]))
     # the fastest within the loss gate on average over batch 1 and 8; FP32 on a tie
     chosen = max(gains, key=lambda p: (gains[p], p == "fp32"))
     served = DecodeGraphs(graphs[chosen][0], graphs[chosen][1], chosen, parity, candidates)
+    small = small_batch_choice(rounds, chosen, candidates) if small_step else None
+    if small is not None:
+        name, max_batch = small
+        mix = gate(graph_val_loss(graphs[chosen][0], task, model_args, eval_batches, alternate=graphs[name][0]))
+        served.small_step = {"precision": name, "max_batch": max_batch, "mixed": mix}
+        if mix["status"] == "ok":
+            served.small_step["step"] = graphs[name][1]
     _write_report(out_dir, served.to_dict(out_dir) | {"published": True, "metric": task.metric,
                                                       "context": weights.context})
     return served

@@ -14,6 +14,11 @@ full slides: it is re-encoded from its last ``context // 2`` tokens (one prefill
 generation never stops and pays one prefill per ``context // 2`` tokens. Prompts longer than the
 context keep their last ``context`` tokens.
 
+Two step graphs: a step with few live sequences reads every weight for few tokens (bandwidth-bound), one with
+many is compute-bound, and the precision fastest at one is not always fastest at the other (INT4 weights at batch 1,
+INT8 at 8, on hosts with fast int8 dot products). ``small_step_path`` is a second step graph over the same KV cache
+(same cache type and scales, other weights), run while at most ``small_batch`` sequences step.
+
 Prefills (joins and slides) can run on a thread of their own (``prefill_thread=True``) while the step
 graph runs the other sequences: with many sequences, re-encoding is about half the work, and it would
 otherwise stall every sequence's next token. Sequences being encoded keep the last slots, so a step
@@ -37,6 +42,9 @@ import onnxruntime as ort
 
 CACHE_TYPES = {"tensor(float)": np.float32, "tensor(int8)": np.int8}
 """The graphs' KV cache element type -> the engine's buffers."""
+
+SMALL_STEP_FILE = "step_small.onnx"
+"""The small-batch step graph's file beside ``step.onnx`` in a served model's version folder."""
 
 
 class PrefillError(RuntimeError):
@@ -88,17 +96,24 @@ def session_options(threads: int = 0, spinning: str = "off"):
     return options
 
 
+def _cache_inputs(session) -> list[tuple]:
+    """A step session's KV cache inputs: (name, element type, shape past the batch axis) each."""
+    return [(i.name, i.type, i.shape[1:]) for i in session.get_inputs() if i.name.startswith("past_")]
+
+
 class DecodeEngine:
     """Prefill and batched step over a fixed pool of ``max_sequences`` cache slots.
 
     Two ways to drive it: :meth:`submit` and :meth:`advance` (prefills may run in the background), or
     the synchronous :meth:`start_many` / :meth:`step` / :meth:`generate`, which wait for every prefill.
     ``spinning`` (:data:`SPINNING`) sets how the step session's idle threads wait; the prefill session's
-    always sleep.
+    always sleep. ``small_step_path``: a step graph run instead of ``step_path`` while at most ``small_batch``
+    sequences step (its cache inputs must match: same type, same scales).
     """
 
     def __init__(self, prefill_path: str, step_path: str, max_sequences: int = 32, threads: int = 0,
-                 prefill_thread: bool = False, prefill_chunk: int = 8, spinning: str = "off"):
+                 prefill_thread: bool = False, prefill_chunk: int = 8, spinning: str = "off",
+                 small_step_path: str | None = None, small_batch: int = 0):
         # the CPU on every host: the KV caches live in numpy between steps, and a GPU provider would copy every
         # layer's cache in and out on each step
         providers = ["CPUExecutionProvider"]
@@ -113,6 +128,14 @@ class DecodeEngine:
         self.n_layer = len(past)
         _, self.n_head, _, self.head_size = past[0].shape
         self.cache_dtype = CACHE_TYPES[past[0].type]  # float32, or int8 (compress.kv_cache's scaled cache)
+        self.small_session, self.small_batch = None, 0
+        if small_step_path and small_batch > 0:
+            self.small_session = ort.InferenceSession(small_step_path, session_options(threads, spinning),
+                                                      providers=providers)
+            if _cache_inputs(self.small_session) != _cache_inputs(self.step_session):
+                raise ValueError(f"{small_step_path} and {step_path} take different KV caches: a small-batch step "
+                                 "graph must share the step graph's cache (type, layers, heads)")
+            self.small_batch = small_batch
         self.max_sequences = max_sequences
         shape = (max_sequences, self.n_head, self.context, self.head_size)
         self.keys = [np.zeros(shape, self.cache_dtype) for _ in range(self.n_layer)]
@@ -121,7 +144,7 @@ class DecodeEngine:
         self.ready = 0
         self.prefill_chunk = max(1, prefill_chunk)
         self.keep = max(1, self.context // 2)
-        self._bindings: dict[int, tuple] = {}
+        self._bindings: dict[tuple, tuple] = {}  # (n, session)
         self._encoded: deque = deque()  # (sequence, length, K/V rows, logits, error) from finished prefills
         self.failures: list[tuple[Sequence, BaseException]] = []  # failed prefills (released); the caller drains
         self._done = threading.Condition()
@@ -220,7 +243,8 @@ class DecodeEngine:
         encoded hold the slots past ``ready`` and are not part of the batch."""
         n = self.ready
         live = self.live[:n]
-        binding, feed, out = self._binding(n)
+        session = self.small_session if n <= self.small_batch else self.step_session
+        binding, feed, out = self._binding(n, session)
         lengths = np.fromiter((s.length for s in live), np.int64, n)
         if len(stepping) == n:  # all of them (the usual case): whole rows, in slot order
             stepping = live
@@ -238,22 +262,23 @@ class DecodeEngine:
             feed["seqlens_k"][:] = np.where(lengths < self.context, np.maximum(lengths - 1, 0), 0)
             feed["seqlens_k"][rows] = lengths[rows]
             feed["query_seqlens"][rows] = 1
-        self.step_session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         logits = out[:, 0].copy()  # the bound buffer is overwritten by the next step
         for seq in stepping:
             seq.length += 1
         return [(seq, logits[seq.slot]) for seq in stepping]
 
-    def _binding(self, n: int):
-        """The step's I/O binding for ``n`` live sequences, made once: inputs are preallocated arrays
+    def _binding(self, n: int, session):
+        """``session``'s I/O binding for ``n`` live sequences, made once: inputs are preallocated arrays
         filled in place, and past/present K/V are the first ``n`` rows of the cache buffers (contiguous)."""
-        if n in self._bindings:
-            return self._bindings[n]
+        key = n, id(session)
+        if key in self._bindings:
+            return self._bindings[key]
         ort_value = ort.OrtValue.ortvalue_from_numpy
         feed = {"input_ids": np.zeros((n, 1), np.int64), "position_ids": np.zeros((n, 1), np.int64),
                 "seqlens_k": np.zeros(n, np.int32), "total_sequence_length": np.asarray(self.context, np.int32),
                 "query_seqlens": np.zeros(n, np.int32)}
-        binding = self.step_session.io_binding()
+        binding = session.io_binding()
         for name, value in feed.items():
             binding.bind_ortvalue_input(name, ort_value(value))  # shares the array's memory
         shape = [n, self.n_head, self.context, self.head_size]
@@ -264,8 +289,8 @@ class DecodeEngine:
                 binding.bind_output(f"present_{kind}_{i}", "cpu", 0, self.cache_dtype, shape, ptr)
         out = np.empty((n, 1, self.vocab_size), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-        self._bindings[n] = binding, feed, out
-        return self._bindings[n]
+        self._bindings[key] = binding, feed, out
+        return self._bindings[key]
 
     # ---- prefills: on the prefill thread, or at once on the caller's --------------------------------
     def _encode(self, pending: list[tuple[Sequence, list]], overlap: bool) -> None:

@@ -109,8 +109,11 @@ GENERATE_IO = IOSpec(
 
 def write_generate_model(repo: Path, settings: Settings, task, model_args, graphs, version: int = 1) -> str:
     """The decoupled generation model (KV-cache decode loop in Triton's python backend) as ``version``; its name."""
+    from compress.decode_engine import SMALL_STEP_FILE
+
     g = settings.compress.generate
     name = f"{task.name}-generate"
+    small = graphs.small_step_path
     cfg = ModelConfig(name=name, io=GENERATE_IO, flavour="python", max_batch_size=0, dynamic_batching=None,
                       instance_group=InstanceGroup(1, "cpu"), warmup_batch_sizes=(), decoupled=True,
                       optional_inputs=tuple(t.name for t in GENERATE_IO.inputs[1:]),
@@ -119,8 +122,11 @@ def write_generate_model(repo: Path, settings: Settings, task, model_args, graph
                                   "stream_interval_ms": str(g.stream_interval_ms),
                                   "stream_responses_per_s": str(g.stream_responses_per_s),
                                   "prefill_chunk": str(g.prefill_chunk),
-                                  "intra_op_spinning": g.intra_op_spinning}, versions=(version,))
+                                  "intra_op_spinning": g.intra_op_spinning,
+                                  "small_step_max_batch": str(graphs.small_step["max_batch"] if small else 0)},
+                      versions=(version,))
     files = {"prefill.onnx": graphs.prefill, "step.onnx": graphs.step,
+             **({SMALL_STEP_FILE: small} if small else {}),
              "model.py": module_source("compress.triton_generate_model"),
              "decode_engine.py": module_source("compress.decode_engine"),
              "sampling.py": module_source("autoglm.sampling"),

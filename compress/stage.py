@@ -114,7 +114,9 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
             graphs = build_decode_graphs(task, model, checkpoint.model_args, writer.dir / "decode",
                                          settings.compress.max_metric_loss,
                                          precisions=[p for p in PRECISIONS if getattr(generate, p)],
-                                         int4=Int4Recipe.of(settings.compress.int4), kv_cache=generate.kv_cache)
+                                         int4=Int4Recipe.of(settings.compress.int4), kv_cache=generate.kv_cache,
+                                         threads=generate.intra_op_threads, spinning=generate.intra_op_spinning,
+                                         small_step=generate.small_batch_step)
     choice = recommend(task, variants, settings.tune.serving_batch,
                        preferred=source.overrides.get("variants", [None])[0])
     recommended, why = choice.variant, choice.why

@@ -30,7 +30,7 @@ Metrics (Triton's ``/metrics``): ``autoglm_generate_sequences{state="live"|"wait
 Config parameters: ``max_sequences`` (cache slots; more
 requests wait), ``max_waiting`` (beyond it requests are refused), ``max_new_tokens`` (limit per
 request), ``stream_interval_ms``, ``stream_responses_per_s``, ``intra_op_threads``, ``intra_op_spinning``,
-``prefill_chunk``.
+``prefill_chunk``, ``small_step_max_batch`` (0, or the most stepping sequences ``step_small.onnx`` serves).
 """
 
 import json
@@ -45,7 +45,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode_engine.py, sampling.py, detokenizer.py
-from decode_engine import DecodeEngine  # noqa: E402
+from decode_engine import SMALL_STEP_FILE, DecodeEngine  # noqa: E402
 from detokenizer import TABLE_FILE, DecodeTable  # noqa: E402
 from sampling import Sampler, StopMatcher  # noqa: E402
 
@@ -92,7 +92,9 @@ class TritonPythonModel:
                                    max_sequences=int(params.get("max_sequences") or 32),
                                    threads=int(params.get("intra_op_threads") or 0), prefill_thread=True,
                                    prefill_chunk=int(params.get("prefill_chunk") or 8),
-                                   spinning=params.get("intra_op_spinning") or "off")
+                                   spinning=params.get("intra_op_spinning") or "off",
+                                   small_step_path=os.path.join(version_dir, SMALL_STEP_FILE),
+                                   small_batch=int(params.get("small_step_max_batch") or 0))
         with open(os.path.join(version_dir, TABLE_FILE)) as f:
             table = DecodeTable.from_json(f.read())
         try:  # token id -> bytes, for every logit the graphs give (ids past the tokenizer's add no text)

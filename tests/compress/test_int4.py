@@ -116,6 +116,7 @@ def test_the_decode_graphs_try_int4_and_report_it(tmp_path):
     fp32, int4 = report["candidates"]
     assert (fp32["precision"], int4["precision"], int4["recipe"]["block_size"]) == ("fp32", "int4", 64)
     assert int4["status"] == "ok" and abs(int4["metric_loss"]) < 0.01
-    assert int4["weight_bytes"] < fp32["weight_bytes"] / 2 and set(int4["tokens_per_s"]) == {"batch 1", "batch 8"}
+    assert int4["weight_bytes"] < fp32["weight_bytes"] / 2
+    assert set(int4["tokens_per_s"]) == {"batch 1", "batch 2", "batch 4", "batch 8"}
     assert "MatMulNBits" in ops(tmp_path / "int4" / "step.onnx")
     assert built.precision in ("fp32", "int4") and report["precision"] == built.precision  # the faster one
