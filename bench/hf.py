@@ -208,7 +208,11 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
 
     duration = 10.0 if quick else 30.0
     served_graphs = decode_dir / report["precision"]
-    static, continuous = engine_row(report["precision"]), engine_row(report["precision"], continuous=True)
+    small = report.get("small_step") or {}
+    small = small if small.get("step") else {}  # chosen and through the mixed gate: served beside the step graph
+    served_label = report["precision"] + (f" + {small['precision']} at ≤ {small['max_batch']}" if small else "")
+    static, continuous = engine_row(served_label), engine_row(served_label, continuous=True)
+    rows.setdefault(static, {"tokens_per_s": {}})
     rows[continuous] = {"tokens_per_s": {}}
     once = {**common, "repeats": 1}
 
@@ -219,7 +223,8 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
             out[name] = run_peer("genai", workdir, model_dir=str(built), **once | {"batches": [c]})
         out = {name: r["tokens_per_s"][str(c)] for name, r in out.items()}
         graphs = {"prefill": str(served_graphs / "prefill.onnx"), "step": str(served_graphs / "step.onnx"),
-                  "spinning": spinning}
+                  "spinning": spinning, "small_step": str(decode_dir / small["step"]) if small else None,
+                  "small_batch": small.get("max_batch", 0)}
         if c == 1:
             return out | {static: run_peer("engine", workdir, **graphs, **once | {"batches": [1]})["tokens_per_s"]["1"]}
         batched = run_peer("batching", workdir, **graphs, prompts=ids, new_tokens=NEW_TOKENS, threads=threads,
@@ -227,12 +232,13 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
         return out | {static: batched["static"], continuous: batched["continuous"]}
 
     texts = prompt_texts(model_dir, ids)
-    served_name = f"served :generate through the gateway ({report['precision']})"
+    served_name = f"served :generate through the gateway ({served_label})"
     rows[served_name], rounds = _served(settings, texts, workdir, duration, served_name, others_at, ROUNDS[quick])
     for c, by_round in rounds.items():  # each path's figure at 1 and at 32: the median of its rounds
         for name in by_round[0]:
             rows[name]["tokens_per_s"][str(c)] = float(np.median([r[name] for r in by_round]))
-    return {"rows": rows, "ceilings": ceilings, "served_precision": report["precision"], "rounds": rounds,
+    return {"rows": rows, "ceilings": ceilings, "served_precision": served_label, "rounds": rounds,
+            "batch1_precision": small.get("precision", report["precision"]),
             "load": (load_at_start, os.getloadavg()[0]),
             "spinning": [[label, report["precision"], mode, t.get("1"), t.get("8"), t.get("32")]
                          for mode, t in modes.items() if mode != "peak_rss_mb"]}

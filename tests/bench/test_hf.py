@@ -77,3 +77,23 @@ def test_the_tables_hold_every_shapes_rows_the_spinning_modes_the_rounds_and_wha
     spinning = next(t for title, t in tables.items() if title.startswith("The decode loop's ONNX Runtime pool"))
     assert [r[2] for r in spinning.rows] == ["off", "run", "on"]
     assert len(tables["Decode speed at real sizes (random weights)"].rows) == 4
+
+
+def test_with_a_small_batch_step_the_in_process_twin_and_the_batch_1_ceiling_are_the_graphs_served():
+    served_label = "int8-kv8 + int4-kv8 at ≤ 2"
+    rows = {"transformers generate() (torch eager, KV cache, padded batch)": {"tokens_per_s": {"1": 20.0, "32": 100.}},
+            "decode graphs int8-kv8, in process (no serving)": {"tokens_per_s": {"1": 70.0, "8": 300.0}},
+            "decode graphs int4-kv8, in process (no serving)": {"tokens_per_s": {"1": 90.0, "8": 200.0}},
+            f"decode graphs {served_label}, in process (no serving)": {"tokens_per_s": {"1": 90.0, "32": 500.0}},
+            f"decode graphs {served_label}, in process, continuous batching (no serving)": {
+                "tokens_per_s": {"32": 450.0}},
+            f"served :generate through the gateway ({served_label})": {"tokens_per_s": {"1": 81.0, "32": 400.0}}}
+    shape = {"rows": rows, "served_precision": served_label, "batch1_precision": "int4-kv8", "rounds": {},
+             "load": (1.0, 1.0), "spinning": [],
+             "ceilings": [["M", "int8-kv8", 118.0, 12.0, 101.0, 70.0], ["M", "int4-kv8", 76.0, 12.0, 162.0, 90.0]]}
+    tables = {t.title.split(":")[0]: t for t in _hf_tables.tables({"M": shape}, [], {"torch sum": 12e9})}
+    goals = {r[1]: r[2] for r in tables["Goals"].rows}
+    assert goals["served @1 / the same graphs in process @1 (what serving costs per token)"] == "0.90×"
+    assert goals["served @1 / its ceiling (int4-kv8)"] == "50%"
+    assert goals["served @32 / the same graphs in process, continuous batching @32 (what serving costs at 32)"] == \
+        "0.89×"
