@@ -243,9 +243,13 @@ class Objective:
 
         config = settings.save(out / "trial_config.json")
         done = launch(settings.tune.ddp_procs, ["--config", str(config), "--out", str(out / "ddp")])
-        if done.returncode != 0:
+        if done.returncode != 0:  # torchrun's summary names the rank; the ranks' own errors are above it
+            log = out / "ddp" / "torchrun.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(f"{done.stdout}\n--- stderr ---\n{done.stderr}")
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
-            raise AutoGLMError(f"DDP training of this trial failed (exit {done.returncode}):\n{tail}")
+            raise AutoGLMError(f"DDP training of this trial failed (exit {done.returncode}; every rank's output: "
+                               f"{log}):\n{tail}")
         summary = json.loads((out / "ddp" / RESULT).read_text())
         result = {k: summary[k] for k in ("steps", "samples", "metric", "wall_s", "cpu_s")}
         return load_checkpoint(out / "ddp" / "model.pt").build_model(self.task), result

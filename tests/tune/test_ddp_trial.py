@@ -27,3 +27,23 @@ def test_a_trial_trains_under_torchrun_ddp_and_completes(tmp_path):
     assert compute["cpu_s"] >= result["ranks_cpu_s"] > 0  # all of them, torch's imports included
     if compute["energy_method"].startswith("estimated"):  # from CPU time: the ranks' count
         assert compute["joules"] >= settings.measure.watts_per_core * result["ranks_cpu_s"]
+
+
+def test_a_failed_ddp_trial_keeps_every_ranks_output_and_names_where(tmp_path, monkeypatch):
+    import subprocess
+
+    from autoglm import ddp
+    from autoglm.errors import AutoGLMError
+
+    rank_error = "[rank1]: RuntimeError: gloo connection closed"
+    monkeypatch.setattr(ddp, "launch", lambda nproc, argv, **kw: subprocess.CompletedProcess(
+        argv, 1, "ddp: starting", f"{rank_error}\n" + "torchrun summary\n" * 10))
+    settings = _tiny.settings(tmp_path, "tune.n_trials=1", "tune.ddp_procs=2", "tune.early_stop.enabled=false",
+                              run="ddp-fails")
+
+    with pytest.raises(AutoGLMError, match="every rank's output: .*torchrun.log") as failed:
+        tune_run(settings, progress=False)
+
+    log = tmp_path / "runs" / "ddp-fails" / "tune" / "trials" / "0000" / "ddp" / "torchrun.log"
+    assert rank_error not in str(failed.value) and rank_error in log.read_text()
+    assert "ddp: starting" in log.read_text()
