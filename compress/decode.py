@@ -178,6 +178,13 @@ class DecodeGraphs:
         """The small-batch step graph to serve, if one was chosen and passed the mixed gate."""
         return (self.small_step or {}).get("step")
 
+    def describe(self) -> str:
+        """The served graphs in a few words: ``int8-kv8``, or ``int8-kv8, int4-kv8 stepping up to 1 sequence``."""
+        if self.small_step_path is None:
+            return self.precision
+        k = self.small_step["max_batch"]
+        return f"{self.precision}, {self.small_step['precision']} stepping up to {k} sequence{'s' * (k > 1)}"
+
     def to_dict(self, root: Path) -> dict[str, Any]:
         small = None if self.small_step is None else {
             k: str(v.relative_to(root)) if isinstance(v, Path) else v for k, v in self.small_step.items()}

@@ -139,13 +139,14 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
     writer.manifest.metrics = {"recommended": recommended, "why": why, "recommendation": choice.record(),
                                "metric": task.metric, "variants": {v["name"]: _summary(v) for v in rows}}
     if graphs is not None:
-        writer.manifest.metrics["generate"] = {"precision": graphs.precision, "candidates": graphs.candidates}
+        writer.manifest.metrics["generate"] = {"precision": graphs.precision, "candidates": graphs.candidates,
+                                               "small_step": graphs.to_dict(writer.dir / "decode")["small_step"]}
     manifest = writer.commit()
     track_stage(settings, writer.dir, ("manifest.json", "variants.json", "parity.json", "config.json"))
     lineage = {"stage": source.parent or "checkpoint", "trial": source.trial, "checkpoint": str(source.checkpoint),
                "checkpoint_sha256": config["source_sha256"]}
     repository = write_repository(run, settings, task, checkpoint.model_args, variants, choice, graphs, lineage)
-    generation = f"; generation model {task.name}-generate ({graphs.precision} decode graphs)" if graphs else ""
+    generation = f"; generation model {task.name}-generate ({graphs.describe()} decode graphs)" if graphs else ""
     replaced = f" in place of {choice.replaced['variant']}: {why}" if choice.replaced else ""
     print(f"compress: {len([v for v in variants if v.status == 'ok'])} variants published as version "
           f"{repository.metrics['version']}; recommended {recommended}{replaced}{generation} -> "

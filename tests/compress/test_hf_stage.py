@@ -106,6 +106,8 @@ def test_causal_lms_get_decode_graphs_of_the_served_context(causal):
     assert report["published"] and report["parity"]["passed"]
     assert report["context"] == 96  # task.model.context, below the model's 128 positions
     assert all(row["new_tokens"] <= 64 for row in report["parity"]["prompts"])
+    # the manifest says which step graphs are served, as decode.json does (a small-batch one where measured faster)
+    assert run.manifest("compress").metrics["generate"]["small_step"] == report["small_step"]
 
 
 def test_the_kv_cache_setting_reaches_the_decode_graphs(causal):
