@@ -199,6 +199,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    import logging
+
     from autoglm.cli import run_main
 
-    sys.exit(run_main(main))
+    code = run_main(main)
+    # Every file is written and the group torn down by now. Leave without the interpreter's teardown: torch's
+    # exit-time destructors abort a rank now and then ("terminate called without an active exception", SIGABRT,
+    # about 1 exit in 20 on a loaded 2-core host), which torchrun reports as the trial failing after it trained.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
