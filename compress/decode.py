@@ -179,11 +179,13 @@ class DecodeGraphs:
         return (self.small_step or {}).get("step")
 
     def describe(self) -> str:
-        """The served graphs in a few words: ``int8-kv8``, or ``int8-kv8, int4-kv8 stepping up to 1 sequence``."""
+        """The served graphs in a few words: ``int8-kv8 decode graphs``, or ``int8-kv8 decode graphs, an int4-kv8
+        step for up to 1 sequence``."""
         if self.small_step_path is None:
-            return self.precision
+            return f"{self.precision} decode graphs"
         k = self.small_step["max_batch"]
-        return f"{self.precision}, {self.small_step['precision']} stepping up to {k} sequence{'s' * (k > 1)}"
+        return (f"{self.precision} decode graphs, an {self.small_step['precision']} step for up to {k} "
+                f"sequence{'s' * (k > 1)}")
 
     def to_dict(self, root: Path) -> dict[str, Any]:
         small = None if self.small_step is None else {

@@ -146,7 +146,7 @@ def compress_run(settings: Settings, force: bool = False, progress: bool = True)
     lineage = {"stage": source.parent or "checkpoint", "trial": source.trial, "checkpoint": str(source.checkpoint),
                "checkpoint_sha256": config["source_sha256"]}
     repository = write_repository(run, settings, task, checkpoint.model_args, variants, choice, graphs, lineage)
-    generation = f"; generation model {task.name}-generate ({graphs.describe()} decode graphs)" if graphs else ""
+    generation = f"; generation model {task.name}-generate ({graphs.describe()})" if graphs else ""
     replaced = f" in place of {choice.replaced['variant']}: {why}" if choice.replaced else ""
     print(f"compress: {len([v for v in variants if v.status == 'ok'])} variants published as version "
           f"{repository.metrics['version']}; recommended {recommended}{replaced}{generation} -> "

@@ -127,7 +127,7 @@ def test_build_serves_the_measured_small_step_and_the_generation_model_runs_it(t
     assert report["small_step"]["precision"] == "int4-kv8" and report["small_step"]["max_batch"] == 2
     assert report["small_step"]["mixed"]["status"] == "ok" and report["small_step"]["step"] == "int4-kv8/step.onnx"
     assert built.small_step_path == tmp_path / "decode" / "int4-kv8" / "step.onnx"
-    assert built.describe() == "int8-kv8, int4-kv8 stepping up to 2 sequences"
+    assert built.describe() == "int8-kv8 decode graphs, an int4-kv8 step for up to 2 sequences"
     tokens = {c["precision"]: set(c["tokens_per_s"]) for c in report["candidates"] if "tokens_per_s" in c}
     assert tokens["int4-kv8"] == {"batch 1", "batch 2", "batch 4", "batch 8"}
 
@@ -161,6 +161,6 @@ def test_a_mix_outside_the_gate_or_the_setting_off_serves_one_step_graph(tmp_pat
     built = decode.build_decode_graphs(task, model, model.model_args, tmp_path / "mixed", eval_batches=2,
                                        max_metric_loss=0.05)
     assert built.small_step["mixed"]["status"] == "rejected" and built.small_step_path is None
-    assert built.describe() == built.precision
+    assert built.describe() == f"{built.precision} decode graphs"
     name = write_generate_model(tmp_path / "repo", load_settings(None, []), task, model.model_args, built)
     assert not (tmp_path / "repo" / "python" / name / "1" / SMALL_STEP_FILE).exists()
