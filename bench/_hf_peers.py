@@ -116,15 +116,17 @@ def _spinning_peer(spec: dict) -> dict:
 def _batching_peer(spec: dict) -> dict:
     """The served decode graphs at ``clients`` sequences, no serving, batched two ways: a static batch (every
     sequence joins at once and all end together, as the peers' batches do) and continuous batching (each sequence
-    replaced by the next prompt as soon as it ends, encoded on the prefill thread while the others step: what
-    the served model does, without Triton, the gateway or the clients)."""
+    replaced by the next prompt as soon as it ends, encoded as the served model encodes it -- on the prefill thread
+    while the others step, or between two steps (``prefill_thread``) -- without Triton, the gateway or the
+    clients)."""
     from bench.generate import closed_loop_rate
     from compress.decode_speed import decode_speeds
     from compress.decode_engine import DecodeEngine
 
     n = spec["clients"]
-    engine = DecodeEngine(spec["prefill"], spec["step"], n, threads=spec["threads"], prefill_thread=True,
-                          prefill_chunk=spec["prefill_chunk"], spinning=spec["spinning"], **_small_step(spec))
+    engine = DecodeEngine(spec["prefill"], spec["step"], n, threads=spec["threads"],
+                          prefill_thread=spec["prefill_thread"], prefill_chunk=spec["prefill_chunk"],
+                          spinning=spec["spinning"], **_small_step(spec))
     try:
         static = decode_speeds({"e": engine}, spec["prompts"][0], spec["new_tokens"], batches=(n,), rounds=1)["e"][n]
         closed_loop_rate(engine, spec["prompts"], spec["new_tokens"], n, 1.0)  # warm-up: the joins' shapes

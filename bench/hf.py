@@ -228,7 +228,8 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
         if c == 1:
             return out | {static: run_peer("engine", workdir, **graphs, **once | {"batches": [1]})["tokens_per_s"]["1"]}
         batched = run_peer("batching", workdir, **graphs, prompts=ids, new_tokens=NEW_TOKENS, threads=threads,
-                           clients=c, seconds=duration, prefill_chunk=settings.compress.generate.prefill_chunk)
+                           clients=c, seconds=duration, prefill_chunk=settings.compress.generate.prefill_chunk,
+                           prefill_thread=settings.compress.generate.prefill_thread)
         return out | {static: batched["static"], continuous: batched["continuous"]}
 
     texts = prompt_texts(model_dir, ids)

@@ -10,8 +10,10 @@ round trip to the Triton process (sending responses, asking whether a client wen
 metrics), so the loop only computes. Between two steps, waiting requests join (prefill into a free
 cache slot) and finished or cancelled sequences leave, so every step runs all live sequences as one
 batch -- in-flight batching. Prefills (joins, and slides past the context) run on the engine's own
-thread while the loop steps the other sequences: at high concurrency they are about half the work,
-and would otherwise hold up every sequence's next token. New tokens go back as responses
+thread while the loop steps the other sequences (``prefill_thread``, the default): at high concurrency
+they are about half the work, and would otherwise hold up every sequence's next token; with
+``prefill_thread`` false they run on the loop between two steps, leaving the cores to one pool at a
+time. New tokens go back as responses
 (``token_ids``, ``text``, ``finish_reason``); the last one carries the final flag. ``text`` holds
 complete characters only (a character whose UTF-8 bytes span tokens goes out with its last token); a
 sequence ends at ``max_new_tokens`` ("length"), a stop string or an end-of-sequence token ("stop"). The first token is
@@ -30,7 +32,8 @@ Metrics (Triton's ``/metrics``): ``autoglm_generate_sequences{state="live"|"wait
 Config parameters: ``max_sequences`` (cache slots; more
 requests wait), ``max_waiting`` (beyond it requests are refused), ``max_new_tokens`` (limit per
 request), ``stream_interval_ms``, ``stream_responses_per_s``, ``intra_op_threads``, ``intra_op_spinning``,
-``prefill_chunk``, ``small_step_max_batch`` (0, or the most stepping sequences ``step_small.onnx`` serves).
+``prefill_chunk``, ``prefill_thread`` (true/false), ``small_step_max_batch`` (0, or the most stepping
+sequences ``step_small.onnx`` serves).
 """
 
 import json
@@ -90,7 +93,8 @@ class TritonPythonModel:
         version_dir = os.path.join(args["model_repository"], str(args["model_version"]))
         self.engine = DecodeEngine(os.path.join(version_dir, "prefill.onnx"), os.path.join(version_dir, "step.onnx"),
                                    max_sequences=int(params.get("max_sequences") or 32),
-                                   threads=int(params.get("intra_op_threads") or 0), prefill_thread=True,
+                                   threads=int(params.get("intra_op_threads") or 0),
+                                   prefill_thread=(params.get("prefill_thread") or "true") == "true",
                                    prefill_chunk=int(params.get("prefill_chunk") or 8),
                                    spinning=params.get("intra_op_spinning") or "off",
                                    small_step_path=os.path.join(version_dir, SMALL_STEP_FILE),

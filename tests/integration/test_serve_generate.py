@@ -122,6 +122,23 @@ def test_concurrent_generations_with_different_seeds_are_independent_and_reprodu
     assert texts == alone * 3 and alone[0] != alone[1]
 
 
+def test_prefills_between_steps_stream_the_same_tokens(charlm):
+    """``prefill_thread`` false (joins encoded on the decode loop between two steps, applied live): concurrent
+    seeded generations still equal the same requests alone, and greedy text equals torch's."""
+    from loadtest.control import LiveModels, ModelControl, ServingConfig, model_parameters
+
+    _, serving = charlm
+    live = LiveModels(ModelControl(serving.triton_url))
+    assert model_parameters(live.base("charlm-generate"))["prefill_thread"] == "true"  # the default, written
+    live.apply(ServingConfig("charlm-generate", parameters={"prefill_thread": "false"}))
+    try:
+        test_concurrent_generations_with_different_seeds_are_independent_and_reproducible(charlm)
+        test_greedy_text_equals_torch_greedy_generation(charlm)
+    finally:
+        live.restore()
+    assert model_parameters(live.control.config("charlm-generate"))["prefill_thread"] == "true"
+
+
 def test_stop_strings_and_limits(charlm):
     _, serving = charlm
     _, free = generate(serving, prompt="a", max_new_tokens=60, temperature=0)
