@@ -265,7 +265,11 @@ def _quality(text: str, workdir: Path, quick: bool) -> list[list]:
 
 def run(quick: bool, args: list[str] | None = None) -> list[Table]:
     """The speed, ceiling and quality tables; ``--spinning [--shapes all]``: served spinning modes
-    (:mod:`bench._hf_spinning`)."""
+    (:mod:`bench._hf_spinning`); ``--int4-blocks [--shapes all]``: INT4 block sizes (:mod:`bench._hf_int4_blocks`)."""
+    if args and "--int4-blocks" in args:
+        from bench._hf_int4_blocks import run as int4_blocks
+
+        return int4_blocks(quick, args)
     if args:
         from bench._hf_spinning import run as spinning
 
