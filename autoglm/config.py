@@ -264,9 +264,12 @@ class QATSettings(Section):
 class Int4Settings(Section):
     """INT4 weight-only quantization (ONNX Runtime's MatMulNBits): the int4 variants and int4 decode graphs."""
 
-    # smaller blocks: more scales (block 32: 0.64 bytes per weight, 128: 0.54), a finer grid. 32 is the usual
-    # choice for accuracy (onnxruntime-genai's too); GPT-2-small shape, 2 cores: within noise of 64 and 128
-    block_size: Literal[16, 32, 64, 128] = Field(32, description="weights sharing one scale along the input")
+    # smaller blocks: more scales (block 32: 0.64 bytes per weight, 128: 0.54), a finer grid. 128 decoded the
+    # development shapes (bench/_hf_models.DEV_SHAPES) 1.12-1.41x faster than 32 at 1-8 sequences on an AVX2
+    # host, for +0.06% / +0.17% loss vs 32's +0.04% / +0.07% on the development corpora
+    # (bench/results/2026-12-07-hf-int4-blocks.md); the decode graphs try finer blocks where the gate rejects it
+    block_size: Literal[16, 32, 64, 128] = Field(128, description="weights sharing one scale along the input (the "
+                                                 "decode graphs' first try: a rejected block is halved down to 32)")
     symmetric: bool = Field(False, description="no zero points: slightly smaller, slightly less accurate")
     # GPT-2-small shape, 2 cores: 4 decoded 1.6x (batch 1) and 1.5x (batch 8) faster than 0, at the same loss
     accuracy_level: Literal[0, 4] = Field(4, description="4: int8 compute (per-row activation blocks; VNNI/AVX2 "

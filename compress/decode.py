@@ -207,10 +207,12 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
     KV cache (``<precision>-kv8``, :mod:`compress.kv_cache`, scales calibrated on training batches); it stands
     in for its FP32-cache pair when it too keeps the loss within the gate: it moves a quarter of the cache's
     bytes, which at many live sequences are most of a step's, and holds four times the sequences per GB.
-    A quantized pair is served when it keeps the validation loss within ``max_metric_loss`` (relative) and
-    decodes fastest (mean of its speed-ups over FP32 at batch 1 and 8, measured in alternating rounds), FP32
-    when none is faster; ``decode.json`` records every candidate. FP32 graphs keep an FP32 cache: they are the
-    reference that matches torch token for token. Speeds are measured with the decode loop's ``threads`` and
+    INT4 starts at ``int4``'s block and halves it (:meth:`Int4Recipe.finer`) while the gate rejects the pair
+    with the configured cache; its rows list the coarser blocks rejected (``rejected_blocks``). A quantized pair
+    is served when it keeps the validation loss within ``max_metric_loss`` (relative) and decodes fastest (mean
+    of its speed-ups over FP32 at batch 1 and 8, measured in alternating rounds), FP32 when none is faster;
+    ``decode.json`` records every candidate. FP32 graphs keep an FP32 cache: they are the reference that
+    matches torch token for token. Speeds are measured with the decode loop's ``threads`` and
     ``spinning``, as served. With ``small_step``, another candidate over the same cache that decodes the smallest
     batches faster is served beside it for those (:mod:`compress.decode_speed`) when the two mixed in one sequence
     keep the loss within the gate too.
@@ -243,28 +245,35 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
         worse = (loss - base_loss if task.direction == "minimize" else base_loss - loss) / max(abs(base_loss), 1e-12)
         return {"val_metric": loss, "metric_loss": worse, "status": "ok" if worse <= max_metric_loss else "rejected"}
 
-    def judge(name: str, pair: tuple[Path, Path], precision: str, cache: str) -> dict[str, Any]:
+    def judge(name: str, pair: tuple[Path, Path], precision: str, cache: str, recipe: Int4Recipe) -> dict[str, Any]:
         row = {"precision": name, "weights": precision, "kv_cache": cache,
                **gate(graph_val_loss(pair[0], task, model_args, eval_batches)), "weight_bytes": weight_bytes(pair[1])}
-        candidates.append(row | ({"recipe": (int4 or Int4Recipe()).to_dict()} if precision == "int4" else {}))
-        graphs[name] = pair
-        return candidates[-1]
+        return row | ({"recipe": recipe.to_dict()} if precision == "int4" else {})
 
     scales = None
     for precision in dict.fromkeys(p for p in precisions if int8 or p != "int8"):
-        q = quantize_graphs(fp32, out_dir / precision, precision, int4)
-        contestant = judge(precision, q, precision, "fp32")
-        if kv_cache == "int8":
-            if scales is None:
-                scales = calibrate(fp32[0], _calibration_batches(task, model_args), weights.rotary_inv_freq is not None)
-            kv8 = judge(f"{precision}-kv8", write_int8_cache_graphs(q, out_dir / f"{precision}-kv8", scales),
-                        precision, "int8")
-            if kv8["status"] == "ok":
-                contestant = kv8
-        if contestant["status"] == "ok":
-            pair = graphs[contestant["precision"]]
-            engines[contestant["precision"]] = DecodeEngine(str(pair[0]), str(pair[1]), max(SPEED_BATCHES), threads,
-                                                            spinning=spinning)
+        recipe, coarser = int4 or Int4Recipe(), []
+        while True:  # int4: from the recipe's block, each finer one while the gate rejects the configured cache
+            q = quantize_graphs(fp32, out_dir / precision, precision, recipe)
+            rows = {precision: judge(precision, q, precision, "fp32", recipe)}
+            if kv_cache == "int8":
+                if scales is None:
+                    scales = calibrate(fp32[0], _calibration_batches(task, model_args),
+                                       weights.rotary_inv_freq is not None)
+                kv8 = write_int8_cache_graphs(q, out_dir / f"{precision}-kv8", scales)
+                rows[f"{precision}-kv8"] = judge(f"{precision}-kv8", kv8, precision, "int8", recipe)
+                graphs[f"{precision}-kv8"] = kv8
+            finer = recipe.finer() if precision == "int4" else None
+            if finer is None or list(rows.values())[-1]["status"] == "ok":
+                break
+            coarser += [{"block_size": recipe.block_size, **{n: r["metric_loss"] for n, r in rows.items()}}]
+            recipe = finer
+        graphs[precision] = q
+        candidates.extend(r | ({"rejected_blocks": coarser} if coarser else {}) for r in rows.values())
+        ok = [name for name, r in rows.items() if r["status"] == "ok"]
+        if ok:  # the int8 cache where it keeps the loss within the gate
+            pair = graphs[ok[-1]]
+            engines[ok[-1]] = DecodeEngine(str(pair[0]), str(pair[1]), max(SPEED_BATCHES), threads, spinning=spinning)
     rounds = decode_rounds(engines, prompt, min(weights.context, CHECK_TOKENS), SPEED_BATCHES)
     speeds = medians(rounds)
     gains = {}

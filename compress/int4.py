@@ -3,6 +3,8 @@
 Decoding one token reads every weight once, so at batch 1 a decoder's speed is about memory bandwidth / bytes
 of weights. INT4 stores each MatMul's constant weight (K, N) as 4-bit integers with one FP32 scale (and a 4-bit
 zero point unless symmetric) per ``block_size`` rows of each column: about 1/7 of FP32's bytes at block 32.
+Coarser blocks decode faster and round more coarsely: the KV-cache decode graphs start at ``block_size`` and,
+where the loss gate rejects it, try each finer block down to :data:`FINEST_BLOCK` (:meth:`Int4Recipe.finer`).
 Activations are not quantized ahead of time: ``accuracy_level`` 4 quantizes them to int8 at run time, per block
 of each row, so a row's result never depends on the other rows of its batch (dynamic INT8's activation scale is
 per tensor); 0 computes in FP32 from dequantized weights. Everything else (embeddings, norms, attention) stays
@@ -14,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,12 @@ from autoglm._lazy import require
 from autoglm.artifacts import atomic_output
 from autoglm.errors import ConfigError
 
-__all__ = ["ACCURACY_LEVELS", "Int4Recipe", "quantizable_matmuls", "quantize_int4", "weight_bytes"]
+__all__ = ["ACCURACY_LEVELS", "FINEST_BLOCK", "Int4Recipe", "quantizable_matmuls", "quantize_int4", "weight_bytes"]
 
 # MatMulNBits' accuracy_level: the lowest precision its kernel may compute in (0 unset = FP32, 1 FP32, 2 FP16,
 # 3 BF16, 4 INT8); a CPU without a kernel for a level falls back to FP32
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+FINEST_BLOCK = 32  # the finest block a rejected coarser one falls back to: onnxruntime-genai's and llama.cpp's
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ class Int4Recipe:
 
     ``keep_head``: leave the last quantizable MatMul (an LM's head, the widest one) in FP32."""
 
-    block_size: int = 32
+    block_size: int = 128
     symmetric: bool = False
     accuracy_level: int = 4
     keep_head: bool = False
@@ -53,6 +56,10 @@ class Int4Recipe:
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ConfigError(f"INT4 accuracy_level={self.accuracy_level!r} is unknown: use one of "
                               f"{list(ACCURACY_LEVELS)} (4: int8 compute, 0: FP32)")
+
+    def finer(self) -> Int4Recipe | None:
+        """This recipe with half the block (a finer grid, more scales), or None at :data:`FINEST_BLOCK` or below."""
+        return replace(self, block_size=self.block_size // 2) if self.block_size > FINEST_BLOCK else None
 
     @classmethod
     def of(cls, settings: Any) -> Int4Recipe:

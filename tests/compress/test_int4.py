@@ -93,10 +93,10 @@ def test_the_int4_variant_builds_through_the_registry_and_is_gated_on_the_metric
     assert variant_for({"quantize": {"mode": "int4"}, "prune": {"ratio": 0.0}}) == "int4"
     check_settings(load_settings(None, ["compress.variants=['int4', 'pruned-int4']",
                                         "compress.quantize.calibration_batches=0"]))  # it needs no calibration
-    assert variant_settings("int4", settings.compress)["int4"] == {"block_size": 32, "symmetric": False,
+    assert variant_settings("int4", settings.compress)["int4"] == {"block_size": 128, "symmetric": False,
                                                                    "accuracy_level": 4, "keep_head": False}
     assert variant.path == tmp_path / "out" / "int4.onnx" and "MatMulNBits" in ops(variant.path)
-    assert variant.recipe == {"pass": "int4", "block_size": 32, "symmetric": False, "accuracy_level": 4,
+    assert variant.recipe == {"pass": "int4", "block_size": 128, "symmetric": False, "accuracy_level": 4,
                               "keep_head": False}
     assert 0 < strict.metric_loss < 0.01  # 4-bit weights cost a little loss, well within the default 1%
     assert strict.status == "rejected" and "limit compress.max_metric_loss=0" in strict.reason
@@ -120,3 +120,46 @@ def test_the_decode_graphs_try_int4_and_report_it(tmp_path):
     assert set(int4["tokens_per_s"]) == {"batch 1", "batch 2", "batch 4", "batch 8"}
     assert "MatMulNBits" in ops(tmp_path / "int4" / "step.onnx")
     assert built.precision in ("fp32", "int4") and report["precision"] == built.precision  # the faster one
+
+
+def test_a_finer_block_is_half_the_block_down_to_32():
+    assert Int4Recipe().block_size == 128
+    assert [Int4Recipe(128).finer().block_size, Int4Recipe(64).finer().block_size] == [64, 32]
+    assert Int4Recipe(32).finer() is None and Int4Recipe(16).finer() is None
+    assert Int4Recipe(128, symmetric=True).finer() == Int4Recipe(64, symmetric=True)  # the rest kept
+
+
+def graph_block(prefill_path) -> int:
+    """The block size of the graph's MatMulNBits nodes (one recipe: all alike)."""
+    sizes = {a.i for n in onnx.load(str(prefill_path)).graph.node if n.op_type == "MatMulNBits"
+             for a in n.attribute if a.name == "block_size"}
+    assert len(sizes) == 1
+    return sizes.pop()
+
+
+@pytest.mark.parametrize("cache", ["int8", "fp32"])
+def test_the_decode_graphs_fall_back_to_finer_blocks_while_the_gate_rejects(tmp_path, monkeypatch, cache):
+    task, model = charlm()
+    score = decode.graph_val_loss
+    # INT4 graphs coarser than 32 lose 5% (the gate allows 1%): 128 and 64 are rejected, 32 is served
+    monkeypatch.setattr(decode, "graph_val_loss", lambda path, *a, **k: score(path, *a, **k) * (
+        1.05 if "MatMulNBits" in ops(path) and graph_block(path) > 32 else 1.0))
+    decode.build_decode_graphs(task, model, model.model_args, tmp_path, eval_batches=2, precisions=("int4",),
+                               int4=Int4Recipe(128), kv_cache=cache)
+
+    report = json.loads((tmp_path / "decode.json").read_text())
+    rows = [c for c in report["candidates"] if c.get("weights") == "int4"]
+    assert [r["precision"] for r in rows] == ["int4"] + (["int4-kv8"] if cache == "int8" else [])
+    assert all(r["status"] == "ok" and r["recipe"]["block_size"] == 32 for r in rows)
+    assert [b["block_size"] for b in rows[-1]["rejected_blocks"]] == [128, 64]
+    assert all(b[rows[-1]["precision"]] > 0.04 for b in rows[-1]["rejected_blocks"])
+    assert graph_block(tmp_path / rows[-1]["precision"] / "step.onnx") == 32  # the graphs left are the served ones
+
+
+def test_the_decode_graphs_keep_the_first_block_the_gate_passes(tmp_path):
+    task, model = charlm()
+    decode.build_decode_graphs(task, model, model.model_args, tmp_path, eval_batches=2, precisions=("int4",),
+                               int4=Int4Recipe(128))
+    rows = [c for c in json.loads((tmp_path / "decode.json").read_text())["candidates"] if c.get("weights") == "int4"]
+    assert all(r["recipe"]["block_size"] == 128 and "rejected_blocks" not in r for r in rows)
+    assert graph_block(tmp_path / "int4-kv8" / "step.onnx") == 128
