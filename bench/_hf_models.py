@@ -19,8 +19,9 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         "intermediate_size": 1536, "vocab_size": 49152, "max_position_embeddings": 2048, "tie_word_embeddings": True,
         "rope_theta": 10000.0, "rms_norm_eps": 1e-5}),
 }
-# Development shapes for serving defaults (bench hf --spinning): Llama-family, unlike the goal shapes above in
-# width and depth -- a default is picked on these, and only reported on SHAPES.
+# Development shapes for serving and compression defaults (bench hf --spinning, --prefill-thread, --int4-blocks):
+# Llama-family, unlike the goal shapes above in width and depth -- a default is picked on these, and only reported
+# on SHAPES.
 DEV_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "Llama-family, 12 layers x 768 (dev)": ("llama", {
         "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4,

@@ -264,16 +264,17 @@ def _quality(text: str, workdir: Path, quick: bool) -> list[list]:
 
 
 def run(quick: bool, args: list[str] | None = None) -> list[Table]:
-    """The speed, ceiling and quality tables; ``--spinning [--shapes all]``: served spinning modes
-    (:mod:`bench._hf_spinning`); ``--int4-blocks [--shapes all]``: INT4 block sizes (:mod:`bench._hf_int4_blocks`)."""
+    """The speed, ceiling and quality tables; ``--spinning`` / ``--prefill-thread [--shapes all]``: a generation
+    model parameter's values served (:mod:`bench._hf_modes`); ``--int4-blocks [--shapes all]``: INT4 block sizes
+    (:mod:`bench._hf_int4_blocks`)."""
     if args and "--int4-blocks" in args:
         from bench._hf_int4_blocks import run as int4_blocks
 
         return int4_blocks(quick, args)
     if args:
-        from bench._hf_spinning import run as spinning
+        from bench._hf_modes import run as modes
 
-        return spinning(quick, args)
+        return modes(quick, args)
     text = hf_models.corpus_text()
     bandwidths = read_bandwidth()
     shapes, quality = {}, []

@@ -1,0 +1,128 @@
+"""``bench hf --spinning`` / ``--prefill-thread``: served ``:generate`` under each value of one parameter of the
+generation model, applied live.
+
+``--spinning``: ``compress.generate.intra_op_spinning`` decides whether the step's idle threads sleep (``off``),
+spin within a step (``run``, the default) or after it too (``on``). A decode step runs a few kernels per layer,
+each split across the pool's threads, so a pool that sleeps is woken hundreds of times per token, and its cost
+grows with depth; a spinning pool keeps its cores from Triton, the gateway and the clients, which share them.
+``--prefill-thread``: ``compress.generate.prefill_thread`` encodes joining prompts on a thread of their own
+beside the steps (``true``, the default) or on the decode loop between two steps (``false``): a second pool on
+the step's cores against every sequence waiting for the prefill.
+
+Which wins depends on the model and the host, so this measures it served: each shape goes through the real
+pipeline once, then in every round each value is applied to the live generation model through Triton's model
+control (a parameter change reloads it, as ``loadtest --tune`` does) and loaded at 1 and 32 concurrent
+streams, values in alternating rounds. The development shapes come first; the goal shapes of ``bench hf``
+(``--shapes all``) are reported beside them, never used to pick the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench import _hf_models as hf_models
+from bench.harness import Table
+
+# each measured parameter: its values, the first one the reference ("on" also spins between steps, where the
+# loop's Python and the outbox need the cores)
+PARAMETERS = {"spinning": ("intra_op_spinning", ("off", "run")),
+              "prefill_thread": ("prefill_thread", ("true", "false"))}
+CONCURRENCY = (1, 32)
+
+
+def _modes_served(settings, texts: list[str], workdir: Path, duration: float, rounds: int, parameter: str,
+                  modes: tuple[str, ...]) -> dict:
+    """{mode: {c: [tokens/s per round]}} from one serving start, ``parameter`` set to each mode live in every
+    round."""
+    from autoglm.artifacts import RunDir
+    from bench.generate import _load
+    from bench.hf import NEW_TOKENS
+    from loadtest.control import LiveModels, ModelControl, ServingConfig
+    from serve import GatewaySettings, on_free_ports, start_serving
+
+    settings = on_free_ports(settings)
+    task_info = RunDir(settings.run.root, settings.run.name).stage_dir("repository") / "task.json"
+    model = json.loads(task_info.read_text())["generate"]  # the generation model compress wrote
+    bodies = [{"prompt": p, "max_new_tokens": NEW_TOKENS, "temperature": 0, "stream": True} for p in texts]
+    found: dict = {mode: {c: [] for c in CONCURRENCY} for mode in modes}
+    with start_serving(settings, GatewaySettings(port=settings.serve.gateway_port, max_in_flight=256,
+                                                 request_timeout_s=600)) as serving:
+        live = LiveModels(ModelControl(serving.triton.http_url))
+        url = f"{serving.gateway.url}/v1/models/{settings.task.name}:generate"
+        pids = [serving.triton.pid, serving.gateway.pid]
+        try:
+            for _ in range(rounds):
+                for mode in modes:
+                    live.apply(ServingConfig(model, parameters={parameter: mode}))
+                    for c in CONCURRENCY:
+                        found[mode][c].append(_load(url, bodies, c, duration, pids, workdir, new_tokens=NEW_TOKENS,
+                                                    exact=False)["tokens_per_s"])
+        finally:
+            live.restore()
+    return found
+
+
+def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quick: bool, measured: str) -> list[list]:
+    from bench.hf import _pipeline, checkpoint, prompt_texts
+
+    model_dir, text_file, ids = checkpoint(family, config, text, workdir)
+    settings = _pipeline(model_dir, text_file, workdir, f"modes-{family}", steps=1, eval_batches=1)
+    found = _modes_served(settings, prompt_texts(model_dir, ids), workdir, 8.0 if quick else 15.0, 3 if quick else 5,
+                          *PARAMETERS[measured])
+    return rows_of(label, found)
+
+
+def rows_of(label: str, found: dict) -> list[list]:
+    """Table rows from ``{mode: {c: [tokens/s per round]}}`` (the first mode the reference): every round, the
+    median, the ratio of medians to the reference's, and in how many rounds the mode beat the reference's figure
+    of the same round."""
+    rows, reference = [], next(iter(found))
+    for c in CONCURRENCY:
+        base = found[reference][c]
+        for mode, by in found.items():
+            got = by[c]
+            wins = sum(g > o for g, o in zip(got, base))
+            rows.append([label, c, mode, *got, float(np.median(got)), f"{np.median(got) / np.median(base):.2f}×",
+                         "—" if mode == reference else f"{wins}/{len(got)}"])
+    return rows
+
+
+NOTES = {"spinning": "off: the step's idle threads sleep at once; run (the default): they spin within a step and "
+                     "sleep when it returns; prefills (their own thread, beside the steps) always sleep",
+         "prefill_thread": "true (the default): joining prompts are encoded on a thread of their own while the "
+                           "others step; false: on the decode loop, between two steps"}
+
+
+def run(quick: bool, args: list[str]) -> list[Table]:
+    """One table: each shape's served tokens/s per value of the measured parameter at 1 and 32, every round,
+    medians and wins over the first value."""
+    parser = argparse.ArgumentParser(prog="python -m bench hf")
+    measured = parser.add_mutually_exclusive_group(required=True)
+    measured.add_argument("--spinning", action="store_true", help="compress.generate.intra_op_spinning: off, run")
+    measured.add_argument("--prefill-thread", action="store_true",
+                          help="compress.generate.prefill_thread: true, false")
+    parser.add_argument("--shapes", choices=("dev", "all"), default="dev",
+                        help="dev: the development shapes only; all: the goal shapes of `bench hf` too")
+    opts = parser.parse_args(args)
+    key = "spinning" if opts.spinning else "prefill_thread"
+    parameter, modes = PARAMETERS[key]
+    shapes = dict(hf_models.DEV_SHAPES)
+    if opts.shapes == "all":
+        shapes |= {f"{label} (goal)": spec for label, spec in hf_models.SHAPES.items()}
+    text, rows = hf_models.corpus_text(), []
+    with tempfile.TemporaryDirectory(prefix="autoglm-bench-hf-modes-") as tmp:
+        for i, (label, (family, config)) in enumerate(shapes.items()):
+            rows += _shape(label, family, config, text, Path(tmp) / str(i), quick, key)
+    n = 3 if quick else 5
+    return [Table(f"Served :generate with each value of compress.generate.{parameter}, tokens/s",
+                  ["model", "concurrent requests", parameter, *(f"round {k + 1}" for k in range(n)), "median",
+                   f"vs {modes[0]}", f"rounds above {modes[0]}"], rows,
+                  ["the served graphs (compress's choice), one serving start per shape; in each round every value is "
+                   "applied live through Triton's model control (the model reloads) and loaded at 1, then 32 "
+                   "streams: values in alternating rounds, so a shared host's load falls on all", NOTES[key],
+                   "64-token prompts, 128 new tokens, greedy, all cores; the load generator shares them"])]
