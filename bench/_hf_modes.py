@@ -36,9 +36,9 @@ CONCURRENCY = (1, 32)
 
 
 def _modes_served(settings, texts: list[str], workdir: Path, duration: float, rounds: int, parameter: str,
-                  modes: tuple[str, ...]) -> dict:
-    """{mode: {c: [tokens/s per round]}} from one serving start, ``parameter`` set to each mode live in every
-    round."""
+                  modes: tuple[str, ...]) -> tuple[dict, dict]:
+    """{mode: {c: [tokens/s per round]}} and the same of TTFT p50 (ms) from one serving start, ``parameter`` set
+    to each mode live in every round."""
     from autoglm.artifacts import RunDir
     from bench.generate import _load
     from bench.hf import NEW_TOKENS
@@ -50,6 +50,7 @@ def _modes_served(settings, texts: list[str], workdir: Path, duration: float, ro
     model = json.loads(task_info.read_text())["generate"]  # the generation model compress wrote
     bodies = [{"prompt": p, "max_new_tokens": NEW_TOKENS, "temperature": 0, "stream": True} for p in texts]
     found: dict = {mode: {c: [] for c in CONCURRENCY} for mode in modes}
+    ttft: dict = {mode: {c: [] for c in CONCURRENCY} for mode in modes}
     with start_serving(settings, GatewaySettings(port=settings.serve.gateway_port, max_in_flight=256,
                                                  request_timeout_s=600)) as serving:
         live = LiveModels(ModelControl(serving.triton.http_url))
@@ -60,11 +61,12 @@ def _modes_served(settings, texts: list[str], workdir: Path, duration: float, ro
                 for mode in modes:
                     live.apply(ServingConfig(model, parameters={parameter: mode}))
                     for c in CONCURRENCY:
-                        found[mode][c].append(_load(url, bodies, c, duration, pids, workdir, new_tokens=NEW_TOKENS,
-                                                    exact=False)["tokens_per_s"])
+                        got = _load(url, bodies, c, duration, pids, workdir, new_tokens=NEW_TOKENS, exact=False)
+                        found[mode][c].append(got["tokens_per_s"])
+                        ttft[mode][c].append(got["ttft_p50"])
         finally:
             live.restore()
-    return found
+    return found, ttft
 
 
 def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quick: bool, measured: str) -> list[list]:
@@ -72,15 +74,15 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
 
     model_dir, text_file, ids = checkpoint(family, config, text, workdir)
     settings = _pipeline(model_dir, text_file, workdir, f"modes-{family}", steps=1, eval_batches=1)
-    found = _modes_served(settings, prompt_texts(model_dir, ids), workdir, 8.0 if quick else 15.0, 3 if quick else 5,
-                          *PARAMETERS[measured])
-    return rows_of(label, found)
+    found, ttft = _modes_served(settings, prompt_texts(model_dir, ids), workdir, 8.0 if quick else 15.0,
+                                3 if quick else 5, *PARAMETERS[measured])
+    return rows_of(label, found, ttft)
 
 
-def rows_of(label: str, found: dict) -> list[list]:
+def rows_of(label: str, found: dict, ttft: dict) -> list[list]:
     """Table rows from ``{mode: {c: [tokens/s per round]}}`` (the first mode the reference): every round, the
-    median, the ratio of medians to the reference's, and in how many rounds the mode beat the reference's figure
-    of the same round."""
+    median, the ratio of medians to the reference's, in how many rounds the mode beat the reference's figure of
+    the same round, and the median of ``ttft``'s rounds (same layout)."""
     rows, reference = [], next(iter(found))
     for c in CONCURRENCY:
         base = found[reference][c]
@@ -88,7 +90,7 @@ def rows_of(label: str, found: dict) -> list[list]:
             got = by[c]
             wins = sum(g > o for g, o in zip(got, base))
             rows.append([label, c, mode, *got, float(np.median(got)), f"{np.median(got) / np.median(base):.2f}×",
-                         "—" if mode == reference else f"{wins}/{len(got)}"])
+                         "—" if mode == reference else f"{wins}/{len(got)}", float(np.median(ttft[mode][c]))])
     return rows
 
 
@@ -121,7 +123,7 @@ def run(quick: bool, args: list[str]) -> list[Table]:
     n = 3 if quick else 5
     return [Table(f"Served :generate with each value of compress.generate.{parameter}, tokens/s",
                   ["model", "concurrent requests", parameter, *(f"round {k + 1}" for k in range(n)), "median",
-                   f"vs {modes[0]}", f"rounds above {modes[0]}"], rows,
+                   f"vs {modes[0]}", f"rounds above {modes[0]}", "TTFT p50 ms (median)"], rows,
                   ["the served graphs (compress's choice), one serving start per shape; in each round every value is "
                    "applied live through Triton's model control (the model reloads) and loaded at 1, then 32 "
                    "streams: values in alternating rounds, so a shared host's load falls on all", NOTES[key],

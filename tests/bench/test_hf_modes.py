@@ -9,12 +9,13 @@ from bench import _hf_models, _hf_modes
 def test_rows_give_every_round_the_median_the_ratio_to_off_and_the_paired_wins():
     found = {"off": {1: [100.0, 90.0, 110.0], 32: [500.0, 520.0, 480.0]},
              "run": {1: [120.0, 80.0, 121.0], 32: [500.0, 510.0, 470.0]}}
-    rows = _hf_modes.rows_of("shape", found)
+    ttft = {"off": {1: [30.0, 50.0, 40.0], 32: [900.0, 800.0, 1000.0]}, "run": {1: [20.0, 20.0, 30.0], 32: [1.0] * 3}}
+    rows = _hf_modes.rows_of("shape", found, ttft)
     assert [r[:3] for r in rows] == [["shape", 1, "off"], ["shape", 1, "run"], ["shape", 32, "off"],
                                      ["shape", 32, "run"]]
-    assert rows[1][3:] == [120.0, 80.0, 121.0, 120.0, "1.20×", "2/3"]  # beat off in rounds 1 and 3
-    assert rows[3][-3:] == [500.0, "1.00×", "0/3"]  # equal medians; round 1 ties off: not a win
-    assert rows[0][-1] == "—"
+    assert rows[1][3:] == [120.0, 80.0, 121.0, 120.0, "1.20×", "2/3", 20.0]  # beat off in rounds 1 and 3
+    assert rows[3][-4:] == [500.0, "1.00×", "0/3", 1.0]  # equal medians; round 1 ties off: not a win
+    assert rows[0][-2:] == ["—", 40.0] and rows[2][-1] == 900.0  # TTFT: the median of the rounds
 
 
 def test_the_development_shapes_are_not_the_goal_shapes():
@@ -30,9 +31,10 @@ def test_an_unknown_shape_set_is_refused_before_anything_is_built(capsys):
 
 
 def test_the_reference_is_the_first_value_and_each_flag_measures_its_own_parameter(monkeypatch):
-    rows = _hf_modes.rows_of("shape", {"true": {1: [100.0], 32: [500.0]}, "false": {1: [90.0], 32: [600.0]}})
+    rows = _hf_modes.rows_of("shape", {"true": {1: [100.0], 32: [500.0]}, "false": {1: [90.0], 32: [600.0]}},
+                             {"true": {1: [5.0], 32: [50.0]}, "false": {1: [6.0], 32: [70.0]}})
     assert [r[2] for r in rows] == ["true", "false", "true", "false"]
-    assert rows[1][-2:] == ["0.90×", "0/1"] and rows[3][-2:] == ["1.20×", "1/1"] and rows[0][-1] == "—"
+    assert rows[1][-3:] == ["0.90×", "0/1", 6.0] and rows[3][-3:] == ["1.20×", "1/1", 70.0] and rows[0][-2] == "—"
     seen = []
     monkeypatch.setattr(_hf_modes, "_shape", lambda *a: seen.append(a[-1]) or [])
     monkeypatch.setattr(_hf_modes.hf_models, "DEV_SHAPES", {"dev": ("llama", {})})
