@@ -209,8 +209,8 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
     bytes, which at many live sequences are most of a step's, and holds four times the sequences per GB.
     INT4 starts at ``int4``'s block and halves it (:meth:`Int4Recipe.finer`) while the gate rejects the pair
     with the configured cache; its rows list the coarser blocks rejected (``rejected_blocks``). A quantized pair
-    is served when it keeps the validation loss within ``max_metric_loss`` (relative) and decodes fastest (mean
-    of its speed-ups over FP32 at batch 1 and 8, measured in alternating rounds), FP32 when none is faster;
+    is served when it keeps the validation loss within ``max_metric_loss`` (relative) and decodes fastest
+    (:func:`compress.decode_speed.served_choice`, rounds measured alternating), FP32 when none is faster;
     ``decode.json`` records every candidate. FP32 graphs keep an FP32 cache: they are the reference that
     matches torch token for token. Speeds are measured with the decode loop's ``threads`` and
     ``spinning``, as served. With ``small_step``, another candidate over the same cache that decodes the smallest
@@ -220,7 +220,7 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
     from compress.decode_engine import DecodeEngine
     from compress.int4 import weight_bytes
     from compress.kv_cache import KV_CACHES, calibrate, write_int8_cache_graphs
-    from compress.decode_speed import SPEED_BATCHES, decode_rounds, medians, small_batch_choice
+    from compress.decode_speed import SPEED_BATCHES, decode_rounds, medians, served_choice, small_batch_choice
 
     if kv_cache not in KV_CACHES:
         raise ValueError(f"KV cache {kv_cache!r} is unknown: use one of {list(KV_CACHES)}")
@@ -276,14 +276,10 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
             engines[ok[-1]] = DecodeEngine(str(pair[0]), str(pair[1]), max(SPEED_BATCHES), threads, spinning=spinning)
     rounds = decode_rounds(engines, prompt, min(weights.context, CHECK_TOKENS), SPEED_BATCHES)
     speeds = medians(rounds)
-    gains = {}
     for row in candidates:
         if row["precision"] in speeds:
-            by = speeds[row["precision"]]
-            row["tokens_per_s"] = {f"batch {b}": v for b, v in by.items()}
-            gains[row["precision"]] = float(np.mean([by[b] / speeds["fp32"][b] for b in (1, 8)]))
-    # the fastest within the loss gate on average over batch 1 and 8; FP32 on a tie
-    chosen = max(gains, key=lambda p: (gains[p], p == "fp32"))
+            row["tokens_per_s"] = {f"batch {b}": v for b, v in speeds[row["precision"]].items()}
+    chosen = served_choice(speeds, small_step)
     served = DecodeGraphs(graphs[chosen][0], graphs[chosen][1], chosen, parity, candidates)
     small = small_batch_choice(rounds, chosen, candidates) if small_step else None
     if small is not None:

@@ -3,10 +3,11 @@ sequences chosen from those rounds.
 
 A decode step with one or two live sequences reads every weight for a token or two: it is bound by memory
 bandwidth, so the fewest bytes of weights win (INT4). With many sequences the same weights serve every row and the
-step is bound by compute, where dynamic INT8's GEMM wins on hosts with fast int8 dot products. One precision is
-served for the whole load (the fastest over batch 1 and 8, :func:`compress.decode.build_decode_graphs`); where
-another precision that passed the loss gate over the same KV cache beats it at the smallest batches, its step graph
-is served beside it for those (:class:`compress.decode_engine.DecodeEngine`'s ``small_step_path``).
+step is bound by compute, where dynamic INT8's GEMM wins on hosts with fast int8 dot products. One precision's step
+graph serves the load (:func:`served_choice`: the fastest at the largest batch measured, or on average over the
+smallest and the largest without a second step graph); where another precision that passed the loss gate over the
+same KV cache beats it at the smallest batches, its step graph is served beside it for those
+(:class:`compress.decode_engine.DecodeEngine`'s ``small_step_path``).
 
 The choice is measured, on the host and with the threads the model is served with: a candidate must be faster by
 its median *and* in most of the paired rounds at every batch from 1 up to the one it serves, so a noisy tie engages
@@ -22,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SPEED_BATCHES", "beats", "decode_rounds", "decode_speeds", "medians", "small_batch_choice"]
+__all__ = ["SPEED_BATCHES", "beats", "decode_rounds", "decode_speeds", "medians", "served_choice",
+           "small_batch_choice"]
 
 SPEED_BATCHES = (1, 2, 4, 8)
-"""Batch sizes of compress's speed rounds: the served choice reads 1 and 8, the small-batch step all of them."""
+"""Batch sizes of compress's speed rounds: the served choice reads 8 (and 1), the small-batch step all of them."""
 
 
 def _decode_rate(engine, prompt: list[int], n_new: int, batch: int) -> float:
@@ -68,6 +70,17 @@ def beats(mine: list[float], theirs: list[float]) -> bool:
     """Faster by the median and in most paired rounds (a tie is not a win)."""
     wins = sum(m > t for m, t in zip(mine, theirs))
     return bool(np.median(mine) > np.median(theirs)) and 2 * wins > len(mine)
+
+
+def served_choice(speeds: dict[str, dict[int, float]], small_step: bool) -> str:
+    """The precision whose step graph serves the load, from median tokens/s per candidate and batch (``fp32``
+    among them): with ``small_step`` (another step graph may serve the smallest batches, :func:`small_batch_choice`)
+    the fastest at the largest batch measured, else the fastest on average over batch 1 and the largest (speed-ups
+    over FP32); FP32 on a tie."""
+    top = max(speeds["fp32"])
+    read = (top,) if small_step else (1, top)
+    gains = {p: float(np.mean([by[b] / speeds["fp32"][b] for b in read])) for p, by in speeds.items()}
+    return max(gains, key=lambda p: (gains[p], p == "fp32"))
 
 
 def small_batch_choice(rounds: dict[str, dict[int, list[float]]], chosen: str,

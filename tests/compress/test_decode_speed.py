@@ -11,7 +11,7 @@ from compress import decode
 from compress.decode_engine import SMALL_STEP_FILE, DecodeEngine
 from compress.repository import write_generate_model
 from compress import decode_speed
-from compress.decode_speed import beats, small_batch_choice
+from compress.decode_speed import beats, served_choice, small_batch_choice
 from tests.compress._trained import charlm
 from tests.compress.test_triton_generate_model import load, run
 
@@ -26,6 +26,15 @@ def rounds(**by_name):
 
 
 CANDIDATES = rows(("fp32", "fp32", "ok"), ("int8-kv8", "int8", "ok"), ("int4-kv8", "int8", "ok"))
+
+
+def test_the_served_step_graph_is_the_fastest_at_the_largest_batch_where_a_small_step_may_serve_the_rest():
+    speeds = {"fp32": {1: 50, 2: 90, 4: 150, 8: 200}, "int8-kv8": {1: 100, 2: 180, 4: 300, 8: 400},
+              "int4-kv8": {1: 200, 2: 260, 4: 290, 8: 300}}
+    assert served_choice(speeds, small_step=True) == "int8-kv8"  # 400 vs 300 at 8; int4 may take batch 1
+    assert served_choice(speeds, small_step=False) == "int4-kv8"  # mean speed-up over 1 and 8: 2.75 vs 2.0
+    tie = {"fp32": {1: 100, 8: 400}, "int8": {1: 100, 8: 400}}
+    assert served_choice(tie, small_step=True) == served_choice(tie, small_step=False) == "fp32"
 
 
 def test_a_candidate_faster_at_the_smallest_batches_serves_up_to_the_last_it_wins():
