@@ -91,10 +91,13 @@ class TritonPythonModel:
         self.interval_s = float(params.get("stream_interval_ms") or 0) / 1000
         self.responses_per_s = float(params.get("stream_responses_per_s") or 0)  # 0: no budget
         version_dir = os.path.join(args["model_repository"], str(args["model_version"]))
+        prefill_thread = params.get("prefill_thread") or "true"
+        if prefill_thread not in ("true", "false"):
+            raise ValueError(f"{self.model_name}: parameter prefill_thread={prefill_thread!r} must be true or false")
         self.engine = DecodeEngine(os.path.join(version_dir, "prefill.onnx"), os.path.join(version_dir, "step.onnx"),
                                    max_sequences=int(params.get("max_sequences") or 32),
                                    threads=int(params.get("intra_op_threads") or 0),
-                                   prefill_thread=(params.get("prefill_thread") or "true") == "true",
+                                   prefill_thread=prefill_thread == "true",
                                    prefill_chunk=int(params.get("prefill_chunk") or 8),
                                    spinning=params.get("intra_op_spinning") or "off",
                                    small_step_path=os.path.join(version_dir, SMALL_STEP_FILE),

@@ -246,6 +246,30 @@ def test_graphs_with_an_int8_cache_are_served_alike(tmp_path, monkeypatch):
     assert [i for r in sender.responses for i in r.outputs["token_ids"].tolist()] == want
 
 
+@pytest.mark.parametrize("thread", [True, False])
+def test_prefill_thread_decides_whether_the_served_engine_encodes_on_a_thread(tmp_path, monkeypatch, thread):
+    task, model = charlm()
+    graphs = decode.write_graphs(task.decoder_weights(model), tmp_path / "fp32")
+    settings = load_settings(None, [f"compress.generate.prefill_thread={str(thread).lower()}"])
+    name = write_generate_model(tmp_path / "repo", settings, task, model.model_args,
+                                decode.DecodeGraphs(graphs[0], graphs[1], "fp32", {}))
+    model_dir = tmp_path / "repo" / "python" / name
+    m = load(model_dir, monkeypatch)
+    try:
+        assert (m.engine._worker is not None) == thread
+        prompt = decode.prompts(task, model.model_args, 1, 8)[0]
+        sender = run(m, input_ids=np.array(prompt), max_new_tokens=np.array([12], np.int32),
+                     temperature=np.array([0.0], np.float32))
+        assert [i for r in sender.responses for i in r.outputs["token_ids"].tolist()] == \
+            decode.torch_greedy(model, prompt, 12)
+    finally:
+        m.finalize()
+    config = model_dir / "config.pbtxt"
+    config.write_text(config.read_text().replace(f'"{str(thread).lower()}"', '"yes"'))
+    with pytest.raises(ValueError, match="prefill_thread='yes' must be true or false"):
+        load(model_dir, monkeypatch)
+
+
 @pytest.mark.parametrize("mode, stop", [("run", "1"), ("off", "0")])
 def test_the_pool_spinning_setting_reaches_the_served_step_session_only(tmp_path, monkeypatch, mode, stop):
     task, model = charlm()
