@@ -27,7 +27,9 @@ the caller's thread between steps, so the two threads never touch the same memor
 joins or slides together while nothing else could step is split: its first ``prefill_chunk``
 sequences are encoded at once and step while the rest are encoded in the background. Otherwise
 identical requests (a benchmark's, a batch job's) would stay in lock-step -- all encoding, then all
-stepping -- and the two never overlap.
+stepping -- and the two never overlap. Without the thread, prefills run on the caller's, between steps, at
+most ``prefill_chunk`` sequences per round (one step, then one chunk), so a large group joining holds up the
+others' next token by one chunk's prefill at a time.
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ class DecodeEngine:
         self.keep = max(1, self.context // 2)
         self._bindings: dict[tuple, tuple] = {}  # (n, session)
         self._encoded: deque = deque()  # (sequence, length, K/V rows, logits, error) from finished prefills
+        self._backlog: list = []  # without a prefill thread: (sequence, ids) to encode, a chunk per round
         self.failures: list[tuple[Sequence, BaseException]] = []  # failed prefills (released); the caller drains
         self._done = threading.Condition()
         self._encodes: queue.SimpleQueue | None = None
@@ -230,10 +233,15 @@ class DecodeEngine:
         if sliding:
             self._encode([(s, s.ids[-self.keep:]) for s in sliding], overlap=bool(stepping))
         results = self._step(stepping) if stepping else []
+        if self._backlog:  # no prefill thread: one chunk after each step
+            self._prefill_backlog()
         results += self._store_encoded()  # after the step: what they store steps next round, with the rest
         while self.ready < len(self.live) and (wait or not results):
-            with self._done:
-                self._done.wait_for(lambda: self._encoded)
+            if self._backlog:
+                self._prefill_backlog()
+            else:
+                with self._done:
+                    self._done.wait_for(lambda: self._encoded)
             results += self._store_encoded()
         return results
 
@@ -304,14 +312,23 @@ class DecodeEngine:
                 self._swap(self.live[self.ready], seq)
             seq.encoding = True
             seq.length = 0  # what its cache held is about to be replaced
-        if self._encodes is None:
-            self._run_prefill(pending)
+        if self._encodes is None:  # on the caller's thread: a chunk now if nothing else could step, else after it
+            self._backlog += pending
+            if not overlap:
+                self._prefill_backlog()
             return
         if not overlap:
             self._run_prefill(pending[:self.prefill_chunk])
             pending = pending[self.prefill_chunk:]
         if pending:
             self._encodes.put(pending)
+
+    def _prefill_backlog(self) -> None:
+        """Encode the backlog's next ``prefill_chunk`` sequences still holding their slots, on this thread."""
+        self._backlog = [(seq, ids) for seq, ids in self._backlog if seq.slot >= 0]  # released ones dropped
+        chunk, self._backlog = self._backlog[:self.prefill_chunk], self._backlog[self.prefill_chunk:]
+        if chunk:
+            self._run_prefill(chunk)
 
     def _prefill_worker(self) -> None:
         """Encode what is queued, at most ``prefill_chunk`` sequences at a time: a prefill costs the same per

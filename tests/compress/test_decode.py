@@ -295,6 +295,27 @@ def test_a_group_joining_at_once_is_split_so_its_first_chunk_steps_while_the_res
     assert [out[k] for k in range(7)] == alone
 
 
+def test_without_a_prefill_thread_a_joining_group_is_encoded_a_chunk_per_round_between_steps(graphs):
+    task, model = charlm()
+    prompts = [p[:n] for p, n in zip(decode.prompts(task, model.model_args, 7, 40), (20, 9, 31, 32, 14, 3, 25))]
+    alone = [engine(graphs, slots=1).generate(p, 30) for p in prompts]
+    e = DecodeEngine(str(graphs[0]), str(graphs[1]), max_sequences=7, threads=1, prefill_chunk=2)
+    first = e.start_many(prompts[:2])
+    group = e.submit(prompts[2:], [2, 3, 4, 5, 6])  # five join while two can step: encoded after the steps
+    assert e.ready == 2 and all(s.encoding for s in group)
+    e.release(group[1])  # leaves while it waits: its prefill is never run
+    fed = [(seq, int(logits.argmax())) for seq, logits in first]
+    back = [s.tag for s, _ in e.advance(fed) if s in group]
+    assert back == [2, 4] and e.ready == 4  # one step of the two, then one chunk of two
+    back = [s.tag for s, _ in e.advance([])]
+    assert back == [5, 6] and e.ready == 6 and not e._backlog
+    for seq in list(e.live):
+        e.release(seq)
+    # and decoding a group that joins at once gives every sequence its solo tokens
+    out, _ = drive(e, prompts, 30, dict.fromkeys(range(7), 0))
+    assert [out[k] for k in range(7)] == alone and e.free_slots == 7
+
+
 def test_a_sequence_released_while_it_is_encoded_is_dropped_and_a_failed_prefill_is_raised(graphs):
     e = DecodeEngine(str(graphs[0]), str(graphs[1]), max_sequences=2, threads=1, prefill_thread=True)
     try:
