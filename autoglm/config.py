@@ -321,8 +321,9 @@ class GenerateSettings(Section):
     prefill_chunk: int = Field(8, ge=1, description="sequences encoded per prefill batch; a larger group joining "
                                "or sliding at once is split, so its first chunk steps while the rest is encoded")
     prefill_thread: bool = Field(True, description="encode joining prompts on a thread of their own while the "
-                                 "other sequences step (true), or on the decode loop's between two steps (false: "
-                                 "no second pool on the step's cores, but every sequence waits for the prefill)")
+                                 "other sequences step (true), or on the decode loop's, prefill_chunk of them after "
+                                 "each step (false: no second pool on the step's cores, but every sequence waits "
+                                 "for the chunk)")
     kv_cache: Literal["int8", "fp32"] = Field("int8", description="KV cache of the quantized graphs: int8 "
                                               "(per-channel scales; used where it too keeps the loss within "
                                               "max_metric_loss, else fp32) or fp32. FP32 graphs keep an fp32 cache")

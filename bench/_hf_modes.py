@@ -97,7 +97,7 @@ def rows_of(label: str, found: dict, ttft: dict) -> list[list]:
 NOTES = {"spinning": "off: the step's idle threads sleep at once; run (the default): they spin within a step and "
                      "sleep when it returns; prefills (their own thread, beside the steps) always sleep",
          "prefill_thread": "true (the default): joining prompts are encoded on a thread of their own while the "
-                           "others step; false: on the decode loop, between two steps"}
+                           "others step; false: on the decode loop, prefill_chunk of them between two steps"}
 
 
 def run(quick: bool, args: list[str]) -> list[Table]:

@@ -12,8 +12,8 @@ cache slot) and finished or cancelled sequences leave, so every step runs all li
 batch -- in-flight batching. Prefills (joins, and slides past the context) run on the engine's own
 thread while the loop steps the other sequences (``prefill_thread``, the default): at high concurrency
 they are about half the work, and would otherwise hold up every sequence's next token; with
-``prefill_thread`` false they run on the loop between two steps, leaving the cores to one pool at a
-time. New tokens go back as responses
+``prefill_thread`` false they run on the loop, ``prefill_chunk`` sequences between two steps, leaving
+the cores to one pool at a time. New tokens go back as responses
 (``token_ids``, ``text``, ``finish_reason``); the last one carries the final flag. ``text`` holds
 complete characters only (a character whose UTF-8 bytes span tokens goes out with its last token); a
 sequence ends at ``max_new_tokens`` ("length"), a stop string or an end-of-sequence token ("stop"). The first token is
