@@ -60,27 +60,18 @@ def _speeds(family: str, config: dict, workdir: Path, rounds: int) -> dict[int, 
 
 
 def _losses(corpus: str, text: str, workdir: Path, steps: int) -> dict[int, float]:
-    """{block: relative loss of the int8-cache INT4 graphs vs FP32} of a tiny model trained on ``text``."""
+    """{block: relative loss of the int8-cache INT4 graphs vs FP32} of a tiny model trained on ``text`` (the gate
+    opened wide, so no block falls back)."""
     from autoglm.artifacts import RunDir
-    from bench.hf import ROOT
-    from autoglm.config import load_settings
-    from autoglm.train import train_run
-    from compress.stage import compress_run
+    from bench.hf import _pipeline
 
     model_dir = hf_models.save_checkpoint(workdir / f"model-{corpus}", "llama", QUALITY_MODEL, text, vocab_size=1024)
     text_file = workdir / f"{corpus}.txt"
     text_file.write_text(text[:400_000], encoding="utf-8")
     found = {}
-    for block in BLOCKS:
-        settings = load_settings(ROOT / "configs" / "hf-causal-lm.toml", [
-            f"run.root='{workdir}'", f"run.cache_dir='{workdir / 'cache'}'", f"run.name='{corpus}'",
-            f"task.model_id='{model_dir}'", f"task.data='{text_file}'", f"train.max_steps={steps}",
-            "train.eval_every=100000", "train.eval_batches=8", "train.batch_size=8", "train.lr=2e-3",
-            "task.model.block_size=64", "compress.variants=['fp32']", "compress.exporter='legacy'",
-            "compress.generate.int8=false", "compress.max_metric_loss=1.0", f"compress.int4.block_size={block}"])
-        if block == BLOCKS[0]:  # one training run: each block compresses the same checkpoint
-            train_run(settings, progress=False)
-        compress_run(settings, force=True, progress=False)
+    for block in BLOCKS:  # one training run: each block compresses the same checkpoint
+        settings = _pipeline(model_dir, text_file, workdir, corpus, steps, eval_batches=8, lr=2e-3, extra=(
+            "compress.generate.int8=false", "compress.max_metric_loss=1.0", f"compress.int4.block_size={block}"))
         report = RunDir(settings.run.root, settings.run.name).stage_dir("compress") / "decode" / "decode.json"
         row = next(c for c in json.loads(report.read_text())["candidates"] if c["precision"] == "int4-kv8")
         found[block] = row["metric_loss"]
@@ -89,15 +80,10 @@ def _losses(corpus: str, text: str, workdir: Path, steps: int) -> dict[int, floa
 
 def speed_rows(label: str, found: dict[int, dict[int, list[float]]]) -> list[list]:
     """Per batch: each block's median tokens/s, its ratio to block 32's, and the rounds it beat block 32 in."""
-    rows = []
-    for batch in found[BLOCKS[0]]:
-        base = found[BLOCKS[0]][batch]
-        for block in BLOCKS:
-            got = found[block][batch]
-            wins = sum(g > b for g, b in zip(got, base))
-            rows.append([label, batch, block, float(np.median(got)), f"{np.median(got) / np.median(base):.2f}×",
-                         "—" if block == BLOCKS[0] else f"{wins}/{len(got)}"])
-    return rows
+    from bench._hf_modes import versus
+
+    return [[label, batch, block, *versus(found[block][batch], found[BLOCKS[0]][batch], block == BLOCKS[0])]
+            for batch in found[BLOCKS[0]] for block in BLOCKS]
 
 
 def run(quick: bool, args: list[str]) -> list[Table]:

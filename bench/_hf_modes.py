@@ -85,13 +85,18 @@ def rows_of(label: str, found: dict, ttft: dict) -> list[list]:
     the same round, and the median of ``ttft``'s rounds (same layout)."""
     rows, reference = [], next(iter(found))
     for c in CONCURRENCY:
-        base = found[reference][c]
         for mode, by in found.items():
-            got = by[c]
-            wins = sum(g > o for g, o in zip(got, base))
-            rows.append([label, c, mode, *got, float(np.median(got)), f"{np.median(got) / np.median(base):.2f}×",
-                         "—" if mode == reference else f"{wins}/{len(got)}", float(np.median(ttft[mode][c]))])
+            rows.append([label, c, mode, *by[c], *versus(by[c], found[reference][c], mode == reference),
+                         float(np.median(ttft[mode][c]))])
     return rows
+
+
+def versus(got: list[float], base: list[float], reference: bool) -> list:
+    """[median of ``got``, its ratio to ``base``'s median, in how many paired rounds it beat ``base`` ("—" for
+    the reference itself)]."""
+    wins = sum(g > b for g, b in zip(got, base))
+    return [float(np.median(got)), f"{np.median(got) / np.median(base):.2f}×",
+            "—" if reference else f"{wins}/{len(got)}"]
 
 
 NOTES = {"spinning": "off: the step's idle threads sleep at once; run (the default): they spin within a step and "

@@ -66,7 +66,9 @@ def build_genai(model_dir: Path, out: Path, precision: str, threads: int) -> Pat
 
 # ---- the served path: the real pipeline, then closed-loop clients through the gateway -------------------------
 def _pipeline(model_dir: Path, text_file: Path, workdir: Path, name: str, steps: int, eval_batches: int,
-              lr: float = 5e-5):
+              lr: float = 5e-5, extra: tuple[str, ...] = ()):
+    """Train (once: a trained run is up to date) and compress ``model_dir`` on ``text_file``; ``extra``: more
+    overrides. The run's settings."""
     from autoglm.config import load_settings
     from autoglm.train import train_run
     from compress.stage import compress_run
@@ -77,7 +79,7 @@ def _pipeline(model_dir: Path, text_file: Path, workdir: Path, name: str, steps:
         "train.eval_every=100000", f"train.eval_batches={eval_batches}", "train.batch_size=8",
         f"train.lr={lr}", "task.model.block_size=64", "compress.variants=['fp32']",
         "compress.exporter='legacy'", "measure.repeats=3", "measure.batch_sizes=[1]",
-        "compress.generate.max_sequences=32", "compress.generate.intra_op_threads=0"])
+        "compress.generate.max_sequences=32", "compress.generate.intra_op_threads=0", *extra])
     train_run(settings, progress=False)
     compress_run(settings, progress=False)
     return settings
