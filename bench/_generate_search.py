@@ -7,7 +7,8 @@ the gateway, as ``bench generate`` serves it. Every request streams (``stream: t
 searches the generation model's knobs (decode slots, stream interval, how the decode step's idle threads wait,
 instances: :mod:`loadtest.generate_space`)
 with TPE, random and the grid, the same number of windows each; capacity is tokens/s per instance within a
-streaming SLO (p95 time to first token and p95 inter-token latency), energy J/token.
+streaming SLO (p95 time to first token and p95 inter-token latency), energy J/token. ``--generate-dev`` serves a
+development model instead (:data:`DEV_TASK`), on which the samplers are compared (:mod:`bench._sampler_choice`).
 """
 
 from __future__ import annotations
@@ -34,17 +35,28 @@ def _space(quick: bool):
                                 replicates=replicates())
 
 
-def release(workdir: Path, quick: bool):
-    """Train and compress the charlm model with its generation model; the settings on free ports."""
+DEV_TASK = "json"
+"""The development serving task (``--generate-dev``): the pool's charlm on its JSON corpus, at the pool's smaller
+shape (2 layers x 64; :mod:`bench.pool`, a development task there too)."""
+
+
+def release(workdir: Path, quick: bool, dev: bool = False):
+    """Train and compress the charlm model with its generation model; the settings on free ports. ``dev``: the
+    development serving task's model (:data:`DEV_TASK`) instead of the one the goals are judged on."""
     from autoglm.config import load_settings
     from autoglm.train import train_run
     from compress.stage import compress_run
     from serve import on_free_ports
 
-    settings = load_settings(Path(__file__).resolve().parents[1] / "configs" / "charlm.toml", [
-        f"run.root='{workdir / 'runs'}'", f"run.cache_dir='{workdir / 'cache'}'", "run.name=bench",
-        "train.max_steps=60", "train.eval_every=1000", "train.eval_batches=4",
-        "compress.variants=['fp32']", "compress.exporter='legacy'", "measure.repeats=3", "measure.batch_sizes=[1]"])
+    brief = ["train.max_steps=60", "train.eval_every=1000", "train.eval_batches=4", "compress.variants=['fp32']",
+             "compress.exporter='legacy'", "measure.repeats=3", "measure.batch_sizes=[1]"]
+    if dev:
+        from bench.pool import POOL
+
+        settings = POOL[DEV_TASK].settings(0, workdir, ["run.name=bench", *brief])
+    else:
+        settings = load_settings(Path(__file__).resolve().parents[1] / "configs" / "charlm.toml", [
+            f"run.root='{workdir / 'runs'}'", f"run.cache_dir='{workdir / 'cache'}'", "run.name=bench", *brief])
     train_run(settings, progress=False)
     compress_run(settings, progress=False)
     return on_free_ports(settings)

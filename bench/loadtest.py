@@ -17,8 +17,11 @@ config is applied live through model control (no restart) and measured with locu
    streaming through the gateway, capacity in tokens/s per instance within a TTFT / inter-token SLO.
 4. Whether this host can decide the digits goals at all (:mod:`bench._capacity_noise`): three configs' windows
    repeated, read by several capacity estimators, and the windows a test would need to tell them apart.
+5. Which sampler the stage should use (:mod:`bench._sampler_choice`, asked for alone): TPE and GP on a development
+   serving task the goals are not judged on.
 
-``python -m bench loadtest --generate`` runs part 3 alone, ``--noise`` part 4 alone (each its own report).
+``python -m bench loadtest --generate`` runs part 3 alone, ``--noise`` part 4 alone, ``--generate-dev`` part 5
+(each its own report).
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def _sweep_tables(report: dict, quick: bool) -> list[Table]:
     return [points, ratios]
 
 
-PARTS = ("--generate", "--noise")
+PARTS = ("--generate", "--generate-dev", "--noise")
 NOISE_REPEATS = 6
 
 
@@ -126,22 +129,26 @@ def _digits(quick: bool, parts: set[str]) -> list[Table]:
     return tables
 
 
-def _generate(quick: bool) -> list[Table]:
+def _generate(quick: bool, dev: bool = False) -> list[Table]:
+    """The generation model's search; ``dev``: the samplers compared on the development serving task instead."""
     from bench._generate_search import GenerateSearch, release
+    from bench._sampler_choice import sampler_tables
     from serve import GatewaySettings, start_serving
 
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-loadtest-generate-") as tmp:
         workdir = Path(tmp)
-        settings = release(workdir, quick)
+        settings = release(workdir, quick, dev)
         gateway = GatewaySettings(port=settings.serve.gateway_port, max_in_flight=256, request_timeout_s=120)
         with start_serving(settings, gateway) as serving:
-            return search_tables(GenerateSearch(settings, serving, workdir / "search", quick))
+            search = GenerateSearch(settings, serving, workdir / "search", quick)
+            return sampler_tables(search) if dev else search_tables(search)
 
 
 def run(quick: bool, args: list[str] | None = None) -> list[Table]:
     unknown = [a for a in args or [] if a not in PARTS]
     if unknown:
         raise SystemExit(f"bench loadtest: unknown option {unknown}; options: {' '.join(PARTS)} (none: every part)")
-    parts = set(args or []) or {"sweep", "search", "--generate", "--noise"}
+    parts = set(args or []) or {"sweep", "search", "--generate", "--noise"}  # --generate-dev: asked for alone
     tables = _digits(quick, parts) if parts & {"sweep", "search", "--noise"} else []
-    return tables + (_generate(quick) if "--generate" in parts else [])
+    tables += _generate(quick) if "--generate" in parts else []
+    return tables + (_generate(quick, dev=True) if "--generate-dev" in parts else [])

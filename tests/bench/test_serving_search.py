@@ -118,3 +118,26 @@ def test_a_lucky_front_shows_as_a_gap_between_the_study_and_its_re_measurement()
     assert gaps["lucky"]["reported"] == pytest.approx(0.1 / 1.1)
     assert gaps["lucky"]["measured"] == pytest.approx(gaps["lucky"]["reported"] / 2)
     assert gaps["steady"]["reported"] == gaps["steady"]["measured"] == pytest.approx(2 / 3 * 0.1 / 1.1)
+
+
+def test_the_samplers_are_each_judged_against_random_and_the_grid_on_a_development_task(tmp_path):
+    from bench._generate_search import DEV_TASK
+    from bench._sampler_choice import SAMPLERS, sampler_tables
+    from bench.pool import SPLIT
+
+    assert SPLIT[DEV_TASK] == "dev"  # the sampler is chosen where the goals are not judged
+    search, server = _search(tmp_path)
+    per_seed, summary = sampler_tables(search)
+    windows = search.grid_size() + 1
+    studies = sorted(p.stem for p in (tmp_path / "studies").glob("*.journal"))
+    assert studies == ["gp-0", "grid-0", "random-0", "tpe-0"]  # quick: one seed, every method its own study
+    assert [r[1] for r in per_seed.rows] == list(SAMPLERS) and [r[0] for r in summary.rows] == list(SAMPLERS)
+    for row, total in zip(per_seed.rows, summary.rows):
+        cap, grid_cap = (float(x.replace(",", "")) for x in row[2].split(" vs "))
+        assert row[3] == ("met" if cap >= grid_cap else "NOT met")
+        mine, rivals = row[4].split(" vs ")
+        assert row[5] == ("met" if float(mine) >= max(map(float, rivals.split(" / "))) else "NOT met")
+        assert total[1] == f"{row[3] == 'met':d}/1" and total[2] == f"{row[5] == 'met':d}/1"
+    volumes = [float(r[4].split(" vs ")[0]) for r in per_seed.rows]
+    assert [r[3] for r in summary.rows] == [f"{v >= max(volumes):d}/1" for v in volumes]  # head to head
+    assert server.calls >= 4 * windows  # every study measured its windows, then the fronts again

@@ -1,0 +1,73 @@
+"""``bench loadtest --generate-dev``: which Bayesian sampler ``loadtest --tune`` should use, decided on a
+development serving task.
+
+The serving goals are judged on digits and the charlm generation model (``bench loadtest``); choosing the sampler
+by their tables would fit the tuner to the tasks it is judged on. Here the stage's TPE and Optuna's GP sampler
+(``loadtest.tune.sampler = "gp"``) each search the generation knobs of a model the goals never see
+(:data:`bench._generate_search.DEV_TASK`), beside random search and the grid, the same number of windows each,
+every seed's fronts re-measured side by side as the goal tables are (:func:`bench._serving_fronts._seed_result`).
+Each sampler is judged by the goals' own rules against random search and the grid (not against the other
+sampler), then the two head to head. The rule, fixed before any run: GP replaces TPE as the stage's default only
+if it meets more of the goals' seeds than TPE here.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from bench._serving_fronts import SEEDS, TPE, _seed_result
+from bench.harness import Table
+
+SAMPLERS = {TPE: "tpe", "GP (Bayesian)": "gp"}
+"""The samplers compared: table name -> ``loadtest.tune.sampler``."""
+
+
+def _yes(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def sampler_tables(search) -> list[Table]:
+    """Per seed, each sampler's goals against random search and the grid; then per sampler, over the seeds."""
+    windows = search.grid_size() + 1  # the baseline, then every grid point
+    half = windows // 2
+    seeds = SEEDS[:1] if search.quick else SEEDS
+    grid = search.study("grid", 0, windows)
+    rows, tally = [], {name: {"capacity": 0, "volume": 0, "head": 0, "caps": []} for name in SAMPLERS}
+    for seed in seeds:
+        methods = {name: search.study(method, seed, windows) for name, method in SAMPLERS.items()}
+        methods |= {"random": search.study("random", seed, windows), "grid": grid}
+        res = _seed_result(search, seed, methods, half, judged=tuple(SAMPLERS))
+        volumes, grid_cap = res["volumes"], res["grid_best"][1]
+        best_volume = max(volumes[name] for name in SAMPLERS)
+        for name in SAMPLERS:
+            cap = res["halves"][name][1]
+            rivals = [volumes["random"], volumes["grid"]]
+            won = {"capacity": cap >= grid_cap, "volume": volumes[name] >= max(rivals),
+                   "head": volumes[name] >= best_volume}
+            for goal, ok in won.items():
+                tally[name][goal] += ok
+            tally[name]["caps"].append(cap)
+            rows.append([seed, name, f"{cap:,.0f} vs {grid_cap:,.0f}", _yes(won["capacity"]),
+                         f"{volumes[name]:.3f} vs {volumes['random']:.3f} / {volumes['grid']:.3f}",
+                         _yes(won["volume"]), f"{res['best_cap'][name]:,.0f}", search.label(res["best"][name])])
+    unit = search.unit
+    per_seed = Table(
+        f"Samplers on the development serving task ({', '.join(search.models)}), each judged by the goals' rules",
+        ["seed", "sampler", f"best in {half} windows vs the grid's best in {windows} ({unit}, re-measured)",
+         "≥ grid with ≤ half the windows", "hypervolume vs random / grid (re-measured)", "highest of three",
+         f"re-measured best cap./inst. ({unit})", "best config (re-measured)"], rows,
+        [*search.notes(windows),
+         "each sampler's goals are judged as the goal tables judge TPE (against random search and the grid, every "
+         "front re-measured side by side in one stretch per seed), not against the other sampler",
+         f"TPE: multivariate; GP: Optuna's GPSampler; both {search.tune.startup_trials} startup trials (the "
+         "baseline and random draws)"])
+    n = len(seeds)
+    summary = Table(
+        "Samplers over the seeds: which one the stage should use",
+        ["sampler", "capacity goal met", "hypervolume highest vs random and grid", "higher hypervolume of the two",
+         f"median best in {half} windows ({unit}, re-measured)"],
+        [[name, f"{t['capacity']}/{n}", f"{t['volume']}/{n}", f"{t['head']}/{n}",
+          f"{statistics.median(t['caps']):,.0f}"] for name, t in tally.items()],
+        ["the rule, fixed before the run: GP replaces TPE as loadtest.tune.sampler's default only if it meets more "
+         "goal seeds (the first two columns together) than TPE on this development task"])
+    return [per_seed, summary]
