@@ -68,5 +68,6 @@ def gap_tables(gaps: list[tuple[int, dict[str, dict]]], unit: str) -> list[Table
             Table("In-study vs re-measured gap over the seeds", ["method", "seeds", "median of the seeds' mean "
                   "|error|", "worst seed's mean |error|", "median re-measured / in-study hypervolume",
                   "lowest re-measured / in-study hypervolume"], summary,
-                  ["with loadtest.tune.replicates > 1 (BENCH_LOADTEST_REPLICATES) TPE re-measures the configs on "
-                   "its front within its window budget; random and the grid draw a new config every window"])]
+                  ["with loadtest.tune.replicates > 1 (BENCH_LOADTEST_REPLICATES) the Bayesian sampler re-measures "
+                   "the configs on its front within its window budget; random and the grid draw a new config every "
+                   "window"])]

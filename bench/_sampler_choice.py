@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import statistics
 
-from bench._serving_fronts import SEEDS, TPE, _seed_result
+from bench._serving_fronts import BAYESIAN, SEEDS, _seed_result
 from bench.harness import Table
 
-SAMPLERS = {TPE: "tpe", "GP (Bayesian)": "gp"}
+SAMPLERS = {name: sampler for sampler, name in BAYESIAN.items()}
 """The samplers compared: table name -> ``loadtest.tune.sampler``."""
 
 

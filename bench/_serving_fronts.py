@@ -17,7 +17,19 @@ from bench.harness import Table
 
 SEEDS = (0, 1, 2)
 FRONT_CAP = 2  # a method's front configs re-measured, highest capacity first (the windows it costs)
-TPE = "TPE (Bayesian)"  # the stage's sampler: the method the goals judge
+BAYESIAN = {"tpe": "TPE (Bayesian)", "gp": "GP (Bayesian)"}
+"""``loadtest.tune.sampler``'s Bayesian samplers -> their name in the tables."""
+TPE = BAYESIAN["tpe"]
+
+
+SAMPLER_NOTES = {"tpe": "multivariate TPE", "gp": "Optuna's GPSampler"}
+
+
+def stage_sampler() -> str:
+    """``loadtest --tune``'s default sampler (``loadtest.tune.sampler``): the method the goals judge."""
+    from autoglm.config import LoadtestTuneSettings
+
+    return LoadtestTuneSettings.model_fields["sampler"].default
 
 
 def hypervolume(points: list[tuple[float, float]], ref_j: float) -> float:
@@ -69,7 +81,7 @@ def _points(search: Search, rows: list[dict]) -> list[tuple[float, float]]:
 
 
 def _seed_result(search: Search, seed: int, methods: dict[str, list[dict]], half: int,
-                 judged: tuple[str, ...] = (TPE,)) -> dict:
+                 judged: tuple[str, ...]) -> dict:
     """One seed's figures: in-study (each method's own windows) and re-measured side by side; ``judged``: the
     methods whose best in their first ``half`` windows the capacity goal compares with the grid's best."""
     cap, energy = search.capacity, search.energy
@@ -105,11 +117,14 @@ def search_tables(search: Search) -> list[Table]:
     rows, goals, spreads, gaps = [], [], [], []
     studies = [grid]
     unit, energy_name = search.unit, "J/token" if search.energy == "j_per_token" else "J/request"
+    sampler = stage_sampler()
+    bayes = BAYESIAN[sampler]
+    short = bayes.split()[0]
     for seed in seeds:
-        methods = {TPE: search.study("tpe", seed, windows),
+        methods = {bayes: search.study(sampler, seed, windows),
                    "random": search.study("random", seed, windows), "grid": grid}
-        studies += [methods[TPE], methods["random"]]
-        res = _seed_result(search, seed, methods, half)
+        studies += [methods[bayes], methods["random"]]
+        res = _seed_result(search, seed, methods, half, (bayes,))
         gaps.append((seed, res["gap"]))
         spreads += [max(m["rounds"]) / min(m["rounds"]) for m in res["again"].values() if min(m["rounds"]) > 0]
         for name, trials in methods.items():
@@ -119,12 +134,12 @@ def search_tables(search: Search) -> list[Table]:
                          f"{_cap(search, _best_row(search, trials)):,.0f}", f"{res['study_volumes'][name]:.3f}",
                          len(res["fronts"][name]), f"{res['best_cap'][name]:,.0f}", f"{res['volumes'][name]:.3f}",
                          search.label(res["best"][name])])
-        (tpe_row, tpe_cap), (grid_row, grid_cap) = res["halves"][TPE], res["grid_best"]
+        (_, own_cap), (_, grid_cap) = res["halves"][bayes], res["grid_best"]
         volumes, study_volumes = res["volumes"], res["study_volumes"]
-        goals.append([seed, f"{tpe_cap:,.0f} vs {grid_cap:,.0f}", "met" if tpe_cap >= grid_cap else "NOT met",
+        goals.append([seed, f"{own_cap:,.0f} vs {grid_cap:,.0f}", "met" if own_cap >= grid_cap else "NOT met",
                       " / ".join(f"{volumes[n]:.3f}" for n in methods),
-                      "met" if volumes[TPE] >= max(volumes.values()) else "NOT met",
-                      "met" if study_volumes[TPE] >= max(study_volumes.values()) else "not met"])
+                      "met" if volumes[bayes] >= max(volumes.values()) else "NOT met",
+                      "met" if study_volumes[bayes] >= max(study_volumes.values()) else "not met"])
     search_table = Table(
         "Search over the same knob ranges, the same number of measured windows each",
         ["seed", "method", "windows", "configs", "feasible", f"in-study best cap./inst. ({unit}) in {half} windows",
@@ -145,36 +160,40 @@ def search_tables(search: Search) -> list[Table]:
               f"{max(baselines):,.0f} {unit}" if baselines else "")
     goal_table = Table(
         "Goals (judged on the side-by-side re-measurement)",
-        ["seed", f"TPE's best in {half} windows vs the grid's best in {windows} (re-measured)",
-         "TPE ≥ grid with ≤ half the windows", "hypervolume TPE / random / grid (re-measured)",
-         "TPE hypervolume highest of three", "(in-study hypervolume highest)"], goals,
+        ["seed", f"{short}'s best in {half} windows vs the grid's best in {windows} (re-measured)",
+         f"{short} ≥ grid with ≤ half the windows", f"hypervolume {short} / random / grid (re-measured)",
+         f"{short} hypervolume highest of three", "(in-study hypervolume highest)"], goals,
         ["measured on a shared 2-core machine where the load generator and other jobs compete with Triton, so one "
          "config's capacity varies from window to window: " + spread
          + (f"; a re-measured config's highest round / lowest: median {statistics.median(spreads):.2f}×, up to "
             f"{max(spreads):.2f}×" if spreads else ""),
-         f"TPE: multivariate, {search.tune.startup_trials} startup trials (the baseline and "
-         f"{search.tune.startup_trials - 1} random ones), so TPE and random with the same seed can share their "
-         "first trials; " + (f"after those {search.tune.startup_trials}, a window that follows a new draw may "
-                             f"re-measure one of TPE's {search.tune.verify_candidates} best front configs that has "
+         f"{short}: the stage's default sampler ({SAMPLER_NOTES[sampler]}), {search.tune.startup_trials} startup "
+         f"trials (the baseline and {search.tune.startup_trials - 1} random ones), so it and random with the same "
+         "seed can share their first trials; "
+         + (f"after those {search.tune.startup_trials}, a window that follows a new draw may "
+                             f"re-measure one of its {search.tune.verify_candidates} best front configs that has "
                              f"fewer than {search.tune.replicates} windows (loadtest.replicate); "
-                             if search.tune.replicates > 1 else "every window a new draw (loadtest.tune.replicates 1); ")
+                             if search.tune.replicates > 1 else
+                             "every window a new draw (loadtest.tune.replicates 1); ")
          + "every in-study figure is a config's mean over its windows (a window missing the SLO counts 0), for "
          "every method"])
-    return [search_table, goal_table, *gap_tables(gaps, unit), _default_vs_verified(search, studies[1::2])]
+    return [search_table, goal_table, *gap_tables(gaps, unit),
+            _default_vs_verified(search, studies[1::2], sampler)]
 
 
-def _default_vs_verified(search: Search, tpe_studies: list[list[dict]]) -> Table:
-    """The best TPE config over every seed against the repository default, re-measured side by side: one step
-    ladder each, then a steady verification window at each one's capacity concurrency."""
+def _default_vs_verified(search: Search, studies: list[list[dict]], sampler: str) -> Table:
+    """The best config the stage's ``sampler`` found over every seed against the repository default, re-measured
+    side by side: one step ladder each, then a steady verification window at each one's capacity concurrency."""
     from loadtest.replicate import config_means
 
     cap, energy = search.capacity, search.energy
-    configs = [c for study in tpe_studies for c in config_means(study, cap, energy)
+    configs = [c for study in studies for c in config_means(study, cap, energy)
                if c.get("feasible") and not c["baseline"]]  # each study's configs by the mean of their windows
     best = max(configs, key=lambda r: r[cap], default=None)
     rows = []
-    fresh = search.study("tpe", 99, 1)  # the default's ladder, measured now (the baseline trial)
-    for name, row in (("repository default", fresh[0] if fresh else None), ("best TPE config", best)):
+    fresh = search.study(sampler, 99, 1)  # the default's ladder, measured now (the baseline trial)
+    label = f"best {BAYESIAN[sampler].split()[0]} config"
+    for name, row in (("repository default", fresh[0] if fresh else None), (label, best)):
         if row is None:
             rows.append([name, "—", "—", "—", "—", "nothing feasible"])
             continue
@@ -186,5 +205,5 @@ def _default_vs_verified(search: Search, tpe_studies: list[list[dict]]) -> Table
     unit, per = search.unit, "token" if energy == "j_per_token" else "request"
     return Table("Verified config vs the repository default", ["config", "knobs", f"ladder cap./inst. ({unit})",
                  f"verified cap./inst. ({unit})", f"mJ/{per} (estimated)", "verification window"], rows,
-                 [f"steady {search.tune.verify_s:g} s windows at the capacity concurrency; the best TPE config is "
+                 [f"steady {search.tune.verify_s:g} s windows at the capacity concurrency; the {label} is "
                   "taken from the search above and measured again here"])

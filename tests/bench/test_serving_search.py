@@ -94,13 +94,16 @@ def test_the_goal_tables_judge_the_re_measured_figures(tmp_path):
     search, server = _search(tmp_path)
     search_table, goals, gaps, gap_summary, verified = fronts.search_tables(search)
     windows = search.grid_size() + 1
-    assert [r[1] for r in search_table.rows] == ["TPE (Bayesian)", "random", "grid"]
+    judged = fronts.BAYESIAN[fronts.stage_sampler()]  # the stage's default sampler is the one judged
+    assert (tmp_path / "studies" / f"{fronts.stage_sampler()}-0.journal").exists()
+    assert [r[1] for r in search_table.rows] == [judged, "random", "grid"]
     assert all(r[2] == windows for r in search_table.rows)
     assert len(goals.rows) == 1 and goals.rows[0][2] in ("met", "NOT met")
+    assert goals.columns[2].startswith(judged.split()[0])
     assert "re-measured" in goals.title or "re-measurement" in goals.title
-    assert [r[0] for r in verified.rows] == ["repository default", "best TPE config"]
-    assert [r[1] for r in gaps.rows] == ["TPE (Bayesian)", "random", "grid"]
-    assert [r[0] for r in gap_summary.rows] == ["TPE (Bayesian)", "random", "grid"]
+    assert [r[0] for r in verified.rows] == ["repository default", f"best {judged.split()[0]} config"]
+    assert [r[1] for r in gaps.rows] == [judged, "random", "grid"]
+    assert [r[0] for r in gap_summary.rows] == [judged, "random", "grid"]
 
 
 def test_a_lucky_front_shows_as_a_gap_between_the_study_and_its_re_measurement():
