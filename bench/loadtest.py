@@ -20,8 +20,8 @@ config is applied live through model control (no restart) and measured with locu
 5. Which sampler the stage should use (:mod:`bench._sampler_choice`, asked for alone): TPE and GP on a development
    serving task the goals are not judged on.
 
-``python -m bench loadtest --generate`` runs part 3 alone, ``--noise`` part 4 alone, ``--generate-dev`` part 5
-(each its own report).
+``python -m bench loadtest --search`` runs part 2 alone, ``--generate`` part 3, ``--noise`` part 4,
+``--generate-dev`` part 5 (any of them together in one report).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _sweep_tables(report: dict, quick: bool) -> list[Table]:
     return [points, ratios]
 
 
-PARTS = ("--generate", "--generate-dev", "--noise")
+PARTS = ("--search", "--generate", "--generate-dev", "--noise")
 NOISE_REPEATS = 6
 
 
@@ -148,7 +148,8 @@ def run(quick: bool, args: list[str] | None = None) -> list[Table]:
     unknown = [a for a in args or [] if a not in PARTS]
     if unknown:
         raise SystemExit(f"bench loadtest: unknown option {unknown}; options: {' '.join(PARTS)} (none: every part)")
-    parts = set(args or []) or {"sweep", "search", "--generate", "--noise"}  # --generate-dev: asked for alone
+    parts = {"search" if a == "--search" else a for a in args or []} or {"sweep", "search", "--generate", "--noise"}
+    # --generate-dev: asked for alone
     tables = _digits(quick, parts) if parts & {"sweep", "search", "--noise"} else []
     tables += _generate(quick) if "--generate" in parts else []
     return tables + (_generate(quick, dev=True) if "--generate-dev" in parts else [])
