@@ -89,8 +89,8 @@ FLAGS = {
     "--tune": Flag("loadtest.tune.enabled", "a Bayesian study over the live serving knobs, the best config verified "
                    "and written into the repository", switch=True, group=TUNE),
     "--trials": Flag("loadtest.tune.n_trials", "trials in the study (the baseline first)", type=int, group=TUNE),
-    "--sampler": Flag("loadtest.tune.sampler", "tpe or gp (Bayesian), random, grid", choices=["tpe", "gp", "random",
-                      "grid"], group=TUNE),
+    "--sampler": Flag("loadtest.tune.sampler", "gp (the default) or tpe: Bayesian; random, grid",
+                      choices=["tpe", "gp", "random", "grid"], group=TUNE),
     "--seed": Flag("loadtest.tune.seed", "the sampler's seed", type=int, group=TUNE),
     "--tune-variants": Flag("loadtest.tune.variants", "variants to choose among, or 'all'", many=True, group=TUNE),
     "--max-batch": Flag("loadtest.tune.max_batch_size", "max batch size range LOW,HIGH", type=_pair, group=TUNE),
