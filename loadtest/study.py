@@ -51,7 +51,9 @@ def make_sampler(tune: LoadtestTuneSettings, space: Space):
     optuna = require("optuna", purpose="loadtest --tune")
     if tune.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=tune.startup_trials, multivariate=True)
-    if tune.sampler == "gp":
+    if tune.sampler == "gp":  # Optuna's GP runs on torch and scipy
+        require("torch", purpose="loadtest --tune's GP sampler (--sampler tpe needs neither)")
+        require("scipy", extra="tune", purpose="loadtest --tune's GP sampler (--sampler tpe needs neither)")
         return optuna.samplers.GPSampler(seed=tune.seed, n_startup_trials=tune.startup_trials)
     if tune.sampler == "grid":
         return _grid_sampler(optuna)(space.grid(), seed=tune.seed)

@@ -241,3 +241,18 @@ def test_verification_measures_the_best_feasible_again_and_keeps_the_best_that_h
     missing = FakeWindow(lambda cfg: False)
     none, tried = verify(Tracking(missing), rows, missing, 5, 1, tmp_path)
     assert none is None and len(tried) == 1  # verify_candidates bounds the tries
+
+
+def test_the_default_sampler_is_gp_and_a_missing_library_of_it_names_the_extra(monkeypatch):
+    import sys
+
+    from autoglm.errors import MissingExtraError
+
+    tune = LoadtestTuneSettings(seed=0)
+    space = TuneSpace.from_settings(tune, ["m"])
+    assert tune.sampler == "gp" and isinstance(make_sampler(tune, space), optuna.samplers.GPSampler)
+    assert isinstance(make_sampler(tune.model_copy(update={"sampler": "tpe"}), space), optuna.samplers.TPESampler)
+    monkeypatch.setitem(sys.modules, "scipy", None)  # as if not installed
+    with pytest.raises(MissingExtraError, match=r"--sampler tpe.*autoglm\[tune\]"):
+        make_sampler(tune, space)
+    assert isinstance(make_sampler(tune.model_copy(update={"sampler": "tpe"}), space), optuna.samplers.TPESampler)
