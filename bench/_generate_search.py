@@ -5,10 +5,10 @@ does not depend on the weights) is compressed with its decode graphs and served 
 the gateway, as ``bench generate`` serves it. Every request streams (``stream: true``) a greedy continuation of a
 64-char validation prompt, 64 new characters (``bench generate``'s workload). ``loadtest --tune``'s study code
 searches the generation model's knobs (decode slots, stream interval, how the decode step's idle threads wait,
-instances: :mod:`loadtest.generate_space`)
-with TPE, random and the grid, the same number of windows each; capacity is tokens/s per instance within a
-streaming SLO (p95 time to first token and p95 inter-token latency), energy J/token. ``--generate-dev`` serves a
-development model instead (:data:`DEV_TASK`), on which the samplers are compared (:mod:`bench._sampler_choice`).
+instances: :mod:`loadtest.generate_space`) with its default sampler, random and the grid, the same number of
+windows each; capacity is tokens/s per instance within a streaming SLO (p95 time to first token and p95
+inter-token latency), energy J/token. ``--generate-dev`` serves a development model instead (:data:`DEV_TASK`), on
+which the samplers are compared (:mod:`bench._sampler_choice`).
 """
 
 from __future__ import annotations

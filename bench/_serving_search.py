@@ -1,4 +1,4 @@
-"""The studies of the loadtest search benchmark: ``loadtest --tune``'s TPE, random and the grid, each driven on one
+"""The studies of the loadtest search benchmark: ``loadtest --tune``'s sampler, random and the grid, each driven on one
 live Triton, and the side-by-side re-measurement of the configs they chose.
 
 Each method runs the stage's own study code (:mod:`loadtest.study`) over the same knob ranges with the same
@@ -6,7 +6,7 @@ number of measured windows, on digits' batching knobs (:class:`Search`) or on th
 own knobs (:class:`bench._generate_search.GenerateSearch`: capacity in tokens/s, a streaming SLO). On a shared
 host one config's window varies by a factor of two, so :meth:`Search.remeasure` measures chosen configs again
 round-robin in one stretch and keeps the median of the rounds; :mod:`bench._serving_fronts` judges the goals on
-those figures. ``BENCH_LOADTEST_REPLICATES=3`` makes TPE re-measure its front within its window budget
+those figures. ``BENCH_LOADTEST_REPLICATES=3`` makes the sampler re-measure its front within its window budget
 (:mod:`loadtest.replicate`; the stage's default is 1, off).
 """
 
@@ -22,7 +22,7 @@ ROUNDS = 3  # side-by-side re-measurements per config: the median of three shrug
 
 
 def replicates() -> int:
-    """TPE's ``loadtest.tune.replicates`` in the search: the stage's default, or ``BENCH_LOADTEST_REPLICATES``
+    """The sampler's ``loadtest.tune.replicates`` in the search: the stage's default, or ``BENCH_LOADTEST_REPLICATES``
     (the ablation of re-measuring the front within the window budget)."""
     from autoglm.config import LoadtestTuneSettings
 

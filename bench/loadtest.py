@@ -1,4 +1,5 @@
-"""Serving knobs on a live Triton: the queue-bound sweep; --tune's TPE vs grid vs random, digits and charlm :generate.
+"""Serving knobs on a live Triton: the queue-bound sweep; --tune's sampler vs grid vs random, digits and charlm
+:generate.
 
 A tiny digits model is trained and compressed (fp32 and int8), Triton serves it, and every serving
 config is applied live through model control (no restart) and measured with locust, Triton direct.
@@ -6,12 +7,12 @@ config is applied live through model control (no restart) and measured with locu
 1. The sweep (``loadtest --sweep``): queue bound × delay × instances at concurrency 1 and 16. Triton 2.51's
    batcher stalls ≈500 ms at a time under any queue policy: goal, the unbounded queue ≥ 3× the bounded one
    at concurrency 1.
-2. The search (``loadtest --tune``'s own study code): TPE (Bayesian), random and the grid over the same knob
+2. The search (``loadtest --tune``'s own study code): its default sampler, random and the grid over the same knob
    ranges, each with the same number of measured windows (the baseline, then one step-ladder window per
    trial), several seeds, each seed's fronts then re-measured side by side (:mod:`bench._serving_search`; the
    fronts and goals: :mod:`bench._serving_fronts`).
-   Goals: TPE's best feasible capacity per instance within half the windows ≥ the grid's best over all of
-   them, and the highest hypervolume of the three on every seed. Then the best TPE config against the
+   Goals: the sampler's best feasible capacity per instance within half the windows ≥ the grid's best over all
+   of them, and the highest hypervolume of the three on every seed. Then its best config against the
    repository's default, both re-measured side by side and verified in steady windows.
 3. The same search on charlm ``:generate`` (:mod:`bench._generate_search`): the generation model's own knobs,
    streaming through the gateway, capacity in tokens/s per instance within a TTFT / inter-token SLO.
