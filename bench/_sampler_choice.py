@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 
-from bench._serving_fronts import BAYESIAN, SEEDS, _seed_result
+from bench._serving_fronts import BAYESIAN, SAMPLER_NOTES, SEEDS, _seed_result
 from bench.harness import Table
 
 SAMPLERS = {name: sampler for sampler, name in BAYESIAN.items()}
@@ -59,8 +59,8 @@ def sampler_tables(search) -> list[Table]:
         [*search.notes(windows),
          "each sampler's goals are judged as the goal tables judge TPE (against random search and the grid, every "
          "front re-measured side by side in one stretch per seed), not against the other sampler",
-         f"TPE: multivariate; GP: Optuna's GPSampler; both {search.tune.startup_trials} startup trials (the "
-         "baseline and random draws)"])
+         "; ".join(f"{name.split()[0]}: {SAMPLER_NOTES[sampler]}" for name, sampler in SAMPLERS.items())
+         + f"; each {search.tune.startup_trials} startup trials (the baseline and random draws)"])
     n = len(seeds)
     summary = Table(
         "Samplers over the seeds: which one the stage should use",

@@ -19,10 +19,8 @@ SEEDS = (0, 1, 2)
 FRONT_CAP = 2  # a method's front configs re-measured, highest capacity first (the windows it costs)
 BAYESIAN = {"tpe": "TPE (Bayesian)", "gp": "GP (Bayesian)"}
 """``loadtest.tune.sampler``'s Bayesian samplers -> their name in the tables."""
-TPE = BAYESIAN["tpe"]
-
-
 SAMPLER_NOTES = {"tpe": "multivariate TPE", "gp": "Optuna's GPSampler"}
+"""What each of them is, for the tables' notes."""
 
 
 def stage_sampler() -> str:
@@ -170,11 +168,10 @@ def search_tables(search: Search) -> list[Table]:
          f"{short}: the stage's default sampler ({SAMPLER_NOTES[sampler]}), {search.tune.startup_trials} startup "
          f"trials (the baseline and {search.tune.startup_trials - 1} random ones), so it and random with the same "
          "seed can share their first trials; "
-         + (f"after those {search.tune.startup_trials}, a window that follows a new draw may "
-                             f"re-measure one of its {search.tune.verify_candidates} best front configs that has "
-                             f"fewer than {search.tune.replicates} windows (loadtest.replicate); "
-                             if search.tune.replicates > 1 else
-                             "every window a new draw (loadtest.tune.replicates 1); ")
+         + (f"after those {search.tune.startup_trials}, a window that follows a new draw may re-measure one of its "
+            f"{search.tune.verify_candidates} best front configs that has fewer than {search.tune.replicates} windows "
+            "(loadtest.replicate); " if search.tune.replicates > 1
+            else "every window a new draw (loadtest.tune.replicates 1); ")
          + "every in-study figure is a config's mean over its windows (a window missing the SLO counts 0), for "
          "every method"])
     return [search_table, goal_table, *gap_tables(gaps, unit),
