@@ -2,13 +2,13 @@
 development serving task.
 
 The serving goals are judged on digits and the charlm generation model (``bench loadtest``); choosing the sampler
-by their tables would fit the tuner to the tasks it is judged on. Here the stage's TPE and Optuna's GP sampler
+by their tables would fit the tuner to the tasks it is judged on. Here Optuna's TPE and GP samplers
 (``loadtest.tune.sampler = "gp"``) each search the generation knobs of a model the goals never see
 (:data:`bench._generate_search.DEV_TASK`), beside random search and the grid, the same number of windows each,
 every seed's fronts re-measured side by side as the goal tables are (:func:`bench._serving_fronts._seed_result`).
 Each sampler is judged by the goals' own rules against random search and the grid (not against the other
-sampler), then the two head to head. The rule, fixed before any run: GP replaces TPE as the stage's default only
-if it meets more of the goals' seeds than TPE here.
+sampler), then the two head to head. The rule, fixed before the first run (TPE was the default then): GP replaces
+TPE as the stage's default only if it meets more of the goals' seeds than TPE here.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def sampler_tables(search) -> list[Table]:
          "≥ grid with ≤ half the windows", "hypervolume vs random / grid (re-measured)", "highest of three",
          f"re-measured best cap./inst. ({unit})", "best config (re-measured)"], rows,
         [*search.notes(windows),
-         "each sampler's goals are judged as the goal tables judge TPE (against random search and the grid, every "
-         "front re-measured side by side in one stretch per seed), not against the other sampler",
+         "each sampler's goals are judged as the goal tables judge the stage's (against random search and the grid, "
+         "every front re-measured side by side in one stretch per seed), not against the other sampler",
          "; ".join(f"{name.split()[0]}: {SAMPLER_NOTES[sampler]}" for name, sampler in SAMPLERS.items())
          + f"; each {search.tune.startup_trials} startup trials (the baseline and random draws)"])
     n = len(seeds)
@@ -68,6 +68,7 @@ def sampler_tables(search) -> list[Table]:
          f"median best in {half} windows ({unit}, re-measured)"],
         [[name, f"{t['capacity']}/{n}", f"{t['volume']}/{n}", f"{t['head']}/{n}",
           f"{statistics.median(t['caps']):,.0f}"] for name, t in tally.items()],
-        ["the rule, fixed before the run: GP replaces TPE as loadtest.tune.sampler's default only if it meets more "
-         "goal seeds (the first two columns together) than TPE on this development task"])
+        ["the rule, fixed before the first run (TPE the default then): GP replaces TPE as loadtest.tune.sampler's "
+         "default only if it meets more goal seeds (the first two columns together) than TPE on this development "
+         "task"])
     return [per_seed, summary]
