@@ -213,7 +213,7 @@ def _serve(proof: Proof) -> list[Table]:
     from autoglm.triton_config import parse_pbtxt
     from serve.settings import GatewaySettings
     from serve.supervisor import GatewayProcess
-    from serve.triton import TritonServer, free_port
+    from serve.triton import TritonServer, free_ports
 
     settings, workdir = proof.state["settings"], proof.state["workdir"]
     compress_run(settings, progress=False)
@@ -225,12 +225,13 @@ def _serve(proof: Proof) -> list[Table]:
     inputs = task.example_inputs(1, model_args=args)
     body = json.dumps({"inputs": [{"name": k, "shape": list(v.shape), "datatype": "INT64", "data": v.ravel().tolist()}
                                   for k, v in inputs.items()]}).encode()
-    triton = TritonServer(repo / "python", workdir=workdir / "triton", http_port=free_port(), grpc_port=free_port(),
-                          metrics_port=free_port())
+    http, grpc, metrics, gateway_port = free_ports(4)
+    triton = TritonServer(repo / "python", workdir=workdir / "triton", http_port=http, grpc_port=grpc,
+                          metrics_port=metrics)
     t0 = time.monotonic()
     triton.start(timeout_s=180)
     ready_s = time.monotonic() - t0
-    gateway = GatewayProcess(GatewaySettings(port=free_port(), triton_url=triton.http_url, grpc_port=0,
+    gateway = GatewayProcess(GatewaySettings(port=gateway_port, triton_url=triton.http_url, grpc_port=0,
                                              repository=repo), workdir / "gateway")
     try:
         gateway.start(timeout_s=60)

@@ -111,13 +111,14 @@ NOISE_REPEATS = 6
 
 def _digits(quick: bool, parts: set[str]) -> list[Table]:
     from bench._capacity_noise import noise_tables
-    from serve.triton import TritonServer, free_port
+    from serve.triton import TritonServer, free_ports
 
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-loadtest-") as tmp:
         workdir = Path(tmp)
         settings = _release(workdir)
+        http, grpc, metrics = free_ports(3)
         triton = TritonServer(workdir / "runs" / "bench" / "repository" / "python", workdir=workdir / "triton",
-                              http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+                              http_port=http, grpc_port=grpc, metrics_port=metrics)
         tables = []
         with triton.start(timeout_s=90):
             if "sweep" in parts:

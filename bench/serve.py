@@ -211,7 +211,7 @@ def run(quick: bool) -> list[Table]:
     from serve.gateway.canary import Split, write_routing
     from serve.settings import GatewaySettings
     from serve.supervisor import GatewayProcess
-    from serve.triton import TritonServer, free_port
+    from serve.triton import TritonServer, free_ports
 
     duration = 3.0 if quick else 10.0
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-serve-") as tmp, OtlpCollector(keep=False) as collector:
@@ -220,15 +220,15 @@ def run(quick: bool) -> list[Table]:
         bodies = _bodies(workdir)
         endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = collector.endpoint  # the traced gateway's exporter reads it
-        triton = TritonServer(repo, workdir=workdir / "triton", http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port())
-        naive_port = free_port()
+        http, grpc, metrics, naive_port = free_ports(4)
+        triton = TritonServer(repo, workdir=workdir / "triton", http_port=http, grpc_port=grpc, metrics_port=metrics)
         started = time.monotonic()
         triton.start(timeout_s=120)
         triton_start = time.monotonic() - started
 
         def gateway_settings(**values) -> GatewaySettings:
-            return GatewaySettings(port=free_port(), triton_url=triton.http_url, grpc_port=free_port(),
+            port, grpc_port = free_ports(2)
+            return GatewaySettings(port=port, triton_url=triton.http_url, grpc_port=grpc_port,
                                    triton_grpc_url=triton.grpc_url, repository=run_dir.stage_dir("repository"),
                                    **values)
 

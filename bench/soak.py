@@ -79,17 +79,17 @@ async def _paced(url: str, body: bytes, headers: dict, rate: float, seconds: flo
 def run(quick: bool) -> list[Table]:
     from serve.settings import GatewaySettings
     from serve.supervisor import GatewayProcess
-    from serve.triton import TritonServer, free_port
+    from serve.triton import TritonServer, free_ports
 
     seconds, window_s = (30.0, 10.0) if quick else (600.0, 60.0)
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-soak-") as tmp:
         workdir = Path(tmp)
         run_dir, repo = _prepare(workdir, quick)
         body, headers = _bodies(workdir)["predict"]
-        triton = TritonServer(repo, workdir=workdir / "triton", http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port())
+        http, grpc, metrics, gateway_port = free_ports(4)
+        triton = TritonServer(repo, workdir=workdir / "triton", http_port=http, grpc_port=grpc, metrics_port=metrics)
         triton.start(timeout_s=120)
-        gateway = GatewayProcess(GatewaySettings(port=free_port(), triton_url=triton.http_url,
+        gateway = GatewayProcess(GatewaySettings(port=gateway_port, triton_url=triton.http_url,
                                                  repository=run_dir.stage_dir("repository")), workdir / "gateway")
         try:
             gateway.start(timeout_s=60)

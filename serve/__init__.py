@@ -12,7 +12,7 @@ from serve.gateway import create_app
 from serve.runner import Serving, on_free_ports, start_serving
 from serve.settings import GatewaySettings
 from serve.supervisor import GatewayProcess, Supervisor
-from serve.triton import TritonServer, free_port
+from serve.triton import TritonServer, free_port, free_ports
 
 __all__ = ["Autoscaler", "GatewayProcess", "GatewaySettings", "RulesEngine", "Serving", "Supervisor",
-           "TritonActuator", "TritonServer", "create_app", "free_port", "on_free_ports", "start_serving"]
+           "TritonActuator", "TritonServer", "create_app", "free_port", "free_ports", "on_free_ports", "start_serving"]

@@ -27,7 +27,7 @@ from serve.autoscale import Autoscaler, GatewayLatency, TritonActuator, TritonMe
 from serve.gateway import TaskCatalog
 from serve.settings import GatewaySettings
 from serve.supervisor import GatewayProcess, Supervisor
-from serve.triton import TritonServer, TritonTracing, free_port
+from serve.triton import TritonServer, TritonTracing, free_ports
 
 log = logging.getLogger("serve")
 
@@ -76,9 +76,10 @@ class Serving:
 def on_free_ports(settings: Settings, **serve) -> Settings:
     """A copy of ``settings`` whose gateway and Triton listen on free ports, without the control port (and
     ``serve`` overrides): for a stack beside another one (tests, benchmarks)."""
-    ports = {"gateway_port": free_port(), "triton_http_port": free_port(), "triton_grpc_port": free_port(),
-             "triton_metrics_port": free_port(), "control_port": 0,
-             "gateway": settings.serve.gateway.model_copy(update={"grpc_port": free_port()})}
+    gateway, http, grpc, metrics, gateway_grpc = free_ports(5)
+    ports = {"gateway_port": gateway, "triton_http_port": http, "triton_grpc_port": grpc,
+             "triton_metrics_port": metrics, "control_port": 0,
+             "gateway": settings.serve.gateway.model_copy(update={"grpc_port": gateway_grpc})}
     return settings.model_copy(update={"serve": settings.serve.model_copy(update={**ports, **serve})})
 
 

@@ -11,6 +11,7 @@ becomes ready); and this environment's ``bin`` first on ``PATH`` so the stub fin
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import re
@@ -109,11 +110,19 @@ class TritonTracing:
                 "--trace-config=rate=0", "--trace-config=count=-1", "--trace-config=level=TIMESTAMPS"]
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports free right now (another process may still take one before use; fine for
+    tests). All are held open until every one is chosen: ports picked one at a time may repeat."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now (another process may still take it before use; fine for tests)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A TCP port free right now; use :func:`free_ports` for several that must differ."""
+    return free_ports(1, host)[0]
 
 
 def _noise(line: str) -> bool:

@@ -281,7 +281,7 @@ def test_real_triton_serves_the_published_repository_like_onnx_runtime(trained_r
     httpclient = pytest.importorskip("tritonclient.http")
     from autoglm.tasks import get_task
     from autoglm.tasks.predict import onnx_predictor
-    from serve.triton import TritonServer, free_port
+    from serve.triton import TritonServer, free_ports
 
     run = RunDir(trained_run.run.root, trained_run.run.name)
     if run.state("repository") != "complete":
@@ -289,8 +289,9 @@ def test_real_triton_serves_the_published_repository_like_onnx_runtime(trained_r
     model_name = run.manifest("repository").metrics["models"]["fp32"]
     images = get_task(trained_run).example_inputs(5)["image"]
     expected = onnx_predictor(run.stage_dir("compress") / "fp32.onnx")({"image": images})
-    server = TritonServer(run.stage_dir("repository") / "python", workdir=tmp_path, http_port=free_port(),
-                          grpc_port=free_port(), metrics_port=free_port())
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(run.stage_dir("repository") / "python", workdir=tmp_path, http_port=http, grpc_port=grpc,
+                          metrics_port=metrics)
     with server.start(timeout_s=90):
         client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
         request = httpclient.InferInput("image", list(images.shape), "FP32")

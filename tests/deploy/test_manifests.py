@@ -23,7 +23,7 @@ from autoglm.local_http import DIRECT
 from deploy import render_run
 from deploy.render import find_kubectl
 from deploy.scaling import SERIES, hpa_behavior, hpa_limit
-from serve.triton import free_port
+from serve.triton import free_ports
 from tests.deploy.conftest import KEY_LINE, publish_repository
 
 K8S_VERSION = "1.32"  # the kubectl here; the bundled schemas of kubernetes-validate include it
@@ -323,11 +323,11 @@ def test_rendered_gateway_command_and_settings_start_the_real_gateway(rendered, 
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
     settings = json.loads((rendered / "cpu/k8s/base/gateway.json").read_text())
     settings["repository"] = str(release_run.stage_dir("repository"))  # the ConfigMap's task.json, here
-    settings["triton_url"] = f"http://127.0.0.1:{free_port()}"  # nobody listens: not ready
-    settings["host"], settings["grpc_port"] = "127.0.0.1", free_port()
+    nobody, grpc_port, port = free_ports(3)
+    settings["triton_url"] = f"http://127.0.0.1:{nobody}"  # nobody listens: not ready
+    settings["host"], settings["grpc_port"] = "127.0.0.1", grpc_port
     path = tmp_path / "gateway.json"
     path.write_text(json.dumps(settings))
-    port = free_port()
     command = [sys.executable, "-m", *command]
     command[command.index("--port") + 1], command[command.index("--host") + 1] = str(port), "127.0.0.1"
     proc = subprocess.Popen(command, env={"SERVE_GATEWAY_SETTINGS": str(path), "PATH": ""},

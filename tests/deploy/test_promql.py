@@ -21,7 +21,7 @@ import yaml
 from autoglm.local_http import DIRECT
 from deploy import render_run
 from deploy.scaling import SERIES
-from serve.triton import TritonServer, free_port
+from serve.triton import TritonServer, free_port, free_ports
 from tests.serve.fixtures import require_triton
 
 pytestmark = [pytest.mark.integration,
@@ -50,8 +50,8 @@ def triton(tmp_path_factory):
     io = IOSpec(inputs=(TensorSpec("image", "float32", (1, 8, 8)),), outputs=(TensorSpec("logits", "float32", (10,)),))
     write_model(root / "repo", ModelConfig("digits-fp32", io, max_batch_size=8, parameters={"intra_op_threads": "1"}),
                 root / "m.onnx")
-    server = TritonServer(root / "repo", workdir=root / "work", http_port=free_port(), grpc_port=free_port(),
-                          metrics_port=free_port())
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(root / "repo", workdir=root / "work", http_port=http, grpc_port=grpc, metrics_port=metrics)
     with server.start(timeout_s=90):
         yield server
 

@@ -11,7 +11,7 @@ import pytest
 from autoglm.artifacts import RunDir
 from autoglm.autoscaling import AutoscaleRules
 from serve.autoscale import Autoscaler, TritonActuator, TritonMetrics
-from serve.triton import TritonServer, free_port
+from serve.triton import TritonServer, free_ports
 from tests.serve.fixtures import published_run, require_triton, wait_until
 
 pytestmark = pytest.mark.integration
@@ -24,8 +24,9 @@ def triton(tmp_path_factory):
     require_triton()
     settings = published_run("digits")
     repository = RunDir(settings.run.root, settings.run.name).stage_dir("repository") / "python"
-    server = TritonServer(repository, workdir=tmp_path_factory.mktemp("autoscale"), http_port=free_port(),
-                          grpc_port=free_port(), metrics_port=free_port())
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(repository, workdir=tmp_path_factory.mktemp("autoscale"), http_port=http, grpc_port=grpc,
+                          metrics_port=metrics)
     with server:
         yield server
 

@@ -10,7 +10,7 @@ import pytest
 
 from autoglm.tasks.base import IOSpec, TensorSpec
 from compress.repository import DynamicBatching, ModelConfig, write_model
-from serve.triton import TritonServer, free_port
+from serve.triton import TritonServer, free_ports
 from tests.serve.fixtures import require_triton
 
 pytestmark = [pytest.mark.integration,
@@ -40,8 +40,8 @@ def repository(tmp_path_factory):
 
 
 def _server(root: Path, name: str) -> TritonServer:
-    return TritonServer(root / "repo", workdir=root / name, http_port=free_port(), grpc_port=free_port(),
-                        metrics_port=free_port())
+    http, grpc, metrics = free_ports(3)
+    return TritonServer(root / "repo", workdir=root / name, http_port=http, grpc_port=grpc, metrics_port=metrics)
 
 
 @pytest.fixture(scope="module")

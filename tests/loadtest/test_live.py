@@ -67,12 +67,13 @@ def _gateway(repository: Path, triton_url: str, workdir: Path):
 @pytest.fixture(scope="module")
 def stack(release_run, tmp_path_factory):
     """Triton serving the run's python-flavour repository, and the gateway in front when it exists."""
-    from serve.triton import TritonServer, free_port
+    from serve.triton import TritonServer, free_ports
 
     run = RunDir(release_run.run.root, release_run.run.name)
     work = tmp_path_factory.mktemp("stack")
-    triton = TritonServer(run.stage_dir("repository") / "python", workdir=work, http_port=free_port(),
-                          grpc_port=free_port(), metrics_port=free_port())
+    http, grpc, metrics = free_ports(3)
+    triton = TritonServer(run.stage_dir("repository") / "python", workdir=work, http_port=http, grpc_port=grpc,
+                          metrics_port=metrics)
     with triton.start(timeout_s=90):
         gateway, gateway_url = _gateway(run.stage_dir("repository"), triton.http_url, work)
         try:
@@ -244,7 +245,7 @@ def _repository_files(run):
 def test_tune_changes_the_live_config_writes_the_verified_one_back_and_rollback_restores_it(release_run, stack,
                                                                                            tmp_path):
     from loadtest.control import ServingConfig
-    from serve.triton import TritonServer, free_port
+    from serve.triton import TritonServer, free_ports
 
     triton, run = stack["triton"], RunDir(release_run.run.root, "rel")
     control = ModelControl(triton.http_url)
@@ -273,8 +274,9 @@ def test_tune_changes_the_live_config_writes_the_verified_one_back_and_rollback_
         serving = run.manifest("repository").metrics["serving"]
         assert serving["verified"]["model"] == verified["model"] and serving["previous"]["recommended"] == model
 
-        restarted = TritonServer(run.stage_dir("repository") / "python", workdir=tmp_path, http_port=free_port(),
-                                 grpc_port=free_port(), metrics_port=free_port())
+        http, grpc, metrics = free_ports(3)
+        restarted = TritonServer(run.stage_dir("repository") / "python", workdir=tmp_path, http_port=http,
+                                 grpc_port=grpc, metrics_port=metrics)
         with restarted.start(timeout_s=90):  # what `autoglm serve` starts from the written repository
             fresh = ModelControl(restarted.http_url)
             served = serving_knobs(fresh.config(verified["model"]))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from serve.gateway.grpc_proxy import REFUSED, SERVICE, grpc_service
-from serve.triton import free_port
+from serve.triton import free_port, free_ports
 from tests.serve.asgi import AsgiClient
 from tests.serve.fakes import fake_gateway
 
@@ -203,7 +203,8 @@ async def test_shared_memory_and_repository_control_are_refused_saying_why(proxy
 
 
 async def test_triton_unreachable_is_unavailable():
-    gw, _ = fake_gateway(grpc_port=free_port(), triton_grpc_url=f"127.0.0.1:{free_port()}")
+    port, nobody = free_ports(2)
+    gw, _ = fake_gateway(grpc_port=port, triton_grpc_url=f"127.0.0.1:{nobody}")
     async with grpc_service(gw), grpcclient.InferenceServerClient(f"127.0.0.1:{gw.settings.grpc_port}") as client:
         with pytest.raises(Exception) as raised:
             await client.is_server_ready()
@@ -213,7 +214,8 @@ async def test_triton_unreachable_is_unavailable():
 async def test_the_apps_lifespan_runs_the_grpc_server_only_when_its_port_is_set():
     from serve.gateway import create_app
 
-    gw, _ = fake_gateway(grpc_port=free_port(), triton_grpc_url=f"127.0.0.1:{free_port()}")
+    port, nobody = free_ports(2)
+    gw, _ = fake_gateway(grpc_port=port, triton_grpc_url=f"127.0.0.1:{nobody}")
     address = f"127.0.0.1:{gw.settings.grpc_port}"
     async with AsgiClient(create_app(gw.settings)):
         async with grpc.aio.insecure_channel(address) as channel:

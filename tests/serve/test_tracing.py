@@ -298,16 +298,17 @@ def test_one_request_reads_gateway_then_triton_then_model_in_one_trace(identity_
     is the child of the gateway's call to Triton, itself the child of the gateway's span of the request."""
     from bench._otlp import OtlpCollector
     from serve.supervisor import GatewayProcess
-    from serve.triton import free_port
+    from serve.triton import free_ports
     from tests.serve.fixtures import post, wait_until
 
     tritonclient = pytest.importorskip("tritonclient.grpc")
     with OtlpCollector() as collector:
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
         monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # both exporters: batches every 0.1 s
-        triton = TritonServer(identity_repository, workdir=tmp_path / "triton", http_port=free_port(),
-                              grpc_port=free_port(), metrics_port=free_port(), tracing=TritonTracing.from_environment())
-        gateway = GatewayProcess(GatewaySettings(port=free_port(), grpc_port=free_port(), tracing=True,
+        http, grpc, metrics, gateway_http, gateway_grpc = free_ports(5)
+        triton = TritonServer(identity_repository, workdir=tmp_path / "triton", http_port=http, grpc_port=grpc,
+                              metrics_port=metrics, tracing=TritonTracing.from_environment())
+        gateway = GatewayProcess(GatewaySettings(port=gateway_http, grpc_port=gateway_grpc, tracing=True,
                                                  triton_url=triton.http_url, triton_grpc_url=triton.grpc_url),
                                  tmp_path / "gateway")
         with triton.start(timeout_s=60):

@@ -2,6 +2,7 @@
 surface as AutoGLMError with Triton's own log text, within the timeout."""
 
 import importlib.util
+import socket
 import sys
 import sysconfig
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from autoglm.errors import AutoGLMError, ConfigError, MissingExtraError
-from serve.triton import TritonServer, find_tritonserver, free_port, log_excerpt
+from serve.triton import TritonServer, find_tritonserver, free_ports, log_excerpt
 from tests.serve.fixtures import require_triton
 
 
@@ -21,8 +22,9 @@ def install():
 
 
 def _server(tmp_path, repository, **kwargs):
-    return TritonServer(repository, workdir=tmp_path / "work", http_port=free_port(), grpc_port=free_port(),
-                        metrics_port=free_port(), **kwargs)
+    http, grpc, metrics = free_ports(3)
+    return TritonServer(repository, workdir=tmp_path / "work", http_port=http, grpc_port=grpc, metrics_port=metrics,
+                        **kwargs)
 
 
 def test_find_tritonserver_locates_binary_libs_and_this_pythons_stub(install):
@@ -30,6 +32,15 @@ def test_find_tritonserver_locates_binary_libs_and_this_pythons_stub(install):
     assert install.backend_lib.name == "libtriton_python.so" and install.backend_lib.is_file()
     assert install.backend_utils.name == "triton_python_backend_utils.py"
     assert install.stub.parent.name == f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def test_free_ports_are_distinct_and_bindable():
+    """Ports picked together never repeat (one at a time, the kernel may hand the same one out twice)."""
+    ports = free_ports(16)
+    assert len(set(ports)) == 16
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
 
 
 def test_missing_install_names_the_pip_command(monkeypatch):
