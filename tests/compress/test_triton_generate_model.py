@@ -4,6 +4,7 @@ backend's ``triton_python_backend_utils``. tests/integration/test_serve_generate
 
 import importlib.util
 import json
+import re
 import shutil
 import sys
 import threading
@@ -265,7 +266,10 @@ def test_prefill_thread_decides_whether_the_served_engine_encodes_on_a_thread(tm
     finally:
         m.finalize()
     config = model_dir / "config.pbtxt"
-    config.write_text(config.read_text().replace(f'"{str(thread).lower()}"', '"yes"'))
+    text, edits = re.subn(r'(key: "prefill_thread"\s*value \{\s*string_value: )"(true|false)"', r'\1"yes"',
+                          config.read_text())
+    assert edits == 1  # that parameter's value only, not every true/false in the config
+    config.write_text(text)
     with pytest.raises(ValueError, match="prefill_thread='yes' must be true or false"):
         load(model_dir, monkeypatch)
 
