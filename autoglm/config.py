@@ -528,7 +528,8 @@ class LoadtestTuneSettings(Section):
     verify_s: float = Field(15.0, gt=0, description="the steady window that verifies the best config at its "
                             "capacity concurrency")
     verify_candidates: int = Field(3, ge=1, description="the best feasible configs measured again in the "
-                                   "verify_s window: the best of them that holds the SLO is verified")
+                                   "verify_s window, beside the config served before the study: the best of them "
+                                   "that holds the SLO is verified")
     write_back: bool = Field(True, description="write the verified config into the repository (--rollback undoes)")
     replicates: int = Field(1, ge=1, description="tpe/gp: windows a config on the study's front may take (its "
                             "value is their mean): after the startup trials, a window re-measures the first of the "

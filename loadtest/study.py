@@ -11,7 +11,7 @@ the baseline, the config Triton serves now. The study lives in a journal file: a
 Bayesian study spends some of its windows re-measuring the configs on its front (:mod:`loadtest.replicate`);
 either way a config's value is the mean of its windows. After the trials, the best feasible configs by those
 means (:func:`loadtest.front.ranked`) are measured again in a longer steady window at their capacity
-concurrency: the best of them that holds the SLO is the verified config.
+concurrency, the baseline beside them: the best of them that holds the SLO is the verified config.
 """
 
 from __future__ import annotations
@@ -224,26 +224,35 @@ def verify(live: LiveModels, rows: list[dict[str, Any]], window: Window, seconds
            out_dir: Path, progress: Callable[[str], None] | None = None,
            space: Space | type[TuneSpace] = TuneSpace) -> tuple[dict | None, list[dict]]:
     """Measure the ``candidates`` best feasible configs (by the mean of their windows) again, each in a steady
-    ``seconds`` window at its capacity concurrency; of those that hold the SLO, the best by verified capacity
+    ``seconds`` window at its capacity concurrency, with the baseline (the config served before the study) beside
+    them when it held the SLO in the study; of those that hold the SLO, the best by verified capacity
     (:func:`loadtest.front.ranked`) is returned with every attempt. A study's best window is partly its luck on
-    a shared host: the longer windows, side by side, decide among the finalists."""
+    a shared host: the longer windows, side by side, decide among the finalists, and a config that verifies below
+    the one already served is never the verified one."""
     show = progress or (lambda line: None)
     order = {"capacity": space.objective_key, "energy": space.energy_key}
     finalists: dict[ServingConfig, dict[str, Any]] = {}
     means = config_means(rows, order["capacity"], order["energy"])
     for row in ranked([r for r in means if r.get("feasible")], **order):
         finalists.setdefault(space.to_config(row["params"]), row)  # parameters that serve alike are one finalist
+    chosen = list(finalists.values())[:candidates]
+    base = next((r for r in means if r["baseline"]), None)
+    served = finalists.get(space.to_config(base["params"])) if base is not None else None
+    if served is not None and served not in chosen:
+        chosen.insert(0, served)  # the reference: measured first, as it was in the study
     attempts: list[dict[str, Any]] = []
-    for row in list(finalists.values())[:candidates]:
+    for row in chosen:
         config = space.to_config(row["params"])
         applied = live.apply(config)
         result = window.measure(config.model, out_dir / f"verify-{row['trial']:03d}", row["users"], seconds)
-        attempt = {**_summary(config, result), "trial": row["trial"], "users": row["users"],
+        attempt = {**_summary(config, result), "trial": row["trial"], "users": row["users"], "baseline": row is served,
                    **space.steady(result, window.slo, config.instances or 1), "applied": applied["applied"],
                    "window": result["window"], "peak_rss_mib": (result.get("memory") or {}).get("peak_rss_mib")}
         attempts.append(attempt)
         verdict = "holds the SLO" if attempt["passed"] else "MISSES THE SLO: " + "; ".join(attempt["breaches"])
-        show(f"  verify trial {row['trial'] + 1} {config.label()} at {row['users']} users for {seconds:g} s: "
+        served_now = " (served before the study)" if row is served else ""
+        show(f"  verify trial {row['trial'] + 1} {config.label()}{served_now} at {row['users']} users for "
+             f"{seconds:g} s: "
              f"{attempt[space.objective_key]:.0f} {space.unit} per instance, p95 {attempt['p95_ms'] or 0:.2f} ms, "
              f"{verdict}")
     best = ranked([a for a in attempts if a["passed"]], **order)

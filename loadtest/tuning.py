@@ -171,7 +171,9 @@ def recommended_of(verified: dict[str, Any] | None, slo: Slo, tune) -> dict[str,
             **({k: verified[k] for k in ("capacity_tps", "capacity_per_instance_tps", "ttft_p95_ms", "itl_p95_ms",
                                          "j_per_token")} if stream else {}),
             "why": (f"the best feasible trial that held the SLO ({held}, errors <= {slo.error_rate:.2%}) over a "
-                    f"{tune.verify_s:g} s verification window at {verified['users']} users: {capacity}")}
+                    f"{tune.verify_s:g} s verification window at {verified['users']} users: {capacity}"
+                    + ("; it is the config served before the study, which no trial beat when verified beside it"
+                       if verified.get("baseline") else ""))}
 
 
 def write_back_verified(run: RunDir, writer: StageWriter, recommended: dict[str, Any], study: dict[str, Any],

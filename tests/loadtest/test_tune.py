@@ -243,6 +243,43 @@ def test_verification_measures_the_best_feasible_again_and_keeps_the_best_that_h
     assert none is None and len(tried) == 1  # verify_candidates bounds the tries
 
 
+@pytest.mark.parametrize("base_delay", [1000, 9500])
+def test_the_served_config_is_verified_beside_the_finalists_and_stays_unless_one_beats_it(tmp_path, base_delay):
+    """A config whose study window was lucky verifies below the one served before the study: the served one is
+    the verified config. A served config that missed the SLO in the study is not measured again."""
+    tune = LoadtestTuneSettings(max_queue_delay_us=(0, 0), sampler="grid", instances=(1, 1),
+                                preferred_batch_sizes=[[]], max_batch_size=(64, 64))
+    space = TuneSpace.from_settings(tune, ["m-fp32"])
+    window = FakeWindow()
+    steady = window.measure
+
+    def measure(model, out_dir, users, seconds, shape="steady"):
+        result = steady(model, out_dir, users, seconds, shape)
+        if shape == "steady" and window.current.max_queue_delay_us == 0:
+            result["window"]["rps"] = 600  # its 1,000 req/s in the study was a lucky window
+        return result
+
+    window.measure = measure
+    live = Tracking(window)
+    baseline = {"model": "m-fp32", "max_batch_size": 64, "preferred": "none", "max_queue_delay_us": base_delay,
+                "instances": 1}
+    study = _study(tmp_path, tune, space.with_baseline(baseline))
+    run_study(study, Objective(live, space, window, tmp_path, 2), 2, baseline)
+    rows = trial_rows(study)
+    assert [r["config"]["max_queue_delay_us"] for r in rows] == [base_delay, 0]
+
+    verified, attempts = verify(live, rows, window, 5, 1, tmp_path)  # one finalist, and the served config
+
+    if base_delay == 1000:  # served at 900 req/s in its window, and again when verified
+        assert [(a["config"]["max_queue_delay_us"], a["baseline"]) for a in attempts] == [(1000, True), (0, False)]
+        assert verified["baseline"] and verified["capacity_per_instance_rps"] == 900
+        assert "served before the study" in recommended_of(verified, SLO, tune)["why"]
+    else:  # p95 11 ms > 10: it missed the SLO in the study, so the finalist stands alone
+        assert [a["config"]["max_queue_delay_us"] for a in attempts] == [0]
+        assert not verified["baseline"] and verified["capacity_per_instance_rps"] == 600
+        assert "served before" not in recommended_of(verified, SLO, tune)["why"]
+
+
 def test_the_default_sampler_is_gp_and_a_missing_library_of_it_names_the_extra(monkeypatch):
     import sys
 
