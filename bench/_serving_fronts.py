@@ -189,18 +189,29 @@ def _default_vs_verified(search: Search, studies: list[list[dict]], sampler: str
     best = max(configs, key=lambda r: r[cap], default=None)
     rows = []
     fresh = search.study(sampler, 99, 1)  # the default's ladder, measured now (the baseline trial)
-    label = f"best {BAYESIAN[sampler].split()[0]} config"
-    for name, row in (("repository default", fresh[0] if fresh else None), (label, best)):
-        if row is None:
+    short = BAYESIAN[sampler].split()[0]
+    label, stage = f"best {short} config", f"what loadtest --tune verifies (seed 0's {short} study)"
+    candidates = search.tune.verify_candidates
+    for name, row in (("repository default", fresh[0] if fresh else None), (label, best), (stage, studies[0])):
+        if not row:
             rows.append([name, "—", "—", "—", "—", "nothing feasible"])
             continue
-        verified = search.verify([row]) if row.get("feasible") else None
-        rows.append([name, search.label(row), f"{row[cap]:,.0f}",
-                     f"{verified[cap]:,.0f}" if verified else "misses the SLO",
+        if name == stage:  # the stage's own verification of the study: its finalists and the served config
+            verified = search.verify(row, candidates)
+            row = next((c for c in config_means(row, cap, energy) if verified and c["trial"] == verified["trial"]),
+                       None)
+        else:
+            verified = search.verify([row]) if row.get("feasible") else None
+        served = name == stage and verified is not None and verified["baseline"]
+        rows.append([name, search.label(row) + (" (the config served before the study)" if served else ""),
+                     f"{row[cap]:,.0f}" if row else "—", f"{verified[cap]:,.0f}" if verified else "misses the SLO",
                      f"{verified[energy] * 1e3:.3g}" if verified and verified.get(energy) is not None else "—",
                      search.verified_note(verified) if verified else "—"])
     unit, per = search.unit, "token" if energy == "j_per_token" else "request"
     return Table("Verified config vs the repository default", ["config", "knobs", f"ladder cap./inst. ({unit})",
                  f"verified cap./inst. ({unit})", f"mJ/{per} (estimated)", "verification window"], rows,
                  [f"steady {search.tune.verify_s:g} s windows at the capacity concurrency; the {label} is "
-                  "taken from the search above and measured again here"])
+                  "taken from the search above (every seed's study) and measured again here",
+                  f"the last row: the stage's verification of one study, as `loadtest --tune` ends: its {candidates} "
+                  "best feasible configs by their means and the config served before the study, each in a steady "
+                  "window; the best that holds the SLO is the one written back"])

@@ -153,11 +153,13 @@ class Search:
         print(f"bench loadtest: re-measured {len(unique)} configs x {ROUNDS} ({label})", flush=True)
         return out
 
-    def verify(self, rows: list[dict]) -> dict | None:
+    def verify(self, rows: list[dict], candidates: int = 1) -> dict | None:
+        """The stage's verification of ``rows`` (its ``candidates`` best feasible configs, and the baseline
+        beside them when ``rows`` hold it): the verified config, or None."""
         from loadtest.study import verify
 
         try:
-            verified, _ = verify(self.live, rows, self.window, self.tune.verify_s, 1, self.workdir / "verify",
+            verified, _ = verify(self.live, rows, self.window, self.tune.verify_s, candidates, self.workdir / "verify",
                                  space=self.space(self.tune))
         finally:
             self.live.restore()
