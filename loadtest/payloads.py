@@ -71,9 +71,9 @@ def task_requests(task_info: dict[str, Any], inputs: dict[str, np.ndarray], gene
 def build_payloads(settings: Settings, task_info: dict[str, Any], samples: int = 128, per_request: int = 1,
                    generate_tokens: int = 8) -> dict[str, Any]:
     """``samples`` requests per scenario from the validation split, ``per_request`` examples each."""
-    from autoglm.tasks import get_task
+    from autoglm.tasks import get_task, task_class
 
-    if settings.task.name != task_info["task"]:
+    if task_class(settings.task.name).name != task_info["task"]:  # a user task is configured as "module:Class"
         # the served task, not the configured one: the configured model settings belong to another task
         served = settings.task.model_copy(update={"name": task_info["task"], "model": {}})
         settings = settings.model_copy(update={"task": served})

@@ -83,3 +83,17 @@ def test_payloads_follow_the_served_task_not_the_configured_model(settings_in):
     # a config for another task (charlm's model settings) must not be checked against the served digits task
     payloads = build_payloads(settings_in("task.name='charlm'", "task.model.n_layer=2"), _digits_info(), samples=2)
     assert len(payloads["scenarios"]["task"]) == 2
+
+
+def test_a_user_task_configured_by_reference_builds_its_payloads(settings_in):
+    # task.json names the task ("linreg"); the config names its class ("module:Class"): the same task
+    from tests.autoglm.tasks.user_task import LinearRegressionTask
+
+    task = LinearRegressionTask()
+    info = {"task": "linreg", "io": asdict(task.io_spec({})), "metadata": task.serving_metadata({}),
+            "model_args": {}, "models": {"fp32": "linreg-fp32"}, "recommended": "linreg-fp32"}
+    settings = settings_in("task.name='tests.autoglm.tasks.user_task:LinearRegressionTask'")
+    payloads = build_payloads(settings, info, samples=2)
+    x = np.concatenate([b["x"] for b, _ in task.batches("val", 1, 2)])
+    sent = np.array([r["body"]["inputs"][0]["data"] for r in payloads["scenarios"]["v2"]], np.float32)
+    np.testing.assert_allclose(sent.reshape(x.shape), x)  # the validation rows, as the v2 scenario sends them
