@@ -1,14 +1,17 @@
-"""``bench loadtest --generate-dev``: which Bayesian sampler ``loadtest --tune`` should use, decided on a
-development serving task.
+"""``bench loadtest --generate-dev`` / ``--search-dev``: which Bayesian sampler ``loadtest --tune`` should use, decided
+on a development serving task (a generation model's knobs / a classifier's batching knobs).
 
 The serving goals are judged on digits and the charlm generation model (``bench loadtest``); choosing the sampler
 by their tables would fit the tuner to the tasks it is judged on. Here Optuna's TPE and GP samplers
-(``loadtest.tune.sampler = "gp"``) each search the generation knobs of a model the goals never see
-(:data:`bench._generate_search.DEV_TASK`), beside random search and the grid, the same number of windows each,
+(``loadtest.tune.sampler = "gp"``) each search the knobs of a model the goals never see (the generation model of
+:data:`bench._generate_search.DEV_TASK`, or the batching of :data:`bench._serving_search.DEV_TASK`'s
+classifier), beside random search and the grid, the same number of windows each,
 every seed's fronts re-measured side by side as the goal tables are (:func:`bench._serving_fronts._seed_result`).
 Each sampler is judged by the goals' own rules against random search and the grid (not against the other
-sampler), then the two head to head. The rule, fixed before the first run (TPE was the default then): GP replaces
-TPE as the stage's default only if it meets more of the goals' seeds than TPE here.
+sampler), then the two head to head. The rules, each fixed before its first run: on the generation task (TPE was
+the default then), GP replaces TPE as the stage's default only if it meets more of the goals' seeds than TPE; on
+the batching task (:data:`bench._serving_search.DEV_TASK`, GP the default by then), the batching knobs keep GP
+unless TPE meets more of them than GP.
 """
 
 from __future__ import annotations
@@ -26,8 +29,17 @@ def _yes(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def sampler_tables(search) -> list[Table]:
-    """Per seed, each sampler's goals against random search and the grid; then per sampler, over the seeds."""
+GENERATE_RULE = ("the rule, fixed before the first run (TPE the default then): GP replaces TPE as "
+                 "loadtest.tune.sampler's default only if it meets more goal seeds (the first two columns together) "
+                 "than TPE on this development task")
+BATCHING_RULE = ("the rule, fixed before the first run (GP the default then, chosen on the development generation "
+                 "task): the batching knobs' search keeps GP unless TPE meets more goal seeds (the first two columns "
+                 "together) than GP on this development task")
+
+
+def sampler_tables(search, rule: str = GENERATE_RULE) -> list[Table]:
+    """Per seed, each sampler's goals against random search and the grid; then per sampler, over the seeds; ``rule``:
+    how the summary decides the stage's sampler, written before the run."""
     windows = search.grid_size() + 1  # the baseline, then every grid point
     half = windows // 2
     seeds = SEEDS[:1] if search.quick else SEEDS
@@ -68,7 +80,5 @@ def sampler_tables(search) -> list[Table]:
          f"median best in {half} windows ({unit}, re-measured)"],
         [[name, f"{t['capacity']}/{n}", f"{t['volume']}/{n}", f"{t['head']}/{n}",
           f"{statistics.median(t['caps']):,.0f}"] for name, t in tally.items()],
-        ["the rule, fixed before the first run (TPE the default then): GP replaces TPE as loadtest.tune.sampler's "
-         "default only if it meets more goal seeds (the first two columns together) than TPE on this development "
-         "task"])
+        [rule])
     return [per_seed, summary]

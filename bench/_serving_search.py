@@ -42,6 +42,11 @@ def _space(quick: bool):
                                 replicates=replicates())
 
 
+DEV_TASK = "synthetic-classification"
+"""The development batching task (``--search-dev``): the tuning pool's small tabular classifier (an MLP, fp32 and
+int8 like digits; :mod:`bench.pool`, a development task there too), served with the same batching knobs."""
+
+
 def key(params: dict) -> str:
     """A config's identity across studies (the trial parameters, order-free)."""
     return json.dumps(params, sort_keys=True)

@@ -18,11 +18,11 @@ config is applied live through model control (no restart) and measured with locu
    streaming through the gateway, capacity in tokens/s per instance within a TTFT / inter-token SLO.
 4. Whether this host can decide the digits goals at all (:mod:`bench._capacity_noise`): three configs' windows
    repeated, read by several capacity estimators, and the windows a test would need to tell them apart.
-5. Which sampler the stage should use (:mod:`bench._sampler_choice`, asked for alone): TPE and GP on a development
-   serving task the goals are not judged on.
+5. Which sampler the stage should use (:mod:`bench._sampler_choice`, asked for alone): TPE and GP on development
+   serving tasks the goals are not judged on, a generation model's knobs and a classifier's batching knobs.
 
 ``python -m bench loadtest --search`` runs part 2 alone, ``--generate`` part 3, ``--noise`` part 4,
-``--generate-dev`` part 5 (any of them together in one report).
+``--generate-dev`` and ``--search-dev`` part 5 (any of them together in one report).
 """
 
 from __future__ import annotations
@@ -36,18 +36,26 @@ from bench._serving_search import Search
 from bench.harness import Table, ratio
 
 TINY = ["train.max_steps=60", "train.eval_every=60", "train.batch_size=64", "train.eval_batches=2",
-        "task.model={channels=8, hidden=32, dropout=0.0}", "measure.repeats=3", "measure.warmup=1",
-        "measure.batch_sizes=[1]", "compress.exporter='legacy'", "compress.variants=['fp32', 'int8']",
-        "compress.max_metric_loss=1.0", "compress.quantize.calibration_batches=2"]
+        "measure.repeats=3", "measure.warmup=1", "measure.batch_sizes=[1]", "compress.exporter='legacy'",
+        "compress.variants=['fp32', 'int8']", "compress.max_metric_loss=1.0", "compress.quantize.calibration_batches=2",
+        "run.name=bench", "loadtest.users=16", "loadtest.slo_p95_ms=50"]
 
 
-def _release(workdir: Path):
+def _release(workdir: Path, dev: bool = False):
+    """Train and compress the digits model, fp32 and int8, briefly (speed does not depend on the weights); ``dev``:
+    the development batching task's classifier (:data:`bench._serving_search.DEV_TASK`) instead."""
     from autoglm.config import load_settings
     from autoglm.train import train_run
     from compress.stage import compress_run
 
-    settings = load_settings(None, [f"run.root='{workdir / 'runs'}'", f"run.cache_dir='{workdir / 'cache'}'",
-                                    "run.name=bench", "loadtest.users=16", "loadtest.slo_p95_ms=50", *TINY])
+    if dev:
+        from bench._serving_search import DEV_TASK
+        from bench.pool import POOL
+
+        settings = POOL[DEV_TASK].settings(0, workdir, TINY)
+    else:
+        settings = load_settings(None, [f"run.root='{workdir / 'runs'}'", f"run.cache_dir='{workdir / 'cache'}'",
+                                        "task.model={channels=8, hidden=32, dropout=0.0}", *TINY])
     train_run(settings, progress=False)
     compress_run(settings, progress=False)
     return settings
@@ -105,17 +113,20 @@ def _sweep_tables(report: dict, quick: bool) -> list[Table]:
     return [points, ratios]
 
 
-PARTS = ("--search", "--generate", "--generate-dev", "--noise")
+PARTS = ("--search", "--search-dev", "--generate", "--generate-dev", "--noise")
 NOISE_REPEATS = 6
 
 
-def _digits(quick: bool, parts: set[str]) -> list[Table]:
+def _digits(quick: bool, parts: set[str], dev: bool = False) -> list[Table]:
+    """The sweep, search and noise parts on digits; ``dev``: the samplers compared on the development batching
+    task instead."""
     from bench._capacity_noise import noise_tables
+    from bench._sampler_choice import BATCHING_RULE, sampler_tables
     from serve.triton import TritonServer, free_ports
 
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-loadtest-") as tmp:
         workdir = Path(tmp)
-        settings = _release(workdir)
+        settings = _release(workdir, dev)
         http, grpc, metrics = free_ports(3)
         triton = TritonServer(workdir / "runs" / "bench" / "repository" / "python", workdir=workdir / "triton",
                               http_port=http, grpc_port=grpc, metrics_port=metrics)
@@ -124,6 +135,8 @@ def _digits(quick: bool, parts: set[str]) -> list[Table]:
             if "sweep" in parts:
                 tables += _sweep_tables(_sweep(settings, triton, quick), quick)
             search = Search(settings, triton, workdir, quick)
+            if dev:
+                return sampler_tables(search, BATCHING_RULE)
             if "search" in parts:
                 tables += search_tables(search)
             if "--noise" in parts:
@@ -151,7 +164,8 @@ def run(quick: bool, args: list[str] | None = None) -> list[Table]:
     if unknown:
         raise SystemExit(f"bench loadtest: unknown option {unknown}; options: {' '.join(PARTS)} (none: every part)")
     parts = {"search" if a == "--search" else a for a in args or []} or {"sweep", "search", "--generate", "--noise"}
-    # --generate-dev: asked for alone
+    # --search-dev, --generate-dev: asked for alone
     tables = _digits(quick, parts) if parts & {"sweep", "search", "--noise"} else []
+    tables += _digits(quick, parts, dev=True) if "--search-dev" in parts else []
     tables += _generate(quick) if "--generate" in parts else []
     return tables + (_generate(quick, dev=True) if "--generate-dev" in parts else [])

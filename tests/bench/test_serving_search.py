@@ -130,12 +130,15 @@ def test_a_lucky_front_shows_as_a_gap_between_the_study_and_its_re_measurement()
 
 def test_the_samplers_are_each_judged_against_random_and_the_grid_on_a_development_task(tmp_path):
     from bench._generate_search import DEV_TASK
-    from bench._sampler_choice import SAMPLERS, sampler_tables
+    from bench._sampler_choice import BATCHING_RULE, SAMPLERS, sampler_tables
+    from bench._serving_search import DEV_TASK as BATCHING_DEV_TASK
     from bench.pool import SPLIT
 
-    assert SPLIT[DEV_TASK] == "dev"  # the sampler is chosen where the goals are not judged
+    # the sampler is chosen where the goals are not judged, for the generation and the batching knobs alike
+    assert SPLIT[DEV_TASK] == SPLIT[BATCHING_DEV_TASK] == "dev"
     search, server = _search(tmp_path)
-    per_seed, summary = sampler_tables(search)
+    per_seed, summary = sampler_tables(search, BATCHING_RULE)
+    assert summary.notes == [BATCHING_RULE]
     windows = search.grid_size() + 1
     studies = sorted(p.stem for p in (tmp_path / "studies").glob("*.journal"))
     assert studies == ["gp-0", "grid-0", "random-0", "tpe-0"]  # quick: one seed, every method its own study
