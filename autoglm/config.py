@@ -506,9 +506,9 @@ class LoadtestTuneSettings(Section):
     n_trials: int = Field(20, ge=1, description="trials in the study, the baseline (the current config) first; "
                           "a rerun continues the study up to this many")
     sampler: Literal["tpe", "gp", "random", "grid"] = Field(
-        "gp", description="gp/tpe: Bayesian (gp chosen on a development serving task: bench loadtest "
-        "--generate-dev); random; grid: every combination of the ranges' ends (and every variant, instance count "
-        "and preferred option), for comparison")
+        "gp", description="gp/tpe: Bayesian (gp chosen on development serving tasks: bench loadtest "
+        "--generate-dev, --search-dev); random; grid: every combination of the ranges' ends (and every variant, "
+        "instance count and preferred option), for comparison")
     startup_trials: int = Field(4, ge=1, description="tpe/gp: trials drawn at random before the model takes over")
     seed: int | None = Field(None, description="sampler seed (a fixed seed replays the same proposals)")
     variants: list[str] = Field(default_factory=lambda: ["all"], description="task.json variant names or Triton "
