@@ -227,8 +227,8 @@ def verify(live: LiveModels, rows: list[dict[str, Any]], window: Window, seconds
     ``seconds`` window at its capacity concurrency, with the baseline (the config served before the study) beside
     them when it held the SLO in the study; of those that hold the SLO, the best by verified capacity
     (:func:`loadtest.front.ranked`) is returned with every attempt. A study's best window is partly its luck on
-    a shared host: the longer windows, side by side, decide among the finalists, and a config that verifies below
-    the one already served is never the verified one."""
+    a shared host: the longer windows, side by side, decide among the finalists, and the served config competes
+    in them, so a finalist replaces it only by ranking above it there (capacity, then energy within a tie)."""
     show = progress or (lambda line: None)
     order = {"capacity": space.objective_key, "energy": space.energy_key}
     finalists: dict[ServingConfig, dict[str, Any]] = {}
@@ -252,9 +252,8 @@ def verify(live: LiveModels, rows: list[dict[str, Any]], window: Window, seconds
         verdict = "holds the SLO" if attempt["passed"] else "MISSES THE SLO: " + "; ".join(attempt["breaches"])
         served_now = " (served before the study)" if row is served else ""
         show(f"  verify trial {row['trial'] + 1} {config.label()}{served_now} at {row['users']} users for "
-             f"{seconds:g} s: "
-             f"{attempt[space.objective_key]:.0f} {space.unit} per instance, p95 {attempt['p95_ms'] or 0:.2f} ms, "
-             f"{verdict}")
+             f"{seconds:g} s: {attempt[space.objective_key]:.0f} {space.unit} per instance, p95 "
+             f"{attempt['p95_ms'] or 0:.2f} ms, {verdict}")
     best = ranked([a for a in attempts if a["passed"]], **order)
     return (best[0] if best else None), attempts
 
