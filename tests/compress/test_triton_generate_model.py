@@ -153,8 +153,21 @@ def test_a_stop_string_ends_the_text_before_it(generation):
     assert sender.responses[-1].outputs["finish_reason"][0] == b"stop"
 
 
-def test_a_cancelled_request_frees_its_slot(generation):
+def test_a_cancelled_request_frees_its_slot(generation, monkeypatch):
     generation.interval_s = 0.0
+    real, rounds = generation.engine.advance, []
+
+    def advance(fed, *args, **kwargs):
+        # a tiny model steps faster than the outbox thread sends: hold the loop after a few rounds until the outbox
+        # has seen the client go (after its 2nd response), as a real model's slower steps would let it
+        rounds.append(len(fed))
+        deadline = time.monotonic() + 5
+        while len(rounds) > 4 and generation.engine.live and not any(s.tag.cancelled for s in generation.engine.live) \
+                and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return real(fed, *args, **kwargs)
+
+    monkeypatch.setattr(generation.engine, "advance", advance)
     sender = run(generation, input_ids=np.array([1, 2, 3]), max_new_tokens=np.array([64], np.int32),
                  cancel_after=2)
     deadline = time.monotonic() + 5
