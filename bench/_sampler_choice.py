@@ -37,7 +37,7 @@ BATCHING_RULE = ("the rule, fixed before the first run (GP the default then, cho
                  "together) than GP on this development task")
 
 
-def sampler_tables(search, rule: str = GENERATE_RULE) -> list[Table]:
+def sampler_tables(search, rule: str) -> list[Table]:
     """Per seed, each sampler's goals against random search and the grid; then per sampler, over the seeds; ``rule``:
     how the summary decides the stage's sampler, written before the run."""
     windows = search.grid_size() + 1  # the baseline, then every grid point

@@ -117,9 +117,9 @@ PARTS = ("--search", "--search-dev", "--generate", "--generate-dev", "--noise")
 NOISE_REPEATS = 6
 
 
-def _digits(quick: bool, parts: set[str], dev: bool = False) -> list[Table]:
-    """The sweep, search and noise parts on digits; ``dev``: the samplers compared on the development batching
-    task instead."""
+def _batching(quick: bool, parts: set[str], dev: bool = False) -> list[Table]:
+    """The batching knobs' parts: the sweep, search and noise on digits; ``dev``: the samplers compared on the
+    development batching task instead."""
     from bench._capacity_noise import noise_tables
     from bench._sampler_choice import BATCHING_RULE, sampler_tables
     from serve.triton import TritonServer, free_ports
@@ -147,7 +147,7 @@ def _digits(quick: bool, parts: set[str], dev: bool = False) -> list[Table]:
 def _generate(quick: bool, dev: bool = False) -> list[Table]:
     """The generation model's search; ``dev``: the samplers compared on the development serving task instead."""
     from bench._generate_search import GenerateSearch, release
-    from bench._sampler_choice import sampler_tables
+    from bench._sampler_choice import GENERATE_RULE, sampler_tables
     from serve import GatewaySettings, start_serving
 
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-loadtest-generate-") as tmp:
@@ -156,7 +156,7 @@ def _generate(quick: bool, dev: bool = False) -> list[Table]:
         gateway = GatewaySettings(port=settings.serve.gateway_port, max_in_flight=256, request_timeout_s=120)
         with start_serving(settings, gateway) as serving:
             search = GenerateSearch(settings, serving, workdir / "search", quick)
-            return sampler_tables(search) if dev else search_tables(search)
+            return sampler_tables(search, GENERATE_RULE) if dev else search_tables(search)
 
 
 def run(quick: bool, args: list[str] | None = None) -> list[Table]:
@@ -165,7 +165,7 @@ def run(quick: bool, args: list[str] | None = None) -> list[Table]:
         raise SystemExit(f"bench loadtest: unknown option {unknown}; options: {' '.join(PARTS)} (none: every part)")
     parts = {"search" if a == "--search" else a for a in args or []} or {"sweep", "search", "--generate", "--noise"}
     # --search-dev, --generate-dev: asked for alone
-    tables = _digits(quick, parts) if parts & {"sweep", "search", "--noise"} else []
-    tables += _digits(quick, parts, dev=True) if "--search-dev" in parts else []
+    tables = _batching(quick, parts) if parts & {"sweep", "search", "--noise"} else []
+    tables += _batching(quick, parts, dev=True) if "--search-dev" in parts else []
     tables += _generate(quick) if "--generate" in parts else []
     return tables + (_generate(quick, dev=True) if "--generate-dev" in parts else [])

@@ -274,7 +274,7 @@ def test_the_served_config_is_verified_beside_the_finalists_and_stays_unless_one
         assert [(a["config"]["max_queue_delay_us"], a["baseline"]) for a in attempts] == [(1000, True), (0, False)]
         assert verified["baseline"] and verified["capacity_per_instance_rps"] == 900
         assert "served before the study" in recommended_of(verified, SLO, tune)["why"]
-    else:  # p95 11 ms > 10: it missed the SLO in the study, so the finalist stands alone
+    else:  # p95 10.5 ms > 10 even at its lowest step: it missed the SLO in the study, so the finalist stands alone
         assert [a["config"]["max_queue_delay_us"] for a in attempts] == [0]
         assert not verified["baseline"] and verified["capacity_per_instance_rps"] == 600
         assert "served before" not in recommended_of(verified, SLO, tune)["why"]
