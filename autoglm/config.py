@@ -320,10 +320,10 @@ class GenerateSettings(Section):
                                    "in each sequence) decoded those batches faster in compress's rounds")
     prefill_chunk: int = Field(8, ge=1, description="sequences encoded per prefill batch; a larger group joining "
                                "or sliding at once is split, so its first chunk steps while the rest is encoded")
-    prefill_thread: bool = Field(True, description="encode joining prompts on a thread of their own while the "
-                                 "other sequences step (true), or on the decode loop's, prefill_chunk of them after "
-                                 "each step (false: no second pool on the step's cores, but every sequence waits "
-                                 "for the chunk)")
+    prefill_thread: Literal["auto", "true", "false"] = Field(
+        "auto", description="encode joining prompts on a thread of their own while the other sequences step (true), "
+        "or on the decode loop's, prefill_chunk of them after each step (false: every sequence waits for the chunk); "
+        "auto: the thread only where intra_op_threads leave a core free (a second pool on the step's cores slows both)")
     kv_cache: Literal["int8", "fp32"] = Field("int8", description="KV cache of the quantized graphs: int8 "
                                               "(per-channel scales; used where it too keeps the loss within "
                                               "max_metric_loss, else fp32) or fp32. FP32 graphs keep an fp32 cache")
@@ -332,6 +332,11 @@ class GenerateSettings(Section):
                                                           "step, sleep after it), on (spin on after it too); "
                                                           "prefills always sleep. On a host busy with other "
                                                           "work, try off")
+
+    @field_validator("prefill_thread", mode="before")
+    @classmethod
+    def _prefill_thread_word(cls, value: Any) -> Any:
+        return str(value).lower() if isinstance(value, bool) else value  # TOML's true/false
 
 
 class CompressSettings(Section):

@@ -101,8 +101,9 @@ def versus(got: list[float], base: list[float], reference: bool) -> list:
 
 NOTES = {"spinning": "off: the step's idle threads sleep at once; run (the default): they spin within a step and "
                      "sleep when it returns; prefills (their own thread, beside the steps) always sleep",
-         "prefill_thread": "true (the default): joining prompts are encoded on a thread of their own while the "
-                           "others step; false: on the decode loop, prefill_chunk of them between two steps"}
+         "prefill_thread": "true: joining prompts are encoded on a thread of their own while the others step; "
+                           "false: on the decode loop, prefill_chunk of them between two steps; the default (auto) "
+                           "is false here, where the step's threads take every core, true where they leave one free"}
 
 
 def run(quick: bool, args: list[str]) -> list[Table]:

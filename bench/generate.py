@@ -214,7 +214,7 @@ def _in_process(run, task, prompts: list[list[int]], repeats: int) -> dict[str, 
 
     from autoglm.tasks.checkpoint import load_checkpoint
     from compress.decode import torch_greedy
-    from compress.decode_engine import DecodeEngine
+    from compress.decode_engine import DecodeEngine, prefill_on_thread
     from compress.decode_speed import decode_speeds
 
     torch.set_num_threads(1)  # as the served model: one intra-op thread
@@ -223,7 +223,7 @@ def _in_process(run, task, prompts: list[list[int]], repeats: int) -> dict[str, 
     chosen = json.loads((decode_dir / "decode.json").read_text())
     graphs = str(decode_dir / chosen["prefill"]), str(decode_dir / chosen["step"])
     engine = DecodeEngine(*graphs, 32, threads=1)
-    served_engine = DecodeEngine(*graphs, 32, threads=1, prefill_thread=True)  # as the Triton model runs it
+    served_engine = DecodeEngine(*graphs, 32, threads=1, prefill_thread=prefill_on_thread("auto", 1))  # as served
     try:
         closed_loop_rate(served_engine, prompts, NEW_TOKENS, 32, 1.0)  # warm-up
         closed_loop = closed_loop_rate(served_engine, prompts, NEW_TOKENS, 32, 0.5 * repeats)

@@ -168,6 +168,7 @@ def prompt_texts(model_dir: Path, ids: list[list[int]]) -> list[str]:
 # ---- one shape ----------------------------------------------------------------------------------------------
 def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quick: bool) -> dict:
     from autoglm.artifacts import RunDir
+    from compress.decode_engine import prefill_on_thread
 
     threads, load_at_start = os.cpu_count() or 1, os.getloadavg()[0]
     model_dir, text_file, ids = checkpoint(family, config, text, workdir)
@@ -184,7 +185,8 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
     settings = _pipeline(model_dir, text_file, workdir, f"bench-{family}", steps=1, eval_batches=1)
     decode_dir = RunDir(settings.run.root, settings.run.name).stage_dir("compress") / "decode"
     report = json.loads((decode_dir / "decode.json").read_text())
-    spinning = settings.compress.generate.intra_op_spinning  # the in-process rows wait as the served model does
+    generate = settings.compress.generate
+    spinning = generate.intra_op_spinning  # the in-process rows wait as the served model does
     ceilings = []
     chosen = next(c for c in report["candidates"] if c["precision"] == report["precision"])
     # the served weights with an FP32 cache beside the served int8 cache, at 32 and profiled: what the cache gives
@@ -230,8 +232,8 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
         if c == 1:
             return out | {static: run_peer("engine", workdir, **graphs, **once | {"batches": [1]})["tokens_per_s"]["1"]}
         batched = run_peer("batching", workdir, **graphs, prompts=ids, new_tokens=NEW_TOKENS, threads=threads,
-                           clients=c, seconds=duration, prefill_chunk=settings.compress.generate.prefill_chunk,
-                           prefill_thread=settings.compress.generate.prefill_thread)
+                           clients=c, seconds=duration, prefill_chunk=generate.prefill_chunk,
+                           prefill_thread=prefill_on_thread(generate.prefill_thread, generate.intra_op_threads))
         return out | {static: batched["static"], continuous: batched["continuous"]}
 
     texts = prompt_texts(model_dir, ids)

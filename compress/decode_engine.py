@@ -19,11 +19,11 @@ many is compute-bound, and the precision fastest at one is not always fastest at
 INT8 at 8, on hosts with fast int8 dot products). ``small_step_path`` is a second step graph over the same KV cache
 (same cache type and scales, other weights), run while at most ``small_batch`` sequences step.
 
-Prefills (joins and slides) can run on a thread of their own (``prefill_thread=True``) while the step
-graph runs the other sequences: with many sequences, re-encoding is about half the work, and it would
-otherwise stall every sequence's next token. Sequences being encoded keep the last slots, so a step
-runs only the rows that can step (no compute spent on waiting rows); their cache rows are written by
-the caller's thread between steps, so the two threads never touch the same memory. A group that
+Prefills (joins and slides) can run on a thread of their own (``prefill_thread=True``; served, where the step's
+pool leaves cores free: :func:`prefill_on_thread`) while the step graph runs the other sequences: with many
+sequences, re-encoding is about half the work, and it would otherwise stall every sequence's next token.
+Sequences being encoded keep the last slots, so a step runs only the rows that can step (no compute spent on
+waiting rows); their cache rows are written by the caller's thread between steps, so the two threads never touch the same memory. A group that
 joins or slides together while nothing else could step is split: its first ``prefill_chunk``
 sequences are encoded at once and step while the rest are encoded in the background. Otherwise
 identical requests (a benchmark's, a batch job's) would stay in lock-step -- all encoding, then all
@@ -34,6 +34,7 @@ others' next token by one chunk's prefill at a time.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections import deque
@@ -73,6 +74,30 @@ class Sequence:
 SPINNING = {"off": ("0", "0"), "run": ("1", "1"), "on": ("1", "0")}
 """How the intra-op pool's idle threads wait -> (allow_spinning, force_spinning_stop): ``off`` sleeps at once,
 ``run`` spins within a run and stops when it returns, ``on`` also spins on after it (ONNX Runtime's default)."""
+
+
+PREFILL_THREAD = ("auto", "true", "false")
+"""Where prefills run (``compress.generate.prefill_thread``): ``auto`` on a thread of their own only where the
+step's pool leaves a core free (:func:`prefill_on_thread`), ``true`` always, ``false`` on the decode loop."""
+
+
+def prefill_on_thread(setting: str, threads: int, cores: int | None = None) -> bool:
+    """Whether prefills get a thread of their own (``DecodeEngine(prefill_thread=...)``) for ``setting``
+    (:data:`PREFILL_THREAD`) and a step pool of ``threads`` (0: all cores) on ``cores`` cores (default: those
+    this process may run on).
+
+    ``auto``: a prefill beside the steps pays only where it has cores to itself. Where the step's pool takes every
+    core, a second pool on the same cores slows both (each kernel's threads wait for the one the other pool
+    preempted), and encoding between steps is faster; where the step runs on fewer threads than cores, the
+    prefill thread uses the rest.
+    """
+    if setting not in PREFILL_THREAD:
+        raise ValueError(f"prefill_thread={setting!r} must be one of {', '.join(PREFILL_THREAD)}")
+    if setting != "auto":
+        return setting == "true"
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 0 < threads < cores
 
 
 def session_options(threads: int = 0, spinning: str = "off"):

@@ -122,7 +122,7 @@ def write_generate_model(repo: Path, settings: Settings, task, model_args, graph
                                   "stream_interval_ms": str(g.stream_interval_ms),
                                   "stream_responses_per_s": str(g.stream_responses_per_s),
                                   "prefill_chunk": str(g.prefill_chunk),
-                                  "prefill_thread": str(g.prefill_thread).lower(),
+                                  "prefill_thread": g.prefill_thread,
                                   "intra_op_spinning": g.intra_op_spinning,
                                   "small_step_max_batch": str(graphs.small_step["max_batch"] if small else 0)},
                       versions=(version,))

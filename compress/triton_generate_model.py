@@ -9,11 +9,10 @@ requests and returns at once; one thread runs the decode loop and another, the o
 round trip to the Triton process (sending responses, asking whether a client went away, updating
 metrics), so the loop only computes. Between two steps, waiting requests join (prefill into a free
 cache slot) and finished or cancelled sequences leave, so every step runs all live sequences as one
-batch -- in-flight batching. Prefills (joins, and slides past the context) run on the engine's own
-thread while the loop steps the other sequences (``prefill_thread``, the default): at high concurrency
-they are about half the work, and would otherwise hold up every sequence's next token; with
-``prefill_thread`` false they run on the loop, ``prefill_chunk`` sequences between two steps, leaving
-the cores to one pool at a time. New tokens go back as responses
+batch -- in-flight batching. Prefills (joins, and slides past the context) run either on the engine's own
+thread while the loop steps the other sequences, or on the loop, ``prefill_chunk`` sequences between two
+steps (``prefill_thread``: ``auto``, the default, takes the thread only where the step's ``intra_op_threads``
+leave a core free; a second pool on the step's cores slows both). New tokens go back as responses
 (``token_ids``, ``text``, ``finish_reason``); the last one carries the final flag. ``text`` holds
 complete characters only (a character whose UTF-8 bytes span tokens goes out with its last token); a
 sequence ends at ``max_new_tokens`` ("length"), a stop string or an end-of-sequence token ("stop"). The first token is
@@ -32,7 +31,7 @@ Metrics (Triton's ``/metrics``): ``autoglm_generate_sequences{state="live"|"wait
 Config parameters: ``max_sequences`` (cache slots; more
 requests wait), ``max_waiting`` (beyond it requests are refused), ``max_new_tokens`` (limit per
 request), ``stream_interval_ms``, ``stream_responses_per_s``, ``intra_op_threads``, ``intra_op_spinning``,
-``prefill_chunk``, ``prefill_thread`` (true/false), ``small_step_max_batch`` (0, or the most stepping
+``prefill_chunk``, ``prefill_thread`` (auto/true/false), ``small_step_max_batch`` (0, or the most stepping
 sequences ``step_small.onnx`` serves).
 """
 
@@ -48,7 +47,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # decode_engine.py, sampling.py, detokenizer.py
-from decode_engine import SMALL_STEP_FILE, DecodeEngine  # noqa: E402
+from decode_engine import SMALL_STEP_FILE, DecodeEngine, prefill_on_thread  # noqa: E402
 from detokenizer import TABLE_FILE, DecodeTable  # noqa: E402
 from sampling import Sampler, StopMatcher  # noqa: E402
 
@@ -91,13 +90,14 @@ class TritonPythonModel:
         self.interval_s = float(params.get("stream_interval_ms") or 0) / 1000
         self.responses_per_s = float(params.get("stream_responses_per_s") or 0)  # 0: no budget
         version_dir = os.path.join(args["model_repository"], str(args["model_version"]))
-        prefill_thread = params.get("prefill_thread") or "true"
-        if prefill_thread not in ("true", "false"):
-            raise ValueError(f"{self.model_name}: parameter prefill_thread={prefill_thread!r} must be true or false")
+        threads = int(params.get("intra_op_threads") or 0)
+        try:
+            on_thread = prefill_on_thread(params.get("prefill_thread") or "auto", threads)
+        except ValueError as exc:
+            raise ValueError(f"{self.model_name}: parameter {exc}") from None
         self.engine = DecodeEngine(os.path.join(version_dir, "prefill.onnx"), os.path.join(version_dir, "step.onnx"),
                                    max_sequences=int(params.get("max_sequences") or 32),
-                                   threads=int(params.get("intra_op_threads") or 0),
-                                   prefill_thread=prefill_thread == "true",
+                                   threads=threads, prefill_thread=on_thread,
                                    prefill_chunk=int(params.get("prefill_chunk") or 8),
                                    spinning=params.get("intra_op_spinning") or "off",
                                    small_step_path=os.path.join(version_dir, SMALL_STEP_FILE),

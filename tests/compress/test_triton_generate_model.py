@@ -4,6 +4,7 @@ backend's ``triton_python_backend_utils``. tests/integration/test_serve_generate
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import sys
@@ -260,11 +261,16 @@ def test_graphs_with_an_int8_cache_are_served_alike(tmp_path, monkeypatch):
     assert [i for r in sender.responses for i in r.outputs["token_ids"].tolist()] == want
 
 
-@pytest.mark.parametrize("thread", [True, False])
-def test_prefill_thread_decides_whether_the_served_engine_encodes_on_a_thread(tmp_path, monkeypatch, thread):
+@pytest.mark.parametrize("setting, threads, thread", [("true", 4, True), ("false", 1, False), ("auto", 1, True),
+                                                     ("auto", 4, False), ("auto", 0, False)])
+def test_prefill_thread_decides_whether_the_served_engine_encodes_on_a_thread(tmp_path, monkeypatch, setting,
+                                                                              threads, thread):
+    """On a 4-core host: ``auto`` gives prefills a thread only where the step's threads leave a core free."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     task, model = charlm()
     graphs = decode.write_graphs(task.decoder_weights(model), tmp_path / "fp32")
-    settings = load_settings(None, [f"compress.generate.prefill_thread={str(thread).lower()}"])
+    settings = load_settings(None, [f"compress.generate.prefill_thread={setting}",
+                                    f"compress.generate.intra_op_threads={threads}"])
     name = write_generate_model(tmp_path / "repo", settings, task, model.model_args,
                                 decode.DecodeGraphs(graphs[0], graphs[1], "fp32", {}))
     model_dir = tmp_path / "repo" / "python" / name
@@ -279,11 +285,11 @@ def test_prefill_thread_decides_whether_the_served_engine_encodes_on_a_thread(tm
     finally:
         m.finalize()
     config = model_dir / "config.pbtxt"
-    text, edits = re.subn(r'(key: "prefill_thread"\s*value \{\s*string_value: )"(true|false)"', r'\1"yes"',
-                          config.read_text())
+    text, edits = re.subn(r'(key: "prefill_thread"\s*value \{\s*string_value: )"(auto|true|false)"',
+                          r'\1"yes"', config.read_text())
     assert edits == 1  # that parameter's value only, not every true/false in the config
     config.write_text(text)
-    with pytest.raises(ValueError, match="prefill_thread='yes' must be true or false"):
+    with pytest.raises(ValueError, match="prefill_thread='yes' must be one of auto, true, false"):
         load(model_dir, monkeypatch)
 
 

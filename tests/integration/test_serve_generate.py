@@ -129,14 +129,14 @@ def test_prefills_between_steps_stream_the_same_tokens(charlm):
 
     _, serving = charlm
     live = LiveModels(ModelControl(serving.triton_url))
-    assert model_parameters(live.base("charlm-generate"))["prefill_thread"] == "true"  # the default, written
+    assert model_parameters(live.base("charlm-generate"))["prefill_thread"] == "auto"  # the default, written
     live.apply(ServingConfig("charlm-generate", parameters={"prefill_thread": "false"}))
     try:
         test_concurrent_generations_with_different_seeds_are_independent_and_reproducible(charlm)
         test_greedy_text_equals_torch_greedy_generation(charlm)
     finally:
         live.restore()
-    assert model_parameters(live.control.config("charlm-generate"))["prefill_thread"] == "true"
+    assert model_parameters(live.control.config("charlm-generate"))["prefill_thread"] == "auto"
 
 
 def test_stop_strings_and_limits(charlm):
