@@ -6,8 +6,10 @@ spin within a step (``run``, the default) or after it too (``on``). A decode ste
 each split across the pool's threads, so a pool that sleeps is woken hundreds of times per token, and its cost
 grows with depth; a spinning pool keeps its cores from Triton, the gateway and the clients, which share them.
 ``--prefill-thread``: ``compress.generate.prefill_thread`` encodes joining prompts on a thread of their own
-beside the steps (``true``, the default) or on the decode loop between two steps (``false``): a second pool on
-the step's cores against every sequence waiting for the prefill.
+beside the steps (``true``) or on the decode loop between two steps (``false``): a second pool on the step's cores
+against every sequence waiting for the prefill. The default, ``auto``, decides by the step's thread count, so the
+served rounds (the step on every core) are followed by the same graphs in process with the step on one thread and
+on every core.
 
 Which wins depends on the model and the host, so this measures it served: each shape goes through the real
 pipeline once, then in every round each value is applied to the live generation model through Triton's model
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -69,14 +72,56 @@ def _modes_served(settings, texts: list[str], workdir: Path, duration: float, ro
     return found, ttft
 
 
-def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quick: bool, measured: str) -> list[list]:
+def _prefills_in_process(settings, ids: list[list[int]], workdir: Path, seconds: float, rounds: int) -> dict:
+    """{(step threads, prefills on a thread): [tokens/s per round]} of the served graphs in process (no serving):
+    32 sequences in a closed loop, the step on one thread or on every core, prefills on a thread of their own or on
+    the loop; the four in alternating rounds, each in a fresh process (``bench._hf_peers``' batching peer)."""
+    from autoglm.artifacts import RunDir
+    from bench._hf_peers import run_peer
+    from bench.hf import NEW_TOKENS
+
+    generate = settings.compress.generate
+    decode_dir = RunDir(settings.run.root, settings.run.name).stage_dir("compress") / "decode"
+    report = json.loads((decode_dir / "decode.json").read_text())
+    small = report.get("small_step") or {}
+    served = decode_dir / report["precision"]
+    spec = {"prefill": str(served / "prefill.onnx"), "step": str(served / "step.onnx"),
+            "spinning": generate.intra_op_spinning, "prefill_chunk": generate.prefill_chunk,
+            "small_step": str(decode_dir / small["step"]) if small.get("step") else None,
+            "small_batch": small.get("max_batch", 0) if small.get("step") else 0,
+            "prompts": ids, "new_tokens": NEW_TOKENS, "clients": max(CONCURRENCY), "seconds": seconds}
+    found: dict = {(threads, thread): [] for threads in (1, os.cpu_count() or 1) for thread in (True, False)}
+    for _ in range(rounds):
+        for (threads, thread), got in found.items():
+            got.append(run_peer("batching", workdir, **spec, threads=threads, prefill_thread=thread)["continuous"])
+    return found
+
+
+def in_process_rows(label: str, found: dict) -> list[list]:
+    """Rows of :func:`_prefills_in_process`' figures: per step thread count, the thread (the reference) and the
+    loop, with what ``auto`` picks there."""
+    from compress.decode_engine import prefill_on_thread
+
+    rows = []
+    for threads in dict.fromkeys(t for t, _ in found):
+        picks = "thread" if prefill_on_thread("auto", threads) else "loop"
+        for thread in (True, False):
+            got, base = found[threads, thread], found[threads, True]
+            rows.append([label, threads, "thread" if thread else "loop", *got, *versus(got, base, thread), picks])
+    return rows
+
+
+def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quick: bool,
+           measured: str) -> tuple[list[list], list[list]]:
     from bench.hf import _pipeline, checkpoint, prompt_texts
 
     model_dir, text_file, ids = checkpoint(family, config, text, workdir)
     settings = _pipeline(model_dir, text_file, workdir, f"modes-{family}", steps=1, eval_batches=1)
-    found, ttft = _modes_served(settings, prompt_texts(model_dir, ids), workdir, 8.0 if quick else 15.0,
-                                3 if quick else 5, *PARAMETERS[measured])
-    return rows_of(label, found, ttft)
+    seconds, rounds = (8.0, 3) if quick else (15.0, 5)
+    found, ttft = _modes_served(settings, prompt_texts(model_dir, ids), workdir, seconds, rounds,
+                                *PARAMETERS[measured])
+    local = _prefills_in_process(settings, ids, workdir, seconds, rounds) if measured == "prefill_thread" else {}
+    return rows_of(label, found, ttft), in_process_rows(label, local) if local else []
 
 
 def rows_of(label: str, found: dict, ttft: dict) -> list[list]:
@@ -122,15 +167,26 @@ def run(quick: bool, args: list[str]) -> list[Table]:
     shapes = dict(hf_models.DEV_SHAPES)
     if opts.shapes == "all":
         shapes |= {f"{label} (goal)": spec for label, spec in hf_models.SHAPES.items()}
-    text, rows = hf_models.corpus_text(), []
+    text, rows, local = hf_models.corpus_text(), [], []
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-hf-modes-") as tmp:
         for i, (label, (family, config)) in enumerate(shapes.items()):
-            rows += _shape(label, family, config, text, Path(tmp) / str(i), quick, key)
+            served, in_process = _shape(label, family, config, text, Path(tmp) / str(i), quick, key)
+            rows, local = rows + served, local + in_process
     n = 3 if quick else 5
-    return [Table(f"Served :generate with each value of compress.generate.{parameter}, tokens/s",
+    tables = [Table(f"Served :generate with each value of compress.generate.{parameter}, tokens/s",
                   ["model", "concurrent requests", parameter, *(f"round {k + 1}" for k in range(n)), "median",
                    f"vs {modes[0]}", f"rounds above {modes[0]}", "TTFT p50 ms (median)"], rows,
                   ["the served graphs (compress's choice), one serving start per shape; in each round every value is "
                    "applied live through Triton's model control (the model reloads) and loaded at 1, then 32 "
                    "streams: values in alternating rounds, so a shared host's load falls on all", NOTES[key],
                    "64-token prompts, 128 new tokens, greedy, all cores; the load generator shares them"])]
+    if local:
+        tables.append(Table(
+            "In process: where prefills run, by the step's threads, 32 sequences in a closed loop, tokens/s",
+            ["model", "step threads", "prefills", *(f"round {k + 1}" for k in range(n)), "median", "vs thread",
+             "rounds above thread", "auto picks"], local,
+            ["the served graphs without Triton, the gateway or clients: each sequence replaced by the next prompt as "
+             "soon as it has its 128 tokens; the four ways in alternating rounds, each a fresh process",
+             "thread: prefills on a thread of their own beside the steps; loop: prefill_chunk of them between two "
+             "steps; auto (the default) takes the thread only where the step's threads leave a core free"]))
+    return tables

@@ -36,11 +36,23 @@ def test_the_reference_is_the_first_value_and_each_flag_measures_its_own_paramet
     assert [r[2] for r in rows] == ["true", "false", "true", "false"]
     assert rows[1][-3:] == ["0.90×", "0/1", 6.0] and rows[3][-3:] == ["1.20×", "1/1", 70.0] and rows[0][-2] == "—"
     seen = []
-    monkeypatch.setattr(_hf_modes, "_shape", lambda *a: seen.append(a[-1]) or [])
+    monkeypatch.setattr(_hf_modes, "_shape", lambda *a: seen.append(a[-1]) or ([], []))
     monkeypatch.setattr(_hf_modes.hf_models, "DEV_SHAPES", {"dev": ("llama", {})})
     tables = _hf_modes.run(True, ["--prefill-thread"]) + _hf_modes.run(True, ["--spinning"])
     assert seen == ["prefill_thread", "spinning"]
     assert [t.columns[2] for t in tables] == ["prefill_thread", "intra_op_spinning"]
+
+
+def test_in_process_rows_compare_the_loop_with_the_thread_per_step_thread_count_and_name_autos_pick(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    found = {(1, True): [900.0, 950.0, 910.0], (1, False): [700.0, 960.0, 690.0],
+             (4, True): [1000.0, 1100.0, 1050.0], (4, False): [1200.0, 1150.0, 1000.0]}
+    rows = _hf_modes.in_process_rows("shape", found)
+    assert [r[:3] for r in rows] == [["shape", 1, "thread"], ["shape", 1, "loop"], ["shape", 4, "thread"],
+                                     ["shape", 4, "loop"]]
+    assert rows[0][-4:] == [910.0, "1.00×", "—", "thread"]  # one step thread leaves three cores: auto's thread
+    assert rows[1][-4:] == [700.0, "0.77×", "1/3", "thread"]
+    assert rows[3][-4:] == [1150.0, "1.10×", "2/3", "loop"]  # the step on every core: auto encodes on the loop
 
 
 def test_one_parameter_at_a_time(capsys):
