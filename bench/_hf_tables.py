@@ -106,7 +106,8 @@ def tables(shapes: dict, quality: list[list], bandwidths: dict[str, float]) -> l
                   ["each round runs every path once at 1 (or at 32), one after another (the served stack idles while "
                    "the others run): a shared host's load falls on all alike", "static batch: 32 copies of a prompt "
                    "joined at once, ending together (as the peers batch); continuous batching: each sequence "
-                   "replaced by the next prompt as it ends, encoded while the others step (as the served model does)"]),
+                   "replaced by the next prompt as it ends, encoded where the served model encodes it "
+                   "(compress.generate.prefill_thread: with the step on every core, between two steps)"]),
             ceiling_table(ceiling_rows, bandwidths),
             Table("Where a batched decode step's time goes (the served graphs, and their weights with an fp32 KV "
                   "cache, in process)",
