@@ -78,18 +78,13 @@ def _prefills_in_process(settings, ids: list[list[int]], workdir: Path, seconds:
     the loop; the four in alternating rounds, each in a fresh process (``bench._hf_peers``' batching peer)."""
     from autoglm.artifacts import RunDir
     from bench._hf_peers import run_peer
-    from bench.hf import NEW_TOKENS
+    from bench.hf import NEW_TOKENS, served_engine_spec
 
     generate = settings.compress.generate
     decode_dir = RunDir(settings.run.root, settings.run.name).stage_dir("compress") / "decode"
     report = json.loads((decode_dir / "decode.json").read_text())
-    small = report.get("small_step") or {}
-    served = decode_dir / report["precision"]
-    spec = {"prefill": str(served / "prefill.onnx"), "step": str(served / "step.onnx"),
-            "spinning": generate.intra_op_spinning, "prefill_chunk": generate.prefill_chunk,
-            "small_step": str(decode_dir / small["step"]) if small.get("step") else None,
-            "small_batch": small.get("max_batch", 0) if small.get("step") else 0,
-            "prompts": ids, "new_tokens": NEW_TOKENS, "clients": max(CONCURRENCY), "seconds": seconds}
+    spec = {**served_engine_spec(decode_dir, report, generate.intra_op_spinning),
+            "prefill_chunk": generate.prefill_chunk, "prompts": ids, "new_tokens": NEW_TOKENS, "clients": max(CONCURRENCY), "seconds": seconds}
     found: dict = {(threads, thread): [] for threads in (1, os.cpu_count() or 1) for thread in (True, False)}
     for _ in range(rounds):
         for (threads, thread), got in found.items():

@@ -165,6 +165,20 @@ def prompt_texts(model_dir: Path, ids: list[list[int]]) -> list[str]:
     return [tokenizer.decode(p, skip_special_tokens=True) for p in ids]
 
 
+def served_small_step(report: dict) -> dict:
+    """The small-batch step of compress's ``decode.json`` report that is served beside the step graph (chosen, and
+    through the mixed gate), or {}."""
+    small = report.get("small_step") or {}
+    return small if small.get("step") else {}
+
+
+def served_engine_spec(decode_dir: Path, report: dict, spinning: str) -> dict:
+    """The served decode graphs of ``decode_dir`` as the engine peers take them (``bench._hf_peers``)."""
+    served, small = decode_dir / report["precision"], served_small_step(report)
+    return {"prefill": str(served / "prefill.onnx"), "step": str(served / "step.onnx"), "spinning": spinning,
+            "small_step": str(decode_dir / small["step"]) if small else None, "small_batch": small.get("max_batch", 0)}
+
+
 # ---- one shape ----------------------------------------------------------------------------------------------
 def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quick: bool) -> dict:
     from autoglm.artifacts import RunDir
@@ -211,9 +225,7 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
                              **{**common, "batches": list(CONCURRENCY)})
 
     duration = 10.0 if quick else 30.0
-    served_graphs = decode_dir / report["precision"]
-    small = report.get("small_step") or {}
-    small = small if small.get("step") else {}  # chosen and through the mixed gate: served beside the step graph
+    small = served_small_step(report)
     served_label = report["precision"] + (f" + {small['precision']} at ≤ {small['max_batch']}" if small else "")
     static, continuous = engine_row(served_label), engine_row(served_label, continuous=True)
     rows.setdefault(static, {"tokens_per_s": {}})
@@ -226,9 +238,7 @@ def _shape(label: str, family: str, config: dict, text: str, workdir: Path, quic
         for name, built in genai.items():
             out[name] = run_peer("genai", workdir, model_dir=str(built), **once | {"batches": [c]})
         out = {name: r["tokens_per_s"][str(c)] for name, r in out.items()}
-        graphs = {"prefill": str(served_graphs / "prefill.onnx"), "step": str(served_graphs / "step.onnx"),
-                  "spinning": spinning, "small_step": str(decode_dir / small["step"]) if small else None,
-                  "small_batch": small.get("max_batch", 0)}
+        graphs = served_engine_spec(decode_dir, report, spinning)
         if c == 1:
             return out | {static: run_peer("engine", workdir, **graphs, **once | {"batches": [1]})["tokens_per_s"]["1"]}
         batched = run_peer("batching", workdir, **graphs, prompts=ids, new_tokens=NEW_TOKENS, threads=threads,
