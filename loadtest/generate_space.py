@@ -75,9 +75,10 @@ def j_per_token(result: dict[str, Any]) -> float | None:
     """A window's energy per generated token (the meter's span charged the tokens of its own span)."""
     energy, window = result.get("energy") or {}, result.get("window") or {}
     rate = window.get("tokens_per_s") or 0.0
-    if "joules" not in energy or rate <= 0:
+    seconds = energy.get("seconds") or window.get("seconds") or 0.0
+    if "joules" not in energy or rate <= 0 or seconds <= 0:
         return None
-    return energy["joules"] / (rate * (energy.get("seconds") or window.get("seconds") or 0.0) or math.inf)
+    return energy["joules"] / (rate * seconds)
 
 
 def _stream_p95(summary: dict[str, Any], name: str) -> float | None:

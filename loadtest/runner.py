@@ -119,7 +119,11 @@ def run_window(spec: LoadSpec, out_dir: Path, *, payloads: Path, metrics_url: st
     window_file.unlink(missing_ok=True)
     cmd = locust_command(spec, payloads, window_file, out_dir / "locust")
     marks: dict[str, dict] = {}
-    meter = before = memory = None
+    # Serving pids are looked up now, not at the window's open: the lookup scans every socket of the host
+    # (tenths of a second, seconds on a busy one), and a meter started that late could miss a short window.
+    meter = energy.meter() if energy else None
+    sampler = energy.peak_rss() if energy else "no energy source configured"
+    before = memory = None
     joined: dict[str, Any] = {"energy": None, "triton": None, "memory": None}
     offset = 0
     with open(log_path, "wb") as log:
@@ -133,11 +137,10 @@ def run_window(spec: LoadSpec, out_dir: Path, *, payloads: Path, metrics_url: st
                 for event in events:
                     marks[event["event"]] = event
                     if event["event"] == "open":
-                        meter = energy.meter() if energy else None
                         if meter is not None:  # first: the scrape below can take seconds
                             meter.start()
                         before = _scrape(metrics_url, triton_model, joined)
-                        memory = energy.peak_rss() if energy else "no energy source configured"
+                        memory = sampler
                     elif event["event"] == "close" and "open" in marks:
                         joined["energy"] = _energy(meter, energy)
                         joined["memory"] = _memory(memory)
@@ -193,6 +196,10 @@ def _memory(memory: PeakRss | str | None) -> dict[str, Any]:
 def _joined(spec: LoadSpec, summary: dict, joined: dict[str, Any], exit_code: int) -> dict[str, Any]:
     window = summary["window"]
     energy = joined["energy"] or {"unavailable": "the measured window never opened"}
+    span, seconds = energy.get("seconds"), window.get("seconds") or 0.0
+    if "joules" in energy and span is not None and span < seconds / 2:  # marks read late: not this window's
+        energy = {"unavailable": f"the meter ran {span:.2f} s of the {seconds:.2f} s window: this process read "
+                                 "locust's open and close marks late (an overloaded host); measure again"}
     if "joules" in energy and window["requests"]:
         # the meter's span is not exactly the window's: charge it the requests of its own span
         rate, span = window.get("rps") or 0.0, energy.get("seconds") or 0.0

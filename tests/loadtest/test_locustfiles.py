@@ -63,6 +63,26 @@ def test_step_shape_reports_one_phase_per_step(stub, payloads, tmp_path):
     assert result["energy"] == {"unavailable": "no energy source configured"}
 
 
+def test_the_meter_spans_the_window_though_finding_the_serving_processes_is_slow(stub, payloads, tmp_path):
+    import os
+    import time
+
+    from loadtest.energy_join import EnergySource
+
+    class SlowSource(EnergySource):  # a busy host: the scan of its sockets takes longer than the window
+        def meter(self):
+            time.sleep(2.5)
+            return super().meter()
+
+    source = SlowSource(kind="estimated", pids=(os.getpid(),))  # this process serves the stub
+    spec = LoadSpec("v2", f"http://127.0.0.1:{stub.server_port}", "m", users=2, duration_s=2, warmup_s=0,
+                    slo=Slo(1000, 0.01))
+    result = run_window(spec, tmp_path / "slow", payloads=payloads, energy=source)
+    energy, seconds = result["energy"], result["window"]["seconds"]
+    assert energy["joules"] > 0 and energy["seconds"] >= seconds * 0.9 and energy["pids"] == [os.getpid()]
+    assert energy["j_per_request"] > 0
+
+
 def test_shapes_refuse_phases_shorter_than_the_shape_tick():
     with pytest.raises(Exception, match="phases under 1 s"):
         LoadSpec("v2", "http://h:1", "m", users=4, duration_s=3, shape="spike")

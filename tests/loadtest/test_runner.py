@@ -18,6 +18,19 @@ def test_joules_per_request_charge_the_requests_of_the_meters_own_span():
     assert _joined(spec, _summary(100, 10.0), joined, 0)["energy"]["j_per_request"] == 0.5
 
 
+def test_a_meter_that_ran_a_sliver_of_the_window_is_no_reading_not_zero_joules():
+    from loadtest.generate_space import j_per_token
+
+    spec = LoadSpec("task", "http://127.0.0.1:1", "m", users=1, duration_s=10, slo=Slo(100, 0.01))
+    # the open and close marks were read in one poll: the meter ran 10 ms of a 10 s window, and read no CPU
+    joined = {"energy": {"joules": 0.0, "seconds": 0.01, "method": "estimated:cpu"}, "triton": None}
+    energy = _joined(spec, _summary(100, 10.0), joined, 0)["energy"]
+    assert "joules" not in energy and "the meter ran 0.01 s of the 10.00 s window" in energy["unavailable"]
+    window = {"energy": energy, "window": {"tokens_per_s": 500.0, "seconds": 10.0}}
+    assert j_per_token(window) is None  # the trial says so, where it read 0 mJ/token before
+    assert j_per_token({"energy": {"joules": 3.0}, "window": {"tokens_per_s": 500.0}}) is None  # no span at all
+
+
 def test_peak_rss_follows_a_process_that_grows_and_says_when_it_has_nothing():
     import subprocess
     import sys
