@@ -10,7 +10,8 @@ families of decoder:
   tanh approximation), biases;
 * Llama-style: rotary positions applied by GroupQueryAttention itself (``do_rotary``, cos/sin tables
   from the model's ``inv_freq``, rotate-half layout as in transformers), RMSNorm (each residual add and
-  the norm after it one ``SkipSimplifiedLayerNormalization``), SwiGLU MLP, grouped-query heads.
+  the norm after it one ``SkipSimplifiedLayerNormalization``), SwiGLU MLP, grouped-query heads, and where
+  the model has them (Qwen3) an RMSNorm of each query and key head before the rotation.
   GroupQueryAttention places each query row at ``P + s`` (``P`` the tokens already cached:
   ``seqlens_k + 1 - query_seqlens``), which is the same position the engine feeds the learned family,
   so ``position_ids`` is an input of every graph but only the GPT family reads it.
@@ -126,6 +127,20 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
             hidden = node("Gelu", [linear(x, layer.fc, f"{p}.mlp.fc")], f"{p}.mlp.act", domain="com.microsoft")
         return linear(hidden, layer.fc_out, f"{p}.mlp.out")
 
+    def head_norms(qkv: str, layer, p: str) -> list[str]:
+        """Queries, keys and values apart, each query and key head RMS-normalized (GroupQueryAttention's own
+        q/k norm inputs are not honoured by its CPU kernel)."""
+        names = [f"{p}.attn.{part}" for part in ("q", "k", "v")]
+        sizes = const_i64(f"{p}.attn.split", [heads * size, kv_heads * size, kv_heads * size])
+        nodes.append(helper.make_node("Split", [qkv, sizes], names, axis=-1))
+        for j, (n, weight) in enumerate(((heads, layer.q_norm), (kv_heads, layer.k_norm))):
+            part = names[j]
+            per_head = node("Reshape", [part, const_i64(f"{part}.heads", [0, 0, n, size])], f"{part}.per_head")
+            normed = node("RMSNormalization", [per_head, const(f"{part}.norm.w", weight)], f"{part}.normed",
+                          axis=-1, epsilon=w.layer_norm_eps)
+            names[j] = node("Reshape", [normed, const_i64(f"{part}.flat", [0, 0, n * size])], f"{part}.norm")
+        return names
+
     n_layer, heads, kv_heads, size = len(w.layers), w.n_head, w.kv_heads, w.head_size
     vocab, width = w.token_embedding.shape
     seq = 1 if step else "sequence"
@@ -154,7 +169,8 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
             outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", f32,
                                                          ["batch", kv_heads, "present", size]))
         qkv = linear(h, layer.qkv, f"{p}.attn.qkv")  # (B, S, (H + 2 KV) D)
-        gqa_in = [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", *rope]
+        qkv_in = [qkv, "", ""] if layer.q_norm is None else head_norms(qkv, layer, p)
+        gqa_in = [*qkv_in, f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", *rope]
         gqa_in += [""] * 7 + ["query_seqlens"]  # position_ids .. k_norm_weight unused: positions from seqlens
         nodes.append(helper.make_node("GroupQueryAttention", gqa_in,
                                       [f"{p}.attn.y", f"present_key_{i}", f"present_value_{i}"],

@@ -7,6 +7,8 @@ both with ``save_pretrained`` -- the layout a user's local model directory has:
 - :func:`gpt2_dir`: GPT-2 (learned positions, LayerNorm, GELU, biases) with a byte-level BPE tokenizer.
 - :func:`llama_dir`: Llama (rotary, RMSNorm, SwiGLU, 4 query / 2 key-value heads) with a SentencePiece-like
   BPE (Metaspace "▁", ``<0xNN>`` byte fallback) that adds BOS like Llama's, and a chat template.
+- :func:`qwen3_dir`, :func:`phi3_dir`: the Llama family's other layouts (Qwen3's per-head query and key
+  norms; Phi-3's fused projections) with the same tokenizer.
 - :func:`bert_dir`: a BertForSequenceClassification over :data:`LABELS` with a byte-level BPE tokenizer
   wrapped in [CLS] ... [SEP].
 
@@ -186,6 +188,34 @@ def save_llama(path: Path, vocab_size: int | None = None, tie_word_embeddings: b
     return _save(path, LlamaForCausalLM(cfg).eval(), tokenizer)
 
 
+def save_qwen3(path: Path, **config: Any) -> Path:
+    """A tiny Qwen3 (per-head query and key norms, head_dim 32 with 4 heads of a 64-wide model) and the
+    SentencePiece-like tokenizer in ``path``."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = sentencepiece_tokenizer()
+    torch.manual_seed(SEED)
+    cfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **config)
+    return _save(path, Qwen3ForCausalLM(cfg).eval(), tokenizer)
+
+
+def save_phi3(path: Path, **config: Any) -> Path:
+    """A tiny Phi-3 (fused query/key/value and gate/up projections) and the SentencePiece-like tokenizer."""
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    tokenizer = sentencepiece_tokenizer()
+    torch.manual_seed(SEED)
+    cfg = Phi3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.eos_token_id, **config)
+    return _save(path, Phi3ForCausalLM(cfg).eval(), tokenizer)
+
+
 def save_bert(path: Path, labels: tuple[str, ...] = LABELS, **config: Any) -> Path:
     """A tiny BertForSequenceClassification over ``labels`` (id2label in that order) and its tokenizer.
 
@@ -228,6 +258,18 @@ def llama_dir() -> Path:
 def llama_tied_dir() -> Path:
     """The shared tiny Llama directory with tied input/output embeddings (read-only)."""
     return save_llama(_root() / "llama-tied", tie_word_embeddings=True)
+
+
+@functools.cache
+def qwen3_dir() -> Path:
+    """The shared tiny Qwen3 directory (read-only)."""
+    return save_qwen3(_root() / "qwen3")
+
+
+@functools.cache
+def phi3_dir() -> Path:
+    """The shared tiny Phi-3 directory (read-only)."""
+    return save_phi3(_root() / "phi3")
 
 
 @functools.cache

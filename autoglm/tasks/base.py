@@ -114,7 +114,9 @@ class DecoderLayer:
     ``qkv`` packs queries, keys and values along its output axis: the query heads, then the key heads,
     then the value heads (fewer key/value heads than query heads with grouped-query attention). Biases
     are None where the model has none. ``gate`` is SwiGLU's gate projection (``fc`` is then its up
-    projection: ``fc_out(silu(x @ gate) * (x @ fc))``); None for a plain GELU MLP.
+    projection: ``fc_out(silu(x @ gate) * (x @ fc))``); None for a plain GELU MLP. ``q_norm`` and
+    ``k_norm`` (head_size,) are the weights of an RMSNorm applied to each query and key head before the
+    rotary embedding (Qwen3); None where the model has none.
     """
 
     ln1: tuple[np.ndarray, np.ndarray | None]
@@ -124,6 +126,8 @@ class DecoderLayer:
     fc: tuple[np.ndarray, np.ndarray | None]
     fc_out: tuple[np.ndarray, np.ndarray | None]
     gate: tuple[np.ndarray, np.ndarray | None] | None = None
+    q_norm: np.ndarray | None = None
+    k_norm: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,8 @@ class DecoderWeights:
             raise ConfigError("a decoder needs exactly one of position_embedding and rotary_inv_freq")
         if (self.activation == "swiglu") != all(layer.gate is not None for layer in self.layers):
             raise ConfigError("activation 'swiglu' needs a gate projection in every layer, and only it")
+        if any((layer.q_norm is None) != (layer.k_norm is None) for layer in self.layers):
+            raise ConfigError("per-head query and key norms come together: a layer has one without the other")
         if self.n_head % self.kv_heads:
             raise ConfigError(f"{self.n_head} attention heads cannot share {self.kv_heads} key/value heads")
 

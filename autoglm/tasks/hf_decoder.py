@@ -1,11 +1,13 @@
 """A Hugging Face causal LM as :class:`~autoglm.tasks.DecoderWeights`, for KV-cache decode graphs.
 
-Two families are read: GPT-2 (learned positions, LayerNorm, GELU MLP, biases, tied head) and Llama
-(rotary positions, RMSNorm, SwiGLU MLP, grouped-query heads; Llama, Qwen2 with its q/k/v biases,
-Mistral, SmolLM and TinyLlama checkpoints). Rotary angles are the model's own ``inv_freq`` buffer and
-attention scaling, so every static rope type (default, linear, llama3, yarn) is read the same way; a
-rope that changes with the sequence length (dynamic) is not supported. Other architectures get None:
-they can still be tuned and served through v2, without decode graphs.
+Two families are read: GPT-2 (learned positions, LayerNorm, GELU MLP, biases, tied head) and Llama (rotary
+positions, RMSNorm, SwiGLU MLP, grouped-query heads; Llama, Qwen2 with its q/k/v biases, Qwen3 with its
+per-head query and key norms, Mistral, Phi-3 with its fused projections and Phi-4-mini's partial rotary, SmolLM
+and TinyLlama checkpoints). Rotary angles are the model's own ``inv_freq`` buffer and attention scaling, so
+every static rope type (default, linear, llama3, yarn) is read the same way; longrope (Phi-3's) is static up
+to its original context, where the decode graphs stop; a rope that changes with the sequence length (dynamic)
+is not supported. Other architectures get None: they can still be tuned and served through v2, without decode
+graphs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 from autoglm.errors import ConfigError
 from autoglm.tasks.base import DecoderLayer, DecoderWeights
 
-FAMILIES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama"}
+FAMILIES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama",
+            "phi3": "llama"}
 """transformers ``model_type`` -> decode-graph family (SmolLM and TinyLlama are ``llama``)."""
 
 MAX_CONTEXT = 1024
@@ -37,8 +40,10 @@ def family(model_type: str | None) -> str | None:
 def unsupported_message(model_type: str | None) -> str:
     """One line saying the model gets no decode graphs, which families do, and what still works."""
     names = ", ".join(sorted(FAMILIES))
-    return (f"model type {model_type!r} has no KV-cache decode graphs (supported: {names}); it can still be "
-            "tuned and served through v2, without :generate's cached decoding")
+    what = (f"model type {model_type!r} has no KV-cache decode graphs (supported: {names})" if family(model_type)
+            is None else f"this {model_type!r} model's configuration has no KV-cache decode graphs (an activation "
+            "other than silu, a dynamic rope, or a rotary part GroupQueryAttention cannot take)")
+    return f"{what}; it can still be tuned and served through v2, without :generate's cached decoding"
 
 
 def decoder_weights(hf_model: Any, context: int | None = None) -> DecoderWeights | None:
@@ -100,31 +105,54 @@ def _gpt2(model, config, context: int | None) -> DecoderWeights | None:
 
 def _llama(model, config, context: int | None) -> DecoderWeights | None:
     rotary = model.model.rotary_emb
-    if config.hidden_act != "silu" or getattr(rotary, "rope_type", "default") == "dynamic":
+    rope_type = getattr(rotary, "rope_type", "default")
+    if config.hidden_act != "silu" or rope_type == "dynamic":
         return None
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    inv_freq = _arr(rotary.inv_freq)
-    if inv_freq.shape != (head_dim // 2,):  # partial rotary (a fraction of each head): not this family
+    # longrope switches to its long factors past the original context: the short ones (the initial buffer) hold
+    # up to there, and the graphs stop there
+    limit = config.max_position_embeddings
+    if rope_type == "longrope":
+        inv_freq, limit = _arr(rotary.original_inv_freq), config.rope_parameters["original_max_position_embeddings"]
+    else:
+        inv_freq = _arr(rotary.inv_freq)
+    # a partial rotary (Phi-4-mini's) turns the first dimensions of each head; GroupQueryAttention takes
+    # rotary tables of a multiple of 8 angles
+    if inv_freq.shape[0] * 2 > head_dim or inv_freq.shape[0] % 8:
         return None
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    if window:  # within the window attention is full causal attention: exact without windowed graphs
-        n = _context(context, min(config.max_position_embeddings, window), hard_limit=True)
+    if window or rope_type == "longrope":  # within a window attention is full causal attention: exact as is
+        n = _context(context, min(limit, window or limit), hard_limit=True)
     else:
-        n = _context(context, config.max_position_embeddings)
+        n = _context(context, limit)
 
     def rms(m):
         return _arr(m.weight), None
 
     def qkv(a):
+        if hasattr(a, "qkv_proj"):  # Phi-3: one projection, already queries, keys, values
+            return _linear(a.qkv_proj)
         (q, qb), (k, kb), (v, vb) = _linear(a.q_proj), _linear(a.k_proj), _linear(a.v_proj)
         bias = None if qb is None else np.concatenate([qb, kb, vb])
         return np.concatenate([q, k, v], axis=1), bias  # (C, (H + 2 KV) D): queries, keys, values
 
-    layers = tuple(DecoderLayer(ln1=rms(b.input_layernorm), qkv=qkv(b.self_attn), proj=_linear(b.self_attn.o_proj),
-                                ln2=rms(b.post_attention_layernorm), fc=_linear(b.mlp.up_proj),
-                                fc_out=_linear(b.mlp.down_proj), gate=_linear(b.mlp.gate_proj))
-                   for b in model.model.layers)
+    def up_gate(m):
+        if hasattr(m, "gate_up_proj"):  # Phi-3: one projection, the gate's half first
+            w, b = _linear(m.gate_up_proj)
+            f = w.shape[1] // 2
+            return (w[:, f:].copy(), None if b is None else b[f:]), (w[:, :f].copy(), None if b is None else b[:f])
+        return _linear(m.up_proj), _linear(m.gate_proj)
+
+    def layer(b):
+        a, (up, gate) = b.self_attn, up_gate(b.mlp)
+        q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)  # Qwen3's, per head
+        return DecoderLayer(ln1=rms(b.input_layernorm), qkv=qkv(a), proj=_linear(a.o_proj),
+                            ln2=rms(b.post_attention_layernorm), fc=up, fc_out=_linear(b.mlp.down_proj), gate=gate,
+                            q_norm=None if q_norm is None else _arr(q_norm.weight),
+                            k_norm=None if k_norm is None else _arr(k_norm.weight))
+
+    layers = tuple(layer(b) for b in model.model.layers)
     return DecoderWeights(n_head=heads, context=n, token_embedding=_arr(model.model.embed_tokens.weight),
                           position_embedding=None, layers=layers, ln_f=rms(model.model.norm),
                           head=_linear(model.lm_head), layer_norm_eps=config.rms_norm_eps, n_kv_head=kv_heads,

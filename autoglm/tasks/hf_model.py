@@ -64,7 +64,8 @@ def mlp_inner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     DistilBERT's ffn.lin1).
 
     The residual width and attention heads are tied across layers, so only these may shrink. GPT-2 keeps
-    its MLP in transformers' Conv1D, which structural pruning does not know: it gets [] (pruning refused)."""
+    its MLP in transformers' Conv1D, which structural pruning does not know, and Phi-3 its gate and up in one
+    Linear whose halves must shrink alike: they get [] (pruning refused)."""
     found = []
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]

@@ -1,5 +1,5 @@
-"""Decode graphs of Hugging Face causal LMs (GPT-2, Llama, Qwen2): the graphs' greedy tokens are
-transformers' own generate() tokens, prefill logits are the model's, and other architectures get none."""
+"""Decode graphs of Hugging Face causal LMs (GPT-2, Llama, Qwen2, Qwen3, Mistral, Phi-3): the graphs' greedy
+tokens are transformers' own generate() tokens, prefill logits are the model's, and other architectures get none."""
 
 from types import SimpleNamespace
 
@@ -35,6 +35,16 @@ def tiny(kind: str, seed: int = 0, **overrides):
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.1)
         return model
+    if kind == "qwen3":  # per-head query and key norms (ones at init: drawn, so they count); head_dim is its own
+        config = transformers.Qwen3Config(**llama_like | {"head_dim": 32} | common | overrides)
+        model = transformers.Qwen3ForCausalLM(config).eval()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.normal_(1, 0.3)
+                layer.self_attn.k_norm.weight.normal_(1, 0.3)
+        return model
+    if kind == "phi3":  # fused q/k/v and gate/up projections
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(**llama_like | common | overrides)).eval()
     if kind == "mistral":
         return transformers.MistralForCausalLM(transformers.MistralConfig(**llama_like | common | overrides)).eval()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_like | common | overrides)).eval()
@@ -49,6 +59,14 @@ MODELS = {
     "llama-yarn-rope": lambda: tiny("llama", seed=3, rope_parameters={  # cos and sin scaled too
         "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}),
     "qwen2": lambda: tiny("qwen2"),
+    "qwen3": lambda: tiny("qwen3"),
+    "phi3": lambda: tiny("phi3"),
+    "phi3-partial-rope": lambda: tiny("phi3", seed=5, hidden_size=128, rope_parameters={  # Phi-4-mini's: part of
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),  # each head turns
+    "phi3-longrope": lambda: tiny("phi3", seed=4, max_position_embeddings=128, original_max_position_embeddings=64,
+                                  rope_parameters={  # Phi-3.5's rope; cos and sin scaled too
+        "rope_type": "longrope", "original_max_position_embeddings": 64, "rope_theta": 10000.0,
+        "short_factor": [1.0 + 0.1 * j for j in range(8)], "long_factor": [4.0 + j for j in range(8)]}),
     "mistral": lambda: tiny("mistral", sliding_window=None),
 }
 
@@ -85,7 +103,7 @@ def test_greedy_tokens_equal_transformers_generate(name, tmp_path):
     assert len({t for tokens in got for t in tokens}) > 8  # real continuations, not one repeated token
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "qwen3", "phi3"])
 def test_prefill_logits_equal_the_model_at_every_position_of_a_padded_batch(name, tmp_path):
     model = MODELS[name]()
     e = engine(graphs_of(model, tmp_path))
@@ -140,7 +158,29 @@ def test_decoder_weights_describe_each_family():
     windowed = tiny("mistral", sliding_window=24)  # full attention within the window: the cache stops there
     assert hf_decoder.decoder_weights(windowed).context == 24
     assert hf_decoder.decoder_weights(MODELS["llama-yarn-rope"]()).rotary_scale > 1
-    assert {hf_decoder.FAMILIES[t] for t in ("gpt2", "llama", "qwen2", "mistral")} == {"gpt2", "llama"}
+    qwen3 = hf_decoder.decoder_weights(MODELS["qwen3"]())  # head_dim 32 with 4 heads of a 64-wide model
+    assert qwen3.head_size == 32 and qwen3.layers[0].qkv[0].shape == (64, (4 + 2 * 2) * 32)
+    assert qwen3.layers[0].q_norm.shape == qwen3.layers[0].k_norm.shape == (32,)
+    phi3 = MODELS["phi3"]()
+    w = hf_decoder.decoder_weights(phi3)
+    gate_up = phi3.model.layers[0].mlp.gate_up_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(w.layers[0].gate[0], gate_up[:128].T)  # the gate is the first half
+    np.testing.assert_array_equal(w.layers[0].fc[0], gate_up[128:].T)
+    assert w.layers[0].qkv[0].shape == (64, (4 + 2 * 2) * 16) and w.layers[0].q_norm is None
+    partial = hf_decoder.decoder_weights(MODELS["phi3-partial-rope"]())
+    assert partial.head_size == 32 and partial.rotary_inv_freq.shape == (8,)  # the first 16 dims of 32 turn
+    odd = tiny("phi3", hidden_size=192, rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.75})
+    assert hf_decoder.decoder_weights(odd) is None  # 18 angles: GroupQueryAttention takes multiples of 8
+    assert "this 'phi3' model's configuration has no KV-cache decode graphs" in hf_decoder.unsupported_message("phi3")
+    longrope = MODELS["phi3-longrope"]()
+    longrope(torch.zeros((1, 100), dtype=torch.long))  # past the original 64: transformers swaps in the long factors
+    w = hf_decoder.decoder_weights(longrope)
+    assert w.context == 64 and w.rotary_scale > 1  # the short factors hold up to the original context only
+    np.testing.assert_array_equal(w.rotary_inv_freq, longrope.model.rotary_emb.original_inv_freq.numpy())
+    assert not np.allclose(w.rotary_inv_freq, longrope.model.rotary_emb.inv_freq.numpy())
+    with pytest.raises(ConfigError, match="use 1..64"):
+        hf_decoder.decoder_weights(longrope, context=65)
+    assert {hf_decoder.FAMILIES[t] for t in ("gpt2", "llama", "qwen2", "qwen3", "mistral", "phi3")} == {"gpt2", "llama"}
 
 
 def test_other_architectures_get_no_decoder_and_a_one_line_reason():
@@ -168,8 +208,9 @@ class Wrapper(torch.nn.Module):
         return self.hf(input_ids).logits
 
 
-def test_the_gates_and_the_build_take_a_wrapped_transformers_model(tmp_path):
-    model = Wrapper(MODELS["llama"]())
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3"])
+def test_the_gates_and_the_build_take_a_wrapped_transformers_model(name, tmp_path):
+    model = Wrapper(MODELS[name]())
     paths = graphs_of(model.hf, tmp_path, context=32)
     rows = np.random.default_rng(3).integers(0, VOCAB, (4, 32))
 

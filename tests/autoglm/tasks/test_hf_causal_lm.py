@@ -125,12 +125,12 @@ def test_lora_trains_merges_and_exports_without_adapters(corpus, tmp_path):
     assert check_parity(task, model, tmp_path / "model.onnx", args, exporter=used).passed
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "phi3"])
 def test_onnx_export_keeps_batch_and_sequence_dynamic(family, corpus, tmp_path):
     from autoglm.tasks.predict import onnx_predictor
     from compress.export import check_parity, export_onnx
 
-    task = make(F.gpt2_dir() if family == "gpt2" else F.llama_dir(), corpus, tmp_path)
+    task = make(getattr(F, f"{family}_dir")(), corpus, tmp_path)
     args = task.check_model_args({"block_size": 32})
     model = task.build_model(args)
 
