@@ -47,8 +47,7 @@ def _speeds(family: str, config: dict, workdir: Path, rounds: int) -> dict[int, 
     fp32 = write_graphs(weights, workdir / "fp32")
     vocab = weights.token_embedding.shape[0]
     rng = np.random.default_rng(0)
-    scales = calibrate(fp32[0], [rng.integers(0, vocab, (4, 64)) for _ in range(2)],
-                       weights.rotary_inv_freq is not None)
+    scales = calibrate(fp32[0], [rng.integers(0, vocab, (4, 64)) for _ in range(2)], weights.rotary_dims)
     spinning = GenerateSettings().intra_op_spinning
     engines = {}
     for block in BLOCKS:

@@ -258,8 +258,7 @@ def build_decode_graphs(task: Task, model, model_args: dict, out_dir: Path, max_
             rows = {precision: judge(precision, q, precision, "fp32", recipe)}
             if kv_cache == "int8":
                 if scales is None:
-                    scales = calibrate(fp32[0], _calibration_batches(task, model_args),
-                                       weights.rotary_inv_freq is not None)
+                    scales = calibrate(fp32[0], _calibration_batches(task, model_args), weights.rotary_dims)
                 kv8 = write_int8_cache_graphs(q, out_dir / f"{precision}-kv8", scales)
                 rows[f"{precision}-kv8"] = judge(f"{precision}-kv8", kv8, precision, "int8", recipe)
                 graphs[f"{precision}-kv8"] = kv8

@@ -11,7 +11,8 @@ families of decoder:
 * Llama-style: rotary positions applied by GroupQueryAttention itself (``do_rotary``, cos/sin tables
   from the model's ``inv_freq``, rotate-half layout as in transformers), RMSNorm (each residual add and
   the norm after it one ``SkipSimplifiedLayerNormalization``), SwiGLU MLP, grouped-query heads, and where
-  the model has them (Qwen3) an RMSNorm of each query and key head before the rotation.
+  the model has them (Qwen3) an RMSNorm of each query and key head before the rotation; a layer without
+  positions (SmolLM3's NoPE layers) attends unrotated.
   GroupQueryAttention places each query row at ``P + s`` (``P`` the tokens already cached:
   ``seqlens_k + 1 - query_seqlens``), which is the same position the engine feeds the learned family,
   so ``position_ids`` is an input of every graph but only the GPT family reads it.
@@ -170,11 +171,14 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
                                                          ["batch", kv_heads, "present", size]))
         qkv = linear(h, layer.qkv, f"{p}.attn.qkv")  # (B, S, (H + 2 KV) D)
         qkv_in = [qkv, "", ""] if layer.q_norm is None else head_norms(qkv, layer, p)
-        gqa_in = [*qkv_in, f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", *rope]
+        turns = layer.rotary  # a NoPE layer (SmolLM3's) of a rotary model attends without positions
+        gqa_in = [*qkv_in, f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length",
+                  *(rope if turns else ["", ""])]
         gqa_in += [""] * 7 + ["query_seqlens"]  # position_ids .. k_norm_weight unused: positions from seqlens
         nodes.append(helper.make_node("GroupQueryAttention", gqa_in,
                                       [f"{p}.attn.y", f"present_key_{i}", f"present_value_{i}"],
-                                      domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, **attrs))
+                                      domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
+                                      **(attrs if turns else {})))
         h, x1 = add_norm(x, linear(f"{p}.attn.y", layer.proj, f"{p}.attn.proj"), layer.ln2, f"{p}.ln_2")
         last = i + 1 == n_layer
         h, x = add_norm(x1, mlp(h, layer, p), w.ln_f if last else w.layers[i + 1].ln1,

@@ -8,8 +8,9 @@ one scale per key/value head and channel) and reads it with FP32 queries: a quar
 
 The scales are static, so they are calibrated here: the FP32 prefill graph encodes the task's own text
 and each channel's scale is its largest magnitude / 127 (a value beyond it saturates). Keys of a rotary
-model are cached after rotation, which mixes channel ``i`` with ``i + D/2`` by an angle that depends on
-the position; the pair's 2-norm does not, so both channels of a pair take the largest 2-norm seen, a bound
+model are cached after rotation, which mixes channel ``i`` with ``i + R/2`` (``R`` the rotated channels of
+a head: all ``D`` of them, or the first ones with a partial rotary) by an angle that depends on the
+position; the pair's 2-norm does not, so both channels of a pair take the largest 2-norm seen, a bound
 that holds at every position, including those longer than the calibration text. Weights are untouched: the
 transform applies to FP32, INT8 or INT4 graphs alike. Quality is judged like any variant, by validation
 loss read through the cache (:func:`compress.decode.graph_val_loss` scores in chunks, so most of attention
@@ -18,7 +19,7 @@ reads cached, quantized positions).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,11 @@ KV_CACHES = ("fp32", "int8")
 SCALE_INPUTS = 12, 13  # GroupQueryAttention's k_scale and v_scale inputs
 
 
-def calibrate(prefill_path: Path, batches: Iterable[np.ndarray], rotary: bool) -> np.ndarray:
+def calibrate(prefill_path: Path, batches: Iterable[np.ndarray], rotary_dims: int | Sequence[int]) -> np.ndarray:
     """Per-channel scales ``(n_layer, 2, kv_heads, head_size)`` (keys, values) from the FP32 prefill graph at
-    ``prefill_path`` encoding each batch of token ids ``(B, T)``; ``rotary``: keys are rotated (rotate-half
-    layout), so each channel pair shares the largest 2-norm seen (see the module's docstring)."""
+    ``prefill_path`` encoding each batch of token ids ``(B, T)``; ``rotary_dims``: the first channels of each
+    key head that are rotated (rotate-half layout; 0: none), one for all layers or one per layer, so each of
+    their pairs shares the largest 2-norm seen (see the module's docstring)."""
     ort = require("onnxruntime", purpose="calibrating an INT8 KV cache")
     from compress.decode_engine import session_options
 
@@ -45,6 +47,7 @@ def calibrate(prefill_path: Path, batches: Iterable[np.ndarray], rotary: bool) -
     n_layer, heads, size = len(past), past[0].shape[1], past[0].shape[3]
     names = [f"present_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
     peak = np.zeros((n_layer, 2, heads, size), np.float32)
+    turned = [rotary_dims] * n_layer if isinstance(rotary_dims, int) else list(rotary_dims)
     for ids in batches:
         b, t = ids.shape
         feed = {"input_ids": ids.astype(np.int64), "position_ids": np.tile(np.arange(t, dtype=np.int64), (b, 1)),
@@ -54,10 +57,10 @@ def calibrate(prefill_path: Path, batches: Iterable[np.ndarray], rotary: bool) -
         feed |= {f"past_{kind}_{i}": empty for i in range(n_layer) for kind in ("key", "value")}
         for j, kv in enumerate(session.run(names, feed)):  # (B, heads, T, D)
             kv = kv[:, :, :t]
-            if rotary and j % 2 == 0:
-                half = size // 2
-                norm = np.sqrt(kv[..., :half] ** 2 + kv[..., half:] ** 2)
-                kv = np.concatenate([norm, norm], axis=-1)
+            r = turned[j // 2]
+            if r and j % 2 == 0:
+                norm = np.sqrt(kv[..., :r // 2] ** 2 + kv[..., r // 2:r] ** 2)
+                kv = np.concatenate([norm, norm, kv[..., r:]], axis=-1)
             np.maximum(peak[j // 2, j % 2], np.abs(kv).max(axis=(0, 2)), out=peak[j // 2, j % 2])
     # a channel never seen non-zero gets the smallest positive scale rather than 0 (a division by zero)
     return np.maximum(peak / 127.0, np.finfo(np.float32).tiny)

@@ -116,7 +116,8 @@ class DecoderLayer:
     are None where the model has none. ``gate`` is SwiGLU's gate projection (``fc`` is then its up
     projection: ``fc_out(silu(x @ gate) * (x @ fc))``); None for a plain GELU MLP. ``q_norm`` and
     ``k_norm`` (head_size,) are the weights of an RMSNorm applied to each query and key head before the
-    rotary embedding (Qwen3); None where the model has none.
+    rotary embedding (Qwen3); None where the model has none. ``rotary`` False: this layer's attention takes
+    no positions although the model's others do (SmolLM3's NoPE layers).
     """
 
     ln1: tuple[np.ndarray, np.ndarray | None]
@@ -128,6 +129,7 @@ class DecoderLayer:
     gate: tuple[np.ndarray, np.ndarray | None] | None = None
     q_norm: np.ndarray | None = None
     k_norm: np.ndarray | None = None
+    rotary: bool = True
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,12 @@ class DecoderWeights:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
+
+    @property
+    def rotary_dims(self) -> list[int]:
+        """Per layer, the channels of each head that rotary positions turn (the first ones); 0: none."""
+        turned = 0 if self.rotary_inv_freq is None else 2 * len(self.rotary_inv_freq)
+        return [turned if layer.rotary else 0 for layer in self.layers]
 
 
 @dataclass

@@ -2,12 +2,12 @@
 
 Two families are read: GPT-2 (learned positions, LayerNorm, GELU MLP, biases, tied head) and Llama (rotary
 positions, RMSNorm, SwiGLU MLP, grouped-query heads; Llama, Qwen2 with its q/k/v biases, Qwen3 with its
-per-head query and key norms, Mistral, Phi-3 with its fused projections and Phi-4-mini's partial rotary, SmolLM
-and TinyLlama checkpoints). Rotary angles are the model's own ``inv_freq`` buffer and attention scaling, so
-every static rope type (default, linear, llama3, yarn) is read the same way; longrope (Phi-3's) is static up
-to its original context, where the decode graphs stop; a rope that changes with the sequence length (dynamic)
-is not supported. Other architectures get None: they can still be tuned and served through v2, without decode
-graphs.
+per-head query and key norms, Mistral, Phi-3 with its fused projections and Phi-4-mini's partial rotary,
+SmolLM3 with its layers without positions, SmolLM and TinyLlama checkpoints). Rotary angles are the model's
+own ``inv_freq`` buffer and attention scaling, so every static rope type (default, linear, llama3, yarn) is
+read the same way; longrope (Phi-3's) is static up to its original context, where the decode graphs stop; a
+rope that changes with the sequence length (dynamic) is not supported. Other architectures get None: they can
+still be tuned and served through v2, without decode graphs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from autoglm.errors import ConfigError
 from autoglm.tasks.base import DecoderLayer, DecoderWeights
 
 FAMILIES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama",
-            "phi3": "llama"}
+            "phi3": "llama", "smollm3": "llama"}
 """transformers ``model_type`` -> decode-graph family (SmolLM and TinyLlama are ``llama``)."""
 
 MAX_CONTEXT = 1024
@@ -150,7 +150,8 @@ def _llama(model, config, context: int | None) -> DecoderWeights | None:
         return DecoderLayer(ln1=rms(b.input_layernorm), qkv=qkv(a), proj=_linear(a.o_proj),
                             ln2=rms(b.post_attention_layernorm), fc=up, fc_out=_linear(b.mlp.down_proj), gate=gate,
                             q_norm=None if q_norm is None else _arr(q_norm.weight),
-                            k_norm=None if k_norm is None else _arr(k_norm.weight))
+                            k_norm=None if k_norm is None else _arr(k_norm.weight),
+                            rotary=bool(getattr(a, "use_rope", True)))  # SmolLM3: no positions in every 4th
 
     layers = tuple(layer(b) for b in model.model.layers)
     return DecoderWeights(n_head=heads, context=n, token_embedding=_arr(model.model.embed_tokens.weight),

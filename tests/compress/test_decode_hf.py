@@ -1,5 +1,6 @@
-"""Decode graphs of Hugging Face causal LMs (GPT-2, Llama, Qwen2, Qwen3, Mistral, Phi-3): the graphs' greedy
-tokens are transformers' own generate() tokens, prefill logits are the model's, and other architectures get none."""
+"""Decode graphs of Hugging Face causal LMs (GPT-2, Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3): the graphs'
+greedy tokens are transformers' own generate() tokens, prefill logits are the model's, and other architectures
+get none."""
 
 from types import SimpleNamespace
 
@@ -45,6 +46,9 @@ def tiny(kind: str, seed: int = 0, **overrides):
         return model
     if kind == "phi3":  # fused q/k/v and gate/up projections
         return transformers.Phi3ForCausalLM(transformers.Phi3Config(**llama_like | common | overrides)).eval()
+    if kind == "smollm3":  # a layer without positions (NoPE) beside a rotary one
+        config = transformers.SmolLM3Config(**llama_like | {"no_rope_layers": [1, 0]} | common | overrides)
+        return transformers.SmolLM3ForCausalLM(config).eval()
     if kind == "mistral":
         return transformers.MistralForCausalLM(transformers.MistralConfig(**llama_like | common | overrides)).eval()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_like | common | overrides)).eval()
@@ -68,6 +72,7 @@ MODELS = {
         "rope_type": "longrope", "original_max_position_embeddings": 64, "rope_theta": 10000.0,
         "short_factor": [1.0 + 0.1 * j for j in range(8)], "long_factor": [4.0 + j for j in range(8)]}),
     "mistral": lambda: tiny("mistral", sliding_window=None),
+    "smollm3": lambda: tiny("smollm3"),
 }
 
 
@@ -103,7 +108,7 @@ def test_greedy_tokens_equal_transformers_generate(name, tmp_path):
     assert len({t for tokens in got for t in tokens}) > 8  # real continuations, not one repeated token
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "qwen3", "phi3", "smollm3"])
 def test_prefill_logits_equal_the_model_at_every_position_of_a_padded_batch(name, tmp_path):
     model = MODELS[name]()
     e = engine(graphs_of(model, tmp_path))
@@ -167,6 +172,8 @@ def test_decoder_weights_describe_each_family():
     np.testing.assert_array_equal(w.layers[0].gate[0], gate_up[:128].T)  # the gate is the first half
     np.testing.assert_array_equal(w.layers[0].fc[0], gate_up[128:].T)
     assert w.layers[0].qkv[0].shape == (64, (4 + 2 * 2) * 16) and w.layers[0].q_norm is None
+    nope = hf_decoder.decoder_weights(MODELS["smollm3"]())
+    assert [layer.rotary for layer in nope.layers] == [True, False] and nope.rotary_dims == [16, 0]
     partial = hf_decoder.decoder_weights(MODELS["phi3-partial-rope"]())
     assert partial.head_size == 32 and partial.rotary_inv_freq.shape == (8,)  # the first 16 dims of 32 turn
     odd = tiny("phi3", hidden_size=192, rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.75})
@@ -180,7 +187,8 @@ def test_decoder_weights_describe_each_family():
     assert not np.allclose(w.rotary_inv_freq, longrope.model.rotary_emb.inv_freq.numpy())
     with pytest.raises(ConfigError, match="use 1..64"):
         hf_decoder.decoder_weights(longrope, context=65)
-    assert {hf_decoder.FAMILIES[t] for t in ("gpt2", "llama", "qwen2", "qwen3", "mistral", "phi3")} == {"gpt2", "llama"}
+    supported = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3")
+    assert {hf_decoder.FAMILIES[t] for t in supported} == {"gpt2", "llama"}
 
 
 def test_other_architectures_get_no_decoder_and_a_one_line_reason():
@@ -208,7 +216,7 @@ class Wrapper(torch.nn.Module):
         return self.hf(input_ids).logits
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3", "smollm3"])
 def test_the_gates_and_the_build_take_a_wrapped_transformers_model(name, tmp_path):
     model = Wrapper(MODELS[name]())
     paths = graphs_of(model.hf, tmp_path, context=32)

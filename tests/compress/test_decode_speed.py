@@ -102,7 +102,7 @@ def test_a_small_step_graph_over_another_cache_is_refused(pairs, tmp_path):
     from compress import kv_cache
 
     task, model = charlm()
-    scales = kv_cache.calibrate(pairs["fp32"][0], decode._calibration_batches(task, model.model_args), rotary=False)
+    scales = kv_cache.calibrate(pairs["fp32"][0], decode._calibration_batches(task, model.model_args), rotary_dims=0)
     kv8 = kv_cache.write_int8_cache_graphs(pairs["int4"], tmp_path / "int4-kv8", scales)
     with pytest.raises(ValueError, match="different KV caches"):
         DecodeEngine(str(pairs["fp32"][0]), str(pairs["fp32"][1]), 2, 1, small_step_path=str(kv8[1]), small_batch=1)

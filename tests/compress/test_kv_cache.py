@@ -16,7 +16,7 @@ def pairs(tmp_path_factory):
     task, model = charlm()
     out = tmp_path_factory.mktemp("kv")
     fp32 = decode.write_graphs(task.decoder_weights(model), out / "fp32")
-    scales = kv_cache.calibrate(fp32[0], decode._calibration_batches(task, model.model_args), rotary=False)
+    scales = kv_cache.calibrate(fp32[0], decode._calibration_batches(task, model.model_args), rotary_dims=0)
     return fp32, kv_cache.write_int8_cache_graphs(fp32, out / "fp32-kv8", scales), scales
 
 
@@ -37,14 +37,27 @@ def test_scales_are_each_channels_largest_magnitude_over_127(pairs):
 def test_rotary_keys_share_a_scale_across_each_rotated_pair(tmp_path):
     transformers = pytest.importorskip("transformers")
     from autoglm.tasks import hf_decoder
-    from tests.compress.test_decode_hf import tiny
+    from tests.compress.test_decode_hf import MODELS, tiny
 
-    paths = decode.write_graphs(hf_decoder.decoder_weights(tiny("llama"), context=32), tmp_path)
+    weights = hf_decoder.decoder_weights(tiny("llama"), context=32)
+    paths = decode.write_graphs(weights, tmp_path / "full")
     ids = np.random.default_rng(0).integers(0, 256, (4, 32))
-    scales = kv_cache.calibrate(paths[0], [ids], rotary=True)
+    scales = kv_cache.calibrate(paths[0], [ids], rotary_dims=weights.rotary_dims)
     half = scales.shape[-1] // 2
+    assert weights.rotary_dims == [2 * half] * 2  # each layer's
     np.testing.assert_array_equal(scales[:, 0, :, :half], scales[:, 0, :, half:])  # keys: by pairs
     assert not np.array_equal(scales[:, 1, :, :half], scales[:, 1, :, half:])  # values: by channel
+    # a partial rotary (Phi-4-mini's) turns the first 16 channels of 32: pairs (i, i + 8) there, the rest alone
+    weights = hf_decoder.decoder_weights(MODELS["phi3-partial-rope"](), context=32)
+    paths = decode.write_graphs(weights, tmp_path / "partial")
+    scales = kv_cache.calibrate(paths[0], [ids], rotary_dims=weights.rotary_dims)
+    assert weights.rotary_dims == [16, 16] and scales.shape[-1] == 32
+    np.testing.assert_array_equal(scales[:, 0, :, :8], scales[:, 0, :, 8:16])
+    assert not np.array_equal(scales[:, 0, :, 16:24], scales[:, 0, :, 24:])
+    e = DecodeEngine(str(paths[0]), str(paths[1]), max_sequences=4, threads=1)
+    e.start_many([row.tolist() for row in ids])  # every cached key within its channel's int8 range
+    for layer, keys in enumerate(e.keys):
+        assert (np.abs(keys[:4, :, :32]).max(axis=(0, 2)) <= scales[layer, 0] * 127 * (1 + 1e-6)).all()
     assert transformers
 
 

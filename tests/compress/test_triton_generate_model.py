@@ -244,7 +244,7 @@ def test_graphs_with_an_int8_cache_are_served_alike(tmp_path, monkeypatch):
 
     task, model = charlm()
     fp32 = decode.write_graphs(task.decoder_weights(model), tmp_path / "fp32")
-    scales = kv_cache.calibrate(fp32[0], decode._calibration_batches(task, model.model_args), rotary=False)
+    scales = kv_cache.calibrate(fp32[0], decode._calibration_batches(task, model.model_args), rotary_dims=0)
     kv8 = kv_cache.write_int8_cache_graphs(fp32, tmp_path / "fp32-kv8", scales)
     settings = load_settings(None, ["compress.generate.max_sequences=2", "compress.generate.max_new_tokens=64"])
     name = write_generate_model(tmp_path / "repo", settings, task, model.model_args,
