@@ -12,8 +12,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 from autoglm.errors import ConfigError
-from autoglm.tasks.base import (DecoderLayer, DecoderWeights, EvalCallback, Inputs, IOSpec, Knob, Predictor, Task,
-                                TensorSpec, TrainResult)
+from autoglm.tasks.base import EvalCallback, Inputs, IOSpec, Knob, Predictor, Task, TensorSpec, TrainResult
+from autoglm.tasks.decoder import DecoderLayer, DecoderWeights
 
 if TYPE_CHECKING:
     from autoglm.config import Settings

@@ -17,7 +17,8 @@ import numpy as np
 
 from autoglm.errors import ConfigError, DataError
 from autoglm.tasks import corpus
-from autoglm.tasks.base import DecoderLayer, DecoderWeights, IOSpec, Knob, Task, TensorSpec
+from autoglm.tasks.base import IOSpec, Knob, Task, TensorSpec
+from autoglm.tasks.decoder import DecoderLayer, DecoderWeights
 from autoglm.tasks.next_token import NextTokenScoring
 
 if TYPE_CHECKING:

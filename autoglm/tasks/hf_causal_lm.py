@@ -21,7 +21,8 @@ import numpy as np
 from autoglm.artifacts import atomic_output, write_atomic
 from autoglm.errors import DataError
 from autoglm.tasks import corpus
-from autoglm.tasks.base import DecoderWeights, IOSpec, Knob, TensorSpec
+from autoglm.tasks.base import IOSpec, Knob, TensorSpec
+from autoglm.tasks.decoder import DecoderWeights
 from autoglm.tasks.hf_decoder import MAX_CONTEXT as SERVED_CONTEXT  # the decode graphs' default KV cache length
 from autoglm.tasks.hf_source import (LORA_SPACE, HFTask, content_digest, decoder_family, jsonl_records,
                                      max_positions, tokenizer_identity)

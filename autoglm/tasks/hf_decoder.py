@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from autoglm.errors import ConfigError
-from autoglm.tasks.base import DecoderLayer, DecoderWeights
+from autoglm.tasks.decoder import DecoderLayer, DecoderWeights
 
 FAMILIES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama",
             "phi3": "llama", "smollm3": "llama"}
