@@ -12,7 +12,8 @@ families of decoder:
   from the model's ``inv_freq``, rotate-half layout as in transformers), RMSNorm (each residual add and
   the norm after it one ``SkipSimplifiedLayerNormalization``), SwiGLU MLP, grouped-query heads, and where
   the model has them (Qwen3) an RMSNorm of each query and key head before the rotation; a layer without
-  positions (SmolLM3's NoPE layers) attends unrotated.
+  positions (SmolLM3's NoPE layers) attends unrotated; Gemma's GeGLU, norms of each block's output before
+  the residual, sliding-window layers with their own rotary tables, and softcapped scores and logits.
   GroupQueryAttention places each query row at ``P + s`` (``P`` the tokens already cached:
   ``seqlens_k + 1 - query_seqlens``), which is the same position the engine feeds the learned family,
   so ``position_ids`` is an input of every graph but only the GPT family reads it.
@@ -27,16 +28,17 @@ import numpy as np
 
 from autoglm._lazy import require
 from autoglm.tasks import DecoderWeights
+from autoglm.tasks.decoder import GATED
 
 OPSET = 17  # LayerNormalization
 OPSET_RMS = 23  # RMSNormalization
 
 
-def rotary_tables(w: DecoderWeights) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin (context, D/2) of every position, in float32 as transformers computes them."""
-    positions = np.arange(w.context, dtype=np.float32)[:, None]
-    angles = positions * w.rotary_inv_freq.astype(np.float32)[None, :]  # (context, D/2)
-    return np.cos(angles) * np.float32(w.rotary_scale), np.sin(angles) * np.float32(w.rotary_scale)
+def rotary_tables(inv_freq: np.ndarray, scale: float, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (context, R/2) of every position, in float32 as transformers computes them."""
+    positions = np.arange(context, dtype=np.float32)[:, None]
+    angles = positions * inv_freq.astype(np.float32)[None, :]  # (context, R/2)
+    return np.cos(angles) * np.float32(scale), np.sin(angles) * np.float32(scale)
 
 
 def last_positions(x: str, inputs: list, inits: list, nodes: list) -> str:
@@ -110,7 +112,7 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
         return outs[0], outs[3]
 
     def mlp(x: str, layer, p: str) -> str:
-        if w.activation == "swiglu":  # down(silu(gate(x)) * up(x)), silu(g) = g * sigmoid(g)
+        if w.activation in GATED:  # down(act(gate(x)) * up(x))
             # gate and up as one MatMul (C, 2F), split after: one weight read, and INT8 quantizes x once
             width = layer.fc[0].shape[1]
             biases = [np.zeros(width, np.float32) if b is None else b for b in (layer.gate[1], layer.fc[1])]
@@ -120,8 +122,11 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
             g, up = f"{p}.mlp.gate", f"{p}.mlp.up"
             nodes.append(helper.make_node("Split", [gate_up, const_i64(f"{p}.mlp.split", [width, width])],
                                           [g, up], axis=-1))
-            silu = node("Mul", [g, node("Sigmoid", [g], f"{p}.mlp.sig")], f"{p}.mlp.silu")
-            hidden = node("Mul", [silu, up], f"{p}.mlp.act")
+            if w.activation == "swiglu":  # silu(g) = g * sigmoid(g)
+                act = node("Mul", [g, node("Sigmoid", [g], f"{p}.mlp.sig")], f"{p}.mlp.silu")
+            else:  # Gemma's gelu_pytorch_tanh
+                act = node("FastGelu", [g], f"{p}.mlp.gelu", domain="com.microsoft")
+            hidden = node("Mul", [act, up], f"{p}.mlp.act")
         elif w.activation == "gelu_tanh":  # GPT-2's gelu_new: 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))
             hidden = node("FastGelu", [linear(x, layer.fc, f"{p}.mlp.fc")], f"{p}.mlp.act", domain="com.microsoft")
         else:
@@ -158,10 +163,24 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
     x = node("Gather", [const("wte", w.token_embedding), "input_ids"], "tok")
     if not rotary:
         x = node("Add", [x, node("Gather", [const("wpe", w.position_embedding), "position_ids"], "pos")], "x0")
-    rope, attrs = ["", ""], {}
-    if rotary:
-        cos, sin = rotary_tables(w)
-        rope, attrs = [const("cos_cache", cos), const("sin_cache", sin)], {"do_rotary": 1, "rotary_interleaved": 0}
+    tables: dict[tuple, list[str]] = {}  # one cos/sin pair per distinct rotary of the layers
+
+    def rope(layer) -> tuple[list[str], dict]:
+        """The layer's GroupQueryAttention cos/sin inputs and attributes: its own rotary, the model's, or none."""
+        if not rotary or not layer.rotary:  # learned positions, or a NoPE layer (SmolLM3's)
+            return ["", ""], {}
+        own = layer.rotary_inv_freq is not None
+        angles, scale = (layer.rotary_inv_freq, layer.rotary_scale) if own else (w.rotary_inv_freq, w.rotary_scale)
+        key = (angles.tobytes(), scale or 1.0)
+        if key not in tables:
+            cos, sin = rotary_tables(angles, scale or 1.0, w.context)
+            suffix = f".{len(tables)}" if tables else ""
+            tables[key] = [const(f"cos_cache{suffix}", cos), const(f"sin_cache{suffix}", sin)]
+        return tables[key], {"do_rotary": 1, "rotary_interleaved": 0}
+
+    scoring = {"scale": w.attn_scale} if w.attn_scale else {}
+    if w.attn_softcap:
+        scoring["softcap"] = w.attn_softcap
     h = norm(x, w.layers[0].ln1, "h0.ln_1")  # later layers' first norm comes with the residual add before it
     for i, layer in enumerate(w.layers):
         p = f"h{i}"
@@ -171,21 +190,31 @@ def build_graph(w: DecoderWeights, step: bool) -> Any:
                                                          ["batch", kv_heads, "present", size]))
         qkv = linear(h, layer.qkv, f"{p}.attn.qkv")  # (B, S, (H + 2 KV) D)
         qkv_in = [qkv, "", ""] if layer.q_norm is None else head_norms(qkv, layer, p)
-        turns = layer.rotary  # a NoPE layer (SmolLM3's) of a rotary model attends without positions
-        gqa_in = [*qkv_in, f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length",
-                  *(rope if turns else ["", ""])]
+        cos_sin, attrs = rope(layer)
+        if layer.window:  # transformers' sliding_window is GroupQueryAttention's local_window_size (both tested)
+            attrs = {**attrs, "local_window_size": layer.window}
+        gqa_in = [*qkv_in, f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length", *cos_sin]
         gqa_in += [""] * 7 + ["query_seqlens"]  # position_ids .. k_norm_weight unused: positions from seqlens
         nodes.append(helper.make_node("GroupQueryAttention", gqa_in,
                                       [f"{p}.attn.y", f"present_key_{i}", f"present_value_{i}"],
                                       domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
-                                      **(attrs if turns else {})))
-        h, x1 = add_norm(x, linear(f"{p}.attn.y", layer.proj, f"{p}.attn.proj"), layer.ln2, f"{p}.ln_2")
+                                      **attrs, **scoring))
+        attn = linear(f"{p}.attn.y", layer.proj, f"{p}.attn.proj")
+        if layer.post_attn_norm is not None:  # Gemma's: the block's output is normalized before the residual
+            attn = norm(attn, (layer.post_attn_norm, None), f"{p}.attn.post_norm")
+        h, x1 = add_norm(x, attn, layer.ln2, f"{p}.ln_2")
+        out = mlp(h, layer, p)
+        if layer.post_mlp_norm is not None:
+            out = norm(out, (layer.post_mlp_norm, None), f"{p}.mlp.post_norm")
         last = i + 1 == n_layer
-        h, x = add_norm(x1, mlp(h, layer, p), w.ln_f if last else w.layers[i + 1].ln1,
+        h, x = add_norm(x1, out, w.ln_f if last else w.layers[i + 1].ln1,
                         "ln_f" if last else f"h{i + 1}.ln_1", keep_sum=not last)
     if not step:  # the final norm is per position: normalizing every row, then keeping the last, is the same
         h = last_positions(h, inputs, inits, nodes)
     head = linear(h, w.head, "lm_head")
+    if w.logit_softcap:  # cap * tanh(logits / cap)
+        cap = const("logit_softcap", np.float32(w.logit_softcap))
+        head = node("Mul", [node("Tanh", [node("Div", [head, cap], "logits.div")], "logits.tanh"), cap], "logits.cap")
     node("Identity", [head], "logits")
     graph = helper.make_graph(nodes, "step" if step else "prefill", inputs, outputs, inits)
     opset = OPSET_RMS if w.norm == "rms" else OPSET

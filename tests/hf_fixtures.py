@@ -7,8 +7,8 @@ both with ``save_pretrained`` -- the layout a user's local model directory has:
 - :func:`gpt2_dir`: GPT-2 (learned positions, LayerNorm, GELU, biases) with a byte-level BPE tokenizer.
 - :func:`llama_dir`: Llama (rotary, RMSNorm, SwiGLU, 4 query / 2 key-value heads) with a SentencePiece-like
   BPE (Metaspace "▁", ``<0xNN>`` byte fallback) that adds BOS like Llama's, and a chat template.
-- :func:`qwen3_dir`, :func:`phi3_dir`: the Llama family's other layouts (Qwen3's per-head query and key
-  norms; Phi-3's fused projections) with the same tokenizer.
+- :func:`qwen3_dir`, :func:`phi3_dir`, :func:`gemma3_dir`: other layouts (Qwen3's per-head query and key
+  norms; Phi-3's fused projections; Gemma 3's sandwich norms and sliding-window layers) with the same tokenizer.
 - :func:`bert_dir`: a BertForSequenceClassification over :data:`LABELS` with a byte-level BPE tokenizer
   wrapped in [CLS] ... [SEP].
 
@@ -173,47 +173,45 @@ def save_gpt2(path: Path, vocab_size: int | None = None, **config: Any) -> Path:
     return _save(path, GPT2LMHeadModel(cfg).eval(), tokenizer)
 
 
+def _save_rotary(path: Path, kind: str, model: str | None = None, pad_is_eos: bool = False, **config: Any) -> Path:
+    """A tiny rotary decoder (transformers' ``<kind>Config`` and ``<model or kind>ForCausalLM``: 2 layers,
+    hidden 64, 4 query heads sharing 2 key/value heads) and the SentencePiece-like tokenizer in ``path``;
+    ``pad_is_eos`` for configs whose default padding id lies past this vocabulary."""
+    import torch
+    import transformers
+
+    tokenizer = sentencepiece_tokenizer()
+    torch.manual_seed(SEED)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if pad_is_eos:
+        shape["pad_token_id"] = tokenizer.eos_token_id
+    cfg = getattr(transformers, f"{kind}Config")(**shape | config)
+    return _save(path, getattr(transformers, f"{model or kind}ForCausalLM")(cfg).eval(), tokenizer)
+
+
 def save_llama(path: Path, vocab_size: int | None = None, tie_word_embeddings: bool = False,
                **config: Any) -> Path:
     """A tiny Llama (GQA: 4 query heads, 2 key/value heads) and its SentencePiece-like tokenizer in ``path``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = sentencepiece_tokenizer()
-    torch.manual_seed(SEED)
-    cfg = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=tie_word_embeddings, **config)
-    return _save(path, LlamaForCausalLM(cfg).eval(), tokenizer)
+    vocab = {"vocab_size": vocab_size} if vocab_size else {}
+    return _save_rotary(path, "Llama", tie_word_embeddings=tie_word_embeddings, **vocab | config)
 
 
 def save_qwen3(path: Path, **config: Any) -> Path:
-    """A tiny Qwen3 (per-head query and key norms, head_dim 32 with 4 heads of a 64-wide model) and the
-    SentencePiece-like tokenizer in ``path``."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    tokenizer = sentencepiece_tokenizer()
-    torch.manual_seed(SEED)
-    cfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **config)
-    return _save(path, Qwen3ForCausalLM(cfg).eval(), tokenizer)
+    """A tiny Qwen3: per-head query and key norms, head_dim 32 with 4 heads of a 64-wide model."""
+    return _save_rotary(path, "Qwen3", head_dim=32, **config)
 
 
 def save_phi3(path: Path, **config: Any) -> Path:
-    """A tiny Phi-3 (fused query/key/value and gate/up projections) and the SentencePiece-like tokenizer."""
-    import torch
-    from transformers import Phi3Config, Phi3ForCausalLM
+    """A tiny Phi-3: fused query/key/value and gate/up projections."""
+    return _save_rotary(path, "Phi3", pad_is_eos=True, **config)
 
-    tokenizer = sentencepiece_tokenizer()
-    torch.manual_seed(SEED)
-    cfg = Phi3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.eos_token_id, **config)
-    return _save(path, Phi3ForCausalLM(cfg).eval(), tokenizer)
+
+def save_gemma3(path: Path, **config: Any) -> Path:
+    """A tiny Gemma 3: a sliding-window local layer and a global one, norms around each block, GeGLU."""
+    return _save_rotary(path, "Gemma3Text", "Gemma3", head_dim=16, layer_types=["sliding_attention", "full_attention"],
+                        sliding_window=16, pad_is_eos=True, **config)
 
 
 def save_bert(path: Path, labels: tuple[str, ...] = LABELS, **config: Any) -> Path:
@@ -270,6 +268,12 @@ def qwen3_dir() -> Path:
 def phi3_dir() -> Path:
     """The shared tiny Phi-3 directory (read-only)."""
     return save_phi3(_root() / "phi3")
+
+
+@functools.cache
+def gemma3_dir() -> Path:
+    """The shared tiny Gemma 3 directory (read-only)."""
+    return save_gemma3(_root() / "gemma3")
 
 
 @functools.cache

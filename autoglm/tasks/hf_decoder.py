@@ -1,13 +1,13 @@
 """A Hugging Face causal LM as :class:`~autoglm.tasks.DecoderWeights`, for KV-cache decode graphs.
 
-Two families are read: GPT-2 (learned positions, LayerNorm, GELU MLP, biases, tied head) and Llama (rotary
+Three families are read: GPT-2 (learned positions, LayerNorm, GELU MLP, biases, tied head), Llama (rotary
 positions, RMSNorm, SwiGLU MLP, grouped-query heads; Llama, Qwen2 with its q/k/v biases, Qwen3 with its
 per-head query and key norms, Mistral, Phi-3 with its fused projections and Phi-4-mini's partial rotary,
-SmolLM3 with its layers without positions, SmolLM and TinyLlama checkpoints). Rotary angles are the model's
-own ``inv_freq`` buffer and attention scaling, so every static rope type (default, linear, llama3, yarn) is
-read the same way; longrope (Phi-3's) is static up to its original context, where the decode graphs stop; a
-rope that changes with the sequence length (dynamic) is not supported. Other architectures get None: they can
-still be tuned and served through v2, without decode graphs.
+SmolLM3 with its layers without positions, SmolLM and TinyLlama checkpoints) and Gemma 1 to 3 (see
+:func:`_gemma`). Rotary angles are the model's own ``inv_freq`` buffer and attention scaling, so every static
+rope type (default, linear, llama3, yarn) is read the same way; longrope (Phi-3's) is static up to its
+original context, where the decode graphs stop; a rope that changes with the sequence length (dynamic) is not
+supported. Other architectures get None: they can still be tuned and served through v2, without decode graphs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from autoglm.errors import ConfigError
 from autoglm.tasks.decoder import DecoderLayer, DecoderWeights
 
 FAMILIES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama",
-            "phi3": "llama", "smollm3": "llama"}
+            "phi3": "llama", "smollm3": "llama", "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma"}
 """transformers ``model_type`` -> decode-graph family (SmolLM and TinyLlama are ``llama``)."""
 
 MAX_CONTEXT = 1024
@@ -59,6 +59,8 @@ def decoder_weights(hf_model: Any, context: int | None = None) -> DecoderWeights
         return _gpt2(hf_model, config, context)
     if kind == "llama":
         return _llama(hf_model, config, context)
+    if kind == "gemma":
+        return _gemma(hf_model, config, context)
     return None
 
 
@@ -159,3 +161,60 @@ def _llama(model, config, context: int | None) -> DecoderWeights | None:
                           head=_linear(model.lm_head), layer_norm_eps=config.rms_norm_eps, n_kv_head=kv_heads,
                           norm="rms", activation="swiglu", rotary_inv_freq=inv_freq,
                           rotary_scale=float(getattr(rotary, "attention_scaling", 1.0)), head_dim=head_dim)
+
+
+def _gemma(model, config, context: int | None) -> DecoderWeights | None:
+    """Gemma 1, 2 and 3 (text): the Llama family's layout plus GeGLU, RMSNorm weights stored as ``w - 1``, the
+    embedding scaled by sqrt(width), and from Gemma 2 on norms around each block's output (``post_*``), local
+    layers with a sliding window, scores scaled by ``query_pre_attn_scalar``; Gemma 2's softcaps; Gemma 3's
+    per-head query and key norms and its local layers' own rotary base."""
+    act = getattr(config, "hidden_activation", None) or config.hidden_act
+    if act != "gelu_pytorch_tanh" or getattr(config, "use_bidirectional_attention", False):
+        return None
+    rotary, heads = model.model.rotary_emb, config.num_attention_heads
+    kv_heads, head_dim = config.num_key_value_heads, config.head_dim
+    types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+
+    def angles(kind: str) -> tuple[np.ndarray, float] | None:  # Gemma 3 keeps a rotary per layer type
+        prefix = f"{kind}_" if hasattr(rotary, f"{kind}_inv_freq") else ""
+        rope_type = rotary.rope_type[kind] if isinstance(rotary.rope_type, dict) else rotary.rope_type
+        if rope_type in ("dynamic", "longrope"):
+            return None
+        return _arr(getattr(rotary, f"{prefix}inv_freq")), float(getattr(rotary, f"{prefix}attention_scaling"))
+
+    ropes = {kind: angles(kind) for kind in set(types)}
+    if None in ropes.values() or any(len(a) * 2 != head_dim for a, _ in ropes.values()):
+        return None
+    model_rope = ropes.get("full_attention") or next(iter(ropes.values()))
+
+    def rms(m):  # Gemma's RMSNorm multiplies by 1 + weight
+        return _arr(m.weight) + np.float32(1.0)
+
+    def layer(b, kind: str):
+        a, m = b.self_attn, b.mlp
+        (q, qb), (k, kb), (v, vb) = _linear(a.q_proj), _linear(a.k_proj), _linear(a.v_proj)
+        qkv = np.concatenate([q, k, v], axis=1), None if qb is None else np.concatenate([qb, kb, vb])
+        sandwich = hasattr(b, "pre_feedforward_layernorm")  # Gemma 2 and 3
+        own = ropes[kind] if ropes[kind] is not model_rope else (None, None)
+        return DecoderLayer(
+            ln1=(rms(b.input_layernorm), None), qkv=qkv, proj=_linear(a.o_proj),
+            ln2=(rms(b.pre_feedforward_layernorm if sandwich else b.post_attention_layernorm), None),
+            fc=_linear(m.up_proj), fc_out=_linear(m.down_proj), gate=_linear(m.gate_proj),
+            q_norm=rms(a.q_norm) if hasattr(a, "q_norm") else None,
+            k_norm=rms(a.k_norm) if hasattr(a, "k_norm") else None,
+            post_attn_norm=rms(b.post_attention_layernorm) if sandwich else None,
+            post_mlp_norm=rms(b.post_feedforward_layernorm) if sandwich else None,
+            window=config.sliding_window if kind == "sliding_attention" else None,
+            rotary_inv_freq=own[0], rotary_scale=own[1])
+
+    embed = model.model.embed_tokens
+    scale = getattr(config, "query_pre_attn_scalar", None)
+    return DecoderWeights(
+        n_head=heads, context=_context(context, config.max_position_embeddings),
+        token_embedding=_arr(embed.weight) * np.float32(embed.embed_scale.item()), position_embedding=None,
+        layers=tuple(layer(b, kind) for b, kind in zip(model.model.layers, types, strict=True)),
+        ln_f=(rms(model.model.norm), None), head=_linear(model.lm_head), layer_norm_eps=config.rms_norm_eps,
+        n_kv_head=kv_heads, norm="rms", activation="geglu_tanh", rotary_inv_freq=model_rope[0],
+        rotary_scale=model_rope[1], head_dim=head_dim, attn_scale=None if scale is None else float(scale) ** -0.5,
+        attn_softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
+        logit_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0))

@@ -1,6 +1,6 @@
-"""Decode graphs of Hugging Face causal LMs (GPT-2, Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3): the graphs'
-greedy tokens are transformers' own generate() tokens, prefill logits are the model's, and other architectures
-get none."""
+"""Decode graphs of Hugging Face causal LMs (GPT-2, Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3, Gemma 1 to 3):
+the graphs' greedy tokens are transformers' own generate() tokens, prefill logits are the model's, and other
+architectures get none."""
 
 from types import SimpleNamespace
 
@@ -49,6 +49,25 @@ def tiny(kind: str, seed: int = 0, **overrides):
     if kind == "smollm3":  # a layer without positions (NoPE) beside a rotary one
         config = transformers.SmolLM3Config(**llama_like | {"no_rope_layers": [1, 0]} | common | overrides)
         return transformers.SmolLM3ForCausalLM(config).eval()
+    if kind.startswith("gemma"):  # norm weights (zeros at init, used as 1 + w) drawn, so they count
+        gemma = {"head_dim": 16, "hidden_activation": "gelu_pytorch_tanh"}
+        if kind == "gemma":
+            model = transformers.GemmaForCausalLM(transformers.GemmaConfig(**llama_like | gemma | common | overrides))
+        else:  # a local layer (a sliding window of 8) and a global one; scores scaled by 1/sqrt(24)
+            local = {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8,
+                     "query_pre_attn_scalar": 24}
+            if kind == "gemma2":  # softcaps small enough to bind
+                config = transformers.Gemma2Config(**llama_like | gemma | local | common | {
+                    "attn_logit_softcapping": 3.0, "final_logit_softcapping": 5.0} | overrides)
+                model = transformers.Gemma2ForCausalLM(config)
+            else:  # Gemma 3: per-head query/key norms, the local layers' own rotary base
+                config = transformers.Gemma3TextConfig(**llama_like | gemma | local | common | overrides)
+                model = transformers.Gemma3ForCausalLM(config)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.normal_(0, 0.3)
+        return model.eval()
     if kind == "mistral":
         return transformers.MistralForCausalLM(transformers.MistralConfig(**llama_like | common | overrides)).eval()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_like | common | overrides)).eval()
@@ -73,6 +92,9 @@ MODELS = {
         "short_factor": [1.0 + 0.1 * j for j in range(8)], "long_factor": [4.0 + j for j in range(8)]}),
     "mistral": lambda: tiny("mistral", sliding_window=None),
     "smollm3": lambda: tiny("smollm3"),
+    "gemma": lambda: tiny("gemma", tie_word_embeddings=False),  # tied, its scaled embedding echoes the input
+    "gemma2": lambda: tiny("gemma2", seed=1),
+    "gemma3": lambda: tiny("gemma3"),
 }
 
 
@@ -108,7 +130,8 @@ def test_greedy_tokens_equal_transformers_generate(name, tmp_path):
     assert len({t for tokens in got for t in tokens}) > 8  # real continuations, not one repeated token
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "qwen3", "phi3", "smollm3"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "qwen3", "phi3", "smollm3", "gemma", "gemma2",
+                                  "gemma3"])
 def test_prefill_logits_equal_the_model_at_every_position_of_a_padded_batch(name, tmp_path):
     model = MODELS[name]()
     e = engine(graphs_of(model, tmp_path))
@@ -172,6 +195,18 @@ def test_decoder_weights_describe_each_family():
     np.testing.assert_array_equal(w.layers[0].gate[0], gate_up[:128].T)  # the gate is the first half
     np.testing.assert_array_equal(w.layers[0].fc[0], gate_up[128:].T)
     assert w.layers[0].qkv[0].shape == (64, (4 + 2 * 2) * 16) and w.layers[0].q_norm is None
+    gemma3 = MODELS["gemma3"]()
+    w = hf_decoder.decoder_weights(gemma3)
+    local, full = w.layers
+    embed = gemma3.model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_array_equal(w.token_embedding, embed * np.float32(8.0))  # scaled by sqrt(64)
+    np.testing.assert_array_equal(w.head[0], embed.T)  # the tied head reads it unscaled
+    np.testing.assert_array_equal(full.ln1[0], 1 + gemma3.model.layers[1].input_layernorm.weight.detach().numpy())
+    assert (w.activation, local.window, full.window, w.attn_scale) == ("geglu_tanh", 8, None, 24 ** -0.5)
+    assert local.post_attn_norm.shape == full.post_mlp_norm.shape == (64,) and full.q_norm.shape == (16,)
+    assert local.rotary_inv_freq[1] > w.rotary_inv_freq[1] and full.rotary_inv_freq is None  # base 1e4 vs 1e6
+    gemma2 = hf_decoder.decoder_weights(MODELS["gemma2"]())
+    assert (gemma2.attn_softcap, gemma2.logit_softcap, gemma2.layers[0].q_norm) == (3.0, 5.0, None)
     nope = hf_decoder.decoder_weights(MODELS["smollm3"]())
     assert [layer.rotary for layer in nope.layers] == [True, False] and nope.rotary_dims == [16, 0]
     partial = hf_decoder.decoder_weights(MODELS["phi3-partial-rope"]())
@@ -187,8 +222,8 @@ def test_decoder_weights_describe_each_family():
     assert not np.allclose(w.rotary_inv_freq, longrope.model.rotary_emb.inv_freq.numpy())
     with pytest.raises(ConfigError, match="use 1..64"):
         hf_decoder.decoder_weights(longrope, context=65)
-    supported = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3")
-    assert {hf_decoder.FAMILIES[t] for t in supported} == {"gpt2", "llama"}
+    supported = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "gemma", "gemma2", "gemma3_text")
+    assert {hf_decoder.FAMILIES[t] for t in supported} == {"gpt2", "llama", "gemma"}
 
 
 def test_other_architectures_get_no_decoder_and_a_one_line_reason():
@@ -216,7 +251,7 @@ class Wrapper(torch.nn.Module):
         return self.hf(input_ids).logits
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3", "smollm3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "phi3", "smollm3", "gemma2", "gemma3"])
 def test_the_gates_and_the_build_take_a_wrapped_transformers_model(name, tmp_path):
     model = Wrapper(MODELS[name]())
     paths = graphs_of(model.hf, tmp_path, context=32)

@@ -1,8 +1,8 @@
 """The compress stage on the Hugging Face tasks, after the train stage, with the default variants.
 
-Tiny offline models (tests/hf_fixtures.py): Llama, Qwen3 and Bert prune their MLP inner width; GPT-2 keeps its
-MLP in transformers' Conv1D and Phi-3 fuses its gate and up projections, so their pruned variants are skipped with
-the reason. The causal LMs get decode graphs whose context is the one the gateway is told (task.json's
+Tiny offline models (tests/hf_fixtures.py): Llama, Qwen3, Gemma 3 and Bert prune their MLP inner width; GPT-2 keeps
+its MLP in transformers' Conv1D and Phi-3 fuses its gate and up projections, so their pruned variants are skipped
+with the reason. The causal LMs get decode graphs whose context is the one the gateway is told (task.json's
 block_size).
 """
 
@@ -27,7 +27,7 @@ FAST = ["compress.exporter='legacy'", "measure.repeats=3", "measure.warmup=1", "
         "compress.generate.int8=false", "train.max_steps=6", "train.eval_every=6", "train.batch_size=8",
         "train.eval_batches=2", "train.lr=1e-3", "train.warmup_frac=0.0"]
 MODELS = {"gpt2": hf_fixtures.gpt2_dir, "llama": hf_fixtures.llama_dir, "qwen3": hf_fixtures.qwen3_dir,
-          "phi3": hf_fixtures.phi3_dir, "bert": hf_fixtures.bert_dir}
+          "phi3": hf_fixtures.phi3_dir, "gemma3": hf_fixtures.gemma3_dir, "bert": hf_fixtures.bert_dir}
 UNPRUNABLE = {"gpt2": "GPT2LMHeadModel", "phi3": "Phi3ForCausalLM"}  # Conv1D; one fused gate/up projection
 DEFAULT_VARIANTS = ["fp32", "int8", "pruned", "pruned-int8"]
 
@@ -78,7 +78,7 @@ def compressed(request, root):
     return _compressed(request.param, root)
 
 
-@pytest.fixture(params=["gpt2", "llama", "qwen3", "phi3"])
+@pytest.fixture(params=["gpt2", "llama", "qwen3", "phi3", "gemma3"])
 def causal(request, root):
     return _compressed(request.param, root)
 
@@ -94,7 +94,7 @@ def test_default_variants_prune_where_the_model_allows_it(compressed):
     if kind in UNPRUNABLE:  # skipped, said once, never a crash
         assert {rows[n]["status"] for n in ("pruned", "pruned-int8")} == {"skipped"}
         assert f"its {UNPRUNABLE[kind]} that structural pruning" in rows["pruned"]["reason"] and len(skips) == 1
-    else:  # Llama's and Qwen3's gate/up projections, Bert's intermediate.dense: physically narrower
+    else:  # the gate/up projections of Llama, Qwen3 and Gemma 3, Bert's intermediate.dense: physically narrower
         for name in ("pruned", "pruned-int8"):
             assert rows[name]["status"] == "ok", rows[name]["reason"]
             assert rows[name]["recipe"]["params_after"] < rows[name]["recipe"]["params_before"]

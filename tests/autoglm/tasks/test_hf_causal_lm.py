@@ -125,7 +125,7 @@ def test_lora_trains_merges_and_exports_without_adapters(corpus, tmp_path):
     assert check_parity(task, model, tmp_path / "model.onnx", args, exporter=used).passed
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen3", "phi3", "gemma3"])
 def test_onnx_export_keeps_batch_and_sequence_dynamic(family, corpus, tmp_path):
     from autoglm.tasks.predict import onnx_predictor
     from compress.export import check_parity, export_onnx
