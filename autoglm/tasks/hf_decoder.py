@@ -3,11 +3,12 @@
 Three families are read: GPT-2 (learned positions, LayerNorm, GELU MLP, biases, tied head), Llama (rotary
 positions, RMSNorm, SwiGLU MLP, grouped-query heads; Llama, Qwen2 with its q/k/v biases, Qwen3 with its
 per-head query and key norms, Mistral, Phi-3 with its fused projections and Phi-4-mini's partial rotary,
-SmolLM3 with its layers without positions, SmolLM and TinyLlama checkpoints) and Gemma 1 to 3 (see
-:func:`_gemma`). Rotary angles are the model's own ``inv_freq`` buffer and attention scaling, so every static
-rope type (default, linear, llama3, yarn) is read the same way; longrope (Phi-3's) is static up to its
-original context, where the decode graphs stop; a rope that changes with the sequence length (dynamic) is not
-supported. Other architectures get None: they can still be tuned and served through v2, without decode graphs.
+SmolLM3 with its layers without positions, Granite with its multipliers, SmolLM and TinyLlama checkpoints) and
+Gemma 1 to 3 (see :func:`_gemma`). Rotary angles are the model's own ``inv_freq`` buffer and attention
+scaling, so every static rope type (default, linear, llama3, yarn) is read the same way; longrope (Phi-3's) is
+static up to its original context, where the decode graphs stop; a rope that changes with the sequence length
+(dynamic) is not supported. Other architectures get None: they can still be tuned and served through v2,
+without decode graphs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from autoglm.errors import ConfigError
 from autoglm.tasks.decoder import DecoderLayer, DecoderWeights
 
 FAMILIES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama",
-            "phi3": "llama", "smollm3": "llama", "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma"}
+            "phi3": "llama", "smollm3": "llama", "granite": "llama", "gemma": "gemma", "gemma2": "gemma",
+            "gemma3_text": "gemma"}
 """transformers ``model_type`` -> decode-graph family (SmolLM and TinyLlama are ``llama``)."""
 
 MAX_CONTEXT = 1024
@@ -146,21 +148,32 @@ def _llama(model, config, context: int | None) -> DecoderWeights | None:
             return (w[:, f:].copy(), None if b is None else b[f:]), (w[:, :f].copy(), None if b is None else b[:f])
         return _linear(m.up_proj), _linear(m.gate_proj)
 
+    # Granite multiplies the embedding, each block's output (before the residual) and the scores by constants
+    # and divides the logits by one: folded into the arrays those products come from
+    residual = np.float32(getattr(config, "residual_multiplier", 1.0))
+
+    def scaled(wb, factor):
+        return wb if factor == 1 else (wb[0] * factor, None if wb[1] is None else wb[1] * factor)
+
     def layer(b):
         a, (up, gate) = b.self_attn, up_gate(b.mlp)
         q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)  # Qwen3's, per head
-        return DecoderLayer(ln1=rms(b.input_layernorm), qkv=qkv(a), proj=_linear(a.o_proj),
-                            ln2=rms(b.post_attention_layernorm), fc=up, fc_out=_linear(b.mlp.down_proj), gate=gate,
+        return DecoderLayer(ln1=rms(b.input_layernorm), qkv=qkv(a), proj=scaled(_linear(a.o_proj), residual),
+                            ln2=rms(b.post_attention_layernorm), fc=up,
+                            fc_out=scaled(_linear(b.mlp.down_proj), residual), gate=gate,
                             q_norm=None if q_norm is None else _arr(q_norm.weight),
                             k_norm=None if k_norm is None else _arr(k_norm.weight),
                             rotary=bool(getattr(a, "use_rope", True)))  # SmolLM3: no positions in every 4th
 
     layers = tuple(layer(b) for b in model.model.layers)
-    return DecoderWeights(n_head=heads, context=n, token_embedding=_arr(model.model.embed_tokens.weight),
-                          position_embedding=None, layers=layers, ln_f=rms(model.model.norm),
-                          head=_linear(model.lm_head), layer_norm_eps=config.rms_norm_eps, n_kv_head=kv_heads,
-                          norm="rms", activation="swiglu", rotary_inv_freq=inv_freq,
-                          rotary_scale=float(getattr(rotary, "attention_scaling", 1.0)), head_dim=head_dim)
+    embedding = _arr(model.model.embed_tokens.weight) * np.float32(getattr(config, "embedding_multiplier", 1.0))
+    scale = getattr(config, "attention_multiplier", None)
+    return DecoderWeights(n_head=heads, context=n, token_embedding=embedding, position_embedding=None,
+                          layers=layers, ln_f=rms(model.model.norm),
+                          head=scaled(_linear(model.lm_head), 1 / np.float32(getattr(config, "logits_scaling", 1.0))),
+                          layer_norm_eps=config.rms_norm_eps, n_kv_head=kv_heads, norm="rms", activation="swiglu",
+                          rotary_inv_freq=inv_freq, rotary_scale=float(getattr(rotary, "attention_scaling", 1.0)),
+                          head_dim=head_dim, attn_scale=None if scale is None else float(scale))
 
 
 def _gemma(model, config, context: int | None) -> DecoderWeights | None:

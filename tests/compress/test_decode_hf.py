@@ -1,4 +1,4 @@
-"""Decode graphs of Hugging Face causal LMs (GPT-2, Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3, Gemma 1 to 3):
+"""Decode graphs of Hugging Face causal LMs (GPT-2, Llama, Qwen2, Qwen3, Mistral, Phi-3, SmolLM3, Granite, Gemma):
 the graphs' greedy tokens are transformers' own generate() tokens, prefill logits are the model's, and other
 architectures get none."""
 
@@ -68,6 +68,11 @@ def tiny(kind: str, seed: int = 0, **overrides):
                 if "norm" in name:
                     param.normal_(0, 0.3)
         return model.eval()
+    if kind == "granite":  # multipliers of the embedding, the scores, each block's output, the logits
+        config = transformers.GraniteConfig(**llama_like | common | {
+            "embedding_multiplier": 3.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
+            "logits_scaling": 2.0} | overrides)
+        return transformers.GraniteForCausalLM(config).eval()
     if kind == "mistral":
         return transformers.MistralForCausalLM(transformers.MistralConfig(**llama_like | common | overrides)).eval()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_like | common | overrides)).eval()
@@ -92,6 +97,7 @@ MODELS = {
         "short_factor": [1.0 + 0.1 * j for j in range(8)], "long_factor": [4.0 + j for j in range(8)]}),
     "mistral": lambda: tiny("mistral", sliding_window=None),
     "smollm3": lambda: tiny("smollm3"),
+    "granite": lambda: tiny("granite"),
     "gemma": lambda: tiny("gemma", tie_word_embeddings=False),  # tied, its scaled embedding echoes the input
     "gemma2": lambda: tiny("gemma2", seed=1),
     "gemma3": lambda: tiny("gemma3"),
@@ -130,8 +136,8 @@ def test_greedy_tokens_equal_transformers_generate(name, tmp_path):
     assert len({t for tokens in got for t in tokens}) > 8  # real continuations, not one repeated token
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "qwen3", "phi3", "smollm3", "gemma", "gemma2",
-                                  "gemma3"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma",
+                                  "gemma2", "gemma3"])
 def test_prefill_logits_equal_the_model_at_every_position_of_a_padded_batch(name, tmp_path):
     model = MODELS[name]()
     e = engine(graphs_of(model, tmp_path))
@@ -207,6 +213,10 @@ def test_decoder_weights_describe_each_family():
     assert local.rotary_inv_freq[1] > w.rotary_inv_freq[1] and full.rotary_inv_freq is None  # base 1e4 vs 1e6
     gemma2 = hf_decoder.decoder_weights(MODELS["gemma2"]())
     assert (gemma2.attn_softcap, gemma2.logit_softcap, gemma2.layers[0].q_norm) == (3.0, 5.0, None)
+    granite = MODELS["granite"]()
+    w = hf_decoder.decoder_weights(granite)
+    np.testing.assert_array_equal(w.head[0], granite.lm_head.weight.detach().numpy().T / np.float32(2.0))
+    assert w.attn_scale == 0.2  # the multipliers folded into the arrays their products come from
     nope = hf_decoder.decoder_weights(MODELS["smollm3"]())
     assert [layer.rotary for layer in nope.layers] == [True, False] and nope.rotary_dims == [16, 0]
     partial = hf_decoder.decoder_weights(MODELS["phi3-partial-rope"]())
@@ -222,7 +232,8 @@ def test_decoder_weights_describe_each_family():
     assert not np.allclose(w.rotary_inv_freq, longrope.model.rotary_emb.inv_freq.numpy())
     with pytest.raises(ConfigError, match="use 1..64"):
         hf_decoder.decoder_weights(longrope, context=65)
-    supported = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "gemma", "gemma2", "gemma3_text")
+    supported = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "granite", "gemma", "gemma2",
+                 "gemma3_text")
     assert {hf_decoder.FAMILIES[t] for t in supported} == {"gpt2", "llama", "gemma"}
 
 
