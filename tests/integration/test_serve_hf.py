@@ -1,7 +1,8 @@
-"""Hugging Face tasks end to end on a real Triton: train (a few steps) -> compress -> serve -> gateway, for a
-tiny GPT-2, a tiny Llama and a tiny Bert classifier built offline (tests/hf_fixtures.py). The served greedy
-continuation equals transformers' own ``generate()`` decoded with the model's tokenizer; a stream never
-splits a character; a prompt past the context is refused; the classifier answers labels from texts."""
+"""Hugging Face tasks end to end on a real Triton: train (a few steps) -> compress -> serve -> gateway, for a tiny
+GPT-2, Llama and Gemma 3 (a sliding-window layer beside a global one) and a tiny Bert classifier built offline
+(tests/hf_fixtures.py). The served greedy continuation equals transformers' own ``generate()`` decoded with the
+model's tokenizer; a stream never splits a character; a prompt past the context is refused; the classifier answers
+labels from texts."""
 
 import functools
 import json
@@ -18,7 +19,7 @@ RECIPE = ["train.max_steps=20", "train.eval_every=20", "train.batch_size=8", "tr
 
 @functools.cache
 def published(kind: str):
-    """Settings of a published run of ``kind``: 'gpt2', 'llama' (hf-causal-lm) or 'bert' (classifier)."""
+    """Settings of a published run of ``kind``: 'gpt2', 'llama', 'gemma3' (hf-causal-lm) or 'bert' (classifier)."""
     from autoglm.config import load_settings
     from autoglm.train import train_run
     from compress.stage import compress_run
@@ -32,7 +33,7 @@ def published(kind: str):
         task = ["task.name='hf-sequence-classification'", f"task.model_id='{fixtures.bert_dir()}'",
                 f"task.data='{fixtures.write_labelled_csv(data / 'labelled.csv')}'"]
     else:
-        model_dir = fixtures.gpt2_dir() if kind == "gpt2" else fixtures.llama_dir()
+        model_dir = getattr(fixtures, f"{kind}_dir")()
         task = ["task.name='hf-causal-lm'", f"task.model_id='{model_dir}'", "task.model={block_size=32}",
                 f"task.data='{fixtures.write_text(data / 'corpus.txt')}'"]
     settings = load_settings(None, [f"run.root='{root}'", f"run.cache_dir='{root / 'cache'}'", f"run.name=hf-{kind}",
@@ -50,7 +51,7 @@ def serve(kind: str):
     return settings, start_serving(settings, GatewaySettings(port=settings.serve.gateway_port))
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma3"])
 def served(request):
     """A causal LM of each family, served."""
     settings, serving = serve(request.param)
