@@ -19,7 +19,9 @@ SEEDS = (0, 1, 2)
 FRONT_CAP = 2  # a method's front configs re-measured, highest capacity first (the windows it costs)
 BAYESIAN = {"tpe": "TPE (Bayesian)", "gp": "GP (Bayesian)"}
 """``loadtest.tune.sampler``'s Bayesian samplers -> their name in the tables."""
-SAMPLER_NOTES = {"tpe": "multivariate TPE", "gp": "Optuna's GPSampler"}
+SAMPLER_NOTES = {"tpe": "multivariate TPE", "gp": "Optuna's GPSampler",
+                 "gp+late0.5": "Optuna's GPSampler for the first half of the windows, then every other window a "
+                               "random draw (loadtest.tune.late_random = 0.5)"}
 """What each of them is, for the tables' notes."""
 
 

@@ -115,9 +115,11 @@ class Search:
         """``windows`` trials of ``method`` (the baseline first), in order."""
         from loadtest.study import Objective, make_sampler, open_study, replicates_of, run_study, trial_rows
 
-        tune = self.tune.model_copy(update={"sampler": method, "seed": seed})
+        sampler_name, _, late = method.partition("+late")  # "gp+late0.5": GP with loadtest.tune.late_random 0.5
+        tune = self.tune.model_copy(update={"sampler": sampler_name, "seed": seed,
+                                            "late_random": float(late) if late else self.tune.late_random})
         space = self.space(tune)
-        sampler = make_sampler(tune, space)
+        sampler = make_sampler(tune, space, windows)
         space = space.with_baseline(self.baseline)
         name = f"{method}-{seed}"
         study = open_study(self.workdir / "studies" / f"{name}.journal", name, sampler)

@@ -19,10 +19,11 @@ config is applied live through model control (no restart) and measured with locu
 4. Whether this host can decide the digits goals at all (:mod:`bench._capacity_noise`): three configs' windows
    repeated, read by several capacity estimators, and the windows a test would need to tell them apart.
 5. Which sampler the stage should use (:mod:`bench._sampler_choice`, asked for alone): TPE and GP on development
-   serving tasks the goals are not judged on, a generation model's knobs and a classifier's batching knobs.
+   serving tasks the goals are not judged on, a generation model's knobs and a classifier's batching knobs; and
+   on the latter GP with and without ``loadtest.tune.late_random``.
 
 ``python -m bench loadtest --search`` runs part 2 alone, ``--generate`` part 3, ``--noise`` part 4,
-``--generate-dev`` and ``--search-dev`` part 5 (any of them together in one report).
+``--generate-dev``, ``--search-dev`` and ``--late-dev`` part 5 (any of them together in one report).
 """
 
 from __future__ import annotations
@@ -113,15 +114,15 @@ def _sweep_tables(report: dict, quick: bool) -> list[Table]:
     return [points, ratios]
 
 
-PARTS = ("--search", "--search-dev", "--generate", "--generate-dev", "--noise")
+PARTS = ("--search", "--search-dev", "--late-dev", "--generate", "--generate-dev", "--noise")
 NOISE_REPEATS = 6
 
 
 def _batching(quick: bool, parts: set[str], dev: bool = False) -> list[Table]:
     """The batching knobs' parts: the sweep, search and noise on digits; ``dev``: the samplers compared on the
-    development batching task instead."""
+    development batching task instead (``--late-dev`` in ``parts``: GP with and without late random draws)."""
     from bench._capacity_noise import noise_tables
-    from bench._sampler_choice import BATCHING_RULE, sampler_tables
+    from bench._sampler_choice import BATCHING_RULE, LATE_RULE, LATE_SAMPLERS, sampler_tables
     from serve.triton import TritonServer, free_ports
 
     with tempfile.TemporaryDirectory(prefix="autoglm-bench-loadtest-") as tmp:
@@ -135,6 +136,8 @@ def _batching(quick: bool, parts: set[str], dev: bool = False) -> list[Table]:
             if "sweep" in parts:
                 tables += _sweep_tables(_sweep(settings, triton, quick), quick)
             search = Search(settings, triton, workdir, quick)
+            if dev and "--late-dev" in parts:
+                return sampler_tables(search, LATE_RULE, LATE_SAMPLERS)
             if dev:
                 return sampler_tables(search, BATCHING_RULE)
             if "search" in parts:
@@ -164,8 +167,9 @@ def run(quick: bool, args: list[str] | None = None) -> list[Table]:
     if unknown:
         raise SystemExit(f"bench loadtest: unknown option {unknown}; options: {' '.join(PARTS)} (none: every part)")
     parts = {"search" if a == "--search" else a for a in args or []} or {"sweep", "search", "--generate", "--noise"}
-    # --search-dev, --generate-dev: asked for alone
+    # --search-dev, --late-dev, --generate-dev: asked for alone
     tables = _batching(quick, parts) if parts & {"sweep", "search", "--noise"} else []
     tables += _batching(quick, parts, dev=True) if "--search-dev" in parts else []
+    tables += _batching(quick, {"--late-dev"}, dev=True) if "--late-dev" in parts else []
     tables += _generate(quick) if "--generate" in parts else []
     return tables + (_generate(quick, dev=True) if "--generate-dev" in parts else [])

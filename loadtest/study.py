@@ -28,6 +28,7 @@ from autoglm.errors import AutoGLMError
 from loadtest.control import LiveModels, ServingConfig
 from loadtest.front import ranked
 from loadtest.generate_space import GenerateSpace, j_per_token
+from loadtest.late_draws import late_draws
 from loadtest.latency import Slo
 from loadtest.replicate import config_means, next_replicate
 from loadtest.runner import LoadSpec, run_window
@@ -47,14 +48,18 @@ def constraints(trial) -> list[float]:
     return list(trial.constraints.values())
 
 
-def make_sampler(tune: LoadtestTuneSettings, space: Space):
+def make_sampler(tune: LoadtestTuneSettings, space: Space, n_trials: int | None = None):
+    """The study's sampler; ``n_trials``: the windows it will run (default ``tune.n_trials``), which place
+    ``tune.late_random``'s draws."""
     optuna = require("optuna", purpose="loadtest --tune")
+    late = {"seed": tune.seed, "n_trials": n_trials or tune.n_trials, "share": tune.late_random}
     if tune.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=tune.startup_trials, multivariate=True)
+        return late_draws(optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=tune.startup_trials,
+                                                     multivariate=True), **late)
     if tune.sampler == "gp":  # Optuna's GP runs on torch and scipy
         require("torch", purpose="loadtest --tune's GP sampler (--sampler tpe needs neither)")
         require("scipy", extra="tune", purpose="loadtest --tune's GP sampler (--sampler tpe needs neither)")
-        return optuna.samplers.GPSampler(seed=tune.seed, n_startup_trials=tune.startup_trials)
+        return late_draws(optuna.samplers.GPSampler(seed=tune.seed, n_startup_trials=tune.startup_trials), **late)
     if tune.sampler == "grid":
         return _grid_sampler(optuna)(space.grid(), seed=tune.seed)
     return optuna.samplers.RandomSampler(seed=tune.seed)
