@@ -515,9 +515,9 @@ class LoadtestTuneSettings(Section):
         "--generate-dev, --search-dev); random; grid: every combination of the ranges' ends (and every variant, "
         "instance count and preferred option), for comparison")
     startup_trials: int = Field(4, ge=1, description="tpe/gp: trials drawn at random before the model takes over")
-    late_random: float = Field(0.0, ge=0, lt=1, description="tpe/gp: share of the trials after the study's first "
+    late_random: float = Field(0.5, ge=0, lt=1, description="tpe/gp: share of the trials after the study's first "
                                "half drawn at random, evenly spaced (the front's far end; the first half stays the "
-                               "model's); 0: none")
+                               "model's; 0.5 chosen on a development serving task: bench loadtest --late-dev); 0: none")
     seed: int | None = Field(None, description="sampler seed (a fixed seed replays the same proposals)")
     variants: list[str] = Field(default_factory=lambda: ["all"], description="task.json variant names or Triton "
                                 "model names to choose among; ['all']: every published variant; []: the recommended")

@@ -37,12 +37,12 @@ BATCHING_RULE = ("the rule, fixed before the first run (GP the default then, cho
                  "together) than GP on this development task")
 
 
-LATE_SAMPLERS = {"GP (Bayesian)": "gp", "GP + late random draws": "gp+late0.5"}
+LATE_SAMPLERS = {"GP (Bayesian)": "gp+late0", "GP + late random draws": "gp+late0.5"}
 """``bench loadtest --late-dev``: the stage's GP with and without ``loadtest.tune.late_random``."""
 LATE_RULE = ("the rule, fixed before the first run: loadtest.tune.late_random = 0.5 earns a default only if GP with "
              "it meets more goal seeds (the first two columns together) than GP without on this development task; "
-             "the first half of both studies is the same GP's, so the capacity goal is the same and only the "
-             "hypervolume can differ")
+             "both studies' first halves are drawn by the same seeded GP (their live windows differ, so its "
+             "proposals after the startup trials can too)")
 
 
 def sampler_tables(search, rule: str, samplers: dict[str, str] = SAMPLERS) -> list[Table]:

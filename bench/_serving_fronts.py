@@ -21,7 +21,7 @@ BAYESIAN = {"tpe": "TPE (Bayesian)", "gp": "GP (Bayesian)"}
 """``loadtest.tune.sampler``'s Bayesian samplers -> their name in the tables."""
 SAMPLER_NOTES = {"tpe": "multivariate TPE", "gp": "Optuna's GPSampler",
                  "gp+late0.5": "Optuna's GPSampler for the first half of the windows, then every other window a "
-                               "random draw (loadtest.tune.late_random = 0.5)"}
+                               "random draw (loadtest.tune.late_random = 0.5)", "gp+late0": "Optuna's GPSampler"}
 """What each of them is, for the tables' notes."""
 
 

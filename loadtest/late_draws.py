@@ -1,4 +1,4 @@
-"""Random draws in the second half of a Bayesian serving study (``loadtest.tune.late_random``, opt-in).
+"""Random draws in the second half of a Bayesian serving study (``loadtest.tune.late_random``).
 
 A Bayesian sampler spends a short study near the front it models first, the capacity end for a batching
 model; the other end of the front (the lowest J/request) comes from draws spread over the knobs, which random

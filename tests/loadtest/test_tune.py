@@ -287,9 +287,11 @@ def test_the_default_sampler_is_gp_and_a_missing_library_of_it_names_the_extra(m
 
     tune = LoadtestTuneSettings(seed=0)
     space = TuneSpace.from_settings(tune, ["m"])
-    assert tune.sampler == "gp" and isinstance(make_sampler(tune, space), optuna.samplers.GPSampler)
-    assert isinstance(make_sampler(tune.model_copy(update={"sampler": "tpe"}), space), optuna.samplers.TPESampler)
+    assert tune.sampler == "gp" and tune.late_random == 0.5  # GP, with late random draws
+    assert isinstance(make_sampler(tune, space).model, optuna.samplers.GPSampler)
+    assert isinstance(make_sampler(tune.model_copy(update={"sampler": "tpe"}), space).model, optuna.samplers.TPESampler)
     monkeypatch.setitem(sys.modules, "scipy", None)  # as if not installed
     with pytest.raises(MissingExtraError, match=r"--sampler tpe.*autoglm\[tune\]"):
         make_sampler(tune, space)
-    assert isinstance(make_sampler(tune.model_copy(update={"sampler": "tpe"}), space), optuna.samplers.TPESampler)
+    assert isinstance(make_sampler(tune.model_copy(update={"sampler": "tpe", "late_random": 0.0}), space),
+                      optuna.samplers.TPESampler)
