@@ -92,6 +92,8 @@ def test_remeasuring_takes_each_configs_median_over_round_robin_rounds(tmp_path)
 
 def test_the_goal_tables_judge_the_re_measured_figures(tmp_path):
     search, server = _search(tmp_path)
+    # the scenario below follows the plain GP's proposals (late random draws are tested in test_late_draws)
+    search.tune = search.tune.model_copy(update={"late_random": 0.0})
     search_table, goals, gaps, gap_summary, verified = fronts.search_tables(search)
     windows = search.grid_size() + 1
     judged = fronts.BAYESIAN[fronts.stage_sampler()]  # the stage's default sampler is the one judged
